@@ -1,0 +1,40 @@
+"""llmctl: a fast, plugin-based LLM inference engine.
+
+``from llmctl import LLM, SamplingParams`` for offline batch inference; ``AsyncLLM`` for serving.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "LLM": "llmctl.entrypoints.llm",
+    "AsyncLLM": "llmctl.engine.async_llm",
+    "EngineArgs": "llmctl.config",
+    "SamplingParams": "llmctl.sampling_params",
+    "RequestOutput": "llmctl.outputs",
+    "CompletionOutput": "llmctl.outputs",
+    "Logprob": "llmctl.outputs",
+}
+
+if TYPE_CHECKING:
+    from llmctl.config import EngineArgs
+    from llmctl.engine.async_llm import AsyncLLM
+    from llmctl.entrypoints.llm import LLM
+    from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
+    from llmctl.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import llmctl` (e.g. by a plugin or `llmctl doctor`) does not pay for torch model code.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmctl' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "__version__"]

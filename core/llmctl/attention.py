@@ -1,0 +1,43 @@
+"""What an attention backend is told about one step's flattened batch.
+
+The runner builds one of these per step and passes it down through the model to every attention layer, so
+no kernel needs global state. Sequences are laid end to end in the token dimension: sequence ``i`` owns query
+rows ``query_start_loc[i]:query_start_loc[i+1]``; those are the *last* ``query_lens[i]`` tokens of its
+``seq_lens[i]`` tokens of context (earlier ones were computed in earlier steps or come from the prefix cache).
+A decode is simply a sequence with one query token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    num_tokens: int  # rows of the query that belong to real sequences
+    num_seqs: int
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length including this step's tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    slot_mapping: torch.Tensor  # [num_tokens] int64, flat KV slot for each new token (-1: skip)
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Host copies for backends that loop or bucket on the CPU side; kept to avoid device->host syncs.
+    query_lens_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+
+    @property
+    def is_all_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def query_lens(self) -> torch.Tensor:
+        return self.query_start_loc[1:] - self.query_start_loc[:-1]
+
+    @property
+    def context_lens(self) -> torch.Tensor:
+        """Tokens already in the cache before this step (prefix hits plus earlier chunks)."""
+        return self.seq_lens - self.query_lens

@@ -1,0 +1,1 @@
+"""Reference ops (the oracle) and the torch reference attention backend."""

