@@ -1,0 +1,123 @@
+"""Engine arguments (what a user passes) and the resolved configuration the components run on.
+
+``EngineArgs`` checks every user-facing value in one place and raises ``ValueError`` naming the field, before
+a model is loaded or a KV block allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype | None:
+    """``None`` for "auto"; raises naming ``dtype`` for anything unknown."""
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"dtype: {value} is not supported; use one of float32, bfloat16, float16, auto")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"dtype: expected a string, got {type(value).__name__}")
+    if value.lower() == "auto":
+        return None
+    if value.lower() not in _DTYPES:
+        raise ValueError(f"dtype: unknown dtype {value!r}; use one of auto, float32, bfloat16, float16")
+    return _DTYPES[value.lower()]
+
+
+@dataclass
+class EngineArgs:
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory; None = platform default
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    device: str | None = None
+    generation_config: str = "auto"
+    attention_backend: str | None = None
+    enforce_eager: bool = False
+    max_logprobs: int = 20
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model: a model path, hub repo id or .gguf file is required")
+        parse_dtype(self.dtype)
+        if self.max_model_len is not None and (isinstance(self.max_model_len, bool) or
+                                               not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len: must be a positive integer, got {self.max_model_len!r}")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ValueError(f"block_size: must be a power of two between 1 and 256, got {self.block_size!r}")
+        kv = self.kv_cache_memory
+        if kv is not None:
+            if isinstance(kv, bool) or not isinstance(kv, (int, float)) or (isinstance(kv, float) and math.isnan(kv)):
+                raise ValueError(f"kv_cache_memory: must be bytes (int) or a fraction (float), got {kv!r}")
+            if isinstance(kv, float) and not 0.0 < kv <= 1.0:
+                raise ValueError(f"kv_cache_memory: a fraction must be in (0, 1], got {kv}")
+            if isinstance(kv, int) and kv <= 0:
+                raise ValueError(f"kv_cache_memory: must be > 0 bytes, got {kv}")
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs!r}")
+        mnbt = self.max_num_batched_tokens
+        if mnbt is not None and (isinstance(mnbt, bool) or not isinstance(mnbt, int) or mnbt < self.block_size):
+            raise ValueError(f"max_num_batched_tokens: must be an integer >= block_size ({self.block_size}), "
+                             f"got {mnbt!r}")
+        if self.generation_config not in ("auto", "none", "vllm"):
+            raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown engine argument; known: {', '.join(sorted(known))}")
+        return cls(model=model, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    model: str
+    served_model_name: str
+    hf_config: Any
+    dtype: torch.dtype
+    max_model_len: int
+    vocab_size: int
+    generation_config: dict[str, Any] | None
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool
+    bytes_per_block: int
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,274 @@
+"""The engine core: one loop of schedule -> run model -> sample -> update, with no tokenizer and no I/O.
+
+It runs in-process for the offline ``LLM`` and on its own thread for ``AsyncLLM``; nothing in it knows about
+HTTP or text. Per-request failures are isolated here: when a batched step raises, each request of the batch is
+retried alone and only the ones that still fail are ended with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.model_runner import ModelRunner
+from llmctl.engine.request import Request, RequestStatus
+from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
+from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.kv.manager import KVCacheManager
+from llmctl.models.base import ModelContext
+from llmctl.plugins import get_plugin_manager
+from llmctl.plugins.types import AttentionBackend, Platform
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KV_FRACTION = 0.25
+DEFAULT_KV_CAP_BYTES = 4 << 30
+FAULT_INJECTION_ENV = "LLMCTL_ENABLE_FAULT_INJECTION"
+
+
+@dataclass
+class CoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[RowLogprobs] | None = None
+    prompt_logprobs: list[RowLogprobs] | None = None
+    prompt_logprobs_start: int = 0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by the test-only fault injection seam."""
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs) -> None:
+        from llmctl.loader.model_loader import load_model, resolve_dtype
+        from llmctl.loader.source import resolve_model
+
+        self.args = args
+        plugins = get_plugin_manager()
+        self.platform: Platform = plugins.select_platform(args.device)
+        for key, value in (self.platform.configure(args) or {}).items():
+            logger.info("platform %s sets %s=%r", self.platform.name, key, value)
+        self.device = self.platform.torch_device()
+        self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
+        hf_config = self.source.hf_config
+        dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes())
+        self.model_config = self._model_config(hf_config, dtype)
+
+        head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
+        features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
+        self.attention: AttentionBackend = plugins.select_attention_backend(
+            self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
+        self.ops = plugins.registry.resolve_ops(self.platform.name)
+        ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device)
+        self.model = load_model(self.source, ctx, plugins.registry)
+        spec = self.model.kv_cache_spec()
+
+        self.cache_config = self._cache_config(spec.num_layers, spec.num_kv_heads, spec.head_size, dtype)
+        shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
+                                              spec.head_size)
+        kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
+        mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        self.sampler = Sampler(self.ops, args.seed)
+        self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        self.num_steps = 0
+        logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
+                    self.platform.name, self.attention.name, dtype, self.cache_config.num_blocks, args.block_size,
+                    self.model_config.max_model_len)
+
+    # -- configuration ---------------------------------------------------------------------------------------
+    def _model_config(self, hf_config, dtype: torch.dtype) -> ModelConfig:
+        args = self.args
+        text_cfg = getattr(hf_config, "text_config", None) or hf_config
+        limit = getattr(text_cfg, "max_position_embeddings", None) or 2048
+        if args.max_model_len is not None and args.max_model_len > limit:
+            raise ValueError(f"max_model_len: {args.max_model_len} exceeds the model's maximum context of {limit}")
+        max_len = args.max_model_len or limit
+        gen = self.source.generation_config if args.generation_config == "auto" else None
+        eos: list[int] = []
+        for src in ((gen or {}).get("eos_token_id"), getattr(text_cfg, "eos_token_id", None)):
+            if isinstance(src, int):
+                eos.append(src)
+            elif isinstance(src, (list, tuple)):
+                eos.extend(int(x) for x in src)
+        return ModelConfig(
+            model=args.model,
+            served_model_name=args.served_model_name or args.model,
+            hf_config=hf_config,
+            dtype=dtype,
+            max_model_len=max_len,
+            vocab_size=text_cfg.vocab_size,
+            generation_config=gen,
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+        )
+
+    def _cache_config(self, num_layers: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> CacheConfig:
+        args = self.args
+        elem = torch.tensor([], dtype=dtype).element_size()
+        bytes_per_block = 2 * num_layers * args.block_size * num_kv_heads * head_size * elem
+        kv = args.kv_cache_memory
+        if kv is None or isinstance(kv, float):
+            try:
+                free, _total = self.platform.memory_info()
+            except NotImplementedError:
+                free = DEFAULT_KV_CAP_BYTES
+            budget = int(free * (kv if kv is not None else DEFAULT_KV_FRACTION))
+            if kv is None:
+                budget = min(budget, DEFAULT_KV_CAP_BYTES)
+        else:
+            budget = kv
+        num_blocks = budget // bytes_per_block
+        # Never more than every sequence at full length could use: memory beyond that is dead weight.
+        useful = args.max_num_seqs * -(-self.model_config.max_model_len // args.block_size) + 1
+        if args.kv_cache_memory is None:
+            num_blocks = min(num_blocks, useful)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory: {budget} bytes is less than one KV block ({bytes_per_block} bytes)")
+        return CacheConfig(args.block_size, int(num_blocks), args.enable_prefix_caching, bytes_per_block)
+
+    # -- requests --------------------------------------------------------------------------------------------
+    def max_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.args.block_size)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add(request)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.scheduler.abort(rid)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_stats(self) -> dict[str, float]:
+        stats = self.kv.stats
+        return {
+            "kv_blocks_total": self.kv.pool.num_blocks,
+            "kv_blocks_free": self.kv.num_free_blocks,
+            "kv_cache_usage": self.kv.pool.usage(),
+            "prefix_cache_queried_tokens": stats.queried_tokens,
+            "prefix_cache_hit_tokens": stats.hit_tokens,
+            "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
+            "num_steps": self.num_steps,
+            **self.scheduler.stats(),
+        }
+
+    # -- the step --------------------------------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        self.num_steps += 1
+        try:
+            return self._run(sched)
+        except Exception as exc:
+            if len(sched.scheduled) == 1:
+                return self._fail(sched.scheduled[0].request, exc)
+            logger.warning("batched step failed (%s); retrying its %d requests one at a time",
+                           exc, len(sched.scheduled))
+        outputs: list[CoreOutput] = []
+        for item in sched.scheduled:
+            if item.request.finished:
+                continue
+            try:
+                outputs.extend(self._run(SchedulerOutput([item])))
+            except Exception as exc:
+                outputs.extend(self._fail(item.request, exc))
+        return outputs
+
+    def _fail(self, request: Request, exc: Exception) -> list[CoreOutput]:
+        logger.error("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
+        message = f"{type(exc).__name__}: {exc}"
+        request.error = message
+        self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
+        return [CoreOutput(request.request_id, finish_reason="error", error=message)]
+
+    def _run(self, sched: SchedulerOutput) -> list[CoreOutput]:
+        if self._fault_injection:
+            for item in sched.scheduled:
+                extra = item.request.sampling_params.extra_args or {}
+                if extra.get("inject_fault") == "forward":
+                    raise InjectedFault(f"injected model fault for request {item.request.request_id}")
+        batch = self.runner.prepare(sched)
+        result = self.runner.execute(batch)
+        sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
+        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits)
+
+    def _update(self, sched, sampling_requests, sampled, prompt_logits) -> list[CoreOutput]:
+        outputs: dict[str, CoreOutput] = {}
+        for item in sched.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_computed_blocks(req)
+        for rid, (chunk, logits) in prompt_logits.items():
+            req = chunk.request
+            first = chunk.first_position
+            targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=logits.device)
+            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
+            out.prompt_logprobs = prompt_logprobs_rows(logits, targets, req.sampling_params.prompt_logprobs)
+            out.prompt_logprobs_start = first + 1
+        if sampled is not None:
+            for i, req in enumerate(sampling_requests):
+                token = sampled.token_ids[i]
+                req.all_token_ids.append(token)
+                out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
+                                                                    num_cached_tokens=req.num_cached_tokens))
+                out.new_token_ids.append(token)
+                lp = sampled.logprobs[i]
+                if lp is not None:
+                    out.new_logprobs = [lp]
+                reason = self._stop_reason(req, token)
+                if reason is not None:
+                    out.finish_reason, out.stop_reason = reason
+                    status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
+                    req.stop_reason = reason[1]
+                    self.scheduler.finish(req, status)
+        return list(outputs.values())
+
+    def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
+        sp = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return ("stop", None)
+            if token in sp.stop_token_ids:
+                return ("stop", token)
+        if n_out >= req.max_tokens or req.num_tokens >= self.model_config.max_model_len:
+            return ("length", None)
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Used by the frontend when a stop string ends a request the core cannot see as finished."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.finish(req, status)
+
+
+def _kv_geometry(hf_config) -> tuple[int, int, int | None]:
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    heads = cfg.num_attention_heads
+    head_size = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    return head_size, kv_heads, window
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,107 @@
+"""Validates and tokenizes prompts into core requests, before anything is allocated.
+
+Every rejection is a ``ValueError`` that names the field and the limit, so the server can turn it into a 400
+and the offline API into a readable message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from llmctl.config import CacheConfig, ModelConfig
+from llmctl.engine.request import Request
+from llmctl.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig,
+                 max_logprobs: int = 20) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.max_logprobs = max_logprobs
+        eos = list(model_config.eos_token_ids)
+        tok_eos = getattr(tokenizer, "eos_token_id", None)
+        if isinstance(tok_eos, int) and tok_eos not in eos:
+            eos.append(tok_eos)
+        self.eos_token_ids = tuple(eos)
+
+    def tokenize(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                text, ids = prompt["prompt"], None
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(prompt).__name__}")
+        if ids is None:
+            if not isinstance(text, str):
+                raise ValueError(f"prompt: expected a string, got {type(text).__name__}")
+            if not text:
+                raise ValueError("prompt: must not be empty")
+            ids = self.tokenizer.encode(text)
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt: must contain at least one token")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+        return ProcessedPrompt(text, list(ids))
+
+    def check(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """Returns the effective max_tokens after checking context length and KV capacity."""
+        max_len = self.model_config.max_model_len
+        if num_prompt_tokens >= max_len:
+            raise ValueError(f"prompt: {num_prompt_tokens} prompt tokens leave no room to generate within "
+                             f"max_model_len {max_len}")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > max_len:
+            raise ValueError(f"max_tokens: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens} = "
+                             f"{num_prompt_tokens + max_tokens} exceeds max_model_len {max_len}")
+        for field_name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, field_name)
+            if value is not None and value > self.max_logprobs:
+                raise ValueError(f"{field_name}: at most {self.max_logprobs}, got {value}")
+        bs = self.cache_config.block_size
+        need = -(-(num_prompt_tokens + max_tokens) // bs)
+        if need > self.cache_config.num_blocks:
+            raise ValueError(f"prompt: {num_prompt_tokens} prompt tokens + max_tokens {max_tokens} need {need} KV "
+                             f"blocks but the cache holds {self.cache_config.num_blocks}; raise kv_cache_memory")
+        return max_tokens
+
+    def make_requests(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
+                      arrival_time: float | None = None) -> list[Request]:
+        max_tokens = self.check(len(processed.prompt_token_ids), params)
+        arrival = arrival_time or time.time()
+        requests: list[Request] = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = params.clone(seed=params.seed + i, n=1)
+            child_id = request_id if params.n == 1 else f"{i}_{request_id}"
+            requests.append(Request(
+                request_id=child_id,
+                prompt_token_ids=processed.prompt_token_ids,
+                sampling_params=child_params,
+                arrival_time=arrival,
+                eos_token_ids=self.eos_token_ids,
+                max_tokens=max_tokens,
+                leader=requests[0] if requests else None,
+            ))
+        return requests

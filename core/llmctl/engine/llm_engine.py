@@ -1,0 +1,82 @@
+"""The synchronous engine: input processing -> engine core -> output processing, in the caller's thread.
+
+``LLM`` drives it in a loop; ``AsyncLLM`` drives it from its own engine thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+from llmctl.config import EngineArgs
+from llmctl.engine.core import EngineCore
+from llmctl.engine.input_processor import InputProcessor, PromptType
+from llmctl.engine.output_processor import OutputProcessor
+from llmctl.engine.request import RequestStatus
+from llmctl.outputs import RequestOutput
+from llmctl.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from llmctl.loader.tokenizer import load_tokenizer
+
+        self.args = args
+        self.core = EngineCore(args)
+        self.tokenizer = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
+        self.model_config = self.core.model_config
+        self.cache_config = self.core.cache_config
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    def default_sampling_params(self) -> SamplingParams:
+        gen = self.model_config.generation_config
+        return SamplingParams.from_generation_config(gen) if gen else SamplingParams()
+
+    def next_request_id(self) -> str:
+        return str(next(self._ids))
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Validate, tokenize and queue. Raises ``ValueError`` (naming the field) before anything is allocated."""
+        if self.output_processor.has(request_id):
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+        params = params if params is not None else self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        processed = self.input_processor.tokenize(prompt)
+        requests = self.input_processor.make_requests(request_id, processed, params, arrival_time)
+        self.output_processor.add(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                  [r.request_id for r in requests], requests[0].arrival_time)
+        for r in requests:
+            self.core.add_request(r)
+
+    def abort_request(self, request_ids: list[str] | str) -> list[RequestOutput]:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        finals = []
+        for rid in request_ids:
+            self.core.abort(self.output_processor.child_ids(rid))
+            final = self.output_processor.abort(rid)
+            if final is not None:
+                finals.append(final)
+        return finals
+
+    def step(self) -> list[RequestOutput]:
+        core_outputs = self.core.step()
+        outputs, to_stop = self.output_processor.process(core_outputs)
+        for child_id in to_stop:
+            self.core.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished()
+
+    def get_stats(self) -> dict[str, Any]:
+        return {**self.core.get_stats(), "time": time.time()}

@@ -1,0 +1,147 @@
+"""Turns the logits of the rows that sample into next tokens, vectorised over the batch.
+
+Order (as in vLLM): penalties -> min_tokens masking -> temperature -> top-k/top-p -> min-p -> sample. Greedy
+rows take the argmax of the penalised logits. Logprobs are those of the raw model distribution. A request with
+a seed draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmctl.engine.request import Request
+from llmctl.plugins.registry import Ops
+
+
+@dataclass
+class RowLogprobs:
+    sampled_logprob: float
+    sampled_rank: int
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[RowLogprobs | None]
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    n, vocab = logits.shape
+    device = logits.device
+    rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
+    if not rows:
+        return logits
+    out_counts = torch.zeros((len(rows), vocab), dtype=logits.dtype, device=device)
+    seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=device)
+    rep, freq, pres = [], [], []
+    for j, i in enumerate(rows):
+        r = requests[i]
+        sp = r.sampling_params
+        out_ids = [t for t in r.output_token_ids if t < vocab]
+        if out_ids:
+            ids = torch.tensor(out_ids, device=device)
+            out_counts[j].index_add_(0, ids, torch.ones(len(out_ids), dtype=logits.dtype, device=device))
+        prompt_ids = [t for t in r.prompt_token_ids if t < vocab]
+        if prompt_ids:
+            seen[j, torch.tensor(prompt_ids, device=device)] = True
+        rep.append(sp.repetition_penalty)
+        freq.append(sp.frequency_penalty)
+        pres.append(sp.presence_penalty)
+    idx = torch.tensor(rows, device=device)
+    sub = logits[idx]
+    rep_t = torch.tensor(rep, dtype=logits.dtype, device=device).unsqueeze(1)
+    seen |= out_counts > 0
+    penalised = torch.where(sub > 0, sub / rep_t, sub * rep_t)
+    sub = torch.where(seen, penalised, sub)
+    sub = sub - torch.tensor(freq, dtype=logits.dtype, device=device).unsqueeze(1) * out_counts
+    sub = sub - torch.tensor(pres, dtype=logits.dtype, device=device).unsqueeze(1) * (out_counts > 0).to(logits.dtype)
+    logits[idx] = sub
+    return logits
+
+
+class Sampler:
+    def __init__(self, ops: Ops, seed: int = 0) -> None:
+        self.ops = ops
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        params = [r.sampling_params for r in requests]
+        raw = logits
+        logits = logits.clone() if any(p.needs_penalties or p.min_tokens for p in params) else logits
+        logits = apply_penalties(logits, requests)
+        for i, r in enumerate(requests):
+            sp = r.sampling_params
+            if sp.min_tokens and r.num_output_tokens < sp.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            next_ids = logits.argmax(dim=-1)
+        else:
+            next_ids = self._sample_random(logits, requests, greedy)
+        token_ids = next_ids.tolist()
+        return SamplerOutput(token_ids, self._logprobs(raw, params, next_ids))
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
+        params = [r.sampling_params for r in requests]
+        device = logits.device
+        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+        scaled = logits / temps.unsqueeze(1)
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], device=device, dtype=torch.float32)
+            scaled = self.ops.apply_top_k_top_p(scaled, top_k, top_p)
+        if any(p.min_p > 0 for p in params):
+            scaled = self.ops.apply_min_p(scaled, torch.tensor([p.min_p for p in params], device=device))
+        probs = scaled.softmax(dim=-1, dtype=torch.float32)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and each row's noise can come from
+        # that request's own generator.
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
+        if unseeded:
+            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype).exponential_(generator=self.generator)
+            noise[unseeded] = rows.to(device)
+        for i, r in enumerate(requests):
+            if r.generator is not None:
+                noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=r.generator).to(device)
+        sampled = (probs / noise).argmax(dim=-1)
+        if any(greedy):
+            g = torch.tensor(greedy, device=device)
+            sampled = torch.where(g, logits.argmax(dim=-1), sampled)
+        return sampled
+
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, params: list, next_ids: torch.Tensor) -> list[RowLogprobs | None]:
+        want = [p.logprobs for p in params]
+        if all(w is None for w in want):
+            return [None] * len(params)
+        rows = [i for i, w in enumerate(want) if w is not None]
+        idx = torch.tensor(rows, device=raw.device)
+        lp = raw[idx].float().log_softmax(dim=-1)
+        chosen = next_ids[idx]
+        sampled_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
+        ranks = (lp > sampled_lp.unsqueeze(1)).sum(dim=1) + 1
+        k = max(want[i] for i in rows)
+        top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        out: list[RowLogprobs | None] = [None] * len(params)
+        sampled_l, ranks_l, vals_l, ids_l = sampled_lp.tolist(), ranks.tolist(), top_vals.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = want[i]
+            out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
+        return out
+
+
+def prompt_logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[RowLogprobs]:
+    """Logprobs of each actual next prompt token (``targets``) under ``logits``, plus the top ``k``."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    ranks = (lp > chosen.unsqueeze(1)).sum(dim=1) + 1
+    top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    return [RowLogprobs(c, r, i, v) for c, r, i, v in
+            zip(chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_vals.tolist())]

@@ -1,0 +1,136 @@
+"""Decides what runs each step: continuous batching under a token budget, chunked prefill, FCFS admission,
+preemption by recompute of the newest request when KV blocks run out."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmctl.config import SchedulerConfig
+from llmctl.engine.request import Request, RequestStatus
+from llmctl.kv.manager import KVCacheManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, i.e. produces the next token."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management -----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Take a request out of the queues and give back its blocks (idempotent)."""
+        if request.status.finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                pass
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(victim)
+
+    # -- one step ----------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate(req, num_new):
+                victim = self.running[-1]  # newest running request goes back to the queue
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                break
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            scheduled_ids.add(req.request_id)
+            budget -= num_new
+            i += 1
+
+        if not out.preempted:
+            skipped: list[Request] = []
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                req = self.waiting[0]
+                if req.leader is not None and not req.leader.finished and not req.leader.prompt_computed:
+                    # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.
+                    skipped.append(self.waiting.popleft())
+                    continue
+                cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+                num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
+                if not self.kv.allocate(req, num_new, cached):
+                    break
+                self.kv.record_lookup(req, len(cached))
+                self.waiting.popleft()
+                if req.status == RequestStatus.WAITING:
+                    req.num_cached_tokens = len(cached) * self.kv.block_size
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {"num_running": len(self.running), "num_waiting": len(self.waiting),
+                "num_preemptions": self.num_preemptions}
