@@ -7,15 +7,25 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import EngineArgs
 from llmctl.engine.core import EngineCore
 from llmctl.engine.input_processor import InputProcessor, PromptType
 from llmctl.engine.output_processor import OutputProcessor
-from llmctl.engine.request import RequestStatus
+from llmctl.engine.request import Request, RequestStatus
 from llmctl.outputs import RequestOutput
 from llmctl.sampling_params import SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    requests: list[Request]
 
 
 class LLMEngine:
@@ -42,20 +52,28 @@ class LLMEngine:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        """Validate, tokenize and queue. Raises ``ValueError`` (naming the field) before anything is allocated."""
-        if self.output_processor.has(request_id):
-            raise ValueError(f"request_id: {request_id!r} is already in use")
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                        arrival_time: float | None = None) -> PreparedRequest:
+        """Validate and tokenize without touching engine state, so it can run on the caller's thread. Raises
+        ``ValueError`` naming the field before anything is allocated."""
         params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         processed = self.input_processor.tokenize(prompt)
         requests = self.input_processor.make_requests(request_id, processed, params, arrival_time)
-        self.output_processor.add(request_id, processed.prompt, processed.prompt_token_ids, params,
-                                  [r.request_id for r in requests], requests[0].arrival_time)
-        for r in requests:
+        return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        if self.output_processor.has(prepared.request_id):
+            raise ValueError(f"request_id: {prepared.request_id!r} is already in use")
+        self.output_processor.add(prepared.request_id, prepared.prompt, prepared.prompt_token_ids, prepared.params,
+                                  [r.request_id for r in prepared.requests], prepared.requests[0].arrival_time)
+        for r in prepared.requests:
             self.core.add_request(r)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time))
 
     def abort_request(self, request_ids: list[str] | str) -> list[RequestOutput]:
         if isinstance(request_ids, str):

@@ -116,7 +116,9 @@ class Scheduler:
                     # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.
                     skipped.append(self.waiting.popleft())
                     continue
-                cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+                # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
+                use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+                cached = self.kv.find_cached_prefix(req) if use_cache else []
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
                 if not self.kv.allocate(req, num_new, cached):
                     break

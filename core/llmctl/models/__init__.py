@@ -6,4 +6,6 @@ from llmctl.plugins.types import ModelArchitecture
 
 
 def native_architectures() -> list[ModelArchitecture]:
-    return []
+    from llmctl.models.llama import ARCHITECTURES, LlamaForCausalLM
+
+    return [ModelArchitecture(name, LlamaForCausalLM) for name in ARCHITECTURES]

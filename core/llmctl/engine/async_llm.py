@@ -1,0 +1,210 @@
+"""The serving engine: the engine loop runs on its own thread and never blocks the asyncio event loop.
+
+Callers get an async generator of cumulative ``RequestOutput``s per request. Validation and tokenization run
+on the caller's side (so a bad request fails before it reaches the engine); everything that mutates engine
+state runs on the engine thread, fed through a command queue. Outputs go back with one thread-safe callback
+per step, and a consumer that falls behind simply skips to the newest cumulative output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from llmctl.config import EngineArgs
+from llmctl.engine.errors import EngineDeadError, RequestFailedError
+from llmctl.engine.input_processor import PromptType
+from llmctl.engine.llm_engine import LLMEngine, PreparedRequest
+from llmctl.outputs import RequestOutput
+from llmctl.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    finished: bool = False
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs, engine: LLMEngine | None = None) -> None:
+        self.args = args
+        self.engine = engine or LLMEngine(args)
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.dead_error: BaseException | None = None
+        self._stats: dict[str, Any] = self.engine.get_stats()
+        self._thread = threading.Thread(target=self._run_loop, name="llmctl-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
+        return cls(args)
+
+    # -- state -------------------------------------------------------------------------------------------------
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.dead_error is None and not self._stop.is_set()
+
+    @property
+    def errored(self) -> bool:
+        return self.dead_error is not None
+
+    def check_health(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead_error!r}")
+        if not self._thread.is_alive():
+            raise EngineDeadError("engine loop is not running")
+
+    def get_stats(self) -> dict[str, Any]:
+        """A snapshot taken by the engine thread after its latest step (never blocks on the engine)."""
+        return dict(self._stats)
+
+    def default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    @property
+    def num_unfinished(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def prepare(self, prompt: PromptType, params: SamplingParams | None, request_id: str) -> PreparedRequest:
+        return self.engine.prepare_request(request_id, prompt, params)
+
+    async def generate(self, prompt: PromptType | PreparedRequest, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        self.check_health()
+        if isinstance(prompt, PreparedRequest):
+            prepared = prompt
+        else:
+            request_id = request_id or f"req-{time.monotonic_ns()}"
+            prepared = self.prepare(prompt, sampling_params, request_id)
+        rid = prepared.request_id
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._streams_lock:
+            if rid in self._streams:
+                raise ValueError(f"request_id: {rid!r} is already in use")
+            self._streams[rid] = stream
+        self._send("add", prepared)
+        try:
+            while True:
+                item = await stream.queue.get()
+                while not stream.queue.empty() and not _is_final(item):
+                    item = stream.queue.get_nowait()  # skip to the newest cumulative output
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                    errors = [c for c in item.outputs if c.finish_reason == "error"]
+                    if errors and len(errors) == len(item.outputs):
+                        raise RequestFailedError(rid, item.error or "failed in the engine")
+                    yield item
+                    return
+                yield item
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not stream.finished:
+                self._send("abort", rid)  # client went away or cancelled: free its KV blocks now
+
+    async def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def _send(self, kind: str, payload: Any) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- the engine thread -------------------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if not engine.has_unfinished_requests():
+                    self._stats = engine.get_stats()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                outputs = engine.step()
+                self._stats = engine.get_stats()
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as exc:  # the engine itself is broken: fail everyone, loudly
+            logger.exception("llmctl engine loop died")
+            self.dead_error = exc
+            self._fail_all(EngineDeadError(f"engine loop died: {type(exc).__name__}: {exc}"))
+            return
+        self._fail_all(EngineDeadError("engine is shut down"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add_prepared(payload)
+                except ValueError as exc:
+                    self._deliver_one(payload.request_id, exc)
+            elif kind == "abort":
+                finals = self.engine.abort_request(payload)
+                if finals:
+                    self._deliver(finals)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._streams_lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed; its consumers are gone
+                pass
+
+    def _deliver_one(self, request_id: str, item: Any) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:
+                pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._streams_lock:
+            streams = list(self._streams.items())
+        for rid, _stream in streams:
+            self._deliver_one(rid, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+def _is_final(item: Any) -> bool:
+    return isinstance(item, BaseException) or getattr(item, "finished", False)

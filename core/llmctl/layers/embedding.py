@@ -1,0 +1,36 @@
+"""Token embedding and the output projection (which may share its weight)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmctl.layers._params import empty_param
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Hidden states -> float32 logits. With ``tied_to`` it reuses the embedding's parameter object, so loading
+    the embedding loads both and no second vocab-sized matrix is allocated."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabEmbedding | None = None,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.tied = tied_to is not None
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight).float()

@@ -1,0 +1,69 @@
+"""Pick the model class for a checkpoint, choose the dtype, and build a loaded model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.loader.source import ModelSource
+from llmctl.loader.weights import iter_weights
+from llmctl.models.base import ModelContext
+from llmctl.plugins.registry import Registry
+
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def get_model_class(hf_config: Any, registry: Registry) -> Any:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for arch in archs:
+        entry = registry.models.get(arch)
+        if entry is not None:
+            return entry.item.model_cls
+    supported = ", ".join(sorted(registry.models)) or "none (no model plugin registered)"
+    asked = " / ".join(archs) if archs else "(none named in config.json)"
+    raise ValueError(f"model: architecture {asked} is not supported; supported: {supported}")
+
+
+def _as_dtype(value: Any) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        return _DTYPE_NAMES.get(value.lower().removeprefix("torch."))
+    return None
+
+
+def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes: list[torch.dtype]) -> torch.dtype:
+    """``"auto"`` keeps the checkpoint's dtype when the platform runs it and otherwise takes the platform's
+    preferred one; a checkpoint that names none (GGUF) is float32, the dtype its dequantized weights have."""
+    if not platform_dtypes:
+        raise ValueError("dtype: the platform lists no supported dtypes")
+    if isinstance(requested, str) and requested.lower() == "auto":
+        ckpt = _as_dtype(getattr(hf_config, "dtype", None)) or _as_dtype(getattr(hf_config, "torch_dtype", None))
+        want = ckpt or torch.float32
+        return want if want in platform_dtypes else platform_dtypes[0]
+    dtype = _as_dtype(requested)
+    if dtype is None:
+        raise ValueError(f"dtype: {requested!r} is not a valid dtype; use auto, {', '.join(_DTYPE_NAMES)}")
+    if dtype not in platform_dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in platform_dtypes)
+        raise ValueError(f"dtype: {str(dtype).removeprefix('torch.')} is not supported on this platform; "
+                         f"supported: {names}")
+    return dtype
+
+
+def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn.Module:
+    model_cls = get_model_class(source.hf_config, registry)
+    model = model_cls(source.hf_config, ctx)
+    model.load_weights(iter_weights(source))
+    # Parameters were allocated in ctx.dtype and loading casts into them; only non-parameter buffers that a
+    # model keeps in float32 on purpose (RoPE tables) differ, so cast parameters alone.
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != ctx.dtype:
+            p.data = p.data.to(ctx.dtype)
+    return model.eval()

@@ -1,0 +1,59 @@
+"""Stream a checkpoint's tensors under their Hugging Face names, one at a time, so peak memory stays near
+one tensor above the model itself."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from llmctl.loader.source import ModelSource
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_files(local_dir: Path) -> list[Path]:
+    index = local_dir / INDEX_FILE
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [local_dir / name for name in sorted(set(weight_map.values()))]
+    return sorted(local_dir.glob("*.safetensors"))
+
+
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.gguf_file is not None:
+        yield from _iter_gguf(source)
+        return
+    files = safetensors_files(source.local_dir)
+    if not files:
+        raise ValueError(f"model: no *.safetensors weights in {source.local_dir}; only safetensors and GGUF "
+                         f"checkpoints are loaded (pickled .bin/.pt files are refused)")
+    yield from _iter_safetensors(files)
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped: read on access
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _iter_gguf(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized to float32 by transformers' own GGUF reader, which also maps llama.cpp tensor names to
+    Hugging Face ones and undoes llama.cpp's q/k row permutation, so the result is what ``from_pretrained``
+    would load. Its name map is derived from a weightless (meta-device) instance of the transformers model."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(source.hf_config)
+    path = source.local_dir / str(source.gguf_file)
+    tensors: dict[str, torch.Tensor] = load_gguf_checkpoint(str(path), return_tensors=True,
+                                                             model_to_load=skeleton)["tensors"]
+    del skeleton
+    for name in list(tensors):
+        yield name, tensors.pop(name)

@@ -1,0 +1,192 @@
+"""One decoder for the Llama family: Llama 2/3 (SmolLM2, TinyLlama), Mistral, Qwen2 and Qwen3.
+
+They differ only in switches read from the Hugging Face config: sliding-window attention (Mistral, Qwen2 with
+``use_sliding_window``), biases on q/k/v (Qwen2), and per-head RMSNorm of q and k before RoPE (Qwen3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.attention import AttentionMetadata
+from llmctl.layers import Attention, GatedMLP, LMHead, MergedLinear, RMSNorm, VocabEmbedding, get_rope
+from llmctl.layers._params import copy_checked
+from llmctl.layers.linear import Linear
+from llmctl.models.base import KVCacheSpec, ModelContext
+
+# Checkpoint projection -> (fused module, shard index). The fused layout is built at load time.
+_STACKED: tuple[tuple[str, str, int], ...] = (
+    (".q_proj.", ".qkv_proj.", 0),
+    (".k_proj.", ".qkv_proj.", 1),
+    (".v_proj.", ".qkv_proj.", 2),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+)
+_SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def _head_dim(cfg: Any) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def layer_sliding_windows(cfg: Any) -> list[int | None]:
+    """The window of each layer. Qwen-style configs list per-layer types (``max_window_layers``); Mistral-style
+    ones apply ``sliding_window`` everywhere. Transformers already nulls ``sliding_window`` when Qwen's
+    ``use_sliding_window`` is off."""
+    window = getattr(cfg, "sliding_window", None)
+    n = cfg.num_hidden_layers
+    if not window:
+        return [None] * n
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [int(window)] * n
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = _head_dim(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=bias, **kw)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)), **kw)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if cfg.model_type == "qwen3":
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ctx.ops, **kw)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ctx.ops, **kw)
+        self.rotary_emb = get_rope(cfg, self.head_dim, ctx.ops, ctx.device)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, ctx.attention,
+                              sliding_window)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        t = hidden.shape[0]
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None) -> None:
+        super().__init__()
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.self_attn = LlamaAttention(cfg, ctx, sliding_window)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "hidden_act", "silu"), ctx.ops,
+                            bias=bool(getattr(cfg, "mlp_bias", False)), **kw)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: Any, ctx: ModelContext) -> None:
+        super().__init__()
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        windows = layer_sliding_windows(cfg)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i]) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Follows :class:`llmctl.models.base.CausalLM`; registered for every architecture name it covers."""
+
+    def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.ctx = ctx
+        self.model = LlamaModel(hf_config, ctx)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size,
+                              tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
+                              dtype=ctx.dtype, device=ctx.device)
+        self._windows = layer_sliding_windows(hf_config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        """One window for the whole model only when every layer slides by it; a mix needs the full context kept."""
+        attn = self.model.layers[0].self_attn
+        uniform = self._windows[0] if len(set(self._windows)) == 1 else None
+        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.num_kv_heads,
+                           head_size=attn.head_dim, sliding_window=uniform)
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Fuses q/k/v and gate/up while copying; raises on unknown or missing tensors so a wrong checkpoint
+        never runs with uninitialised memory."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if any(s in name for s in _SKIPPED):
+                continue
+            if name == "lm_head.weight" and self.tie_word_embeddings:
+                continue
+            for hf_part, fused_part, shard in _STACKED:
+                if hf_part in name:
+                    target = name.replace(hf_part, fused_part)
+                    module = modules.get(target.rsplit(".", 1)[0])
+                    if target not in params or not isinstance(module, MergedLinear):
+                        raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
+                    module.load_shard(params[target], shard, tensor, name)
+                    loaded.add(f"{target}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
+                copy_checked(params[name].data, tensor, name)
+                loaded.add(name)
+        self._check_complete(loaded, params)
+
+    def _check_complete(self, loaded: set[str], params: dict[str, nn.Parameter]) -> None:
+        missing = []
+        for pname in params:
+            module = self.get_submodule(pname.rsplit(".", 1)[0])
+            if isinstance(module, MergedLinear):
+                missing += [f"{pname}#{i}" for i in range(len(module.output_sizes)) if f"{pname}#{i}" not in loaded]
+            elif pname not in loaded and not (pname == "lm_head.weight" and self.tie_word_embeddings):
+                missing.append(pname)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
+
+
+ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
