@@ -1,0 +1,43 @@
+"""``llmctl doctor`` lines for the CPU: the thread setup and whether bf16 will actually be fast here."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from llmctl.plugins.types import DoctorCheck, DoctorResult
+
+from llmctl_cpu.platform import THREADS_ENV, cpu_info, default_num_threads, mkldnn_bf16_usable
+
+
+def check_threads() -> DoctorResult:
+    try:
+        info = cpu_info()
+        current, want = torch.get_num_threads(), default_num_threads()
+        env = {k: os.environ[k] for k in (THREADS_ENV, "OMP_NUM_THREADS") if os.environ.get(k)}
+        msg = (f"torch threads {current}; {info.usable_physical_cores} usable physical cores "
+               f"({info.physical_cores} physical / {info.logical_cores} logical on {info.model_name})"
+               + (f"; env {env}" if env else ""))
+        if current > info.usable_physical_cores and not env:
+            return DoctorResult(False, msg, f"more threads than physical cores slows GEMMs; set {THREADS_ENV}={want}")
+        return DoctorResult(True, msg)
+    except Exception as exc:
+        return DoctorResult(False, f"could not read thread settings: {type(exc).__name__}: {exc}")
+
+
+def check_bf16() -> DoctorResult:
+    try:
+        info = cpu_info()
+        isa = [f for f in ("avx512_bf16", "amx_bf16") if f in info.flags]
+        onednn = mkldnn_bf16_usable()
+        if isa and onednn:
+            return DoctorResult(True, f"bf16 is fast here ({', '.join(isa)}, oneDNN bf16 usable); dtype=auto uses it")
+        why = "no avx512_bf16/amx_bf16 in the CPU flags" if not isa else "torch's oneDNN reports no bf16 support"
+        return DoctorResult(True, f"bf16 would be emulated ({why}); dtype=auto uses float32",
+                            "a CPU with AVX512-BF16 or AMX (Sapphire Rapids, Zen 4+) runs bf16 about 2x faster")
+    except Exception as exc:
+        return DoctorResult(False, f"could not check bf16 support: {type(exc).__name__}: {exc}")
+
+
+def doctor_checks() -> list[DoctorCheck]:
+    return [DoctorCheck("cpu threads", check_threads), DoctorCheck("cpu bf16", check_bf16)]

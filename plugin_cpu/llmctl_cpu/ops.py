@@ -1,0 +1,38 @@
+"""CPU op overrides, kept only where measured faster than the reference and bit-identical to it.
+
+Measured on a 2-core AVX-512/bf16 host with 576-wide rows (SmolLM2-135M), best of 200 runs, one thread:
+rms_norm 25.2 -> 22.4 us (bf16, 64 rows) and 15.0 -> 12.9 us (fp32), equal at 2048 rows; silu_and_mul
+35 -> 31 us (fp32, 64 rows), 1.97 -> 1.72 ms (bf16, 2048 rows). Rotary embedding and the samplers showed no gain
+worth a second code path, so they stay on the reference.
+
+``torch.nn.functional.rms_norm`` *with* the weight multiplies in float32 before rounding, which differs from
+the reference (and Hugging Face) by one bf16 ulp; normalising without the weight and multiplying afterwards
+rounds at the same point as the reference, so the results are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from llmctl.plugins.types import OpOverride
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x + residual  # a new tensor: callers may still hold the old residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]).mul_(x[..., d:])  # in place on silu's fresh output: one allocation fewer
+
+
+def op_overrides() -> list[OpOverride]:
+    return [OpOverride(name, fn, platform="cpu", priority=10)
+            for name, fn in (("rms_norm", rms_norm), ("fused_add_rms_norm", fused_add_rms_norm),
+                             ("silu_and_mul", silu_and_mul))]

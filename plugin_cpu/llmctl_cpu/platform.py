@@ -1,0 +1,198 @@
+"""The ``cpu`` platform: hardware facts from /proc (psutil is not a dependency) and thread policy.
+
+Everything here is read on demand and cached per process; ``probe`` never raises because core calls it while
+choosing a platform and a CPU must always remain the fallback that works.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
+
+logger = logging.getLogger(__name__)
+
+THREADS_ENV = "LLMCTL_CPU_THREADS"
+
+# Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8", "avx_vnni")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    model_name: str
+    logical_cores: int
+    physical_cores: int
+    usable_physical_cores: int  # physical cores with at least one logical CPU in this process's affinity mask
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def has_bf16_isa(self) -> bool:
+        """Native bf16 dot products; without them oneDNN emulates bf16 and it is slower than fp32."""
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def parse_cpuinfo(text: str, allowed: set[int] | None = None) -> CpuInfo:
+    """Parse /proc/cpuinfo. Physical cores are distinct (physical id, core id) pairs; a kernel that omits those
+    fields (some VMs, non-x86) gets one core per logical CPU."""
+    model, flags = "unknown CPU", frozenset[str]()
+    cores: dict[int, tuple[str, str]] = {}
+    for block in text.strip().split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        if "processor" not in fields:
+            continue
+        try:
+            cpu = int(fields["processor"])
+        except ValueError:
+            continue
+        model = fields.get("model name", model)
+        if not flags and "flags" in fields:
+            flags = frozenset(fields["flags"].split())
+        cores[cpu] = (fields.get("physical id", "?"), fields.get("core id", str(cpu)))
+    logical = len(cores) or (os.cpu_count() or 1)
+    physical = len(set(cores.values())) or logical
+    allowed = allowed if allowed is not None else set(cores)
+    usable = len({cores[c] for c in allowed if c in cores}) or max(1, len(allowed))
+    return CpuInfo(model, logical, physical, usable, flags)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    text = _read("/proc/cpuinfo")
+    if text is None:
+        n = os.cpu_count() or 1
+        return CpuInfo("unknown CPU", n, n, len(_affinity()), frozenset())
+    return parse_cpuinfo(text, _affinity())
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(available, total). /proc/meminfo's MemAvailable counts reclaimable page cache, unlike sysconf's free
+    pages, so KV sizing does not starve just because files were read. A cgroup v2 limit (containers) caps both."""
+    avail = total = None
+    text = _read("/proc/meminfo")
+    if text:
+        vals = {}
+        for line in text.splitlines():
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                vals[key] = int(parts[0]) * 1024
+        total, avail = vals.get("MemTotal"), vals.get("MemAvailable", vals.get("MemFree"))
+    if total is None or avail is None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        avail = os.sysconf("SC_AVPHYS_PAGES") * page
+    limit = (_read("/sys/fs/cgroup/memory.max") or "").strip()
+    if limit.isdigit():
+        used = (_read("/sys/fs/cgroup/memory.current") or "0").strip()
+        total = min(total, int(limit))
+        avail = max(0, min(avail, int(limit) - (int(used) if used.isdigit() else 0)))
+    return avail, total
+
+
+def mkldnn_bf16_usable() -> bool:
+    """Whether torch's oneDNN will run bf16 GEMMs natively (its own check of the ISA, not just our flags)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else cpu_info().has_bf16_isa
+    except Exception:
+        return False
+
+
+def default_num_threads() -> int:
+    return max(1, cpu_info().usable_physical_cores)
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op threads for the engine and return the count.
+
+    One thread per *physical* core in this process's affinity mask: SMT siblings share the vector/AMX units, so
+    a second thread per core adds no GEMM throughput but makes every OpenMP barrier wait for the slowest
+    sibling; and the affinity mask (taskset, cgroup cpusets in containers) is what we may actually use, whereas
+    ``os.cpu_count()`` reports the whole host. ``LLMCTL_CPU_THREADS`` overrides the choice; an explicit
+    ``OMP_NUM_THREADS`` is left alone because torch already honoured it and the user meant it.
+    """
+    explicit = os.environ.get(THREADS_ENV)
+    if explicit:
+        try:
+            n = max(1, int(explicit))
+        except ValueError:
+            logger.warning("%s=%r is not an integer; ignoring it", THREADS_ENV, explicit)
+        else:
+            torch.set_num_threads(n)
+            return n
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = default_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+class CpuPlatform(Platform):
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0
+    dist_backend = "gloo"
+
+    def probe(self) -> ProbeResult:
+        try:
+            info = cpu_info()
+            avail, total = memory_bytes()
+            caps: dict[str, Any] = {
+                "physical_cores": info.physical_cores,
+                "logical_cores": info.logical_cores,
+                "usable_physical_cores": info.usable_physical_cores,
+                "isa": {flag: flag in info.flags for flag in ISA_FLAGS},
+                "mkldnn_available": torch.backends.mkldnn.is_available(),
+                "mkldnn_bf16": mkldnn_bf16_usable(),
+                "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch_threads": torch.get_num_threads(),
+            }
+            device = DeviceInfo(0, info.model_name, total_memory=total, free_memory=avail, capabilities=caps)
+            return ProbeResult(True, devices=(device,), details={"supported_dtypes": [str(d) for d in
+                                                                                     self.supported_dtypes()]})
+        except Exception as exc:  # a CPU is always there; report what failed but stay usable
+            return ProbeResult(True, reason=f"CPU details unavailable: {type(exc).__name__}: {exc}")
+
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        return memory_bytes()
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        # bf16 only pays off with native bf16 dot products; emulated it is slower than fp32.
+        if cpu_info().has_bf16_isa and mkldnn_bf16_usable():
+            return [torch.bfloat16, torch.float32]
+        return [torch.float32]
+
+    def configure(self, config: Any) -> dict[str, Any]:
+        """Suggest a thread count when the config has a field for it and the user left it unset."""
+        changes: dict[str, Any] = {}
+        if hasattr(config, "num_threads") and config.num_threads in (None, 0):
+            changes["num_threads"] = default_num_threads()
+        return changes

@@ -1,0 +1,358 @@
+"""The llmctl-cpu plugin: discovery through its entry point, the platform probe, the cpu-sdpa attention backend
+against the torch reference (random ragged batches drawn fresh each run), batch invariance, op overrides and
+the gloo communicator at world sizes 1 and 2."""
+
+from __future__ import annotations
+
+import os
+import random
+from importlib import metadata
+
+import pytest
+import torch
+from llmctl.attention import AttentionMetadata
+from llmctl.ops import reference
+from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
+from llmctl.plugins import PluginManager
+
+SEED = random.SystemRandom().randrange(2**31)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    print(f"seed={SEED}")  # shown on failure, so a failing draw can be replayed
+    torch.manual_seed(SEED)
+    return random.Random(SEED)
+
+
+@pytest.fixture(scope="module")
+def manager() -> PluginManager:
+    return PluginManager().load()
+
+
+@pytest.fixture(scope="module")
+def backend(manager):
+    return manager.registry.attention_backends["cpu-sdpa"].item
+
+
+# -- discovery and platform ----------------------------------------------------------------------------------------
+
+def test_entry_point_is_the_only_registration(manager):
+    eps = {ep.name: ep for ep in metadata.entry_points(group="llmctl.plugins")}
+    assert eps["cpu"].value == "llmctl_cpu"
+    info = manager.plugins["cpu"]
+    assert not info.broken, info.error
+    assert info.distribution == "llmctl-cpu" and info.api_version == "1.0"
+    assert manager.registry.platforms["cpu"].plugin == "cpu"
+    assert manager.registry.attention_backends["cpu-sdpa"].plugin == "cpu"
+    assert manager.registry.communicators["gloo"].plugin == "cpu"
+    assert manager.select_platform().name == "cpu"
+    assert manager.select_platform("cpu").name == "cpu"
+
+
+def test_disabling_the_plugin_removes_it(monkeypatch):
+    monkeypatch.setenv("LLMCTL_DISABLE_PLUGINS", "cpu")
+    pm = PluginManager().load()
+    assert pm.plugins["cpu"].disabled and "cpu" not in pm.registry.platforms
+
+
+def test_backend_is_selected_for_cpu(manager):
+    plat = manager.select_platform("cpu")
+    b = manager.select_attention_backend(plat, torch.bfloat16, 64, 16, frozenset({"sliding_window"}))
+    assert b.name == "cpu-sdpa"
+    assert not b.supports(torch.float32, 512, 16, frozenset())
+    assert not b.supports(torch.float32, 64, 16, frozenset({"alibi"}))
+    assert not b.supports(torch.int8, 64, 16, frozenset())
+
+
+def test_probe_reports_real_hardware(manager):
+    from llmctl_cpu.platform import cpu_info
+
+    plat = manager.registry.platforms["cpu"].item
+    assert (plat.device_type, plat.priority, plat.dist_backend) == ("cpu", 0, "gloo")
+    probe = plat.probe()
+    assert probe.available
+    (dev,) = probe.devices
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    if names:
+        assert dev.name == names[0]
+    caps = dev.capabilities
+    assert caps["logical_cores"] == text.count("processor\t:") or not names
+    assert 1 <= caps["physical_cores"] <= caps["logical_cores"]
+    assert 1 <= caps["usable_physical_cores"] <= caps["physical_cores"]
+    flags = cpu_info().flags
+    for flag, present in caps["isa"].items():
+        assert present == (flag in flags)
+    assert isinstance(caps["mkldnn_bf16"], bool)
+    free, total = plat.memory_info()
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free <= total <= os.sysconf("SC_PHYS_PAGES") * page * 1.01
+    dtypes = plat.supported_dtypes()
+    assert dtypes[-1] == torch.float32
+    assert (torch.bfloat16 in dtypes) == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"])
+
+
+def test_parse_cpuinfo_counts_physical_cores_and_affinity():
+    from llmctl_cpu.platform import parse_cpuinfo
+
+    # two sockets x two cores x two SMT threads
+    blocks = []
+    for cpu in range(8):
+        sock, core = cpu // 4, (cpu // 2) % 2
+        blocks.append(f"processor\t: {cpu}\nmodel name\t: Fake CPU\nphysical id\t: {sock}\ncore id\t: {core}\n"
+                      f"flags\t\t: avx2 avx512f amx_bf16")
+    info = parse_cpuinfo("\n\n".join(blocks), allowed={0, 1, 2, 5})
+    assert (info.logical_cores, info.physical_cores, info.usable_physical_cores) == (8, 4, 3)
+    assert info.has_bf16_isa and info.model_name == "Fake CPU"
+
+
+def test_configure_threads_honours_environment(monkeypatch):
+    from llmctl_cpu.platform import configure_threads, default_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setenv("LLMCTL_CPU_THREADS", "1")
+        assert configure_threads() == 1 == torch.get_num_threads()
+        monkeypatch.delenv("LLMCTL_CPU_THREADS")
+        n = configure_threads()
+        assert n == default_num_threads() == torch.get_num_threads()
+        assert n <= len(os.sched_getaffinity(0))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        assert configure_threads() == 2  # an explicit OMP setting is the user's choice; left alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_doctor_checks_run(manager):
+    checks = {e.item.name: e.item for e in manager.registry.doctor_checks if e.plugin == "cpu"}
+    assert checks
+    for check in checks.values():
+        result = check.run()
+        assert result.message
+
+
+# -- attention -----------------------------------------------------------------------------------------------------
+
+def make_batch(rng: random.Random, specs: list[tuple[int, int]], block_size: int, kv_heads: int, heads: int,
+               head_size: int, dtype: torch.dtype, extra_blocks: int = 3):
+    """``specs``: (context_len, query_len) per sequence. Blocks are handed out shuffled, and the cache is filled
+    with random values so stale slots are not zeros; the new tokens are written with the reference."""
+    need = [-(-(c + q) // block_size) for c, q in specs]
+    num_blocks = sum(need) + extra_blocks
+    pool = list(range(num_blocks))
+    rng.shuffle(pool)
+    width = max(need) + rng.randint(0, 2)
+    tables = torch.zeros(len(specs), width, dtype=torch.int32)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_size).to(dtype)
+    slots = []
+    for i, ((ctx, q), nb) in enumerate(zip(specs, need, strict=True)):
+        ids = [pool.pop() for _ in range(nb)]
+        tables[i, :nb] = torch.tensor(ids, dtype=torch.int32)
+        slots += [ids[p // block_size] * block_size + p % block_size for p in range(ctx, ctx + q)]
+    q_lens = [q for _, q in specs]
+    seq_lens = [c + q for c, q in specs]
+    n_tok = sum(q_lens)
+    md = AttentionMetadata(
+        num_tokens=n_tok, num_seqs=len(specs),
+        query_start_loc=torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64), max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        block_size=block_size, query_lens_cpu=q_lens, seq_lens_cpu=seq_lens)
+    key = torch.randn(n_tok, kv_heads, head_size).to(dtype)
+    value = torch.randn(n_tok, kv_heads, head_size).to(dtype)
+    write_kv_reference(key, value, cache, md.slot_mapping)
+    query = torch.randn(n_tok, heads, head_size).to(dtype)
+    return query, cache, md
+
+
+def random_specs(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    specs = []
+    for _ in range(n):
+        kind = rng.choice(["decode", "prefill", "chunk"])
+        if kind == "decode":
+            specs.append((rng.randint(0, 300), 1))
+        elif kind == "prefill":
+            specs.append((0, rng.randint(2, 70)))
+        else:  # a later chunk (or prefix-cache hit): earlier context comes from the cache
+            specs.append((rng.randint(1, 200), rng.randint(2, 40)))
+    return specs
+
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group,head_size", [(1, 64), (2, 128), (4, 64)])
+def test_forward_matches_reference(backend, rng, dtype, block_size, group, head_size):
+    kv_heads = rng.choice([1, 2, 3])
+    window = rng.choice([None, None, rng.randint(1, 64)])
+    specs = random_specs(rng, rng.randint(1, 9))
+    query, cache, md = make_batch(rng, specs, block_size, kv_heads, kv_heads * group, head_size, dtype)
+    scale = head_size ** -0.5
+    expect = paged_attention_reference(query, cache, md, scale, window)
+    out = torch.full_like(query, float("nan"))
+    got = backend.forward(query, cache, md, scale, window, out=out)
+    assert got is out
+    assert not got.isnan().any(), "some output rows were not written"
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), expect.float(), atol=atol, rtol=rtol, msg=f"specs={specs} w={window}")
+
+
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_forward_without_out_and_all_decode(backend, rng, kind):
+    specs = [(rng.randint(0, 200), 1) for _ in range(rng.randint(1, 12))]
+    if kind == "mixed":
+        specs.append((rng.randint(0, 50), rng.randint(2, 30)))
+    query, cache, md = make_batch(rng, specs, 16, 2, 6, 64, torch.float32)
+    got = backend.forward(query, cache, md, 0.125)
+    torch.testing.assert_close(got, paged_attention_reference(query, cache, md, 0.125), atol=2e-5, rtol=2e-5)
+
+
+def test_long_prefill_is_tiled(backend, rng, monkeypatch):
+    import llmctl_cpu.attention as att
+
+    monkeypatch.setattr(att, "QUERY_TILE", 16)
+    monkeypatch.setattr(att, "SCORE_BUDGET", 4096)  # forces one sequence per sub-batch
+    specs = [(rng.randint(0, 40), rng.randint(17, 70)), (0, 1), (rng.randint(0, 9), rng.randint(2, 50))]
+    query, cache, md = make_batch(rng, specs, 16, 2, 4, 64, torch.float32)
+    for window in (None, 20):
+        out = torch.full_like(query, float("nan"))
+        got = backend.forward(query, cache, md, 0.125, sliding_window=window, out=out)
+        expect = paged_attention_reference(query, cache, md, 0.125, sliding_window=window)
+        torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_reference(backend, rng, dtype):
+    num_blocks, block_size, kv_heads, head_size = 12, 16, 3, 64
+    n = rng.randint(1, num_blocks * block_size // 2)
+    slots = torch.tensor(rng.sample(range(num_blocks * block_size), n), dtype=torch.int64)
+    slots[torch.rand(n) < 0.2] = -1
+    key = torch.randn(n, kv_heads, head_size)
+    value = torch.randn(n, kv_heads, head_size)
+    base = torch.randn(2, num_blocks, block_size, kv_heads, head_size).to(dtype)
+    ours, ref = base.clone(), base.clone()
+    backend.write_kv(key, value, ours, slots)
+    write_kv_reference(key, value, ref, slots)
+    assert torch.equal(ours, ref)
+    assert not torch.equal(ours, base) or bool((slots < 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,head_size", [(1, 64), (3, 64), (4, 128)])
+def test_batch_invariance(backend, rng, dtype, group, head_size):
+    """A sequence's output is bit-identical alone and inside batches of much longer sequences."""
+    kv_heads = 2
+    window = rng.choice([None, rng.randint(8, 100)])
+    target = [(rng.randint(0, 120), 1), (rng.randint(0, 60), rng.randint(2, 9)), (0, rng.randint(2, 40))]
+    others = [(rng.randint(500, 900), 1), (rng.randint(300, 700), rng.randint(60, 200)), (0, rng.randint(100, 300)),
+              (rng.randint(0, 50), 1)]
+    for spec in target:
+        alone_specs = [spec]
+        batch_specs = others[:2] + [spec] + others[2:]
+        q1, c1, m1 = make_batch(random.Random(1), alone_specs, 16, kv_heads, kv_heads * group, head_size, dtype)
+        q2, c2, m2 = make_batch(random.Random(2), batch_specs, 16, kv_heads, kv_heads * group, head_size, dtype)
+        # copy the target's query and context into its place in the big batch
+        s1, s2 = 0, int(m2.query_start_loc[2])
+        n_q = spec[1]
+        q2[s2:s2 + n_q] = q1[s1:s1 + n_q]
+        seq_len = sum(spec)
+        for p in range(seq_len):
+            b1, o1 = int(m1.block_tables[0, p // 16]), p % 16
+            b2, o2 = int(m2.block_tables[2, p // 16]), p % 16
+            c2[:, b2, o2] = c1[:, b1, o1]
+        alone = backend.forward(q1, c1, m1, head_size ** -0.5, window)
+        batched = backend.forward(q2, c2, m2, head_size ** -0.5, window)
+        assert torch.equal(alone, batched[s2:s2 + n_q]), f"spec={spec} window={window}"
+        # and the all-decode fast path agrees bitwise with the decode group of a mixed batch
+        if n_q == 1:
+            dq, dc, dm = make_batch(random.Random(3), [others[0], spec, others[3]], 16, kv_heads,
+                                    kv_heads * group, head_size, dtype)
+            dq[1] = q1[0]
+            for p in range(seq_len):
+                dc[:, int(dm.block_tables[1, p // 16]), p % 16] = c1[:, int(m1.block_tables[0, p // 16]), p % 16]
+            assert torch.equal(alone, backend.forward(dq, dc, dm, head_size ** -0.5, window)[1:2])
+
+
+# -- op overrides --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_overrides_match_reference(manager, rng, dtype):
+    # check this plugin's registrations themselves (other installed plugins may also override ops for cpu)
+    mine = {e.item.name: e.item for e in manager.registry.ops if e.plugin == "cpu"}
+    assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul"}
+    assert all(op.platform == "cpu" for op in mine.values())
+    ops = {name: op.fn for name, op in mine.items()}
+    rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])
+    x = (torch.randn(rows, width) * rng.uniform(0.1, 10)).to(dtype)
+    res = torch.randn(rows, width).to(dtype)
+    w = (torch.rand(width) + 0.5).to(dtype)
+    eps = rng.choice([1e-5, 1e-6])
+    assert torch.equal(ops["rms_norm"](x, w, eps), reference.rms_norm(x, w, eps))
+    res_before = res.clone()
+    got, got_res = ops["fused_add_rms_norm"](x, res, w, eps)
+    want, want_res = reference.fused_add_rms_norm(x, res_before, w, eps)
+    assert torch.equal(got, want) and torch.equal(got_res, want_res) and torch.equal(res, res_before)
+    y = torch.randn(rows, 2 * width).to(dtype)
+    assert torch.equal(ops["silu_and_mul"](y), reference.silu_and_mul(y))
+
+
+# -- gloo communicator ---------------------------------------------------------------------------------------------
+
+def test_gloo_world_size_one_leaves_torch_distributed_alone(manager):
+    import torch.distributed as dist
+
+    comm = type(manager.registry.communicators["gloo"].item)()
+    comm.init(0, 1, "env://")
+    t = torch.randn(3, 4)
+    assert comm.all_reduce(t.clone()).equal(t)
+    assert comm.all_gather(t, dim=1).equal(t)
+    assert comm.broadcast(t.clone()).equal(t)
+    comm.barrier()
+    with pytest.raises(ValueError):
+        comm.send(t, 0)
+    comm.destroy()
+    comm.destroy()
+    assert not dist.is_initialized()
+
+
+def _gloo_worker(rank: int, world: int, init_method: str, results: str) -> None:
+    from llmctl_cpu.communicator import GlooCommunicator
+
+    comm = GlooCommunicator(timeout_s=30)
+    comm.init(rank, world, init_method)
+    try:
+        torch.manual_seed(100 + rank)
+        mine = torch.randn(2, 3)
+        summed = comm.all_reduce(mine.clone())
+        gathered = comm.all_gather(mine, dim=1)
+        b = torch.full((4,), float(rank + 7))
+        comm.broadcast(b, src=1)
+        if rank == 0:
+            comm.send(torch.arange(5.0) * 3, dst=1)
+            got = torch.zeros(5)
+        else:
+            got = comm.recv(torch.zeros(5), src=0)
+        comm.barrier()
+        torch.save({"mine": mine, "sum": summed, "gathered": gathered, "b": b, "got": got}, f"{results}.{rank}")
+    finally:
+        comm.destroy()
+
+
+def test_gloo_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_gloo_worker, args=(2, init, str(tmp_path / "out")), nprocs=2, join=True)
+    r = [torch.load(tmp_path / f"out.{i}") for i in range(2)]
+    total = r[0]["mine"] + r[1]["mine"]
+    for i in range(2):
+        torch.testing.assert_close(r[i]["sum"], total)
+        assert torch.equal(r[i]["gathered"], torch.cat([r[0]["mine"], r[1]["mine"]], dim=1))
+        assert torch.equal(r[i]["b"], torch.full((4,), 8.0))
+    assert torch.equal(r[1]["got"], torch.arange(5.0) * 3)
