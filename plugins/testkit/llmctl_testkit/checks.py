@@ -1,0 +1,339 @@
+"""The contract checks: each compares one piece of a backend with core's torch reference and raises
+:class:`~llmctl_testkit.harness.ContractViolation` naming the clause it broke.
+
+Inputs are random but seeded, built on the CPU in float32, cast once to the dtype under test, and the very same
+rounded values are given to the reference (in float32), so the only differences measured are the kernel's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from llmctl.attention import AttentionMetadata
+from llmctl.ops import reference
+from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
+from llmctl.plugins import AttentionBackend, Platform, ProbeResult, Support
+from llmctl.plugins.registry import Ops
+
+from llmctl_testkit.harness import ContractViolation, assert_close, require
+
+# (context already cached before this step, new query tokens) per sequence. Together they cover fresh
+# prefills, chunked prefill on top of a prefix-cache hit, decodes at and around block boundaries, and a
+# sequence whose whole context is its single new token.
+SCENARIOS: dict[str, list[tuple[int, int]]] = {
+    "mixed": [(0, 37), (35, 11), (49, 1), (0, 5), (15, 1), (64, 1), (16, 16)],
+    "decode": [(0, 1), (1, 1), (15, 1), (16, 1), (31, 1), (70, 1)],
+    "prefill": [(0, 1), (0, 17), (0, 48), (0, 3)],
+    # the mixed batch plus rows after the last sequence (as a bucketing runner pads them), whose slots are -1
+    "padded": [(0, 37), (35, 11), (49, 1), (0, 5)],
+    "sliding_window": [(0, 40), (30, 9), (60, 1), (5, 1)],
+}
+PAD_ROWS = 5
+SLIDING_WINDOW = 13
+
+
+@dataclass
+class AttentionCase:
+    dtype: torch.dtype
+    head_size: int
+    block_size: int
+    num_heads: int
+    num_kv_heads: int
+    scenario: str
+    seed: int = 0
+
+    def describe(self) -> str:
+        return (f"{self.scenario} batch, dtype={self.dtype}, head_size={self.head_size}, "
+                f"block_size={self.block_size}, heads={self.num_heads}/{self.num_kv_heads} (q/kv)")
+
+
+@dataclass
+class Batch:
+    metadata: AttentionMetadata
+    query: torch.Tensor  # [rows, H, D] in the dtype under test (rows >= metadata.num_tokens when padded)
+    new_key: torch.Tensor  # [rows, Hkv, D]
+    new_value: torch.Tensor
+    past_key: torch.Tensor  # [past tokens, Hkv, D], already cached before this step
+    past_value: torch.Tensor
+    past_slots: torch.Tensor  # [past tokens] int64
+    num_blocks: int
+
+
+def build_batch(case: AttentionCase) -> Batch:
+    """A flattened batch plus the K/V of earlier steps, as core's runner would present it."""
+    gen = torch.Generator().manual_seed(1000 + case.seed)
+    seqs = SCENARIOS[case.scenario]
+    bs = case.block_size
+    blocks_per_seq = [math.ceil((c + q) / bs) for c, q in seqs]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks nobody owns: a kernel must never read them
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    # The last block id goes to the first sequence, where it is full: a write_kv that treats slot -1 as a
+    # Python index would land in it and corrupt real context.
+    last = num_blocks - 1
+    perm.remove(last)
+    perm.insert(0, last)
+    width = max(blocks_per_seq) + 1
+    block_tables = torch.zeros(len(seqs), width, dtype=torch.int32)
+    cursor = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = torch.tensor(perm[cursor:cursor + n], dtype=torch.int32)
+        cursor += n
+
+    def slot(seq: int, pos: int) -> int:
+        return int(block_tables[seq, pos // bs]) * bs + pos % bs
+
+    past_slots, new_slots, qsl = [], [], [0]
+    for i, (ctx, q) in enumerate(seqs):
+        past_slots += [slot(i, p) for p in range(ctx)]
+        new_slots += [slot(i, p) for p in range(ctx, ctx + q)]
+        qsl.append(qsl[-1] + q)
+    num_tokens = qsl[-1]
+    rows = num_tokens + (PAD_ROWS if case.scenario == "padded" else 0)
+    slots = new_slots + [-1] * (rows - num_tokens)
+
+    def rand(n: int, heads: int) -> torch.Tensor:
+        return torch.randn(n, heads, case.head_size, generator=gen).to(case.dtype)
+
+    query = rand(rows, case.num_heads)
+    new_key, new_value = rand(rows, case.num_kv_heads), rand(rows, case.num_kv_heads)
+    if rows > num_tokens:  # padded rows carry NaN: if they are attended to or written anywhere, it shows
+        for t in (query, new_key, new_value):
+            t[num_tokens:] = float("nan")
+    past_key, past_value = rand(len(past_slots), case.num_kv_heads), rand(len(past_slots), case.num_kv_heads)
+    seq_lens = [c + q for c, q in seqs]
+    metadata = AttentionMetadata(
+        num_tokens=num_tokens,
+        num_seqs=len(seqs),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=block_tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        max_query_len=max(q for _, q in seqs),
+        max_seq_len=max(seq_lens),
+        block_size=bs,
+        query_lens_cpu=[q for _, q in seqs],
+        seq_lens_cpu=seq_lens,
+    )
+    return Batch(metadata, query, new_key, new_value, past_key, past_value,
+                 torch.tensor(past_slots, dtype=torch.int64), num_blocks)
+
+
+def metadata_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    return AttentionMetadata(
+        num_tokens=md.num_tokens, num_seqs=md.num_seqs, query_start_loc=md.query_start_loc.to(device),
+        seq_lens=md.seq_lens.to(device), block_tables=md.block_tables.to(device),
+        slot_mapping=md.slot_mapping.to(device), max_query_len=md.max_query_len, max_seq_len=md.max_seq_len,
+        block_size=md.block_size, query_lens_cpu=md.query_lens_cpu, seq_lens_cpu=md.seq_lens_cpu)
+
+
+def case_features(case: AttentionCase) -> frozenset[str]:
+    feats = {"prefix_caching", "chunked_prefill"}
+    if case.scenario == "sliding_window":
+        feats.add("sliding_window")
+    return frozenset(feats)
+
+
+def check_supports(backend: AttentionBackend, case: AttentionCase) -> Support:
+    try:
+        support = backend.supports(case.dtype, case.head_size, case.block_size, case_features(case))
+    except Exception as exc:
+        raise ContractViolation("attention.supports", f"{backend.name}.supports() raised "
+                                                      f"{type(exc).__name__}: {exc}") from exc
+    require(isinstance(support, Support), "attention.supports",
+            f"{backend.name}.supports() returned {type(support).__name__}, not llmctl.plugins.Support")
+    require(bool(support) or bool(support.reason), "attention.supports",
+            f"{backend.name}.supports() said no without a reason")
+    return support
+
+
+def check_attention(backend: AttentionBackend, device: torch.device, case: AttentionCase) -> None:
+    """write_kv + forward of ``backend`` against the reference on one batch.
+
+    Contract clauses exercised:
+    - ``attention.kv_cache_shape``: a tuple of ints we can allocate.
+    - ``attention.write_kv``: stores K/V so that forward finds them; slot -1 is skipped (checked through the
+      padded scenario, whose skipped rows hold NaN). With the default layout the cache is compared directly.
+    - ``attention.forward``: matches the reference on every real row, even though every KV slot the batch does
+      not own is poisoned with NaN (core allocates the cache with ``torch.empty``: unowned slots hold garbage).
+    - ``attention.forward.out``: with ``out=`` given (poisoned with NaN), the result lands in ``out``.
+    """
+    batch = build_batch(case)
+    md = batch.metadata
+    scale = 0.9 / math.sqrt(case.head_size)  # not the default 1/sqrt(d): a kernel ignoring `scale` fails
+    window = SLIDING_WINDOW if case.scenario == "sliding_window" else None
+
+    # Reference: float32 on the CPU, fed the same dtype-rounded inputs.
+    ref_cache = torch.zeros(2, batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
+    write_kv_reference(batch.past_key.float(), batch.past_value.float(), ref_cache, batch.past_slots)
+    write_kv_reference(batch.new_key.float(), batch.new_value.float(), ref_cache, md.slot_mapping)
+    expected = paged_attention_reference(batch.query.float(), ref_cache, md, scale, window)[:md.num_tokens]
+
+    try:
+        shape = backend.kv_cache_shape(batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
+    except Exception as exc:
+        raise ContractViolation("attention.kv_cache_shape", f"raised {type(exc).__name__}: {exc}") from exc
+    require(isinstance(shape, tuple) and all(isinstance(x, int) and x > 0 for x in shape),
+            "attention.kv_cache_shape", f"{backend.name}: expected a tuple of positive ints, got {shape!r}")
+    kv_cache = torch.empty(shape, dtype=case.dtype, device=device)
+    kv_cache.fill_(float("nan"))
+
+    dmd = metadata_to(md, device)
+    try:
+        backend.write_kv(batch.past_key.to(device), batch.past_value.to(device), kv_cache,
+                         batch.past_slots.to(device))
+        backend.write_kv(batch.new_key.to(device), batch.new_value.to(device), kv_cache, dmd.slot_mapping)
+    except Exception as exc:
+        raise ContractViolation("attention.write_kv", f"{backend.name}.write_kv raised {type(exc).__name__}: "
+                                                      f"{exc} ({case.describe()})") from exc
+    if shape == ref_cache.shape:
+        # Default layout: every owned slot must equal the reference's (NaN-poisoned unowned slots are skipped).
+        flat = torch.zeros(batch.num_blocks * case.block_size, dtype=torch.bool)
+        flat[batch.past_slots] = True
+        flat[md.slot_mapping[md.slot_mapping >= 0]] = True
+        owned = flat.view(1, batch.num_blocks, case.block_size, 1, 1).expand(ref_cache.shape)
+        assert_close("attention.write_kv", kv_cache.float().cpu()[owned], ref_cache[owned], case.dtype,
+                     f"{backend.name}: KV cache contents after write_kv ({case.describe()})")
+
+    query = batch.query.to(device)
+    try:
+        result = backend.forward(query, kv_cache, dmd, scale, window)
+    except Exception as exc:
+        raise ContractViolation("attention.forward", f"{backend.name}.forward raised {type(exc).__name__}: "
+                                                     f"{exc} ({case.describe()})") from exc
+    require(isinstance(result, torch.Tensor) and tuple(result.shape) == tuple(query.shape), "attention.forward",
+            f"{backend.name}: forward must return [num_tokens, num_heads, head_size] = {tuple(query.shape)}, got "
+            f"{getattr(result, 'shape', type(result).__name__)}")
+    require(result.dtype == query.dtype, "attention.forward",
+            f"{backend.name}: output dtype {result.dtype} != query dtype {query.dtype}")
+    assert_close("attention.forward", result[:md.num_tokens], expected, case.dtype,
+                 f"{backend.name} vs torch reference ({case.describe()})")
+
+    out = torch.full_like(query, float("nan"))
+    try:
+        backend.forward(query, kv_cache, dmd, scale, window, out=out)
+    except Exception as exc:
+        raise ContractViolation("attention.forward.out", f"{backend.name}.forward(out=...) raised "
+                                                         f"{type(exc).__name__}: {exc}") from exc
+    assert_close("attention.forward.out", out[:md.num_tokens], expected, case.dtype,
+                 f"{backend.name}: rows of `out` after forward(out=out) ({case.describe()})")
+
+
+# -- registration ----------------------------------------------------------------------------------------------
+def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
+    clause = "registration.platform"
+    require(isinstance(platform.name, str) and platform.name.strip() == platform.name and bool(platform.name),
+            clause, f"platform name must be a non-empty string without surrounding spaces, got {platform.name!r}")
+    require(isinstance(platform.device_type, str) and bool(platform.device_type), clause,
+            f"{platform.name}: device_type must name a torch device type, got {platform.device_type!r}")
+    require(isinstance(platform.priority, int), clause,
+            f"{platform.name}: priority must be an int, got {type(platform.priority).__name__}")
+    require(isinstance(platform.dist_backend, str) and bool(platform.dist_backend), clause,
+            f"{platform.name}: dist_backend must name a torch.distributed backend, got {platform.dist_backend!r}")
+    require(isinstance(probe, ProbeResult), "platform.probe",
+            f"{platform.name}: probe() returned {type(probe).__name__}, not ProbeResult")
+    require(probe.available or bool(probe.reason.strip()), "platform.probe",
+            f"{platform.name}: probe() says unavailable without a reason the user can act on")
+    try:
+        dtypes = platform.supported_dtypes()
+    except Exception as exc:
+        raise ContractViolation("platform.supported_dtypes", f"raised {type(exc).__name__}: {exc}") from exc
+    require(isinstance(dtypes, list) and len(dtypes) > 0 and all(isinstance(d, torch.dtype) for d in dtypes),
+            "platform.supported_dtypes", f"{platform.name}: expected a non-empty list of torch dtypes, got {dtypes!r}")
+    try:
+        device = platform.torch_device(0)
+    except Exception as exc:
+        raise ContractViolation("platform.torch_device", f"raised {type(exc).__name__}: {exc}") from exc
+    require(isinstance(device, torch.device) and device.type == platform.device_type, "platform.torch_device",
+            f"{platform.name}: torch_device(0) = {device!r} does not have device_type {platform.device_type!r}")
+
+
+def check_memory_info(platform: Platform) -> None:
+    try:
+        free, total = platform.memory_info(0)
+    except Exception as exc:
+        raise ContractViolation("platform.memory_info",
+                                f"{platform.name}: memory_info(0) raised {type(exc).__name__}: {exc}; core sizes "
+                                f"the KV cache from it on an available platform") from exc
+    require(isinstance(free, int) and isinstance(total, int) and 0 <= free <= total and total > 0,
+            "platform.memory_info", f"{platform.name}: expected ints 0 <= free <= total, got ({free!r}, {total!r})")
+
+
+# -- op overrides ----------------------------------------------------------------------------------------------
+def overridden_ops(ops: Ops) -> list[str]:
+    ref = Ops.reference()
+    return [name for name in reference.OP_NAMES if getattr(ops, name) is not getattr(ref, name)]
+
+
+def _op_inputs(name: str, dtype: torch.dtype, gen: torch.Generator) -> list[tuple[tuple, dict]]:
+    """Argument sets for one op, in the dtype under test, on the CPU (the caller moves them)."""
+
+    def r(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    if name == "rms_norm":
+        return [((r(7, 64), r(64), 1e-5), {}), ((r(3, 5, 128), r(128) + 1, 1e-6), {})]
+    if name == "fused_add_rms_norm":
+        return [((r(7, 64), r(7, 64), r(64), 1e-5), {}), ((r(2, 3, 128), r(2, 3, 128), r(128), 1e-6), {})]
+    if name == "rotary_embedding":
+        cases = []
+        for head, rot, neox in ((64, 64, True), (64, 64, False), (128, 64, True)):
+            inv = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+            freqs = torch.outer(torch.arange(256).float(), inv)
+            cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+            positions = torch.randint(0, 256, (9,), generator=gen)
+            cases.append(((positions, r(9, 4, head), r(9, 2, head), cache, neox), {}))
+        return cases
+    if name == "silu_and_mul":
+        return [((r(7, 128),), {}), ((r(2, 3, 256),), {})]
+    if name == "apply_top_k_top_p":
+        logits = torch.randn(6, 50, generator=gen)
+        top_k = torch.tensor([0, 1, 5, 50, 10, 3])
+        top_p = torch.tensor([1.0, 0.9, 0.5, 0.3, 1.0, 0.8])
+        return [((logits.clone(), top_k, top_p), {}), ((logits.clone(), top_k, None), {}),
+                ((logits.clone(), None, top_p), {}), ((logits.clone(), None, None), {})]
+    if name == "apply_min_p":
+        return [((torch.randn(6, 50, generator=gen), torch.tensor([0.0, 0.05, 0.1, 0.5, 0.9, 1.0])), {})]
+    raise KeyError(name)
+
+
+def _flatten(x: object) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for item in x for t in _flatten(item)]
+    return []
+
+
+def check_op(name: str, fn, device: torch.device, dtype: torch.dtype) -> None:
+    """An override against the reference: same outputs within tolerance, and inputs left untouched (the
+    reference is out-of-place and core may reuse an input after the call)."""
+    clause = f"ops.{name}"
+    gen = torch.Generator().manual_seed(7)
+    ref_fn = getattr(reference, name)
+    sampling = name in ("apply_top_k_top_p", "apply_min_p")
+    for i, (args, kwargs) in enumerate(_op_inputs(name, dtype, gen)):
+        expected = ref_fn(*[a.clone() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+        dev_args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        before = [a.clone() for a in dev_args if isinstance(a, torch.Tensor)]
+        try:
+            got = fn(*dev_args, **kwargs)
+        except Exception as exc:
+            raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} on argument set {i}") from exc
+        after = [a for a in dev_args if isinstance(a, torch.Tensor)]
+        for j, (b, a) in enumerate(zip(before, after, strict=True)):
+            require(torch.equal(b.cpu(), a.cpu()), clause + ".inputs_unchanged",
+                    f"argument {j} was modified in place (argument set {i})")
+        exp_list, got_list = _flatten(expected), _flatten(got)
+        require(len(exp_list) == len(got_list), clause,
+                f"returned {len(got_list)} tensors, the reference returns {len(exp_list)} (argument set {i})")
+        for k, (g, e) in enumerate(zip(got_list, exp_list, strict=True)):
+            require(g.dtype == e.dtype, clause, f"output {k} dtype {g.dtype} != reference {e.dtype} (set {i})")
+            if sampling:
+                masked_g, masked_e = torch.isinf(g.cpu()), torch.isinf(e)
+                require(torch.equal(masked_g, masked_e), clause,
+                        f"masks {int((masked_g != masked_e).sum())} logits differently from the reference (set {i})")
+                assert_close(clause, g.cpu()[~masked_e], e[~masked_e], torch.float32, f"kept logits (set {i})")
+            else:
+                assert_close(clause, g, e, dtype, f"output {k} (argument set {i})")

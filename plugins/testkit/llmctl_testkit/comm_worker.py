@@ -1,0 +1,89 @@
+"""One rank of the communicator contract check, run as its own process:
+
+    python -m llmctl_testkit.comm_worker --platform NAME --rank R --world-size W --init-method tcp://HOST:PORT
+
+Separate processes because collectives need them, and because a process group is process-global state that
+must not leak into the pytest process. Exit status 0 means every clause held; otherwise the first broken
+clause is printed to stderr as ``[communicator.<op>] ...`` and the status is 1 (2: could not even start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from llmctl_testkit.harness import ContractViolation, assert_close, load_plugin_manager, require
+
+
+def run_checks(platform_name: str, rank: int, world_size: int, init_method: str, extra: list[str]) -> None:
+    manager = load_plugin_manager(extra)
+    platform = manager.registry.platforms[platform_name].item
+    comm = manager.registry.communicator_for(platform_name)
+    require(comm is not None, "communicator.registered", f"platform {platform_name!r} registers no communicator")
+    device = platform.torch_device(0 if platform.device_type == "cpu" else rank)
+    dtype = torch.float32
+    try:
+        comm.init(rank, world_size, init_method)
+    except Exception as exc:
+        raise ContractViolation("communicator.init", f"{comm.name}.init raised {type(exc).__name__}: {exc}") from exc
+
+    def base(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+    # all_reduce: rank r contributes (r + 1) * x; the sum is x * W(W+1)/2 on every rank.
+    x = base((5, 7), 1)
+    got = comm.all_reduce((x * (rank + 1)).to(device))
+    require(isinstance(got, torch.Tensor), "communicator.all_reduce", "must return the reduced tensor")
+    assert_close("communicator.all_reduce", got, x * (world_size * (world_size + 1) / 2), dtype,
+                 f"rank {rank}/{world_size}")
+
+    for dim in (0, 1):
+        parts = [base((3, 4), 10 + r) for r in range(world_size)]
+        got = comm.all_gather(parts[rank].to(device), dim=dim)
+        assert_close("communicator.all_gather", got, torch.cat(parts, dim=dim), dtype,
+                     f"dim={dim}, rank {rank}/{world_size}")
+
+    for src in range(world_size):
+        mine = base((6,), 20 + rank)
+        got = comm.broadcast(mine.to(device), src=src)
+        assert_close("communicator.broadcast", got, base((6,), 20 + src), dtype, f"src={src}, rank {rank}")
+
+    if world_size > 1:
+        payload = base((4, 2), 30)
+        if rank == 0:
+            comm.send(payload.to(device), dst=1)
+        elif rank == 1:
+            got = comm.recv(torch.zeros(4, 2, device=device), src=0)
+            assert_close("communicator.send_recv", got, payload, dtype, "rank 1 receiving from rank 0")
+
+    try:
+        comm.barrier()
+        comm.destroy()
+        comm.destroy()  # the contract says twice is safe
+    except Exception as exc:
+        raise ContractViolation("communicator.destroy", f"barrier/destroy raised {type(exc).__name__}: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--platform", required=True)
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world-size", type=int, required=True)
+    ap.add_argument("--init-method", required=True)
+    ap.add_argument("--extra-plugin", action="append", default=[])
+    args = ap.parse_args(argv)
+    try:
+        run_checks(args.platform, args.rank, args.world_size, args.init_method, args.extra_plugin)
+    except ContractViolation as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except Exception as exc:
+        print(f"[communicator] rank {args.rank}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fake llmctl backends used only by the test suite (never installed as entry points)."""
