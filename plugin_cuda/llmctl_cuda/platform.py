@@ -1,0 +1,146 @@
+"""The CUDA platform: detection through torch.cuda (plus NVML when installed), memory, dtypes and defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
+
+GPU_MEMORY_UTILIZATION_ENV = "LLMCTL_GPU_MEMORY_UTILIZATION"
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def nvml_info() -> dict[str, Any]:
+    """Driver version and per-device free memory from NVML, or ``{}`` when pynvml is missing or fails.
+
+    NVML answers without creating a CUDA context, which costs hundreds of MiB per device."""
+    try:
+        import pynvml
+    except Exception:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return {"nvml_error": f"{type(exc).__name__}: {exc}"}
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        info: dict[str, Any] = {"driver_version": driver.decode() if isinstance(driver, bytes) else str(driver)}
+        free = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            mem = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i))
+            free.append(int(mem.free))
+        info["nvml_free_memory"] = free
+        return info
+    except Exception as exc:
+        return {"nvml_error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def driver_version_from_proc() -> str | None:
+    """The kernel driver's version from ``/proc/driver/nvidia/version`` (Linux), used when NVML is absent."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        parts = word.split(".")
+        if len(parts) >= 2 and all(p.isdigit() for p in parts):
+            return word
+    return None
+
+
+def torch_build_problem() -> str | None:
+    """Why this torch build cannot drive NVIDIA GPUs, or ``None`` when it is a CUDA build."""
+    if getattr(torch.version, "hip", None):
+        return (f"this torch build targets ROCm (torch {torch.__version__}, HIP {torch.version.hip}), not CUDA; "
+                f"AMD GPUs are driven by the llmctl-rocm plugin")
+    if torch.version.cuda is None:
+        return f"this torch build is CPU-only (torch {torch.__version__}); install a CUDA build of torch"
+    return None
+
+
+class CudaPlatform(Platform):
+    name = "cuda"
+    device_type = "cuda"
+    priority = 100
+    dist_backend = "nccl"
+
+    def probe(self) -> ProbeResult:
+        try:
+            return self._probe()
+        except Exception as exc:  # the contract: never raise from probe
+            return ProbeResult(False, f"CUDA detection failed: {type(exc).__name__}: {exc}")
+
+    def _probe(self) -> ProbeResult:
+        problem = torch_build_problem()
+        if problem:
+            return ProbeResult(False, problem, details={"torch": torch.__version__})
+        details: dict[str, Any] = {"torch": torch.__version__, "cuda_version": torch.version.cuda}
+        nvml = nvml_info()
+        details.update({k: v for k, v in nvml.items() if k != "nvml_free_memory"})
+        details.setdefault("driver_version", driver_version_from_proc())
+        if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+            return ProbeResult(False, f"no NVIDIA GPU is visible to torch {torch.__version__} (CUDA "
+                                      f"{torch.version.cuda}){hint}; check the driver with nvidia-smi",
+                               details=details)
+        nvml_free = nvml.get("nvml_free_memory") or []
+        devices = []
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free = nvml_free[i] if i < len(nvml_free) else None
+            devices.append(DeviceInfo(
+                index=i, name=props.name, total_memory=int(props.total_memory), free_memory=free,
+                capabilities={"compute_capability": f"{props.major}.{props.minor}",
+                              "multiprocessors": props.multi_processor_count}))
+        try:
+            details["cudnn_version"] = torch.backends.cudnn.version()
+        except Exception:
+            details["cudnn_version"] = None
+        return ProbeResult(True, "", tuple(devices), details)
+
+    def capability(self, device_index: int = 0) -> tuple[int, int]:
+        return torch.cuda.get_device_capability(device_index)
+
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(free), int(total)
+
+    def synchronize(self, device_index: int = 0) -> None:
+        torch.cuda.synchronize(device_index)
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        try:
+            bf16 = torch.cuda.is_available() and self.capability() >= (8, 0)
+        except Exception:
+            bf16 = False
+        return ([torch.bfloat16] if bf16 else []) + [torch.float16, torch.float32]
+
+    def configure(self, config: Any) -> dict[str, Any]:
+        """Without an explicit ``kv_cache_memory``, give the KV cache a fraction of the GPU's free memory
+        (after weights) instead of core's small CPU-oriented default cap."""
+        changes: dict[str, Any] = {}
+        if getattr(config, "kv_cache_memory", None) is None:
+            changes["kv_cache_memory"] = gpu_memory_utilization()
+        return changes
+
+
+def gpu_memory_utilization() -> float:
+    raw = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
+    if raw is None:
+        return DEFAULT_GPU_MEMORY_UTILIZATION
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}") from exc
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}")
+    return value

@@ -1,0 +1,232 @@
+"""The llmctl-triton kernels against core's torch reference, run in Triton's CPU interpreter.
+
+Inputs are drawn fresh each run from a time-based seed (``LLMCTL_TEST_SEED`` pins it); every failure message
+names the seed so a failing draw can be replayed. Outputs are poisoned with NaN first, so an element a kernel
+forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton / llmctl_triton
+
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from llmctl.attention import AttentionMetadata  # noqa: E402
+from llmctl.ops import reference  # noqa: E402
+from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference  # noqa: E402
+
+from tests.gpu.paged_batch import make_batch as _make_batch  # noqa: E402
+from tests.gpu.paged_batch import ragged as _ragged  # noqa: E402
+
+llmctl_triton = pytest.importorskip("llmctl_triton", reason="install llmctl-triton: pip install -e ./triton_kernels")
+from llmctl_triton import (  # noqa: E402
+    TritonAttentionBackend,
+    fused_add_rms_norm,
+    paged_attention,
+    rms_norm,
+    rotary_embedding,
+    silu_and_mul,
+    use_split_k,
+    write_kv,
+)
+
+SEED = int(os.environ.get("LLMCTL_TEST_SEED", time.time_ns() % 2**31))
+TOL = {torch.float32: (2e-4, 2e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}
+
+
+def _gen(salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED + salt)
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    atol, rtol = TOL[dtype]
+    assert not torch.isnan(actual).any(), f"{what}: NaN left in the output (element not written); seed={SEED}"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}\nreplay with LLMCTL_TEST_SEED={SEED}")
+
+
+# (dtype, head_size, num_kv_heads, gqa ratio, block_size, sliding window)
+ATTN_CASES = [
+    (torch.float32, 64, 2, 4, 16, None),
+    (torch.float16, 128, 1, 8, 32, None),
+    (torch.bfloat16, 80, 2, 1, 16, None),
+    (torch.float16, 96, 1, 4, 32, 24),
+    (torch.bfloat16, 64, 2, 8, 16, 20),
+    (torch.float32, 128, 2, 1, 32, 40),
+]
+
+
+@pytest.mark.parametrize("dtype,head,num_kv,group,block_size,window", ATTN_CASES)
+def test_paged_attention_mixed_batch(dtype, head, num_kv, group, block_size, window):
+    gen = _gen(1 + head + 7 * group + block_size)
+    # Decodes, fresh prefills and prefill chunks on top of cached context, in one flattened batch.
+    q_lens = [1, 1, *_ragged(gen, 2, 2, 19), 1, *_ragged(gen, 1, 5, 12)]
+    ctx_lens = [*_ragged(gen, 2, 1, 70), 0, *_ragged(gen, 1, 3, 50), *_ragged(gen, 1, 20, 90), *_ragged(gen, 1, 1, 40)]
+    kv, meta = _make_batch(gen, q_lens, ctx_lens, block_size, num_kv, head, dtype)
+    query = _randn(gen, meta.num_tokens, num_kv * group, head, dtype=dtype)
+    scale = head ** -0.5
+    expected = paged_attention_reference(query, kv, meta, scale, window)
+    out = torch.full_like(query, float("nan"))
+    got = paged_attention(query, kv, meta, scale, window, out=out, split_k=False)
+    assert got.data_ptr() == out.data_ptr()
+    _close(got, expected, dtype, f"paged attention q_lens={q_lens} ctx={ctx_lens}")
+
+
+@pytest.mark.parametrize("dtype,head,num_kv,group,block_size,window", [
+    (torch.float16, 64, 2, 4, 16, None),
+    (torch.bfloat16, 128, 1, 8, 32, None),
+    (torch.float32, 96, 2, 1, 16, 50),
+])
+def test_split_k_decode(dtype, head, num_kv, group, block_size, window):
+    gen = _gen(100 + head + group)
+    q_lens = [1] * 4
+    ctx_lens = [*_ragged(gen, 3, 40, 160), 2]  # one short context: only its first partition holds keys
+    kv, meta = _make_batch(gen, q_lens, ctx_lens, block_size, num_kv, head, dtype)
+    query = _randn(gen, meta.num_tokens, num_kv * group, head, dtype=dtype)
+    scale = head ** -0.5
+    expected = paged_attention_reference(query, kv, meta, scale, window)
+    out = torch.full_like(query, float("nan"))
+    got = paged_attention(query, kv, meta, scale, window, out=out, split_k=True, partition_size=32)
+    _close(got, expected, dtype, f"split-K decode ctx={ctx_lens}")
+    single = paged_attention(query, kv, meta, scale, window, split_k=False)
+    _close(got, single, dtype, "split-K vs single-pass kernel")
+
+
+def test_split_k_heuristic_and_guard():
+    gen = _gen(200)
+    kv, decode = _make_batch(gen, [1, 1], [300, 100], 16, 2, 64, torch.float32)
+    assert use_split_k(decode, num_kv_heads=2, device=torch.device("cpu"), partition_size=64)
+    assert not use_split_k(decode, num_kv_heads=2, device=torch.device("cpu"), partition_size=512)
+    _, prefill = _make_batch(gen, [1, 5], [300, 100], 16, 2, 64, torch.float32)
+    assert not use_split_k(prefill, num_kv_heads=2, device=torch.device("cpu"), partition_size=64)
+    query = _randn(gen, prefill.num_tokens, 2, 64)
+    with pytest.raises(ValueError, match="decode-only"):
+        paged_attention(query, kv, prefill, 0.125, split_k=True)
+
+
+def test_attention_is_batch_invariant():
+    """A sequence gets the same output alone as inside a batch (the contract of AttentionBackend.forward)."""
+    gen = _gen(300)
+    dtype = torch.float16
+    kv, meta = _make_batch(gen, [3, 1, 9], [17, 40, 0], 16, 2, 64, dtype)
+    query = _randn(gen, meta.num_tokens, 4, 64, dtype=dtype)
+    full = paged_attention(query, kv, meta, 0.125)
+    alone = AttentionMetadata(
+        num_tokens=1, num_seqs=1, query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+        seq_lens=meta.seq_lens[1:2].clone(), block_tables=meta.block_tables[1:2].clone(),
+        slot_mapping=meta.slot_mapping[3:4].clone(), max_query_len=1, max_seq_len=41, block_size=16)
+    single = paged_attention(query[3:4].clone(), kv, alone, 0.125)
+    torch.testing.assert_close(single, full[3:4], atol=1e-3, rtol=1e-3, msg=lambda m: f"{m}; seed={SEED}")
+
+
+@pytest.mark.parametrize("dtype,block_size", [(torch.float16, 16), (torch.bfloat16, 32), (torch.float32, 16)])
+def test_write_kv(dtype, block_size):
+    gen = _gen(400 + block_size)
+    kv, meta = _make_batch(gen, [1, 7, 3], [5, 0, 30], block_size, 2, 80, dtype)
+    key = _randn(gen, meta.num_tokens, 2, 80, dtype=dtype)
+    value = _randn(gen, meta.num_tokens, 2, 80, dtype=dtype)
+    slots = meta.slot_mapping.clone()
+    slots[torch.randperm(len(slots), generator=gen)[:3]] = -1  # skipped tokens
+    expected = kv.clone()
+    write_kv_reference(key, value, expected, slots)
+    got = kv.clone()
+    write_kv(key, value, got, slots)
+    assert torch.equal(got, expected), f"write_kv differs from the reference; seed={SEED}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [64, 100])
+def test_rms_norm_and_fused_add(dtype, hidden):
+    gen = _gen(500 + hidden)
+    x = _randn(gen, 2, 5, hidden, dtype=dtype) * 3
+    res = _randn(gen, 2, 5, hidden, dtype=dtype)
+    w = _randn(gen, hidden, dtype=dtype)
+    _close(rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), dtype, "rms_norm")
+    x_before, res_before = x.clone(), res.clone()
+    normed, new_res = fused_add_rms_norm(x, res, w, 1e-5)
+    exp_normed, exp_res = reference.fused_add_rms_norm(x, res, w, 1e-5)
+    _close(new_res, exp_res, dtype, "fused_add_rms_norm residual")
+    _close(normed, exp_normed, dtype, "fused_add_rms_norm output")
+    assert torch.equal(x, x_before) and torch.equal(res, res_before), "inputs must not be modified"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("head,rot", [(64, 64), (128, 32)])
+def test_rotary_embedding(dtype, neox, head, rot):
+    gen = _gen(600 + head + rot + int(neox))
+    tokens, max_pos = 7, 64
+    positions = torch.randint(0, max_pos, (tokens,), generator=gen)
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    freqs = torch.arange(max_pos).float()[:, None] * inv[None, :]
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    q = _randn(gen, tokens, 4, head, dtype=dtype)
+    k = _randn(gen, tokens, 2, head, dtype=dtype)
+    gq, gk = rotary_embedding(positions, q, k, cache, neox)
+    eq, ek = reference.rotary_embedding(positions, q, k, cache, neox)
+    _close(gq, eq, dtype, f"rotary query neox={neox}")
+    _close(gk, ek, dtype, f"rotary key neox={neox}")
+    if rot < head:
+        assert torch.equal(gq[..., rot:], q[..., rot:]), "pass-through features of partial rotary changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_silu_and_mul(dtype):
+    gen = _gen(700)
+    x = _randn(gen, 3, 4, 2 * 100, dtype=dtype) * 2
+    _close(silu_and_mul(x), reference.silu_and_mul(x), dtype, "silu_and_mul")
+
+
+def test_backend_contract():
+    """The backend registered by the plugins: supports() answers with reasons, forward() matches the oracle."""
+    be = TritonAttentionBackend(platform="cuda")
+    assert be.name == "triton" and be.platform == "cuda" and be.priority == 10
+    assert be.supports(torch.bfloat16, 128, 16, frozenset({"sliding_window", "prefix_caching"}))
+    no = be.supports(torch.int8, 128, 16, frozenset())
+    assert not no and "int8" in no.reason
+    no = be.supports(torch.float16, 512, 16, frozenset())
+    assert not no and "head_size" in no.reason
+    no = be.supports(torch.float16, 64, 16, frozenset({"alibi"}))
+    assert not no and "alibi" in no.reason
+    gen = _gen(800)
+    kv, meta = _make_batch(gen, [4, 1], [0, 20], 16, 2, 64, torch.float32)
+    key = _randn(gen, meta.num_tokens, 2, 64)
+    value = _randn(gen, meta.num_tokens, 2, 64)
+    ref_kv = kv.clone()
+    write_kv_reference(key, value, ref_kv, meta.slot_mapping)
+    be.write_kv(key, value, kv, meta.slot_mapping)
+    assert torch.equal(kv, ref_kv)
+    query = _randn(gen, meta.num_tokens + 2, 8, 64)  # two padding rows past num_tokens
+    out = torch.full_like(query, float("nan"))
+    be.forward(query, kv, meta, 0.125, None, out)
+    _close(out, paged_attention_reference(query, kv, meta, 0.125), torch.float32, "backend forward")
+
+
+def test_registered_op_overrides_run_the_kernels():
+    """What core gets from the registry for platform "cuda" is the Triton code, and it computes the same thing."""
+    from llmctl.plugins.registry import Registry
+    from llmctl_triton.backend import op_overrides
+
+    reg = Registry()
+    for op in op_overrides("cuda"):
+        reg.add_op(op, plugin="cuda")
+    ops = reg.resolve_ops("cuda")
+    gen = _gen(900)
+    x = _randn(gen, 3, 2 * 48, dtype=torch.float16)
+    _close(ops.silu_and_mul(x), reference.silu_and_mul(x), torch.float16, "registered silu_and_mul")
+    w = _randn(gen, 2 * 48, dtype=torch.float16)
+    _close(ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), torch.float16, "registered rms_norm")
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need GPU tensors"):
+        silu_and_mul(torch.randn(2, 8))

@@ -1,0 +1,247 @@
+"""GPU runtime helpers shared by the CUDA and ROCm plugins: a torch.distributed communicator, a decode-step
+graph runner and KV-cache sizing by profiling. ROCm's torch exposes HIP through the same ``torch.cuda`` API
+(``torch.cuda.CUDAGraph`` is a hipGraph there and the "nccl" backend is RCCL), so one implementation serves both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from llmctl.plugins.types import Communicator
+
+logger = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class TorchDistributedCommunicator(Communicator):
+    """Collectives through ``torch.distributed`` with one backend ("nccl" on CUDA and ROCm, "gloo" in tests)."""
+
+    def __init__(self, name: str, platform: str, backend: str = "nccl") -> None:
+        self.name = name
+        self.platform = platform
+        self.backend = backend
+        self.rank = 0
+        self.world_size = 1
+        self._owns_group = False
+
+    def _device(self) -> torch.device | None:
+        if self.backend == "nccl" and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return None
+
+    def init(self, rank: int, world_size: int, init_method: str) -> None:
+        self.rank, self.world_size = rank, world_size
+        if self.backend == "nccl":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"communicator {self.name!r} needs a GPU: torch.cuda.is_available() is False")
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        if dist.is_initialized():
+            return  # the launcher (torchrun, Ray) already set up the default group
+        kwargs: dict[str, Any] = {}
+        device = self._device()
+        if device is not None:
+            kwargs["device_id"] = device  # binds NCCL to the device eagerly, avoiding a lazy-init hang
+        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        self._owns_group = True
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        t = tensor.contiguous()
+        gathered = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(gathered, t)
+        if dim % t.dim() == 0:
+            return gathered
+        return torch.cat(gathered.chunk(self.world_size, dim=0), dim=dim)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.broadcast(tensor, src)
+        return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        dist.send(tensor.contiguous(), dst)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        dist.recv(tensor, src)
+        return tensor
+
+    def barrier(self) -> None:
+        if not dist.is_initialized():
+            return
+        device = self._device()
+        if device is not None:
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+    def destroy(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_group = False
+
+
+def _fill_pad(views: Mapping[str, torch.Tensor], n: int, pad_values: Mapping[str, Any],
+              extra_rows: Mapping[str, int]) -> None:
+    for key, view in views.items():
+        live = n + extra_rows.get(key, 0)
+        if view.shape[0] > live:
+            view[live:].fill_(pad_values.get(key, 0))
+
+
+class CudaGraphRunner:
+    """Capture a decode step once per padded batch size and replay it, removing per-kernel launch overhead.
+
+    ``forward(**inputs)`` must be a pure function of its tensor inputs whose leading dimension is the number of
+    decode tokens (``extra_rows`` adds rows for inputs such as ``query_start_loc`` that have ``batch + 1``).
+    ``static_inputs`` are buffers sized for the largest batch; a graph reads them in place, so :meth:`run`
+    copies the live batch in and fills the padded tail with ``pad_values`` (e.g. slot ``-1`` so padded rows
+    never write the KV cache) or a custom ``pad_fn``. Host-side values baked into a capture (grid sizes, the
+    metadata's ``max_seq_len``) must be their worst case during capture. ``enforce_eager`` (or no GPU) turns
+    the runner into a plain call of ``forward``.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[..., torch.Tensor],
+        static_inputs: Mapping[str, torch.Tensor],
+        *,
+        batch_sizes: Sequence[int] = GRAPH_BATCH_SIZES,
+        max_batch_size: int | None = None,
+        extra_rows: Mapping[str, int] | None = None,
+        pad_values: Mapping[str, Any] | None = None,
+        pad_fn: Callable[[Mapping[str, torch.Tensor], int, int], None] | None = None,
+        enforce_eager: bool = False,
+        warmup_iters: int = 2,
+    ) -> None:
+        self.forward = forward
+        self.static_inputs = dict(static_inputs)
+        self.extra_rows = dict(extra_rows or {})
+        self.pad_values = dict(pad_values or {})
+        self.pad_fn = pad_fn
+        self.warmup_iters = warmup_iters
+        capacity = min(t.shape[0] - self.extra_rows.get(k, 0) for k, t in self.static_inputs.items())
+        limit = min(capacity, max_batch_size or capacity)
+        self.batch_sizes = sorted(b for b in batch_sizes if b <= limit)
+        self.enforce_eager = enforce_eager or not torch.cuda.is_available()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+
+    def _views(self, batch: int) -> dict[str, torch.Tensor]:
+        return {k: t[: batch + self.extra_rows.get(k, 0)] for k, t in self.static_inputs.items()}
+
+    def _pad(self, views: Mapping[str, torch.Tensor], n: int, batch: int) -> None:
+        if self.pad_fn is not None:
+            self.pad_fn(views, n, batch)
+        else:
+            _fill_pad(views, n, self.pad_values, self.extra_rows)
+
+    def capture(self) -> None:
+        """Capture every batch size, largest first, so smaller graphs reuse the largest one's memory pool."""
+        if self.enforce_eager:
+            return
+        self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        for batch in sorted(self.batch_sizes, reverse=True):
+            views = self._views(batch)
+            self._pad(views, 0, batch)  # capture on harmless padding values
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up outside the capture (autotuning, lazy allocations)
+                for _ in range(self.warmup_iters):
+                    self.forward(**views)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self.forward(**views)
+            self.graphs[batch] = (graph, output)
+        torch.cuda.synchronize()
+        logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+
+    def padded_size(self, n: int) -> int | None:
+        """The captured batch size a live batch of ``n`` decodes replays with (``None``: run eagerly)."""
+        for b in sorted(self.graphs):
+            if b >= n:
+                return b
+        return None
+
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        first = next(iter(inputs))
+        n = inputs[first].shape[0] - self.extra_rows.get(first, 0)
+        batch = None if self.enforce_eager else self.padded_size(n)
+        if batch is None:
+            return self.forward(**inputs)
+        graph, output = self.graphs[batch]
+        views = self._views(batch)
+        for key, value in inputs.items():
+            views[key][: value.shape[0]].copy_(value, non_blocking=True)
+        self._pad(views, n, batch)
+        graph.replay()
+        return output[:n]
+
+
+@dataclass(frozen=True)
+class KvBudget:
+    kv_bytes: int
+    num_blocks: int | None
+    max_concurrency: float | None
+
+
+def kv_budget(kv_bytes: int, bytes_per_block: int | None = None, block_size: int | None = None,
+              max_model_len: int | None = None) -> KvBudget:
+    """Blocks and full-length sequences that ``kv_bytes`` holds (what the profile reports to the user)."""
+    blocks = kv_bytes // bytes_per_block if bytes_per_block else None
+    conc = None
+    if blocks is not None and block_size and max_model_len:
+        conc = blocks / -(-max_model_len // block_size)
+    return KvBudget(kv_bytes, blocks, conc)
+
+
+def profile_kv_cache_size(
+    run_forward: Callable[[], Any],
+    gpu_memory_utilization: float = 0.9,
+    *,
+    bytes_per_block: int | None = None,
+    block_size: int | None = None,
+    max_model_len: int | None = None,
+    device: int | None = None,
+) -> int:
+    """Bytes left for the KV cache after the model is loaded.
+
+    Runs ``run_forward`` (a forward at the maximum batch the engine will schedule) and takes its peak
+    activation memory from ``torch.cuda.max_memory_allocated``. Everything already in use on the device
+    (weights, the CUDA context, other processes) comes from ``mem_get_info``. The KV cache gets
+    ``total * gpu_memory_utilization`` minus both; the block count and max concurrency are logged.
+    """
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("profile_kv_cache_size needs a GPU: torch.cuda.is_available() is False")
+    dev = torch.cuda.current_device() if device is None else device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    free_before, total = torch.cuda.mem_get_info(dev)
+    baseline = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    run_forward()
+    torch.cuda.synchronize(dev)
+    activation_peak = torch.cuda.max_memory_allocated(dev) - baseline
+    used_before = total - free_before
+    kv_bytes = max(0, int(total * gpu_memory_utilization) - used_before - activation_peak)
+    budget = kv_budget(kv_bytes, bytes_per_block, block_size, max_model_len)
+    logger.info("KV cache profile: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB -> KV %.2f GiB%s%s",
+                total / 2**30, used_before / 2**30, activation_peak / 2**30, kv_bytes / 2**30,
+                f", {budget.num_blocks} blocks" if budget.num_blocks is not None else "",
+                f", max concurrency {budget.max_concurrency:.1f}x at max_model_len" if budget.max_concurrency
+                else "")
+    return kv_bytes
