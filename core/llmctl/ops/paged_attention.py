@@ -22,7 +22,9 @@ def write_kv_reference(
     kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
 
 
-def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``seq_len`` keys and values of one sequence, as [seq_len, num_kv_heads, head_size]."""
     block_size = kv_cache.shape[2]
     n_blocks = (seq_len + block_size - 1) // block_size

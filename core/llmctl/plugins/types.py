@@ -103,7 +103,9 @@ class AttentionBackend(abc.ABC):
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @abc.abstractmethod
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         """Store ``key``/``value`` ([num_tokens, num_kv_heads, head_size]) at flat slots ``slot_mapping``
         ([num_tokens], ``block * block_size + offset``; ``-1`` means skip this token)."""
 
