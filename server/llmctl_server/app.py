@@ -1,0 +1,384 @@
+"""``build_app(engine, settings)``: the FastAPI app with the OpenAI routes, health, metrics and tokenizer routes.
+
+The app does not own the engine: whoever built the engine (``llmctl serve``, a test fixture) shuts it down.
+The app owns a watchdog that notices a dead engine loop, fails in-flight requests and calls
+``app.state.on_engine_dead`` (the launcher uses it to exit non-zero).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmctl_server import protocol as p
+from llmctl_server.chat_template import ChatRenderer
+from llmctl_server.errors import APIError, bad_request, error_response, unavailable
+from llmctl_server.metrics import Metrics
+from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
+from llmctl_server.serving import (
+    Choice,
+    PreparedPrompt,
+    Recorder,
+    Run,
+    ServerState,
+    _chain,
+    api_error_from,
+    chat_logprobs,
+    completion_logprobs,
+    first_event,
+    make_sampling_params,
+    resolve_max_tokens,
+    sse,
+    stream_with_errors,
+)
+from llmctl_server.settings import ServerSettings
+from llmctl_server.tokens import TokenText
+
+logger = logging.getLogger("llmctl_server")
+
+
+class StatusMetricsMiddleware:
+    """Counts responses by matched route template and status (templates, not raw paths: bounded labels)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(route=path, status=str(status)).inc()
+
+
+def _engine_limits(engine: Any) -> tuple[int, int, int | None, str]:
+    mc = engine.model_config
+    max_num_seqs = None
+    for attr in ("scheduler_config", "args", "engine_args"):
+        obj = getattr(engine, attr, None)
+        if obj is not None and isinstance(getattr(obj, "max_num_seqs", None), int):
+            max_num_seqs = obj.max_num_seqs
+            break
+    name = getattr(mc, "served_model_name", None) or str(getattr(mc, "model", "model"))
+    return int(mc.max_model_len), int(mc.vocab_size), max_num_seqs, name
+
+
+def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    max_model_len, vocab_size, max_num_seqs, default_name = _engine_limits(engine)
+    tokenizer = engine.tokenizer
+    metrics = Metrics(engine.get_stats)
+    state = ServerState(
+        engine=engine, settings=settings, metrics=metrics,
+        renderer=ChatRenderer(tokenizer, settings.chat_template), token_text=TokenText(tokenizer),
+        model_names=list(settings.served_model_names) or [default_name], max_model_len=max_model_len,
+        vocab_size=vocab_size, max_num_seqs=max_num_seqs,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_watchdog(app, state))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    from llmctl_server import __version__
+
+    app = FastAPI(title="llmctl OpenAI-compatible server", version=__version__, lifespan=lifespan)
+    app.state.llmctl = state
+    app.state.on_engine_dead = None
+
+    for exc_type in (RequestValidationError, StarletteHTTPException, APIError, ValueError, Exception):
+        app.add_exception_handler(exc_type, _handle)
+
+    app.add_middleware(AuthMiddleware, router=app.router, api_key=settings.api_key,
+                       public=settings.public_paths | ({"/metrics"} if settings.metrics_public else frozenset()))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(StatusMetricsMiddleware, metrics=metrics)
+
+    # -- plain routes ------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return error_response(unavailable("the server is shutting down"))
+        if not state.engine_alive():
+            return error_response(unavailable("the inference engine is not running"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        import llmctl
+
+        return {"version": __version__, "llmctl_core": getattr(llmctl, "__version__", "unknown")}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models() -> p.ModelList:
+        root = str(getattr(engine.model_config, "model", state.model_names[0]))
+        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len)
+                                 for name in state.model_names])
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse)
+    async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
+        state.check_model(body.model)
+        if body.messages is not None:
+            _, ids = await _render_chat(state, body.messages, body.add_generation_prompt, None)
+        else:
+            ids = list(tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens)["input_ids"])
+        return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=max_model_len)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse)
+    async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        state.check_model(body.model)
+        p.check_token_ids(body.tokens, vocab_size, "tokens")
+        return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @app.post("/v1/completions", response_model=p.CompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        model = state.check_model(body.model)
+        p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        prompts: list[PreparedPrompt] = []
+        for raw in body.prompts():
+            if isinstance(raw, str):
+                if not raw:
+                    raise bad_request("prompt: must not be empty", param="prompt")
+                ids = list(tokenizer(raw)["input_ids"])
+                prompts.append(PreparedPrompt(raw, ids))
+            else:
+                prompts.append(PreparedPrompt(tokenizer.decode(raw), list(raw)))
+        params = []
+        for pp in prompts:
+            mt = resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens")
+            sp = make_sampling_params(state, body, mt, body.logprobs, _extra_args(request, body))
+            if body.echo and body.logprobs is not None and sp.prompt_logprobs is None:
+                sp = sp.clone(prompt_logprobs=body.logprobs)
+            params.append(sp)
+        return await _generate(state, request, body, model, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        model = state.check_model(body.model)
+        p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        text, ids = await _render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        sp = make_sampling_params(state, body, mt, k, _extra_args(request, body))
+        return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True)
+
+    return app
+
+
+def _extra_args(request: Request, body: p.SamplingFields) -> dict[str, Any] | None:
+    """vLLM's ``vllm_xargs``/``extra_args`` passthrough (used e.g. by the engine's test-only fault seam)."""
+    merged = {**(body.vllm_xargs or {}), **(body.extra_args or {})}
+    return merged or None
+
+
+async def _render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool,
+                       kwargs: dict[str, Any] | None) -> tuple[str, list[int]]:
+    msgs = []
+    for m in messages:
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.name:
+            msg["name"] = m.name
+        msgs.append(msg)
+    text, ids = await asyncio.to_thread(state.renderer.prompt_ids, msgs, add_generation_prompt, kwargs)
+    if not ids:
+        raise bad_request("messages: the chat template produced an empty prompt", param="messages")
+    return text, ids
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _watchdog(app: FastAPI, state: ServerState) -> None:
+    """Poll the engine; when its loop dies, fail in-flight requests and tell the launcher."""
+    while True:
+        await asyncio.sleep(state.settings.engine_poll_interval)
+        if state.draining:
+            continue
+        if not state.engine_alive():
+            state.mark_engine_dead()
+            callback = app.state.on_engine_dead
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("on_engine_dead callback failed")
+            return
+
+
+async def _generate(state: ServerState, request: Request, body: p.CompletionRequest | p.ChatCompletionRequest,
+                    model: str, prompts: list[PreparedPrompt], params: list[Any], chat: bool) -> Response:
+    state.admit()
+    request_id = p.new_id("chatcmpl" if chat else "cmpl")
+    run = Run(state, request, request_id)
+    recorder = Recorder(state.metrics, run.arrival)
+    run.start(prompts, params)
+    try:
+        rest, first = await first_event(run)
+    except BaseException as exc:
+        await run.close()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise api_error_from(exc) from None
+    n = body.n
+    choices = [Choice() for _ in range(len(prompts) * n)]
+    created = p.now()
+    tt = state.token_text
+    events = _chain(first, rest)
+
+    def apply(idx: int, out: Any) -> list[int]:
+        """Update choices from a cumulative output; returns the choice indexes that changed."""
+        changed = []
+        for o in out.outputs:
+            ci = idx * n + o.index
+            c = choices[ci]
+            c.text, c.token_ids, c.logprobs = o.text, list(o.token_ids), o.logprobs
+            if o.finish_reason is not None:
+                c.finish_reason, c.stop_reason = o.finish_reason, o.stop_reason
+            recorder.observe((idx, o.index), len(o.token_ids))
+            changed.append(ci)
+        return changed
+
+    prompt_outs: dict[int, Any] = {}
+
+    def usage() -> p.UsageInfo:
+        pt = sum(len(pp.ids) for pp in prompts) * 1
+        ct = sum(len(c.token_ids) for c in choices)
+        return p.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
+
+    def finish_metrics() -> None:
+        recorder.finish(sum(len(pp.ids) for pp in prompts), [c.finish_reason for c in choices])
+
+    if not body.stream:
+        try:
+            async for idx, out in events:
+                prompt_outs[idx] = out
+                apply(idx, out)
+        except BaseException as exc:
+            await run.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise api_error_from(exc) from None
+        await run.close()
+        finish_metrics()
+        if chat:
+            assert isinstance(body, p.ChatCompletionRequest)
+            k = body.top_logprobs or 0
+            return JSONResponse(p.ChatCompletionResponse(
+                id=request_id, created=created, model=model, usage=usage(),
+                choices=[p.ChatChoice(index=i, message=p.ChatResponseMessage(content=c.text),
+                                      logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
+                                      if body.logprobs else None,
+                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                         for i, c in enumerate(choices)]).model_dump())
+        assert isinstance(body, p.CompletionRequest)
+        out_choices = []
+        for i, c in enumerate(choices):
+            pp = prompts[i // n]
+            text = (pp.text + c.text) if body.echo else c.text
+            lp = None
+            if body.logprobs is not None:
+                ids, positions = list(c.token_ids), list(c.logprobs or [])
+                offset = 0
+                if body.echo:
+                    po = prompt_outs.get(i // n)
+                    plp = list(getattr(po, "prompt_logprobs", None) or [])
+                    plp = plp + [None] * (len(pp.ids) - len(plp))
+                    ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
+                lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
+            out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
+                                                  stop_reason=c.stop_reason))
+        return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
+                                                 usage=usage()).model_dump())
+
+    include_usage = body.include_usage()
+
+    async def chunks() -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice_list: list[dict[str, Any]], with_usage: p.UsageInfo | None = None) -> str:
+            data: dict[str, Any] = {"id": request_id, "object": obj, "created": created, "model": model,
+                                    "choices": choice_list}
+            if include_usage:
+                data["usage"] = with_usage.model_dump() if with_usage is not None else None
+            return sse(data)
+
+        if chat:
+            for i in range(len(choices)):
+                choices[i].started = True
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        async for idx, out in events:
+            prompt_outs[idx] = out
+            for ci in apply(idx, out):
+                c = choices[ci]
+                if c.done:
+                    continue
+                delta = c.text[c.sent_chars:] if len(c.text) > c.sent_chars else ""
+                finished = c.finish_reason is not None
+                if not delta and not finished:
+                    continue  # tokens whose text is held back (incomplete character, possible stop string)
+                new_ids = c.token_ids[c.sent_tokens:]
+                new_lps = (c.logprobs or [])[c.sent_tokens:]
+                entry: dict[str, Any] = {"index": ci, "finish_reason": c.finish_reason if finished else None}
+                if chat:
+                    assert isinstance(body, p.ChatCompletionRequest)
+                    entry["delta"] = {"content": delta} if delta else {}
+                    entry["logprobs"] = chat_logprobs(tt, new_ids, new_lps, body.top_logprobs or 0).model_dump() \
+                        if body.logprobs else None
+                else:
+                    assert isinstance(body, p.CompletionRequest)
+                    text = delta
+                    if body.echo and not c.started:
+                        text = prompts[ci // n].text + delta
+                    entry["text"] = text
+                    entry["logprobs"] = completion_logprobs(tt, new_ids, new_lps, body.logprobs,
+                                                            c.sent_chars).model_dump() \
+                        if body.logprobs is not None else None
+                    entry["stop_reason"] = c.stop_reason if finished else None
+                c.started = True
+                c.sent_chars += len(delta)
+                c.sent_tokens = len(c.token_ids)
+                c.done = finished
+                yield chunk([entry])
+        finish_metrics()
+        if include_usage:
+            yield chunk([], usage())
+
+    return StreamingResponse(stream_with_errors(chunks(), run), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

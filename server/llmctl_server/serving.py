@@ -1,0 +1,413 @@
+"""Turning validated OpenAI requests into engine requests, and engine outputs into OpenAI responses/chunks.
+
+Each HTTP request runs its engine generators in producer tasks that feed one queue. The consumer (the JSON
+handler or the SSE generator) only reads that queue, so three other parties can wake it without racing the
+engine: the disconnect watcher (client went away: abort in the engine, free its KV blocks), the engine
+watchdog (engine loop died: fail now rather than hang) and the producers themselves (output, error, done).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+
+from llmctl_server import protocol as p
+from llmctl_server.chat_template import ChatRenderer
+from llmctl_server.errors import APIError, bad_request, sse_error_event, to_api_error, unavailable
+from llmctl_server.metrics import Metrics
+from llmctl_server.settings import ServerSettings
+from llmctl_server.tokens import TokenText
+
+logger = logging.getLogger("llmctl_server")
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody is left to answer."""
+
+
+class EngineDead(Exception):
+    """Raised into consumers by the watchdog when the engine loop has died."""
+
+
+@dataclass
+class _Done:
+    prompt_idx: int
+
+
+@dataclass
+class _Failed:
+    prompt_idx: int
+    exc: BaseException
+
+
+@dataclass
+class _Signal:
+    exc: BaseException
+
+
+@dataclass
+class ServerState:
+    """Per-app state shared by the handlers, the watchdog and the launcher."""
+
+    engine: Any
+    settings: ServerSettings
+    metrics: Metrics
+    renderer: ChatRenderer
+    token_text: TokenText
+    model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    max_num_seqs: int | None
+    in_flight: int = 0
+    draining: bool = False
+    engine_dead: bool = False
+    active: dict[int, asyncio.Queue] = field(default_factory=dict)
+
+    # -- health and admission ---------------------------------------------------------------------------------
+    def engine_alive(self) -> bool:
+        if self.engine_dead:
+            return False
+        eng = self.engine
+        try:
+            if getattr(eng, "errored", False):
+                return False
+            if not getattr(eng, "is_running", True):
+                return False
+        except Exception:
+            return False
+        return True
+
+    def mark_engine_dead(self) -> None:
+        """Fail every in-flight request now (the engine should do so too; this bounds the wait)."""
+        if self.engine_dead:
+            return
+        self.engine_dead = True
+        logger.error("the engine loop has died; failing %d in-flight request(s)", len(self.active))
+        for q in list(self.active.values()):
+            q.put_nowait(_Signal(EngineDead()))
+
+    def admit(self) -> None:
+        """503 when the engine cannot take work, or when one more request would overflow the waiting queue."""
+        if self.draining:
+            raise unavailable("the server is shutting down", retry_after=self.settings.retry_after_seconds)
+        if not self.engine_alive():
+            raise unavailable("the inference engine is not running", retry_after=self.settings.retry_after_seconds)
+        limit = self.settings.max_queued_requests
+        if limit is None:
+            return
+        try:
+            stats = self.engine.get_stats() or {}
+        except Exception:
+            stats = {}
+        running = int(stats.get("num_running", 0))
+        waiting = int(stats.get("num_waiting", 0))
+        # Requests handed to the engine that it is not running yet are waiting, even if its stats lag behind.
+        capacity = self.max_num_seqs if self.max_num_seqs is not None else running
+        would_wait = max(waiting, self.in_flight - running) if self.in_flight >= capacity else waiting
+        if would_wait >= limit and (self.in_flight >= capacity or waiting > 0):
+            raise unavailable(f"the request queue is full ({limit} waiting requests); retry later",
+                              retry_after=self.settings.retry_after_seconds)
+
+    def check_model(self, model: str | None) -> str:
+        if model is None or model in self.model_names:
+            return self.model_names[0] if model is None else model
+        raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.model_names)}",
+                       param="model", code="model_not_found")
+
+
+# -- building engine inputs -----------------------------------------------------------------------------------------
+_SP_FIELDS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+              "seed", "ignore_eos", "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
+              "prompt_logprobs")
+
+
+def make_sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: int, logprobs: int | None,
+                         extra_args: dict[str, Any] | None = None) -> Any:
+    """The model's defaults (generation_config) overridden by every field the client set."""
+    from llmctl import SamplingParams
+
+    try:
+        base = state.engine.default_sampling_params()
+    except Exception:
+        base = SamplingParams()
+    known = {f.name for f in fields(base)}
+    changes: dict[str, Any] = {}
+    for name in _SP_FIELDS:
+        value = getattr(req, name)
+        if value is not None and name in known:
+            changes[name] = value
+    changes.update(n=req.n, max_tokens=max_tokens, logprobs=logprobs, stop=req.stop_list(),
+                   stop_token_ids=list(req.stop_token_ids or []))
+    if extra_args:
+        changes["extra_args"] = dict(extra_args)
+    try:
+        return base.clone(**changes)
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+
+
+def resolve_max_tokens(state: ServerState, n_prompt: int, requested: int | None, field_name: str) -> int:
+    """Check the prompt against the context length and give ``max_tokens`` (defaulting to what is left)."""
+    limit = state.max_model_len
+    if n_prompt >= limit:
+        raise bad_request(f"prompt: {n_prompt} prompt tokens leave no room to generate within the context length "
+                          f"{limit}", param="prompt", code="context_length_exceeded")
+    if requested is None:
+        return limit - n_prompt
+    if n_prompt + requested > limit:
+        raise bad_request(f"{field_name}: {n_prompt} prompt tokens + {field_name} {requested} = "
+                          f"{n_prompt + requested} exceeds the context length {limit}", param=field_name,
+                          code="context_length_exceeded")
+    return requested
+
+
+@dataclass
+class PreparedPrompt:
+    text: str
+    ids: list[int]
+
+
+# -- running ----------------------------------------------------------------------------------------------------------
+class Run:
+    """The engine requests of one HTTP request, their producers, and the queue that joins them."""
+
+    def __init__(self, state: ServerState, http_request: Request, request_id: str) -> None:
+        self.state = state
+        self.http = http_request
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks: list[asyncio.Task] = []
+        self.engine_ids: list[str] = []
+        self.unfinished: set[str] = set()
+        self.arrival = time.monotonic()
+        self._registered = False
+        self._watcher: asyncio.Task | None = None
+
+    def start(self, prompts: list[PreparedPrompt], params: list[Any]) -> None:
+        st = self.state
+        st.in_flight += 1
+        st.active[id(self)] = self.queue
+        self._registered = True
+        for i, pp in enumerate(prompts):
+            rid = self.request_id if len(prompts) == 1 else f"{self.request_id}-{i}"
+            self.engine_ids.append(rid)
+            self.unfinished.add(rid)
+            prompt = {"prompt_token_ids": pp.ids, "prompt": pp.text}
+            self.tasks.append(asyncio.create_task(self._produce(i, rid, prompt, params[i])))
+        self._watcher = asyncio.create_task(self._watch_disconnect())
+
+    async def _produce(self, idx: int, rid: str, prompt: dict[str, Any], params: Any) -> None:
+        try:
+            async for out in self.state.engine.generate(prompt, params, rid):
+                if out.finished:
+                    self.unfinished.discard(rid)
+                self.queue.put_nowait((idx, out))
+            self.unfinished.discard(rid)
+            self.queue.put_nowait(_Done(idx))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # reported to the consumer, which owns error handling
+            self.unfinished.discard(rid)
+            self.queue.put_nowait(_Failed(idx, exc))
+
+    async def _watch_disconnect(self) -> None:
+        try:
+            while True:
+                message = await self.http.receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:
+            return
+        if self.unfinished:
+            logger.info("client disconnected; aborting %s", self.request_id)
+            await self._abort_unfinished()
+            self.queue.put_nowait(_Signal(ClientGone()))
+
+    async def _abort_unfinished(self) -> None:
+        for rid in list(self.unfinished):
+            try:
+                await self.state.engine.abort(rid)
+            except Exception as exc:  # aborting a request the engine already dropped is fine
+                logger.debug("abort %s: %s", rid, exc)
+        self.unfinished.clear()
+
+    async def events(self) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, cumulative RequestOutput) until every prompt is done; raises the first failure."""
+        remaining = len(self.tasks)
+        while remaining:
+            item = await self.queue.get()
+            if isinstance(item, tuple):
+                yield item
+            elif isinstance(item, _Done):
+                remaining -= 1
+            elif isinstance(item, _Failed):
+                raise item.exc
+            elif isinstance(item, _Signal):
+                raise item.exc
+
+    async def close(self) -> None:
+        """Always called: abort what is still running in the engine and release the admission slot. Shielded:
+        it often runs while the response task is being cancelled (client gone), and the abort must still
+        happen or the request would keep its KV blocks."""
+        with anyio.CancelScope(shield=True):
+            await self._close()
+
+    async def _close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for t in self.tasks:
+            if not t.done():
+                t.cancel()
+        if self.unfinished:
+            await self._abort_unfinished()
+        for t in self.tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self._registered:
+            self._registered = False
+            self.state.in_flight -= 1
+            self.state.active.pop(id(self), None)
+
+
+def translate(exc: BaseException) -> BaseException:
+    """Internal signals -> what the client is told."""
+    if isinstance(exc, EngineDead):
+        return unavailable("the inference engine stopped while processing this request", retry_after=5)
+    return exc
+
+
+class Recorder:
+    """Latency/token metrics of one HTTP request."""
+
+    def __init__(self, metrics: Metrics, arrival: float) -> None:
+        self.m = metrics
+        self.arrival = arrival
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens_seen: dict[tuple[int, int], int] = {}
+
+    def observe(self, key: tuple[int, int], num_tokens: int) -> None:
+        new = num_tokens - self.tokens_seen.get(key, 0)
+        if new <= 0:
+            return
+        self.tokens_seen[key] = num_tokens
+        t = time.monotonic()
+        if self.first is None:
+            self.first = t
+            self.m.ttft.observe(t - self.arrival)
+        elif self.last is not None:
+            gap = (t - self.last) / new
+            for _ in range(min(new, 64)):
+                self.m.itl.observe(gap)
+        self.last = t
+
+    def finish(self, prompt_tokens: int, reasons: list[str | None]) -> None:
+        self.m.e2e.observe(time.monotonic() - self.arrival)
+        self.m.prompt_tokens.inc(prompt_tokens)
+        self.m.generation_tokens.inc(sum(self.tokens_seen.values()))
+        for r in reasons:
+            self.m.finished.labels(reason=r or "unknown").inc()
+
+
+# -- response assembly ---------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Any]] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # streaming progress
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    started: bool = False
+    done: bool = False
+
+
+def completion_logprobs(tt: TokenText, token_ids: list[int], positions: list[dict[int, Any] | None],
+                        k: int, offset: int) -> p.CompletionLogprobs:
+    out = p.CompletionLogprobs()
+    for tid, pos in zip(token_ids, positions, strict=False):
+        token = tt.text(tid, pos)
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        offset += len(token)
+        if pos is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        lp = pos.get(tid)
+        out.token_logprobs.append(float(lp.logprob) if lp is not None else None)
+        top: dict[str, float] = {}
+        for t_id, entry in tt.ranked(pos, k):
+            top[tt.text(t_id, pos)] = float(entry.logprob)
+        if lp is not None:
+            top.setdefault(token, float(lp.logprob))
+        out.top_logprobs.append(top)
+    return out
+
+
+def chat_logprobs(tt: TokenText, token_ids: list[int], positions: list[dict[int, Any]], k: int) -> p.ChatLogprobs:
+    content = []
+    for tid, pos in zip(token_ids, positions, strict=False):
+        lp = pos.get(tid)
+        tops = [p.TopLogprob(token=tt.text(t, pos), logprob=float(e.logprob), bytes=tt.bytes(t))
+                for t, e in tt.ranked(pos, k)]
+        content.append(p.ChatLogprobToken(token=tt.text(tid, pos), logprob=float(lp.logprob) if lp else -9999.0,
+                                          bytes=tt.bytes(tid), top_logprobs=tops))
+    return p.ChatLogprobs(content=content)
+
+
+def sse(obj: Any) -> str:
+    data = obj.model_dump(exclude_none=False) if hasattr(obj, "model_dump") else obj
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def first_event(run: Run) -> tuple[AsyncIterator[tuple[int, Any]], tuple[int, Any] | None]:
+    """Wait for the first output before answering, so that errors the engine raises on submission (and a dead
+    engine) still get a proper HTTP status instead of an error inside a 200 stream."""
+    it = run.events().__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return it, first
+
+
+async def _chain(first: tuple[int, Any] | None, rest: AsyncIterator[tuple[int, Any]]) -> AsyncIterator[tuple[int, Any]]:
+    if first is not None:
+        yield first
+    async for ev in rest:
+        yield ev
+
+
+async def stream_with_errors(body: AsyncIterator[str], run: Run) -> AsyncIterator[str]:
+    """The SSE body: chunks, then ``[DONE]``; a failure mid-stream becomes one sanitised error event."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except ClientGone:
+        return
+    except BaseException as exc:
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            raise
+        yield sse_error_event(translate(exc))
+    finally:
+        await run.close()
+    yield SSE_DONE
+
+
+def api_error_from(exc: BaseException) -> APIError:
+    return to_api_error(translate(exc))
