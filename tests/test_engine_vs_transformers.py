@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from llmctl import LLM, SamplingParams
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 PROMPTS = [
     "Hi",

@@ -54,6 +54,7 @@ class EngineArgs:
     enforce_eager: bool = False
     max_logprobs: int = 20
     served_model_name: str | None = None
+    num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
 
     def __post_init__(self) -> None:
         self.validate()

@@ -58,8 +58,7 @@ class EngineCore:
         self.args = args
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
-        for key, value in (self.platform.configure(args) or {}).items():
-            logger.info("platform %s sets %s=%r", self.platform.name, key, value)
+        self._apply_platform_config(args)
         self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
         hf_config = self.source.hf_config
@@ -78,7 +77,9 @@ class EngineCore:
         self.cache_config = self._cache_config(spec.num_layers, spec.num_kv_heads, spec.head_size, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               spec.head_size)
-        kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        # torch.empty: pages are committed only when written, and backends never read a slot before writing it
+        # (the testkit poisons unused slots to hold them to that).
+        kv_caches = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
@@ -92,6 +93,17 @@ class EngineCore:
                     self.model_config.max_model_len)
 
     # -- configuration ---------------------------------------------------------------------------------------
+    def _apply_platform_config(self, args: EngineArgs) -> None:
+        """Apply what the platform asks for, but never over a value the user set explicitly."""
+        for key, value in (self.platform.configure(args) or {}).items():
+            if not hasattr(args, key):
+                logger.warning("platform %s asked to set unknown engine argument %s; ignored", self.platform.name, key)
+            elif getattr(args, key) is None:
+                setattr(args, key, value)
+                logger.info("platform %s set %s=%r", self.platform.name, key, value)
+        if args.num_threads and self.platform.device_type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            torch.set_num_threads(args.num_threads)
+
     def _model_config(self, hf_config, dtype: torch.dtype) -> ModelConfig:
         args = self.args
         text_cfg = getattr(hf_config, "text_config", None) or hf_config

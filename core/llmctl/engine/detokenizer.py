@@ -26,6 +26,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self.token_ids: list[int] = []
         self.stop = list(params.stop or [])
+        self.matched_stop: str | None = None  # set once a stop string cut the text; nothing is added after it
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         backend = getattr(tokenizer, "_tokenizer", None)
         self._stream = DecodeStream(skip_special_tokens=self.skip_special) if (
@@ -61,6 +62,7 @@ class IncrementalDetokenizer:
             return None
         idx, s = best
         self.text = self.text[: idx + len(s)] if self.params.include_stop_str_in_output else self.text[:idx]
+        self.matched_stop = s
         return s
 
     def visible_text(self, finished: bool) -> str:
@@ -71,8 +73,11 @@ class IncrementalDetokenizer:
 
     def finalize(self) -> None:
         """Flush bytes still buffered by the stream decoder (an incomplete character at the very end)."""
-        if not self.params.detokenize or self._stream is None or not self.token_ids:
+        if not self.params.detokenize or self._stream is None or not self.token_ids or self.matched_stop is not None:
             return
         full = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special)
-        if full.startswith(self.text) and len(full) > len(self.text) and not self.stop:
+        if full.startswith(self.text) and len(full) > len(self.text):
+            before = len(self.text)
             self.text = full
+            if self.stop:
+                self._check_stop(before)

@@ -105,7 +105,8 @@ class Sampler:
         noise = torch.empty_like(probs)
         unseeded = [i for i, r in enumerate(requests) if r.generator is None]
         if unseeded:
-            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype).exponential_(generator=self.generator)
+            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype)
+            rows.exponential_(generator=self.generator)
             noise[unseeded] = rows.to(device)
         for i, r in enumerate(requests):
             if r.generator is not None:

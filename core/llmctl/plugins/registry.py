@@ -52,54 +52,68 @@ class Registry:
     communicators: dict[str, Entry[Communicator]] = field(default_factory=dict)
     models: dict[str, Entry[ModelArchitecture]] = field(default_factory=dict)
     doctor_checks: list[Entry[DoctorCheck]] = field(default_factory=list)
+    # Every keyed registration in order (table name, key, entry, priority), winners and losers alike, so dropping
+    # a broken plugin can bring back the entries it had shadowed.
+    _history: list[tuple[str, str, Entry[Any], int]] = field(default_factory=list, repr=False, compare=False)
 
     # -- registration (called through the hooks' ``register`` callbacks) -------------------------------------
     def add_platform(self, item: Platform, plugin: str) -> None:
         _require(isinstance(item, Platform), f"platform must be a llmctl Platform, got {type(item).__name__}")
         _require(bool(item.name) and isinstance(item.name, str), "platform needs a non-empty string name")
         _require(isinstance(item.device_type, str) and bool(item.device_type), f"platform {item.name!r}: device_type")
-        self._put(self.platforms, item.name, item, plugin)
+        self._put("platforms", item.name, item, plugin)
 
     def add_attention_backend(self, item: AttentionBackend, plugin: str) -> None:
         _require(isinstance(item, AttentionBackend), f"attention backend must subclass AttentionBackend, "
                                                      f"got {type(item).__name__}")
         _require(bool(item.name) and bool(item.platform), "attention backend needs a name and a platform")
-        self._put(self.attention_backends, item.name, item, plugin)
+        self._put("attention_backends", item.name, item, plugin)
 
     def add_op(self, item: OpOverride, plugin: str) -> None:
         _require(isinstance(item, OpOverride), f"op override must be an OpOverride, got {type(item).__name__}")
-        _require(item.name in reference.OP_NAMES, f"unknown op {item.name!r}; known ops: {', '.join(reference.OP_NAMES)}")
+        _require(item.name in reference.OP_NAMES,
+                 f"unknown op {item.name!r}; known ops: {', '.join(reference.OP_NAMES)}")
         _require(callable(item.fn), f"op {item.name!r}: fn is not callable")
         self.ops.append(Entry(item, plugin))
 
     def add_quant_method(self, item: QuantMethod, plugin: str) -> None:
         _require(isinstance(item, QuantMethod) and bool(item.name), "quantization method must be a named QuantMethod")
-        self._put(self.quant_methods, item.name, item, plugin)
+        self._put("quant_methods", item.name, item, plugin)
 
     def add_communicator(self, item: Communicator, plugin: str) -> None:
         _require(isinstance(item, Communicator) and bool(item.name), "communicator must be a named Communicator")
-        self._put(self.communicators, item.name, item, plugin)
+        self._put("communicators", item.name, item, plugin)
 
     def add_model(self, item: ModelArchitecture, plugin: str) -> None:
         _require(isinstance(item, ModelArchitecture) and bool(item.architecture), "model needs an architecture name")
-        self._put(self.models, item.architecture, item, plugin, priority=item.priority)
+        self._put("models", item.architecture, item, plugin, priority=item.priority)
 
     def add_doctor_check(self, item: DoctorCheck, plugin: str) -> None:
         _require(isinstance(item, DoctorCheck) and callable(item.run), "doctor check needs a name and run()")
         self.doctor_checks.append(Entry(item, plugin))
 
-    @staticmethod
-    def _put(table: dict[str, Entry[Any]], key: str, item: Any, plugin: str, priority: int | None = None) -> None:
+    def _put(self, table_name: str, key: str, item: Any, plugin: str, priority: int | None = None) -> None:
         prio = getattr(item, "priority", 0) if priority is None else priority
+        entry = Entry(item, plugin)
+        self._history.append((table_name, key, entry, prio))
+        self._place(getattr(self, table_name), key, entry, prio)
+
+    @staticmethod
+    def _place(table: dict[str, Entry[Any]], key: str, entry: Entry[Any], prio: int) -> None:
         old = table.get(key)
         if old is None or getattr(old.item, "priority", 0) <= prio:
-            table[key] = Entry(item, plugin)
+            table[key] = entry
 
     def drop_plugin(self, plugin: str) -> None:
-        """Forget everything a plugin registered (used when it turns out broken half-way)."""
-        for table in (self.platforms, self.attention_backends, self.quant_methods, self.communicators, self.models):
-            for key in [k for k, e in table.items() if e.plugin == plugin]:
-                del table[key]
+        """Forget everything a plugin registered (used when it turns out broken half-way); an entry of another
+        plugin that it had shadowed under the same name comes back."""
+        self._history = [h for h in self._history if h[2].plugin != plugin]
+        for table_name in ("platforms", "attention_backends", "quant_methods", "communicators", "models"):
+            table = getattr(self, table_name)
+            table.clear()
+            for name, key, entry, prio in self._history:
+                if name == table_name:
+                    self._place(table, key, entry, prio)
         self.ops = [e for e in self.ops if e.plugin != plugin]
         self.doctor_checks = [e for e in self.doctor_checks if e.plugin != plugin]
 

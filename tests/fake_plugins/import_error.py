@@ -1,0 +1,3 @@
+"""A plugin whose import fails."""
+
+raise ImportError("libfakeaccel.so: cannot open shared object file")
