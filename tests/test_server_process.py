@@ -62,6 +62,10 @@ def test_docs_curl_examples_run(served):
     text = (ROOT / "docs" / "serving.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 5
+    readme_curls = [b for b in re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                    if b.lstrip().startswith("curl")]
+    assert readme_curls, "the README's curl example is missing"
+    blocks += readme_curls
     for block in blocks:
         script = block.replace("localhost:8000", f"localhost:{port}")
         r = subprocess.run(["bash", "-e", "-c", script], capture_output=True, text=True, timeout=120)

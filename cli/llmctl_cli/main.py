@@ -355,6 +355,16 @@ def version() -> None:
         out.print(f"{dist} {v}", highlight=False)
 
 
+def _mount_bench() -> None:
+    """`llmctl bench` lives in core (llmctl.bench) so benchmarks run without the CLI; mounted here."""
+    from llmctl.bench.cli import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_mount_bench()
+
+
 def main() -> None:
     app()
 
