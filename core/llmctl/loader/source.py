@@ -71,11 +71,18 @@ def _from_dir(model: str, local_dir: Path, revision: str | None, trust_remote_co
 
 
 def _from_gguf(model: str, path: Path) -> ModelSource:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from llmctl.loader.gguf_file import open_gguf
+    from llmctl.loader.gguf_hf import build_hf_config
 
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    # Parsed once per process (cached): the weights and the tokenizer read the same parse.
+    hf_config = build_hf_config(open_gguf(path))
+    if hf_config is None:  # an architecture llmctl does not rebuild itself: transformers' (slower) GGUF path
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     if not getattr(hf_config, "architectures", None):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
         # GGUF metadata names the model type only; the causal-LM class is its canonical architecture.
         arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
         if arch is not None:

@@ -21,7 +21,20 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, revision: 
     if tok_source.gguf_file is not None:
         kwargs["gguf_file"] = tok_source.gguf_file
     try:
+        if tok_source.gguf_file is not None:
+            fast = _gguf_tokenizer(tok_source)
+            if fast is not None:
+                return fast
         return AutoTokenizer.from_pretrained(str(tok_source.local_dir), **kwargs)
     except (OSError, ValueError) as e:
         field = "tokenizer" if tokenizer is not None else "model"
         raise ValueError(f"{field}: could not load a tokenizer from {tok_source.model!r}: {e}") from e
+
+
+def _gguf_tokenizer(source: ModelSource) -> Any:
+    """Built from the process-wide parse of the file (the one the config and weights came from), or None to
+    let transformers read the file itself."""
+    from llmctl.loader.gguf_file import open_gguf
+    from llmctl.loader.gguf_hf import build_tokenizer
+
+    return build_tokenizer(open_gguf(source.local_dir / str(source.gguf_file)), source.local_dir)

@@ -43,15 +43,22 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _iter_gguf(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized to float32 by transformers' own GGUF reader, which also maps llama.cpp tensor names to
-    Hugging Face ones and undoes llama.cpp's q/k row permutation, so the result is what ``from_pretrained``
-    would load. Its name map is derived from a weightless (meta-device) instance of the transformers model."""
+    """Dequantized one tensor at a time from the memory-mapped file, under Hugging Face names and with
+    llama.cpp's q/k row permutation undone, so the result equals what transformers' ``from_pretrained`` loads.
+    Architectures llmctl does not map itself go through transformers' loader."""
+    from llmctl.loader.gguf_file import open_gguf
+    from llmctl.loader.gguf_hf import FAST_ARCHS, iter_hf_tensors
+
+    path = source.local_dir / str(source.gguf_file)
+    g = open_gguf(path)
+    if g.architecture in FAST_ARCHS:
+        yield from iter_hf_tensors(g)
+        return
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(source.hf_config)
-    path = source.local_dir / str(source.gguf_file)
     tensors: dict[str, torch.Tensor] = load_gguf_checkpoint(str(path), return_tensors=True,
                                                              model_to_load=skeleton)["tensors"]
     del skeleton
