@@ -48,7 +48,7 @@ def layer_sliding_windows(cfg: Any) -> list[int | None]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None, rotary_emb: nn.Module) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -63,7 +63,7 @@ class LlamaAttention(nn.Module):
         if cfg.model_type == "qwen3":
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ctx.ops, **kw)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ctx.ops, **kw)
-        self.rotary_emb = get_rope(cfg, self.head_dim, ctx.ops, ctx.device)
+        self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, ctx.attention,
                               sliding_window)
 
@@ -81,10 +81,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None, rotary_emb: nn.Module) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
-        self.self_attn = LlamaAttention(cfg, ctx, sliding_window)
+        self.self_attn = LlamaAttention(cfg, ctx, sliding_window, rotary_emb)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "hidden_act", "silu"), ctx.ops,
                             bias=bool(getattr(cfg, "mlp_bias", False)), **kw)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
@@ -108,7 +108,10 @@ class LlamaModel(nn.Module):
         kw = dict(dtype=ctx.dtype, device=ctx.device)
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, **kw)
         windows = layer_sliding_windows(cfg)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i]) for i in range(cfg.num_hidden_layers))
+        # One cos/sin table for all layers: it depends only on the config, and building it per layer cost seconds.
+        rotary_emb = get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i], rotary_emb)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
