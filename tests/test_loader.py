@@ -115,6 +115,12 @@ def test_resolve_dtype(requested, ckpt, platform, expected):
     assert resolve_dtype(requested, SimpleNamespace(dtype=ckpt), platform) == expected
 
 
+def test_resolve_dtype_quantized_checkpoint_takes_the_fastest_dtype():
+    cfg = SimpleNamespace(dtype=None)
+    assert resolve_dtype("auto", cfg, [torch.bfloat16, torch.float32], quantized_checkpoint=True) == torch.bfloat16
+    assert resolve_dtype("float32", cfg, [torch.bfloat16, torch.float32], quantized_checkpoint=True) == torch.float32
+
+
 @pytest.mark.parametrize("requested", ["float64x", "int8", "bfloat16"])
 def test_resolve_dtype_rejects(requested):
     with pytest.raises(ValueError, match=r"^dtype: "):

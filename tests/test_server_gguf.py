@@ -17,7 +17,8 @@ MESSAGES = [{"role": "user", "content": "Repeat exactly, nothing else: 你好，
 
 @pytest.fixture(scope="module")
 def gguf_server(smollm2_gguf):
-    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(smollm2_gguf), kv_cache_memory=KV, max_model_len=1024))
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(smollm2_gguf), kv_cache_memory=KV, max_model_len=1024,
+                                                    dtype="float32"))
     srv = start_server(engine, ServerSettings())
     yield srv
     srv.stop()
@@ -26,7 +27,7 @@ def gguf_server(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def gguf_offline(smollm2_gguf):
-    return LLM(model=str(smollm2_gguf), kv_cache_memory=KV, max_model_len=1024)
+    return LLM(model=str(smollm2_gguf), kv_cache_memory=KV, max_model_len=1024, dtype="float32")
 
 
 def test_gguf_chat_matches_offline_and_streams_valid_utf8(gguf_server, gguf_offline):

@@ -62,7 +62,8 @@ class EngineCore:
         self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
         hf_config = self.source.hf_config
-        dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes())
+        dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
+                              quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)

@@ -38,13 +38,18 @@ def _as_dtype(value: Any) -> torch.dtype | None:
     return None
 
 
-def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes: list[torch.dtype]) -> torch.dtype:
+def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes: list[torch.dtype],
+                  quantized_checkpoint: bool = False) -> torch.dtype:
     """``"auto"`` keeps the checkpoint's dtype when the platform runs it and otherwise takes the platform's
-    preferred one; a checkpoint that names none (GGUF) is float32, the dtype its dequantized weights have."""
+    preferred one; a checkpoint that names none is float32 (transformers' default). A quantized checkpoint
+    (GGUF) is dequantized at load, and 4-8 bit weights lose nothing in bfloat16, so it takes the platform's
+    fastest dtype."""
     if not platform_dtypes:
         raise ValueError("dtype: the platform lists no supported dtypes")
     if isinstance(requested, str) and requested.lower() == "auto":
         ckpt = _as_dtype(getattr(hf_config, "dtype", None)) or _as_dtype(getattr(hf_config, "torch_dtype", None))
+        if quantized_checkpoint:
+            return platform_dtypes[0]
         want = ckpt or torch.float32
         return want if want in platform_dtypes else platform_dtypes[0]
     dtype = _as_dtype(requested)
