@@ -217,7 +217,6 @@ def test_long_prefill_is_tiled(backend, rng, monkeypatch):
     import llmctl_cpu.attention as att
 
     monkeypatch.setattr(att, "QUERY_TILE", 16)
-    monkeypatch.setattr(att, "SCORE_BUDGET", 4096)  # forces one sequence per sub-batch
     specs = [(rng.randint(0, 40), rng.randint(17, 70)), (0, 1), (rng.randint(0, 9), rng.randint(2, 50))]
     query, cache, md = make_batch(rng, specs, 16, 2, 4, 64, torch.float32)
     for window in (None, 20):
@@ -225,6 +224,47 @@ def test_long_prefill_is_tiled(backend, rng, monkeypatch):
         got = backend.forward(query, cache, md, 0.125, sliding_window=window, out=out)
         expect = paged_attention_reference(query, cache, md, 0.125, sliding_window=window)
         torch.testing.assert_close(got, expect, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_new_kv_arguments_give_the_cache_read_result(backend, rng, dtype):
+    """Core may pass the step's new keys/values; prefill chunks without context then skip the cache read, and
+    the result is bit-identical to reading them back (also when the activations are wider than the cache)."""
+    assert backend.accepts_new_kv is True
+    specs = [(0, rng.randint(2, 90)), (rng.randint(1, 100), 1), (rng.randint(1, 80), rng.randint(2, 30)),
+             (0, rng.randint(2, 20)), (0, 1)]
+    rng.shuffle(specs)
+    query, cache, md = make_batch(rng, specs, 16, 2, 6, 64, dtype)
+    wide = torch.randn(md.num_tokens, 2, 2, 64)  # float32 activations, the cache rounds them to its dtype
+    write_kv_reference(wide[:, 0], wide[:, 1], cache, md.slot_mapping)
+    for window in (None, rng.randint(1, 40)):
+        plain = backend.forward(query, cache, md, 0.125, window)
+        given = backend.forward(query, cache, md, 0.125, window, key=wide[:, 0], value=wide[:, 1])
+        assert torch.equal(plain, given), f"specs={specs} window={window}"
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(given.float(), paged_attention_reference(query, cache, md, 0.125, window).float(),
+                                   atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stale_nan_slots_do_not_leak(backend, rng, dtype):
+    """Unused cache slots (uninitialised memory, or blocks freed mid-sequence) may hold NaN/inf; padding keys of
+    the decode buckets and of the context gathers must never read them into a result."""
+    specs = [(rng.randint(0, 70), 1) for _ in range(5)] + [(rng.randint(1, 50), rng.randint(2, 20)), (0, 7)]
+    query, cache, md = make_batch(rng, specs, 16, 2, 4, 64, dtype)
+    used = torch.zeros(cache.shape[1] * 16, dtype=torch.bool)
+    for i, seq_len in enumerate(md.seq_lens.tolist()):
+        pos = torch.arange(seq_len)
+        used[md.block_tables[i].long()[pos // 16] * 16 + pos % 16] = True
+    flat = cache.view(2, -1, 2, 64)
+    flat[:, ~used] = float("nan")
+    flat[1, ~used] = float("inf")
+    for window in (None, 9):
+        got = backend.forward(query, cache, md, 0.125, window)
+        assert not got.isnan().any() and not got.isinf().any()
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got.float(), paged_attention_reference(query, cache, md, 0.125, window).float(),
+                                   atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,36 +1,37 @@
-"""``cpu-sdpa``: paged attention for the whole flattened batch in a handful of batched fp32 GEMMs.
+"""``cpu-sdpa``: paged attention on torch's CPU flash kernel (``scaled_dot_product_attention``).
 
-Why not ``torch.nn.functional.scaled_dot_product_attention``: its CPU flash kernel picks its query/key split
-sizes from the padded lengths, so a sequence's result changes (in the last bits) with the length of the longest
-sequence it is batched with. Core requires batch invariance, so this backend does the math itself, shaped so
-that every value a sequence gets is produced by an operation whose shape depends only on that sequence:
+The kernel runs bfloat16/float16 natively (fp32 accumulation and softmax), so the cache is never upcast.
+Batch invariance: the kernel's result for one batch element depends only on that element's data and on the
+call's shapes (its query/key split sizes come from the padded lengths, and a GEMM's reduction blocking from
+the key count). So every call is shaped by the sequence's *own* lengths, never by the rest of the batch:
 
-* Scores are one batched GEMM ``[.., M, D] x [.., D, S_pad]``. Measured on oneDNN/MKL fp32: a row's result does
-  not depend on the batch count or on ``S_pad`` (the N dimension), nor on M once M >= 8; tiny M takes a
-  different kernel. Decodes therefore always run as their own group with M = query heads per KV head, and
-  prefill rows are padded to at least ``MIN_PREFILL_ROWS`` rows per KV head.
-* Softmax runs over padded keys masked to ``-inf``; their ``exp`` is exactly 0, and torch's row softmax
-  accumulates lanes in index order, so trailing zeros do not move a bit.
-* ``P @ V`` reduces over keys, and a GEMM's K-blocking does depend on K. Keys are therefore cut into fixed
-  chunks of ``KEY_CHUNK``; each chunk is a GEMM of fixed shape and the chunk results are added in order.
-  Chunks past a sequence's end contribute exact zeros: their probabilities are 0 and their V rows are copies of
-  a real (finite) row, so stale NaNs in unused cache slots cannot leak through ``0 * NaN``.
+* Decodes (one query token) are grouped by ``DECODE_BUCKET``: a decode over ``L`` keys is padded to
+  ``ceil(L / DECODE_BUCKET) * DECODE_BUCKET`` keys (masked out) and batched with the other decodes of that
+  bucket. A query row's result therefore depends on ``L`` alone. The query heads that share a KV head become
+  the query rows of one kernel head (``[B, Hk, group, D]``), so grouped-query attention needs no K/V repeat.
+  Padding keys read the sequence's last real slot (finite data with probability exactly 0), so stale or
+  uninitialised cache slots (possibly NaN) cannot reach the result.
+* Prefill chunks are one kernel call per sequence. A chunk with no cached context attends over the new
+  tokens' keys/values as core hands them over (``key``/``value``), or, when the caller does not pass them,
+  over the same values read back from the cache; ``is_causal`` lets the kernel skip the masked upper half.
+  A chunk with cached context gathers its context once and uses an explicit (bottom-right causal) mask.
+  Grouped-query attention is a stride-0 view of K/V over the query heads of one KV head.
+* Sliding windows: decodes and context chunks only read the keys inside the window; masks do the rest.
 
-All math is float32 whatever the cache dtype: the reference is float32 too, and at decode the GEMMs are a minor
-cost next to gathering the cache, so bf16 GEMMs would buy little and cost accuracy (torch's CPU bf16 matmul
-rounds the scores to bf16 before the softmax).
+Bits do change between a chunked and an unchunked prefill of the same prompt (different kernel shapes), as
+they did between a token computed as a decode and recomputed in a prefill after preemption; core's
+engine-level guarantee (same greedy tokens alone and batched) is tested in tests/test_engine_scheduling.py.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from llmctl.attention import AttentionMetadata
 from llmctl.plugins.types import AttentionBackend, Support
 
-KEY_CHUNK = 128
-MIN_PREFILL_ROWS = 16  # GEMM rows per KV head below which MKL's small-M kernels change a row's rounding
-QUERY_TILE = 512  # longer prefill chunks are split so the score tensor of one sequence stays bounded
-SCORE_BUDGET = 1 << 25  # float32 elements of one sub-batch's score tensor (128 MiB)
+DECODE_BUCKET = 32  # decode key counts are padded to a multiple of this (a function of the sequence only)
+QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the explicit mask stays bounded
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill"})
@@ -44,6 +45,7 @@ class CpuSdpaAttention(AttentionBackend):
     name = "cpu-sdpa"
     platform = "cpu"
     priority = 10
+    accepts_new_kv = True
 
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
         if dtype not in _SUPPORTED_DTYPES:
@@ -70,124 +72,107 @@ class CpuSdpaAttention(AttentionBackend):
         flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+        """``key``/``value`` (optional, [num_tokens, Hk, D]): this step's new keys/values, the ones just given to
+        ``write_kv``. Only used to skip re-reading the cache for prefill chunks without cached context."""
         if out is None:
             out = torch.empty_like(query)
         n = metadata.num_seqs
         if n == 0:
             return out
-        qsl = metadata.query_start_loc[: n + 1].long()
-        starts, q_lens = qsl[:-1], qsl[1:] - qsl[:-1]
-        seq_lens = metadata.seq_lens[:n].long()
-        tables = metadata.block_tables[:n]
-        if metadata.max_query_len == 1 and bool((q_lens == 1).all()):
-            # All-decode fast path: no grouping, no query padding; identical math to the decode group below.
-            _attend(query, kv_cache, out, starts, q_lens, seq_lens, tables, 1, scale, sliding_window)
-            return out
-        decode = torch.nonzero(q_lens == 1).flatten()
-        if decode.numel():
-            _attend(query, kv_cache, out, starts[decode], q_lens[decode], seq_lens[decode], tables[decode], 1,
-                    scale, sliding_window)
-        prefill = torch.nonzero(q_lens > 1).flatten()
-        if prefill.numel():
-            starts, q_lens, seq_lens, seq_idx = _split_query_tiles(
-                starts[prefill], q_lens[prefill], seq_lens[prefill], prefill)
-            tables = tables[seq_idx]
-            _attend_prefill(query, kv_cache, out, starts, q_lens, seq_lens, tables, scale, sliding_window)
+        q_lens = metadata.query_lens_cpu
+        seq_lens = metadata.seq_lens_cpu
+        if q_lens is None or len(q_lens) < n:
+            q_lens = metadata.query_lens[:n].tolist()
+        if seq_lens is None or len(seq_lens) < n:
+            seq_lens = metadata.seq_lens[:n].tolist()
+        q_lens, seq_lens = list(q_lens[:n]), list(seq_lens[:n])
+        flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+        tables = metadata.block_tables
+        block_size = kv_cache.shape[2]
+
+        buckets: dict[int, list[int]] = {}
+        start = 0
+        starts = []
+        for i in range(n):
+            starts.append(start)
+            ql, sl = q_lens[i], seq_lens[i]
+            if ql == 1:
+                eff = sl if sliding_window is None else min(sl, sliding_window)
+                buckets.setdefault(_ceil_to(eff, DECODE_BUCKET), []).append(i)
+            elif ql > 1:
+                _prefill(query, flat, out, start, ql, sl, tables[i], block_size, scale, sliding_window,
+                         key if key is not None and value is not None and start + ql <= key.shape[0] else None,
+                         value)
+            start += ql
+        for s_pad, seqs in buckets.items():
+            _decode_group(query, flat, out, seqs, starts, seq_lens, tables, block_size, s_pad, scale,
+                          sliding_window)
         return out
 
 
-def _split_query_tiles(starts: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, seq_idx: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut query runs longer than ``QUERY_TILE`` into consecutive pseudo-sequences (same block table, shorter
-    context), so memory stays bounded. The cut depends only on the sequence's own query length."""
-    tiles = (q_lens + QUERY_TILE - 1) // QUERY_TILE
-    if bool((tiles == 1).all()):
-        return starts, q_lens, seq_lens, seq_idx
-    owner = torch.repeat_interleave(torch.arange(len(tiles)), tiles)
-    first = torch.cumsum(tiles, 0) - tiles
-    t = torch.arange(len(owner)) - first[owner]
-    lo = t * QUERY_TILE
-    hi = torch.minimum(lo + QUERY_TILE, q_lens[owner])
-    return starts[owner] + lo, hi - lo, seq_lens[owner] - q_lens[owner] + hi, seq_idx[owner]
+def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache slots of token positions ``pos`` (any shape; ``table`` broadcast against ``pos // bs``)."""
+    return table.long().gather(-1, pos // block_size) * block_size + pos % block_size
 
 
-def _attend_prefill(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, starts: torch.Tensor,
-                    q_lens: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor, scale: float,
-                    window: int | None) -> None:
-    """Prefill rows in sub-batches of consecutive sequences, each under ``SCORE_BUDGET`` score elements."""
-    heads, group = query.shape[1], query.shape[1] // kv_cache.shape[3]
-    min_q = -(-MIN_PREFILL_ROWS // group)
-    ql, sl = q_lens.tolist(), seq_lens.tolist()
-    i = 0
-    while i < len(ql):
-        j, q_pad, s_pad = i, 0, 0
-        while j < len(ql):
-            nq, ns = max(q_pad, ql[j], min_q), max(s_pad, _ceil_to(sl[j], KEY_CHUNK))
-            if j > i and (j - i + 1) * heads * nq * ns > SCORE_BUDGET:
-                break
-            q_pad, s_pad, j = nq, ns, j + 1
-        _attend(query, kv_cache, out, starts[i:j], q_lens[i:j], seq_lens[i:j], tables[i:j], q_pad, scale, window)
-        i = j
+def _decode_group(query: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, seqs: list[int], starts: list[int],
+                  seq_lens: list[int], tables: torch.Tensor, block_size: int, s_pad: int, scale: float,
+                  window: int | None) -> None:
+    """One kernel call for decodes whose (windowed) key counts share the padded length ``s_pad``."""
+    m = len(seqs)
+    _, _, kv_heads, head_size = flat.shape
+    heads = query.shape[1]
+    idx = torch.tensor(seqs)
+    rows = torch.tensor([starts[i] for i in seqs])
+    lens = torch.tensor([seq_lens[i] for i in seqs])
+    first = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
+    eff = lens - first
+    t = torch.arange(s_pad)
+    pos = first[:, None] + torch.minimum(t[None, :], eff[:, None] - 1)  # padding repeats the last real key
+    slots = _slots(tables[idx], pos, block_size).flatten()
+    kv = flat.index_select(1, slots).view(2, m, s_pad, kv_heads, head_size).transpose(2, 3)
+    q = query.index_select(0, rows).view(m, kv_heads, heads // kv_heads, head_size)
+    mask = (t[None, :] < eff[:, None]).view(m, 1, 1, s_pad)
+    res = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale)
+    out.index_copy_(0, rows, res.reshape(m, heads, head_size).to(out.dtype))
 
 
-def _attend(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, starts: torch.Tensor,
-            q_lens: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor, q_pad: int, scale: float,
-            window: int | None) -> None:
-    """Attention for ``len(starts)`` sequences whose queries are padded to ``q_pad`` rows."""
-    b = starts.shape[0]
-    _, _, block_size, kv_heads, head_size = kv_cache.shape
+def _prefill(query: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, start: int, q_len: int, seq_len: int,
+             table: torch.Tensor, block_size: int, scale: float, window: int | None, key: torch.Tensor | None,
+             value: torch.Tensor | None) -> None:
+    """One sequence's chunk of ``q_len`` > 1 queries, the last of its ``seq_len`` positions."""
+    ctx = seq_len - q_len
+    _, _, kv_heads, head_size = flat.shape
     heads = query.shape[1]
     group = heads // kv_heads
-    s_pad = _ceil_to(int(seq_lens.max()), KEY_CHUNK)
-    # Padding key positions read the sequence's last real slot: finite data whose probability is exactly 0, so
-    # neither stale cache contents (possibly NaN) nor other sequences' blocks can reach the result.
-    k_pos = torch.arange(s_pad)
-    pos = torch.minimum(k_pos[None, :], seq_lens[:, None] - 1)
-    slots = (tables.long().gather(1, pos // block_size) * block_size + pos % block_size).flatten()
-    flat = kv_cache.view(2, -1, kv_heads, head_size)
-
-    def gather(which: int) -> torch.Tensor:
-        raw = flat[which].index_select(0, slots).view(b, s_pad, kv_heads, head_size)
-        dst = torch.empty(b, kv_heads, s_pad, head_size, dtype=torch.float32)
-        dst.copy_(raw.permute(0, 2, 1, 3))
-        return dst
-
-    k, v = gather(0), gather(1)
-
-    j = torch.arange(q_pad)
-    row = torch.minimum(j[None, :], q_lens[:, None] - 1)  # padding rows repeat the last real row
-    q_pos = (seq_lens - q_lens)[:, None] + row  # absolute position of each query row, [b, q_pad]
-    if q_pad == 1:
-        src = starts
+    first = 0 if window is None else max(0, ctx + 1 - window)  # no query of the chunk sees keys before this
+    if ctx == 0 and key is not None and value is not None:
+        # the cache holds them rounded to its dtype: attend over exactly what a cache read would return
+        k, v = key[start:start + q_len].to(flat.dtype), value[start:start + q_len].to(flat.dtype)
     else:
-        src = (starts[:, None] + row).flatten()
-    q = torch.empty(b, kv_heads, q_pad, group, head_size, dtype=torch.float32)
-    q.copy_(query.index_select(0, src).view(b, q_pad, kv_heads, group, head_size).permute(0, 2, 1, 3, 4))
-    m = q_pad * group
+        kv = flat.index_select(1, _slots(table, torch.arange(first, seq_len), block_size))
+        k, v = kv[0], kv[1]
 
-    scores = torch.matmul(q.view(b, kv_heads, m, head_size), k.transpose(-1, -2))
-    scores.mul_(scale)
-    allowed = k_pos[None, None, :] <= q_pos[:, :, None]
-    if window is not None:
-        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
-    scores.view(b, kv_heads, q_pad, group, s_pad).masked_fill_(~allowed[:, None, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    def kernel_view(x: torch.Tensor) -> torch.Tensor:  # [S, Hk, D] -> [Hk, group, S, D], stride 0 over group
+        return x.permute(1, 0, 2).unsqueeze(1).expand(kv_heads, group, x.shape[0], head_size)
 
-    n_chunks = s_pad // KEY_CHUNK
-    p = probs.view(b, kv_heads, m, n_chunks, KEY_CHUNK).transpose(2, 3).contiguous()
-    parts = torch.matmul(p, v.view(b, kv_heads, n_chunks, KEY_CHUNK, head_size))  # [b, Hk, chunks, m, D]
-    acc = parts[:, :, 0]
-    if n_chunks > 1:
-        acc = acc.clone()
-        for c in range(1, n_chunks):
-            acc += parts[:, :, c]
-
-    res = acc.view(b, kv_heads, q_pad, group, head_size).permute(0, 2, 1, 3, 4).reshape(b * q_pad, heads, head_size)
-    res = res.to(out.dtype)
-    if q_pad == 1:
-        out.index_copy_(0, starts, res)
-        return
-    valid = (j[None, :] < q_lens[:, None]).flatten()
-    rows = (starts[:, None] + j[None, :]).flatten()[valid]
-    out.index_copy_(0, rows, res[valid])
+    k, v = kernel_view(k), kernel_view(v)
+    causal = ctx == 0 and window is None  # keys == queries: the kernel's own causal mask, no mask tensor
+    step = q_len if causal else QUERY_TILE
+    for lo in range(0, q_len, step):
+        hi = min(q_len, lo + step)
+        q = query[start + lo:start + hi].view(hi - lo, kv_heads, group, head_size).permute(1, 2, 0, 3)
+        if causal:
+            res = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            n_keys = ctx + hi - first  # keys [first, ctx + hi) cover this tile
+            q_pos = torch.arange(ctx + lo, ctx + hi)[:, None]
+            k_pos = torch.arange(first, first + n_keys)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            res = F.scaled_dot_product_attention(q, k[:, :, :n_keys], v[:, :, :n_keys], attn_mask=mask,
+                                                 scale=scale)
+        out[start + lo:start + hi] = res.permute(2, 0, 1, 3).reshape(hi - lo, heads, head_size)

@@ -91,6 +91,11 @@ class AttentionBackend(abc.ABC):
     name: str = ""
     platform: str = ""
     priority: int = 0
+    #: When True, core also passes this step's new keys/values to ``forward`` as keyword arguments ``key`` and
+    #: ``value`` ([num_tokens, num_kv_heads, head_size], the tensors just given to ``write_kv``), so a backend
+    #: can attend over a prefill chunk without reading it back from the cache. Backends that leave this False
+    #: never see the extra arguments.
+    accepts_new_kv: bool = False
 
     @abc.abstractmethod
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
