@@ -238,6 +238,8 @@ class Run:
                 await self.state.engine.abort(rid)
             except Exception as exc:  # aborting a request the engine already dropped is fine
                 logger.debug("abort %s: %s", rid, exc)
+            # Counted here so that requests in = finished (any reason, abort included) + rejected on /metrics.
+            self.state.metrics.finished.labels(reason="abort").inc()
         self.unfinished.clear()
 
     async def events(self) -> AsyncIterator[tuple[int, Any]]:
