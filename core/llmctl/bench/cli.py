@@ -1,0 +1,188 @@
+"""``llmctl bench``: a typer sub-app (``bench_app``) with ``throughput``, ``latency`` and ``serve``.
+
+This module imports ``typer`` at import time (it defines the app); ``rich``, ``httpx`` and ``matplotlib`` are
+imported only by the commands that use them. The library functions it wraps live in ``throughput``,
+``latency`` and ``serve_load``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import typer
+
+from llmctl.bench.common import rounded
+
+bench_app = typer.Typer(name="bench", help="Benchmark llmctl offline, or any OpenAI-compatible server.",
+                        no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _kv_memory(value: str | None) -> int | float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if v <= 1 else int(v)
+
+
+def _engine_kwargs(device: str | None, max_num_seqs: int | None, kv_cache_memory: str | None,
+                   max_model_len: int | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if device:
+        kw["device"] = device
+    if max_num_seqs:
+        kw["max_num_seqs"] = max_num_seqs
+    if kv_cache_memory:
+        try:
+            kw["kv_cache_memory"] = _kv_memory(kv_cache_memory)
+        except ValueError:
+            raise typer.BadParameter(f"expected a fraction or a byte count, got {kv_cache_memory!r}",
+                                     param_hint="--kv-cache-memory") from None
+    if max_model_len:
+        kw["max_model_len"] = max_model_len
+    return kw
+
+
+def _table(title: str, rows: list[tuple[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        if isinstance(value, float):
+            value = "n/a" if math.isnan(value) else f"{value:,.2f}"
+        table.add_row(name, str(value))
+    Console().print(table)
+
+
+def _pct_rows(label: str, stats: dict[str, float]) -> list[tuple[str, Any]]:
+    return [(f"{label} {k}", v) for k, v in stats.items()]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+@bench_app.command()
+def throughput(
+    model: str = typer.Argument(..., help="Model dir, HF repo id or .gguf file."),
+    input_len: int = typer.Option(128, help="Prompt length in tokens (random dataset)."),
+    output_len: int = typer.Option(128, help="Tokens generated per request (ignore_eos)."),
+    num_prompts: int = typer.Option(64, help="Number of requests."),
+    dataset: str | None = typer.Option(None, help='JSONL file of {"prompt": ..., "output_len": ...} lines.'),
+    seed: int = typer.Option(0, help="Seed of the random dataset."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    device: str | None = typer.Option(None, help="Platform name or torch device type."),
+    max_num_seqs: int | None = typer.Option(None, help="Most sequences per engine step."),
+    max_model_len: int | None = typer.Option(None, help="Context length."),
+    kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Offline throughput: requests/s and tokens/s of one batch (model load excluded, reported apart)."""
+    from llmctl.bench.throughput import run_throughput
+
+    try:
+        r = run_throughput(model, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
+                           dataset=dataset, seed=seed, dtype=dtype,
+                           **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len))
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(rounded(r.to_dict())))
+        return
+    _table(f"llmctl throughput: {model} ({r.dtype})", [
+        ("dataset", r.dataset), ("requests", r.num_prompts), ("prompt tokens", r.prompt_tokens),
+        ("output tokens", r.output_tokens), ("load time (s)", r.load_s), ("elapsed (s)", r.elapsed_s),
+        ("requests/s", r.requests_per_s), ("output tokens/s", r.output_tokens_per_s),
+        ("total tokens/s", r.total_tokens_per_s), ("peak RSS (MiB)", r.peak_rss_mb)])
+
+
+@bench_app.command()
+def latency(
+    model: str = typer.Argument(..., help="Model dir, HF repo id or .gguf file."),
+    batch_size: int = typer.Option(8, help="Requests submitted together."),
+    input_len: int = typer.Option(128, help="Prompt length in tokens."),
+    output_len: int = typer.Option(128, help="Tokens generated per request (ignore_eos)."),
+    iterations: int = typer.Option(5, help="Timed batches."),
+    warmup_iterations: int = typer.Option(1, help="Untimed batches first."),
+    seed: int = typer.Option(0, help="Seed of the random prompts."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    device: str | None = typer.Option(None, help="Platform name or torch device type."),
+    max_model_len: int | None = typer.Option(None, help="Context length."),
+    kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """TTFT, TPOT and decode-step time at a fixed batch size (p50/p90/p99 over all iterations)."""
+    from llmctl.bench.latency import run_latency
+
+    try:
+        r = run_latency(model, batch_size=batch_size, input_len=input_len, output_len=output_len,
+                        iterations=iterations, warmup_iterations=warmup_iterations, seed=seed, dtype=dtype,
+                        **_engine_kwargs(device, None, kv_cache_memory, max_model_len))
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(rounded(r.to_dict())))
+        return
+    _table(f"llmctl latency: {model} ({r.dtype}), batch {batch_size}, {input_len} in / {output_len} out", [
+        ("requests", r.num_requests), ("output tokens", r.output_tokens), ("load time (s)", r.load_s),
+        *_pct_rows("TTFT ms", r.ttft_ms), *_pct_rows("TPOT ms", r.tpot_ms),
+        *_pct_rows("decode step ms", r.decode_step_ms), *_pct_rows("batch latency s", r.batch_latency_s)])
+
+
+@bench_app.command()
+def serve(
+    base_url: str = typer.Option(..., help="Server root, e.g. http://127.0.0.1:8000 (with or without /v1)."),
+    model: str = typer.Option(..., help="Model name the server expects in 'model'."),
+    num_prompts: int = typer.Option(64, help="Number of requests."),
+    input_len: int = typer.Option(128, help="Prompt length (token ids, or words for random-text)."),
+    output_len: int = typer.Option(128, help="max_tokens of each request."),
+    request_rate: float = typer.Option(math.inf, help="Poisson arrival rate in requests/s (inf: all at once)."),
+    max_concurrency: int | None = typer.Option(None, help="Most requests in flight."),
+    prompt_kind: str = typer.Option("token-ids", help="token-ids or random-text."),
+    vocab_size: int = typer.Option(32000, help="Token ids are drawn from [100, vocab_size)."),
+    seed: int = typer.Option(0, help="Seed of prompts and arrivals."),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Send ignore_eos (vLLM extension)."),
+    api_key: str | None = typer.Option(None, envvar="OPENAI_API_KEY", help="Bearer token."),
+    timeout: float = typer.Option(600.0, help="Per-request timeout in seconds."),
+    plot: str | None = typer.Option(None, help="Save latency histograms and throughput over time to this PNG."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Drive an OpenAI-compatible server with streamed /v1/completions; report TTFT/TPOT/ITL/E2E."""
+    from llmctl.bench.serve_load import plot_result, run_serve_load_sync
+
+    try:
+        r = run_serve_load_sync(base_url, model, num_prompts=num_prompts, input_len=input_len,
+                                output_len=output_len, request_rate=request_rate, max_concurrency=max_concurrency,
+                                prompt_kind=prompt_kind, vocab_size=vocab_size, seed=seed, ignore_eos=ignore_eos,
+                                api_key=api_key, timeout_s=timeout)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    if plot:
+        plot_result(r, plot)
+    if as_json:
+        typer.echo(json.dumps(rounded(r.to_dict())))
+    else:
+        _table(f"serving benchmark: {model} @ {base_url}", [
+            ("completed / sent", f"{r.completed} / {r.num_prompts}"), ("duration (s)", r.duration_s),
+            ("request rate", r.request_rate), ("max concurrency", r.max_concurrency),
+            ("input tokens", r.total_input_tokens), ("output tokens", r.total_output_tokens),
+            ("requests/s", r.request_throughput), ("output tokens/s", r.output_throughput),
+            ("total tokens/s", r.total_token_throughput), *_pct_rows("TTFT ms", r.ttft_ms),
+            *_pct_rows("TPOT ms", r.tpot_ms), *_pct_rows("ITL ms", r.itl_ms), *_pct_rows("E2E ms", r.e2e_ms)])
+        for err in r.errors:
+            typer.echo(f"error sample: {err}", err=True)
+    if r.completed == 0:
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover - ``python -m llmctl.bench.cli``
+    bench_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,122 @@
+"""The benchmark library (``llmctl.bench``) on the tiny random Llama: counts must be self-consistent."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import threading
+import time
+
+import pytest
+from llmctl import LLM
+from llmctl.bench.common import percentile, random_token_prompts
+from llmctl.bench.latency import run_latency
+from llmctl.bench.throughput import load_jsonl, run_throughput
+
+KV = 32 << 20
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0)
+
+
+def test_random_prompts_are_seeded_and_sized():
+    a = random_token_prompts(3, 5, 1000, seed=1)
+    assert a == random_token_prompts(3, 5, 1000, seed=1)
+    assert a != random_token_prompts(3, 5, 1000, seed=2)
+    assert [len(p) for p in a] == [5, 5, 5] and all(100 <= t < 1000 for p in a for t in p)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5 and math.isnan(percentile([], 50))
+
+
+def test_throughput_counts(tiny_llama_dir, tiny_llm):
+    r = run_throughput(str(tiny_llama_dir), input_len=12, output_len=7, num_prompts=5, llm=tiny_llm)
+    assert r.num_prompts == 5 and r.prompt_tokens == 5 * 12
+    assert r.output_tokens == r.expected_output_tokens == 5 * 7  # ignore_eos: every request runs to output_len
+    assert r.elapsed_s > 0 and r.output_tokens_per_s == pytest.approx(r.output_tokens / r.elapsed_s)
+    assert r.total_tokens_per_s == pytest.approx((r.prompt_tokens + r.output_tokens) / r.elapsed_s)
+    assert r.requests_per_s == pytest.approx(5 / r.elapsed_s)
+    json.dumps(r.to_dict())
+
+
+def test_throughput_jsonl_dataset(tiny_llama_dir, tiny_llm, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "Hello there", "output_len": 3}\n\n{"prompt": [101, 102, 103], "output_len": 5}\n'
+                    '{"prompt": "ignored: past num_prompts"}\n')
+    assert len(load_jsonl(path)) == 3
+    r = run_throughput(str(tiny_llama_dir), dataset=path, num_prompts=2, llm=tiny_llm, warmup=False)
+    assert r.num_prompts == 2 and r.output_tokens == r.expected_output_tokens == 8
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_jsonl(bad)
+
+
+def test_latency_counts(tiny_llama_dir, tiny_llm):
+    r = run_latency(str(tiny_llama_dir), batch_size=3, input_len=8, output_len=6, iterations=2,
+                    warmup_iterations=1, llm=tiny_llm)
+    assert r.num_requests == 6 and r.output_tokens == 6 * 6
+    for stats in (r.ttft_ms, r.tpot_ms, r.decode_step_ms, r.batch_latency_s):
+        assert stats["p50"] > 0 and stats["p50"] <= stats["p90"] <= stats["p99"]
+    assert r.ttft_ms["p50"] / 1000 <= r.batch_latency_s["p99"]
+    assert tiny_llm.get_stats()["num_running"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(tiny_llama_dir):
+    llmctl_server = pytest.importorskip("llmctl_server", reason="the llmctl server package is not installed")
+    uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed")
+    pytest.importorskip("httpx", reason="httpx (serve_load's HTTP client) is not installed")
+    from llmctl import AsyncLLM, EngineArgs
+
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0))
+    app = llmctl_server.build_app(engine, llmctl_server.ServerSettings(served_model_names=["tiny"]))
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the in-process llmctl server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("kind,rate,conc", [("token-ids", math.inf, 3), ("random-text", 50.0, None)])
+def test_serve_load_against_llmctl_server(live_server, tmp_path, kind, rate, conc):
+    from llmctl.bench.serve_load import plot_result, run_serve_load_sync, wait_until_ready
+
+    assert wait_until_ready(live_server, "tiny", timeout_s=30) >= 0
+    r = run_serve_load_sync(live_server, "tiny", num_prompts=6, input_len=10, output_len=5, request_rate=rate,
+                            max_concurrency=conc, prompt_kind=kind, vocab_size=1000)
+    assert r.errors == [] and r.completed == 6 and r.failed == 0
+    assert r.total_output_tokens == 6 * 5  # ignore_eos, counted from the usage chunk
+    if kind == "token-ids":
+        assert r.total_input_tokens == 6 * 10
+    assert r.ttft_ms["p50"] > 0 and r.e2e_ms["p50"] >= r.ttft_ms["p50"] and r.itl_ms["p50"] >= 0
+    assert r.output_throughput == pytest.approx(r.total_output_tokens / r.duration_s)
+    json.dumps(r.to_dict())
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (only --plot needs it)")
+    png = tmp_path / "load.png"
+    plot_result(r, str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_load_counts_failures():
+    pytest.importorskip("httpx", reason="httpx is not installed")
+    from llmctl.bench.serve_load import run_serve_load_sync
+
+    r = run_serve_load_sync(f"http://127.0.0.1:{_free_port()}", "none", num_prompts=2, input_len=4, output_len=2,
+                            vocab_size=1000, timeout_s=5)
+    assert r.completed == 0 and r.failed == 2 and r.errors
