@@ -229,7 +229,9 @@ def test_sampled_logprobs_and_ranks_match_transformers(llm, hf_model):
     for j, (tok, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
         row = ref[n - 1 + j]
         assert abs(lp[tok].logprob - float(row[tok])) < 1e-3
-        assert lp[tok].rank == 1 + int((row > row[tok] + 1e-6).sum())
+        # near-ties may order differently in the two implementations: bound the rank by the tolerance
+        lo, hi = 1 + int((row > row[tok] + 1e-4).sum()), 1 + int((row > row[tok] - 1e-4).sum())
+        assert lo <= lp[tok].rank <= hi, (lp[tok].rank, lo, hi)
         top = row.topk(4)
         for r, (t, v) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=1):
             assert t in lp and abs(lp[t].logprob - v) < 1e-3
@@ -250,7 +252,9 @@ def test_prompt_logprobs_match_transformers(llm, hf_model):
     for i in range(1, len(ids)):
         row, tok = ref[i - 1], ids[i]
         assert abs(plp[i][tok].logprob - float(row[tok])) < 1e-3, i
-        assert plp[i][tok].rank == 1 + int((row > row[tok] + 1e-6).sum())
+        # near-ties may order differently in the two implementations: bound the rank by the tolerance
+        lo, hi = 1 + int((row > row[tok] + 1e-4).sum()), 1 + int((row > row[tok] - 1e-4).sum())
+        assert lo <= plp[i][tok].rank <= hi, (plp[i][tok].rank, lo, hi)
         top = row.topk(3)
         for t, v in zip(top.indices.tolist(), top.values.tolist()):
             assert t in plp[i] and abs(plp[i][t].logprob - v) < 1e-3

@@ -69,11 +69,13 @@ def build_batch(case: AttentionCase) -> Batch:
     blocks_per_seq = [math.ceil((c + q) / bs) for c, q in seqs]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks nobody owns: a kernel must never read them
     perm = torch.randperm(num_blocks, generator=gen).tolist()
-    # The last block id goes to the first sequence, where it is full: a write_kv that treats slot -1 as a
-    # Python index would land in it and corrupt real context.
+    # The last block id becomes the first block of a sequence whose first block is context cached before this
+    # step: a write_kv that treats slot -1 as a Python index lands there and corrupts it, every time. (Were it
+    # a block written in this same step, which write wins among duplicate indices would be up to chance.)
     last = num_blocks - 1
     perm.remove(last)
-    perm.insert(0, last)
+    owner = next((i for i, (ctx, _) in enumerate(seqs) if ctx >= bs), 0)
+    perm.insert(sum(blocks_per_seq[:owner]), last)
     width = max(blocks_per_seq) + 1
     block_tables = torch.zeros(len(seqs), width, dtype=torch.int32)
     cursor = 0
