@@ -15,7 +15,7 @@ from llmctl.ops import reference
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins import PluginManager
 
-SEED = random.SystemRandom().randrange(2**31)
+SEED = int(os.environ.get("LLMCTL_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 
 @pytest.fixture
@@ -396,3 +396,19 @@ def test_gloo_two_processes(tmp_path):
         assert torch.equal(r[i]["gathered"], torch.cat([r[0]["mine"], r[1]["mine"]], dim=1))
         assert torch.equal(r[i]["b"], torch.full((4,), 8.0))
     assert torch.equal(r[1]["got"], torch.arange(5.0) * 3)
+
+
+def test_decode_plan_is_shared_by_layers_and_batch_invariant_in_a_full_bucket(backend, rng):
+    """The step's decode plan is built once (in ``metadata.plan_cache``) and reused by every layer; a decode is
+    bit-identical alone and inside a full bucket of same-length decodes (whole-block gather, zeroed padding)."""
+    ctx = rng.randint(100, 140)
+    specs = [(ctx + rng.randint(0, 3), 1) for _ in range(64)]
+    query, cache, md = make_batch(rng, specs, 16, 3, 9, 64, torch.bfloat16)
+    first = backend.forward(query, cache, md, 0.125)
+    (plan,) = md.plan_cache.values()
+    assert backend.forward(query, cache, md, 0.125).equal(first) and md.plan_cache[next(iter(md.plan_cache))] is plan
+    q1, c1, m1 = make_batch(random.Random(1), [specs[5]], 16, 3, 9, 64, torch.bfloat16)
+    q1[0] = query[5]
+    for p in range(sum(specs[5])):
+        c1[:, int(m1.block_tables[0, p // 16]), p % 16] = cache[:, int(md.block_tables[5, p // 16]), p % 16]
+    assert torch.equal(backend.forward(q1, c1, m1, 0.125)[0], first[5])

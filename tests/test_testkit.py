@@ -30,6 +30,15 @@ def test_example_backend_passes_the_contract() -> None:
     assert "test_attention[example-matmul-" in _run_collect("example-cpu"), "attention cases were not collected"
 
 
+def test_in_tree_cpu_plugin_passes_the_testkit() -> None:
+    """The contract run a vendor would do, against our own CPU plugin, end to end included."""
+    proc = _run_testkit("cpu")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " passed" in out and "failed" not in out
+    assert "test_attention[cpu-sdpa-" in _run_collect("cpu"), "attention cases were not collected"
+
+
 def _run_collect(platform: str) -> str:
     return _run_testkit(platform, "--collect-only", "-k", "test_attention").stdout
 

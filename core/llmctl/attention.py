@@ -9,7 +9,7 @@ A decode is simply a sequence with one query token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,10 @@ class AttentionMetadata:
     # Host copies for backends that loop or bucket on the CPU side; kept to avoid device->host syncs.
     query_lens_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # Backends may memoize tensors derived from this step's metadata here (e.g. gather indices, masks); it lives
+    # exactly one step (the runner builds fresh metadata each step), and the layers of one step share it. Keys
+    # should name the backend and every input the value depends on besides the metadata (block size, window...).
+    plan_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_all_decode(self) -> bool:

@@ -81,35 +81,108 @@ class CpuSdpaAttention(AttentionBackend):
         n = metadata.num_seqs
         if n == 0:
             return out
-        q_lens = metadata.query_lens_cpu
-        seq_lens = metadata.seq_lens_cpu
-        if q_lens is None or len(q_lens) < n:
-            q_lens = metadata.query_lens[:n].tolist()
-        if seq_lens is None or len(seq_lens) < n:
-            seq_lens = metadata.seq_lens[:n].tolist()
-        q_lens, seq_lens = list(q_lens[:n]), list(seq_lens[:n])
+        plan = _plan(metadata, kv_cache.shape[2], sliding_window, query.dtype)
         flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
         tables = metadata.block_tables
         block_size = kv_cache.shape[2]
-
-        buckets: dict[int, list[int]] = {}
-        start = 0
-        starts = []
-        for i in range(n):
-            starts.append(start)
-            ql, sl = q_lens[i], seq_lens[i]
-            if ql == 1:
-                eff = sl if sliding_window is None else min(sl, sliding_window)
-                buckets.setdefault(_ceil_to(eff, DECODE_BUCKET), []).append(i)
-            elif ql > 1:
-                _prefill(query, flat, out, start, ql, sl, tables[i], block_size, scale, sliding_window,
-                         key if key is not None and value is not None and start + ql <= key.shape[0] else None,
-                         value)
-            start += ql
-        for s_pad, seqs in buckets.items():
-            _decode_group(query, flat, out, seqs, starts, seq_lens, tables, block_size, s_pad, scale,
-                          sliding_window)
+        for i, start, ql, sl in plan.prefills:
+            _prefill(query, flat, out, start, ql, sl, tables[i], block_size, scale, sliding_window,
+                     key if key is not None and value is not None and start + ql <= key.shape[0] else None,
+                     value)
+        for group in plan.decodes:
+            _decode_group(query, kv_cache, out, group, scale)
         return out
+
+
+class _DecodeGroup:
+    """Everything a bucket of decodes needs that depends on the step's metadata only (built once per step)."""
+
+    __slots__ = ("row0", "rows", "m", "s_pad", "nblk", "blocks", "pad", "mask")
+
+    def __init__(self, row0: int | None, rows: torch.Tensor, m: int, s_pad: int, nblk: int, blocks: torch.Tensor,
+                 pad: torch.Tensor, mask: torch.Tensor) -> None:
+        self.row0, self.rows, self.m, self.s_pad, self.nblk = row0, rows, m, s_pad, nblk
+        self.blocks, self.pad, self.mask = blocks, pad, mask
+
+
+class _Plan:
+    __slots__ = ("prefills", "decodes")
+
+    def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[_DecodeGroup]) -> None:
+        self.prefills, self.decodes = prefills, decodes
+
+
+def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtype: torch.dtype) -> _Plan:
+    """The step's work split (prefill chunks, decode buckets with their gather indices and masks), memoized in
+    ``metadata.plan_cache`` so the model's layers share one copy."""
+    cache_key = ("cpu-sdpa", block_size, window, dtype)
+    plan = metadata.plan_cache.get(cache_key)
+    if plan is not None:
+        return plan
+    n = metadata.num_seqs
+    q_lens = metadata.query_lens_cpu
+    seq_lens = metadata.seq_lens_cpu
+    if q_lens is None or len(q_lens) < n:
+        q_lens = metadata.query_lens[:n].tolist()
+    if seq_lens is None or len(seq_lens) < n:
+        seq_lens = metadata.seq_lens[:n].tolist()
+    prefills: list[tuple[int, int, int, int]] = []
+    buckets: dict[int, list[tuple[int, int, int, int]]] = {}  # s_pad -> (seq, row, first key, key count)
+    start = 0
+    for i in range(n):
+        ql, sl = q_lens[i], seq_lens[i]
+        if ql == 1:
+            first = 0 if window is None else max(0, sl - window)
+            keys = first % block_size + sl - first  # from the start of first's block to the last key
+            buckets.setdefault(_ceil_to(keys, DECODE_BUCKET), []).append((i, start, first, sl - first))
+        elif ql > 1:
+            prefills.append((i, start, ql, sl))
+        start += ql
+    decodes = [_decode_plan(metadata.block_tables, block_size, s_pad, members, dtype)
+               for s_pad, members in buckets.items()]
+    plan = metadata.plan_cache[cache_key] = _Plan(prefills, decodes)
+    return plan
+
+
+def _decode_plan(tables: torch.Tensor, block_size: int, s_pad: int, members: list[tuple[int, int, int, int]],
+                 dtype: torch.dtype) -> _DecodeGroup:
+    """Whole-block gather of a bucket: row ``r`` reads ``nblk`` blocks starting at its first key's block; key
+    ``t`` of the kernel is position ``first_block * block_size + t``. Keys outside ``[off, off + eff)`` are masked
+    out. Masked keys must still be finite (``0 * NaN`` would poison ``p @ V``): blocks past the sequence's last one
+    repeat its first (full, hence written) block, and what remains — the unwritten tail of the last block, the
+    keys before the window, everything when the sequence fits in one block — is zeroed after the gather."""
+    m = len(members)
+    nblk = -(-s_pad // block_size)
+    seq = torch.tensor([x[0] for x in members])
+    row_list = [x[1] for x in members]
+    first = torch.tensor([x[2] for x in members])
+    eff = torch.tensor([x[3] for x in members])
+    b0 = first // block_size
+    off = first - b0 * block_size
+    last = (first + eff - 1) // block_size
+    bidx = b0[:, None] + torch.arange(nblk)
+    bidx = torch.where(bidx <= last[:, None], bidx, torch.where(last > b0, b0, last)[:, None])
+    blocks = tables[seq].long().gather(1, bidx).flatten()
+    t = torch.arange(nblk * block_size)
+    valid = (t >= off[:, None]) & (t < (off + eff)[:, None])
+    unsafe = (t < ((last - b0 + 1) * block_size)[:, None]) | (last == b0)[:, None]
+    pad = (~valid & unsafe)[:, :s_pad].nonzero()
+    pad = pad[:, 0] * (nblk * block_size) + pad[:, 1]
+    mask = torch.zeros(m, 1, 1, s_pad, dtype=dtype).masked_fill_(~valid[:, None, None, :s_pad], float("-inf"))
+    row0 = row_list[0] if row_list == list(range(row_list[0], row_list[0] + m)) else None
+    return _DecodeGroup(row0, torch.tensor(row_list), m, s_pad, nblk, blocks, pad, mask)
+
+
+def _decode_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 decodes one sequence per kernel call. In float32 the kernels' result for a sequence can change with
+    how many sequences share the call (their work split follows the batch; bfloat16 does not show it), which
+    would break batch invariance; one call per sequence makes the call shape a function of the sequence alone.
+    float32 is the exactness dtype, so it pays this loop; bfloat16 (the speed dtype) keeps one call per bucket."""
+    out = torch.empty_like(q)
+    for i in range(q.shape[0]):
+        out[i:i + 1] = F.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], attn_mask=mask[i:i + 1],
+                                                      scale=scale)
+    return out
 
 
 def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -117,26 +190,34 @@ def _slots(table: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Ten
     return table.long().gather(-1, pos // block_size) * block_size + pos % block_size
 
 
-def _decode_group(query: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, seqs: list[int], starts: list[int],
-                  seq_lens: list[int], tables: torch.Tensor, block_size: int, s_pad: int, scale: float,
-                  window: int | None) -> None:
-    """One kernel call for decodes whose (windowed) key counts share the padded length ``s_pad``."""
-    m = len(seqs)
-    _, _, kv_heads, head_size = flat.shape
+def _decode_group(query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor, g: _DecodeGroup,
+                  scale: float) -> None:
+    """One kernel call for decodes whose key counts share the padded length ``g.s_pad``."""
+    _, _, block_size, kv_heads, head_size = kv_cache.shape
     heads = query.shape[1]
-    idx = torch.tensor(seqs)
-    rows = torch.tensor([starts[i] for i in seqs])
-    lens = torch.tensor([seq_lens[i] for i in seqs])
-    first = (lens - window).clamp_(min=0) if window is not None else torch.zeros_like(lens)
-    eff = lens - first
-    t = torch.arange(s_pad)
-    pos = first[:, None] + torch.minimum(t[None, :], eff[:, None] - 1)  # padding repeats the last real key
-    slots = _slots(tables[idx], pos, block_size).flatten()
-    kv = flat.index_select(1, slots).view(2, m, s_pad, kv_heads, head_size).transpose(2, 3)
-    q = query.index_select(0, rows).view(m, kv_heads, heads // kv_heads, head_size)
-    mask = (t[None, :] < eff[:, None]).view(m, 1, 1, s_pad)
-    res = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale)
-    out.index_copy_(0, rows, res.reshape(m, heads, head_size).to(out.dtype))
+    group = heads // kv_heads
+    m, s_pad, keys = g.m, g.s_pad, g.nblk * block_size
+    k = kv_cache[0].index_select(0, g.blocks)
+    v = kv_cache[1].index_select(0, g.blocks)
+    if g.pad.numel():
+        k.view(-1, kv_heads, head_size).index_fill_(0, g.pad, 0)
+        v.view(-1, kv_heads, head_size).index_fill_(0, g.pad, 0)
+    k = k.view(m, keys, kv_heads, head_size)[:, :s_pad].transpose(1, 2)
+    v = v.view(m, keys, kv_heads, head_size)[:, :s_pad].transpose(1, 2)
+    if g.row0 is not None:
+        q = query[g.row0:g.row0 + m].view(m, kv_heads, group, head_size)
+    else:
+        q = query.index_select(0, g.rows).view(m, kv_heads, group, head_size)
+    mask = g.mask if g.mask.dtype == q.dtype else g.mask.to(q.dtype)
+    if q.dtype == torch.float32:
+        res = _decode_fp32(q, k, v, mask, scale)
+    else:
+        res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    dst = out.view(-1, kv_heads, group, head_size)
+    if g.row0 is not None:
+        dst[g.row0:g.row0 + m] = res
+    else:
+        dst.index_copy_(0, g.rows, res.to(out.dtype))
 
 
 def _prefill(query: torch.Tensor, flat: torch.Tensor, out: torch.Tensor, start: int, q_len: int, seq_len: int,

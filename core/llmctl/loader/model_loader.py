@@ -65,7 +65,11 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
 def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn.Module:
     model_cls = get_model_class(source.hf_config, registry)
     model = model_cls(source.hf_config, ctx)
-    model.load_weights(iter_weights(source))
+    from tqdm.auto import tqdm
+
+    # A progress bar on a terminal (tqdm turns itself off when stderr is not one): large checkpoints take a while.
+    weights = tqdm(iter_weights(source), desc="Loading weights", unit=" tensors", disable=None, leave=False)
+    model.load_weights(weights)
     # Parameters were allocated in ctx.dtype and loading casts into them; only non-parameter buffers that a
     # model keeps in float32 on purpose (RoPE tables) differ, so cast parameters alone.
     for p in model.parameters():
