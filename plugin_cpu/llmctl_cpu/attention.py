@@ -5,12 +5,14 @@ Batch invariance: the kernel's result for one batch element depends only on that
 call's shapes (its query/key split sizes come from the padded lengths, and a GEMM's reduction blocking from
 the key count). So every call is shaped by the sequence's *own* lengths, never by the rest of the batch:
 
-* Decodes (one query token) are grouped by ``DECODE_BUCKET``: a decode over ``L`` keys is padded to
-  ``ceil(L / DECODE_BUCKET) * DECODE_BUCKET`` keys (masked out) and batched with the other decodes of that
-  bucket. A query row's result therefore depends on ``L`` alone. The query heads that share a KV head become
-  the query rows of one kernel head (``[B, Hk, group, D]``), so grouped-query attention needs no K/V repeat.
-  Padding keys read the sequence's last real slot (finite data with probability exactly 0), so stale or
-  uninitialised cache slots (possibly NaN) cannot reach the result.
+* Decodes (one query token) are grouped by ``DECODE_BUCKET``: a decode over ``L`` keys is padded to a
+  multiple of ``DECODE_BUCKET`` keys (masked out) and batched with the other decodes of that bucket, so a
+  query row's result depends on ``L`` alone. The query heads that share a KV head become the query rows of one
+  kernel head (``[B, Hk, group, D]``), so grouped-query attention needs no K/V repeat. K/V are gathered as whole
+  blocks, planned once per step in ``AttentionMetadata.plan_cache`` and shared by every layer; masked key
+  positions are made finite (blocks past the end repeat a written block, unwritten tails are zeroed), so
+  uninitialised cache slots (possibly NaN) cannot reach the result. In float32 the kernel's result for a row
+  also depends on how many rows share its call, so float32 decodes run one sequence per call.
 * Prefill chunks are one kernel call per sequence. A chunk with no cached context attends over the new
   tokens' keys/values as core hands them over (``key``/``value``), or, when the caller does not pass them,
   over the same values read back from the cache; ``is_causal`` lets the kernel skip the masked upper half.
