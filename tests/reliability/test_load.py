@@ -22,7 +22,18 @@ from tests.reliability.conftest import (
 
 CLIENTS = 256
 DISCONNECT_FRACTION = 0.2
-KV_BYTES = 12 << 20
+# Tiny Llama: 8 KiB per KV block (2 layers x K,V x 16 slots x 2 heads x 16 x fp32), so 5 MiB = 640 blocks. A round
+# needs <= 512 at once (256 streams x <= 21 tokens = 2 blocks) and hands out ~345, and free blocks are handed out in
+# LRU order, so the 3 warm-up rounds (~1000 allocations) write every block once. With the old 12 MiB (1536 blocks)
+# the warm-up wrote only 62% of them (961 of 1537 pages per layer, read from /proc/PID/pagemap) and the measured
+# rounds committed the rest: +4.5 MiB of the +5-8 MiB "growth" in docs/reliability.md.
+KV_BYTES = 5 << 20
+SOAK_KV_BYTES = 12 << 20  # LLMCTL_SOAK_MODEL (SmolLM2: ~0.7 MiB per block): 16 blocks, all written by the warm-up
+# The engine trims malloc once it has been idle for 0.5 s (core/llmctl/engine/async_llm.py); RssAnon is read after it
+SETTLE_S = 1.5
+# Bounded run (768 requests): every measured round's RssAnon stays within 0.7 MiB of the post-warm-up value with the
+# trim (+83 MiB swings without it), so 2 MiB catches a leak of ~3 KiB per request and the allocator's noise does not
+CI_MAX_GROWTH_KIB = 2048
 WARMUP_ROUNDS = 3
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
 
@@ -87,14 +98,16 @@ def _check(results: list[dict]) -> tuple[int, int, int]:
 def test_streaming_storm(server_factory, tiny_llama_dir):
     model = os.environ.get("LLMCTL_SOAK_MODEL") or str(tiny_llama_dir)
     # KV cache small enough that the warm-up touches every block (it is allocated lazily: first use of a block
-    # grows RSS once) and large enough for all 256 streams at once
-    srv = server_factory(model, "--kv-cache-memory", str(KV_BYTES))
+    # grows RSS once) and, on the tiny model, large enough for all 256 streams at once
+    kv_bytes = SOAK_KV_BYTES if os.environ.get("LLMCTL_SOAK_MODEL") else KV_BYTES
+    srv = server_factory(model, "--kv-cache-memory", str(kv_bytes))
     rng = random.Random(1234)
     max_tokens = 8
     # warm-up: allocator pools, tokenizer caches, torch kernels, the KV cache itself (allocated lazily)
     for _ in range(WARMUP_ROUNDS):
         _check(asyncio.run(_round(srv.url, rng, max_tokens)))
         wait_idle_metrics(srv)
+    time.sleep(SETTLE_S)
     base_m = srv.metrics()
     rss0 = rss_anon_kib(srv.pid)
     rss_trace = [rss0]
@@ -108,6 +121,7 @@ def test_streaming_storm(server_factory, tiny_llama_dir):
             totals[i] += v
         rounds += 1
         m = wait_idle_metrics(srv)  # free KV blocks return to the total after every round
+        time.sleep(SETTLE_S)
         rss_trace.append(rss_anon_kib(srv.pid))
         assert srv.proc.poll() is None
     rss1 = rss_anon_kib(srv.pid)
@@ -139,8 +153,10 @@ def test_streaming_storm(server_factory, tiny_llama_dir):
            completed=completed, disconnects=aborted, rejected=rejected, server_aborts_uncounted=int(unaccounted),
            abort_counter=abort_counter, kv_blocks_leaked=0, rss_anon_start_kib=rss0, rss_anon_end_kib=rss1,
            rss_growth_mib_per_1000=round(per_1000, 3), rss_trace_kib=rss_trace, seconds=round(elapsed, 1))
-    # 1 MiB per 1000 requests is below the allocator's own step size over the bounded run (768 requests: jumps of
-    # 0.1-5 MiB between rounds after warm-up), so the bound is asserted on soak runs, where it is measurable
+    # 1 MiB per 1000 requests is 0.77 MiB over the bounded run's 768 requests, about the allocator's own noise after
+    # the trim, so the bounded run asserts CI_MAX_GROWTH_KIB and soak runs (>= 5000 requests) the rate
+    if not SOAK:
+        assert growth_kib < CI_MAX_GROWTH_KIB, f"server RssAnon grew {growth_kib} KiB over {n} requests: {rss_trace}"
     if n >= 5000:
         assert per_1000 < 1.0, f"server RssAnon grew {growth_kib} KiB over {n} requests: {rss_trace}"
 

@@ -4,13 +4,23 @@ Callers get an async generator of cumulative ``RequestOutput``s per request. Val
 on the caller's side (so a bad request fails before it reaches the engine); everything that mutates engine
 state runs on the engine thread, fed through a command queue. Outputs go back with one thread-safe callback
 per step, and a consumer that falls behind simply skips to the newest cumulative output.
+
+Once the engine has been idle for ``_TRIM_AFTER_IDLE_S`` after doing work, it calls glibc's ``malloc_trim(0)``
+(once per busy period; ``LLMCTL_MALLOC_TRIM=0`` turns it off). A step's temporaries are large and vary in size
+(logits are rows x vocab floats: 48 MiB for 256 rows of a 49k vocab), and glibc keeps what they freed in the
+engine thread's arena, so without it the idle RSS of a server steps up and down by up to ~100 MiB between bursts
+(docs/reliability.md, memory). The call releases the GIL and takes a few milliseconds; it never runs while
+requests are waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -25,6 +35,37 @@ from llmctl.outputs import RequestOutput
 from llmctl.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+_TRIM_AFTER_IDLE_S = 0.5
+
+
+def _load_malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (not Linux/glibc, e.g. musl or macOS, or LLMCTL_MALLOC_TRIM=0)."""
+    if os.environ.get("LLMCTL_MALLOC_TRIM", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_malloc_trim = _load_malloc_trim()
+_M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's malloc arenas for this process (unless MALLOC_ARENA_MAX is set, which glibc honours itself).
+    Each new thread may otherwise get its own arena, and a server's RSS steps up by ~20 MiB per arena early in
+    its life (docs/reliability.md, memory); two arenas serve the event loop and the engine thread."""
+    if _malloc_trim is None or os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, n)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass
@@ -47,6 +88,7 @@ class AsyncLLM:
         self._stop = threading.Event()
         self.dead_error: BaseException | None = None
         self._stats: dict[str, Any] = self.engine.get_stats()
+        _limit_malloc_arenas()
         self._thread = threading.Thread(target=self._run_loop, name="llmctl-engine", daemon=True)
         self._thread.start()
 
@@ -137,18 +179,24 @@ class AsyncLLM:
     # -- the engine thread -------------------------------------------------------------------------------------
     def _run_loop(self) -> None:
         engine = self.engine
+        trim_pending = False  # work was done since the last malloc_trim
         try:
             while not self._stop.is_set():
                 self._drain_commands()
                 if not engine.has_unfinished_requests():
                     self._stats = engine.get_stats()
-                    self._wake.wait(timeout=0.5)
+                    woken = self._wake.wait(timeout=_TRIM_AFTER_IDLE_S)
                     self._wake.clear()
+                    if not woken and trim_pending and _malloc_trim is not None:
+                        trim_pending = False
+                        _malloc_trim(0)  # idle for a while: hand the step temporaries' free pages back
                     continue
+                trim_pending = True
                 outputs = engine.step()
                 self._stats = engine.get_stats()
                 if outputs:
                     self._deliver(outputs)
+                del outputs  # not kept alive (with every RequestOutput of the last step) while idle
         except BaseException as exc:  # the engine itself is broken: fail everyone, loudly
             logger.exception("llmctl engine loop died")
             self.dead_error = exc
