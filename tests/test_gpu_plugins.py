@@ -24,7 +24,7 @@ from llmctl_cuda.platform import CudaPlatform  # noqa: E402
 from llmctl_rocm.platform import RocmPlatform  # noqa: E402
 from llmctl_triton.runtime import (  # noqa: E402
     CudaGraphRunner,
-    TorchDistributedCommunicator,
+    GpuCommunicator,
     kv_budget,
     profile_kv_cache_size,
 )
@@ -232,7 +232,7 @@ def _free_port() -> int:
 
 
 def _comm_worker(rank: int, world: int, port: int, results) -> None:
-    comm = TorchDistributedCommunicator("test-gloo", "cpu", backend="gloo")
+    comm = GpuCommunicator("test-gloo", "cpu", backend="gloo")
     comm.init(rank, world, f"tcp://127.0.0.1:{port}")
     try:
         t = torch.full((2, 3), float(rank + 1))

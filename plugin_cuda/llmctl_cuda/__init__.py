@@ -43,9 +43,9 @@ def llmctl_register_ops(register: Callable[[Any], None]) -> None:
 
 @hookimpl
 def llmctl_register_communicators(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.runtime import TorchDistributedCommunicator
+    from llmctl_triton.runtime import GpuCommunicator
 
-    register(TorchDistributedCommunicator(name="nccl", platform=PLATFORM, backend="nccl"))
+    register(GpuCommunicator(name="nccl", platform=PLATFORM, backend="nccl"))
 
 
 @hookimpl

@@ -40,10 +40,10 @@ def llmctl_register_ops(register: Callable[[Any], None]) -> None:
 
 @hookimpl
 def llmctl_register_communicators(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.runtime import TorchDistributedCommunicator
+    from llmctl_triton.runtime import GpuCommunicator
 
     # torch's "nccl" process-group backend is RCCL on ROCm builds.
-    register(TorchDistributedCommunicator(name="rccl", platform=PLATFORM, backend="nccl"))
+    register(GpuCommunicator(name="rccl", platform=PLATFORM, backend="nccl"))
 
 
 @hookimpl

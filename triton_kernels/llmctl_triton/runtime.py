@@ -1,4 +1,4 @@
-"""GPU runtime helpers shared by the CUDA and ROCm plugins: a torch.distributed communicator, a decode-step
+"""GPU runtime helpers shared by the CUDA and ROCm plugins: an NCCL communicator, a decode-step
 graph runner and KV-cache sizing by profiling. ROCm's torch exposes HIP through the same ``torch.cuda`` API
 (``torch.cuda.CUDAGraph`` is a hipGraph there and the "nccl" backend is RCCL), so one implementation serves both.
 """
@@ -11,85 +11,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from llmctl.plugins.types import Communicator
+from llmctl.distributed import TorchDistributedCommunicator
 
 logger = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-class TorchDistributedCommunicator(Communicator):
-    """Collectives through ``torch.distributed`` with one backend ("nccl" on CUDA and ROCm, "gloo" in tests)."""
+class GpuCommunicator(TorchDistributedCommunicator):
+    """Core's torch.distributed communicator with NCCL (RCCL on ROCm): each rank binds its GPU first and hands it
+    to ``init_process_group(device_id=...)``, which makes NCCL initialise eagerly instead of hanging lazily."""
 
     def __init__(self, name: str, platform: str, backend: str = "nccl") -> None:
-        self.name = name
-        self.platform = platform
-        self.backend = backend
-        self.rank = 0
-        self.world_size = 1
-        self._owns_group = False
+        super().__init__(name=name, platform=platform, backend=backend)
 
-    def _device(self) -> torch.device | None:
-        if self.backend == "nccl" and torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return None
-
-    def init(self, rank: int, world_size: int, init_method: str) -> None:
-        self.rank, self.world_size = rank, world_size
-        if self.backend == "nccl":
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"communicator {self.name!r} needs a GPU: torch.cuda.is_available() is False")
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        if dist.is_initialized():
-            return  # the launcher (torchrun, Ray) already set up the default group
-        kwargs: dict[str, Any] = {}
-        device = self._device()
-        if device is not None:
-            kwargs["device_id"] = device  # binds NCCL to the device eagerly, avoiding a lazy-init hang
-        dist.init_process_group(self.backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
-        self._owns_group = True
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        if self.world_size == 1:
-            return tensor
-        t = tensor.contiguous()
-        gathered = torch.empty((self.world_size * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
-        dist.all_gather_into_tensor(gathered, t)
-        if dim % t.dim() == 0:
-            return gathered
-        return torch.cat(gathered.chunk(self.world_size, dim=0), dim=dim)
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.broadcast(tensor, src)
-        return tensor
-
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        dist.send(tensor.contiguous(), dst)
-
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        dist.recv(tensor, src)
-        return tensor
-
-    def barrier(self) -> None:
-        if not dist.is_initialized():
-            return
-        device = self._device()
-        if device is not None:
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
-
-    def destroy(self) -> None:
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_group = False
+    def prepare_device(self, rank: int) -> torch.device | None:
+        if self.backend != "nccl":
+            return None
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"communicator {self.name!r} needs a GPU: torch.cuda.is_available() is False")
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
 
 
 def _fill_pad(views: Mapping[str, torch.Tensor], n: int, pad_values: Mapping[str, Any],

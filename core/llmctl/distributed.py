@@ -1,0 +1,124 @@
+"""A ``Communicator`` on ``torch.distributed`` that any platform plugin can instantiate or subclass.
+
+Most backends differ only in the process-group backend name ("gloo", "nccl", "xccl", ...) and in how a rank
+binds to its device, so those are the two seams (``backend_name`` and ``prepare_device``); the rules for
+owning process groups live here once:
+
+* World size 1 never touches torch.distributed: every collective is the identity, so a single-process engine
+  creates no global process group that a later ``init_process_group`` (by the user or a test) would hit.
+* With more ranks it owns the default group only if it created it; when something else (torchrun, Ray, the
+  user) already initialised torch.distributed with the same world, it builds a private group on that world.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from llmctl.plugins.types import Communicator
+
+
+class TorchDistributedCommunicator(Communicator):
+    def __init__(self, name: str, platform: str, backend: str = "gloo", timeout_s: float = 300.0) -> None:
+        self.name = name
+        self.platform = platform
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.rank = 0
+        self.world_size = 1
+        self._group: dist.ProcessGroup | None = None
+        self._device: torch.device | None = None
+        self._owns_default = False
+        self._active = False
+
+    # -- seams for subclasses ----------------------------------------------------------------------------------
+    def backend_name(self) -> str:
+        """The torch.distributed backend to create groups with (resolved at ``init``, after device checks)."""
+        return self.backend
+
+    def prepare_device(self, rank: int) -> torch.device | None:
+        """Bind this rank to its device before the group exists; return it when the backend wants ``device_id``
+        (NCCL binds eagerly then, avoiding a lazy-init hang) and for device-aware barriers."""
+        return None
+
+    # -- the contract ------------------------------------------------------------------------------------------
+    def init(self, rank: int, world_size: int, init_method: str) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if self._active:
+            raise RuntimeError(f"communicator {self.name!r} is already initialised; call destroy() first")
+        self.rank, self.world_size = rank, world_size
+        self._active = True
+        if world_size == 1:
+            return
+        self._device = self.prepare_device(rank)
+        backend = self.backend_name()
+        timeout = timedelta(seconds=self.timeout_s)
+        if dist.is_initialized():
+            if dist.get_world_size() != world_size or dist.get_rank() != rank:
+                raise RuntimeError(f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                                   f"{dist.get_world_size()}, not rank {rank} of {world_size}")
+            self._group = dist.new_group(ranks=list(range(world_size)), backend=backend, timeout=timeout)
+        else:
+            kwargs = {"device_id": self._device} if self._device is not None else {}
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timeout, **kwargs)
+            self._owns_default = True
+            self._group = dist.group.WORLD
+
+    def _has_peers(self) -> bool:
+        if not self._active:
+            raise RuntimeError(f"communicator {self.name!r} used before init()")
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self._has_peers():
+            return tensor
+        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._group)
+        return tensor if buf is tensor else tensor.copy_(buf)
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if not self._has_peers():
+            return tensor
+        src = tensor.contiguous()
+        parts = [torch.empty_like(src) for _ in range(self.world_size)]
+        dist.all_gather(parts, src, group=self._group)
+        return torch.cat(parts, dim=dim)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if not self._has_peers():
+            return tensor
+        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        dist.broadcast(buf, src=src, group=self._group)
+        return tensor if buf is tensor else tensor.copy_(buf)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        if not self._has_peers():
+            raise ValueError("send needs a peer; world_size is 1")
+        dist.send(tensor.contiguous(), dst=dst, group=self._group)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        if not self._has_peers():
+            raise ValueError("recv needs a peer; world_size is 1")
+        buf = tensor if tensor.is_contiguous() else tensor.contiguous()
+        dist.recv(buf, src=src, group=self._group)
+        return tensor if buf is tensor else tensor.copy_(buf)
+
+    def barrier(self) -> None:
+        if not self._has_peers():
+            return
+        if self._device is not None and self._device.type == "cuda":
+            dist.barrier(group=self._group, device_ids=[self._device.index])
+        else:
+            dist.barrier(group=self._group)
+
+    def destroy(self) -> None:
+        if self._active and self.world_size > 1 and dist.is_initialized():
+            if self._owns_default:
+                dist.destroy_process_group()
+            elif self._group is not None:
+                dist.destroy_process_group(self._group)
+        self._group, self._owns_default, self._active = None, False, False
