@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -281,7 +280,3 @@ def _kv_geometry(hf_config) -> tuple[int, int, int | None]:
     if getattr(cfg, "use_sliding_window", True) is False:
         window = None
     return head_size, kv_heads, window
-
-
-def now() -> float:
-    return time.time()
