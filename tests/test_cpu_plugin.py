@@ -325,7 +325,7 @@ def test_batch_invariance(backend, rng, dtype, group, head_size):
 def test_op_overrides_match_reference(manager, rng, dtype):
     # check this plugin's registrations themselves (other installed plugins may also override ops for cpu)
     mine = {e.item.name: e.item for e in manager.registry.ops if e.plugin == "cpu"}
-    assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul"}
+    assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "pack_linear_weight", "linear"}
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])
@@ -340,6 +340,19 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     assert torch.equal(got, want) and torch.equal(got_res, want_res) and torch.equal(res, res_before)
     y = torch.randn(rows, 2 * width).to(dtype)
     assert torch.equal(ops["silu_and_mul"](y), reference.silu_and_mul(y))
+    # linear on a plain weight is the reference; on a packed (bf16) weight it agrees within bf16 rounding
+    weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
+    assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
+    packed = ops["pack_linear_weight"](weight)
+    if dtype == torch.float32:
+        assert packed is weight  # float32 stays on the plain path the batch-invariance tests pin
+    want = reference.linear(x.float(), weight.float(), bias.float())
+    got = ops["linear"](x, packed, bias).float()
+    assert got.shape == want.shape
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    x3 = x.reshape(1, rows, width)  # leading dims are kept, as F.linear does
+    assert ops["linear"](x3, packed, None).shape == (1, rows, 96)
 
 
 # -- gloo communicator ---------------------------------------------------------------------------------------------

@@ -150,3 +150,18 @@ def test_op_override_checks_catch_wrong_math_and_in_place_writes() -> None:
 
     with pytest.raises(ContractViolation, match=r"^\[ops\.rms_norm\.inputs_unchanged\]"):
         check_op("rms_norm", in_place, torch.device("cpu"), torch.float32)
+
+
+def test_packed_linear_check_catches_a_wrong_pack() -> None:
+    from llmctl.ops import reference
+    from llmctl_testkit.checks import check_packed_linear
+    from llmctl_testkit.harness import ContractViolation
+
+    check_packed_linear(reference.pack_linear_weight, reference.linear, torch.device("cpu"), torch.float32)
+
+    def scaled_pack(w: torch.Tensor) -> torch.Tensor:  # a layout bug that still has the right shape
+        return w * 1.01
+
+    with pytest.raises(ContractViolation) as err:
+        check_packed_linear(scaled_pack, reference.linear, torch.device("cpu"), torch.float32)
+    assert err.value.clause == "ops.pack_linear_weight"

@@ -32,7 +32,34 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]).mul_(x[..., d:])  # in place on silu's fresh output: one allocation fewer
 
 
+# oneDNN picks a weight layout for an expected batch; decode batches are small, and prefill-sized inputs run
+# as fast on it as on the plain layout (measured: M=8192 equal, M=64 1.2x, M=1 1.9x faster than F.linear).
+_PACK_BATCH_HINT = 64
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """bfloat16 weights go into oneDNN's blocked layout once, so no GEMM reorders them again; other dtypes stay
+    plain (float32 is the exactness dtype, and its plain MKL path is what the batch-invariance tests pin)."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2 or not _onednn_bf16():
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 def op_overrides() -> list[OpOverride]:
     return [OpOverride(name, fn, platform="cpu", priority=10)
             for name, fn in (("rms_norm", rms_norm), ("fused_add_rms_norm", fused_add_rms_norm),
-                             ("silu_and_mul", silu_and_mul))]
+                             ("silu_and_mul", silu_and_mul), ("pack_linear_weight", pack_linear_weight),
+                             ("linear", linear))]

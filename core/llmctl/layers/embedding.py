@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.layers._params import empty_param
+from llmctl.layers.linear import bind_linear_ops
+from llmctl.plugins.registry import Ops
 
 
 class VocabEmbedding(nn.Module):
@@ -31,6 +33,11 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
+        self._linear = F.linear
+        self._packed: torch.Tensor | None = None
+
+    def bind_ops(self, ops: Ops) -> None:
+        bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight).float()
+        return self._linear(hidden, self.weight if self._packed is None else self._packed).float()

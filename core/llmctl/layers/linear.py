@@ -7,6 +7,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.layers._params import copy_checked, empty_param
+from llmctl.plugins.registry import Ops
+
+
+def bind_linear_ops(module: nn.Module, ops: Ops, release_plain: bool) -> None:
+    """After loading: let the platform repack ``module.weight`` for its ``linear`` (once). When it made a new
+    tensor, the layer runs on that and, unless something else reads the plain weight (a tied embedding),
+    releases the plain copy so the weights are not held twice."""
+    plain = module.weight.detach()
+    packed = ops.pack_linear_weight(plain)
+    module._linear = ops.linear
+    if packed is not plain:
+        module._packed = packed
+        if release_plain:
+            module.weight.data = module.weight.data.new_empty(0)
 
 
 class Linear(nn.Module):
@@ -17,9 +31,14 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
+        self._linear = F.linear
+        self._packed: torch.Tensor | None = None
+
+    def bind_ops(self, ops: Ops) -> None:
+        bind_linear_ops(self, ops, release_plain=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.weight if self._packed is None else self._packed, self.bias)
 
 
 class MergedLinear(Linear):

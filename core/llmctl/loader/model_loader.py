@@ -75,4 +75,7 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != ctx.dtype:
             p.data = p.data.to(ctx.dtype)
+    for module in model.modules():
+        if hasattr(module, "bind_ops"):
+            module.bind_ops(ctx.ops)
     return model.eval()

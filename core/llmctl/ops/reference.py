@@ -93,6 +93,18 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < min_p.unsqueeze(-1) * top, float("-inf"))
 
 
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Turn a loaded ``[out, in]`` weight into whatever the platform's ``linear`` runs fastest on (a blocked
+    layout, prepacked GEMM panels, ...). Called once per layer at load time; the reference keeps the tensor."""
+    return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias``. ``weight`` is either a plain ``[out, in]`` tensor or what this platform's
+    ``pack_linear_weight`` returned; an override must accept both."""
+    return F.linear(x, weight, bias)
+
+
 OP_NAMES: tuple[str, ...] = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -100,4 +112,6 @@ OP_NAMES: tuple[str, ...] = (
     "silu_and_mul",
     "apply_top_k_top_p",
     "apply_min_p",
+    "pack_linear_weight",
+    "linear",
 )

@@ -297,7 +297,32 @@ def _op_inputs(name: str, dtype: torch.dtype, gen: torch.Generator) -> list[tupl
                 ((logits.clone(), None, top_p), {}), ((logits.clone(), None, None), {})]
     if name == "apply_min_p":
         return [((torch.randn(6, 50, generator=gen), torch.tensor([0.0, 0.05, 0.1, 0.5, 0.9, 1.0])), {})]
+    if name == "linear":
+        return [((r(7, 64), r(96, 64), r(96)), {}), ((r(2, 5, 128), r(64, 128), None), {})]
     raise KeyError(name)
+
+
+def check_packed_linear(pack, linear, device: torch.device, dtype: torch.dtype) -> None:
+    """``pack_linear_weight`` is checked through the platform's ``linear``: ``linear(x, pack(w), b)`` must match
+    the reference ``x @ w.T + b``, with and without bias, for 2-D and 3-D inputs, leaving ``w`` untouched."""
+    clause = "ops.pack_linear_weight"
+    gen = torch.Generator().manual_seed(11)
+    for i, (rows, k, n, bias) in enumerate(((7, 64, 96, True), (1, 128, 64, False), (33, 576, 960, True))):
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        expected = reference.linear(x, w, b)
+        w_dev = w.to(device)
+        try:
+            packed = pack(w_dev)
+            got = linear(x.to(device), packed, None if b is None else b.to(device))
+            got3 = linear(x.to(device).unsqueeze(0), packed, None if b is None else b.to(device))
+        except Exception as exc:
+            raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} on case {i}") from exc
+        require(torch.equal(w_dev.cpu(), w), clause + ".inputs_unchanged", f"the weight was modified (case {i})")
+        require(got.dtype == expected.dtype, clause, f"linear on the packed weight returned {got.dtype} (case {i})")
+        assert_close(clause, got, expected, dtype, f"linear(x, pack(w)) (case {i})")
+        assert_close(clause, got3.squeeze(0), expected, dtype, f"linear on a 3-D input (case {i})")
 
 
 def _flatten(x: object) -> list[torch.Tensor]:

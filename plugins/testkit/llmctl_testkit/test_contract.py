@@ -122,6 +122,9 @@ def test_op_override(testkit_manager, testkit_platform, testkit_device, op_name:
         pytest.skip(f"{testkit_platform.name} does not override {op_name}")
     if op_name in ("apply_top_k_top_p", "apply_min_p") and dtype != torch.float32:
         pytest.skip("sampling ops run on float32 logits")
+    if op_name == "pack_linear_weight":
+        checks.check_packed_linear(ops.pack_linear_weight, ops.linear, testkit_device, dtype)
+        return
     checks.check_op(op_name, getattr(ops, op_name), testkit_device, dtype)
 
 
