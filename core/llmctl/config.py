@@ -7,7 +7,7 @@ a model is loaded or a KV block allocated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -121,4 +121,3 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    extra: dict[str, Any] = field(default_factory=dict)

@@ -206,7 +206,6 @@ class EngineCore:
     def _fail(self, request: Request, exc: Exception) -> list[CoreOutput]:
         logger.error("request %s failed: %s: %s", request.request_id, type(exc).__name__, exc)
         message = f"{type(exc).__name__}: {exc}"
-        request.error = message
         self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
         return [CoreOutput(request.request_id, finish_reason="error", error=message)]
 
@@ -248,7 +247,6 @@ class EngineCore:
                 if reason is not None:
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
-                    req.stop_reason = reason[1]
                     self.scheduler.finish(req, status)
         return list(outputs.values())
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmctl.outputs import PositionLogprobs
 from llmctl.sampling_params import SamplingParams
 
 
@@ -45,12 +44,7 @@ class Request:
     num_cached_tokens: int = 0
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
-    stop_reason: int | str | None = None
     generator: torch.Generator | None = None
-    logprobs: list[PositionLogprobs] | None = None
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-    cumulative_logprob: float = 0.0
-    error: str | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -58,8 +52,6 @@ class Request:
         sp = self.sampling_params
         if sp.seed is not None:
             self.generator = torch.Generator().manual_seed(sp.seed % (2**63))
-        if sp.logprobs is not None:
-            self.logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -80,8 +80,3 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self._cached.setdefault(block_hash, block_id)
-
-    def reset_prefix_cache(self) -> None:
-        for block in self.blocks:
-            block.block_hash = None
-        self._cached.clear()

@@ -101,6 +101,3 @@ class KVCacheManager:
         self.pool.release(list(reversed(request.block_ids)))
         request.block_ids = []
         request.num_registered_blocks = 0
-
-    def reset_prefix_cache(self) -> None:
-        self.pool.reset_prefix_cache()
