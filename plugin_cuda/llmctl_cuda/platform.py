@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
-
-GPU_MEMORY_UTILIZATION_ENV = "LLMCTL_GPU_MEMORY_UTILIZATION"
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+from llmctl.plugins.types import DeviceInfo, ProbeResult
+from llmctl_triton.runtime import TorchCudaPlatform, gpu_memory_utilization
 
 
 def nvml_info() -> dict[str, Any]:
@@ -66,17 +64,9 @@ def torch_build_problem() -> str | None:
     return None
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(TorchCudaPlatform):
     name = "cuda"
-    device_type = "cuda"
-    priority = 100
-    dist_backend = "nccl"
-
-    def probe(self) -> ProbeResult:
-        try:
-            return self._probe()
-        except Exception as exc:  # the contract: never raise from probe
-            return ProbeResult(False, f"CUDA detection failed: {type(exc).__name__}: {exc}")
+    vendor = "CUDA"
 
     def _probe(self) -> ProbeResult:
         problem = torch_build_problem()
@@ -110,37 +100,12 @@ class CudaPlatform(Platform):
     def capability(self, device_index: int = 0) -> tuple[int, int]:
         return torch.cuda.get_device_capability(device_index)
 
-    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
-        free, total = torch.cuda.mem_get_info(device_index)
-        return int(free), int(total)
-
-    def synchronize(self, device_index: int = 0) -> None:
-        torch.cuda.synchronize(device_index)
-
-    def supported_dtypes(self) -> list[torch.dtype]:
-        try:
-            bf16 = torch.cuda.is_available() and self.capability() >= (8, 0)
-        except Exception:
-            bf16 = False
-        return ([torch.bfloat16] if bf16 else []) + [torch.float16, torch.float32]
+    def has_bf16(self) -> bool:
+        return self.capability() >= (8, 0)
 
     def configure(self, config: Any) -> dict[str, Any]:
         """Without an explicit ``kv_cache_memory``, give the KV cache a fraction of the GPU's free memory
         (after weights) instead of core's small CPU-oriented default cap."""
-        changes: dict[str, Any] = {}
         if getattr(config, "kv_cache_memory", None) is None:
-            changes["kv_cache_memory"] = gpu_memory_utilization()
-        return changes
-
-
-def gpu_memory_utilization() -> float:
-    raw = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
-    if raw is None:
-        return DEFAULT_GPU_MEMORY_UTILIZATION
-    try:
-        value = float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}") from exc
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}")
-    return value
+            return {"kv_cache_memory": gpu_memory_utilization()}
+        return {}

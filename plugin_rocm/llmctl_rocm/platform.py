@@ -6,11 +6,11 @@ import os
 from typing import Any
 
 import torch
-from llmctl.plugins.types import DeviceInfo, DoctorCheck, DoctorResult, Platform, ProbeResult
+from llmctl.plugins.types import DeviceInfo, DoctorCheck, DoctorResult, ProbeResult
+from llmctl_triton.runtime import DEFAULT_GPU_MEMORY_UTILIZATION, TorchCudaPlatform
 
 # gfx families with native bf16 matrix instructions (MI200/MI300/MI350, RDNA3/RDNA4).
 BF16_ARCH_PREFIXES = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 def torch_build_problem() -> str | None:
@@ -29,17 +29,9 @@ def gfx_arch(device_index: int) -> str:
     return str(getattr(props, "gcnArchName", "") or "").split(":")[0]
 
 
-class RocmPlatform(Platform):
+class RocmPlatform(TorchCudaPlatform):
     name = "rocm"
-    device_type = "cuda"  # HIP devices are torch "cuda" devices
-    priority = 100
-    dist_backend = "nccl"  # RCCL behind torch's nccl backend
-
-    def probe(self) -> ProbeResult:
-        try:
-            return self._probe()
-        except Exception as exc:
-            return ProbeResult(False, f"ROCm detection failed: {type(exc).__name__}: {exc}")
+    vendor = "ROCm"
 
     def _probe(self) -> ProbeResult:
         problem = torch_build_problem()
@@ -65,19 +57,8 @@ class RocmPlatform(Platform):
                 capabilities={"gfx_arch": gfx_arch(i), "compute_units": props.multi_processor_count}))
         return ProbeResult(True, "", tuple(devices), details)
 
-    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
-        free, total = torch.cuda.mem_get_info(device_index)
-        return int(free), int(total)
-
-    def synchronize(self, device_index: int = 0) -> None:
-        torch.cuda.synchronize(device_index)
-
-    def supported_dtypes(self) -> list[torch.dtype]:
-        try:
-            bf16 = torch.cuda.is_available() and gfx_arch(0).startswith(BF16_ARCH_PREFIXES)
-        except Exception:
-            bf16 = False
-        return ([torch.bfloat16] if bf16 else []) + [torch.float16, torch.float32]
+    def has_bf16(self) -> bool:
+        return gfx_arch(0).startswith(BF16_ARCH_PREFIXES)
 
     def configure(self, config: Any) -> dict[str, Any]:
         if getattr(config, "kv_cache_memory", None) is None:

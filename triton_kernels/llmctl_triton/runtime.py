@@ -6,16 +6,73 @@ graph runner and KV-cache sizing by profiling. ROCm's torch exposes HIP through 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from llmctl.distributed import TorchDistributedCommunicator
+from llmctl.plugins.types import Platform, ProbeResult
 
 logger = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+GPU_MEMORY_UTILIZATION_ENV = "LLMCTL_GPU_MEMORY_UTILIZATION"
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def gpu_memory_utilization() -> float:
+    """The share of a GPU's free memory the KV cache gets when the user sets no ``kv_cache_memory``."""
+    raw = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
+    if raw is None:
+        return DEFAULT_GPU_MEMORY_UTILIZATION
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}") from exc
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{GPU_MEMORY_UTILIZATION_ENV}: expected a number in (0, 1], got {raw!r}")
+    return value
+
+
+class TorchCudaPlatform(Platform):
+    """What NVIDIA and AMD platforms share through torch's ``cuda`` API (HIP devices are torch "cuda" devices):
+    a probe that never raises, memory, synchronisation and dtypes. Subclasses detect and configure."""
+
+    device_type = "cuda"
+    priority = 100
+    dist_backend = "nccl"  # RCCL behind the same backend name on ROCm
+    vendor = "GPU"
+
+    def probe(self) -> ProbeResult:
+        try:
+            return self._probe()
+        except Exception as exc:  # the contract: never raise from probe
+            return ProbeResult(False, f"{self.vendor} detection failed: {type(exc).__name__}: {exc}")
+
+    def _probe(self) -> ProbeResult:
+        raise NotImplementedError
+
+    def has_bf16(self) -> bool:
+        """Whether device 0 has native bf16 matrix instructions."""
+        raise NotImplementedError
+
+    def memory_info(self, device_index: int = 0) -> tuple[int, int]:
+        free, total = torch.cuda.mem_get_info(device_index)
+        return int(free), int(total)
+
+    def synchronize(self, device_index: int = 0) -> None:
+        torch.cuda.synchronize(device_index)
+
+    def supported_dtypes(self) -> list[torch.dtype]:
+        try:
+            bf16 = torch.cuda.is_available() and self.has_bf16()
+        except Exception:
+            bf16 = False
+        return ([torch.bfloat16] if bf16 else []) + [torch.float16, torch.float32]
 
 
 class GpuCommunicator(TorchDistributedCommunicator):
