@@ -30,8 +30,17 @@ def manager() -> PluginManager:
     return PluginManager().load()
 
 
-@pytest.fixture(scope="module")
-def backend(manager):
+@pytest.fixture(params=["native", "torch"])
+def backend(request, manager, monkeypatch):
+    """Both decode/write paths: the C kernels (llmctl_cpu.native) and the torch fallback used without a compiler."""
+    from llmctl_cpu import native
+
+    if request.param == "native":
+        ok, why = native.status()
+        if not ok:
+            pytest.skip(f"CPU C kernels not available: {why}")
+    else:
+        monkeypatch.setattr(native, "kernels", lambda: None)
     return manager.registry.attention_backends["cpu-sdpa"].item
 
 
@@ -129,10 +138,38 @@ def test_configure_threads_honours_environment(monkeypatch):
 
 def test_doctor_checks_run(manager):
     checks = {e.item.name: e.item for e in manager.registry.doctor_checks if e.plugin == "cpu"}
-    assert checks
+    assert {"cpu threads", "cpu bf16", "cpu kernels"} <= set(checks)
     for check in checks.values():
         result = check.run()
         assert result.message
+
+
+def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypatch, tmp_path):
+    from llmctl_cpu import native
+
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    native._load.cache_clear()
+    try:
+        if native._compiler() is not None:
+            ok, why = native.status()
+            assert ok, why
+            assert list((tmp_path / "cpu-kernels").glob("kernels-*.so")), "the build is cached under LLMCTL_CACHE_DIR"
+            native._load.cache_clear()
+            assert native.status()[0]  # a second load reuses the cached object
+        native._load.cache_clear()
+        monkeypatch.setenv(native.DISABLE_ENV, "0")
+        assert native.status() == (False, f"disabled by {native.DISABLE_ENV}=0") and native.kernels() is None
+        monkeypatch.delenv(native.DISABLE_ENV)
+        native._load.cache_clear()
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        ok, why = native.status()
+        assert not ok and "no C compiler" in why
+        native._load.cache_clear()
+        monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+        ok, why = native.status()
+        assert not ok and "build failed" in why
+    finally:
+        native._load.cache_clear()
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
@@ -322,10 +359,46 @@ def test_batch_invariance(backend, rng, dtype, group, head_size):
 # -- op overrides --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("neox", [True, False])
+def test_rotary_override_is_bit_identical_to_reference(manager, rng, dtype, neox):
+    """The C rotary kernel on views into a fused qkv output (row stride > heads * D), with full and partial
+    rotary, equals the torch reference bit for bit; shapes it does not take fall back to the reference."""
+    from llmctl_cpu import native
+    from llmctl_cpu.ops import rotary_embedding
+
+    if not native.status()[0]:
+        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    heads, kv_heads, d = rng.choice([(9, 3, 64), (4, 4, 128), (8, 1, 32)])
+    rot = rng.choice([d, d // 2])
+    t, max_pos = rng.randint(1, 70), 4096
+    qkv = (torch.randn(t, (heads + 2 * kv_heads) * d) * 3).to(dtype)
+    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
+    positions = torch.randint(0, max_pos, (t,))
+    cos_sin = torch.randn(max_pos, rot)
+    got_q, got_k = rotary_embedding(positions, q, k, cos_sin, neox)
+    want_q, want_k = reference.rotary_embedding(positions, q, k, cos_sin, neox)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    with pytest.raises(IndexError, match="positions"):
+        rotary_embedding(torch.full((t,), max_pos), q, k, cos_sin, neox)
+    odd = q.transpose(0, 1).contiguous().transpose(0, 1)  # heads not contiguous: the reference path
+    assert torch.equal(rotary_embedding(positions, odd, k, cos_sin, neox)[0], want_q)
+
+
+def test_native_write_kv_rejects_slots_outside_the_cache(backend):
+    cache = torch.zeros(2, 4, 16, 2, 64)
+    key = torch.randn(3, 2, 64)
+    with pytest.raises(IndexError, match="slot_mapping"):
+        backend.write_kv(key, key, cache, torch.tensor([0, 5, 4 * 16]))
+    assert not cache.any(), "nothing may be written when a slot is out of range"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_op_overrides_match_reference(manager, rng, dtype):
     # check this plugin's registrations themselves (other installed plugins may also override ops for cpu)
     mine = {e.item.name: e.item for e in manager.registry.ops if e.plugin == "cpu"}
-    assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "pack_linear_weight", "linear"}
+    assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
+                         "pack_linear_weight", "linear"}
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from llmctl.attention import AttentionMetadata
 from llmctl.plugins.types import AttentionBackend, Support
 
+from llmctl_cpu import native
+
 DECODE_BUCKET = 32  # decode key counts are padded to a multiple of this (a function of the sequence only)
 QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the explicit mask stays bounded
 
@@ -63,10 +65,18 @@ class CpuSdpaAttention(AttentionBackend):
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
+        n = slot_mapping.shape[0]
+        key, value = key[:n], value[:n]
+        lib = native.kernels()
+        if lib is not None and _native_rows_ok(key, kv_cache) and _native_rows_ok(value, kv_cache):
+            lib.write_kv(key, value, kv_cache, slot_mapping.long().contiguous())
+            return
         flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
         slots = slot_mapping.long()
-        n = slots.shape[0]
-        key, value = key[:n], value[:n]
+        if n and int(slots.max()) >= flat.shape[1]:  # checked first: index_copy_ would write a partial batch
+            bad = int((slots >= flat.shape[1]).nonzero()[0, 0])
+            raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {flat.shape[1]} "
+                             "slots")
         if n and bool((slots < 0).any()):
             keep = slots >= 0
             slots, key, value = slots[keep], key[keep], value[keep]
@@ -91,7 +101,15 @@ class CpuSdpaAttention(AttentionBackend):
             _prefill(query, flat, out, start, ql, sl, tables[i], block_size, scale, sliding_window,
                      key if key is not None and value is not None and start + ql <= key.shape[0] else None,
                      value)
-        for group in plan.decodes:
+        if plan.native is not None:
+            lib = native.kernels()
+            if lib is not None and _native_query_ok(query, out, kv_cache):
+                if not lib.decode_attention(query, out, kv_cache, plan.native.block_tables, plan.native.tables,
+                                            plan.native.rows, plan.native.seq_lens, sliding_window, scale):
+                    raise RuntimeError("native decode attention failed: a block table entry is outside the KV "
+                                       "cache, or scratch memory could not be allocated")
+                return out
+        for group in plan.torch_decodes(metadata.block_tables, block_size, query.dtype):
             _decode_group(query, kv_cache, out, group, scale)
         return out
 
@@ -107,11 +125,42 @@ class _DecodeGroup:
         self.blocks, self.pad, self.mask = blocks, pad, mask
 
 
-class _Plan:
-    __slots__ = ("prefills", "decodes")
+class _NativeDecodes:
+    """The step's decodes as the C kernel takes them: one entry per sequence, all in a single call."""
 
-    def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[_DecodeGroup]) -> None:
-        self.prefills, self.decodes = prefills, decodes
+    __slots__ = ("tables", "rows", "seq_lens", "block_tables")
+
+    def __init__(self, members: list[tuple[int, int, int]], block_tables: torch.Tensor) -> None:
+        self.tables = torch.tensor([m[0] for m in members], dtype=torch.int32)
+        self.rows = torch.tensor([m[1] for m in members], dtype=torch.int64)
+        self.seq_lens = torch.tensor([m[2] for m in members], dtype=torch.int32)
+        self.block_tables = block_tables.to(torch.int32).contiguous()
+
+
+class _Plan:
+    __slots__ = ("prefills", "buckets", "native", "_torch_decodes")
+
+    def __init__(self, prefills: list[tuple[int, int, int, int]],
+                 buckets: dict[int, list[tuple[int, int, int, int]]], native: _NativeDecodes | None) -> None:
+        self.prefills, self.buckets, self.native = prefills, buckets, native
+        self._torch_decodes: list[_DecodeGroup] | None = None
+
+    def torch_decodes(self, tables: torch.Tensor, block_size: int, dtype: torch.dtype) -> list[_DecodeGroup]:
+        """Gather plans for the torch decode path, built only when a step needs it (no C kernels, fp16)."""
+        if self._torch_decodes is None:
+            self._torch_decodes = [_decode_plan(tables, block_size, s_pad, members, dtype)
+                                   for s_pad, members in self.buckets.items()]
+        return self._torch_decodes
+
+
+def _native_rows_ok(x: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """[n, heads, D] rows the C kernels can read: cache dtype, heads contiguous within a row, contiguous cache."""
+    return (native.dtype_code(kv_cache.dtype) is not None and x.dtype == kv_cache.dtype and x.dim() == 3
+            and x.stride(2) == 1 and x.stride(1) == x.shape[2] and kv_cache.is_contiguous())
+
+
+def _native_query_ok(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return _native_rows_ok(query, kv_cache) and _native_rows_ok(out, kv_cache)
 
 
 def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtype: torch.dtype) -> _Plan:
@@ -130,6 +179,7 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
         seq_lens = metadata.seq_lens[:n].tolist()
     prefills: list[tuple[int, int, int, int]] = []
     buckets: dict[int, list[tuple[int, int, int, int]]] = {}  # s_pad -> (seq, row, first key, key count)
+    decodes: list[tuple[int, int, int]] = []  # (seq, row, seq_len)
     start = 0
     for i in range(n):
         ql, sl = q_lens[i], seq_lens[i]
@@ -137,12 +187,13 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
             first = 0 if window is None else max(0, sl - window)
             keys = first % block_size + sl - first  # from the start of first's block to the last key
             buckets.setdefault(_ceil_to(keys, DECODE_BUCKET), []).append((i, start, first, sl - first))
+            decodes.append((i, start, sl))
         elif ql > 1:
             prefills.append((i, start, ql, sl))
         start += ql
-    decodes = [_decode_plan(metadata.block_tables, block_size, s_pad, members, dtype)
-               for s_pad, members in buckets.items()]
-    plan = metadata.plan_cache[cache_key] = _Plan(prefills, decodes)
+    use_native = decodes and native.dtype_code(dtype) is not None and native.kernels() is not None
+    plan = metadata.plan_cache[cache_key] = _Plan(
+        prefills, buckets, _NativeDecodes(decodes, metadata.block_tables) if use_native else None)
     return plan
 
 

@@ -39,5 +39,18 @@ def check_bf16() -> DoctorResult:
         return DoctorResult(False, f"could not check bf16 support: {type(exc).__name__}: {exc}")
 
 
+def check_native_kernels() -> DoctorResult:
+    """Whether the C decode-attention/rotary/KV-write kernels built; without them the torch paths run (slower)."""
+    from llmctl_cpu import native
+
+    ok, why = native.status()
+    if ok:
+        return DoctorResult(True, f"C kernels available ({why})")
+    return DoctorResult(True, f"C kernels not available: {why}",
+                        "install gcc or clang (or set CC) for the faster decode attention; unset "
+                        f"{native.DISABLE_ENV} if it is 0")
+
+
 def doctor_checks() -> list[DoctorCheck]:
-    return [DoctorCheck("cpu threads", check_threads), DoctorCheck("cpu bf16", check_bf16)]
+    return [DoctorCheck("cpu threads", check_threads), DoctorCheck("cpu bf16", check_bf16),
+            DoctorCheck("cpu kernels", check_native_kernels)]

@@ -1,0 +1,183 @@
+"""The CPU plugin's C kernels (``kernels.c``): built on first use with the host's C compiler, loaded with ctypes.
+
+Why C and why this way: at decode batch sizes a torch composition of gather + pad + mask + SDPA spends more
+time dispatching and copying than computing, and a kernel that walks the block table in place removes both.
+Compiling here (``-march=native``, about half a second, cached by source/compiler/CPU) needs no torch headers,
+no build step at install time and no binary wheels per torch version. The shared object links the OpenMP
+runtime by soname, so it reuses the ``libgomp.so.1`` torch already loaded instead of starting a second pool.
+
+Everything degrades: without a compiler, with ``LLMCTL_CPU_NATIVE=0`` or when a build fails, :func:`kernels`
+returns ``None``, :func:`status` says why, and callers keep their torch paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "LLMCTL_CPU_NATIVE"
+CACHE_ENV = "LLMCTL_CACHE_DIR"
+SOURCE = Path(__file__).with_name("kernels.c")
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+          "-fPIC", "-shared")
+
+DT_F32, DT_BF16 = 0, 1
+_DTYPE_CODES = {torch.float32: DT_F32, torch.bfloat16: DT_BF16}
+MAX_ROTARY_HEAD_SIZE = 512  # kernels.c keeps one head in a stack buffer of this many floats
+
+_c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+def dtype_code(dtype: torch.dtype) -> int | None:
+    return _DTYPE_CODES.get(dtype)
+
+
+class NativeKernels:
+    """Typed entry points of the loaded library. Callers check dtypes/contiguity; these only pass pointers."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self._attn = lib.llmctl_decode_attention
+        self._attn.restype = _c_int
+        self._attn.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_int, _c_int, _c_int,
+                               _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int, _c_float, _c_i64, _c_int]
+        self._write = lib.llmctl_write_kv
+        self._write.restype = _c_int
+        self._write.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
+                                _c_i64]
+        self._rotary = lib.llmctl_rotary
+        self._rotary.restype = _c_int
+        self._rotary.argtypes = [_c_int, _c_ptr, _c_int, _c_ptr, _c_int, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
+                                 _c_int, _c_int, _c_int]
+
+    def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                         block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
+                         seq_lens: torch.Tensor, window: int | None, scale: float) -> bool:
+        """``query``/``out`` [T, H, D] with contiguous heads; ``kv_cache`` [2, blocks, block_size, Hk, D]
+        contiguous; ``tables`` (int32), ``rows`` (int64), ``seq_lens`` (int32): one entry per decode. False when
+        a block id is out of range or the kernel could not allocate its scratch."""
+        _, _, block_size, kv_heads, head_size = kv_cache.shape
+        rc = self._attn(_DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0),
+                        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_size, kv_heads, head_size,
+                        query.shape[1], block_tables.data_ptr(), block_tables.stride(0), tables.data_ptr(),
+                        rows.data_ptr(), seq_lens.data_ptr(), rows.shape[0], window or 0, scale,
+                        kv_cache.shape[1], torch.get_num_threads())
+        return rc == 0
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """``key``/``value`` [n, Hk, D] with contiguous rows of ``Hk * D``; ``slots`` int64 contiguous."""
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        bad = self._write(_DTYPE_CODES[kv_cache.dtype], key.data_ptr(), key.stride(0), value.data_ptr(),
+                          value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
+                          slots.shape[0], key.shape[1] * key.shape[2], num_slots)
+        if bad >= 0:
+            raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {num_slots} slots")
+
+    def rotary(self, positions: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
+               neox: bool) -> None:
+        """``src``/``dst`` [T, heads, D] with contiguous heads; ``cos_sin`` [max_position, rot] float32."""
+        bad = self._rotary(_DTYPE_CODES[src.dtype], positions.data_ptr(), positions.shape[0], cos_sin.data_ptr(),
+                           cos_sin.shape[1], cos_sin.shape[0], src.data_ptr(), src.stride(0), dst.data_ptr(),
+                           dst.stride(0), src.shape[1], src.shape[2], int(neox))
+        if bad >= 0:
+            raise IndexError(f"positions[{bad}] = {int(positions[bad])} is outside the rotary table's "
+                             f"{cos_sin.shape[0]} positions")
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llmctl")
+    return Path(root) / "cpu-kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str) -> Path:
+    """Compile kernels.c into the cache (atomically: concurrent first starts may race) and return the .so path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), _compiler_version(cc).encode(), " ".join(CFLAGS).encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "llmctl-cpu-kernels"):
+        target = directory / f"kernels-{key}.so"
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError:
+            continue  # cache not writable: try the next location
+        try:
+            proc = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+            logger.info("built CPU kernels with %s into %s", cc, target)
+            return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError(f"no writable cache directory for the compiled kernels (tried {_cache_dir()} and the temp dir)")
+
+
+@functools.cache
+def _load() -> tuple[NativeKernels | None, str]:
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {DISABLE_ENV}=0"
+    if platform.system() != "Linux":
+        return None, f"only built on Linux (this is {platform.system()})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc/clang); using the torch paths"
+    try:
+        path = _build(cc)
+        return NativeKernels(ctypes.CDLL(str(path)), path), f"built with {Path(cc).name}: {path}"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU kernels unavailable, using the torch paths: %s", exc)
+        return None, f"build failed: {exc}"
+
+
+def kernels() -> NativeKernels | None:
+    """The loaded kernels, or None (see :func:`status` for why)."""
+    return _load()[0]
+
+
+def status() -> tuple[bool, str]:
+    lib, reason = _load()
+    return lib is not None, reason

@@ -1,0 +1,444 @@
+/* llmctl CPU kernels: the few ops where a torch composition costs more in dispatch and copies than in math.
+ *
+ * Plain C compiled on the host that runs it (gcc/clang -O3 -march=native), loaded through ctypes, so there is
+ * no build step at install time and no dependency on torch's C++ headers. Every function takes raw pointers,
+ * element strides and a dtype code; the Python side (llmctl_cpu.native) checks shapes, dtypes and contiguity
+ * before calling, so nothing here validates twice.
+ *
+ * Batch invariance: each (sequence, kv head) pair of a decode is computed by one thread from that sequence's
+ * data alone, in a fixed order, so a row's result never depends on the rest of the batch or the thread count.
+ * The file is compiled with -ffp-contract=off so the rotary kernel rounds exactly where torch's reference does;
+ * the attention kernel asks for fused multiply-adds explicitly where it wants them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DT_F32 0
+#define DT_BF16 1
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_f32(bf16_t x) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)x << 16;
+    return c.f;
+}
+
+static inline bf16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    uint32_t u = c.u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+static inline void load_f32(const void *base, int64_t offset, int dtype, float *restrict dst, int n) {
+    if (dtype == DT_F32) {
+        memcpy(dst, (const float *)base + offset, (size_t)n * sizeof(float));
+    } else {
+        const bf16_t *restrict src = (const bf16_t *)base + offset;
+#pragma omp simd
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(src[i]);
+    }
+}
+
+static inline void store_f32(void *base, int64_t offset, int dtype, const float *restrict src, int n) {
+    if (dtype == DT_F32) {
+        memcpy((float *)base + offset, src, (size_t)n * sizeof(float));
+    } else {
+        bf16_t *restrict dst = (bf16_t *)base + offset;
+#pragma omp simd
+        for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    }
+}
+
+/* exp for x <= 0 (softmax after subtracting the max): Cody-Waite range reduction and a degree-6 polynomial,
+ * written so the compiler vectorises it (libm's expf would not be). Relative error about 2e-7. */
+static inline float softmax_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)((int32_t)n + 127) << 23;
+    return p * c.f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define HAVE_AVX512 1
+static inline __m512 load16(const void *base, int64_t offset, int dtype) {
+    if (dtype == DT_F32) return _mm512_loadu_ps((const float *)base + offset);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const bf16_t *)base + offset));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+#define HAVE_AVX512 0
+#endif
+
+static inline int64_t cache_row(const int32_t *table, int t, int block_size, int kv_heads, int kh, int d) {
+    return (((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads + kh) * d;
+}
+
+/* scores[g * n + j] = q_g . k_(first + j) for the group's query rows (q already scaled). Inlined with a constant
+ * dtype at each call site, so the per-key loads are not branching. */
+static inline __attribute__((always_inline)) void qk_scores(int dtype, const float *q, int group, int d,
+                                                            const void *k_cache, const int32_t *table, int block_size,
+                                                            int kv_heads, int kh, int first, int len,
+                                                            float *restrict scores) {
+    const int n = len - first;
+#if HAVE_AVX512
+    if (d % 16 == 0 && d <= 256) {
+        const int nv = d / 16;
+        __m512 kv[16];
+        for (int t = first; t < len; t++) {
+            const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
+            for (int v = 0; v < nv; v++) kv[v] = load16(k_cache, base + 16 * v, dtype);
+            for (int g = 0; g < group; g++) {
+                const float *qg = q + (size_t)g * d;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+                for (int v = 1; v < nv; v++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), kv[v], a);
+                scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a);
+            }
+        }
+        return;
+    }
+#endif
+    float row[1024];
+    for (int t = first; t < len; t++) {
+        load_f32(k_cache, cache_row(table, t, block_size, kv_heads, kh, d), dtype, row, d);
+        for (int g = 0; g < group; g++) {
+            const float *restrict qg = q + (size_t)g * d;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int x = 0; x < d; x++) s = fmaf(qg[x], row[x], s);
+            scores[(size_t)g * n + (t - first)] = s;
+        }
+    }
+}
+
+#if HAVE_AVX512
+/* Specialised inner loops for the common shapes (group <= 8 query rows per KV head, head_size 64 or 128), with
+ * the accumulators in registers: inlined with constant G and NV, the loops unroll fully. */
+static inline __attribute__((always_inline)) void qk_fixed(int dtype, int G, int NV, const float *q, float scale_bf16,
+                                                           const bf16_t *q_bf16, const void *k_cache,
+                                                           const int32_t *table, int block_size, int kv_heads,
+                                                           int kh, int first, int len, float *restrict scores) {
+    const int n = len - first;
+    const int d = NV * 16;
+#if defined(__AVX512BF16__)
+    if (dtype == DT_BF16) { /* bf16 dot products straight on the cache: no conversion, exact products */
+        __m512bh qb[8][4];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV / 2; v++)
+                qb[g][v] = (__m512bh)_mm512_loadu_si512((const void *)(q_bf16 + (size_t)g * d + 32 * v));
+        for (int t = first; t < len; t++) {
+            const bf16_t *kr = (const bf16_t *)k_cache + cache_row(table, t, block_size, kv_heads, kh, d);
+            __m512bh kb[4];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV / 2; v++) kb[v] = (__m512bh)_mm512_loadu_si512((const void *)(kr + 32 * v));
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[g][0], kb[0]);
+#pragma GCC unroll 4
+                for (int v = 1; v < NV / 2; v++) a = _mm512_dpbf16_ps(a, qb[g][v], kb[v]);
+                scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * scale_bf16;
+            }
+        }
+        return;
+    }
+#else
+    (void)scale_bf16;
+    (void)q_bf16;
+#endif
+    __m512 qv[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(q + (size_t)g * d + 16 * v);
+    for (int t = first; t < len; t++) {
+        const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
+        __m512 kv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) kv[v] = load16(k_cache, base + 16 * v, dtype);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 8
+            for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+            scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pv_fixed(int dtype, int G, int NV, const float *p,
+                                                           const void *v_cache, const int32_t *table, int block_size,
+                                                           int kv_heads, int kh, int first, int len,
+                                                           float *restrict acc) {
+    const int n = len - first;
+    const int d = NV * 16;
+    __m512 a[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) a[g][v] = _mm512_setzero_ps();
+    for (int t = first; t < len; t++) {
+        const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
+        __m512 vv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) vv[v] = load16(v_cache, base + 16 * v, dtype);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(p[(size_t)g * n + (t - first)]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) a[g][v] = _mm512_fmadd_ps(w, vv[v], a[g][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * v, a[g][v]);
+}
+
+#define FIXED_CASES(X, DT, NV) \
+    X(DT, 1, NV) X(DT, 2, NV) X(DT, 3, NV) X(DT, 4, NV) X(DT, 5, NV) X(DT, 6, NV) X(DT, 7, NV) X(DT, 8, NV)
+
+#define QK_CASE(DT, G, NV)                                                                                      \
+    case (DT) * 1000 + (G) * 10 + (NV):                                                                        \
+        qk_fixed(DT, G, NV, q, scale, q_bf16, k_cache, table, block_size, kv_heads, kh, first, len, scores);  \
+        return 1;
+#define PV_CASE(DT, G, NV)                                                                                      \
+    case (DT) * 1000 + (G) * 10 + (NV):                                                                        \
+        pv_fixed(DT, G, NV, p, v_cache, table, block_size, kv_heads, kh, first, len, acc);                    \
+        return 1;
+
+/* 1 when a specialised loop handled the shape, 0 to use the general one. */
+static int qk_dispatch(int dtype, int group, int d, const float *q, float scale, const bf16_t *q_bf16,
+                       const void *k_cache, const int32_t *table, int block_size, int kv_heads, int kh, int first,
+                       int len, float *restrict scores) {
+    switch (dtype * 1000 + group * 10 + d / 16) {
+        FIXED_CASES(QK_CASE, DT_BF16, 4)
+        FIXED_CASES(QK_CASE, DT_BF16, 8)
+        FIXED_CASES(QK_CASE, DT_F32, 4)
+        FIXED_CASES(QK_CASE, DT_F32, 8)
+        default:
+            return 0;
+    }
+}
+
+static int pv_dispatch(int dtype, int group, int d, const float *p, const void *v_cache, const int32_t *table,
+                       int block_size, int kv_heads, int kh, int first, int len, float *restrict acc) {
+    switch (dtype * 1000 + group * 10 + d / 16) {
+        FIXED_CASES(PV_CASE, DT_BF16, 4)
+        FIXED_CASES(PV_CASE, DT_BF16, 8)
+        FIXED_CASES(PV_CASE, DT_F32, 4)
+        FIXED_CASES(PV_CASE, DT_F32, 8)
+        default:
+            return 0;
+    }
+}
+#endif
+
+/* In place: each row of scores becomes exp(score - row max) (the softmax numerators). */
+static void softmax_numerators(float *scores, int group, int n) {
+    for (int g = 0; g < group; g++) {
+        float *restrict sg = scores + (size_t)g * n;
+        float m = -INFINITY;
+        for (int j = 0; j < n; j++) m = sg[j] > m ? sg[j] : m;
+#pragma omp simd
+        for (int j = 0; j < n; j++) sg[j] = softmax_exp(sg[j] - m);
+    }
+}
+
+/* acc[g] += sum_j p[g][j] * v_(first + j). */
+static inline __attribute__((always_inline)) void pv_accumulate(int dtype, const float *p, int group, int d,
+                                                                const void *v_cache, const int32_t *table,
+                                                                int block_size, int kv_heads, int kh, int first,
+                                                                int len, float *restrict acc) {
+    const int n = len - first;
+#if HAVE_AVX512
+    if (d % 16 == 0 && d <= 256) {
+        const int nv = d / 16;
+        __m512 vv[16];
+        for (int t = first; t < len; t++) {
+            const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
+            for (int v = 0; v < nv; v++) vv[v] = load16(v_cache, base + 16 * v, dtype);
+            for (int g = 0; g < group; g++) {
+                const __m512 w = _mm512_set1_ps(p[(size_t)g * n + (t - first)]);
+                float *ag = acc + (size_t)g * d;
+                for (int v = 0; v < nv; v++)
+                    _mm512_storeu_ps(ag + 16 * v, _mm512_fmadd_ps(w, vv[v], _mm512_loadu_ps(ag + 16 * v)));
+            }
+        }
+        return;
+    }
+#endif
+    float row[1024];
+    for (int t = first; t < len; t++) {
+        load_f32(v_cache, cache_row(table, t, block_size, kv_heads, kh, d), dtype, row, d);
+        for (int g = 0; g < group; g++) {
+            const float w = p[(size_t)g * n + (t - first)];
+            float *restrict ag = acc + (size_t)g * d;
+#pragma omp simd
+            for (int x = 0; x < d; x++) ag[x] = fmaf(w, row[x], ag[x]);
+        }
+    }
+}
+
+/* Decode attention straight from the paged cache: one query token per sequence, no gather, no padding.
+ *
+ * query/out: row r of sequence i is query + rows[i] * q_row_stride, its heads contiguous ([heads, head_size]).
+ * k_cache/v_cache: [num_blocks, block_size, kv_heads, head_size] contiguous. block_tables: [*, bt_stride] int32,
+ * sequence i uses row tables[i]. Keys [first, seq_len) are read, first = max(0, seq_len - window) when
+ * window > 0. Returns 0, or -1 when a block id is outside [0, num_blocks) or a scratch allocation failed (the
+ * caller raises or falls back). */
+int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, void *out, int64_t o_row_stride,
+                            const void *k_cache, const void *v_cache, int block_size, int kv_heads, int head_size,
+                            int heads, const int32_t *block_tables, int64_t bt_stride, const int32_t *tables,
+                            const int64_t *rows, const int32_t *seq_lens, int num_seqs, int window, float scale,
+                            int64_t num_blocks, int num_threads) {
+    const int group = heads / kv_heads;
+    const int d = head_size;
+    int failed = 0;
+    /* One task per sequence when there are enough of them: its KV heads share cache lines ([block, slot, head]
+     * layout), so one core reading all of them streams each line once. Small batches split by head as well. */
+    const int per_seq = num_seqs >= 4 * num_threads;
+    const int num_tasks = per_seq ? num_seqs : num_seqs * kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+    for (int task = 0; task < num_tasks; task++) {
+        const int i = per_seq ? task : task / kv_heads;
+        const int kh_begin = per_seq ? 0 : task % kv_heads;
+        const int kh_end = per_seq ? kv_heads : kh_begin + 1;
+        for (int kh = kh_begin; kh < kh_end; kh++) {
+            const int len = seq_lens[i];
+            const int first = (window > 0 && len > window) ? len - window : 0;
+            const int n_keys = len - first;
+            const int32_t *table = block_tables + (int64_t)tables[i] * bt_stride;
+            int bad = 0;
+            for (int b = first / block_size; b <= (len - 1) / block_size; b++)
+                bad |= table[b] < 0 || table[b] >= num_blocks;
+            if (bad || len < 1) {
+                failed = 1;
+                continue;
+            }
+            /* scratch: q (group*d), acc (group*d), row (d), scores (group*n_keys) */
+            float *scratch = (float *)malloc(sizeof(float) * ((size_t)group * d * 2 + d + (size_t)group * n_keys));
+            if (scratch == NULL) {
+                failed = 1;
+                continue;
+            }
+            float *q = scratch, *acc = q + (size_t)group * d;
+            float *scores = acc + (size_t)group * d + d;
+            const int64_t q_off = rows[i] * q_row_stride + (int64_t)kh * group * d;
+            load_f32(query, q_off, dtype, q, group * d);
+            for (int j = 0; j < group * d; j++) q[j] *= scale;
+            memset(acc, 0, sizeof(float) * (size_t)group * d);
+#if HAVE_AVX512
+            if ((d == 64 || d == 128) && group <= 8) {
+                /* the bf16 dot-product path takes the query unscaled and scales each score instead */
+                const bf16_t *q_bf16 = dtype == DT_BF16 ? (const bf16_t *)query + q_off : NULL;
+                if (!qk_dispatch(dtype, group, d, q, scale, q_bf16, k_cache, table, block_size, kv_heads, kh, first,
+                                 len, scores))
+                    qk_scores(dtype, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+                softmax_numerators(scores, group, n_keys);
+                if (!pv_dispatch(dtype, group, d, scores, v_cache, table, block_size, kv_heads, kh, first, len, acc))
+                    pv_accumulate(dtype, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
+            } else
+#endif
+            if (dtype == DT_BF16) {
+                qk_scores(DT_BF16, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+                softmax_numerators(scores, group, n_keys);
+                pv_accumulate(DT_BF16, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
+            } else {
+                qk_scores(DT_F32, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+                softmax_numerators(scores, group, n_keys);
+                pv_accumulate(DT_F32, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
+            }
+            for (int g = 0; g < group; g++) {
+                const float *sg = scores + (size_t)g * n_keys;
+                float sum = 0.0f;
+                for (int j = 0; j < n_keys; j++) sum += sg[j];
+                const float inv = 1.0f / sum;
+                float *ag = acc + (size_t)g * d;
+                for (int x = 0; x < d; x++) ag[x] *= inv;
+            }
+            store_f32(out, rows[i] * o_row_stride + (int64_t)kh * group * d, dtype, acc, group * d);
+            free(scratch);
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+/* Store new keys/values into the paged cache. key/value rows are [kv_heads * head_size] contiguous with a row
+ * stride (they are usually views into the fused qkv projection); slot -1 skips a token. Same dtype as the cache.
+ * Returns the index of the first token whose slot is >= num_slots (nothing is written then), or -1. */
+int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void *value, int64_t v_row_stride,
+                    void *k_cache, void *v_cache, const int64_t *slots, int num_tokens, int row_elems,
+                    int64_t num_slots) {
+    const size_t elem = dtype == DT_F32 ? 4 : 2;
+    const size_t bytes = elem * (size_t)row_elems;
+    for (int i = 0; i < num_tokens; i++)
+        if (slots[i] >= num_slots) return i;
+    for (int i = 0; i < num_tokens; i++) {
+        const int64_t s = slots[i];
+        if (s < 0) continue;
+        memcpy((char *)k_cache + (size_t)s * bytes, (const char *)key + (size_t)i * k_row_stride * elem, bytes);
+        memcpy((char *)v_cache + (size_t)s * bytes, (const char *)value + (size_t)i * v_row_stride * elem, bytes);
+    }
+    return -1;
+}
+
+/* Rotary embedding of one tensor ([tokens, heads, head_size], heads contiguous within a row), out of place.
+ * cos_sin: [max_position, rot] float32 (cos in the first half, sin in the second). The math mirrors the torch
+ * reference step by step in float32 (no fused multiply-adds), so results are bit-identical to it. Returns the
+ * index of the first position outside [0, max_position) (nothing is written then), or -1. */
+int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const float *cos_sin, int rot,
+                  int64_t max_position, const void *src, int64_t src_row_stride, void *dst, int64_t dst_row_stride,
+                  int heads, int head_size, int neox) {
+    const int half = rot / 2;
+    float buf[512];
+    for (int i = 0; i < num_tokens; i++)
+        if (positions[i] < 0 || positions[i] >= max_position) return i;
+    for (int i = 0; i < num_tokens; i++) {
+        const float *cos = cos_sin + positions[i] * rot;
+        const float *sin = cos + half;
+        for (int h = 0; h < heads; h++) {
+            const int64_t so = i * src_row_stride + (int64_t)h * head_size;
+            const int64_t dof = i * dst_row_stride + (int64_t)h * head_size;
+            load_f32(src, so, dtype, buf, head_size);
+            float outv[512];
+            if (neox) {
+                for (int x = 0; x < half; x++) {
+                    const float x1 = buf[x], x2 = buf[x + half];
+                    const float a = x1 * cos[x], b = x2 * sin[x];
+                    const float c = x2 * cos[x], e = x1 * sin[x];
+                    outv[x] = a - b;
+                    outv[x + half] = c + e;
+                }
+            } else {
+                for (int x = 0; x < half; x++) {
+                    const float x1 = buf[2 * x], x2 = buf[2 * x + 1];
+                    const float a = x1 * cos[x], b = x2 * sin[x];
+                    const float c = x2 * cos[x], e = x1 * sin[x];
+                    outv[2 * x] = a - b;
+                    outv[2 * x + 1] = c + e;
+                }
+            }
+            for (int x = rot; x < head_size; x++) outv[x] = buf[x];
+            store_f32(dst, dof, dtype, outv, head_size);
+        }
+    }
+    return -1;
+}
