@@ -1,11 +1,17 @@
-"""``cpu-sdpa``: paged attention on torch's CPU flash kernel (``scaled_dot_product_attention``).
+"""``cpu-sdpa``: paged attention for the CPU — C kernels for decodes, torch's flash kernel for prefills.
 
-The kernel runs bfloat16/float16 natively (fp32 accumulation and softmax), so the cache is never upcast.
-Batch invariance: the kernel's result for one batch element depends only on that element's data and on the
-call's shapes (its query/key split sizes come from the padded lengths, and a GEMM's reduction blocking from
-the key count). So every call is shaped by the sequence's *own* lengths, never by the rest of the batch:
+Decodes (one query token) go to ``llmctl_cpu.native`` when its kernels are built: one call per layer walks each
+sequence's block table in place (no gather, no padding, no mask), one thread per (sequence, KV head) in a fixed
+order, so a row's result depends on its own sequence only, in float32 as in bfloat16. The KV write and rotary
+embedding also run there. Without a C compiler the torch paths below run instead; both are tested.
 
-* Decodes (one query token) are grouped by ``DECODE_BUCKET``: a decode over ``L`` keys is padded to a
+The torch decode path: the kernel runs bfloat16/float16 natively (fp32 accumulation and softmax), so the cache is
+never upcast. Batch invariance: the kernel's result for one batch element depends only on that element's data
+and on the call's shapes (its query/key split sizes come from the padded lengths, and a GEMM's reduction
+blocking from the key count). So every call is shaped by the sequence's *own* lengths, never by the rest of the
+batch:
+
+* Decodes are grouped by ``DECODE_BUCKET``: a decode over ``L`` keys is padded to a
   multiple of ``DECODE_BUCKET`` keys (masked out) and batched with the other decodes of that bucket, so a
   query row's result depends on ``L`` alone. The query heads that share a KV head become the query rows of one
   kernel head (``[B, Hk, group, D]``), so grouped-query attention needs no K/V repeat. K/V are gathered as whole
