@@ -62,6 +62,23 @@ def test_serve_bad_flags_are_readable(tmp_path):
     assert r.exit_code == 2 and "--log-level" in r.output
 
 
+def test_serve_passes_gpu_flags_to_the_engine(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_load(args):
+        seen.append(args)
+        raise cli_main.UserError("stop here")
+
+    monkeypatch.setattr(cli_main, "load_engine", fake_load)
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--enforce-eager", "--gpu-memory-utilization", "0.5"])
+    assert r.exit_code == 2 and "stop here" in r.output
+    assert seen[0].enforce_eager is True and seen[0].gpu_memory_utilization == 0.5
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path)])
+    assert seen[1].enforce_eager is False and seen[1].gpu_memory_utilization is None
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--gpu-memory-utilization", "1.5"])
+    assert r.exit_code == 2 and "gpu_memory_utilization" in r.output and len(seen) == 2
+
+
 def test_parse_kv_memory():
     assert cli_main.parse_kv_memory("0.5") == 0.5
     assert cli_main.parse_kv_memory("4GiB") == 4 << 30

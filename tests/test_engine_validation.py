@@ -134,6 +134,10 @@ def test_bad_dtype(tiny_llama_dir, dtype):
     (dict(kv_cache_memory=100), "kv_cache_memory"),
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_num_batched_tokens=4), "max_num_batched_tokens"),
+    (dict(gpu_memory_utilization=0.0), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(gpu_memory_utilization=True), "gpu_memory_utilization"),
+    (dict(enforce_eager="yes"), "enforce_eager"),
     (dict(no_such_arg=1), "no_such_arg"),
 ])
 def test_bad_engine_args(tiny_llama_dir, kwargs, field):

@@ -177,17 +177,60 @@ def test_rocm_probe_on_simulated_builds(monkeypatch):
     assert torch.bfloat16 not in RocmPlatform().supported_dtypes()
 
 
-def test_configure_sets_kv_fraction(monkeypatch):
-    args = types.SimpleNamespace(kv_cache_memory=None)
+def test_configure_resolves_gpu_memory_utilization(monkeypatch):
+    """CUDA and ROCm share one rule: the env variable becomes the engine's gpu_memory_utilization unless the user
+    set it or an explicit kv_cache_memory makes it moot; a bad value fails at configure time, naming the variable."""
+    unset = types.SimpleNamespace(kv_cache_memory=None, gpu_memory_utilization=None)
     monkeypatch.delenv("LLMCTL_GPU_MEMORY_UTILIZATION", raising=False)
-    assert CudaPlatform().configure(args) == {"kv_cache_memory": 0.9}
+    for platform in (CudaPlatform(), RocmPlatform()):
+        assert platform.configure(unset) == {"gpu_memory_utilization": 0.9}
     monkeypatch.setenv("LLMCTL_GPU_MEMORY_UTILIZATION", "0.75")
-    assert CudaPlatform().configure(args) == {"kv_cache_memory": 0.75}
-    assert CudaPlatform().configure(types.SimpleNamespace(kv_cache_memory=2**30)) == {}
+    for platform in (CudaPlatform(), RocmPlatform()):
+        assert platform.configure(unset) == {"gpu_memory_utilization": 0.75}
+        assert platform.configure(types.SimpleNamespace(kv_cache_memory=2**30, gpu_memory_utilization=None)) == {}
+        assert platform.configure(types.SimpleNamespace(kv_cache_memory=None, gpu_memory_utilization=0.5)) == {}
     monkeypatch.setenv("LLMCTL_GPU_MEMORY_UTILIZATION", "1.5")
-    with pytest.raises(ValueError, match="LLMCTL_GPU_MEMORY_UTILIZATION"):
-        CudaPlatform().configure(args)
-    assert RocmPlatform().configure(args) == {"kv_cache_memory": 0.9}
+    for platform in (CudaPlatform(), RocmPlatform()):
+        with pytest.raises(ValueError, match="LLMCTL_GPU_MEMORY_UTILIZATION"):
+            platform.configure(unset)
+
+
+def test_profile_seam_passes_the_utilization(monkeypatch):
+    import llmctl_triton.runtime as rt
+
+    calls = []
+
+    def fake_profile(run_forward, util, **kwargs):
+        calls.append((util, kwargs))
+        return 12345
+
+    monkeypatch.setattr(rt, "profile_kv_cache_size", fake_profile)
+    monkeypatch.setenv("LLMCTL_GPU_MEMORY_UTILIZATION", "0.7")
+    geometry = dict(bytes_per_block=10, block_size=16, max_model_len=64)
+    for platform in (CudaPlatform(), RocmPlatform()):
+        assert platform.profile_kv_cache_bytes(lambda: None, gpu_memory_utilization=0.6, device_index=1,
+                                               **geometry) == 12345
+        assert platform.profile_kv_cache_bytes(lambda: None, gpu_memory_utilization=None, **geometry) == 12345
+    assert calls == [(0.6, {**geometry, "device": 1}), (0.7, {**geometry, "device": 0})] * 2
+
+
+def test_profile_kv_cache_size_arithmetic_on_simulated_gpu(monkeypatch, caplog):
+    """KV = total * utilization - memory in use before the step - the step's activation peak."""
+    gib = 2**30
+    cuda = torch.cuda
+    ran = []
+    for name, fn in {"is_available": lambda: True, "current_device": lambda: 0, "synchronize": lambda d=None: None,
+                     "empty_cache": lambda: None, "mem_get_info": lambda d=None: (60 * gib, 80 * gib),
+                     "memory_allocated": lambda d=None: 16 * gib, "reset_peak_memory_stats": lambda d=None: None,
+                     "max_memory_allocated": lambda d=None: 19 * gib}.items():
+        monkeypatch.setattr(cuda, name, fn)
+    bpb = 2 * gib // 1024
+    with caplog.at_level("INFO", logger="llmctl_triton.runtime"):
+        kv = profile_kv_cache_size(lambda: ran.append(1), 0.9, bytes_per_block=bpb, block_size=16, max_model_len=4096)
+    assert ran == [1]
+    assert kv == int(80 * gib * 0.9) - 20 * gib - 3 * gib
+    assert f"{kv // bpb} blocks" in caplog.text and "max concurrency" in caplog.text
+    assert profile_kv_cache_size(lambda: None, 0.2) == 0  # never negative: core then says it is too small
 
 
 def test_doctor_checks_run_and_explain(manager):
@@ -212,6 +255,81 @@ def test_graph_runner_is_eager_without_gpu():
     x = torch.randn(3, 4)
     qsl = torch.arange(4, dtype=torch.int32)
     torch.testing.assert_close(runner.run(x=x, qsl=qsl), x * 2 + qsl[1:, None])
+
+
+class _StandInRunner(CudaGraphRunner):
+    """The runner's graph API replaced by re-running forward on the captured views (no GPU needed)."""
+
+    def graphs_available(self) -> bool:
+        return True
+
+    def _begin_capture(self) -> None:
+        pass
+
+    def _capture_one(self, views):
+        output = self.forward(**views).clone()
+        return (dict(views), output), output
+
+    def _end_capture(self) -> None:
+        pass
+
+    def _replay(self, graph) -> None:
+        views, output = graph
+        output.copy_(self.forward(**views))
+
+
+def test_graph_runner_copies_pads_and_falls_back():
+    static = {"x": torch.zeros(8, 3), "table": torch.zeros(8, 5, dtype=torch.int64),
+              "qsl": torch.arange(9, dtype=torch.int32)}
+    seen_batches = []
+
+    def forward(x, table, qsl):
+        seen_batches.append(x.shape[0])
+        return x.sum(1) + table.sum(1) + qsl[1:]
+
+    def pad(views, n, batch):  # qsl stays arange: every row is one token, padded or not
+        views["x"][n:].zero_()
+        views["table"][n:].zero_()
+
+    runner = _StandInRunner(forward, static, batch_sizes=(4, 1, 2, 16), extra_rows={"qsl": 1}, pad_fn=pad)
+    assert runner.batch_sizes == [1, 2, 4]  # 16 does not fit the buffers
+    assert runner.padded_size(1) is None  # nothing captured yet
+    runner.capture()
+    assert sorted(seen_batches) == [1, 2, 4]
+    assert [runner.padded_size(n) for n in (0, 1, 2, 3, 4, 5)] == [None, 1, 2, 4, 4, None]
+
+    x = torch.randn(3, 3)
+    table = torch.tensor([[1, 2], [3, 4], [5, 6]])  # narrower than the buffer: only its leading columns change
+    seen_batches.clear()
+    got = runner.run(x=x, table=table)
+    assert seen_batches == [4]  # padded up
+    torch.testing.assert_close(got, x.sum(1) + table.sum(1) + torch.arange(1, 4, dtype=torch.int32))
+    assert torch.equal(static["table"][:3, :2], table) and not static["x"][3].any()
+    with pytest.raises(ValueError, match="table"):
+        runner.run(x=x, table=torch.zeros(3, 6, dtype=torch.int64))
+
+    seen_batches.clear()
+    big = torch.randn(5, 3)
+    got = runner.run(x=big, table=torch.ones(5, 5, dtype=torch.int64), qsl=torch.arange(6, dtype=torch.int32))
+    assert seen_batches == [5]  # above the largest graph: a plain call on the live tensors
+    torch.testing.assert_close(got, big.sum(1) + 5 + torch.arange(1, 6, dtype=torch.int32))
+
+
+def test_decode_step_runner_built_from_core_spec():
+    from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+
+    def pad(views, n, batch):
+        views["x"][n:].zero_()
+
+    spec = DecodeGraphSpec(forward=lambda x: x * 2, static_inputs={"x": torch.zeros(8, 2)},
+                           batch_sizes=(1, 2, 4, 8), extra_rows={}, pad_fn=pad)
+    for platform in (CudaPlatform(), RocmPlatform()):
+        runner = platform.decode_step_runner(spec)
+        assert isinstance(runner, CudaGraphRunner) and isinstance(runner, DecodeStepRunner)
+        assert runner.batch_sizes == [1, 2, 4, 8] and runner.pad_fn is pad and runner.forward is spec.forward
+        if not torch.cuda.is_available():
+            runner.capture()
+            assert runner.padded_size(1) is None  # no GPU: nothing captured, so core keeps decodes eager
 
 
 def test_kv_profile_helpers():

@@ -112,6 +112,32 @@ def test_split_k_heuristic_and_guard():
         paged_attention(query, kv, prefill, 0.125, split_k=True)
 
 
+@pytest.mark.parametrize("split_k", [False, True])
+def test_captured_decode_shape(split_k):
+    """The batch a captured decode graph replays: live decodes padded with empty sequences (seq_len 0, slot -1)
+    and ``max_seq_len`` held at its worst case. Live rows must match the reference, padded rows must be zeros
+    (finite: split-K's merge of partitions that saw no key at all must not divide 0 by 0)."""
+    gen = _gen(250)
+    dtype, head, num_kv, group, block_size, pad = torch.float16, 64, 2, 2, 16, 3
+    kv, live = _make_batch(gen, [1] * 3, _ragged(gen, 3, 5, 90), block_size, num_kv, head, dtype)
+    n = live.num_seqs
+    batch = n + pad
+    width = 8
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    tables[:n, : live.block_tables.shape[1]] = live.block_tables
+    meta = AttentionMetadata(
+        num_tokens=batch, num_seqs=batch, query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=torch.cat([live.seq_lens, torch.zeros(pad, dtype=torch.int32)]), block_tables=tables,
+        slot_mapping=torch.cat([live.slot_mapping, torch.full((pad,), -1, dtype=torch.int64)]),
+        max_query_len=1, max_seq_len=width * block_size, block_size=block_size)
+    query = _randn(gen, batch, num_kv * group, head, dtype=dtype)
+    expected = paged_attention_reference(query[:n], kv, live, head ** -0.5)
+    out = torch.full_like(query, float("nan"))
+    got = paged_attention(query, kv, meta, head ** -0.5, out=out, split_k=split_k, partition_size=32)
+    _close(got[:n], expected, dtype, f"captured decode shape, split_k={split_k}")
+    assert torch.equal(got[n:], torch.zeros_like(got[n:])), f"padded rows must be zeros; seed={SEED}"
+
+
 def test_attention_is_batch_invariant():
     """A sequence gets the same output alone as inside a batch (the contract of AttentionBackend.forward)."""
     gen = _gen(300)

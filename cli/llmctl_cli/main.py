@@ -130,9 +130,14 @@ def serve(
     max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
     device: str | None = typer.Option(None, help="Platform name or torch device type (also LLMCTL_DEVICE)."),
     kv_cache_memory: str | None = typer.Option(None, help="KV cache size: fraction of free memory or e.g. 4GiB."),
+    gpu_memory_utilization: float | None = typer.Option(
+        None, help="GPUs: share of the card the engine may fill; the KV cache gets what the weights and a profiled "
+                   "step leave (default 0.9, or LLMCTL_GPU_MEMORY_UTILIZATION). Ignored with --kv-cache-memory."),
     max_num_seqs: int = typer.Option(256, help="Most sequences the engine runs at once."),
     max_num_batched_tokens: int | None = typer.Option(None, help="Token budget of one engine step."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager",
+                                       help="Run decode steps eagerly instead of replaying captured GPU graphs."),
     seed: int = typer.Option(0, help="Engine random seed."),
     generation_config: str = typer.Option("auto", help="'auto' (model's sampling defaults) or 'none'."),
     chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
@@ -167,9 +172,10 @@ def serve(
             raise UserError(str(exc)) from None
         name = resolve_model(model)
         args = engine_args(name, dtype=dtype, max_model_len=max_model_len, device=device,
-                           kv_cache_memory=parse_kv_memory(kv_cache_memory), max_num_seqs=max_num_seqs,
+                           kv_cache_memory=parse_kv_memory(kv_cache_memory),
+                           gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                           seed=seed, generation_config=generation_config)
+                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

@@ -44,6 +44,9 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory; None = platform default
+    # Share of the device the engine may fill (weights + activations + KV) where the platform sizes the KV cache
+    # by profiling (GPUs); None = the platform's default. Ignored when kv_cache_memory is set.
+    gpu_memory_utilization: float | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
@@ -51,7 +54,7 @@ class EngineArgs:
     device: str | None = None
     generation_config: str = "auto"
     attention_backend: str | None = None
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # never replay captured decode graphs, even where the platform offers them
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
@@ -76,6 +79,12 @@ class EngineArgs:
                 raise ValueError(f"kv_cache_memory: a fraction must be in (0, 1], got {kv}")
             if isinstance(kv, int) and kv <= 0:
                 raise ValueError(f"kv_cache_memory: must be > 0 bytes, got {kv}")
+        util = self.gpu_memory_utilization
+        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or
+                                 not 0.0 < util <= 1.0):
+            raise ValueError(f"gpu_memory_utilization: must be a fraction in (0, 1], got {util!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager: must be True or False, got {self.enforce_eager!r}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs: must be >= 1, got {self.max_num_seqs!r}")
         mnbt = self.max_num_batched_tokens

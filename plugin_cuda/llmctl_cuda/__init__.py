@@ -57,7 +57,8 @@ def llmctl_doctor_checks(register: Callable[[Any], None]) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    # Convenience re-exports for core's runner and the benchmarks, resolved lazily to keep loading cheap.
+    # Convenience re-exports for benchmarks and tests (core reaches these only through the platform), resolved
+    # lazily to keep loading cheap.
     if name == "CudaGraphRunner":
         from llmctl_triton.runtime import CudaGraphRunner
 

@@ -1,4 +1,5 @@
-"""The CUDA platform: detection through torch.cuda (plus NVML when installed), memory, dtypes and defaults."""
+"""The CUDA platform: detection through torch.cuda (plus NVML when installed); memory, dtypes, KV profiling and
+decode graphs come from the shared ``TorchCudaPlatform``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import torch
 from llmctl.plugins.types import DeviceInfo, ProbeResult
-from llmctl_triton.runtime import TorchCudaPlatform, gpu_memory_utilization
+from llmctl_triton.runtime import TorchCudaPlatform
 
 
 def nvml_info() -> dict[str, Any]:
@@ -102,10 +103,3 @@ class CudaPlatform(TorchCudaPlatform):
 
     def has_bf16(self) -> bool:
         return self.capability() >= (8, 0)
-
-    def configure(self, config: Any) -> dict[str, Any]:
-        """Without an explicit ``kv_cache_memory``, give the KV cache a fraction of the GPU's free memory
-        (after weights) instead of core's small CPU-oriented default cap."""
-        if getattr(config, "kv_cache_memory", None) is None:
-            return {"kv_cache_memory": gpu_memory_utilization()}
-        return {}

@@ -1,4 +1,5 @@
-"""The ROCm platform: detection through ``torch.version.hip`` and ``torch.cuda`` (gfx arch, memory)."""
+"""The ROCm platform: detection through ``torch.version.hip`` and ``torch.cuda`` (gfx arch, memory). KV profiling
+and decode graphs (hipGraphs behind ``torch.cuda.CUDAGraph``) come from the shared ``TorchCudaPlatform``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 from llmctl.plugins.types import DeviceInfo, DoctorCheck, DoctorResult, ProbeResult
-from llmctl_triton.runtime import DEFAULT_GPU_MEMORY_UTILIZATION, TorchCudaPlatform
+from llmctl_triton.runtime import TorchCudaPlatform
 
 # gfx families with native bf16 matrix instructions (MI200/MI300/MI350, RDNA3/RDNA4).
 BF16_ARCH_PREFIXES = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
@@ -59,11 +60,6 @@ class RocmPlatform(TorchCudaPlatform):
 
     def has_bf16(self) -> bool:
         return gfx_arch(0).startswith(BF16_ARCH_PREFIXES)
-
-    def configure(self, config: Any) -> dict[str, Any]:
-        if getattr(config, "kv_cache_memory", None) is None:
-            return {"kv_cache_memory": DEFAULT_GPU_MEMORY_UTILIZATION}
-        return {}
 
 
 def _rocm_versions() -> DoctorResult:

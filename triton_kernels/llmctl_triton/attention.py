@@ -206,11 +206,15 @@ def _split_reduce_kernel(
     d_ok = d < HEAD
     seq64 = seq.to(tl.int64)
     lse = tl.load(part_lse_ptr + seq64 * stride_pl_s + head * stride_pl_h + sp, mask=sp_ok, other=float("-inf"))
-    m = tl.max(lse, 0)  # finite: the first partition always holds the decode token's own key
+    # Finite whenever the sequence has keys (its first partition holds the decode token's own key); -inf only for
+    # an empty sequence, i.e. a padded row of a captured graph, which must come out as zeros rather than NaN.
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
     o = tl.load(part_out_ptr + seq64 * stride_po_s + head * stride_po_h + sp[:, None] * stride_po_p + d[None, :],
                 mask=sp_ok[:, None] & d_ok[None, :], other=0.0)
-    res = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    total = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tok64 = (q_start + q_len - 1).to(tl.int64)
     tl.store(out_ptr + tok64 * stride_ot + head * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d_ok)
 

@@ -21,6 +21,9 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention in Triton for any platform whose torch device Triton compiles for."""
 
     name = "triton"
+    # The decode path reads lengths from tensors only, sizes grids from num_seqs/max_seq_len, skips slot -1 and
+    # gives empty (seq_len 0) padding sequences a zero output, so it replays from a captured graph.
+    supports_graph_capture = True
 
     def __init__(self, platform: str, priority: int = 10, partition_size: int = DEFAULT_PARTITION,
                  name: str = "triton") -> None:

@@ -1,10 +1,12 @@
-"""GPU runtime helpers shared by the CUDA and ROCm plugins: an NCCL communicator, a decode-step
-graph runner and KV-cache sizing by profiling. ROCm's torch exposes HIP through the same ``torch.cuda`` API
-(``torch.cuda.CUDAGraph`` is a hipGraph there and the "nccl" backend is RCCL), so one implementation serves both.
+"""GPU runtime helpers shared by the CUDA and ROCm plugins: the platform base with core's two GPU seams (KV-cache
+sizing by profiling, decode-step graphs), an NCCL communicator, the graph runner and the profiler. ROCm's torch
+exposes HIP through the same ``torch.cuda`` API (``torch.cuda.CUDAGraph`` is a hipGraph there and the "nccl"
+backend is RCCL), so one implementation serves both.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 from llmctl.distributed import TorchDistributedCommunicator
-from llmctl.plugins.types import Platform, ProbeResult
+from llmctl.plugins.types import DecodeGraphSpec, Platform, ProbeResult
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +26,10 @@ GPU_MEMORY_UTILIZATION_ENV = "LLMCTL_GPU_MEMORY_UTILIZATION"
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
-def gpu_memory_utilization() -> float:
-    """The share of a GPU's free memory the KV cache gets when the user sets no ``kv_cache_memory``."""
+def gpu_memory_utilization_from_env() -> float:
+    """The share of a GPU the engine may fill (weights, activations and KV cache) when neither
+    ``gpu_memory_utilization`` nor ``kv_cache_memory`` is set; an environment variable so a deployment can tune
+    it without touching the command line."""
     raw = os.environ.get(GPU_MEMORY_UTILIZATION_ENV)
     if raw is None:
         return DEFAULT_GPU_MEMORY_UTILIZATION
@@ -40,7 +44,8 @@ def gpu_memory_utilization() -> float:
 
 class TorchCudaPlatform(Platform):
     """What NVIDIA and AMD platforms share through torch's ``cuda`` API (HIP devices are torch "cuda" devices):
-    a probe that never raises, memory, synchronisation and dtypes. Subclasses detect and configure."""
+    a probe that never raises, memory, synchronisation, dtypes, KV sizing by profiling and decode graphs.
+    Subclasses detect the hardware."""
 
     device_type = "cuda"
     priority = 100
@@ -74,6 +79,35 @@ class TorchCudaPlatform(Platform):
             bf16 = False
         return ([torch.bfloat16] if bf16 else []) + [torch.float16, torch.float32]
 
+    def configure(self, config: Any) -> dict[str, Any]:
+        """Resolve ``LLMCTL_GPU_MEMORY_UTILIZATION`` into the engine's ``gpu_memory_utilization`` here, so a bad
+        value fails before the weights load and the value the KV profile uses shows up in core's log."""
+        if getattr(config, "kv_cache_memory", None) is None and getattr(config, "gpu_memory_utilization", None) is None:
+            return {"gpu_memory_utilization": gpu_memory_utilization_from_env()}
+        return {}
+
+    def profile_kv_cache_bytes(
+        self,
+        run_forward: Callable[[], None],
+        *,
+        gpu_memory_utilization: float | None,
+        bytes_per_block: int,
+        block_size: int,
+        max_model_len: int,
+        device_index: int = 0,
+    ) -> int | None:
+        """GPU memory is the engine's alone, so the KV cache takes what the card has left at the user's
+        utilization after the weights and the worst step's activations (see :func:`profile_kv_cache_size`)."""
+        util = gpu_memory_utilization if gpu_memory_utilization is not None else gpu_memory_utilization_from_env()
+        return profile_kv_cache_size(run_forward, util, bytes_per_block=bytes_per_block, block_size=block_size,
+                                     max_model_len=max_model_len, device=device_index)
+
+    def decode_step_runner(self, spec: DecodeGraphSpec) -> CudaGraphRunner:
+        """CUDA graphs on NVIDIA; on ROCm builds ``torch.cuda.CUDAGraph`` records a hipGraph through the same
+        API, so AMD GPUs replay decode steps the same way (``enforce_eager`` turns both off)."""
+        return CudaGraphRunner(spec.forward, spec.static_inputs, batch_sizes=spec.batch_sizes,
+                               extra_rows=spec.extra_rows, pad_fn=spec.pad_fn)
+
 
 class GpuCommunicator(TorchDistributedCommunicator):
     """Core's torch.distributed communicator with NCCL (RCCL on ROCm): each rank binds its GPU first and hands it
@@ -105,10 +139,14 @@ class CudaGraphRunner:
     ``forward(**inputs)`` must be a pure function of its tensor inputs whose leading dimension is the number of
     decode tokens (``extra_rows`` adds rows for inputs such as ``query_start_loc`` that have ``batch + 1``).
     ``static_inputs`` are buffers sized for the largest batch; a graph reads them in place, so :meth:`run`
-    copies the live batch in and fills the padded tail with ``pad_values`` (e.g. slot ``-1`` so padded rows
-    never write the KV cache) or a custom ``pad_fn``. Host-side values baked into a capture (grid sizes, the
-    metadata's ``max_seq_len``) must be their worst case during capture. ``enforce_eager`` (or no GPU) turns
-    the runner into a plain call of ``forward``.
+    copies the live batch into their leading corner (a live input may be narrower than its buffer in any
+    dimension, e.g. a block table of this step's width) and fills the padded tail with ``pad_values`` (e.g.
+    slot ``-1`` so padded rows never write the KV cache) or a custom ``pad_fn``. Host-side values baked into a
+    capture (grid sizes, the metadata's ``max_seq_len``) must be their worst case during capture.
+    ``enforce_eager`` (or no GPU) turns the runner into a plain call of ``forward``.
+
+    The graph API sits behind :meth:`graphs_available`, :meth:`_capture_one` and :meth:`_replay`, so the
+    copy-in/pad/replay logic can be exercised with a stand-in where no GPU exists.
     """
 
     def __init__(
@@ -132,10 +170,16 @@ class CudaGraphRunner:
         self.warmup_iters = warmup_iters
         capacity = min(t.shape[0] - self.extra_rows.get(k, 0) for k, t in self.static_inputs.items())
         limit = min(capacity, max_batch_size or capacity)
-        self.batch_sizes = sorted(b for b in batch_sizes if b <= limit)
-        self.enforce_eager = enforce_eager or not torch.cuda.is_available()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.batch_sizes = sorted({b for b in batch_sizes if 0 < b <= limit})
+        self.enforce_eager = enforce_eager or not self.graphs_available()
+        self.graphs: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._captured: list[int] = []
         self._pool: Any = None
+        self._side: Any = None
+
+    def graphs_available(self) -> bool:
+        """Whether this process can capture graphs at all; without it the runner stays eager."""
+        return torch.cuda.is_available()
 
     def _views(self, batch: int) -> dict[str, torch.Tensor]:
         return {k: t[: batch + self.extra_rows.get(k, 0)] for k, t in self.static_inputs.items()}
@@ -150,29 +194,44 @@ class CudaGraphRunner:
         """Capture every batch size, largest first, so smaller graphs reuse the largest one's memory pool."""
         if self.enforce_eager:
             return
-        self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream()
+        self._begin_capture()
         for batch in sorted(self.batch_sizes, reverse=True):
             views = self._views(batch)
             self._pad(views, 0, batch)  # capture on harmless padding values
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up outside the capture (autotuning, lazy allocations)
-                for _ in range(self.warmup_iters):
-                    self.forward(**views)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                output = self.forward(**views)
-            self.graphs[batch] = (graph, output)
+            self.graphs[batch] = self._capture_one(views)
+        self._end_capture()
+        self._captured = sorted(self.graphs)
+        logger.info("captured decode graphs for batch sizes %s", self._captured)
+
+    def _begin_capture(self) -> None:
+        self._pool = torch.cuda.graph_pool_handle()
+        self._side = torch.cuda.Stream()
+
+    def _capture_one(self, views: Mapping[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """Warm up outside the capture (Triton compiles and autotunes, lazy allocations happen), then record."""
+        side = self._side
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                self.forward(**views)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = self.forward(**views)
+        return graph, output
+
+    def _end_capture(self) -> None:
         torch.cuda.synchronize()
-        logger.info("captured decode graphs for batch sizes %s", sorted(self.graphs))
+
+    def _replay(self, graph: Any) -> None:
+        graph.replay()
 
     def padded_size(self, n: int) -> int | None:
         """The captured batch size a live batch of ``n`` decodes replays with (``None``: run eagerly)."""
-        for b in sorted(self.graphs):
-            if b >= n:
-                return b
-        return None
+        if n < 1 or not self._captured:
+            return None
+        i = bisect.bisect_left(self._captured, n)
+        return self._captured[i] if i < len(self._captured) else None
 
     def run(self, **inputs: torch.Tensor) -> torch.Tensor:
         first = next(iter(inputs))
@@ -183,9 +242,13 @@ class CudaGraphRunner:
         graph, output = self.graphs[batch]
         views = self._views(batch)
         for key, value in inputs.items():
-            views[key][: value.shape[0]].copy_(value, non_blocking=True)
+            dst = views[key]
+            if value.dim() != dst.dim() or any(v > d for v, d in zip(value.shape, dst.shape, strict=True)):
+                raise ValueError(f"{key}: live input of shape {tuple(value.shape)} does not fit the captured "
+                                 f"buffer {tuple(dst.shape)}")
+            dst[tuple(slice(0, size) for size in value.shape)].copy_(value, non_blocking=True)
         self._pad(views, n, batch)
-        graph.replay()
+        self._replay(graph)
         return output[:n]
 
 

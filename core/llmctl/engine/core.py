@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from llmctl.attention import AttentionMetadata
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
-from llmctl.engine.model_runner import ModelRunner
+from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.kv.manager import KVCacheManager
-from llmctl.models.base import ModelContext
+from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
-from llmctl.plugins.types import AttentionBackend, Platform
+from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +76,24 @@ class EngineCore:
         self.model = load_model(self.source, ctx, plugins.registry)
         spec = self.model.kv_cache_spec()
 
-        self.cache_config = self._cache_config(spec.num_layers, spec.num_kv_heads, spec.head_size, dtype)
+        mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
+        self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               spec.head_size)
         # torch.empty: pages are committed only when written, and backends never read a slot before writing it
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
-        mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         self.num_steps = 0
-        logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d",
-                    self.platform.name, self.attention.name, dtype, self.cache_config.num_blocks, args.block_size,
-                    self.model_config.max_model_len)
+        logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
+                    "decode_graphs=%s", self.platform.name, self.attention.name, dtype, self.cache_config.num_blocks,
+                    args.block_size, self.model_config.max_model_len, decode_graphs)
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _apply_platform_config(self, args: EngineArgs) -> None:
@@ -129,12 +132,21 @@ class EngineCore:
             eos_token_ids=tuple(dict.fromkeys(eos)),
         )
 
-    def _cache_config(self, num_layers: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> CacheConfig:
+    def _cache_config(self, spec: KVCacheSpec, dtype: torch.dtype) -> CacheConfig:
+        """Blocks for the KV cache: the user's ``kv_cache_memory`` when set, else what the platform measures by
+        profiling, else a share of ``memory_info``'s free memory (capped, since host memory is shared)."""
         args = self.args
         elem = torch.tensor([], dtype=dtype).element_size()
-        bytes_per_block = 2 * num_layers * args.block_size * num_kv_heads * head_size * elem
+        bytes_per_block = 2 * spec.num_layers * args.block_size * spec.num_kv_heads * spec.head_size * elem
+        max_len = self.model_config.max_model_len
+        blocks_per_seq = -(-max_len // args.block_size)
         kv = args.kv_cache_memory
-        if kv is None or isinstance(kv, float):
+        budget: int | None = None
+        source = "kv_cache_memory"
+        if kv is None:
+            budget = self._profiled_kv_bytes(spec, dtype, bytes_per_block)
+            source = "profiling"
+        if budget is None and (kv is None or isinstance(kv, float)):
             try:
                 free, _total = self.platform.memory_info()
             except NotImplementedError:
@@ -142,16 +154,105 @@ class EngineCore:
             budget = int(free * (kv if kv is not None else DEFAULT_KV_FRACTION))
             if kv is None:
                 budget = min(budget, DEFAULT_KV_CAP_BYTES)
-        else:
-            budget = kv
+            source = "memory_info" if kv is None else "kv_cache_memory"
+        elif budget is None:
+            budget = int(kv)
+        if args.gpu_memory_utilization is not None and source != "profiling":
+            logger.warning("gpu_memory_utilization=%s has no effect: %s", args.gpu_memory_utilization,
+                           "kv_cache_memory is set" if kv is not None else
+                           f"platform {self.platform.name} does not size the KV cache by profiling")
         num_blocks = budget // bytes_per_block
+        if source == "profiling" and num_blocks < blocks_per_seq:
+            util = args.gpu_memory_utilization
+            raise ValueError(
+                f"gpu_memory_utilization: after the weights and a profiled step of "
+                f"{self.scheduler_config.max_num_batched_tokens} tokens, {budget} bytes are left for the KV cache "
+                f"(gpu_memory_utilization={util if util is not None else 'platform default'}), fewer than one "
+                f"sequence of max_model_len={max_len} needs ({blocks_per_seq * bytes_per_block} bytes); raise "
+                f"gpu_memory_utilization, lower max_model_len or max_num_batched_tokens, or set kv_cache_memory")
         # Never more than every sequence at full length could use: memory beyond that is dead weight.
-        useful = args.max_num_seqs * -(-self.model_config.max_model_len // args.block_size) + 1
+        useful = args.max_num_seqs * blocks_per_seq + 1
         if args.kv_cache_memory is None:
             num_blocks = min(num_blocks, useful)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {budget} bytes is less than one KV block ({bytes_per_block} bytes)")
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, from %s); max concurrency %.2fx requests "
+                    "of max_model_len=%d", num_blocks, args.block_size, num_blocks * bytes_per_block / 2**30,
+                    source, num_blocks / blocks_per_seq, max_len)
         return CacheConfig(args.block_size, int(num_blocks), args.enable_prefix_caching, bytes_per_block)
+
+    def _profiled_kv_bytes(self, spec: KVCacheSpec, dtype: torch.dtype, bytes_per_block: int) -> int | None:
+        run_forward = self._profile_step(spec, dtype)
+        kv_bytes = self.platform.profile_kv_cache_bytes(
+            run_forward, gpu_memory_utilization=self.args.gpu_memory_utilization, bytes_per_block=bytes_per_block,
+            block_size=self.args.block_size, max_model_len=self.model_config.max_model_len,
+            device_index=self.device.index or 0)
+        return None if kv_bytes is None else int(kv_bytes)
+
+    def _profile_step(self, spec: KVCacheSpec, dtype: torch.dtype) -> Callable[[], None]:
+        """The largest step the scheduler can form, for a platform to measure peak activation memory on.
+
+        ``max_num_batched_tokens`` tokens (no more than ``max_num_seqs`` sequences can hold) in sequences of
+        ``max_model_len`` and one remainder, since attention's scratch grows with the longest sequence; logits
+        for as many rows as can sample in one step. The KV cache is a zeroed single block per layer that every
+        block table points at, with no slot written: reads cost what they would in a real step, the memory
+        stays negligible, and it is freed when the call returns.
+        """
+        sched = self.scheduler_config
+        max_len, block_size = sched.max_model_len, self.args.block_size
+        total = min(sched.max_num_batched_tokens, sched.max_num_seqs * max_len)
+        full, rest = divmod(total, max_len)
+        lens = [max_len] * full + ([rest] if rest else [])
+        sample_rows = min(sched.max_num_seqs, total)
+        dev = self.device
+
+        @torch.inference_mode()
+        def run_forward() -> None:
+            shape = self.attention.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
+            caches = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(spec.num_layers)]
+            qsl = torch.zeros(len(lens) + 1, dtype=torch.int32)
+            torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0, out=qsl[1:])
+            metadata = AttentionMetadata(
+                num_tokens=total, num_seqs=len(lens), query_start_loc=qsl.to(dev),
+                seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+                block_tables=torch.zeros((len(lens), -(-max(lens) // block_size)), dtype=torch.int32, device=dev),
+                slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=dev),
+                max_query_len=max(lens), max_seq_len=max(lens), block_size=block_size,
+                query_lens_cpu=list(lens), seq_lens_cpu=list(lens))
+            positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(dev)
+            input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
+            hidden = self.model(input_ids, positions, caches, metadata)
+            self.model.compute_logits(hidden[:sample_rows])
+            del hidden, caches, metadata
+
+        return run_forward
+
+    def _init_decode_graphs(self) -> str:
+        """Ask the platform for a decode-step runner and capture it now that the KV cache exists; the returned
+        words go into the start-up log so a user sees why steps run eagerly."""
+        if self.args.enforce_eager:
+            return "off (enforce_eager)"
+        if not getattr(self.attention, "supports_graph_capture", False):
+            return f"off (attention backend {self.attention.name} cannot be captured)"
+        sizes = decode_graph_batch_sizes(self.args.max_num_seqs)
+        spec = self.runner.decode_graph_spec(sizes, self.model_config.max_model_len)
+        runner = self.platform.decode_step_runner(spec)
+        if runner is None:
+            return f"off (platform {self.platform.name} has none)"
+        if not isinstance(runner, DecodeStepRunner):
+            raise TypeError(f"platform {self.platform.name}: decode_step_runner returned {type(runner).__name__}, "
+                            f"which lacks capture/padded_size/run")
+        try:
+            with torch.inference_mode():
+                runner.capture()
+        except Exception as exc:
+            raise RuntimeError(f"enforce_eager: capturing decode graphs failed ({type(exc).__name__}: {exc}); start "
+                               f"with enforce_eager=True (llmctl serve --enforce-eager) to run without them") from exc
+        captured = sorted({p for p in map(runner.padded_size, sizes) if p is not None})
+        if not captured:
+            return f"off (platform {self.platform.name} captured no batch size)"
+        self.runner.decode_runner = runner
+        return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
 
     # -- requests --------------------------------------------------------------------------------------------
     def max_blocks_for(self, num_tokens: int) -> int:

@@ -1,8 +1,14 @@
 """Turns the scheduler's decision into one flattened batch, runs the model once, and returns logits only for
-the rows that sample (plus prompt rows whose logprobs were asked for)."""
+the rows that sample (plus prompt rows whose logprobs were asked for).
+
+All-decode batches can instead replay a graph the platform captured (``Platform.decode_step_runner``): the
+runner describes the step against static buffers (:meth:`ModelRunner.decode_graph_spec`) and, per step, hands
+the live tensors to the platform's runner, which pads the batch up to a captured size.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +17,31 @@ import torch
 from llmctl.attention import AttentionMetadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
+from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+
+# Decode batches above this run eagerly: their launch overhead is small next to the work, and every captured
+# size costs capture time and graph memory.
+MAX_GRAPH_BATCH = 512
+
+
+def decode_graph_batch_sizes(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> tuple[int, ...]:
+    """1, 2, 4, 8, then every multiple of 8, up to ``max_num_seqs`` (itself included): a live batch wastes at
+    most 7 padded rows while the number of graphs stays linear in the batch limit."""
+    top = min(max_num_seqs, limit)
+    sizes = {b for b in (1, 2, 4) if b <= top} | set(range(8, top + 1, 8)) | {top}
+    return tuple(sorted(sizes))
+
+
+def _pad_decode_rows(views: Mapping[str, torch.Tensor], n: int, batch: int) -> None:
+    """Rows ``n..batch`` become empty sequences: slot -1 (no KV write), length 0 (no keys to read, so a zero
+    attention output). ``query_start_loc`` stays ``arange``: every row, real or padded, is one query token."""
+    if n >= batch:
+        return
+    views["input_ids"][n:].zero_()
+    views["positions"][n:].zero_()
+    views["slot_mapping"][n:].fill_(-1)
+    views["seq_lens"][n:].zero_()
+    views["block_tables"][n:].zero_()
 
 
 @dataclass
@@ -43,6 +74,44 @@ class ModelRunner:
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
+        self.decode_runner: DecodeStepRunner | None = None
+        self._graph_table_width = 0
+
+    @torch.inference_mode()
+    def decode_graph_spec(self, batch_sizes: tuple[int, ...], max_model_len: int) -> DecodeGraphSpec:
+        """The all-decode step against static buffers for ``max(batch_sizes)`` sequences.
+
+        The metadata's host fields are what a capture bakes in, so they are either exact for every replay of a
+        size (``num_seqs``, ``num_tokens``, ``max_query_len`` = 1) or the worst case (``max_seq_len`` =
+        ``max_model_len``, which only ever over-sizes a kernel grid); real lengths reach the kernels through
+        the ``seq_lens`` tensor. Buffers are made under ``inference_mode`` because every later use is.
+        """
+        max_batch = max(batch_sizes)
+        width = -(-max_model_len // self.block_size)
+        self._graph_table_width = width
+        dev = self.device
+        static = {
+            "input_ids": torch.zeros(max_batch, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_batch, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_batch,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.zeros(max_batch, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros((max_batch, width), dtype=torch.int32, device=dev),
+            "query_start_loc": torch.arange(max_batch + 1, dtype=torch.int32, device=dev),
+        }
+        block_size = self.block_size
+
+        def forward(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                    query_start_loc: torch.Tensor) -> torch.Tensor:
+            batch = input_ids.shape[0]
+            metadata = AttentionMetadata(
+                num_tokens=batch, num_seqs=batch, query_start_loc=query_start_loc, seq_lens=seq_lens,
+                block_tables=block_tables, slot_mapping=slot_mapping, max_query_len=1, max_seq_len=max_model_len,
+                block_size=block_size, query_lens_cpu=[1] * batch, seq_lens_cpu=None)
+            return self.model(input_ids, positions, self.kv_caches, metadata)
+
+        return DecodeGraphSpec(forward=forward, static_inputs=static, batch_sizes=tuple(sorted(batch_sizes)),
+                               extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
         bs = self.block_size
@@ -98,9 +167,22 @@ class ModelRunner:
             prompt_logprob_chunks=prompt_chunks,
         )
 
+    def _replay_decode(self, batch: BatchInputs) -> torch.Tensor | None:
+        """Hidden states from the platform's captured decode step, or ``None`` when this batch must run eagerly
+        (a prefill chunk in it, or more sequences than the largest captured size)."""
+        runner, md = self.decode_runner, batch.metadata
+        if runner is None or md.max_query_len != 1 or runner.padded_size(md.num_seqs) is None:
+            return None
+        if md.block_tables.shape[1] > self._graph_table_width:  # cannot happen within max_model_len; stay correct
+            return None
+        return runner.run(input_ids=batch.input_ids, positions=batch.positions, slot_mapping=md.slot_mapping,
+                          seq_lens=md.seq_lens, block_tables=md.block_tables)
+
     @torch.inference_mode()
     def execute(self, batch: BatchInputs) -> ModelOutput:
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+        hidden = self._replay_decode(batch)
+        if hidden is None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
         sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt_logits = {}
         for chunk in batch.prompt_logprob_chunks:

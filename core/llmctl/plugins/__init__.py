@@ -5,6 +5,8 @@ from llmctl.plugins.manager import PluginManager, get_plugin_manager, reset_plug
 from llmctl.plugins.types import (
     AttentionBackend,
     Communicator,
+    DecodeGraphSpec,
+    DecodeStepRunner,
     DeviceInfo,
     DoctorCheck,
     DoctorResult,
@@ -18,6 +20,6 @@ from llmctl.plugins.types import (
 
 __all__ = [
     "API_VERSION", "hookimpl", "hookspec", "PluginManager", "get_plugin_manager", "reset_plugin_manager",
-    "AttentionBackend", "Communicator", "DeviceInfo", "DoctorCheck", "DoctorResult", "ModelArchitecture",
-    "OpOverride", "Platform", "ProbeResult", "QuantMethod", "Support",
+    "AttentionBackend", "Communicator", "DecodeGraphSpec", "DecodeStepRunner", "DeviceInfo", "DoctorCheck",
+    "DoctorResult", "ModelArchitecture", "OpOverride", "Platform", "ProbeResult", "QuantMethod", "Support",
 ]

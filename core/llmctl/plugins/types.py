@@ -8,9 +8,9 @@ class whose methods are kernel calls, so a vendor can implement it without readi
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -80,6 +80,38 @@ class Platform(abc.ABC):
     def torch_device(self, device_index: int = 0) -> torch.device:
         return torch.device(self.device_type if self.device_type == "cpu" else f"{self.device_type}:{device_index}")
 
+    def profile_kv_cache_bytes(
+        self,
+        run_forward: Callable[[], None],
+        *,
+        gpu_memory_utilization: float | None,
+        bytes_per_block: int,
+        block_size: int,
+        max_model_len: int,
+        device_index: int = 0,
+    ) -> int | None:
+        """Bytes the KV cache may take, measured rather than guessed, or ``None`` to let core size it from
+        ``memory_info`` (the default, right for hosts whose memory is shared with everything else).
+
+        Core calls this once at start-up, after the weights are loaded and only when the user set no
+        ``kv_cache_memory``. ``run_forward()`` runs the real model and attention backend once on the largest
+        batch the scheduler can form (``max_num_batched_tokens`` tokens in sequences of at most
+        ``max_model_len``, logits for up to ``max_num_seqs`` rows) against a throwaway one-block KV cache that
+        it frees before returning, so a platform can read its peak activation memory off its allocator.
+        ``gpu_memory_utilization`` is the user's share of the device the engine may fill (``None``: the
+        platform's own default). The other arguments only let the platform report blocks and concurrency."""
+        return None
+
+    def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
+        """A runner that replays the all-decode step from captured graphs, or ``None`` to run it eagerly (the
+        default). Launch overhead dominates small decode batches on GPUs; a platform without that cost (or
+        without a graph API) keeps the default.
+
+        Core asks only when the user did not set ``enforce_eager`` and the selected attention backend declares
+        ``supports_graph_capture``, and calls ``capture()`` on the result once, after the KV cache exists.
+        ``spec`` describes what to capture; see :class:`DecodeGraphSpec`."""
+        return None
+
 
 class AttentionBackend(abc.ABC):
     """Paged attention for one platform.
@@ -96,6 +128,15 @@ class AttentionBackend(abc.ABC):
     #: can attend over a prefill chunk without reading it back from the cache. Backends that leave this False
     #: never see the extra arguments.
     accepts_new_kv: bool = False
+    #: True when ``write_kv`` + ``forward`` on an all-decode batch can be recorded once in a device graph and
+    #: replayed for other batches of the same size. A replay repeats only device work, so the step must not
+    #: synchronise with the host (``.item()``, ``.tolist()``, boolean-mask indexing) nor read
+    #: ``seq_lens_cpu`` (``None`` in a captured step), and may size launches only from ``num_seqs``,
+    #: ``num_tokens``, ``max_query_len`` and ``max_seq_len``, which a capture holds at their worst case
+    #: (``max_seq_len`` = ``max_model_len``); real lengths come from the ``seq_lens`` tensor. Padded rows are
+    #: sequences with ``seq_len`` 0 and slot ``-1``: skip their KV write and give them a zero output. Core only
+    #: asks the platform for a :class:`DecodeStepRunner` when this is True.
+    supports_graph_capture: bool = False
 
     @abc.abstractmethod
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
@@ -128,6 +169,44 @@ class AttentionBackend(abc.ABC):
         context. The batch is core's flattened mix of prefill chunks and decodes described by ``metadata``; the
         new tokens' K/V have already been written with ``write_kv``. Returns [num_tokens, num_heads, head_size]
         (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch."""
+
+
+@dataclass(frozen=True)
+class DecodeGraphSpec:
+    """What core hands ``Platform.decode_step_runner``: a decode step written against static buffers.
+
+    ``forward(**views)`` runs the model on the first ``batch`` rows of every buffer (``batch + extra_rows[name]``
+    for buffers such as ``query_start_loc``) and returns the final hidden states ``[batch, hidden]``. It reads
+    nothing per step from the host: the batch size comes from the views' shapes, every other host value is a
+    worst case, so a graph captured from it is valid for any live batch of at most ``batch`` decodes.
+
+    Before each replay the runner copies the live inputs into the leading rows of ``static_inputs`` (a live
+    ``block_tables`` may be narrower than the buffer: only its leading columns are overwritten, and kernels
+    read no column past a sequence's own blocks) and calls ``pad_fn(views, n, batch)`` to turn rows ``n..batch``
+    into empty sequences that never write the KV cache. Capture uses ``pad_fn(views, 0, batch)``.
+    """
+
+    forward: Callable[..., torch.Tensor]
+    static_inputs: Mapping[str, torch.Tensor]
+    batch_sizes: tuple[int, ...]  # ascending; core pads a live batch up to the next one
+    extra_rows: Mapping[str, int]
+    pad_fn: Callable[[Mapping[str, torch.Tensor], int, int], None]
+
+
+@runtime_checkable
+class DecodeStepRunner(Protocol):
+    """What ``Platform.decode_step_runner`` returns (``llmctl_triton.runtime.CudaGraphRunner`` is one)."""
+
+    def capture(self) -> None:
+        """Record every batch size of the spec; core calls it once at start-up under ``inference_mode``."""
+
+    def padded_size(self, n: int) -> int | None:
+        """The captured size a live batch of ``n`` decodes replays at, or ``None``: core runs it eagerly."""
+
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Copy the live inputs in, pad, replay; the first ``n`` rows of the hidden states. Core only calls it
+        when ``padded_size(n)`` is not ``None``, and uses the result before the next call (it may be a view of a
+        buffer the next replay overwrites)."""
 
 
 @dataclass(frozen=True)
