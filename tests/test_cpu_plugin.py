@@ -264,6 +264,48 @@ def test_long_prefill_is_tiled(backend, rng, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_prefills_split_between_the_c_kernel_and_flash(backend, rng, monkeypatch, dtype):
+    """With the C kernels, short prefill chunks run as per-row decodes and longer ones on the flash kernel, in
+    one step; both agree with the reference, windows included."""
+    import llmctl_cpu.attention as att
+
+    monkeypatch.setattr(att, "NATIVE_PREFILL_MAX_LEN", 40)
+    specs = [(0, rng.randint(41, 90)), (rng.randint(1, 30), rng.randint(2, 9)), (rng.randint(30, 60), 1),
+             (rng.randint(20, 50), rng.randint(20, 40)), (0, rng.randint(2, 30))]
+    rng.shuffle(specs)
+    query, cache, md = make_batch(rng, specs, 16, 2, 6, 64, dtype)
+    for window in (None, rng.randint(5, 30)):
+        md.plan_cache.clear()
+        out = torch.full_like(query, float("nan"))
+        got = backend.forward(query, cache, md, 0.125, window, out=out)
+        assert not got.isnan().any()
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got.float(), paged_attention_reference(query, cache, md, 0.125, window).float(),
+                                   atol=atol, rtol=rtol, msg=f"specs={specs} window={window}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype):
+    """In the C kernel a prefill row is a decode over its prefix, so a prompt's last token gives the same bits
+    whether it is computed in a prefill, in a later chunk, or as a decode."""
+    from llmctl_cpu import native
+
+    if not native.status()[0]:
+        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    backend = manager.registry.attention_backends["cpu-sdpa"].item
+    ctx, q_len = rng.randint(10, 80), rng.randint(2, 30)
+    query, cache, md = make_batch(random.Random(4), [(ctx, q_len)], 16, 2, 6, 64, dtype)
+    whole = backend.forward(query, cache, md, 0.125)
+    last_q, _, md_last = make_batch(random.Random(5), [(ctx + q_len - 1, 1)], 16, 2, 6, 64, dtype)
+    last_q[0] = query[-1]
+    cache_last = torch.zeros_like(cache)
+    for p in range(ctx + q_len):
+        src = cache[:, int(md.block_tables[0, p // 16]), p % 16]
+        cache_last[:, int(md_last.block_tables[0, p // 16]), p % 16] = src
+    assert torch.equal(backend.forward(last_q, cache_last, md_last, 0.125)[0], whole[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_new_kv_arguments_give_the_cache_read_result(backend, rng, dtype):
     """Core may pass the step's new keys/values; prefill chunks without context then skip the cache read, and
     the result is bit-identical to reading them back (also when the activations are wider than the cache)."""

@@ -232,6 +232,7 @@ async def _watchdog(app: FastAPI, state: ServerState) -> None:
             continue
         if not state.engine_alive():
             state.mark_engine_dead()
+            await asyncio.sleep(state.settings.engine_dead_linger)
             callback = app.state.on_engine_dead
             if callback is not None:
                 try:

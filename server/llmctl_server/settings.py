@@ -16,6 +16,9 @@ class ServerSettings:
     metrics_public: bool = False
     shutdown_timeout: float = 30.0
     engine_poll_interval: float = 0.5  # how often the watchdog checks that the engine loop is alive
+    # After the engine dies, /health answers 503 for this long before the server exits, so a health checker or
+    # load balancer sees "unhealthy" rather than only a refused connection (in-flight requests fail at once).
+    engine_dead_linger: float = 1.0
     retry_after_seconds: int = 1
     public_paths: frozenset[str] = frozenset({"/health"})
 

@@ -90,6 +90,17 @@ static inline int64_t cache_row(const int32_t *table, int t, int block_size, int
     return (((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads + kh) * d;
 }
 
+/* At the first key of a block, ask for the next block's rows of this head: blocks are scattered in memory, so
+ * the hardware prefetcher cannot see the jump coming. */
+static inline void prefetch_next_block(const void *cache, int elem, const int32_t *table, int t, int len,
+                                       int block_size, int kv_heads, int kh, int d) {
+    if (t % block_size != 0 || t + block_size >= len) return;
+    const char *base = (const char *)cache + cache_row(table, t + block_size, block_size, kv_heads, kh, d) * elem;
+    const int64_t row_bytes = (int64_t)kv_heads * d * elem;
+    for (int r = 0; r < block_size; r++)
+        for (int off = 0; off < d * elem; off += 64) __builtin_prefetch(base + r * row_bytes + off, 0, 1);
+}
+
 /* scores[g * n + j] = q_g . k_(first + j) for the group's query rows (q already scaled). Inlined with a constant
  * dtype at each call site, so the per-key loads are not branching. */
 static inline __attribute__((always_inline)) void qk_scores(int dtype, const float *q, int group, int d,
@@ -145,6 +156,7 @@ static inline __attribute__((always_inline)) void qk_fixed(int dtype, int G, int
             for (int v = 0; v < NV / 2; v++)
                 qb[g][v] = (__m512bh)_mm512_loadu_si512((const void *)(q_bf16 + (size_t)g * d + 32 * v));
         for (int t = first; t < len; t++) {
+            prefetch_next_block(k_cache, 2, table, t, len, block_size, kv_heads, kh, d);
             const bf16_t *kr = (const bf16_t *)k_cache + cache_row(table, t, block_size, kv_heads, kh, d);
             __m512bh kb[4];
 #pragma GCC unroll 4
@@ -169,6 +181,7 @@ static inline __attribute__((always_inline)) void qk_fixed(int dtype, int G, int
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(q + (size_t)g * d + 16 * v);
     for (int t = first; t < len; t++) {
+        prefetch_next_block(k_cache, dtype == DT_F32 ? 4 : 2, table, t, len, block_size, kv_heads, kh, d);
         const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
         __m512 kv[8];
 #pragma GCC unroll 8
@@ -195,6 +208,7 @@ static inline __attribute__((always_inline)) void pv_fixed(int dtype, int G, int
 #pragma GCC unroll 8
         for (int v = 0; v < NV; v++) a[g][v] = _mm512_setzero_ps();
     for (int t = first; t < len; t++) {
+        prefetch_next_block(v_cache, dtype == DT_F32 ? 4 : 2, table, t, len, block_size, kv_heads, kh, d);
         const int64_t base = cache_row(table, t, block_size, kv_heads, kh, d);
         __m512 vv[8];
 #pragma GCC unroll 8
@@ -297,6 +311,21 @@ static inline __attribute__((always_inline)) void pv_accumulate(int dtype, const
     }
 }
 
+/* A growing per-thread buffer: no malloc/free per (sequence, head) task, so the allocator never sees the
+ * churn (and OpenMP worker threads never fragment arenas of their own). It lives as long as the thread. */
+static float *thread_scratch(size_t floats) {
+    static __thread float *buffer = NULL;
+    static __thread size_t capacity = 0;
+    if (floats > capacity) {
+        size_t want = floats < 4096 ? 4096 : floats + floats / 2;
+        float *grown = (float *)realloc(buffer, want * sizeof(float));
+        if (grown == NULL) return NULL;
+        buffer = grown;
+        capacity = want;
+    }
+    return buffer;
+}
+
 /* Decode attention straight from the paged cache: one query token per sequence, no gather, no padding.
  *
  * query/out: row r of sequence i is query + rows[i] * q_row_stride, its heads contiguous ([heads, head_size]).
@@ -333,8 +362,8 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
                 failed = 1;
                 continue;
             }
-            /* scratch: q (group*d), acc (group*d), row (d), scores (group*n_keys) */
-            float *scratch = (float *)malloc(sizeof(float) * ((size_t)group * d * 2 + d + (size_t)group * n_keys));
+            /* scratch: q (group*d), acc (group*d), one row (d), scores (group*n_keys); per thread, kept */
+            float *scratch = thread_scratch((size_t)group * d * 2 + d + (size_t)group * n_keys);
             if (scratch == NULL) {
                 failed = 1;
                 continue;
@@ -375,7 +404,6 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
                 for (int x = 0; x < d; x++) ag[x] *= inv;
             }
             store_f32(out, rows[i] * o_row_stride + (int64_t)kh * group * d, dtype, acc, group * d);
-            free(scratch);
         }
     }
     return failed ? -1 : 0;
