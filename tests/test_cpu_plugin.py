@@ -117,6 +117,20 @@ def test_parse_cpuinfo_counts_physical_cores_and_affinity():
     assert info.has_bf16_isa and info.model_name == "Fake CPU"
 
 
+def test_configure_fills_only_unset_fields():
+    from llmctl.config import EngineArgs
+    from llmctl_cpu.platform import CPU_MAX_NUM_BATCHED_TOKENS, CpuPlatform, default_num_threads
+
+    platform = CpuPlatform()
+    assert platform.configure(EngineArgs(model="m")) == {
+        "num_threads": default_num_threads(), "max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS}
+    assert platform.configure(EngineArgs(model="m", num_threads=1, max_num_batched_tokens=4096)) == {}
+    import types
+
+    big_blocks = platform.configure(types.SimpleNamespace(num_threads=1, max_num_batched_tokens=None, block_size=2048))
+    assert big_blocks == {"max_num_batched_tokens": 2048}  # never below one block
+
+
 def test_configure_threads_honours_environment(monkeypatch):
     from llmctl_cpu.platform import configure_threads, default_num_threads
 

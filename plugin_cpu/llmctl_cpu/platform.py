@@ -18,6 +18,11 @@ from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "LLMCTL_CPU_THREADS"
+# A CPU step's time grows linearly with its tokens, so a smaller prefill budget lets decodes and the next prompts
+# through sooner. Measured on 2 cores, SmolLM2-135M bf16, 16 streams: 1024 tokens gave 548 output tok/s and TTFT
+# p50 417 ms against 500 tok/s and 832 ms at 8192 (all of a 16-prompt wave in one step); offline throughput was
+# equal or better (921 vs 895 tok/s). GEMMs are already at full speed at 1024 rows.
+CPU_MAX_NUM_BATCHED_TOKENS = 1024
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -191,8 +196,11 @@ class CpuPlatform(Platform):
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
-        """Suggest a thread count when the config has a field for it and the user left it unset."""
+        """Suggest a thread count and a step token budget for fields the user left unset (core never overrides
+        an explicit value)."""
         changes: dict[str, Any] = {}
         if hasattr(config, "num_threads") and config.num_threads in (None, 0):
             changes["num_threads"] = default_num_threads()
+        if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
+            changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
         return changes
