@@ -473,8 +473,9 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
     assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
     packed = ops["pack_linear_weight"](weight)
-    if dtype == torch.float32:
-        assert packed is weight  # float32 stays on the plain path the batch-invariance tests pin
+    from llmctl_cpu.ops import _onednn, _onednn_bf16
+
+    assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
     want = reference.linear(x.float(), weight.float(), bias.float())
     got = ops["linear"](x, packed, bias).float()
     assert got.shape == want.shape

@@ -73,12 +73,26 @@ def _onednn_bf16() -> bool:
         return False
 
 
+def _onednn() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """bfloat16 weights go into oneDNN's blocked layout once, so no GEMM reorders them again; other dtypes stay
-    plain (float32 is the exactness dtype, and its plain MKL path is what the batch-invariance tests pin)."""
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or weight.dim() != 2 or not _onednn_bf16():
+    """bfloat16 and float32 weights go into oneDNN's blocked layout once, so no GEMM reorders them again.
+
+    float32 measured on 2 Zen 4 cores at 64 rows (SmolLM2-135M shapes): 2.3-3.9x faster than ``F.linear`` (MKL),
+    and a row's result changed with the batch size less often (MKL's did for every shape tried).
+    """
+    if weight.device.type != "cpu" or weight.dim() != 2:
         return weight
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+    if weight.dtype == torch.bfloat16 and _onednn_bf16():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+    if weight.dtype == torch.float32 and _onednn():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+    return weight
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
