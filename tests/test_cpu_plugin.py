@@ -555,3 +555,23 @@ def test_decode_plan_is_shared_by_layers_and_batch_invariant_in_a_full_bucket(ba
     for p in range(sum(specs[5])):
         c1[:, int(m1.block_tables[0, p // 16]), p % 16] = cache[:, int(md.block_tables[5, p // 16]), p % 16]
     assert torch.equal(backend.forward(q1, c1, m1, 0.125)[0], first[5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_buckets_and_chunks_rows(rng, dtype):
+    """Packed GEMMs run at bucketed row counts (bounded oneDNN primitive shapes) and in CHUNK_ROWS pieces; every
+    row count gives the reference result, and a row does not change with the rows around it in its bucket."""
+    from llmctl_cpu.ops import CHUNK_ROWS, _bucket_sizes, linear, pack_linear_weight, padded_rows
+
+    assert len(_bucket_sizes()) <= 24 and all(1 <= padded_rows(m) - m + 1 <= 16 for m in range(1, CHUNK_ROWS + 1))
+    weight, bias = torch.randn(40, 96).to(dtype), torch.randn(40).to(dtype)
+    packed = pack_linear_weight(weight)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for m in (1, 7, 9, 250, CHUNK_ROWS + 1, 2 * CHUNK_ROWS + rng.randint(1, 100)):
+        x = torch.randn(m, 96).to(dtype)
+        got = linear(x, packed, bias)
+        want = reference.linear(x.float(), weight.float(), bias.float())
+        assert got.shape == (m, 40) and got.dtype == dtype
+        assert torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max()))
+    x = torch.randn(3, 5, 96).to(dtype)  # leading dims kept
+    assert linear(x, packed, None).shape == (3, 5, 40)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from llmctl.attention import AttentionMetadata
+from llmctl.layers._module import EngineModule
 from llmctl.plugins.types import AttentionBackend
 
 
-class Attention(nn.Module):
+class Attention(EngineModule):
     """Writes this step's keys/values into the layer's cache, then attends over each sequence's context.
 
     Queries may carry padding rows beyond ``slot_mapping`` (e.g. for captured graphs); only the real rows are

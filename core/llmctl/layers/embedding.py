@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
 from llmctl.layers.linear import bind_linear_ops
 from llmctl.plugins.registry import Ops
 
 
-class VocabEmbedding(nn.Module):
+class VocabEmbedding(EngineModule):
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -21,7 +21,7 @@ class VocabEmbedding(nn.Module):
         return F.embedding(input_ids, self.weight)
 
 
-class LMHead(nn.Module):
+class LMHead(EngineModule):
     """Hidden states -> float32 logits. With ``tied_to`` it reuses the embedding's parameter object, so loading
     the embedding loads both and no second vocab-sized matrix is allocated."""
 

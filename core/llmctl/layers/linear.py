@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param
 from llmctl.plugins.registry import Ops
 
@@ -23,7 +24,7 @@ def bind_linear_ops(module: nn.Module, ops: Ops, release_plain: bool) -> None:
             module.weight.data = module.weight.data.new_empty(0)
 
 
-class Linear(nn.Module):
+class Linear(EngineModule):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()

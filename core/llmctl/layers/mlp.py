@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.layers.linear import Linear, MergedLinear
 from llmctl.plugins.registry import Ops
 
 SILU_ACTS = frozenset({"silu", "swish"})
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(EngineModule):
     """``down(silu(gate(x)) * up(x))`` with gate and up fused into one projection of width ``2 * intermediate``
     so the platform's ``silu_and_mul`` kernel can consume it directly."""
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
 from llmctl.plugins.registry import Ops
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(EngineModule):
     def __init__(self, hidden_size: int, eps: float, ops: Ops, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps

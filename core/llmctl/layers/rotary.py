@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.plugins.registry import Ops
 
 
@@ -50,7 +50,7 @@ def compute_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float
     return inv_freq.float(), float(scaling)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(EngineModule):
     """Holds the ``[max_position, rotary_dim]`` cos|sin table the ``rotary_embedding`` op indexes by position.
 
     The table stays float32 whatever the model dtype: it is tiny, and rounding it would shift every position.

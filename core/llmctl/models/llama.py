@@ -14,6 +14,7 @@ from torch import nn
 
 from llmctl.attention import AttentionMetadata
 from llmctl.layers import Attention, GatedMLP, LMHead, MergedLinear, RMSNorm, VocabEmbedding, get_rope
+from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked
 from llmctl.layers.linear import Linear
 from llmctl.models.base import KVCacheSpec, ModelContext
@@ -47,7 +48,7 @@ def layer_sliding_windows(cfg: Any) -> list[int | None]:
     return [int(window)] * n
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(EngineModule):
     def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None, rotary_emb: nn.Module) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -80,7 +81,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, metadata))
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(EngineModule):
     def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None, rotary_emb: nn.Module) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
@@ -102,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
+class LlamaModel(EngineModule):
     def __init__(self, cfg: Any, ctx: ModelContext) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
@@ -124,7 +125,7 @@ class LlamaModel(nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(EngineModule):
     """Follows :class:`llmctl.models.base.CausalLM`; registered for every architecture name it covers."""
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
