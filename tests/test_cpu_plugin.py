@@ -560,7 +560,7 @@ def test_decode_plan_is_shared_by_layers_and_batch_invariant_in_a_full_bucket(ba
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_buckets_and_chunks_rows(rng, dtype):
     """Packed GEMMs run at bucketed row counts (bounded oneDNN primitive shapes) and in CHUNK_ROWS pieces; every
-    row count gives the reference result, and a row does not change with the rows around it in its bucket."""
+    row count gives the reference result."""
     from llmctl_cpu.ops import CHUNK_ROWS, _bucket_sizes, linear, pack_linear_weight, padded_rows
 
     assert len(_bucket_sizes()) <= 24 and all(1 <= padded_rows(m) - m + 1 <= 16 for m in range(1, CHUNK_ROWS + 1))
