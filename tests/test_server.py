@@ -254,9 +254,11 @@ def test_disconnect_mid_stream_frees_kv(live, client):
 
 def test_disconnect_non_streaming_frees_kv(live):
     wait_kv_free(live.engine)
-    body = {"model": "tiny", "prompt": "Wait for me", "max_tokens": 450, "ignore_eos": True, "temperature": 0}
+    # 4 x 450 tokens take well over the 0.1 s read timeout even with the C kernels (one tiny-model step ~1 ms)
+    body = {"model": "tiny", "prompt": "Wait for me", "max_tokens": 450, "n": 4, "ignore_eos": True,
+            "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(live.base + "/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        httpx.post(live.base + "/completions", json=body, timeout=httpx.Timeout(60, read=0.1))
     wait_kv_free(live.engine)
 
 
