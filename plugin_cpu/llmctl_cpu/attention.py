@@ -103,30 +103,24 @@ class CpuSdpaAttention(AttentionBackend):
         if n == 0:
             return out
         plan = _plan(metadata, kv_cache.shape[2], sliding_window, query.dtype)
-        prefills = plan.prefills
-        if plan.native is not None:
-            lib = native.kernels()
-            if lib is not None and _native_query_ok(query, out, kv_cache):
-                rows = plan.native
-                if rows.rows.numel() and not lib.decode_attention(
-                        query, out, kv_cache, rows.block_tables, rows.tables, rows.rows, rows.seq_lens,
-                        sliding_window, scale):
-                    raise RuntimeError("native attention failed: a block table entry is outside the KV cache, or "
-                                       "scratch memory could not be allocated")
-                if not plan.long_prefills:
-                    return out
-                prefills = plan.long_prefills
+        lib = native.kernels() if plan.native is not None else None
+        use_native = lib is not None and _native_query_ok(query, out, kv_cache)
+        if use_native:
+            rows = plan.native
+            if rows.rows.numel() and not lib.decode_attention(query, out, kv_cache, rows.block_tables, rows.tables,
+                                                              rows.rows, rows.seq_lens, sliding_window, scale):
+                raise RuntimeError("native attention failed: a block table entry is outside the KV cache, or "
+                                   "scratch memory could not be allocated")
         flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
         tables = metadata.block_tables
         block_size = kv_cache.shape[2]
-        for i, start, ql, sl in prefills:
+        for i, start, ql, sl in plan.long_prefills if use_native else plan.prefills:
             _prefill(query, flat, out, start, ql, sl, tables[i], block_size, scale, sliding_window,
                      key if key is not None and value is not None and start + ql <= key.shape[0] else None,
                      value)
-        if prefills is plan.long_prefills:
-            return out  # the C kernel did the decodes
-        for group in plan.torch_decodes(metadata.block_tables, block_size, query.dtype):
-            _decode_group(query, kv_cache, out, group, scale)
+        if not use_native:
+            for group in plan.torch_decodes(tables, block_size, sliding_window, query.dtype):
+                _decode_group(query, kv_cache, out, group, scale)
         return out
 
 
@@ -162,20 +156,25 @@ class _NativeRows:
 
 
 class _Plan:
-    __slots__ = ("prefills", "buckets", "native", "long_prefills", "_torch_decodes")
+    __slots__ = ("prefills", "decodes", "native", "long_prefills", "_torch_decodes")
 
-    def __init__(self, prefills: list[tuple[int, int, int, int]],
-                 buckets: dict[int, list[tuple[int, int, int, int]]], native: _NativeRows | None,
-                 long_prefills: list[tuple[int, int, int, int]]) -> None:
-        self.prefills, self.buckets, self.native = prefills, buckets, native
+    def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[tuple[int, int, int]],
+                 native: _NativeRows | None, long_prefills: list[tuple[int, int, int, int]]) -> None:
+        self.prefills, self.decodes, self.native = prefills, decodes, native
         self.long_prefills = long_prefills  # with the C kernels: the chunks left to the flash kernel
         self._torch_decodes: list[_DecodeGroup] | None = None
 
-    def torch_decodes(self, tables: torch.Tensor, block_size: int, dtype: torch.dtype) -> list[_DecodeGroup]:
-        """Gather plans for the torch decode path, built only when a step needs it (no C kernels, fp16)."""
+    def torch_decodes(self, tables: torch.Tensor, block_size: int, window: int | None,
+                      dtype: torch.dtype) -> list[_DecodeGroup]:
+        """Bucketed gather plans for the torch decode path, built only when a step needs it (no C kernels, fp16)."""
         if self._torch_decodes is None:
+            buckets: dict[int, list[tuple[int, int, int, int]]] = {}  # s_pad -> (seq, row, first key, key count)
+            for i, row, sl in self.decodes:
+                first = 0 if window is None else max(0, sl - window)
+                keys = first % block_size + sl - first  # from the start of first's block to the last key
+                buckets.setdefault(_ceil_to(keys, DECODE_BUCKET), []).append((i, row, first, sl - first))
             self._torch_decodes = [_decode_plan(tables, block_size, s_pad, members, dtype)
-                                   for s_pad, members in self.buckets.items()]
+                                   for s_pad, members in buckets.items()]
         return self._torch_decodes
 
 
@@ -204,15 +203,11 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
     if seq_lens is None or len(seq_lens) < n:
         seq_lens = metadata.seq_lens[:n].tolist()
     prefills: list[tuple[int, int, int, int]] = []
-    buckets: dict[int, list[tuple[int, int, int, int]]] = {}  # s_pad -> (seq, row, first key, key count)
     decodes: list[tuple[int, int, int]] = []  # (seq, row, seq_len)
     start = 0
     for i in range(n):
         ql, sl = q_lens[i], seq_lens[i]
         if ql == 1:
-            first = 0 if window is None else max(0, sl - window)
-            keys = first % block_size + sl - first  # from the start of first's block to the last key
-            buckets.setdefault(_ceil_to(keys, DECODE_BUCKET), []).append((i, start, first, sl - first))
             decodes.append((i, start, sl))
         elif ql > 1:
             prefills.append((i, start, ql, sl))
@@ -223,7 +218,7 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
         short = [p for p in prefills if p[3] <= NATIVE_PREFILL_MAX_LEN]
         long_prefills = [p for p in prefills if p[3] > NATIVE_PREFILL_MAX_LEN]
         rows = _NativeRows(decodes, short, metadata.block_tables)
-    plan = metadata.plan_cache[cache_key] = _Plan(prefills, buckets, rows, long_prefills)
+    plan = metadata.plan_cache[cache_key] = _Plan(prefills, decodes, rows, long_prefills)
     return plan
 
 

@@ -143,10 +143,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m <= CHUNK_ROWS:
         out = _packed_gemm(rows, weight, bias)
     else:
-        first = _packed_gemm(rows[:CHUNK_ROWS], weight, bias)
-        out = torch.empty((m, first.shape[1]), dtype=first.dtype)
-        out[:CHUNK_ROWS] = first
-        for i in range(CHUNK_ROWS, m, CHUNK_ROWS):
+        out = torch.empty((m, weight.shape[0]), dtype=rows.dtype)
+        for i in range(0, m, CHUNK_ROWS):
             out[i:i + CHUNK_ROWS] = _packed_gemm(rows[i:i + CHUNK_ROWS], weight, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 

@@ -8,19 +8,12 @@ so ``TRITON_INTERPRET`` is unset::
 from __future__ import annotations
 
 import logging
-import os
 
-import pytest
-import torch
 from llmctl import LLM, SamplingParams
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU (torch.cuda.is_available() "
-                                                             "is False)"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="TRITON_INTERPRET is set (the CPU kernel tests ran in this process); run tests/gpu in "
-                              "its own pytest process to test compiled kernels"),
-]
+from tests.gpu import REQUIRES_GPU
+
+pytestmark = REQUIRES_GPU
 
 MAX_LEN = 256  # below 2 x the split-K partition: graphs (worst-case max_seq_len) and eager use the same kernel
 MAX_SEQS = 8

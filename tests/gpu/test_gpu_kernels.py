@@ -16,15 +16,10 @@ from llmctl.attention import AttentionMetadata
 from llmctl.ops import reference
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 
+from tests.gpu import REQUIRES_GPU
 from tests.gpu.paged_batch import make_batch, ragged
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA or ROCm GPU (torch.cuda.is_available() "
-                                                             "is False)"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="TRITON_INTERPRET is set (the CPU kernel tests ran in this process); run tests/gpu in "
-                              "its own pytest process to test compiled kernels"),
-]
+pytestmark = REQUIRES_GPU
 
 SEED = int(os.environ.get("LLMCTL_TEST_SEED", time.time_ns() % 2**31))
 TOL = {torch.float32: (1e-3, 1e-3), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}

@@ -141,22 +141,15 @@ class EngineCore:
         max_len = self.model_config.max_model_len
         blocks_per_seq = -(-max_len // args.block_size)
         kv = args.kv_cache_memory
-        budget: int | None = None
-        source = "kv_cache_memory"
-        if kv is None:
-            budget = self._profiled_kv_bytes(spec, dtype, bytes_per_block)
-            source = "profiling"
-        if budget is None and (kv is None or isinstance(kv, float)):
-            try:
-                free, _total = self.platform.memory_info()
-            except NotImplementedError:
-                free = DEFAULT_KV_CAP_BYTES
-            budget = int(free * (kv if kv is not None else DEFAULT_KV_FRACTION))
-            if kv is None:
-                budget = min(budget, DEFAULT_KV_CAP_BYTES)
-            source = "memory_info" if kv is None else "kv_cache_memory"
-        elif budget is None:
-            budget = int(kv)
+        profiled = self._profiled_kv_bytes(spec, dtype, bytes_per_block) if kv is None else None
+        if profiled is not None:
+            budget, source = profiled, "profiling"
+        elif kv is None:
+            budget, source = min(int(self._free_memory() * DEFAULT_KV_FRACTION), DEFAULT_KV_CAP_BYTES), "memory_info"
+        elif isinstance(kv, float):
+            budget, source = int(self._free_memory() * kv), "kv_cache_memory"
+        else:
+            budget, source = int(kv), "kv_cache_memory"
         if args.gpu_memory_utilization is not None and source != "profiling":
             logger.warning("gpu_memory_utilization=%s has no effect: %s", args.gpu_memory_utilization,
                            "kv_cache_memory is set" if kv is not None else
@@ -180,6 +173,12 @@ class EngineCore:
                     "of max_model_len=%d", num_blocks, args.block_size, num_blocks * bytes_per_block / 2**30,
                     source, num_blocks / blocks_per_seq, max_len)
         return CacheConfig(args.block_size, int(num_blocks), args.enable_prefix_caching, bytes_per_block)
+
+    def _free_memory(self) -> int:
+        try:
+            return self.platform.memory_info()[0]
+        except NotImplementedError:
+            return DEFAULT_KV_CAP_BYTES
 
     def _profiled_kv_bytes(self, spec: KVCacheSpec, dtype: torch.dtype, bytes_per_block: int) -> int | None:
         run_forward = self._profile_step(spec, dtype)

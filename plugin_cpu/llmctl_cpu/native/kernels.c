@@ -242,6 +242,7 @@ static inline __attribute__((always_inline)) void pv_fixed(int dtype, int G, int
 static int qk_dispatch(int dtype, int group, int d, const float *q, float scale, const bf16_t *q_bf16,
                        const void *k_cache, const int32_t *table, int block_size, int kv_heads, int kh, int first,
                        int len, float *restrict scores) {
+    if ((d != 64 && d != 128) || group > 8) return 0;
     switch (dtype * 1000 + group * 10 + d / 16) {
         FIXED_CASES(QK_CASE, DT_BF16, 4)
         FIXED_CASES(QK_CASE, DT_BF16, 8)
@@ -254,6 +255,7 @@ static int qk_dispatch(int dtype, int group, int d, const float *q, float scale,
 
 static int pv_dispatch(int dtype, int group, int d, const float *p, const void *v_cache, const int32_t *table,
                        int block_size, int kv_heads, int kh, int first, int len, float *restrict acc) {
+    if ((d != 64 && d != 128) || group > 8) return 0;
     switch (dtype * 1000 + group * 10 + d / 16) {
         FIXED_CASES(PV_CASE, DT_BF16, 4)
         FIXED_CASES(PV_CASE, DT_BF16, 8)
@@ -263,7 +265,23 @@ static int pv_dispatch(int dtype, int group, int d, const float *p, const void *
             return 0;
     }
 }
+#else
+static int qk_dispatch(int dtype, int group, int d, const float *q, float scale, const bf16_t *q_bf16,
+                       const void *k_cache, const int32_t *table, int block_size, int kv_heads, int kh, int first,
+                       int len, float *restrict scores) {
+    (void)dtype, (void)group, (void)d, (void)q, (void)scale, (void)q_bf16, (void)k_cache, (void)table;
+    (void)block_size, (void)kv_heads, (void)kh, (void)first, (void)len, (void)scores;
+    return 0;
+}
+
+static int pv_dispatch(int dtype, int group, int d, const float *p, const void *v_cache, const int32_t *table,
+                       int block_size, int kv_heads, int kh, int first, int len, float *restrict acc) {
+    (void)dtype, (void)group, (void)d, (void)p, (void)v_cache, (void)table, (void)block_size, (void)kv_heads;
+    (void)kh, (void)first, (void)len, (void)acc;
+    return 0;
+}
 #endif
+
 
 /* In place: each row of scores becomes exp(score - row max) (the softmax numerators). */
 static void softmax_numerators(float *scores, int group, int n) {
@@ -309,6 +327,23 @@ static inline __attribute__((always_inline)) void pv_accumulate(int dtype, const
             for (int x = 0; x < d; x++) ag[x] = fmaf(w, row[x], ag[x]);
         }
     }
+}
+
+/* The general loops for shapes the specialised ones do not take, instantiated once per dtype. */
+static void qk_general(int dtype, const float *q, int group, int d, const void *k_cache, const int32_t *table,
+                       int block_size, int kv_heads, int kh, int first, int len, float *restrict scores) {
+    if (dtype == DT_BF16)
+        qk_scores(DT_BF16, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+    else
+        qk_scores(DT_F32, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+}
+
+static void pv_general(int dtype, const float *p, int group, int d, const void *v_cache, const int32_t *table,
+                       int block_size, int kv_heads, int kh, int first, int len, float *restrict acc) {
+    if (dtype == DT_BF16)
+        pv_accumulate(DT_BF16, p, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
+    else
+        pv_accumulate(DT_F32, p, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
 }
 
 /* A growing per-thread buffer: no malloc/free per (sequence, head) task, so the allocator never sees the
@@ -362,39 +397,26 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
                 failed = 1;
                 continue;
             }
-            /* scratch: q (group*d), acc (group*d), one row (d), scores (group*n_keys); per thread, kept */
-            float *scratch = thread_scratch((size_t)group * d * 2 + d + (size_t)group * n_keys);
+            /* scratch: q (group*d), acc (group*d), scores (group*n_keys); per thread, kept */
+            float *scratch = thread_scratch((size_t)group * d * 2 + (size_t)group * n_keys);
             if (scratch == NULL) {
                 failed = 1;
                 continue;
             }
             float *q = scratch, *acc = q + (size_t)group * d;
-            float *scores = acc + (size_t)group * d + d;
+            float *scores = acc + (size_t)group * d;
             const int64_t q_off = rows[i] * q_row_stride + (int64_t)kh * group * d;
             load_f32(query, q_off, dtype, q, group * d);
             for (int j = 0; j < group * d; j++) q[j] *= scale;
             memset(acc, 0, sizeof(float) * (size_t)group * d);
-#if HAVE_AVX512
-            if ((d == 64 || d == 128) && group <= 8) {
-                /* the bf16 dot-product path takes the query unscaled and scales each score instead */
-                const bf16_t *q_bf16 = dtype == DT_BF16 ? (const bf16_t *)query + q_off : NULL;
-                if (!qk_dispatch(dtype, group, d, q, scale, q_bf16, k_cache, table, block_size, kv_heads, kh, first,
-                                 len, scores))
-                    qk_scores(dtype, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
-                softmax_numerators(scores, group, n_keys);
-                if (!pv_dispatch(dtype, group, d, scores, v_cache, table, block_size, kv_heads, kh, first, len, acc))
-                    pv_accumulate(dtype, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
-            } else
-#endif
-            if (dtype == DT_BF16) {
-                qk_scores(DT_BF16, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
-                softmax_numerators(scores, group, n_keys);
-                pv_accumulate(DT_BF16, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
-            } else {
-                qk_scores(DT_F32, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
-                softmax_numerators(scores, group, n_keys);
-                pv_accumulate(DT_F32, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
-            }
+            /* the bf16 dot-product loop takes the query unscaled and scales each score instead */
+            const bf16_t *q_bf16 = dtype == DT_BF16 ? (const bf16_t *)query + q_off : NULL;
+            if (!qk_dispatch(dtype, group, d, q, scale, q_bf16, k_cache, table, block_size, kv_heads, kh, first, len,
+                             scores))
+                qk_general(dtype, q, group, d, k_cache, table, block_size, kv_heads, kh, first, len, scores);
+            softmax_numerators(scores, group, n_keys);
+            if (!pv_dispatch(dtype, group, d, scores, v_cache, table, block_size, kv_heads, kh, first, len, acc))
+                pv_general(dtype, scores, group, d, v_cache, table, block_size, kv_heads, kh, first, len, acc);
             for (int g = 0; g < group; g++) {
                 const float *sg = scores + (size_t)g * n_keys;
                 float sum = 0.0f;
