@@ -89,8 +89,10 @@ def engine_args(model: str, **kw: Any) -> Any:
 def load_engine(args: Any) -> Any:
     """Build the AsyncLLM with a progress display; user-facing errors become UserError."""
     from llmctl import AsyncLLM
+    from llmctl.engine.async_llm import limit_malloc_arenas
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    limit_malloc_arenas()  # before the progress display starts its refresh thread
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
         progress.add_task(f"Loading {Path(str(args.model)).name} ...", total=None)
