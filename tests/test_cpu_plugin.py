@@ -473,9 +473,14 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
     assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
     packed = ops["pack_linear_weight"](weight)
-    from llmctl_cpu.ops import _onednn, _onednn_bf16
+    from llmctl_cpu import native
+    from llmctl_cpu.ops import PANEL_SHAPE_ATTR, _onednn, _onednn_bf16
 
-    assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
+    lib = native.kernels()
+    if dtype == torch.bfloat16 and lib is not None and lib.has_gemm_bf16:
+        assert getattr(packed, PANEL_SHAPE_ATTR) == (96, width) and not packed.is_mkldnn  # the C GEMM's panels
+    else:
+        assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
     want = reference.linear(x.float(), weight.float(), bias.float())
     got = ops["linear"](x, packed, bias).float()
     assert got.shape == want.shape
@@ -575,3 +580,60 @@ def test_packed_linear_buckets_and_chunks_rows(rng, dtype):
         assert torch.allclose(got.float(), want, rtol=tol, atol=tol * float(want.abs().max()))
     x = torch.randn(3, 5, 96).to(dtype)  # leading dims kept
     assert linear(x, packed, None).shape == (3, 5, 40)
+
+
+# -- the C bf16 GEMM -------------------------------------------------------------------------------------------------
+
+def _gemm_lib():
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    if lib is None or not lib.has_gemm_bf16:
+        pytest.skip("no C bf16 GEMM on this host (needs the native kernels and AVX512-BF16)")
+    return lib
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 2), (16, 3), (17, 64), (70, 577), (130, 96)])
+def test_c_gemm_matches_float32_math(rng, n, k):
+    """Every panel/row remainder and odd k: within bf16 rounding of the float32 product, bias added before rounding."""
+    from llmctl_cpu.ops import PANEL_SHAPE_ATTR, linear, pack_linear_weight
+
+    _gemm_lib()
+    weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+    packed = pack_linear_weight(weight)
+    assert getattr(packed, PANEL_SHAPE_ATTR) == (n, k)
+    for m in (1, 2, 3, 4, 5, 9, rng.randint(10, 300)):
+        x = torch.randn(m, k).bfloat16()
+        for b in (None, bias):
+            want = x.float() @ weight.float().T + (0 if b is None else b.float())
+            got = linear(x, packed, b)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            # one rounding of the float32 sum to bf16 (2^-8 relative), plus float32 summation-order noise
+            assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-4 * max(1.0, k ** 0.5)), (m, b is None)
+
+
+def test_c_gemm_is_batch_invariant_and_takes_strided_rows(rng):
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    _gemm_lib()
+    weight = torch.randn(200, 576).bfloat16()
+    packed = pack_linear_weight(weight)
+    x = torch.randn(37, 576).bfloat16()
+    full = linear(x, packed)
+    for i in (0, 5, 36):
+        assert torch.equal(linear(x[i:i + 1], packed), full[i:i + 1])  # a row alone, bit for bit
+    wide = torch.randn(37, 1000).bfloat16()
+    strided = wide[:, 100:676]  # row stride 1000, unit stride along k
+    assert torch.equal(linear(strided, packed), linear(strided.contiguous(), packed))
+    assert linear(x.reshape(1, 37, 576), packed).shape == (1, 37, 200)
+
+
+def test_c_gemm_rejects_mismatched_inputs():
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    _gemm_lib()
+    packed = pack_linear_weight(torch.randn(8, 32).bfloat16())
+    with pytest.raises(ValueError, match="33 features, the weight expects 32"):
+        linear(torch.randn(2, 33).bfloat16(), packed)
+    with pytest.raises(TypeError, match="torch.float32"):
+        linear(torch.randn(2, 32), packed)

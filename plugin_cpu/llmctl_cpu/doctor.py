@@ -40,12 +40,15 @@ def check_bf16() -> DoctorResult:
 
 
 def check_native_kernels() -> DoctorResult:
-    """Whether the C decode-attention/rotary/KV-write kernels built; without them the torch paths run (slower)."""
+    """Whether the C attention/rotary/KV-write/GEMM kernels built; without them the torch paths run (slower)."""
     from llmctl_cpu import native
 
     ok, why = native.status()
     if ok:
-        return DoctorResult(True, f"C kernels available ({why})")
+        lib = native.kernels()
+        gemm = ("bf16 GEMM on" if lib is not None and lib.has_gemm_bf16
+                else "bf16 GEMM off: no AVX512-BF16, oneDNN runs bf16 linears")
+        return DoctorResult(True, f"C kernels available ({why}; {gemm})")
     return DoctorResult(True, f"C kernels not available: {why}",
                         "install gcc or clang (or set CC) for the faster decode attention; unset "
                         f"{native.DISABLE_ENV} if it is 0")

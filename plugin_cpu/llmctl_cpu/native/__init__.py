@@ -61,6 +61,13 @@ class NativeKernels:
         self._rotary.restype = _c_int
         self._rotary.argtypes = [_c_int, _c_ptr, _c_int, _c_ptr, _c_int, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
                                  _c_int, _c_int, _c_int]
+        self._pack = lib.llmctl_pack_bf16_panels
+        self._pack.restype = None
+        self._pack.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr]
+        self._gemm = lib.llmctl_gemm_bf16
+        self._gemm.restype = _c_int
+        self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
+        self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
 
     def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
@@ -75,6 +82,21 @@ class NativeKernels:
                         rows.data_ptr(), seq_lens.data_ptr(), rows.shape[0], window or 0, scale,
                         kv_cache.shape[1], torch.get_num_threads())
         return rc == 0
+
+    def pack_bf16_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` [n, k] bf16 with unit stride along k -> the GEMM's panels: [ceil(n/16), ceil(k/2), 32]."""
+        n, k = weight.shape
+        out = torch.empty(((n + 15) // 16, (k + 1) // 2, 32), dtype=torch.bfloat16)
+        self._pack(weight.data_ptr(), weight.stride(0), n, k, out.data_ptr())
+        return out
+
+    def gemm_bf16(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [m, k] bf16 with unit stride along k; ``bias`` n float32 contiguous or None. Returns [m, n]."""
+        m, k = x.shape
+        y = torch.empty((m, n), dtype=torch.bfloat16)
+        self._gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
+                   None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        return y
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """``key``/``value`` [n, Hk, D] with contiguous rows of ``Hk * D``; ``slots`` int64 contiguous."""

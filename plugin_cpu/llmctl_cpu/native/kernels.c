@@ -492,3 +492,118 @@ int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const flo
     }
     return -1;
 }
+
+/* ---- bf16 GEMM on prepacked panels: y[M][N] = x[M][K] . w[N][K]^T (+ bias) -------------------------------------
+ *
+ * Why not oneDNN: at decode row counts the GEMM streams its weights once per step, and oneDNN's primitive call
+ * plus its tiling for small M left half the memory bandwidth unused (SmolLM2-135M shapes, 30 layers, cold
+ * weights, 2 Zen 4 cores: 1.2-1.8x faster here for 1-64 rows, 1.09x at 256). Each output element is summed by
+ * one thread over k in a fixed order from its own row only, so a row's result does not depend on the batch.
+ *
+ * Packed layout: 16-column panels, k in pairs: panel p holds w[16p + c][2j + h] at ((p * K2 + j) * 16 + c) * 2 + h,
+ * K2 = ceil(K / 2), zero padded past N and K, so one 64-byte load feeds one bf16 dot-product instruction. */
+#define GEMM_ROWS 4   /* rows per register tile */
+#define GEMM_PANELS 4 /* 16-column panels per register tile: 16 fp32 accumulators */
+
+void llmctl_pack_bf16_panels(const bf16_t *w, int64_t w_row_stride, int n, int k, bf16_t *out) {
+    const int k2 = (k + 1) / 2, panels = (n + 15) / 16;
+    memset(out, 0, (size_t)panels * k2 * 32 * sizeof(bf16_t));
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++)
+        for (int c = 0; c < 16 && 16 * p + c < n; c++) {
+            const bf16_t *row = w + (int64_t)(16 * p + c) * w_row_stride;
+            bf16_t *dst = out + (size_t)p * k2 * 32 + (size_t)c * 2;
+            for (int j = 0; j < k; j++) dst[(size_t)(j / 2) * 32 + j % 2] = row[j];
+        }
+}
+
+#if defined(__AVX512BF16__)
+int llmctl_has_gemm_bf16(void) { return 1; }
+
+static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, const bf16_t *x, int64_t xs, int k,
+                                                            const bf16_t *w, size_t panel_stride, const float *bias,
+                                                            bf16_t *y, int64_t ys, int last_cols) {
+    __m512 acc[GEMM_ROWS][GEMM_PANELS];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++)
+#pragma GCC unroll 4
+        for (int p = 0; p < NPAN; p++) acc[r][p] = _mm512_setzero_ps();
+    const int pairs = k / 2;
+    for (int j = 0; j < pairs; j++) {
+        __m512bh b[GEMM_PANELS];
+#pragma GCC unroll 4
+        for (int p = 0; p < NPAN; p++) b[p] = (__m512bh)_mm512_loadu_si512(w + p * panel_stride + (size_t)j * 32);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            int32_t pair;
+            memcpy(&pair, x + r * xs + 2 * j, sizeof(pair));
+            const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+            for (int p = 0; p < NPAN; p++) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]);
+        }
+    }
+    if (k % 2) { /* the last k alone: its partner in the packed pair is zero, and so is the one given here */
+        __m512bh b[GEMM_PANELS];
+#pragma GCC unroll 4
+        for (int p = 0; p < NPAN; p++) b[p] = (__m512bh)_mm512_loadu_si512(w + p * panel_stride + (size_t)pairs * 32);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int32_t)x[r * xs + k - 1]);
+#pragma GCC unroll 4
+            for (int p = 0; p < NPAN; p++) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NPAN; p++) {
+        const __mmask16 m = p == NPAN - 1 ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
+        const __m512 bv = bias == NULL ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, bias + 16 * p);
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m512 v = bias == NULL ? acc[r][p] : _mm512_add_ps(acc[r][p], bv);
+            _mm256_mask_storeu_epi16(y + r * ys + 16 * p, m, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
+#define GEMM_TILE(R_, P_)                                                                                    \
+    if (rows == (R_) && npan == (P_)) {                                                                      \
+        gemm_tile(R_, P_, x, xs, k, w, panel_stride, bias, y, ys, last_cols);                               \
+        return;                                                                                              \
+    }
+#define GEMM_TILE_ROWS(R_) GEMM_TILE(R_, 1) GEMM_TILE(R_, 2) GEMM_TILE(R_, 3) GEMM_TILE(R_, 4)
+
+static void gemm_tile_any(int rows, int npan, const bf16_t *x, int64_t xs, int k, const bf16_t *w,
+                          size_t panel_stride, const float *bias, bf16_t *y, int64_t ys, int last_cols) {
+    GEMM_TILE_ROWS(1) GEMM_TILE_ROWS(2) GEMM_TILE_ROWS(3) GEMM_TILE_ROWS(4)
+}
+
+/* x: [m, k] bf16, unit stride along k, row stride xs; y: [m, n] bf16, row stride ys; bias: n floats or NULL. */
+int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const float *bias,
+                     bf16_t *y, int64_t ys, int num_threads) {
+    const int k2 = (k + 1) / 2, panels = (n + 15) / 16;
+    const int groups = (panels + GEMM_PANELS - 1) / GEMM_PANELS;
+    const size_t panel_stride = (size_t)k2 * 32;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int g = 0; g < groups; g++) {
+        const int p0 = g * GEMM_PANELS;
+        const int npan = panels - p0 < GEMM_PANELS ? panels - p0 : GEMM_PANELS;
+        const int tail = n - 16 * (p0 + npan - 1);
+        const int last_cols = tail > 16 ? 16 : tail;
+        const bf16_t *w = packed + (size_t)p0 * panel_stride;
+        const float *b = bias == NULL ? NULL : bias + 16 * p0;
+        for (int r = 0; r < m; r += GEMM_ROWS) {
+            const int rows = m - r < GEMM_ROWS ? m - r : GEMM_ROWS;
+            gemm_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys + 16 * p0, ys, last_cols);
+        }
+    }
+    return 0;
+}
+#else
+int llmctl_has_gemm_bf16(void) { return 0; }
+
+int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const float *bias,
+                     bf16_t *y, int64_t ys, int num_threads) {
+    (void)x, (void)xs, (void)m, (void)k, (void)packed, (void)n, (void)bias, (void)y, (void)ys, (void)num_threads;
+    return -1;
+}
+#endif
