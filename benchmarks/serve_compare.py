@@ -4,7 +4,9 @@
 Each server is started in turn (never both at once: they would share the CPU), timed from launch to its first
 successful completion, then driven by ``llmctl.bench.serve_load`` with streamed ``/v1/completions`` at each
 ``--concurrency`` (default 16 concurrent streams, then 1), and stopped. Prompts are the shared workload's random
-token ids; generation is greedy with ignore_eos. Prints a table with ratios llmctl/vLLM and writes JSON.
+token ids; generation is greedy with ignore_eos. Each server first serves ``--warmup-prompts`` other prompts
+(discarded), as vLLM's own serving benchmark warms up before it measures. Prints a table with ratios
+llmctl/vLLM and writes JSON.
 
 llmctl is started with ``llmctl serve`` when that command exists, else by building the app in a small Python
 launcher (``llmctl_server.launcher.run_server`` on an ``AsyncLLM``).
@@ -76,6 +78,13 @@ def bench_server(label: str, cmd: list[str], env: dict[str, str], base_url: str,
             wait_until_ready(base_url, name, timeout_s=args.ready_timeout, proc=proc)
             ready = time.perf_counter() - t0
             print(f"[{label}] first response {ready:.1f}s after launch", file=sys.stderr, flush=True)
+            if args.warmup_prompts:
+                # Discarded: first-touch page faults, allocator growth and lazily built caches belong to neither
+                # engine's steady state. Different prompts (another seed), so no prefix cache serves the measured
+                # ones.
+                warm = make_prompts(args.warmup_prompts, args.input_len, "token-ids", args.vocab, seed=1)
+                run_serve_load_sync(base_url, name, prompts=warm, num_prompts=len(warm), output_len=args.output_len,
+                                    max_concurrency=max(args.concurrency), timeout_s=1800)
             runs = {}
             for conc in args.concurrency:
                 prompts = prompts_for[conc]
@@ -109,6 +118,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="16,1", help="comma-separated stream counts")
     ap.add_argument("--num-prompts", type=int, default=64, help="requests per concurrency level (>= concurrency)")
     ap.add_argument("--single-stream-prompts", type=int, default=8, help="requests for the 1-stream run")
+    ap.add_argument("--warmup-prompts", type=int, default=16,
+                    help="requests sent to each server before the measured runs (0: none)")
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ready-timeout", type=float, default=600)
@@ -117,7 +128,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
-    vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+    a.vocab = vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
     prompts_for = {c: make_prompts(a.single_stream_prompts if c == 1 else a.num_prompts, a.input_len, "token-ids",
                                    vocab, seed=0) for c in a.concurrency}
     name = Path(a.model).name

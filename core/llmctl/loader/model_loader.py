@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmctl.layers._module import EngineModule
 from llmctl.loader.source import ModelSource
 from llmctl.loader.weights import iter_weights
 from llmctl.models.base import ModelContext
@@ -78,4 +79,8 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn
     for module in model.modules():
         if hasattr(module, "bind_ops"):
             module.bind_ops(ctx.ops)
-    return model.eval()
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, EngineModule):
+            module.freeze_attribute_lookup()
+    return model
