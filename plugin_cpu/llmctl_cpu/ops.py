@@ -110,17 +110,18 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 def _panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
                   ) -> torch.Tensor:
     n, k = shape
-    if x.shape[-1] != k:
-        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
-    if x.dtype != torch.bfloat16:
+    if x.dtype is not torch.bfloat16 or x.shape[-1] != k:
+        if x.shape[-1] != k:
+            raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
         raise TypeError(f"linear: input is {x.dtype}, the packed weight is torch.bfloat16")
-    rows = x.reshape(-1, k)
+    flat = x.dim() == 2
+    rows = x if flat else x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
     out = lib.gemm_bf16(rows, panels, n, None if bias is None else bias.float().contiguous())
-    return out.view(*x.shape[:-1], n)
+    return out if flat else out.view(*x.shape[:-1], n)
 
 
 # oneDNN builds (JIT-compiles, ~0.5 ms) and caches one primitive per GEMM shape, about 0.3 MB each. A server sees
