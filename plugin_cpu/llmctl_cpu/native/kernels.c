@@ -522,7 +522,8 @@ int llmctl_has_gemm_bf16(void) { return 1; }
 
 static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, const bf16_t *x, int64_t xs, int k,
                                                             const bf16_t *w, size_t panel_stride, const float *bias,
-                                                            bf16_t *y, int64_t ys, int last_cols) {
+                                                            bf16_t *y, int64_t ys, int last_cols,
+                                                            const bf16_t *next) {
     __m512 acc[GEMM_ROWS][GEMM_PANELS];
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
@@ -530,6 +531,10 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
         for (int p = 0; p < NPAN; p++) acc[r][p] = _mm512_setzero_ps();
     const int pairs = k / 2;
     for (int j = 0; j < pairs; j++) {
+        if (next != NULL) {
+#pragma GCC unroll 4
+            for (int p = 0; p < GEMM_PANELS; p++) __builtin_prefetch(next + p * panel_stride + (size_t)j * 32, 0, 3);
+        }
         __m512bh b[GEMM_PANELS];
 #pragma GCC unroll 4
         for (int p = 0; p < NPAN; p++) b[p] = (__m512bh)_mm512_loadu_si512(w + p * panel_stride + (size_t)j * 32);
@@ -567,13 +572,14 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
 
 #define GEMM_TILE(R_, P_)                                                                                    \
     if (rows == (R_) && npan == (P_)) {                                                                      \
-        gemm_tile(R_, P_, x, xs, k, w, panel_stride, bias, y, ys, last_cols);                               \
+        gemm_tile(R_, P_, x, xs, k, w, panel_stride, bias, y, ys, last_cols, next);                               \
         return;                                                                                              \
     }
 #define GEMM_TILE_ROWS(R_) GEMM_TILE(R_, 1) GEMM_TILE(R_, 2) GEMM_TILE(R_, 3) GEMM_TILE(R_, 4)
 
 static void gemm_tile_any(int rows, int npan, const bf16_t *x, int64_t xs, int k, const bf16_t *w,
-                          size_t panel_stride, const float *bias, bf16_t *y, int64_t ys, int last_cols) {
+                          size_t panel_stride, const float *bias, bf16_t *y, int64_t ys, int last_cols,
+                          const bf16_t *next) {
     GEMM_TILE_ROWS(1) GEMM_TILE_ROWS(2) GEMM_TILE_ROWS(3) GEMM_TILE_ROWS(4)
 }
 
@@ -591,9 +597,15 @@ int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pa
         const int last_cols = tail > 16 ? 16 : tail;
         const bf16_t *w = packed + (size_t)p0 * panel_stride;
         const float *b = bias == NULL ? NULL : bias + 16 * p0;
+        /* With several row tiles per panel group the group is compute-bound, and the next group's panels (this
+         * thread's next under the static schedule: they follow in memory) are pulled in while the first row tile
+         * runs, at the rate it consumes its own: 16 rows 6 % faster. A single row tile is bandwidth-bound and the
+         * extra stream only slowed it. */
+        const bf16_t *next = m > GEMM_ROWS && g + 1 < groups ? w + (size_t)GEMM_PANELS * panel_stride : NULL;
         for (int r = 0; r < m; r += GEMM_ROWS) {
             const int rows = m - r < GEMM_ROWS ? m - r : GEMM_ROWS;
-            gemm_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys + 16 * p0, ys, last_cols);
+            gemm_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys + 16 * p0, ys, last_cols,
+                          r == 0 ? next : NULL);
         }
     }
     return 0;
