@@ -523,7 +523,7 @@ int llmctl_has_gemm_bf16(void) { return 1; }
 static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, const bf16_t *x, int64_t xs, int k,
                                                             const bf16_t *w, size_t panel_stride, const float *bias,
                                                             bf16_t *y, int64_t ys, int last_cols,
-                                                            const bf16_t *next) {
+                                                            const bf16_t *next, int pf0, int pf1) {
     __m512 acc[GEMM_ROWS][GEMM_PANELS];
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; r++)
@@ -533,7 +533,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
     for (int j = 0; j < pairs; j++) {
         if (next != NULL) {
 #pragma GCC unroll 4
-            for (int p = 0; p < GEMM_PANELS; p++) __builtin_prefetch(next + p * panel_stride + (size_t)j * 32, 0, 3);
+            for (int p = pf0; p < pf1; p++) __builtin_prefetch(next + p * panel_stride + (size_t)j * 32, 0, 3);
         }
         __m512bh b[GEMM_PANELS];
 #pragma GCC unroll 4
@@ -572,14 +572,14 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
 
 #define GEMM_TILE(R_, P_)                                                                                    \
     if (rows == (R_) && npan == (P_)) {                                                                      \
-        gemm_tile(R_, P_, x, xs, k, w, panel_stride, bias, y, ys, last_cols, next);                               \
+        gemm_tile(R_, P_, x, xs, k, w, panel_stride, bias, y, ys, last_cols, next, pf0, pf1);                               \
         return;                                                                                              \
     }
 #define GEMM_TILE_ROWS(R_) GEMM_TILE(R_, 1) GEMM_TILE(R_, 2) GEMM_TILE(R_, 3) GEMM_TILE(R_, 4)
 
 static void gemm_tile_any(int rows, int npan, const bf16_t *x, int64_t xs, int k, const bf16_t *w,
                           size_t panel_stride, const float *bias, bf16_t *y, int64_t ys, int last_cols,
-                          const bf16_t *next) {
+                          const bf16_t *next, int pf0, int pf1) {
     GEMM_TILE_ROWS(1) GEMM_TILE_ROWS(2) GEMM_TILE_ROWS(3) GEMM_TILE_ROWS(4)
 }
 
@@ -597,15 +597,18 @@ int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pa
         const int last_cols = tail > 16 ? 16 : tail;
         const bf16_t *w = packed + (size_t)p0 * panel_stride;
         const float *b = bias == NULL ? NULL : bias + 16 * p0;
-        /* With several row tiles per panel group the group is compute-bound, and the next group's panels (this
-         * thread's next under the static schedule: they follow in memory) are pulled in while the first row tile
-         * runs, at the rate it consumes its own: 16 rows 6 % faster. A single row tile is bandwidth-bound and the
-         * extra stream only slowed it. */
+        /* With several row tiles per panel group the group is compute-bound, so the next group's panels (this
+         * thread's next under the static schedule: they follow in memory) are pulled in while this one computes,
+         * spread evenly over its row tiles (tile i of T asks for panels [4i/T, 4(i+1)/T)), each at the rate the
+         * tile consumes its own: 16 rows ~20 % faster, 64 rows ~8 %. A single row tile is bandwidth-bound and
+         * the extra stream only slowed it. */
         const bf16_t *next = m > GEMM_ROWS && g + 1 < groups ? w + (size_t)GEMM_PANELS * panel_stride : NULL;
-        for (int r = 0; r < m; r += GEMM_ROWS) {
+        const int tiles = (m + GEMM_ROWS - 1) / GEMM_ROWS;
+        for (int r = 0, tile = 0; r < m; r += GEMM_ROWS, tile++) {
             const int rows = m - r < GEMM_ROWS ? m - r : GEMM_ROWS;
+            const int pf0 = tile * GEMM_PANELS / tiles, pf1 = (tile + 1) * GEMM_PANELS / tiles;
             gemm_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys + 16 * p0, ys, last_cols,
-                          r == 0 ? next : NULL);
+                          pf0 < pf1 ? next : NULL, pf0, pf1);
         }
     }
     return 0;
