@@ -89,8 +89,9 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     weights) into oneDNN's blocked layout; either way once, so no GEMM reorders them again.
 
     The C GEMM (llmctl_cpu.native) measured on 2 Zen 4 cores, SmolLM2-135M's projections over 30 layers with cold
-    weights: 1.3-1.8x faster than oneDNN for 1-64 rows, 1.09x at 256, and batch-invariant. float32 on oneDNN at
-    64 rows: 2.3-3.9x faster than ``F.linear`` (MKL), and a row's result changed with the batch size less often.
+    weights: 1.1-1.6x faster than oneDNN for 1-16 rows, 1.04x at 64, equal at 256-1024, and batch-invariant.
+    float32 on oneDNN at 64 rows: 2.3-3.9x faster than ``F.linear`` (MKL), and a row's result changed with the
+    batch size less often.
     """
     if weight.device.type != "cpu" or weight.dim() != 2:
         return weight
@@ -120,7 +121,9 @@ def _panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int],
         rows = rows.contiguous()
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
-    out = lib.gemm_bf16(rows, panels, n, None if bias is None else bias.float().contiguous())
+    if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
+        bias = bias.to(torch.bfloat16).contiguous()  # layers keep a bf16 bias already: no copy per call
+    out = lib.gemm_bf16(rows, panels, n, bias)
     return out if flat else out.view(*x.shape[:-1], n)
 
 

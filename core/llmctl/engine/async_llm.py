@@ -59,8 +59,9 @@ _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 def limit_malloc_arenas(n: int = 1) -> None:
     """Put every thread this process starts from now on in glibc's main malloc arena (unless MALLOC_ARENA_MAX is
-    set, which glibc honours itself). A thread started before this call may already own a second arena that later
-threads then share, so a server calls it before it starts any thread (``AsyncLLM`` calls it again, harmlessly).
+    set, which glibc honours itself). A thread started before this call may already own a second arena that
+    later threads then share, so a server calls it before it starts any thread (``AsyncLLM`` calls it again,
+    harmlessly).
 
     Why one: ``malloc_trim`` returns the free top of the main arena to the OS but not the top of a per-thread
     arena, which glibc shrinks only when a free pushes it past the trim threshold, and that threshold rises with

@@ -91,7 +91,7 @@ class NativeKernels:
         return out
 
     def gemm_bf16(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x`` [m, k] bf16 with unit stride along k; ``bias`` n float32 contiguous or None. Returns [m, n]."""
+        """``x`` [m, k] bf16 with unit stride along k; ``bias`` n bf16 contiguous or None. Returns [m, n]."""
         m, k = x.shape
         y = torch.empty((m, n), dtype=torch.bfloat16)
         self._gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,

@@ -395,6 +395,9 @@ static inline void ahead_step(struct ahead *a, int lines) {
     }
 }
 
+/* The first key a query at position len - 1 sees: everything, or the last `window` keys. */
+static inline int first_key(int len, int window) { return (window > 0 && len > window) ? len - window : 0; }
+
 /* Decode attention straight from the paged cache: one query token per sequence, no gather, no padding.
  *
  * query/out: row r of sequence i is query + rows[i] * q_row_stride, its heads contiguous ([heads, head_size]).
@@ -419,55 +422,49 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
         const int i = per_seq ? task : task / kv_heads;
         const int kh_begin = per_seq ? 0 : task % kv_heads;
         const int kh_end = per_seq ? kv_heads : kh_begin + 1;
+        const int len = seq_lens[i];
+        const int first = first_key(len, window);
+        const int n_keys = len - first;
+        const int b_first = first / block_size, b_last = (len - 1) / block_size;
+        const int32_t *table = block_tables + (int64_t)tables[i] * bt_stride;
+        int bad = len < 1;
+        for (int b = b_first; !bad && b <= b_last; b++) bad |= table[b] < 0 || table[b] >= num_blocks;
+        if (bad) {
+            failed = 1;
+            continue;
+        }
         /* The next sequence this thread will likely take (dynamic schedule, threads move in step): its keys and
-         * values are requested a few lines at a time while this one computes. */
+         * values are requested a few lines per block call while this one computes. */
         struct ahead ahead = {0};
         int lines_per_call = 0;
-        if (per_seq && task + num_threads < num_tasks) {
+        if (per_seq && task + num_threads < num_tasks && seq_lens[task + num_threads] >= 1) {
             const int j = task + num_threads;
-            const int jlen = seq_lens[j];
-            const int jfirst = (window > 0 && jlen > window) ? jlen - window : 0;
-            if (jlen >= 1) {
-                ahead.k = (const char *)k_cache;
-                ahead.v = (const char *)v_cache;
-                ahead.table = block_tables + (int64_t)tables[j] * bt_stride;
-                ahead.b = jfirst / block_size;
-                ahead.b_last = (jlen - 1) / block_size;
-                ahead.block_bytes = (int64_t)block_size * kv_heads * d * (dtype == DT_F32 ? 4 : 2);
-                ahead.num_blocks = num_blocks;
-                const int64_t lines = 2 * (ahead.b_last - ahead.b + 1) * ((ahead.block_bytes + 63) / 64);
-                const int len_i = seq_lens[i], first_i = (window > 0 && len_i > window) ? len_i - window : 0;
-                const int64_t calls = 2 * (int64_t)kv_heads * ((len_i - 1) / block_size - first_i / block_size + 1);
-                lines_per_call = (int)((lines + calls - 1) / (calls > 0 ? calls : 1));
-            }
+            ahead.k = (const char *)k_cache;
+            ahead.v = (const char *)v_cache;
+            ahead.table = block_tables + (int64_t)tables[j] * bt_stride;
+            ahead.b = first_key(seq_lens[j], window) / block_size;
+            ahead.b_last = (seq_lens[j] - 1) / block_size;
+            ahead.block_bytes = (int64_t)block_size * kv_heads * d * (dtype == DT_F32 ? 4 : 2);
+            ahead.num_blocks = num_blocks;
+            const int64_t lines = 2 * (ahead.b_last - ahead.b + 1) * ((ahead.block_bytes + 63) / 64);
+            const int64_t calls = 2 * (int64_t)kv_heads * (b_last - b_first + 1);  /* K and V passes per head */
+            lines_per_call = (int)((lines + calls - 1) / calls);
         }
+        /* scratch: q (group*d), acc (group*d), scores (group*n_keys); per thread, kept */
+        float *scratch = thread_scratch((size_t)group * d * 2 + (size_t)group * n_keys);
+        if (scratch == NULL) {
+            failed = 1;
+            continue;
+        }
+        float *q = scratch, *acc = q + (size_t)group * d;
+        float *scores = acc + (size_t)group * d;
         for (int kh = kh_begin; kh < kh_end; kh++) {
-            const int len = seq_lens[i];
-            const int first = (window > 0 && len > window) ? len - window : 0;
-            const int n_keys = len - first;
-            const int32_t *table = block_tables + (int64_t)tables[i] * bt_stride;
-            int bad = 0;
-            for (int b = first / block_size; b <= (len - 1) / block_size; b++)
-                bad |= table[b] < 0 || table[b] >= num_blocks;
-            if (bad || len < 1) {
-                failed = 1;
-                continue;
-            }
-            /* scratch: q (group*d), acc (group*d), scores (group*n_keys); per thread, kept */
-            float *scratch = thread_scratch((size_t)group * d * 2 + (size_t)group * n_keys);
-            if (scratch == NULL) {
-                failed = 1;
-                continue;
-            }
-            float *q = scratch, *acc = q + (size_t)group * d;
-            float *scores = acc + (size_t)group * d;
             const int64_t q_off = rows[i] * q_row_stride + (int64_t)kh * group * d;
             load_f32(query, q_off, dtype, q, group * d);
             for (int j = 0; j < group * d; j++) q[j] *= scale;
             memset(acc, 0, sizeof(float) * (size_t)group * d);
             /* the bf16 dot-product loop takes the query unscaled and scales each score instead */
             const bf16_t *q_bf16 = dtype == DT_BF16 ? (const bf16_t *)query + q_off : NULL;
-            const int b_first = first / block_size, b_last = (len - 1) / block_size;
             for (int b = b_first; b <= b_last; b++) {
                 const int t0 = b == b_first ? first : b * block_size, t1 = b == b_last ? len : (b + 1) * block_size;
                 if (!qk_dispatch(dtype, group, d, q, scale, q_bf16, k_cache, table, block_size, kv_heads, kh, first,
@@ -589,7 +586,7 @@ void llmctl_pack_bf16_panels(const bf16_t *w, int64_t w_row_stride, int n, int k
 int llmctl_has_gemm_bf16(void) { return 1; }
 
 static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, const bf16_t *x, int64_t xs, int k,
-                                                            const bf16_t *w, size_t panel_stride, const float *bias,
+                                                            const bf16_t *w, size_t panel_stride, const bf16_t *bias,
                                                             bf16_t *y, int64_t ys, int last_cols,
                                                             const bf16_t *next, int pf0, int pf1) {
     __m512 acc[GEMM_ROWS][GEMM_PANELS];
@@ -629,7 +626,9 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
 #pragma GCC unroll 4
     for (int p = 0; p < NPAN; p++) {
         const __mmask16 m = p == NPAN - 1 ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
-        const __m512 bv = bias == NULL ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, bias + 16 * p);
+        const __m512 bv = bias == NULL ? _mm512_setzero_ps()
+                                       : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                             _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + 16 * p)), 16));
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
             const __m512 v = bias == NULL ? acc[r][p] : _mm512_add_ps(acc[r][p], bv);
@@ -646,13 +645,14 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
 #define GEMM_TILE_ROWS(R_) GEMM_TILE(R_, 1) GEMM_TILE(R_, 2) GEMM_TILE(R_, 3) GEMM_TILE(R_, 4)
 
 static void gemm_tile_any(int rows, int npan, const bf16_t *x, int64_t xs, int k, const bf16_t *w,
-                          size_t panel_stride, const float *bias, bf16_t *y, int64_t ys, int last_cols,
+                          size_t panel_stride, const bf16_t *bias, bf16_t *y, int64_t ys, int last_cols,
                           const bf16_t *next, int pf0, int pf1) {
     GEMM_TILE_ROWS(1) GEMM_TILE_ROWS(2) GEMM_TILE_ROWS(3) GEMM_TILE_ROWS(4)
 }
 
-/* x: [m, k] bf16, unit stride along k, row stride xs; y: [m, n] bf16, row stride ys; bias: n floats or NULL. */
-int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const float *bias,
+/* x: [m, k] bf16, unit stride along k, row stride xs; y: [m, n] bf16, row stride ys; bias: n bf16 or NULL (added
+ * in float32 before the one rounding). */
+int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
                      bf16_t *y, int64_t ys, int num_threads) {
     const int k2 = (k + 1) / 2, panels = (n + 15) / 16;
     const int groups = (panels + GEMM_PANELS - 1) / GEMM_PANELS;
@@ -664,7 +664,7 @@ int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pa
         const int tail = n - 16 * (p0 + npan - 1);
         const int last_cols = tail > 16 ? 16 : tail;
         const bf16_t *w = packed + (size_t)p0 * panel_stride;
-        const float *b = bias == NULL ? NULL : bias + 16 * p0;
+        const bf16_t *b = bias == NULL ? NULL : bias + 16 * p0;
         /* With several row tiles per panel group the group is compute-bound, so the next group's panels (this
          * thread's next under the static schedule: they follow in memory) are pulled in while this one computes,
          * spread evenly over its row tiles (tile i of T asks for panels [4i/T, 4(i+1)/T)), each at the rate the
@@ -684,7 +684,7 @@ int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pa
 #else
 int llmctl_has_gemm_bf16(void) { return 0; }
 
-int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const float *bias,
+int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
                      bf16_t *y, int64_t ys, int num_threads) {
     (void)x, (void)xs, (void)m, (void)k, (void)packed, (void)n, (void)bias, (void)y, (void)ys, (void)num_threads;
     return -1;
