@@ -241,6 +241,33 @@ def test_bfloat16_error_is_like_transformers_own(tiny_model_dirs, models, kind):
     assert (got - ref).abs().max() <= 2 * (hf_logits(hf16, tokens) - ref).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_bfloat16_on_the_cpu_platform_ops_is_like_transformers_own(tiny_model_dirs, models, kind):
+    """The same bound with the CPU plugin's ops (C GEMMs, RMSNorm, SiLU fused into the gate/up GEMM where the host
+    has them), and the fused MLP path really bound: its plain gate/up weight released, the layer unusable alone."""
+    from llmctl.plugins import PluginManager
+    from transformers import AutoModelForCausalLM
+
+    path = str(tiny_model_dirs[kind])
+    ops = PluginManager().load().registry.resolve_ops("cpu")
+    ctx = ModelContext(ops=ops, attention=TorchReferenceAttention(), dtype=torch.bfloat16, device=torch.device("cpu"))
+    ours = load_model(resolve_model(path), ctx, make_registry())
+    mlp = ours.model.layers[0].mlp
+    fused = ops.pack_gated_linear_weight(torch.zeros(128, 64, dtype=torch.bfloat16)) is not None
+    assert (mlp._gated is not None) == fused
+    if fused:
+        assert mlp.gate_up_proj.weight.numel() == 0
+        with pytest.raises(RuntimeError, match="fused op"):
+            mlp.gate_up_proj(torch.zeros(1, 64, dtype=torch.bfloat16))
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    tokens = prompt(ours.config.vocab_size, 40, seed=3)
+    ref = hf_logits(models[kind][1], tokens)
+    runner = PagedRunner(ours)
+    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+    got = runner.step([(Seq(tokens, [2, 0, 1]), 40)])[0]
+    assert (got - ref).abs().max() <= 2 * (hf_logits(hf16, tokens) - ref).abs().max()
+
+
 def test_qwen2_per_layer_sliding_window(tmp_path, test_tokenizer):
     """``use_sliding_window`` with ``max_window_layers=1``: layer 0 attends fully, layer 1 within the window,
     so the cache spec must report no model-wide window."""

@@ -24,6 +24,10 @@ def bind_linear_ops(module: nn.Module, ops: Ops, release_plain: bool) -> None:
             module.weight.data = module.weight.data.new_empty(0)
 
 
+def _released_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    raise RuntimeError("this projection's weights were handed to a fused op; call that op instead")
+
+
 class Linear(EngineModule):
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -34,9 +38,21 @@ class Linear(EngineModule):
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
         self._linear = F.linear
         self._packed: torch.Tensor | None = None
+        self._released = False
 
     def bind_ops(self, ops: Ops) -> None:
-        bind_linear_ops(self, ops, release_plain=True)
+        if not self._released:
+            bind_linear_ops(self, ops, release_plain=True)
+
+    def release_weight(self) -> None:
+        """For a parent that runs this projection through a fused op on its own copy of the weights: frees the
+        plain weight and bias, and makes calling this layer directly an error instead of a wrong result."""
+        self._released = True
+        self.weight.data = self.weight.data.new_empty(0)
+        if self.bias is not None:
+            self.bias.data = self.bias.data.new_empty(0)
+        self._packed = None
+        self._linear = _released_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.weight if self._packed is None else self._packed, self.bias)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llmctl.layers._module import EngineModule
@@ -25,5 +27,22 @@ class GatedMLP(EngineModule):
                                          dtype=dtype, device=device)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device)
 
+        self._gated: Callable[..., torch.Tensor] | None = None
+        self._gated_weight: torch.Tensor | None = None
+        self._gated_bias: torch.Tensor | None = None
+
+    def bind_ops(self, ops: Ops) -> None:
+        """Where the platform fuses the activation into the gate/up GEMM, its packed weight replaces the
+        projection's own (which is then released and never bound to ``linear``)."""
+        proj = self.gate_up_proj
+        fused = ops.pack_gated_linear_weight(proj.weight.detach(), None if proj.bias is None else proj.bias.detach())
+        if fused is None:
+            return
+        self._gated_weight, self._gated_bias = fused
+        self._gated = ops.gated_linear
+        proj.release_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gated is not None:
+            return self.down_proj(self._gated(x, self._gated_weight, self._gated_bias))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))

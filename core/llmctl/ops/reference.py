@@ -105,6 +105,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def pack_gated_linear_weight(weight: torch.Tensor, bias: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The SwiGLU projection's fused ``[2 * d, in]`` weight (gate rows first, then up) and its bias, in whatever
+    layout the platform's ``gated_linear`` takes, or ``None`` when the platform has no fused kernel for this shape:
+    then the MLP runs ``linear`` and ``silu_and_mul``. The reference has none. Called once per layer at load."""
+    return None
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu_and_mul(x @ weight.T + bias)`` in one op, so a platform can apply the activation to the GEMM's
+    result while it is still in registers and never write the ``2 * d``-wide intermediate. ``weight`` is a plain
+    ``[2 * d, in]`` tensor or what this platform's ``pack_gated_linear_weight`` returned."""
+    return silu_and_mul(F.linear(x, weight, bias))
+
+
 OP_NAMES: tuple[str, ...] = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -114,4 +129,6 @@ OP_NAMES: tuple[str, ...] = (
     "apply_min_p",
     "pack_linear_weight",
     "linear",
+    "pack_gated_linear_weight",
+    "gated_linear",
 )

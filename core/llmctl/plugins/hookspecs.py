@@ -5,7 +5,7 @@ A backend is a Python package with an entry point in the group ``llmctl.plugins`
     [project.entry-points."llmctl.plugins"]
     mybackend = "mybackend_llmctl"
 
-The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "1.1"`` (the contract version
+The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "1.2"`` (the contract version
 it was written against; core refuses a different major version) and implement any of the hooks below with
 ``@llmctl.plugins.hookimpl``. Every hook receives a ``register`` callback and returns nothing: registering is
 the only thing a plugin does, so core stays in charge of scheduling, KV blocks, the model runner and sampling.
@@ -33,7 +33,8 @@ from llmctl.plugins.types import (
 PROJECT_NAME = "llmctl"
 # 1.1 (additive): Platform.profile_kv_cache_bytes, Platform.decode_step_runner and
 # AttentionBackend.supports_graph_capture; a 1.0 plugin simply keeps their defaults.
-API_VERSION = "1.1"
+# 1.2 (additive): the optional op pair pack_gated_linear_weight / gated_linear (the reference declines).
+API_VERSION = "1.2"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

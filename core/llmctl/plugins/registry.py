@@ -151,6 +151,8 @@ class Ops:
     apply_min_p: Callable[..., torch.Tensor]
     pack_linear_weight: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
+    pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
+    gated_linear: Callable[..., torch.Tensor]
 
     @classmethod
     def reference(cls) -> Ops:

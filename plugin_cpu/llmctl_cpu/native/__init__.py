@@ -68,6 +68,13 @@ class NativeKernels:
         self._gemm.restype = _c_int
         self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
         self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
+        self._norm = lib.llmctl_rms_norm
+        self._norm.restype = _c_int
+        self._norm.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int,
+                               _c_int, _c_float, _c_int]
+        self._gemm_silu = lib.llmctl_gemm_bf16_silu
+        self._gemm_silu.restype = _c_int
+        self._gemm_silu.argtypes = self._gemm.argtypes
 
     def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
@@ -83,6 +90,22 @@ class NativeKernels:
                         kv_cache.shape[1], torch.get_num_threads())
         return rc == 0
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (and ``residual``) [rows, d] with unit stride along d, ``weight`` d contiguous, all one dtype.
+        Returns ``(rms_norm(h) * weight, h)`` with ``h = x + residual`` (new tensors), or ``(rms_norm(x) * weight,
+        None)`` without a residual."""
+        rows, d = x.shape
+        out = torch.empty((rows, d), dtype=x.dtype)
+        summed = None if residual is None else torch.empty((rows, d), dtype=x.dtype)
+        res_ptr, res_stride = (None, 0) if residual is None else (residual.data_ptr(), residual.stride(0))
+        rc = self._norm(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), res_ptr, res_stride,
+                        None if summed is None else summed.data_ptr(), d, weight.data_ptr(), out.data_ptr(), d, rows,
+                        d, eps, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("rms_norm: the kernel could not allocate its scratch memory")
+        return out, summed
+
     def pack_bf16_panels(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [n, k] bf16 with unit stride along k -> the GEMM's panels: [ceil(n/16), ceil(k/2), 32]."""
         n, k = weight.shape
@@ -96,6 +119,18 @@ class NativeKernels:
         y = torch.empty((m, n), dtype=torch.bfloat16)
         self._gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
                    None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        return y
+
+    def gemm_bf16_silu(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None
+                       ) -> torch.Tensor:
+        """``panels`` from :meth:`pack_bf16_panels` of gate and up rows interleaved 16 at a time (``n`` rows in all,
+        a multiple of 32), ``bias`` in the same order. Returns ``silu(gate) * up``, [m, n / 2]."""
+        m, k = x.shape
+        y = torch.empty((m, n // 2), dtype=torch.bfloat16)
+        rc = self._gemm_silu(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
+                             None if bias is None else bias.data_ptr(), y.data_ptr(), n // 2, torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"gemm_bf16_silu: {n} output rows is not a multiple of 32")
         return y
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:

@@ -325,6 +325,35 @@ def check_packed_linear(pack, linear, device: torch.device, dtype: torch.dtype) 
         assert_close(clause, got3.squeeze(0), expected, dtype, f"linear on a 3-D input (case {i})")
 
 
+def check_gated_linear(pack, gated, device: torch.device, dtype: torch.dtype) -> None:
+    """``pack_gated_linear_weight`` and ``gated_linear`` together: where the platform packs a gate/up weight,
+    ``gated(x, *pack(w, b))`` must match the reference ``silu_and_mul(x @ w.T + b)``; where it declines (None),
+    ``gated`` must still take the plain weight. Shapes whose halves are 16, 48 and 768 wide, with and without
+    bias, 2-D and 3-D inputs; the weight and bias are left untouched."""
+    clause = "ops.gated_linear"
+    gen = torch.Generator().manual_seed(13)
+    for i, (rows, k, d, bias) in enumerate(((7, 64, 16, True), (1, 128, 48, False), (33, 576, 768, True))):
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        w = (torch.randn(2 * d, k, generator=gen) / k ** 0.5).to(dtype)
+        b = torch.randn(2 * d, generator=gen).to(dtype) if bias else None
+        expected = reference.gated_linear(x, w, b)
+        w_dev, b_dev = w.to(device), None if b is None else b.to(device)
+        try:
+            packed = pack(w_dev, b_dev)
+            args = (w_dev, b_dev) if packed is None else packed
+            got = gated(x.to(device), *args)
+            got3 = gated(x.to(device).unsqueeze(0), *args)
+        except Exception as exc:
+            raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} on case {i}") from exc
+        require(torch.equal(w_dev.cpu(), w) and (b is None or torch.equal(b_dev.cpu(), b)),
+                clause + ".inputs_unchanged", f"the weight or bias was modified (case {i})")
+        require(got.dtype == expected.dtype and got.shape == expected.shape, clause,
+                f"returned {got.dtype} {tuple(got.shape)}, the reference {expected.dtype} {tuple(expected.shape)} "
+                f"(case {i})")
+        assert_close(clause, got, expected, dtype, f"gated_linear(x, pack(w, b)) (case {i})")
+        assert_close(clause, got3.squeeze(0), expected, dtype, f"gated_linear on a 3-D input (case {i})")
+
+
 def _flatten(x: object) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
