@@ -467,7 +467,8 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     # check this plugin's registrations themselves (other installed plugins may also override ops for cpu)
     mine = {e.item.name: e.item for e in manager.registry.ops if e.plugin == "cpu"}
     assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
-                         "pack_linear_weight", "linear", "pack_gated_linear_weight", "gated_linear"}
+                         "pack_linear_weight", "linear", "pack_gated_linear_weight", "gated_linear",
+                         "greedy_sample"}
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])
@@ -736,3 +737,34 @@ def test_fused_swiglu_gemm_declines_what_it_cannot_take():
     w = torch.randn(48, 40)  # a plain weight, as the contract allows: the unfused ops
     x = torch.randn(3, 40)
     assert torch.allclose(gated_linear(x, w), reference.gated_linear(x, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_greedy_sample_is_torch_argmax(rng, dtype):
+    """Every remainder of the 16-wide vector pass, ties (first index), NaNs (first NaN), -inf rows, strided rows,
+    and the threaded path, against torch.argmax on the same values."""
+    from llmctl_cpu import native
+    from llmctl_cpu.ops import greedy_sample
+
+    if native.kernels() is None:
+        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    for n in (1, 15, 16, 17, 33, 1000, 49152):
+        rows = 70 if n == 49152 else rng.randint(1, 9)  # 70 x 49152 splits over threads
+        x = torch.randn(rows, n).to(dtype)
+        assert torch.equal(greedy_sample(x), x.float().argmax(dim=-1)), n
+        top = x.float().max() + 1
+        for r in range(rows):  # plant ties, a NaN or a row of -inf at random places
+            kind = rng.choice(["tie", "nan", "two_nans", "neg_inf", "none"])
+            a, b = sorted(rng.sample(range(n), 2)) if n > 1 else (0, 0)
+            if kind == "tie":
+                x[r, a] = x[r, b] = top
+            elif kind == "nan":
+                x[r, b] = float("nan")
+            elif kind == "two_nans":
+                x[r, a] = x[r, b] = float("nan")
+            elif kind == "neg_inf":
+                x[r] = float("-inf")
+        got = greedy_sample(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.float().argmax(dim=-1)), n
+    wide = torch.randn(4, 300).to(dtype)
+    assert torch.equal(greedy_sample(wide[:, 13:213]), wide[:, 13:213].float().argmax(dim=-1))

@@ -262,3 +262,26 @@ def test_prompt_logprobs_match_transformers(llm, hf_model):
     again = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3), use_tqdm=False)[0]
     assert [{k: round(v.logprob, 4) for k, v in d.items()} for d in again.prompt_logprobs[1:]] == \
         [{k: round(v.logprob, 4) for k, v in d.items()} for d in plp[1:]]
+
+
+def test_bfloat16_logits_greedy_and_mixed_batches_agree_with_float32():
+    """The runner hands over logits in the model's dtype: all-greedy batches go through ``greedy_sample`` without a
+    float32 copy, every other batch is cast first; tokens and logprobs equal those from float32 logits."""
+    torch.manual_seed(5)
+    logits = torch.randn(6, 300).bfloat16()
+    calls = []
+
+    def greedy_sample(x):
+        calls.append(x.dtype)
+        return x.float().argmax(dim=-1)
+
+    ops = Ops(**{**Ops.reference().__dict__, "greedy_sample": greedy_sample})
+    greedy = [req(SamplingParams(temperature=0.0, logprobs=3 if i % 2 else None), rid=str(i)) for i in range(6)]
+    out = Sampler(ops)(logits, greedy)
+    want = Sampler(ops)(logits.float(), greedy)
+    assert calls == [torch.bfloat16, torch.float32]
+    assert out.token_ids == want.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert out.logprobs == want.logprobs and out.logprobs[1] is not None
+    penalised = [req(SamplingParams(temperature=0.0, presence_penalty=1.5), output=(int(want.token_ids[0]),))]
+    out = Sampler(ops)(logits[:1], penalised)  # penalties: the float32 path, not greedy_sample
+    assert len(calls) == 2 and out.token_ids == Sampler(ops)(logits[:1].float(), penalised).token_ids

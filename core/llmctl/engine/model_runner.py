@@ -63,7 +63,7 @@ class BatchInputs:
 
 @dataclass
 class ModelOutput:
-    sample_logits: torch.Tensor  # [num_sampling_requests, vocab] float32
+    sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
     prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
 
 
@@ -188,4 +188,4 @@ class ModelRunner:
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
             prompt_logits[chunk.request.request_id] = (chunk, self.model.compute_logits(hidden[rows]))
-        return ModelOutput(sample_logits.float(), prompt_logits)
+        return ModelOutput(sample_logits, prompt_logits)  # the sampler casts to float32 where it needs to

@@ -70,6 +70,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         params = [r.sampling_params for r in requests]
+        if all(p.greedy and not p.needs_penalties and not p.min_tokens for p in params):
+            # the common offline case: no float32 copy of the logits unless logprobs ask for one
+            next_ids = self.ops.greedy_sample(logits)
+            return SamplerOutput(next_ids.tolist(), self._logprobs(logits, params, next_ids))
+        logits = logits.float()
         raw = logits
         logits = logits.clone() if any(p.needs_penalties or p.min_tokens for p in params) else logits
         logits = apply_penalties(logits, requests)

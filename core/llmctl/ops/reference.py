@@ -93,6 +93,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < min_p.unsqueeze(-1) * top, float("-inf"))
 
 
+def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (int64 [rows]): the first index on ties, a NaN's index where a row has one (as
+    ``torch.argmax``). ``logits`` come in the model's dtype; comparing after an exact cast to float32 gives the
+    same answer, and torch's float32 argmax is the fast one on every platform."""
+    return logits.float().argmax(dim=-1)
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     """Turn a loaded ``[out, in]`` weight into whatever the platform's ``linear`` runs fastest on (a blocked
     layout, prepacked GEMM panels, ...). Called once per layer at load time; the reference keeps the tensor."""
@@ -127,6 +134,7 @@ OP_NAMES: tuple[str, ...] = (
     "silu_and_mul",
     "apply_top_k_top_p",
     "apply_min_p",
+    "greedy_sample",
     "pack_linear_weight",
     "linear",
     "pack_gated_linear_weight",

@@ -33,7 +33,8 @@ from llmctl.plugins.types import (
 PROJECT_NAME = "llmctl"
 # 1.1 (additive): Platform.profile_kv_cache_bytes, Platform.decode_step_runner and
 # AttentionBackend.supports_graph_capture; a 1.0 plugin simply keeps their defaults.
-# 1.2 (additive): the optional op pair pack_gated_linear_weight / gated_linear (the reference declines).
+# 1.2 (additive): the op greedy_sample and the optional op pair pack_gated_linear_weight / gated_linear (the
+# reference declines).
 API_VERSION = "1.2"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

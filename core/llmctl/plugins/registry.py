@@ -149,6 +149,7 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     apply_top_k_top_p: Callable[..., torch.Tensor]
     apply_min_p: Callable[..., torch.Tensor]
+    greedy_sample: Callable[..., torch.Tensor]
     pack_linear_weight: Callable[..., torch.Tensor]
     linear: Callable[..., torch.Tensor]
     pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]

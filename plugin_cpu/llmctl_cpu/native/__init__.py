@@ -72,6 +72,9 @@ class NativeKernels:
         self._norm.restype = _c_int
         self._norm.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int,
                                _c_int, _c_float, _c_int]
+        self._argmax = lib.llmctl_argmax_rows
+        self._argmax.restype = None
+        self._argmax.argtypes = [_c_int, _c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int]
         self._gemm_silu = lib.llmctl_gemm_bf16_silu
         self._gemm_silu.restype = _c_int
         self._gemm_silu.argtypes = self._gemm.argtypes
@@ -105,6 +108,13 @@ class NativeKernels:
         if rc != 0:
             raise MemoryError("rms_norm: the kernel could not allocate its scratch memory")
         return out, summed
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [rows, n] (n >= 1) with unit stride along n -> int64 [rows], as ``torch.argmax(x, -1)``."""
+        rows, n = x.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        self._argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), rows, n, out.data_ptr(), torch.get_num_threads())
+        return out
 
     def pack_bf16_panels(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [n, k] bf16 with unit stride along k -> the GEMM's panels: [ceil(n/16), ceil(k/2), 32]."""
