@@ -79,7 +79,7 @@ class PagedRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.int64), max_query_len=max(query_lens),
             max_seq_len=max(seq_lens), block_size=BLOCK_SIZE, query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         hidden = self.model(torch.tensor(ids), torch.tensor(pos), self.kv_caches, md)
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden).float()
         for seq, n in work:
             seq.cached += n
         return list(logits.split(query_lens))

@@ -221,7 +221,7 @@ class EngineCore:
             positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(dev)
             input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
             hidden = self.model(input_ids, positions, caches, metadata)
-            self.model.compute_logits(hidden[:sample_rows])
+            self.model.compute_logits(hidden[:sample_rows]).float()  # the sampler's float32 copy counts too
             del hidden, caches, metadata
 
         return run_forward

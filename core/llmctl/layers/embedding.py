@@ -22,8 +22,9 @@ class VocabEmbedding(EngineModule):
 
 
 class LMHead(EngineModule):
-    """Hidden states -> float32 logits. With ``tied_to`` it reuses the embedding's parameter object, so loading
-    the embedding loads both and no second vocab-sized matrix is allocated."""
+    """Hidden states -> logits in the model's dtype (the sampler casts to float32 only where it needs to: greedy
+    batches take the argmax of the model's own values). With ``tied_to`` it reuses the embedding's parameter
+    object, so loading the embedding loads both and no second vocab-sized matrix is allocated."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabEmbedding | None = None,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -40,4 +41,4 @@ class LMHead(EngineModule):
         bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self.weight if self._packed is None else self._packed).float()
+        return self._linear(hidden, self.weight if self._packed is None else self._packed)

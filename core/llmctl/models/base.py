@@ -44,7 +44,7 @@ class CausalLM(Protocol):
         """[num_tokens] ids and positions -> [num_tokens, hidden] final hidden states (after the last norm)."""
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float32 logits, only for the rows where a token is sampled."""
+        """[n, hidden] -> [n, vocab] logits in the model's dtype, only for the rows where a token is sampled."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Consume Hugging Face-named tensors (fusing q/k/v and gate/up as the model's layout wants)."""
