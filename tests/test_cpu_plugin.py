@@ -656,6 +656,15 @@ def test_c_gemm_rejects_mismatched_inputs():
         linear(torch.randn(2, 32), packed)
 
 
+def _avx512_lib():
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    if lib is None or not lib.has_avx512:
+        pytest.skip("the C RMSNorm and argmax run only with the native kernels on AVX-512 hosts")
+    return lib
+
+
 # -- the C RMSNorm and the fused SwiGLU GEMM ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("width", [1, 17, 64, 576, 1000])
@@ -663,11 +672,9 @@ def test_c_rms_norm_within_rounding_of_the_reference(rng, width):
     """Every row count up to the threaded path, residual or not: the residual sum bit for bit, the output within
     two bf16 ulps in rare elements (the sum of squares adds in another order), inputs untouched, row strides
     honoured."""
-    from llmctl_cpu import native
     from llmctl_cpu.ops import fused_add_rms_norm, rms_norm
 
-    if native.kernels() is None:
-        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    _avx512_lib()
     eps = rng.choice([1e-5, 1e-6])
     w = (torch.rand(width) + 0.5).bfloat16()
     for rows in (1, 3, rng.randint(4, 100), 65536 // width + 7):  # the last one splits over threads
@@ -687,11 +694,9 @@ def test_c_rms_norm_within_rounding_of_the_reference(rng, width):
 
 
 def test_c_rms_norm_is_batch_invariant(rng):
-    from llmctl_cpu import native
     from llmctl_cpu.ops import fused_add_rms_norm
 
-    if native.kernels() is None:
-        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    _avx512_lib()
     x, res, w = torch.randn(300, 576).bfloat16(), torch.randn(300, 576).bfloat16(), torch.randn(576).bfloat16()
     full, full_res = fused_add_rms_norm(x, res, w, 1e-5)
     for i in (0, rng.randint(1, 298), 299):
@@ -743,11 +748,9 @@ def test_fused_swiglu_gemm_declines_what_it_cannot_take():
 def test_c_greedy_sample_is_torch_argmax(rng, dtype):
     """Every remainder of the 16-wide vector pass, ties (first index), NaNs (first NaN), -inf rows, strided rows,
     and the threaded path, against torch.argmax on the same values."""
-    from llmctl_cpu import native
     from llmctl_cpu.ops import greedy_sample
 
-    if native.kernels() is None:
-        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    _avx512_lib()
     for n in (1, 15, 16, 17, 33, 1000, 49152):
         rows = 70 if n == 49152 else rng.randint(1, 9)  # 70 x 49152 splits over threads
         x = torch.randn(rows, n).to(dtype)

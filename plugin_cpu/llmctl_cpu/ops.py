@@ -1,10 +1,11 @@
 """CPU op overrides, kept only where measured faster than the reference.
 
 float32 stays bit-identical to the reference everywhere except the GEMMs (float32 is the exactness dtype).
-bfloat16 runs the C kernels of ``llmctl_cpu.native`` where they are built: RMSNorm in one pass (2-4x faster than
-torch's passes; rare elements a bf16 ulp or two off, from the order of its sum of squares), rotary embedding (bit-
-identical), the GEMMs on prepacked panels, and SiLU-and-mul inside the gate/up GEMM. silu_and_mul on its own
-stays on torch: a C pass measured no faster.
+bfloat16 runs the C kernels of ``llmctl_cpu.native`` where they are built: rotary embedding (bit-identical), the
+GEMMs on prepacked panels with SiLU-and-mul inside the gate/up one, and on AVX-512 hosts (built for AVX2 they only
+tied torch) RMSNorm in one pass (2-4x faster than torch's passes; rare elements a bf16 ulp or two off, from the
+order of its sum of squares) and the greedy argmax. silu_and_mul on its own stays on torch: a C pass measured
+no faster.
 
 ``torch.nn.functional.rms_norm`` *with* the weight multiplies in float32 before rounding, which differs from
 the reference (and Hugging Face) by one bf16 ulp; normalising without the weight and multiplying afterwards
@@ -33,7 +34,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     squares adds in another order than the reference, which moves rare elements by a bfloat16 ulp or two."""
     if _native_norm_ok(x, weight):
         lib = native.kernels()
-        if lib is not None:
+        if lib is not None and lib.has_avx512:
             return lib.rms_norm(x, weight, eps)[0]
     return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
 
@@ -43,7 +44,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if _native_norm_ok(x, weight) and residual.shape == x.shape and residual.dtype is x.dtype and \
             residual.stride(1) == 1:
         lib = native.kernels()
-        if lib is not None:
+        if lib is not None and lib.has_avx512:
             return lib.rms_norm(x, weight, eps, residual)  # the sum is a new tensor, as below
     residual = x + residual  # a new tensor: callers may still hold the old residual
     return F.rms_norm(residual, (residual.shape[-1],), None, eps) * weight, residual
@@ -81,7 +82,7 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     if (logits.dim() == 2 and logits.shape[1] > 0 and logits.is_cpu and logits.stride(1) == 1
             and native.dtype_code(logits.dtype) is not None):
         lib = native.kernels()
-        if lib is not None:
+        if lib is not None and lib.has_avx512:
             return lib.argmax_rows(logits)
     return reference.greedy_sample(logits)
 

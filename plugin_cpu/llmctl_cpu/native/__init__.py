@@ -68,6 +68,7 @@ class NativeKernels:
         self._gemm.restype = _c_int
         self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
         self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
+        self.has_avx512 = bool(lib.llmctl_has_avx512())
         self._norm = lib.llmctl_rms_norm
         self._norm.restype = _c_int
         self._norm.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int,

@@ -86,6 +86,10 @@ static inline __m512 load16(const void *base, int64_t offset, int dtype) {
 #define HAVE_AVX512 0
 #endif
 
+/* The row-wise kernels (RMSNorm, argmax) only beat torch with 512-bit vectors: built for AVX2 they measured level
+ * with it, so the Python side uses them only where this says 1. */
+int llmctl_has_avx512(void) { return HAVE_AVX512; }
+
 static inline int64_t cache_row(const int32_t *table, int t, int block_size, int kv_heads, int kh, int d) {
     return (((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads + kh) * d;
 }
