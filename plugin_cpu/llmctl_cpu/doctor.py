@@ -48,7 +48,9 @@ def check_native_kernels() -> DoctorResult:
         lib = native.kernels()
         gemm = ("bf16 GEMM on" if lib is not None and lib.has_gemm_bf16
                 else "bf16 GEMM off: no AVX512-BF16, oneDNN runs bf16 linears")
-        return DoctorResult(True, f"C kernels available ({why}; {gemm})")
+        rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
+                else "RMSNorm/argmax off: no AVX-512, torch runs them")
+        return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows})")
     return DoctorResult(True, f"C kernels not available: {why}",
                         "install gcc or clang (or set CC) for the faster decode attention; unset "
                         f"{native.DISABLE_ENV} if it is 0")
