@@ -69,6 +69,11 @@ class NativeKernels:
         self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
         self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
         self.has_avx512 = bool(lib.llmctl_has_avx512())
+        self.has_prefill_bf16 = bool(lib.llmctl_has_prefill_bf16())
+        self._prefill = lib.llmctl_prefill_attention_bf16
+        self._prefill.restype = _c_int
+        self._prefill.argtypes = [_c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_int, _c_int, _c_int,
+                                  _c_ptr, _c_i64, _c_ptr, _c_int, _c_float, _c_i64, _c_int]
         self._norm = lib.llmctl_rms_norm
         self._norm.restype = _c_int
         self._norm.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_i64, _c_int,
@@ -116,6 +121,18 @@ class NativeKernels:
         out = torch.empty(rows, dtype=torch.int64)
         self._argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), rows, n, out.data_ptr(), torch.get_num_threads())
         return out
+
+    def prefill_attention_bf16(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                               block_tables: torch.Tensor, chunks: torch.Tensor, scale: float) -> bool:
+        """bf16 ``query``/``out`` [T, H, D] with contiguous heads, ``kv_cache`` [2, blocks, block_size, Hk, D]
+        contiguous, ``block_tables`` int32 contiguous, ``chunks`` int32 [n, 4]: (table, first row, query length,
+        sequence length) per prefill chunk. False when a block id is out of range or scratch could not be had."""
+        _, _, block_size, kv_heads, head_size = kv_cache.shape
+        rc = self._prefill(query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0), kv_cache[0].data_ptr(),
+                           kv_cache[1].data_ptr(), block_size, kv_heads, head_size, query.shape[1],
+                           block_tables.data_ptr(), block_tables.stride(0), chunks.data_ptr(), chunks.shape[0], scale,
+                           kv_cache.shape[1], torch.get_num_threads())
+        return rc == 0
 
     def pack_bf16_panels(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [n, k] bf16 with unit stride along k -> the GEMM's panels: [ceil(n/16), ceil(k/2), 32]."""
