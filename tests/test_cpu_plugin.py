@@ -303,7 +303,7 @@ def test_long_prefills_split_between_the_c_kernel_and_flash(backend, rng, monkey
 def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype):
     """In float32 a prefill row is a decode over its prefix in the C kernel, so a prompt's last token gives the same
     bits whether it is computed in a prefill, in a later chunk, or as a decode. bfloat16 prefills run in query
-    tiles (keys in vector lanes), which sum each dot product in another order: equal within one bf16 rounding."""
+    tiles (keys in vector lanes, probabilities rounded to bf16 for P.V): equal within bf16 rounding."""
     from llmctl_cpu import native
 
     if not native.status()[0]:
@@ -791,16 +791,17 @@ def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng,
         pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX512-BF16)")
     backend = manager.registry.attention_backends["cpu-sdpa"].item
     kv_heads = rng.choice([1, 2])
-    specs = [(0, rng.randint(2, 70)), (rng.randint(1, 90), rng.randint(2, 40)), (rng.randint(0, 30), 1)]
+    specs = [(0, rng.randint(3, 70)), (rng.randint(1, 90), rng.randint(2, 40)), (rng.randint(0, 30), 1)]
     query, cache, md = make_batch(rng, specs, block_size, kv_heads, kv_heads * group, head_size, torch.bfloat16)
     scale = head_size ** -0.5
     whole = backend.forward(query, cache, md, scale)
     atol, rtol = TOL[torch.bfloat16]
     torch.testing.assert_close(whole.float(), paged_attention_reference(query, cache, md, scale).float(),
                                atol=atol, rtol=rtol, msg=f"specs={specs}")
-    # the first prompt again, cut after `cut` tokens: its later rows as a chunk over cached context
+    # the first prompt again, cut after `cut` tokens: its later rows (two or more: one would be a decode) as a
+    # chunk over cached context
     length = specs[0][1]
-    cut = rng.randint(1, length - 1)
+    cut = rng.randint(1, length - 2)
     table = md.block_tables[:1]
     chunk_md = AttentionMetadata(
         num_tokens=length - cut, num_seqs=1, query_start_loc=torch.tensor([0, length - cut], dtype=torch.int32),
