@@ -219,26 +219,33 @@ def test_smollm2_gguf_matches_hf(smollm2):
     assert torch.equal(torch.cat(got).argmax(-1), ref.argmax(-1))
 
 
+def _bfloat16_errors(ours, path: str, hf32) -> tuple[torch.Tensor, float, float]:
+    """A 40-token prompt through our bfloat16 model (on a bfloat16 paged cache): its logits, and the largest
+    distance from the float32 transformers logits of ours and of transformers' own bfloat16 run."""
+    from transformers import AutoModelForCausalLM
+
+    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    tokens = prompt(ours.config.vocab_size, 40, seed=3)
+    ref = hf_logits(hf32, tokens)
+    runner = PagedRunner(ours)
+    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+    got = runner.step([(Seq(tokens, [2, 0, 1]), 40)])[0]
+    return got, float((got - ref).abs().max()), float((hf_logits(hf16, tokens) - ref).abs().max())
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_bfloat16_error_is_like_transformers_own(tiny_model_dirs, models, kind):
     """In bfloat16 we cannot match bit for bit; our distance from the float32 reference must stay within
     twice the distance of transformers' own bfloat16 run."""
-    from transformers import AutoModelForCausalLM
-
     path = str(tiny_model_dirs[kind])
     ctx = make_ctx()
     ctx.dtype = torch.bfloat16
     ours = load_model(resolve_model(path), ctx, make_registry())
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert ours.model.layers[0].self_attn.rotary_emb.cos_sin_cache.dtype == torch.float32
-    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    tokens = prompt(ours.config.vocab_size, 40, seed=3)
-    ref = hf_logits(models[kind][1], tokens)
-    runner = PagedRunner(ours)
-    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
-    got = runner.step([(Seq(tokens, [2, 0, 1]), 40)])[0]
+    got, ours_err, hf_err = _bfloat16_errors(ours, path, models[kind][1])
     assert got.dtype == torch.float32
-    assert (got - ref).abs().max() <= 2 * (hf_logits(hf16, tokens) - ref).abs().max()
+    assert ours_err <= 2 * hf_err
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
@@ -246,7 +253,6 @@ def test_bfloat16_on_the_cpu_platform_ops_is_like_transformers_own(tiny_model_di
     """The same bound with the CPU plugin's ops (C GEMMs, RMSNorm, SiLU fused into the gate/up GEMM where the host
     has them), and the fused MLP path really bound: its plain gate/up weight released, the layer unusable alone."""
     from llmctl.plugins import PluginManager
-    from transformers import AutoModelForCausalLM
 
     path = str(tiny_model_dirs[kind])
     ops = PluginManager().load().registry.resolve_ops("cpu")
@@ -259,13 +265,8 @@ def test_bfloat16_on_the_cpu_platform_ops_is_like_transformers_own(tiny_model_di
         assert mlp.gate_up_proj.weight.numel() == 0
         with pytest.raises(RuntimeError, match="fused op"):
             mlp.gate_up_proj(torch.zeros(1, 64, dtype=torch.bfloat16))
-    hf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    tokens = prompt(ours.config.vocab_size, 40, seed=3)
-    ref = hf_logits(models[kind][1], tokens)
-    runner = PagedRunner(ours)
-    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
-    got = runner.step([(Seq(tokens, [2, 0, 1]), 40)])[0]
-    assert (got - ref).abs().max() <= 2 * (hf_logits(hf16, tokens) - ref).abs().max()
+    _, ours_err, hf_err = _bfloat16_errors(ours, path, models[kind][1])
+    assert ours_err <= 2 * hf_err
 
 
 def test_qwen2_per_layer_sliding_window(tmp_path, test_tokenizer):

@@ -200,7 +200,7 @@ def _native_query_ok(query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Ten
 
 
 def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtype: torch.dtype,
-          head_size: int = 0) -> _Plan:
+          head_size: int) -> _Plan:
     """The step's work split (prefill chunks, decode buckets with their gather indices and masks), memoized in
     ``metadata.plan_cache`` so the model's layers share one copy."""
     cache_key = ("cpu-sdpa", block_size, window, dtype, head_size)

@@ -29,6 +29,10 @@ def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.is_cpu and weight.is_contiguous() and weight.shape == x.shape[1:] and x.shape[1] > 0)
 
 
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """bfloat16 rows go through one C pass (2-4x faster than torch's passes from 1 to 1024 rows of 576); its sum of
     squares adds in another order than the reference, which moves rare elements by a bfloat16 ulp or two."""
@@ -36,7 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         lib = native.kernels()
         if lib is not None and lib.has_avx512:
             return lib.rms_norm(x, weight, eps)[0]
-    return F.rms_norm(x, (x.shape[-1],), None, eps) * weight
+    return _torch_rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
@@ -47,7 +51,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         if lib is not None and lib.has_avx512:
             return lib.rms_norm(x, weight, eps, residual)  # the sum is a new tensor, as below
     residual = x + residual  # a new tensor: callers may still hold the old residual
-    return F.rms_norm(residual, (residual.shape[-1],), None, eps) * weight, residual
+    return _torch_rms_norm(residual, weight, eps), residual
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -139,23 +143,26 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _panel_rows(x: torch.Tensor, k: int, op: str) -> torch.Tensor:
+    """``x`` as the [rows, k] bf16 rows (unit stride along k) a packed-panel GEMM reads; the error names ``op``."""
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: input has {x.shape[-1]} features, the weight expects {k}")
+    if x.dtype is not torch.bfloat16:
+        raise TypeError(f"{op}: input is {x.dtype}, the packed weight is torch.bfloat16")
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 def _panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
                   ) -> torch.Tensor:
     n, k = shape
-    if x.dtype is not torch.bfloat16 or x.shape[-1] != k:
-        if x.shape[-1] != k:
-            raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
-        raise TypeError(f"linear: input is {x.dtype}, the packed weight is torch.bfloat16")
-    flat = x.dim() == 2
-    rows = x if flat else x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _panel_rows(x, k, "linear")
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
     if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()  # layers keep a bf16 bias already: no copy per call
     out = lib.gemm_bf16(rows, panels, n, bias)
-    return out if flat else out.view(*x.shape[:-1], n)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
 # oneDNN builds (JIT-compiles, ~0.5 ms) and caches one primitive per GEMM shape, about 0.3 MB each. A server sees
@@ -249,18 +256,11 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if shape is None:  # a plain weight (as the contract allows): the unfused ops
         return silu_and_mul(linear(x, weight, bias))
     n, k = shape
-    if x.shape[-1] != k:
-        raise ValueError(f"gated_linear: input has {x.shape[-1]} features, the weight expects {k}")
-    if x.dtype is not torch.bfloat16:
-        raise TypeError(f"gated_linear: input is {x.dtype}, the packed weight is torch.bfloat16")
-    flat = x.dim() == 2
-    rows = x if flat else x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    rows = _panel_rows(x, k, "gated_linear")
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
     out = lib.gemm_bf16_silu(rows, weight, n, bias)
-    return out if flat else out.view(*x.shape[:-1], n // 2)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n // 2)
 
 
 def op_overrides() -> list[OpOverride]:

@@ -38,16 +38,14 @@ class Linear(EngineModule):
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
         self._linear = F.linear
         self._packed: torch.Tensor | None = None
-        self._released = False
 
     def bind_ops(self, ops: Ops) -> None:
-        if not self._released:
+        if self._linear is not _released_linear:
             bind_linear_ops(self, ops, release_plain=True)
 
     def release_weight(self) -> None:
         """For a parent that runs this projection through a fused op on its own copy of the weights: frees the
         plain weight and bias, and makes calling this layer directly an error instead of a wrong result."""
-        self._released = True
         self.weight.data = self.weight.data.new_empty(0)
         if self.bias is not None:
             self.bias.data = self.bias.data.new_empty(0)

@@ -77,10 +77,13 @@ static inline float softmax_exp(float x) {
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define HAVE_AVX512 1
+static inline __m512 from_bf16_16(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 static inline __m512 load16(const void *base, int64_t offset, int dtype) {
     if (dtype == DT_F32) return _mm512_loadu_ps((const float *)base + offset);
-    const __m256i h = _mm256_loadu_si256((const __m256i *)((const bf16_t *)base + offset));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return from_bf16_16(_mm256_loadu_si256((const __m256i *)((const bf16_t *)base + offset)));
 }
 #else
 #define HAVE_AVX512 0
@@ -290,7 +293,6 @@ static int pv_dispatch(int dtype, int group, int d, const float *p, const void *
 #endif
 
 
-/* In place: each row of scores becomes exp(score - row max) (the softmax numerators). */
 static float row_max(const float *x, int n) {
 #if HAVE_AVX512
     /* sixteen lanes: the scalar loop is one dependent compare per key (the maximum itself is order-free) */
@@ -325,6 +327,7 @@ static float row_sum(const float *x, int n) {
 #endif
 }
 
+/* In place: each row of scores becomes exp(score - row max) (the softmax numerators). */
 static void softmax_numerators(float *scores, int group, int n) {
     for (int g = 0; g < group; g++) {
         float *restrict sg = scores + (size_t)g * n;
@@ -680,10 +683,6 @@ static inline __m512 silu16(__m512 v) {
     const __m512 num = _mm512_mask_mul_ps(v, neg, v, t);
     return _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
 }
-
-static inline __m512 from_bf16_16(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 #endif
 
 /* ---- bf16 GEMM on prepacked panels: y[M][N] = x[M][K] . w[N][K]^T (+ bias) -------------------------------------
@@ -771,9 +770,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
 #pragma GCC unroll 4
     for (int p = 0; p < NPAN; p++) {
         const __mmask16 m = p == NPAN - 1 ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
-        const __m512 bv = bias == NULL ? _mm512_setzero_ps()
-                                       : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                             _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, bias + 16 * p)), 16));
+        const __m512 bv = bias == NULL ? _mm512_setzero_ps() : from_bf16_16(_mm256_maskz_loadu_epi16(m, bias + 16 * p));
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
             const __m512 v = bias == NULL ? acc[r][p] : _mm512_add_ps(acc[r][p], bv);
@@ -863,12 +860,16 @@ int llmctl_gemm_bf16_silu(const bf16_t *x, int64_t xs, int m, int k, const bf16_
  * torch's argmax over bfloat16 runs scalar (5.4 ms for 64 rows of 49152 logits), and converting to float32 first
  * costs a write and a re-read of the logits (1.0 ms together); one vectorised pass here reads them once. Ties go
  * to the first index and a NaN counts as the largest value (its first index wins), as torch.argmax decides. */
+static inline float value_at(const void *row, int dtype, int j) {
+    return dtype == DT_F32 ? ((const float *)row)[j] : bf16_to_f32(((const bf16_t *)row)[j]);
+}
+
 static int64_t argmax_row_scalar(const void *row, int dtype, int n) {
     int64_t best = 0;
-    float best_v = dtype == DT_F32 ? ((const float *)row)[0] : bf16_to_f32(((const bf16_t *)row)[0]);
+    float best_v = value_at(row, dtype, 0);
     if (best_v != best_v) return 0;
     for (int j = 1; j < n; j++) {
-        const float v = dtype == DT_F32 ? ((const float *)row)[j] : bf16_to_f32(((const bf16_t *)row)[j]);
+        const float v = value_at(row, dtype, j);
         if (v != v) return j;
         if (v > best_v) {
             best_v = v;
@@ -916,7 +917,7 @@ void llmctl_argmax_rows(int dtype, const void *x, int64_t xs, int rows, int n, i
                     bi = ids[l];
                 }
             for (; j < n; j++) {
-                const float v = dtype == DT_F32 ? ((const float *)row)[j] : bf16_to_f32(((const bf16_t *)row)[j]);
+                const float v = value_at(row, dtype, j);
                 if (v != v) {
                     bi = argmax_row_scalar(row, dtype, n);
                     break;
@@ -1081,17 +1082,10 @@ int llmctl_prefill_attention_bf16(const bf16_t *query, int64_t q_row_stride, bf1
         for (int v = 0; v < nq; v++) {
             const int n_r = ctx + r0 + v / group + 1;
             float *sv = scores + (size_t)v * keys_pad;
-            __m512 mv = _mm512_set1_ps(-INFINITY);
-            int t = 0;
-            for (; t + 16 <= n_r; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(sv + t));
-            if (t < n_r) {
-                const __mmask16 k = (__mmask16)((1u << (n_r - t)) - 1);
-                mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, sv + t));
-            }
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            const __m512 m = _mm512_set1_ps(row_max(sv, n_r));
             __m512 sum = _mm512_setzero_ps();
             bf16_t *pb = (bf16_t *)sv;
-            for (t = 0; t < keys_pad; t += 16) {
+            for (int t = 0; t < keys_pad; t += 16) {
                 const __mmask16 k = n_r - t >= 16 ? (__mmask16)0xffff
                                                   : (n_r <= t ? (__mmask16)0 : (__mmask16)((1u << (n_r - t)) - 1));
                 const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(sv + t), m)));
