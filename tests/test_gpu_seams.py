@@ -129,7 +129,7 @@ def test_default_platform_seams_are_off():
     assert bare.decode_step_runner(None) is None  # type: ignore[arg-type]
     cpu = pytest.importorskip("llmctl_cpu.platform")
     assert type(cpu.CpuPlatform()).profile_kv_cache_bytes is Platform.profile_kv_cache_bytes
-    assert type(cpu.CpuPlatform()).decode_step_runner is Platform.decode_step_runner
+    # the CPU plugin records decode steps (tests/test_cpu_graph.py); it keeps the default KV sizing
 
 
 # -- decode graphs ---------------------------------------------------------------------------------------------------

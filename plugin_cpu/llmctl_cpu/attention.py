@@ -64,6 +64,9 @@ class CpuSdpaAttention(AttentionBackend):
     platform = "cpu"
     priority = 10
     accepts_new_kv = True
+    # All-decode steps read lengths and block tables in place (no host read of the step), and a length-0 row
+    # gets a zero output; the platform's recorder (llmctl_cpu.graph) refuses steps that take the torch paths.
+    supports_graph_capture = True
 
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
         if dtype not in _SUPPORTED_DTYPES:
@@ -165,15 +168,39 @@ class _NativeRows:
         # prefill chunks for the query-tiled kernel: (table, first row, query length, sequence length)
         self.tiled_chunks = torch.tensor(tiled, dtype=torch.int32) if tiled else None
 
+    @classmethod
+    def all_decodes(cls, n: int, seq_lens: torch.Tensor, block_tables: torch.Tensor) -> _NativeRows:
+        """A batch of ``n`` decodes, sequence ``i`` in row ``i``, reading the lengths from ``seq_lens`` in place:
+        nothing about the step is read on the host, so a recorded step (llmctl_cpu.graph) stays valid when the
+        lengths in that buffer change."""
+        rows = cls.__new__(cls)
+        rows.tables = torch.arange(n, dtype=torch.int32)
+        rows.rows = torch.arange(n, dtype=torch.int64)
+        rows.seq_lens = seq_lens[:n].to(torch.int32).contiguous()
+        rows.block_tables = block_tables.to(torch.int32).contiguous()
+        rows.tiled_chunks = None
+        return rows
+
 
 class _Plan:
-    __slots__ = ("prefills", "decodes", "native", "long_prefills", "_torch_decodes")
+    __slots__ = ("prefills", "_decodes", "native", "long_prefills", "_torch_decodes", "_metadata")
 
-    def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[tuple[int, int, int]],
-                 native: _NativeRows | None, long_prefills: list[tuple[int, int, int, int]]) -> None:
-        self.prefills, self.decodes, self.native = prefills, decodes, native
+    def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[tuple[int, int, int]] | None,
+                 native: _NativeRows | None, long_prefills: list[tuple[int, int, int, int]],
+                 metadata: AttentionMetadata | None = None) -> None:
+        self.prefills, self._decodes, self.native = prefills, decodes, native
         self.long_prefills = long_prefills  # with the C kernels: the chunks left to the flash kernel
         self._torch_decodes: list[_DecodeGroup] | None = None
+        self._metadata = metadata  # for decodes=None: an all-decode step whose lengths are read only if needed
+
+    @property
+    def decodes(self) -> list[tuple[int, int, int]]:
+        """(seq, row, seq_len) per decode."""
+        if self._decodes is None:
+            assert self._metadata is not None
+            n = self._metadata.num_seqs
+            self._decodes = [(i, i, sl) for i, sl in enumerate(self._metadata.seq_lens[:n].tolist())]
+        return self._decodes
 
     def torch_decodes(self, tables: torch.Tensor, block_size: int, window: int | None,
                       dtype: torch.dtype) -> list[_DecodeGroup]:
@@ -208,6 +235,11 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
     if plan is not None:
         return plan
     n = metadata.num_seqs
+    lib = native.kernels() if native.dtype_code(dtype) is not None else None
+    if lib is not None and metadata.max_query_len == 1 and metadata.num_tokens == n:
+        rows = _NativeRows.all_decodes(n, metadata.seq_lens, metadata.block_tables)
+        plan = metadata.plan_cache[cache_key] = _Plan([], None, rows, [], metadata)
+        return plan
     q_lens = metadata.query_lens_cpu
     seq_lens = metadata.seq_lens_cpu
     if q_lens is None or len(q_lens) < n:
@@ -226,7 +258,6 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
         start += ql
     rows = None
     long_prefills: list[tuple[int, int, int, int]] = []
-    lib = native.kernels() if native.dtype_code(dtype) is not None else None
     if lib is not None and lib.has_prefill_bf16 and dtype == torch.bfloat16 and window is None \
             and head_size in (64, 128):
         rows = _NativeRows(decodes, [], metadata.block_tables, prefills)  # every prefill chunk, any length

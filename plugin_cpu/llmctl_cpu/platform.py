@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
+from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner, DeviceInfo, Platform, ProbeResult
 
 logger = logging.getLogger(__name__)
 
@@ -204,3 +204,10 @@ class CpuPlatform(Platform):
         if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
             changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
         return changes
+
+    def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
+        """All-decode steps recorded once and replayed from C (``llmctl_cpu.graph``), when the C kernels are built;
+        a step the recorder refuses (a torch fallback inside it) runs eagerly."""
+        from llmctl_cpu import graph
+
+        return graph.make_runner(spec)

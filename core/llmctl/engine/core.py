@@ -249,7 +249,8 @@ class EngineCore:
                                f"with enforce_eager=True (llmctl serve --enforce-eager) to run without them") from exc
         captured = sorted({p for p in map(runner.padded_size, sizes) if p is not None})
         if not captured:
-            return f"off (platform {self.platform.name} captured no batch size)"
+            why = getattr(runner, "reason", None)  # optional: a runner may say why it captured nothing
+            return f"off (platform {self.platform.name} captured no batch size{': ' + why if why else ''})"
         self.runner.decode_runner = runner
         return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
 

@@ -12,6 +12,7 @@ returns ``None``, :func:`status` says why, and callers keep their torch paths.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -19,9 +20,12 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,6 +88,47 @@ class NativeKernels:
         self._gemm_silu = lib.llmctl_gemm_bf16_silu
         self._gemm_silu.restype = _c_int
         self._gemm_silu.argtypes = self._gemm.argtypes
+        self._gather = lib.llmctl_gather_rows
+        self._gather.restype = _c_int
+        self._gather.argtypes = [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_ptr]
+        self._run_program = lib.llmctl_run_program
+        self._run_program.restype = _c_int
+        self._run_program.argtypes = [_c_ptr, _c_int, _c_int, _c_int, ctypes.POINTER(_c_int)]
+
+    @contextlib.contextmanager
+    def recording(self, calls: list[tuple[int, tuple[Any, ...]]]) -> Iterator[None]:
+        """While open, every kernel call that a decode step makes still runs and is also appended to ``calls`` as
+        ``(opcode, arguments)`` (see :data:`RECORDED_KERNELS`), for :func:`run_program` to replay."""
+        saved = {attr: getattr(self, attr) for attr, _ in RECORDED_KERNELS.values()}
+
+        def recorder(fn: Any, code: int) -> Any:
+            def call(*args: Any) -> Any:
+                calls.append((code, args))
+                return fn(*args)
+            return call
+
+        try:
+            for attr, code in RECORDED_KERNELS.values():
+                setattr(self, attr, recorder(saved[attr], code))
+            yield
+        finally:
+            for attr, fn in saved.items():
+                setattr(self, attr, fn)
+
+    def gather_rows(self, src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[i] = src[ids[i]]``: ``src`` [rows, d] and ``out`` [n, d] contiguous, ``ids`` int64 [n] contiguous."""
+        bad = self._gather(src.data_ptr(), src.stride(0) * src.element_size(), src.shape[0], ids.data_ptr(),
+                           ids.shape[0], out.data_ptr())
+        if bad >= 0:
+            raise IndexError(f"input_ids[{bad}] = {int(ids[bad])} is outside the vocabulary of {src.shape[0]}")
+
+    def run_program(self, program: torch.Tensor, rows: int) -> tuple[int, int]:
+        """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns
+        ``(-1, 0)``, or the index of the call that failed and its kernel's return code."""
+        code = _c_int(0)
+        failed = self._run_program(program.data_ptr(), program.shape[0], rows, torch.get_num_threads(),
+                                   ctypes.byref(code))
+        return failed, code.value
 
     def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
@@ -179,6 +224,40 @@ class NativeKernels:
         if bad >= 0:
             raise IndexError(f"positions[{bad}] = {int(positions[bad])} is outside the rotary table's "
                              f"{cos_sin.shape[0]} positions")
+
+
+# The kernels a recorded decode step may contain: name -> (NativeKernels attribute, opcode in kernels.c), and for
+# each opcode the argument that carries the row count (replaced at replay) and the one that carries the thread
+# count (the same). Floats travel as their bits.
+OP_GATHER, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION = range(1, 8)
+RECORDED_KERNELS = {
+    "gather_rows": ("_gather", OP_GATHER), "rms_norm": ("_norm", OP_RMS_NORM), "gemm_bf16": ("_gemm", OP_GEMM),
+    "gemm_bf16_silu": ("_gemm_silu", OP_GEMM_SILU), "rotary": ("_rotary", OP_ROTARY),
+    "write_kv": ("_write", OP_WRITE_KV), "decode_attention": ("_attn", OP_DECODE_ATTENTION),
+}
+OPCODE_NAMES = {code: name for name, (_, code) in RECORDED_KERNELS.items()}
+ROWS_ARG = {OP_GATHER: 4, OP_RMS_NORM: 10, OP_GEMM: 2, OP_GEMM_SILU: 2, OP_ROTARY: 2, OP_WRITE_KV: 8,
+            OP_DECODE_ATTENTION: 16}
+FLOAT_ARGS = {OP_RMS_NORM: (12,), OP_DECODE_ATTENTION: (18,)}
+PROGRAM_SLOTS = 24  # kernels.c: int64 words per recorded call (the opcode, then up to 23 arguments)
+
+
+def encode_call(code: int, args: tuple[Any, ...]) -> list[int]:
+    """One recorded call as the int64 words ``llmctl_run_program`` reads."""
+    floats = FLOAT_ARGS.get(code, ())
+    words = [code]
+    for i, a in enumerate(args):
+        if i in floats:
+            words.append(struct.unpack("<I", struct.pack("<f", float(a)))[0])
+        elif a is None:
+            words.append(0)
+        elif isinstance(a, (bool, int)):
+            words.append(int(a))
+        else:
+            raise TypeError(f"{OPCODE_NAMES[code]}: argument {i} is {type(a).__name__}, not an int or a pointer")
+    if len(words) > PROGRAM_SLOTS:
+        raise ValueError(f"{OPCODE_NAMES[code]}: {len(args)} arguments do not fit a program slot")
+    return words + [0] * (PROGRAM_SLOTS - len(words))
 
 
 def _cache_dir() -> Path:

@@ -443,8 +443,8 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
  * query/out: row r of sequence i is query + rows[i] * q_row_stride, its heads contiguous ([heads, head_size]).
  * k_cache/v_cache: [num_blocks, block_size, kv_heads, head_size] contiguous. block_tables: [*, bt_stride] int32,
  * sequence i uses row tables[i]. Keys [first, seq_len) are read, first = max(0, seq_len - window) when
- * window > 0. Returns 0, or -1 when a block id is outside [0, num_blocks) or a scratch allocation failed (the
- * caller raises or falls back). */
+ * window > 0; a sequence of length 0 (a padded row) gets a zero output. Returns 0, or -1 when a length is negative,
+ * a block id is outside [0, num_blocks) or a scratch allocation failed (the caller raises or falls back). */
 int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, void *out, int64_t o_row_stride,
                             const void *k_cache, const void *v_cache, int block_size, int kv_heads, int head_size,
                             int heads, const int32_t *block_tables, int64_t bt_stride, const int32_t *tables,
@@ -463,6 +463,12 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
         const int kh_begin = per_seq ? 0 : task % kv_heads;
         const int kh_end = per_seq ? kv_heads : kh_begin + 1;
         const int len = seq_lens[i];
+        if (len == 0) { /* a padded row of a recorded step: no keys, a zero output */
+            const size_t elem = dtype == DT_F32 ? 4 : 2;
+            char *o = (char *)out + (size_t)(rows[i] * o_row_stride + (int64_t)kh_begin * group * d) * elem;
+            memset(o, 0, (size_t)(kh_end - kh_begin) * group * d * elem);
+            continue;
+        }
         const int first = first_key(len, window);
         const int n_keys = len - first;
         const int b_first = first / block_size, b_last = (len - 1) / block_size;
@@ -1151,3 +1157,88 @@ int llmctl_prefill_attention_bf16(const bf16_t *query, int64_t q_row_stride, bf1
     return -1;
 }
 #endif
+
+/* ---- replaying a recorded decode step ------------------------------------------------------------------------
+ *
+ * A decode step of a 30-layer model is ~270 kernel calls; from Python each costs a module call, shape checks,
+ * an output allocation and a ctypes conversion of ten to twenty arguments, ~3 ms per step in all (8 % of a
+ * 64-sequence step, 30 % of a single stream's). llmctl_cpu.graph records the calls of one step against fixed
+ * buffers and hands them here as a program: PROGRAM_SLOTS int64 words per call, the opcode then the arguments
+ * in the kernel's own order (pointers as addresses, floats as their bits). The row count and the thread count
+ * are not taken from the record but from this call, so one program serves every batch up to the one it was
+ * recorded at: each kernel's rows depend on their own inputs only, so the leading rows come out as they would
+ * from a smaller step. */
+#define PROGRAM_SLOTS 24
+enum { OP_GATHER = 1, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION };
+
+/* dst row i = src row ids[i] (row_bytes each): the embedding lookup. Returns the first i whose id is outside
+ * [0, num_rows) (nothing is copied then), or -1. */
+int llmctl_gather_rows(const void *src, int64_t row_bytes, int64_t num_rows, const int64_t *ids, int n, void *dst) {
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= num_rows) return i;
+    for (int i = 0; i < n; i++)
+        memcpy((char *)dst + (size_t)i * row_bytes, (const char *)src + (size_t)ids[i] * row_bytes, (size_t)row_bytes);
+    return -1;
+}
+
+static inline float bits_to_float(int64_t bits) {
+    const uint32_t u = (uint32_t)bits;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#define P(i) ((void *)(intptr_t)a[i])
+#define I(i) ((int)a[i])
+
+/* Runs n_ops recorded calls at `rows` rows. Returns -1 when all succeeded, else the index of the call that failed
+ * (its kernel's own return code in *code): nothing after it runs. */
+int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_threads, int *code) {
+    for (int i = 0; i < n_ops; i++) {
+        const int64_t *a = program + (int64_t)i * PROGRAM_SLOTS + 1;
+        int rc, ok;
+        switch (program[(int64_t)i * PROGRAM_SLOTS]) {
+            case OP_GATHER:
+                rc = llmctl_gather_rows(P(0), a[1], a[2], P(3), rows, P(5));
+                ok = rc == -1;
+                break;
+            case OP_RMS_NORM:
+                rc = llmctl_rms_norm(I(0), P(1), a[2], P(3), a[4], P(5), a[6], P(7), P(8), a[9], rows, I(11),
+                                     bits_to_float(a[12]), num_threads);
+                ok = rc == 0;
+                break;
+            case OP_GEMM:
+                rc = llmctl_gemm_bf16(P(0), a[1], rows, I(3), P(4), I(5), P(6), P(7), a[8], num_threads);
+                ok = rc == 0;
+                break;
+            case OP_GEMM_SILU:
+                rc = llmctl_gemm_bf16_silu(P(0), a[1], rows, I(3), P(4), I(5), P(6), P(7), a[8], num_threads);
+                ok = rc == 0;
+                break;
+            case OP_ROTARY:
+                rc = llmctl_rotary(I(0), P(1), rows, P(3), I(4), a[5], P(6), a[7], P(8), a[9], I(10), I(11), I(12));
+                ok = rc == -1;
+                break;
+            case OP_WRITE_KV:
+                rc = llmctl_write_kv(I(0), P(1), a[2], P(3), a[4], P(5), P(6), P(7), rows, I(9), a[10]);
+                ok = rc == -1;
+                break;
+            case OP_DECODE_ATTENTION:
+                rc = llmctl_decode_attention(I(0), P(1), a[2], P(3), a[4], P(5), P(6), I(7), I(8), I(9), I(10), P(11),
+                                             a[12], P(13), P(14), P(15), rows, I(17), bits_to_float(a[18]), a[19],
+                                             num_threads);
+                ok = rc == 0;
+                break;
+            default:
+                rc = -2;
+                ok = 0;
+        }
+        if (!ok) {
+            *code = rc;
+            return i;
+        }
+    }
+    return -1;
+}
+#undef P
+#undef I
