@@ -60,11 +60,11 @@ class NativeKernels:
         self._write = lib.llmctl_write_kv
         self._write.restype = _c_int
         self._write.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
-                                _c_i64]
+                                _c_i64, _c_int]
         self._rotary = lib.llmctl_rotary
         self._rotary.restype = _c_int
         self._rotary.argtypes = [_c_int, _c_ptr, _c_int, _c_ptr, _c_int, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_i64,
-                                 _c_int, _c_int, _c_int]
+                                 _c_int, _c_int, _c_int, _c_int]
         self._pack = lib.llmctl_pack_bf16_panels
         self._pack.restype = None
         self._pack.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr]
@@ -211,7 +211,7 @@ class NativeKernels:
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
         bad = self._write(_DTYPE_CODES[kv_cache.dtype], key.data_ptr(), key.stride(0), value.data_ptr(),
                           value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
-                          slots.shape[0], key.shape[1] * key.shape[2], num_slots)
+                          slots.shape[0], key.shape[1] * key.shape[2], num_slots, torch.get_num_threads())
         if bad >= 0:
             raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {num_slots} slots")
 
@@ -220,7 +220,7 @@ class NativeKernels:
         """``src``/``dst`` [T, heads, D] with contiguous heads; ``cos_sin`` [max_position, rot] float32."""
         bad = self._rotary(_DTYPE_CODES[src.dtype], positions.data_ptr(), positions.shape[0], cos_sin.data_ptr(),
                            cos_sin.shape[1], cos_sin.shape[0], src.data_ptr(), src.stride(0), dst.data_ptr(),
-                           dst.stride(0), src.shape[1], src.shape[2], int(neox))
+                           dst.stride(0), src.shape[1], src.shape[2], int(neox), torch.get_num_threads())
         if bad >= 0:
             raise IndexError(f"positions[{bad}] = {int(positions[bad])} is outside the rotary table's "
                              f"{cos_sin.shape[0]} positions")

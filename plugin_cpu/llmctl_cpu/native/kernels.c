@@ -540,16 +540,23 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
     return failed ? -1 : 0;
 }
 
+/* Row-wise kernels (KV write, rotary, RMSNorm, argmax) split rows over threads only when a call has this many
+ * elements: below it the fork/join costs more than it saves. */
+#define ROWWISE_PARALLEL_MIN_ELEMS 65536
+
 /* Store new keys/values into the paged cache. key/value rows are [kv_heads * head_size] contiguous with a row
  * stride (they are usually views into the fused qkv projection); slot -1 skips a token. Same dtype as the cache.
  * Returns the index of the first token whose slot is >= num_slots (nothing is written then), or -1. */
 int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void *value, int64_t v_row_stride,
                     void *k_cache, void *v_cache, const int64_t *slots, int num_tokens, int row_elems,
-                    int64_t num_slots) {
+                    int64_t num_slots, int num_threads) {
     const size_t elem = dtype == DT_F32 ? 4 : 2;
     const size_t bytes = elem * (size_t)row_elems;
     for (int i = 0; i < num_tokens; i++)
         if (slots[i] >= num_slots) return i;
+    /* a prefill's rows land in fresh cache pages: their first-touch faults are most of this, and split too */
+    const int threads = (int64_t)num_tokens * row_elems >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < num_tokens; i++) {
         const int64_t s = slots[i];
         if (s < 0) continue;
@@ -565,14 +572,16 @@ int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void
  * index of the first position outside [0, max_position) (nothing is written then), or -1. */
 int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const float *cos_sin, int rot,
                   int64_t max_position, const void *src, int64_t src_row_stride, void *dst, int64_t dst_row_stride,
-                  int heads, int head_size, int neox) {
+                  int heads, int head_size, int neox, int num_threads) {
     const int half = rot / 2;
-    float buf[512];
     for (int i = 0; i < num_tokens; i++)
         if (positions[i] < 0 || positions[i] >= max_position) return i;
+    const int threads = (int64_t)num_tokens * heads * head_size >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < num_tokens; i++) {
         const float *cos = cos_sin + positions[i] * rot;
         const float *sin = cos + half;
+        float buf[512];
         for (int h = 0; h < heads; h++) {
             const int64_t so = i * src_row_stride + (int64_t)h * head_size;
             const int64_t dof = i * dst_row_stride + (int64_t)h * head_size;
@@ -610,7 +619,6 @@ int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const flo
  * of the float32 sum of squares: in rare elements the normalised row is one unit in the last place off, and after
  * the weight's multiply the output one or two.
  * Rows split over threads only when a call has enough of them. */
-#define ROWWISE_PARALLEL_MIN_ELEMS 65536
 
 static inline float round_to(int dtype, float v) { return dtype == DT_F32 ? v : bf16_to_f32(f32_to_bf16(v)); }
 
@@ -1216,11 +1224,12 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
                 ok = rc == 0;
                 break;
             case OP_ROTARY:
-                rc = llmctl_rotary(I(0), P(1), rows, P(3), I(4), a[5], P(6), a[7], P(8), a[9], I(10), I(11), I(12));
+                rc = llmctl_rotary(I(0), P(1), rows, P(3), I(4), a[5], P(6), a[7], P(8), a[9], I(10), I(11), I(12),
+                                   num_threads);
                 ok = rc == -1;
                 break;
             case OP_WRITE_KV:
-                rc = llmctl_write_kv(I(0), P(1), a[2], P(3), a[4], P(5), P(6), P(7), rows, I(9), a[10]);
+                rc = llmctl_write_kv(I(0), P(1), a[2], P(3), a[4], P(5), P(6), P(7), rows, I(9), a[10], num_threads);
                 ok = rc == -1;
                 break;
             case OP_DECODE_ATTENTION:
