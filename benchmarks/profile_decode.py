@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Where a decode step's time goes: torch.profiler over a few llmctl engine steps at a fixed batch.
+"""Where a decode step's time goes, at a fixed batch: per C kernel, per engine phase, and the replayed step.
 
-Submits ``--batch`` requests of ``--input-len`` random tokens, steps the engine past the prefill, then profiles
-``--steps`` pure decode steps. Prints the step's wall time, the share spent inside torch operators (the rest is
-Python: scheduling, input preparation, sampling bookkeeping, detokenization), and the top operators by self CPU
-time. ``--trace FILE.json`` also saves a Chrome trace.
+torch.profiler sees none of this any more (the CPU plugin's kernels are C called through ctypes, and a replayed
+step is one C call), so the step is measured twice in one process on the same requests' shape:
+
+* eagerly (``enforce_eager``), with a timer around every C kernel call: time per kernel kind, and what is left
+  outside them (module calls, scheduling, batch preparation, sampling bookkeeping, detokenization);
+* as the engine runs by default (decode steps replayed from a recording, where the platform offers one).
 
     .venv/bin/python benchmarks/profile_decode.py --model /work/smollm2-hf --dtype bfloat16 --batch 64
 """
@@ -12,11 +14,71 @@ time. ``--trace FILE.json`` also saves a Chrome trace.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections import defaultdict
+from typing import Any
 
 import torch
 from llmctl import LLM, SamplingParams
 from llmctl.bench.common import random_token_prompts
+
+
+def _decode_steps(llm: LLM, batch: int, input_len: int, steps: int, seed: int,
+                  before: Any = None, after: Any = None) -> list[float]:
+    """Wall time of ``steps`` pure decode steps of ``batch`` sequences (after their prefill and two more), every
+    sequence running throughout; ``before()`` and ``after()`` are called just before and after the timed steps."""
+    eng = llm.llm_engine
+    # sequences prefilled in the first chunks decode while later ones prefill: leave them room to spare
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8 + batch * input_len // 256, ignore_eos=True)
+    for i, p in enumerate(random_token_prompts(batch, input_len, eng.model_config.vocab_size, seed=seed)):
+        eng.add_request(f"prof-{seed}-{i}", {"prompt_token_ids": p}, params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill (possibly chunked) until every request has its first token
+        for out in eng.step():
+            if out.outputs and out.outputs[0].token_ids:
+                started.add(out.request_id)
+    for _ in range(2):
+        eng.step()
+    if before is not None:
+        before()
+    walls = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        walls.append(time.perf_counter() - t)
+    if after is not None:
+        after()
+    while eng.has_unfinished_requests():
+        eng.step()
+    return walls
+
+
+def _timed_kernels(lib: Any, totals: dict[str, float]) -> None:
+    """Wrap the library's ctypes entry points so every call adds its duration to ``totals``."""
+    from llmctl_cpu import native
+
+    for name, (attr, _) in native.RECORDED_KERNELS.items():
+        fn = getattr(lib, attr)
+
+        def timed(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
+            t = time.perf_counter()
+            try:
+                return _fn(*args)
+            finally:
+                totals[_name] += time.perf_counter() - t
+
+        setattr(lib, attr, timed)
+    fn = lib._argmax
+
+    def timed_argmax(*args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            totals["argmax (sampler)"] += time.perf_counter() - t
+
+    lib._argmax = timed_argmax
 
 
 def main() -> None:
@@ -25,43 +87,51 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--trace", default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
 
+    # The replayed engine first (the one a user runs), then the eager one with timed kernels.
     llm = LLM(a.model, dtype=a.dtype, max_num_seqs=max(a.batch, 1))
-    eng = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=a.steps + 8, ignore_eos=True)
-    for i, p in enumerate(random_token_prompts(a.batch, a.input_len, eng.model_config.vocab_size, seed=3)):
-        eng.add_request(f"prof-{i}", {"prompt_token_ids": p}, params)
-    started: set[str] = set()
-    while len(started) < a.batch:  # prefill (possibly chunked) until every request has its first token
-        for out in eng.step():
-            if out.outputs and out.outputs[0].token_ids:
-                started.add(out.request_id)
-    for _ in range(2):  # settle
-        eng.step()
-    walls = []
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(a.steps):
-            t = time.perf_counter()
-            with torch.profiler.record_function("engine.step"):
-                eng.step()
-            walls.append(time.perf_counter() - t)
-    while eng.has_unfinished_requests():
-        eng.step()
-    avg = prof.key_averages()
-    step_total = sum(e.cpu_time_total for e in avg if e.key == "engine.step") / 1e3 / a.steps
-    op_self = sum(e.self_cpu_time_total for e in avg if not e.key.startswith("engine.step")) / 1e3 / a.steps
-    print(f"batch {a.batch}, context ~{a.input_len}, dtype {a.dtype}, torch threads {torch.get_num_threads()}")
-    print(f"decode step wall (unprofiled timer inside profile): mean {1e3 * sum(walls) / len(walls):.1f} ms, "
-          f"min {1e3 * min(walls):.1f} ms")
-    print(f"profiled step {step_total:.1f} ms; inside torch ops {op_self:.1f} ms "
-          f"({100 * op_self / max(step_total, 1e-9):.0f}%), outside (Python) {step_total - op_self:.1f} ms")
-    print(avg.table(sort_by="self_cpu_time_total", row_limit=a.top, max_name_column_width=60))
-    if a.trace:
-        prof.export_chrome_trace(a.trace)
+    graphs = llm.llm_engine.core.runner.decode_runner is not None
+    replayed = _decode_steps(llm, a.batch, a.input_len, a.steps, seed=3)
+    del llm
+
+    totals: dict[str, float] = defaultdict(float)
+    llm = LLM(a.model, dtype=a.dtype, max_num_seqs=max(a.batch, 1), enforce_eager=True)
+    try:
+        from llmctl_cpu import native
+
+        lib = native.kernels()
+    except ImportError:
+        lib = None
+    _decode_steps(llm, a.batch, a.input_len, 2, seed=4)  # warm
+    if lib is not None:
+        _timed_kernels(lib, totals)
+    timed: dict[str, float] = {}
+    eager = _decode_steps(llm, a.batch, a.input_len, a.steps, seed=3, before=totals.clear,
+                          after=lambda: timed.update(totals))
+
+    def per_step(seconds: float) -> float:
+        return 1e3 * seconds / a.steps
+
+    kernels_ms = {k: per_step(v) for k, v in sorted(timed.items(), key=lambda kv: -kv[1])}
+    eager_ms = per_step(sum(eager))
+    outside = eager_ms - sum(kernels_ms.values())
+    print(f"batch {a.batch}, prompt {a.input_len} tokens, dtype {a.dtype}, torch threads {torch.get_num_threads()}, "
+          f"{a.steps} decode steps")
+    print(f"replayed step ({'decode graphs on' if graphs else 'graphs off: eager'}): "
+          f"mean {1e3 * sum(replayed) / len(replayed):.2f} ms, min {1e3 * min(replayed):.2f} ms")
+    print(f"eager step: mean {eager_ms:.2f} ms, min {1e3 * min(eager):.2f} ms; per C kernel (ms per step):")
+    for name, ms in kernels_ms.items():
+        print(f"  {name:18s} {ms:7.2f}")
+    print(f"  {'outside C kernels':18s} {outside:7.2f}  (Python: modules, scheduling, preparation, outputs)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"batch": a.batch, "input_len": a.input_len, "dtype": a.dtype, "steps": a.steps,
+                       "decode_graphs": graphs, "replayed_step_ms_mean": 1e3 * sum(replayed) / len(replayed),
+                       "replayed_step_ms_min": 1e3 * min(replayed), "eager_step_ms_mean": eager_ms,
+                       "eager_kernels_ms": kernels_ms, "eager_outside_kernels_ms": outside}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -616,16 +616,30 @@ def _gemm_lib():
     return lib
 
 
-@pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 2), (16, 3), (17, 64), (70, 577), (130, 96)])
-def test_c_gemm_matches_float32_math(rng, n, k):
-    """Every panel/row remainder and odd k: within bf16 rounding of the float32 product, bias added before rounding."""
+@pytest.fixture(params=["avx512", "amx"])
+def gemm_path(request):
+    """Each C GEMM test once on the AVX-512 loop and once on AMX tiles (where the host has AMX): both read the same
+    packed panels, and k not a multiple of 32 stays on AVX-512 either way."""
+    lib = _gemm_lib()
+    was = lib.amx
+    if not lib.use_amx(request.param == "amx") and request.param == "amx":
+        lib.use_amx(was)
+        pytest.skip("no AMX on this host (or Linux refused this process the tile state)")
+    yield request.param
+    lib.use_amx(was)
+
+
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 2), (16, 3), (17, 64), (70, 577), (130, 96), (48, 576),
+                                      (200, 32)])
+def test_c_gemm_matches_float32_math(rng, gemm_path, n, k):
+    """Every panel/row remainder (the AMX path's overlapping last row block too) and odd k: within bf16 rounding of
+    the float32 product, bias added before rounding."""
     from llmctl_cpu.ops import PANEL_SHAPE_ATTR, linear, pack_linear_weight
 
-    _gemm_lib()
     weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
     packed = pack_linear_weight(weight)
     assert getattr(packed, PANEL_SHAPE_ATTR) == (n, k)
-    for m in (1, 2, 3, 4, 5, 9, rng.randint(10, 300)):
+    for m in (1, 2, 3, 4, 5, 9, 16, 17, 33, 64, rng.randint(10, 300)):
         x = torch.randn(m, k).bfloat16()
         for b in (None, bias):
             want = x.float() @ weight.float().T + (0 if b is None else b.float())
@@ -635,20 +649,21 @@ def test_c_gemm_matches_float32_math(rng, n, k):
             assert torch.allclose(got.float(), want, rtol=2 ** -8, atol=1e-4 * max(1.0, k ** 0.5)), (m, b is None)
 
 
-def test_c_gemm_is_batch_invariant_and_takes_strided_rows(rng):
+def test_c_gemm_is_batch_invariant_and_takes_strided_rows(rng, gemm_path):
     from llmctl_cpu.ops import linear, pack_linear_weight
 
-    _gemm_lib()
     weight = torch.randn(200, 576).bfloat16()
     packed = pack_linear_weight(weight)
-    x = torch.randn(37, 576).bfloat16()
+    x = torch.randn(77, 576).bfloat16()
     full = linear(x, packed)
-    for i in (0, 5, 36):
+    for i in (0, 5, 36, 63, 76):
         assert torch.equal(linear(x[i:i + 1], packed), full[i:i + 1])  # a row alone, bit for bit
+    for m in (15, 16, 17, 40):  # every row-block arrangement, including the overlapping last block
+        assert torch.equal(linear(x[:m], packed), full[:m]), m
     wide = torch.randn(37, 1000).bfloat16()
     strided = wide[:, 100:676]  # row stride 1000, unit stride along k
     assert torch.equal(linear(strided, packed), linear(strided.contiguous(), packed))
-    assert linear(x.reshape(1, 37, 576), packed).shape == (1, 37, 200)
+    assert linear(x.reshape(1, 77, 576), packed).shape == (1, 77, 200)
 
 
 def test_c_gemm_rejects_mismatched_inputs():
@@ -710,21 +725,21 @@ def test_c_rms_norm_is_batch_invariant(rng):
         assert torch.equal(one, full[i:i + 1]) and torch.equal(one_res, full_res[i:i + 1])
 
 
-@pytest.mark.parametrize(("d", "k", "bias"), [(16, 1, False), (16, 33, True), (48, 64, False), (768, 576, True)])
-def test_fused_swiglu_gemm_equals_the_unfused_ops(rng, d, k, bias):
+@pytest.mark.parametrize(("d", "k", "bias"), [(16, 1, False), (16, 33, True), (48, 64, False), (768, 576, True),
+                                              (32, 96, True)])
+def test_fused_swiglu_gemm_equals_the_unfused_ops(rng, gemm_path, d, k, bias):
     """SiLU-and-mul in the GEMM's epilogue rounds where the separate ops do: bit-identical to the C GEMM followed by
     silu_and_mul, for every row remainder, with and without bias, and within bf16 rounding of the reference."""
     from llmctl_cpu.ops import GATED_SHAPE_ATTR, gated_linear, linear, pack_gated_linear_weight, pack_linear_weight
     from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
 
-    _gemm_lib()
     weight = (torch.randn(2 * d, k) / k ** 0.5 * 3).bfloat16()
     b = torch.randn(2 * d).bfloat16() if bias else None
     w_before = weight.clone()
     packed, packed_bias = pack_gated_linear_weight(weight, b)
     assert getattr(packed, GATED_SHAPE_ATTR) == (2 * d, k) and torch.equal(weight, w_before)
     plain = pack_linear_weight(weight)
-    for m in (1, 2, 3, 4, 5, 8, rng.randint(9, 200)):
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 35, 64, rng.randint(9, 200)):
         x = torch.randn(m, k).bfloat16()
         got = gated_linear(x, packed, packed_bias)
         assert got.shape == (m, d) and got.dtype == torch.bfloat16
@@ -823,3 +838,25 @@ def test_tiled_bf16_prefill_rejects_block_ids_outside_the_cache(manager):
     md.block_tables[0, 1] = cache.shape[1] + 5
     with pytest.raises(RuntimeError, match="outside the KV cache"):
         backend.forward(query, cache, md, 0.125)
+
+
+def test_amx_and_avx512_gemms_agree(rng):
+    """The two paths form the same float32 sums in (possibly) different orders: within a bf16 rounding of each
+    other, and switching is safe at any time (the panels are shared)."""
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    lib = _gemm_lib()
+    was = lib.amx
+    if not lib.use_amx(True):
+        lib.use_amx(was)
+        pytest.skip("no AMX on this host")
+    try:
+        weight = (torch.randn(320, 576) / 24).bfloat16()
+        packed = pack_linear_weight(weight)
+        x = torch.randn(rng.randint(1, 130), 576).bfloat16()
+        amx = linear(x, packed)
+        lib.use_amx(False)
+        avx = linear(x, packed)
+        torch.testing.assert_close(amx.float(), avx.float(), rtol=2 ** -7, atol=1e-3)
+    finally:
+        lib.use_amx(was)

@@ -32,6 +32,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "LLMCTL_CPU_NATIVE"
+AMX_ENV = "LLMCTL_CPU_AMX"  # 0 keeps bf16 GEMMs and attention on AVX-512 even where AMX is available
 CACHE_ENV = "LLMCTL_CACHE_DIR"
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
@@ -42,6 +43,14 @@ _DTYPE_CODES = {torch.float32: DT_F32, torch.bfloat16: DT_BF16}
 MAX_ROTARY_HEAD_SIZE = 512  # kernels.c keeps one head in a stack buffer of this many floats
 
 _c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def amx_env_on() -> bool:
+    return _env_on(AMX_ENV)
 
 
 def dtype_code(dtype: torch.dtype) -> int | None:
@@ -72,6 +81,10 @@ class NativeKernels:
         self._gemm.restype = _c_int
         self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
         self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
+        self._use_amx = lib.llmctl_use_amx
+        self._use_amx.restype = _c_int
+        self._use_amx.argtypes = [_c_int]
+        self.amx = self.use_amx(amx_env_on())
         self.has_avx512 = bool(lib.llmctl_has_avx512())
         self.has_prefill_bf16 = bool(lib.llmctl_has_prefill_bf16())
         self._prefill = lib.llmctl_prefill_attention_bf16
@@ -94,6 +107,13 @@ class NativeKernels:
         self._run_program = lib.llmctl_run_program
         self._run_program.restype = _c_int
         self._run_program.argtypes = [_c_ptr, _c_int, _c_int, _c_int, ctypes.POINTER(_c_int)]
+
+    def use_amx(self, on: bool) -> bool:
+        """Run the bf16 GEMMs (k a multiple of 32) and bf16 decode attention on AMX tiles, where the CPU has them
+        and Linux lets this process use them, or on AVX-512; returns whether AMX is on now. Both GEMM paths read
+        the same packed panels, so this may change at any time."""
+        self.amx = bool(self._use_amx(int(on)))
+        return self.amx
 
     @contextlib.contextmanager
     def recording(self, calls: list[tuple[int, tuple[Any, ...]]]) -> Iterator[None]:
@@ -322,7 +342,7 @@ def _build(cc: str) -> Path:
 
 @functools.cache
 def _load() -> tuple[NativeKernels | None, str]:
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not _env_on(DISABLE_ENV):
         return None, f"disabled by {DISABLE_ENV}=0"
     if platform.system() != "Linux":
         return None, f"only built on Linux (this is {platform.system()})"
