@@ -49,7 +49,7 @@ def check_native_kernels() -> DoctorResult:
         gemm = ("bf16 GEMM on" if lib is not None and lib.has_gemm_bf16
                 else "bf16 GEMM off: no AVX512-BF16, oneDNN runs bf16 linears")
         if lib is not None and lib.has_gemm_bf16:
-            gemm += (" (AMX tiles)" if lib.amx else
+            gemm += (" (AMX tiles; bf16 decode attention on AMX too)" if lib.amx else
                      f" (AVX-512: AMX off by {native.AMX_ENV}=0)" if not native.amx_env_on() else
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
         rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512

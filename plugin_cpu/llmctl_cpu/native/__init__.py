@@ -104,6 +104,9 @@ class NativeKernels:
         self._gather = lib.llmctl_gather_rows
         self._gather.restype = _c_int
         self._gather.argtypes = [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_ptr]
+        self._program_timing = lib.llmctl_program_timing
+        self._program_timing.restype = None
+        self._program_timing.argtypes = [_c_int, _c_ptr]
         self._run_program = lib.llmctl_run_program
         self._run_program.restype = _c_int
         self._run_program.argtypes = [_c_ptr, _c_int, _c_int, _c_int, ctypes.POINTER(_c_int)]
@@ -149,6 +152,13 @@ class NativeKernels:
         failed = self._run_program(program.data_ptr(), program.shape[0], rows, torch.get_num_threads(),
                                    ctypes.byref(code))
         return failed, code.value
+
+    def program_timing(self, on: bool) -> dict[str, float]:
+        """Seconds spent per kernel kind in replayed programs since the previous call (nothing is counted while
+        off); turns the per-call clock on or off from now."""
+        ns = (ctypes.c_int64 * (OP_DECODE_ATTENTION + 1))()
+        self._program_timing(int(on), ctypes.addressof(ns))
+        return {OPCODE_NAMES[code]: ns[code] / 1e9 for code in OPCODE_NAMES if ns[code]}
 
     def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
