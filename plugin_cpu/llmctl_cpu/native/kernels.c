@@ -845,27 +845,6 @@ int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void
         if (slots[i] >= num_slots) return i;
     /* a prefill's rows land in fresh cache pages: their first-touch faults are most of this, and split too */
     const int threads = (int64_t)num_tokens * row_elems >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
-#if HAVE_AVX512
-    if (threads == 1 && bytes % 64 == 0 && ((uintptr_t)k_cache | (uintptr_t)v_cache) % 64 == 0) {
-        /* A decode step's rows go to one slot per sequence, scattered over the cache and long out of cache: copied
-         * with ordinary stores, each line's read-for-ownership waited on memory (~125-175 us per call at 64
-         * sequences; prefetching the lines first did not help). Streaming stores write whole lines without reading
-         * them. */
-        for (int i = 0; i < num_tokens; i++) {
-            const int64_t s = slots[i];
-            if (s < 0) continue;
-            const char *ks = (const char *)key + (size_t)i * k_row_stride * elem;
-            const char *vs = (const char *)value + (size_t)i * v_row_stride * elem;
-            char *kd = (char *)k_cache + (size_t)s * bytes, *vd = (char *)v_cache + (size_t)s * bytes;
-            for (size_t off = 0; off < bytes; off += 64) {
-                _mm512_stream_si512((void *)(kd + off), _mm512_loadu_si512((const void *)(ks + off)));
-                _mm512_stream_si512((void *)(vd + off), _mm512_loadu_si512((const void *)(vs + off)));
-            }
-        }
-        _mm_sfence();
-        return -1;
-    }
-#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < num_tokens; i++) {
         const int64_t s = slots[i];
