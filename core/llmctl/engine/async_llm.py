@@ -16,11 +16,8 @@ requests are waiting.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +28,7 @@ from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError, RequestFailedError
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine, PreparedRequest
+from llmctl.engine.malloc_tuning import _malloc_trim, limit_malloc_arenas
 from llmctl.outputs import RequestOutput
 from llmctl.sampling_params import SamplingParams
 
@@ -38,45 +36,6 @@ logger = logging.getLogger(__name__)
 
 _TRIM_AFTER_IDLE_S = 0.5
 _HANDOFF_TIMEOUT_S = 0.005  # longest the engine waits for event loops to take a step's outputs
-
-
-def _load_malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (not Linux/glibc, e.g. musl or macOS, or LLMCTL_MALLOC_TRIM=0)."""
-    if os.environ.get("LLMCTL_MALLOC_TRIM", "1") == "0" or not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_malloc_trim = _load_malloc_trim()
-_M_ARENA_MAX = -8  # glibc mallopt parameter
-
-
-def limit_malloc_arenas(n: int = 1) -> None:
-    """Put every thread this process starts from now on in glibc's main malloc arena (unless MALLOC_ARENA_MAX is
-    set, which glibc honours itself). A thread started before this call may already own a second arena that
-    later threads then share, so a server calls it before it starts any thread (``AsyncLLM`` calls it again,
-    harmlessly).
-
-    Why one: ``malloc_trim`` returns the free top of the main arena to the OS but not the top of a per-thread
-    arena, which glibc shrinks only when a free pushes it past the trim threshold, and that threshold rises with
-    the largest temporary freed (up to 64 MiB). With the engine thread in its own arena, an idle server's RssAnon
-    stayed up to ~45 MiB high after some bursts and not after others (the reliability storm's bounded run: swings
-    of -40..+45 MiB between rounds; with one arena, within 0.6 MiB). Each extra arena also cost a ~20 MiB step
-    early in a server's life. The threads that share the arena contend on its lock rarely: Python's small objects
-    never reach malloc, and served throughput and one-stream TPOT were unchanged within the box's noise.
-    """
-    if _malloc_trim is None or os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, n)
-    except (OSError, AttributeError):
-        pass
 
 
 def _build_engine_off_main_thread(args: EngineArgs) -> LLMEngine:

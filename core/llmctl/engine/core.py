@@ -16,6 +16,7 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
@@ -57,6 +58,7 @@ class EngineCore:
         from llmctl.loader.source import resolve_model
 
         self.args = args
+        keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
         self._apply_platform_config(args)
