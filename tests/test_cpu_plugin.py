@@ -860,3 +860,51 @@ def test_amx_and_avx512_gemms_agree(rng):
         torch.testing.assert_close(amx.float(), avx.float(), rtol=2 ** -7, atol=1e-3)
     finally:
         lib.use_amx(was)
+
+
+# -- KV cache prefault ------------------------------------------------------------------------------------------------
+
+def test_prefault_zeroes_the_first_blocks_within_the_budget():
+    from llmctl_cpu.platform import prefault_kv_cache
+
+    caches = [torch.full((2, 10, 4, 2, 8), float("nan")) for _ in range(3)]
+    per_block = 2 * 4 * 2 * 8 * 4  # K and V of one block, float32
+    n = prefault_kv_cache(caches, 10, budget_bytes=3 * 4 * per_block)  # four blocks' worth over three layers
+    assert n == 4
+    for c in caches:
+        assert bool((c[:, :4] == 0).all()) and bool(c[:, 4:].isnan().all())
+    assert prefault_kv_cache(caches, 10, budget_bytes=0) == 0
+    assert prefault_kv_cache(caches, 10, budget_bytes=1 << 40) == 10 and not any(c.isnan().any() for c in caches)
+    other = [torch.full((10, 6), float("nan"))]  # not [2, num_blocks, ...]: the same share of its leading bytes
+    assert prefault_kv_cache(other, 5, budget_bytes=24 * 4) == 2
+    assert bool((other[0][:4] == 0).all()) and bool(other[0][4:].isnan().all())
+
+
+def test_prefault_budget_comes_from_the_environment(monkeypatch):
+    from llmctl_cpu.platform import DEFAULT_KV_PREFAULT_MB, KV_PREFAULT_ENV, kv_prefault_bytes
+
+    monkeypatch.delenv(KV_PREFAULT_ENV, raising=False)
+    assert kv_prefault_bytes() == DEFAULT_KV_PREFAULT_MB << 20
+    monkeypatch.setenv(KV_PREFAULT_ENV, "0")
+    assert kv_prefault_bytes() == 0
+    monkeypatch.setenv(KV_PREFAULT_ENV, "lots")
+    assert kv_prefault_bytes() == DEFAULT_KV_PREFAULT_MB << 20
+
+
+def test_engine_hands_the_platform_its_kv_cache_before_any_step(tiny_llama_dir, monkeypatch):
+    from llmctl import LLM, SamplingParams
+    from llmctl_cpu.platform import CpuPlatform
+
+    seen = []
+    real = CpuPlatform.prepare_kv_cache
+
+    def spy(self, kv_caches, num_blocks):
+        seen.append((len(kv_caches), num_blocks, [c.data_ptr() for c in kv_caches]))
+        real(self, kv_caches, num_blocks)
+
+    monkeypatch.setattr(CpuPlatform, "prepare_kv_cache", spy)
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=1 << 20)
+    caches = llm.llm_engine.core.runner.kv_caches
+    assert seen == [(len(caches), llm.llm_engine.core.cache_config.num_blocks, [c.data_ptr() for c in caches])]
+    out = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(out[0].outputs[0].token_ids) == 3

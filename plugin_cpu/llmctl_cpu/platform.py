@@ -160,6 +160,42 @@ def configure_threads() -> int:
     return n
 
 
+KV_PREFAULT_ENV = "LLMCTL_CPU_KV_PREFAULT_MB"
+DEFAULT_KV_PREFAULT_MB = 1024
+
+
+def kv_prefault_bytes() -> int:
+    raw = os.environ.get(KV_PREFAULT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_KV_PREFAULT_MB << 20
+    try:
+        mb = int(raw)
+    except ValueError:
+        logger.warning("%s=%r is not a whole number of MiB; using %d", KV_PREFAULT_ENV, raw, DEFAULT_KV_PREFAULT_MB)
+        return DEFAULT_KV_PREFAULT_MB << 20
+    return max(mb, 0) << 20
+
+
+def prefault_kv_cache(kv_caches: list[torch.Tensor], num_blocks: int, budget_bytes: int) -> int:
+    """Zero blocks ``[0, n)`` of every layer's cache, with ``n`` as many as ``budget_bytes`` covers over all layers.
+    Dimension 1 is the block index in the CPU backend's ``[2, num_blocks, ...]`` layout; a cache in another
+    layout gets the same share of its leading bytes. Returns ``n``."""
+    if not kv_caches or num_blocks <= 0 or budget_bytes <= 0:
+        return 0
+    total = sum(t.numel() * t.element_size() for t in kv_caches)
+    n = min(num_blocks, budget_bytes * num_blocks // max(total, 1))
+    if n <= 0:
+        return 0
+    with torch.no_grad():
+        for t in kv_caches:
+            if t.dim() >= 2 and t.shape[1] == num_blocks:
+                t[:, :n].zero_()
+            else:
+                flat = t.view(-1)
+                flat[: flat.numel() * n // num_blocks].zero_()
+    return n
+
+
 class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
@@ -204,6 +240,14 @@ class CpuPlatform(Platform):
         if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
             changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
         return changes
+
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+        """Fault in the blocks handed out first, up to ``LLMCTL_CPU_KV_PREFAULT_MB`` (default 1024) MiB of the
+        cache, by zeroing them now. Why: every first touch of a fresh 4 KiB page is a page fault, ~5 us on a VM;
+        64 sequences of 256 tokens touch ~370 MB of SmolLM2-135M's cache, and the faults cost ~0.3 s (4 %) of the
+        offline benchmark and ~3 ms of each decode step that entered new blocks. Zeroing 512 MiB here takes
+        0.15-1 s (more when the host itself has not backed the memory yet)."""
+        prefault_kv_cache(kv_caches, num_blocks, kv_prefault_bytes())
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
         """All-decode steps recorded once and replayed from C (``llmctl_cpu.graph``), when the C kernels are built;

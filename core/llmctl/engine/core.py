@@ -86,6 +86,7 @@ class EngineCore:
         # torch.empty: pages are committed only when written, and backends never read a slot before writing it
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)

@@ -102,6 +102,13 @@ class Platform(abc.ABC):
         platform's own default). The other arguments only let the platform report blocks and concurrency."""
         return None
 
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+        """Called once after core allocates the KV cache (one ``torch.empty`` per layer, in the attention backend's
+        ``kv_cache_shape``) and before any step. The default does nothing. Host-memory platforms may fault in the
+        blocks the pool hands out first (it hands out ids 0, 1, 2, ... until blocks are freed): a first touch of
+        fresh memory costs a page fault per 4 KiB page, and otherwise the first steps pay for it. Must not
+        change the cache's shape, dtype or addresses."""
+
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
         """A runner that replays the all-decode step from captured graphs, or ``None`` to run it eagerly (the
         default). Launch overhead dominates small decode batches on GPUs; a platform without that cost (or
