@@ -107,9 +107,29 @@ static inline __m512 exp_nonpositive16(__m512 x) {
     return _mm512_maskz_mul_ps((__mmask16)~underflow, p, _mm512_castsi512_ps(bits));
 }
 
+/* exp for x <= 0 with fused multiply-adds, the rounding done by roundscale and 2^n applied by scalef: 30 % fewer
+ * instructions than exp_nonpositive16 (whose separate multiplies and adds keep it equal, lane for lane, to the
+ * scalar softmax_exp the attention kernels share). Same range reduction and polynomial; 0 below float's range. */
+static inline __m512 exp_nonpositive16_fma(__m512 x) {
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.5f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_maskz_scalef_ps((__mmask16)~underflow, p, n);
+}
+
 /* v / (1 + exp(-v)), written with exp(-|v|) only so it cannot overflow. */
 static inline __m512 silu16(__m512 v) {
-    const __m512 t = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+    const __m512 t = exp_nonpositive16_fma(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
     const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 num = _mm512_mask_mul_ps(v, neg, v, t);
     return _mm512_div_ps(num, _mm512_add_ps(_mm512_set1_ps(1.0f), t));
@@ -659,7 +679,7 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
             const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
             __m512 sum = _mm512_setzero_ps();
             for (int c = 0; c < n_p; c += 16) {
-                const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(srow + c), m)); /* -inf -> 0 */
+                const __m512 e = exp_nonpositive16_fma(_mm512_sub_ps(_mm512_loadu_ps(srow + c), m)); /* -inf -> 0 */
                 const __m256i pb = (__m256i)_mm512_cvtneps_pbh(e);
                 _mm256_storeu_si256((__m256i *)(ph + (size_t)g * n_p + c), pb);
                 sum = _mm512_add_ps(sum, from_bf16_16(pb));
@@ -1572,7 +1592,7 @@ static void amx_prefill_rows(const bf16_t *query, int64_t q_row_stride, bf16_t *
             int t = 0;
             for (; t < n_r; t += 16) {
                 const __mmask16 k = n_r - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n_r - t)) - 1);
-                const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(sv + t), m)));
+                const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive16_fma(_mm512_sub_ps(_mm512_loadu_ps(sv + t), m)));
                 const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
                 sum = _mm512_add_ps(sum, from_bf16_16(h));
                 _mm256_storeu_si256((__m256i *)(pb + t), h);
