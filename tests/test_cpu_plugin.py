@@ -4,6 +4,7 @@ the gloo communicator at world sizes 1 and 2."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from importlib import metadata
@@ -430,17 +431,19 @@ def test_rotary_override_is_bit_identical_to_reference(manager, rng, dtype, neox
 
     if not native.status()[0]:
         pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
-    heads, kv_heads, d = rng.choice([(9, 3, 64), (4, 4, 128), (8, 1, 32)])
-    rot = rng.choice([d, d // 2])
-    t, max_pos = rng.randint(1, 70), 4096
-    qkv = (torch.randn(t, (heads + 2 * kv_heads) * d) * 3).to(dtype)
-    q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
-    positions = torch.randint(0, max_pos, (t,))
-    cos_sin = torch.randn(max_pos, rot)
-    got_q, got_k = rotary_embedding(positions, q, k, cos_sin, neox)
-    want_q, want_k = reference.rotary_embedding(positions, q, k, cos_sin, neox)
-    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    max_pos = 4096
+    # every vector path (half a multiple of 16) and the scalar one (d=32, rot=16), one thread and several
+    for (heads, kv_heads, d), rot_div, t in itertools.product([(9, 3, 64), (4, 4, 128), (8, 1, 32)], (1, 2),
+                                                              (rng.randint(1, 70), 200)):
+        rot = d // rot_div
+        qkv = (torch.randn(t, (heads + 2 * kv_heads) * d) * 3).to(dtype)
+        q, k, _ = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q, k = q.view(t, heads, d), k.view(t, kv_heads, d)
+        positions = torch.randint(0, max_pos, (t,))
+        cos_sin = torch.randn(max_pos, rot)
+        got_q, got_k = rotary_embedding(positions, q, k, cos_sin, neox)
+        want_q, want_k = reference.rotary_embedding(positions, q, k, cos_sin, neox)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k), (heads, d, rot, t)
     with pytest.raises(IndexError, match="positions"):
         rotary_embedding(torch.full((t,), max_pos), q, k, cos_sin, neox)
     odd = q.transpose(0, 1).contiguous().transpose(0, 1)  # heads not contiguous: the reference path

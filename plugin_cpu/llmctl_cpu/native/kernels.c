@@ -900,6 +900,32 @@ int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const flo
     for (int i = 0; i < num_tokens; i++)
         if (positions[i] < 0 || positions[i] >= max_position) return i;
     const int threads = (int64_t)num_tokens * heads * head_size >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
+#if HAVE_AVX512 && defined(__AVX512BF16__)
+    if (neox && dtype == DT_BF16 && half % 16 == 0) {
+        /* sixteen lanes, the reference's operations in its order (multiplies, then one subtract or add): the
+         * same bits, ~4x faster than the scalar loop below (12 -> 3 us for 64 tokens x 9 heads of 64) */
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int i = 0; i < num_tokens; i++) {
+            const float *cos = cos_sin + positions[i] * rot;
+            const float *sin = cos + half;
+            for (int h = 0; h < heads; h++) {
+                const bf16_t *sr = (const bf16_t *)src + i * src_row_stride + (int64_t)h * head_size;
+                bf16_t *dr = (bf16_t *)dst + i * dst_row_stride + (int64_t)h * head_size;
+                for (int x = 0; x < half; x += 16) {
+                    const __m512 x1 = from_bf16_16(_mm256_loadu_si256((const __m256i *)(sr + x)));
+                    const __m512 x2 = from_bf16_16(_mm256_loadu_si256((const __m256i *)(sr + x + half)));
+                    const __m512 c = _mm512_loadu_ps(cos + x), sn = _mm512_loadu_ps(sin + x);
+                    const __m512 lo = _mm512_sub_ps(_mm512_mul_ps(x1, c), _mm512_mul_ps(x2, sn));
+                    const __m512 hi = _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, sn));
+                    _mm256_storeu_si256((__m256i *)(dr + x), (__m256i)_mm512_cvtneps_pbh(lo));
+                    _mm256_storeu_si256((__m256i *)(dr + x + half), (__m256i)_mm512_cvtneps_pbh(hi));
+                }
+                if (rot < head_size && dr != sr) memcpy(dr + rot, sr + rot, (size_t)(head_size - rot) * sizeof(bf16_t));
+            }
+        }
+        return -1;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int i = 0; i < num_tokens; i++) {
         const float *cos = cos_sin + positions[i] * rot;
