@@ -642,7 +642,7 @@ def test_c_gemm_matches_float32_math(rng, gemm_path, n, k):
     weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
     packed = pack_linear_weight(weight)
     assert getattr(packed, PANEL_SHAPE_ATTR) == (n, k)
-    for m in (1, 2, 3, 4, 5, 9, 16, 17, 33, 64, rng.randint(10, 300)):
+    for m in (1, 2, 3, 4, 5, 9, 16, 17, 33, 64, 256, 273, rng.randint(10, 600)):  # 256+: threads split rows
         x = torch.randn(m, k).bfloat16()
         for b in (None, bias):
             want = x.float() @ weight.float().T + (0 if b is None else b.float())
@@ -657,16 +657,16 @@ def test_c_gemm_is_batch_invariant_and_takes_strided_rows(rng, gemm_path):
 
     weight = torch.randn(200, 576).bfloat16()
     packed = pack_linear_weight(weight)
-    x = torch.randn(77, 576).bfloat16()
-    full = linear(x, packed)
-    for i in (0, 5, 36, 63, 76):
+    x = torch.randn(531, 576).bfloat16()
+    full = linear(x, packed)  # rows split between threads (AMX path)
+    for i in (0, 5, 36, 63, 76, 300, 530):
         assert torch.equal(linear(x[i:i + 1], packed), full[i:i + 1])  # a row alone, bit for bit
-    for m in (15, 16, 17, 40):  # every row-block arrangement, including the overlapping last block
+    for m in (15, 16, 17, 40, 77, 255, 256, 257, 300):  # every row-block arrangement, the overlapping last block
         assert torch.equal(linear(x[:m], packed), full[:m]), m
     wide = torch.randn(37, 1000).bfloat16()
     strided = wide[:, 100:676]  # row stride 1000, unit stride along k
     assert torch.equal(linear(strided, packed), linear(strided.contiguous(), packed))
-    assert linear(x.reshape(1, 77, 576), packed).shape == (1, 77, 200)
+    assert linear(x.reshape(1, 531, 576), packed).shape == (1, 531, 200)
 
 
 def test_c_gemm_rejects_mismatched_inputs():
@@ -742,7 +742,7 @@ def test_fused_swiglu_gemm_equals_the_unfused_ops(rng, gemm_path, d, k, bias):
     packed, packed_bias = pack_gated_linear_weight(weight, b)
     assert getattr(packed, GATED_SHAPE_ATTR) == (2 * d, k) and torch.equal(weight, w_before)
     plain = pack_linear_weight(weight)
-    for m in (1, 2, 3, 4, 5, 8, 16, 17, 35, 64, rng.randint(9, 200)):
+    for m in (1, 2, 3, 4, 5, 8, 16, 17, 35, 64, 290, rng.randint(9, 200)):
         x = torch.randn(m, k).bfloat16()
         got = gated_linear(x, packed, packed_bias)
         assert got.shape == (m, d) and got.dtype == torch.bfloat16

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <omp.h>
 
 #define DT_F32 0
 #define DT_BF16 1
@@ -1244,54 +1245,79 @@ static inline __attribute__((always_inline)) void amx_block(int RB, int PB, cons
     if (RB == 2 && PB == 2) _tile_stored(3, out + 512 + 16, 128);
 }
 
+/* Column block cb (panels 2cb, 2cb + 1) for row blocks [rb0, rb_end): products, then the epilogue. */
+static inline void amx_column_block(const bf16_t *x, int64_t xs, int m, int kblocks, const bf16_t *packed,
+                                    size_t panel_stride, int panels, int last_cols, const bf16_t *bias, bf16_t *y,
+                                    int64_t ys, int silu, int rows, int cb, int rb0, int rb_end,
+                                    float acc[2][16][32]) {
+    const int p0 = 2 * cb, pb = panels - p0 < 2 ? 1 : 2;
+    const bf16_t *w0 = packed + (size_t)p0 * panel_stride, *w1 = w0 + panel_stride;
+    const int64_t x_bytes = xs * (int64_t)sizeof(bf16_t);
+    for (int rb = rb0; rb < rb_end; rb += 2) {
+        const int nrb = rb_end - rb < 2 ? 1 : 2;
+        int r[2] = {16 * rb, 16 * (rb + 1)};
+        for (int i = 0; i < 2; i++)
+            if (r[i] + rows > m) r[i] = m - rows;
+        const bf16_t *x0 = x + r[0] * xs, *x1 = x + r[1] * xs;
+        if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
+        else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
+        else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
+        else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
+        for (int i = 0; i < nrb; i++)
+            for (int j = 0; j < rows; j++) {
+                const int64_t row = r[i] + j;
+                if (silu) {
+                    store_silu16(_mm512_load_ps(acc[i][j]), _mm512_load_ps(acc[i][j] + 16),
+                                 bias == NULL ? NULL : bias + 16 * p0, y + row * ys + 8 * p0);
+                    continue;
+                }
+                for (int q = 0; q < pb; q++) {
+                    const int cols = p0 + q == panels - 1 ? last_cols : 16;
+                    store_cols16(_mm512_load_ps(acc[i][j] + 16 * q), bias == NULL ? NULL : bias + 16 * (p0 + q),
+                                 (__mmask16)((1u << cols) - 1), y + row * ys + 16 * (p0 + q));
+                }
+            }
+    }
+}
+
+#define AMX_ROW_SPLIT_BLOCKS 16 /* from this many 16-row blocks (256 rows) threads split rows, not columns */
+
 static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
                     bf16_t *y, int64_t ys, int num_threads, int silu) {
     const int panels = (n + 15) / 16, kblocks = k / 32, col_blocks = (panels + 1) / 2;
     const int rows = m < 16 ? m : 16, row_blocks = (m + 15) / 16;
     const size_t panel_stride = (size_t)(k / 2) * 32;
-    const int64_t x_bytes = xs * (int64_t)sizeof(bf16_t);
     const int last_cols = n - 16 * (panels - 1);
     /* Prefill-sized m runs in slabs of row blocks whose x stays in L2 while every column block passes over it
      * (x is re-read once per column block; 1024 x 1536 bf16 is 3 MB, more than a core's L2). */
     const int slab = (int)(AMX_SLAB_BYTES / ((int64_t)k * 32 * (int64_t)sizeof(bf16_t))) * 2;
     const int slab_blocks = slab < 2 ? 2 : slab;
+    /* Prefill-sized m splits rows between the threads (each streams every weight panel, which its rows then reuse
+     * from L2): a thread reads the rows the previous row-wise kernel wrote on the same core instead of half of
+     * them from the other core's cache. Decode-sized m splits columns (the weights are read once in all). */
+    const int split_rows = row_blocks >= AMX_ROW_SPLIT_BLOCKS && num_threads > 1;
 #pragma omp parallel num_threads(num_threads)
     {
         float acc[2][16][32] __attribute__((aligned(64)));
         amx_configure(rows, rows, 16);
-        for (int rb0 = 0; rb0 < row_blocks; rb0 += slab_blocks) {
-        const int rb_end = rb0 + slab_blocks < row_blocks ? rb0 + slab_blocks : row_blocks;
+        if (split_rows) {
+            const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+            const int pairs = (row_blocks + 1) / 2, per = (pairs + nth - 1) / nth;
+            const int lo = 2 * (tid * per < pairs ? tid * per : pairs);
+            const int hi_pair = (tid + 1) * per < pairs ? (tid + 1) * per : pairs;
+            const int hi = 2 * hi_pair < row_blocks ? 2 * hi_pair : row_blocks;
+            for (int rb0 = lo; rb0 < hi; rb0 += slab_blocks)
+                for (int cb = 0; cb < col_blocks; cb++)
+                    amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
+                                     rows, cb, rb0, rb0 + slab_blocks < hi ? rb0 + slab_blocks : hi, acc);
+        } else {
+            for (int rb0 = 0; rb0 < row_blocks; rb0 += slab_blocks) {
+                const int rb_end = rb0 + slab_blocks < row_blocks ? rb0 + slab_blocks : row_blocks;
 #pragma omp for schedule(static)
-        for (int cb = 0; cb < col_blocks; cb++) {
-            const int p0 = 2 * cb, pb = panels - p0 < 2 ? 1 : 2;
-            const bf16_t *w0 = packed + (size_t)p0 * panel_stride, *w1 = w0 + panel_stride;
-            for (int rb = rb0; rb < rb_end; rb += 2) {
-                const int nrb = rb_end - rb < 2 ? 1 : 2;
-                int r[2] = {16 * rb, 16 * (rb + 1)};
-                for (int i = 0; i < 2; i++)
-                    if (r[i] + rows > m) r[i] = m - rows;
-                const bf16_t *x0 = x + r[0] * xs, *x1 = x + r[1] * xs;
-                if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-                else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-                else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-                else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-                for (int i = 0; i < nrb; i++)
-                    for (int j = 0; j < rows; j++) {
-                        const int64_t row = r[i] + j;
-                        if (silu) {
-                            store_silu16(_mm512_load_ps(acc[i][j]), _mm512_load_ps(acc[i][j] + 16),
-                                         bias == NULL ? NULL : bias + 16 * p0, y + row * ys + 8 * p0);
-                            continue;
-                        }
-                        for (int q = 0; q < pb; q++) {
-                            const int cols = p0 + q == panels - 1 ? last_cols : 16;
-                            store_cols16(_mm512_load_ps(acc[i][j] + 16 * q),
-                                         bias == NULL ? NULL : bias + 16 * (p0 + q), (__mmask16)((1u << cols) - 1),
-                                         y + row * ys + 16 * (p0 + q));
-                        }
-                    }
+                for (int cb = 0; cb < col_blocks; cb++)
+                    amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
+                                     rows, cb, rb0, rb_end, acc);
             }
-        }
         }
         _tile_release();
     }
