@@ -499,12 +499,14 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
     assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
     packed = ops["pack_linear_weight"](weight)
-    from llmctl_cpu import native
+    from llmctl_cpu import mkl_sgemm, native
     from llmctl_cpu.ops import PANEL_SHAPE_ATTR, _onednn, _onednn_bf16
 
     lib = native.kernels()
     if dtype == torch.bfloat16 and lib is not None and lib.has_gemm_bf16:
         assert getattr(packed, PANEL_SHAPE_ATTR) == (96, width) and not packed.is_mkldnn  # the C GEMM's panels
+    elif dtype == torch.float32 and mkl_sgemm.available():
+        assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (96, width)  # MKL's packed GEMM
     else:
         assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
     want = reference.linear(x.float(), weight.float(), bias.float())
@@ -911,3 +913,69 @@ def test_engine_hands_the_platform_its_kv_cache_before_any_step(tiny_llama_dir, 
     assert seen == [(len(caches), llm.llm_engine.core.cache_config.num_blocks, [c.data_ptr() for c in caches])]
     out = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0.0))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+# -- float32 on MKL's packed GEMM ---------------------------------------------------------------------------------
+
+def _mkl():
+    from llmctl_cpu import mkl_sgemm
+
+    if not mkl_sgemm.available():
+        pytest.skip("this torch build exports no MKL packed sgemm (float32 stays on oneDNN)")
+    return mkl_sgemm
+
+
+@pytest.mark.parametrize(("n", "k"), [(16, 1), (40, 96), (1536, 576), (576, 1536), (33, 17)])
+def test_mkl_packed_linear_matches_float64_math_and_is_batch_invariant(rng, n, k):
+    mkl_sgemm = _mkl()
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    weight, bias = torch.randn(n, k), torch.randn(n)
+    packed = pack_linear_weight(weight)
+    assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (n, k)
+    x = torch.randn(300, k)
+    for b in (None, bias):
+        full = linear(x, packed, b)
+        want = x.double() @ weight.double().T + (0 if b is None else b.double())
+        assert full.dtype == torch.float32 and full.shape == (300, n)
+        assert torch.allclose(full.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, k ** 0.5))
+        for i in (0, rng.randint(1, 298), 299):  # a row alone, and every prefix size checked below, bit for bit
+            assert torch.equal(linear(x[i:i + 1], packed, b), full[i:i + 1])
+        for m in (1, 2, 7, 16, 63, 64, 65, 129, rng.randint(1, 299)):
+            assert torch.equal(linear(x[:m], packed, b), full[:m]), m
+    assert linear(torch.randn(2, 3, k), packed).shape == (2, 3, n)
+    assert linear(torch.randn(0, k), packed).shape == (0, n)
+    strided = torch.randn(5, k + 7)[:, 3:3 + k]
+    assert torch.equal(linear(strided, packed), linear(strided.contiguous(), packed))
+    with pytest.raises(ValueError, match=f"{k + 1} features, the weight expects {k}"):
+        linear(torch.randn(2, k + 1), packed)
+    with pytest.raises(TypeError, match="torch.bfloat16"):
+        linear(torch.randn(2, k).bfloat16(), packed)
+
+
+def test_narrow_float32_weights_stay_off_mkl():
+    mkl_sgemm = _mkl()
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    weight = torch.randn(1, 64)  # MKL gave a lone row other bits than the same row in a batch
+    packed = pack_linear_weight(weight)
+    assert not hasattr(packed, mkl_sgemm.SHAPE_ATTR)
+    x = torch.randn(9, 64)
+    assert torch.equal(linear(x[:1], packed), linear(x, packed)[:1])
+
+
+def test_mkl_packed_linear_can_be_switched_off(monkeypatch):
+    from llmctl_cpu import mkl_sgemm
+    from llmctl_cpu.ops import linear, pack_linear_weight
+
+    monkeypatch.setenv(mkl_sgemm.DISABLE_ENV, "0")
+    mkl_sgemm._api.cache_clear()
+    try:
+        assert not mkl_sgemm.available()
+        weight = torch.randn(24, 32)
+        packed = pack_linear_weight(weight)
+        assert not hasattr(packed, mkl_sgemm.SHAPE_ATTR)  # oneDNN's layout (or the plain weight)
+        x = torch.randn(3, 32)
+        assert torch.allclose(linear(x, packed), x @ weight.T, atol=1e-5)
+    finally:
+        mkl_sgemm._api.cache_clear()

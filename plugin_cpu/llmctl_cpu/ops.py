@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from llmctl.ops import reference
 from llmctl.plugins.types import OpOverride
 
-from llmctl_cpu import native
+from llmctl_cpu import mkl_sgemm, native
 
 
 def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -124,12 +124,15 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     weights) into oneDNN's blocked layout; either way once, so no GEMM reorders them again.
 
     The C GEMM (llmctl_cpu.native) measured on 2 Zen 4 cores, SmolLM2-135M's projections over 30 layers with cold
-    weights: 1.1-1.6x faster than oneDNN for 1-16 rows, 1.04x at 64, equal at 256-1024, and batch-invariant.
-    float32 on oneDNN at 64 rows: 2.3-3.9x faster than ``F.linear`` (MKL), and a row's result changed with the
-    batch size less often.
+    weights: 1.1-1.6x faster than oneDNN for 1-16 rows, 1.04x at 64, equal at 256-1024, and batch-invariant; on
+    AMX hosts it runs on tiles (faster than oneDNN's AMX path at every decode batch). float32 weights go to MKL's
+    packed GEMM where torch's MKL exports it (:mod:`llmctl_cpu.mkl_sgemm`: 1.2-1.5x oneDNN's prepacked linear,
+    batch-invariant), else to oneDNN (at 64 rows 2.3-3.9x faster than ``F.linear``).
     """
     if weight.device.type != "cpu" or weight.dim() != 2:
         return weight
+    if weight.dtype == torch.float32 and mkl_sgemm.takes(weight):
+        return mkl_sgemm.pack(weight)
     if weight.dtype == torch.bfloat16:
         lib = native.kernels()
         if lib is not None and lib.has_gemm_bf16 and weight.stride(1) == 1 and weight.shape[1] > 0:
@@ -209,6 +212,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape = getattr(weight, PANEL_SHAPE_ATTR, None)
     if shape is not None:
         return _panel_linear(x, weight, shape, bias)
+    if hasattr(weight, mkl_sgemm.SHAPE_ATTR):
+        return mkl_sgemm.linear(x, weight, bias)
     if not weight.is_mkldnn:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
