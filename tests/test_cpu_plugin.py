@@ -31,18 +31,42 @@ def manager() -> PluginManager:
     return PluginManager().load()
 
 
-@pytest.fixture(params=["native", "torch"])
-def backend(request, manager, monkeypatch):
-    """Both decode/write paths: the C kernels (llmctl_cpu.native) and the torch fallback used without a compiler."""
+def _set_amx(on: bool):
+    """Turn the C kernels' AMX paths on or off; returns a function that restores the previous state (skips when
+    AMX is asked for and this host has none)."""
     from llmctl_cpu import native
 
-    if request.param == "native":
-        ok, why = native.status()
-        if not ok:
-            pytest.skip(f"CPU C kernels not available: {why}")
-    else:
+    lib = native.kernels()
+    if lib is None:
+        pytest.skip(f"CPU C kernels not available: {native.status()[1]}")
+    was = lib.amx
+    if lib.use_amx(on) != on:
+        lib.use_amx(was)
+        pytest.skip("no AMX on this host (or Linux refused this process the tile state)")
+    return lambda: lib.use_amx(was)
+
+
+@pytest.fixture(params=["native-amx", "native-avx512", "torch"])
+def backend(request, manager, monkeypatch):
+    """Every decode/write path: the C kernels (llmctl_cpu.native) on AMX tiles and on AVX-512, and the torch fallback
+    used without a compiler."""
+    from llmctl_cpu import native
+
+    if request.param == "torch":
         monkeypatch.setattr(native, "kernels", lambda: None)
-    return manager.registry.attention_backends["cpu-sdpa"].item
+        yield manager.registry.attention_backends["cpu-sdpa"].item
+        return
+    restore = _set_amx(request.param == "native-amx")
+    yield manager.registry.attention_backends["cpu-sdpa"].item
+    restore()
+
+
+@pytest.fixture(params=["amx", "avx512"])
+def isa(request):
+    """The C kernels on AMX tiles and on AVX-512 (tests that build the backend from ``manager`` themselves)."""
+    restore = _set_amx(request.param == "amx")
+    yield request.param
+    restore()
 
 
 # -- discovery and platform ----------------------------------------------------------------------------------------
@@ -301,7 +325,7 @@ def test_long_prefills_split_between_the_c_kernel_and_flash(backend, rng, monkey
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype):
+def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype, isa):
     """In float32 a prefill row is a decode over its prefix in the C kernel, so a prompt's last token gives the same
     bits whether it is computed in a prefill, in a later chunk, or as a decode. bfloat16 prefills run in query
     tiles (keys in vector lanes, probabilities rounded to bf16 for P.V): equal within bf16 rounding."""
@@ -800,7 +824,7 @@ def test_c_greedy_sample_is_torch_argmax(rng, dtype):
 
 
 @pytest.mark.parametrize(("block_size", "group", "head_size"), [(8, 7, 64), (16, 3, 128), (32, 1, 64)])
-def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng, block_size, group, head_size):
+def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng, block_size, group, head_size, isa):
     """The query-tiled bf16 prefill kernel: against the reference for prompts with and without cached context
     (tiles cut inside blocks when the block size is 8, seven query heads per KV head pad the scoring groups), and
     a row's bits do not depend on where the prompt was cut into chunks."""
@@ -832,7 +856,7 @@ def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng,
     assert torch.equal(chunk, whole[cut:length]), f"cut={cut} length={length}"
 
 
-def test_tiled_bf16_prefill_rejects_block_ids_outside_the_cache(manager):
+def test_tiled_bf16_prefill_rejects_block_ids_outside_the_cache(manager, isa):
     from llmctl_cpu import native
 
     lib = native.kernels()
