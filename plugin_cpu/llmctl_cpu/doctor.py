@@ -54,10 +54,18 @@ def check_native_kernels() -> DoctorResult:
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
         rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
                 else "RMSNorm/argmax off: no AVX-512, torch runs them")
-        return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows})")
+        return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows}; {_fp32_gemm()})")
     return DoctorResult(True, f"C kernels not available: {why}",
                         "install gcc or clang (or set CC) for the faster decode attention; unset "
                         f"{native.DISABLE_ENV} if it is 0")
+
+
+def _fp32_gemm() -> str:
+    from llmctl_cpu import mkl_sgemm
+
+    if mkl_sgemm.available():
+        return "float32 linears on MKL's packed GEMM"
+    return f"float32 linears on oneDNN (MKL's packed GEMM not in this torch, or {mkl_sgemm.DISABLE_ENV}=0)"
 
 
 def doctor_checks() -> list[DoctorCheck]:
