@@ -559,9 +559,9 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
 /* ---- bf16 decode attention on AMX tiles -----------------------------------------------------------------------
  *
  * Why: with the GEMMs on AMX, the AVX-512 decode attention became the largest part of a decode step. This one is
- * 10-20 % faster at 64 sequences of 192 keys (cold cache, 30 layers: 19.3-20.7 against 21.1-24.5 ms); both are
- * about twice what reading the keys and values alone takes (11 ms), and that gap is latency, not arithmetic: AMX
- * tile operations wait on each other in long chains at these sizes (a group of 3 query rows per KV head).
+ * 15-20 % faster at 64 sequences of 192 keys (cold cache, 30 layers: 18.2-19.7 against 21.9-23.2 ms); both take
+ * well over what reading the keys and values alone takes (11 ms): the memory stalls and the AMX tile operations,
+ * which wait on each other in long chains at these sizes (a group of 3 query rows per KV head), do not overlap.
  *
  * Per sequence, for its KV heads [kh0, kh1), on its own data only (batch invariance as before):
  *   scores: S^T = K . Q^T, every head of a 16-key tile before the next tile, so each block's keys are read front
@@ -574,7 +574,8 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
  *     key pairs) interleaved, so each step first interleaves its 32 value rows into four B tiles in L1; keys
  *     outside [first, len) become zero rows, since a stale slot may hold anything and 0 * NaN is NaN.
  * Measured and dropped: interleaving all heads' values of a step first (the 72 KB it wrote went to L2: slower),
- * prefetching the next key tile, and reading the whole sequence into L2 before computing.
+ * double-buffered value tiles, prefetching the next key tile, reading the whole sequence into L2 before computing,
+ * and (prototyped) a cache layout made for AMX, keys transposed and values paired as written: 15.5 vs 17.1 ms.
  * Tiles: 0-3 O (group rows), 4 P (group rows), 5-7 16 rows (Q^T or V, S^T, K). */
 #define AMX_KEYS 32 /* keys per P.V step: one A tile of P is 32 bf16 wide */
 
