@@ -211,6 +211,25 @@ def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypat
         native._load.cache_clear()
 
 
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
+def test_kernels_compile_for_hosts_without_amx(tmp_path, target):
+    """The kernels build with -march=native, so this host only compiles its own paths; older x86 hosts (AVX2 only,
+    AVX-512 without bf16, AVX512-BF16 without AMX) must build too, warning-free, or they silently lose every C
+    kernel."""
+    import platform
+    import subprocess
+
+    from llmctl_cpu import native
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
+
+
 # -- attention -----------------------------------------------------------------------------------------------------
 
 def make_batch(rng: random.Random, specs: list[tuple[int, int]], block_size: int, kv_heads: int, heads: int,

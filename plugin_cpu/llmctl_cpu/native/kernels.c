@@ -508,6 +508,7 @@ static float *thread_scratch(size_t floats) {
     return buffer;
 }
 
+#if HAVE_AMX
 /* The calling thread's buffer for data its OpenMP workers share (the workers' thread_scratch is theirs alone). */
 static void *shared_scratch(size_t bytes) {
     static __thread void *buffer = NULL;
@@ -521,6 +522,7 @@ static void *shared_scratch(size_t bytes) {
     }
     return buffer;
 }
+#endif
 
 /* A cursor over another sequence's key and value blocks (whole blocks: every head), for prefetching it into L2
  * a few lines at a time while the current sequence computes. The attention was as slow again from memory as from
@@ -752,6 +754,8 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
     const int num_tasks = per_seq ? num_seqs : num_seqs * kv_heads;
 #if HAVE_AMX
     const int amx = amx_on && dtype == DT_BF16 && block_size % 16 == 0 && d % 32 == 0 && d <= 256 && group <= 16;
+#else
+    const int amx = 0;
 #endif
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
