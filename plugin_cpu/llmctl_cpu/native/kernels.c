@@ -581,6 +581,42 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
  * Tiles: 0-3 O (group rows), 4 P (group rows), 5-7 16 rows (Q^T or V, S^T, K). */
 #define AMX_KEYS 32 /* keys per P.V step: one A tile of P is 32 bf16 wide */
 
+/* The P.V pass both AMX attentions share: C tiles 0..nt-1 (nt = 2 or 4) hold 16 output dims each, P is the A tile
+ * (4), and a step's value pairs come as nt B tiles `tile_bytes` apart (5-7, then 5 again). */
+static inline void amx_pv_zero(int nt) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (nt > 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+}
+
+static inline void amx_pv_step(int nt, const void *p, int64_t p_stride, const char *v, int64_t tile_bytes,
+                               int64_t v_stride) {
+    _tile_loadd(4, p, p_stride);
+    _tile_loadd(5, v, v_stride);
+    _tile_loadd(6, v + tile_bytes, v_stride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    if (nt > 2) {
+        _tile_loadd(7, v + 2 * tile_bytes, v_stride);
+        _tile_loadd(5, v + 3 * tile_bytes, v_stride);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 4, 5);
+    }
+}
+
+/* O's nt x 16 dims into acc (rows `stride` bytes apart). */
+static inline void amx_pv_store(int nt, float *acc, int64_t stride) {
+    _tile_stored(0, acc, stride);
+    _tile_stored(1, acc + 16, stride);
+    if (nt > 2) {
+        _tile_stored(2, acc + 32, stride);
+        _tile_stored(3, acc + 48, stride);
+    }
+}
+
 /* qt[j][r][g] (a bf16 pair as int32) = q[g][32j + 2r], q[g][32j + 2r + 1] for g < group; 0 beyond. */
 static void amx_query_tiles(const bf16_t *q, int group, int d, int32_t *qt) {
     memset(qt, 0, (size_t)(d / 32) * 1024);
@@ -665,7 +701,6 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
                                               _mm512_set1_epi32(16));
     const int lo = first - t_base, hi = len - t_base;
     for (int h = 0; h < nh; h++) {
-        bf16_t *ph = pbuf;
         float inv[16];
         for (int g = 0; g < group; g++) {
             const float *sth = st + (size_t)h * n_rows * 16;
@@ -685,7 +720,7 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
             for (int c = 0; c < n_p; c += 16) {
                 const __m512 e = exp_nonpositive16_fma(_mm512_sub_ps(_mm512_loadu_ps(srow + c), m)); /* -inf -> 0 */
                 const __m256i pb = (__m256i)_mm512_cvtneps_pbh(e);
-                _mm256_storeu_si256((__m256i *)(ph + (size_t)g * n_p + c), pb);
+                _mm256_storeu_si256((__m256i *)(pbuf + (size_t)g * n_p + c), pb);
                 sum = _mm512_add_ps(sum, from_bf16_16(pb));
             }
             inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
@@ -693,34 +728,13 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
 
         for (int dbase = 0; dbase < d; dbase += 64) {
             const int nt = d - dbase < 64 ? (d - dbase) / 16 : 4;
-            _tile_zero(0);
-            _tile_zero(1);
-            if (nt > 2) {
-                _tile_zero(2);
-                _tile_zero(3);
-            }
+            amx_pv_zero(nt);
             for (int c = 0; c < n_p; c += AMX_KEYS) {
                 amx_value_tiles(v_cache, table, block_size, kv_heads, kh0 + h, d, dbase, t_base + c, first, len, vt);
-                const bf16_t *v = vt;
                 ahead_step(ahead, lines_per_call);
-                _tile_loadd(4, ph + c, (int64_t)n_p * (int64_t)sizeof(bf16_t));
-                _tile_loadd(5, v, 64);
-                _tile_loadd(6, v + 512, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_dpbf16ps(1, 4, 6);
-                if (nt > 2) {
-                    _tile_loadd(7, v + 1024, 64);
-                    _tile_loadd(5, v + 1536, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
+                amx_pv_step(nt, pbuf + c, (int64_t)n_p * (int64_t)sizeof(bf16_t), (const char *)vt, 1024, 64);
             }
-            _tile_stored(0, acc + dbase, (int64_t)d * (int64_t)sizeof(float));
-            _tile_stored(1, acc + dbase + 16, (int64_t)d * (int64_t)sizeof(float));
-            if (nt > 2) {
-                _tile_stored(2, acc + dbase + 32, (int64_t)d * (int64_t)sizeof(float));
-                _tile_stored(3, acc + dbase + 48, (int64_t)d * (int64_t)sizeof(float));
-            }
+            amx_pv_store(nt, acc + dbase, (int64_t)d * (int64_t)sizeof(float));
         }
         bf16_t *o = out + (size_t)(kh0 + h) * group * d;
         for (int g = 0; g < group; g++) {
@@ -1100,6 +1114,26 @@ void llmctl_pack_bf16_panels(const bf16_t *w, int64_t w_row_stride, int n, int k
 #if defined(__AVX512BF16__)
 int llmctl_has_gemm_bf16(void) { return 1; }
 
+/* The epilogue of 16 output columns of one row: bias, rounding to bf16, and (silu) SiLU-and-mul of a gate/up pair,
+ * rounded where the unfused GEMM and silu_and_mul round. Shared by the AVX-512 and AMX paths so the two differ
+ * only in how the float32 sums are formed. */
+static inline __attribute__((always_inline)) void store_cols16(__m512 v, const bf16_t *bias, __mmask16 m, bf16_t *y) {
+    if (bias != NULL) v = _mm512_add_ps(v, from_bf16_16(_mm256_maskz_loadu_epi16(m, bias)));
+    _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+static inline __attribute__((always_inline)) void store_silu16(__m512 gate, __m512 up, const bf16_t *bias,
+                                                               bf16_t *y) {
+    if (bias != NULL) {
+        gate = _mm512_add_ps(gate, from_bf16_16(_mm256_loadu_si256((const __m256i *)bias)));
+        up = _mm512_add_ps(up, from_bf16_16(_mm256_loadu_si256((const __m256i *)(bias + 16))));
+    }
+    const __m512 g = from_bf16_16((__m256i)_mm512_cvtneps_pbh(gate));
+    const __m512 u = from_bf16_16((__m256i)_mm512_cvtneps_pbh(up));
+    const __m512 sg = from_bf16_16((__m256i)_mm512_cvtneps_pbh(silu16(g)));
+    _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
+}
+
 static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, int SILU, const bf16_t *x,
                                                             int64_t xs, int k, const bf16_t *w, size_t panel_stride,
                                                             const bf16_t *bias, bf16_t *y, int64_t ys, int last_cols,
@@ -1140,30 +1174,17 @@ static inline __attribute__((always_inline)) void gemm_tile(int ROWS, int NPAN, 
     }
     if (SILU) { /* panels (2q, 2q + 1) are (gate, up) of the same 16 output columns */
 #pragma GCC unroll 2
-        for (int q = 0; q < NPAN / 2; q++) {
-            const __m512 bg = bias == NULL ? _mm512_setzero_ps() : from_bf16_16(_mm256_loadu_si256(
-                                                                       (const __m256i *)(bias + 32 * q)));
-            const __m512 bu = bias == NULL ? _mm512_setzero_ps() : from_bf16_16(_mm256_loadu_si256(
-                                                                       (const __m256i *)(bias + 32 * q + 16)));
+        for (int q = 0; q < NPAN / 2; q++)
 #pragma GCC unroll 4
-            for (int r = 0; r < ROWS; r++) {
-                const __m512 g = from_bf16_16((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][2 * q], bg)));
-                const __m512 u = from_bf16_16((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][2 * q + 1], bu)));
-                const __m512 sg = from_bf16_16((__m256i)_mm512_cvtneps_pbh(silu16(g)));
-                _mm256_storeu_si256((__m256i *)(y + r * ys + 16 * q), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
-            }
-        }
+            for (int r = 0; r < ROWS; r++)
+                store_silu16(acc[r][2 * q], acc[r][2 * q + 1], bias == NULL ? NULL : bias + 32 * q, y + r * ys + 16 * q);
         return;
     }
 #pragma GCC unroll 4
     for (int p = 0; p < NPAN; p++) {
         const __mmask16 m = p == NPAN - 1 ? (__mmask16)((1u << last_cols) - 1) : (__mmask16)0xffff;
-        const __m512 bv = bias == NULL ? _mm512_setzero_ps() : from_bf16_16(_mm256_maskz_loadu_epi16(m, bias + 16 * p));
 #pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) {
-            const __m512 v = bias == NULL ? acc[r][p] : _mm512_add_ps(acc[r][p], bv);
-            _mm256_mask_storeu_epi16(y + r * ys + 16 * p, m, (__m256i)_mm512_cvtneps_pbh(v));
-        }
+        for (int r = 0; r < ROWS; r++) store_cols16(acc[r][p], bias == NULL ? NULL : bias + 16 * p, m, y + r * ys + 16 * p);
     }
 }
 
@@ -1179,26 +1200,6 @@ static void gemm_tile_any(int rows, int npan, int silu, const bf16_t *x, int64_t
                           size_t panel_stride, const bf16_t *bias, bf16_t *y, int64_t ys, int last_cols,
                           const bf16_t *next, int pf0, int pf1) {
     GEMM_TILE_ROWS(1) GEMM_TILE_ROWS(2) GEMM_TILE_ROWS(3) GEMM_TILE_ROWS(4)
-}
-
-/* The epilogue of 16 output columns of one row: bias, rounding to bf16, and (silu) SiLU-and-mul of a gate/up pair,
- * rounded where the unfused GEMM and silu_and_mul round. Shared by the AVX-512 and AMX paths so the two differ
- * only in how the float32 sums are formed. */
-static inline __attribute__((always_inline)) void store_cols16(__m512 v, const bf16_t *bias, __mmask16 m, bf16_t *y) {
-    if (bias != NULL) v = _mm512_add_ps(v, from_bf16_16(_mm256_maskz_loadu_epi16(m, bias)));
-    _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-static inline __attribute__((always_inline)) void store_silu16(__m512 gate, __m512 up, const bf16_t *bias,
-                                                               bf16_t *y) {
-    if (bias != NULL) {
-        gate = _mm512_add_ps(gate, from_bf16_16(_mm256_loadu_si256((const __m256i *)bias)));
-        up = _mm512_add_ps(up, from_bf16_16(_mm256_loadu_si256((const __m256i *)(bias + 16))));
-    }
-    const __m512 g = from_bf16_16((__m256i)_mm512_cvtneps_pbh(gate));
-    const __m512 u = from_bf16_16((__m256i)_mm512_cvtneps_pbh(up));
-    const __m512 sg = from_bf16_16((__m256i)_mm512_cvtneps_pbh(silu16(g)));
-    _mm256_storeu_si256((__m256i *)y, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sg, u)));
 }
 
 #if HAVE_AMX
@@ -1218,11 +1219,9 @@ static inline __attribute__((always_inline)) void store_silu16(__m512 gate, __m5
  *
  * Measured and dropped (SmolLM2 shapes, 30 layers, m=64): software prefetch of the next column block (1-32 lines
  * per k block, to L1 or L2: 0-30 % slower), one pass over each panel with four 16-row blocks (x re-read per block:
- * 23 vs 19 ms), and splitting rows instead of columns between the two cores (26 ms). */
+ * 23 vs 19 ms), and splitting rows instead of columns between the two cores at this size (26 ms). */
 
-#ifndef AMX_SLAB_BYTES
 #define AMX_SLAB_BYTES (768 * 1024)
-#endif
 
 /* RB row blocks (x0, x1) by PB panels (w0, w1) over kb k blocks of 32, stored as float32 into out[RB][16][32]. */
 static inline __attribute__((always_inline)) void amx_block(int RB, int PB, const bf16_t *x0, const bf16_t *x1,
@@ -1662,32 +1661,11 @@ static void amx_prefill_rows(const bf16_t *query, int64_t q_row_stride, bf16_t *
         /* O = P.V, 32 keys a step, 64 dims a pass: C tiles 0-3, P in tile 4, value pairs in 5-7 */
         for (int dbase = 0; dbase < d; dbase += 64) {
             const int nt = d - dbase < 64 ? (d - dbase) / 16 : 4;
-            _tile_zero(0);
-            _tile_zero(1);
-            if (nt > 2) {
-                _tile_zero(2);
-                _tile_zero(3);
-            }
-            for (int t = 0; t < kp; t += 32) {
-                const int32_t *vt = vp + ((int64_t)(t / 2) * nv + dbase / 16) * 16;
-                _tile_loadd(4, (const bf16_t *)scores + t, (int64_t)kp * 4); /* P row r: bf16 over its float row */
-                _tile_loadd(5, vt, (int64_t)nv * 64);
-                _tile_loadd(6, vt + 16, (int64_t)nv * 64);
-                _tile_dpbf16ps(0, 4, 5);
-                _tile_dpbf16ps(1, 4, 6);
-                if (nt > 2) {
-                    _tile_loadd(7, vt + 32, (int64_t)nv * 64);
-                    _tile_loadd(5, vt + 48, (int64_t)nv * 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-            }
-            _tile_stored(0, acc + dbase, (int64_t)d * 4);
-            _tile_stored(1, acc + dbase + 16, (int64_t)d * 4);
-            if (nt > 2) {
-                _tile_stored(2, acc + dbase + 32, (int64_t)d * 4);
-                _tile_stored(3, acc + dbase + 48, (int64_t)d * 4);
-            }
+            amx_pv_zero(nt);
+            for (int t = 0; t < kp; t += 32) /* P row r: bf16 over its float row; value pairs nv x 64 bytes a row */
+                amx_pv_step(nt, (const bf16_t *)scores + t, (int64_t)kp * 4,
+                            (const char *)(vp + ((int64_t)(t / 2) * nv + dbase / 16) * 16), 64, (int64_t)nv * 64);
+            amx_pv_store(nt, acc + dbase, (int64_t)d * 4);
         }
         for (int r = 0; r < nr; r++) {
             const __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
