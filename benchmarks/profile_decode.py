@@ -59,7 +59,8 @@ def _timed_kernels(lib: Any, totals: dict[str, float]) -> None:
     """Wrap the library's ctypes entry points so every call adds its duration to ``totals``."""
     from llmctl_cpu import native
 
-    for name, (attr, _) in native.RECORDED_KERNELS.items():
+    entry_points = [(name, attr) for name, (attr, _) in native.RECORDED_KERNELS.items()]
+    for name, attr in entry_points + [("argmax (sampler)", "_argmax")]:
         fn = getattr(lib, attr)
 
         def timed(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
@@ -70,16 +71,6 @@ def _timed_kernels(lib: Any, totals: dict[str, float]) -> None:
                 totals[_name] += time.perf_counter() - t
 
         setattr(lib, attr, timed)
-    fn = lib._argmax
-
-    def timed_argmax(*args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            totals["argmax (sampler)"] += time.perf_counter() - t
-
-    lib._argmax = timed_argmax
 
 
 def main() -> None:

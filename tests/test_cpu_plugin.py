@@ -668,13 +668,10 @@ def _gemm_lib():
 def gemm_path(request):
     """Each C GEMM test once on the AVX-512 loop and once on AMX tiles (where the host has AMX): both read the same
     packed panels, and k not a multiple of 32 stays on AVX-512 either way."""
-    lib = _gemm_lib()
-    was = lib.amx
-    if not lib.use_amx(request.param == "amx") and request.param == "amx":
-        lib.use_amx(was)
-        pytest.skip("no AMX on this host (or Linux refused this process the tile state)")
+    _gemm_lib()
+    restore = _set_amx(request.param == "amx")
     yield request.param
-    lib.use_amx(was)
+    restore()
 
 
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (15, 2), (16, 3), (17, 64), (70, 577), (130, 96), (48, 576),
@@ -894,10 +891,7 @@ def test_amx_and_avx512_gemms_agree(rng):
     from llmctl_cpu.ops import linear, pack_linear_weight
 
     lib = _gemm_lib()
-    was = lib.amx
-    if not lib.use_amx(True):
-        lib.use_amx(was)
-        pytest.skip("no AMX on this host")
+    restore = _set_amx(True)
     try:
         weight = (torch.randn(320, 576) / 24).bfloat16()
         packed = pack_linear_weight(weight)
@@ -907,7 +901,7 @@ def test_amx_and_avx512_gemms_agree(rng):
         avx = linear(x, packed)
         torch.testing.assert_close(amx.float(), avx.float(), rtol=2 ** -7, atol=1e-3)
     finally:
-        lib.use_amx(was)
+        restore()
 
 
 # -- KV cache prefault ------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def check_native_kernels() -> DoctorResult:
                 else "bf16 GEMM off: no AVX512-BF16, oneDNN runs bf16 linears")
         if lib is not None and lib.has_gemm_bf16:
             gemm += (" (AMX tiles; bf16 decode attention on AMX too)" if lib.amx else
-                     f" (AVX-512: AMX off by {native.AMX_ENV}=0)" if not native.amx_env_on() else
+                     f" (AVX-512: AMX off by {native.AMX_ENV}=0)" if not native.env_on(native.AMX_ENV) else
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
         rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
                 else "RMSNorm/argmax off: no AVX-512, torch runs them")

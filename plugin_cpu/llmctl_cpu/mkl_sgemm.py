@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from llmctl_cpu.native import env_on
+
 logger = logging.getLogger(__name__)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
@@ -49,7 +51,7 @@ class _Api:
 
 @functools.cache
 def _api() -> _Api | None:
-    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env_on(DISABLE_ENV):
         return None
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
@@ -100,13 +102,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     m = rows.shape[0]
     if m == 1:  # MKL takes another path for one row of some shapes (other bits): run it as two identical rows
         rows = rows.expand(2, k).contiguous()
-        out = torch.empty((2, n), dtype=torch.float32)
-        api.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, 2, n, k, rows.data_ptr(), k, packed.data_ptr(), n, 0.0,
-                    out.data_ptr(), n)
-        out = out[:1]
-        if bias is not None:
-            out.add_(bias)
-        return out.view(*x.shape[:-1], n)
+    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+    if m:
+        # beta = 0 always: with C pre-filled with the bias and beta = 1, MKL returned the bias alone for one row
+        api.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows.shape[0], n, k, rows.data_ptr(), rows.stride(0),
+                    packed.data_ptr(), n, 0.0, out.data_ptr(), n)
+    out = out[:m]
+    if bias is not None:
+        out.add_(bias)
+    return out.view(*x.shape[:-1], n)
     out = torch.empty((m, n), dtype=torch.float32)
     if m:
         # beta = 0 always: with C pre-filled with the bias and beta = 1, MKL returned the bias alone for one row

@@ -57,7 +57,6 @@ def limit_malloc_arenas(n: int = 1) -> None:
         pass
 
 
-
 def keep_heap_headroom(nbytes: int = HEAP_HEADROOM_BYTES) -> None:
     """Keep ``nbytes`` of free memory at the top of each malloc heap when it grows or shrinks (glibc's
     ``M_TOP_PAD``), so a step's temporaries reuse pages the previous step freed instead of faulting in new ones:

@@ -45,12 +45,9 @@ MAX_ROTARY_HEAD_SIZE = 512  # kernels.c keeps one head in a stack buffer of this
 _c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
-def _env_on(name: str) -> bool:
+def env_on(name: str) -> bool:
+    """An on/off switch that defaults to on: "0", "false", "no" and "off" turn it off."""
     return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def amx_env_on() -> bool:
-    return _env_on(AMX_ENV)
 
 
 def dtype_code(dtype: torch.dtype) -> int | None:
@@ -84,7 +81,7 @@ class NativeKernels:
         self._use_amx = lib.llmctl_use_amx
         self._use_amx.restype = _c_int
         self._use_amx.argtypes = [_c_int]
-        self.amx = self.use_amx(amx_env_on())
+        self.use_amx(env_on(AMX_ENV))  # sets self.amx
         self.has_avx512 = bool(lib.llmctl_has_avx512())
         self.has_prefill_bf16 = bool(lib.llmctl_has_prefill_bf16())
         self._prefill = lib.llmctl_prefill_attention_bf16
@@ -352,7 +349,7 @@ def _build(cc: str) -> Path:
 
 @functools.cache
 def _load() -> tuple[NativeKernels | None, str]:
-    if not _env_on(DISABLE_ENV):
+    if not env_on(DISABLE_ENV):
         return None, f"disabled by {DISABLE_ENV}=0"
     if platform.system() != "Linux":
         return None, f"only built on Linux (this is {platform.system()})"
