@@ -1218,20 +1218,30 @@ static void gemm_tile_any(int rows, int npan, int silu, const bf16_t *x, int64_t
  * k a multiple of 32 is taken (every hidden size in use is); other shapes stay on the AVX-512 path.
  *
  * Measured and dropped (SmolLM2 shapes, 30 layers, m=64): software prefetch of the next column block (1-32 lines
- * per k block, to L1 or L2: 0-30 % slower), one pass over each panel with four 16-row blocks (x re-read per block:
+ * per k block, to L1 or L2: 0-30 % slower; what helps is the same panels a few k blocks ahead, below), one pass over each panel with four 16-row blocks (x re-read per block:
  * 23 vs 19 ms), and splitting rows instead of columns between the two cores at this size (26 ms). */
 
 #define AMX_SLAB_BYTES (768 * 1024)
+#define AMX_PREFETCH_KBLOCKS 4 /* 4 KB ahead per panel; 2 and 8-12 measured no better */
 
-/* RB row blocks (x0, x1) by PB panels (w0, w1) over kb k blocks of 32, stored as float32 into out[RB][16][32]. */
+/* RB row blocks (x0, x1) by PB panels (w0, w1) over kb k blocks of 32, stored as float32 into out[RB][16][32].
+ * With `prefetch`, each k block also requests the panels' tiles AMX_PREFETCH_KBLOCKS k blocks ahead into L2. */
 static inline __attribute__((always_inline)) void amx_block(int RB, int PB, const bf16_t *x0, const bf16_t *x1,
                                                             int64_t x_bytes, const bf16_t *w0, const bf16_t *w1,
-                                                            int kblocks, float *out) {
+                                                            int kblocks, int prefetch, float *out) {
     _tile_zero(0);
     if (PB == 2) _tile_zero(1);
     if (RB == 2) _tile_zero(2);
     if (RB == 2 && PB == 2) _tile_zero(3);
     for (int kb = 0; kb < kblocks; kb++) {
+        if (prefetch) { /* past a panel's end this reaches the next panel: a prefetch never faults */
+            const char *p0 = (const char *)(w0 + (size_t)(kb + AMX_PREFETCH_KBLOCKS) * 512);
+            const char *p1 = (const char *)(w1 + (size_t)(kb + AMX_PREFETCH_KBLOCKS) * 512);
+            for (int line = 0; line < 1024; line += 64) {
+                _mm_prefetch(p0 + line, _MM_HINT_T1);
+                if (PB == 2) _mm_prefetch(p1 + line, _MM_HINT_T1);
+            }
+        }
         _tile_loadd(6, w0 + (size_t)kb * 512, 64);
         if (PB == 2) _tile_loadd(7, w1 + (size_t)kb * 512, 64);
         _tile_loadd(4, x0 + (size_t)kb * 32, x_bytes);
@@ -1252,7 +1262,7 @@ static inline __attribute__((always_inline)) void amx_block(int RB, int PB, cons
 /* Column block cb (panels 2cb, 2cb + 1) for row blocks [rb0, rb_end): products, then the epilogue. */
 static inline void amx_column_block(const bf16_t *x, int64_t xs, int m, int kblocks, const bf16_t *packed,
                                     size_t panel_stride, int panels, int last_cols, const bf16_t *bias, bf16_t *y,
-                                    int64_t ys, int silu, int rows, int cb, int rb0, int rb_end,
+                                    int64_t ys, int silu, int rows, int cb, int rb0, int rb_end, int prefetch,
                                     float acc[2][16][32]) {
     const int p0 = 2 * cb, pb = panels - p0 < 2 ? 1 : 2;
     const bf16_t *w0 = packed + (size_t)p0 * panel_stride, *w1 = w0 + panel_stride;
@@ -1263,10 +1273,11 @@ static inline void amx_column_block(const bf16_t *x, int64_t xs, int m, int kblo
         for (int i = 0; i < 2; i++)
             if (r[i] + rows > m) r[i] = m - rows;
         const bf16_t *x0 = x + r[0] * xs, *x1 = x + r[1] * xs;
-        if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-        else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-        else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
-        else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, &acc[0][0][0]);
+        const int pf = prefetch && rb == rb0; /* the first row pass reads the panels from memory */
+        if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
+        else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
+        else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
+        else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
         for (int i = 0; i < nrb; i++)
             for (int j = 0; j < rows; j++) {
                 const int64_t row = r[i] + j;
@@ -1300,6 +1311,11 @@ static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pac
      * from L2): a thread reads the rows the previous row-wise kernel wrote on the same core instead of half of
      * them from the other core's cache. Decode-sized m splits columns (the weights are read once in all). */
     const int split_rows = row_blocks >= AMX_ROW_SPLIT_BLOCKS && num_threads > 1;
+    /* Decode sizes past one row block spend long enough on a tile's products that the next tiles can come from
+     * memory meanwhile, if asked for: a tile load cannot start before the products reading its register are done,
+     * so without the prefetch every tile load waits out memory latency between products (SmolLM2's 30 layers at
+     * 64 rows, cold: 11.7 -> 10.6 ms). At one row block it gained nothing; prefill sizes reuse panels from L2. */
+    const int prefetch = !split_rows && row_blocks >= 2;
 #pragma omp parallel num_threads(num_threads)
     {
         float acc[2][16][32] __attribute__((aligned(64)));
@@ -1313,14 +1329,14 @@ static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pac
             for (int rb0 = lo; rb0 < hi; rb0 += slab_blocks)
                 for (int cb = 0; cb < col_blocks; cb++)
                     amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
-                                     rows, cb, rb0, rb0 + slab_blocks < hi ? rb0 + slab_blocks : hi, acc);
+                                     rows, cb, rb0, rb0 + slab_blocks < hi ? rb0 + slab_blocks : hi, 0, acc);
         } else {
             for (int rb0 = 0; rb0 < row_blocks; rb0 += slab_blocks) {
                 const int rb_end = rb0 + slab_blocks < row_blocks ? rb0 + slab_blocks : row_blocks;
 #pragma omp for schedule(static)
                 for (int cb = 0; cb < col_blocks; cb++)
                     amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
-                                     rows, cb, rb0, rb_end, acc);
+                                     rows, cb, rb0, rb_end, prefetch, acc);
             }
         }
         _tile_release();
