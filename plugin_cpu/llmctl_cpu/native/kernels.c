@@ -560,10 +560,11 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
 #if HAVE_AMX
 /* ---- bf16 decode attention on AMX tiles -----------------------------------------------------------------------
  *
- * Why: with the GEMMs on AMX, the AVX-512 decode attention became the largest part of a decode step. This one is
- * 15-20 % faster at 64 sequences of 192 keys (cold cache, 30 layers: 18.2-19.7 against 21.9-23.2 ms); both take
- * well over what reading the keys and values alone takes (11 ms): the memory stalls and the AMX tile operations,
- * which wait on each other in long chains at these sizes (a group of 3 query rows per KV head), do not overlap.
+ * Why: with the GEMMs on AMX, the AVX-512 decode attention became the largest part of a decode step. The first
+ * tile version was 15-20 % faster at 64 sequences of 192 keys (cold cache, 30 layers: 18.2-19.7 against 21.9-23.2
+ * ms); taking the values from the cache as they lie (below) made that 15.0 -> 13.4 ms in the same harness, against
+ * ~11 ms for reading the keys and values alone: the memory stalls and the tile operations, which wait on each
+ * other in long chains at these sizes (a group of 3 query rows per KV head), still mostly do not overlap.
  *
  * Per sequence, for its KV heads [kh0, kh1), on its own data only (batch invariance as before):
  *   scores: S^T = K . Q^T, every head of a 16-key tile before the next tile, so each block's keys are read front
@@ -572,16 +573,17 @@ static inline int first_key(int len, int window) { return (window > 0 && len > w
  *   then per head, softmax: the head's column of S^T gathered into a row, masked to [first, len), exp(s - max) in
  *     sixteen lanes, rounded to bf16 into P (as torch's flash kernel rounds P before P.V); the sum adds the
  *     rounded P.
- *   and P.V: O += P . V over 32 keys a step, 64 output dims at a time (four C tiles). AMX wants B's k pairs (here
- *     key pairs) interleaved, so each step first interleaves its 32 value rows into four B tiles in L1; keys
- *     outside [first, len) become zero rows, since a stale slot may hold anything and 0 * NaN is NaN.
- * Measured and dropped: interleaving all heads' values of a step first (the 72 KB it wrote went to L2: slower),
- * double-buffered value tiles, prefetching the next key tile, reading the whole sequence into L2 before computing,
- * and (prototyped) a cache layout made for AMX, keys transposed and values paired as written: 15.5 vs 17.1 ms.
- * Tiles: 0-3 O (group rows), 4 P (group rows), 5-7 16 rows (Q^T or V, S^T, K). */
-#define AMX_KEYS 32 /* keys per P.V step: one A tile of P is 32 bf16 wide */
+ *   and P.V: 16 keys by 32 dims of the cache rows are a B tile as they lie, whose rows AMX reads as pairs of
+ *     adjacent dims; P as (p, 0) pairs gives the even dims, as (0, p) the odd ones (see amx_attend). Tiles with
+ *     keys outside [first, len) are copied with those rows zeroed, since a stale slot may hold anything and
+ *     0 * NaN is NaN.
+ * Measured and dropped: pair-interleaving 32 value rows per step into B tiles in L1 (the earlier P.V: 4.7 vs
+ * 6.6 ms hot without it), interleaving all heads' values of a step first (the 72 KB it wrote went to L2: slower),
+ * double-buffered value tiles, prefetching the next key tile, alternating two registers for the key tiles,
+ * reading the whole sequence into L2 before computing, and (prototyped) a cache layout made for AMX, keys
+ * transposed and values paired as written: 15.5 vs 17.1 ms. */
 
-/* The P.V pass both AMX attentions share: C tiles 0..nt-1 (nt = 2 or 4) hold 16 output dims each, P is the A tile
+/* The prefill attention's P.V pass: C tiles 0..nt-1 (nt = 2 or 4) hold 16 output dims each, P is the A tile
  * (4), and a step's value pairs come as nt B tiles `tile_bytes` apart (5-7, then 5 again). */
 static inline void amx_pv_zero(int nt) {
     _tile_zero(0);
@@ -625,123 +627,146 @@ static void amx_query_tiles(const bf16_t *q, int group, int d, int32_t *qt) {
             for (int r = 0; r < 16; r++) memcpy(&qt[(j * 16 + r) * 16 + g], q + (size_t)g * d + 32 * j + 2 * r, 4);
 }
 
-/* vt[c][i][32] = keys t0 + 2i and t0 + 2i + 1 interleaved over dims dbase + 16c .. + 15, for the pass's
- * min(4, (d - dbase) / 16) tiles (d % 32 == 0); rows of keys outside [lo, hi) are zero. */
-static void amx_value_tiles(const bf16_t *v_cache, const int32_t *table, int block_size, int kv_heads, int kh, int d,
-                            int dbase, int t0, int lo, int hi, bf16_t *vt) {
-    const __m512i first_half = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-    const __m512i second_half = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-    const int ntiles = d - dbase < 64 ? (d - dbase) / 16 : 4;
-    const int64_t slot = (int64_t)kv_heads * d;
-    const bf16_t *row0 = NULL;
-    for (int i = 0; i < AMX_KEYS / 2; i++) {
-        const int ta = t0 + 2 * i, tb = ta + 1;
-        /* a pair never straddles blocks (block_size is a multiple of 16); one division per block, not per key */
-        if (i % 8 == 0) row0 = v_cache + cache_row(table, ta, block_size, kv_heads, kh, d) + dbase - 2 * i * slot;
-        const bf16_t *ra = ta >= lo && ta < hi ? row0 + 2 * i * slot : NULL;
-        const bf16_t *rb = tb >= lo && tb < hi ? row0 + (2 * i + 1) * slot : NULL;
-        for (int c = 0; c < ntiles; c += 2) {
-            const __m512i a = ra == NULL ? _mm512_setzero_si512() : _mm512_loadu_si512((const void *)(ra + 16 * c));
-            const __m512i b = rb == NULL ? _mm512_setzero_si512() : _mm512_loadu_si512((const void *)(rb + 16 * c));
-            const __m512i lo16 = _mm512_unpacklo_epi16(a, b), hi16 = _mm512_unpackhi_epi16(a, b);
-            _mm512_storeu_si512((void *)(vt + ((size_t)c * 16 + i) * 32),
-                                _mm512_permutex2var_epi64(lo16, first_half, hi16));
-            _mm512_storeu_si512((void *)(vt + ((size_t)(c + 1) * 16 + i) * 32),
-                                _mm512_permutex2var_epi64(lo16, second_half, hi16));
-        }
+/* Tile rows for the decode attention: 0-1 O (group rows), 2 S^T, 3 Q^T (16), 4-5 P (group rows), 6-7 K or V (16). */
+static void amx_configure_decode(int group) {
+    struct amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    static const int group_rows[8] = {1, 1, 0, 0, 1, 1, 0, 0};
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = (uint8_t)(group_rows[t] ? group : 16);
     }
+    _tile_loadconfig(&c);
 }
 
 /* Scratch layout of one sequence's attention (nh heads, n keys from its first block's start), in floats. */
 struct amx_scratch {
-    size_t st, srow, acc, qt, pbuf, vt, total;
+    size_t st, srow, acc, qt, peven, podd, vpart, total;
 };
 
 static struct amx_scratch amx_scratch_layout(int n, int nh, int group, int d) {
-    const size_t rows = (size_t)(n + 15) / 16 * 16, p = (size_t)(n + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+    const size_t rows = (size_t)(n + 15) / 16 * 16;
     struct amx_scratch l;
     l.st = 0;                                               /* nh x rows x 16 float: S^T per head */
-    l.srow = l.st + (size_t)nh * rows * 16;                 /* p float: one head's scores */
-    l.acc = l.srow + p;                                     /* group x d float: O */
-    l.qt = l.acc + (size_t)group * d;                       /* nh x d/32 B tiles of Q^T (1 KB each) */
-    l.pbuf = l.qt + (size_t)nh * (d / 32) * 256;            /* group x p bf16: one head's P */
-    l.vt = l.pbuf + ((size_t)group * p + 15) / 16 * 8;      /* 4 B tiles of V (1 KB each) */
-    l.total = l.vt + 4 * 256 + 16;
+    l.srow = l.st + (size_t)nh * rows * 16;                 /* rows float: one head's scores */
+    l.acc = l.srow + rows;                                  /* 2 x group x 16 float: O's even and odd dims */
+    l.qt = l.acc + (size_t)2 * group * 16;                  /* nh x d/32 B tiles of Q^T (1 KB each) */
+    l.peven = l.qt + (size_t)nh * (d / 32) * 256;           /* group x rows words: P as (p, 0) bf16 pairs */
+    l.podd = l.peven + (size_t)group * rows;                /* group x rows words: P as (0, p) */
+    l.vpart = l.podd + (size_t)group * rows;                /* a 16-key V tile with keys outside the range zeroed */
+    l.total = l.vpart + 256 + 16;
     return l;
 }
 
-/* One sequence's heads [kh0, kh1): out gets each head group's outputs ([group][d] bf16 at head kh's offset). */
+/* One sequence's heads [kh0, kh1): out gets each head group's outputs ([group][d] bf16 at head kh's offset).
+ *
+ * P.V takes the value rows as they lie in the cache, 16 keys by 32 dims per B tile: AMX reads a B row as 16 pairs,
+ * so a cache row gives dims (2j, 2j + 1) of one key. With P's A tile as (p, 0) pairs the products land in the even
+ * dims, with (0, p) in the odd ones: two products per tile where pair-interleaved values needed one per 32 keys,
+ * and no interleaving pass (which had cost more than the products it saved: 30 layers at 64 sequences of 192 keys,
+ * hot, 6.6 -> 4.7 ms without it). */
 static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, const bf16_t *v_cache,
                        const int32_t *table, int block_size, int kv_heads, int kh0, int kh1, int d, int group,
                        int first, int len, float scale, float *scratch, struct ahead *ahead, int lines_per_call) {
     const int nh = kh1 - kh0, t_base = first / block_size * block_size;
-    const int n_rows = (len - t_base + 15) / 16 * 16, n_p = (len - t_base + AMX_KEYS - 1) / AMX_KEYS * AMX_KEYS;
+    const int n_rows = (len - t_base + 15) / 16 * 16;
     const struct amx_scratch l = amx_scratch_layout(len - t_base, nh, group, d);
     float *st = scratch + l.st, *srow = scratch + l.srow, *acc = scratch + l.acc;
-    int32_t *qt = (int32_t *)(scratch + l.qt);
-    bf16_t *pbuf = (bf16_t *)(scratch + l.pbuf), *vt = (bf16_t *)(scratch + l.vt);
+    int32_t *qt = (int32_t *)(scratch + l.qt), *peven = (int32_t *)(scratch + l.peven);
+    int32_t *podd = (int32_t *)(scratch + l.podd);
+    bf16_t *vpart = (bf16_t *)(scratch + l.vpart);
     const int64_t slot_bytes = (int64_t)kv_heads * d * (int64_t)sizeof(bf16_t);
+    const int64_t p_bytes = (int64_t)n_rows * 4;
 
     for (int h = 0; h < nh; h++) amx_query_tiles(query + (size_t)(kh0 + h) * group * d, group, d, qt + (size_t)h * (d / 32) * 256);
     for (int u = 0; u < n_rows / 16; u++) {
         const bf16_t *kr = k_cache + cache_row(table, t_base + 16 * u, block_size, kv_heads, kh0, d);
         for (int h = 0; h < nh; h++) {
-            _tile_zero(6);
+            _tile_zero(2);
             for (int j = 0; j < d / 32; j++) {
                 _tile_loadd(7, kr + (size_t)h * d + 32 * j, slot_bytes);
-                _tile_loadd(5, qt + ((size_t)h * (d / 32) + j) * 256, 64);
-                _tile_dpbf16ps(6, 7, 5);
+                _tile_loadd(3, qt + ((size_t)h * (d / 32) + j) * 256, 64);
+                _tile_dpbf16ps(2, 7, 3);
             }
-            _tile_stored(6, st + ((size_t)h * n_rows + (size_t)u * 16) * 16, 64);
+            _tile_stored(2, st + ((size_t)h * n_rows + (size_t)u * 16) * 16, 64);
         }
         ahead_step(ahead, lines_per_call);
     }
 
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                               _mm512_set1_epi32(16));
+    const __m512i even_first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i even_second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     const int lo = first - t_base, hi = len - t_base;
     for (int h = 0; h < nh; h++) {
         float inv[16];
         for (int g = 0; g < group; g++) {
             const float *sth = st + (size_t)h * n_rows * 16;
             __m512 mv = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < n_p; c += 16) {
+            for (int c = 0; c < n_rows; c += 16) {
                 const __mmask16 valid = (__mmask16)((c + 16 <= hi ? 0xffffu : c >= hi ? 0u : (1u << (hi - c)) - 1u) &
                                                     (c >= lo ? 0xffffu : c + 16 <= lo ? 0u : ~((1u << (lo - c)) - 1u)));
-                const __m512 v = c < n_rows ? _mm512_mask_i32gather_ps(_mm512_set1_ps(-INFINITY), valid, column,
-                                                                       sth + (size_t)c * 16 + g, 4)
-                                            : _mm512_set1_ps(-INFINITY);
+                const __m512 v = _mm512_mask_i32gather_ps(_mm512_set1_ps(-INFINITY), valid, column,
+                                                          sth + (size_t)c * 16 + g, 4);
                 const __m512 sv = _mm512_mask_mul_ps(v, valid, v, _mm512_set1_ps(scale));
                 _mm512_storeu_ps(srow + c, sv);
                 mv = _mm512_max_ps(mv, sv);
             }
             const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
             __m512 sum = _mm512_setzero_ps();
-            for (int c = 0; c < n_p; c += 16) {
+            for (int c = 0; c < n_rows; c += 16) {
                 const __m512 e = exp_nonpositive16_fma(_mm512_sub_ps(_mm512_loadu_ps(srow + c), m)); /* -inf -> 0 */
                 const __m256i pb = (__m256i)_mm512_cvtneps_pbh(e);
-                _mm256_storeu_si256((__m256i *)(pbuf + (size_t)g * n_p + c), pb);
-                sum = _mm512_add_ps(sum, from_bf16_16(pb));
+                const __m512 pf = from_bf16_16(pb); /* P rounded to bf16, as a float: the (0, p) pair */
+                _mm512_storeu_si512((void *)(podd + (size_t)g * n_rows + c), _mm512_castps_si512(pf));
+                _mm512_storeu_si512((void *)(peven + (size_t)g * n_rows + c), _mm512_cvtepu16_epi32(pb));
+                sum = _mm512_add_ps(sum, pf);
             }
             inv[g] = 1.0f / _mm512_reduce_add_ps(sum);
         }
 
-        for (int dbase = 0; dbase < d; dbase += 64) {
-            const int nt = d - dbase < 64 ? (d - dbase) / 16 : 4;
-            amx_pv_zero(nt);
-            for (int c = 0; c < n_p; c += AMX_KEYS) {
-                amx_value_tiles(v_cache, table, block_size, kv_heads, kh0 + h, d, dbase, t_base + c, first, len, vt);
-                ahead_step(ahead, lines_per_call);
-                amx_pv_step(nt, pbuf + c, (int64_t)n_p * (int64_t)sizeof(bf16_t), (const char *)vt, 1024, 64);
-            }
-            amx_pv_store(nt, acc + dbase, (int64_t)d * (int64_t)sizeof(float));
-        }
         bf16_t *o = out + (size_t)(kh0 + h) * group * d;
-        for (int g = 0; g < group; g++) {
-            const __m512 sc = _mm512_set1_ps(inv[g]);
-            for (int x = 0; x < d; x += 16)
-                _mm256_storeu_si256((__m256i *)(o + (size_t)g * d + x),
-                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + (size_t)g * d + x), sc)));
+        for (int dbase = 0; dbase < d; dbase += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int u = 0; u < n_rows / 16; u++) {
+                const int c = 16 * u;
+                const bf16_t *vr = v_cache + cache_row(table, t_base + c, block_size, kv_heads, kh0 + h, d) + dbase;
+                int64_t v_stride = slot_bytes;
+                if (c < lo || c + 16 > hi) { /* a stale or out-of-window slot may hold anything, and 0 * NaN is NaN */
+                    for (int r = 0; r < 16; r++) {
+                        const __m512i row = c + r >= lo && c + r < hi
+                                                ? _mm512_loadu_si512((const void *)(vr + r * (slot_bytes / 2)))
+                                                : _mm512_setzero_si512();
+                        _mm512_storeu_si512((void *)(vpart + 32 * r), row);
+                    }
+                    vr = vpart;
+                    v_stride = 64;
+                }
+                const int vt = 6 + (u & 1); /* alternate registers: the next load need not wait for these products */
+                if (vt == 6) _tile_loadd(6, vr, v_stride); else _tile_loadd(7, vr, v_stride);
+                _tile_loadd(4, peven + c, p_bytes);
+                _tile_loadd(5, podd + c, p_bytes);
+                if (vt == 6) {
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 5, 6);
+                } else {
+                    _tile_dpbf16ps(0, 4, 7);
+                    _tile_dpbf16ps(1, 5, 7);
+                }
+                if (dbase == 0) ahead_step(ahead, lines_per_call);
+            }
+            _tile_stored(0, acc, 64);
+            _tile_stored(1, acc + (size_t)group * 16, 64);
+            for (int g = 0; g < group; g++) {
+                const __m512 ev = _mm512_loadu_ps(acc + (size_t)g * 16), od = _mm512_loadu_ps(acc + (size_t)(group + g) * 16);
+                const __m512 sc = _mm512_set1_ps(inv[g]);
+                const __m512 a = _mm512_mul_ps(_mm512_permutex2var_ps(ev, even_first, od), sc);
+                const __m512 b = _mm512_mul_ps(_mm512_permutex2var_ps(ev, even_second, od), sc);
+                _mm256_storeu_si256((__m256i *)(o + (size_t)g * d + dbase), (__m256i)_mm512_cvtneps_pbh(a));
+                _mm256_storeu_si256((__m256i *)(o + (size_t)g * d + dbase + 16), (__m256i)_mm512_cvtneps_pbh(b));
+            }
         }
     }
 }
@@ -812,9 +837,10 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
             ahead.block_bytes = (int64_t)block_size * kv_heads * d * (dtype == DT_F32 ? 4 : 2);
             ahead.num_blocks = num_blocks;
             const int64_t lines = 2 * (ahead.b_last - ahead.b + 1) * ((ahead.block_bytes + 63) / 64);
-            /* K and V passes per head: a call per block each, or (AMX) per 16 keys and per 32 keys per 64 dims */
+            /* K and V passes per head: a call per block each, or (AMX) per 16 keys in the scores and in the first
+             * head's first P.V pass (everything is requested by then) */
             const int64_t keys = (int64_t)(b_last - b_first + 1) * block_size;
-            const int64_t calls = amx ? keys / 16 + (keys + 31) / 32 : (int64_t)kv_heads * 2 * (b_last - b_first + 1);
+            const int64_t calls = amx ? keys / 16 * 2 : (int64_t)kv_heads * 2 * (b_last - b_first + 1);
             lines_per_call = (int)((lines + calls - 1) / calls);
         }
 #if HAVE_AMX
@@ -826,7 +852,7 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
                 continue;
             }
             if (!configured) {
-                amx_configure(group, group, 16);
+                amx_configure_decode(group);
                 configured = 1;
             }
             amx_attend((const bf16_t *)query + rows[i] * q_row_stride, (bf16_t *)out + rows[i] * o_row_stride,
