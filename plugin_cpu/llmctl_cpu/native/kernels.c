@@ -627,14 +627,15 @@ static void amx_query_tiles(const bf16_t *q, int group, int d, int32_t *qt) {
             for (int r = 0; r < 16; r++) memcpy(&qt[(j * 16 + r) * 16 + g], q + (size_t)g * d + 32 * j + 2 * r, 4);
 }
 
-/* Tile rows for the decode attention: 0-1 O (group rows), 2 S^T, 3 Q^T (16), 4-5 P (group rows), 6-7 K or V (16). */
+/* Tiles of the decode attention: 0-1 O (group rows), 2 S^T and 3 Q^T (16 rows, group columns), 4-5 P (group rows),
+ * 6-7 K or V (16 rows). */
 static void amx_configure_decode(int group) {
     struct amx_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
     static const int group_rows[8] = {1, 1, 0, 0, 1, 1, 0, 0};
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
+    for (int t = 0; t < 8; t++) { /* S^T and Q^T only `group` columns wide: S^T is stored compact */
+        c.colsb[t] = (uint16_t)(t == 2 || t == 3 ? 4 * group : 64);
         c.rows[t] = (uint8_t)(group_rows[t] ? group : 16);
     }
     _tile_loadconfig(&c);
@@ -648,8 +649,8 @@ struct amx_scratch {
 static struct amx_scratch amx_scratch_layout(int n, int nh, int group, int d) {
     const size_t rows = (size_t)(n + 15) / 16 * 16;
     struct amx_scratch l;
-    l.st = 0;                                               /* nh x rows x 16 float: S^T per head */
-    l.srow = l.st + (size_t)nh * rows * 16;                 /* rows float: one head's scores */
+    l.st = 0;                                               /* nh x rows x group float: S^T per head */
+    l.srow = l.st + (size_t)nh * rows * group;              /* rows float: one head's scores */
     l.acc = l.srow + rows;                                  /* 2 x group x 16 float: O's even and odd dims */
     l.qt = l.acc + (size_t)2 * group * 16;                  /* nh x d/32 B tiles of Q^T (1 KB each) */
     l.peven = l.qt + (size_t)nh * (d / 32) * 256;           /* group x rows words: P as (p, 0) bf16 pairs */
@@ -689,26 +690,26 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
                 _tile_loadd(3, qt + ((size_t)h * (d / 32) + j) * 256, 64);
                 _tile_dpbf16ps(2, 7, 3);
             }
-            _tile_stored(2, st + ((size_t)h * n_rows + (size_t)u * 16) * 16, 64);
+            _tile_stored(2, st + ((size_t)h * n_rows + (size_t)u * 16) * group, 4 * group);
         }
         ahead_step(ahead, lines_per_call);
     }
 
     const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
+                                              _mm512_set1_epi32(group));
     const __m512i even_first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i even_second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     const int lo = first - t_base, hi = len - t_base;
     for (int h = 0; h < nh; h++) {
         float inv[16];
         for (int g = 0; g < group; g++) {
-            const float *sth = st + (size_t)h * n_rows * 16;
+            const float *sth = st + (size_t)h * n_rows * group;
             __m512 mv = _mm512_set1_ps(-INFINITY);
             for (int c = 0; c < n_rows; c += 16) {
                 const __mmask16 valid = (__mmask16)((c + 16 <= hi ? 0xffffu : c >= hi ? 0u : (1u << (hi - c)) - 1u) &
                                                     (c >= lo ? 0xffffu : c + 16 <= lo ? 0u : ~((1u << (lo - c)) - 1u)));
                 const __m512 v = _mm512_mask_i32gather_ps(_mm512_set1_ps(-INFINITY), valid, column,
-                                                          sth + (size_t)c * 16 + g, 4);
+                                                          sth + (size_t)c * group + g, 4);
                 const __m512 sv = _mm512_mask_mul_ps(v, valid, v, _mm512_set1_ps(scale));
                 _mm512_storeu_ps(srow + c, sv);
                 mv = _mm512_max_ps(mv, sv);
