@@ -1254,11 +1254,46 @@ static void gemm_tile_any(int rows, int npan, int silu, const bf16_t *x, int64_t
 #define AMX_SLAB_BYTES (768 * 1024)
 #define AMX_PREFETCH_KBLOCKS 4 /* 4 KB ahead per panel; 2 and 8-12 measured no better */
 
-/* RB row blocks (x0, x1) by PB panels (w0, w1) over kb k blocks of 32, stored as float32 into out[RB][16][32].
- * With `prefetch`, each k block also requests the panels' tiles AMX_PREFETCH_KBLOCKS k blocks ahead into L2. */
+/* The epilogue of one finished block (bias, bf16 rounding, SiLU-and-mul for gated weights), pending while the
+ * next block's products run: its rows are written a few per k block from inside the next amx_block, where the
+ * vector units are otherwise idle while the tiles multiply. Why: run after its block, the SiLU epilogue alone cost a
+ * quarter of a prefill-sized gate/up GEMM (1024 rows: 1.70 -> 1.27 ms with it removed). */
+struct amx_epilogue {
+    const float *acc; /* [2][16][32] float32 sums of the finished block */
+    bf16_t *y;
+    const bf16_t *bias;
+    int64_t ys, r[2];
+    int rows, total, next, p0, pb, panels, last_cols, silu;
+};
+
+/* Row items [e->next, e->next + count) of the pending epilogue (item = one row of one 16-row block). */
+static inline __attribute__((always_inline)) void amx_epilogue_rows(struct amx_epilogue *e, int count) {
+    const int stop = e->next + count < e->total ? e->next + count : e->total;
+    for (; e->next < stop; e->next++) {
+        const int i = e->next / e->rows, j = e->next % e->rows;
+        const float *a = e->acc + ((size_t)i * 16 + j) * 32;
+        bf16_t *yr = e->y + (e->r[i] + j) * e->ys;
+        if (e->silu) {
+            store_silu16(_mm512_load_ps(a), _mm512_load_ps(a + 16), e->bias == NULL ? NULL : e->bias + 16 * e->p0,
+                         yr + 8 * e->p0);
+            continue;
+        }
+        for (int q = 0; q < e->pb; q++) {
+            const int cols = e->p0 + q == e->panels - 1 ? e->last_cols : 16;
+            store_cols16(_mm512_load_ps(a + 16 * q), e->bias == NULL ? NULL : e->bias + 16 * (e->p0 + q),
+                         (__mmask16)((1u << cols) - 1), yr + 16 * (e->p0 + q));
+        }
+    }
+}
+
+/* RB row blocks (x0, x1) by PB panels (w0, w1) over kb k blocks of 32, stored as float32 into out[RB][16][32];
+ * meanwhile the previous block's pending epilogue is written, a share per k block. With `prefetch`, each k block
+ * also requests the panels' tiles AMX_PREFETCH_KBLOCKS k blocks ahead into L2. */
 static inline __attribute__((always_inline)) void amx_block(int RB, int PB, const bf16_t *x0, const bf16_t *x1,
                                                             int64_t x_bytes, const bf16_t *w0, const bf16_t *w1,
-                                                            int kblocks, int prefetch, float *out) {
+                                                            int kblocks, int prefetch, float *out,
+                                                            struct amx_epilogue *pending) {
+    const int share = (pending->total - pending->next + kblocks - 1) / kblocks;
     _tile_zero(0);
     if (PB == 2) _tile_zero(1);
     if (RB == 2) _tile_zero(2);
@@ -1282,6 +1317,7 @@ static inline __attribute__((always_inline)) void amx_block(int RB, int PB, cons
             _tile_dpbf16ps(2, 5, 6);
             if (PB == 2) _tile_dpbf16ps(3, 5, 7);
         }
+        if (pending->next < pending->total) amx_epilogue_rows(pending, share);
     }
     _tile_stored(0, out, 128);
     if (PB == 2) _tile_stored(1, out + 16, 128);
@@ -1289,11 +1325,13 @@ static inline __attribute__((always_inline)) void amx_block(int RB, int PB, cons
     if (RB == 2 && PB == 2) _tile_stored(3, out + 512 + 16, 128);
 }
 
-/* Column block cb (panels 2cb, 2cb + 1) for row blocks [rb0, rb_end): products, then the epilogue. */
+/* Column block cb (panels 2cb, 2cb + 1) for row blocks [rb0, rb_end): each block's products run while the previous
+ * block's epilogue is written; this one's is left pending in *pending, its sums in acc[flip]. The caller flushes the
+ * last one (amx_epilogue_rows with its total). */
 static inline void amx_column_block(const bf16_t *x, int64_t xs, int m, int kblocks, const bf16_t *packed,
                                     size_t panel_stride, int panels, int last_cols, const bf16_t *bias, bf16_t *y,
                                     int64_t ys, int silu, int rows, int cb, int rb0, int rb_end, int prefetch,
-                                    float acc[2][16][32]) {
+                                    float acc[2][2][16][32], int *flip, struct amx_epilogue *pending) {
     const int p0 = 2 * cb, pb = panels - p0 < 2 ? 1 : 2;
     const bf16_t *w0 = packed + (size_t)p0 * panel_stride, *w1 = w0 + panel_stride;
     const int64_t x_bytes = xs * (int64_t)sizeof(bf16_t);
@@ -1304,24 +1342,16 @@ static inline void amx_column_block(const bf16_t *x, int64_t xs, int m, int kblo
             if (r[i] + rows > m) r[i] = m - rows;
         const bf16_t *x0 = x + r[0] * xs, *x1 = x + r[1] * xs;
         const int pf = prefetch && rb == rb0; /* the first row pass reads the panels from memory */
-        if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
-        else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
-        else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
-        else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, &acc[0][0][0]);
-        for (int i = 0; i < nrb; i++)
-            for (int j = 0; j < rows; j++) {
-                const int64_t row = r[i] + j;
-                if (silu) {
-                    store_silu16(_mm512_load_ps(acc[i][j]), _mm512_load_ps(acc[i][j] + 16),
-                                 bias == NULL ? NULL : bias + 16 * p0, y + row * ys + 8 * p0);
-                    continue;
-                }
-                for (int q = 0; q < pb; q++) {
-                    const int cols = p0 + q == panels - 1 ? last_cols : 16;
-                    store_cols16(_mm512_load_ps(acc[i][j] + 16 * q), bias == NULL ? NULL : bias + 16 * (p0 + q),
-                                 (__mmask16)((1u << cols) - 1), y + row * ys + 16 * (p0 + q));
-                }
-            }
+        float *out = &acc[*flip][0][0][0];
+        if (nrb == 2 && pb == 2) amx_block(2, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, out, pending);
+        else if (nrb == 2) amx_block(2, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, out, pending);
+        else if (pb == 2) amx_block(1, 2, x0, x1, x_bytes, w0, w1, kblocks, pf, out, pending);
+        else amx_block(1, 1, x0, x1, x_bytes, w0, w1, kblocks, pf, out, pending);
+        amx_epilogue_rows(pending, pending->total); /* what the k blocks did not cover (short k) */
+        const struct amx_epilogue e = {out, y, bias, ys, {r[0], r[1]}, rows, nrb * rows, 0, p0, pb, panels,
+                                       last_cols, silu};
+        *pending = e;
+        *flip ^= 1;
     }
 }
 
@@ -1348,7 +1378,9 @@ static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pac
     const int prefetch = !split_rows && row_blocks >= 2;
 #pragma omp parallel num_threads(num_threads)
     {
-        float acc[2][16][32] __attribute__((aligned(64)));
+        float acc[2][2][16][32] __attribute__((aligned(64)));
+        struct amx_epilogue pending = {0};
+        int flip = 0;
         amx_configure(rows, rows, 16);
         if (split_rows) {
             const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -1359,16 +1391,18 @@ static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pac
             for (int rb0 = lo; rb0 < hi; rb0 += slab_blocks)
                 for (int cb = 0; cb < col_blocks; cb++)
                     amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
-                                     rows, cb, rb0, rb0 + slab_blocks < hi ? rb0 + slab_blocks : hi, 0, acc);
+                                     rows, cb, rb0, rb0 + slab_blocks < hi ? rb0 + slab_blocks : hi, 0, acc, &flip,
+                                     &pending);
         } else {
             for (int rb0 = 0; rb0 < row_blocks; rb0 += slab_blocks) {
                 const int rb_end = rb0 + slab_blocks < row_blocks ? rb0 + slab_blocks : row_blocks;
 #pragma omp for schedule(static)
                 for (int cb = 0; cb < col_blocks; cb++)
                     amx_column_block(x, xs, m, kblocks, packed, panel_stride, panels, last_cols, bias, y, ys, silu,
-                                     rows, cb, rb0, rb_end, prefetch, acc);
+                                     rows, cb, rb0, rb_end, prefetch, acc, &flip, &pending);
             }
         }
+        amx_epilogue_rows(&pending, pending.total);
         _tile_release();
     }
     return 0;
