@@ -31,9 +31,11 @@ KV_BYTES = 5 << 20
 SOAK_KV_BYTES = 12 << 20  # LLMCTL_SOAK_MODEL (SmolLM2: ~0.7 MiB per block): 16 blocks, all written by the warm-up
 # The engine trims malloc once it has been idle for 0.5 s (core/llmctl/engine/async_llm.py); RssAnon is read after it
 SETTLE_S = 1.5
-# Bounded run (768 requests): every measured round's RssAnon stays within 0.7 MiB of the post-warm-up value with the
-# trim (+83 MiB swings without it), so 2 MiB catches a leak of ~3 KiB per request and the allocator's noise does not
-CI_MAX_GROWTH_KIB = 2048
+# Bounded run (768 requests): the measured rounds' RssAnon usually stays within 0.7 MiB of the post-warm-up value
+# with the trim (+83 MiB swings without it), but 2 of ~12 runs grew 2.1 and 2.7 MiB, in steps of ~1-1.5 MiB in the
+# last rounds: Python's object allocator maps 1 MiB arenas, and one or two kept alive by fragmentation of the
+# server's per-stream objects is not a leak. 4 MiB still catches a leak of ~5 KiB per request.
+CI_MAX_GROWTH_KIB = 4096
 WARMUP_ROUNDS = 3
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
 
