@@ -33,8 +33,8 @@ SOAK_KV_BYTES = 12 << 20  # LLMCTL_SOAK_MODEL (SmolLM2: ~0.7 MiB per block): 16 
 SETTLE_S = 1.5
 # Bounded run (768 requests): the measured rounds' RssAnon usually stays within 0.7 MiB of the post-warm-up value
 # with the trim (+83 MiB swings without it), but 2 of ~12 runs grew 2.1 and 2.7 MiB, in steps of ~1-1.5 MiB in the
-# last rounds: Python's object allocator maps 1 MiB arenas, and one or two kept alive by fragmentation of the
-# server's per-stream objects is not a leak. 4 MiB still catches a leak of ~5 KiB per request.
+# last rounds, the size of Python's object arenas (1 MiB): most likely arenas kept alive by fragmentation of the
+# server's per-stream objects (not traced further), not a leak. 4 MiB still catches a leak of ~5 KiB per request.
 CI_MAX_GROWTH_KIB = 4096
 WARMUP_ROUNDS = 3
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
