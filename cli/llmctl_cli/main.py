@@ -89,7 +89,7 @@ def engine_args(model: str, **kw: Any) -> Any:
 def load_engine(args: Any) -> Any:
     """Build the AsyncLLM with a progress display; user-facing errors become UserError."""
     from llmctl import AsyncLLM
-    from llmctl.engine.async_llm import limit_malloc_arenas
+    from llmctl.engine.malloc_tuning import limit_malloc_arenas
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     limit_malloc_arenas()  # before the progress display starts its refresh thread

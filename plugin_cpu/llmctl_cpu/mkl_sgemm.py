@@ -111,11 +111,3 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     if bias is not None:
         out.add_(bias)
     return out.view(*x.shape[:-1], n)
-    out = torch.empty((m, n), dtype=torch.float32)
-    if m:
-        # beta = 0 always: with C pre-filled with the bias and beta = 1, MKL returned the bias alone for one row
-        api.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k, rows.data_ptr(), rows.stride(0), packed.data_ptr(), n,
-                    0.0, out.data_ptr(), n)
-    if bias is not None:
-        out.add_(bias)
-    return out.view(*x.shape[:-1], n)

@@ -245,8 +245,8 @@ class CpuPlatform(Platform):
         """Fault in the blocks handed out first, up to ``LLMCTL_CPU_KV_PREFAULT_MB`` (default 1024) MiB of the
         cache, by zeroing them now. Why: every first touch of a fresh 4 KiB page is a page fault, ~5 us on a VM;
         64 sequences of 256 tokens touch ~370 MB of SmolLM2-135M's cache, and the faults cost ~0.3 s (4 %) of the
-        offline benchmark and ~3 ms of each decode step that entered new blocks. Zeroing 512 MiB here takes
-        0.15-1 s (more when the host itself has not backed the memory yet)."""
+        offline benchmark and ~3 ms of each decode step that entered new blocks. Zeroing here takes 0.15-1 s per
+        512 MiB (more when the host itself has not backed the memory yet)."""
         prefault_kv_cache(kv_caches, num_blocks, kv_prefault_bytes())
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:

@@ -28,7 +28,7 @@ from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError, RequestFailedError
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine, PreparedRequest
-from llmctl.engine.malloc_tuning import _malloc_trim, limit_malloc_arenas
+from llmctl.engine.malloc_tuning import limit_malloc_arenas, malloc_trim
 from llmctl.outputs import RequestOutput
 from llmctl.sampling_params import SamplingParams
 
@@ -184,9 +184,9 @@ class AsyncLLM:
                     self._stats = engine.get_stats()
                     woken = self._wake.wait(timeout=_TRIM_AFTER_IDLE_S)
                     self._wake.clear()
-                    if not woken and trim_pending and _malloc_trim is not None:
+                    if not woken and trim_pending and malloc_trim is not None:
                         trim_pending = False
-                        _malloc_trim(0)  # idle for a while: hand the step temporaries' free pages back
+                        malloc_trim(0)  # idle for a while: hand the step temporaries' free pages back
                     continue
                 trim_pending = True
                 outputs = engine.step()

@@ -32,7 +32,7 @@ def _load_malloc_trim() -> Any:
     return fn
 
 
-_malloc_trim = _load_malloc_trim()
+malloc_trim = _load_malloc_trim()  # AsyncLLM calls it once idle
 
 
 def limit_malloc_arenas(n: int = 1) -> None:
@@ -49,7 +49,7 @@ def limit_malloc_arenas(n: int = 1) -> None:
     early in a server's life. The threads that share the arena contend on its lock rarely: Python's small objects
     never reach malloc, and served throughput and one-stream TPOT were unchanged within the box's noise.
     """
-    if _malloc_trim is None or os.environ.get("MALLOC_ARENA_MAX"):
+    if malloc_trim is None or os.environ.get("MALLOC_ARENA_MAX"):
         return
     try:
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, n)
@@ -62,7 +62,7 @@ def keep_heap_headroom(nbytes: int = HEAP_HEADROOM_BYTES) -> None:
     ``M_TOP_PAD``), so a step's temporaries reuse pages the previous step freed instead of faulting in new ones:
     ~200-260 faults per 64-sequence decode step of SmolLM2-135M, none with this. No-op off glibc, with
     ``LLMCTL_MALLOC_TRIM=0``, or when ``MALLOC_TOP_PAD_`` is set (glibc honours that itself)."""
-    if _malloc_trim is None or os.environ.get("MALLOC_TOP_PAD_"):
+    if malloc_trim is None or os.environ.get("MALLOC_TOP_PAD_"):
         return
     try:
         libc = ctypes.CDLL(None)
