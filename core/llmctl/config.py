@@ -58,6 +58,9 @@ class EngineArgs:
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
+    # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +96,9 @@ class EngineArgs:
                              f"got {mnbt!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
+        from llmctl.quantization import normalize_method
+
+        self.quantization = normalize_method(self.quantization)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
 
