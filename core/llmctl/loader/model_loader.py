@@ -72,13 +72,16 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
 
     quant = ctx.quant
     keep = None
+    tensors = None
     if quant is not None:
-        from llmctl.quantization.layers import attach_quantization
+        from llmctl.quantization.layers import attach_quantization, checked_tensors
 
-        attach_quantization(model, quant)
+        covered = attach_quantization(model, quant)
         keep = getattr(quant, "keeps_quantized", None)
+        tensors = checked_tensors(iter_weights(source, keep), covered)
     # A progress bar on a terminal (tqdm turns itself off when stderr is not one): large checkpoints take a while.
-    weights = tqdm(iter_weights(source, keep), desc="Loading weights", unit=" tensors", disable=None, leave=False)
+    weights = tqdm(tensors or iter_weights(source, keep), desc="Loading weights", unit=" tensors", disable=None,
+                   leave=False)
     model.load_weights(weights)
     if quant is not None:
         from llmctl.quantization.layers import finish_quantization

@@ -68,6 +68,21 @@ class LinearQuantizer(abc.ABC):
             shape = p.shape if p.out_dim is not None or merged is None else (len(merged), *p.shape)
             setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=device), requires_grad=False))
 
+    def param_names(self) -> list[str]:
+        return list(self._params)
+
+    def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
+        """The shape checkpoint tensor ``name`` of one projection must have; None when the layout has no such
+        tensor, ``()`` when the quantizer checks it itself."""
+        p = self._params.get(name)
+        if p is None:
+            return None
+        if p.out_dim is None or shard is None:
+            return p.shape
+        shape = list(p.shape)
+        shape[p.out_dim] = layer.output_sizes[shard] // p.out_pack  # type: ignore[attr-defined]
+        return tuple(shape)
+
     def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ckpt_name: str) -> None:
         p = self._params.get(name)
         dst: torch.Tensor = getattr(layer, name).data

@@ -110,6 +110,13 @@ class GGUFLinear(LinearQuantizer):
         total = sum(s * self._row_bytes(t, k) for s, t in zip(sizes, self.types, strict=True))
         return {"weight": QParam((total,), torch.uint8)}
 
+    def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
+        if name != "weight":
+            return None
+        t = self.types[shard or 0]
+        rows = layer.out_features if shard is None else layer.output_sizes[shard]  # type: ignore[attr-defined]
+        return (rows, self._row_bytes(t, layer.in_features))
+
     def _byte_offsets(self, layer: Linear) -> list[int]:
         sizes = layer.output_sizes  # type: ignore[attr-defined]
         ends = np.cumsum([s * self._row_bytes(t, layer.in_features) for s, t in zip(sizes, self.types, strict=True)])

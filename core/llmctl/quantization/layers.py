@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -46,16 +47,42 @@ def shard_names(model: nn.Module, prefix: str, layer: Linear) -> list[str]:
     return [f"{parent}.{p}" if parent else p for p in parts]
 
 
-def attach_quantization(model: nn.Module, config: QuantConfig) -> int:
-    """Give each linear layer the config covers its quantizer; returns how many it covers."""
-    n = 0
+def attach_quantization(model: nn.Module, config: QuantConfig) -> dict[str, tuple[Linear, int | None]]:
+    """Give each linear layer the config covers its quantizer; returns checkpoint prefix -> (layer, shard index
+    or None for an unmerged layer) for the layers it covers."""
+    covered: dict[str, tuple[Linear, int | None]] = {}
     for prefix, module in list(model.named_modules()):
         if isinstance(module, Linear):
-            quantizer = config.linear_quantizer(prefix, module, shard_names(model, prefix, module))
+            names = shard_names(model, prefix, module)
+            quantizer = config.linear_quantizer(prefix, module, names)
             if quantizer is not None:
                 module.set_quantizer(quantizer)
-                n += 1
-    return n
+                merged = getattr(module, "output_sizes", None) is not None
+                for i, name in enumerate(names):
+                    covered[name] = (module, i if merged else None)
+    return covered
+
+
+def checked_tensors(weights: Iterable[tuple[str, torch.Tensor]], covered: dict[str, tuple[Linear, int | None]]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, each of a quantized layer checked against the method's layout first, so a
+    checkpoint whose config and tensors disagree fails naming the method and the tensor."""
+    for name, tensor in weights:
+        prefix, _, leaf = name.rpartition(".")
+        hit = covered.get(prefix)
+        if hit is not None and leaf != "bias":
+            layer, shard = hit
+            quantizer = layer.quantizer
+            assert quantizer is not None
+            expected = quantizer.expected_shape(layer, leaf, shard)
+            if expected is None:
+                raise ValueError(f"quantization {quantizer.method}: checkpoint tensor {name} is not part of the "
+                                 f"layout of layer {quantizer.prefix} (expected "
+                                 f"{', '.join(f'{prefix}.{p}' for p in quantizer.param_names())})")
+            if expected != () and tuple(tensor.shape) != expected:
+                raise ValueError(f"quantization {quantizer.method}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {expected} for this layer and quantization config")
+        yield name, tensor
 
 
 def select_kernel(registry: Registry, platform: str, spec: QuantLinearSpec, dtype: torch.dtype
