@@ -6,14 +6,13 @@ plugin that turns out broken can be removed wholesale.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import torch
-
 from llmctl.ops import reference
+from llmctl.ops.op_table import Ops
 from llmctl.plugins.types import (
+    ANY_PLATFORM,
     AttentionBackend,
     Communicator,
     DoctorCheck,
@@ -25,7 +24,7 @@ from llmctl.plugins.types import (
 
 T = TypeVar("T")
 
-ANY_PLATFORM = "*"
+__all__ = ["ANY_PLATFORM", "Entry", "MalformedRegistration", "Ops", "Registry"]
 
 
 @dataclass
@@ -137,24 +136,3 @@ class Registry:
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]
         return found[0] if found else None
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The op implementations bound for one platform, looked up once when the model is built."""
-
-    rms_norm: Callable[..., torch.Tensor]
-    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    silu_and_mul: Callable[..., torch.Tensor]
-    apply_top_k_top_p: Callable[..., torch.Tensor]
-    apply_min_p: Callable[..., torch.Tensor]
-    greedy_sample: Callable[..., torch.Tensor]
-    pack_linear_weight: Callable[..., torch.Tensor]
-    linear: Callable[..., torch.Tensor]
-    pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
-    gated_linear: Callable[..., torch.Tensor]
-
-    @classmethod
-    def reference(cls) -> Ops:
-        return cls(**{name: getattr(reference, name) for name in reference.OP_NAMES})

@@ -16,6 +16,9 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 
+#: The ``platform`` of a registration that applies to every platform (the torch reference attention backend).
+ANY_PLATFORM = "*"
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -130,11 +133,6 @@ class AttentionBackend(abc.ABC):
     name: str = ""
     platform: str = ""
     priority: int = 0
-    #: When True, core also passes this step's new keys/values to ``forward`` as keyword arguments ``key`` and
-    #: ``value`` ([num_tokens, num_kv_heads, head_size], the tensors just given to ``write_kv``), so a backend
-    #: can attend over a prefill chunk without reading it back from the cache. Backends that leave this False
-    #: never see the extra arguments.
-    accepts_new_kv: bool = False
     #: True when ``write_kv`` + ``forward`` on an all-decode batch can be recorded once in a device graph and
     #: replayed for other batches of the same size. A replay repeats only device work, so the step must not
     #: synchronise with the host (``.item()``, ``.tolist()``, boolean-mask indexing) nor read
@@ -171,11 +169,20 @@ class AttentionBackend(abc.ABC):
         scale: float,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
+        *,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``query`` ([num_tokens, num_heads, head_size]) over each sequence's cached
         context. The batch is core's flattened mix of prefill chunks and decodes described by ``metadata``; the
         new tokens' K/V have already been written with ``write_kv``. Returns [num_tokens, num_heads, head_size]
-        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch."""
+        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch.
+
+        Core also passes ``key`` and ``value``: this step's new keys/values ([num_tokens, num_kv_heads,
+        head_size], the tensors just given to ``write_kv``, possibly wider in dtype than the cache), so a backend
+        can attend over a prefill chunk without reading it back from the cache. A backend that reads everything
+        from the cache ignores them; the result must be the same either way. They are ``None`` only when a
+        caller other than core's attention layer (a test, a benchmark) leaves them out."""
 
 
 @dataclass(frozen=True)
