@@ -6,6 +6,7 @@ plugin that turns out broken can be removed wholesale.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -60,6 +61,9 @@ class Registry:
         _require(isinstance(item, Platform), f"platform must be a llmctl Platform, got {type(item).__name__}")
         _require(bool(item.name) and isinstance(item.name, str), "platform needs a non-empty string name")
         _require(isinstance(item.device_type, str) and bool(item.device_type), f"platform {item.name!r}: device_type")
+        _require(isinstance(item.options, Mapping) and all(isinstance(k, str) and k.isidentifier() and
+                                                            isinstance(v, str) for k, v in item.options.items()),
+                 f"platform {item.name!r}: options must map identifiers to descriptions")
         self._put("platforms", item.name, item, plugin)
 
     def add_attention_backend(self, item: AttentionBackend, plugin: str) -> None:
@@ -132,6 +136,14 @@ class Registry:
                 best[op.name] = op.priority
                 table[op.name] = op.fn
         return Ops(**table)
+
+    def platform_options(self) -> dict[str, list[str]]:
+        """Every option some registered platform declares -> the platforms that declare it."""
+        found: dict[str, list[str]] = {}
+        for entry in self.platforms.values():
+            for option in entry.item.options:
+                found.setdefault(option, []).append(entry.item.name)
+        return found
 
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]

@@ -58,7 +58,10 @@ class Platform(abc.ABC):
     name: str = ""
     device_type: str = "cpu"  # the torch device type, e.g. "cpu", "cuda", "xpu", "xla"
     priority: int = 0
-    dist_backend: str = "gloo"
+    #: Settings only this platform reads: option name -> a one-line description. A user passes them as engine
+    #: keywords (``LLM(model, num_threads=4)``, collected in ``EngineArgs.platform_options``); ``configure``
+    #: applies them. An option that the selected platform does not declare is ignored with a warning.
+    options: Mapping[str, str] = {}
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
@@ -76,8 +79,13 @@ class Platform(abc.ABC):
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
-        """Return the engine-config changes this platform wants (field -> value). Core applies and logs them;
-        the platform does not mutate ``config`` itself, so every change is visible in one place."""
+        """Return the engine-config changes this platform wants (field -> value). Core applies them to fields the
+        user left unset and logs them; the platform does not mutate ``config`` itself, so every change is visible
+        in one place. Core calls it once, right after selecting the platform and before loading the model.
+
+        This is also where the platform applies its own ``options`` (``config.platform_options``) and process-wide
+        settings only it knows about (the CPU sets torch's thread count here). Raise ``ValueError`` naming the
+        option for a bad value."""
         return {}
 
     def torch_device(self, device_index: int = 0) -> torch.device:
