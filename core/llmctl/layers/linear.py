@@ -8,7 +8,7 @@ from torch import nn
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 def bind_linear_ops(module: nn.Module, ops: Ops, release_plain: bool) -> None:
