@@ -106,14 +106,17 @@ class EngineCore:
     # -- configuration ---------------------------------------------------------------------------------------
     def _apply_platform_config(self, args: EngineArgs) -> None:
         """Apply what the platform asks for, but never over a value the user set explicitly."""
+        for option in args.platform_options:
+            if option not in self.platform.options:
+                logger.warning("%s applies to platform(s) %s, not %s; ignored", option,
+                               ", ".join(get_plugin_manager().registry.platform_options().get(option, ["none"])),
+                               self.platform.name)
         for key, value in (self.platform.configure(args) or {}).items():
             if not hasattr(args, key):
                 logger.warning("platform %s asked to set unknown engine argument %s; ignored", self.platform.name, key)
             elif getattr(args, key) is None:
                 setattr(args, key, value)
                 logger.info("platform %s set %s=%r", self.platform.name, key, value)
-        if args.num_threads and self.platform.device_type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(args.num_threads)
 
     def _model_config(self, hf_config, dtype: torch.dtype) -> ModelConfig:
         args = self.args

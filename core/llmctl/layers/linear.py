@@ -10,7 +10,7 @@ from torch import nn
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 if TYPE_CHECKING:
     from llmctl.quantization.base import LinearQuantizer

@@ -8,7 +8,7 @@ import torch
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers.linear import Linear, MergedLinear
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 SILU_ACTS = frozenset({"silu", "swish"})
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from llmctl.attention import AttentionMetadata
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 from llmctl.plugins.types import AttentionBackend
 
 

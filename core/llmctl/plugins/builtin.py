@@ -10,7 +10,7 @@ LLMCTL_API_VERSION = "1.0"
 
 @hookimpl
 def llmctl_register_attention_backends(register) -> None:
-    from llmctl.ops.reference_backend import TorchReferenceAttention
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
 
     register(TorchReferenceAttention())
 

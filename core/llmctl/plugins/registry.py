@@ -6,14 +6,14 @@ plugin that turns out broken can be removed wholesale.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import torch
-
 from llmctl.ops import reference
+from llmctl.ops.op_table import Ops
 from llmctl.plugins.types import (
+    ANY_PLATFORM,
     QUANT_FORMATS,
     AttentionBackend,
     Communicator,
@@ -26,7 +26,7 @@ from llmctl.plugins.types import (
 
 T = TypeVar("T")
 
-ANY_PLATFORM = "*"
+__all__ = ["ANY_PLATFORM", "Entry", "MalformedRegistration", "Ops", "Registry"]
 
 
 @dataclass
@@ -62,6 +62,9 @@ class Registry:
         _require(isinstance(item, Platform), f"platform must be a llmctl Platform, got {type(item).__name__}")
         _require(bool(item.name) and isinstance(item.name, str), "platform needs a non-empty string name")
         _require(isinstance(item.device_type, str) and bool(item.device_type), f"platform {item.name!r}: device_type")
+        _require(isinstance(item.options, Mapping) and all(isinstance(k, str) and k.isidentifier() and
+                                                            isinstance(v, str) for k, v in item.options.items()),
+                 f"platform {item.name!r}: options must map identifiers to descriptions")
         self._put("platforms", item.name, item, plugin)
 
     def add_attention_backend(self, item: AttentionBackend, plugin: str) -> None:
@@ -154,27 +157,14 @@ class Registry:
         return {key.split("@", 1)[0]: e.item.kernel or e.item.name for key, e in self.quant_methods.items()
                 if key.endswith(f"@{platform}")}
 
+    def platform_options(self) -> dict[str, list[str]]:
+        """Every option some registered platform declares -> the platforms that declare it."""
+        found: dict[str, list[str]] = {}
+        for entry in self.platforms.values():
+            for option in entry.item.options:
+                found.setdefault(option, []).append(entry.item.name)
+        return found
+
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]
         return found[0] if found else None
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The op implementations bound for one platform, looked up once when the model is built."""
-
-    rms_norm: Callable[..., torch.Tensor]
-    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    silu_and_mul: Callable[..., torch.Tensor]
-    apply_top_k_top_p: Callable[..., torch.Tensor]
-    apply_min_p: Callable[..., torch.Tensor]
-    greedy_sample: Callable[..., torch.Tensor]
-    pack_linear_weight: Callable[..., torch.Tensor]
-    linear: Callable[..., torch.Tensor]
-    pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
-    gated_linear: Callable[..., torch.Tensor]
-
-    @classmethod
-    def reference(cls) -> Ops:
-        return cls(**{name: getattr(reference, name) for name in reference.OP_NAMES})

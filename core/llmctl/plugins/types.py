@@ -16,6 +16,9 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 
+#: The ``platform`` of a registration that applies to every platform (the torch reference attention backend).
+ANY_PLATFORM = "*"
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -55,7 +58,10 @@ class Platform(abc.ABC):
     name: str = ""
     device_type: str = "cpu"  # the torch device type, e.g. "cpu", "cuda", "xpu", "xla"
     priority: int = 0
-    dist_backend: str = "gloo"
+    #: Settings only this platform reads: option name -> a one-line description. A user passes them as engine
+    #: keywords (``LLM(model, num_threads=4)``, collected in ``EngineArgs.platform_options``); ``configure``
+    #: applies them. An option that the selected platform does not declare is ignored with a warning.
+    options: Mapping[str, str] = {}
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
@@ -73,8 +79,13 @@ class Platform(abc.ABC):
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
-        """Return the engine-config changes this platform wants (field -> value). Core applies and logs them;
-        the platform does not mutate ``config`` itself, so every change is visible in one place."""
+        """Return the engine-config changes this platform wants (field -> value). Core applies them to fields the
+        user left unset and logs them; the platform does not mutate ``config`` itself, so every change is visible
+        in one place. Core calls it once, right after selecting the platform and before loading the model.
+
+        This is also where the platform applies its own ``options`` (``config.platform_options``) and process-wide
+        settings only it knows about (the CPU sets torch's thread count here). Raise ``ValueError`` naming the
+        option for a bad value."""
         return {}
 
     def torch_device(self, device_index: int = 0) -> torch.device:
@@ -130,11 +141,6 @@ class AttentionBackend(abc.ABC):
     name: str = ""
     platform: str = ""
     priority: int = 0
-    #: When True, core also passes this step's new keys/values to ``forward`` as keyword arguments ``key`` and
-    #: ``value`` ([num_tokens, num_kv_heads, head_size], the tensors just given to ``write_kv``), so a backend
-    #: can attend over a prefill chunk without reading it back from the cache. Backends that leave this False
-    #: never see the extra arguments.
-    accepts_new_kv: bool = False
     #: True when ``write_kv`` + ``forward`` on an all-decode batch can be recorded once in a device graph and
     #: replayed for other batches of the same size. A replay repeats only device work, so the step must not
     #: synchronise with the host (``.item()``, ``.tolist()``, boolean-mask indexing) nor read
@@ -171,11 +177,20 @@ class AttentionBackend(abc.ABC):
         scale: float,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
+        *,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``query`` ([num_tokens, num_heads, head_size]) over each sequence's cached
         context. The batch is core's flattened mix of prefill chunks and decodes described by ``metadata``; the
         new tokens' K/V have already been written with ``write_kv``. Returns [num_tokens, num_heads, head_size]
-        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch."""
+        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch.
+
+        Core also passes ``key`` and ``value``: this step's new keys/values ([num_tokens, num_kv_heads,
+        head_size], the tensors just given to ``write_kv``, possibly wider in dtype than the cache), so a backend
+        can attend over a prefill chunk without reading it back from the cache. A backend that reads everything
+        from the cache ignores them; the result must be the same either way. They are ``None`` only when a
+        caller other than core's attention layer (a test, a benchmark) leaves them out."""
 
 
 @dataclass(frozen=True)
