@@ -97,3 +97,19 @@ def test_int4_bf16_activations_equal_reference(m, group):
     got = _run(CpuInt4Kernel(), weights, spec, x, bias).float()
     want = reference_linear(x, weights, bias, spec).float()
     torch.testing.assert_close(got, want, rtol=8e-3, atol=2e-2)
+
+
+def test_testkit_clause_passes_the_cpu_kernels_and_fails_a_broken_one():
+    from llmctl_testkit.harness import ContractViolation
+    from llmctl_testkit.quant_checks import check_quant_kernel
+
+    assert check_quant_kernel(CpuInt4Kernel(), torch.device("cpu"), torch.float32) == 3
+
+    class DropsMins(CpuInt4Kernel):
+        def process_weights(self, weights, spec):
+            out = super().process_weights(weights, spec)
+            out["mins"] = torch.zeros_like(out["mins"])
+            return out
+
+    with pytest.raises(ContractViolation, match="quantization.int4"):
+        check_quant_kernel(DropsMins(), torch.device("cpu"), torch.float32)
