@@ -8,6 +8,7 @@ rounded values are given to the reference (in float32), so the only differences 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,8 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     - ``attention.forward``: matches the reference on every real row, even though every KV slot the batch does
       not own is poisoned with NaN (core allocates the cache with ``torch.empty``: unowned slots hold garbage).
     - ``attention.forward.out``: with ``out=`` given (poisoned with NaN), the result lands in ``out``.
+    - ``attention.forward.new_kv``: with this step's ``key``/``value`` passed as core passes them (every row,
+      padding included), the result is the same.
     """
     batch = build_batch(case)
     md = batch.metadata
@@ -220,6 +223,15 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     assert_close("attention.forward.out", out[:md.num_tokens], expected, case.dtype,
                  f"{backend.name}: rows of `out` after forward(out=out) ({case.describe()})")
 
+    try:
+        given = backend.forward(query, kv_cache, dmd, scale, window, key=batch.new_key.to(device),
+                                value=batch.new_value.to(device))
+    except Exception as exc:
+        raise ContractViolation("attention.forward.new_kv", f"{backend.name}.forward(key=..., value=...) raised "
+                                                            f"{type(exc).__name__}: {exc}") from exc
+    assert_close("attention.forward.new_kv", given[:md.num_tokens], expected, case.dtype,
+                 f"{backend.name}: forward with this step's key/value ({case.describe()})")
+
 
 # -- registration ----------------------------------------------------------------------------------------------
 def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
@@ -230,8 +242,10 @@ def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
             f"{platform.name}: device_type must name a torch device type, got {platform.device_type!r}")
     require(isinstance(platform.priority, int), clause,
             f"{platform.name}: priority must be an int, got {type(platform.priority).__name__}")
-    require(isinstance(platform.dist_backend, str) and bool(platform.dist_backend), clause,
-            f"{platform.name}: dist_backend must name a torch.distributed backend, got {platform.dist_backend!r}")
+    require(isinstance(platform.options, Mapping) and all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str) and v for k, v in platform.options.items()),
+        "platform.options", f"{platform.name}: options must map option names to descriptions, "
+                            f"got {platform.options!r}")
     require(isinstance(probe, ProbeResult), "platform.probe",
             f"{platform.name}: probe() returned {type(probe).__name__}, not ProbeResult")
     require(probe.available or bool(probe.reason.strip()), "platform.probe",
@@ -259,6 +273,58 @@ def check_memory_info(platform: Platform) -> None:
                                 f"the KV cache from it on an available platform") from exc
     require(isinstance(free, int) and isinstance(total, int) and 0 <= free <= total and total > 0,
             "platform.memory_info", f"{platform.name}: expected ints 0 <= free <= total, got ({free!r}, {total!r})")
+
+
+def check_configure(platform: Platform) -> None:
+    """``configure`` returns engine-argument changes by field name and leaves the arguments alone; the platform's
+    process-wide settings (threads) are restored afterwards."""
+    from dataclasses import asdict, fields
+
+    from llmctl.config import EngineArgs
+
+    clause = "platform.configure"
+    args = EngineArgs(model="testkit-model")
+    before = asdict(args)
+    threads = torch.get_num_threads()
+    try:
+        changes = platform.configure(args)
+    except Exception as exc:
+        raise ContractViolation(clause, f"{platform.name}: configure() raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        torch.set_num_threads(threads)
+    require(isinstance(changes, dict), clause, f"{platform.name}: configure() returned {type(changes).__name__}, "
+                                               f"not a dict of engine-argument changes")
+    known = {f.name for f in fields(EngineArgs)}
+    unknown = sorted(set(changes) - known)
+    require(not unknown, clause, f"{platform.name}: configure() names no engine argument: {unknown}")
+    require(asdict(args) == before, clause, f"{platform.name}: configure() changed the arguments itself; return "
+                                            f"the changes instead, core applies them")
+
+
+def check_kv_cache_hooks(platform: Platform, backend: AttentionBackend, device: torch.device) -> None:
+    """``profile_kv_cache_bytes`` answers ``None`` or a byte count; ``prepare_kv_cache`` keeps the cache's shape,
+    dtype and storage."""
+    ran: list[bool] = []
+    try:
+        kv_bytes = platform.profile_kv_cache_bytes(lambda: ran.append(True), gpu_memory_utilization=None,
+                                                   bytes_per_block=1 << 16, block_size=16, max_model_len=128)
+    except Exception as exc:
+        raise ContractViolation("platform.profile_kv_cache_bytes",
+                                f"{platform.name}: raised {type(exc).__name__}: {exc}") from exc
+    require(kv_bytes is None or (isinstance(kv_bytes, int) and not isinstance(kv_bytes, bool) and kv_bytes >= 0),
+            "platform.profile_kv_cache_bytes", f"{platform.name}: expected None or bytes >= 0, got {kv_bytes!r}")
+    num_blocks = 8
+    shape = backend.kv_cache_shape(num_blocks, 16, 2, 64)
+    caches = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(2)]
+    ptrs = [t.data_ptr() for t in caches]
+    try:
+        platform.prepare_kv_cache(caches, num_blocks)
+    except Exception as exc:
+        raise ContractViolation("platform.prepare_kv_cache",
+                                f"{platform.name}: raised {type(exc).__name__}: {exc}") from exc
+    require(len(caches) == 2 and all(tuple(t.shape) == tuple(shape) and t.dtype == torch.float32 for t in caches)
+            and [t.data_ptr() for t in caches] == ptrs, "platform.prepare_kv_cache",
+            f"{platform.name}: prepare_kv_cache changed the caches' number, shape, dtype or storage")
 
 
 # -- op overrides ----------------------------------------------------------------------------------------------
