@@ -61,6 +61,9 @@ class EngineArgs:
     # ``Platform.options`` declares; ``from_kwargs`` routes such keywords here, and the platform applies them in
     # ``configure``. Core never reads them.
     platform_options: dict[str, Any] = field(default_factory=dict)
+    # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
+    # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +99,9 @@ class EngineArgs:
                              f"got {mnbt!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
+        from llmctl.quantization import normalize_method
+
+        self.quantization = normalize_method(self.quantization)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):

@@ -14,6 +14,7 @@ from llmctl.ops import reference
 from llmctl.ops.op_table import Ops
 from llmctl.plugins.types import (
     ANY_PLATFORM,
+    QUANT_FORMATS,
     AttentionBackend,
     Communicator,
     DoctorCheck,
@@ -80,8 +81,15 @@ class Registry:
         self.ops.append(Entry(item, plugin))
 
     def add_quant_method(self, item: QuantMethod, plugin: str) -> None:
+        """Keyed ``format@platform`` (one entry per listed platform), so each platform has its own best kernel
+        per format and a plugin's kernel shadows another's only on the same platform."""
         _require(isinstance(item, QuantMethod) and bool(item.name), "quantization method must be a named QuantMethod")
-        self._put("quant_methods", item.name, item, plugin)
+        _require(item.name in QUANT_FORMATS,
+                 f"quantization method {item.name!r}: unknown weight format; known: {', '.join(QUANT_FORMATS)}")
+        _require(bool(item.platforms) and all(isinstance(p, str) and p for p in item.platforms),
+                 f"quantization method {item.name!r}: platforms must name at least one platform (or '*')")
+        for platform in item.platforms:
+            self._put("quant_methods", f"{item.name}@{platform}", item, plugin)
 
     def add_communicator(self, item: Communicator, plugin: str) -> None:
         _require(isinstance(item, Communicator) and bool(item.name), "communicator must be a named Communicator")
@@ -144,6 +152,18 @@ class Registry:
             for option in entry.item.options:
                 found.setdefault(option, []).append(entry.item.name)
         return found
+
+    def quant_kernels(self, fmt: str, platform: str) -> list[QuantMethod]:
+        """The kernels that run weight format ``fmt`` on ``platform``, best first; the platform's own before
+        the any-platform ones (core's reference) at equal priority."""
+        found = [(e.item.priority, key.endswith(f"@{platform}"), e.item) for key, e in self.quant_methods.items()
+                 if key in (f"{fmt}@{platform}", f"{fmt}@{ANY_PLATFORM}")]
+        return [item for _, _, item in sorted(found, key=lambda t: (-t[0], not t[1]))]
+
+    def quant_formats_for(self, platform: str) -> dict[str, str]:
+        """Format -> kernel name of what ``platform`` itself accelerates (the reference is not listed)."""
+        return {key.split("@", 1)[0]: e.item.kernel or e.item.name for key, e in self.quant_methods.items()
+                if key.endswith(f"@{platform}")}
 
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]

@@ -239,22 +239,69 @@ class OpOverride:
     priority: int = 0
 
 
+QUANT_FORMATS: tuple[str, ...] = ("int4", "int8", "fp8", "gguf")
+
+
+@dataclass(frozen=True)
+class QuantLinearSpec:
+    """What one quantized linear layer holds, in one of core's weight formats (``QUANT_FORMATS``). Every
+    checkpoint format (GGUF blocks, GPTQ, AWQ, compressed-tensors, quantize-at-load) is unpacked at load into one
+    of these layouts, so a platform writes one kernel per format, not one per checkpoint flavour.
+
+    Tensors ``apply`` receives, by format (``N`` = out_features, ``K`` = in_features, ``G = K // group_size``):
+
+    - ``int4``: ``qweight`` uint8 ``[N, K // 2]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
+      high one, values 0..15), ``scales`` float32 ``[N, G]``, ``mins`` float32 ``[N, G]``: weight =
+      ``scales * q + mins``. Optional ``perm`` int64 ``[K]`` (GPTQ act-order): the layer computes
+      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``.
+    - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N, G]``, optional ``mins`` float32 ``[N, G]``;
+      with ``act == "int8"`` (W8A8) the activations are quantized per token, symmetric, and ``G == 1``.
+    - ``fp8``: ``qweight`` float8_e4m3fn ``[N, K]``, ``scales`` float32 ``[N, 1]`` (per channel) or ``[1, 1]``
+      (per tensor); ``act == "fp8"`` quantizes activations per token (dynamic) or, with an ``input_scale``
+      float32 ``[1]`` tensor, per tensor (static).
+    - ``gguf``: ``qweight`` uint8 ``[N, row_bytes]``, llama.cpp's blocks as stored, of type ``ggml_type``.
+    """
+
+    format: str
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int  # along K; equal to in_features for per-channel scales
+    act: str | None = None  # None (weight-only), "int8" or "fp8"
+    ggml_type: str | None = None  # the gguf format's block type name ("Q4_K", ...)
+    layer: str = ""  # the layer's name, for messages
+
+    def describe(self) -> str:
+        what = self.ggml_type or f"{self.format} w{self.bits}" + (f"a{self.bits}" if self.act else "a16")
+        group = "" if self.group_size >= self.in_features or self.format == "gguf" else f" g{self.group_size}"
+        return what + group
+
+
 class QuantMethod(abc.ABC):
-    """A weight quantization scheme: it turns checkpoint tensors into what ``apply`` consumes."""
+    """A platform's kernel for one quantized weight format: the matmul of a linear layer whose weights are in
+    that format (``QuantLinearSpec``). Core's torch reference registers one per format for every platform
+    (``"*"``, priority -100); a plugin registers faster ones for its platforms and declines, through
+    ``supports``, the layers it cannot run (those fall back to the reference with a warning at load).
+    """
 
-    name: str = ""
-    platforms: Sequence[str] = ()
+    name: str = ""  # the weight format it runs: one of QUANT_FORMATS
+    platforms: Sequence[str] = ()  # platform names, or "*" for any
+    priority: int = 0
+    kernel: str = ""  # what the start-up log and ``llmctl doctor`` call it
 
     @abc.abstractmethod
-    def supports(self, platform: str, dtype: torch.dtype) -> Support: ...
+    def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
+        """Whether this kernel runs this layer with activations of ``dtype``; say why not when it does not."""
+
+    def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
+        """Called once at load with the layer's tensors in the format's layout; returns what ``apply`` gets
+        (repacked for the kernel). The default keeps them as they are."""
+        return weights
 
     @abc.abstractmethod
-    def process_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Called once at load time with one linear layer's checkpoint tensors ("weight", "scales", ...)."""
-
-    @abc.abstractmethod
-    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-        """The linear layer: ``x @ dequant(weights).T + bias``."""
+    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              spec: QuantLinearSpec) -> torch.Tensor:
+        """The linear layer: ``x @ dequant(weights).T + bias`` for ``x`` of shape ``[M, K]``, in ``x``'s dtype."""
 
 
 class Communicator(abc.ABC):
