@@ -364,8 +364,13 @@ def version() -> None:
 
 
 def _mount_bench() -> None:
-    """`llmctl bench` lives in core (llmctl.bench) so benchmarks run without the CLI; mounted here."""
+    """`llmctl bench` lives in core (llmctl.bench) so benchmarks run without the CLI; mounted here, with the HTTP
+    load generator `llmctl bench serve`, which lives here beside the HTTP client."""
     from llmctl.bench.cli import bench_app
+
+    from llmctl_cli.bench_serve import serve
+
+    bench_app.command(name="serve")(serve)
 
     app.add_typer(bench_app, name="bench")
 

@@ -469,3 +469,70 @@ def check_op(name: str, fn, device: torch.device, dtype: torch.dtype) -> None:
                 assert_close(clause, g.cpu()[~masked_e], e[~masked_e], torch.float32, f"kept logits (set {i})")
             else:
                 assert_close(clause, g, e, dtype, f"output {k} (argument set {i})")
+
+
+# -- quantization kernels --------------------------------------------------------------------------------------
+def quant_cases(gen: torch.Generator) -> list[tuple[object, dict[str, torch.Tensor]]]:
+    """Small layers in the int4, int8 and fp8 layouts of ``QuantLinearSpec`` (weight-only, W8A8, per-channel
+    FP8), with random codes and scales, as the loader would hand them to ``process_weights``."""
+    from llmctl.plugins.types import QuantLinearSpec
+
+    n, k, group = 48, 128, 32
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.005
+    int4 = {"qweight": torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int64).to(torch.uint8),
+            "scales": scales, "mins": -8 * scales}
+    int8 = {"qweight": torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int64).to(torch.int8),
+            "scales": torch.rand(n, 1, generator=gen) * 0.01 + 0.001}
+    fp8 = {"qweight": (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+           "scales": torch.rand(n, 1, generator=gen) * 0.01 + 0.001}
+    return [
+        (QuantLinearSpec("int4", k, n, 4, group), int4),
+        (QuantLinearSpec("int8", k, n, 8, k), dict(int8)),
+        (QuantLinearSpec("int8", k, n, 8, k, act="int8"), dict(int8)),
+        (QuantLinearSpec("fp8", k, n, 8, k), fp8),
+    ]
+
+
+def check_quant_method(method, device: torch.device, dtype: torch.dtype) -> int:
+    """``supports`` answers with a ``Support``; where it says yes, ``process_weights`` + ``apply`` match core's
+    ``reference_linear`` on the same layer (a 1-row and a 7-row batch, with a bias), leave their inputs alone
+    and return ``x``'s dtype. Returns how many layers the method ran."""
+    from llmctl.quantization.reference import reference_linear
+
+    gen = torch.Generator().manual_seed(7)
+    ran = 0
+    for spec, weights in quant_cases(gen):
+        if spec.format != method.name:
+            continue
+        clause = f"quantization.{method.name}"
+        try:
+            answer = method.supports(spec, dtype)
+        except Exception as exc:
+            raise ContractViolation(clause, f"{method.kernel or method.name}: supports raised "
+                                            f"{type(exc).__name__}: {exc}") from exc
+        require(isinstance(answer, Support), clause, f"supports returned {type(answer).__name__}, not Support")
+        if not answer:
+            continue
+        bias = torch.randn(spec.out_features, generator=gen).to(dtype)
+        on_device = {name: t.to(device) for name, t in weights.items()}
+        try:
+            processed = method.process_weights(dict(on_device), spec)
+        except Exception as exc:
+            raise ContractViolation(clause, f"process_weights raised {type(exc).__name__}: {exc} ({spec})") from exc
+        for rows in (1, 7):
+            x = torch.randn(rows, spec.in_features, generator=gen).to(dtype)
+            expected = reference_linear(x.float(), weights, bias.float(), spec)
+            x_dev = x.to(device)
+            try:
+                got = method.apply(x_dev, processed, bias.to(device), spec)
+            except Exception as exc:
+                raise ContractViolation(clause, f"apply raised {type(exc).__name__}: {exc} ({spec})") from exc
+            require(torch.equal(x_dev.cpu(), x), clause + ".inputs_unchanged", f"apply modified x ({spec})")
+            require(got.dtype == dtype and tuple(got.shape) == (rows, spec.out_features), clause,
+                    f"apply returned {got.dtype} {tuple(got.shape)}, expected {dtype} {(rows, spec.out_features)}")
+            # Activation-quantizing formats round x per token: a kernel may round the other way at a tie.
+            tol_dtype = torch.bfloat16 if spec.act else dtype
+            assert_close(clause, got.float(), expected.float(), tol_dtype, f"apply vs reference_linear ({spec}, "
+                                                                          f"{rows} rows)")
+        ran += 1
+    return ran

@@ -178,27 +178,27 @@ def test_communicator(pytestconfig, testkit_manager, testkit_platform, testkit_d
 
 
 # -- models and quantization -------------------------------------------------------------------------------------
-def test_model_and_quantization_registrations(testkit_manager, testkit_platform) -> None:
-    """What the platform's plugin registers for the loader: model classes it can build, quantization methods
-    that answer ``supports`` with a ``Support``."""
-    from llmctl.plugins import Support
-
+def test_model_registrations(testkit_manager, testkit_platform) -> None:
+    """Model classes the platform's plugin registers for the loader can be built."""
     plugin = testkit_manager.registry.platforms[testkit_platform.name].plugin
     for entry in testkit_manager.registry.models.values():
         if entry.plugin == plugin:
             require(callable(entry.item.model_cls), "registration.model",
                     f"architecture {entry.item.architecture!r}: model_cls is not callable")
-    for entry in testkit_manager.registry.quant_methods.values():
-        if entry.plugin != plugin:
-            continue
-        for dtype in testkit_platform.supported_dtypes():
-            try:
-                answer = entry.item.supports(testkit_platform.name, dtype)
-            except Exception as exc:
-                raise ContractViolation("registration.quantization", f"{entry.item.name}.supports raised "
-                                                                     f"{type(exc).__name__}: {exc}") from exc
-            require(isinstance(answer, Support), "registration.quantization",
-                    f"{entry.item.name}.supports returned {type(answer).__name__}, not Support")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_quantization_kernels(testkit_manager, testkit_platform, testkit_device, dtype_name: str) -> None:
+    """Every quantization kernel the platform's plugin registers, against core's reference_linear."""
+    dtype = DTYPES[dtype_name]
+    if dtype not in testkit_platform.supported_dtypes():
+        pytest.skip(f"{testkit_platform.name} does not list {dtype} in supported_dtypes()")
+    plugin = testkit_manager.registry.platforms[testkit_platform.name].plugin
+    methods = [e.item for e in testkit_manager.registry.quant_methods.values() if e.plugin == plugin]
+    if not methods:
+        pytest.skip(f"{testkit_platform.name} registers no quantization kernel (core's reference applies)")
+    for method in methods:
+        checks.check_quant_method(method, testkit_device, dtype)
 
 
 # -- doctor ----------------------------------------------------------------------------------------------------
