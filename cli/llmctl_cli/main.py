@@ -128,7 +128,11 @@ def _run(fn: Any) -> None:
 @app.command()
 def serve(
     model: str | None = typer.Argument(None, help="Model dir, HF repo id or .gguf file (default: SmolLM2 GGUF)."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16 (the activation dtype)."),
+    quantization: str | None = typer.Option(
+        None, "--quantization", "-q",
+        help="Weight quantization: default the checkpoint's own (gguf, compressed-tensors, gptq, awq); int8 or "
+             "fp8 quantize an unquantized checkpoint at load."),
     max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
     device: str | None = typer.Option(None, help="Platform name or torch device type (also LLMCTL_DEVICE)."),
     kv_cache_memory: str | None = typer.Option(None, help="KV cache size: fraction of free memory or e.g. 4GiB."),
@@ -173,7 +177,7 @@ def serve(
         except ValueError as exc:
             raise UserError(str(exc)) from None
         name = resolve_model(model)
-        args = engine_args(name, dtype=dtype, max_model_len=max_model_len, device=device,
+        args = engine_args(name, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
@@ -229,6 +233,7 @@ def generate(
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None),
     dtype: str = typer.Option("auto"),
+    quantization: str | None = typer.Option(None, "--quantization", "-q", help="As for serve."),
     max_model_len: int | None = typer.Option(None),
 ) -> None:
     """Complete PROMPT with MODEL, streaming the text to the terminal."""
@@ -237,7 +242,7 @@ def generate(
         if not prompt:
             raise UserError("--prompt must not be empty")
         engine = load_engine(engine_args(resolve_model(model), device=device, dtype=dtype,
-                                         max_model_len=max_model_len))
+                                         quantization=quantization, max_model_len=max_model_len))
         try:
             params = _sampling(temperature, top_p, max_tokens, seed, engine)
             asyncio.run(_stream(engine, prompt, params))
