@@ -54,8 +54,9 @@ class InjectedFault(RuntimeError):
 
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
-        from llmctl.loader.model_loader import load_model, resolve_dtype
+        from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
+        from llmctl.models.supported import attention_features
 
         self.args = args
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
@@ -71,6 +72,8 @@ class EngineCore:
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
+        model_cls = get_model_class(hf_config, plugins.registry)
+        features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)

@@ -120,6 +120,16 @@ class Platform(abc.ABC):
         return None
 
 
+# Attention features a model declares (``llmctl.models.registry``). A backend runs a model only when its
+# ``supports`` accepts every feature the model declares, so a backend that never heard of one refuses it and core
+# falls back to the next backend (the torch reference implements them all). The per-layer values reach
+# ``forward`` as keyword arguments, passed only by layers that use the feature.
+FEATURE_SLIDING_WINDOW = "sliding_window"  # the positional ``sliding_window`` argument
+FEATURE_LOGITS_SOFT_CAP = "logits_soft_cap"  # ``logits_soft_cap=cap``: scores become cap * tanh(scores / cap)
+FEATURE_ALIBI = "alibi"  # ``alibi_slopes=[num_heads] float32``: scores += slope * (key_pos - query_pos)
+MODEL_ATTENTION_FEATURES = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI})
+
+
 class AttentionBackend(abc.ABC):
     """Paged attention for one platform.
 
@@ -175,7 +185,9 @@ class AttentionBackend(abc.ABC):
         """Causal attention of ``query`` ([num_tokens, num_heads, head_size]) over each sequence's cached
         context. The batch is core's flattened mix of prefill chunks and decodes described by ``metadata``; the
         new tokens' K/V have already been written with ``write_kv``. Returns [num_tokens, num_heads, head_size]
-        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch."""
+        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch.
+        A backend whose ``supports`` accepts ``logits_soft_cap`` or ``alibi`` also takes the keyword argument of
+        the same name (see ``MODEL_ATTENTION_FEATURES``)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,93 @@
+"""A sparse mixture-of-experts block: a router, the experts' stacked weights, an optional shared expert.
+
+The experts run through the ``fused_moe`` op (core's torch reference, or a platform's kernel), which takes the
+experts' gate/up weights stacked as ``[E, 2 * I, H]`` and their down weights as ``[E, H, I]``: one tensor per
+layer, the shape expert-parallel sharding cuts along ``E``. Routing stays here, in torch, because it differs
+per family (softmax then top-k, renormalised or not).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmctl.layers._module import EngineModule
+from llmctl.layers._params import copy_checked, empty_param
+from llmctl.layers.linear import Linear
+from llmctl.layers.mlp import GatedMLP
+from llmctl.models.base import ModelContext
+
+if TYPE_CHECKING:
+    from llmctl.models.decoder import MoESpec
+
+_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class SparseMoE(EngineModule):
+    def __init__(self, hidden_size: int, spec: MoESpec, act: str, ctx: ModelContext) -> None:
+        super().__init__()
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.ops = ctx.ops
+        self.spec = spec
+        self.act = act
+        e, i = spec.num_experts, spec.intermediate_size
+        self.gate = Linear(hidden_size, e, bias=False, **kw)
+        self.w13 = empty_param(e, 2 * i, hidden_size, **kw)
+        self.w2 = empty_param(e, hidden_size, i, **kw)
+        self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, **kw)
+                              if spec.shared_intermediate_size else None)
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
+        self._loaded: set[str] = set()
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k weights [T, k] in the hidden dtype, expert ids [T, k]) as the reference implementations do:
+        softmax in float32 over all experts, top-k, optionally renormalised over the chosen k."""
+        probs = torch.softmax(self.gate(hidden).float(), dim=-1)
+        weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
+        if self.spec.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(hidden.dtype), ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(hidden)
+        out = self.ops.fused_moe(hidden, self.w13, self.w2, weights, ids, self.act)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
+            out = out + shared
+        return out
+
+    # -- loading: per-expert checkpoint tensors into the stacked parameters ------------------------------------
+    @torch.no_grad()
+    def load_expert_tensor(self, rest: str, tensor: torch.Tensor, name: str) -> None:
+        """``rest`` is the name after ``.experts.``: ``{e}.gate_proj.weight`` (and up/down) per expert, or
+        ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE)."""
+        i = self.spec.intermediate_size
+        if rest == "stacked_w13.weight":
+            copy_checked(self.w13.data, tensor, name)
+            self._loaded |= {f"{e}.{p}" for e in range(self.spec.num_experts) for p in ("gate", "up")}
+            return
+        if rest == "stacked_w2.weight":
+            copy_checked(self.w2.data, tensor, name)
+            self._loaded |= {f"{e}.down" for e in range(self.spec.num_experts)}
+            return
+        m = _EXPERT.match(rest)
+        if m is None or int(m.group(1)) >= self.spec.num_experts:
+            raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")
+        e, proj = int(m.group(1)), m.group(2)
+        if proj == "down_proj":
+            copy_checked(self.w2.data[e], tensor, name)
+        else:
+            copy_checked(self.w13.data[e].narrow(0, 0 if proj == "gate_proj" else i, i), tensor, name)
+        self._loaded.add(f"{e}.{proj.removesuffix('_proj')}")
+
+    def missing_expert_tensors(self, param_name: str) -> list[str]:
+        if param_name.endswith(".gate.weight") or ".shared_expert" in param_name:
+            return []
+        parts = ("down",) if param_name.endswith(".w2") else ("gate", "up")
+        prefix = param_name.rsplit(".", 1)[0]
+        return [f"{prefix}.experts.{e}.{p}_proj" for e in range(self.spec.num_experts) for p in parts
+                if f"{e}.{p}" not in self._loaded]
