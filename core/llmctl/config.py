@@ -58,6 +58,10 @@ class EngineArgs:
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    # Loading options (vLLM's names): which implementation runs the model, config overrides, where hub downloads go.
+    model_impl: str = "auto"  # "auto" | "native" | "transformers"
+    hf_overrides: dict[str, Any] | str | None = None  # a dict, or its JSON text
+    download_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +99,23 @@ class EngineArgs:
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        self._validate_loading()
+
+    def _validate_loading(self) -> None:
+        if self.model_impl not in ("auto", "native", "transformers"):
+            raise ValueError(f"model_impl: must be auto, native or transformers, got {self.model_impl!r}")
+        if isinstance(self.hf_overrides, str):
+            import json
+
+            try:
+                self.hf_overrides = json.loads(self.hf_overrides)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hf_overrides: not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides: must be a JSON object (config field -> value), got "
+                             f"{type(self.hf_overrides).__name__}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
