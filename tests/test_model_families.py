@@ -74,3 +74,13 @@ def test_batch_invariance_and_prefix_cache(kind, family_dir):
             tid = next(iter(ref_lp))
             assert abs(lp[tid].logprob - ref_lp[tid].logprob) < 1e-4
     assert_all_blocks_free(llm.get_stats())
+
+
+def test_models_doc_is_generated_from_the_registry():
+    """docs/models.md is ``python -m llmctl.models.supported``'s output; regenerate it when the table changes."""
+    from pathlib import Path
+
+    from llmctl.models.supported import render_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+    assert doc.read_text() == render_markdown(), "docs/models.md is stale: python -m llmctl.models.supported > it"
