@@ -7,8 +7,7 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
-from llmctl.plugins.registry import ANY_PLATFORM
-from llmctl.plugins.types import AttentionBackend, Support
+from llmctl.plugins.types import ANY_PLATFORM, AttentionBackend, Support
 
 
 class TorchReferenceAttention(AttentionBackend):
@@ -23,6 +22,7 @@ class TorchReferenceAttention(AttentionBackend):
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
     def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None, *,
-                logits_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None):
+                key=None, value=None, logits_soft_cap: float | None = None,
+                alibi_slopes: torch.Tensor | None = None):
         return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out,
                                          logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)
