@@ -95,9 +95,19 @@ def family_config(kind: str, tok) -> tuple[str, str, dict[str, Any]]:
         "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM",
                        ll(tok, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=2.0,
                           residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=2.0)),
+        "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                        ll(tok, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=12, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+                           topk_group=2, topk_method="group_limited_greedy", routed_scaling_factor=1.5)),
+        "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                        ll(tok, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=12, head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=4,
+                           topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.0)),
     }
     cfg_name, model_name, kw = table[kind]
-    kw = {k: val for k, val in kw.items() if val is not None}
+    kw = {k: val for k, val in kw.items() if val is not None or k == "q_lora_rank"}
     kw.update(_ids(tok))
     return cfg_name, model_name, kw
 
@@ -110,6 +120,10 @@ def make_family_model(kind: str, out: Path, tok, seed: int = 0) -> tuple[Path, A
     torch.manual_seed(seed)
     config = getattr(tf, cfg_name)(**kw)
     model = getattr(tf, model_name)(config).eval()
+    for module in model.modules():  # DeepSeek-V3's routing bias starts at zero: make it choose
+        bias = getattr(module, "e_score_correction_bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(torch.randn(bias.shape) * 0.3)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out, model

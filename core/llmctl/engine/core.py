@@ -78,6 +78,8 @@ class EngineCore:
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
         model_cls = get_model_class(hf_config, plugins.registry, args.model_impl)
         features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
+        if callable(getattr(model_cls, "attention_head_size", None)):
+            head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)

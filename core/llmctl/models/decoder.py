@@ -45,6 +45,13 @@ class MoESpec:
     shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(gate(x))
     dense_layers: frozenset[int] = frozenset()  # layers that keep a dense MLP (Qwen-MoE's mlp_only_layers)
     dense_intermediate_size: int = 0
+    # DeepSeek routing: "softmax" or "sigmoid" scores; "greedy", "group_limited_greedy" (V2) or "noaux_tc" (V3, with
+    # a per-expert score-correction bias) top-k; weights scaled by routed_scaling_factor.
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ class DecoderSpec:
     lm_head_bias: bool = False
     clip_qkv: float | None = None  # OLMo, MPT clamp q/k/v
     moe: MoESpec | None = None
+    mla: Any = None  # an llmctl.models.mla.MLASpec: DeepSeek's latent attention (num_kv_heads 1, head_dim = its cache)
     # Checkpoint names: regex renames onto this module's names, applied in order, then per-tensor transforms.
     renames: tuple[tuple[str, str], ...] = ()
     transforms: tuple[Transform, ...] = ()
@@ -275,7 +283,13 @@ class DecoderLayer(EngineModule):
         super().__init__()
         self.layout = spec.layout
         self.residual_multiplier = spec.residual_multiplier
-        self.self_attn = DecoderAttention(spec, ctx, layer, rotary)
+        if spec.mla is not None:
+            from llmctl.models.mla import MLAAttention
+
+            self.self_attn = MLAAttention(spec.hidden_size, spec.num_heads, spec.mla, spec.scale, spec.qkv_bias,
+                                          spec.norm_eps, ctx, rotary)
+        else:
+            self.self_attn = DecoderAttention(spec, ctx, layer, rotary)
         self.mlp = make_mlp(spec, ctx, layer)
         norms = {"pre": ("input_layernorm", "post_attention_layernorm"),
                  "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -379,6 +393,11 @@ class DecoderForCausalLM(EngineModule):
     def attention_features(cls, hf_config: Any) -> frozenset[str]:
         return cls.spec_from_config(hf_config).attention_features()
 
+    @classmethod
+    def attention_head_size(cls, hf_config: Any) -> int:
+        """The cache's head size, which MLA makes differ from the config's ``head_dim``."""
+        return cls.spec_from_config(hf_config).head_dim
+
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
         self.config = hf_config
@@ -473,7 +492,7 @@ class DecoderForCausalLM(EngineModule):
         missing = []
         for pname in params:
             module = self.get_submodule(pname.rsplit(".", 1)[0] if "." in pname else "")
-            if hasattr(module, "missing_expert_tensors"):
+            if hasattr(module, "missing_expert_tensors") and pname.endswith((".w13", ".w2")):
                 missing += module.missing_expert_tensors(pname)
             elif isinstance(module, MergedLinear):
                 missing += [f"{pname}#{i}" for i in range(len(module.output_sizes)) if f"{pname}#{i}" not in loaded]

@@ -349,11 +349,40 @@ def granitemoe(cfg: Any) -> DecoderSpec:
                             (r"\.block_sparse_moe\.output_linear\.", ".mlp.experts.stacked_w2.")))
 
 
+def deepseek(cfg: Any) -> DecoderSpec:
+    """DeepSeek-V2 and V3: MLA attention (see llmctl.models.mla) and a MoE with shared experts and grouped
+    routing; the first ``first_k_dense_replace`` layers keep a dense MLP."""
+    from llmctl.models.mla import MLASpec
+
+    if getattr(cfg, "moe_layer_freq", 1) not in (None, 1):
+        _unsupported(cfg, "moe_layer_freq", "MoE on every layer past first_k_dense_replace only")
+    mla = MLASpec(cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    from transformers.modeling_rope_utils import yarn_apply_mscale
+
+    scale = yarn_apply_mscale(getattr(cfg, "rope_parameters", None) or {}, scale)  # YaRN scales the scores too
+    v3 = cfg.model_type == "deepseek_v3"
+    experts = cfg.n_routed_experts
+    method = "noaux_tc" if v3 else cfg.topk_method
+    moe = MoESpec(experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size,
+                  renormalize=bool(v3 and cfg.norm_topk_prob),
+                  shared_intermediate_size=cfg.moe_intermediate_size * (cfg.n_shared_experts or 0),
+                  dense_layers=frozenset(range(cfg.first_k_dense_replace)),
+                  dense_intermediate_size=cfg.intermediate_size, scoring="sigmoid" if v3 else "softmax",
+                  topk_method=method, num_groups=cfg.n_group or 1, topk_groups=cfg.topk_group or 1,
+                  routed_scaling_factor=float(cfg.routed_scaling_factor))
+    return _base(cfg, num_kv_heads=1, head_dim=mla.cache_head_size, mla=mla, scale=scale, moe=moe,
+                 rotary_dims=(cfg.qk_rope_head_dim,) * cfg.num_hidden_layers, rope_neox_style=False,
+                 renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
+                          (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.e_score_correction_bias")))
+
+
 FAMILIES: dict[str, Callable[[Any], DecoderSpec]] = {
     "gemma": gemma, "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "phi": phi, "gpt2": gpt2, "gptj": gptj,
     "gpt_neox": gpt_neox, "opt": opt, "bloom": bloom, "falcon": falcon, "mpt": mpt, "starcoder2": starcoder2,
     "stablelm": stablelm, "olmo": olmo, "olmo2": olmo2, "granite": granite, "cohere": cohere, "glm4": glm4,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "granitemoe": granitemoe,
+    "deepseek_v2": deepseek, "deepseek_v3": deepseek,
 }
 
 

@@ -39,16 +39,44 @@ class SparseMoE(EngineModule):
         self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, **kw)
                               if spec.shared_intermediate_size else None)
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
+        self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=ctx.device)
+                                        if spec.topk_method == "noaux_tc" else None)
         self._loaded: set[str] = set()
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k weights [T, k] in the hidden dtype, expert ids [T, k]) as the reference implementations do:
         softmax in float32 over all experts, top-k, optionally renormalised over the chosen k."""
-        probs = torch.softmax(self.gate(hidden).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.spec.top_k, dim=-1)
-        if self.spec.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        spec = self.spec
+        logits = self.gate(hidden).float()
+        if spec.topk_method == "greedy" and spec.scoring == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+            weights, ids = torch.topk(probs, spec.top_k, dim=-1)
+        else:
+            weights, ids = self._grouped_topk(logits)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
+        if spec.routed_scaling_factor != 1.0:
+            weights = weights * spec.routed_scaling_factor
         return weights.to(hidden.dtype), ids
+
+    def _grouped_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek's routing: experts split into groups, only the best ``topk_groups`` groups compete (V2 ranks a
+        group by its best expert, V3 by its two best bias-corrected scores)."""
+        spec, t = self.spec, logits.shape[0]
+        scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if spec.topk_method == "greedy":
+            return torch.topk(scores, spec.top_k, dim=-1)
+        grouped = choice.view(t, spec.num_groups, -1)
+        group_scores = grouped.max(dim=-1).values if spec.topk_method == "group_limited_greedy" \
+            else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, spec.topk_groups, dim=-1)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(t, -1)
+        if spec.topk_method == "group_limited_greedy":
+            return torch.topk(scores.masked_fill(~keep, 0.0), spec.top_k, dim=-1)
+        ids = torch.topk(choice.masked_fill(~keep, float("-inf")), spec.top_k, dim=-1)[1]
+        return scores.gather(1, ids), ids
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden)
