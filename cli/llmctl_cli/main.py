@@ -157,6 +157,14 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    revision: str | None = typer.Option(None, help="Hub branch, tag or commit of MODEL."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer dir or hub id (default: MODEL's)."),
+    download_dir: str | None = typer.Option(None, help="Where hub downloads go (default: the Hugging Face cache)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run the custom code a hub model ships (off by default)."),
+    model_impl: str = typer.Option("auto", help="auto, native (llmctl's own) or transformers (the fallback)."),
+    hf_overrides: str | None = typer.Option(None, help='JSON object set on the model config, e.g. '
+                                                       '\'{"max_position_embeddings": 4096}\'.'),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -181,7 +189,9 @@ def serve(
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
+                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
+                           revision=revision, tokenizer=tokenizer, download_dir=download_dir,
+                           trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"
@@ -350,6 +360,30 @@ def plugins() -> None:
             items = provides.get(info.name, [])
             shown = ", ".join(items[:8]) + (f" (+{len(items) - 8} more)" if len(items) > 8 else "")
             t.add_row(info.name, info.distribution or "-", info.version or "-", status, shown or "-")
+        out.print(t)
+
+    _run(body)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")) -> None:
+    """List the natively supported architectures, their features and the test that covers each."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def body() -> None:
+        from dataclasses import asdict
+
+        from llmctl.models.supported import MODELS
+
+        if as_json:
+            sys.stdout.write(json.dumps([asdict(m) for m in MODELS], indent=2) + "\n")
+            return
+        t = Table(title="llmctl native architectures (any other transformers causal LM runs through the fallback)")
+        for col in ("architecture", "family", "features", "test"):
+            t.add_column(col, overflow="fold")
+        for m in MODELS:
+            t.add_row(m.architecture, m.family, escape(m.features), escape(m.test))
         out.print(t)
 
     _run(body)

@@ -64,6 +64,10 @@ class EngineArgs:
     # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
     # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
     quantization: str | None = None
+    # Loading options (vLLM's names): which implementation runs the model, config overrides, where hub downloads go.
+    model_impl: str = "auto"  # "auto" | "native" | "transformers"
+    hf_overrides: dict[str, Any] | str | None = None  # a dict, or its JSON text
+    download_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +110,23 @@ class EngineArgs:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
+        self._validate_loading()
+
+    def _validate_loading(self) -> None:
+        if self.model_impl not in ("auto", "native", "transformers"):
+            raise ValueError(f"model_impl: must be auto, native or transformers, got {self.model_impl!r}")
+        if isinstance(self.hf_overrides, str):
+            import json
+
+            try:
+                self.hf_overrides = json.loads(self.hf_overrides)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hf_overrides: not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides: must be a JSON object (config field -> value), got "
+                             f"{type(self.hf_overrides).__name__}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:

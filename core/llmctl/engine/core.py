@@ -54,8 +54,9 @@ class InjectedFault(RuntimeError):
 
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
-        from llmctl.loader.model_loader import load_model, resolve_dtype
+        from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
+        from llmctl.models.supported import attention_features
 
         self.args = args
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
@@ -63,7 +64,8 @@ class EngineCore:
         self.platform: Platform = plugins.select_platform(args.device)
         self._apply_platform_config(args)
         self.device = self.platform.torch_device()
-        self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
+        self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
+                                    args.hf_overrides)
         hf_config = self.source.hf_config
         from llmctl.quantization import resolve_quant_config
 
@@ -74,12 +76,21 @@ class EngineCore:
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
+        model_cls = get_model_class(hf_config, plugins.registry, args.model_impl)
+        features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
+        if callable(getattr(model_cls, "attention_head_size", None)):
+            head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)
-        ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant)
-        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name)
+        ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
+                           extra={"trust_remote_code": args.trust_remote_code})
+        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl)
         summary = getattr(self.model, "quant_summary", None)
+        self.model_impl = "transformers" if type(self.model).__name__ == "TransformersForCausalLM" else "native"
+        logger.info("llmctl model: %s runs on the %s implementation (%s; model_impl=%s)",
+                    "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)]),
+                    self.model_impl, type(self.model).__name__, args.model_impl)
         spec = self.model.kv_cache_spec()
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
