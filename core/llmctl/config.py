@@ -58,6 +58,9 @@ class EngineArgs:
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    # "generate", "pooling" (embeddings, classification, scores: llmctl.pooling) or "auto" (from the checkpoint)
+    runner: str = "auto"
+    pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +96,8 @@ class EngineArgs:
                              f"got {mnbt!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner: must be one of auto, generate, pooling, got {self.runner!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
 

@@ -63,8 +63,9 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
     return dtype
 
 
-def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn.Module:
-    model_cls = get_model_class(source.hf_config, registry)
+def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, model_cls: Any = None) -> nn.Module:
+    """``model_cls``: when the caller already chose one (a pooling model for a decoder checkpoint)."""
+    model_cls = model_cls or get_model_class(source.hf_config, registry)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmctl.attention import AttentionMetadata
+from llmctl.layers.encoder_attention import check_whole_sequences
 
 
 def write_kv_reference(
@@ -35,9 +36,11 @@ def gather_context(
 
 
 def attention_for_sequence(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context."""
+    """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context
+    (``causal=False``: every query sees every key, for encoders)."""
     q_len, n_heads, _ = q.shape
     kv_len, n_kv, _ = k.shape
     group = n_heads // n_kv
@@ -46,7 +49,7 @@ def attention_for_sequence(
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
     q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
     k_pos = torch.arange(kv_len).unsqueeze(0)
-    allowed = k_pos <= q_pos
+    allowed = k_pos <= q_pos if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
     scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
@@ -61,7 +64,12 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
+    """``causal=False`` (bidirectional, the ``bidirectional`` feature) needs every sequence's whole context in
+    this step, which it checks: a partial one would miss the keys of its later tokens."""
+    if not causal:
+        check_whole_sequences(metadata)
     if out is None:
         out = torch.zeros_like(query)
     qsl = metadata.query_start_loc.tolist()
@@ -71,5 +79,5 @@ def paged_attention_reference(
         if end == start:
             continue
         k, v = gather_context(kv_cache, metadata.block_tables[i], seq_lens[i])
-        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window)
+        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window, causal)
     return out

@@ -22,5 +22,6 @@ class TorchReferenceAttention(AttentionBackend):
     def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
-    def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None):
-        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out)
+    def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None,
+                causal: bool = True):
+        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out, causal=causal)
