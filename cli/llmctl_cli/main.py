@@ -86,6 +86,17 @@ def engine_args(model: str, **kw: Any) -> Any:
         raise UserError(str(exc)) from None
 
 
+def _json_option(value: str | None, flag: str) -> Any:
+    if value is None:
+        return None
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag}: not valid JSON ({exc.msg})") from None
+
+
 def load_engine(args: Any) -> Any:
     """Build the AsyncLLM with a progress display; user-facing errors become UserError."""
     from llmctl import AsyncLLM
@@ -153,6 +164,10 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    runner: str = typer.Option("auto", help="auto (from the checkpoint), generate, or pooling (embeddings, "
+                                            "scores: /v1/embeddings, /score, /rerank)."),
+    pooler_config: str | None = typer.Option(None, help='Pooling models: JSON such as {"pooling_type": "MEAN", '
+                                                        '"normalize": true} over the checkpoint\'s own.'),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -177,7 +192,8 @@ def serve(
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
+                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
+                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"))
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

@@ -1,0 +1,81 @@
+"""Hostile input to the pooling endpoints: every case is a 400 naming the field and the limit, nothing reaches
+the engine's KV cache for good, and a generation server refuses pooling routes the same way."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from llmctl_server import ServerSettings
+
+from tests.pooling_factory import make_tiny_encoder, minilm_dir
+from tests.reliability.conftest import build_engine
+from tests.test_server_support import start_server, wait_kv_free
+
+
+@pytest.fixture(scope="module")
+def encoder_server(tmp_path_factory):
+    path = make_tiny_encoder("bert", tmp_path_factory.mktemp("hostile-encoder") / "bert", minilm_dir())
+    engine = build_engine(path)
+    srv = start_server(engine, ServerSettings(served_model_names=["enc"]))
+    yield srv
+    srv.stop()
+    engine.shutdown()
+
+
+LONG = "word " * 200  # 202 tokens with [CLS] and [SEP]; the tiny encoder's positions stop at 128
+
+
+@pytest.mark.parametrize("route,body,param,words", [
+    ("/v1/embeddings", {"input": LONG}, "prompt", ["202 tokens", "128", "max_model_len", "truncate_prompt_tokens"]),
+    ("/v1/embeddings", {"input": ["ok", LONG]}, "prompt", ["202 tokens", "128"]),
+    ("/v1/embeddings", {"input": [list(range(1000, 1200))]}, "prompt", ["200 tokens", "128"]),
+    ("/v1/embeddings", {"input": "x", "dimensions": 8}, "dimensions", ["Matryoshka"]),
+    ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 1000}, "truncate_prompt_tokens", ["128"]),
+    ("/v1/embeddings", {"input": ""}, "input", ["empty"]),
+    ("/v1/embeddings", {"input": []}, "input", ["empty"]),
+    ("/v1/embeddings", {"input": [[]]}, "input", ["empty"]),
+    ("/v1/embeddings", {"input": [[5, 99999999]]}, "input", ["outside the vocabulary"]),
+    ("/v1/embeddings", {"input": ["a"] * 2049}, "input", ["2048"]),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}, "encoding_format", []),
+    ("/v1/embeddings", {"input": 5}, "input", []),
+    ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_1", ["2 texts for 3"]),
+    ("/score", {"text_1": "a", "text_2": LONG}, "prompt", ["202 tokens", "128"]),
+    ("/rerank", {"query": "q", "documents": []}, "documents", ["empty"]),
+    ("/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n", []),
+])
+def test_bad_pooling_input_is_a_named_400(encoder_server, route, body, param, words):
+    with httpx.Client(base_url=encoder_server.url, timeout=60) as http:
+        r = http.post(route, json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param, err
+    for w in words:
+        assert w in err["message"], err
+    wait_kv_free(encoder_server.engine)
+
+
+def test_truncation_makes_a_long_input_fit(encoder_server):
+    with httpx.Client(base_url=encoder_server.url, timeout=60) as http:
+        r = http.post("/v1/embeddings", json={"input": LONG, "truncate_prompt_tokens": -1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 128
+        # a huge batch of valid inputs is served, and leaves no KV block behind
+        r = http.post("/v1/embeddings", json={"input": ["some text"] * 300})
+        assert r.status_code == 200 and len(r.json()["data"]) == 300
+    wait_kv_free(encoder_server.engine)
+
+
+def test_generation_server_refuses_pooling_routes(tiny_llama_dir):
+    engine = build_engine(tiny_llama_dir, max_model_len=64)
+    srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for route, body in (("/v1/embeddings", {"input": "x"}), ("/score", {"text_1": "a", "text_2": "b"}),
+                                ("/v1/rerank", {"query": "a", "documents": ["b"]})):
+                r = http.post(route, json=body)
+                assert r.status_code == 400, r.text
+                assert "--runner pooling" in r.json()["error"]["message"]
+            assert http.get("/v1/models").json()["data"][0]["tasks"] == ["generate"]
+    finally:
+        srv.stop()
+        engine.shutdown()
