@@ -43,6 +43,22 @@ class CpuInfo:
         return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
 
 
+def isa_summary(flags: frozenset[str] | set[str]) -> str:
+    """The vector ISA in a person's words, e.g. "AVX-512 + bf16 dot products, no AMX": what decides which kernels
+    run, so test failures and doctor name it."""
+    if "avx512f" in flags:
+        parts = ["AVX-512"]
+        if "avx512_vnni" in flags:
+            parts.append("VNNI")
+        if "avx512_bf16" in flags:
+            parts.append("bf16 dot products")
+        base = " + ".join(parts)
+        return f"{base}, AMX" if "amx_tile" in flags else f"{base}, no AMX"
+    if "avx2" in flags:
+        return "AVX2 + FMA, no AVX-512" if "fma" in flags else "AVX2, no FMA, no AVX-512"
+    return "no AVX2 (generic x86-64 or another architecture)"
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
