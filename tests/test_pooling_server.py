@@ -81,12 +81,15 @@ def reranker(tmp_path_factory):
     engine.shutdown()
 
 
-def _transformers_scores(path, query: str, docs: list[str]) -> list[float]:
+def _transformers_scores(path, query: str, docs: list[str] | None) -> list[float] | float:
+    """Sigmoid of the one-label classifier on each (query, doc) pair, or on ``query`` alone."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager").eval()
     with torch.no_grad():
+        if docs is None:
+            return torch.sigmoid(model(**tok(query, return_tensors="pt")).logits[0, 0]).item()
         return [torch.sigmoid(model(**tok(query, d, return_tensors="pt")).logits[0, 0]).item() for d in docs]
 
 
@@ -111,6 +114,11 @@ def test_score_and_rerank_shapes(reranker):
             assert [x["relevance_score"] for x in results] == pytest.approx([expected[i] for i in order[:2]],
                                                                              abs=1e-5)
             assert results[0]["document"] == {"text": docs[order[0]]}
+        r = http.post("/classify", json={"input": docs[:2]})
+        assert r.status_code == 200, r.text
+        single = [_transformers_scores(path, d, None) for d in docs[:2]]
+        assert [(d["label"], d["num_classes"]) for d in r.json()["data"]] == [("LABEL_0", 1)] * 2
+        assert [d["probs"][0] for d in r.json()["data"]] == pytest.approx(single, abs=1e-5)
         r = http.post("/v1/embeddings", json={"input": "x"})
         assert r.status_code == 400 and "serves classify, score, rerank, not embed" in r.json()["error"]["message"]
     wait_kv_free(srv.engine)

@@ -121,3 +121,31 @@ class RerankResponse(BaseModel):
     model: str
     usage: RerankUsage
     results: list[RerankResult]
+
+
+class ClassificationRequest(_Model):
+    """vLLM's ``/classify``: one text or a batch."""
+
+    model: SStr | None = None
+    input: SStr | list[SStr]
+    truncate_prompt_tokens: SInt | None = Field(None, ge=-1)
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ClassificationData(BaseModel):
+    index: int
+    object: Literal["classification"] = "classification"
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ClassificationData]
+    usage: PoolingUsage

@@ -1,5 +1,5 @@
-"""The pooling endpoints: ``POST /v1/embeddings`` (OpenAI), ``POST /score`` (vLLM; also ``/v1/score``) and
-``POST /rerank`` (Jina / Cohere; also ``/v1/rerank`` and ``/v2/rerank``).
+"""The pooling endpoints: ``POST /v1/embeddings`` (OpenAI), ``POST /score`` (vLLM; also ``/v1/score``),
+``POST /rerank`` (Jina / Cohere; also ``/v1/rerank`` and ``/v2/rerank``) and ``POST /classify`` (vLLM).
 
 Each input becomes one pooling request through ``AsyncLLM.encode``; the inputs of one HTTP request run
 concurrently in a task group, so one bad input cancels (and aborts in the engine) the others. Scores come from
@@ -181,6 +181,30 @@ def register_pooling_routes(app: FastAPI, state: ServerState) -> None:
                                    document={"text": docs[i]} if body.return_documents else None) for i in order]
         return JSONResponse(pp.RerankResponse(id=p.new_id("rerank"), model=model,
                                               usage=pp.RerankUsage(total_tokens=tokens), results=results).model_dump())
+
+    @app.post("/classify", response_model=pp.ClassificationResponse)
+    async def classify(body: pp.ClassificationRequest) -> JSONResponse:
+        model = state.check_model(body.model)
+        _front(state, "classify")
+        texts = body.inputs()
+        if not texts:
+            raise bad_request("input: must not be empty", param="input")
+        for t in texts:
+            _check_text(t, "input")
+        params = _pooling_params(task="classify", truncate_prompt_tokens=body.truncate_prompt_tokens)
+        outs = await _encode_all(state, texts, [params] * len(texts), "classify")
+        id2label = getattr(state.engine.model_config.hf_config, "id2label", None) or {}
+        data = []
+        for i, o in enumerate(outs):
+            probs = o.outputs.data.float().reshape(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            label = id2label.get(best, id2label.get(str(best)))
+            data.append(pp.ClassificationData(index=i, label=None if label is None else str(label), probs=probs,
+                                              num_classes=len(probs)))
+        tokens = sum(len(o.prompt_token_ids) for o in outs)
+        return JSONResponse(pp.ClassificationResponse(
+            id=p.new_id("classify"), model=model, data=data,
+            usage=pp.PoolingUsage(prompt_tokens=tokens, total_tokens=tokens)).model_dump())
 
     for path in ("/score", "/v1/score"):
         app.post(path, response_model=pp.ScoreResponse)(score)

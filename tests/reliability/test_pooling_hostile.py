@@ -42,6 +42,7 @@ LONG = "word " * 200  # 202 tokens with [CLS] and [SEP]; the tiny encoder's posi
     ("/score", {"text_1": "a", "text_2": LONG}, "prompt", ["202 tokens", "128"]),
     ("/rerank", {"query": "q", "documents": []}, "documents", ["empty"]),
     ("/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n", []),
+    ("/classify", {"input": "x"}, "model", ["serves embed, score, rerank, not classify"]),
 ])
 def test_bad_pooling_input_is_a_named_400(encoder_server, route, body, param, words):
     with httpx.Client(base_url=encoder_server.url, timeout=60) as http:
@@ -71,7 +72,7 @@ def test_generation_server_refuses_pooling_routes(tiny_llama_dir):
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as http:
             for route, body in (("/v1/embeddings", {"input": "x"}), ("/score", {"text_1": "a", "text_2": "b"}),
-                                ("/v1/rerank", {"query": "a", "documents": ["b"]})):
+                                ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/classify", {"input": "x"})):
                 r = http.post(route, json=body)
                 assert r.status_code == 400, r.text
                 assert "--runner pooling" in r.json()["error"]["message"]
@@ -79,3 +80,28 @@ def test_generation_server_refuses_pooling_routes(tiny_llama_dir):
     finally:
         srv.stop()
         engine.shutdown()
+
+
+
+def test_pooling_routes_survive_schema_fuzzing(encoder_server):
+    """Generated bodies, valid and invalid, on the pooling routes of a pooling server: never a 5xx, and answers
+    that match the documented schema; no KV block is left behind."""
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    from tests.reliability.conftest import scaled
+    from tests.reliability.test_hostile import _fuzzer
+
+    schema = schemathesis.openapi.from_url(encoder_server.url + "/openapi.json")
+    routes = ("/v1/embeddings", "/score", "/rerank", "/classify")
+    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path in routes]
+    assert len(ops) == len(routes)
+    counts = {"cases": 0, "4xx": 0, "2xx": 0}
+    for op in ops:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzzer(op.as_strategy(generation_mode=mode), encoder_server.url,
+                    [not_a_server_error, response_schema_conformance], scaled(5, 200), counts)()
+    assert counts.get("5xx", 0) == 0 and counts["2xx"] > 0, counts
+    wait_kv_free(encoder_server.engine, timeout=30)
