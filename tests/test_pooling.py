@@ -35,6 +35,11 @@ def st_minilm(minilm):
 
 
 @pytest.fixture(scope="module")
+def minilm_llm(minilm):
+    return LLM(str(minilm), kv_cache_memory=KV)
+
+
+@pytest.fixture(scope="module")
 def encoders(tmp_path_factory, minilm) -> dict:
     root = tmp_path_factory.mktemp("pooling-models")
     dirs = {kind: make_tiny_encoder(kind, root / kind, minilm) for kind in ("bert", "xlmr", "bert_cls", "roberta_cls")}
@@ -47,8 +52,8 @@ def _embeddings(outs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend", [None, "torch-reference"])
-def test_minilm_matches_sentence_transformers(minilm, st_minilm, backend):
-    llm = LLM(str(minilm), kv_cache_memory=KV, attention_backend=backend)
+def test_minilm_matches_sentence_transformers(minilm, minilm_llm, st_minilm, backend):
+    llm = minilm_llm if backend is None else LLM(str(minilm), kv_cache_memory=KV, attention_backend=backend)
     assert llm.llm_engine.runner_type == "pooling"  # detected from the sentence-transformers files
     assert llm.llm_engine.model_config.max_model_len == 256  # sentence_bert_config.json's max_seq_length
     ours = _embeddings(llm.embed(TEXTS))
@@ -62,8 +67,8 @@ def test_minilm_matches_sentence_transformers(minilm, st_minilm, backend):
     assert kv.num_free_blocks == kv.pool.num_blocks
 
 
-def test_minilm_truncation_and_length_limit(minilm, st_minilm):
-    llm = LLM(str(minilm), kv_cache_memory=KV)
+def test_minilm_truncation_and_length_limit(minilm_llm, st_minilm):
+    llm = minilm_llm
     long_text = "tokens " * 400
     with pytest.raises(ValueError, match=r"^prompt: 802 tokens exceed .* 256 tokens \(max_model_len\).*"
                                          r"truncate_prompt_tokens"):
@@ -106,10 +111,10 @@ def test_tiny_encoders_match_transformers(encoders, kind, backend):
     for prompt, out in zip(prompts, outs, strict=True):
         ref = _hf_hidden(path, prompt).mean(dim=0)
         torch.testing.assert_close(out.outputs.data, ref, atol=1e-5, rtol=1e-5)
-    # CLS pooling + normalisation, vLLM's default for BertModel without sentence-transformers files
-    cls = LLM(str(path), kv_cache_memory=KV, attention_backend=backend).embed([prompts[0]])[0].outputs.embedding
-    torch.testing.assert_close(torch.tensor(cls), F.normalize(_hf_hidden(path, prompts[0])[0], dim=0),
-                               atol=1e-5, rtol=1e-5)
+    if backend is None:  # CLS pooling + normalisation, vLLM's default for BertModel without sentence-transformers files
+        cls = LLM(str(path), kv_cache_memory=KV).embed([prompts[0]])[0].outputs.embedding
+        torch.testing.assert_close(torch.tensor(cls), F.normalize(_hf_hidden(path, prompts[0])[0], dim=0),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_matryoshka_dimensions(encoders):

@@ -1,5 +1,6 @@
-"""Hostile input to the pooling endpoints: every case is a 400 naming the field and the limit, nothing reaches
-the engine's KV cache for good, and a generation server refuses pooling routes the same way."""
+"""Hostile input to the pooling endpoints: every case is a 400 naming the field and the limit, and nothing
+reaches the engine's KV cache for good. (A generation server's refusal of these routes is tested with the
+other hostile cases on its server, in test_hostile.py.)"""
 
 from __future__ import annotations
 
@@ -64,23 +65,6 @@ def test_truncation_makes_a_long_input_fit(encoder_server):
         r = http.post("/v1/embeddings", json={"input": ["some text"] * 300})
         assert r.status_code == 200 and len(r.json()["data"]) == 300
     wait_kv_free(encoder_server.engine)
-
-
-def test_generation_server_refuses_pooling_routes(tiny_llama_dir):
-    engine = build_engine(tiny_llama_dir, max_model_len=64)
-    srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
-    try:
-        with httpx.Client(base_url=srv.url, timeout=60) as http:
-            for route, body in (("/v1/embeddings", {"input": "x"}), ("/score", {"text_1": "a", "text_2": "b"}),
-                                ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/classify", {"input": "x"})):
-                r = http.post(route, json=body)
-                assert r.status_code == 400, r.text
-                assert "--runner pooling" in r.json()["error"]["message"]
-            assert http.get("/v1/models").json()["data"][0]["tasks"] == ["generate"]
-    finally:
-        srv.stop()
-        engine.shutdown()
-
 
 
 def test_pooling_routes_survive_schema_fuzzing(encoder_server):

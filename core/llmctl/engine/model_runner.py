@@ -259,10 +259,11 @@ class ModelRunner:
         return ModelOutput(sample_logits, prompt_logits, pooled)  # the sampler casts to float32 where it needs to
 
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
-        """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched)."""
+        """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).
+        Results come back on the host, as callers read them there."""
         results = self.model.pooler([hidden[c.start:c.end] for c in chunks],
                                     [c.request.pooling_params for c in chunks])
-        return {c.request.request_id: r for c, r in zip(chunks, results, strict=True)}
+        return {c.request.request_id: r.cpu() for c, r in zip(chunks, results, strict=True)}
 
 
 def _token_type_ids(sched: SchedulerOutput, device: torch.device) -> torch.Tensor | None:
