@@ -64,7 +64,6 @@ class CpuSdpaAttention(AttentionBackend):
     name = "cpu-sdpa"
     platform = "cpu"
     priority = 10
-    accepts_new_kv = True
     # All-decode steps read lengths and block tables in place (no host read of the step), and a length-0 row
     # gets a zero output; the platform's recorder (llmctl_cpu.graph) refuses steps that take the torch paths.
     supports_graph_capture = True
@@ -105,9 +104,9 @@ class CpuSdpaAttention(AttentionBackend):
                 sliding_window: int | None = None, out: torch.Tensor | None = None, *,
                 key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 causal: bool = True) -> torch.Tensor:
-        """``key``/``value`` (optional, [num_tokens, Hk, D]): this step's new keys/values, the ones just given to
-        ``write_kv``. Only used to skip re-reading the cache for prefill chunks without cached context.
-        ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional)."""
+        """``key``/``value`` ([num_tokens, Hk, D], ``None`` when a caller leaves them out): this step's new
+        keys/values, the ones just given to ``write_kv``. Only used to skip re-reading the cache for prefill chunks
+        without cached context. ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional)."""
         if out is None:
             out = torch.empty_like(query)
         if not causal:
