@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from llmctl import LLM
-from llmctl.pooling import PoolingParams
+from llmctl import LLM, PoolingParams
 
 from tests.pooling_factory import make_tiny_decoder_embedding, make_tiny_encoder, minilm_dir
 
@@ -187,3 +186,17 @@ def test_generate_runner_refuses_an_encoder(encoders):
         LLM(str(encoders["bert"]), kv_cache_memory=KV, runner="generate")
     with pytest.raises(ValueError, match=r"^runner: must be one of"):
         LLM(str(encoders["bert"]), runner="embed")
+
+
+def test_bidirectional_attention_refuses_a_partial_sequence():
+    """A chunk of a sequence cannot attend to the keys of its later tokens: the reference raises rather than
+    returning a silently wrong result."""
+    from llmctl.attention import AttentionMetadata
+    from llmctl.ops.paged_attention import paged_attention_reference
+
+    md = AttentionMetadata(num_tokens=4, num_seqs=1, query_start_loc=torch.tensor([0, 4], dtype=torch.int32),
+                           seq_lens=torch.tensor([8], dtype=torch.int32), block_tables=torch.tensor([[0]]),
+                           slot_mapping=torch.arange(4, 8), max_query_len=4, max_seq_len=8, block_size=16,
+                           query_lens_cpu=[4], seq_lens_cpu=[8])
+    with pytest.raises(ValueError, match="whole prompt in one step; sequence 0 has 4 of its 8 tokens"):
+        paged_attention_reference(torch.zeros(4, 2, 8), torch.zeros(2, 1, 16, 2, 8), md, 1.0, causal=False)
