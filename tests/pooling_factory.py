@@ -58,7 +58,7 @@ def make_tiny_decoder_embedding(out: Path, tok) -> Path:
 
     torch.manual_seed(15)
     cfg = tf.Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                          initializer_range=0.3, rms_norm_eps=1e-6, use_sliding_window=False)
     tf.Qwen3Model(cfg).eval().save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -173,6 +173,11 @@ def test_decoder_embedding_last_token(tmp_path, tiny_model_dirs, test_tokenizer)
         ref = torch.stack([F.normalize(model(torch.tensor([test_tokenizer.encode(t)])).last_hidden_state[0, -1], dim=0)
                            for t in texts])
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # a prompt is computed whole: the step budget covers the model's length (over the platform's smaller default)
+    assert llm.llm_engine.core.scheduler_config.max_num_batched_tokens >= 2048
+    assert len(llm.embed([list(range(100, 1600))])[0].outputs.embedding) == 64
+    with pytest.raises(ValueError, match=r"^max_num_batched_tokens: .* must be >= max_model_len \(2048\), got 1024"):
+        LLM(str(path), kv_cache_memory=KV, max_num_batched_tokens=1024)
     # a causal-LM checkpoint runs as its family's embedding model when asked
     gen = LLM(str(tiny_model_dirs["qwen3"]), kv_cache_memory=KV, runner="pooling")
     assert gen.llm_engine.runner_type == "pooling"

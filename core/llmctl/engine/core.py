@@ -63,6 +63,7 @@ class EngineCore:
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
+        user_mnbt = args.max_num_batched_tokens  # before the platform fills it in (pooling checks the user's)
         self._apply_platform_config(args)
         self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
@@ -92,7 +93,7 @@ class EngineCore:
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
         if self.runner_plan.pooling:  # every pooling prompt is computed whole, in one step
-            if args.max_num_batched_tokens is None:
+            if user_mnbt is None:
                 mnbt = max(mnbt, self.model_config.max_model_len)
             elif mnbt < self.model_config.max_model_len:
                 raise ValueError(f"max_num_batched_tokens: a pooling model computes each prompt in one step, so it "
