@@ -86,6 +86,17 @@ def engine_args(model: str, **kw: Any) -> Any:
         raise UserError(str(exc)) from None
 
 
+def _json_option(value: str | None, flag: str) -> Any:
+    if value is None:
+        return None
+    import json
+
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag}: not valid JSON ({exc.msg})") from None
+
+
 def load_engine(args: Any) -> Any:
     """Build the AsyncLLM with a progress display; user-facing errors become UserError."""
     from llmctl import AsyncLLM
@@ -165,6 +176,10 @@ def serve(
     model_impl: str = typer.Option("auto", help="auto, native (llmctl's own) or transformers (the fallback)."),
     hf_overrides: str | None = typer.Option(None, help='JSON object set on the model config, e.g. '
                                                        '\'{"max_position_embeddings": 4096}\'.'),
+    runner: str = typer.Option("auto", help="auto (from the checkpoint), generate, or pooling (embeddings, "
+                                            "scores: /v1/embeddings, /score, /rerank)."),
+    pooler_config: str | None = typer.Option(None, help='Pooling models: JSON such as {"pooling_type": "MEAN", '
+                                                        '"normalize": true} over the checkpoint\'s own.'),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -191,7 +206,8 @@ def serve(
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,
-                           trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides)
+                           trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
+                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"))
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

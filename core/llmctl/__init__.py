@@ -17,6 +17,11 @@ _LAZY = {
     "RequestOutput": "llmctl.outputs",
     "CompletionOutput": "llmctl.outputs",
     "Logprob": "llmctl.outputs",
+    "PoolingParams": "llmctl.pooling.params",
+    "PoolingRequestOutput": "llmctl.pooling.outputs",
+    "EmbeddingRequestOutput": "llmctl.pooling.outputs",
+    "ClassificationRequestOutput": "llmctl.pooling.outputs",
+    "ScoringRequestOutput": "llmctl.pooling.outputs",
 }
 
 if TYPE_CHECKING:
@@ -24,6 +29,13 @@ if TYPE_CHECKING:
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
     from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
+    from llmctl.pooling.outputs import (
+        ClassificationRequestOutput,
+        EmbeddingRequestOutput,
+        PoolingRequestOutput,
+        ScoringRequestOutput,
+    )
+    from llmctl.pooling.params import PoolingParams
     from llmctl.sampling_params import SamplingParams
 
 
@@ -37,4 +49,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+           "PoolingParams", "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
+           "ScoringRequestOutput", "__version__"]

@@ -68,6 +68,9 @@ class EngineArgs:
     model_impl: str = "auto"  # "auto" | "native" | "transformers"
     hf_overrides: dict[str, Any] | str | None = None  # a dict, or its JSON text
     download_dir: str | None = None
+    # "generate", "pooling" (embeddings, classification, scores: llmctl.pooling) or "auto" (from the checkpoint)
+    runner: str = "auto"
+    pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
 
     def __post_init__(self) -> None:
         self.validate()
@@ -106,6 +109,8 @@ class EngineArgs:
         from llmctl.quantization import normalize_method
 
         self.quantization = normalize_method(self.quantization)
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner: must be one of auto, generate, pooling, got {self.runner!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):

@@ -24,6 +24,7 @@ from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
 from llmctl_server.metrics import Metrics
 from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
+from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
 from llmctl_server.serving import (
     Choice,
     PreparedPrompt,
@@ -143,8 +144,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
         root = str(getattr(engine.model_config, "model", state.model_names[0]))
-        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len)
-                                 for name in state.model_names])
+        tasks = model_tasks(engine)
+        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len,
+                                             tasks=tasks) for name in state.model_names])
 
     @app.post("/tokenize", response_model=p.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
@@ -160,6 +162,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         state.check_model(body.model)
         p.check_token_ids(body.tokens, vocab_size, "tokens")
         return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+    register_pooling_routes(app, state)  # /v1/embeddings, /score, /rerank
 
     # -- generation ----------------------------------------------------------------------------------------------
     @app.post("/v1/completions", response_model=p.CompletionResponse,

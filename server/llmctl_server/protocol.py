@@ -320,6 +320,7 @@ class ModelCard(BaseModel):
     owned_by: str = "llmctl"
     root: str | None = None
     max_model_len: int | None = None
+    tasks: list[str] | None = None  # "generate", or the pooling tasks (embed, score, rerank, classify)
 
 
 class ModelList(BaseModel):

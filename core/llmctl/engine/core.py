@@ -46,6 +46,7 @@ class CoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    pooled: torch.Tensor | None = None  # a pooling request's result (it finishes in the step that computes it)
 
 
 class InjectedFault(RuntimeError):
@@ -57,16 +58,22 @@ class EngineCore:
         from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
         from llmctl.models.supported import attention_features
+        from llmctl.pooling.setup import backend_features, plan_runner
 
         self.args = args
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
+        user_mnbt = args.max_num_batched_tokens  # before the platform fills it in (pooling checks the user's)
         self._apply_platform_config(args)
         self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
                                     args.hf_overrides)
         hf_config = self.source.hf_config
+        self.runner_plan = plan_runner(args.runner, args.pooler_config, hf_config, self.source.local_dir,
+                                       plugins.registry,
+                                       lambda cfg, reg: get_model_class(cfg, reg, args.model_impl))
+        self.runner_type = self.runner_plan.runner
         from llmctl.quantization import resolve_quant_config
 
         quant = resolve_quant_config(args.quantization, self.source)
@@ -76,16 +83,19 @@ class EngineCore:
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
-        model_cls = get_model_class(hf_config, plugins.registry, args.model_impl)
+        model_cls = self.runner_plan.model_cls
         features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
         if callable(getattr(model_cls, "attention_head_size", None)):
             head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
+        features = backend_features(features, self.runner_plan)
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
-                           extra={"trust_remote_code": args.trust_remote_code})
-        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl)
+                           extra={"trust_remote_code": args.trust_remote_code,
+                                  "pooler_config": self.runner_plan.pooler_config})
+        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl,
+                                model_cls=self.runner_plan.model_cls)
         summary = getattr(self.model, "quant_summary", None)
         self.model_impl = "transformers" if type(self.model).__name__ == "TransformersForCausalLM" else "native"
         logger.info("llmctl model: %s runs on the %s implementation (%s; model_impl=%s)",
@@ -94,6 +104,12 @@ class EngineCore:
         spec = self.model.kv_cache_spec()
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
+        if self.runner_plan.pooling:  # every pooling prompt is computed whole, in one step
+            if user_mnbt is None:
+                mnbt = max(mnbt, self.model_config.max_model_len)
+            elif mnbt < self.model_config.max_model_len:
+                raise ValueError(f"max_num_batched_tokens: a pooling model computes each prompt in one step, so it "
+                                 f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
@@ -102,7 +118,8 @@ class EngineCore:
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
         self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
-        self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
+        self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
+                                 args.enable_prefix_caching and not self.runner_plan.pooling)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
         decode_graphs = self._init_decode_graphs()
@@ -133,6 +150,8 @@ class EngineCore:
         args = self.args
         text_cfg = getattr(hf_config, "text_config", None) or hf_config
         limit = getattr(text_cfg, "max_position_embeddings", None) or 2048
+        if self.runner_plan.max_len_cap is not None:
+            limit = min(limit, self.runner_plan.max_len_cap)
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len: {args.max_model_len} exceeds the model's maximum context of {limit}")
         max_len = args.max_model_len or limit
@@ -243,7 +262,8 @@ class EngineCore:
             positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(dev)
             input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
             hidden = self.model(input_ids, positions, caches, metadata)
-            self.model.compute_logits(hidden[:sample_rows]).float()  # the sampler's float32 copy counts too
+            if not self.runner_plan.pooling:
+                self.model.compute_logits(hidden[:sample_rows]).float()  # the sampler's float32 copy counts too
             del hidden, caches, metadata
 
         return run_forward
@@ -253,6 +273,8 @@ class EngineCore:
         words go into the start-up log so a user sees why steps run eagerly."""
         if self.args.enforce_eager:
             return "off (enforce_eager)"
+        if self.runner_plan.pooling:
+            return "off (pooling runner: prefill only)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)
@@ -341,14 +363,18 @@ class EngineCore:
         batch = self.runner.prepare(sched)
         result = self.runner.execute(batch)
         sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
-        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits)
+        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits, result.pooled)
 
-    def _update(self, sched, sampling_requests, sampled, prompt_logits) -> list[CoreOutput]:
+    def _update(self, sched, sampling_requests, sampled, prompt_logits, pooled=None) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
             self.kv.cache_computed_blocks(req)
+        for rid, data in (pooled or {}).items():
+            req = self.scheduler.requests[rid]
+            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens)
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         for rid, (chunk, logits) in prompt_logits.items():
             req = chunk.request
             first = chunk.first_position

@@ -52,6 +52,15 @@ class PromptLogprobChunk:
 
 
 @dataclass
+class PoolingChunk:
+    """A pooling request's rows in the flattened batch: its whole prompt (never chunked)."""
+
+    request: Request
+    start: int
+    end: int
+
+
+@dataclass
 class BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -59,12 +68,15 @@ class BatchInputs:
     logits_indices: torch.Tensor
     sampling_requests: list[Request]
     prompt_logprob_chunks: list[PromptLogprobChunk] = field(default_factory=list)
+    pooling_chunks: list[PoolingChunk] = field(default_factory=list)
+    token_type_ids: torch.Tensor | None = None  # [num_tokens], only when a pooling request carries segment ids
 
 
 @dataclass
 class ModelOutput:
     sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
     prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
 
 
 class ModelRunner:
@@ -115,7 +127,7 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
         if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
-               for s in sched.scheduled):
+               and s.request.pooling_params is None for s in sched.scheduled):
             return self._prepare_decodes(sched)
         return self._prepare_general(sched)
 
@@ -126,6 +138,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         sampling: list[Request] = []
         prompt_chunks: list[PromptLogprobChunk] = []
+        pooling_chunks: list[PoolingChunk] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         block_tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
         offset = 0
@@ -140,7 +153,9 @@ class ModelRunner:
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
-            if s.samples:
+            if req.pooling_params is not None:
+                pooling_chunks.append(PoolingChunk(req, offset, offset + n))
+            elif s.samples:
                 logits_rows.append(offset + n - 1)
                 sampling.append(req)
             sp = req.sampling_params
@@ -171,6 +186,8 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=sampling,
             prompt_logprob_chunks=prompt_chunks,
+            pooling_chunks=pooling_chunks,
+            token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
@@ -226,10 +243,38 @@ class ModelRunner:
     def execute(self, batch: BatchInputs) -> ModelOutput:
         hidden = self._replay_decode(batch)
         if hidden is None:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+            extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, **extra)
+        if batch.pooling_chunks:
+            pooled = self._pool(hidden, batch.pooling_chunks)
+            if not batch.sampling_requests and not batch.prompt_logprob_chunks:
+                return ModelOutput(hidden.new_empty(0), {}, pooled)
+        else:
+            pooled = {}
         sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt_logits = {}
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
             prompt_logits[chunk.request.request_id] = (chunk, self.model.compute_logits(hidden[rows]))
-        return ModelOutput(sample_logits, prompt_logits)  # the sampler casts to float32 where it needs to
+        return ModelOutput(sample_logits, prompt_logits, pooled)  # the sampler casts to float32 where it needs to
+
+    def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
+        """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).
+        Results come back on the host, as callers read them there."""
+        results = self.model.pooler([hidden[c.start:c.end] for c in chunks],
+                                    [c.request.pooling_params for c in chunks])
+        return {c.request.request_id: r.cpu() for c, r in zip(chunks, results, strict=True)}
+
+
+def _token_type_ids(sched: SchedulerOutput, device: torch.device) -> torch.Tensor | None:
+    """Segment ids for the whole batch (0 for tokens of requests without any), or ``None`` when no request has
+    them, so models fall back to their first segment without a tensor per step."""
+    if not any(s.request.token_type_ids for s in sched.scheduled):
+        return None
+    parts = []
+    for s in sched.scheduled:
+        req, start = s.request, s.request.num_computed_tokens
+        types = req.token_type_ids or []
+        part = types[start:start + s.num_new_tokens]
+        parts.extend(part + [0] * (s.num_new_tokens - len(part)))
+    return torch.tensor(parts, dtype=torch.int64, device=device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
 
 
@@ -45,6 +46,9 @@ class Request:
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
+    pooling_params: PoolingParams | None = None
+    token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -117,9 +117,12 @@ class Scheduler:
                     skipped.append(self.waiting.popleft())
                     continue
                 # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
-                use_cache = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+                use_cache = (req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+                             and req.pooling_params is None)
                 cached = self.kv.find_cached_prefix(req) if use_cache else []
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
+                if req.pooling_params is not None and num_new < req.num_tokens:
+                    break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
                 if not self.kv.allocate(req, num_new, cached):
                     break
                 self.kv.record_lookup(req, len(cached))

@@ -10,6 +10,13 @@ from llmctl.config import EngineArgs
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine
 from llmctl.outputs import RequestOutput
+from llmctl.pooling.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    ScoringRequestOutput,
+)
+from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
 
 
@@ -49,6 +56,51 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
         return self._run(prompts, params_list, use_tqdm)
+
+    # -- pooling models (runner="pooling"): llmctl.entrypoints.pooling ----------------------------------------------
+    def encode(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+               use_tqdm: bool = False, truncate_prompt_tokens: int | None = None) -> list[PoolingRequestOutput]:
+        """The pooled tensor per prompt, for the model's default task."""
+        from llmctl.entrypoints import pooling
+
+        items = pooling.as_prompt_list(prompts)
+        task = self._pooling_task(pooling_params)
+        params = pooling.params_for(len(items), pooling_params, task, truncate_prompt_tokens)
+        return pooling.run_pooling(self.llm_engine, items, params, use_tqdm)
+
+    def embed(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = False, truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        from llmctl.entrypoints import pooling
+
+        items = pooling.as_prompt_list(prompts)
+        params = pooling.params_for(len(items), pooling_params, "embed", truncate_prompt_tokens)
+        return [EmbeddingRequestOutput.from_base(o) for o in pooling.run_pooling(self.llm_engine, items, params,
+                                                                                  use_tqdm)]
+
+    def classify(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = False, truncate_prompt_tokens: int | None = None
+                 ) -> list[ClassificationRequestOutput]:
+        from llmctl.entrypoints import pooling
+
+        items = pooling.as_prompt_list(prompts)
+        params = pooling.params_for(len(items), pooling_params, "classify", truncate_prompt_tokens)
+        return [ClassificationRequestOutput.from_base(o) for o in pooling.run_pooling(self.llm_engine, items, params,
+                                                                                       use_tqdm)]
+
+    def score(self, data_1: Any, data_2: Any, truncate_prompt_tokens: int | None = None, use_tqdm: bool = False,
+              pooling_params: PoolingParams | None = None) -> list[ScoringRequestOutput]:
+        """Relevance of each ``data_2`` text to ``data_1`` (one query, or one per text): a cross-encoder's score,
+        or the cosine similarity of an embedding model's vectors."""
+        from llmctl.entrypoints import pooling
+
+        return pooling.score(self.llm_engine, data_1, data_2, truncate_prompt_tokens, pooling_params, use_tqdm)
+
+    def _pooling_task(self, pooling_params: Any) -> str:
+        front = self.llm_engine.pooling
+        if front is None:
+            raise ValueError("runner: this model generates text; start it with runner='pooling' to pool")
+        task = pooling_params.task if isinstance(pooling_params, PoolingParams) else None
+        return task or front.default_task
 
     def chat(
         self,

@@ -99,11 +99,12 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
 
 
 def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*",
-               model_impl: str = "auto") -> nn.Module:
+               model_impl: str = "auto", model_cls: Any = None) -> nn.Module:
     """With ``ctx.quant`` (a ``QuantConfig``) the linear layers are given their quantized parameters before
     loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which). ``model_impl``
-    chooses native or the transformers fallback (see ``get_model_class``)."""
-    model_cls = get_model_class(source.hf_config, registry, model_impl)
+    chooses native or the transformers fallback (see ``get_model_class``); ``model_cls``: when the caller already
+    chose one (a pooling model for a decoder checkpoint)."""
+    model_cls = model_cls or get_model_class(source.hf_config, registry, model_impl)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
 
