@@ -35,9 +35,11 @@ from llmctl_server.serving import (
     _chain,
     api_error_from,
     chat_logprobs,
+    check_prompt_logprobs,
     completion_logprobs,
     first_event,
     make_sampling_params,
+    prompt_logprobs_entries,
     resolve_max_tokens,
     sse,
     stream_with_errors,
@@ -172,6 +174,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         prompts: list[PreparedPrompt] = []
         raws = body.prompts()
         for i, raw in enumerate(raws):
@@ -200,6 +203,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         text, ids = await _render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
@@ -323,8 +327,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         if chat:
             assert isinstance(body, p.ChatCompletionRequest)
             k = body.top_logprobs or 0
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(0), "prompt_logprobs", None),
+                                          len(prompts[0].ids)) if body.prompt_logprobs is not None else None
             return JSONResponse(p.ChatCompletionResponse(
-                id=request_id, created=created, model=model, usage=usage(),
+                id=request_id, created=created, model=model, usage=usage(), prompt_logprobs=plp,
                 choices=[p.ChatChoice(index=i, message=p.ChatResponseMessage(content=c.text),
                                       logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
                                       if body.logprobs else None,
@@ -345,8 +351,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
                     plp = plp + [None] * (len(pp.ids) - len(plp))
                     ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
                 lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(i // n), "prompt_logprobs", None),
+                                          len(pp.ids)) if body.prompt_logprobs is not None else None
             out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason))
+                                                  stop_reason=c.stop_reason, prompt_logprobs=plp))
         return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
                                                  usage=usage()).model_dump())
 

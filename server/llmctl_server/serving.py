@@ -442,6 +442,26 @@ def chat_logprobs(tt: TokenText, token_ids: list[int], positions: list[dict[int,
     return p.ChatLogprobs(content=content)
 
 
+def prompt_logprobs_entries(tt: TokenText, positions: list[dict[int, Any] | None] | None,
+                            num_prompt_tokens: int) -> p.PromptLogprobs:
+    """The engine's prompt logprobs in vLLM's response shape, one entry per prompt token."""
+    out: p.PromptLogprobs = []
+    for pos in list(positions or [])[:num_prompt_tokens]:
+        if pos is None:
+            out.append(None)
+            continue
+        out.append({tid: p.PromptLogprob(logprob=float(e.logprob), rank=e.rank, decoded_token=tt.text(tid, pos))
+                    for tid, e in pos.items()})
+    out += [None] * (num_prompt_tokens - len(out))
+    return out
+
+
+def check_prompt_logprobs(body: p.SamplingFields) -> None:
+    """As vLLM: prompt logprobs come whole in the response, so a stream cannot carry them."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs: not available when stream=true", param="prompt_logprobs")
+
+
 def sse(obj: Any) -> str:
     data = obj.model_dump(exclude_none=False) if hasattr(obj, "model_dump") else obj
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
