@@ -223,3 +223,53 @@ def _alive(pid: int) -> bool:
             return fh.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_plugin_fault_during_serving(tiny_llama_dir):
+    """The attention backend (a plugin's op) raises for every prefill of 24+ tokens, in the middle of a busy
+    engine: those requests fail with a clean 500 / error event, their short neighbours (batched with them, then
+    retried one at a time by the engine) complete, KV is freed, and the server stays healthy."""
+    engine = build_engine(tiny_llama_dir)
+    backends = {type(m.backend) for m in engine.engine.core.model.modules() if hasattr(m, "backend")}
+    assert len(backends) == 1
+    cls = backends.pop()
+    real_forward = cls.forward
+
+    def faulty_forward(self, query, kv_cache, metadata, *args, **kw):
+        if metadata.max_query_len >= 24:
+            raise RuntimeError("injected plugin kernel failure")
+        return real_forward(self, query, kv_cache, metadata, *args, **kw)
+
+    srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
+    try:
+        cls.forward = faulty_forward
+        long_prompt = " ".join(["stone"] * 40)
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                shorts = [c.post("/v1/completions", json={"model": "tiny", "prompt": f"ok {i}", "max_tokens": 20,
+                                                          "ignore_eos": True}) for i in range(6)]
+                longs = [c.post("/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 8,
+                                                         "stream": i % 2 == 0}) for i in range(4)]
+                return await asyncio.gather(*shorts, *longs)
+
+        rs = asyncio.run(scenario())
+        for r in rs[:6]:
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length", r.text[:300]
+        for r in rs[6:]:
+            if r.status_code == 200:
+                assert "error" in parse_stream(r.text)[-1]
+            else:
+                assert r.status_code == 500 and r.json()["error"]["code"] == "request_failed", r.text
+            assert "injected plugin" not in r.text and "Traceback" not in r.text
+        wait_kv_free(engine)
+        assert httpx.get(srv.url + "/health").status_code == 200
+        cls.forward = real_forward
+        ok = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": long_prompt, "max_tokens": 4},
+                        timeout=60)
+        assert ok.status_code == 200
+        record("plugin_fault", failing_requests=4, healthy_neighbours=6)
+    finally:
+        cls.forward = real_forward
+        srv.stop()
+        engine.shutdown()
