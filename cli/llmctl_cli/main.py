@@ -19,7 +19,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from llmctl_cli.default_model import INSTALL_HINT, default_model_path
+from llmctl_cli.default_model import DEFAULT_FILE, DEFAULT_SERVED_NAME, INSTALL_HINT, default_model_path
 
 app = typer.Typer(name="llmctl", help="llmctl: plugin-based LLM inference and serving.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -158,13 +158,15 @@ def serve(
     seed: int = typer.Option(0, help="Engine random seed."),
     generation_config: str = typer.Option("auto", help="'auto' (model's sampling defaults) or 'none'."),
     chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
-    served_model_name: list[str] | None = typer.Option(None, help="Name(s) clients use in 'model'."),
+    served_model_name: list[str] | None = typer.Option(
+        None, help="Name(s) clients use in 'model' (default: MODEL as typed; SmolLM2-135M-Instruct for the default)."),
     host: str = typer.Option("127.0.0.1", help="Bind address."),
     port: int = typer.Option(8000, help="Port."),
     api_key: str | None = typer.Option(None, envvar="LLMCTL_API_KEY", show_envvar=True,
                                        help="Require 'Authorization: Bearer KEY'."),
     log_level: str = typer.Option("info", help="debug, info, warning, error."),
-    max_queued_requests: int | None = typer.Option(None, help="503 when this many requests already wait."),
+    max_queued_requests: int | None = typer.Option(
+        None, help="503 + Retry-After once this many requests wait beyond the running ones (default: max-num-seqs)."),
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
@@ -180,6 +182,11 @@ def serve(
                                             "scores: /v1/embeddings, /score, /rerank)."),
     pooler_config: str | None = typer.Option(None, help='Pooling models: JSON such as {"pooling_type": "MEAN", '
                                                         '"normalize": true} over the checkpoint\'s own.'),
+    stream_write_timeout: float = typer.Option(
+        30.0, help="Abort a stream (and free its KV blocks) when its client has read nothing for this many seconds."),
+    header_read_timeout: float = typer.Option(
+        20.0, help="Close a connection that has not sent a complete request header within this many seconds."),
+    max_idle_connections_per_client: int = typer.Option(512, help="Idle connections one client address may keep."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -196,10 +203,18 @@ def serve(
             template = load_template_source(chat_template)
             settings = ServerSettings(served_model_names=list(served_model_name or []), api_key=api_key or None,
                                       chat_template=template, max_n=max_n, max_queued_requests=max_queued_requests,
-                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
+                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout,
+                                      stream_write_timeout=stream_write_timeout,
+                                      header_read_timeout=header_read_timeout,
+                                      max_idle_connections_per_client=max_idle_connections_per_client)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         name = resolve_model(model)
+        if model is None and not settings.served_model_names:
+            # As vLLM: the id is what the user typed; with nothing typed, the default model's name, never the
+            # install path of its file (which would leak the server's directory layout to every client).
+            settings.served_model_names = [DEFAULT_SERVED_NAME]
+            settings.model_root = DEFAULT_FILE
         args = engine_args(name, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,6 +26,7 @@ from llmctl_server.errors import APIError, bad_request, error_response, unavaila
 from llmctl_server.metrics import Metrics
 from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
 from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
+from llmctl_server.prompt_text import check_length, check_unicode, encode, max_prompt_chars, off_loop
 from llmctl_server.serving import (
     Choice,
     PreparedPrompt,
@@ -34,14 +36,17 @@ from llmctl_server.serving import (
     _chain,
     api_error_from,
     chat_logprobs,
+    check_prompt_logprobs,
     completion_logprobs,
     first_event,
     make_sampling_params,
+    prompt_logprobs_entries,
     resolve_max_tokens,
     sse,
     stream_with_errors,
 )
 from llmctl_server.settings import ServerSettings
+from llmctl_server.streaming import GuardedStreamingResponse
 from llmctl_server.tokens import TokenText
 
 logger = logging.getLogger("llmctl_server")
@@ -97,6 +102,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         model_names=list(settings.served_model_names) or [default_name], max_model_len=max_model_len,
         vocab_size=vocab_size, max_num_seqs=max_num_seqs,
     )
+    state.max_prompt_chars = max_prompt_chars(tokenizer, max_model_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -143,7 +149,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
-        root = str(getattr(engine.model_config, "model", state.model_names[0]))
+        root = settings.model_root or str(getattr(engine.model_config, "model", state.model_names[0]))
         tasks = model_tasks(engine)
         return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len,
                                              tasks=tasks) for name in state.model_names])
@@ -154,14 +160,15 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         if body.messages is not None:
             _, ids = await _render_chat(state, body.messages, body.add_generation_prompt, None)
         else:
-            ids = list(tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens)["input_ids"])
+            ids = await encode(tokenizer, body.prompt or "", "prompt", state.max_prompt_chars,
+                               body.add_special_tokens)
         return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=max_model_len)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse)
     async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         state.check_model(body.model)
         p.check_token_ids(body.tokens, vocab_size, "tokens")
-        return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return p.DetokenizeResponse(prompt=await off_loop(tokenizer.decode, body.tokens))
 
     register_pooling_routes(app, state)  # /v1/embeddings, /score, /rerank
 
@@ -171,15 +178,21 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         prompts: list[PreparedPrompt] = []
-        for raw in body.prompts():
+        raws = body.prompts()
+        for i, raw in enumerate(raws):
+            field_name = "prompt" if len(raws) == 1 else f"prompt[{i}]"
             if isinstance(raw, str):
                 if not raw:
-                    raise bad_request("prompt: must not be empty", param="prompt")
-                ids = list(tokenizer(raw)["input_ids"])
-                prompts.append(PreparedPrompt(raw, ids))
+                    raise bad_request(f"{field_name}: must not be empty", param=field_name)
+                check_length(len(raw), state.max_prompt_chars, field_name)
+        for i, raw in enumerate(raws):
+            field_name = "prompt" if len(raws) == 1 else f"prompt[{i}]"
+            if isinstance(raw, str):
+                prompts.append(PreparedPrompt(raw, await encode(tokenizer, raw, field_name, state.max_prompt_chars)))
             else:
-                prompts.append(PreparedPrompt(tokenizer.decode(raw), list(raw)))
+                prompts.append(PreparedPrompt(await off_loop(tokenizer.decode, raw), list(raw)))
         params = []
         for pp in prompts:
             mt = resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens")
@@ -194,6 +207,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         text, ids = await _render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
@@ -213,12 +227,25 @@ def _extra_args(request: Request, body: p.SamplingFields) -> dict[str, Any] | No
 async def _render_chat(state: ServerState, messages: list[p.ChatMessage], add_generation_prompt: bool,
                        kwargs: dict[str, Any] | None) -> tuple[str, list[int]]:
     msgs = []
+    total = 0
     for m in messages:
         msg = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        total += len(msg["content"])
         if m.name:
             msg["name"] = m.name
         msgs.append(msg)
-    text, ids = await asyncio.to_thread(state.renderer.prompt_ids, msgs, add_generation_prompt, kwargs)
+    check_length(total, state.max_prompt_chars, "messages")
+
+    def render() -> tuple[str, list[int]]:
+        for i, msg in enumerate(msgs):
+            check_unicode(msg["content"], f"messages[{i}].content")
+            if "name" in msg:
+                check_unicode(msg["name"], f"messages[{i}].name")
+        if kwargs:
+            check_unicode(json.dumps(kwargs, ensure_ascii=False, default=str), "chat_template_kwargs")
+        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
+
+    text, ids = await asyncio.to_thread(render)
     if not ids:
         raise bad_request("messages: the chat template produced an empty prompt", param="messages")
     return text, ids
@@ -304,8 +331,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         if chat:
             assert isinstance(body, p.ChatCompletionRequest)
             k = body.top_logprobs or 0
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(0), "prompt_logprobs", None),
+                                          len(prompts[0].ids)) if body.prompt_logprobs is not None else None
             return JSONResponse(p.ChatCompletionResponse(
-                id=request_id, created=created, model=model, usage=usage(),
+                id=request_id, created=created, model=model, usage=usage(), prompt_logprobs=plp,
                 choices=[p.ChatChoice(index=i, message=p.ChatResponseMessage(content=c.text),
                                       logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
                                       if body.logprobs else None,
@@ -326,8 +355,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
                     plp = plp + [None] * (len(pp.ids) - len(plp))
                     ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
                 lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(i // n), "prompt_logprobs", None),
+                                          len(pp.ids)) if body.prompt_logprobs is not None else None
             out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason))
+                                                  stop_reason=c.stop_reason, prompt_logprobs=plp))
         return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
                                                  usage=usage()).model_dump())
 
@@ -385,5 +416,7 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         if include_usage:
             yield chunk([], usage())
 
-    return StreamingResponse(stream_with_errors(chunks(), run), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return GuardedStreamingResponse(stream_with_errors(chunks(), run), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                    write_timeout=state.settings.stream_write_timeout, on_stalled=run.close,
+                                    request_id=request_id)

@@ -19,7 +19,7 @@ from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
-from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
+from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
@@ -363,9 +363,9 @@ class EngineCore:
         batch = self.runner.prepare(sched)
         result = self.runner.execute(batch)
         sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
-        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits, result.pooled)
+        return self._update(sched, batch.sampling_requests, sampled, result.prompt_hidden, result.pooled)
 
-    def _update(self, sched, sampling_requests, sampled, prompt_logits, pooled=None) -> list[CoreOutput]:
+    def _update(self, sched, sampling_requests, sampled, prompt_hidden, pooled=None) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
         for item in sched.scheduled:
             req = item.request
@@ -375,12 +375,13 @@ class EngineCore:
             req = self.scheduler.requests[rid]
             outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens)
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        for rid, (chunk, logits) in prompt_logits.items():
+        for rid, (chunk, hidden) in prompt_hidden.items():
             req = chunk.request
             first = chunk.first_position
-            targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=logits.device)
+            targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=hidden.device)
             out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
-            out.prompt_logprobs = prompt_logprobs_rows(logits, targets, req.sampling_params.prompt_logprobs)
+            out.prompt_logprobs = prompt_logprobs_in_slices(hidden, self.runner.model.compute_logits, targets,
+                                                            req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
         if sampled is not None:
             for i, req in enumerate(sampling_requests):

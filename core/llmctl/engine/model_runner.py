@@ -75,7 +75,9 @@ class BatchInputs:
 @dataclass
 class ModelOutput:
     sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
-    prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
+    # Hidden states of each prompt-logprobs chunk's rows, not logits: a long prompt's logits (rows x vocab, float32)
+    # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
+    prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
 
 
@@ -252,11 +254,11 @@ class ModelRunner:
         else:
             pooled = {}
         sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
-        prompt_logits = {}
+        prompt_hidden = {}
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
-            prompt_logits[chunk.request.request_id] = (chunk, self.model.compute_logits(hidden[rows]))
-        return ModelOutput(sample_logits, prompt_logits, pooled)  # the sampler casts to float32 where it needs to
+            prompt_hidden[chunk.request.request_id] = (chunk, hidden[rows])
+        return ModelOutput(sample_logits, prompt_hidden, pooled)  # the sampler casts to float32 where it needs to
 
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
         """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).

@@ -7,6 +7,7 @@ a seed draws its noise from its own generator, so its tokens do not depend on wh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,23 @@ class Sampler:
             n = want[i]
             out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
         return out
+
+
+# Prompt positions whose logits exist at once: 256 x a 49k vocabulary x float32 (plus the log-softmax copy) is
+# ~100 MiB, where a whole 8k-token chunk took GiBs.
+PROMPT_LOGPROBS_SLICE_ROWS = 256
+
+
+def prompt_logprobs_in_slices(hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                              targets: torch.Tensor, k: int,
+                              slice_rows: int = PROMPT_LOGPROBS_SLICE_ROWS) -> list[RowLogprobs]:
+    """``prompt_logprobs_rows`` over ``compute_logits(hidden)``, a slice of rows at a time to bound memory."""
+    out: list[RowLogprobs] = []
+    for start in range(0, hidden.shape[0], slice_rows):
+        logits = compute_logits(hidden[start:start + slice_rows])
+        out.extend(prompt_logprobs_rows(logits, targets[start:start + slice_rows], k))
+        del logits
+    return out
 
 
 def prompt_logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[RowLogprobs]:
