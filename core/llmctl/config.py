@@ -58,6 +58,8 @@ class EngineArgs:
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar
+    structured_outputs_compile_timeout: float = 3.0  # seconds before a grammar compile is refused
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +97,12 @@ class EngineArgs:
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_backend: must be 'auto' or 'xgrammar', got "
+                             f"{self.structured_outputs_backend!r}")
+        timeout = self.structured_outputs_compile_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise ValueError(f"structured_outputs_compile_timeout: must be in (0, 600] seconds, got {timeout!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmctl.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmctl.structured_output.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,7 @@ class Request:
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    grammar: RequestGrammar | None = None  # structured output: advances with every appended token
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
