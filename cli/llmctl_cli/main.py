@@ -153,6 +153,13 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice",
+                                                 help="Let the model decide when to call tools (tool_choice=auto)."),
+    tool_call_parser: str | None = typer.Option(None, help="hermes, llama3_json, mistral or pythonic."),
+    reasoning_parser: str | None = typer.Option(None, help="deepseek_r1 or qwen3: split <think> output."),
+    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
+    responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
+                                                     "previous_response_id (0: off)."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -169,7 +176,10 @@ def serve(
             template = load_template_source(chat_template)
             settings = ServerSettings(served_model_names=list(served_model_name or []), api_key=api_key or None,
                                       chat_template=template, max_n=max_n, max_queued_requests=max_queued_requests,
-                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
+                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout,
+                                      enable_auto_tool_choice=enable_auto_tool_choice,
+                                      tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                                      responses_store_size=responses_store_size)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         name = resolve_model(model)
@@ -177,7 +187,8 @@ def serve(
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
+                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
+                           structured_outputs_backend=structured_outputs_backend)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

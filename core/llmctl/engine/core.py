@@ -22,11 +22,11 @@ from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
-from llmctl.structured_output.request_grammar import fill_grammar_bitmask
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
+from llmctl.structured_output.request_grammar import fill_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 

@@ -110,6 +110,7 @@ class InputProcessor:
                 eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens,
                 leader=requests[0] if requests else None,
-                grammar=self.structured.request_grammar(compiled) if compiled is not None else None,  # type: ignore[union-attr]
+                grammar=self.structured.request_grammar(compiled, params.structured_outputs)  # type: ignore[union-attr]
+                if compiled is not None else None,
             ))
         return requests

@@ -99,8 +99,8 @@ class StructuredOutputManager:
                 _, (_, old_size) = self._cache.popitem(last=False)
                 self._cache_bytes -= old_size
 
-    def request_grammar(self, compiled: Any) -> RequestGrammar:
-        return RequestGrammar(self.backend.matcher(compiled))
+    def request_grammar(self, compiled: Any, params: StructuredOutputsParams) -> RequestGrammar:
+        return RequestGrammar(self.backend.matcher(compiled), tuple(params.reasoning_end_token_ids or ()))
 
     def shutdown(self) -> None:
         if self._pool is not None:

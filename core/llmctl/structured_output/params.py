@@ -34,6 +34,8 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+    # With a reasoning model the constraint starts after these tokens (the end of the reasoning, e.g. "</think>").
+    reasoning_end_token_ids: list[int] | None = None
     # Where the error message points (the server sets e.g. "response_format.json_schema.schema").
     field_name: str = "structured_outputs"
 
@@ -54,7 +56,6 @@ class StructuredOutputsParams:
         return self.field_name
 
     def validate(self) -> None:
-        name = self.field_name
         kind = self.kind()
         where = self.where()
         if kind == "structural_tag":

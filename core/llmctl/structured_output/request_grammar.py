@@ -12,13 +12,25 @@ from llmctl.structured_output.backend import GrammarMatcher, bitmask_words
 class RequestGrammar:
     """The matcher of one sequence. It advances with every token the sequence appends."""
 
-    __slots__ = ("matcher", "failed")
+    __slots__ = ("matcher", "failed", "wait_for", "_recent")
 
-    def __init__(self, matcher: GrammarMatcher) -> None:
+    def __init__(self, matcher: GrammarMatcher, wait_for: tuple[int, ...] = ()) -> None:
         self.matcher = matcher
         self.failed = False
+        # Unconstrained until the output ends with these tokens (a reasoning model's "</think>").
+        self.wait_for = wait_for
+        self._recent: list[int] = []
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.wait_for)
 
     def accept(self, token_id: int) -> bool:
+        if self.wait_for:
+            self._recent = (self._recent + [token_id])[-len(self.wait_for):]
+            if tuple(self._recent) == self.wait_for:
+                self.wait_for = ()
+            return True
         ok = self.matcher.accept_token(token_id)
         self.failed = self.failed or not ok
         return ok
@@ -41,7 +53,7 @@ class GrammarBitmask:
 
 def fill_grammar_bitmask(grammars: list[RequestGrammar | None], vocab_size: int) -> GrammarBitmask | None:
     """None when no row is constrained, so unconstrained batches pay nothing."""
-    rows = [i for i, g in enumerate(grammars) if g is not None and not g.terminated]
+    rows = [i for i, g in enumerate(grammars) if g is not None and not g.waiting and not g.terminated]
     if not rows:
         return None
     bitmask = torch.full((len(rows), bitmask_words(vocab_size)), -1, dtype=torch.int32)

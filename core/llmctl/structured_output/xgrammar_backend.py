@@ -54,7 +54,7 @@ class XGrammarBackend:
                 if schema is True:
                     return self._compiler.compile_builtin_json_grammar()
                 return self._compiler.compile_json_schema(
-                    json.dumps(schema), any_whitespace=not params.disable_any_whitespace,
+                    json.dumps(_counted_strings_as_patterns(schema)), any_whitespace=not params.disable_any_whitespace,
                     strict_mode=params.disable_additional_properties)
             if kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
@@ -73,6 +73,22 @@ class XGrammarBackend:
 
     def matcher(self, compiled: Any) -> XGrammarMatcher:
         return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))
+
+
+def _counted_strings_as_patterns(schema: Any) -> Any:
+    """xgrammar's rule for strings with minLength/maxLength lets raw control characters through (which JSON
+    forbids); the same bound written as a pattern over JSON's plain string characters does not."""
+    if isinstance(schema, list):
+        return [_counted_strings_as_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _counted_strings_as_patterns(v) for k, v in schema.items()}
+    if out.get("type") == "string" and ("minLength" in out or "maxLength" in out) and \
+            not any(k in out for k in ("pattern", "format", "enum", "const")):
+        lo = out.pop("minLength", 0)
+        hi = out.pop("maxLength", "")
+        out["pattern"] = "^" + r'[^\x00-\x1f"\\]' + f"{{{lo},{hi}}}$"
+    return out
 
 
 def choice_ebnf(choices: list[str]) -> str:
