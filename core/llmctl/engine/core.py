@@ -374,6 +374,8 @@ class EngineCore:
                     self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
                     continue
                 reason = self._stop_reason(req, token)
+                if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
+                    reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
                 if reason is not None:
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED

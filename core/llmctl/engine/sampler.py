@@ -85,7 +85,7 @@ class Sampler:
         logits = apply_penalties(logits, requests)
         for i, r in enumerate(requests):
             sp = r.sampling_params
-            if sp.min_tokens and r.num_output_tokens < sp.min_tokens:
+            if sp.min_tokens and r.num_output_tokens < sp.min_tokens and r.grammar is None:  # a grammar decides
                 banned = [t for t in (*r.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
                 if banned:
                     logits[i, banned] = float("-inf")

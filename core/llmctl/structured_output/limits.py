@@ -87,27 +87,33 @@ def check_regex(pattern: str, name: str) -> None:
         parsed = re._parser.parse(pattern)  # type: ignore[attr-defined]
     except (re.error, RecursionError, OverflowError) as exc:
         raise ValueError(f"{name}: invalid regular expression: {exc}") from None
-    size = _expansion(parsed, name)
+    size = _expansion(parsed, name, False)
     if size > MAX_REGEX_EXPANSION:
         raise ValueError(f"{name}: the regular expression expands to about {size} states, over the cap of "
                          f"{MAX_REGEX_EXPANSION} (nested or large counted repetitions)")
 
 
-def _expansion(items: Any, name: str) -> int:
+def _expansion(items: Any, name: str, in_unbounded: bool) -> int:
+    """Rough state count; also refuses an unbounded repetition inside another (``(a+)+``, ``(a|a?)*``): the
+    grammar engine itself would not backtrack on it, but it is the classic catastrophic-backtracking shape for
+    every regex engine that sees the pattern afterwards (a client validating outputs with it, say)."""
     from re import _constants as c  # type: ignore[attr-defined]
 
     total = 0
     for op, arg in items:
         if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
             lo, hi, sub = arg
-            bound = lo if hi == c.MAXREPEAT else hi
+            unbounded = hi == c.MAXREPEAT
+            if unbounded and in_unbounded:
+                raise ValueError(f"{name}: nested unbounded repetition (catastrophic backtracking) is not allowed")
+            bound = lo if unbounded else hi
             if bound > MAX_BOUNDED_COUNT:
                 raise ValueError(f"{name}: a repetition count of {bound} is over the cap of {MAX_BOUNDED_COUNT}")
-            total += max(1, bound) * _expansion(sub, name)
+            total += max(1, bound) * _expansion(sub, name, in_unbounded or unbounded)
         elif op == c.SUBPATTERN:
-            total += _expansion(arg[-1], name)
+            total += _expansion(arg[-1], name, in_unbounded)
         elif op == c.BRANCH:
-            total += sum(_expansion(b, name) for b in arg[1])
+            total += sum(_expansion(b, name, in_unbounded) for b in arg[1])
         elif op in (c.ASSERT, c.ASSERT_NOT):
             raise ValueError(f"{name}: lookaround assertions are not supported for structured output")
         elif op == c.GROUPREF or op == getattr(c, "GROUPREF_EXISTS", None):
