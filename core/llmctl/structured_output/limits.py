@@ -94,9 +94,9 @@ def check_regex(pattern: str, name: str) -> None:
 
 
 def _expansion(items: Any, name: str, in_unbounded: bool) -> int:
-    """Rough state count; also refuses an unbounded repetition inside another (``(a+)+``, ``(a|a?)*``): the
+    """Rough state count; also refuses an unbounded repetition inside another (``(a+)+``, ``(x+x+)+y``): the
     grammar engine itself would not backtrack on it, but it is the classic catastrophic-backtracking shape for
-    every regex engine that sees the pattern afterwards (a client validating outputs with it, say)."""
+    every backtracking regex engine that sees the pattern afterwards (a client validating outputs with it)."""
     from re import _constants as c  # type: ignore[attr-defined]
 
     total = 0
