@@ -187,6 +187,13 @@ def serve(
     header_read_timeout: float = typer.Option(
         20.0, help="Close a connection that has not sent a complete request header within this many seconds."),
     max_idle_connections_per_client: int = typer.Option(512, help="Idle connections one client address may keep."),
+    enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice",
+                                                 help="Let the model decide when to call tools (tool_choice=auto)."),
+    tool_call_parser: str | None = typer.Option(None, help="hermes, llama3_json, mistral or pythonic."),
+    reasoning_parser: str | None = typer.Option(None, help="deepseek_r1 or qwen3: split <think> output."),
+    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
+    responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
+                                                     "previous_response_id (0: off)."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -206,7 +213,10 @@ def serve(
                                       metrics_public=metrics_public, shutdown_timeout=shutdown_timeout,
                                       stream_write_timeout=stream_write_timeout,
                                       header_read_timeout=header_read_timeout,
-                                      max_idle_connections_per_client=max_idle_connections_per_client)
+                                      max_idle_connections_per_client=max_idle_connections_per_client,
+                                      enable_auto_tool_choice=enable_auto_tool_choice,
+                                      tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                                      responses_store_size=responses_store_size)
         except ValueError as exc:
             raise UserError(str(exc)) from None
         name = resolve_model(model)
@@ -222,7 +232,8 @@ def serve(
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,
                            trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
-                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"))
+                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"),
+                           structured_outputs_backend=structured_outputs_backend)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

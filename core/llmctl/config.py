@@ -71,6 +71,8 @@ class EngineArgs:
     # "generate", "pooling" (embeddings, classification, scores: llmctl.pooling) or "auto" (from the checkpoint)
     runner: str = "auto"
     pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
+    structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar
+    structured_outputs_compile_timeout: float = 3.0  # seconds before a grammar compile is refused
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +115,12 @@ class EngineArgs:
             raise ValueError(f"runner: must be one of auto, generate, pooling, got {self.runner!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_backend: must be 'auto' or 'xgrammar', got "
+                             f"{self.structured_outputs_backend!r}")
+        timeout = self.structured_outputs_compile_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise ValueError(f"structured_outputs_compile_timeout: must be in (0, 600] seconds, got {timeout!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
         self._validate_loading()

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmctl.structured_output.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 MAX_N = 128
 _GREEDY_EPS = 1e-5
@@ -62,6 +64,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra_args: dict[str, Any] | None = None
+    # Constrained decoding (JSON schema, regex, choice, EBNF grammar); ``guided_decoding`` is vLLM's older name.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = field(default=None, repr=False)
     # Filled by the engine, not the user: EOS ids of the model (generation_config may list several).
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -75,6 +80,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None and self.structured_outputs is None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     def validate(self) -> None:
@@ -101,6 +110,9 @@ class SamplingParams:
                 raise ValueError("stop: every stop string must be a non-empty string")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs: expected StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:

@@ -136,7 +136,11 @@ class AsyncLLM:
             prepared = prompt
         else:
             request_id = request_id or f"req-{time.monotonic_ns()}"
-            prepared = self.prepare(prompt, sampling_params, request_id)
+            if sampling_params is not None and sampling_params.structured_outputs is not None:
+                # compiling a grammar can take a while: never on the event loop
+                prepared = await asyncio.to_thread(self.prepare, prompt, sampling_params, request_id)
+            else:
+                prepared = self.prepare(prompt, sampling_params, request_id)
         rid = prepared.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
+from llmctl.structured_output.request_grammar import fill_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,7 @@ class EngineCore:
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
                     "decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
@@ -361,9 +364,20 @@ class EngineCore:
                 if extra.get("inject_fault") == "forward":
                     raise InjectedFault(f"injected model fault for request {item.request.request_id}")
         batch = self.runner.prepare(sched)
+        grammars = [r.grammar for r in batch.sampling_requests]
+        # structured output: the bitmask is filled on a worker thread while the forward pass runs
+        mask_job = self._grammar_pool().submit(fill_grammar_bitmask, grammars, self.model_config.vocab_size) \
+            if any(g is not None for g in grammars) else None
         result = self.runner.execute(batch)
-        sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
+        mask = mask_job.result() if mask_job is not None else None
+        sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask) \
+            if batch.sampling_requests else None
         return self._update(sched, batch.sampling_requests, sampled, result.prompt_hidden, result.pooled)
+
+    def _grammar_pool(self) -> ThreadPoolExecutor:
+        if self._bitmask_pool is None:
+            self._bitmask_pool = ThreadPoolExecutor(1, thread_name_prefix="llmctl-bitmask")
+        return self._bitmask_pool
 
     def _update(self, sched, sampling_requests, sampled, prompt_hidden, pooled=None) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
@@ -393,7 +407,13 @@ class EngineCore:
                 lp = sampled.logprobs[i]
                 if lp is not None:
                     out.new_logprobs = [lp]
+                if req.grammar is not None and not req.grammar.accept(token):
+                    out.finish_reason, out.error = "error", f"token {token} is not allowed by the request's grammar"
+                    self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+                    continue
                 reason = self._stop_reason(req, token)
+                if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
+                    reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
                 if reason is not None:
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED

@@ -20,6 +20,7 @@ from llmctl.pooling.frontend import PoolingFrontend, PreparedPooling
 from llmctl.pooling.outputs import PoolingRequestOutput
 from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
+from llmctl.structured_output.manager import StructuredOutputManager
 
 
 @dataclass
@@ -40,7 +41,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
         self.model_config = self.core.model_config
         self.cache_config = self.core.cache_config
-        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs)
+        eos = (*self.model_config.eos_token_ids, *([self.tokenizer.eos_token_id] if isinstance(
+            getattr(self.tokenizer, "eos_token_id", None), int) else []))
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, tuple(dict.fromkeys(eos)),
+            args.structured_outputs_backend, args.structured_outputs_compile_timeout)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs,
+                                              self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.runner_type = self.core.runner_type

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmctl.structured_output.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +53,7 @@ class Request:
     # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    grammar: RequestGrammar | None = None  # structured output: advances with every appended token
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -14,6 +14,7 @@ import torch
 
 from llmctl.engine.request import Request
 from llmctl.ops import Ops
+from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask
 
 
 @dataclass
@@ -69,19 +70,23 @@ class Sampler:
         self.ops = ops
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 grammar_bitmask: GrammarBitmask | None = None) -> SamplerOutput:
         params = [r.sampling_params for r in requests]
         if all(p.greedy and not p.needs_penalties and not p.min_tokens for p in params):
             # the common offline case: no float32 copy of the logits unless logprobs ask for one
-            next_ids = self.ops.greedy_sample(logits)
+            masked = logits if grammar_bitmask is None else apply_token_bitmask(logits, grammar_bitmask)
+            next_ids = self.ops.greedy_sample(masked)
             return SamplerOutput(next_ids.tolist(), self._logprobs(logits, params, next_ids))
         logits = logits.float()
         raw = logits
+        if grammar_bitmask is not None:  # structured output: only what the grammar allows (logprobs stay raw)
+            logits = apply_token_bitmask(logits, grammar_bitmask)
         logits = logits.clone() if any(p.needs_penalties or p.min_tokens for p in params) else logits
         logits = apply_penalties(logits, requests)
         for i, r in enumerate(requests):
             sp = r.sampling_params
-            if sp.min_tokens and r.num_output_tokens < sp.min_tokens:
+            if sp.min_tokens and r.num_output_tokens < sp.min_tokens and r.grammar is None:  # a grammar decides
                 banned = [t for t in (*r.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
                 if banned:
                     logits[i, banned] = float("-inf")
