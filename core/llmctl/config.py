@@ -58,6 +58,9 @@ class EngineArgs:
     max_logprobs: int = 20
     served_model_name: str | None = None
     num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    # vLLM's shape: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": .., "prompt_lookup_max":
+    # ..}; a dict, its JSON text, or a parsed SpeculativeConfig (spec_decode/config.py)
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +98,9 @@ class EngineArgs:
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        from llmctl.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:

@@ -25,6 +25,9 @@ from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
+from llmctl.spec_decode.config import SpeculativeConfig
+from llmctl.spec_decode.rejection_sampler import RejectionSampler
+from llmctl.spec_decode.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class EngineCore:
         from llmctl.loader.source import resolve_model
 
         self.args = args
+        spec_config = SpeculativeConfig.parse(args.speculative_config)
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
@@ -89,9 +93,11 @@ class EngineCore:
         self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.speculator = Speculator(spec_config, self.model_config.max_model_len) if spec_config else None
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         self.num_steps = 0
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
@@ -282,6 +288,7 @@ class EngineCore:
             "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
             "num_steps": self.num_steps,
             **self.scheduler.stats(),
+            **(self.speculator.stats.as_dict() if self.speculator else {}),
         }
 
     # -- the step --------------------------------------------------------------------------------------------
@@ -290,6 +297,12 @@ class EngineCore:
         if not sched:
             return []
         self.num_steps += 1
+        outputs = self._step(sched)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
+        return outputs
+
+    def _step(self, sched: SchedulerOutput) -> list[CoreOutput]:
         try:
             return self._run(sched)
         except Exception as exc:
@@ -321,14 +334,31 @@ class EngineCore:
                     raise InjectedFault(f"injected model fault for request {item.request.request_id}")
         batch = self.runner.prepare(sched)
         result = self.runner.execute(batch)
-        sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
-        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits)
+        new_tokens: list[list[int]] = []
+        new_logprobs: list[list[RowLogprobs] | None] = []
+        if batch.draft_token_ids:
+            verified = self.rejection_sampler(result.sample_logits, batch.sampling_requests, batch.draft_token_ids)
+            new_tokens, new_logprobs = verified.token_ids, verified.logprobs
+            self.speculator.record(sum(1 for d in batch.draft_token_ids if d), verified.num_draft_tokens,
+                                   verified.num_accepted_tokens)
+        elif batch.sampling_requests:
+            sampled = self.sampler(result.sample_logits, batch.sampling_requests)
+            new_tokens = [[t] for t in sampled.token_ids]
+            new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
+        return self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_logits)
 
-    def _update(self, sched, sampling_requests, sampled, prompt_logits) -> list[CoreOutput]:
+    def _update(self, sched: SchedulerOutput, sampling_requests: list[Request], new_tokens: list[list[int]],
+                new_logprobs: list[list[RowLogprobs] | None], prompt_logits) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
+        accepted = {id(r): len(t) - 1 for r, t in zip(sampling_requests, new_tokens, strict=True)}
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
+            if item.spec_token_ids:
+                # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
+                # holding nothing else go back to the pool.
+                req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
+                self.kv.trim(req)
             self.kv.cache_computed_blocks(req)
         for rid, (chunk, logits) in prompt_logits.items():
             req = chunk.request
@@ -337,21 +367,20 @@ class EngineCore:
             out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
             out.prompt_logprobs = prompt_logprobs_rows(logits, targets, req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
-        if sampled is not None:
-            for i, req in enumerate(sampling_requests):
-                token = sampled.token_ids[i]
+        for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):
+            out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
+                                                                num_cached_tokens=req.num_cached_tokens))
+            for j, token in enumerate(tokens):
                 req.all_token_ids.append(token)
-                out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                    num_cached_tokens=req.num_cached_tokens))
                 out.new_token_ids.append(token)
-                lp = sampled.logprobs[i]
-                if lp is not None:
-                    out.new_logprobs = [lp]
+                if lps is not None:
+                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
                 reason = self._stop_reason(req, token)
-                if reason is not None:
+                if reason is not None:  # tokens accepted after a stop are dropped
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
                     self.scheduler.finish(req, status)
+                    break
         return list(outputs.values())
 
     def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:

@@ -59,11 +59,15 @@ class BatchInputs:
     logits_indices: torch.Tensor
     sampling_requests: list[Request]
     prompt_logprob_chunks: list[PromptLogprobChunk] = field(default_factory=list)
+    # Per sampling request, the draft tokens it feeds; its logits rows are then len(draft) + 1 consecutive rows
+    # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
+    draft_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class ModelOutput:
-    sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
+    sample_logits: torch.Tensor  # [num_sampling_rows, vocab], the model's dtype (one row per request without
+    # draft tokens, len(draft) + 1 rows with them)
     prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
 
 
@@ -125,6 +129,7 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        drafts: list[list[int]] = []
         prompt_chunks: list[PromptLogprobChunk] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         block_tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
@@ -135,14 +140,17 @@ class ModelRunner:
             positions = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             block_tables[i, : len(table)] = table
-            ids_parts.append(np.asarray(req.all_token_ids[start:start + n], dtype=np.int64))
+            known = req.all_token_ids[start:start + n]
+            ids_parts.append(np.asarray(known + s.spec_token_ids if s.spec_token_ids else known, dtype=np.int64))
             pos_parts.append(positions)
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
             if s.samples:
-                logits_rows.append(offset + n - 1)
+                k = len(s.spec_token_ids)
+                logits_rows.extend(range(offset + n - 1 - k, offset + n))
                 sampling.append(req)
+                drafts.append(s.spec_token_ids)
             sp = req.sampling_params
             if sp.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(start + n, req.num_prompt_tokens - 1)
@@ -171,6 +179,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=sampling,
             prompt_logprob_chunks=prompt_chunks,
+            draft_token_ids=drafts if any(drafts) else [],
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:

@@ -45,6 +45,8 @@ class Request:
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
