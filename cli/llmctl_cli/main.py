@@ -153,6 +153,8 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    speculative_config: str | None = typer.Option(
+        None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -177,7 +179,8 @@ def serve(
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
+                           enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
+                           speculative_config=speculative_config)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

@@ -17,9 +17,11 @@ _LAZY = {
     "RequestOutput": "llmctl.outputs",
     "CompletionOutput": "llmctl.outputs",
     "Logprob": "llmctl.outputs",
+    "BeamSearchParams": "llmctl.beam_search",
 }
 
 if TYPE_CHECKING:
+    from llmctl.beam_search import BeamSearchParams
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
@@ -37,4 +39,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+           "BeamSearchParams", "__version__"]
