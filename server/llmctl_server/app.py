@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl_server import protocol as p
+from llmctl_server.beam import beam_search_response, check_beam_request
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
 from llmctl_server.metrics import Metrics
@@ -176,6 +177,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
                 prompts.append(PreparedPrompt(raw, ids))
             else:
                 prompts.append(PreparedPrompt(tokenizer.decode(raw), list(raw)))
+        if body.use_beam_search:
+            check_beam_request(body)
+            max_tokens = [resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens") for pp in prompts]
+            return await beam_search_response(state, body, model, prompts, max_tokens, chat=False)
         params = []
         for pp in prompts:
             mt = resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens")
@@ -193,6 +198,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         text, ids = await _render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
+        if body.use_beam_search:
+            check_beam_request(body)
+            return await beam_search_response(state, body, model, [PreparedPrompt(text, ids)], [mt], chat=True)
         k = (body.top_logprobs or 0) if body.logprobs else None
         sp = make_sampling_params(state, body, mt, k, _extra_args(request, body))
         return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True)

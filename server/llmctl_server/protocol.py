@@ -70,6 +70,9 @@ class SamplingFields(_Model):
     logit_bias: dict[str, SFloat] | None = None
     allowed_token_ids: list[SInt] | None = None
     bad_words: list[SStr] | None = None
+    # vLLM's beam search extension: n is the beam width (llmctl_server/beam.py)
+    use_beam_search: SBool = False
+    length_penalty: SFloat = 1.0
     # vLLM's per-request extension arguments, handed to SamplingParams.extra_args (also accepted as vllm_xargs).
     extra_args: dict[str, SStr | SInt | SFloat | SBool] | None = None
     vllm_xargs: dict[str, SStr | SInt | SFloat | SBool] | None = None
