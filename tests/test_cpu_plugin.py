@@ -147,13 +147,35 @@ def test_configure_fills_only_unset_fields():
     from llmctl_cpu.platform import CPU_MAX_NUM_BATCHED_TOKENS, CpuPlatform, default_num_threads
 
     platform = CpuPlatform()
-    assert platform.configure(EngineArgs(model="m")) == {
-        "num_threads": default_num_threads(), "max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS}
-    assert platform.configure(EngineArgs(model="m", num_threads=1, max_num_batched_tokens=4096)) == {}
-    import types
+    before = torch.get_num_threads()
+    try:
+        assert platform.configure(EngineArgs(model="m")) == {"max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS}
+        if not os.environ.get("OMP_NUM_THREADS"):
+            assert torch.get_num_threads() == default_num_threads()
+        assert platform.configure(EngineArgs(model="m", platform_options={"num_threads": 1},
+                                             max_num_batched_tokens=4096)) == {}
+        if not os.environ.get("OMP_NUM_THREADS"):
+            assert torch.get_num_threads() == 1
+        import types
 
-    big_blocks = platform.configure(types.SimpleNamespace(num_threads=1, max_num_batched_tokens=None, block_size=2048))
-    assert big_blocks == {"max_num_batched_tokens": 2048}  # never below one block
+        big_blocks = platform.configure(types.SimpleNamespace(platform_options={"num_threads": 1},
+                                                              max_num_batched_tokens=None, block_size=2048))
+        assert big_blocks == {"max_num_batched_tokens": 2048}  # never below one block
+        with pytest.raises(ValueError, match="^num_threads:"):
+            platform.configure(EngineArgs(model="m", platform_options={"num_threads": -2}))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_num_threads_is_a_cpu_platform_option(monkeypatch):
+    """``num_threads`` is no core field: ``from_kwargs`` routes it to the platform's options, and a keyword no
+    platform declares is still refused by name."""
+    from llmctl.config import EngineArgs
+
+    args = EngineArgs.from_kwargs("m", num_threads=3, max_num_seqs=4)
+    assert args.platform_options == {"num_threads": 3} and args.max_num_seqs == 4
+    with pytest.raises(ValueError, match="^num_thread: unknown engine argument; known: .*num_threads"):
+        EngineArgs.from_kwargs("m", num_thread=3)
 
 
 def test_configure_threads_honours_environment(monkeypatch):
@@ -410,7 +432,6 @@ def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype, isa):
 def test_new_kv_arguments_give_the_cache_read_result(backend, rng, dtype):
     """Core may pass the step's new keys/values; prefill chunks without context then skip the cache read, and
     the result is bit-identical to reading them back (also when the activations are wider than the cache)."""
-    assert backend.accepts_new_kv is True
     specs = [(0, rng.randint(2, 90)), (rng.randint(1, 100), 1), (rng.randint(1, 80), rng.randint(2, 30)),
              (0, rng.randint(2, 20)), (0, 1)]
     rng.shuffle(specs)

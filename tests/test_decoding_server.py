@@ -23,8 +23,8 @@ def offline(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0,
-                                                  num_threads=1, speculative_config=SPEC))
+    engine = AsyncLLM.from_engine_args(EngineArgs.from_kwargs(str(tiny_llama_dir), kv_cache_memory=KV, seed=0,
+                                                              num_threads=1, speculative_config=SPEC))
     srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
     yield srv
     srv.stop()

@@ -202,14 +202,16 @@ def test_abort_mid_speculation_frees_blocks(tiny_llama_dir, plain):
 
 
 def test_smollm2_ngram_greedy_identical(smollm2_gguf):
-    plain = LLM(str(smollm2_gguf), dtype="float32", num_threads=1, kv_cache_memory=64 << 20)
     spec = LLM(str(smollm2_gguf), dtype="float32", num_threads=1, kv_cache_memory=64 << 20,
                speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
                                    "prompt_lookup_min": 1})
     prompt = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog. "
                                           "The quick brown fox jumps over the lazy dog."}]
-    params = SamplingParams(temperature=0.0, max_tokens=24)
-    ref = plain.chat(prompt, params, use_tqdm=False)[0].outputs[0]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    core = spec.llm_engine.core
+    speculator, core.speculator = core.speculator, None  # the same engine without speculation is the reference
+    ref = spec.chat(prompt, params, use_tqdm=False)[0].outputs[0]
+    core.speculator = speculator
     got = spec.chat(prompt, params, use_tqdm=False)[0].outputs[0]
     assert got.token_ids == ref.token_ids
     stats = spec.get_stats()

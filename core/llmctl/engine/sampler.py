@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.engine.logits_controls import SampleRow, apply_logits_controls, rows_with_controls
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 @dataclass
