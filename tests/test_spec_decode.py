@@ -286,3 +286,33 @@ def test_engine_histograms_with_and_without_speculation(small_vocab_dir, small_p
     assert len(cells) >= 3
     assert chi2_pvalue(stat, len(cells) - 1) > 1e-3, hist
     assert_all_blocks_free(spec.get_stats())
+
+
+# -- draft-model proposer ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("draft_kind", ["llama", "qwen2"])
+def test_draft_model_greedy_identical(tiny_model_dirs, plain, draft_kind):
+    """The target itself as its draft (every draft accepted) and another tiny model with the same tokenizer
+    (mostly rejected), through a cache tight enough to preempt and n > 1: output equals plain decoding."""
+    target = tiny_model_dirs["llama"]
+    spec = make_llm(target, {"model": str(tiny_model_dirs[draft_kind]), "num_speculative_tokens": 3}, blocks=14,
+                    max_num_batched_tokens=64)
+    params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2)]
+    for sp in params:
+        ref = plain.generate(COPY_PROMPTS, sp, use_tqdm=False)
+        got = spec.generate(COPY_PROMPTS, sp, use_tqdm=False)
+        for r, g in zip(ref, got):
+            assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
+    stats = spec.get_stats()
+    assert stats["num_preemptions"] > 0, "the cache must be tight enough to preempt"
+    if draft_kind == "llama":
+        assert stats["spec_acceptance_rate"] > 0.9, stats
+    else:
+        assert stats["spec_num_draft_tokens"] > 0
+    assert_all_blocks_free(stats)
+
+
+def test_draft_vocab_must_match(tiny_llama_dir, small_vocab_dir):
+    with pytest.raises(ValueError, match=r"speculative_config\.model: the draft's vocabulary \(64 tokens\)"):
+        make_llm(tiny_llama_dir, {"method": "draft_model", "model": str(small_vocab_dir),
+                                  "num_speculative_tokens": 2})

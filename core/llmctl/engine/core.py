@@ -26,6 +26,7 @@ from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
 from llmctl.spec_decode.config import SpeculativeConfig
+from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
 from llmctl.spec_decode.rejection_sampler import RejectionSampler
 from llmctl.spec_decode.speculator import Speculator
 
@@ -75,6 +76,9 @@ class EngineCore:
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
+        draft_source = None
+        if spec_config is not None and spec_config.method == "draft_model":
+            draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
@@ -97,7 +101,8 @@ class EngineCore:
         self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.speculator = Speculator(spec_config, self.model_config.max_model_len) if spec_config else None
+        draft = load_draft_proposer(draft_source, self) if draft_source is not None else None
+        self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)

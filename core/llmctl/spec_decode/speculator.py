@@ -4,6 +4,7 @@ keeps the acceptance counters that ``get_stats()`` and ``/metrics`` report."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from llmctl.engine.request import Request
 from llmctl.spec_decode.config import SpeculativeConfig
@@ -28,10 +29,14 @@ class SpecDecodeStats:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    """``draft`` (a DraftModelProposer) drafts for the whole batch at once; without one, ``proposer`` drafts
+    per request from its tokens (prompt lookup)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: Any = None) -> None:
         self.config = config
         self.max_model_len = max_model_len
         self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.draft = draft
         self.stats = SpecDecodeStats()
 
     def num_drafts_allowed(self, req: Request) -> int:
@@ -41,11 +46,17 @@ class Speculator:
 
     def propose(self, running: list[Request]) -> None:
         """Draft tokens for every running request that is decoding (all its tokens but the last computed)."""
+        todo: list[tuple[Request, int]] = []
         for req in running:
-            if req.finished or req.num_tokens - req.num_computed_tokens != 1:
-                req.spec_token_ids = []
-                continue
-            req.spec_token_ids = self.proposer.propose(req.all_token_ids, self.num_drafts_allowed(req))
+            req.spec_token_ids = []
+            if not req.finished and req.num_tokens - req.num_computed_tokens == 1:
+                todo.append((req, self.num_drafts_allowed(req)))
+        if self.draft is not None:
+            for (req, _), draft in zip(todo, self.draft.propose(todo), strict=True):
+                req.spec_token_ids = draft
+            return
+        for req, k in todo:
+            req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
 
     def record(self, num_rows: int, num_draft: int, num_accepted: int) -> None:
         self.stats.num_verify_rows += num_rows
