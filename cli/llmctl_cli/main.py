@@ -194,6 +194,8 @@ def serve(
     structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
     responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
                                                      "previous_response_id (0: off)."),
+    speculative_config: str | None = typer.Option(
+        None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -233,7 +235,8 @@ def serve(
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,
                            trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
                            runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"),
-                           structured_outputs_backend=structured_outputs_backend)
+                           structured_outputs_backend=structured_outputs_backend,
+                           speculative_config=speculative_config)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"

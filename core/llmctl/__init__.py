@@ -22,9 +22,11 @@ _LAZY = {
     "EmbeddingRequestOutput": "llmctl.pooling.outputs",
     "ClassificationRequestOutput": "llmctl.pooling.outputs",
     "ScoringRequestOutput": "llmctl.pooling.outputs",
+    "BeamSearchParams": "llmctl.beam_search",
 }
 
 if TYPE_CHECKING:
+    from llmctl.beam_search import BeamSearchParams
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
@@ -50,4 +52,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "PoolingParams", "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
-           "ScoringRequestOutput", "__version__"]
+           "ScoringRequestOutput", "BeamSearchParams", "__version__"]

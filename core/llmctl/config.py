@@ -73,6 +73,9 @@ class EngineArgs:
     pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
     structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar
     structured_outputs_compile_timeout: float = 3.0  # seconds before a grammar compile is refused
+    # vLLM's shape: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": .., "prompt_lookup_max":
+    # ..}; a dict, its JSON text, or a parsed SpeculativeConfig (spec_decode/config.py)
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -124,6 +127,9 @@ class EngineArgs:
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
         self._validate_loading()
+        from llmctl.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
 
     def _validate_loading(self) -> None:
         if self.model_impl not in ("auto", "native", "transformers"):

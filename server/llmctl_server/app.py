@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl_server import protocol as p
+from llmctl_server.beam import beam_search_response, check_beam_request
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
@@ -202,6 +203,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
             else:
                 prompts.append(PreparedPrompt(await off_loop(tokenizer.decode, raw), list(raw)))
         structured = structured_params(body)
+        if body.use_beam_search:
+            check_beam_request(body)
+            max_tokens = [resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens") for pp in prompts]
+            return await beam_search_response(state, body, model, prompts, max_tokens, chat=False)
         params = []
         for pp in prompts:
             mt = resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens")
@@ -224,6 +229,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
                                        plan.tools)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
+        if body.use_beam_search:
+            check_beam_request(body)
+            return await beam_search_response(state, body, model, [PreparedPrompt(text, ids)], [mt], chat=True)
         k = (body.top_logprobs or 0) if body.logprobs else None
         sp = make_sampling_params(state, body, mt, k, _extra_args(request, body))
         if plan.structured is not None:

@@ -45,6 +45,22 @@ class _EngineCollector(Collector):
         hit = GaugeMetricFamily("llmctl_prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens (0..1)")
         hit.add_metric([], (s.get("prefix_cache_hit_tokens", 0) / queried) if queried else 0.0)
         yield hit
+        yield from _spec_decode_metrics(s)
+
+
+def _spec_decode_metrics(s: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """Only when the engine speculates (its stats then carry the spec_* keys)."""
+    if "spec_num_draft_tokens" not in s:
+        return
+    for key, name, doc in (
+            ("spec_num_draft_tokens", "llmctl_spec_decode_num_draft_tokens", "Draft tokens proposed"),
+            ("spec_num_accepted_tokens", "llmctl_spec_decode_num_accepted_tokens", "Draft tokens accepted"),
+            ("spec_acceptance_rate", "llmctl_spec_decode_acceptance_rate", "Accepted / proposed draft tokens"),
+            ("spec_mean_tokens_per_step", "llmctl_spec_decode_tokens_per_step",
+             "Tokens a request gains per verified step (accepted drafts + 1)")):
+        g = GaugeMetricFamily(name, doc)
+        g.add_metric([], float(s.get(key) or 0.0))
+        yield g
 
 
 class Metrics:

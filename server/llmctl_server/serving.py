@@ -213,6 +213,10 @@ def make_sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: 
             changes[name] = value
     changes.update(n=req.n, max_tokens=max_tokens, logprobs=logprobs, stop=req.stop_list(),
                    stop_token_ids=list(req.stop_token_ids or []))
+    for name, value in (("logit_bias", req.logit_bias_ids()), ("allowed_token_ids", req.allowed_token_ids),
+                        ("bad_words", req.bad_words)):
+        if value is not None and name in known:
+            changes[name] = value
     if extra_args:
         changes["extra_args"] = dict(extra_args)
     try:

@@ -7,6 +7,7 @@ retried alone and only the ones that still fail are ended with an error.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -26,7 +27,11 @@ from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
-from llmctl.structured_output.request_grammar import fill_grammar_bitmask
+from llmctl.spec_decode.config import SpeculativeConfig
+from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
+from llmctl.spec_decode.rejection_sampler import RejectionSampler
+from llmctl.spec_decode.speculator import Speculator
+from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask, fill_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ class EngineCore:
         from llmctl.pooling.setup import backend_features, plan_runner
 
         self.args = args
+        spec_config = SpeculativeConfig.parse(args.speculative_config)
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
@@ -82,6 +88,9 @@ class EngineCore:
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
+        draft_source = None
+        if spec_config is not None and spec_config.method == "draft_model":
+            draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
@@ -123,9 +132,12 @@ class EngineCore:
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        draft = load_draft_proposer(draft_source, self) if draft_source is not None else None
+        self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
@@ -326,6 +338,7 @@ class EngineCore:
             "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
             "num_steps": self.num_steps,
             **self.scheduler.stats(),
+            **(self.speculator.stats.as_dict() if self.speculator else {}),
         }
 
     # -- the step --------------------------------------------------------------------------------------------
@@ -334,6 +347,12 @@ class EngineCore:
         if not sched:
             return []
         self.num_steps += 1
+        outputs = self._step(sched)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
+        return outputs
+
+    def _step(self, sched: SchedulerOutput) -> list[CoreOutput]:
         try:
             return self._run(sched)
         except Exception as exc:
@@ -370,20 +389,41 @@ class EngineCore:
             if any(g is not None for g in grammars) else None
         result = self.runner.execute(batch)
         mask = mask_job.result() if mask_job is not None else None
-        sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask) \
-            if batch.sampling_requests else None
-        return self._update(sched, batch.sampling_requests, sampled, result.prompt_hidden, result.pooled)
+        new_tokens: list[list[int]] = []
+        new_logprobs: list[list[RowLogprobs] | None] = []
+        if batch.draft_token_ids:
+            logits = result.sample_logits
+            if mask is not None:  # grammar rows never draft, so each is the one row at its request's start
+                starts = list(itertools.accumulate((len(d) + 1 for d in batch.draft_token_ids), initial=0))
+                logits = apply_token_bitmask(logits, GrammarBitmask(mask.bitmask, [starts[i] for i in mask.rows]))
+            verified = self.rejection_sampler(logits, batch.sampling_requests, batch.draft_token_ids)
+            new_tokens, new_logprobs = verified.token_ids, verified.logprobs
+            self.speculator.record(sum(1 for d in batch.draft_token_ids if d), verified.num_draft_tokens,
+                                   verified.num_accepted_tokens)
+        elif batch.sampling_requests:
+            sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask)
+            new_tokens = [[t] for t in sampled.token_ids]
+            new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
+        return self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_hidden,
+                            result.pooled)
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._bitmask_pool is None:
             self._bitmask_pool = ThreadPoolExecutor(1, thread_name_prefix="llmctl-bitmask")
         return self._bitmask_pool
 
-    def _update(self, sched, sampling_requests, sampled, prompt_hidden, pooled=None) -> list[CoreOutput]:
+    def _update(self, sched: SchedulerOutput, sampling_requests: list[Request], new_tokens: list[list[int]],
+                new_logprobs: list[list[RowLogprobs] | None], prompt_hidden, pooled=None) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
+        accepted = {id(r): len(t) - 1 for r, t in zip(sampling_requests, new_tokens, strict=True)}
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
+            if item.spec_token_ids:
+                # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
+                # holding nothing else go back to the pool.
+                req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
+                self.kv.trim(req)
             self.kv.cache_computed_blocks(req)
         for rid, data in (pooled or {}).items():
             req = self.scheduler.requests[rid]
@@ -397,27 +437,26 @@ class EngineCore:
             out.prompt_logprobs = prompt_logprobs_in_slices(hidden, self.runner.model.compute_logits, targets,
                                                             req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
-        if sampled is not None:
-            for i, req in enumerate(sampling_requests):
-                token = sampled.token_ids[i]
+        for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):
+            out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
+                                                                num_cached_tokens=req.num_cached_tokens))
+            for j, token in enumerate(tokens):
                 req.all_token_ids.append(token)
-                out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                    num_cached_tokens=req.num_cached_tokens))
                 out.new_token_ids.append(token)
-                lp = sampled.logprobs[i]
-                if lp is not None:
-                    out.new_logprobs = [lp]
+                if lps is not None:
+                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
                 if req.grammar is not None and not req.grammar.accept(token):
                     out.finish_reason, out.error = "error", f"token {token} is not allowed by the request's grammar"
                     self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                    continue
+                    break
                 reason = self._stop_reason(req, token)
                 if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
                     reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
-                if reason is not None:
+                if reason is not None:  # tokens accepted after a stop are dropped
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
                     self.scheduler.finish(req, status)
+                    break
         return list(outputs.values())
 
     def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:

@@ -70,11 +70,15 @@ class BatchInputs:
     prompt_logprob_chunks: list[PromptLogprobChunk] = field(default_factory=list)
     pooling_chunks: list[PoolingChunk] = field(default_factory=list)
     token_type_ids: torch.Tensor | None = None  # [num_tokens], only when a pooling request carries segment ids
+    # Per sampling request, the draft tokens it feeds; its logits rows are then len(draft) + 1 consecutive rows
+    # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
+    draft_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class ModelOutput:
-    sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
+    sample_logits: torch.Tensor  # [num_sampling_rows, vocab], the model's dtype (one row per request without
+    # draft tokens, len(draft) + 1 rows with them)
     # Hidden states of each prompt-logprobs chunk's rows, not logits: a long prompt's logits (rows x vocab, float32)
     # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
     prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
@@ -139,6 +143,7 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        drafts: list[list[int]] = []
         prompt_chunks: list[PromptLogprobChunk] = []
         pooling_chunks: list[PoolingChunk] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
@@ -150,7 +155,8 @@ class ModelRunner:
             positions = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             block_tables[i, : len(table)] = table
-            ids_parts.append(np.asarray(req.all_token_ids[start:start + n], dtype=np.int64))
+            known = req.all_token_ids[start:start + n]
+            ids_parts.append(np.asarray(known + s.spec_token_ids if s.spec_token_ids else known, dtype=np.int64))
             pos_parts.append(positions)
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
@@ -158,8 +164,10 @@ class ModelRunner:
             if req.pooling_params is not None:
                 pooling_chunks.append(PoolingChunk(req, offset, offset + n))
             elif s.samples:
-                logits_rows.append(offset + n - 1)
+                k = len(s.spec_token_ids)
+                logits_rows.extend(range(offset + n - 1 - k, offset + n))
                 sampling.append(req)
+                drafts.append(s.spec_token_ids)
             sp = req.sampling_params
             if sp.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(start + n, req.num_prompt_tokens - 1)
@@ -190,6 +198,7 @@ class ModelRunner:
             prompt_logprob_chunks=prompt_chunks,
             pooling_chunks=pooling_chunks,
             token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
+            draft_token_ids=drafts if any(drafts) else [],
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:

@@ -54,6 +54,8 @@ class Request:
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
     grammar: RequestGrammar | None = None  # structured output: advances with every appended token
+    # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

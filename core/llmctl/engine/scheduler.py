@@ -15,11 +15,14 @@ from llmctl.kv.manager import KVCacheManager
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    # Draft tokens fed after the request's known tokens (counted in num_new_tokens), to be verified this step.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, i.e. produces the next token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_new_tokens == \
+            self.request.num_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Scheduler:
         self.kv.free(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -91,10 +95,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            known = req.num_tokens - req.num_computed_tokens
+            num_new = min(known + len(req.spec_token_ids), budget)
             if num_new <= 0:
                 i += 1
                 continue
+            spec = req.spec_token_ids[:max(0, num_new - known)]
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]  # newest running request goes back to the queue
                 self._preempt(victim)
@@ -103,7 +109,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            out.scheduled.append(ScheduledRequest(req, num_new, spec))
             scheduled_ids.add(req.request_id)
             budget -= num_new
             i += 1

@@ -6,6 +6,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from llmctl.beam_search import (
+    BeamSearchInstance,
+    BeamSearchOutput,
+    BeamSearchParams,
+    check_beam_search,
+    step_sampling_params,
+)
 from llmctl.config import EngineArgs
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine
@@ -120,6 +127,40 @@ class LLM:
                                            chat_template=chat_template)
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``beam_width`` best sequences per prompt, best first (see
+        llmctl.beam_search for the scoring). Each step runs every live beam as a one-token request; beams
+        share their prefix through the prefix cache."""
+        engine = self.llm_engine
+        check_beam_search(params, self.engine_args.max_logprobs)
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        processed = [engine.input_processor.tokenize(p) for p in prompts]
+        for pp in processed:
+            engine.input_processor.check(len(pp.prompt_token_ids), SamplingParams(max_tokens=params.max_tokens))
+        instances = [BeamSearchInstance(pp.prompt_token_ids, params, engine.input_processor.eos_token_ids,
+                                        engine.model_config.max_model_len) for pp in processed]
+        step_params = step_sampling_params(params)
+        while True:
+            work = [(inst, beam) for inst in instances for beam in inst.pending()]
+            if not work:
+                break
+            outs = self._run([{"prompt_token_ids": beam.tokens} for _, beam in work], [step_params] * len(work),
+                             use_tqdm)
+            for inst in instances:
+                tops = [out.outputs[0].logprobs[0] for (owner, _), out in zip(work, outs) if owner is inst]
+                if tops:
+                    inst.advance(tops)
+        tok = self.get_tokenizer()
+        results = []
+        for inst in instances:
+            seqs = inst.result()
+            for seq in seqs:
+                seq.text = tok.decode(seq.tokens, skip_special_tokens=True)
+            results.append(BeamSearchOutput(seqs))
+        return results
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool
              ) -> list[RequestOutput]:

@@ -97,6 +97,14 @@ class KVCacheManager:
             self.pool.register(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = max(request.num_registered_blocks, full)
 
+    def trim(self, request: Request) -> None:
+        """Release the blocks past the one that will hold the request's next token (after rejected draft
+        tokens were rolled back, the blocks only they used are empty)."""
+        keep = -(-(request.num_computed_tokens + 1) // self.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.release(list(reversed(request.block_ids[keep:])))
+            del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         self.pool.release(list(reversed(request.block_ids)))
         request.block_ids = []
