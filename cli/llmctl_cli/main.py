@@ -153,6 +153,14 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    model_option: str | None = typer.Option(None, "--model", help="The model, as an option (vLLM's spelling; "
+                                            "container images pass it this way). Same as MODEL."),
+    metrics_prefix: str = typer.Option("llmctl", help="Metric names: 'llmctl' (llmctl_*) or 'vllm' (vLLM's "
+                                       "vllm:* names, for existing vLLM dashboards)."),
+    web_ui: bool = typer.Option(True, "--web-ui/--no-web-ui", help="Serve the browser console at /."),
+    otlp_traces_endpoint: str | None = typer.Option(
+        None, help="Send OpenTelemetry request traces to this OTLP/HTTP endpoint, e.g. "
+                   "http://collector:4318/v1/traces (needs llmctl-server[tracing])."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -169,10 +177,18 @@ def serve(
             template = load_template_source(chat_template)
             settings = ServerSettings(served_model_names=list(served_model_name or []), api_key=api_key or None,
                                       chat_template=template, max_n=max_n, max_queued_requests=max_queued_requests,
-                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
+                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout,
+                                      metrics_prefix=metrics_prefix, web_ui=web_ui,
+                                      otlp_traces_endpoint=otlp_traces_endpoint or None)
+            if settings.otlp_traces_endpoint:
+                from llmctl_server.tracing import check_tracing_available
+
+                check_tracing_available(settings.otlp_traces_endpoint)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        name = resolve_model(model)
+        if model is not None and model_option is not None and model != model_option:
+            raise UserError(f"--model: got both MODEL {model!r} and --model {model_option!r}; give one")
+        name = resolve_model(model if model is not None else model_option)
         args = engine_args(name, dtype=dtype, max_model_len=max_model_len, device=device,
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
@@ -180,7 +196,8 @@ def serve(
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config)
         engine = load_engine(args)
         try:
-            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"
+            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs"
+                          f"{', console at /' if settings.web_ui else ''})"
                           f"{' - API key required' if settings.api_key else ''}", highlight=False)
             code = run_server(engine, settings, host=host, port=port, log_level=log_level)
         finally:

@@ -21,6 +21,9 @@ class ServerSettings:
     engine_dead_linger: float = 1.0
     retry_after_seconds: int = 1
     public_paths: frozenset[str] = frozenset({"/health"})
+    metrics_prefix: str = "llmctl"  # "llmctl" or "vllm": the metric naming scheme (see metrics.py)
+    web_ui: bool = True  # the browser console at "/" (static files; its API calls need the key like any client)
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry OTLP/HTTP traces endpoint; None: no tracing
 
     def __post_init__(self) -> None:
         if self.max_n < 1:
@@ -29,5 +32,7 @@ class ServerSettings:
             raise ValueError(f"max_queued_requests: must be >= 0, got {self.max_queued_requests}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.metrics_prefix not in ("llmctl", "vllm"):
+            raise ValueError(f"metrics_prefix: expected 'llmctl' or 'vllm', got {self.metrics_prefix!r}")
         if self.api_key is not None and not self.api_key:
             self.api_key = None

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.step_stats import IterationTokenStats
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
@@ -46,6 +48,7 @@ class CoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    first_scheduled_time: float | None = None  # wall clock when the scheduler first admitted the request
 
 
 class InjectedFault(RuntimeError):
@@ -94,6 +97,7 @@ class EngineCore:
         self.sampler = Sampler(self.ops, args.seed)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         self.num_steps = 0
+        self.iteration_tokens = IterationTokenStats()
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
                     "decode_graphs=%s", self.platform.name, self.attention.name, dtype, self.cache_config.num_blocks,
                     args.block_size, self.model_config.max_model_len, decode_graphs)
@@ -271,7 +275,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def get_stats(self) -> dict[str, float]:
+    def get_stats(self) -> dict[str, Any]:
         stats = self.kv.stats
         return {
             "kv_blocks_total": self.kv.pool.num_blocks,
@@ -281,6 +285,7 @@ class EngineCore:
             "prefix_cache_hit_tokens": stats.hit_tokens,
             "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
             "num_steps": self.num_steps,
+            **self.iteration_tokens.snapshot(),
             **self.scheduler.stats(),
         }
 
@@ -290,6 +295,7 @@ class EngineCore:
         if not sched:
             return []
         self.num_steps += 1
+        self.iteration_tokens.observe(sched.num_tokens)
         try:
             return self._run(sched)
         except Exception as exc:
@@ -334,7 +340,8 @@ class EngineCore:
             req = chunk.request
             first = chunk.first_position
             targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=logits.device)
-            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
+            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens,
+                                                     first_scheduled_time=req.first_scheduled_time))
             out.prompt_logprobs = prompt_logprobs_rows(logits, targets, req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
         if sampled is not None:
@@ -342,7 +349,8 @@ class EngineCore:
                 token = sampled.token_ids[i]
                 req.all_token_ids.append(token)
                 out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                    num_cached_tokens=req.num_cached_tokens))
+                                                                    num_cached_tokens=req.num_cached_tokens,
+                                                                    first_scheduled_time=req.first_scheduled_time))
                 out.new_token_ids.append(token)
                 lp = sampled.logprobs[i]
                 if lp is not None:

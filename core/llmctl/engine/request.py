@@ -44,6 +44,7 @@ class Request:
     num_cached_tokens: int = 0
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # wall clock of the first admission (queue-time metric)
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
