@@ -15,6 +15,31 @@ from tests.model_factory import load_test_tokenizer, make_tiny_model, smollm2_gg
 TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def _host_isa() -> str:
+    try:
+        from llmctl_cpu.platform import cpu_info, isa_summary
+    except ImportError:
+        return "unknown host (llmctl-cpu not installed)"
+    info = cpu_info()
+    return f"{info.model_name}: {isa_summary(info.flags)}"
+
+
+def pytest_report_header(config):
+    return f"host CPU: {_host_isa()}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The batch-invariance guard: a failing invariance test says loudly which host kind broke the promise, so a
+    new host kind (another vendor, another ISA) cannot fail quietly as a flaky test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "invarian" in item.nodeid:
+        report.sections.append(("batch invariance broken on this host",
+                                f"BATCH INVARIANCE FAILED on {_host_isa()}: a kernel path gives a row other bits "
+                                "inside a batch than alone on this host kind"))
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")

@@ -57,9 +57,12 @@ def test_replayed_decodes_equal_eager_bits(tiny_model_dirs, kind):
 
 
 @needs_native
-def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog):
-    """float32 linears run on oneDNN (torch ops): the recorder refuses the step, says why, and the engine decodes
+def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog, monkeypatch):
+    """float32 linears pinned to oneDNN (torch ops): the recorder refuses the step, says why, and the engine decodes
     eagerly with the same results as with enforce_eager."""
+    from llmctl_cpu import f32_linear
+
+    monkeypatch.setenv(f32_linear.PATH_ENV, "onednn")
     caplog.set_level(logging.INFO)
     prompts = [{"prompt_token_ids": [5, 6, 7, 8]}]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -70,6 +73,28 @@ def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog):
                 enforce_eager=True)
     assert (llm.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids
             == eager.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+@needs_native
+def test_float32_gemm_is_recorded_and_replayed_at_fewer_rows():
+    """The float32 C GEMM is a recordable kernel: a recorded call replays at any row count up to the recorded one
+    and writes what a direct call at that row count writes."""
+    lib = native.kernels()
+    if not lib.has_gemm_f32:
+        pytest.skip("the float32 C GEMM needs AVX2 + FMA")
+    weight, bias = torch.randn(40, 24), torch.randn(40)
+    panels = lib.pack_f32_panels(weight)
+    x = torch.randn(6, 24)
+    calls: list = []
+    with lib.recording(calls):
+        y = lib.gemm_f32(x, panels, 40, bias)
+    assert [code for code, _ in calls] == [native.OP_GEMM_F32]
+    program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
+    y.fill_(float("nan"))
+    x[:3] = torch.randn(3, 24)
+    assert lib.run_program(program, 3) == (-1, 0)
+    assert torch.equal(y[:3], lib.gemm_f32(x[:3], panels, 40, bias))
+    assert torch.isnan(y[3:]).all()
 
 
 @needs_bf16

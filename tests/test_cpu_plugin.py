@@ -147,13 +147,35 @@ def test_configure_fills_only_unset_fields():
     from llmctl_cpu.platform import CPU_MAX_NUM_BATCHED_TOKENS, CpuPlatform, default_num_threads
 
     platform = CpuPlatform()
-    assert platform.configure(EngineArgs(model="m")) == {
-        "num_threads": default_num_threads(), "max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS}
-    assert platform.configure(EngineArgs(model="m", num_threads=1, max_num_batched_tokens=4096)) == {}
-    import types
+    before = torch.get_num_threads()
+    try:
+        assert platform.configure(EngineArgs(model="m")) == {"max_num_batched_tokens": CPU_MAX_NUM_BATCHED_TOKENS}
+        if not os.environ.get("OMP_NUM_THREADS"):
+            assert torch.get_num_threads() == default_num_threads()
+        assert platform.configure(EngineArgs(model="m", platform_options={"num_threads": 1},
+                                             max_num_batched_tokens=4096)) == {}
+        if not os.environ.get("OMP_NUM_THREADS"):
+            assert torch.get_num_threads() == 1
+        import types
 
-    big_blocks = platform.configure(types.SimpleNamespace(num_threads=1, max_num_batched_tokens=None, block_size=2048))
-    assert big_blocks == {"max_num_batched_tokens": 2048}  # never below one block
+        big_blocks = platform.configure(types.SimpleNamespace(platform_options={"num_threads": 1},
+                                                              max_num_batched_tokens=None, block_size=2048))
+        assert big_blocks == {"max_num_batched_tokens": 2048}  # never below one block
+        with pytest.raises(ValueError, match="^num_threads:"):
+            platform.configure(EngineArgs(model="m", platform_options={"num_threads": -2}))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_num_threads_is_a_cpu_platform_option(monkeypatch):
+    """``num_threads`` is no core field: ``from_kwargs`` routes it to the platform's options, and a keyword no
+    platform declares is still refused by name."""
+    from llmctl.config import EngineArgs
+
+    args = EngineArgs.from_kwargs("m", num_threads=3, max_num_seqs=4)
+    assert args.platform_options == {"num_threads": 3} and args.max_num_seqs == 4
+    with pytest.raises(ValueError, match="^num_thread: unknown engine argument; known: .*num_threads"):
+        EngineArgs.from_kwargs("m", num_thread=3)
 
 
 def test_configure_threads_honours_environment(monkeypatch):
@@ -228,6 +250,43 @@ def test_kernels_compile_for_hosts_without_amx(tmp_path, target):
     proc = subprocess.run([cc, *flags, "-Wall", "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512"])
+def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
+    """The float32 C GEMM as an AVX2-only host (x86-64-v3), an AVX-512 host and a generic x86-64 build (no GEMM:
+    the engine falls back) compile it, run here where this CPU can execute that build."""
+    import ctypes
+    import platform
+    import subprocess
+
+    from llmctl_cpu import native
+    from llmctl_cpu.platform import cpu_info
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    needs = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl")}.get(target, ())
+    if not all(flag in cpu_info().flags for flag in needs):
+        pytest.skip(f"this host cannot run a {target} build")
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    so = tmp_path / f"k-{target}.so"
+    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
+    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+    if target == "x86-64":
+        assert not lib.has_gemm_f32
+        return
+    assert lib.has_gemm_f32
+    for n, k in ((33, 17), (576, 96)):
+        weight, bias = torch.randn(n, k), torch.randn(n)
+        panels = lib.pack_f32_panels(weight)
+        x = torch.randn(70, k)
+        full = lib.gemm_f32(x, panels, n, bias)
+        want = x.double() @ weight.double().T + bias.double()
+        assert torch.allclose(full.double(), want, rtol=1e-5, atol=1e-5 * k ** 0.5)
+        for m in (1, 3, 5, 64, rng.randint(1, 69)):
+            assert torch.equal(lib.gemm_f32(x[:m], panels, n, bias), full[:m]), (target, n, k, m)
+        assert torch.equal(lib.gemm_f32(x[69:], panels, n, bias), full[69:])
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
@@ -373,7 +432,6 @@ def test_c_kernel_prefill_rows_equal_decodes(manager, rng, dtype, isa):
 def test_new_kv_arguments_give_the_cache_read_result(backend, rng, dtype):
     """Core may pass the step's new keys/values; prefill chunks without context then skip the cache read, and
     the result is bit-identical to reading them back (also when the activations are wider than the cache)."""
-    assert backend.accepts_new_kv is True
     specs = [(0, rng.randint(2, 90)), (rng.randint(1, 100), 1), (rng.randint(1, 80), rng.randint(2, 30)),
              (0, rng.randint(2, 20)), (0, 1)]
     rng.shuffle(specs)
@@ -542,14 +600,17 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
     assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
     packed = ops["pack_linear_weight"](weight)
-    from llmctl_cpu import mkl_sgemm, native
-    from llmctl_cpu.ops import PANEL_SHAPE_ATTR, _onednn, _onednn_bf16
+    from llmctl_cpu import f32_linear, mkl_sgemm, native
+    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, PANEL_SHAPE_ATTR, _onednn, _onednn_bf16
 
     lib = native.kernels()
+    f32_path = f32_linear.path_for(weight) if dtype == torch.float32 else None
     if dtype == torch.bfloat16 and lib is not None and lib.has_gemm_bf16:
         assert getattr(packed, PANEL_SHAPE_ATTR) == (96, width) and not packed.is_mkldnn  # the C GEMM's panels
-    elif dtype == torch.float32 and mkl_sgemm.available():
-        assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (96, width)  # MKL's packed GEMM
+    elif f32_path == "mkl":
+        assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (96, width)  # MKL's packed GEMM (its self-check passed)
+    elif f32_path == "c":
+        assert getattr(packed, F32_PANEL_SHAPE_ATTR) == (96, width)  # the float32 C GEMM's panels
     else:
         assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
     want = reference.linear(x.float(), weight.float(), bias.float())
@@ -952,24 +1013,15 @@ def test_engine_hands_the_platform_its_kv_cache_before_any_step(tiny_llama_dir, 
     assert len(out[0].outputs[0].token_ids) == 3
 
 
-# -- float32 on MKL's packed GEMM ---------------------------------------------------------------------------------
+# -- float32 linears: MKL's packed GEMM where its self-check passes, else the C GEMM -----------------------------
 
-def _mkl():
-    from llmctl_cpu import mkl_sgemm
-
-    if not mkl_sgemm.available():
-        pytest.skip("this torch build exports no MKL packed sgemm (float32 stays on oneDNN)")
-    return mkl_sgemm
+F32_SHAPES = [(16, 1), (40, 96), (1536, 576), (576, 1536), (33, 17), (1, 64)]
 
 
-@pytest.mark.parametrize(("n", "k"), [(16, 1), (40, 96), (1536, 576), (576, 1536), (33, 17)])
-def test_mkl_packed_linear_matches_float64_math_and_is_batch_invariant(rng, n, k):
-    mkl_sgemm = _mkl()
-    from llmctl_cpu.ops import linear, pack_linear_weight
+def _check_float32_linear(rng, packed, weight, bias):
+    from llmctl_cpu.ops import linear
 
-    weight, bias = torch.randn(n, k), torch.randn(n)
-    packed = pack_linear_weight(weight)
-    assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (n, k)
+    n, k = weight.shape
     x = torch.randn(300, k)
     for b in (None, bias):
         full = linear(x, packed, b)
@@ -977,9 +1029,9 @@ def test_mkl_packed_linear_matches_float64_math_and_is_batch_invariant(rng, n, k
         assert full.dtype == torch.float32 and full.shape == (300, n)
         assert torch.allclose(full.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, k ** 0.5))
         for i in (0, rng.randint(1, 298), 299):  # a row alone, and every prefix size checked below, bit for bit
-            assert torch.equal(linear(x[i:i + 1], packed, b), full[i:i + 1])
+            assert torch.equal(linear(x[i:i + 1], packed, b), full[i:i + 1]), f"row {i} alone"
         for m in (1, 2, 7, 16, 63, 64, 65, 129, rng.randint(1, 299)):
-            assert torch.equal(linear(x[:m], packed, b), full[:m]), m
+            assert torch.equal(linear(x[:m], packed, b), full[:m]), f"a batch of {m} rows"
     assert linear(torch.randn(2, 3, k), packed).shape == (2, 3, n)
     assert linear(torch.randn(0, k), packed).shape == (0, n)
     strided = torch.randn(5, k + 7)[:, 3:3 + k]
@@ -990,15 +1042,61 @@ def test_mkl_packed_linear_matches_float64_math_and_is_batch_invariant(rng, n, k
         linear(torch.randn(2, k).bfloat16(), packed)
 
 
-def test_narrow_float32_weights_stay_off_mkl():
-    mkl_sgemm = _mkl()
-    from llmctl_cpu.ops import linear, pack_linear_weight
+@pytest.mark.parametrize(("n", "k"), F32_SHAPES)
+def test_float32_linear_matches_float64_math_and_is_batch_invariant(rng, n, k):
+    """Whatever path this host picked for the shape (see llmctl_cpu.f32_linear), rows are the same bits at every
+    batch size: this is the guard that fails, naming the host's ISA, when a GEMM breaks the promise somewhere."""
+    from llmctl_cpu import f32_linear, mkl_sgemm
+    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, pack_linear_weight
 
-    weight = torch.randn(1, 64)  # MKL gave a lone row other bits than the same row in a batch
+    weight, bias = torch.randn(n, k), torch.randn(n)
     packed = pack_linear_weight(weight)
-    assert not hasattr(packed, mkl_sgemm.SHAPE_ATTR)
-    x = torch.randn(9, 64)
-    assert torch.equal(linear(x[:1], packed), linear(x, packed)[:1])
+    path = f32_linear.path_for(weight)
+    marker = {"mkl": mkl_sgemm.SHAPE_ATTR, "c": F32_PANEL_SHAPE_ATTR}.get(path)
+    if marker is None:
+        pytest.skip("neither MKL (self-check) nor the float32 C GEMM runs here: oneDNN, not batch-invariant")
+    assert getattr(packed, marker) == (n, k)
+    _check_float32_linear(rng, packed, weight, bias)
+
+
+@pytest.mark.parametrize(("n", "k"), F32_SHAPES)
+def test_float32_c_gemm_matches_float64_math_and_is_batch_invariant(rng, monkeypatch, n, k):
+    from llmctl_cpu import f32_linear
+    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, pack_linear_weight
+
+    if not f32_linear.c_gemm_available():
+        pytest.skip("the float32 C GEMM needs the C kernels and AVX2 + FMA")
+    monkeypatch.setenv(f32_linear.PATH_ENV, "c")
+    weight, bias = torch.randn(n, k), torch.randn(n)
+    packed = pack_linear_weight(weight)
+    assert getattr(packed, F32_PANEL_SHAPE_ATTR) == (n, k)
+    _check_float32_linear(rng, packed, weight, bias)
+
+
+def test_mkl_is_taken_only_where_its_self_check_passes(monkeypatch):
+    """On hosts where MKL's rows depend on the batch (AMD EPYC) the self-check refuses it; where it passes, the
+    full invariance test above runs on MKL. Either way the choice and the check agree, shape by shape."""
+    from llmctl_cpu import f32_linear, mkl_sgemm
+    from llmctl_cpu.ops import pack_linear_weight
+
+    if not mkl_sgemm.available():
+        pytest.skip("this torch build exports no MKL packed sgemm")
+    monkeypatch.setenv(f32_linear.PATH_ENV, "mkl")
+    for n, k in F32_SHAPES:
+        packed = pack_linear_weight(torch.randn(n, k))
+        on_mkl = hasattr(packed, mkl_sgemm.SHAPE_ATTR)
+        assert on_mkl == (mkl_sgemm.takes(torch.empty(n, k)) and f32_linear.mkl_is_batch_invariant(n, k)), (n, k)
+
+
+def test_float32_path_can_be_pinned_and_rejects_unknown_values(monkeypatch):
+    from llmctl_cpu import f32_linear
+
+    monkeypatch.setenv(f32_linear.PATH_ENV, "onednn")
+    assert f32_linear.path_for(torch.empty(64, 64)) == "onednn"
+    assert not f32_linear.report().batch_invariant
+    monkeypatch.setenv(f32_linear.PATH_ENV, "blas")
+    with pytest.raises(ValueError, match="LLMCTL_CPU_F32_GEMM='blas': must be one of auto, c, mkl, onednn"):
+        f32_linear.path_for(torch.empty(64, 64))
 
 
 def test_mkl_packed_linear_can_be_switched_off(monkeypatch):

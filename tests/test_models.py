@@ -16,8 +16,9 @@ from llmctl.layers.rotary import get_rope
 from llmctl.loader import iter_weights, load_model, load_tokenizer, resolve_model
 from llmctl.models import native_architectures
 from llmctl.models.base import ModelContext
-from llmctl.ops.reference_backend import TorchReferenceAttention
-from llmctl.plugins.registry import Ops, Registry
+from llmctl.ops import Ops
+from llmctl.plugins.reference_attention import TorchReferenceAttention
+from llmctl.plugins.registry import Registry
 
 from tests.conftest import TINY_KINDS
 

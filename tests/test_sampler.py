@@ -10,7 +10,7 @@ import torch
 from llmctl import LLM, SamplingParams
 from llmctl.engine.request import Request
 from llmctl.engine.sampler import Sampler, apply_penalties
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 from tests._engine_util import _single_thread  # noqa: F401
 

@@ -78,7 +78,7 @@ def test_testkit_without_platform_option_is_inert() -> None:
 # -- in-process checks against hand-made faults -------------------------------------------------------------
 @pytest.fixture
 def reference_backend():
-    from llmctl.ops.reference_backend import TorchReferenceAttention
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
 
     return TorchReferenceAttention()
 
@@ -97,7 +97,7 @@ def test_reference_backend_satisfies_the_checks(reference_backend, scenario: str
 
 
 def test_write_kv_that_does_not_skip_minus_one_is_caught(reference_backend) -> None:
-    from llmctl.ops.reference_backend import TorchReferenceAttention
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
     from llmctl_testkit.checks import check_attention
     from llmctl_testkit.harness import ContractViolation
 
@@ -115,12 +115,12 @@ def test_write_kv_that_does_not_skip_minus_one_is_caught(reference_backend) -> N
 
 
 def test_forward_that_ignores_out_is_caught(reference_backend) -> None:
-    from llmctl.ops.reference_backend import TorchReferenceAttention
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
     from llmctl_testkit.checks import check_attention
     from llmctl_testkit.harness import ContractViolation
 
     class IgnoresOut(TorchReferenceAttention):
-        def forward(self, query, kv_cache, metadata, scale, sliding_window=None, out=None):
+        def forward(self, query, kv_cache, metadata, scale, sliding_window=None, out=None, *, key=None, value=None):
             return super().forward(query, kv_cache, metadata, scale, sliding_window, None)
 
     with pytest.raises(ContractViolation, match=r"^\[attention\.forward\.out\]"):

@@ -7,7 +7,7 @@ a model is loaded or a KV block allocated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -57,7 +57,13 @@ class EngineArgs:
     enforce_eager: bool = False  # never replay captured decode graphs, even where the platform offers them
     max_logprobs: int = 20
     served_model_name: str | None = None
-    num_threads: int | None = None  # CPU threads for the engine; the platform suggests one when unset
+    # Settings only the selected platform reads (the CPU's ``num_threads``, say), by the names its
+    # ``Platform.options`` declares; ``from_kwargs`` routes such keywords here, and the platform applies them in
+    # ``configure``. Core never reads them.
+    platform_options: dict[str, Any] = field(default_factory=dict)
+    # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
+    # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,15 +99,31 @@ class EngineArgs:
                              f"got {mnbt!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
+        from llmctl.quantization import normalize_method
+
+        self.quantization = normalize_method(self.quantization)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
+            raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        """Engine arguments from keywords (``LLM(model, **kwargs)``). A keyword that is no field here but an
+        option some installed platform declares (``num_threads`` for the CPU) goes to ``platform_options``."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"{unknown[0]}: unknown engine argument; known: {', '.join(sorted(known))}")
+            from llmctl.plugins import get_plugin_manager
+
+            platform_options = get_plugin_manager().registry.platform_options()
+            for name in unknown:
+                if name not in platform_options:
+                    raise ValueError(f"{name}: unknown engine argument; known: "
+                                     f"{', '.join(sorted(known | set(platform_options)))}")
+            options = dict(kwargs.pop("platform_options", None) or {})
+            options.update({name: kwargs.pop(name) for name in unknown})
+            kwargs["platform_options"] = options
         return cls(model=model, **kwargs)
 
 

@@ -63,7 +63,6 @@ class CpuSdpaAttention(AttentionBackend):
     name = "cpu-sdpa"
     platform = "cpu"
     priority = 10
-    accepts_new_kv = True
     # All-decode steps read lengths and block tables in place (no host read of the step), and a length-0 row
     # gets a zero output; the platform's recorder (llmctl_cpu.graph) refuses steps that take the torch paths.
     supports_graph_capture = True
@@ -103,8 +102,9 @@ class CpuSdpaAttention(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None, out: torch.Tensor | None = None, *,
                 key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        """``key``/``value`` (optional, [num_tokens, Hk, D]): this step's new keys/values, the ones just given to
-        ``write_kv``. Only used to skip re-reading the cache for prefill chunks without cached context."""
+        """``key``/``value`` ([num_tokens, Hk, D], ``None`` when a caller leaves them out): this step's new
+        keys/values, the ones just given to ``write_kv``. Only used to skip re-reading the cache for prefill chunks
+        without cached context."""
         if out is None:
             out = torch.empty_like(query)
         n = metadata.num_seqs

@@ -54,20 +54,27 @@ def check_native_kernels() -> DoctorResult:
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
         rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
                 else "RMSNorm/argmax off: no AVX-512, torch runs them")
-        return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows}; {_fp32_gemm()})")
+        return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows})")
     return DoctorResult(True, f"C kernels not available: {why}",
                         "install gcc or clang (or set CC) for the faster decode attention; unset "
                         f"{native.DISABLE_ENV} if it is 0")
 
 
-def _fp32_gemm() -> str:
-    from llmctl_cpu import mkl_sgemm
+def check_float32_linears() -> DoctorResult:
+    """Which GEMM runs float32 linears here, and whether their rows are batch-invariant (see llmctl_cpu.f32_linear)."""
+    from llmctl_cpu import f32_linear
 
-    if mkl_sgemm.available():
-        return "float32 linears on MKL's packed GEMM"
-    return f"float32 linears on oneDNN (MKL's packed GEMM not in this torch, or {mkl_sgemm.DISABLE_ENV}=0)"
+    try:
+        rep = f32_linear.report()
+    except ValueError as exc:
+        return DoctorResult(False, str(exc), f"set {f32_linear.PATH_ENV} to auto, c, mkl or onednn")
+    if rep.batch_invariant:
+        return DoctorResult(True, f"{rep.path}, batch-invariant ({rep.why})")
+    return DoctorResult(True, f"{rep.path}: NOT batch-invariant ({rep.why})",
+                        "install gcc or clang on an AVX2 host for the batch-invariant float32 C GEMM")
 
 
 def doctor_checks() -> list[DoctorCheck]:
     return [DoctorCheck("cpu threads", check_threads), DoctorCheck("cpu bf16", check_bf16),
-            DoctorCheck("cpu kernels", check_native_kernels)]
+            DoctorCheck("cpu kernels", check_native_kernels),
+            DoctorCheck("cpu float32 linears", check_float32_linears)]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from llmctl.ops import reference
 from llmctl.plugins.types import OpOverride
 
-from llmctl_cpu import mkl_sgemm, native
+from llmctl_cpu import f32_linear, mkl_sgemm, native
 
 
 def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -117,22 +117,27 @@ def _onednn() -> bool:
 
 # What a weight packed for the C GEMM carries: its logical [out, in] shape (the panels are padded).
 PANEL_SHAPE_ATTR = "llmctl_cpu_panel_shape"
+F32_PANEL_SHAPE_ATTR = "llmctl_cpu_f32_panel_shape"  # the same for the float32 C GEMM's panels
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """bfloat16 weights go into the C GEMM's panels where the CPU has bf16 dot products, else (and float32
-    weights) into oneDNN's blocked layout; either way once, so no GEMM reorders them again.
-
-    The C GEMM (llmctl_cpu.native) measured on 2 Zen 4 cores, SmolLM2-135M's projections over 30 layers with cold
-    weights: 1.1-1.6x faster than oneDNN for 1-16 rows, 1.04x at 64, equal at 256-1024, and batch-invariant; on
-    AMX hosts it runs on tiles (faster than oneDNN's AMX path at every decode batch). float32 weights go to MKL's
-    packed GEMM where torch's MKL exports it (:mod:`llmctl_cpu.mkl_sgemm`: 1.2-1.5x oneDNN's prepacked linear,
-    batch-invariant), else to oneDNN (at 64 rows 2.3-3.9x faster than ``F.linear``).
+    """bfloat16 weights go into the C GEMM's panels where the CPU has bf16 dot products, float32 weights to the
+    batch-invariant GEMM :mod:`llmctl_cpu.f32_linear` picks for this host (MKL's packed GEMM where its self-check
+    passes, else the float32 C GEMM), and anything else into oneDNN's blocked layout; either way once, so no GEMM
+    reorders them again. Where each is faster is in docs/performance.md.
     """
     if weight.device.type != "cpu" or weight.dim() != 2:
         return weight
-    if weight.dtype == torch.float32 and mkl_sgemm.takes(weight):
-        return mkl_sgemm.pack(weight)
+    if weight.dtype == torch.float32 and weight.shape[1] > 0:
+        path = f32_linear.path_for(weight)
+        if path == "mkl":
+            return mkl_sgemm.pack(weight)
+        if path == "c":
+            lib = native.kernels()
+            assert lib is not None
+            panels = lib.pack_f32_panels(weight if weight.stride(1) == 1 else weight.contiguous())
+            setattr(panels, F32_PANEL_SHAPE_ATTR, (int(weight.shape[0]), int(weight.shape[1])))
+            return panels
     if weight.dtype == torch.bfloat16:
         lib = native.kernels()
         if lib is not None and lib.has_gemm_bf16 and weight.stride(1) == 1 and weight.shape[1] > 0:
@@ -165,6 +170,24 @@ def _panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int],
     if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()  # layers keep a bf16 bias already: no copy per call
     out = lib.gemm_bf16(rows, panels, n, bias)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+
+
+def _f32_panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
+                      ) -> torch.Tensor:
+    n, k = shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
+    if x.dtype is not torch.float32:
+        raise TypeError(f"linear: input is {x.dtype}, the packed weight is torch.float32")
+    rows = x if x.dim() == 2 else x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    lib = native.kernels()
+    assert lib is not None  # the weight was packed by it
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    out = lib.gemm_f32(rows, panels, n, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
@@ -212,6 +235,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     shape = getattr(weight, PANEL_SHAPE_ATTR, None)
     if shape is not None:
         return _panel_linear(x, weight, shape, bias)
+    shape = getattr(weight, F32_PANEL_SHAPE_ATTR, None)
+    if shape is not None:
+        return _f32_panel_linear(x, weight, shape, bias)
     if hasattr(weight, mkl_sgemm.SHAPE_ATTR):
         return mkl_sgemm.linear(x, weight, bias)
     if not weight.is_mkldnn:

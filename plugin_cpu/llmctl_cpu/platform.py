@@ -43,6 +43,22 @@ class CpuInfo:
         return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
 
 
+def isa_summary(flags: frozenset[str] | set[str]) -> str:
+    """The vector ISA in a person's words, e.g. "AVX-512 + bf16 dot products, no AMX": what decides which kernels
+    run, so test failures and doctor name it."""
+    if "avx512f" in flags:
+        parts = ["AVX-512"]
+        if "avx512_vnni" in flags:
+            parts.append("VNNI")
+        if "avx512_bf16" in flags:
+            parts.append("bf16 dot products")
+        base = " + ".join(parts)
+        return f"{base}, AMX" if "amx_tile" in flags else f"{base}, no AMX"
+    if "avx2" in flags:
+        return "AVX2 + FMA, no AVX-512" if "fma" in flags else "AVX2, no FMA, no AVX-512"
+    return "no AVX2 (generic x86-64 or another architecture)"
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -135,15 +151,23 @@ def default_num_threads() -> int:
     return max(1, cpu_info().usable_physical_cores)
 
 
-def configure_threads() -> int:
+def configure_threads(requested: Any = None) -> int:
     """Set torch's intra-op threads for the engine and return the count.
 
     One thread per *physical* core in this process's affinity mask: SMT siblings share the vector/AMX units, so
     a second thread per core adds no GEMM throughput but makes every OpenMP barrier wait for the slowest
     sibling; and the affinity mask (taskset, cgroup cpusets in containers) is what we may actually use, whereas
-    ``os.cpu_count()`` reports the whole host. ``LLMCTL_CPU_THREADS`` overrides the choice; an explicit
-    ``OMP_NUM_THREADS`` is left alone because torch already honoured it and the user meant it.
+    ``os.cpu_count()`` reports the whole host. ``requested`` (the engine's ``num_threads`` option; ``None`` or 0:
+    unset) overrides the choice unless ``OMP_NUM_THREADS`` is set; without it ``LLMCTL_CPU_THREADS`` does. An
+    explicit ``OMP_NUM_THREADS`` is otherwise left alone because torch already honoured it and the user meant it.
     """
+    if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 0):
+        raise ValueError(f"num_threads: must be a positive integer, got {requested!r}")
+    if requested:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return torch.get_num_threads()
+        torch.set_num_threads(requested)
+        return requested
     explicit = os.environ.get(THREADS_ENV)
     if explicit:
         try:
@@ -201,6 +225,8 @@ class CpuPlatform(Platform):
     device_type = "cpu"
     priority = 0
     dist_backend = "gloo"
+    options = {"num_threads": "torch intra-op threads for the engine (default: one per usable physical core; "
+                              "an explicit OMP_NUM_THREADS wins)"}
 
     def probe(self) -> ProbeResult:
         try:
@@ -232,11 +258,13 @@ class CpuPlatform(Platform):
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
-        """Suggest a thread count and a step token budget for fields the user left unset (core never overrides
-        an explicit value)."""
+        """Set the engine's thread count (``configure_threads``: the ``num_threads`` option, else
+        ``LLMCTL_CPU_THREADS``, else one per usable physical core; left alone under an explicit ``OMP_NUM_THREADS``)
+        and suggest a step token budget when the user left it unset (core
+        never overrides an explicit value)."""
+        n = configure_threads((getattr(config, "platform_options", None) or {}).get("num_threads"))
+        logger.info("platform cpu: %d torch threads", n)
         changes: dict[str, Any] = {}
-        if hasattr(config, "num_threads") and config.num_threads in (None, 0):
-            changes["num_threads"] = default_num_threads()
         if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
             changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
         return changes

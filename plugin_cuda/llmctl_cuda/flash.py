@@ -98,7 +98,8 @@ class FlashAttnBackend(AttentionBackend):
         _write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         from flash_attn import flash_attn_varlen_func
 
         n = metadata.num_tokens
@@ -177,7 +178,8 @@ class FlashInferBackend(AttentionBackend):
         self._planned = (weakref.ref(metadata), key)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         wrapper = self._wrapper(query.device)
         self._plan(wrapper, query, kv_cache, metadata, scale, sliding_window)
         n = metadata.num_tokens

@@ -71,7 +71,8 @@ class RaggedPagedAttention(AttentionBackend):
         write_kv_combined(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         from torch_xla.experimental.custom_kernel import ragged_paged_attention
 
         num_seqs = torch.tensor([metadata.num_seqs], dtype=torch.int32, device=query.device)

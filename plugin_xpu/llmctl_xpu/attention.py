@@ -67,7 +67,8 @@ class IpexPagedAttention(AttentionBackend):
         paged.reshape_and_cache(key[keep], value[keep], kv_cache[0], kv_cache[1], slot_mapping[keep].long())
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         paged, reason = load_ipex()
         if paged is None:
             raise RuntimeError(reason)

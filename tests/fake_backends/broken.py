@@ -46,7 +46,8 @@ class NoCausalMaskAttention(AttentionBackend):
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
             out = torch.zeros_like(query)
         starts = metadata.query_start_loc.tolist()

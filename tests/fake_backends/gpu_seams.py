@@ -65,7 +65,8 @@ class RecordingAttention(AttentionBackend):
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         qsl = metadata.query_start_loc.tolist()
         self.events.append(Event("forward", self.phase, int(query.shape[0]), metadata.num_seqs,
                                  [b - a for a, b in zip(qsl, qsl[1:])], metadata.seq_lens.tolist(),

@@ -35,5 +35,5 @@ class FakeAttention(AttentionBackend):
     def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
-    def forward(self, query, kv_cache, metadata, scale, sliding_window=None, out=None):
+    def forward(self, query, kv_cache, metadata, scale, sliding_window=None, out=None, *, key=None, value=None):
         raise NotImplementedError("never run")

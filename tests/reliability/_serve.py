@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     engine = AsyncLLM.from_engine_args(EngineArgs(
         model=a.model, kv_cache_memory=a.kv_cache_memory, max_num_seqs=a.max_num_seqs, seed=0,
-        num_threads=a.num_threads, max_model_len=a.max_model_len))
+        platform_options={"num_threads": a.num_threads}, max_model_len=a.max_model_len))
     if a.die_file:
         real_step = engine.engine.step
         die_file = a.die_file

@@ -63,7 +63,7 @@ def build_engine(model: str | Path, fault_injection: bool = False, **kw: Any) ->
     if fault_injection:
         os.environ["LLMCTL_ENABLE_FAULT_INJECTION"] = "1"
     try:
-        return AsyncLLM.from_engine_args(EngineArgs(model=str(model), **kw))
+        return AsyncLLM.from_engine_args(EngineArgs.from_kwargs(str(model), **kw))
     finally:
         if fault_injection:
             if old is None:

@@ -60,6 +60,9 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
+        *,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         from llmctl_triton.attention import paged_attention
 

@@ -68,6 +68,9 @@ class EngineCore:
         self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
         hf_config = self.source.hf_config
+        from llmctl.quantization import resolve_quant_config
+
+        quant = resolve_quant_config(args.quantization, self.source)
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
@@ -77,8 +80,9 @@ class EngineCore:
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)
-        ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device)
-        self.model = load_model(self.source, ctx, plugins.registry)
+        ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant)
+        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name)
+        summary = getattr(self.model, "quant_summary", None)
         spec = self.model.kv_cache_spec()
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
@@ -99,20 +103,24 @@ class EngineCore:
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
-                    "decode_graphs=%s", self.platform.name, self.attention.name, dtype, self.cache_config.num_blocks,
-                    args.block_size, self.model_config.max_model_len, decode_graphs)
+                    "decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
+                    self.cache_config.num_blocks, args.block_size, self.model_config.max_model_len, decode_graphs,
+                    summary.describe() if summary is not None else "none")
 
     # -- configuration ---------------------------------------------------------------------------------------
     def _apply_platform_config(self, args: EngineArgs) -> None:
         """Apply what the platform asks for, but never over a value the user set explicitly."""
+        for option in args.platform_options:
+            if option not in self.platform.options:
+                logger.warning("%s applies to platform(s) %s, not %s; ignored", option,
+                               ", ".join(get_plugin_manager().registry.platform_options().get(option, ["none"])),
+                               self.platform.name)
         for key, value in (self.platform.configure(args) or {}).items():
             if not hasattr(args, key):
                 logger.warning("platform %s asked to set unknown engine argument %s; ignored", self.platform.name, key)
             elif getattr(args, key) is None:
                 setattr(args, key, value)
                 logger.info("platform %s set %s=%r", self.platform.name, key, value)
-        if args.num_threads and self.platform.device_type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            torch.set_num_threads(args.num_threads)
 
     def _model_config(self, hf_config, dtype: torch.dtype) -> ModelConfig:
         args = self.args

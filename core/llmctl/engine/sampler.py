@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.engine.request import Request
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 @dataclass

@@ -31,9 +31,6 @@ class Attention(EngineModule):
         """``query`` [T, H, D], ``key``/``value`` [T, Hk, D] -> [T, H * D]."""
         n = metadata.slot_mapping.shape[0]
         self.backend.write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping)
-        if getattr(self.backend, "accepts_new_kv", False) is True:
-            out = self.backend.forward(query, kv_cache, metadata, self.scale, self.sliding_window,
-                                       key=key[:n], value=value[:n])
-        else:
-            out = self.backend.forward(query, kv_cache, metadata, self.scale, self.sliding_window)
+        out = self.backend.forward(query, kv_cache, metadata, self.scale, self.sliding_window,
+                                   key=key[:n], value=value[:n])
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

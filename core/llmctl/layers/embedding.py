@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
 from llmctl.layers.linear import bind_linear_ops
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 class VocabEmbedding(EngineModule):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
+
+if TYPE_CHECKING:
+    from llmctl.quantization.base import LinearQuantizer
 
 
 def bind_linear_ops(module: nn.Module, ops: Ops, release_plain: bool) -> None:
@@ -28,7 +33,23 @@ def _released_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     raise RuntimeError("this projection's weights were handed to a fused op; call that op instead")
 
 
+def _quantized_linear(parts: list[tuple[Any, dict[str, torch.Tensor], Any, slice | None]], x: torch.Tensor,
+                      _weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A quantized layer's matmul through its kernel(s); several parts (shards of a merged layer whose formats
+    differ) run one after another and are concatenated."""
+    if len(parts) == 1:
+        kernel, weights, spec, _ = parts[0]
+        return kernel.apply(x, weights, bias, spec)
+    return torch.cat([kernel.apply(x, weights, None if bias is None or rows is None else bias[rows], spec)
+                      for kernel, weights, spec, rows in parts], dim=-1)
+
+
 class Linear(EngineModule):
+    """A projection whose weights are plain, or, with a quantizer set before loading, held in a quantized
+    format whose matmul a platform kernel runs (``llmctl.quantization``): the models never see the difference."""
+
+    quantizer: LinearQuantizer | None = None
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
         super().__init__()
@@ -40,8 +61,21 @@ class Linear(EngineModule):
         self._packed: torch.Tensor | None = None
 
     def bind_ops(self, ops: Ops) -> None:
-        if self._linear is not _released_linear:
+        if self._linear is not _released_linear and self.quantizer is None:
             bind_linear_ops(self, ops, release_plain=True)
+
+    def set_quantizer(self, quantizer: LinearQuantizer) -> None:
+        """Before loading: the quantizer replaces the plain weight with the checkpoint's quantized tensors."""
+        dtype, device = self.weight.dtype, self.weight.device
+        del self.weight
+        self.quantizer = quantizer
+        quantizer.create_weights(self, dtype, device)
+
+    def bind_quantized(self, parts: list[tuple[Any, dict[str, torch.Tensor], Any, slice | None]]) -> None:
+        """After loading: (kernel, its processed weights, QuantLinearSpec, bias rows) per part."""
+        self.quant_parts = parts
+        self._packed = torch.empty(0)  # forward passes it as the (unused) weight argument
+        self._linear = lambda x, w, b: _quantized_linear(parts, x, w, b)
 
     def release_weight(self) -> None:
         """For a parent that runs this projection through a fused op on its own copy of the weights: frees the
@@ -67,6 +101,10 @@ class MergedLinear(Linear):
         self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
 
     def load_shard(self, param: torch.Tensor, shard: int, tensor: torch.Tensor, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:
+            pname = next(n for n, p in self._parameters.items() if p is param)
+            self.quantizer.load_shard(self, pname, shard, tensor, name)
+            return
         rows = param.data.narrow(0, self.offsets[shard], self.output_sizes[shard])
         copy_checked(rows, tensor, name)
 

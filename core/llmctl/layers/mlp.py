@@ -8,7 +8,7 @@ import torch
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers.linear import Linear, MergedLinear
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 SILU_ACTS = frozenset({"silu", "swish"})
 
@@ -35,6 +35,8 @@ class GatedMLP(EngineModule):
         """Where the platform fuses the activation into the gate/up GEMM, its packed weight replaces the
         projection's own (which is then released and never bound to ``linear``)."""
         proj = self.gate_up_proj
+        if proj.quantizer is not None:  # quantized: its own kernel runs the GEMM, the activation stays separate
+            return
         fused = ops.pack_gated_linear_weight(proj.weight.detach(), None if proj.bias is None else proj.bias.detach())
         if fused is None:
             return

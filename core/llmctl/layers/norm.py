@@ -6,7 +6,7 @@ import torch
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 class RMSNorm(EngineModule):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llmctl.layers._module import EngineModule
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ per use and derives the tensor-name map from a model skeleton. Architectures out
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +121,11 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_hf_tensors(g: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) one at a time, dequantized as read (float32 for quantized and F16 data)."""
+def iter_hf_tensors(g: GGUFFile, keep_quantized: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) one at a time, dequantized as read (float32 for quantized and F16 data); tensors for
+    which ``keep_quantized(hf_name)`` holds come as their raw blocks instead (uint8 ``[rows, row_bytes]``, rows
+    unpermuted like the values)."""
     # As transformers does: by file architecture (so Mistral files written as llama too), with head counts the
     # file states (no permutation when it omits one).
     n_head = g.metadata.get(f"{g.architecture}.attention.head_count")
@@ -132,7 +135,7 @@ def iter_hf_tensors(g: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
         name = hf_tensor_name(gguf_name)
         if name is None:
             continue
-        w = g.dequantize(gguf_name)
+        w = g.raw(gguf_name) if keep_quantized is not None and keep_quantized(name) else g.dequantize(gguf_name)
         if permute:
             if ".attn_q." in gguf_name:
                 w = _unpermute_rows(w, n_head)

@@ -63,14 +63,30 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
     return dtype
 
 
-def load_model(source: ModelSource, ctx: ModelContext, registry: Registry) -> nn.Module:
+def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*") -> nn.Module:
+    """With ``ctx.quant`` (a ``QuantConfig``) the linear layers are given their quantized parameters before
+    loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which)."""
     model_cls = get_model_class(source.hf_config, registry)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
 
+    quant = ctx.quant
+    keep = None
+    tensors = None
+    if quant is not None:
+        from llmctl.quantization.layers import attach_quantization, checked_tensors
+
+        covered = attach_quantization(model, quant)
+        keep = getattr(quant, "keeps_quantized", None)
+        tensors = checked_tensors(iter_weights(source, keep), covered)
     # A progress bar on a terminal (tqdm turns itself off when stderr is not one): large checkpoints take a while.
-    weights = tqdm(iter_weights(source), desc="Loading weights", unit=" tensors", disable=None, leave=False)
+    weights = tqdm(tensors or iter_weights(source, keep), desc="Loading weights", unit=" tensors", disable=None,
+                   leave=False)
     model.load_weights(weights)
+    if quant is not None:
+        from llmctl.quantization.layers import finish_quantization
+
+        model.quant_summary = finish_quantization(model, quant, registry, platform, ctx.dtype)
     # Parameters were allocated in ctx.dtype and loading casts into them; only non-parameter buffers that a
     # model keeps in float32 on purpose (RoPE tables) differ, so cast parameters alone.
     for p in model.parameters():

@@ -4,7 +4,7 @@ one tensor above the model itself."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,9 +22,11 @@ def safetensors_files(local_dir: Path) -> list[Path]:
     return sorted(local_dir.glob("*.safetensors"))
 
 
-def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``keep_quantized`` (GGUF only): HF names whose blocks are handed over raw, for a quantization method."""
     if source.gguf_file is not None:
-        yield from _iter_gguf(source)
+        yield from _iter_gguf(source, keep_quantized)
         return
     files = safetensors_files(source.local_dir)
     if not files:
@@ -42,7 +44,8 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _iter_gguf(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantized one tensor at a time from the memory-mapped file, under Hugging Face names and with
     llama.cpp's q/k row permutation undone, so the result equals what transformers' ``from_pretrained`` loads.
     Architectures llmctl does not map itself go through transformers' loader."""
@@ -52,7 +55,7 @@ def _iter_gguf(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     path = source.local_dir / str(source.gguf_file)
     g = open_gguf(path)
     if g.architecture in FAST_ARCHS:
-        yield from iter_hf_tensors(g)
+        yield from iter_hf_tensors(g, keep_quantized)
         return
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from llmctl.attention import AttentionMetadata
-from llmctl.plugins.registry import Ops
-from llmctl.plugins.types import AttentionBackend, QuantMethod
+from llmctl.ops import Ops
+from llmctl.plugins.types import AttentionBackend
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ModelContext:
     attention: AttentionBackend
     dtype: torch.dtype
     device: torch.device
-    quant: QuantMethod | None = None
+    quant: Any = None  # a llmctl.quantization.QuantConfig: the linear layers' quantization, None for plain weights
     extra: dict[str, Any] = field(default_factory=dict)
 
 

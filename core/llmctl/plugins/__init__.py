@@ -14,6 +14,7 @@ from llmctl.plugins.types import (
     OpOverride,
     Platform,
     ProbeResult,
+    QuantLinearSpec,
     QuantMethod,
     Support,
 )
@@ -21,5 +22,6 @@ from llmctl.plugins.types import (
 __all__ = [
     "API_VERSION", "hookimpl", "hookspec", "PluginManager", "get_plugin_manager", "reset_plugin_manager",
     "AttentionBackend", "Communicator", "DecodeGraphSpec", "DecodeStepRunner", "DeviceInfo", "DoctorCheck",
-    "DoctorResult", "ModelArchitecture", "OpOverride", "Platform", "ProbeResult", "QuantMethod", "Support",
+    "DoctorResult", "ModelArchitecture", "OpOverride", "Platform", "ProbeResult", "QuantLinearSpec", "QuantMethod",
+    "Support",
 ]

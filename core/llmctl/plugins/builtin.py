@@ -1,5 +1,5 @@
-"""What core registers itself, through the same hooks as any plugin: the reference attention backend and the
-native model architectures."""
+"""What core registers itself, through the same hooks as any plugin: the reference attention backend, the
+native model architectures and the torch reference of each quantized weight format."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ LLMCTL_API_VERSION = "1.0"
 
 @hookimpl
 def llmctl_register_attention_backends(register) -> None:
-    from llmctl.ops.reference_backend import TorchReferenceAttention
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
 
     register(TorchReferenceAttention())
 
@@ -21,3 +21,11 @@ def llmctl_register_models(register) -> None:
 
     for arch in native_architectures():
         register(arch)
+
+
+@hookimpl
+def llmctl_register_quantization(register) -> None:
+    from llmctl.quantization.reference import reference_kernels
+
+    for kernel in reference_kernels():
+        register(kernel)

@@ -72,7 +72,10 @@ def llmctl_register_ops(register: Callable[[OpOverride], None]) -> None:
 
 @hookspec
 def llmctl_register_quantization(register: Callable[[QuantMethod], None]) -> None:
-    """Register weight quantization methods by name (e.g. "int8_woq", "awq", "gptq")."""
+    """Register kernels for quantized linear layers (:class:`~llmctl.plugins.types.QuantMethod`), one per weight
+    format (``QUANT_FORMATS``: "int4", "int8", "fp8", "gguf") and the platforms it runs on. Core unpacks every
+    checkpoint format (GGUF, GPTQ, AWQ, compressed-tensors, quantize-at-load) into those formats and registers a
+    torch reference for each; a plugin's kernel wins on its platforms where its ``supports`` accepts the layer."""
 
 
 @hookspec

@@ -6,14 +6,15 @@ plugin that turns out broken can be removed wholesale.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import torch
-
 from llmctl.ops import reference
+from llmctl.ops.op_table import Ops
 from llmctl.plugins.types import (
+    ANY_PLATFORM,
+    QUANT_FORMATS,
     AttentionBackend,
     Communicator,
     DoctorCheck,
@@ -25,7 +26,7 @@ from llmctl.plugins.types import (
 
 T = TypeVar("T")
 
-ANY_PLATFORM = "*"
+__all__ = ["ANY_PLATFORM", "Entry", "MalformedRegistration", "Ops", "Registry"]
 
 
 @dataclass
@@ -61,6 +62,9 @@ class Registry:
         _require(isinstance(item, Platform), f"platform must be a llmctl Platform, got {type(item).__name__}")
         _require(bool(item.name) and isinstance(item.name, str), "platform needs a non-empty string name")
         _require(isinstance(item.device_type, str) and bool(item.device_type), f"platform {item.name!r}: device_type")
+        _require(isinstance(item.options, Mapping) and all(isinstance(k, str) and k.isidentifier() and
+                                                            isinstance(v, str) for k, v in item.options.items()),
+                 f"platform {item.name!r}: options must map identifiers to descriptions")
         self._put("platforms", item.name, item, plugin)
 
     def add_attention_backend(self, item: AttentionBackend, plugin: str) -> None:
@@ -77,8 +81,15 @@ class Registry:
         self.ops.append(Entry(item, plugin))
 
     def add_quant_method(self, item: QuantMethod, plugin: str) -> None:
+        """Keyed ``format@platform`` (one entry per listed platform), so each platform has its own best kernel
+        per format and a plugin's kernel shadows another's only on the same platform."""
         _require(isinstance(item, QuantMethod) and bool(item.name), "quantization method must be a named QuantMethod")
-        self._put("quant_methods", item.name, item, plugin)
+        _require(item.name in QUANT_FORMATS,
+                 f"quantization method {item.name!r}: unknown weight format; known: {', '.join(QUANT_FORMATS)}")
+        _require(bool(item.platforms) and all(isinstance(p, str) and p for p in item.platforms),
+                 f"quantization method {item.name!r}: platforms must name at least one platform (or '*')")
+        for platform in item.platforms:
+            self._put("quant_methods", f"{item.name}@{platform}", item, plugin)
 
     def add_communicator(self, item: Communicator, plugin: str) -> None:
         _require(isinstance(item, Communicator) and bool(item.name), "communicator must be a named Communicator")
@@ -134,27 +145,26 @@ class Registry:
                 table[op.name] = op.fn
         return Ops(**table)
 
+    def platform_options(self) -> dict[str, list[str]]:
+        """Every option some registered platform declares -> the platforms that declare it."""
+        found: dict[str, list[str]] = {}
+        for entry in self.platforms.values():
+            for option in entry.item.options:
+                found.setdefault(option, []).append(entry.item.name)
+        return found
+
+    def quant_kernels(self, fmt: str, platform: str) -> list[QuantMethod]:
+        """The kernels that run weight format ``fmt`` on ``platform``, best first; the platform's own before
+        the any-platform ones (core's reference) at equal priority."""
+        found = [(e.item.priority, key.endswith(f"@{platform}"), e.item) for key, e in self.quant_methods.items()
+                 if key in (f"{fmt}@{platform}", f"{fmt}@{ANY_PLATFORM}")]
+        return [item for _, _, item in sorted(found, key=lambda t: (-t[0], not t[1]))]
+
+    def quant_formats_for(self, platform: str) -> dict[str, str]:
+        """Format -> kernel name of what ``platform`` itself accelerates (the reference is not listed)."""
+        return {key.split("@", 1)[0]: e.item.kernel or e.item.name for key, e in self.quant_methods.items()
+                if key.endswith(f"@{platform}")}
+
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]
         return found[0] if found else None
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The op implementations bound for one platform, looked up once when the model is built."""
-
-    rms_norm: Callable[..., torch.Tensor]
-    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    silu_and_mul: Callable[..., torch.Tensor]
-    apply_top_k_top_p: Callable[..., torch.Tensor]
-    apply_min_p: Callable[..., torch.Tensor]
-    greedy_sample: Callable[..., torch.Tensor]
-    pack_linear_weight: Callable[..., torch.Tensor]
-    linear: Callable[..., torch.Tensor]
-    pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
-    gated_linear: Callable[..., torch.Tensor]
-
-    @classmethod
-    def reference(cls) -> Ops:
-        return cls(**{name: getattr(reference, name) for name in reference.OP_NAMES})

@@ -16,6 +16,9 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 
+#: The ``platform`` of a registration that applies to every platform (the torch reference attention backend).
+ANY_PLATFORM = "*"
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -55,7 +58,10 @@ class Platform(abc.ABC):
     name: str = ""
     device_type: str = "cpu"  # the torch device type, e.g. "cpu", "cuda", "xpu", "xla"
     priority: int = 0
-    dist_backend: str = "gloo"
+    #: Settings only this platform reads: option name -> a one-line description. A user passes them as engine
+    #: keywords (``LLM(model, num_threads=4)``, collected in ``EngineArgs.platform_options``); ``configure``
+    #: applies them. An option that the selected platform does not declare is ignored with a warning.
+    options: Mapping[str, str] = {}
 
     @abc.abstractmethod
     def probe(self) -> ProbeResult:
@@ -73,8 +79,13 @@ class Platform(abc.ABC):
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
-        """Return the engine-config changes this platform wants (field -> value). Core applies and logs them;
-        the platform does not mutate ``config`` itself, so every change is visible in one place."""
+        """Return the engine-config changes this platform wants (field -> value). Core applies them to fields the
+        user left unset and logs them; the platform does not mutate ``config`` itself, so every change is visible
+        in one place. Core calls it once, right after selecting the platform and before loading the model.
+
+        This is also where the platform applies its own ``options`` (``config.platform_options``) and process-wide
+        settings only it knows about (the CPU sets torch's thread count here). Raise ``ValueError`` naming the
+        option for a bad value."""
         return {}
 
     def torch_device(self, device_index: int = 0) -> torch.device:
@@ -130,11 +141,6 @@ class AttentionBackend(abc.ABC):
     name: str = ""
     platform: str = ""
     priority: int = 0
-    #: When True, core also passes this step's new keys/values to ``forward`` as keyword arguments ``key`` and
-    #: ``value`` ([num_tokens, num_kv_heads, head_size], the tensors just given to ``write_kv``), so a backend
-    #: can attend over a prefill chunk without reading it back from the cache. Backends that leave this False
-    #: never see the extra arguments.
-    accepts_new_kv: bool = False
     #: True when ``write_kv`` + ``forward`` on an all-decode batch can be recorded once in a device graph and
     #: replayed for other batches of the same size. A replay repeats only device work, so the step must not
     #: synchronise with the host (``.item()``, ``.tolist()``, boolean-mask indexing) nor read
@@ -171,11 +177,20 @@ class AttentionBackend(abc.ABC):
         scale: float,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,
+        *,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of ``query`` ([num_tokens, num_heads, head_size]) over each sequence's cached
         context. The batch is core's flattened mix of prefill chunks and decodes described by ``metadata``; the
         new tokens' K/V have already been written with ``write_kv``. Returns [num_tokens, num_heads, head_size]
-        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch."""
+        (into ``out`` when given). Must give the same result for a sequence whatever else is in the batch.
+
+        Core also passes ``key`` and ``value``: this step's new keys/values ([num_tokens, num_kv_heads,
+        head_size], the tensors just given to ``write_kv``, possibly wider in dtype than the cache), so a backend
+        can attend over a prefill chunk without reading it back from the cache. A backend that reads everything
+        from the cache ignores them; the result must be the same either way. They are ``None`` only when a
+        caller other than core's attention layer (a test, a benchmark) leaves them out."""
 
 
 @dataclass(frozen=True)
@@ -227,22 +242,69 @@ class OpOverride:
     priority: int = 0
 
 
+QUANT_FORMATS: tuple[str, ...] = ("int4", "int8", "fp8", "gguf")
+
+
+@dataclass(frozen=True)
+class QuantLinearSpec:
+    """What one quantized linear layer holds, in one of core's weight formats (``QUANT_FORMATS``). Every
+    checkpoint format (GGUF blocks, GPTQ, AWQ, compressed-tensors, quantize-at-load) is unpacked at load into one
+    of these layouts, so a platform writes one kernel per format, not one per checkpoint flavour.
+
+    Tensors ``apply`` receives, by format (``N`` = out_features, ``K`` = in_features, ``G = K // group_size``):
+
+    - ``int4``: ``qweight`` uint8 ``[N, K // 2]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
+      high one, values 0..15), ``scales`` float32 ``[N, G]``, ``mins`` float32 ``[N, G]``: weight =
+      ``scales * q + mins``. Optional ``perm`` int64 ``[K]`` (GPTQ act-order): the layer computes
+      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``.
+    - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N, G]``, optional ``mins`` float32 ``[N, G]``;
+      with ``act == "int8"`` (W8A8) the activations are quantized per token, symmetric, and ``G == 1``.
+    - ``fp8``: ``qweight`` float8_e4m3fn ``[N, K]``, ``scales`` float32 ``[N, 1]`` (per channel) or ``[1, 1]``
+      (per tensor); ``act == "fp8"`` quantizes activations per token (dynamic) or, with an ``input_scale``
+      float32 ``[1]`` tensor, per tensor (static).
+    - ``gguf``: ``qweight`` uint8 ``[N, row_bytes]``, llama.cpp's blocks as stored, of type ``ggml_type``.
+    """
+
+    format: str
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int  # along K; equal to in_features for per-channel scales
+    act: str | None = None  # None (weight-only), "int8" or "fp8"
+    ggml_type: str | None = None  # the gguf format's block type name ("Q4_K", ...)
+    layer: str = ""  # the layer's name, for messages
+
+    def describe(self) -> str:
+        what = self.ggml_type or f"{self.format} w{self.bits}" + (f"a{self.bits}" if self.act else "a16")
+        group = "" if self.group_size >= self.in_features or self.format == "gguf" else f" g{self.group_size}"
+        return what + group
+
+
 class QuantMethod(abc.ABC):
-    """A weight quantization scheme: it turns checkpoint tensors into what ``apply`` consumes."""
+    """A platform's kernel for one quantized weight format: the matmul of a linear layer whose weights are in
+    that format (``QuantLinearSpec``). Core's torch reference registers one per format for every platform
+    (``"*"``, priority -100); a plugin registers faster ones for its platforms and declines, through
+    ``supports``, the layers it cannot run (those fall back to the reference with a warning at load).
+    """
 
-    name: str = ""
-    platforms: Sequence[str] = ()
+    name: str = ""  # the weight format it runs: one of QUANT_FORMATS
+    platforms: Sequence[str] = ()  # platform names, or "*" for any
+    priority: int = 0
+    kernel: str = ""  # what the start-up log and ``llmctl doctor`` call it
 
     @abc.abstractmethod
-    def supports(self, platform: str, dtype: torch.dtype) -> Support: ...
+    def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
+        """Whether this kernel runs this layer with activations of ``dtype``; say why not when it does not."""
+
+    def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
+        """Called once at load with the layer's tensors in the format's layout; returns what ``apply`` gets
+        (repacked for the kernel). The default keeps them as they are."""
+        return weights
 
     @abc.abstractmethod
-    def process_weights(self, weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Called once at load time with one linear layer's checkpoint tensors ("weight", "scales", ...)."""
-
-    @abc.abstractmethod
-    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
-        """The linear layer: ``x @ dequant(weights).T + bias``."""
+    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              spec: QuantLinearSpec) -> torch.Tensor:
+        """The linear layer: ``x @ dequant(weights).T + bias`` for ``x`` of shape ``[M, K]``, in ``x``'s dtype."""
 
 
 class Communicator(abc.ABC):

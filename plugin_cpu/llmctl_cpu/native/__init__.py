@@ -78,6 +78,13 @@ class NativeKernels:
         self._gemm.restype = _c_int
         self._gemm.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_i64, _c_int]
         self.has_gemm_bf16 = bool(lib.llmctl_has_gemm_bf16())
+        self._pack_f32 = lib.llmctl_pack_f32_panels
+        self._pack_f32.restype = None
+        self._pack_f32.argtypes = self._pack.argtypes
+        self._gemm_f32 = lib.llmctl_gemm_f32
+        self._gemm_f32.restype = _c_int
+        self._gemm_f32.argtypes = self._gemm.argtypes
+        self.has_gemm_f32 = bool(lib.llmctl_has_gemm_f32())
         self._use_amx = lib.llmctl_use_amx
         self._use_amx.restype = _c_int
         self._use_amx.argtypes = [_c_int]
@@ -153,7 +160,7 @@ class NativeKernels:
     def program_timing(self, on: bool) -> dict[str, float]:
         """Seconds spent per kernel kind in replayed programs since the previous call (nothing is counted while
         off); turns the per-call clock on or off from now."""
-        ns = (ctypes.c_int64 * (OP_DECODE_ATTENTION + 1))()
+        ns = (ctypes.c_int64 * (OP_LAST + 1))()
         self._program_timing(int(on), ctypes.addressof(ns))
         return {OPCODE_NAMES[code]: ns[code] / 1e9 for code in OPCODE_NAMES if ns[code]}
 
@@ -233,6 +240,21 @@ class NativeKernels:
             raise ValueError(f"gemm_bf16_silu: {n} output rows is not a multiple of 32")
         return y
 
+    def pack_f32_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` [n, k] float32 with unit stride along k -> the float32 GEMM's panels: [ceil(n/16), k, 16]."""
+        n, k = weight.shape
+        out = torch.empty(((n + 15) // 16, k, 16), dtype=torch.float32)
+        self._pack_f32(weight.data_ptr(), weight.stride(0), n, k, out.data_ptr())
+        return out
+
+    def gemm_f32(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` [m, k] float32 with unit stride along k; ``bias`` n float32 contiguous or None. Returns [m, n]."""
+        m, k = x.shape
+        y = torch.empty((m, n), dtype=torch.float32)
+        self._gemm_f32(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
+                       None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        return y
+
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """``key``/``value`` [n, Hk, D] with contiguous rows of ``Hk * D``; ``slots`` int64 contiguous."""
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
@@ -256,15 +278,18 @@ class NativeKernels:
 # The kernels a recorded decode step may contain: name -> (NativeKernels attribute, opcode in kernels.c), and for
 # each opcode the argument that carries the row count (replaced at replay) and the one that carries the thread
 # count (the same). Floats travel as their bits.
-OP_GATHER, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION = range(1, 8)
+(OP_GATHER, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION,
+ OP_GEMM_F32) = range(1, 9)
+OP_LAST = OP_GEMM_F32
 RECORDED_KERNELS = {
     "gather_rows": ("_gather", OP_GATHER), "rms_norm": ("_norm", OP_RMS_NORM), "gemm_bf16": ("_gemm", OP_GEMM),
     "gemm_bf16_silu": ("_gemm_silu", OP_GEMM_SILU), "rotary": ("_rotary", OP_ROTARY),
     "write_kv": ("_write", OP_WRITE_KV), "decode_attention": ("_attn", OP_DECODE_ATTENTION),
+    "gemm_f32": ("_gemm_f32", OP_GEMM_F32),
 }
 OPCODE_NAMES = {code: name for name, (_, code) in RECORDED_KERNELS.items()}
 ROWS_ARG = {OP_GATHER: 4, OP_RMS_NORM: 10, OP_GEMM: 2, OP_GEMM_SILU: 2, OP_ROTARY: 2, OP_WRITE_KV: 8,
-            OP_DECODE_ATTENTION: 16}
+            OP_DECODE_ATTENTION: 16, OP_GEMM_F32: 2}
 FLOAT_ARGS = {OP_RMS_NORM: (12,), OP_DECODE_ATTENTION: (18,)}
 PROGRAM_SLOTS = 24  # kernels.c: int64 words per recorded call (the opcode, then up to 23 arguments)
 

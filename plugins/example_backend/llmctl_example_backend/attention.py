@@ -49,7 +49,8 @@ class ExampleMatmulAttention(AttentionBackend):
         kv_cache[blocks, :, :, offsets] = kv
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                sliding_window: int | None = None, out: torch.Tensor | None = None, *,
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
         # VENDOR: your paged-attention kernel; everything it needs is in `metadata`.
         if out is None:
             out = torch.empty_like(query)

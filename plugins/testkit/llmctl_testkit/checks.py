@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 import torch
 from llmctl.attention import AttentionMetadata
-from llmctl.ops import reference
+from llmctl.ops import Ops, reference
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins import AttentionBackend, Platform, ProbeResult, Support
-from llmctl.plugins.registry import Ops
 
 from llmctl_testkit.harness import ContractViolation, assert_close, require
 

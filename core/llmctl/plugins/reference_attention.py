@@ -7,8 +7,7 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
-from llmctl.plugins.registry import ANY_PLATFORM
-from llmctl.plugins.types import AttentionBackend, Support
+from llmctl.plugins.types import ANY_PLATFORM, AttentionBackend, Support
 
 
 class TorchReferenceAttention(AttentionBackend):
@@ -22,5 +21,6 @@ class TorchReferenceAttention(AttentionBackend):
     def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
-    def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None):
+    def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None, *,
+                key=None, value=None):
         return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out)

@@ -1,0 +1,134 @@
+"""The linear-method seam: a checkpoint's quantization config hands each linear layer a ``LinearQuantizer``
+that creates the layer's parameters under the checkpoint's tensor names (so the model's own ``load_weights``
+fills them without knowing the format), writes merged shards, and at the end of loading unpacks them into one of
+core's weight formats (``QuantLinearSpec``), whose matmul a platform kernel runs."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from llmctl.plugins.types import QuantLinearSpec
+
+if TYPE_CHECKING:
+    from llmctl.layers.linear import Linear
+
+# Fused projection -> the checkpoint projections it stacks, for models that do not say (vLLM's
+# ``packed_modules_mapping``; a model class may define its own attribute of that name).
+DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+@dataclass(frozen=True)
+class QParam:
+    """One checkpoint tensor of a quantized layer. ``out_dim`` is the dim that runs along the layer's outputs
+    (shards of a merged layer are written at their offsets along it, divided by ``out_pack`` outputs per
+    element); ``None`` means one value per checkpoint projection, stacked on a leading shard dim when merged."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    out_dim: int | None = 0
+    out_pack: int = 1
+
+
+@dataclass
+class QuantizedPart:
+    """What a finished layer (or one shard of it, when its shards' formats differ) runs on."""
+
+    spec: QuantLinearSpec
+    weights: dict[str, torch.Tensor]
+    out_slice: slice | None = None  # the rows of the layer's bias this part owns (None: all)
+
+
+class LinearQuantizer(abc.ABC):
+    """One layer's quantization, from parameter creation to the format-level tensors."""
+
+    method: str = ""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    @abc.abstractmethod
+    def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
+        """Checkpoint tensor name (after the layer prefix) -> how it is stored; ``dtype`` is the model's."""
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
+        """Uninitialised storage (pages are committed as the loader writes them); the model's completeness check
+        guarantees every tensor is written."""
+        merged = getattr(layer, "output_sizes", None)
+        self._params = self.params(layer, dtype)
+        for name, p in self._params.items():
+            shape = p.shape if p.out_dim is not None or merged is None else (len(merged), *p.shape)
+            setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=device), requires_grad=False))
+
+    def param_names(self) -> list[str]:
+        return list(self._params)
+
+    def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
+        """The shape checkpoint tensor ``name`` of one projection must have; None when the layout has no such
+        tensor, ``()`` when the quantizer checks it itself."""
+        p = self._params.get(name)
+        if p is None:
+            return None
+        if p.out_dim is None or shard is None:
+            return p.shape
+        shape = list(p.shape)
+        shape[p.out_dim] = layer.output_sizes[shard] // p.out_pack  # type: ignore[attr-defined]
+        return tuple(shape)
+
+    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ckpt_name: str) -> None:
+        p = self._params.get(name)
+        dst: torch.Tensor = getattr(layer, name).data
+        if p is None:
+            raise ValueError(f"quantization {self.method}: tensor {ckpt_name} is not part of this method's layout")
+        if p.out_dim is None:
+            dst = dst[shard]
+        else:
+            offsets, sizes = layer.offsets, layer.output_sizes  # type: ignore[attr-defined]
+            if offsets[shard] % p.out_pack or sizes[shard] % p.out_pack:
+                raise ValueError(f"quantization {self.method}: tensor {ckpt_name}: projection width "
+                                 f"{sizes[shard]} is not a multiple of {p.out_pack} (its packing)")
+            dst = dst.narrow(p.out_dim, offsets[shard] // p.out_pack, sizes[shard] // p.out_pack)
+        if tuple(dst.shape) != tuple(tensor.shape):
+            raise ValueError(f"quantization {self.method}: tensor {ckpt_name} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(dst.shape)} for this layer's config")
+        dst.copy_(tensor)
+
+    @abc.abstractmethod
+    def finish(self, layer: Linear) -> list[QuantizedPart]:
+        """After loading: the layer's tensors in a core weight format (usually one part)."""
+
+    def take(self, layer: Linear, name: str) -> torch.Tensor:
+        """A loaded checkpoint tensor, removed from the layer (its memory goes with the last reference)."""
+        t = getattr(layer, name).data
+        delattr(layer, name)
+        return t
+
+    def spec(self, layer: Linear, fmt: str, bits: int, group_size: int, act: str | None = None,
+             ggml_type: str | None = None) -> QuantLinearSpec:
+        return QuantLinearSpec(format=fmt, in_features=layer.in_features, out_features=layer.out_features,
+                               bits=bits, group_size=group_size, act=act, ggml_type=ggml_type, layer=self.prefix)
+
+
+class QuantConfig(abc.ABC):
+    """A checkpoint's (or ``--quantization``'s) quantization: which layers it covers and how each is stored."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
+        """The layer's quantizer, or None to leave it unquantized. ``shard_names`` are the checkpoint prefixes of
+        the projections the layer stacks (just ``prefix`` for an unmerged layer)."""
+
+    def describe(self) -> str:
+        return self.name
+
+    def extra(self) -> dict[str, Any]:
+        return {}

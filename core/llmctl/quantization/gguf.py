@@ -1,0 +1,203 @@
+"""GGUF kept quantized: llama.cpp's blocks are loaded as stored and unpacked, exactly, into core's weight
+formats where one holds them (Q4_0/Q4_1 -> int4, Q8_0/Q5_0/Q5_1 -> int8, group 32); the other block types
+(the K-quants, ...) stay as blocks in the ``gguf`` format, whose reference dequantizes them with the gguf
+package's own dequantizer.
+
+Block layouts (little-endian, 32 weights per block, ``d``/``m`` float16): Q4_0 ``d, qs[16]`` with ``w = d (q - 8)``;
+Q4_1 ``d, m, qs[16]`` with ``w = d q + m``; Q5_0 ``d, qh[4], qs[16]`` with ``w = d (q - 16)``; Q5_1 ``d, m, qh[4],
+qs[16]`` with ``w = d q + m``; Q8_0 ``d, qs[32]`` (int8) with ``w = d q``. In the 4/5-bit types weight ``j < 16``
+is the low nibble of ``qs[j]`` and weight ``j + 16`` its high nibble; bit ``j`` of ``qh`` is weight ``j``'s fifth bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
+from llmctl.quantization.packing import pack_nibbles
+
+if TYPE_CHECKING:
+    from llmctl.layers.linear import Linear
+    from llmctl.loader.gguf_file import GGUFFile
+
+# Plain (not block-quantized) ggml types: such tensors are dequantized at load like before.
+PLAIN_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
+# llama.cpp block projections whose weights stay quantized.
+LINEAR_BLOCK_TENSORS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+_BLOCK = 32
+
+
+def block_bytes(type_name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block)."""
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+
+
+def dequantize_blocks(qweight: torch.Tensor, type_name: str, in_features: int) -> torch.Tensor:
+    """float32 [N, K] from raw blocks, by the gguf package's dequantizer."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = dequantize(qweight.cpu().numpy(), GGMLQuantizationType[type_name])
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(qweight.shape[0], in_features).to(qweight.device)
+
+
+def _fp16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    return blocks[..., at:at + 2].contiguous().view(torch.float16).to(torch.float32).squeeze(-1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32] values in weight order (low nibbles are weights 0..15)."""
+    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """[..., 4] bytes (a little-endian u32) -> [..., 32] bits, bit j for weight j."""
+    bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.flatten(-2)
+
+
+def convert_blocks(raw: torch.Tensor, type_name: str, in_features: int) -> tuple[str, dict[str, torch.Tensor]]:
+    """Raw blocks [N, row_bytes] -> (core format, its tensors); format ``gguf`` keeps the blocks."""
+    n = raw.shape[0]
+    if type_name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+        return "gguf", {"qweight": raw.contiguous()}
+    _, size = block_bytes(type_name)
+    b = raw.reshape(n, in_features // _BLOCK, size)
+    d = _fp16(b, 0)
+    if type_name == "Q8_0":
+        q = b[..., 2:].contiguous().view(torch.int8)
+        return "int8", {"qweight": q.reshape(n, in_features), "scales": d}
+    if type_name in ("Q4_0", "Q4_1"):
+        q = _nibbles(b[..., -16:])
+        mins = _fp16(b, 2) if type_name == "Q4_1" else -8.0 * d
+        return "int4", {"qweight": pack_nibbles(q.reshape(n, in_features)), "scales": d, "mins": mins}
+    # Q5_0 / Q5_1: five bits do not fit a nibble; held as int8 with the same group scales.
+    qh = b[..., -20:-16]
+    q = (_nibbles(b[..., -16:]) | (_fifth_bits(qh) << 4)).to(torch.int16)
+    if type_name == "Q5_0":
+        return "int8", {"qweight": (q - 16).to(torch.int8).reshape(n, in_features), "scales": d}
+    return "int8", {"qweight": q.to(torch.int8).reshape(n, in_features), "scales": d, "mins": _fp16(b, 2)}
+
+
+class GGUFLinear(LinearQuantizer):
+    method = "gguf"
+
+    def __init__(self, prefix: str, types: Sequence[str]) -> None:
+        super().__init__(prefix)
+        self.types = list(types)
+
+    def _row_bytes(self, type_name: str, k: int) -> int:
+        per, size = block_bytes(type_name)
+        if k % per:
+            raise ValueError(f"quantization gguf: layer {self.prefix}: in_features {k} is not a multiple of "
+                             f"{type_name}'s block of {per}")
+        return k // per * size
+
+    def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
+        k, n = layer.in_features, layer.out_features
+        if len(set(self.types)) == 1:
+            return {"weight": QParam((n, self._row_bytes(self.types[0], k)), torch.uint8)}
+        # Shards of different block types (e.g. Q4_K q/k with a Q6_K v): one flat byte buffer, each shard's
+        # rows at their own byte offset.
+        sizes = layer.output_sizes  # type: ignore[attr-defined]
+        total = sum(s * self._row_bytes(t, k) for s, t in zip(sizes, self.types, strict=True))
+        return {"weight": QParam((total,), torch.uint8)}
+
+    def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
+        if name != "weight":
+            return None
+        t = self.types[shard or 0]
+        rows = layer.out_features if shard is None else layer.output_sizes[shard]  # type: ignore[attr-defined]
+        return (rows, self._row_bytes(t, layer.in_features))
+
+    def _byte_offsets(self, layer: Linear) -> list[int]:
+        sizes = layer.output_sizes  # type: ignore[attr-defined]
+        ends = np.cumsum([s * self._row_bytes(t, layer.in_features) for s, t in zip(sizes, self.types, strict=True)])
+        return [0, *ends.tolist()]
+
+    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ckpt_name: str) -> None:
+        if len(set(self.types)) == 1:
+            super().load_shard(layer, name, shard, tensor, ckpt_name)
+            return
+        offsets = self._byte_offsets(layer)
+        dst = layer.weight.data[offsets[shard]:offsets[shard + 1]]
+        if dst.numel() != tensor.numel() or tensor.dtype != torch.uint8:
+            raise ValueError(f"quantization gguf: tensor {ckpt_name} holds {tensor.numel()} bytes of "
+                             f"{tensor.dtype}, expected {dst.numel()} bytes of {self.types[shard]}")
+        dst.copy_(tensor.reshape(-1))
+
+    def finish(self, layer: Linear) -> list[QuantizedPart]:
+        raw = self.take(layer, "weight")
+        k = layer.in_features
+        if len(set(self.types)) == 1:
+            return [self._part(layer, raw, self.types[0], layer.out_features, None)]
+        parts, offsets, row = [], self._byte_offsets(layer), 0
+        for i, (size, t) in enumerate(zip(layer.output_sizes, self.types, strict=True)):  # type: ignore[attr-defined]
+            shard = raw[offsets[i]:offsets[i + 1]].view(size, self._row_bytes(t, k))
+            parts.append(self._part(layer, shard, t, size, slice(row, row + size)))
+            row += size
+        return parts
+
+    def _part(self, layer: Linear, raw: torch.Tensor, type_name: str, n: int, rows: slice | None) -> QuantizedPart:
+        from llmctl.plugins.types import QuantLinearSpec
+
+        fmt, weights = convert_blocks(raw, type_name, layer.in_features)
+        bits = {"int4": 4, "int8": 8}.get(fmt, 0) or int("".join(c for c in type_name[1:3] if c.isdigit()) or 0)
+        spec = QuantLinearSpec(format=fmt, in_features=layer.in_features, out_features=n, bits=bits,
+                               group_size=_BLOCK if fmt != "gguf" else block_bytes(type_name)[0],
+                               ggml_type=type_name, layer=self.prefix)
+        return QuantizedPart(spec, weights, rows)
+
+
+class GGUFConfig(QuantConfig):
+    """The tensor types of the file's linear projections, by Hugging Face name."""
+
+    name = "gguf"
+
+    def __init__(self, types: dict[str, str]) -> None:
+        self.types = types
+
+    @classmethod
+    def from_file(cls, g: GGUFFile) -> GGUFConfig:
+        from gguf import GGMLQuantizationType
+
+        from llmctl.loader.gguf_hf import hf_tensor_name
+
+        types = {}
+        for name, info in g.tensors.items():
+            if name.startswith("blk.") and name.split(".")[2] in LINEAR_BLOCK_TENSORS:
+                hf = hf_tensor_name(name)
+                if hf is not None:
+                    types[hf] = GGMLQuantizationType(info.ggml_type).name
+        return cls(types)
+
+    def quantized_types(self) -> list[str]:
+        return sorted({t for t in self.types.values() if t not in PLAIN_TYPES})
+
+    def describe(self) -> str:
+        return f"gguf ({', '.join(self.quantized_types()) or 'no quantized linear tensors'})"
+
+    def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
+        types = [self.types.get(f"{n}.weight") for n in shard_names]
+        if any(t is None for t in types):
+            return None  # not a projection the file stores per block (e.g. a model-specific layer)
+        plain = [t in PLAIN_TYPES for t in types]
+        if all(plain):
+            return None
+        if any(plain):
+            raise ValueError(f"quantization gguf: layer {prefix} stacks plain and block-quantized tensors "
+                             f"({', '.join(f'{n}: {t}' for n, t in zip(shard_names, types, strict=True))}); "
+                             "that mix is not supported")
+        return GGUFLinear(prefix, [t for t in types if t is not None])
+
+    def keeps_quantized(self, hf_name: str) -> bool:
+        """Whether the loader should hand this tensor over as raw blocks."""
+        t = self.types.get(hf_name)
+        return t is not None and t not in PLAIN_TYPES

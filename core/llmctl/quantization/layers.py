@@ -1,0 +1,121 @@
+"""Attach a quantization config to a built model's linear layers before loading, and bind each layer to its
+platform kernel after loading."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmctl.layers.linear import Linear
+from llmctl.plugins.registry import Registry
+from llmctl.plugins.types import QuantLinearSpec, QuantMethod
+from llmctl.quantization.base import DEFAULT_PACKED_MODULES, QuantConfig
+
+logger = logging.getLogger("llmctl.quantization")
+
+
+@dataclass
+class QuantSummary:
+    """What the start-up log and the engine's stats say about the model's quantization."""
+
+    method: str
+    layers: int = 0
+    kernels: Counter[str] = field(default_factory=Counter)  # "format (detail) -> kernel" -> layers
+    fallbacks: Counter[str] = field(default_factory=Counter)  # reason -> layers
+    weight_bytes: int = 0
+
+    def describe(self) -> str:
+        kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items()))
+        return f"{self.method}: {self.layers} layers, {kernels}"
+
+
+def shard_names(model: nn.Module, prefix: str, layer: Linear) -> list[str]:
+    """The checkpoint prefixes a (merged) layer was loaded from."""
+    if getattr(layer, "output_sizes", None) is None:
+        return [prefix]
+    mapping = getattr(model, "packed_modules_mapping", None) or DEFAULT_PACKED_MODULES
+    parent, _, leaf = prefix.rpartition(".")
+    parts = mapping.get(leaf)
+    if parts is None or len(parts) != len(layer.output_sizes):  # type: ignore[attr-defined]
+        raise ValueError(f"quantization: merged layer {prefix} has no packed_modules_mapping entry naming its "
+                         f"{len(layer.output_sizes)} checkpoint projections")  # type: ignore[attr-defined]
+    return [f"{parent}.{p}" if parent else p for p in parts]
+
+
+def attach_quantization(model: nn.Module, config: QuantConfig) -> dict[str, tuple[Linear, int | None]]:
+    """Give each linear layer the config covers its quantizer; returns checkpoint prefix -> (layer, shard index
+    or None for an unmerged layer) for the layers it covers."""
+    covered: dict[str, tuple[Linear, int | None]] = {}
+    for prefix, module in list(model.named_modules()):
+        if isinstance(module, Linear):
+            names = shard_names(model, prefix, module)
+            quantizer = config.linear_quantizer(prefix, module, names)
+            if quantizer is not None:
+                module.set_quantizer(quantizer)
+                merged = getattr(module, "output_sizes", None) is not None
+                for i, name in enumerate(names):
+                    covered[name] = (module, i if merged else None)
+    return covered
+
+
+def checked_tensors(weights: Iterable[tuple[str, torch.Tensor]], covered: dict[str, tuple[Linear, int | None]]
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, each of a quantized layer checked against the method's layout first, so a
+    checkpoint whose config and tensors disagree fails naming the method and the tensor."""
+    for name, tensor in weights:
+        prefix, _, leaf = name.rpartition(".")
+        hit = covered.get(prefix)
+        if hit is not None and leaf != "bias":
+            layer, shard = hit
+            quantizer = layer.quantizer
+            assert quantizer is not None
+            expected = quantizer.expected_shape(layer, leaf, shard)
+            if expected is None:
+                raise ValueError(f"quantization {quantizer.method}: checkpoint tensor {name} is not part of the "
+                                 f"layout of layer {quantizer.prefix} (expected "
+                                 f"{', '.join(f'{prefix}.{p}' for p in quantizer.param_names())})")
+            if expected != () and tuple(tensor.shape) != expected:
+                raise ValueError(f"quantization {quantizer.method}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {expected} for this layer and quantization config")
+        yield name, tensor
+
+
+def select_kernel(registry: Registry, platform: str, spec: QuantLinearSpec, dtype: torch.dtype
+                  ) -> tuple[QuantMethod, list[str]]:
+    """The best kernel that accepts the layer, and the reasons of those (better ones) that declined."""
+    declined: list[str] = []
+    for kernel in registry.quant_kernels(spec.format, platform):
+        answer = kernel.supports(spec, dtype)
+        if answer:
+            return kernel, declined
+        declined.append(f"{kernel.kernel or kernel.name}: {answer.reason}")
+    raise ValueError(f"quantization: no kernel on platform {platform!r} runs layer {spec.layer} "
+                     f"({spec.describe()}); " + ("; ".join(declined) or "none registered for this format"))
+
+
+def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registry, platform: str,
+                        dtype: torch.dtype) -> QuantSummary:
+    summary = QuantSummary(method=config.describe())
+    for _, module in model.named_modules():
+        if not isinstance(module, Linear) or module.quantizer is None:
+            continue
+        parts = []
+        for part in module.quantizer.finish(module):
+            kernel, declined = select_kernel(registry, platform, part.spec, dtype)
+            weights = kernel.process_weights(part.weights, part.spec)
+            parts.append((kernel, weights, part.spec, part.out_slice))
+            summary.kernels[f"{part.spec.describe()} -> {kernel.kernel or kernel.name}"] += 1
+            summary.weight_bytes += sum(t.numel() * t.element_size() for t in weights.values())
+            for reason in declined:
+                summary.fallbacks[reason] += 1
+        module.bind_quantized(parts)
+        summary.layers += 1
+    for reason, n in summary.fallbacks.items():
+        logger.warning("quantization: %d layer(s) fall back to a slower kernel because %s", n, reason)
+    logger.info("quantization %s", summary.describe())
+    return summary

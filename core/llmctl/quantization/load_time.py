@@ -1,0 +1,64 @@
+"""``--quantization int8`` and ``--quantization fp8``: an unquantized checkpoint is loaded as usual and each
+linear layer's weight is quantized per output channel when loading ends (vLLM's dynamic fp8 does the same).
+int8 runs W8A8: activations are quantized per token, symmetric, at run time; fp8 runs W8A8 with dynamic
+per-token fp8 activations (e4m3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
+from llmctl.quantization.reference import FP8_MAX
+
+if TYPE_CHECKING:
+    from llmctl.layers.linear import Linear
+
+
+def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 [N, K], float32 scales [N, 1])."""
+    wf = w.to(torch.float32)
+    amax = wf.abs().amax(dim=1, keepdim=True)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(wf / scales).clamp_(-127, 127).to(torch.int8), scales
+
+
+def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    wf = w.to(torch.float32)
+    amax = wf.abs().amax(dim=1, keepdim=True)
+    scales = torch.clamp(amax / FP8_MAX, min=1e-12)
+    return (wf / scales).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
+
+
+class LoadTimeLinear(LinearQuantizer):
+    def __init__(self, prefix: str, method: str) -> None:
+        super().__init__(prefix)
+        self.method = method
+
+    def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
+        return {"weight": QParam((layer.out_features, layer.in_features), dtype)}
+
+    def finish(self, layer: Linear) -> list[QuantizedPart]:
+        w = self.take(layer, "weight")
+        if self.method == "int8":
+            q, scales = quantize_int8_per_channel(w)
+            spec = self.spec(layer, "int8", 8, layer.in_features, act="int8")
+        else:
+            q, scales = quantize_fp8_per_channel(w)
+            spec = self.spec(layer, "fp8", 8, layer.in_features, act="fp8")
+        return [QuantizedPart(spec, {"qweight": q, "scales": scales})]
+
+
+class LoadTimeConfig(QuantConfig):
+    def __init__(self, method: str) -> None:
+        if method not in ("int8", "fp8"):
+            raise ValueError(f"quantization: {method!r} cannot quantize at load; use int8 or fp8")
+        self.name = method
+
+    def describe(self) -> str:
+        return f"{self.name} (quantized at load, per channel, dynamic per-token activations)"
+
+    def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
+        return LoadTimeLinear(prefix, self.name)
