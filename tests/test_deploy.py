@@ -8,6 +8,7 @@ and with the Python substitute in deploy/helm/render.py otherwise (both, compare
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -24,8 +25,18 @@ CHART = REPO / "deploy" / "helm" / "llmctl"
 BACKENDS = ("cpu", "cuda", "rocm", "xpu")
 K8S_VERSION = "1.33.0"
 
-sys.path.insert(0, str(REPO / "deploy" / "helm"))
-import render as chart_render  # noqa: E402
+
+
+def _load_renderer():
+    # Loaded from its file: putting deploy/helm on sys.path would make the chart folder `llmctl` shadow the package.
+    spec = importlib.util.spec_from_file_location("llmctl_chart_render", REPO / "deploy" / "helm" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+chart_render = _load_renderer()
 
 
 def _tool(name: str) -> str | None:
@@ -61,6 +72,30 @@ def test_dockerfile_shape(backend):
     assert "--shm-size" in text or "--ipc=host" in text
     for folder in re.findall(r"^COPY (\S+) \./", text, flags=re.M):
         assert (REPO / folder).exists(), folder
+
+
+def test_serve_takes_the_model_as_an_option_like_the_images_pass_it(monkeypatch, tmp_path):
+    """`docker run IMAGE --model M` runs `llmctl serve --host 0.0.0.0 --port 8000 --model M`."""
+    from llmctl_cli import main as cli_main
+    from typer.testing import CliRunner
+
+    seen = []
+
+    def fake_load(args):
+        seen.append(args)
+        raise cli_main.UserError("stop here")
+
+    monkeypatch.setattr(cli_main, "load_engine", fake_load)
+    runner = CliRunner()
+    r = runner.invoke(cli_main.app, ["serve", "--host", "0.0.0.0", "--port", "8000", "--model", str(tmp_path)])
+    assert r.exit_code == 2 and "stop here" in r.output, (r.output, r.exception)
+    assert seen[0].model == str(tmp_path)
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--model", str(tmp_path / "other")])
+    assert r.exit_code == 2 and "--model" in r.output and len(seen) == 1
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--metrics-prefix", "prom"])
+    assert r.exit_code == 2 and "metrics_prefix" in r.output and len(seen) == 1
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--otlp-traces-endpoint", "collector:4317"])
+    assert r.exit_code == 2 and "otlp_traces_endpoint" in r.output and len(seen) == 1
 
 
 def test_install_script_rejects_an_unknown_backend(tmp_path):
