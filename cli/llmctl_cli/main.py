@@ -196,6 +196,14 @@ def serve(
                                                      "previous_response_id (0: off)."),
     speculative_config: str | None = typer.Option(
         None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
+    model_option: str | None = typer.Option(None, "--model", help="The model, as an option (vLLM's spelling; "
+                                            "container images pass it this way). Same as MODEL."),
+    metrics_prefix: str = typer.Option("llmctl", help="Metric names: 'llmctl' (llmctl_*) or 'vllm' (vLLM's "
+                                       "vllm:* names, for existing vLLM dashboards)."),
+    web_ui: bool = typer.Option(True, "--web-ui/--no-web-ui", help="Serve the browser console at /."),
+    otlp_traces_endpoint: str | None = typer.Option(
+        None, help="Send OpenTelemetry request traces to this OTLP/HTTP endpoint, e.g. "
+                   "http://collector:4318/v1/traces (needs llmctl-server[tracing])."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -218,11 +226,20 @@ def serve(
                                       max_idle_connections_per_client=max_idle_connections_per_client,
                                       enable_auto_tool_choice=enable_auto_tool_choice,
                                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
-                                      responses_store_size=responses_store_size)
+                                      responses_store_size=responses_store_size,
+                                      metrics_prefix=metrics_prefix, web_ui=web_ui,
+                                      otlp_traces_endpoint=otlp_traces_endpoint or None)
+            if settings.otlp_traces_endpoint:
+                from llmctl_server.tracing import check_tracing_available
+
+                check_tracing_available(settings.otlp_traces_endpoint)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        name = resolve_model(model)
-        if model is None and not settings.served_model_names:
+        if model is not None and model_option is not None and model != model_option:
+            raise UserError(f"--model: got both MODEL {model!r} and --model {model_option!r}; give one")
+        chosen = model if model is not None else model_option
+        name = resolve_model(chosen)
+        if chosen is None and not settings.served_model_names:
             # As vLLM: the id is what the user typed; with nothing typed, the default model's name, never the
             # install path of its file (which would leak the server's directory layout to every client).
             settings.served_model_names = [DEFAULT_SERVED_NAME]
@@ -239,7 +256,8 @@ def serve(
                            speculative_config=speculative_config)
         engine = load_engine(args)
         try:
-            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"
+            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs"
+                          f"{', console at /' if settings.web_ui else ''})"
                           f"{' - API key required' if settings.api_key else ''}", highlight=False)
             code = run_server(engine, settings, host=host, port=port, log_level=log_level)
         finally:

@@ -52,6 +52,7 @@ from llmctl_server.settings import ServerSettings
 from llmctl_server.streaming import GuardedStreamingResponse
 from llmctl_server.structured import structured_params
 from llmctl_server.tokens import TokenText
+from llmctl_server.web_ui import WEB_UI_PATHS, mount_web_ui
 
 logger = logging.getLogger("llmctl_server")
 
@@ -99,14 +100,19 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     max_model_len, vocab_size, max_num_seqs, default_name = _engine_limits(engine)
     tokenizer = engine.tokenizer
-    metrics = Metrics(engine.get_stats)
+    model_names = list(settings.served_model_names) or [default_name]
+    metrics = Metrics(engine.get_stats, model_names[0], settings.metrics_prefix)
     state = ServerState(
         engine=engine, settings=settings, metrics=metrics,
         renderer=ChatRenderer(tokenizer, settings.chat_template), token_text=TokenText(tokenizer),
-        model_names=list(settings.served_model_names) or [default_name], max_model_len=max_model_len,
+        model_names=model_names, max_model_len=max_model_len,
         vocab_size=vocab_size, max_num_seqs=max_num_seqs,
     )
     state.max_prompt_chars = max_prompt_chars(tokenizer, max_model_len)
+    if settings.otlp_traces_endpoint:
+        from llmctl_server.tracing import RequestTracer
+
+        state.tracer = RequestTracer.to_endpoint(settings.otlp_traces_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,7 +134,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         app.add_exception_handler(exc_type, _handle)
 
     app.add_middleware(AuthMiddleware, router=app.router, api_key=settings.api_key,
-                       public=settings.public_paths | ({"/metrics"} if settings.metrics_public else frozenset()))
+                       public=settings.public_paths | ({"/metrics"} if settings.metrics_public else frozenset())
+                       | (WEB_UI_PATHS if settings.web_ui else frozenset()))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(StatusMetricsMiddleware, metrics=metrics)
 
@@ -175,6 +182,9 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return p.DetokenizeResponse(prompt=await off_loop(tokenizer.decode, body.tokens))
 
     register_pooling_routes(app, state)  # /v1/embeddings, /score, /rerank
+
+    if settings.web_ui:
+        mount_web_ui(app)
 
     # -- generation ----------------------------------------------------------------------------------------------
     reasoning_end_ids = None
@@ -338,7 +348,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         return p.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
 
     def finish_metrics() -> None:
-        recorder.finish(sum(len(pp.ids) for pp in prompts), [c.finish_reason for c in choices])
+        finals = list(prompt_outs.values())
+        recorder.finish(sum(len(pp.ids) for pp in prompts), [c.finish_reason for c in choices], finals)
+        if state.tracer is not None:
+            state.tracer.request_done(request_id, model, request.headers, params, finals, recorder)
 
     if not body.stream:
         try:

@@ -120,6 +120,7 @@ class ServerState:
     draining: bool = False
     engine_dead: bool = False
     active: dict[int, Mailbox] = field(default_factory=dict)
+    tracer: Any = None  # a tracing.RequestTracer when --otlp-traces-endpoint is set
 
     # -- health and admission ---------------------------------------------------------------------------------
     def engine_alive(self) -> bool:
@@ -389,12 +390,18 @@ class Recorder:
                 self.m.itl.observe(gap)
         self.last = t
 
-    def finish(self, prompt_tokens: int, reasons: list[str | None]) -> None:
+    def finish(self, prompt_tokens: int, reasons: list[str | None], outputs: list[Any] | None = None) -> None:
+        """``outputs``: the final ``RequestOutput`` of each engine request (their engine-side timestamps give the
+        queue, prefill and decode times)."""
         self.m.e2e.observe(time.monotonic() - self.arrival)
         self.m.prompt_tokens.inc(prompt_tokens)
         self.m.generation_tokens.inc(sum(self.tokens_seen.values()))
         for r in reasons:
             self.m.finished.labels(reason=r or "unknown").inc()
+        for out in outputs or []:
+            self.m.observe_request_times(getattr(out, "metrics", None))
+            self.m.request_prompt_tokens.observe(len(getattr(out, "prompt_token_ids", None) or []))
+            self.m.request_generation_tokens.observe(sum(len(o.token_ids) for o in getattr(out, "outputs", [])))
 
 
 # -- response assembly ---------------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ class ServerSettings:
     reasoning_parser: str | None = None
     # /v1/responses keeps finished responses for previous_response_id only when this is > 0 (at most this many).
     responses_store_size: int = 0
+    metrics_prefix: str = "llmctl"  # "llmctl" or "vllm": the metric naming scheme (see metrics.py)
+    web_ui: bool = True  # the browser console at "/" (static files; its API calls need the key like any client)
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry OTLP/HTTP traces endpoint; None: no tracing
 
     def __post_init__(self) -> None:
         if self.max_n < 1:
@@ -50,6 +53,8 @@ class ServerSettings:
                              f"{self.max_idle_connections_per_client}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.metrics_prefix not in ("llmctl", "vllm"):
+            raise ValueError(f"metrics_prefix: expected 'llmctl' or 'vllm', got {self.metrics_prefix!r}")
         if self.api_key is not None and not self.api_key:
             self.api_key = None
         if self.enable_auto_tool_choice and not self.tool_call_parser:

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,7 @@ from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.step_stats import IterationTokenStats
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
@@ -54,6 +56,7 @@ class CoreOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     pooled: torch.Tensor | None = None  # a pooling request's result (it finishes in the step that computes it)
+    first_scheduled_time: float | None = None  # wall clock when the scheduler first admitted the request
 
 
 class InjectedFault(RuntimeError):
@@ -141,6 +144,7 @@ class EngineCore:
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
+        self.iteration_tokens = IterationTokenStats()
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
                     "decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
                     self.cache_config.num_blocks, args.block_size, self.model_config.max_model_len, decode_graphs,
@@ -327,7 +331,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def get_stats(self) -> dict[str, float]:
+    def get_stats(self) -> dict[str, Any]:
         stats = self.kv.stats
         return {
             "kv_blocks_total": self.kv.pool.num_blocks,
@@ -337,6 +341,7 @@ class EngineCore:
             "prefix_cache_hit_tokens": stats.hit_tokens,
             "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
             "num_steps": self.num_steps,
+            **self.iteration_tokens.snapshot(),
             **self.scheduler.stats(),
             **(self.speculator.stats.as_dict() if self.speculator else {}),
         }
@@ -347,6 +352,7 @@ class EngineCore:
         if not sched:
             return []
         self.num_steps += 1
+        self.iteration_tokens.observe(sched.num_tokens)
         outputs = self._step(sched)
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
@@ -427,19 +433,22 @@ class EngineCore:
             self.kv.cache_computed_blocks(req)
         for rid, data in (pooled or {}).items():
             req = self.scheduler.requests[rid]
-            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens)
+            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens,
+                                      first_scheduled_time=req.first_scheduled_time)
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         for rid, (chunk, hidden) in prompt_hidden.items():
             req = chunk.request
             first = chunk.first_position
             targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=hidden.device)
-            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
+            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens,
+                                                     first_scheduled_time=req.first_scheduled_time))
             out.prompt_logprobs = prompt_logprobs_in_slices(hidden, self.runner.model.compute_logits, targets,
                                                             req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
         for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):
             out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                num_cached_tokens=req.num_cached_tokens))
+                                                                num_cached_tokens=req.num_cached_tokens,
+                                                                first_scheduled_time=req.first_scheduled_time))
             for j, token in enumerate(tokens):
                 req.all_token_ids.append(token)
                 out.new_token_ids.append(token)

@@ -49,6 +49,7 @@ class Request:
     num_cached_tokens: int = 0
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # wall clock of the first admission (queue-time metric)
     generator: torch.Generator | None = None
     # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
     pooling_params: PoolingParams | None = None

@@ -3,6 +3,7 @@ preemption by recompute of the newest request when KV blocks run out."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -135,6 +136,8 @@ class Scheduler:
                 self.waiting.popleft()
                 if req.status == RequestStatus.WAITING:
                     req.num_cached_tokens = len(cached) * self.kv.block_size
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.time()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
