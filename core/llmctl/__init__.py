@@ -17,12 +17,14 @@ _LAZY = {
     "RequestOutput": "llmctl.outputs",
     "CompletionOutput": "llmctl.outputs",
     "Logprob": "llmctl.outputs",
+    "LoRARequest": "llmctl.lora.request",
 }
 
 if TYPE_CHECKING:
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
+    from llmctl.lora.request import LoRARequest
     from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
     from llmctl.sampling_params import SamplingParams
 
@@ -37,4 +39,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+           "LoRARequest", "__version__"]

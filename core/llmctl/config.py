@@ -64,6 +64,11 @@ class EngineArgs:
     # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
     # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
     quantization: str | None = None
+    # Multi-LoRA (vLLM's names): adapters per request through LoRARequest; see llmctl.lora.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,10 +107,21 @@ class EngineArgs:
         from llmctl.quantization import normalize_method
 
         self.quantization = normalize_method(self.quantization)
+        self.lora_config()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
+
+    def lora_config(self) -> Any:
+        """The checked LoRA limits, or None when LoRA is off."""
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora: must be True or False, got {self.enable_lora!r}")
+        if not self.enable_lora:
+            return None
+        from llmctl.lora.config import LoRAConfig
+
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -152,3 +168,4 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)

@@ -78,12 +78,22 @@ class EngineCore:
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant)
-        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name)
+        self.lora = None
+        lora_config = args.lora_config()
+
+        def attach_lora(model: torch.nn.Module) -> None:
+            from llmctl.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(model, lora_config, self.ops, dtype, self.device)
+
+        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name,
+                                before_bind=attach_lora if lora_config is not None else None)
         summary = getattr(self.model, "quant_summary", None)
         spec = self.model.kv_cache_spec()
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
+                                                max_loras=lora_config.max_loras if lora_config else None)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               spec.head_size)
@@ -93,7 +103,7 @@ class EngineCore:
         self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
@@ -242,6 +252,8 @@ class EngineCore:
         words go into the start-up log so a user sees why steps run eagerly."""
         if self.args.enforce_eager:
             return "off (enforce_eager)"
+        if self.lora is not None:
+            return "off (LoRA: adapters switch per step)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +46,9 @@ class Request:
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
     generator: torch.Generator | None = None
+    lora: Any = None  # the request's llmctl.lora LoRAAdapter (held here, so unloading never breaks it), or None
+    # Seeds the request's prefix-cache hash chain: requests with other adapters never share KV blocks.
+    cache_salt: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -72,6 +76,10 @@ class Request:
     @property
     def prompt_computed(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora is None else self.lora.adapter_id
 
     @property
     def finished(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,9 +64,12 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
     return dtype
 
 
-def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*") -> nn.Module:
+def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*",
+               before_bind: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """With ``ctx.quant`` (a ``QuantConfig``) the linear layers are given their quantized parameters before
-    loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which)."""
+    loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which).
+    ``before_bind`` sees the loaded model before the platform packs its weights (LoRA attaches there, since
+    adapters change which GEMMs may be fused)."""
     model_cls = get_model_class(source.hf_config, registry)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
@@ -92,6 +96,8 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != ctx.dtype:
             p.data = p.data.to(ctx.dtype)
+    if before_bind is not None:
+        before_bind(model)
     for module in model.modules():
         if hasattr(module, "bind_ops"):
             module.bind_ops(ctx.ops)
