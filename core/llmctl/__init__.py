@@ -23,6 +23,7 @@ _LAZY = {
     "ClassificationRequestOutput": "llmctl.pooling.outputs",
     "ScoringRequestOutput": "llmctl.pooling.outputs",
     "BeamSearchParams": "llmctl.beam_search",
+    "LoRARequest": "llmctl.lora.request",
 }
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
+    from llmctl.lora.request import LoRARequest
     from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
     from llmctl.pooling.outputs import (
         ClassificationRequestOutput,
@@ -52,4 +54,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "PoolingParams", "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
-           "ScoringRequestOutput", "BeamSearchParams", "__version__"]
+           "ScoringRequestOutput", "BeamSearchParams", "LoRARequest", "__version__"]

@@ -76,6 +76,11 @@ class EngineArgs:
     # vLLM's shape: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": .., "prompt_lookup_max":
     # ..}; a dict, its JSON text, or a parsed SpeculativeConfig (spec_decode/config.py)
     speculative_config: Any = None
+    # Multi-LoRA (vLLM's names): adapters per request through LoRARequest; see llmctl.lora.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +121,7 @@ class EngineArgs:
         self.quantization = normalize_method(self.quantization)
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner: must be one of auto, generate, pooling, got {self.runner!r}")
+        self.lora_config()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if self.structured_outputs_backend not in ("auto", "xgrammar"):
@@ -146,6 +152,16 @@ class EngineArgs:
                              f"{type(self.hf_overrides).__name__}")
         if not isinstance(self.trust_remote_code, bool):
             raise ValueError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}")
+
+    def lora_config(self) -> Any:
+        """The checked LoRA limits, or None when LoRA is off."""
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora: must be True or False, got {self.enable_lora!r}")
+        if not self.enable_lora:
+            return None
+        from llmctl.lora.config import LoRAConfig
+
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -192,3 +208,4 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)

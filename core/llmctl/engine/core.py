@@ -108,8 +108,17 @@ class EngineCore:
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
                            extra={"trust_remote_code": args.trust_remote_code,
                                   "pooler_config": self.runner_plan.pooler_config})
+        self.lora = None
+        lora_config = args.lora_config()
+
+        def attach_lora(model: torch.nn.Module) -> None:
+            from llmctl.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(model, lora_config, self.ops, dtype, self.device)
+
         self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl,
-                                model_cls=self.runner_plan.model_cls)
+                                model_cls=self.runner_plan.model_cls,
+                                before_bind=attach_lora if lora_config is not None else None)
         summary = getattr(self.model, "quant_summary", None)
         self.model_impl = "transformers" if type(self.model).__name__ == "TransformersForCausalLM" else "native"
         logger.info("llmctl model: %s runs on the %s implementation (%s; model_impl=%s)",
@@ -124,7 +133,8 @@ class EngineCore:
             elif mnbt < self.model_config.max_model_len:
                 raise ValueError(f"max_num_batched_tokens: a pooling model computes each prompt in one step, so it "
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
+                                                max_loras=lora_config.max_loras if lora_config else None)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               spec.head_size)
@@ -137,7 +147,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = load_draft_proposer(draft_source, self) if draft_source is not None else None
         self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
-        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -294,6 +304,8 @@ class EngineCore:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
+        if self.lora is not None:
+            return "off (LoRA: adapters switch per step)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from llmctl.attention import AttentionMetadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+
+if TYPE_CHECKING:
+    from llmctl.lora.manager import LoRAManager
 
 # Decode batches above this run eagerly: their launch overhead is small next to the work, and every captured
 # size costs capture time and graph memory.
@@ -87,8 +91,9 @@ class ModelOutput:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -132,6 +137,9 @@ class ModelRunner:
                                extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
+        if self.lora is not None:
+            self.lora.begin_step([s.request.lora for s in sched.scheduled],
+                                 [s.num_new_tokens for s in sched.scheduled], self.device)
         if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
                and s.request.pooling_params is None for s in sched.scheduled):
             return self._prepare_decodes(sched)

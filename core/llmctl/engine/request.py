@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,6 +57,9 @@ class Request:
     grammar: RequestGrammar | None = None  # structured output: advances with every appended token
     # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
     spec_token_ids: list[int] = field(default_factory=list)
+    lora: Any = None  # the request's llmctl.lora LoRAAdapter (held here, so unloading never breaks it), or None
+    # Seeds the request's prefix-cache hash chain: requests with other adapters never share KV blocks.
+    cache_salt: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -84,6 +87,10 @@ class Request:
     @property
     def prompt_computed(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora is None else self.lora.adapter_id
 
     @property
     def finished(self) -> bool:

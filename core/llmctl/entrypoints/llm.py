@@ -16,6 +16,7 @@ from llmctl.beam_search import (
 from llmctl.config import EngineArgs
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.outputs import (
     ClassificationRequestOutput,
@@ -46,6 +47,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
                                                  isinstance(prompts[0], int)):
@@ -62,7 +64,13 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras: list[LoRARequest | None] = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request: got {len(loras)} for {len(prompts)} prompts")
+        return self._run(prompts, params_list, use_tqdm, loras)
 
     # -- pooling models (runner="pooling"): llmctl.entrypoints.pooling ----------------------------------------------
     def encode(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -162,14 +170,15 @@ class LLM:
             results.append(BeamSearchOutput(seqs))
         return results
 
-    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool
-             ) -> list[RequestOutput]:
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
+        loras = loras or [None] * len(prompts)
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 rid = engine.next_request_id()
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, lora_request=lora)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # a bad prompt must not leave the good ones holding KV blocks
