@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch is pinned to the local CPU build; any other spec would pull several GB of CUDA packages.
 TORCH ?= torch==2.13.0
 RUNTIME := -e ./core -e ./plugin_cpu -e ./server -e ./cli
-PLUGINS := -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm -e ./plugin_xpu -e ./plugin_tpu \
+PLUGINS := -e ./gpu -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm -e ./plugin_xpu -e ./plugin_tpu \
            -e ./plugins/testkit -e ./plugins/example_backend
 
 .PHONY: install install-dev serve test lint browser

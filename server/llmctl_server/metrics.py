@@ -54,6 +54,11 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "inference_time": ("llmctl_request_inference_time_seconds", ("vllm:request_inference_time_seconds",)),
     "request_prompt_tokens": ("llmctl_request_prompt_tokens", ("vllm:request_prompt_tokens",)),
     "request_generation_tokens": ("llmctl_request_generation_tokens", ("vllm:request_generation_tokens",)),
+    "spec_num_draft_tokens": ("llmctl_spec_decode_num_draft_tokens", ("vllm:spec_decode_num_draft_tokens",)),
+    "spec_num_accepted_tokens": ("llmctl_spec_decode_num_accepted_tokens",
+                                 ("vllm:spec_decode_num_accepted_tokens",)),
+    "spec_acceptance_rate": ("llmctl_spec_decode_acceptance_rate", ("vllm:spec_decode_draft_acceptance_rate",)),
+    "spec_mean_tokens_per_step": ("llmctl_spec_decode_tokens_per_step", ("vllm:spec_decode_mean_tokens_per_step",)),
 }
 # vLLM calls the finish-reason label ``finished_reason``.
 _REASON_LABEL = {"llmctl": "reason", "vllm": "finished_reason"}
@@ -143,6 +148,12 @@ class _EngineCollector(Collector):
                 le = [("+Inf" if bound == float("inf") else _le(bound), float(n)) for bound, n in buckets]
                 h.add_metric([self._naming.model_name], le, float(s.get("iteration_tokens_sum", 0)))
                 yield h
+        if "spec_num_draft_tokens" in s:  # only when the engine speculates
+            for key, doc in (("spec_num_draft_tokens", "Draft tokens proposed"),
+                             ("spec_num_accepted_tokens", "Draft tokens accepted"),
+                             ("spec_acceptance_rate", "Accepted / proposed draft tokens"),
+                             ("spec_mean_tokens_per_step", "Tokens a request gains per verified step (accepted + 1)")):
+                yield from self._gauge(key, doc, float(s.get(key) or 0.0))
 
 
 def _le(bound: float) -> str:

@@ -168,3 +168,13 @@ def test_web_console_files_cannot_reach_outside_their_folder(keyed_server):
         assert not any(marker in body for marker in secret_markers), raw
         assert b'"object":"list"' not in body and b"llmctl_" not in body, raw
     record("web_console_traversal", paths=12)
+
+
+def test_generation_server_refuses_pooling_routes(fuzz_server):
+    with httpx.Client(base_url=fuzz_server.url, timeout=60) as http:
+        for route, body in (("/v1/embeddings", {"input": "x"}), ("/score", {"text_1": "a", "text_2": "b"}),
+                            ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/classify", {"input": "x"})):
+            r = http.post(route, json=body)
+            assert r.status_code == 400, r.text
+            assert "--runner pooling" in r.json()["error"]["message"]
+        assert http.get("/v1/models").json()["data"][0]["tasks"] == ["generate"]
