@@ -145,6 +145,14 @@ class Registry:
                 table[op.name] = op.fn
         return Ops(**table)
 
+    def platform_options(self) -> dict[str, list[str]]:
+        """Every option some registered platform declares -> the platforms that declare it."""
+        found: dict[str, list[str]] = {}
+        for entry in self.platforms.values():
+            for option in entry.item.options:
+                found.setdefault(option, []).append(entry.item.name)
+        return found
+
     def quant_kernels(self, fmt: str, platform: str) -> list[QuantMethod]:
         """The kernels that run weight format ``fmt`` on ``platform``, best first; the platform's own before
         the any-platform ones (core's reference) at equal priority."""
@@ -156,14 +164,6 @@ class Registry:
         """Format -> kernel name of what ``platform`` itself accelerates (the reference is not listed)."""
         return {key.split("@", 1)[0]: e.item.kernel or e.item.name for key, e in self.quant_methods.items()
                 if key.endswith(f"@{platform}")}
-
-    def platform_options(self) -> dict[str, list[str]]:
-        """Every option some registered platform declares -> the platforms that declare it."""
-        found: dict[str, list[str]] = {}
-        for entry in self.platforms.values():
-            for option in entry.item.options:
-                found.setdefault(option, []).append(entry.item.name)
-        return found
 
     def communicator_for(self, platform: str) -> Communicator | None:
         found = [e.item for e in self.communicators.values() if e.item.platform in (platform, ANY_PLATFORM)]
