@@ -107,7 +107,7 @@ def test_sigterm_drains_running_requests_and_exits_zero(served):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and "status" not in result:  # wait until the request is really running
         m = httpx.get(url + "/metrics", timeout=5).text
-        if re.search(r"^llmctl_num_requests_running 1\.0", m, flags=re.M):
+        if re.search(r"^llmctl_num_requests_running(\{[^}]*\})? 1\.0", m, flags=re.M):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

@@ -120,6 +120,7 @@ class ServerState:
     draining: bool = False
     engine_dead: bool = False
     active: dict[int, Mailbox] = field(default_factory=dict)
+    tracer: Any = None  # a tracing.RequestTracer when --otlp-traces-endpoint is set
 
     # -- health and admission ---------------------------------------------------------------------------------
     def engine_alive(self) -> bool:
@@ -213,6 +214,10 @@ def make_sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: 
             changes[name] = value
     changes.update(n=req.n, max_tokens=max_tokens, logprobs=logprobs, stop=req.stop_list(),
                    stop_token_ids=list(req.stop_token_ids or []))
+    for name, value in (("logit_bias", req.logit_bias_ids()), ("allowed_token_ids", req.allowed_token_ids),
+                        ("bad_words", req.bad_words)):
+        if value is not None and name in known:
+            changes[name] = value
     if extra_args:
         changes["extra_args"] = dict(extra_args)
     try:
@@ -385,12 +390,18 @@ class Recorder:
                 self.m.itl.observe(gap)
         self.last = t
 
-    def finish(self, prompt_tokens: int, reasons: list[str | None]) -> None:
+    def finish(self, prompt_tokens: int, reasons: list[str | None], outputs: list[Any] | None = None) -> None:
+        """``outputs``: the final ``RequestOutput`` of each engine request (their engine-side timestamps give the
+        queue, prefill and decode times)."""
         self.m.e2e.observe(time.monotonic() - self.arrival)
         self.m.prompt_tokens.inc(prompt_tokens)
         self.m.generation_tokens.inc(sum(self.tokens_seen.values()))
         for r in reasons:
             self.m.finished.labels(reason=r or "unknown").inc()
+        for out in outputs or []:
+            self.m.observe_request_times(getattr(out, "metrics", None))
+            self.m.request_prompt_tokens.observe(len(getattr(out, "prompt_token_ids", None) or []))
+            self.m.request_generation_tokens.observe(sum(len(o.token_ids) for o in getattr(out, "outputs", [])))
 
 
 # -- response assembly ---------------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ class ServerSettings:
     # Idle connections one client address may keep open; the longest-idle one is closed beyond this.
     max_idle_connections_per_client: int = 512
     public_paths: frozenset[str] = frozenset({"/health"})
+    # Tool calling and reasoning output (vLLM's flag names).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    # /v1/responses keeps finished responses for previous_response_id only when this is > 0 (at most this many).
+    responses_store_size: int = 0
+    metrics_prefix: str = "llmctl"  # "llmctl" or "vllm": the metric naming scheme (see metrics.py)
+    web_ui: bool = True  # the browser console at "/" (static files; its API calls need the key like any client)
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry OTLP/HTTP traces endpoint; None: no tracing
 
     def __post_init__(self) -> None:
         if self.max_n < 1:
@@ -44,5 +53,19 @@ class ServerSettings:
                              f"{self.max_idle_connections_per_client}")
         if self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.metrics_prefix not in ("llmctl", "vllm"):
+            raise ValueError(f"metrics_prefix: expected 'llmctl' or 'vllm', got {self.metrics_prefix!r}")
         if self.api_key is not None and not self.api_key:
             self.api_key = None
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("tool_call_parser: --enable-auto-tool-choice needs --tool-call-parser")
+        if self.tool_call_parser is not None:
+            from llmctl_server.tools.parsers import get_tool_parser
+
+            get_tool_parser(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            from llmctl_server.reasoning import get_reasoning_parser
+
+            get_reasoning_parser(self.reasoning_parser)
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size: must be >= 0, got {self.responses_store_size}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
 
@@ -95,7 +96,7 @@ def test_engine_loop_killed(server_factory, tiny_llama_dir, tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             m = httpx.get(srv.url + "/metrics", timeout=5).text
-            if f"llmctl_num_requests_running {float(n)}" in m:
+            if re.search(rf"^llmctl_num_requests_running(\{{[^}}]*\}})? {float(n)}$", m, flags=re.M):
                 break
             await asyncio.sleep(0.05)
         die.touch()
