@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmctl.structured_output.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_LOGIT_BIAS = 100.0
@@ -64,6 +66,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra_args: dict[str, Any] | None = None
+    # Constrained decoding (JSON schema, regex, choice, EBNF grammar); ``guided_decoding`` is vLLM's older name.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = field(default=None, repr=False)
     # Token controls (engine/logits_controls.py): token id -> bias added to the logit, in [-100, 100]; the only
     # ids that may be sampled; words never to complete; callables (output_ids, logits) or
     # (prompt_ids, output_ids, logits) -> logits, offline only.
@@ -86,6 +91,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None and self.structured_outputs is None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.logit_bias, dict):
             self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()}
         if isinstance(self.bad_words, str):
@@ -116,6 +125,9 @@ class SamplingParams:
                 raise ValueError("stop: every stop string must be a non-empty string")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs: expected StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         self._validate_logits_controls()
 
     def _validate_logits_controls(self) -> None:

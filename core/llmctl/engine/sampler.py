@@ -8,13 +8,14 @@ a seed draws its noise from its own generator, so its tokens do not depend on wh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from llmctl.engine.logits_controls import SampleRow, apply_logits_controls, rows_with_controls
 from llmctl.ops import Ops
+from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask
 
 
 @dataclass
@@ -70,15 +71,19 @@ class Sampler:
         self.ops = ops
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[SampleRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: Sequence[SampleRow],
+                 grammar_bitmask: GrammarBitmask | None = None) -> SamplerOutput:
         params = [r.sampling_params for r in requests]
         controls = rows_with_controls(requests)
         if not controls and all(p.greedy and not p.needs_penalties and not p.min_tokens for p in params):
             # the common offline case: no float32 copy of the logits unless logprobs ask for one
-            next_ids = self.ops.greedy_sample(logits)
+            masked = logits if grammar_bitmask is None else apply_token_bitmask(logits, grammar_bitmask)
+            next_ids = self.ops.greedy_sample(masked)
             return SamplerOutput(next_ids.tolist(), self._logprobs(logits, params, next_ids))
         raw = logits.float()
-        logits = self.process(raw, requests, controls)
+        # structured output: only what the grammar allows (logprobs stay those of the raw distribution)
+        masked = raw if grammar_bitmask is None else apply_token_bitmask(raw, grammar_bitmask)
+        logits = self.process(masked, requests, controls)
         greedy = [p.greedy for p in params]
         if all(greedy):
             next_ids = logits.argmax(dim=-1)
@@ -166,6 +171,23 @@ class Sampler:
             n = want[i]
             out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
         return out
+
+
+# Prompt positions whose logits exist at once: 256 x a 49k vocabulary x float32 (plus the log-softmax copy) is
+# ~100 MiB, where a whole 8k-token chunk took GiBs.
+PROMPT_LOGPROBS_SLICE_ROWS = 256
+
+
+def prompt_logprobs_in_slices(hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                              targets: torch.Tensor, k: int,
+                              slice_rows: int = PROMPT_LOGPROBS_SLICE_ROWS) -> list[RowLogprobs]:
+    """``prompt_logprobs_rows`` over ``compute_logits(hidden)``, a slice of rows at a time to bound memory."""
+    out: list[RowLogprobs] = []
+    for start in range(0, hidden.shape[0], slice_rows):
+        logits = compute_logits(hidden[start:start + slice_rows])
+        out.extend(prompt_logprobs_rows(logits, targets[start:start + slice_rows], k))
+        del logits
+    return out
 
 
 def prompt_logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[RowLogprobs]:

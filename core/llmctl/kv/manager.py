@@ -41,7 +41,8 @@ class KVCacheManager:
         hashes = request.block_hashes
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.all_token_ids[i * bs:(i + 1) * bs]))
+            parent = hashes[-1] if hashes else request.cache_salt
+            hashes.append(hash_block(parent, request.all_token_ids[i * bs:(i + 1) * bs]))
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Cached blocks for the longest hashed prefix, leaving at least one token to compute (the step that

@@ -41,7 +41,10 @@ class Speculator:
         self.stats = SpecDecodeStats()
 
     def num_drafts_allowed(self, req: Request) -> int:
-        """Never draft past max_tokens or the context: the drafts plus the one sampled token must fit."""
+        """Never draft past max_tokens or the context: the drafts plus the one sampled token must fit. Requests
+        under a grammar (structured output) do not draft: drafts are not yet checked against it."""
+        if req.grammar is not None:
+            return 0
         return max(0, min(self.config.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
                           self.max_model_len - req.num_tokens - 1))
 
