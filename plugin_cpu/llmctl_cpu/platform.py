@@ -241,7 +241,11 @@ class CpuPlatform(Platform):
                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "torch_threads": torch.get_num_threads(),
             }
-            device = DeviceInfo(0, info.model_name, total_memory=total, free_memory=avail, capabilities=caps)
+            cores = (f"{info.physical_cores} physical cores" + (f" ({info.usable_physical_cores} usable)"
+                     if info.usable_physical_cores != info.physical_cores else "")
+                     + (f", {info.logical_cores} threads" if info.logical_cores != info.physical_cores else ""))
+            device = DeviceInfo(0, info.model_name, total_memory=total, free_memory=avail, capabilities=caps,
+                                summary=f"{cores}; {isa_summary(info.flags)}")
             return ProbeResult(True, devices=(device,), details={"supported_dtypes": [str(d) for d in
                                                                                      self.supported_dtypes()]})
         except Exception as exc:  # a CPU is always there; report what failed but stay usable

@@ -22,13 +22,16 @@ ANY_PLATFORM = "*"
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """One device a platform found; ``capabilities`` is free-form (ISA flags, compute capability, ...)."""
+    """One device a platform found; ``capabilities`` is free-form (ISA flags, compute capability, ...) and goes
+    to ``llmctl doctor --json`` as it is; ``summary`` is what a person reads in ``llmctl doctor`` (for a CPU,
+    "AVX-512 + bf16 dot products, no AMX"), a short phrase, not a dump of ``capabilities``."""
 
     index: int
     name: str
     total_memory: int | None = None
     free_memory: int | None = None
     capabilities: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
 
 
 @dataclass(frozen=True)
