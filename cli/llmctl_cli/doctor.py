@@ -59,6 +59,8 @@ def collect() -> dict[str, Any]:
             "devices": [_jsonable(asdict(d)) for d in probe.devices], "details": _jsonable(probe.details),
             "dtypes": [str(d).replace("torch.", "") for d in _safe(plat.supported_dtypes, [])],
             "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
+            # weight format -> the platform's own kernel; formats not listed run on core's torch reference
+            "quantization_kernels": pm.registry.quant_formats_for(plat.name),
         })
     try:
         chosen = pm.select_platform(None)
@@ -133,6 +135,8 @@ def render(report: dict[str, Any], console: Any) -> None:
         if pf.get("dtypes"):
             lines.append("dtypes: " + ", ".join(pf["dtypes"]))
         lines.append("attention: " + (", ".join(pf["attention_backends"]) or "-"))
+        quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
+        lines.append("quantization: " + (quant or "torch reference"))
         grid.add_row(f"[bold]{pf['name']}[/bold]", "\n".join(lines))
     console.print(grid)
 

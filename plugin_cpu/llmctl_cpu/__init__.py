@@ -49,3 +49,11 @@ def llmctl_doctor_checks(register: Callable[[Any], None]) -> None:
 
     for check in doctor_checks():
         register(check)
+
+
+@hookimpl
+def llmctl_register_quantization(register: Callable[[Any], None]) -> None:
+    from llmctl_cpu.quant import quant_overrides
+
+    for kernel in quant_overrides():
+        register(kernel)

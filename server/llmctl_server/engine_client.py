@@ -11,6 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from llmctl.config import EngineArgs, ModelConfig
 from llmctl.outputs import RequestOutput
+from llmctl.pooling.outputs import PoolingRequestOutput
 from llmctl.sampling_params import SamplingParams
 
 
@@ -22,6 +23,8 @@ class EngineClient(Protocol):
     model_config: ModelConfig
     #: A Hugging Face tokenizer (chat template, ``/tokenize``, detokenizing logprobs).
     tokenizer: Any
+    #: The pooling frontend (tasks, limits) of a pooling model (``runner="pooling"``), else ``None``.
+    pooling: Any
 
     @property
     def is_running(self) -> bool:
@@ -37,9 +40,13 @@ class EngineClient(Protocol):
     def default_sampling_params(self) -> SamplingParams:
         """The model's generation defaults (``generation_config``) that requests override."""
 
-    def generate(self, prompt: Any, sampling_params: SamplingParams | None, request_id: str
-                 ) -> AsyncIterator[RequestOutput]:
+    def generate(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+                 lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; raises ``ValueError`` for a request the engine refuses."""
+
+    def encode(self, prompt: Any, pooling_params: Any = None, request_id: str | None = None
+               ) -> AsyncIterator[PoolingRequestOutput]:
+        """The one, final output of a pooling request (``/v1/embeddings``, ``/score``, ...)."""
 
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (a client went away)."""

@@ -82,10 +82,20 @@ def throughput(
     max_model_len: int | None = typer.Option(None, help="Context length."),
     kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    task: str = typer.Option("generate", help="generate, or embed: sequences/s of a pooling model's embeddings "
+                                              "(--input-len counts words of random text)."),
+    baseline: str | None = typer.Option(None, help="With --task embed: sentence-transformers, timed on the same "
+                                                   "texts in this run."),
 ) -> None:
     """Offline throughput: requests/s and tokens/s of one batch (model load excluded, reported apart)."""
     from llmctl.bench.throughput import run_throughput
 
+    if task == "embed":
+        _embed_throughput(model, input_len, num_prompts, seed, dtype, baseline, as_json,
+                          _engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len))
+        return
+    if task != "generate" or baseline is not None:
+        raise exit_with_error(ValueError("--task must be generate or embed; --baseline needs --task embed"))
     try:
         r = run_throughput(model, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
                            dataset=dataset, seed=seed, dtype=dtype,
@@ -100,6 +110,27 @@ def throughput(
         ("output tokens", r.output_tokens), ("load time (s)", r.load_s), ("elapsed (s)", r.elapsed_s),
         ("requests/s", r.requests_per_s), ("output tokens/s", r.output_tokens_per_s),
         ("total tokens/s", r.total_tokens_per_s), ("peak RSS (MiB)", r.peak_rss_mb)])
+
+
+def _embed_throughput(model: str, input_len: int, num_prompts: int, seed: int, dtype: str, baseline: str | None,
+                      as_json: bool, engine_kwargs: dict[str, Any]) -> None:
+    from llmctl.bench.embed_throughput import run_embed_throughput
+
+    try:
+        r = run_embed_throughput(model, num_prompts=num_prompts, input_len=input_len, seed=seed, dtype=dtype,
+                                 baseline=baseline, **engine_kwargs)
+    except (ValueError, OSError, ImportError) as exc:
+        raise exit_with_error(exc) from None
+    if as_json:
+        typer.echo(json.dumps(rounded(r.to_dict())))
+        return
+    rows: list[tuple[str, Any]] = [
+        ("sequences", r.num_prompts), ("prompt tokens", r.prompt_tokens), ("load time (s)", r.load_s),
+        ("elapsed (s)", r.elapsed_s), ("sequences/s", r.sequences_per_s), ("tokens/s", r.tokens_per_s)]
+    if r.baseline is not None:
+        rows += [("baseline", r.baseline), ("baseline sequences/s", r.baseline_sequences_per_s),
+                 ("speedup", r.speedup), ("min cosine vs baseline", r.min_cosine_vs_baseline)]
+    print_table(f"llmctl embedding throughput: {model} ({r.dtype})", rows + [("peak RSS (MiB)", r.peak_rss_mb)])
 
 
 @bench_app.command()

@@ -131,6 +131,16 @@ class Platform(abc.ABC):
         return None
 
 
+# Attention features a model declares (``llmctl.models.registry``). A backend runs a model only when its
+# ``supports`` accepts every feature the model declares, so a backend that never heard of one refuses it and core
+# falls back to the next backend (the torch reference implements them all). The per-layer values reach
+# ``forward`` as keyword arguments, passed only by layers that use the feature.
+FEATURE_SLIDING_WINDOW = "sliding_window"  # the positional ``sliding_window`` argument
+FEATURE_LOGITS_SOFT_CAP = "logits_soft_cap"  # ``logits_soft_cap=cap``: scores become cap * tanh(scores / cap)
+FEATURE_ALIBI = "alibi"  # ``alibi_slopes=[num_heads] float32``: scores += slope * (key_pos - query_pos)
+MODEL_ATTENTION_FEATURES = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI})
+
+
 class AttentionBackend(abc.ABC):
     """Paged attention for one platform.
 
@@ -190,7 +200,12 @@ class AttentionBackend(abc.ABC):
         head_size], the tensors just given to ``write_kv``, possibly wider in dtype than the cache), so a backend
         can attend over a prefill chunk without reading it back from the cache. A backend that reads everything
         from the cache ignores them; the result must be the same either way. They are ``None`` only when a
-        caller other than core's attention layer (a test, a benchmark) leaves them out."""
+        caller other than core's attention layer (a test, a benchmark) leaves them out.
+
+        Feature keywords, passed only to a backend whose ``supports`` accepted the feature (so a backend that
+        never accepts one need not declare its keyword): ``logits_soft_cap`` (float) for "logits_soft_cap",
+        ``alibi_slopes`` ([num_heads] float32) for "alibi" (see ``MODEL_ATTENTION_FEATURES``), and
+        ``causal=False`` for "bidirectional" (encoders: every token of a sequence attends to all of it)."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ SCENARIOS: dict[str, list[tuple[int, int]]] = {
     # the mixed batch plus rows after the last sequence (as a bucketing runner pads them), whose slots are -1
     "padded": [(0, 37), (35, 11), (49, 1), (0, 5)],
     "sliding_window": [(0, 40), (30, 9), (60, 1), (5, 1)],
+    # encoders (the "bidirectional" feature): whole sequences from no cached context, every key seen by every query
+    "bidirectional": [(0, 37), (0, 5), (0, 1), (0, 16)],
 }
 PAD_ROWS = 5
 SLIDING_WINDOW = 13
@@ -131,6 +133,8 @@ def metadata_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadat
 
 
 def case_features(case: AttentionCase) -> frozenset[str]:
+    if case.scenario == "bidirectional":
+        return frozenset({"bidirectional"})
     feats = {"prefix_caching", "chunked_prefill"}
     if case.scenario == "sliding_window":
         feats.add("sliding_window")
@@ -167,12 +171,14 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     md = batch.metadata
     scale = 0.9 / math.sqrt(case.head_size)  # not the default 1/sqrt(d): a kernel ignoring `scale` fails
     window = SLIDING_WINDOW if case.scenario == "sliding_window" else None
+    causal = case.scenario != "bidirectional"
 
     # Reference: float32 on the CPU, fed the same dtype-rounded inputs.
     ref_cache = torch.zeros(2, batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
     write_kv_reference(batch.past_key.float(), batch.past_value.float(), ref_cache, batch.past_slots)
     write_kv_reference(batch.new_key.float(), batch.new_value.float(), ref_cache, md.slot_mapping)
-    expected = paged_attention_reference(batch.query.float(), ref_cache, md, scale, window)[:md.num_tokens]
+    expected = paged_attention_reference(batch.query.float(), ref_cache, md, scale, window,
+                                         causal=causal)[:md.num_tokens]
 
     try:
         shape = backend.kv_cache_shape(batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
@@ -201,8 +207,11 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                      f"{backend.name}: KV cache contents after write_kv ({case.describe()})")
 
     query = batch.query.to(device)
+    extra: dict = {}
+    if not causal:  # as core's encoder attention calls it (with this step's keys/values)
+        extra.update(causal=False, key=batch.new_key.to(device), value=batch.new_value.to(device))
     try:
-        result = backend.forward(query, kv_cache, dmd, scale, window)
+        result = backend.forward(query, kv_cache, dmd, scale, window, **extra)
     except Exception as exc:
         raise ContractViolation("attention.forward", f"{backend.name}.forward raised {type(exc).__name__}: "
                                                      f"{exc} ({case.describe()})") from exc
@@ -216,7 +225,7 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
 
     out = torch.full_like(query, float("nan"))
     try:
-        backend.forward(query, kv_cache, dmd, scale, window, out=out)
+        backend.forward(query, kv_cache, dmd, scale, window, out=out, **extra)
     except Exception as exc:
         raise ContractViolation("attention.forward.out", f"{backend.name}.forward(out=...) raised "
                                                          f"{type(exc).__name__}: {exc}") from exc
@@ -224,8 +233,8 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                  f"{backend.name}: rows of `out` after forward(out=out) ({case.describe()})")
 
     try:
-        given = backend.forward(query, kv_cache, dmd, scale, window, key=batch.new_key.to(device),
-                                value=batch.new_value.to(device))
+        given = backend.forward(query, kv_cache, dmd, scale, window, **{
+            **extra, "key": batch.new_key.to(device), "value": batch.new_value.to(device)})
     except Exception as exc:
         raise ContractViolation("attention.forward.new_kv", f"{backend.name}.forward(key=..., value=...) raised "
                                                             f"{type(exc).__name__}: {exc}") from exc
