@@ -258,7 +258,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
     return app
 
 
-def _start_loras(engine: Any, settings: ServerSettings, base_name: str) -> LoRARegistry:
+def _start_loras(engine: EngineClient, settings: ServerSettings, base_name: str) -> LoRARegistry:
     """The adapters of ``--lora-modules``, each read and checked now: a bad one stops the start-up with its reason."""
     registry = LoRARegistry(base_name)
     for text in settings.lora_modules:

@@ -48,5 +48,9 @@ class EngineClient(Protocol):
                ) -> AsyncIterator[PoolingRequestOutput]:
         """The one, final output of a pooling request (``/v1/embeddings``, ``/score``, ...)."""
 
+    def load_lora(self, lora_request: Any) -> None:
+        """Read and check a LoRA adapter (``--lora-modules``, ``/v1/load_lora_adapter``); ``ValueError`` says why
+        not."""
+
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks (a client went away)."""

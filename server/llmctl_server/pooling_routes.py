@@ -38,7 +38,7 @@ def model_tasks(engine: EngineClient) -> list[str]:
 
 
 def _front(state: ServerState, task: str) -> Any:
-    front = getattr(state.engine, "pooling", None)
+    front = state.engine.pooling
     if front is None:
         raise bad_request(f"model: this server runs a text-generation model; {task} needs a pooling model "
                           f"(llmctl serve --runner pooling)", param="model")
