@@ -63,7 +63,6 @@ class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
-        from llmctl.models.supported import attention_features
         from llmctl.pooling.setup import backend_features, plan_runner
 
         self.args = args
@@ -94,9 +93,9 @@ class EngineCore:
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
         model_cls = self.runner_plan.model_cls
-        features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
         if callable(getattr(model_cls, "attention_head_size", None)):
             head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
+        # the model's own (soft-cap, ALiBi, bidirectional, ...): only backends that take them are chosen
         features = backend_features(features, self.runner_plan)
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
