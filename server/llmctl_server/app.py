@@ -26,6 +26,7 @@ from llmctl_server.errors import APIError, bad_request, error_response, unavaila
 from llmctl_server.metrics import Metrics
 from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
 from llmctl_server.reasoning import get_reasoning_parser
+from llmctl_server.responses import add_responses_route
 from llmctl_server.serving import (
     Choice,
     PreparedPrompt,
@@ -213,6 +214,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True,
                                plan=plan)
 
+    add_responses_route(app, state, chat_completions)
     return app
 
 
