@@ -68,7 +68,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     finally:
         engine.shutdown()
     base = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": platform.processor() or platform.machine(), "model": Path(args.model).name, "dtype": args.dtype,
             "concurrency": args.concurrency, "max_tokens": args.max_tokens, "unconstrained_before": before,
             "json_schema": constrained, "unconstrained_after": after,
