@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl_server import protocol as p
+from llmctl_server.beam import beam_search_response, check_beam_request
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
 from llmctl_server.metrics import Metrics
 from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
+from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
+from llmctl_server.prompt_text import check_length, check_unicode, encode, max_prompt_chars, off_loop
 from llmctl_server.reasoning import get_reasoning_parser
 from llmctl_server.responses import add_responses_route
 from llmctl_server.serving import (
@@ -36,16 +40,20 @@ from llmctl_server.serving import (
     _chain,
     api_error_from,
     chat_logprobs,
+    check_prompt_logprobs,
     completion_logprobs,
     first_event,
     make_sampling_params,
+    prompt_logprobs_entries,
     resolve_max_tokens,
     sse,
     stream_with_errors,
 )
 from llmctl_server.settings import ServerSettings
+from llmctl_server.streaming import GuardedStreamingResponse
 from llmctl_server.structured import structured_params
 from llmctl_server.tokens import TokenText
+from llmctl_server.web_ui import WEB_UI_PATHS, mount_web_ui
 
 logger = logging.getLogger("llmctl_server")
 
@@ -93,13 +101,19 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     max_model_len, vocab_size, max_num_seqs, default_name = _engine_limits(engine)
     tokenizer = engine.tokenizer
-    metrics = Metrics(engine.get_stats)
+    model_names = list(settings.served_model_names) or [default_name]
+    metrics = Metrics(engine.get_stats, model_names[0], settings.metrics_prefix)
     state = ServerState(
         engine=engine, settings=settings, metrics=metrics,
         renderer=ChatRenderer(tokenizer, settings.chat_template), token_text=TokenText(tokenizer),
-        model_names=list(settings.served_model_names) or [default_name], max_model_len=max_model_len,
+        model_names=model_names, max_model_len=max_model_len,
         vocab_size=vocab_size, max_num_seqs=max_num_seqs,
     )
+    state.max_prompt_chars = max_prompt_chars(tokenizer, max_model_len)
+    if settings.otlp_traces_endpoint:
+        from llmctl_server.tracing import RequestTracer
+
+        state.tracer = RequestTracer.to_endpoint(settings.otlp_traces_endpoint)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,7 +135,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         app.add_exception_handler(exc_type, _handle)
 
     app.add_middleware(AuthMiddleware, router=app.router, api_key=settings.api_key,
-                       public=settings.public_paths | ({"/metrics"} if settings.metrics_public else frozenset()))
+                       public=settings.public_paths | ({"/metrics"} if settings.metrics_public else frozenset())
+                       | (WEB_UI_PATHS if settings.web_ui else frozenset()))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(StatusMetricsMiddleware, metrics=metrics)
 
@@ -146,9 +161,10 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
-        root = str(getattr(engine.model_config, "model", state.model_names[0]))
-        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len)
-                                 for name in state.model_names])
+        root = settings.model_root or str(getattr(engine.model_config, "model", state.model_names[0]))
+        tasks = model_tasks(engine)
+        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len,
+                                             tasks=tasks) for name in state.model_names])
 
     @app.post("/tokenize", response_model=p.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
@@ -156,14 +172,20 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         if body.messages is not None:
             _, ids = await _render_chat(state, template_messages(body.messages), body.add_generation_prompt, None)
         else:
-            ids = list(tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens)["input_ids"])
+            ids = await encode(tokenizer, body.prompt or "", "prompt", state.max_prompt_chars,
+                               body.add_special_tokens)
         return p.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=max_model_len)
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse)
     async def detokenize(body: p.DetokenizeRequest) -> p.DetokenizeResponse:
         state.check_model(body.model)
         p.check_token_ids(body.tokens, vocab_size, "tokens")
-        return p.DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return p.DetokenizeResponse(prompt=await off_loop(tokenizer.decode, body.tokens))
+
+    register_pooling_routes(app, state)  # /v1/embeddings, /score, /rerank
+
+    if settings.web_ui:
+        mount_web_ui(app)
 
     # -- generation ----------------------------------------------------------------------------------------------
     reasoning_end_ids = None
@@ -176,16 +198,26 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         prompts: list[PreparedPrompt] = []
-        for raw in body.prompts():
+        raws = body.prompts()
+        for i, raw in enumerate(raws):
+            field_name = "prompt" if len(raws) == 1 else f"prompt[{i}]"
             if isinstance(raw, str):
                 if not raw:
-                    raise bad_request("prompt: must not be empty", param="prompt")
-                ids = list(tokenizer(raw)["input_ids"])
-                prompts.append(PreparedPrompt(raw, ids))
+                    raise bad_request(f"{field_name}: must not be empty", param=field_name)
+                check_length(len(raw), state.max_prompt_chars, field_name)
+        for i, raw in enumerate(raws):
+            field_name = "prompt" if len(raws) == 1 else f"prompt[{i}]"
+            if isinstance(raw, str):
+                prompts.append(PreparedPrompt(raw, await encode(tokenizer, raw, field_name, state.max_prompt_chars)))
             else:
-                prompts.append(PreparedPrompt(tokenizer.decode(raw), list(raw)))
+                prompts.append(PreparedPrompt(await off_loop(tokenizer.decode, raw), list(raw)))
         structured = structured_params(body)
+        if body.use_beam_search:
+            check_beam_request(body)
+            max_tokens = [resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens") for pp in prompts]
+            return await beam_search_response(state, body, model, prompts, max_tokens, chat=False)
         params = []
         for pp in prompts:
             mt = resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens")
@@ -202,11 +234,15 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
+        check_prompt_logprobs(body)
         plan = plan_chat(body, settings, reasoning_end_ids)
         text, ids = await _render_chat(state, plan.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                        plan.tools)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
+        if body.use_beam_search:
+            check_beam_request(body)
+            return await beam_search_response(state, body, model, [PreparedPrompt(text, ids)], [mt], chat=True)
         k = (body.top_logprobs or 0) if body.logprobs else None
         sp = make_sampling_params(state, body, mt, k, _extra_args(request, body))
         if plan.structured is not None:
@@ -229,7 +265,21 @@ async def _render_chat(state: ServerState, msgs: list[dict[str, Any]], add_gener
                        ) -> tuple[str, list[int]]:
     if tools is not None:
         kwargs = {**(kwargs or {}), "tools": tools}
-    text, ids = await asyncio.to_thread(state.renderer.prompt_ids, msgs, add_generation_prompt, kwargs)
+    check_length(sum(len(m["content"]) for m in msgs if isinstance(m.get("content"), str)), state.max_prompt_chars,
+                 "messages")
+
+    def render() -> tuple[str, list[int]]:
+        for i, msg in enumerate(msgs):
+            for key, value in msg.items():
+                if isinstance(value, str):
+                    check_unicode(value, f"messages[{i}].{key}")
+                elif value is not None:
+                    check_unicode(json.dumps(value, ensure_ascii=False, default=str), f"messages[{i}].{key}")
+        if kwargs:
+            check_unicode(json.dumps(kwargs, ensure_ascii=False, default=str), "chat_template_kwargs")
+        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
+
+    text, ids = await asyncio.to_thread(render)
     if not ids:
         raise bad_request("messages: the chat template produced an empty prompt", param="messages")
     return text, ids
@@ -300,7 +350,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         return p.UsageInfo(prompt_tokens=pt, completion_tokens=ct, total_tokens=pt + ct)
 
     def finish_metrics() -> None:
-        recorder.finish(sum(len(pp.ids) for pp in prompts), [c.finish_reason for c in choices])
+        finals = list(prompt_outs.values())
+        recorder.finish(sum(len(pp.ids) for pp in prompts), [c.finish_reason for c in choices], finals)
+        if state.tracer is not None:
+            state.tracer.request_done(request_id, model, request.headers, params, finals, recorder)
 
     if not body.stream:
         try:
@@ -317,6 +370,8 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         if chat:
             assert isinstance(body, p.ChatCompletionRequest)
             k = body.top_logprobs or 0
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(0), "prompt_logprobs", None),
+                                          len(prompts[0].ids)) if body.prompt_logprobs is not None else None
             chat_choices = []
             for i, c in enumerate(choices):
                 message, finish = p.ChatResponseMessage(content=c.text), c.finish_reason
@@ -332,7 +387,8 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
                                                  logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
                                                  if body.logprobs else None, stop_reason=c.stop_reason))
             return JSONResponse(p.ChatCompletionResponse(
-                id=request_id, created=created, model=model, usage=usage(), choices=chat_choices).model_dump())
+                id=request_id, created=created, model=model, usage=usage(), prompt_logprobs=plp,
+                choices=chat_choices).model_dump())
         assert isinstance(body, p.CompletionRequest)
         out_choices = []
         for i, c in enumerate(choices):
@@ -348,8 +404,10 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
                     plp = plp + [None] * (len(pp.ids) - len(plp))
                     ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
                 lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
+            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(i // n), "prompt_logprobs", None),
+                                          len(pp.ids)) if body.prompt_logprobs is not None else None
             out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason))
+                                                  stop_reason=c.stop_reason, prompt_logprobs=plp))
         return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
                                                  usage=usage()).model_dump())
 
@@ -415,5 +473,7 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
         if include_usage:
             yield chunk([], usage())
 
-    return StreamingResponse(stream_with_errors(chunks(), run), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return GuardedStreamingResponse(stream_with_errors(chunks(), run), media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                    write_timeout=state.settings.stream_write_timeout, on_stalled=run.close,
+                                    request_id=request_id)

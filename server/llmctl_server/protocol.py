@@ -25,6 +25,7 @@ SFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_STOP_LEN = 1000
+MAX_LOGIT_BIAS = 100.0
 _INT64 = 2**63
 
 
@@ -97,6 +98,11 @@ class SamplingFields(_Model):
     user: SStr | None = None
     prompt_logprobs: SInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     logit_bias: dict[str, SFloat] | None = None
+    allowed_token_ids: list[SInt] | None = None
+    bad_words: list[SStr] | None = None
+    # vLLM's beam search extension: n is the beam width (llmctl_server/beam.py)
+    use_beam_search: SBool = False
+    length_penalty: SFloat = 1.0
     # vLLM's per-request extension arguments, handed to SamplingParams.extra_args (also accepted as vllm_xargs).
     extra_args: dict[str, SStr | SInt | SFloat | SBool] | None = None
     vllm_xargs: dict[str, SStr | SInt | SFloat | SBool] | None = None
@@ -133,10 +139,17 @@ class SamplingFields(_Model):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias: not supported by this server")
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                                 f"{bias} for token {key}")
         return v
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -330,12 +343,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` as its server returns it in ``prompt_logprobs`` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per prompt token: None for the first (nothing predicts it), else the actual token and the top-k.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -394,6 +420,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelCard(BaseModel):
@@ -403,6 +430,7 @@ class ModelCard(BaseModel):
     owned_by: str = "llmctl"
     root: str | None = None
     max_model_len: int | None = None
+    tasks: list[str] | None = None  # "generate", or the pooling tasks (embed, score, rerank, classify)
 
 
 class ModelList(BaseModel):
@@ -443,6 +471,12 @@ def check_limits(req: SamplingFields, *, max_n: int, max_model_len: int, vocab_s
                           param="min_tokens")
     if req.stop_token_ids:
         check_token_ids(req.stop_token_ids, vocab_size, "stop_token_ids")
+    if req.logit_bias:
+        check_token_ids(list(req.logit_bias_ids() or {}), vocab_size, "logit_bias")
+    if req.allowed_token_ids is not None:
+        if not req.allowed_token_ids:
+            raise bad_request("allowed_token_ids: must not be empty", param="allowed_token_ids")
+        check_token_ids(req.allowed_token_ids, vocab_size, "allowed_token_ids")
     if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str) and req.prompt:
         if isinstance(req.prompt[0], int):
             check_token_ids(req.prompt, vocab_size, "prompt")

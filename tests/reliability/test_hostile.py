@@ -131,3 +131,13 @@ def test_auth_sweep_over_route_table(keyed_server):
                           json={} if method == "POST" else None)
             assert r.status_code != 401, (method, path)
     record("auth_sweep", routes=len(calls), requests=checked, public=sorted(PUBLIC))
+
+
+def test_generation_server_refuses_pooling_routes(fuzz_server):
+    with httpx.Client(base_url=fuzz_server.url, timeout=60) as http:
+        for route, body in (("/v1/embeddings", {"input": "x"}), ("/score", {"text_1": "a", "text_2": "b"}),
+                            ("/v1/rerank", {"query": "a", "documents": ["b"]}), ("/classify", {"input": "x"})):
+            r = http.post(route, json=body)
+            assert r.status_code == 400, r.text
+            assert "--runner pooling" in r.json()["error"]["message"]
+        assert http.get("/v1/models").json()["data"][0]["tasks"] == ["generate"]

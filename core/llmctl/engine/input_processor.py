@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import CacheConfig, ModelConfig
+from llmctl.engine.logits_controls import tokenize_bad_words
 from llmctl.engine.request import Request
 from llmctl.sampling_params import SamplingParams
 from llmctl.structured_output.manager import StructuredOutputManager
@@ -80,6 +81,9 @@ class InputProcessor:
             value = getattr(params, field_name)
             if value is not None and value > self.max_logprobs:
                 raise ValueError(f"{field_name}: at most {self.max_logprobs}, got {value}")
+        params.check_vocab(self.model_config.vocab_size)
+        if params.bad_words and params._bad_words_token_ids is None:
+            params._bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
         bs = self.cache_config.block_size
         need = -(-(num_prompt_tokens + max_tokens) // bs)
         if need > self.cache_config.num_blocks:
