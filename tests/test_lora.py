@@ -11,10 +11,11 @@ import torch
 from llmctl import LLM, SamplingParams
 from llmctl.lora import LoRARequest
 
-peft = pytest.importorskip("peft")
+from tests.lora_support import MAX_TOKENS, make_adapter, merged_generate
+
+pytest.importorskip("peft")
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [31, 32, 33], [40, 41, 42, 43, 44]]
-MAX_TOKENS = 8
 # name -> (rank, alpha, targets, rslora)
 ADAPTERS = {
     "attn": (8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"], False),
@@ -22,38 +23,6 @@ ADAPTERS = {
     "all": (16, 16, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"],
             False),
 }
-
-
-def make_adapter(base_dir: Path, out: Path, rank: int, alpha: int, targets: list[str], rslora: bool,
-                 seed: int) -> Path:
-    """A PEFT adapter with random A and B (init_lora_weights=False, B scaled up so it changes greedy tokens)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
-                             init_lora_weights=False, lora_dropout=0.0)
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
-                p.mul_(4.0)
-    wrapped.save_pretrained(out)
-    return out
-
-
-def merged_generate(base_dir: Path, adapter_dir: Path | None, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        model = peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    outs = []
-    for prompt in prompts:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                             do_sample=False, pad_token_id=0)
-        outs.append(out[0, len(prompt):].tolist())
-    return outs
 
 
 @pytest.fixture(scope="module")

@@ -194,6 +194,15 @@ def serve(
     structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
     responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
                                                      "previous_response_id (0: off)."),
+    enable_lora: bool = typer.Option(False, "--enable-lora", help="Serve LoRA adapters (by model name)."),
+    lora_modules: list[str] | None = typer.Option(None, help="An adapter as name=path or JSON "
+                                                  '{"name": ..., "path": ..., "base_model_name": ...}; repeatable.'),
+    max_loras: int = typer.Option(1, help="LoRA adapters resident at once (the most distinct ones in a step)."),
+    max_lora_rank: int = typer.Option(16, help="Largest LoRA rank accepted (up to 64)."),
+    max_cpu_loras: int | None = typer.Option(None, help="LoRA adapters cached on the host (default: max_loras)."),
+    allow_runtime_lora: bool = typer.Option(False, "--allow-runtime-lora",
+                                            help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+    lora_root: str | None = typer.Option(None, help="Directory run-time LoRA adapters must lie under."),
     speculative_config: str | None = typer.Option(
         None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
     model_option: str | None = typer.Option(None, "--model", help="The model, as an option (vLLM's spelling; "
@@ -228,7 +237,9 @@ def serve(
                                       tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
                                       responses_store_size=responses_store_size,
                                       metrics_prefix=metrics_prefix, web_ui=web_ui,
-                                      otlp_traces_endpoint=otlp_traces_endpoint or None)
+                                      otlp_traces_endpoint=otlp_traces_endpoint or None,
+                                      lora_modules=list(lora_modules or []), allow_runtime_lora=allow_runtime_lora,
+                                      lora_root=lora_root)
             if settings.otlp_traces_endpoint:
                 from llmctl_server.tracing import check_tracing_available
 
@@ -253,6 +264,8 @@ def serve(
                            trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
                            runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"),
                            structured_outputs_backend=structured_outputs_backend,
+                           enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
+                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                            speculative_config=speculative_config)
         engine = load_engine(args)
         try:

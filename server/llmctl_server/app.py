@@ -25,6 +25,7 @@ from llmctl_server.beam import beam_search_response, check_beam_request
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
+from llmctl_server.lora_routes import LoRAModule, LoRARegistry, register_lora_routes
 from llmctl_server.metrics import Metrics
 from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddleware, Message, Receive, Scope, Send
 from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
@@ -110,6 +111,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         vocab_size=vocab_size, max_num_seqs=max_num_seqs,
     )
     state.max_prompt_chars = max_prompt_chars(tokenizer, max_model_len)
+    state.loras = _start_loras(engine, settings, model_names[0])
     if settings.otlp_traces_endpoint:
         from llmctl_server.tracing import RequestTracer
 
@@ -163,8 +165,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     async def models() -> p.ModelList:
         root = settings.model_root or str(getattr(engine.model_config, "model", state.model_names[0]))
         tasks = model_tasks(engine)
-        return p.ModelList(data=[p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len,
-                                             tasks=tasks) for name in state.model_names])
+        cards = [p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len, tasks=tasks)
+                 for name in state.model_names]
+        cards += [p.ModelCard(id=name, created=p.now(), root=req.lora_path, parent=state.loras.parents.get(name),
+                              max_model_len=max_model_len, tasks=tasks) for name, req in state.loras.adapters.items()]
+        return p.ModelList(data=cards)
 
     @app.post("/tokenize", response_model=p.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> p.TokenizeResponse:
@@ -183,6 +188,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return p.DetokenizeResponse(prompt=await off_loop(tokenizer.decode, body.tokens))
 
     register_pooling_routes(app, state)  # /v1/embeddings, /score, /rerank
+    if settings.allow_runtime_lora:
+        register_lora_routes(app, state, settings.lora_root or "")
 
     if settings.web_ui:
         mount_web_ui(app)
@@ -215,6 +222,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
                 prompts.append(PreparedPrompt(await off_loop(tokenizer.decode, raw), list(raw)))
         structured = structured_params(body)
         if body.use_beam_search:
+            if state.lora_request(model) is not None:
+                raise bad_request("use_beam_search: not supported with a LoRA adapter", param="use_beam_search")
             check_beam_request(body)
             max_tokens = [resolve_max_tokens(state, len(pp.ids), body.max_tokens, "max_tokens") for pp in prompts]
             return await beam_search_response(state, body, model, prompts, max_tokens, chat=False)
@@ -241,6 +250,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
         if body.use_beam_search:
+            if state.lora_request(model) is not None:
+                raise bad_request("use_beam_search: not supported with a LoRA adapter", param="use_beam_search")
             check_beam_request(body)
             return await beam_search_response(state, body, model, [PreparedPrompt(text, ids)], [mt], chat=True)
         k = (body.top_logprobs or 0) if body.logprobs else None
@@ -252,6 +263,23 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     add_responses_route(app, state, chat_completions)
     return app
+
+
+def _start_loras(engine: Any, settings: ServerSettings, base_name: str) -> LoRARegistry:
+    """The adapters of ``--lora-modules``, each read and checked now: a bad one stops the start-up with its reason."""
+    registry = LoRARegistry(base_name)
+    for text in settings.lora_modules:
+        module = LoRAModule.parse(text)
+        if module.name in registry.adapters or module.name == base_name:
+            raise ValueError(f"--lora-modules: the name {module.name!r} is used twice")
+        if module.base_model_name is not None and module.base_model_name != base_name:
+            raise ValueError(f"--lora-modules: adapter {module.name!r} names base model {module.base_model_name!r}, "
+                             f"but this server serves {base_name!r}")
+        req = registry.new_request(module.name, module.path)
+        engine.load_lora(req)
+        registry.adapters[module.name] = req
+        registry.parents[module.name] = base_name
+    return registry
 
 
 def _extra_args(request: Request, body: p.SamplingFields) -> dict[str, Any] | None:
@@ -312,7 +340,7 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
                     plan: ChatPlan | None = None) -> Response:
     state.admit()
     request_id = p.new_id("chatcmpl" if chat else "cmpl")
-    run = Run(state, request, request_id)
+    run = Run(state, request, request_id, state.lora_request(model))
     recorder = Recorder(state.metrics, run.arrival)
     run.start(prompts, params)
     try:

@@ -429,6 +429,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llmctl"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
     tasks: list[str] | None = None  # "generate", or the pooling tasks (embed, score, rerank, classify)
 

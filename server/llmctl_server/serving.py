@@ -121,6 +121,7 @@ class ServerState:
     engine_dead: bool = False
     active: dict[int, Mailbox] = field(default_factory=dict)
     tracer: Any = None  # a tracing.RequestTracer when --otlp-traces-endpoint is set
+    loras: Any = None  # a lora_routes.LoRARegistry: adapters served by model name
 
     # -- health and admission ---------------------------------------------------------------------------------
     def engine_alive(self) -> bool:
@@ -187,8 +188,15 @@ class ServerState:
     def check_model(self, model: str | None) -> str:
         if model is None or model in self.model_names:
             return self.model_names[0] if model is None else model
-        raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.model_names)}",
+        if self.loras is not None and model in self.loras.adapters:
+            return model
+        known = [*self.model_names, *(self.loras.adapters if self.loras is not None else ())]
+        raise APIError(404, f"model {model!r} does not exist; available: {', '.join(known)}",
                        param="model", code="model_not_found")
+
+    def lora_request(self, model: str) -> Any:
+        """The adapter a (checked) model name selects, or None for the base model."""
+        return None if self.loras is None else self.loras.request_for(model)
 
 
 # -- building engine inputs -----------------------------------------------------------------------------------------
@@ -251,8 +259,9 @@ class PreparedPrompt:
 class Run:
     """The engine requests of one HTTP request, their producers, and the queue that joins them."""
 
-    def __init__(self, state: ServerState, http_request: Request, request_id: str) -> None:
+    def __init__(self, state: ServerState, http_request: Request, request_id: str, lora_request: Any = None) -> None:
         self.state = state
+        self.lora_request = lora_request
         self.http = http_request
         self.request_id = request_id
         self.queue = Mailbox()
@@ -278,7 +287,8 @@ class Run:
 
     async def _produce(self, idx: int, rid: str, prompt: dict[str, Any], params: Any) -> None:
         try:
-            async for out in self.state.engine.generate(prompt, params, rid):
+            extra = {} if self.lora_request is None else {"lora_request": self.lora_request}
+            async for out in self.state.engine.generate(prompt, params, rid, **extra):
                 if out.finished:
                     self.unfinished.discard(rid)
                 self.queue.put_nowait((idx, out))

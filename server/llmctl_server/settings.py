@@ -38,8 +38,15 @@ class ServerSettings:
     metrics_prefix: str = "llmctl"  # "llmctl" or "vllm": the metric naming scheme (see metrics.py)
     web_ui: bool = True  # the browser console at "/" (static files; its API calls need the key like any client)
     otlp_traces_endpoint: str | None = None  # OpenTelemetry OTLP/HTTP traces endpoint; None: no tracing
+    # LoRA adapters served by name (vLLM's --lora-modules: "name=path" or JSON); the engine needs enable_lora.
+    lora_modules: list[str] = field(default_factory=list)
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with this, for paths under lora_root.
+    allow_runtime_lora: bool = False
+    lora_root: str | None = None
 
     def __post_init__(self) -> None:
+        if self.allow_runtime_lora and not self.lora_root:
+            raise ValueError("allow_runtime_lora: needs --lora-root, the directory run-time adapters must lie under")
         if self.max_n < 1:
             raise ValueError(f"max_n: must be >= 1, got {self.max_n}")
         if self.max_queued_requests is not None and self.max_queued_requests < 0:

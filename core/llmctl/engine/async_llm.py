@@ -121,6 +121,14 @@ class AsyncLLM:
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
+        self.engine.load_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter for new requests; the running ones keep it until they finish."""
+        return self.engine.remove_lora(lora_id)
+
     @property
     def num_unfinished(self) -> int:
         with self._streams_lock:

@@ -110,6 +110,8 @@ class EngineCore:
                                   "pooler_config": self.runner_plan.pooler_config})
         self.lora = None
         lora_config = args.lora_config()
+        if lora_config is not None and self.runner_plan.pooling:
+            raise ValueError("enable_lora: LoRA adapters apply to generating models only, not runner='pooling'")
 
         def attach_lora(model: torch.nn.Module) -> None:
             from llmctl.lora.manager import LoRAManager
