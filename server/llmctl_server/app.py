@@ -32,6 +32,7 @@ from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddlewar
 from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
 from llmctl_server.prompt_text import check_length, check_unicode, encode, max_prompt_chars, off_loop
 from llmctl_server.reasoning import get_reasoning_parser
+from llmctl_server.responses import add_responses_route
 from llmctl_server.serving import (
     Choice,
     PreparedPrompt,
@@ -255,6 +256,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True,
                                plan=plan)
 
+    add_responses_route(app, state, chat_completions)
     return app
 
 
