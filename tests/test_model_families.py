@@ -9,6 +9,7 @@ give the same tokens with prefix-cache hits as without.
 from __future__ import annotations
 
 import pytest
+import torch
 from llmctl import LLM, SamplingParams
 from llmctl.models.supported import MODELS
 
@@ -18,7 +19,7 @@ from tests.test_engine_vs_transformers import PROMPTS, assert_matches_hf
 
 FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2", "gptj", "gpt_neox", "opt", "bloom", "falcon_new",
                 "falcon_mq", "falcon_alibi", "mpt", "starcoder2", "stablelm", "olmo", "olmo2", "granite", "cohere",
-                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "deepseek_v2", "deepseek_v3")
+                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx", "deepseek_v2", "deepseek_v3")
 # Short and long (past the 8-token windows and over several 16-token blocks), ASCII and not.
 FAMILY_PROMPTS = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]
 
@@ -84,3 +85,25 @@ def test_models_doc_is_generated_from_the_registry():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
     assert doc.read_text() == render_markdown(), "docs/models.md is stale: python -m llmctl.models.supported > it"
+
+
+def test_backend_without_a_feature_is_skipped_or_refused(family_dir):
+    """Soft-capping and ALiBi are declared features: a backend whose ``supports`` does not take them is passed
+    over for the torch reference, and naming it explicitly is a clear error, never a wrong result."""
+    from llmctl.engine.core import EngineCore
+    from llmctl.plugins import get_plugin_manager
+    from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP
+
+    cpu = next((b for b in get_plugin_manager().registry.backends_for("cpu") if b.name == "cpu-sdpa"), None)
+    if cpu is None:
+        pytest.skip("the CPU plugin is not installed")
+    for feature in (FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI):
+        assert not cpu.supports(torch.float32, 16, 16, frozenset({feature}))
+    gemma2 = LLM(str(family_dir("gemma2")[0]), dtype="float32", num_threads=1)
+    assert gemma2.llm_engine.core.attention.name == "torch-reference"
+    mixtral = LLM(str(family_dir("mixtral")[0]), dtype="float32", num_threads=1)
+    assert mixtral.llm_engine.core.attention.name == "cpu-sdpa"
+    from llmctl.config import EngineArgs
+
+    with pytest.raises(ValueError, match="cpu-sdpa.*cannot run this model: features not supported: logits_soft_cap"):
+        EngineCore(EngineArgs(model=str(family_dir("gemma2")[0]), dtype="float32", attention_backend="cpu-sdpa"))
