@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(vocab_size=49152, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=2048, initializer_range=0.02, tie_word_embeddings=False)
 
 
-def build(kind: str, out: Path, dtype: torch.dtype) -> Path:
+def build(kind: str, out: Path, dtype: torch.dtype, tok) -> Path:
     import transformers as tf
 
     torch.manual_seed(0)
@@ -42,6 +43,7 @@ def build(kind: str, out: Path, dtype: torch.dtype) -> Path:
     else:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE))
     model.to(dtype).save_pretrained(out)
+    tok.save_pretrained(out)  # the engine needs a tokenizer even for token-id prompts
     return out
 
 
@@ -100,9 +102,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     ids = prompts(args.prompts, args.input_len, SHAPE["vocab_size"])
     rows = []
+    sys.path.insert(0, str(ROOT))
+    from tests.model_factory import load_test_tokenizer  # SmolLM2's tokenizer (49152 ids), from its GGUF
+
     with tempfile.TemporaryDirectory() as tmp:
+        tok = load_test_tokenizer(Path(tmp))
         for kind in ("mixtral", "gemma2", "llama"):
-            path = build(kind, Path(tmp) / kind, dtype)
+            path = build(kind, Path(tmp) / kind, dtype, tok)
             runs = [("llmctl", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len))]
             if kind == "llama":
                 runs.append(("llmctl-fallback", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len,
