@@ -34,7 +34,8 @@ def build(kind: str, out: Path, dtype: torch.dtype, tok) -> Path:
 
     torch.manual_seed(0)
     if kind == "mixtral":
-        cfg = tf.MixtralConfig(**{**SHAPE, "intermediate_size": 704}, num_local_experts=8, num_experts_per_tok=2)
+        cfg = tf.MixtralConfig(**{**SHAPE, "intermediate_size": SHAPE["intermediate_size"] // 2}, num_local_experts=8,
+                               num_experts_per_tok=2)
         model = tf.MixtralForCausalLM(cfg)
     elif kind == "gemma2":
         cfg = tf.Gemma2Config(**SHAPE, head_dim=64, sliding_window=256, attn_logit_softcapping=50.0,
@@ -53,9 +54,11 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return random_token_prompts(n, length, vocab, seed=0)
 
 
-def time_llmctl(path: Path, dtype: str, ids: list[list[int]], output_len: int, **kw) -> dict:
+def time_llmctl(path: Path, dtype: str, ids: list[list[int]], output_len: int, threads: int | None, **kw) -> dict:
     from llmctl import LLM, SamplingParams
 
+    if threads:
+        kw["num_threads"] = threads
     llm = LLM(str(path), dtype=dtype, **kw)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts(2, 16, SHAPE["vocab_size"] - 1)],
@@ -95,9 +98,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--hf-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"], help="hidden size (MLP width 2.75x)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    SHAPE.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75))
     if args.threads:
         torch.set_num_threads(args.threads)
     ids = prompts(args.prompts, args.input_len, SHAPE["vocab_size"])
@@ -109,10 +115,10 @@ def main() -> None:
         tok = load_test_tokenizer(Path(tmp))
         for kind in ("mixtral", "gemma2", "llama"):
             path = build(kind, Path(tmp) / kind, dtype, tok)
-            runs = [("llmctl", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len))]
+            runs = [("llmctl", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len, args.threads))]
             if kind == "llama":
                 runs.append(("llmctl-fallback", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len,
-                                                                           model_impl="transformers")))
+                                                                           args.threads, model_impl="transformers")))
             else:
                 runs.append(("transformers", lambda p=path: time_transformers(p, dtype, ids, args.output_len,
                                                                               args.hf_batch)))

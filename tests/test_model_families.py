@@ -22,6 +22,7 @@ FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2", "gptj", "gpt
                 "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx", "deepseek_v2", "deepseek_v3")
 # Short and long (past the 8-token windows and over several 16-token blocks), ASCII and not.
 FAMILY_PROMPTS = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]
+SMALL_KV = 4 << 20  # bytes: a few hundred blocks of these tiny models, quick to allocate
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +38,10 @@ def family_dir(model_cache_dir, test_tokenizer):
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
-def test_family_matches_transformers(kind, family_dir):
+def test_family_matches_transformers(kind, family_dir, test_tokenizer):
     path, hf_model = family_dir(kind)
-    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1)
-    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1, kv_cache_memory=SMALL_KV)
+    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
 
 
 def test_registry_names_a_covering_test_for_every_architecture():
