@@ -17,13 +17,29 @@ _LAZY = {
     "RequestOutput": "llmctl.outputs",
     "CompletionOutput": "llmctl.outputs",
     "Logprob": "llmctl.outputs",
+    "PoolingParams": "llmctl.pooling.params",
+    "PoolingRequestOutput": "llmctl.pooling.outputs",
+    "EmbeddingRequestOutput": "llmctl.pooling.outputs",
+    "ClassificationRequestOutput": "llmctl.pooling.outputs",
+    "ScoringRequestOutput": "llmctl.pooling.outputs",
+    "BeamSearchParams": "llmctl.beam_search",
+    "LoRARequest": "llmctl.lora.request",
 }
 
 if TYPE_CHECKING:
+    from llmctl.beam_search import BeamSearchParams
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
+    from llmctl.lora.request import LoRARequest
     from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
+    from llmctl.pooling.outputs import (
+        ClassificationRequestOutput,
+        EmbeddingRequestOutput,
+        PoolingRequestOutput,
+        ScoringRequestOutput,
+    )
+    from llmctl.pooling.params import PoolingParams
     from llmctl.sampling_params import SamplingParams
 
 
@@ -37,4 +53,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "__version__"]
+           "PoolingParams", "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
+           "ScoringRequestOutput", "BeamSearchParams", "LoRARequest", "__version__"]

@@ -43,6 +43,7 @@ from llmctl.attention import AttentionMetadata
 from llmctl.plugins.types import AttentionBackend, Support
 
 from llmctl_cpu import native
+from llmctl_cpu.bidirectional import bidirectional_attention
 
 DECODE_BUCKET = 32  # decode key counts are padded to a multiple of this (a function of the sequence only)
 QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the explicit mask stays bounded
@@ -52,7 +53,7 @@ QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the e
 NATIVE_PREFILL_MAX_LEN = 2048
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill"})
+_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill", "bidirectional"})
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -101,12 +102,15 @@ class CpuSdpaAttention(AttentionBackend):
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None, out: torch.Tensor | None = None, *,
-                key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+                key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
         """``key``/``value`` ([num_tokens, Hk, D], ``None`` when a caller leaves them out): this step's new
         keys/values, the ones just given to ``write_kv``. Only used to skip re-reading the cache for prefill chunks
-        without cached context."""
+        without cached context. ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional)."""
         if out is None:
             out = torch.empty_like(query)
+        if not causal:
+            return bidirectional_attention(query, kv_cache, metadata, scale, out, key, value)
         n = metadata.num_seqs
         if n == 0:
             return out

@@ -29,7 +29,11 @@ from llmctl.engine.errors import EngineDeadError, RequestFailedError
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine, PreparedRequest
 from llmctl.engine.malloc_tuning import limit_malloc_arenas, malloc_trim
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
+from llmctl.pooling.frontend import PreparedPooling
+from llmctl.pooling.outputs import PoolingRequestOutput
+from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,8 @@ class AsyncLLM:
         self.engine = engine if engine is not None else _build_engine_off_main_thread(args)
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
+        self.runner_type: str = getattr(self.engine, "runner_type", "generate")
+        self.pooling = getattr(self.engine, "pooling", None)  # the pooling frontend (tasks, limits), if pooling
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -115,23 +121,38 @@ class AsyncLLM:
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
+        self.engine.load_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter for new requests; the running ones keep it until they finish."""
+        return self.engine.remove_lora(lora_id)
+
     @property
     def num_unfinished(self) -> int:
         with self._streams_lock:
             return len(self._streams)
 
     # -- requests ----------------------------------------------------------------------------------------------
-    def prepare(self, prompt: PromptType, params: SamplingParams | None, request_id: str) -> PreparedRequest:
-        return self.engine.prepare_request(request_id, prompt, params)
+    def prepare(self, prompt: PromptType, params: SamplingParams | None, request_id: str,
+                lora_request: LoRARequest | None = None) -> PreparedRequest:
+        return self.engine.prepare_request(request_id, prompt, params, lora_request=lora_request)
 
     async def generate(self, prompt: PromptType | PreparedRequest, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         self.check_health()
         if isinstance(prompt, PreparedRequest):
             prepared = prompt
         else:
             request_id = request_id or f"req-{time.monotonic_ns()}"
-            prepared = self.prepare(prompt, sampling_params, request_id)
+            if lora_request is not None or (sampling_params is not None
+                                            and sampling_params.structured_outputs is not None):
+                # compiling a grammar or reading an adapter can take a while: never on the event loop
+                prepared = await asyncio.to_thread(self.prepare, prompt, sampling_params, request_id, lora_request)
+            else:
+                prepared = self.prepare(prompt, sampling_params, request_id)
         rid = prepared.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:
@@ -154,6 +175,38 @@ class AsyncLLM:
                     yield item
                     return
                 yield item
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not stream.finished:
+                self._send("abort", rid)  # client went away or cancelled: free its KV blocks now
+
+    async def encode(self, prompt: PromptType | PreparedPooling, pooling_params: PoolingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[PoolingRequestOutput]:
+        """A pooling request (``runner="pooling"``): yields its one, final ``PoolingRequestOutput`` (vLLM's
+        ``AsyncLLM.encode``). Validation errors raise here, before anything reaches the engine."""
+        self.check_health()
+        if isinstance(prompt, PreparedPooling):
+            prepared = prompt
+        else:
+            request_id = request_id or f"pool-{time.monotonic_ns()}"
+            prepared = self.engine.prepare_request(request_id, prompt,
+                                                   pooling_params if pooling_params is not None else PoolingParams())
+        rid = prepared.request_id
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._streams_lock:
+            if rid in self._streams:
+                raise ValueError(f"request_id: {rid!r} is already in use")
+            self._streams[rid] = stream
+        self._send("add", prepared)
+        try:
+            item = await stream.queue.get()
+            stream.finished = True
+            if isinstance(item, BaseException):
+                raise item
+            if item.error:
+                raise RequestFailedError(rid, item.error)
+            yield item
         finally:
             with self._streams_lock:
                 self._streams.pop(rid, None)

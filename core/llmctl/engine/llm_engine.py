@@ -15,8 +15,14 @@ from llmctl.engine.core import EngineCore
 from llmctl.engine.input_processor import InputProcessor, PromptType
 from llmctl.engine.output_processor import OutputProcessor
 from llmctl.engine.request import Request, RequestStatus
+from llmctl.lora.adapter import LoRAAdapter
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
+from llmctl.pooling.frontend import PoolingFrontend, PreparedPooling
+from llmctl.pooling.outputs import PoolingRequestOutput
+from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
+from llmctl.structured_output.manager import StructuredOutputManager
 
 
 @dataclass
@@ -37,9 +43,19 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
         self.model_config = self.core.model_config
         self.cache_config = self.core.cache_config
-        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs)
+        eos = (*self.model_config.eos_token_ids, *([self.tokenizer.eos_token_id] if isinstance(
+            getattr(self.tokenizer, "eos_token_id", None), int) else []))
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, tuple(dict.fromkeys(eos)),
+            args.structured_outputs_backend, args.structured_outputs_compile_timeout)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs,
+                                              self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        self.runner_type = self.core.runner_type
+        self.pooling: PoolingFrontend | None = None
+        if self.runner_type == "pooling":
+            self.pooling = PoolingFrontend(self.tokenizer, self.model_config, self.cache_config, self.core.model.pooler)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -52,42 +68,88 @@ class LLMEngine:
     def next_request_id(self) -> str:
         return str(next(self._ids))
 
-    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                        arrival_time: float | None = None) -> PreparedRequest:
+    def prepare_request(self, request_id: str, prompt: PromptType,
+                        params: SamplingParams | PoolingParams | None = None,
+                        arrival_time: float | None = None, lora_request: LoRARequest | None = None
+                        ) -> PreparedRequest | PreparedPooling:
         """Validate and tokenize without touching engine state, so it can run on the caller's thread. Raises
-        ``ValueError`` naming the field before anything is allocated."""
+        ``ValueError`` naming the field before anything is allocated. A LoRA adapter is read and checked here too,
+        off the engine loop."""
+        if self.pooling is not None:
+            if isinstance(params, SamplingParams):
+                raise ValueError("runner: this model runs as a pooling model (embeddings, scores, classes) and "
+                                 "does not generate text")
+            if lora_request is not None:
+                raise ValueError("lora_request: LoRA adapters apply to generating models only")
+            return self.pooling.prepare(request_id, prompt, params, arrival_time)
+        if isinstance(params, PoolingParams):
+            raise ValueError("pooling_params: this model runs with runner='generate'; start it with "
+                             "runner='pooling' for embeddings, scores or classes")
         params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        adapter = self.load_lora(lora_request) if lora_request is not None else None
         processed = self.input_processor.tokenize(prompt)
         requests = self.input_processor.make_requests(request_id, processed, params, arrival_time)
+        if adapter is not None:
+            salt = f"lora:{adapter.adapter_id}:{adapter.request.lora_path}".encode()
+            for r in requests:
+                r.lora, r.cache_salt = adapter, salt
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
 
-    def add_prepared(self, prepared: PreparedRequest) -> None:
-        if self.output_processor.has(prepared.request_id):
+    def add_prepared(self, prepared: PreparedRequest | PreparedPooling) -> None:
+        if self.output_processor.has(prepared.request_id) or (self.pooling and self.pooling.has(prepared.request_id)):
             raise ValueError(f"request_id: {prepared.request_id!r} is already in use")
+        if isinstance(prepared, PreparedPooling):
+            if self.pooling is None:
+                raise ValueError("pooling_params: this model runs with runner='generate'")
+            self.pooling.add(prepared)
+            for r in prepared.requests:
+                self.core.add_request(r)
+            return
         self.output_processor.add(prepared.request_id, prepared.prompt, prepared.prompt_token_ids, prepared.params,
                                   [r.request_id for r in prepared.requests], prepared.requests[0].arrival_time)
         for r in prepared.requests:
             self.core.add_request(r)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time))
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time, lora_request))
 
-    def abort_request(self, request_ids: list[str] | str) -> list[RequestOutput]:
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
+        if self.core.lora is None:
+            raise ValueError("lora_request: this engine was started without enable_lora=True (--enable-lora)")
+        return self.core.lora.load(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.core.lora is not None and self.core.lora.remove(lora_id)
+
+    def list_loras(self) -> list[int]:
+        return [] if self.core.lora is None else self.core.lora.cached_ids()
+
+    def abort_request(self, request_ids: list[str] | str) -> list[RequestOutput | PoolingRequestOutput]:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
-        finals = []
+        finals: list[RequestOutput | PoolingRequestOutput] = []
         for rid in request_ids:
+            if self.pooling is not None and self.pooling.has(rid):
+                self.core.abort([rid])
+                pooled_final = self.pooling.abort(rid)
+                if pooled_final is not None:
+                    finals.append(pooled_final)
+                continue
             self.core.abort(self.output_processor.child_ids(rid))
             final = self.output_processor.abort(rid)
             if final is not None:
                 finals.append(final)
         return finals
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         core_outputs = self.core.step()
+        if self.pooling is not None:
+            return [out for co in core_outputs
+                    if (out := self.pooling.finish(co.request_id, co.pooled, co.error)) is not None]
         outputs, to_stop = self.output_processor.process(core_outputs)
         for child_id in to_stop:
             self.core.finish_request(child_id, RequestStatus.FINISHED_STOPPED)

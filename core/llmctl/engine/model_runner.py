@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from llmctl.attention import AttentionMetadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+
+if TYPE_CHECKING:
+    from llmctl.lora.manager import LoRAManager
 
 # Decode batches above this run eagerly: their launch overhead is small next to the work, and every captured
 # size costs capture time and graph memory.
@@ -52,6 +56,15 @@ class PromptLogprobChunk:
 
 
 @dataclass
+class PoolingChunk:
+    """A pooling request's rows in the flattened batch: its whole prompt (never chunked)."""
+
+    request: Request
+    start: int
+    end: int
+
+
+@dataclass
 class BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -59,18 +72,28 @@ class BatchInputs:
     logits_indices: torch.Tensor
     sampling_requests: list[Request]
     prompt_logprob_chunks: list[PromptLogprobChunk] = field(default_factory=list)
+    pooling_chunks: list[PoolingChunk] = field(default_factory=list)
+    token_type_ids: torch.Tensor | None = None  # [num_tokens], only when a pooling request carries segment ids
+    # Per sampling request, the draft tokens it feeds; its logits rows are then len(draft) + 1 consecutive rows
+    # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
+    draft_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class ModelOutput:
-    sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
-    prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
+    sample_logits: torch.Tensor  # [num_sampling_rows, vocab], the model's dtype (one row per request without
+    # draft tokens, len(draft) + 1 rows with them)
+    # Hidden states of each prompt-logprobs chunk's rows, not logits: a long prompt's logits (rows x vocab, float32)
+    # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
+    prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -114,8 +137,11 @@ class ModelRunner:
                                extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
+        if self.lora is not None:
+            self.lora.begin_step([s.request.lora for s in sched.scheduled],
+                                 [s.num_new_tokens for s in sched.scheduled], self.device)
         if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
-               for s in sched.scheduled):
+               and s.request.pooling_params is None for s in sched.scheduled):
             return self._prepare_decodes(sched)
         return self._prepare_general(sched)
 
@@ -125,7 +151,9 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        drafts: list[list[int]] = []
         prompt_chunks: list[PromptLogprobChunk] = []
+        pooling_chunks: list[PoolingChunk] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         block_tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
         offset = 0
@@ -135,14 +163,19 @@ class ModelRunner:
             positions = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             block_tables[i, : len(table)] = table
-            ids_parts.append(np.asarray(req.all_token_ids[start:start + n], dtype=np.int64))
+            known = req.all_token_ids[start:start + n]
+            ids_parts.append(np.asarray(known + s.spec_token_ids if s.spec_token_ids else known, dtype=np.int64))
             pos_parts.append(positions)
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
-            if s.samples:
-                logits_rows.append(offset + n - 1)
+            if req.pooling_params is not None:
+                pooling_chunks.append(PoolingChunk(req, offset, offset + n))
+            elif s.samples:
+                k = len(s.spec_token_ids)
+                logits_rows.extend(range(offset + n - 1 - k, offset + n))
                 sampling.append(req)
+                drafts.append(s.spec_token_ids)
             sp = req.sampling_params
             if sp.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(start + n, req.num_prompt_tokens - 1)
@@ -171,6 +204,9 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=sampling,
             prompt_logprob_chunks=prompt_chunks,
+            pooling_chunks=pooling_chunks,
+            token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
+            draft_token_ids=drafts if any(drafts) else [],
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
@@ -226,10 +262,38 @@ class ModelRunner:
     def execute(self, batch: BatchInputs) -> ModelOutput:
         hidden = self._replay_decode(batch)
         if hidden is None:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+            extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, **extra)
+        if batch.pooling_chunks:
+            pooled = self._pool(hidden, batch.pooling_chunks)
+            if not batch.sampling_requests and not batch.prompt_logprob_chunks:
+                return ModelOutput(hidden.new_empty(0), {}, pooled)
+        else:
+            pooled = {}
         sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
-        prompt_logits = {}
+        prompt_hidden = {}
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
-            prompt_logits[chunk.request.request_id] = (chunk, self.model.compute_logits(hidden[rows]))
-        return ModelOutput(sample_logits, prompt_logits)  # the sampler casts to float32 where it needs to
+            prompt_hidden[chunk.request.request_id] = (chunk, hidden[rows])
+        return ModelOutput(sample_logits, prompt_hidden, pooled)  # the sampler casts to float32 where it needs to
+
+    def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
+        """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).
+        Results come back on the host, as callers read them there."""
+        results = self.model.pooler([hidden[c.start:c.end] for c in chunks],
+                                    [c.request.pooling_params for c in chunks])
+        return {c.request.request_id: r.cpu() for c, r in zip(chunks, results, strict=True)}
+
+
+def _token_type_ids(sched: SchedulerOutput, device: torch.device) -> torch.Tensor | None:
+    """Segment ids for the whole batch (0 for tokens of requests without any), or ``None`` when no request has
+    them, so models fall back to their first segment without a tensor per step."""
+    if not any(s.request.token_type_ids for s in sched.scheduled):
+        return None
+    parts = []
+    for s in sched.scheduled:
+        req, start = s.request, s.request.num_computed_tokens
+        types = req.token_type_ids or []
+        part = types[start:start + s.num_new_tokens]
+        parts.extend(part + [0] * (s.num_new_tokens - len(part)))
+    return torch.tensor(parts, dtype=torch.int64, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,11 +100,14 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
 
 
 def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*",
-               model_impl: str = "auto") -> nn.Module:
+               model_impl: str = "auto", model_cls: Any = None,
+               before_bind: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """With ``ctx.quant`` (a ``QuantConfig``) the linear layers are given their quantized parameters before
     loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which). ``model_impl``
-    chooses native or the transformers fallback (see ``get_model_class``)."""
-    model_cls = get_model_class(source.hf_config, registry, model_impl)
+    chooses native or the transformers fallback (see ``get_model_class``); ``model_cls``: when the caller already
+    chose one (a pooling model for a decoder checkpoint). ``before_bind`` sees the loaded model before the platform
+    packs its weights (LoRA attaches there, since adapters change which GEMMs may be fused)."""
+    model_cls = model_cls or get_model_class(source.hf_config, registry, model_impl)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
 
@@ -129,6 +133,8 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != ctx.dtype:
             p.data = p.data.to(ctx.dtype)
+    if before_bind is not None:
+        before_bind(model)
     for module in model.modules():
         if hasattr(module, "bind_ops"):
             module.bind_ops(ctx.ops)

@@ -8,4 +8,12 @@ from llmctl.plugins.types import ModelArchitecture
 def native_architectures() -> list[ModelArchitecture]:
     from llmctl.models.supported import native_architectures as _native
 
-    return _native()
+    return _native() + pooling_architectures()
+
+
+def pooling_architectures() -> list[ModelArchitecture]:
+    """Encoders and decoder embedding models; they run only with ``runner="pooling"``."""
+    from llmctl.models import bert, decoder_pooling
+
+    return ([ModelArchitecture(name, cls) for name, cls in bert.ARCHITECTURES.items()] +
+            [ModelArchitecture(name, decoder_pooling.DecoderEmbeddingModel) for name in decoder_pooling.ARCHITECTURES])

@@ -30,6 +30,7 @@ class Ops:
     pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
     gated_linear: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
+    lora_shrink_expand: Callable[..., None]
 
     @classmethod
     def reference(cls) -> Ops:

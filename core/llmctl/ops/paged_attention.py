@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from llmctl.attention import AttentionMetadata
+from llmctl.layers.encoder_attention import check_whole_sequences
 
 
 def write_kv_reference(
@@ -36,9 +37,10 @@ def gather_context(
 
 def attention_for_sequence(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None,
-    *, logits_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+    causal: bool = True, *, logits_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context.
+    """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context
+    (``causal=False``: every query sees every key, for encoders).
 
     ``logits_soft_cap`` squashes the scaled scores as ``cap * tanh(s / cap)`` (Gemma 2); ``alibi_slopes``
     ([num_heads] float) adds ``slope * (key_pos - query_pos)`` to each head's scores (BLOOM, MPT): the same
@@ -56,7 +58,7 @@ def attention_for_sequence(
     if alibi_slopes is not None:
         distance = (k_pos - q_pos).to(scores.device, torch.float32)
         scores = scores + alibi_slopes.float().to(scores.device)[:, None, None] * distance
-    allowed = k_pos <= q_pos
+    allowed = k_pos <= q_pos if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
     scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
@@ -71,10 +73,15 @@ def paged_attention_reference(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
+    causal: bool = True,
     *,
     logits_soft_cap: float | None = None,
     alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``causal=False`` (bidirectional, the ``bidirectional`` feature) needs every sequence's whole context in
+    this step, which it checks: a partial one would miss the keys of its later tokens."""
+    if not causal:
+        check_whole_sequences(metadata)
     if out is None:
         out = torch.zeros_like(query)
     qsl = metadata.query_start_loc.tolist()
@@ -84,6 +91,6 @@ def paged_attention_reference(
         if end == start:
             continue
         k, v = gather_context(kv_cache, metadata.block_tables[i], seq_lens[i])
-        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window,
+        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window, causal,
                                                  logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)
     return out

@@ -146,6 +146,18 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     return out
 
 
+def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       token_slots: torch.Tensor, active_slots: tuple[int, ...]) -> None:
+    """``y[t] += (x[t] @ a[s].T) @ b[s].T`` in place for every token ``t`` whose adapter slot ``s =
+    token_slots[t]`` is one of ``active_slots`` (punica's shrink, then expand, by adapter index), so one batch mixes
+    adapters and base-model rows (slot -1). ``a`` [slots, r, in], ``b`` [slots, out, r]; ``y`` may be a column view
+    of a merged projection's output."""
+    for slot in active_slots:
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        if rows.numel():
+            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
+
+
 OP_NAMES: tuple[str, ...] = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -159,4 +171,5 @@ OP_NAMES: tuple[str, ...] = (
     "pack_gated_linear_weight",
     "gated_linear",
     "fused_moe",
+    "lora_shrink_expand",
 )

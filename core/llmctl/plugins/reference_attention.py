@@ -22,7 +22,7 @@ class TorchReferenceAttention(AttentionBackend):
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
     def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None, *,
-                key=None, value=None, logits_soft_cap: float | None = None,
+                key=None, value=None, causal: bool = True, logits_soft_cap: float | None = None,
                 alibi_slopes: torch.Tensor | None = None):
-        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out,
+        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out, causal=causal,
                                          logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)

@@ -71,9 +71,6 @@ class Platform(abc.ABC):
         """(free bytes, total bytes) on one device; core sizes the KV cache from it."""
         raise NotImplementedError(f"platform {self.name!r} does not report memory")
 
-    def synchronize(self, device_index: int = 0) -> None:
-        """Wait for queued work on the device (a no-op for synchronous devices)."""
-
     def supported_dtypes(self) -> list[torch.dtype]:
         """Dtypes this platform runs, fastest first; ``dtype="auto"`` falls back along this list."""
         return [torch.float32]
@@ -230,7 +227,7 @@ class DecodeGraphSpec:
 
 @runtime_checkable
 class DecodeStepRunner(Protocol):
-    """What ``Platform.decode_step_runner`` returns (``llmctl_triton.runtime.CudaGraphRunner`` is one)."""
+    """What ``Platform.decode_step_runner`` returns (``llmctl_gpu.graph_runner.CudaGraphRunner`` is one)."""
 
     def capture(self) -> None:
         """Record every batch size of the spec; core calls it once at start-up under ``inference_mode``."""
