@@ -39,6 +39,14 @@ def as_pooler_config(value: Any) -> PoolerConfig | None:
     raise ValueError(f"pooler_config: expected a dict with pooling_type/normalize, got {type(value).__name__}")
 
 
+def attention_features(cls: Any, hf_config: Any) -> frozenset[str]:
+    """A model class declares its attention features as a frozenset attribute (the encoders' "bidirectional") or
+    as ``attention_features(hf_config)`` (decoders whose features depend on the config: soft-cap, ALiBi)."""
+    from llmctl.models.supported import attention_features as from_config
+
+    return from_config(cls, hf_config)
+
+
 def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_dir: Path, registry: Any,
                 get_model_class: Any) -> RunnerPlan:
     runner = resolve_runner(requested, hf_config, model_dir, registry)
@@ -51,7 +59,7 @@ def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_d
                              f"runner='pooling' (llmctl serve --runner pooling)")
         if user_pc is not None:
             raise ValueError("pooler_config: only applies with runner='pooling'")
-        return RunnerPlan(runner, cls, frozenset(getattr(cls, "attention_features", frozenset())))
+        return RunnerPlan(runner, cls, attention_features(cls, hf_config))
     cls = pooling_model_class(hf_config, registry)
     st = read_sentence_transformers_config(model_dir)
     pc = st.pooler if st is not None else None
@@ -61,7 +69,7 @@ def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_d
                           user_pc.normalize if user_pc.normalize is not None else base.normalize)
     caps = [c for c in (st.max_seq_length if st is not None else None,
                         getattr(cls, "max_context", lambda cfg: None)(hf_config)) if c]
-    features = frozenset(getattr(cls, "attention_features", frozenset()))
+    features = attention_features(cls, hf_config)
     return RunnerPlan(runner, cls, features, pc, min(caps) if caps else None)
 
 
