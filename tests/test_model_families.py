@@ -9,6 +9,7 @@ give the same tokens with prefix-cache hits as without.
 from __future__ import annotations
 
 import pytest
+import torch
 from llmctl import LLM, SamplingParams
 from llmctl.models.supported import MODELS
 
@@ -18,9 +19,10 @@ from tests.test_engine_vs_transformers import PROMPTS, assert_matches_hf
 
 FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2", "gptj", "gpt_neox", "opt", "bloom", "falcon_new",
                 "falcon_mq", "falcon_alibi", "mpt", "starcoder2", "stablelm", "olmo", "olmo2", "granite", "cohere",
-                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "deepseek_v2", "deepseek_v3")
+                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx", "deepseek_v2", "deepseek_v3")
 # Short and long (past the 8-token windows and over several 16-token blocks), ASCII and not.
 FAMILY_PROMPTS = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]
+SMALL_KV = 4 << 20  # bytes: a few hundred blocks of these tiny models, quick to allocate
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +38,10 @@ def family_dir(model_cache_dir, test_tokenizer):
 
 
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
-def test_family_matches_transformers(kind, family_dir):
+def test_family_matches_transformers(kind, family_dir, test_tokenizer):
     path, hf_model = family_dir(kind)
-    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1)
-    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1, kv_cache_memory=SMALL_KV)
+    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
 
 
 def test_registry_names_a_covering_test_for_every_architecture():
@@ -84,3 +86,25 @@ def test_models_doc_is_generated_from_the_registry():
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "models.md"
     assert doc.read_text() == render_markdown(), "docs/models.md is stale: python -m llmctl.models.supported > it"
+
+
+def test_backend_without_a_feature_is_skipped_or_refused(family_dir):
+    """Soft-capping and ALiBi are declared features: a backend whose ``supports`` does not take them is passed
+    over for the torch reference, and naming it explicitly is a clear error, never a wrong result."""
+    from llmctl.engine.core import EngineCore
+    from llmctl.plugins import get_plugin_manager
+    from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP
+
+    cpu = next((b for b in get_plugin_manager().registry.backends_for("cpu") if b.name == "cpu-sdpa"), None)
+    if cpu is None:
+        pytest.skip("the CPU plugin is not installed")
+    for feature in (FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI):
+        assert not cpu.supports(torch.float32, 16, 16, frozenset({feature}))
+    gemma2 = LLM(str(family_dir("gemma2")[0]), dtype="float32", num_threads=1)
+    assert gemma2.llm_engine.core.attention.name == "torch-reference"
+    mixtral = LLM(str(family_dir("mixtral")[0]), dtype="float32", num_threads=1)
+    assert mixtral.llm_engine.core.attention.name == "cpu-sdpa"
+    from llmctl.config import EngineArgs
+
+    with pytest.raises(ValueError, match="cpu-sdpa.*cannot run this model: features not supported: logits_soft_cap"):
+        EngineCore(EngineArgs(model=str(family_dir("gemma2")[0]), dtype="float32", attention_backend="cpu-sdpa"))

@@ -29,13 +29,13 @@ def smollm3(model_cache_dir, test_tokenizer):
     return path, model
 
 
-def test_non_native_architecture_runs_through_the_fallback(smollm3, caplog):
+def test_non_native_architecture_runs_through_the_fallback(smollm3, caplog, test_tokenizer):
     path, hf_model = smollm3
     with caplog.at_level(logging.INFO, logger="llmctl.engine.core"):
         llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1)
     assert llm.llm_engine.core.model_impl == "transformers"
     assert any("transformers implementation" in r.getMessage() for r in caplog.records)
-    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model)
+    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
     # Batched with prefix-cache hits (the shared prompt spans full blocks) == each alone.
     shared = FAMILY_PROMPTS[1] + " "
     prompts = [shared + "one", shared + "and two"]
@@ -56,7 +56,7 @@ def test_forced_fallback_keeps_soft_cap_and_sliding_window(model_cache_dir, test
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1, model_impl="transformers")
     core = llm.llm_engine.core
     assert core.model_impl == "transformers" and core.attention.name == "torch-reference"
-    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model)
+    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
 
 
 def test_hf_overrides_reach_the_model(model_cache_dir, test_tokenizer):

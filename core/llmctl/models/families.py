@@ -349,6 +349,26 @@ def granitemoe(cfg: Any) -> DecoderSpec:
                             (r"\.block_sparse_moe\.output_linear\.", ".mlp.experts.stacked_w2.")))
 
 
+def dbrx(cfg: Any) -> DecoderSpec:
+    attn, ffn = cfg.attn_config, cfg.ffn_config
+    if getattr(ffn, "moe_normalize_expert_weights", 1.0) not in (None, 1, 1.0):
+        _unsupported(cfg, "ffn_config.moe_normalize_expert_weights", "only L1 renormalisation (1) or none")
+    moe = MoESpec(ffn.moe_num_experts, ffn.moe_top_k, ffn.ffn_hidden_size,
+                  renormalize=getattr(ffn, "moe_normalize_expert_weights", 1.0) is not None)
+    n = cfg.n_layers
+    return _base(cfg, num_kv_heads=attn.kv_n_heads, norm="layer", norm_bias=False, norm_eps=1e-5,
+                 clip_qkv=attn.clip_qkv, act=(getattr(ffn, "ffn_act_fn", None) or {}).get("name", "silu"), moe=moe,
+                 rotary_dims=(cfg.d_model // cfg.n_heads,) * n,
+                 renames=((r"^transformer\.", "model."), (r"^model\.wte\.", "model.embed_tokens."),
+                          (r"^model\.blocks\.", "model.layers."), (r"^model\.norm_f\.", "model.norm."),
+                          (r"\.norm_attn_norm\.norm_1\.", ".input_layernorm."),
+                          (r"\.norm_attn_norm\.norm_2\.", ".post_attention_layernorm."),
+                          (r"\.norm_attn_norm\.attn\.Wqkv\.", ".self_attn.qkv_proj."),
+                          (r"\.norm_attn_norm\.attn\.out_proj\.", ".self_attn.o_proj."),
+                          (r"\.ffn\.router\.layer\.", ".mlp.gate."),
+                          (r"\.ffn\.experts\.mlp\.(w1|v1|w2)$", r".mlp.experts.dbrx_\1")))
+
+
 def deepseek(cfg: Any) -> DecoderSpec:
     """DeepSeek-V2 and V3: MLA attention (see llmctl.models.mla) and a MoE with shared experts and grouped
     routing; the first ``first_k_dense_replace`` layers keep a dense MLP."""
@@ -382,7 +402,7 @@ FAMILIES: dict[str, Callable[[Any], DecoderSpec]] = {
     "gpt_neox": gpt_neox, "opt": opt, "bloom": bloom, "falcon": falcon, "mpt": mpt, "starcoder2": starcoder2,
     "stablelm": stablelm, "olmo": olmo, "olmo2": olmo2, "granite": granite, "cohere": cohere, "glm4": glm4,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "granitemoe": granitemoe,
-    "deepseek_v2": deepseek, "deepseek_v3": deepseek,
+    "deepseek_v2": deepseek, "deepseek_v3": deepseek, "dbrx": dbrx,
 }
 
 

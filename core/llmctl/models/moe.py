@@ -102,6 +102,16 @@ class SparseMoE(EngineModule):
             copy_checked(self.w2.data, tensor, name)
             self._loaded |= {f"{e}.down" for e in range(self.spec.num_experts)}
             return
+        if rest in ("dbrx_w1", "dbrx_v1", "dbrx_w2"):  # DBRX: each [E * I, H]; w2 holds the down weights transposed
+            e_, h = self.spec.num_experts, self.w13.shape[-1]
+            stacked = tensor.reshape(e_, i, h)
+            if rest == "dbrx_w2":
+                copy_checked(self.w2.data, stacked.transpose(1, 2), name)
+                self._loaded |= {f"{e}.down" for e in range(e_)}
+            else:
+                copy_checked(self.w13.data.narrow(1, 0 if rest == "dbrx_w1" else i, i), stacked, name)
+                self._loaded |= {f"{e}.{'gate' if rest == 'dbrx_w1' else 'up'}" for e in range(e_)}
+            return
         m = _EXPERT.match(rest)
         if m is None or int(m.group(1)) >= self.spec.num_experts:
             raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")

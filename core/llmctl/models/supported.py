@@ -68,6 +68,8 @@ MODELS: tuple[ModelInfo, ...] = (
     _fam("Qwen2MoeForCausalLM", "qwen2_moe", "sparse MoE with a gated shared expert, dense layers"),
     _fam("Qwen3MoeForCausalLM", "qwen3_moe", "sparse MoE, per-head q/k RMSNorm"),
     _fam("GraniteMoeForCausalLM", "granitemoe", "sparse MoE with stacked expert weights, Granite multipliers"),
+    _fam("DbrxForCausalLM", "dbrx", "fine-grained MoE with DBRX's stacked expert layout, q/k/v clipping, "
+         "bias-free LayerNorm"),
     _fam("DeepseekV2ForCausalLM", "deepseek_v2", "MLA with a compressed latent KV cache (weight absorption), "
          "q LoRA, MoE with shared experts and group-limited routing, dense first layers"),
     _fam("DeepseekV3ForCausalLM", "deepseek_v3", "MLA as V2, sigmoid routing with score-correction bias over "
