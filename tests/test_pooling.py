@@ -205,3 +205,27 @@ def test_bidirectional_attention_refuses_a_partial_sequence():
                            query_lens_cpu=[4], seq_lens_cpu=[8])
     with pytest.raises(ValueError, match="whole prompt in one step; sequence 0 has 4 of its 8 tokens"):
         paged_attention_reference(torch.zeros(4, 2, 8), torch.zeros(2, 1, 16, 2, 8), md, 1.0, causal=False)
+
+
+def test_clip_text_tower_matches_transformers(tmp_path, minilm):
+    """CLIP text embeddings (the projected end-of-text state, normalised) against transformers' text_embeds."""
+    from transformers import CLIPModel, CLIPTextModelWithProjection
+
+    from tests.pooling_factory import make_tiny_clip
+
+    prompts = [[998, 5, 17, 300, 999], [998, 42, 999], [998] + list(range(100, 160)) + [999]]
+    for kind, cls in (("text", CLIPTextModelWithProjection), ("full", CLIPModel)):
+        path = make_tiny_clip(kind, tmp_path / kind, minilm)
+        llm = LLM(str(path), kv_cache_memory=KV)
+        assert llm.llm_engine.runner_type == "pooling"
+        ours = _embeddings(llm.embed(prompts))
+        model = cls.from_pretrained(path, attn_implementation="eager").eval()
+        with torch.no_grad():
+            if kind == "text":
+                ref = [model(torch.tensor([p])).text_embeds[0] for p in prompts]
+            else:
+                feats = [model.get_text_features(torch.tensor([p])) for p in prompts]  # a tensor before transformers 5
+                ref = [(f if isinstance(f, torch.Tensor) else f.pooler_output).reshape(-1) for f in feats]
+        torch.testing.assert_close(ours, F.normalize(torch.stack(ref), dim=-1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"^multi_modal_data: image .* not supported"):
+        llm.embed({"prompt": "x", "multi_modal_data": {"image": object()}})

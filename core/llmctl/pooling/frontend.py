@@ -85,6 +85,9 @@ class PoolingFrontend:
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, dict):
+            if prompt.get("multi_modal_data"):
+                raise ValueError("multi_modal_data: image and other non-text inputs are not supported (CLIP runs its "
+                                 "text tower only)")
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             types = prompt.get("token_type_ids")
             if text is None and ids is None:
