@@ -91,4 +91,8 @@ def make_tiny_clip(kind: str, out: Path, tokenizer_dir: Path) -> Path:
         model = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    if kind == "full":
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out

@@ -207,8 +207,9 @@ def test_bidirectional_attention_refuses_a_partial_sequence():
         paged_attention_reference(torch.zeros(4, 2, 8), torch.zeros(2, 1, 16, 2, 8), md, 1.0, causal=False)
 
 
-def test_clip_text_tower_matches_transformers(tmp_path, minilm):
-    """CLIP text embeddings (the projected end-of-text state, normalised) against transformers' text_embeds."""
+def test_clip_matches_transformers(tmp_path, minilm):
+    """CLIP text embeddings (the projected end-of-text state, normalised) against transformers' text_embeds, and
+    a CLIPModel's image embeddings against get_image_features."""
     from transformers import CLIPModel, CLIPTextModelWithProjection
 
     from tests.pooling_factory import make_tiny_clip
@@ -227,5 +228,28 @@ def test_clip_text_tower_matches_transformers(tmp_path, minilm):
                 feats = [model.get_text_features(torch.tensor([p])) for p in prompts]  # a tensor before transformers 5
                 ref = [(f if isinstance(f, torch.Tensor) else f.pooler_output).reshape(-1) for f in feats]
         torch.testing.assert_close(ours, F.normalize(torch.stack(ref), dim=-1), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"^multi_modal_data: image .* not supported"):
-        llm.embed({"prompt": "x", "multi_modal_data": {"image": object()}})
+        if kind == "text":
+            with pytest.raises(ValueError, match=r"^multi_modal_data: this model does not take images"):
+                llm.embed({"multi_modal_data": {"image": _image(0)}})
+            continue
+        # images: the checkpoint's image processor, the vision tower, the visual projection, normalised
+        from transformers import AutoImageProcessor
+
+        images = [_image(1), _image(2)]
+        got = _embeddings(llm.embed([{"multi_modal_data": {"image": im}} for im in images] + prompts[:1]))
+        pixels = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = model.get_image_features(pixel_values=pixels)
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        torch.testing.assert_close(got[:2], F.normalize(feats, dim=-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[2], ours[0], atol=1e-6, rtol=1e-6)  # a text beside images is unchanged
+        with pytest.raises(ValueError, match=r"^multi_modal_data: an embedding request is an image or a text"):
+            llm.embed({"prompt": "x", "multi_modal_data": {"image": images[0]}})
+
+
+def _image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))

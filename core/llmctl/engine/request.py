@@ -49,6 +49,7 @@ class Request:
     # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    pixel_values: torch.Tensor | None = None  # an image request's preprocessed pixels [3, H, W] (CLIP)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

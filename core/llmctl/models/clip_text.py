@@ -1,10 +1,10 @@
-"""CLIP's text tower as an embedding model (``CLIPTextModelWithProjection``, and the text side of a ``CLIPModel``
-checkpoint): pre-LayerNorm transformer layers with causal attention over the paged KV cache, the final LayerNorm,
-then the text projection; the embedding is the projected state of the last token, which is the end-of-text
-token the CLIP tokenizer appends (transformers pools at that token too).
+"""CLIP as an embedding model: ``CLIPTextModelWithProjection``, or a ``CLIPModel`` checkpoint with both towers.
 
-The image tower is not implemented: a ``CLIPModel`` checkpoint's vision weights are skipped, and only text
-prompts can be embedded.
+Text: pre-LayerNorm transformer layers with causal attention over the paged KV cache, the final LayerNorm, then
+the text projection; the embedding is the projected state of the last token, which is the end-of-text token the
+CLIP tokenizer appends (transformers pools at that token too). Images (``CLIPModel`` only): the vision tower of
+:mod:`llmctl.models.clip_vision` on the request's preprocessed pixels, then the visual projection; an image
+request holds one placeholder token in the engine, and the runner pools the image embedding in its place.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.models.bert import LayerNorm, _activation
+from llmctl.models.clip_vision import ClipVisionTransformer
 from llmctl.pooling.pooler import EmbeddingPooler, PoolerConfig
 
 _QKV = ((".self_attn.q_proj.", 0), (".self_attn.k_proj.", 1), (".self_attn.v_proj.", 2))
-_SKIPPED_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale", "text_model.embeddings.position_ids")
+_SKIPPED_PREFIXES = ("logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
 
 
 class _ClipAttention(EngineModule):
@@ -100,6 +101,12 @@ class ClipTextEmbeddingModel(EngineModule):
         self.text_model = _ClipTextTransformer(cfg, ctx, kw)
         projection_dim = getattr(hf_config, "projection_dim", None) or cfg.projection_dim
         self.text_projection = Linear(cfg.hidden_size, projection_dim, bias=False, **kw)
+        vision_cfg = getattr(hf_config, "vision_config", None)
+        self.vision_model: ClipVisionTransformer | None = None
+        self.visual_projection: Linear | None = None
+        if vision_cfg is not None:
+            self.vision_model = ClipVisionTransformer(vision_cfg, kw)
+            self.visual_projection = Linear(vision_cfg.hidden_size, projection_dim, bias=False, **kw)
         pc: PoolerConfig = ctx.extra.get("pooler_config") or PoolerConfig()
         self.pooler = EmbeddingPooler(pc.pooling_type or "LAST", True if pc.normalize is None else pc.normalize)
 
@@ -116,6 +123,16 @@ class ClipTextEmbeddingModel(EngineModule):
             hidden = layer(hidden, kv_cache, metadata)
         return self.text_projection(self.text_model.final_layer_norm(hidden))
 
+    @property
+    def accepts_images(self) -> bool:
+        return self.vision_model is not None
+
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] preprocessed pixels -> [n, projection_dim] image embeddings (before normalisation)."""
+        if self.vision_model is None or self.visual_projection is None:
+            raise ValueError("multi_modal_data: this checkpoint has no image tower")
+        return self.visual_projection(self.vision_model(pixel_values))
+
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.text_model.encoder.layers[0].self_attn
         return KVCacheSpec(num_layers=len(self.text_model.encoder.layers), num_kv_heads=attn.num_heads,
@@ -130,7 +147,7 @@ class ClipTextEmbeddingModel(EngineModule):
             if name.startswith(_SKIPPED_PREFIXES):
                 continue
             for part, shard in _QKV:
-                if part in name:
+                if part in name and name.startswith("text_model."):  # the vision tower keeps q/k/v apart
                     target = name.replace(part, ".self_attn.qkv_proj.")
                     module = modules.get(target.rsplit(".", 1)[0])
                     if target not in params or not isinstance(module, MergedLinear):
