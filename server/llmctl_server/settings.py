@@ -21,6 +21,9 @@ class ServerSettings:
     engine_dead_linger: float = 1.0
     retry_after_seconds: int = 1
     public_paths: frozenset[str] = frozenset({"/health"})
+    # images in requests (data: URLs only): decoded size and pixel count caps, checked before decoding pixels
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         if self.max_n < 1:
