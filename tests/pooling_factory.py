@@ -96,3 +96,20 @@ def make_tiny_clip(kind: str, out: Path, tokenizer_dir: Path) -> Path:
 
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
     return out
+
+
+def make_tiny_siglip(out: Path, tokenizer_dir: Path) -> Path:
+    """A SiglipModel with its image processor (32 x 32 pixels, 4 patches) and a tokenizer for loading only."""
+    import transformers as tf
+    from transformers import AutoTokenizer, SiglipImageProcessor
+
+    torch.manual_seed(17)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, eos_token_id=999, bos_token_id=998, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+    model = tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision, initializer_range=0.3)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

@@ -247,6 +247,31 @@ def test_clip_matches_transformers(tmp_path, minilm):
             llm.embed({"prompt": "x", "multi_modal_data": {"image": images[0]}})
 
 
+def test_siglip_matches_transformers(tmp_path, minilm):
+    """SigLIP: the bidirectional text tower's head at the last token, and the attention-pooled image tower,
+    against transformers' get_text_features / get_image_features."""
+    from transformers import AutoImageProcessor, SiglipModel
+
+    from tests.pooling_factory import make_tiny_siglip
+
+    path = make_tiny_siglip(tmp_path / "siglip", minilm)
+    llm = LLM(str(path), kv_cache_memory=KV)
+    assert llm.llm_engine.runner_type == "pooling"
+    prompts = [[998, 5, 17, 300, 999], [998, 42, 999]]
+    images = [_image(4), _image(5)]
+    got = _embeddings(llm.embed(prompts + [{"multi_modal_data": {"image": im}} for im in images]))
+    model = SiglipModel.from_pretrained(path, attn_implementation="eager").eval()
+    pixels = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")["pixel_values"]
+
+    def tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        text = torch.cat([tensor(model.get_text_features(torch.tensor([p]))) for p in prompts])
+        image = tensor(model.get_image_features(pixel_values=pixels))
+    torch.testing.assert_close(got, F.normalize(torch.cat([text, image]), dim=-1), atol=1e-5, rtol=1e-5)
+
+
 def _image(seed: int):
     import numpy as np
     from PIL import Image

@@ -17,4 +17,4 @@ def pooling_architectures() -> list[ModelArchitecture]:
 
     return ([ModelArchitecture(name, cls) for name, cls in bert.ARCHITECTURES.items()] +
             [ModelArchitecture(name, decoder_pooling.DecoderEmbeddingModel) for name in decoder_pooling.ARCHITECTURES] +
-            [ModelArchitecture(name, clip_text.ClipTextEmbeddingModel) for name in clip_text.ARCHITECTURES])
+            [ModelArchitecture(name, cls) for name, cls in clip_text.ARCHITECTURES.items()])

@@ -19,24 +19,27 @@ from llmctl.attention import AttentionMetadata
 from llmctl.layers import Attention, Linear, MergedLinear, VocabEmbedding
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked
+from llmctl.layers.encoder_attention import BIDIRECTIONAL, EncoderAttention
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.models.bert import LayerNorm, _activation
-from llmctl.models.clip_vision import ClipVisionTransformer
+from llmctl.models.clip_vision import ClipVisionTransformer, SiglipVisionTransformer
 from llmctl.pooling.pooler import EmbeddingPooler, PoolerConfig
 
 _QKV = ((".self_attn.q_proj.", 0), (".self_attn.k_proj.", 1), (".self_attn.v_proj.", 2))
-_SKIPPED_PREFIXES = ("logit_scale", "text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+_SKIPPED_PREFIXES = ("logit_scale", "logit_bias", "text_model.embeddings.position_ids",
+                     "vision_model.embeddings.position_ids")
 
 
 class _ClipAttention(EngineModule):
-    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict, causal: bool) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // self.num_heads
         size = self.num_heads * self.head_dim
         self.qkv_proj = MergedLinear(cfg.hidden_size, [size, size, size], bias=True, **kw)
         self.out_proj = Linear(size, cfg.hidden_size, bias=True, **kw)
-        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, ctx.attention)
+        attn_cls = Attention if causal else EncoderAttention  # SigLIP's text tower is bidirectional
+        self.attn = attn_cls(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5, ctx.attention)
 
     def forward(self, hidden: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
@@ -56,9 +59,9 @@ class _ClipMLP(EngineModule):
 
 
 class _ClipLayer(EngineModule):
-    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict, causal: bool) -> None:
         super().__init__()
-        self.self_attn = _ClipAttention(cfg, ctx, kw)
+        self.self_attn = _ClipAttention(cfg, ctx, kw, causal)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = _ClipMLP(cfg, kw)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
@@ -76,35 +79,43 @@ class _ClipEmbeddings(EngineModule):
 
 
 class _ClipEncoder(EngineModule):
-    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict, causal: bool) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_ClipLayer(cfg, ctx, kw) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(_ClipLayer(cfg, ctx, kw, causal) for _ in range(cfg.num_hidden_layers))
 
 
 class _ClipTextTransformer(EngineModule):
-    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict) -> None:
+    def __init__(self, cfg: Any, ctx: ModelContext, kw: dict, causal: bool, head: bool) -> None:
         super().__init__()
         self.embeddings = _ClipEmbeddings(cfg, kw)
-        self.encoder = _ClipEncoder(cfg, ctx, kw)
+        self.encoder = _ClipEncoder(cfg, ctx, kw, causal)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        # SigLIP's text head (CLIP projects outside the text model instead)
+        size = getattr(cfg, "projection_size", None) or cfg.hidden_size
+        self.head = Linear(cfg.hidden_size, size, bias=True, **kw) if head else None
 
 
 class ClipTextEmbeddingModel(EngineModule):
     is_pooling_model = True
     attention_features: frozenset[str] = frozenset()
+    siglip = False
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
         cfg = getattr(hf_config, "text_config", None) or hf_config
         self.config = cfg
         kw = dict(dtype=ctx.dtype, device=ctx.device)
-        self.text_model = _ClipTextTransformer(cfg, ctx, kw)
-        projection_dim = getattr(hf_config, "projection_dim", None) or cfg.projection_dim
-        self.text_projection = Linear(cfg.hidden_size, projection_dim, bias=False, **kw)
+        self.text_model = _ClipTextTransformer(cfg, ctx, kw, causal=not self.siglip, head=self.siglip)
+        self.text_projection: Linear | None = None
+        if not self.siglip:
+            projection_dim = getattr(hf_config, "projection_dim", None) or cfg.projection_dim
+            self.text_projection = Linear(cfg.hidden_size, projection_dim, bias=False, **kw)
         vision_cfg = getattr(hf_config, "vision_config", None)
-        self.vision_model: ClipVisionTransformer | None = None
+        self.vision_model: ClipVisionTransformer | SiglipVisionTransformer | None = None
         self.visual_projection: Linear | None = None
-        if vision_cfg is not None:
+        if vision_cfg is not None and self.siglip:
+            self.vision_model = SiglipVisionTransformer(vision_cfg, kw)
+        elif vision_cfg is not None:
             self.vision_model = ClipVisionTransformer(vision_cfg, kw)
             self.visual_projection = Linear(vision_cfg.hidden_size, projection_dim, bias=False, **kw)
         pc: PoolerConfig = ctx.extra.get("pooler_config") or PoolerConfig()
@@ -121,7 +132,8 @@ class ClipTextEmbeddingModel(EngineModule):
         hidden = emb.token_embedding(input_ids) + emb.position_embedding(positions)
         for layer, kv_cache in zip(self.text_model.encoder.layers, kv_caches, strict=True):
             hidden = layer(hidden, kv_cache, metadata)
-        return self.text_projection(self.text_model.final_layer_norm(hidden))
+        hidden = self.text_model.final_layer_norm(hidden)
+        return self.text_model.head(hidden) if self.text_projection is None else self.text_projection(hidden)
 
     @property
     def accepts_images(self) -> bool:
@@ -129,9 +141,10 @@ class ClipTextEmbeddingModel(EngineModule):
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] preprocessed pixels -> [n, projection_dim] image embeddings (before normalisation)."""
-        if self.vision_model is None or self.visual_projection is None:
+        if self.vision_model is None:
             raise ValueError("multi_modal_data: this checkpoint has no image tower")
-        return self.visual_projection(self.vision_model(pixel_values))
+        pooled = self.vision_model(pixel_values)
+        return pooled if self.visual_projection is None else self.visual_projection(pooled)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.text_model.encoder.layers[0].self_attn
@@ -170,4 +183,20 @@ class ClipTextEmbeddingModel(EngineModule):
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
 
 
-ARCHITECTURES: tuple[str, ...] = ("CLIPTextModelWithProjection", "CLIPModel")
+class SiglipEmbeddingModel(ClipTextEmbeddingModel):
+    """SigLIP (``SiglipModel``, ``SiglipTextModel``): CLIP's layout with a bidirectional text tower pooled at its
+    last token through ``text_model.head``, and an image tower pooled by attention (no class token, no
+    projection). SigLIP was trained on text padded to its full length; like transformers, the engine embeds
+    exactly the tokens it is given, so pad the text the way the checkpoint's processor does to match its
+    training."""
+
+    attention_features = frozenset({BIDIRECTIONAL})
+    siglip = True
+
+
+ARCHITECTURES: dict[str, type] = {
+    "CLIPTextModelWithProjection": ClipTextEmbeddingModel,
+    "CLIPModel": ClipTextEmbeddingModel,
+    "SiglipModel": SiglipEmbeddingModel,
+    "SiglipTextModel": SiglipEmbeddingModel,
+}

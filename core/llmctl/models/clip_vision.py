@@ -93,6 +93,55 @@ class _VisionEncoder(EngineModule):
         self.layers = nn.ModuleList(_VisionLayer(cfg, kw) for _ in range(cfg.num_hidden_layers))
 
 
+class _SiglipVisionEmbeddings(EngineModule):
+    """SigLIP's: a biased patch projection and one position per patch, no class token."""
+
+    def __init__(self, cfg: Any, kw: dict) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
+                                         bias=True, **kw)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size, **kw)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        if x.shape[1] != self.position_embedding.num_embeddings:
+            raise ValueError(f"multi_modal_data: the image gives {x.shape[1]} patches, the model was trained on "
+                             f"{self.position_embedding.num_embeddings}")
+        return x + self.position_embedding.weight
+
+
+class _AttentionPoolingHead(EngineModule):
+    """SigLIP's multihead attention pooling: a learned probe attends over the patches, then LayerNorm + MLP."""
+
+    def __init__(self, cfg: Any, kw: dict) -> None:
+        super().__init__()
+        self.probe = empty_param(1, 1, cfg.hidden_size, **kw)
+        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads, batch_first=True, **kw)
+        self.layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.mlp = _VisionMLP(cfg, kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.attention(self.probe.expand(x.shape[0], 1, -1), x, x, need_weights=False)[0]
+        return (h + self.mlp(self.layernorm(h)))[:, 0]
+
+
+class SiglipVisionTransformer(EngineModule):
+    """transformers' SigLIP ``vision_model``: its pooled output is already the image embedding."""
+
+    def __init__(self, cfg: Any, kw: dict) -> None:
+        super().__init__()
+        self.embeddings = _SiglipVisionEmbeddings(cfg, kw)
+        self.encoder = _VisionEncoder(cfg, kw)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.head = _AttentionPoolingHead(cfg, kw)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixel_values)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.head(self.post_layernorm(x))
+
+
 class ClipVisionTransformer(EngineModule):
     """transformers' ``vision_model`` (its misspelt ``pre_layrnorm`` kept, so checkpoint names map directly)."""
 
