@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 # torch is pinned to the local CPU build; any other spec would pull several GB of CUDA packages.
 TORCH ?= torch==2.13.0
 RUNTIME := -e ./core -e ./plugin_cpu -e ./server -e ./cli
-PLUGINS := -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm -e ./plugin_xpu -e ./plugin_tpu \
+PLUGINS := -e ./gpu -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm -e ./plugin_xpu -e ./plugin_tpu \
            -e ./plugins/testkit -e ./plugins/example_backend
 
-.PHONY: install install-dev serve test lint
+.PHONY: install install-dev serve test lint browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ install-dev: install
 serve: install
 	$(BIN)/llmctl serve
 
-test: install-dev
+# The web console's test drives Debian's chromium: installed here when missing and root with apt-get is available
+# (otherwise that test skips and says why).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "WARNING: chromium is missing and cannot be installed here (needs root and apt-get);" \
+	            "the web console browser test will be skipped"; fi; }
+
+test: install-dev browser
 	$(BIN)/python -m pytest
 
 lint: install-dev

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,9 +59,7 @@ def make_checkpoint(out: Path, layers: int, vocab: int) -> Path:
 
 def _tokenizer(cache: Path):
     """The repo's test tokenizer (SmolLM2, converted from the packaged GGUF); prompts are token ids anyway."""
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo))
-    from tests.model_factory import load_test_tokenizer
+    from llmctl_testkit.smollm2 import load_test_tokenizer
 
     return load_test_tokenizer(cache)
 
@@ -157,7 +156,8 @@ def bench_hf(ckpt: Path, n: int, inp: int, out: int, batch: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint-dir", type=Path, default=Path("/tmp/llmctl-bench/llama3-8b-random"))
+    ap.add_argument("--checkpoint-dir", type=Path,
+                    default=Path(tempfile.gettempdir()) / "llmctl-bench" / "llama3-8b-random")
     ap.add_argument("--layers", type=int, default=LLAMA3_8B["num_hidden_layers"])
     ap.add_argument("--vocab-size", type=int, default=LLAMA3_8B["vocab_size"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Offline throughput of llmctl against transformers ``generate`` and vLLM's CPU build, in one run.
 
-Every engine runs the shared workload (``/work/shared/peers/workload.py``: 64 prompts x 128 random token ids,
+Every engine runs the shared workload (``$LLMCTL_PEERS_DIR/workload.py``: 64 prompts x 128 random token ids,
 128 greedy output tokens each, EOS ignored) in its own subprocess, one after the other, so they share the
 machine's state of the moment. Prints one table with output tokens/s and the ratios llmctl/transformers and
 llmctl/vLLM, and writes everything to a JSON file.
 
-    .venv/bin/python benchmarks/offline_throughput.py --model /work/smollm2-hf --dtype bfloat16 \
-        --vllm-venv /work/vllm-venv --out bench_bf16.json
+    .venv/bin/python benchmarks/offline_throughput.py --model "$SMOLLM2_HF" --dtype bfloat16 \
+        --vllm-venv "$VLLM_VENV" --out bench_bf16.json
+
+``$SMOLLM2_HF`` is SmolLM2-135M-Instruct converted to a Hugging Face directory (docs/performance.md says how),
+``$VLLM_VENV`` a virtual environment with vLLM's CPU build.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-PEERS = Path(os.environ.get("LLMCTL_PEERS_DIR", "/work/shared/peers"))
+# The peer engines' shared workload and converter: $LLMCTL_PEERS_DIR, by default shared/peers beside the checkout.
+PEERS = Path(os.environ.get("LLMCTL_PEERS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "peers")
 
 
 def cpu_model() -> str:

@@ -9,7 +9,7 @@ step is one C call), so the step is measured twice in one process on the same re
 * as the engine runs by default (decode steps replayed from a recording, where the platform offers one), with the
   replay program's own clock around each kernel call.
 
-    .venv/bin/python benchmarks/profile_decode.py --model /work/smollm2-hf --dtype bfloat16 --batch 64
+    .venv/bin/python benchmarks/profile_decode.py --model "$SMOLLM2_HF" --dtype bfloat16 --batch 64
 """
 
 from __future__ import annotations

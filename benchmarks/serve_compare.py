@@ -2,7 +2,7 @@
 """Serving comparison: llmctl's OpenAI server against vLLM's (CPU build), same load generator, same prompts.
 
 Each server is started in turn (never both at once: they would share the CPU), timed from launch to its first
-successful completion, then driven by ``llmctl.bench.serve_load`` with streamed ``/v1/completions`` at each
+successful completion, then driven by ``llmctl_cli.serve_load`` with streamed ``/v1/completions`` at each
 ``--concurrency`` (default 16 concurrent streams, then 1), and stopped. Prompts are the shared workload's random
 token ids; generation is greedy with ignore_eos. Each server first serves ``--warmup-prompts`` other prompts
 (discarded), as vLLM's own serving benchmark warms up before it measures. Prints a table with ratios
@@ -11,8 +11,10 @@ llmctl/vLLM and writes JSON.
 llmctl is started with ``llmctl serve`` when that command exists, else by building the app in a small Python
 launcher (``llmctl_server.launcher.run_server`` on an ``AsyncLLM``).
 
-    .venv/bin/python benchmarks/serve_compare.py --model /work/smollm2-hf --dtype bfloat16 \
-        --vllm-venv /work/vllm-venv --out serve_bf16.json
+    .venv/bin/python benchmarks/serve_compare.py --model "$SMOLLM2_HF" --dtype bfloat16 \
+        --vllm-venv "$VLLM_VENV" --out serve_bf16.json
+
+``$SMOLLM2_HF`` and ``$VLLM_VENV`` as in ``offline_throughput.py``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from llmctl.bench.common import rounded
-from llmctl.bench.serve_load import make_prompts, plot_result, run_serve_load_sync, wait_until_ready
+from llmctl_cli.serve_load import make_prompts, plot_result, run_serve_load_sync, wait_until_ready
 
-PEERS = Path(os.environ.get("LLMCTL_PEERS_DIR", "/work/shared/peers"))
+# The peer engines' shared workload and converter: $LLMCTL_PEERS_DIR, by default shared/peers beside the checkout.
+PEERS = Path(os.environ.get("LLMCTL_PEERS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "peers")
 _FALLBACK = """
 import sys
 from llmctl import AsyncLLM, EngineArgs
@@ -123,10 +127,12 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ready-timeout", type=float, default=600)
-    ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--log-dir", default=tempfile.gettempdir(),
+                    help="where the servers' logs go (created when missing; default: the temporary directory)")
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     a.concurrency = [int(c) for c in a.concurrency.split(",")]
     a.vocab = vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
     prompts_for = {c: make_prompts(a.single_stream_prompts if c == 1 else a.num_prompts, a.input_len, "token-ids",

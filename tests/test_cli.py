@@ -154,3 +154,38 @@ def test_wheels_install_and_run(tmp_path):
     report = json.loads(r.stdout)
     assert any(p["name"] == "cpu" and p["available"] for p in report["platforms"])
     assert report["versions"]["llmctl-cli"] == "0.1.0"
+
+
+def test_serve_passes_loading_flags_to_the_engine(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_load(args):
+        seen.append(args)
+        raise cli_main.UserError("stop here")
+
+    monkeypatch.setattr(cli_main, "load_engine", fake_load)
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--revision", "v2", "--tokenizer", "tok-dir",
+                                     "--download-dir", "dl", "--trust-remote-code", "--model-impl", "transformers",
+                                     "--hf-overrides", '{"rope_theta": 5000.0}'])
+    assert r.exit_code == 2 and "stop here" in r.output
+    a = seen[0]
+    assert (a.revision, a.tokenizer, a.download_dir, a.trust_remote_code, a.model_impl, a.hf_overrides) == (
+        "v2", "tok-dir", "dl", True, "transformers", {"rope_theta": 5000.0})
+    runner.invoke(cli_main.app, ["serve", str(tmp_path)])
+    assert seen[1].trust_remote_code is False and seen[1].model_impl == "auto" and seen[1].hf_overrides is None
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--hf-overrides", "{oops"])
+    assert r.exit_code == 2 and "hf_overrides: not valid JSON" in r.output and len(seen) == 2
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--model-impl", "vllm"])
+    assert r.exit_code == 2 and "model_impl" in r.output and len(seen) == 2
+
+
+def test_models_lists_architectures_with_features_and_tests():
+    from llmctl.models.supported import MODELS
+
+    r = runner.invoke(cli_main.app, ["models", "--json"])
+    assert r.exit_code == 0
+    rows = json.loads(r.output)
+    assert [row["architecture"] for row in rows] == [m.architecture for m in MODELS]
+    assert {"Gemma2ForCausalLM", "MixtralForCausalLM", "BloomForCausalLM"} <= {row["architecture"] for row in rows}
+    r = runner.invoke(cli_main.app, ["models"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0 and "soft-capping" in r.output and "test_family_matches_transformers[gemma2]" in r.output

@@ -76,7 +76,7 @@ def test_entry_point_is_the_only_registration(manager):
     assert eps["cpu"].value == "llmctl_cpu"
     info = manager.plugins["cpu"]
     assert not info.broken, info.error
-    assert info.distribution == "llmctl-cpu" and info.api_version == "1.3"
+    assert info.distribution == "llmctl-cpu" and info.api_version == "2.0"
     assert manager.registry.platforms["cpu"].plugin == "cpu"
     assert manager.registry.attention_backends["cpu-sdpa"].plugin == "cpu"
     assert manager.registry.communicators["gloo"].plugin == "cpu"
@@ -103,7 +103,7 @@ def test_probe_reports_real_hardware(manager):
     from llmctl_cpu.platform import cpu_info
 
     plat = manager.registry.platforms["cpu"].item
-    assert (plat.device_type, plat.priority, plat.dist_backend) == ("cpu", 0, "gloo")
+    assert (plat.device_type, plat.priority) == ("cpu", 0)
     probe = plat.probe()
     assert probe.available
     (dev,) = probe.devices

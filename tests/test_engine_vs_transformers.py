@@ -31,9 +31,11 @@ def hf_greedy(model, tok, prompt: str, n: int) -> tuple[list[int], torch.Tensor]
     return full[ids.shape[1]:].tolist(), logits.float().log_softmax(-1)
 
 
-def assert_matches_hf(model_dir, llm: LLM, hf_kwargs: dict, prompts: list[str]) -> None:
+def assert_matches_hf(model_dir, llm: LLM, hf_kwargs: dict, prompts: list[str], model=None) -> None:
+    """``model``: the transformers model already in memory (else loaded from ``model_dir``)."""
     tok = AutoTokenizer.from_pretrained(model_dir, **hf_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **hf_kwargs).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **hf_kwargs).eval()
     # transformers stops at EOS (and its min_new_tokens would mask EOS), so ours stops there too.
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -16,18 +16,15 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from llmctl.plugins.manager import PluginManager  # noqa: E402
 
-pytest.importorskip("llmctl_cuda", reason="pip install -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm")
-pytest.importorskip("llmctl_rocm", reason="pip install -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm")
+pytest.importorskip("llmctl_cuda", reason="pip install -e ./gpu -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm")
+pytest.importorskip("llmctl_rocm", reason="pip install -e ./gpu -e ./triton_kernels -e ./plugin_cuda -e ./plugin_rocm")
 
 from llmctl_cuda import flash as cuda_flash  # noqa: E402
 from llmctl_cuda.platform import CudaPlatform  # noqa: E402
+from llmctl_gpu.communicator import GpuCommunicator  # noqa: E402
+from llmctl_gpu.graph_runner import CudaGraphRunner  # noqa: E402
+from llmctl_gpu.profile import kv_budget, profile_kv_cache_size  # noqa: E402
 from llmctl_rocm.platform import RocmPlatform  # noqa: E402
-from llmctl_triton.runtime import (  # noqa: E402
-    CudaGraphRunner,
-    GpuCommunicator,
-    kv_budget,
-    profile_kv_cache_size,
-)
 
 CPU_ONLY_TORCH = torch.version.cuda is None and getattr(torch.version, "hip", None) is None
 needs_cpu_torch = pytest.mark.skipif(not CPU_ONLY_TORCH, reason="asserts the behaviour of a CPU-only torch build")
@@ -48,7 +45,7 @@ def test_plugins_load_through_entry_points(manager):
     for name, dist in (("cuda", "llmctl-cuda"), ("rocm", "llmctl-rocm")):
         info = manager.plugins[name]
         assert not info.broken, info.error
-        assert info.api_version == "1.0" and info.distribution == dist
+        assert info.api_version == "2.0" and info.distribution == dist
         assert manager.registry.platforms[name].plugin == name
 
 
@@ -84,7 +81,6 @@ def test_registrations(manager):
         assert ops.apply_min_p.__module__ == "llmctl.ops.reference"
     assert reg.resolve_ops("cpu").rms_norm.__module__ != "llmctl_triton.ops"
     assert reg.communicator_for("cuda").name == "nccl" and reg.communicator_for("rocm").name == "rccl"
-    assert CudaPlatform.dist_backend == "nccl" and RocmPlatform.dist_backend == "nccl"
 
 
 def test_attention_selection_falls_back_to_triton(manager):
@@ -196,7 +192,7 @@ def test_configure_resolves_gpu_memory_utilization(monkeypatch):
 
 
 def test_profile_seam_passes_the_utilization(monkeypatch):
-    import llmctl_triton.runtime as rt
+    import llmctl_gpu.platform as rt
 
     calls = []
 
@@ -225,7 +221,7 @@ def test_profile_kv_cache_size_arithmetic_on_simulated_gpu(monkeypatch, caplog):
                      "max_memory_allocated": lambda d=None: 19 * gib}.items():
         monkeypatch.setattr(cuda, name, fn)
     bpb = 2 * gib // 1024
-    with caplog.at_level("INFO", logger="llmctl_triton.runtime"):
+    with caplog.at_level("INFO", logger="llmctl_gpu.profile"):
         kv = profile_kv_cache_size(lambda: ran.append(1), 0.9, bytes_per_block=bpb, block_size=16, max_model_len=4096)
     assert ran == [1]
     assert kv == int(80 * gib * 0.9) - 20 * gib - 3 * gib

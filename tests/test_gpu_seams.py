@@ -1,7 +1,7 @@
 """Core's two GPU seams on a CPU stand-in platform (``tests.fake_backends.gpu_seams``): KV-cache sizing by
 profiling (``Platform.profile_kv_cache_bytes``) and decode-step graphs (``Platform.decode_step_runner``).
 
-The real CUDA/ROCm implementations of both are thin (``llmctl_triton.runtime``); what can go wrong lives in core:
+The real CUDA/ROCm implementations of both are thin (``llmctl_gpu``); what can go wrong lives in core:
 the shape of the profiled step, which budget wins, the static buffers, padding and the eager fallback. The graph
 stand-in keeps all of that on the production path and only swaps recording/replaying a graph for re-running
 the step on the same static views.

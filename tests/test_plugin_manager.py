@@ -47,8 +47,9 @@ def test_import_error_is_reported_and_others_load():
 def test_wrong_api_version_is_refused_with_a_clear_message():
     pm = load("old_api", "other")
     info = pm.plugins["old_api"]
-    assert info.broken and info.api_version == "2.0"
-    assert "2.0" in info.error and API_VERSION in info.error and "major" in info.error
+    assert info.broken and info.api_version == "1.3"
+    assert "1.3" in info.error and API_VERSION in info.error and "major" in info.error
+    assert "Migrating from 1.x" in info.error
     assert "fake-old-api" not in pm.registry.platforms
     # A minor version difference is fine.
     assert not pm.plugins["other"].broken and "fake-other" in pm.registry.platforms

@@ -84,36 +84,51 @@ def test_docs_curl_examples_run(served):
 
 
 def test_sigterm_drains_running_requests_and_exits_zero(served):
+    """Whatever the machine's speed, the running stream ends well-formed: finished (``length``), or, if it could not
+    finish within --shutdown-timeout, told ``server shutting down`` no earlier than that timeout; then exit 0.
+    (Under heavy load the 30 s drain used to expire and uvicorn cut the stream mid-body.)"""
     url, _, proc = served
+    shutdown_timeout = 30.0  # the fixture's --shutdown-timeout
     body = {"model": "tiny", "prompt": "count", "max_tokens": 150, "ignore_eos": True, "temperature": 0,
             "stream": True}
     result: dict = {}
 
     def consume():
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
-            result["status"] = r.status_code
-            result["raw"] = r.read().decode()
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=shutdown_timeout + 60) as r:
+                result["status"] = r.status_code
+                result["raw"] = r.read().decode()
+        except httpx.HTTPError as exc:
+            result["error"] = repr(exc)
+        result["end"] = time.monotonic()
 
     t = threading.Thread(target=consume)
     t.start()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # wait until the request is really running
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "status" not in result:  # wait until the request is really running
         m = httpx.get(url + "/metrics", timeout=5).text
-        if re.search(r"^llmctl_num_requests_running 1\.0", m, flags=re.M):
+        if re.search(r"^llmctl_num_requests_running(\{[^}]*\})? 1\.0", m, flags=re.M):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    t_term = time.monotonic()
     time.sleep(0.3)
     try:
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=5)
-        assert r.status_code == 503  # still connected: refused while draining
+        assert r.status_code == 503  # the listener stays open while draining, and refuses
     except httpx.ConnectError:
-        pass  # or the listener is already closed
-    t.join(60)
+        pass  # the stream already finished and the server has stopped
+    t.join()
+    assert "error" not in result, result.get("error")
     assert result["status"] == 200
     events = parse_stream(result["raw"])
-    assert events[-1]["choices"][0]["finish_reason"] == "length"
-    assert sum(len(e["choices"][0]["text"]) > 0 for e in events) > 1
+    last = events[-1]
+    if "error" in last:
+        assert last["error"]["message"] == "server shutting down"
+        assert result["end"] - t_term >= shutdown_timeout - 0.1
+    else:
+        assert last["choices"][0]["finish_reason"] == "length"
+        assert sum(len(e["choices"][0]["text"]) > 0 for e in events) > 1
     assert proc.wait(60) == 0
 
 

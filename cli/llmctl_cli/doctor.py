@@ -59,6 +59,8 @@ def collect() -> dict[str, Any]:
             "devices": [_jsonable(asdict(d)) for d in probe.devices], "details": _jsonable(probe.details),
             "dtypes": [str(d).replace("torch.", "") for d in _safe(plat.supported_dtypes, [])],
             "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
+            # weight format -> the platform's own kernel; formats not listed run on core's torch reference
+            "quantization_kernels": pm.registry.quant_formats_for(plat.name),
         })
     try:
         chosen = pm.select_platform(None)
@@ -119,13 +121,14 @@ def render(report: dict[str, Any], console: Any) -> None:
         t.add_row(pl["name"], pl["distribution"] or "-", pl["version"] or "-", status)
     console.print(t)
     t = Table(title="Platforms")
-    for col in ("name", "plugin", "available", "reason / devices", "attention backends"):
+    for col in ("name", "plugin", "available", "reason / devices", "attention backends", "quantization kernels"):
         t.add_column(col)
     for pf in report["platforms"]:
         devs = "; ".join(_device_line(d) for d in pf["devices"])
+        quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
         t.add_row(pf["name"], pf["plugin"], "[green]yes[/green]" if pf["available"] else "[red]no[/red]",
                   (pf["reason"] + ("\n" if pf["reason"] and devs else "") + devs) or "-",
-                  ", ".join(pf["attention_backends"]) or "-")
+                  ", ".join(pf["attention_backends"]) or "-", quant or "torch reference")
     console.print(t)
     sel = report["selected"]
     if sel["platform"]:

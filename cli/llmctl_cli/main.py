@@ -19,7 +19,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from llmctl_cli.default_model import INSTALL_HINT, default_model_path
+from llmctl_cli.default_model import DEFAULT_FILE, DEFAULT_SERVED_NAME, INSTALL_HINT, default_model_path
 
 app = typer.Typer(name="llmctl", help="llmctl: plugin-based LLM inference and serving.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -139,7 +139,11 @@ def _run(fn: Any) -> None:
 @app.command()
 def serve(
     model: str | None = typer.Argument(None, help="Model dir, HF repo id or .gguf file (default: SmolLM2 GGUF)."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16 (the activation dtype)."),
+    quantization: str | None = typer.Option(
+        None, "--quantization", "-q",
+        help="Weight quantization: default the checkpoint's own (gguf, compressed-tensors, gptq, awq); int8 or "
+             "fp8 quantize an unquantized checkpoint at load."),
     max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
     device: str | None = typer.Option(None, help="Platform name or torch device type (also LLMCTL_DEVICE)."),
     kv_cache_memory: str | None = typer.Option(None, help="KV cache size: fraction of free memory or e.g. 4GiB."),
@@ -154,20 +158,61 @@ def serve(
     seed: int = typer.Option(0, help="Engine random seed."),
     generation_config: str = typer.Option("auto", help="'auto' (model's sampling defaults) or 'none'."),
     chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
-    served_model_name: list[str] | None = typer.Option(None, help="Name(s) clients use in 'model'."),
+    served_model_name: list[str] | None = typer.Option(
+        None, help="Name(s) clients use in 'model' (default: MODEL as typed; SmolLM2-135M-Instruct for the default)."),
     host: str = typer.Option("127.0.0.1", help="Bind address."),
     port: int = typer.Option(8000, help="Port."),
     api_key: str | None = typer.Option(None, envvar="LLMCTL_API_KEY", show_envvar=True,
                                        help="Require 'Authorization: Bearer KEY'."),
     log_level: str = typer.Option("info", help="debug, info, warning, error."),
-    max_queued_requests: int | None = typer.Option(None, help="503 when this many requests already wait."),
+    max_queued_requests: int | None = typer.Option(
+        None, help="503 + Retry-After once this many requests wait beyond the running ones (default: max-num-seqs)."),
     shutdown_timeout: float = typer.Option(30.0, help="Seconds running requests get to finish on SIGTERM."),
     metrics_public: bool = typer.Option(False, "--metrics-public", help="Serve /metrics without the API key."),
     max_n: int = typer.Option(16, help="Largest 'n' a request may ask for."),
+    revision: str | None = typer.Option(None, help="Hub branch, tag or commit of MODEL."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer dir or hub id (default: MODEL's)."),
+    download_dir: str | None = typer.Option(None, help="Where hub downloads go (default: the Hugging Face cache)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Run the custom code a hub model ships (off by default)."),
+    model_impl: str = typer.Option("auto", help="auto, native (llmctl's own) or transformers (the fallback)."),
+    hf_overrides: str | None = typer.Option(None, help='JSON object set on the model config, e.g. '
+                                                       '\'{"max_position_embeddings": 4096}\'.'),
     runner: str = typer.Option("auto", help="auto (from the checkpoint), generate, or pooling (embeddings, "
                                             "scores: /v1/embeddings, /score, /rerank)."),
     pooler_config: str | None = typer.Option(None, help='Pooling models: JSON such as {"pooling_type": "MEAN", '
                                                         '"normalize": true} over the checkpoint\'s own.'),
+    stream_write_timeout: float = typer.Option(
+        30.0, help="Abort a stream (and free its KV blocks) when its client has read nothing for this many seconds."),
+    header_read_timeout: float = typer.Option(
+        20.0, help="Close a connection that has not sent a complete request header within this many seconds."),
+    max_idle_connections_per_client: int = typer.Option(512, help="Idle connections one client address may keep."),
+    enable_auto_tool_choice: bool = typer.Option(False, "--enable-auto-tool-choice",
+                                                 help="Let the model decide when to call tools (tool_choice=auto)."),
+    tool_call_parser: str | None = typer.Option(None, help="hermes, llama3_json, mistral or pythonic."),
+    reasoning_parser: str | None = typer.Option(None, help="deepseek_r1 or qwen3: split <think> output."),
+    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
+    responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
+                                                     "previous_response_id (0: off)."),
+    enable_lora: bool = typer.Option(False, "--enable-lora", help="Serve LoRA adapters (by model name)."),
+    lora_modules: list[str] | None = typer.Option(None, help="An adapter as name=path or JSON "
+                                                  '{"name": ..., "path": ..., "base_model_name": ...}; repeatable.'),
+    max_loras: int = typer.Option(1, help="LoRA adapters resident at once (the most distinct ones in a step)."),
+    max_lora_rank: int = typer.Option(16, help="Largest LoRA rank accepted (up to 64)."),
+    max_cpu_loras: int | None = typer.Option(None, help="LoRA adapters cached on the host (default: max_loras)."),
+    allow_runtime_lora: bool = typer.Option(False, "--allow-runtime-lora",
+                                            help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter."),
+    lora_root: str | None = typer.Option(None, help="Directory run-time LoRA adapters must lie under."),
+    speculative_config: str | None = typer.Option(
+        None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
+    model_option: str | None = typer.Option(None, "--model", help="The model, as an option (vLLM's spelling; "
+                                            "container images pass it this way). Same as MODEL."),
+    metrics_prefix: str = typer.Option("llmctl", help="Metric names: 'llmctl' (llmctl_*) or 'vllm' (vLLM's "
+                                       "vllm:* names, for existing vLLM dashboards)."),
+    web_ui: bool = typer.Option(True, "--web-ui/--no-web-ui", help="Serve the browser console at /."),
+    otlp_traces_endpoint: str | None = typer.Option(
+        None, help="Send OpenTelemetry request traces to this OTLP/HTTP endpoint, e.g. "
+                   "http://collector:4318/v1/traces (needs llmctl-server[tracing])."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -184,19 +229,48 @@ def serve(
             template = load_template_source(chat_template)
             settings = ServerSettings(served_model_names=list(served_model_name or []), api_key=api_key or None,
                                       chat_template=template, max_n=max_n, max_queued_requests=max_queued_requests,
-                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout)
+                                      metrics_public=metrics_public, shutdown_timeout=shutdown_timeout,
+                                      stream_write_timeout=stream_write_timeout,
+                                      header_read_timeout=header_read_timeout,
+                                      max_idle_connections_per_client=max_idle_connections_per_client,
+                                      enable_auto_tool_choice=enable_auto_tool_choice,
+                                      tool_call_parser=tool_call_parser, reasoning_parser=reasoning_parser,
+                                      responses_store_size=responses_store_size,
+                                      metrics_prefix=metrics_prefix, web_ui=web_ui,
+                                      otlp_traces_endpoint=otlp_traces_endpoint or None,
+                                      lora_modules=list(lora_modules or []), allow_runtime_lora=allow_runtime_lora,
+                                      lora_root=lora_root)
+            if settings.otlp_traces_endpoint:
+                from llmctl_server.tracing import check_tracing_available
+
+                check_tracing_available(settings.otlp_traces_endpoint)
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        name = resolve_model(model)
-        args = engine_args(name, dtype=dtype, max_model_len=max_model_len, device=device,
+        if model is not None and model_option is not None and model != model_option:
+            raise UserError(f"--model: got both MODEL {model!r} and --model {model_option!r}; give one")
+        chosen = model if model is not None else model_option
+        name = resolve_model(chosen)
+        if chosen is None and not settings.served_model_names:
+            # As vLLM: the id is what the user typed; with nothing typed, the default model's name, never the
+            # install path of its file (which would leak the server's directory layout to every client).
+            settings.served_model_names = [DEFAULT_SERVED_NAME]
+            settings.model_root = DEFAULT_FILE
+        args = engine_args(name, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
                            kv_cache_memory=parse_kv_memory(kv_cache_memory),
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
-                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"))
+                           revision=revision, tokenizer=tokenizer, download_dir=download_dir,
+                           trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
+                           runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"),
+                           structured_outputs_backend=structured_outputs_backend,
+                           enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
+                           max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
+                           speculative_config=speculative_config)
         engine = load_engine(args)
         try:
-            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs)"
+            console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs"
+                          f"{', console at /' if settings.web_ui else ''})"
                           f"{' - API key required' if settings.api_key else ''}", highlight=False)
             code = run_server(engine, settings, host=host, port=port, log_level=log_level)
         finally:
@@ -245,6 +319,7 @@ def generate(
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None),
     dtype: str = typer.Option("auto"),
+    quantization: str | None = typer.Option(None, "--quantization", "-q", help="As for serve."),
     max_model_len: int | None = typer.Option(None),
 ) -> None:
     """Complete PROMPT with MODEL, streaming the text to the terminal."""
@@ -253,7 +328,7 @@ def generate(
         if not prompt:
             raise UserError("--prompt must not be empty")
         engine = load_engine(engine_args(resolve_model(model), device=device, dtype=dtype,
-                                         max_model_len=max_model_len))
+                                         quantization=quantization, max_model_len=max_model_len))
         try:
             params = _sampling(temperature, top_p, max_tokens, seed, engine)
             asyncio.run(_stream(engine, prompt, params))
@@ -367,6 +442,30 @@ def plugins() -> None:
 
 
 @app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print the table as JSON.")) -> None:
+    """List the natively supported architectures, their features and the test that covers each."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def body() -> None:
+        from dataclasses import asdict
+
+        from llmctl.models.supported import MODELS
+
+        if as_json:
+            sys.stdout.write(json.dumps([asdict(m) for m in MODELS], indent=2) + "\n")
+            return
+        t = Table(title="llmctl native architectures (any other transformers causal LM runs through the fallback)")
+        for col in ("architecture", "family", "features", "test"):
+            t.add_column(col, overflow="fold")
+        for m in MODELS:
+            t.add_row(m.architecture, m.family, escape(m.features), escape(m.test))
+        out.print(t)
+
+    _run(body)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of the llmctl packages."""
     from importlib import metadata
@@ -380,8 +479,13 @@ def version() -> None:
 
 
 def _mount_bench() -> None:
-    """`llmctl bench` lives in core (llmctl.bench) so benchmarks run without the CLI; mounted here."""
+    """`llmctl bench` lives in core (llmctl.bench) so benchmarks run without the CLI; mounted here, with the HTTP
+    load generator `llmctl bench serve`, which lives here beside the HTTP client."""
     from llmctl.bench.cli import bench_app
+
+    from llmctl_cli.bench_serve import serve
+
+    bench_app.command(name="serve")(serve)
 
     app.add_typer(bench_app, name="bench")
 

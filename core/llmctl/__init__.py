@@ -22,12 +22,16 @@ _LAZY = {
     "EmbeddingRequestOutput": "llmctl.pooling.outputs",
     "ClassificationRequestOutput": "llmctl.pooling.outputs",
     "ScoringRequestOutput": "llmctl.pooling.outputs",
+    "BeamSearchParams": "llmctl.beam_search",
+    "LoRARequest": "llmctl.lora.request",
 }
 
 if TYPE_CHECKING:
+    from llmctl.beam_search import BeamSearchParams
     from llmctl.config import EngineArgs
     from llmctl.engine.async_llm import AsyncLLM
     from llmctl.entrypoints.llm import LLM
+    from llmctl.lora.request import LoRARequest
     from llmctl.outputs import CompletionOutput, Logprob, RequestOutput
     from llmctl.pooling.outputs import (
         ClassificationRequestOutput,
@@ -50,4 +54,4 @@ def __getattr__(name: str) -> Any:
 
 __all__ = ["LLM", "AsyncLLM", "EngineArgs", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "PoolingParams", "PoolingRequestOutput", "EmbeddingRequestOutput", "ClassificationRequestOutput",
-           "ScoringRequestOutput", "__version__"]
+           "ScoringRequestOutput", "BeamSearchParams", "LoRARequest", "__version__"]

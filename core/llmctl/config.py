@@ -64,9 +64,23 @@ class EngineArgs:
     # Weight quantization (vLLM's names): None = the checkpoint's own (config.json quantization_config, or the
     # GGUF file's block types); int8 / fp8 quantize an unquantized checkpoint at load. See llmctl.quantization.
     quantization: str | None = None
+    # Loading options (vLLM's names): which implementation runs the model, config overrides, where hub downloads go.
+    model_impl: str = "auto"  # "auto" | "native" | "transformers"
+    hf_overrides: dict[str, Any] | str | None = None  # a dict, or its JSON text
+    download_dir: str | None = None
     # "generate", "pooling" (embeddings, classification, scores: llmctl.pooling) or "auto" (from the checkpoint)
     runner: str = "auto"
     pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
+    structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar
+    structured_outputs_compile_timeout: float = 3.0  # seconds before a grammar compile is refused
+    # vLLM's shape: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": .., "prompt_lookup_max":
+    # ..}; a dict, its JSON text, or a parsed SpeculativeConfig (spec_decode/config.py)
+    speculative_config: Any = None
+    # Multi-LoRA (vLLM's names): adapters per request through LoRARequest; see llmctl.lora.
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,10 +121,47 @@ class EngineArgs:
         self.quantization = normalize_method(self.quantization)
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner: must be one of auto, generate, pooling, got {self.runner!r}")
+        self.lora_config()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if self.structured_outputs_backend not in ("auto", "xgrammar"):
+            raise ValueError(f"structured_outputs_backend: must be 'auto' or 'xgrammar', got "
+                             f"{self.structured_outputs_backend!r}")
+        timeout = self.structured_outputs_compile_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
+            raise ValueError(f"structured_outputs_compile_timeout: must be in (0, 600] seconds, got {timeout!r}")
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
+        self._validate_loading()
+        from llmctl.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+
+    def _validate_loading(self) -> None:
+        if self.model_impl not in ("auto", "native", "transformers"):
+            raise ValueError(f"model_impl: must be auto, native or transformers, got {self.model_impl!r}")
+        if isinstance(self.hf_overrides, str):
+            import json
+
+            try:
+                self.hf_overrides = json.loads(self.hf_overrides)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"hf_overrides: not valid JSON ({exc.msg} at character {exc.pos})") from None
+        if self.hf_overrides is not None and not isinstance(self.hf_overrides, dict):
+            raise ValueError(f"hf_overrides: must be a JSON object (config field -> value), got "
+                             f"{type(self.hf_overrides).__name__}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code: must be True or False, got {self.trust_remote_code!r}")
+
+    def lora_config(self) -> Any:
+        """The checked LoRA limits, or None when LoRA is off."""
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora: must be True or False, got {self.enable_lora!r}")
+        if not self.enable_lora:
+            return None
+        from llmctl.lora.config import LoRAConfig
+
+        return LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
@@ -157,3 +208,4 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)

@@ -7,11 +7,15 @@ every error is a ``ValueError`` that names the field and the limit.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from llmctl.structured_output.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_LOGIT_BIAS = 100.0
 _GREEDY_EPS = 1e-5
 
 
@@ -62,8 +66,20 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     extra_args: dict[str, Any] | None = None
+    # Constrained decoding (JSON schema, regex, choice, EBNF grammar); ``guided_decoding`` is vLLM's older name.
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = field(default=None, repr=False)
+    # Token controls (engine/logits_controls.py): token id -> bias added to the logit, in [-100, 100]; the only
+    # ids that may be sampled; words never to complete; callables (output_ids, logits) or
+    # (prompt_ids, output_ids, logits) -> logits, offline only.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logits_processors: list[Callable[..., Any]] | None = None
     # Filled by the engine, not the user: EOS ids of the model (generation_config may list several).
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # Filled by the engine from ``bad_words`` with the model's tokenizer.
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +91,14 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.guided_decoding is not None and self.structured_outputs is None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = {_token_key(k): v for k, v in self.logit_bias.items()}
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
         self.validate()
 
     def validate(self) -> None:
@@ -101,6 +125,49 @@ class SamplingParams:
                 raise ValueError("stop: every stop string must be a non-empty string")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs: expected StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
+        self._validate_logits_controls()
+
+    def _validate_logits_controls(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias: must map token ids to biases, got {type(self.logit_bias).__name__}")
+            for t, b in self.logit_bias.items():
+                _check_int("logit_bias", t, lo=0)
+                _check_number(f"logit_bias[{t}]", b, lo=-MAX_LOGIT_BIAS, hi=MAX_LOGIT_BIAS)
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids: must be a non-empty list of token ids")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            for t in self.allowed_token_ids:
+                _check_int("allowed_token_ids", t, lo=0)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)):
+                raise ValueError("bad_words: must be a list of strings")
+            self.bad_words = list(self.bad_words)
+            for w in self.bad_words:
+                if not isinstance(w, str) or not w.strip():
+                    raise ValueError("bad_words: every bad word must be a non-empty string")
+        if self.logits_processors is not None:
+            if not isinstance(self.logits_processors, (list, tuple)):
+                raise ValueError("logits_processors: must be a list of callables")
+            self.logits_processors = list(self.logits_processors)
+            for fn in self.logits_processors:
+                if not callable(fn):
+                    raise ValueError(f"logits_processors: {fn!r} is not callable")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids the user passed must exist in the model's vocabulary (checked when the model is known)."""
+        for name, ids in (("logit_bias", self.logit_bias or {}), ("allowed_token_ids", self.allowed_token_ids or [])):
+            for t in ids:
+                if t >= vocab_size:
+                    raise ValueError(f"{name}: token id {t} is outside the vocabulary (0..{vocab_size - 1})")
+
+    @property
+    def has_logits_controls(self) -> bool:
+        return bool(self.logit_bias or self.allowed_token_ids or self._bad_words_token_ids or self.logits_processors)
 
     @property
     def greedy(self) -> bool:
@@ -127,3 +194,10 @@ class SamplingParams:
                 kwargs[dst] = gen[src]
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def _token_key(key: Any) -> Any:
+    """OpenAI clients send ``logit_bias`` keys as strings of digits; anything else is left for validate()."""
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return key

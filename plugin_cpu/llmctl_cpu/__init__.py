@@ -11,7 +11,7 @@ from typing import Any
 
 from llmctl.plugins import hookimpl
 
-LLMCTL_API_VERSION = "1.3"
+LLMCTL_API_VERSION = "2.0"
 
 
 @hookimpl
@@ -49,3 +49,11 @@ def llmctl_doctor_checks(register: Callable[[Any], None]) -> None:
 
     for check in doctor_checks():
         register(check)
+
+
+@hookimpl
+def llmctl_register_quantization(register: Callable[[Any], None]) -> None:
+    from llmctl_cpu.quant import quant_overrides
+
+    for kernel in quant_overrides():
+        register(kernel)

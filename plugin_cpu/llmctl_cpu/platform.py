@@ -224,7 +224,6 @@ class CpuPlatform(Platform):
     name = "cpu"
     device_type = "cpu"
     priority = 0
-    dist_backend = "gloo"
     options = {"num_threads": "torch intra-op threads for the engine (default: one per usable physical core; "
                               "an explicit OMP_NUM_THREADS wins)"}
 

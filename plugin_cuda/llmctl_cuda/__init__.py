@@ -1,70 +1,60 @@
 """llmctl's NVIDIA CUDA backend, found by core through the ``llmctl.plugins`` entry point ``cuda``.
 
+The hooks are ``llmctl_gpu``'s, shared with the ROCm plugin; what is NVIDIA's own is the platform's detection
+(``platform.py``, NVML), the FlashAttention and FlashInfer backends (``flash.py``) and the doctor checks.
 Implementation modules are imported inside the hooks, and nothing here imports Triton or touches the GPU, so
 loading the plugin on a CPU-only host is free and the platform's probe explains why it is unavailable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from llmctl.plugins import hookimpl
+from llmctl.plugins.types import AttentionBackend, DoctorCheck, Platform
+from llmctl_gpu.hooks import GpuPluginHooks
 
-LLMCTL_API_VERSION = "1.0"
+LLMCTL_API_VERSION = "2.0"
 PLATFORM = "cuda"
 
 
-@hookimpl
-def llmctl_register_platforms(register: Callable[[Any], None]) -> None:
+def _platform() -> Platform:
     from llmctl_cuda.platform import CudaPlatform
 
-    register(CudaPlatform())
+    return CudaPlatform()
 
 
-@hookimpl
-def llmctl_register_attention_backends(register: Callable[[Any], None]) -> None:
+def _attention_backends() -> list[AttentionBackend]:
     from llmctl_triton.backend import TritonAttentionBackend
 
     from llmctl_cuda.flash import FlashAttnBackend, FlashInferBackend
 
-    register(TritonAttentionBackend(platform=PLATFORM, priority=10))
-    register(FlashAttnBackend())
-    register(FlashInferBackend())
+    return [TritonAttentionBackend(platform=PLATFORM, priority=10), FlashAttnBackend(), FlashInferBackend()]
 
 
-@hookimpl
-def llmctl_register_ops(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.backend import op_overrides
-
-    for op in op_overrides(PLATFORM):
-        register(op)
-
-
-@hookimpl
-def llmctl_register_communicators(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.runtime import GpuCommunicator
-
-    register(GpuCommunicator(name="nccl", platform=PLATFORM, backend="nccl"))
-
-
-@hookimpl
-def llmctl_doctor_checks(register: Callable[[Any], None]) -> None:
+def _doctor_checks() -> list[DoctorCheck]:
     from llmctl_cuda.doctor import doctor_checks
 
-    for check in doctor_checks():
-        register(check)
+    return list(doctor_checks())
+
+
+_hooks = GpuPluginHooks(PLATFORM, platform=_platform, attention_backends=_attention_backends,
+                        communicator_name="nccl", doctor_checks=_doctor_checks)
+llmctl_register_platforms = _hooks.llmctl_register_platforms
+llmctl_register_attention_backends = _hooks.llmctl_register_attention_backends
+llmctl_register_ops = _hooks.llmctl_register_ops
+llmctl_register_communicators = _hooks.llmctl_register_communicators
+llmctl_doctor_checks = _hooks.llmctl_doctor_checks
 
 
 def __getattr__(name: str) -> Any:
     # Convenience re-exports for benchmarks and tests (core reaches these only through the platform), resolved
     # lazily to keep loading cheap.
     if name == "CudaGraphRunner":
-        from llmctl_triton.runtime import CudaGraphRunner
+        from llmctl_gpu.graph_runner import CudaGraphRunner
 
         return CudaGraphRunner
     if name == "profile_kv_cache_size":
-        from llmctl_triton.runtime import profile_kv_cache_size
+        from llmctl_gpu.profile import profile_kv_cache_size
 
         return profile_kv_cache_size
     if name == "CudaPlatform":

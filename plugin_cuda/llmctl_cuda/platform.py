@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from llmctl.plugins.types import DeviceInfo, ProbeResult
-from llmctl_triton.runtime import TorchCudaPlatform
+from llmctl_gpu.platform import TorchCudaPlatform
 
 
 def nvml_info() -> dict[str, Any]:

@@ -1,66 +1,56 @@
 """llmctl's AMD ROCm backend, found by core through the ``llmctl.plugins`` entry point ``rocm``.
 
-ROCm builds of torch expose HIP devices through ``torch.cuda`` (device type "cuda"), so the Triton kernels,
-the graph runner and the communicator come unchanged from the shared ``llmctl-triton`` library.
+ROCm builds of torch expose HIP devices through ``torch.cuda`` (device type "cuda"), so the hooks, the graph
+runner and the communicator are ``llmctl_gpu``'s and the kernels ``llmctl_triton``'s, unchanged; what is AMD's
+own is the platform's detection and its doctor checks (``platform.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from llmctl.plugins import hookimpl
+from llmctl.plugins.types import AttentionBackend, DoctorCheck, Platform
+from llmctl_gpu.hooks import GpuPluginHooks
 
-LLMCTL_API_VERSION = "1.0"
+LLMCTL_API_VERSION = "2.0"
 PLATFORM = "rocm"
 
 
-@hookimpl
-def llmctl_register_platforms(register: Callable[[Any], None]) -> None:
+def _platform() -> Platform:
     from llmctl_rocm.platform import RocmPlatform
 
-    register(RocmPlatform())
+    return RocmPlatform()
 
 
-@hookimpl
-def llmctl_register_attention_backends(register: Callable[[Any], None]) -> None:
+def _attention_backends() -> list[AttentionBackend]:
     from llmctl_triton.backend import TritonAttentionBackend
 
     # Core's registry is keyed by backend name across platforms; "triton" is the CUDA plugin's instance.
-    register(TritonAttentionBackend(platform=PLATFORM, priority=10, name="triton-rocm"))
+    return [TritonAttentionBackend(platform=PLATFORM, priority=10, name="triton-rocm")]
 
 
-@hookimpl
-def llmctl_register_ops(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.backend import op_overrides
-
-    for op in op_overrides(PLATFORM):
-        register(op)
-
-
-@hookimpl
-def llmctl_register_communicators(register: Callable[[Any], None]) -> None:
-    from llmctl_triton.runtime import GpuCommunicator
-
-    # torch's "nccl" process-group backend is RCCL on ROCm builds.
-    register(GpuCommunicator(name="rccl", platform=PLATFORM, backend="nccl"))
-
-
-@hookimpl
-def llmctl_doctor_checks(register: Callable[[Any], None]) -> None:
+def _doctor_checks() -> list[DoctorCheck]:
     from llmctl_rocm.platform import doctor_checks
 
-    for check in doctor_checks():
-        register(check)
+    return list(doctor_checks())
+
+
+_hooks = GpuPluginHooks(PLATFORM, platform=_platform, attention_backends=_attention_backends,
+                        communicator_name="rccl", doctor_checks=_doctor_checks)
+llmctl_register_platforms = _hooks.llmctl_register_platforms
+llmctl_register_attention_backends = _hooks.llmctl_register_attention_backends
+llmctl_register_ops = _hooks.llmctl_register_ops
+llmctl_register_communicators = _hooks.llmctl_register_communicators
+llmctl_doctor_checks = _hooks.llmctl_doctor_checks
 
 
 def __getattr__(name: str) -> Any:
     if name == "CudaGraphRunner":  # hipGraph through torch.cuda.CUDAGraph
-        from llmctl_triton.runtime import CudaGraphRunner
+        from llmctl_gpu.graph_runner import CudaGraphRunner
 
         return CudaGraphRunner
     if name == "profile_kv_cache_size":
-        from llmctl_triton.runtime import profile_kv_cache_size
+        from llmctl_gpu.profile import profile_kv_cache_size
 
         return profile_kv_cache_size
     raise AttributeError(f"module 'llmctl_rocm' has no attribute {name!r}")

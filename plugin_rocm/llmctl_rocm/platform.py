@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from llmctl.plugins.types import DeviceInfo, DoctorCheck, DoctorResult, ProbeResult
-from llmctl_triton.runtime import TorchCudaPlatform
+from llmctl_gpu.platform import TorchCudaPlatform
 
 # gfx families with native bf16 matrix instructions (MI200/MI300/MI350, RDNA3/RDNA4).
 BF16_ARCH_PREFIXES = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")

@@ -35,7 +35,6 @@ class TpuPlatform(Platform):
     name = "tpu"
     device_type = "xla"
     priority = 90
-    dist_backend = "xla"
 
     def probe(self) -> ProbeResult:
         missing = torch_xla_missing()
@@ -72,11 +71,6 @@ class TpuPlatform(Platform):
         if free is None or total is None:
             raise RuntimeError("torch_xla did not report HBM usage for this device")
         return free, total
-
-    def synchronize(self, device_index: int = 0) -> None:
-        import torch_xla.core.xla_model as xm
-
-        xm.wait_device_ops()
 
     def supported_dtypes(self) -> list[torch.dtype]:
         return [torch.bfloat16, torch.float32]

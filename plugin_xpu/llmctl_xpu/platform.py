@@ -55,9 +55,6 @@ class XpuPlatform(Platform):
     device_type = "xpu"
     priority = 90
 
-    def __init__(self) -> None:
-        self.dist_backend = xpu_dist_backend()
-
     def probe(self) -> ProbeResult:
         try:
             xpu, reason = _xpu_module()
@@ -69,16 +66,13 @@ class XpuPlatform(Platform):
             devices = tuple(_device_info(xpu, i) for i in range(count))
             driver = devices[0].capabilities.get("driver_version")
             return ProbeResult(True, devices=devices, details={"driver_version": driver, "torch": torch.__version__,
-                                                                "dist_backend": self.dist_backend})
+                                                                "dist_backend": xpu_dist_backend()})
         except Exception as exc:
             return ProbeResult(False, f"XPU detection failed: {type(exc).__name__}: {exc}")
 
     def memory_info(self, device_index: int = 0) -> tuple[int, int]:
         free, total = torch.xpu.mem_get_info(device_index)
         return int(free), int(total)
-
-    def synchronize(self, device_index: int = 0) -> None:
-        torch.xpu.synchronize(device_index)
 
     def supported_dtypes(self) -> list[torch.dtype]:
         return [torch.bfloat16, torch.float16, torch.float32]

@@ -1,8 +1,10 @@
 """Run the app under uvicorn with llmctl's shutdown rules.
 
-SIGTERM/SIGINT: the app turns to draining (new requests and /health get 503), uvicorn stops accepting
-connections and lets running requests finish for up to ``settings.shutdown_timeout`` seconds; exit code 0.
-Engine loop death: in-flight requests fail, the server stops, exit code 1.
+SIGTERM/SIGINT: the app turns to draining: the listener stays open and answers 503 (new requests and /health),
+running requests get up to ``settings.shutdown_timeout`` seconds to finish, and any still running then get
+``server shutting down`` (an SSE error event and ``[DONE]``, or a 503) instead of being cut; then uvicorn stops.
+Exit code 0. A second signal skips the wait. Engine loop death: in-flight requests fail, the server stops, exit
+code 1.
 """
 
 from __future__ import annotations
@@ -11,29 +13,50 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from llmctl_server.app import build_app
+from llmctl_server.connections import protocol_class
 from llmctl_server.settings import ServerSettings
 
 logger = logging.getLogger("llmctl_server")
 
 EXIT_ENGINE_DEAD = 1
+# After the deadline's "server shutting down" events: how long the streams get to write them before uvicorn stops.
+SHUTDOWN_NOTICE_S = 2.0
+DRAIN_POLL_S = 0.05
 
 
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: Any) -> None:
         super().__init__(config)
         self._llmctl_state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self._llmctl_state.draining:
-            logger.info("shutting down: refusing new requests, letting running ones finish (up to %.0fs)",
-                        self._llmctl_state.settings.shutdown_timeout)
-        self._llmctl_state.draining = True
+        state = self._llmctl_state
+        first = not state.draining
+        state.draining = True
+        if first and self._loop is not None and not self.should_exit:
+            logger.info("shutting down: answering 503 to new requests, letting running ones finish (up to %.0fs)",
+                        state.settings.shutdown_timeout)
+            if sig == signal.SIGINT:
+                self._captured_signals.append(sig)  # uvicorn re-raises it after the shutdown (exit 130)
+            # Signal handlers run between bytecodes of the loop's own thread: hand the drain to the loop.
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        # A second signal (or one before the loop runs): stop now.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(state.shut_down_streams)
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after its graceful shutdown, which would end the process "killed by
         # SIGTERM"; a drained SIGTERM is an orderly stop and must exit 0 (SIGINT keeps uvicorn's behaviour).
@@ -41,6 +64,25 @@ class _Server(uvicorn.Server):
         if isinstance(captured, list) and sig == signal.SIGTERM:
             while signal.SIGTERM in captured:
                 captured.remove(signal.SIGTERM)
+
+    def _start_drain(self) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Wait for the running requests (the listener still answers 503); at the deadline tell the rest."""
+        state = self._llmctl_state
+        deadline = time.monotonic() + state.settings.shutdown_timeout
+        while state.in_flight and time.monotonic() < deadline and not self.should_exit:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if state.in_flight:
+            told = state.shut_down_streams()
+            logger.warning("shutdown timeout (%.0fs) reached: %d request(s) still running were told 'server "
+                           "shutting down'", state.settings.shutdown_timeout, told)
+            notice_deadline = time.monotonic() + SHUTDOWN_NOTICE_S
+            while state.in_flight and time.monotonic() < notice_deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
+        self.should_exit = True
 
 
 SWITCH_INTERVAL_S = 0.0005
@@ -55,8 +97,11 @@ def run_server(engine: Any, settings: ServerSettings, host: str = "127.0.0.1", p
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = build_app(engine, settings)
     state = app.state.llmctl
+    # By the time uvicorn's own graceful shutdown starts, the drain above has ended every generation request;
+    # what is left (a response being written) gets a few seconds.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",
-                            timeout_graceful_shutdown=max(1, int(round(settings.shutdown_timeout))),
+                            timeout_graceful_shutdown=int(SHUTDOWN_NOTICE_S) + 3,
+                            http=protocol_class(settings.header_read_timeout, settings.max_idle_connections_per_client),
                             access_log=log_level.lower() == "debug", server_header=False)
     server = _Server(config, state)
     exit_code = 0

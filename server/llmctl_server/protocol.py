@@ -25,6 +25,7 @@ SFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 MAX_STOP_LEN = 1000
+MAX_LOGIT_BIAS = 100.0
 _INT64 = 2**63
 
 
@@ -41,6 +42,36 @@ class StreamOptions(_Model):
 def _finite(name: str, value: float | None) -> None:
     if value is not None and not math.isfinite(value):
         raise ValueError(f"{name}: must be a finite number")
+
+
+class JsonSchemaFormat(_Model):
+    name: SStr = "response"
+    description: SStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema: required when type is 'json_schema'")
+        return self
+
+
+class StructuredOutputsFields(_Model):
+    json_: SStr | dict[str, Any] | None = Field(None, alias="json")
+    regex: SStr | None = None
+    choice: list[SStr] | None = None
+    grammar: SStr | None = None
+    json_object: SBool | None = None
+    disable_any_whitespace: SBool = False
+    disable_additional_properties: SBool = False
+    whitespace_pattern: SStr | None = None
+    structural_tag: SStr | None = None
 
 
 class SamplingFields(_Model):
@@ -67,9 +98,24 @@ class SamplingFields(_Model):
     user: SStr | None = None
     prompt_logprobs: SInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     logit_bias: dict[str, SFloat] | None = None
+    allowed_token_ids: list[SInt] | None = None
+    bad_words: list[SStr] | None = None
+    # vLLM's beam search extension: n is the beam width (llmctl_server/beam.py)
+    use_beam_search: SBool = False
+    length_penalty: SFloat = 1.0
     # vLLM's per-request extension arguments, handed to SamplingParams.extra_args (also accepted as vllm_xargs).
     extra_args: dict[str, SStr | SInt | SFloat | SBool] | None = None
     vllm_xargs: dict[str, SStr | SInt | SFloat | SBool] | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    # (turned into one StructuredOutputsParams by llmctl_server.structured).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: SStr | dict[str, Any] | None = None
+    guided_regex: SStr | None = None
+    guided_choice: list[SStr] | None = None
+    guided_grammar: SStr | None = None
+    guided_whitespace_pattern: SStr | None = None
+    guided_decoding_backend: SStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -93,10 +139,17 @@ class SamplingFields(_Model):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias: not supported by this server")
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias: keys must be token ids, got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                                 f"{bias} for token {key}")
         return v
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(k): b for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -177,10 +230,23 @@ class TextContentPart(_Model):
     text: SStr
 
 
+class FunctionCall(_Model):
+    name: SStr
+    arguments: SStr = "{}"
+
+
+class ToolCall(_Model):
+    id: SStr | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: SStr | list[TextContentPart] | None = None
     name: SStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: SStr | None = None
 
     def text(self) -> str:
         """Content parts are joined with newlines, which is how multi-part text reads to the model."""
@@ -191,6 +257,27 @@ class ChatMessage(_Model):
         return "\n".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Model):
+    name: SStr = Field(min_length=1, max_length=256)
+    description: SStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: SBool | None = None
+
+
+class ChatTool(_Model):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: SStr
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: SInt | None = Field(None, ge=1)
@@ -199,18 +286,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: SInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: SBool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: SBool | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs=true")
-        if self.tools:
-            raise ValueError("tools: tool calling is not supported by this server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("response_format: only {\"type\": \"text\"} is supported")
         return self
 
     def max_new_tokens(self) -> int | None:
@@ -260,12 +343,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` as its server returns it in ``prompt_logprobs`` (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per prompt token: None for the first (nothing predicts it), else the actual token and the top-k.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -291,9 +387,22 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -311,6 +420,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ModelCard(BaseModel):
@@ -319,6 +429,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "llmctl"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
     tasks: list[str] | None = None  # "generate", or the pooling tasks (embed, score, rerank, classify)
 
@@ -361,6 +472,12 @@ def check_limits(req: SamplingFields, *, max_n: int, max_model_len: int, vocab_s
                           param="min_tokens")
     if req.stop_token_ids:
         check_token_ids(req.stop_token_ids, vocab_size, "stop_token_ids")
+    if req.logit_bias:
+        check_token_ids(list(req.logit_bias_ids() or {}), vocab_size, "logit_bias")
+    if req.allowed_token_ids is not None:
+        if not req.allowed_token_ids:
+            raise bad_request("allowed_token_ids: must not be empty", param="allowed_token_ids")
+        check_token_ids(req.allowed_token_ids, vocab_size, "allowed_token_ids")
     if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str) and req.prompt:
         if isinstance(req.prompt[0], int):
             check_token_ids(req.prompt, vocab_size, "prompt")

@@ -9,6 +9,7 @@ watchdog (engine loop died: fail now rather than hang) and the producers themsel
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -38,6 +39,50 @@ class EngineDead(Exception):
     """Raised into consumers by the watchdog when the engine loop has died."""
 
 
+class ShuttingDown(Exception):
+    """Raised into consumers when the shutdown drain's deadline has passed (launcher.py)."""
+
+
+class Mailbox:
+    """What a Run's producers hand its consumer: the newest output of each prompt, plus control items in order.
+
+    Engine outputs are cumulative, so an output the consumer has not taken yet is superseded by the next one. Keeping
+    only the newest per prompt bounds what a request holds while its client reads slowly (an unbounded queue of
+    cumulative outputs, each carrying every token and logprob so far, grew by hundreds of MiB per stalled stream).
+    Pending outputs are handed out before ``_Done``/``_Failed``, so a prompt's ``_Done`` always follows its last
+    output; signals (client gone, engine dead, shutting down) go first, so a busy producer cannot starve them.
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[int, Any] = {}
+        self._control: collections.deque[Any] = collections.deque()
+        self._ready = asyncio.Event()
+
+    def put_nowait(self, item: Any) -> None:
+        if isinstance(item, tuple):
+            self._outputs[item[0]] = item[1]
+        elif isinstance(item, _Signal):
+            self._control.appendleft(item)
+        else:
+            self._control.append(item)
+        self._ready.set()
+
+    def pending(self) -> int:
+        return len(self._outputs) + len(self._control)
+
+    async def get(self) -> Any:
+        while True:
+            if self._control and isinstance(self._control[0], _Signal):
+                return self._control.popleft()
+            if self._outputs:
+                idx = next(iter(self._outputs))
+                return idx, self._outputs.pop(idx)
+            if self._control:
+                return self._control.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
 @dataclass
 class _Done:
     prompt_idx: int
@@ -54,6 +99,9 @@ class _Signal:
     exc: BaseException
 
 
+DEFAULT_QUEUE_LIMIT = 256  # when the engine does not tell its max_num_seqs
+
+
 @dataclass
 class ServerState:
     """Per-app state shared by the handlers, the watchdog and the launcher."""
@@ -68,9 +116,12 @@ class ServerState:
     vocab_size: int
     max_num_seqs: int | None
     in_flight: int = 0
+    max_prompt_chars: int = 1 << 62  # set by build_app from the tokenizer and max_model_len (prompt_text.py)
     draining: bool = False
     engine_dead: bool = False
-    active: dict[int, asyncio.Queue] = field(default_factory=dict)
+    active: dict[int, Mailbox] = field(default_factory=dict)
+    tracer: Any = None  # a tracing.RequestTracer when --otlp-traces-endpoint is set
+    loras: Any = None  # a lora_routes.LoRARegistry: adapters served by model name
 
     # -- health and admission ---------------------------------------------------------------------------------
     def engine_alive(self) -> bool:
@@ -95,33 +146,57 @@ class ServerState:
         for q in list(self.active.values()):
             q.put_nowait(_Signal(EngineDead()))
 
+    def shut_down_streams(self) -> int:
+        """The drain's deadline: every request still running gets ``server shutting down`` (an error event and
+        ``[DONE]`` on a stream, a 503 otherwise) instead of being cut. Returns how many were told."""
+        for q in list(self.active.values()):
+            q.put_nowait(_Signal(ShuttingDown()))
+        return len(self.active)
+
     def admit(self) -> None:
         """503 when the engine cannot take work, or when one more request would overflow the waiting queue."""
         if self.draining:
             raise unavailable("the server is shutting down", retry_after=self.settings.retry_after_seconds)
         if not self.engine_alive():
             raise unavailable("the inference engine is not running", retry_after=self.settings.retry_after_seconds)
-        limit = self.settings.max_queued_requests
-        if limit is None:
-            return
-        try:
-            stats = self.engine.get_stats() or {}
-        except Exception:
-            stats = {}
-        running = int(stats.get("num_running", 0))
-        waiting = int(stats.get("num_waiting", 0))
-        # Requests handed to the engine that it is not running yet are waiting, even if its stats lag behind.
-        capacity = self.max_num_seqs if self.max_num_seqs is not None else running
-        would_wait = max(waiting, self.in_flight - running) if self.in_flight >= capacity else waiting
-        if would_wait >= limit and (self.in_flight >= capacity or waiting > 0):
-            raise unavailable(f"the request queue is full ({limit} waiting requests); retry later",
+        limit = self.queue_limit()
+        capacity = self.max_num_seqs or 0
+        # Admitted generation requests that the engine cannot run yet are the queue. Counted from the server's own
+        # in-flight count, which is exact at admission time, and not from the engine's stats, which lag a burst by
+        # a step (they made a burst of 24 admit 8 instead of running + queued = 12).
+        full = self.in_flight >= capacity + limit
+        if not full and self.in_flight > 0:
+            # Requests with n > 1 or several prompts occupy more than one sequence: the engine's own waiting count
+            # then shows a full queue before the request count does.
+            try:
+                waiting = int((self.engine.get_stats() or {}).get("num_waiting", 0))
+            except Exception:
+                waiting = 0
+            full = waiting >= max(limit, 1)
+        if full:
+            raise unavailable(f"the request queue is full ({capacity} running + {limit} queued requests); retry later",
                               retry_after=self.settings.retry_after_seconds)
+
+    def queue_limit(self) -> int:
+        """``--max-queued-requests``, by default ``max_num_seqs``: at most ``max_num_seqs`` running plus as many
+        queued, so a client waits at most about one batch's time before its request starts."""
+        limit = self.settings.max_queued_requests
+        if limit is not None:
+            return limit
+        return self.max_num_seqs if self.max_num_seqs is not None else DEFAULT_QUEUE_LIMIT
 
     def check_model(self, model: str | None) -> str:
         if model is None or model in self.model_names:
             return self.model_names[0] if model is None else model
-        raise APIError(404, f"model {model!r} does not exist; available: {', '.join(self.model_names)}",
+        if self.loras is not None and model in self.loras.adapters:
+            return model
+        known = [*self.model_names, *(self.loras.adapters if self.loras is not None else ())]
+        raise APIError(404, f"model {model!r} does not exist; available: {', '.join(known)}",
                        param="model", code="model_not_found")
+
+    def lora_request(self, model: str) -> Any:
+        """The adapter a (checked) model name selects, or None for the base model."""
+        return None if self.loras is None else self.loras.request_for(model)
 
 
 # -- building engine inputs -----------------------------------------------------------------------------------------
@@ -147,6 +222,10 @@ def make_sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: 
             changes[name] = value
     changes.update(n=req.n, max_tokens=max_tokens, logprobs=logprobs, stop=req.stop_list(),
                    stop_token_ids=list(req.stop_token_ids or []))
+    for name, value in (("logit_bias", req.logit_bias_ids()), ("allowed_token_ids", req.allowed_token_ids),
+                        ("bad_words", req.bad_words)):
+        if value is not None and name in known:
+            changes[name] = value
     if extra_args:
         changes["extra_args"] = dict(extra_args)
     try:
@@ -180,11 +259,12 @@ class PreparedPrompt:
 class Run:
     """The engine requests of one HTTP request, their producers, and the queue that joins them."""
 
-    def __init__(self, state: ServerState, http_request: Request, request_id: str) -> None:
+    def __init__(self, state: ServerState, http_request: Request, request_id: str, lora_request: Any = None) -> None:
         self.state = state
+        self.lora_request = lora_request
         self.http = http_request
         self.request_id = request_id
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue = Mailbox()
         self.tasks: list[asyncio.Task] = []
         self.engine_ids: list[str] = []
         self.unfinished: set[str] = set()
@@ -207,7 +287,8 @@ class Run:
 
     async def _produce(self, idx: int, rid: str, prompt: dict[str, Any], params: Any) -> None:
         try:
-            async for out in self.state.engine.generate(prompt, params, rid):
+            extra = {} if self.lora_request is None else {"lora_request": self.lora_request}
+            async for out in self.state.engine.generate(prompt, params, rid, **extra):
                 if out.finished:
                     self.unfinished.discard(rid)
                 self.queue.put_nowait((idx, out))
@@ -280,10 +361,17 @@ class Run:
             self.state.active.pop(id(self), None)
 
 
+CLIENT_CLOSED = 499  # nginx's "client closed request": not a server error, so 5xx alerts stay meaningful
+
+
 def translate(exc: BaseException) -> BaseException:
     """Internal signals -> what the client is told."""
     if isinstance(exc, EngineDead):
         return unavailable("the inference engine stopped while processing this request", retry_after=5)
+    if isinstance(exc, ShuttingDown):
+        return unavailable("server shutting down", retry_after=5)
+    if isinstance(exc, ClientGone):
+        return APIError(CLIENT_CLOSED, "the client closed the connection", code="client_closed_request")
     return exc
 
 
@@ -312,12 +400,18 @@ class Recorder:
                 self.m.itl.observe(gap)
         self.last = t
 
-    def finish(self, prompt_tokens: int, reasons: list[str | None]) -> None:
+    def finish(self, prompt_tokens: int, reasons: list[str | None], outputs: list[Any] | None = None) -> None:
+        """``outputs``: the final ``RequestOutput`` of each engine request (their engine-side timestamps give the
+        queue, prefill and decode times)."""
         self.m.e2e.observe(time.monotonic() - self.arrival)
         self.m.prompt_tokens.inc(prompt_tokens)
         self.m.generation_tokens.inc(sum(self.tokens_seen.values()))
         for r in reasons:
             self.m.finished.labels(reason=r or "unknown").inc()
+        for out in outputs or []:
+            self.m.observe_request_times(getattr(out, "metrics", None))
+            self.m.request_prompt_tokens.observe(len(getattr(out, "prompt_token_ids", None) or []))
+            self.m.request_generation_tokens.observe(sum(len(o.token_ids) for o in getattr(out, "outputs", [])))
 
 
 # -- response assembly ---------------------------------------------------------------------------------------------
@@ -367,6 +461,26 @@ def chat_logprobs(tt: TokenText, token_ids: list[int], positions: list[dict[int,
         content.append(p.ChatLogprobToken(token=tt.text(tid, pos), logprob=float(lp.logprob) if lp else -9999.0,
                                           bytes=tt.bytes(tid), top_logprobs=tops))
     return p.ChatLogprobs(content=content)
+
+
+def prompt_logprobs_entries(tt: TokenText, positions: list[dict[int, Any] | None] | None,
+                            num_prompt_tokens: int) -> p.PromptLogprobs:
+    """The engine's prompt logprobs in vLLM's response shape, one entry per prompt token."""
+    out: p.PromptLogprobs = []
+    for pos in list(positions or [])[:num_prompt_tokens]:
+        if pos is None:
+            out.append(None)
+            continue
+        out.append({tid: p.PromptLogprob(logprob=float(e.logprob), rank=e.rank, decoded_token=tt.text(tid, pos))
+                    for tid, e in pos.items()})
+    out += [None] * (num_prompt_tokens - len(out))
+    return out
+
+
+def check_prompt_logprobs(body: p.SamplingFields) -> None:
+    """As vLLM: prompt logprobs come whole in the response, so a stream cannot carry them."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs: not available when stream=true", param="prompt_logprobs")
 
 
 def sse(obj: Any) -> str:

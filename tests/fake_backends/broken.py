@@ -16,14 +16,13 @@ from llmctl.ops.paged_attention import gather_context, write_kv_reference
 from llmctl.plugins import hookimpl
 from llmctl.plugins.types import AttentionBackend, Platform, ProbeResult, Support
 
-LLMCTL_API_VERSION = "1.0"
+LLMCTL_API_VERSION = "2.0"
 
 
 class BrokenFakePlatform(Platform):
     name = "broken-fake"
     device_type = "cpu"
     priority = -50  # never chosen by default
-    dist_backend = "gloo"
 
     def probe(self) -> ProbeResult:
         return ProbeResult(True)

@@ -22,7 +22,7 @@ from llmctl.attention import AttentionMetadata
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins import hookimpl
 from llmctl.plugins.types import AttentionBackend, DecodeGraphSpec, Platform, ProbeResult, Support
-from llmctl_triton.runtime import CudaGraphRunner
+from llmctl_gpu.graph_runner import CudaGraphRunner
 
 PLATFORM = "seams"
 
@@ -166,7 +166,7 @@ class SeamsPlatform(Platform):
 class SeamsPlugin:
     """A plugin object (not a module) so each test registers fresh, configurable instances."""
 
-    LLMCTL_API_VERSION = "1.1"
+    LLMCTL_API_VERSION = "2.0"
 
     def __init__(self, platform: SeamsPlatform) -> None:
         self.platform = platform

@@ -4,7 +4,7 @@ from llmctl.plugins import hookimpl
 
 from tests.fake_plugins.common import FakePlatform
 
-LLMCTL_API_VERSION = "1.0"
+LLMCTL_API_VERSION = "2.0"
 
 
 @hookimpl

@@ -110,8 +110,8 @@ def test_elementwise_ops_native(dtype):
 
 def test_graph_runner_replays_decode_attention():
     """Capture the Triton decode path in CUDA/HIP graphs and check replays at padded sizes match eager runs."""
+    from llmctl_gpu.graph_runner import CudaGraphRunner
     from llmctl_triton import paged_attention, write_kv
-    from llmctl_triton.runtime import CudaGraphRunner
 
     gen = torch.Generator().manual_seed(SEED + 17)
     max_batch, max_blocks, block_size, num_kv, head = 32, 64, 16, 2, 128

@@ -1,9 +1,11 @@
 """A server process for the reliability tests: ``python -m tests.reliability._serve MODEL --port P [...]``.
 
-It is ``llmctl serve`` (the same ``run_server``) plus two test seams that need to live inside the server process:
-``--num-threads`` (the CLI has no flag for it; tiny models are fastest single-threaded) and ``--die-file PATH``
+It is ``llmctl serve`` (the same ``run_server``) plus test seams that need to live inside the server process:
+``--num-threads`` (the CLI has no flag for it; tiny models are fastest single-threaded), ``--die-file PATH``
 (once PATH exists, the engine's next step raises a ``BaseException`` that is not an ``Exception``: the engine loop
-dies the way a real crash kills it). Exits with ``run_server``'s exit code.
+dies the way a real crash kills it) and ``--stall-file PATH`` (while PATH exists, every engine step first sleeps
+``STALL_STEP_S``, so running requests stay running whatever the machine's speed). Exits with ``run_server``'s exit
+code.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ import argparse
 import logging
 import os
 import sys
+import time
+
+STALL_STEP_S = 0.05
 
 
 class EngineKilled(BaseException):
@@ -29,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shutdown-timeout", type=float, default=30.0)
     ap.add_argument("--num-threads", type=int, default=1)
     ap.add_argument("--die-file", default=None)
+    ap.add_argument("--stall-file", default=None)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--stream-write-timeout", type=float, default=30.0)
+    ap.add_argument("--header-read-timeout", type=float, default=20.0)
+    ap.add_argument("--max-idle-connections-per-client", type=int, default=512)
     a = ap.parse_args(argv)
 
     from llmctl import AsyncLLM, EngineArgs
@@ -50,8 +59,20 @@ def main(argv: list[str] | None = None) -> int:
             return real_step()
 
         engine.engine.step = step
+    if a.stall_file:
+        slow_step = engine.engine.step
+        stall_file = a.stall_file
+
+        def stalled_step():  # type: ignore[no-untyped-def]
+            if os.path.exists(stall_file):
+                time.sleep(STALL_STEP_S)
+            return slow_step()
+
+        engine.engine.step = stalled_step
     settings = ServerSettings(served_model_names=["tiny"], max_queued_requests=a.max_queued_requests,
-                              shutdown_timeout=a.shutdown_timeout, engine_poll_interval=0.1, api_key=a.api_key)
+                              shutdown_timeout=a.shutdown_timeout, engine_poll_interval=0.1, api_key=a.api_key,
+                              stream_write_timeout=a.stream_write_timeout, header_read_timeout=a.header_read_timeout,
+                              max_idle_connections_per_client=a.max_idle_connections_per_client)
     try:
         code = run_server(engine, settings, host="127.0.0.1", port=a.port, log_level="warning")
     finally:

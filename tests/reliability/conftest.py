@@ -201,8 +201,9 @@ def wait_idle_metrics(srv: ServerProc, timeout: float = 20.0) -> dict[str, float
     m: dict[str, float] = {}
     while time.monotonic() < deadline:
         m = srv.metrics()
-        if (m.get("llmctl_num_requests_running") == 0 and m.get("llmctl_num_requests_waiting") == 0
-                and m.get("llmctl_kv_cache_usage_ratio") == 0):
+        busy = [metric_sum(m, name) for name in ("llmctl_num_requests_running", "llmctl_num_requests_waiting",
+                                                 "llmctl_kv_cache_usage_ratio")]
+        if m and busy == [0, 0, 0]:
             return m
         time.sleep(0.1)
     raise AssertionError(f"engine not idle / KV blocks not all free: "

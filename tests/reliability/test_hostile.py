@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
+import llmctl_server
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from llmctl_server import ServerSettings
+from llmctl_server.web_ui import WEB_UI_PATHS
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
@@ -15,7 +19,9 @@ from tests.reliability.conftest import build_engine, record, scaled
 from tests.test_server_support import start_server, wait_kv_free
 
 KEY = "Reliability-Key-42"
-PUBLIC = {"/health"}
+# "/" is the console's page; its files under /ui/ are public too, but "/ui" itself names no file (401 like any
+# path that matches no route).
+PUBLIC = {"/health", "/"}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,8 @@ def test_schema_fuzzing(fuzz_server):
     schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
     paths = {(op.method.upper(), op.path) for op in ops}
-    docs_routes = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")  # FastAPI's own, not in the schema
+    docs_routes = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",  # FastAPI's own, not in the schema
+                   *WEB_UI_PATHS)  # the console's static files
     routes = {(m, r.path) for r in fuzz_server.app.routes for m in (getattr(r, "methods", None) or ())
               if r.path not in docs_routes and m != "HEAD"}
     assert routes <= paths, routes - paths  # every route of the app is described, so every route is fuzzed
@@ -131,6 +138,36 @@ def test_auth_sweep_over_route_table(keyed_server):
                           json={} if method == "POST" else None)
             assert r.status_code != 401, (method, path)
     record("auth_sweep", routes=len(calls), requests=checked, public=sorted(PUBLIC))
+
+
+def _raw_get(url: str, raw_path: str) -> tuple[int, bytes]:
+    """GET with the path sent exactly as given (clients normalise '..' away)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(f"GET {raw_path} HTTP/1.1\r\nHost: {u.netloc}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_web_console_files_cannot_reach_outside_their_folder(keyed_server):
+    """The console's static mount is public: no path under it may serve another file or reach an API route."""
+    server_dir = Path(llmctl_server.__file__).parent
+    secret_markers = [(server_dir / "app.py").read_bytes()[:200], b"root:x:0:0"]
+    for raw in ("/ui/../app.py", "/ui/..%2Fapp.py", "/ui/%2e%2e/app.py", "/ui/..%5capp.py",
+                "/ui/../../../../etc/passwd", "/ui/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/ui//etc/passwd",
+                "/ui/../v1/models", "/ui/..%2Fmetrics", "/ui/./../settings.py", "/ui/web_ui.py",
+                "/ui/console.js%00.py"):
+        status, body = _raw_get(keyed_server.url, raw)
+        assert status in (400, 401, 404), (raw, status)
+        assert not any(marker in body for marker in secret_markers), raw
+        assert b'"object":"list"' not in body and b"llmctl_" not in body, raw
+    record("web_console_traversal", paths=12)
 
 
 def test_generation_server_refuses_pooling_routes(fuzz_server):

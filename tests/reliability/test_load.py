@@ -218,3 +218,37 @@ def test_overload_rejects_fast_and_completes_the_rest(server_factory, tiny_llama
     assert probe_ms[len(probe_ms) // 2] < 50, probes
     # Everything the engine could run or queue should have been admitted
     assert len(accepted) >= max_num_seqs + max_queued, (len(accepted), max_num_seqs + max_queued)
+
+
+def test_default_queue_bound_from_max_num_seqs(server_factory, tiny_llama_dir, tmp_path):
+    """No --max-queued-requests: the queue holds max_num_seqs requests, so exactly running + queued are admitted
+    (steps are held by the stall file, so none finishes during the burst on any machine); the rest 503 quickly."""
+    stall = tmp_path / "stall"
+    stall.touch()
+    max_num_seqs = 3
+    srv = server_factory(tiny_llama_dir, "--max-num-seqs", str(max_num_seqs), "--stall-file", str(stall))
+    total = 4 * max_num_seqs
+
+    async def burst():
+        limits = httpx.Limits(max_connections=total + 2)
+        async with httpx.AsyncClient(base_url=srv.url, timeout=httpx.Timeout(120), limits=limits) as c:
+            body = {"model": "tiny", "prompt": "queued", "max_tokens": 40, "ignore_eos": True}
+            tasks = [asyncio.create_task(c.post("/v1/completions", json=body)) for _ in range(total)]
+            rejected = []
+            while len(rejected) < total - 2 * max_num_seqs:
+                done = [t for t in tasks if t.done()]
+                rejected = [t.result() for t in done if t.result().status_code == 503]
+                await asyncio.sleep(0.05)
+            stall.unlink()
+            return [await t for t in tasks]
+
+    results = asyncio.run(asyncio.wait_for(burst(), 180))
+    accepted = [r for r in results if r.status_code == 200]
+    rejected = [r for r in results if r.status_code == 503]
+    record("default_queue_bound", max_num_seqs=max_num_seqs, sent=total, accepted=len(accepted),
+           rejected=len(rejected))
+    assert len(accepted) == 2 * max_num_seqs, [r.status_code for r in results]
+    assert len(rejected) == total - 2 * max_num_seqs
+    for r in rejected:
+        assert int(r.headers["retry-after"]) >= 1 and "queue is full" in r.json()["error"]["message"]
+    wait_idle_metrics(srv)

@@ -109,3 +109,34 @@ def test_context_boundary_sweep(live_factory, tiny_llama_dir):
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": list(range(5, 5 + limit))})
         assert r.status_code == 400 and str(limit) in r.json()["error"]["message"]
     record("context_boundary", max_model_len=limit, prompt_tokens=n_prompt, outcomes=outcomes)
+
+
+def test_kv_exhaustion_hostile_mix_stays_correct(live_factory, tiny_llama_dir):
+    """Long prompts with n=16 and high max_tokens beside short requests, on a KV cache far too small for them
+    at once: preemption must keep every sequence of every request equal to the request served alone."""
+    probe = build_engine(tiny_llama_dir)
+    bytes_per_block = (32 << 20) // probe.get_stats()["kv_blocks_total"]
+    probe.shutdown()
+    blocks = 96  # one n=16 request needs up to 16 x 5 blocks: two of them cannot run together
+    srv = live_factory(tiny_llama_dir, kv_cache_memory=blocks * bytes_per_block)
+    long_prompt = " ".join(["lorem", "ipsum", "dolor", "sit", "amet"] * 5)  # ~25 tokens
+    bodies = [{"model": "tiny", "prompt": f"{i} {long_prompt}", "max_tokens": 48, "n": 16, "temperature": 0,
+               "ignore_eos": True} for i in range(scaled(3, 12))]
+    bodies += [{"model": "tiny", "prompt": _prompt(i), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+               for i in range(scaled(8, 32))]
+    together = asyncio.run(_post_all(srv.url, bodies))
+    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
+    preemptions = srv.engine.get_stats()["num_preemptions"]
+    wait_kv_free(srv.engine)
+    mismatches = 0
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        for b, r in zip(bodies, together, strict=True):
+            alone = [ch["text"] for ch in c.post("/v1/completions", json=b).json()["choices"]]
+            got = [ch["text"] for ch in r.json()["choices"]]
+            assert all(ch["finish_reason"] == "length" for ch in r.json()["choices"])
+            mismatches += sum(a != g for a, g in zip(alone, got, strict=True))
+    record("kv_exhaustion_hostile_mix", requests=len(bodies), sequences=sum(b.get("n", 1) for b in bodies),
+           kv_blocks_total=blocks, preemptions=preemptions, mismatches=mismatches)
+    assert preemptions > 0, "the KV cache was not small enough to preempt"
+    assert mismatches == 0
+    wait_kv_free(srv.engine)

@@ -1,8 +1,8 @@
-"""Benchmarks for llmctl: offline throughput, per-batch latency and an HTTP load generator for any
-OpenAI-compatible server.
+"""Benchmarks for llmctl: offline throughput and per-batch latency. The HTTP load generator for any
+OpenAI-compatible server (``llmctl bench serve``) lives with the HTTP client in ``llmctl_cli.serve_load``.
 
-The library modules need only llmctl-core (``serve_load`` needs ``httpx``); the CLI (``bench_app`` in
-``llmctl.bench.cli``) needs ``typer`` and ``rich``, and ``--plot`` needs ``matplotlib``. Those are imported
+The library modules need only llmctl-core; the CLI (``bench_app`` in ``llmctl.bench.cli``) needs ``typer`` and
+``rich``. Those are imported
 lazily, inside the functions that use them, so ``import llmctl.bench`` works on a bare core install.
 """
 

@@ -1,8 +1,9 @@
-"""``llmctl bench``: a typer sub-app (``bench_app``) with ``throughput``, ``latency`` and ``serve``.
+"""``llmctl bench``: a typer sub-app (``bench_app``) with ``throughput`` and ``latency``.
 
-This module imports ``typer`` at import time (it defines the app); ``rich``, ``httpx`` and ``matplotlib`` are
-imported only by the commands that use them. The library functions it wraps live in ``throughput``,
-``latency`` and ``serve_load``.
+This module imports ``typer`` at import time (it defines the app); ``rich`` is imported only by the commands
+that use it. The library functions it wraps live in ``throughput`` and ``latency``. ``llmctl bench serve``, an
+HTTP load generator, lives with the HTTP client in ``llmctl_cli.serve_load`` and is mounted on this app by
+the ``llmctl`` command.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _engine_kwargs(device: str | None, max_num_seqs: int | None, kv_cache_memory
     return kw
 
 
-def _table(title: str, rows: list[tuple[str, Any]]) -> None:
+def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -58,11 +59,11 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> None:
     Console().print(table)
 
 
-def _pct_rows(label: str, stats: dict[str, float]) -> list[tuple[str, Any]]:
+def percentile_rows(label: str, stats: dict[str, float]) -> list[tuple[str, Any]]:
     return [(f"{label} {k}", v) for k, v in stats.items()]
 
 
-def _fail(exc: Exception) -> typer.Exit:
+def exit_with_error(exc: Exception) -> typer.Exit:
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(2)
 
@@ -94,17 +95,17 @@ def throughput(
                           _engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len))
         return
     if task != "generate" or baseline is not None:
-        raise _fail(ValueError("--task must be generate or embed; --baseline needs --task embed"))
+        raise exit_with_error(ValueError("--task must be generate or embed; --baseline needs --task embed"))
     try:
         r = run_throughput(model, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
                            dataset=dataset, seed=seed, dtype=dtype,
                            **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len))
     except (ValueError, OSError) as exc:
-        raise _fail(exc) from None
+        raise exit_with_error(exc) from None
     if as_json:
         typer.echo(json.dumps(rounded(r.to_dict())))
         return
-    _table(f"llmctl throughput: {model} ({r.dtype})", [
+    print_table(f"llmctl throughput: {model} ({r.dtype})", [
         ("dataset", r.dataset), ("requests", r.num_prompts), ("prompt tokens", r.prompt_tokens),
         ("output tokens", r.output_tokens), ("load time (s)", r.load_s), ("elapsed (s)", r.elapsed_s),
         ("requests/s", r.requests_per_s), ("output tokens/s", r.output_tokens_per_s),
@@ -119,7 +120,7 @@ def _embed_throughput(model: str, input_len: int, num_prompts: int, seed: int, d
         r = run_embed_throughput(model, num_prompts=num_prompts, input_len=input_len, seed=seed, dtype=dtype,
                                  baseline=baseline, **engine_kwargs)
     except (ValueError, OSError, ImportError) as exc:
-        raise _fail(exc) from None
+        raise exit_with_error(exc) from None
     if as_json:
         typer.echo(json.dumps(rounded(r.to_dict())))
         return
@@ -129,7 +130,7 @@ def _embed_throughput(model: str, input_len: int, num_prompts: int, seed: int, d
     if r.baseline is not None:
         rows += [("baseline", r.baseline), ("baseline sequences/s", r.baseline_sequences_per_s),
                  ("speedup", r.speedup), ("min cosine vs baseline", r.min_cosine_vs_baseline)]
-    _table(f"llmctl embedding throughput: {model} ({r.dtype})", rows + [("peak RSS (MiB)", r.peak_rss_mb)])
+    print_table(f"llmctl embedding throughput: {model} ({r.dtype})", rows + [("peak RSS (MiB)", r.peak_rss_mb)])
 
 
 @bench_app.command()
@@ -155,60 +156,14 @@ def latency(
                         iterations=iterations, warmup_iterations=warmup_iterations, seed=seed, dtype=dtype,
                         **_engine_kwargs(device, None, kv_cache_memory, max_model_len))
     except (ValueError, OSError) as exc:
-        raise _fail(exc) from None
+        raise exit_with_error(exc) from None
     if as_json:
         typer.echo(json.dumps(rounded(r.to_dict())))
         return
-    _table(f"llmctl latency: {model} ({r.dtype}), batch {batch_size}, {input_len} in / {output_len} out", [
+    print_table(f"llmctl latency: {model} ({r.dtype}), batch {batch_size}, {input_len} in / {output_len} out", [
         ("requests", r.num_requests), ("output tokens", r.output_tokens), ("load time (s)", r.load_s),
-        *_pct_rows("TTFT ms", r.ttft_ms), *_pct_rows("TPOT ms", r.tpot_ms),
-        *_pct_rows("decode step ms", r.decode_step_ms), *_pct_rows("batch latency s", r.batch_latency_s)])
-
-
-@bench_app.command()
-def serve(
-    base_url: str = typer.Option(..., help="Server root, e.g. http://127.0.0.1:8000 (with or without /v1)."),
-    model: str = typer.Option(..., help="Model name the server expects in 'model'."),
-    num_prompts: int = typer.Option(64, help="Number of requests."),
-    input_len: int = typer.Option(128, help="Prompt length (token ids, or words for random-text)."),
-    output_len: int = typer.Option(128, help="max_tokens of each request."),
-    request_rate: float = typer.Option(math.inf, help="Poisson arrival rate in requests/s (inf: all at once)."),
-    max_concurrency: int | None = typer.Option(None, help="Most requests in flight."),
-    prompt_kind: str = typer.Option("token-ids", help="token-ids or random-text."),
-    vocab_size: int = typer.Option(32000, help="Token ids are drawn from [100, vocab_size)."),
-    seed: int = typer.Option(0, help="Seed of prompts and arrivals."),
-    ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos", help="Send ignore_eos (vLLM extension)."),
-    api_key: str | None = typer.Option(None, envvar="OPENAI_API_KEY", help="Bearer token."),
-    timeout: float = typer.Option(600.0, help="Per-request timeout in seconds."),
-    plot: str | None = typer.Option(None, help="Save latency histograms and throughput over time to this PNG."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-) -> None:
-    """Drive an OpenAI-compatible server with streamed /v1/completions; report TTFT/TPOT/ITL/E2E."""
-    from llmctl.bench.serve_load import plot_result, run_serve_load_sync
-
-    try:
-        r = run_serve_load_sync(base_url, model, num_prompts=num_prompts, input_len=input_len,
-                                output_len=output_len, request_rate=request_rate, max_concurrency=max_concurrency,
-                                prompt_kind=prompt_kind, vocab_size=vocab_size, seed=seed, ignore_eos=ignore_eos,
-                                api_key=api_key, timeout_s=timeout)
-    except ValueError as exc:
-        raise _fail(exc) from None
-    if plot:
-        plot_result(r, plot)
-    if as_json:
-        typer.echo(json.dumps(rounded(r.to_dict())))
-    else:
-        _table(f"serving benchmark: {model} @ {base_url}", [
-            ("completed / sent", f"{r.completed} / {r.num_prompts}"), ("duration (s)", r.duration_s),
-            ("request rate", r.request_rate), ("max concurrency", r.max_concurrency),
-            ("input tokens", r.total_input_tokens), ("output tokens", r.total_output_tokens),
-            ("requests/s", r.request_throughput), ("output tokens/s", r.output_throughput),
-            ("total tokens/s", r.total_token_throughput), *_pct_rows("TTFT ms", r.ttft_ms),
-            *_pct_rows("TPOT ms", r.tpot_ms), *_pct_rows("ITL ms", r.itl_ms), *_pct_rows("E2E ms", r.e2e_ms)])
-        for err in r.errors:
-            typer.echo(f"error sample: {err}", err=True)
-    if r.completed == 0:
-        raise typer.Exit(1)
+        *percentile_rows("TTFT ms", r.ttft_ms), *percentile_rows("TPOT ms", r.tpot_ms),
+        *percentile_rows("decode step ms", r.decode_step_ms), *percentile_rows("batch latency s", r.batch_latency_s)])
 
 
 def main() -> None:  # pragma: no cover - ``python -m llmctl.bench.cli``

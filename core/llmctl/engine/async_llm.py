@@ -29,6 +29,7 @@ from llmctl.engine.errors import EngineDeadError, RequestFailedError
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine, PreparedRequest
 from llmctl.engine.malloc_tuning import limit_malloc_arenas, malloc_trim
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.frontend import PreparedPooling
 from llmctl.pooling.outputs import PoolingRequestOutput
@@ -120,23 +121,38 @@ class AsyncLLM:
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 
+    def load_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
+        self.engine.load_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter for new requests; the running ones keep it until they finish."""
+        return self.engine.remove_lora(lora_id)
+
     @property
     def num_unfinished(self) -> int:
         with self._streams_lock:
             return len(self._streams)
 
     # -- requests ----------------------------------------------------------------------------------------------
-    def prepare(self, prompt: PromptType, params: SamplingParams | None, request_id: str) -> PreparedRequest:
-        return self.engine.prepare_request(request_id, prompt, params)
+    def prepare(self, prompt: PromptType, params: SamplingParams | None, request_id: str,
+                lora_request: LoRARequest | None = None) -> PreparedRequest:
+        return self.engine.prepare_request(request_id, prompt, params, lora_request=lora_request)
 
     async def generate(self, prompt: PromptType | PreparedRequest, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         self.check_health()
         if isinstance(prompt, PreparedRequest):
             prepared = prompt
         else:
             request_id = request_id or f"req-{time.monotonic_ns()}"
-            prepared = self.prepare(prompt, sampling_params, request_id)
+            if lora_request is not None or (sampling_params is not None
+                                            and sampling_params.structured_outputs is not None):
+                # compiling a grammar or reading an adapter can take a while: never on the event loop
+                prepared = await asyncio.to_thread(self.prepare, prompt, sampling_params, request_id, lora_request)
+            else:
+                prepared = self.prepare(prompt, sampling_params, request_id)
         rid = prepared.request_id
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._streams_lock:

@@ -7,10 +7,13 @@ retried alone and only the ones that still fail are ended with an error.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -19,12 +22,18 @@ from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
-from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_rows
+from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
+from llmctl.engine.step_stats import IterationTokenStats
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
+from llmctl.spec_decode.config import SpeculativeConfig
+from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
+from llmctl.spec_decode.rejection_sampler import RejectionSampler
+from llmctl.spec_decode.speculator import Speculator
+from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask, fill_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +56,7 @@ class CoreOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     pooled: torch.Tensor | None = None  # a pooling request's result (it finishes in the step that computes it)
+    first_scheduled_time: float | None = None  # wall clock when the scheduler first admitted the request
 
 
 class InjectedFault(RuntimeError):
@@ -57,19 +67,23 @@ class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
+        from llmctl.models.supported import attention_features
         from llmctl.pooling.setup import backend_features, plan_runner
 
         self.args = args
+        spec_config = SpeculativeConfig.parse(args.speculative_config)
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
         user_mnbt = args.max_num_batched_tokens  # before the platform fills it in (pooling checks the user's)
         self._apply_platform_config(args)
         self.device = self.platform.torch_device()
-        self.source = resolve_model(args.model, args.revision, args.trust_remote_code)
+        self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
+                                    args.hf_overrides)
         hf_config = self.source.hf_config
         self.runner_plan = plan_runner(args.runner, args.pooler_config, hf_config, self.source.local_dir,
-                                       plugins.registry, get_model_class)
+                                       plugins.registry,
+                                       lambda cfg, reg: get_model_class(cfg, reg, args.model_impl))
         self.runner_type = self.runner_plan.runner
         from llmctl.quantization import resolve_quant_config
 
@@ -77,18 +91,41 @@ class EngineCore:
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
+        draft_source = None
+        if spec_config is not None and spec_config.method == "draft_model":
+            draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
+        model_cls = self.runner_plan.model_cls
+        features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
+        if callable(getattr(model_cls, "attention_head_size", None)):
+            head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
         features = backend_features(features, self.runner_plan)
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
-                           extra={"pooler_config": self.runner_plan.pooler_config})
-        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name,
-                                model_cls=self.runner_plan.model_cls)
+                           extra={"trust_remote_code": args.trust_remote_code,
+                                  "pooler_config": self.runner_plan.pooler_config})
+        self.lora = None
+        lora_config = args.lora_config()
+        if lora_config is not None and self.runner_plan.pooling:
+            raise ValueError("enable_lora: LoRA adapters apply to generating models only, not runner='pooling'")
+
+        def attach_lora(model: torch.nn.Module) -> None:
+            from llmctl.lora.manager import LoRAManager
+
+            self.lora = LoRAManager(model, lora_config, self.ops, dtype, self.device)
+
+        self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl,
+                                model_cls=self.runner_plan.model_cls,
+                                before_bind=attach_lora if lora_config is not None else None)
         summary = getattr(self.model, "quant_summary", None)
+        self.model_impl = "transformers" if type(self.model).__name__ == "TransformersForCausalLM" else "native"
+        logger.info("llmctl model: %s runs on the %s implementation (%s; model_impl=%s)",
+                    "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)]),
+                    self.model_impl, type(self.model).__name__, args.model_impl)
         spec = self.model.kv_cache_spec()
 
         mnbt = args.max_num_batched_tokens or max(2048, min(self.model_config.max_model_len, 8192))
@@ -98,7 +135,8 @@ class EngineCore:
             elif mnbt < self.model_config.max_model_len:
                 raise ValueError(f"max_num_batched_tokens: a pooling model computes each prompt in one step, so it "
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
-        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
+                                                max_loras=lora_config.max_loras if lora_config else None)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               spec.head_size)
@@ -109,11 +147,16 @@ class EngineCore:
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device)
+        draft = load_draft_proposer(draft_source, self) if draft_source is not None else None
+        self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
+        self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
+        self.iteration_tokens = IterationTokenStats()
         logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
                     "decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
                     self.cache_config.num_blocks, args.block_size, self.model_config.max_model_len, decode_graphs,
@@ -263,6 +306,8 @@ class EngineCore:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
+        if self.lora is not None:
+            return "off (LoRA: adapters switch per step)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)
@@ -300,7 +345,7 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def get_stats(self) -> dict[str, float]:
+    def get_stats(self) -> dict[str, Any]:
         stats = self.kv.stats
         return {
             "kv_blocks_total": self.kv.pool.num_blocks,
@@ -310,7 +355,9 @@ class EngineCore:
             "prefix_cache_hit_tokens": stats.hit_tokens,
             "prefix_cache_hit_rate": stats.hit_tokens / stats.queried_tokens if stats.queried_tokens else 0.0,
             "num_steps": self.num_steps,
+            **self.iteration_tokens.snapshot(),
             **self.scheduler.stats(),
+            **(self.speculator.stats.as_dict() if self.speculator else {}),
         }
 
     # -- the step --------------------------------------------------------------------------------------------
@@ -319,6 +366,13 @@ class EngineCore:
         if not sched:
             return []
         self.num_steps += 1
+        self.iteration_tokens.observe(sched.num_tokens)
+        outputs = self._step(sched)
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
+        return outputs
+
+    def _step(self, sched: SchedulerOutput) -> list[CoreOutput]:
         try:
             return self._run(sched)
         except Exception as exc:
@@ -349,42 +403,83 @@ class EngineCore:
                 if extra.get("inject_fault") == "forward":
                     raise InjectedFault(f"injected model fault for request {item.request.request_id}")
         batch = self.runner.prepare(sched)
+        grammars = [r.grammar for r in batch.sampling_requests]
+        # structured output: the bitmask is filled on a worker thread while the forward pass runs
+        mask_job = self._grammar_pool().submit(fill_grammar_bitmask, grammars, self.model_config.vocab_size) \
+            if any(g is not None for g in grammars) else None
         result = self.runner.execute(batch)
-        sampled = self.sampler(result.sample_logits, batch.sampling_requests) if batch.sampling_requests else None
-        return self._update(sched, batch.sampling_requests, sampled, result.prompt_logits, result.pooled)
+        mask = mask_job.result() if mask_job is not None else None
+        new_tokens: list[list[int]] = []
+        new_logprobs: list[list[RowLogprobs] | None] = []
+        if batch.draft_token_ids:
+            logits = result.sample_logits
+            if mask is not None:  # grammar rows never draft, so each is the one row at its request's start
+                starts = list(itertools.accumulate((len(d) + 1 for d in batch.draft_token_ids), initial=0))
+                logits = apply_token_bitmask(logits, GrammarBitmask(mask.bitmask, [starts[i] for i in mask.rows]))
+            verified = self.rejection_sampler(logits, batch.sampling_requests, batch.draft_token_ids)
+            new_tokens, new_logprobs = verified.token_ids, verified.logprobs
+            self.speculator.record(sum(1 for d in batch.draft_token_ids if d), verified.num_draft_tokens,
+                                   verified.num_accepted_tokens)
+        elif batch.sampling_requests:
+            sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask)
+            new_tokens = [[t] for t in sampled.token_ids]
+            new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
+        return self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_hidden,
+                            result.pooled)
 
-    def _update(self, sched, sampling_requests, sampled, prompt_logits, pooled=None) -> list[CoreOutput]:
+    def _grammar_pool(self) -> ThreadPoolExecutor:
+        if self._bitmask_pool is None:
+            self._bitmask_pool = ThreadPoolExecutor(1, thread_name_prefix="llmctl-bitmask")
+        return self._bitmask_pool
+
+    def _update(self, sched: SchedulerOutput, sampling_requests: list[Request], new_tokens: list[list[int]],
+                new_logprobs: list[list[RowLogprobs] | None], prompt_hidden, pooled=None) -> list[CoreOutput]:
         outputs: dict[str, CoreOutput] = {}
+        accepted = {id(r): len(t) - 1 for r, t in zip(sampling_requests, new_tokens, strict=True)}
         for item in sched.scheduled:
             req = item.request
             req.num_computed_tokens += item.num_new_tokens
+            if item.spec_token_ids:
+                # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
+                # holding nothing else go back to the pool.
+                req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
+                self.kv.trim(req)
             self.kv.cache_computed_blocks(req)
         for rid, data in (pooled or {}).items():
             req = self.scheduler.requests[rid]
-            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens)
+            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens,
+                                      first_scheduled_time=req.first_scheduled_time)
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-        for rid, (chunk, logits) in prompt_logits.items():
+        for rid, (chunk, hidden) in prompt_hidden.items():
             req = chunk.request
             first = chunk.first_position
-            targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=logits.device)
-            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens))
-            out.prompt_logprobs = prompt_logprobs_rows(logits, targets, req.sampling_params.prompt_logprobs)
+            targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=hidden.device)
+            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens,
+                                                     first_scheduled_time=req.first_scheduled_time))
+            out.prompt_logprobs = prompt_logprobs_in_slices(hidden, self.runner.model.compute_logits, targets,
+                                                            req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
-        if sampled is not None:
-            for i, req in enumerate(sampling_requests):
-                token = sampled.token_ids[i]
+        for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):
+            out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
+                                                                num_cached_tokens=req.num_cached_tokens,
+                                                                first_scheduled_time=req.first_scheduled_time))
+            for j, token in enumerate(tokens):
                 req.all_token_ids.append(token)
-                out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                    num_cached_tokens=req.num_cached_tokens))
                 out.new_token_ids.append(token)
-                lp = sampled.logprobs[i]
-                if lp is not None:
-                    out.new_logprobs = [lp]
+                if lps is not None:
+                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
+                if req.grammar is not None and not req.grammar.accept(token):
+                    out.finish_reason, out.error = "error", f"token {token} is not allowed by the request's grammar"
+                    self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
+                    break
                 reason = self._stop_reason(req, token)
-                if reason is not None:
+                if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
+                    reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
+                if reason is not None:  # tokens accepted after a stop are dropped
                     out.finish_reason, out.stop_reason = reason
                     status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
                     self.scheduler.finish(req, status)
+                    break
         return list(outputs.values())
 
     def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:

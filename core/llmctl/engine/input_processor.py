@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import CacheConfig, ModelConfig
+from llmctl.engine.logits_controls import tokenize_bad_words
 from llmctl.engine.request import Request
 from llmctl.sampling_params import SamplingParams
+from llmctl.structured_output.manager import StructuredOutputManager
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -25,8 +27,9 @@ class ProcessedPrompt:
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_logprobs: int = 20) -> None:
+                 max_logprobs: int = 20, structured: StructuredOutputManager | None = None) -> None:
         self.tokenizer = tokenizer
+        self.structured = structured
         self.model_config = model_config
         self.cache_config = cache_config
         self.max_logprobs = max_logprobs
@@ -78,6 +81,9 @@ class InputProcessor:
             value = getattr(params, field_name)
             if value is not None and value > self.max_logprobs:
                 raise ValueError(f"{field_name}: at most {self.max_logprobs}, got {value}")
+        params.check_vocab(self.model_config.vocab_size)
+        if params.bad_words and params._bad_words_token_ids is None:
+            params._bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
         bs = self.cache_config.block_size
         need = -(-(num_prompt_tokens + max_tokens) // bs)
         if need > self.cache_config.num_blocks:
@@ -88,6 +94,11 @@ class InputProcessor:
     def make_requests(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:
         max_tokens = self.check(len(processed.prompt_token_ids), params)
+        compiled = None
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError("structured_outputs: this engine has no grammar backend")
+            compiled = self.structured.compile(params.structured_outputs)  # caller's thread, never the engine's
         arrival = arrival_time or time.time()
         requests: list[Request] = []
         for i in range(params.n):
@@ -103,5 +114,7 @@ class InputProcessor:
                 eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens,
                 leader=requests[0] if requests else None,
+                grammar=self.structured.request_grammar(compiled, params.structured_outputs)  # type: ignore[union-attr]
+                if compiled is not None else None,
             ))
         return requests

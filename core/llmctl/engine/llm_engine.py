@@ -15,11 +15,14 @@ from llmctl.engine.core import EngineCore
 from llmctl.engine.input_processor import InputProcessor, PromptType
 from llmctl.engine.output_processor import OutputProcessor
 from llmctl.engine.request import Request, RequestStatus
+from llmctl.lora.adapter import LoRAAdapter
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.frontend import PoolingFrontend, PreparedPooling
 from llmctl.pooling.outputs import PoolingRequestOutput
 from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
+from llmctl.structured_output.manager import StructuredOutputManager
 
 
 @dataclass
@@ -40,7 +43,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
         self.model_config = self.core.model_config
         self.cache_config = self.core.cache_config
-        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs)
+        eos = (*self.model_config.eos_token_ids, *([self.tokenizer.eos_token_id] if isinstance(
+            getattr(self.tokenizer, "eos_token_id", None), int) else []))
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, tuple(dict.fromkeys(eos)),
+            args.structured_outputs_backend, args.structured_outputs_compile_timeout)
+        self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs,
+                                              self.structured_output)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.runner_type = self.core.runner_type
@@ -63,13 +72,17 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: SamplingParams | PoolingParams | None = None,
-                        arrival_time: float | None = None) -> PreparedRequest | PreparedPooling:
+                        arrival_time: float | None = None, lora_request: LoRARequest | None = None
+                        ) -> PreparedRequest | PreparedPooling:
         """Validate and tokenize without touching engine state, so it can run on the caller's thread. Raises
-        ``ValueError`` naming the field before anything is allocated."""
+        ``ValueError`` naming the field before anything is allocated. A LoRA adapter is read and checked here too,
+        off the engine loop."""
         if self.pooling is not None:
             if isinstance(params, SamplingParams):
                 raise ValueError("runner: this model runs as a pooling model (embeddings, scores, classes) and "
                                  "does not generate text")
+            if lora_request is not None:
+                raise ValueError("lora_request: LoRA adapters apply to generating models only")
             return self.pooling.prepare(request_id, prompt, params, arrival_time)
         if isinstance(params, PoolingParams):
             raise ValueError("pooling_params: this model runs with runner='generate'; start it with "
@@ -77,8 +90,13 @@ class LLMEngine:
         params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        adapter = self.load_lora(lora_request) if lora_request is not None else None
         processed = self.input_processor.tokenize(prompt)
         requests = self.input_processor.make_requests(request_id, processed, params, arrival_time)
+        if adapter is not None:
+            salt = f"lora:{adapter.adapter_id}:{adapter.request.lora_path}".encode()
+            for r in requests:
+                r.lora, r.cache_salt = adapter, salt
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
 
     def add_prepared(self, prepared: PreparedRequest | PreparedPooling) -> None:
@@ -97,8 +115,20 @@ class LLMEngine:
             self.core.add_request(r)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time))
+                    arrival_time: float | None = None, lora_request: LoRARequest | None = None) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params, arrival_time, lora_request))
+
+    def load_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
+        if self.core.lora is None:
+            raise ValueError("lora_request: this engine was started without enable_lora=True (--enable-lora)")
+        return self.core.lora.load(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.core.lora is not None and self.core.lora.remove(lora_id)
+
+    def list_loras(self) -> list[int]:
+        return [] if self.core.lora is None else self.core.lora.cached_ids()
 
     def abort_request(self, request_ids: list[str] | str) -> list[RequestOutput | PoolingRequestOutput]:
         if isinstance(request_ids, str):

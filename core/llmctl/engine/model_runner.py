@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from llmctl.attention import AttentionMetadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+
+if TYPE_CHECKING:
+    from llmctl.lora.manager import LoRAManager
 
 # Decode batches above this run eagerly: their launch overhead is small next to the work, and every captured
 # size costs capture time and graph memory.
@@ -70,19 +74,26 @@ class BatchInputs:
     prompt_logprob_chunks: list[PromptLogprobChunk] = field(default_factory=list)
     pooling_chunks: list[PoolingChunk] = field(default_factory=list)
     token_type_ids: torch.Tensor | None = None  # [num_tokens], only when a pooling request carries segment ids
+    # Per sampling request, the draft tokens it feeds; its logits rows are then len(draft) + 1 consecutive rows
+    # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
+    draft_token_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class ModelOutput:
-    sample_logits: torch.Tensor  # [num_sampling_requests, vocab], the model's dtype
-    prompt_logits: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
+    sample_logits: torch.Tensor  # [num_sampling_rows, vocab], the model's dtype (one row per request without
+    # draft tokens, len(draft) + 1 rows with them)
+    # Hidden states of each prompt-logprobs chunk's rows, not logits: a long prompt's logits (rows x vocab, float32)
+    # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
+    prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
@@ -126,6 +137,9 @@ class ModelRunner:
                                extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
+        if self.lora is not None:
+            self.lora.begin_step([s.request.lora for s in sched.scheduled],
+                                 [s.num_new_tokens for s in sched.scheduled], self.device)
         if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
                and s.request.pooling_params is None for s in sched.scheduled):
             return self._prepare_decodes(sched)
@@ -137,6 +151,7 @@ class ModelRunner:
         query_lens, seq_lens = [], []
         logits_rows: list[int] = []
         sampling: list[Request] = []
+        drafts: list[list[int]] = []
         prompt_chunks: list[PromptLogprobChunk] = []
         pooling_chunks: list[PoolingChunk] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
@@ -148,7 +163,8 @@ class ModelRunner:
             positions = np.arange(start, start + n, dtype=np.int64)
             table = np.asarray(req.block_ids, dtype=np.int64)
             block_tables[i, : len(table)] = table
-            ids_parts.append(np.asarray(req.all_token_ids[start:start + n], dtype=np.int64))
+            known = req.all_token_ids[start:start + n]
+            ids_parts.append(np.asarray(known + s.spec_token_ids if s.spec_token_ids else known, dtype=np.int64))
             pos_parts.append(positions)
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
@@ -156,8 +172,10 @@ class ModelRunner:
             if req.pooling_params is not None:
                 pooling_chunks.append(PoolingChunk(req, offset, offset + n))
             elif s.samples:
-                logits_rows.append(offset + n - 1)
+                k = len(s.spec_token_ids)
+                logits_rows.extend(range(offset + n - 1 - k, offset + n))
                 sampling.append(req)
+                drafts.append(s.spec_token_ids)
             sp = req.sampling_params
             if sp.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(start + n, req.num_prompt_tokens - 1)
@@ -188,6 +206,7 @@ class ModelRunner:
             prompt_logprob_chunks=prompt_chunks,
             pooling_chunks=pooling_chunks,
             token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
+            draft_token_ids=drafts if any(drafts) else [],
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
@@ -252,11 +271,11 @@ class ModelRunner:
         else:
             pooled = {}
         sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
-        prompt_logits = {}
+        prompt_hidden = {}
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
-            prompt_logits[chunk.request.request_id] = (chunk, self.model.compute_logits(hidden[rows]))
-        return ModelOutput(sample_logits, prompt_logits, pooled)  # the sampler casts to float32 where it needs to
+            prompt_hidden[chunk.request.request_id] = (chunk, hidden[rows])
+        return ModelOutput(sample_logits, prompt_hidden, pooled)  # the sampler casts to float32 where it needs to
 
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
         """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).

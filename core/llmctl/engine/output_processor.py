@@ -129,6 +129,8 @@ class OutputProcessor:
     def _apply(self, parent: ParentState, seq: SequenceState, co: CoreOutput, now: float) -> None:
         m = parent.metrics
         parent.num_cached_tokens = co.num_cached_tokens
+        if m.first_scheduled_time is None and co.first_scheduled_time is not None:
+            m.first_scheduled_time = co.first_scheduled_time
         if co.prompt_logprobs is not None and parent.prompt_logprobs is not None:
             start = co.prompt_logprobs_start
             plp = parent.prompt_logprobs

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llmctl.structured_output.request_grammar import RequestGrammar
 
 
 class RequestStatus(enum.Enum):
@@ -45,11 +49,18 @@ class Request:
     num_cached_tokens: int = 0
     num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # wall clock of the first admission (queue-time metric)
     generator: torch.Generator | None = None
     # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
     pixel_values: torch.Tensor | None = None  # an image request's preprocessed pixels [3, H, W] (CLIP)
+    grammar: RequestGrammar | None = None  # structured output: advances with every appended token
+    # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
+    spec_token_ids: list[int] = field(default_factory=list)
+    lora: Any = None  # the request's llmctl.lora LoRAAdapter (held here, so unloading never breaks it), or None
+    # Seeds the request's prefix-cache hash chain: requests with other adapters never share KV blocks.
+    cache_salt: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -77,6 +88,10 @@ class Request:
     @property
     def prompt_computed(self) -> bool:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora is None else self.lora.adapter_id
 
     @property
     def finished(self) -> bool:

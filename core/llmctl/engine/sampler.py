@@ -1,18 +1,21 @@
 """Turns the logits of the rows that sample into next tokens, vectorised over the batch.
 
-Order (as in vLLM): penalties -> min_tokens masking -> temperature -> top-k/top-p -> min-p -> sample. Greedy
+Order: penalties -> min_tokens masking -> token controls (allowed_token_ids, bad_words, logit_bias, custom
+processors; logits_controls.py) -> temperature -> top-k/top-p -> min-p -> sample. Greedy
 rows take the argmax of the penalised logits. Logprobs are those of the raw model distribution. A request with
 a seed draws its noise from its own generator, so its tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from llmctl.engine.request import Request
+from llmctl.engine.logits_controls import SampleRow, apply_logits_controls, rows_with_controls
 from llmctl.ops import Ops
+from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask
 
 
 @dataclass
@@ -29,7 +32,7 @@ class SamplerOutput:
     logprobs: list[RowLogprobs | None]
 
 
-def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, requests: Sequence[SampleRow]) -> torch.Tensor:
     n, vocab = logits.shape
     device = logits.device
     rows = [i for i, r in enumerate(requests) if r.sampling_params.needs_penalties]
@@ -68,23 +71,19 @@ class Sampler:
         self.ops = ops
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: Sequence[SampleRow],
+                 grammar_bitmask: GrammarBitmask | None = None) -> SamplerOutput:
         params = [r.sampling_params for r in requests]
-        if all(p.greedy and not p.needs_penalties and not p.min_tokens for p in params):
+        controls = rows_with_controls(requests)
+        if not controls and all(p.greedy and not p.needs_penalties and not p.min_tokens for p in params):
             # the common offline case: no float32 copy of the logits unless logprobs ask for one
-            next_ids = self.ops.greedy_sample(logits)
+            masked = logits if grammar_bitmask is None else apply_token_bitmask(logits, grammar_bitmask)
+            next_ids = self.ops.greedy_sample(masked)
             return SamplerOutput(next_ids.tolist(), self._logprobs(logits, params, next_ids))
-        logits = logits.float()
-        raw = logits
-        logits = logits.clone() if any(p.needs_penalties or p.min_tokens for p in params) else logits
-        logits = apply_penalties(logits, requests)
-        for i, r in enumerate(requests):
-            sp = r.sampling_params
-            if sp.min_tokens and r.num_output_tokens < sp.min_tokens:
-                banned = [t for t in (*r.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
-                if banned:
-                    logits[i, banned] = float("-inf")
-
+        raw = logits.float()
+        # structured output: only what the grammar allows (logprobs stay those of the raw distribution)
+        masked = raw if grammar_bitmask is None else apply_token_bitmask(raw, grammar_bitmask)
+        logits = self.process(masked, requests, controls)
         greedy = [p.greedy for p in params]
         if all(greedy):
             next_ids = logits.argmax(dim=-1)
@@ -93,8 +92,28 @@ class Sampler:
         token_ids = next_ids.tolist()
         return SamplerOutput(token_ids, self._logprobs(raw, params, next_ids))
 
-    def _sample_random(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
-        params = [r.sampling_params for r in requests]
+    def process(self, logits: torch.Tensor, rows: Sequence[SampleRow], controls: list[int]) -> torch.Tensor:
+        """The float32 logits after the steps that depend on the request's history: penalties, min_tokens
+        masking, then the token controls (see logits_controls). Returns a copy when anything changes, so the
+        caller's tensor stays the raw distribution for logprobs."""
+        params = [r.sampling_params for r in rows]
+        if any(p.needs_penalties or p.min_tokens for p in params) or controls:
+            logits = logits.clone()
+        logits = apply_penalties(logits, rows)
+        for i, r in enumerate(rows):
+            sp = r.sampling_params
+            if sp.min_tokens and len(r.output_token_ids) < sp.min_tokens:
+                banned = [t for t in (*r.eos_token_ids, *sp.stop_token_ids) if t < logits.shape[1]]
+                if banned:
+                    logits[i, banned] = float("-inf")
+        if controls:
+            logits = apply_logits_controls(logits, rows, controls)
+        return logits
+
+    def warp(self, logits: torch.Tensor, rows: Sequence[SampleRow], greedy: list[bool]) -> torch.Tensor:
+        """Temperature, then top-k/top-p and min-p: the logits whose softmax is the distribution sampled from
+        (greedy rows keep temperature 1 here; callers take their argmax instead)."""
+        params = [r.sampling_params for r in rows]
         device = logits.device
         temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
         scaled = logits / temps.unsqueeze(1)
@@ -104,18 +123,29 @@ class Sampler:
             scaled = self.ops.apply_top_k_top_p(scaled, top_k, top_p)
         if any(p.min_p > 0 for p in params):
             scaled = self.ops.apply_min_p(scaled, torch.tensor([p.min_p for p in params], device=device))
-        probs = scaled.softmax(dim=-1, dtype=torch.float32)
+        return scaled
+
+    def exponential_noise(self, shape: tuple[int, int], rows: Sequence[SampleRow],
+                          device: torch.device) -> torch.Tensor:
+        """Exp(1) noise per row, from the row's own generator when its request has a seed."""
+        noise = torch.empty(shape, dtype=torch.float32, device=device)
+        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
+        if unseeded:
+            part = torch.empty((len(unseeded), shape[1]), dtype=torch.float32)
+            part.exponential_(generator=self.generator)
+            noise[unseeded] = part.to(device)
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                noise[i] = torch.empty(shape[1], dtype=torch.float32).exponential_(generator=r.generator).to(device)
+        return noise
+
+    def _sample_random(self, logits: torch.Tensor, requests: Sequence[SampleRow], greedy: list[bool]
+                       ) -> torch.Tensor:
+        device = logits.device
+        probs = self.warp(logits, requests, greedy).softmax(dim=-1, dtype=torch.float32)
         # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and each row's noise can come from
         # that request's own generator.
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(requests) if r.generator is None]
-        if unseeded:
-            rows = torch.empty((len(unseeded), probs.shape[1]), dtype=probs.dtype)
-            rows.exponential_(generator=self.generator)
-            noise[unseeded] = rows.to(device)
-        for i, r in enumerate(requests):
-            if r.generator is not None:
-                noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=r.generator).to(device)
+        noise = self.exponential_noise(tuple(probs.shape), requests, device)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
             g = torch.tensor(greedy, device=device)
@@ -141,6 +171,23 @@ class Sampler:
             n = want[i]
             out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
         return out
+
+
+# Prompt positions whose logits exist at once: 256 x a 49k vocabulary x float32 (plus the log-softmax copy) is
+# ~100 MiB, where a whole 8k-token chunk took GiBs.
+PROMPT_LOGPROBS_SLICE_ROWS = 256
+
+
+def prompt_logprobs_in_slices(hidden: torch.Tensor, compute_logits: Callable[[torch.Tensor], torch.Tensor],
+                              targets: torch.Tensor, k: int,
+                              slice_rows: int = PROMPT_LOGPROBS_SLICE_ROWS) -> list[RowLogprobs]:
+    """``prompt_logprobs_rows`` over ``compute_logits(hidden)``, a slice of rows at a time to bound memory."""
+    out: list[RowLogprobs] = []
+    for start in range(0, hidden.shape[0], slice_rows):
+        logits = compute_logits(hidden[start:start + slice_rows])
+        out.extend(prompt_logprobs_rows(logits, targets[start:start + slice_rows], k))
+        del logits
+    return out
 
 
 def prompt_logprobs_rows(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[RowLogprobs]:

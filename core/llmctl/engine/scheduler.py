@@ -3,6 +3,7 @@ preemption by recompute of the newest request when KV blocks run out."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,11 +16,14 @@ from llmctl.kv.manager import KVCacheManager
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    # Draft tokens fed after the request's known tokens (counted in num_new_tokens), to be verified this step.
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the known tokens, i.e. produces the next token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        return self.request.num_computed_tokens + self.num_new_tokens == \
+            self.request.num_tokens + len(self.spec_token_ids)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Scheduler:
         self.kv.free(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
+        victim.spec_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -87,14 +92,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
+        loras: set[int] = set()
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            known = req.num_tokens - req.num_computed_tokens
+            num_new = min(known + len(req.spec_token_ids), budget)
+            if num_new <= 0 or not self._lora_fits(req, loras):
                 i += 1
                 continue
+            spec = req.spec_token_ids[:max(0, num_new - known)]
             while not self.kv.allocate(req, num_new):
                 victim = self.running[-1]  # newest running request goes back to the queue
                 self._preempt(victim)
@@ -103,7 +111,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            out.scheduled.append(ScheduledRequest(req, num_new))
+            out.scheduled.append(ScheduledRequest(req, num_new, spec))
             scheduled_ids.add(req.request_id)
             budget -= num_new
             i += 1
@@ -114,6 +122,9 @@ class Scheduler:
                 req = self.waiting[0]
                 if req.leader is not None and not req.leader.finished and not req.leader.prompt_computed:
                     # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.
+                    skipped.append(self.waiting.popleft())
+                    continue
+                if not self._lora_fits(req, loras):  # its adapter would need a device slot this step lacks
                     skipped.append(self.waiting.popleft())
                     continue
                 # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
@@ -129,12 +140,24 @@ class Scheduler:
                 self.waiting.popleft()
                 if req.status == RequestStatus.WAITING:
                     req.num_cached_tokens = len(cached) * self.kv.block_size
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.time()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
             self.waiting.extendleft(reversed(skipped))
         return out
+
+    def _lora_fits(self, req: Request, loras: set[int]) -> bool:
+        """Whether ``req``'s adapter fits in this step's ``max_loras`` distinct adapters (and counts it in)."""
+        lora_id = req.lora_id
+        if lora_id is None or self.config.max_loras is None or lora_id in loras:
+            return True
+        if len(loras) >= self.config.max_loras:
+            return False
+        loras.add(lora_id)
+        return True
 
     def stats(self) -> dict[str, int]:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),

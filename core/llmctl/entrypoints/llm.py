@@ -6,9 +6,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from llmctl.beam_search import (
+    BeamSearchInstance,
+    BeamSearchOutput,
+    BeamSearchParams,
+    check_beam_search,
+    step_sampling_params,
+)
 from llmctl.config import EngineArgs
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine
+from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.outputs import (
     ClassificationRequestOutput,
@@ -39,6 +47,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and
                                                  isinstance(prompts[0], int)):
@@ -55,7 +64,13 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras: list[LoRARequest | None] = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"lora_request: got {len(loras)} for {len(prompts)} prompts")
+        return self._run(prompts, params_list, use_tqdm, loras)
 
     # -- pooling models (runner="pooling"): llmctl.entrypoints.pooling ----------------------------------------------
     def encode(self, prompts: Any, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
@@ -121,14 +136,49 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool
-             ) -> list[RequestOutput]:
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``beam_width`` best sequences per prompt, best first (see
+        llmctl.beam_search for the scoring). Each step runs every live beam as a one-token request; beams
+        share their prefix through the prefix cache."""
+        engine = self.llm_engine
+        check_beam_search(params, self.engine_args.max_logprobs)
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        processed = [engine.input_processor.tokenize(p) for p in prompts]
+        for pp in processed:
+            engine.input_processor.check(len(pp.prompt_token_ids), SamplingParams(max_tokens=params.max_tokens))
+        instances = [BeamSearchInstance(pp.prompt_token_ids, params, engine.input_processor.eos_token_ids,
+                                        engine.model_config.max_model_len) for pp in processed]
+        step_params = step_sampling_params(params)
+        while True:
+            work = [(inst, beam) for inst in instances for beam in inst.pending()]
+            if not work:
+                break
+            outs = self._run([{"prompt_token_ids": beam.tokens} for _, beam in work], [step_params] * len(work),
+                             use_tqdm)
+            for inst in instances:
+                tops = [out.outputs[0].logprobs[0] for (owner, _), out in zip(work, outs) if owner is inst]
+                if tops:
+                    inst.advance(tops)
+        tok = self.get_tokenizer()
+        results = []
+        for inst in instances:
+            seqs = inst.result()
+            for seq in seqs:
+                seq.text = tok.decode(seq.tokens, skip_special_tokens=True)
+            results.append(BeamSearchOutput(seqs))
+        return results
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
+             loras: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids: list[str] = []
+        loras = loras or [None] * len(prompts)
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 rid = engine.next_request_id()
-                engine.add_request(rid, prompt, params)
+                engine.add_request(rid, prompt, params, lora_request=lora)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # a bad prompt must not leave the good ones holding KV blocks

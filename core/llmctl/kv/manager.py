@@ -41,7 +41,8 @@ class KVCacheManager:
         hashes = request.block_hashes
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.all_token_ids[i * bs:(i + 1) * bs]))
+            parent = hashes[-1] if hashes else request.cache_salt
+            hashes.append(hash_block(parent, request.all_token_ids[i * bs:(i + 1) * bs]))
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Cached blocks for the longest hashed prefix, leaving at least one token to compute (the step that
@@ -96,6 +97,14 @@ class KVCacheManager:
         for i in range(request.num_registered_blocks, full):
             self.pool.register(request.block_ids[i], request.block_hashes[i])
         request.num_registered_blocks = max(request.num_registered_blocks, full)
+
+    def trim(self, request: Request) -> None:
+        """Release the blocks past the one that will hold the request's next token (after rejected draft
+        tokens were rolled back, the blocks only they used are empty)."""
+        keep = -(-(request.num_computed_tokens + 1) // self.block_size)
+        if len(request.block_ids) > keep:
+            self.pool.release(list(reversed(request.block_ids[keep:])))
+            del request.block_ids[keep:]
 
     def free(self, request: Request) -> None:
         self.pool.release(list(reversed(request.block_ids)))

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
 from llmctl.layers.linear import bind_linear_ops
+
+if TYPE_CHECKING:
+    from llmctl.lora.layers import LoRAEmbeddingSlots
 from llmctl.ops import Ops
 
 
 class VocabEmbedding(EngineModule):
+    lora: LoRAEmbeddingSlots | None = None  # set by llmctl.lora when LoRA is enabled
+
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        y = F.embedding(input_ids, self.weight)
+        return y if self.lora is None else self.lora.add(input_ids, y)
 
 
 class LMHead(EngineModule):

@@ -13,6 +13,7 @@ from llmctl.layers._params import copy_checked, empty_param
 from llmctl.ops import Ops
 
 if TYPE_CHECKING:
+    from llmctl.lora.layers import LoRALinearSlots
     from llmctl.quantization.base import LinearQuantizer
 
 
@@ -49,6 +50,7 @@ class Linear(EngineModule):
     format whose matmul a platform kernel runs (``llmctl.quantization``): the models never see the difference."""
 
     quantizer: LinearQuantizer | None = None
+    lora: LoRALinearSlots | None = None  # set by llmctl.lora before loading when LoRA is enabled
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -87,7 +89,8 @@ class Linear(EngineModule):
         self._linear = _released_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.weight if self._packed is None else self._packed, self.bias)
+        y = self._linear(x, self.weight if self._packed is None else self._packed, self.bias)
+        return y if self.lora is None else self.lora.add(x, y)
 
 
 class MergedLinear(Linear):

@@ -37,6 +37,8 @@ class GatedMLP(EngineModule):
         proj = self.gate_up_proj
         if proj.quantizer is not None:  # quantized: its own kernel runs the GEMM, the activation stays separate
             return
+        if proj.lora is not None:  # adapters add to gate and up before the activation: keep the GEMM unfused
+            return
         fused = ops.pack_gated_linear_weight(proj.weight.detach(), None if proj.bias is None else proj.bias.detach())
         if fused is None:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +15,8 @@ from llmctl.loader.weights import iter_weights
 from llmctl.models.base import ModelContext
 from llmctl.plugins.registry import Registry
 
+logger = logging.getLogger(__name__)
+
 _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
@@ -20,15 +24,47 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 }
 
 
-def get_model_class(hf_config: Any, registry: Registry) -> Any:
+MODEL_IMPLS = ("auto", "native", "transformers")
+
+
+def get_model_class(hf_config: Any, registry: Registry, model_impl: str = "auto") -> Any:
+    """The class that runs this checkpoint. ``native``: llmctl's own implementation or an error; ``transformers``:
+    the transformers fallback; ``auto`` (vLLM's default): native when llmctl implements the architecture and its
+    config's quirks, otherwise the fallback when transformers can build the model."""
+    from llmctl.models.transformers_fallback import TransformersForCausalLM, transformers_can_build
+
+    if model_impl not in MODEL_IMPLS:
+        raise ValueError(f"model_impl: must be one of {', '.join(MODEL_IMPLS)}, got {model_impl!r}")
     archs = list(getattr(hf_config, "architectures", None) or [])
-    for arch in archs:
-        entry = registry.models.get(arch)
-        if entry is not None:
-            return entry.item.model_cls
-    supported = ", ".join(sorted(registry.models)) or "none (no model plugin registered)"
     asked = " / ".join(archs) if archs else "(none named in config.json)"
-    raise ValueError(f"model: architecture {asked} is not supported; supported: {supported}")
+    supported = ", ".join(sorted(registry.models)) or "none (no model plugin registered)"
+    native, why_not = None, ""
+    if model_impl != "transformers":
+        for arch in archs:
+            entry = registry.models.get(arch)
+            if entry is not None:
+                native = entry.item.model_cls
+                break
+        if native is not None:
+            try:
+                check = getattr(native, "attention_features", None)
+                if callable(check):
+                    check(hf_config)  # reads the config into the model's spec: raises on a quirk it lacks
+                return native
+            except ValueError as exc:
+                if model_impl == "native":
+                    raise
+                why_not = f" ({exc})"
+                native = None
+        if model_impl == "native":
+            raise ValueError(f"model: architecture {asked} is not supported natively; supported: {supported} "
+                             f"(model_impl='transformers' or 'auto' runs other transformers models)")
+    if transformers_can_build(hf_config):
+        if why_not:
+            logger.info("model: %s runs through the transformers fallback%s", asked, why_not)
+        return TransformersForCausalLM
+    raise ValueError(f"model: architecture {asked} is not supported: neither natively (supported: {supported}) "
+                     f"nor by the installed transformers")
 
 
 def _as_dtype(value: Any) -> torch.dtype | None:
@@ -64,11 +100,14 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
 
 
 def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*",
-               model_cls: Any = None) -> nn.Module:
+               model_impl: str = "auto", model_cls: Any = None,
+               before_bind: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """With ``ctx.quant`` (a ``QuantConfig``) the linear layers are given their quantized parameters before
-    loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which). ``model_cls``:
-    when the caller already chose one (a pooling model for a decoder checkpoint)."""
-    model_cls = model_cls or get_model_class(source.hf_config, registry)
+    loading and bound to ``platform``'s kernels right after (``model.quant_summary`` says which). ``model_impl``
+    chooses native or the transformers fallback (see ``get_model_class``); ``model_cls``: when the caller already
+    chose one (a pooling model for a decoder checkpoint). ``before_bind`` sees the loaded model before the platform
+    packs its weights (LoRA attaches there, since adapters change which GEMMs may be fused)."""
+    model_cls = model_cls or get_model_class(source.hf_config, registry, model_impl)
     model = model_cls(source.hf_config, ctx)
     from tqdm.auto import tqdm
 
@@ -94,6 +133,8 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != ctx.dtype:
             p.data = p.data.to(ctx.dtype)
+    if before_bind is not None:
+        before_bind(model)
     for module in model.modules():
         if hasattr(module, "bind_ops"):
             module.bind_ops(ctx.ops)

@@ -36,17 +36,33 @@ class ModelSource:
     generation_config: dict[str, Any] | None
 
 
-def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelSource:
+def resolve_model(model: str, revision: str | None = None, trust_remote_code: bool = False,
+                  download_dir: str | None = None, hf_overrides: dict[str, Any] | None = None) -> ModelSource:
+    """``download_dir`` replaces the Hugging Face cache for hub downloads; ``hf_overrides`` are set on the config
+    (nested dicts update nested configs such as ``text_config``), as vLLM's ``--hf-overrides`` does."""
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model: {model!r} is a file but not a .gguf; pass a checkpoint directory instead")
-        return _from_gguf(model, path.resolve())
-    if path.is_dir():
-        return _from_dir(model, path.resolve(), revision, trust_remote_code)
-    if _looks_like_path(model):
+        source = _from_gguf(model, path.resolve())
+    elif path.is_dir():
+        source = _from_dir(model, path.resolve(), revision, trust_remote_code)
+    elif _looks_like_path(model):
         raise ValueError(f"model: path {model!r} not found (no such file or directory)")
-    return _from_dir(model, _download(model, revision), None, trust_remote_code)
+    else:
+        source = _from_dir(model, _download(model, revision, download_dir), None, trust_remote_code)
+    if hf_overrides:
+        apply_hf_overrides(source.hf_config, hf_overrides)
+    return source
+
+
+def apply_hf_overrides(hf_config: Any, overrides: dict[str, Any]) -> None:
+    for key, value in overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and current is not None and hasattr(current, "to_dict"):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -64,7 +80,25 @@ def _from_dir(model: str, local_dir: Path, revision: str | None, trust_remote_co
                             if ggufs else ""))
     from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(str(local_dir), trust_remote_code=trust_remote_code)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(local_dir), trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        config_json = json.loads((local_dir / "config.json").read_text())
+        if "auto_map" not in config_json and "model_type" in config_json and "trust_remote_code" not in str(exc):
+            # A model type this transformers does not know: keep the plain config, so a plugin that registers the
+            # architecture can still run it and everything else fails listing what is supported.
+            from transformers import PretrainedConfig
+
+            hf_config = PretrainedConfig.from_pretrained(str(local_dir))
+            hf_config.model_type = config_json["model_type"]
+            gen_path = local_dir / "generation_config.json"
+            generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else None
+            return ModelSource(model, local_dir, None, hf_config, generation_config)
+        if ("trust_remote_code" in str(exc) or "auto_map" in config_json) and not trust_remote_code:
+            raise ValueError(f"model: {model!r} needs custom code from its repository (config.json's auto_map); "
+                             f"trust_remote_code is off by default: pass --trust-remote-code (trust_remote_code=True) "
+                             f"only if you trust that code") from None
+        raise
     gen_path = local_dir / "generation_config.json"
     generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else None
     return ModelSource(model, local_dir, None, hf_config, generation_config)
@@ -106,7 +140,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, download_dir: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -117,7 +151,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     )
 
     offline = hub_offline()
-    cache = hub_cache_dir()
+    cache = Path(download_dir).expanduser() if download_dir else hub_cache_dir()
     try:
         local = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
                                   allow_patterns=list(HUB_ALLOW_PATTERNS))

@@ -1,4 +1,4 @@
-"""Native model architectures."""
+"""Native model architectures (the table lives in :mod:`llmctl.models.supported`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from llmctl.plugins.types import ModelArchitecture
 
 
 def native_architectures() -> list[ModelArchitecture]:
-    from llmctl.models.llama import ARCHITECTURES, LlamaForCausalLM
+    from llmctl.models.supported import native_architectures as _native
 
-    return [ModelArchitecture(name, LlamaForCausalLM) for name in ARCHITECTURES] + pooling_architectures()
+    return _native() + pooling_architectures()
 
 
 def pooling_architectures() -> list[ModelArchitecture]:

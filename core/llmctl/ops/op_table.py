@@ -29,6 +29,8 @@ class Ops:
     linear: Callable[..., torch.Tensor]
     pack_gated_linear_weight: Callable[..., tuple[torch.Tensor, torch.Tensor | None] | None]
     gated_linear: Callable[..., torch.Tensor]
+    fused_moe: Callable[..., torch.Tensor]
+    lora_shrink_expand: Callable[..., None]
 
     @classmethod
     def reference(cls) -> Ops:

@@ -37,18 +37,27 @@ def gather_context(
 
 def attention_for_sequence(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None,
-    causal: bool = True,
+    causal: bool = True, *, logits_soft_cap: float | None = None, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of the last ``len(q)`` positions over ``k``/``v`` holding the whole context
-    (``causal=False``: every query sees every key, for encoders)."""
+    (``causal=False``: every query sees every key, for encoders).
+
+    ``logits_soft_cap`` squashes the scaled scores as ``cap * tanh(s / cap)`` (Gemma 2); ``alibi_slopes``
+    ([num_heads] float) adds ``slope * (key_pos - query_pos)`` to each head's scores (BLOOM, MPT): the same
+    softmax as the reference libraries' ``slope * key_pos``, which differs per row by a constant only."""
     q_len, n_heads, _ = q.shape
     kv_len, n_kv, _ = k.shape
     group = n_heads // n_kv
     k = k.repeat_interleave(group, dim=1).float()
     v = v.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if logits_soft_cap is not None:
+        scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
     q_pos = torch.arange(kv_len - q_len, kv_len).unsqueeze(1)
     k_pos = torch.arange(kv_len).unsqueeze(0)
+    if alibi_slopes is not None:
+        distance = (k_pos - q_pos).to(scores.device, torch.float32)
+        scores = scores + alibi_slopes.float().to(scores.device)[:, None, None] * distance
     allowed = k_pos <= q_pos if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
     if sliding_window is not None:
         allowed &= k_pos > q_pos - sliding_window
@@ -65,6 +74,9 @@ def paged_attention_reference(
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
     causal: bool = True,
+    *,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``causal=False`` (bidirectional, the ``bidirectional`` feature) needs every sequence's whole context in
     this step, which it checks: a partial one would miss the keys of its later tokens."""
@@ -79,5 +91,6 @@ def paged_attention_reference(
         if end == start:
             continue
         k, v = gather_context(kv_cache, metadata.block_tables[i], seq_lens[i])
-        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window, causal)
+        out[start:end] = attention_for_sequence(query[start:end], k, v, scale, sliding_window, causal,
+                                                 logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)
     return out

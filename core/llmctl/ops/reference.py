@@ -127,6 +127,37 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return silu_and_mul(F.linear(x, weight, bias))
 
 
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """The experts of a sparse MoE layer: each token's output is the sum over its chosen experts ``e`` (``topk_ids``
+    [T, k]) of ``topk_weights[t, j] * w2[e] @ (act(gate) * up)`` with ``gate|up = w13[e] @ hidden[t]``; ``w13`` is
+    [E, 2 * I, H] (gate rows first), ``w2`` is [E, H, I]. Experts are visited in ascending order and accumulated in
+    the hidden dtype, as transformers does, so a token's result never depends on the other tokens of the batch."""
+    from transformers.activations import ACT2FN
+
+    act = F.silu if activation in ("silu", "swish") else ACT2FN[activation]
+    out = torch.zeros_like(hidden)
+    inter = w2.shape[-1]
+    for e in torch.unique(topk_ids).tolist():
+        rows, slot = torch.where(topk_ids == e)
+        h = F.linear(hidden[rows], w13[e])
+        h = F.linear(act(h[:, :inter]) * h[:, inter:], w2[e])
+        out.index_add_(0, rows, (h * topk_weights[rows, slot, None]).to(hidden.dtype))
+    return out
+
+
+def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       token_slots: torch.Tensor, active_slots: tuple[int, ...]) -> None:
+    """``y[t] += (x[t] @ a[s].T) @ b[s].T`` in place for every token ``t`` whose adapter slot ``s =
+    token_slots[t]`` is one of ``active_slots`` (punica's shrink, then expand, by adapter index), so one batch mixes
+    adapters and base-model rows (slot -1). ``a`` [slots, r, in], ``b`` [slots, out, r]; ``y`` may be a column view
+    of a merged projection's output."""
+    for slot in active_slots:
+        rows = (token_slots == slot).nonzero().squeeze(1)
+        if rows.numel():
+            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
+
+
 OP_NAMES: tuple[str, ...] = (
     "rms_norm",
     "fused_add_rms_norm",
@@ -139,4 +170,6 @@ OP_NAMES: tuple[str, ...] = (
     "linear",
     "pack_gated_linear_weight",
     "gated_linear",
+    "fused_moe",
+    "lora_shrink_expand",
 )

@@ -5,7 +5,7 @@ A backend is a Python package with an entry point in the group ``llmctl.plugins`
     [project.entry-points."llmctl.plugins"]
     mybackend = "mybackend_llmctl"
 
-The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "1.3"`` (the contract version
+The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "2.0"`` (the contract version
 it was written against; core refuses a different major version) and implement any of the hooks below with
 ``@llmctl.plugins.hookimpl``. Every hook receives a ``register`` callback and returns nothing: registering is
 the only thing a plugin does, so core stays in charge of scheduling, KV blocks, the model runner and sampling.
@@ -31,12 +31,11 @@ from llmctl.plugins.types import (
 )
 
 PROJECT_NAME = "llmctl"
-# 1.1 (additive): Platform.profile_kv_cache_bytes, Platform.decode_step_runner and
-# AttentionBackend.supports_graph_capture; a 1.0 plugin simply keeps their defaults.
-# 1.2 (additive): the op greedy_sample and the optional op pair pack_gated_linear_weight / gated_linear (the
-# reference declines).
-# 1.3 (additive): Platform.prepare_kv_cache (default: nothing).
-API_VERSION = "1.3"
+# The changelog, with the migration note from 1.x, is in docs/plugins.md.
+# 2.0: AttentionBackend.forward takes keyword-only ``key``/``value`` (always passed; accepts_new_kv is gone);
+# Platform.options (settings of one platform, applied in configure); Platform.synchronize and
+# Platform.dist_backend are gone (core never called them). 1.x plugins are refused.
+API_VERSION = "2.0"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

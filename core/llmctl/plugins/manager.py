@@ -221,7 +221,8 @@ def _api_version_problem(version: Any) -> str | None:
     want = hookspecs.API_VERSION.split(".")[0]
     if major != want:
         return (f"plugin was written for plugin API {version}, this llmctl-core speaks {hookspecs.API_VERSION} "
-                f"(major versions must match); upgrade the plugin or llmctl-core")
+                f"(major versions must match); upgrade the plugin or llmctl-core"
+                + ("; see 'Migrating from 1.x' in llmctl's docs/plugins.md" if major == "1" else ""))
     return None
 
 

@@ -16,11 +16,13 @@ class TorchReferenceAttention(AttentionBackend):
     priority = -100
 
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
-        return Support(True)
+        return Support(True)  # every feature in MODEL_ATTENTION_FEATURES, by construction the oracle
 
     def write_kv(self, key, value, kv_cache, slot_mapping) -> None:
         write_kv_reference(key, value, kv_cache, slot_mapping)
 
     def forward(self, query, kv_cache, metadata: AttentionMetadata, scale, sliding_window=None, out=None, *,
-                key=None, value=None, causal: bool = True):
-        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out, causal=causal)
+                key=None, value=None, causal: bool = True, logits_soft_cap: float | None = None,
+                alibi_slopes: torch.Tensor | None = None):
+        return paged_attention_reference(query, kv_cache, metadata, scale, sliding_window, out, causal=causal,
+                                         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)

@@ -71,9 +71,6 @@ class Platform(abc.ABC):
         """(free bytes, total bytes) on one device; core sizes the KV cache from it."""
         raise NotImplementedError(f"platform {self.name!r} does not report memory")
 
-    def synchronize(self, device_index: int = 0) -> None:
-        """Wait for queued work on the device (a no-op for synchronous devices)."""
-
     def supported_dtypes(self) -> list[torch.dtype]:
         """Dtypes this platform runs, fastest first; ``dtype="auto"`` falls back along this list."""
         return [torch.float32]
@@ -129,6 +126,16 @@ class Platform(abc.ABC):
         ``supports_graph_capture``, and calls ``capture()`` on the result once, after the KV cache exists.
         ``spec`` describes what to capture; see :class:`DecodeGraphSpec`."""
         return None
+
+
+# Attention features a model declares (``llmctl.models.registry``). A backend runs a model only when its
+# ``supports`` accepts every feature the model declares, so a backend that never heard of one refuses it and core
+# falls back to the next backend (the torch reference implements them all). The per-layer values reach
+# ``forward`` as keyword arguments, passed only by layers that use the feature.
+FEATURE_SLIDING_WINDOW = "sliding_window"  # the positional ``sliding_window`` argument
+FEATURE_LOGITS_SOFT_CAP = "logits_soft_cap"  # ``logits_soft_cap=cap``: scores become cap * tanh(scores / cap)
+FEATURE_ALIBI = "alibi"  # ``alibi_slopes=[num_heads] float32``: scores += slope * (key_pos - query_pos)
+MODEL_ATTENTION_FEATURES = frozenset({FEATURE_SLIDING_WINDOW, FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI})
 
 
 class AttentionBackend(abc.ABC):
@@ -190,7 +197,10 @@ class AttentionBackend(abc.ABC):
         head_size], the tensors just given to ``write_kv``, possibly wider in dtype than the cache), so a backend
         can attend over a prefill chunk without reading it back from the cache. A backend that reads everything
         from the cache ignores them; the result must be the same either way. They are ``None`` only when a
-        caller other than core's attention layer (a test, a benchmark) leaves them out."""
+        caller other than core's attention layer (a test, a benchmark) leaves them out.
+
+        A backend whose ``supports`` accepts ``logits_soft_cap`` or ``alibi`` also takes the keyword argument of
+        the same name (see ``MODEL_ATTENTION_FEATURES``)."""
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,7 @@ class DecodeGraphSpec:
 
 @runtime_checkable
 class DecodeStepRunner(Protocol):
-    """What ``Platform.decode_step_runner`` returns (``llmctl_triton.runtime.CudaGraphRunner`` is one)."""
+    """What ``Platform.decode_step_runner`` returns (``llmctl_gpu.graph_runner.CudaGraphRunner`` is one)."""
 
     def capture(self) -> None:
         """Record every batch size of the spec; core calls it once at start-up under ``inference_mode``."""

@@ -13,7 +13,7 @@ from llmctl.plugins import hookimpl
 from llmctl.plugins.types import AttentionBackend, Communicator, DoctorCheck, OpOverride, Platform
 
 # The plugin contract this package was written against; core refuses a different major version.
-LLMCTL_API_VERSION = "1.0"
+LLMCTL_API_VERSION = "2.0"
 
 PLATFORM_NAME = "example-cpu"  # VENDOR: your platform name, as users pass it to device=...
 
@@ -39,6 +39,7 @@ def llmctl_register_ops(register: Callable[[OpOverride], None]) -> None:
     # VENDOR: register only the ops you have faster kernels for; the rest keep core's reference.
     register(OpOverride("rms_norm", ops.rms_norm, platform=PLATFORM_NAME, priority=10))
     register(OpOverride("fused_add_rms_norm", ops.fused_add_rms_norm, platform=PLATFORM_NAME, priority=10))
+    register(OpOverride("greedy_sample", ops.greedy_sample, platform=PLATFORM_NAME, priority=10))
 
 
 @hookimpl

@@ -21,6 +21,9 @@ class ExampleMatmulAttention(AttentionBackend):
     name = "example-matmul"  # VENDOR: your backend name (users can force it with LLMCTL_ATTENTION_BACKEND)
     platform = "example-cpu"
     priority = 10  # above core's reference (-100), so it is picked on this platform
+    # VENDOR: True only when write_kv + forward of an all-decode batch can be captured in your graph API and
+    # replayed (no host reads; see AttentionBackend.supports_graph_capture); this kernel reads lengths on the host.
+    supports_graph_capture = False
 
     def supports(self, dtype: torch.dtype, head_size: int, block_size: int, features: frozenset[str]) -> Support:
         # VENDOR: state your kernel's real limits, each with a reason a user can act on.
@@ -51,7 +54,9 @@ class ExampleMatmulAttention(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None, out: torch.Tensor | None = None, *,
                 key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
-        # VENDOR: your paged-attention kernel; everything it needs is in `metadata`.
+        # VENDOR: your paged-attention kernel; everything it needs is in `metadata`. `key`/`value` are this
+        # step's new keys/values (already written with write_kv); a kernel can attend over a fresh prefill from
+        # them instead of reading the cache back. This one reads everything from the cache and ignores them.
         if out is None:
             out = torch.empty_like(query)
         starts = metadata.query_start_loc.tolist()

@@ -22,3 +22,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     # VENDOR: a real fused kernel saves one pass over memory here.
     summed = x + residual
     return rms_norm(summed, weight, eps), summed
+
+
+def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
+    # VENDOR: the sampler's all-greedy fast path; logits arrive in the model's dtype. Same answer as an argmax
+    # of the float32 logits, ties to the first index.
+    return torch.max(logits.float(), dim=-1).indices

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 
 import torch
-from llmctl.plugins.types import DeviceInfo, Platform, ProbeResult
+from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner, DeviceInfo, Platform, ProbeResult
+
+logger = logging.getLogger(__name__)
 
 
 def _meminfo() -> tuple[int, int] | None:
@@ -25,7 +29,9 @@ class ExampleCpuPlatform(Platform):
     name = "example-cpu"  # VENDOR: your platform name
     device_type = "cpu"  # VENDOR: the torch device type your runtime registers ("xpu", "hpu", "privateuseone", ...)
     priority = -10  # VENDOR: > 0 for an accelerator, so it wins over the CPU (0) when present
-    dist_backend = "gloo"  # VENDOR: your torch.distributed backend ("xccl", "hccl", ...)
+    # VENDOR: settings only your platform reads, name -> one-line description. Users pass them as engine keywords
+    # (LLM(model, example_probe_log=True)); they arrive in config.platform_options and you apply them in configure.
+    options = {"example_probe_log": "log the device the platform found when the engine starts (default: off)"}
 
     def probe(self) -> ProbeResult:
         # VENDOR: ask your runtime for its devices here. Never raise: every failure becomes a reason.
@@ -52,5 +58,29 @@ class ExampleCpuPlatform(Platform):
         return [torch.float32, torch.bfloat16]
 
     def configure(self, config: object) -> dict[str, object]:
-        # VENDOR: engine settings your hardware needs (e.g. {"block_size": 64}); core applies and logs them.
+        # VENDOR: apply your own options (config.platform_options) and return the engine settings your hardware
+        # needs (e.g. {"block_size": 64}); core applies them where the user set nothing, and logs them.
+        options = getattr(config, "platform_options", None) or {}
+        if options.get("example_probe_log"):
+            probe = self.probe()
+            logger.info("example-cpu: %s", probe.devices[0].name if probe.devices else probe.reason)
         return {}
+
+    def profile_kv_cache_bytes(self, run_forward: Callable[[], None], *, gpu_memory_utilization: float | None,
+                               bytes_per_block: int, block_size: int, max_model_len: int,
+                               device_index: int = 0) -> int | None:
+        # VENDOR: a device with its own memory measures here: reset the allocator's peak, call run_forward() (one
+        # step of the largest batch the scheduler can form), and return total * utilization - weights - peak.
+        # Host memory is shared with everything else, so this template lets core take a share of memory_info.
+        return None
+
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+        # VENDOR: called once after core allocates the KV cache: fault pages in, pin or register the memory with
+        # your DMA engine. Never change the tensors' shape, dtype or storage.
+        return None
+
+    def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
+        # VENDOR: where kernel launches dominate small decode batches, return a runner that captures
+        # spec.forward once per spec.batch_sizes in your graph API and replays it (see DecodeStepRunner; your
+        # attention backend must then declare supports_graph_capture = True). None runs every step eagerly.
+        return None

@@ -8,6 +8,7 @@ rounded values are given to the reference (in float32), so the only differences 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,8 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     - ``attention.forward``: matches the reference on every real row, even though every KV slot the batch does
       not own is poisoned with NaN (core allocates the cache with ``torch.empty``: unowned slots hold garbage).
     - ``attention.forward.out``: with ``out=`` given (poisoned with NaN), the result lands in ``out``.
+    - ``attention.forward.new_kv``: with this step's ``key``/``value`` passed as core passes them (every row,
+      padding included), the result is the same.
     """
     batch = build_batch(case)
     md = batch.metadata
@@ -231,6 +234,15 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     assert_close("attention.forward.out", out[:md.num_tokens], expected, case.dtype,
                  f"{backend.name}: rows of `out` after forward(out=out) ({case.describe()})")
 
+    try:
+        given = backend.forward(query, kv_cache, dmd, scale, window, key=batch.new_key.to(device),
+                                value=batch.new_value.to(device))
+    except Exception as exc:
+        raise ContractViolation("attention.forward.new_kv", f"{backend.name}.forward(key=..., value=...) raised "
+                                                            f"{type(exc).__name__}: {exc}") from exc
+    assert_close("attention.forward.new_kv", given[:md.num_tokens], expected, case.dtype,
+                 f"{backend.name}: forward with this step's key/value ({case.describe()})")
+
 
 # -- registration ----------------------------------------------------------------------------------------------
 def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
@@ -241,8 +253,10 @@ def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
             f"{platform.name}: device_type must name a torch device type, got {platform.device_type!r}")
     require(isinstance(platform.priority, int), clause,
             f"{platform.name}: priority must be an int, got {type(platform.priority).__name__}")
-    require(isinstance(platform.dist_backend, str) and bool(platform.dist_backend), clause,
-            f"{platform.name}: dist_backend must name a torch.distributed backend, got {platform.dist_backend!r}")
+    require(isinstance(platform.options, Mapping) and all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str) and v for k, v in platform.options.items()),
+        "platform.options", f"{platform.name}: options must map option names to descriptions, "
+                            f"got {platform.options!r}")
     require(isinstance(probe, ProbeResult), "platform.probe",
             f"{platform.name}: probe() returned {type(probe).__name__}, not ProbeResult")
     require(probe.available or bool(probe.reason.strip()), "platform.probe",
@@ -270,6 +284,58 @@ def check_memory_info(platform: Platform) -> None:
                                 f"the KV cache from it on an available platform") from exc
     require(isinstance(free, int) and isinstance(total, int) and 0 <= free <= total and total > 0,
             "platform.memory_info", f"{platform.name}: expected ints 0 <= free <= total, got ({free!r}, {total!r})")
+
+
+def check_configure(platform: Platform) -> None:
+    """``configure`` returns engine-argument changes by field name and leaves the arguments alone; the platform's
+    process-wide settings (threads) are restored afterwards."""
+    from dataclasses import asdict, fields
+
+    from llmctl.config import EngineArgs
+
+    clause = "platform.configure"
+    args = EngineArgs(model="testkit-model")
+    before = asdict(args)
+    threads = torch.get_num_threads()
+    try:
+        changes = platform.configure(args)
+    except Exception as exc:
+        raise ContractViolation(clause, f"{platform.name}: configure() raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        torch.set_num_threads(threads)
+    require(isinstance(changes, dict), clause, f"{platform.name}: configure() returned {type(changes).__name__}, "
+                                               f"not a dict of engine-argument changes")
+    known = {f.name for f in fields(EngineArgs)}
+    unknown = sorted(set(changes) - known)
+    require(not unknown, clause, f"{platform.name}: configure() names no engine argument: {unknown}")
+    require(asdict(args) == before, clause, f"{platform.name}: configure() changed the arguments itself; return "
+                                            f"the changes instead, core applies them")
+
+
+def check_kv_cache_hooks(platform: Platform, backend: AttentionBackend, device: torch.device) -> None:
+    """``profile_kv_cache_bytes`` answers ``None`` or a byte count; ``prepare_kv_cache`` keeps the cache's shape,
+    dtype and storage."""
+    ran: list[bool] = []
+    try:
+        kv_bytes = platform.profile_kv_cache_bytes(lambda: ran.append(True), gpu_memory_utilization=None,
+                                                   bytes_per_block=1 << 16, block_size=16, max_model_len=128)
+    except Exception as exc:
+        raise ContractViolation("platform.profile_kv_cache_bytes",
+                                f"{platform.name}: raised {type(exc).__name__}: {exc}") from exc
+    require(kv_bytes is None or (isinstance(kv_bytes, int) and not isinstance(kv_bytes, bool) and kv_bytes >= 0),
+            "platform.profile_kv_cache_bytes", f"{platform.name}: expected None or bytes >= 0, got {kv_bytes!r}")
+    num_blocks = 8
+    shape = backend.kv_cache_shape(num_blocks, 16, 2, 64)
+    caches = [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(2)]
+    ptrs = [t.data_ptr() for t in caches]
+    try:
+        platform.prepare_kv_cache(caches, num_blocks)
+    except Exception as exc:
+        raise ContractViolation("platform.prepare_kv_cache",
+                                f"{platform.name}: raised {type(exc).__name__}: {exc}") from exc
+    require(len(caches) == 2 and all(tuple(t.shape) == tuple(shape) and t.dtype == torch.float32 for t in caches)
+            and [t.data_ptr() for t in caches] == ptrs, "platform.prepare_kv_cache",
+            f"{platform.name}: prepare_kv_cache changed the caches' number, shape, dtype or storage")
 
 
 # -- op overrides ----------------------------------------------------------------------------------------------
@@ -414,3 +480,70 @@ def check_op(name: str, fn, device: torch.device, dtype: torch.dtype) -> None:
                 assert_close(clause, g.cpu()[~masked_e], e[~masked_e], torch.float32, f"kept logits (set {i})")
             else:
                 assert_close(clause, g, e, dtype, f"output {k} (argument set {i})")
+
+
+# -- quantization kernels --------------------------------------------------------------------------------------
+def quant_cases(gen: torch.Generator) -> list[tuple[object, dict[str, torch.Tensor]]]:
+    """Small layers in the int4, int8 and fp8 layouts of ``QuantLinearSpec`` (weight-only, W8A8, per-channel
+    FP8), with random codes and scales, as the loader would hand them to ``process_weights``."""
+    from llmctl.plugins.types import QuantLinearSpec
+
+    n, k, group = 48, 128, 32
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.005
+    int4 = {"qweight": torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int64).to(torch.uint8),
+            "scales": scales, "mins": -8 * scales}
+    int8 = {"qweight": torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int64).to(torch.int8),
+            "scales": torch.rand(n, 1, generator=gen) * 0.01 + 0.001}
+    fp8 = {"qweight": (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn),
+           "scales": torch.rand(n, 1, generator=gen) * 0.01 + 0.001}
+    return [
+        (QuantLinearSpec("int4", k, n, 4, group), int4),
+        (QuantLinearSpec("int8", k, n, 8, k), dict(int8)),
+        (QuantLinearSpec("int8", k, n, 8, k, act="int8"), dict(int8)),
+        (QuantLinearSpec("fp8", k, n, 8, k), fp8),
+    ]
+
+
+def check_quant_method(method, device: torch.device, dtype: torch.dtype) -> int:
+    """``supports`` answers with a ``Support``; where it says yes, ``process_weights`` + ``apply`` match core's
+    ``reference_linear`` on the same layer (a 1-row and a 7-row batch, with a bias), leave their inputs alone
+    and return ``x``'s dtype. Returns how many layers the method ran."""
+    from llmctl.quantization.reference import reference_linear
+
+    gen = torch.Generator().manual_seed(7)
+    ran = 0
+    for spec, weights in quant_cases(gen):
+        if spec.format != method.name:
+            continue
+        clause = f"quantization.{method.name}"
+        try:
+            answer = method.supports(spec, dtype)
+        except Exception as exc:
+            raise ContractViolation(clause, f"{method.kernel or method.name}: supports raised "
+                                            f"{type(exc).__name__}: {exc}") from exc
+        require(isinstance(answer, Support), clause, f"supports returned {type(answer).__name__}, not Support")
+        if not answer:
+            continue
+        bias = torch.randn(spec.out_features, generator=gen).to(dtype)
+        on_device = {name: t.to(device) for name, t in weights.items()}
+        try:
+            processed = method.process_weights(dict(on_device), spec)
+        except Exception as exc:
+            raise ContractViolation(clause, f"process_weights raised {type(exc).__name__}: {exc} ({spec})") from exc
+        for rows in (1, 7):
+            x = torch.randn(rows, spec.in_features, generator=gen).to(dtype)
+            expected = reference_linear(x.float(), weights, bias.float(), spec)
+            x_dev = x.to(device)
+            try:
+                got = method.apply(x_dev, processed, bias.to(device), spec)
+            except Exception as exc:
+                raise ContractViolation(clause, f"apply raised {type(exc).__name__}: {exc} ({spec})") from exc
+            require(torch.equal(x_dev.cpu(), x), clause + ".inputs_unchanged", f"apply modified x ({spec})")
+            require(got.dtype == dtype and tuple(got.shape) == (rows, spec.out_features), clause,
+                    f"apply returned {got.dtype} {tuple(got.shape)}, expected {dtype} {(rows, spec.out_features)}")
+            # Activation-quantizing formats round x per token: a kernel may round the other way at a tie.
+            tol_dtype = torch.bfloat16 if spec.act else dtype
+            assert_close(clause, got.float(), expected.float(), tol_dtype, f"apply vs reference_linear ({spec}, "
+                                                                          f"{rows} rows)")
+        ran += 1
+    return ran

@@ -69,11 +69,23 @@ def test_platform_memory_info(testkit_platform, testkit_device) -> None:
     checks.check_memory_info(testkit_platform)
 
 
+def test_platform_configure(testkit_platform) -> None:
+    checks.check_configure(testkit_platform)
+
+
+def test_platform_kv_cache_hooks(testkit_manager, testkit_platform, testkit_device) -> None:
+    backend = testkit_manager.select_attention_backend(testkit_platform, torch.float32, 64, 16,
+                                                       frozenset({"prefix_caching", "chunked_prefill"}))
+    checks.check_kv_cache_hooks(testkit_platform, backend, testkit_device)
+
+
 def test_attention_backend_registration(testkit_manager, testkit_platform, backend_name: str) -> None:
     backend = _backend(testkit_manager, backend_name)
     clause = "registration.attention"
     require(isinstance(backend.name, str) and bool(backend.name), clause, f"backend name {backend.name!r}")
     require(isinstance(backend.priority, int), clause, f"{backend.name}: priority must be an int")
+    require(isinstance(backend.supports_graph_capture, bool), "attention.supports_graph_capture",
+            f"{backend.name}: supports_graph_capture must be True or False")
     for dtype in DTYPES.values():
         for head_size in (64, 80, 128, 256):
             case = checks.AttentionCase(dtype, head_size, 16, 4, 4, "mixed")
@@ -165,6 +177,30 @@ def test_communicator(pytestconfig, testkit_manager, testkit_platform, testkit_d
     assert not failures, "\n".join(failures)
 
 
+# -- models and quantization -------------------------------------------------------------------------------------
+def test_model_registrations(testkit_manager, testkit_platform) -> None:
+    """Model classes the platform's plugin registers for the loader can be built."""
+    plugin = testkit_manager.registry.platforms[testkit_platform.name].plugin
+    for entry in testkit_manager.registry.models.values():
+        if entry.plugin == plugin:
+            require(callable(entry.item.model_cls), "registration.model",
+                    f"architecture {entry.item.architecture!r}: model_cls is not callable")
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_quantization_kernels(testkit_manager, testkit_platform, testkit_device, dtype_name: str) -> None:
+    """Every quantization kernel the platform's plugin registers, against core's reference_linear."""
+    dtype = DTYPES[dtype_name]
+    if dtype not in testkit_platform.supported_dtypes():
+        pytest.skip(f"{testkit_platform.name} does not list {dtype} in supported_dtypes()")
+    plugin = testkit_manager.registry.platforms[testkit_platform.name].plugin
+    methods = [e.item for e in testkit_manager.registry.quant_methods.values() if e.plugin == plugin]
+    if not methods:
+        pytest.skip(f"{testkit_platform.name} registers no quantization kernel (core's reference applies)")
+    for method in methods:
+        checks.check_quant_method(method, testkit_device, dtype)
+
+
 # -- doctor ----------------------------------------------------------------------------------------------------
 def test_doctor_checks(testkit_manager, testkit_platform) -> None:
     from llmctl.plugins import DoctorResult
@@ -209,13 +245,15 @@ def _greedy(llm, prompts: list[list[int]]) -> list[list[int]]:
 def test_end_to_end_greedy(testkit_platform, testkit_device, testkit_tiny_llama) -> None:
     """The platform's whole stack (attention, ops, runner on its device) against the reference attention on
     the CPU: greedy tokens of a tiny random Llama must be identical, first as a batch, then again with the
-    prefix cache warm."""
+    prefix cache warm. The engine runs as core runs it: ``configure``, ``profile_kv_cache_bytes`` (no
+    ``kv_cache_memory`` given), ``prepare_kv_cache`` and, where the backend declares ``supports_graph_capture``,
+    ``decode_step_runner`` with its captured decode steps."""
     try:
         from llmctl import LLM
     except Exception as exc:
         raise ContractViolation("e2e.engine", f"llmctl.LLM is not importable: {type(exc).__name__}: {exc}") from exc
     common = dict(model=str(testkit_tiny_llama), dtype="float32", max_model_len=128, block_size=16,
-                  kv_cache_memory=32 << 20, seed=0, enable_prefix_caching=True)
+                  seed=0, enable_prefix_caching=True, max_num_seqs=8)
     try:
         ref_llm = LLM(device="cpu", attention_backend="torch-reference", **common)
         expected = _greedy(ref_llm, PROMPTS) + _greedy(ref_llm, PROMPTS[2:])

@@ -7,7 +7,8 @@ vLLM's and llmctl's do) or random English-like text. For each request it records
 latency, and reports their mean/p50/p90/p99 plus request and output-token throughput. ``plot_result`` draws
 latency histograms and output throughput over time (matplotlib, imported lazily).
 
-Needs ``httpx`` (imported lazily, so importing this module costs nothing on a bare core install).
+Needs ``httpx`` (imported lazily). It lives with the ``llmctl`` command rather than in core, which knows no HTTP;
+``llmctl bench serve`` (``llmctl_cli.bench_serve``) wraps it.
 """
 
 from __future__ import annotations

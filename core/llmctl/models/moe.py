@@ -1,0 +1,121 @@
+"""A sparse mixture-of-experts block: a router, the experts' stacked weights, an optional shared expert.
+
+The experts run through the ``fused_moe`` op (core's torch reference, or a platform's kernel), which takes the
+experts' gate/up weights stacked as ``[E, 2 * I, H]`` and their down weights as ``[E, H, I]``: one tensor per
+layer, the shape expert-parallel sharding cuts along ``E``. Routing stays here, in torch, because it differs
+per family (softmax then top-k, renormalised or not).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import torch
+
+from llmctl.layers._module import EngineModule
+from llmctl.layers._params import copy_checked, empty_param
+from llmctl.layers.linear import Linear
+from llmctl.layers.mlp import GatedMLP
+from llmctl.models.base import ModelContext
+
+if TYPE_CHECKING:
+    from llmctl.models.decoder import MoESpec
+
+_EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class SparseMoE(EngineModule):
+    def __init__(self, hidden_size: int, spec: MoESpec, act: str, ctx: ModelContext) -> None:
+        super().__init__()
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.ops = ctx.ops
+        self.spec = spec
+        self.act = act
+        e, i = spec.num_experts, spec.intermediate_size
+        self.gate = Linear(hidden_size, e, bias=False, **kw)
+        self.w13 = empty_param(e, 2 * i, hidden_size, **kw)
+        self.w2 = empty_param(e, hidden_size, i, **kw)
+        self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, **kw)
+                              if spec.shared_intermediate_size else None)
+        self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
+        self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=ctx.device)
+                                        if spec.topk_method == "noaux_tc" else None)
+        self._loaded: set[str] = set()
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k weights [T, k] in the hidden dtype, expert ids [T, k]) as the reference implementations do:
+        softmax in float32 over all experts, top-k, optionally renormalised over the chosen k."""
+        spec = self.spec
+        logits = self.gate(hidden).float()
+        if spec.topk_method == "greedy" and spec.scoring == "softmax":
+            probs = torch.softmax(logits, dim=-1)
+            weights, ids = torch.topk(probs, spec.top_k, dim=-1)
+        else:
+            weights, ids = self._grouped_topk(logits)
+        if spec.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if spec.scoring == "sigmoid" else 0.0))
+        if spec.routed_scaling_factor != 1.0:
+            weights = weights * spec.routed_scaling_factor
+        return weights.to(hidden.dtype), ids
+
+    def _grouped_topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek's routing: experts split into groups, only the best ``topk_groups`` groups compete (V2 ranks a
+        group by its best expert, V3 by its two best bias-corrected scores)."""
+        spec, t = self.spec, logits.shape[0]
+        scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if spec.topk_method == "greedy":
+            return torch.topk(scores, spec.top_k, dim=-1)
+        grouped = choice.view(t, spec.num_groups, -1)
+        group_scores = grouped.max(dim=-1).values if spec.topk_method == "group_limited_greedy" \
+            else grouped.topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, spec.topk_groups, dim=-1)[1]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+        keep = keep.unsqueeze(-1).expand_as(grouped).reshape(t, -1)
+        if spec.topk_method == "group_limited_greedy":
+            return torch.topk(scores.masked_fill(~keep, 0.0), spec.top_k, dim=-1)
+        ids = torch.topk(choice.masked_fill(~keep, float("-inf")), spec.top_k, dim=-1)[1]
+        return scores.gather(1, ids), ids
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(hidden)
+        out = self.ops.fused_moe(hidden, self.w13, self.w2, weights, ids, self.act)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
+            out = out + shared
+        return out
+
+    # -- loading: per-expert checkpoint tensors into the stacked parameters ------------------------------------
+    @torch.no_grad()
+    def load_expert_tensor(self, rest: str, tensor: torch.Tensor, name: str) -> None:
+        """``rest`` is the name after ``.experts.``: ``{e}.gate_proj.weight`` (and up/down) per expert, or
+        ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE)."""
+        i = self.spec.intermediate_size
+        if rest == "stacked_w13.weight":
+            copy_checked(self.w13.data, tensor, name)
+            self._loaded |= {f"{e}.{p}" for e in range(self.spec.num_experts) for p in ("gate", "up")}
+            return
+        if rest == "stacked_w2.weight":
+            copy_checked(self.w2.data, tensor, name)
+            self._loaded |= {f"{e}.down" for e in range(self.spec.num_experts)}
+            return
+        m = _EXPERT.match(rest)
+        if m is None or int(m.group(1)) >= self.spec.num_experts:
+            raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")
+        e, proj = int(m.group(1)), m.group(2)
+        if proj == "down_proj":
+            copy_checked(self.w2.data[e], tensor, name)
+        else:
+            copy_checked(self.w13.data[e].narrow(0, 0 if proj == "gate_proj" else i, i), tensor, name)
+        self._loaded.add(f"{e}.{proj.removesuffix('_proj')}")
+
+    def missing_expert_tensors(self, param_name: str) -> list[str]:
+        if param_name.endswith(".gate.weight") or ".shared_expert" in param_name:
+            return []
+        parts = ("down",) if param_name.endswith(".w2") else ("gate", "up")
+        prefix = param_name.rsplit(".", 1)[0]
+        return [f"{prefix}.experts.{e}.{p}_proj" for e in range(self.spec.num_experts) for p in parts
+                if f"{e}.{p}" not in self._loaded]

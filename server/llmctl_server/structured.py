@@ -1,0 +1,47 @@
+"""One ``StructuredOutputsParams`` from the request forms clients use: OpenAI's ``response_format``, vLLM's
+``structured_outputs`` and its older ``guided_*`` fields. Giving more than one is a 400, as is anything the
+engine's static checks refuse (size caps, unsupported keywords, invalid regexes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmctl.structured_output import StructuredOutputsParams
+
+from llmctl_server import protocol as p
+from llmctl_server.errors import bad_request
+
+
+def structured_params(req: p.SamplingFields) -> StructuredOutputsParams | None:
+    forms: list[tuple[str, dict[str, Any]]] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        forms.append(("response_format", {"json_object": True}))
+    elif rf is not None and rf.type == "json_schema":
+        assert rf.json_schema is not None
+        schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else True
+        forms.append(("response_format.json_schema.schema", {"json": schema}))
+    so = req.structured_outputs
+    if so is not None:
+        fields = so.model_dump(by_alias=True, exclude_none=True)
+        forms.append(("structured_outputs", fields))
+    guided = {"json": req.guided_json, "regex": req.guided_regex, "choice": req.guided_choice,
+              "grammar": req.guided_grammar}
+    for kind, value in guided.items():
+        if value is not None:
+            forms.append((f"guided_{kind}", {kind: value}))
+    if not forms:
+        return None
+    if len(forms) > 1:
+        names = ", ".join(name for name, _ in forms)
+        raise bad_request(f"{forms[1][0]}: give one structured-output constraint per request, got {names}",
+                          param=forms[1][0])
+    name, fields = forms[0]
+    if req.guided_whitespace_pattern is not None:
+        fields["whitespace_pattern"] = req.guided_whitespace_pattern
+    try:
+        return StructuredOutputsParams(**fields, field_name=name)
+    except ValueError as exc:
+        raise bad_request(str(exc), param=name) from None
+    except TypeError as exc:
+        raise bad_request(f"{name}: {exc}", param=name) from None

@@ -1,0 +1,1 @@
+"""Tool calling: request checks and constraints (``choice``), model-output parsers (``parsers``)."""

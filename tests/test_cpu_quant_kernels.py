@@ -1,0 +1,85 @@
+"""The CPU plugin's quantized GEMMs equal core's torch reference (the oracle) on odd shapes at 1, 7, 64 and 300
+rows, with and without bias, in float32 and bfloat16 activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmctl.plugins.types import QuantLinearSpec
+from llmctl.quantization.packing import pack_nibbles
+from llmctl.quantization.reference import reference_linear
+from llmctl_cpu.quant import CpuInt4Kernel, CpuW8A8Kernel, quant_kernels
+
+ROWS = (1, 7, 64, 300)
+
+pytestmark = pytest.mark.skipif(quant_kernels() is None, reason="no C compiler for the CPU kernels")
+
+
+def _run(kernel, weights, spec, x, bias):
+    assert kernel.supports(spec, x.dtype), kernel.supports(spec, x.dtype).reason
+    processed = kernel.process_weights(dict(weights), spec)
+    return kernel.apply(x, processed, bias, spec)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_equals_reference(m, dtype):
+    if not quant_kernels().has_vnni:
+        pytest.skip("no AVX512-VNNI on this CPU")
+    torch.manual_seed(m)
+    n, k = 37, 203  # neither a multiple of the 16-column panels nor of the 4-wide k quads
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    weights = {"qweight": q, "scales": torch.rand(n, 1) * 0.02}
+    spec = QuantLinearSpec(format="int8", in_features=k, out_features=n, bits=8, group_size=k, act="int8")
+    x = (torch.randn(m, k) * 3).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    got = _run(CpuW8A8Kernel(), weights, spec, x, bias)
+    want = reference_linear(x, weights, bias, spec)
+    assert got.dtype == dtype
+    # the int32 sums are exact and the float epilogue is the reference's, op for op
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def _groupwise(n, k, group, bits, asym, seed):
+    torch.manual_seed(seed)
+    g = k // group
+    if bits == 4:
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+        weights = {"qweight": pack_nibbles(q), "scales": torch.rand(n, g) * 0.1, "mins": -torch.rand(n, g)}
+    else:
+        q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        weights = {"qweight": q, "scales": torch.rand(n, g) * 0.01}
+        if asym:
+            weights["mins"] = torch.randn(n, g) * 0.1
+    return weights
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("bits", "group", "asym"), [(4, 32, True), (4, 128, True), (8, 32, False), (8, 64, True)])
+def test_weight_only_equals_reference(m, bits, group, asym):
+    n, k = 45, 256
+    weights = _groupwise(n, k, group, bits, asym, seed=m + bits)
+    spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group)
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    kernel = CpuInt4Kernel() if bits == 4 else CpuW8A8Kernel()
+    got = _run(kernel, weights, spec, x, bias)
+    want = reference_linear(x, weights, bias, spec)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_act_order_permutation_and_bf16():
+    n, k, group = 24, 128, 32
+    weights = _groupwise(n, k, group, 4, True, seed=3)
+    weights["perm"] = torch.randperm(k)
+    spec = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=group)
+    x = torch.randn(7, k).to(torch.bfloat16)
+    got = _run(CpuInt4Kernel(), weights, spec, x, None)
+    want = reference_linear(x, weights, None, spec)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)  # one bf16 rounding apart
+
+
+def test_declines_group_sizes_it_does_not_run():
+    spec = QuantLinearSpec(format="int4", in_features=96, out_features=8, bits=4, group_size=48)
+    answer = CpuInt4Kernel().supports(spec, torch.float32)
+    assert not answer and "48" in answer.reason
