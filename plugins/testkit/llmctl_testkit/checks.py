@@ -236,7 +236,7 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
 
     try:
         given = backend.forward(query, kv_cache, dmd, scale, window, key=batch.new_key.to(device),
-                                value=batch.new_value.to(device))
+                                value=batch.new_value.to(device), **({} if causal else {"causal": False}))
     except Exception as exc:
         raise ContractViolation("attention.forward.new_kv", f"{backend.name}.forward(key=..., value=...) raised "
                                                             f"{type(exc).__name__}: {exc}") from exc
