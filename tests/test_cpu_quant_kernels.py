@@ -83,3 +83,33 @@ def test_declines_group_sizes_it_does_not_run():
     spec = QuantLinearSpec(format="int4", in_features=96, out_features=8, bits=4, group_size=48)
     answer = CpuInt4Kernel().supports(spec, torch.float32)
     assert not answer and "48" in answer.reason
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_bf16_activations_equal_reference(m, group):
+    """bf16 activations take the bf16 dot-product path: exact products, float32 sums, one bf16 rounding at the end."""
+    n, k = 45, 384
+    weights = _groupwise(n, k, group, 4, True, seed=m)
+    spec = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=group)
+    x = torch.randn(m, k).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    got = _run(CpuInt4Kernel(), weights, spec, x, bias).float()
+    want = reference_linear(x, weights, bias, spec).float()
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=2e-2)
+
+
+def test_testkit_clause_passes_the_cpu_kernels_and_fails_a_broken_one():
+    from llmctl_testkit.harness import ContractViolation
+    from llmctl_testkit.quant_checks import check_quant_kernel
+
+    assert check_quant_kernel(CpuInt4Kernel(), torch.device("cpu"), torch.float32) == 3
+
+    class DropsMins(CpuInt4Kernel):
+        def process_weights(self, weights, spec):
+            out = super().process_weights(weights, spec)
+            out["mins"] = torch.zeros_like(out["mins"])
+            return out
+
+    with pytest.raises(ContractViolation, match="quantization.int4"):
+        check_quant_kernel(DropsMins(), torch.device("cpu"), torch.float32)

@@ -10,7 +10,7 @@ from llmctl.engine import sampler as sampler_module
 from llmctl.engine.logits_controls import bad_word_bans
 from llmctl.engine.request import Request
 from llmctl.engine.sampler import Sampler
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 
 from tests._engine_util import _single_thread  # noqa: F401
 

@@ -116,10 +116,12 @@ def test_quantize_at_load(base_dir, method):
                 q, s = quantize_fp8_per_channel(w)
                 dense[name[:-7]] = q.float() * s
     llm = LLM(str(base_dir), quantization=method, **ENGINE)
-    assert f"{method} w8a8" in kernels_of(llm)
-    hf = hf_model_with(base_dir, dense, activation_args(method))
+    assert ("fp8 w8a8" if method == "fp8" else "int8 w8a16") in kernels_of(llm)
+    # int8 is weight-only; fp8 quantizes the activations per token too (compressed-tensors fake-quantizes them on
+    # the transformers side)
+    hf = hf_model_with(base_dir, dense, activation_args(method) if method == "fp8" else None)
     agreement, worst = compare(llm, hf, f"--quantization {method}")
-    assert agreement >= 0.95 and worst < ACT_QUANT_TOLERANCE
+    assert agreement == 1.0 and worst < 1e-3
 
 
 GGUF_TYPES = {

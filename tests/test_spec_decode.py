@@ -13,7 +13,7 @@ import torch
 from llmctl import LLM, SamplingParams
 from llmctl.engine.request import Request
 from llmctl.engine.sampler import Sampler
-from llmctl.plugins.registry import Ops
+from llmctl.ops import Ops
 from llmctl.spec_decode.config import SpeculativeConfig
 from llmctl.spec_decode.ngram_proposer import NgramProposer
 from llmctl.spec_decode.rejection_sampler import RejectionSampler

@@ -295,3 +295,67 @@ def test_reasoning_parser_streamed_and_not(so_engine, tiny_llama_dir):
         assert not "".join(d.content or "" for d in parts)
     finally:
         srv.stop()
+
+
+# -- Responses API ----------------------------------------------------------------------------------------------------
+def test_responses_text_stream_and_structured(client):
+    r = client.responses.create(model="tiny", input="Say something", max_output_tokens=10, temperature=0)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say something"}],
+                                          max_tokens=10, temperature=0)
+    assert r.object == "response" and r.output_text == chat.choices[0].message.content
+    assert r.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert r.usage.output_tokens == chat.usage.completion_tokens
+    events = list(client.responses.create(model="tiny", input="Say something", max_output_tokens=10, temperature=0,
+                                          stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
+    assert events[-1].response.output_text == r.output_text
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    s = client.responses.create(model="tiny", input=[{"role": "user", "content": "A number"}], temperature=0,
+                                max_output_tokens=40, instructions="Answer in JSON",
+                                text={"format": {"type": "json_schema", "name": "n", "schema": schema}})
+    if s.status == "completed":
+        jsonschema.validate(json.loads(s.output_text), schema)
+
+
+def test_responses_tools_and_store(client, so_engine):
+    tool = {"type": "function", "name": "get_time", "parameters": TIME["function"]["parameters"]}
+    r = client.responses.create(model="tiny", input="What time is it?", tools=[tool], tool_choice="required",
+                                temperature=0, max_output_tokens=60)
+    calls = [o for o in r.output if o.type == "function_call"]
+    if r.status == "completed":
+        assert calls and all(c.name == "get_time" for c in calls)
+        jsonschema.validate(json.loads(calls[0].arguments), PARAMS["get_time"])
+    streamed = list(client.responses.create(model="tiny", input="What time is it?", tools=[tool],
+                                            tool_choice="required", temperature=0, max_output_tokens=60, stream=True))
+    done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
+    assert [(c.name, c.arguments) for c in done] == [(c.name, c.arguments) for c in calls]
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="tiny", input="again", previous_response_id=r.id)
+    srv = start_server(so_engine, ServerSettings(served_model_names=["tiny"], chat_template=TOOL_TEMPLATE,
+                                                 responses_store_size=2))
+    try:
+        c = openai.OpenAI(base_url=srv.base, api_key="unused", max_retries=0, timeout=60)
+        first = c.responses.create(model="tiny", input="What time is it?", tools=[tool], tool_choice="required",
+                                   temperature=0, max_output_tokens=60, parallel_tool_calls=False)
+        call = next(o for o in first.output if o.type == "function_call")
+        follow = c.responses.create(model="tiny", previous_response_id=first.id, max_output_tokens=4, temperature=0,
+                                    input=[{"type": "function_call_output", "call_id": call.call_id,
+                                            "output": "12:00"}])
+        history = [{"role": "user", "content": "What time is it?"},
+                   {"role": "assistant", "content": None, "tool_calls": [{
+                       "id": call.call_id, "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}}]},
+                   {"role": "tool", "tool_call_id": call.call_id, "content": "12:00"}]
+        same = c.chat.completions.create(model="tiny", messages=history, max_tokens=4, temperature=0)
+        assert follow.previous_response_id == first.id
+        assert follow.usage.input_tokens == same.usage.prompt_tokens  # the stored conversation was continued
+        assert follow.output_text == same.choices[0].message.content
+        for _ in range(2):  # the store keeps two: the first one is dropped
+            c.responses.create(model="tiny", input="x", max_output_tokens=1)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.create(model="tiny", input="again", previous_response_id=first.id)
+    finally:
+        srv.stop()

@@ -4,9 +4,11 @@
     .venv/bin/python benchmarks/soak/run.py --seconds 300 --tiny       # the tiny random Llama instead
     .venv/bin/python benchmarks/soak/run.py --seconds 600 -k storm     # one case
 
-Sets LLMCTL_SOAK_SECONDS (the storm runs rounds of 256 clients until that many seconds have passed; the other
-cases use their soak counts), LLMCTL_SOAK_MODEL (the storm's model: the default SmolLM2-135M-Instruct GGUF unless
---tiny) and LLMCTL_RELIABILITY_REPORT (figures per case, printed at the end). Everything talks to 127.0.0.1 only.
+Without -k, then runs ``hostile_mix.py`` for as long: the hostile mix (n=16 long prompts, slow, abandoned and
+hanging-up readers) with a canary stream. Sets LLMCTL_SOAK_SECONDS (the storm runs rounds of 256 clients until that
+many seconds have passed; the other cases use their soak counts), LLMCTL_SOAK_MODEL (the storm's model: the default
+SmolLM2-135M-Instruct GGUF unless --tiny) and LLMCTL_RELIABILITY_REPORT (figures per case, printed at the end).
+Everything talks to 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def main() -> int:
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
     if Path(a.report).exists():
         print(json.dumps(json.loads(Path(a.report).read_text()), indent=2))
+    if not a.k:
+        # the hostile mix with slow and abandoned readers and a canary stream (hostile_mix.py), as long again
+        mix = [sys.executable, str(ROOT / "benchmarks" / "soak" / "hostile_mix.py"), "--seconds", str(a.seconds)]
+        rc = subprocess.call(mix + (["--tiny"] if a.tiny else []), cwd=ROOT, env=env) or rc
     return rc
 
 

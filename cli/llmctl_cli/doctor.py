@@ -107,29 +107,39 @@ def _safe(fn: Any, fallback: Any) -> Any:
 
 
 def render(report: dict[str, Any], console: Any) -> None:
+    """The report for a person: short lines that wrap at any width (checked at 80 and 120 columns), words
+    instead of Python reprs. Everything, capabilities included, stays in ``--json``."""
     from rich.table import Table
 
     v = report["versions"]
     console.print(f"[bold]llmctl doctor[/bold]  core {v['llmctl-core']}  server {v['llmctl-server']}  "
                   f"cli {v['llmctl-cli']}  torch {v['torch']}  python {v['python']} ({sys.platform})")
-    t = Table(title="Plugins", show_lines=False)
+    t = Table(title="Plugins", title_justify="left", show_lines=False)
     for col in ("name", "distribution", "version", "status"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for pl in report["plugins"]:
         status = "[red]broken[/red]: " + str(pl["error"]) if pl["broken"] else (
             "[yellow]disabled[/yellow]" if pl["disabled"] else "[green]ok[/green]")
         t.add_row(pl["name"], pl["distribution"] or "-", pl["version"] or "-", status)
     console.print(t)
-    t = Table(title="Platforms")
-    for col in ("name", "plugin", "available", "reason / devices", "attention backends", "quantization kernels"):
-        t.add_column(col)
+
+    console.print("[bold]Platforms[/bold] (highest priority first)")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
     for pf in report["platforms"]:
-        devs = "; ".join(_device_line(d) for d in pf["devices"])
+        lines = ["[green]available[/green]" if pf["available"] else f"[red]unavailable[/red]: {pf['reason'] or '?'}"]
+        if pf["available"] and pf["reason"]:
+            lines.append(pf["reason"])
+        lines += [_device_line(d) for d in pf["devices"]]
+        if pf.get("dtypes"):
+            lines.append("dtypes: " + ", ".join(pf["dtypes"]))
+        lines.append("attention: " + (", ".join(pf["attention_backends"]) or "-"))
         quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
-        t.add_row(pf["name"], pf["plugin"], "[green]yes[/green]" if pf["available"] else "[red]no[/red]",
-                  (pf["reason"] + ("\n" if pf["reason"] and devs else "") + devs) or "-",
-                  ", ".join(pf["attention_backends"]) or "-", quant or "torch reference")
-    console.print(t)
+        lines.append("quantization: " + (quant or "torch reference"))
+        grid.add_row(f"[bold]{pf['name']}[/bold]", "\n".join(lines))
+    console.print(grid)
+
     sel = report["selected"]
     if sel["platform"]:
         extra = f" (for {sel['for']['dtype']}, head size {sel['for']['head_size']})" if sel.get("for") else ""
@@ -137,23 +147,31 @@ def render(report: dict[str, Any], console: Any) -> None:
                       f"[bold]{sel['attention_backend'] or '?'}[/bold]{extra}")
     if sel["error"]:
         console.print(f"[red]selection:[/red] {sel['error']}")
-    for c in report["checks"]:
-        mark = "[green]ok[/green]" if c["ok"] else "[red]FAIL[/red]"
-        console.print(f"check {c['name']} ({c['plugin']}): {mark} {c['message']}")
-    console.print(f"default model: {report['default_model'] or 'not installed'}")
+    if report["checks"]:
+        console.print("[bold]Checks[/bold]")
+        checks = Table.grid(padding=(0, 2))
+        checks.add_column(no_wrap=True)
+        checks.add_column(overflow="fold")
+        for c in report["checks"]:
+            mark = "[green]ok[/green]  " if c["ok"] else "[red]FAIL[/red]"
+            checks.add_row(mark, f"{c['name']}: {c['message']}")
+        console.print(checks)
+    console.print(f"default model: {report['default_model'] or 'not installed'}", overflow="fold")
     for h in report["hints"]:
-        console.print(f"[yellow]hint:[/yellow] {h}")
+        console.print(f"[yellow]hint:[/yellow] {h}", overflow="fold")
 
 
 def _device_line(d: dict[str, Any]) -> str:
-    parts = [f"#{d.get('index')} {d.get('name')}"]
+    """"#0 AMD EPYC 9R14, 14.7 GiB free of 23.5 GiB: 2 physical cores; AVX-512 + bf16 dot products, no AMX".
+    A platform that gives no summary gets its scalar capabilities as words; nested ones stay in --json."""
+    head = f"#{d.get('index')} {d.get('name')}"
     if d.get("total_memory"):
         free = d.get("free_memory")
-        parts.append(f"{_gib(free) + ' free / ' if free else ''}{_gib(d['total_memory'])}")
-    caps = d.get("capabilities") or {}
-    if caps:
-        parts.append(", ".join(f"{k}={v}" for k, v in list(caps.items())[:6]))
-    return " ".join(parts)
+        head += f", {_gib(free) + ' free of ' if free else ''}{_gib(d['total_memory'])}"
+    summary = d.get("summary") or ", ".join(
+        f"{k.replace('_', ' ')} {v}" for k, v in (d.get("capabilities") or {}).items()
+        if isinstance(v, (str, int, float)) and not isinstance(v, bool))
+    return f"{head}: {summary}" if summary else head
 
 
 def _gib(n: int | None) -> str:

@@ -9,6 +9,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY core ./core
+COPY gpu ./gpu
 COPY triton_kernels ./triton_kernels
 COPY plugin_cuda ./plugin_cuda
 COPY server ./server

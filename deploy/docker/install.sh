@@ -20,8 +20,8 @@ pip_flags=${LLMCTL_PIP_FLAGS:-}
 
 case "$backend" in
   cpu)  default_index=https://download.pytorch.org/whl/cpu;    plugins="$src/plugin_cpu" ;;
-  cuda) default_index=https://download.pytorch.org/whl/cu128;  plugins="$src/triton_kernels $src/plugin_cuda" ;;
-  rocm) default_index=https://download.pytorch.org/whl/rocm6.4; plugins="$src/triton_kernels $src/plugin_rocm" ;;
+  cuda) default_index=https://download.pytorch.org/whl/cu128;  plugins="$src/gpu $src/triton_kernels $src/plugin_cuda" ;;
+  rocm) default_index=https://download.pytorch.org/whl/rocm6.4; plugins="$src/gpu $src/triton_kernels $src/plugin_rocm" ;;
   xpu)  default_index=https://download.pytorch.org/whl/xpu;    plugins="$src/plugin_xpu" ;;
   *) echo "install.sh: BACKEND must be cpu, cuda, rocm or xpu, got '$backend'" >&2; exit 2 ;;
 esac

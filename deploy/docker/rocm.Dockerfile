@@ -10,6 +10,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY core ./core
+COPY gpu ./gpu
 COPY triton_kernels ./triton_kernels
 COPY plugin_rocm ./plugin_rocm
 COPY server ./server

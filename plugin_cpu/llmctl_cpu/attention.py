@@ -4,7 +4,8 @@ Decodes (one query token) go to ``llmctl_cpu.native`` when its kernels are built
 sequence's block table in place (no gather, no padding, no mask), one thread per (sequence, KV head) in a fixed
 order, so a row's result depends on its own sequence only, in float32 as in bfloat16. bfloat16 prefill chunks
 (head size 64 or 128, no sliding window) run there too, in query tiles of 16 rows with keys in vector lanes and
-probabilities rounded to bf16 for P.V: 3.1x faster than per-row decodes on a 2048-token prompt, and a row's bits
+probabilities rounded to bf16 for P.V (several times faster than per-row decodes on a long prompt:
+docs/performance.md), and a row's bits
 still do not depend on the chunking (they do differ from a decode of the same position).
 The KV write and rotary embedding also run there. Without a C compiler the torch paths below run instead; both
 are tested.
@@ -48,8 +49,8 @@ from llmctl_cpu.bidirectional import bidirectional_attention
 DECODE_BUCKET = 32  # decode key counts are padded to a multiple of this (a function of the sequence only)
 QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the explicit mask stays bounded
 # Prefill chunks the tiled bf16 kernel does not take (float32, sliding windows, other head sizes) run as per-row
-# decodes in the C kernel when their sequence is at most this long (1.8-2.3x faster than the flash kernel up to
-# 512 tokens, even at 2048, measured with 9 heads of 64); longer ones use the flash kernel.
+# decodes in the C kernel when their sequence is at most this long (faster than the flash kernel up to this length,
+# measured with 9 heads of 64: docs/performance.md); longer ones use the flash kernel.
 NATIVE_PREFILL_MAX_LEN = 2048
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -1,8 +1,8 @@
 """Decode steps replayed from C: the CPU's analogue of CUDA graphs.
 
 Why: a decode step of a 30-layer model makes ~270 kernel calls, and the Python between them (module calls, shape
-checks, output allocation, ctypes argument conversion) took ~3 ms per step: 8 % of a 64-sequence step and about a
-quarter of a single stream's. Core already describes the all-decode step against static buffers
+checks, output allocation, ctypes argument conversion) cost a noticeable share of a 64-sequence step and about a
+quarter of a single stream's (docs/performance.md). Core already describes the all-decode step against static buffers
 (:class:`~llmctl.plugins.types.DecodeGraphSpec`); this runner runs that step once with the C kernels recording
 their calls (and the embedding lookup, the one torch op a decode step computes), and from then on replays the
 recorded calls with one C call per step (``llmctl_run_program``).

@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 THREADS_ENV = "LLMCTL_CPU_THREADS"
 # A CPU step's time grows linearly with its tokens, so a smaller prefill budget lets decodes and the next prompts
-# through sooner. Measured on 2 cores, SmolLM2-135M bf16, 16 streams: 1024 tokens gave 548 output tok/s and TTFT
-# p50 417 ms against 500 tok/s and 832 ms at 8192 (all of a 16-prompt wave in one step); offline throughput was
-# equal or better (921 vs 895 tok/s). GEMMs are already at full speed at 1024 rows.
+# through sooner: with 16 streams, 1024 tokens gave more output tokens/s and half the TTFT of 8192 (all of a
+# 16-prompt wave in one step), offline throughput equal or better (docs/performance.md). GEMMs are already at full
+# speed at 1024 rows.
 CPU_MAX_NUM_BATCHED_TOKENS = 1024
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
@@ -241,7 +241,11 @@ class CpuPlatform(Platform):
                 "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "torch_threads": torch.get_num_threads(),
             }
-            device = DeviceInfo(0, info.model_name, total_memory=total, free_memory=avail, capabilities=caps)
+            cores = (f"{info.physical_cores} physical cores" + (f" ({info.usable_physical_cores} usable)"
+                     if info.usable_physical_cores != info.physical_cores else "")
+                     + (f", {info.logical_cores} threads" if info.logical_cores != info.physical_cores else ""))
+            device = DeviceInfo(0, info.model_name, total_memory=total, free_memory=avail, capabilities=caps,
+                                summary=f"{cores}; {isa_summary(info.flags)}")
             return ProbeResult(True, devices=(device,), details={"supported_dtypes": [str(d) for d in
                                                                                      self.supported_dtypes()]})
         except Exception as exc:  # a CPU is always there; report what failed but stay usable
@@ -270,10 +274,10 @@ class CpuPlatform(Platform):
 
     def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
         """Fault in the blocks handed out first, up to ``LLMCTL_CPU_KV_PREFAULT_MB`` (default 1024) MiB of the
-        cache, by zeroing them now. Why: every first touch of a fresh 4 KiB page is a page fault, ~5 us on a VM;
-        64 sequences of 256 tokens touch ~370 MB of SmolLM2-135M's cache, and the faults cost ~0.3 s (4 %) of the
-        offline benchmark and ~3 ms of each decode step that entered new blocks. Zeroing here takes 0.15-1 s per
-        512 MiB (more when the host itself has not backed the memory yet)."""
+        cache, by zeroing them now. Why: every first touch of a fresh 4 KiB page is a page fault, several
+        microseconds on a VM; 64 sequences of 256 tokens touch ~370 MB of SmolLM2-135M's cache, and the faults
+        cost a few percent of the offline benchmark and of each decode step that entered new blocks, while zeroing
+        at start-up costs a fraction of a second per 512 MiB (figures in docs/performance.md)."""
         prefault_kv_cache(kv_caches, num_blocks, kv_prefault_bytes())
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:

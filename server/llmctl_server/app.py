@@ -24,6 +24,7 @@ from llmctl_server import protocol as p
 from llmctl_server.beam import beam_search_response, check_beam_request
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
+from llmctl_server.engine_client import EngineClient
 from llmctl_server.errors import APIError, bad_request, error_response, unavailable
 from llmctl_server.lora_routes import LoRAModule, LoRARegistry, register_lora_routes
 from llmctl_server.metrics import Metrics
@@ -31,6 +32,7 @@ from llmctl_server.middleware import ASGIApp, AuthMiddleware, BodyLimitMiddlewar
 from llmctl_server.pooling_routes import model_tasks, register_pooling_routes
 from llmctl_server.prompt_text import check_length, check_unicode, encode, max_prompt_chars, off_loop
 from llmctl_server.reasoning import get_reasoning_parser
+from llmctl_server.responses import add_responses_route
 from llmctl_server.serving import (
     Choice,
     PreparedPrompt,
@@ -85,19 +87,13 @@ class StatusMetricsMiddleware:
             self.metrics.requests.labels(route=path, status=str(status)).inc()
 
 
-def _engine_limits(engine: Any) -> tuple[int, int, int | None, str]:
+def _engine_limits(engine: EngineClient) -> tuple[int, int, int | None, str]:
     mc = engine.model_config
-    max_num_seqs = None
-    for attr in ("scheduler_config", "args", "engine_args"):
-        obj = getattr(engine, attr, None)
-        if obj is not None and isinstance(getattr(obj, "max_num_seqs", None), int):
-            max_num_seqs = obj.max_num_seqs
-            break
-    name = getattr(mc, "served_model_name", None) or str(getattr(mc, "model", "model"))
-    return int(mc.max_model_len), int(mc.vocab_size), max_num_seqs, name
+    name = mc.served_model_name or mc.model
+    return int(mc.max_model_len), int(mc.vocab_size), engine.args.max_num_seqs, name
 
 
-def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     max_model_len, vocab_size, max_num_seqs, default_name = _engine_limits(engine)
     tokenizer = engine.tokenizer
@@ -162,7 +158,7 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> p.ModelList:
-        root = settings.model_root or str(getattr(engine.model_config, "model", state.model_names[0]))
+        root = settings.model_root or engine.model_config.model
         tasks = model_tasks(engine)
         cards = [p.ModelCard(id=name, created=p.now(), root=root, max_model_len=max_model_len, tasks=tasks)
                  for name in state.model_names]
@@ -260,10 +256,11 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
         return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True,
                                plan=plan)
 
+    add_responses_route(app, state, chat_completions)
     return app
 
 
-def _start_loras(engine: Any, settings: ServerSettings, base_name: str) -> LoRARegistry:
+def _start_loras(engine: EngineClient, settings: ServerSettings, base_name: str) -> LoRARegistry:
     """The adapters of ``--lora-modules``, each read and checked now: a bad one stops the start-up with its reason."""
     registry = LoRARegistry(base_name)
     for text in settings.lora_modules:

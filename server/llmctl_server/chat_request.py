@@ -89,7 +89,8 @@ def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning
             raise bad_request("response_format: cannot be combined with a 'required' or named tool_choice",
                               param="response_format")
         try:
-            structured = StructuredOutputsParams(json=schema, field_name="tools")
+            # compact JSON: arguments are read by programs, and a model cannot pad them with whitespace forever
+            structured = StructuredOutputsParams(json=schema, field_name="tools", disable_any_whitespace=True)
         except ValueError as exc:
             raise bad_request(str(exc), param="tools") from None
     if structured is not None and reasoning_end_ids:

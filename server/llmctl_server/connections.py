@@ -33,8 +33,10 @@ class _IdleRegistry:
         conns[id(proto)] = proto
         conns.move_to_end(id(proto))
         while len(conns) > self.cap:
-            _, oldest = conns.popitem(last=False)
-            oldest.close_idle()
+            # Longest-idle first, preferring connections that have been served already (idle keep-alive) over
+            # fresh ones, which are most likely about to send their first request.
+            key = next((k for k, p in conns.items() if p.llmctl_served), next(iter(conns)))
+            conns.pop(key).close_idle()
 
     def busy(self, proto: Any) -> None:
         host = proto.client[0] if proto.client else ""
@@ -57,6 +59,7 @@ def protocol_class(header_read_timeout: float | None, max_idle_per_client: int) 
                 self.server_state.llmctl_idle = registry  # type: ignore[attr-defined]
             self._idle_registry: _IdleRegistry = registry
             self._header_timer: asyncio.TimerHandle | None = None
+            self.llmctl_served = False  # has completed a response (an idle keep-alive connection, not a fresh one)
 
         # -- state changes ------------------------------------------------------------------------------------
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -78,6 +81,7 @@ def protocol_class(header_read_timeout: float | None, max_idle_per_client: int) 
             super().on_response_complete()
             if self.transport.is_closing():
                 return
+            self.llmctl_served = True
             if not self._maybe_started(before):
                 self._between_requests()
 

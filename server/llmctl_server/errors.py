@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from llmctl.engine.errors import EngineDeadError, RequestFailedError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
@@ -143,17 +144,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
 
 # -- the sanitiser -----------------------------------------------------------------------------------------------
 def _engine_error_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(engine-dead errors, per-request failures) from core, if core defines them yet."""
-    dead: tuple[type, ...] = ()
-    failed: tuple[type, ...] = ()
-    try:
-        from llmctl.engine import errors as engine_errors  # type: ignore[import-not-found]
-
-        dead = tuple(t for t in (getattr(engine_errors, "EngineDeadError", None),) if isinstance(t, type))
-        failed = tuple(t for t in (getattr(engine_errors, "RequestFailedError", None),) if isinstance(t, type))
-    except Exception:  # core not importable in this process: nothing to match
-        pass
-    return dead, failed
+    """(engine-dead errors, per-request failures): core's, as the 503 and the 500-with-reason."""
+    return (EngineDeadError,), (RequestFailedError,)
 
 
 def to_api_error(exc: BaseException) -> APIError:

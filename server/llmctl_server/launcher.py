@@ -21,6 +21,7 @@ import uvicorn
 
 from llmctl_server.app import build_app
 from llmctl_server.connections import protocol_class
+from llmctl_server.engine_client import EngineClient
 from llmctl_server.settings import ServerSettings
 
 logger = logging.getLogger("llmctl_server")
@@ -88,7 +89,7 @@ class _Server(uvicorn.Server):
 SWITCH_INTERVAL_S = 0.0005
 
 
-def run_server(engine: Any, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
+def run_server(engine: EngineClient, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> int:
     """Serve until a signal or engine death; returns the process exit code. Does not shut the engine down."""
     # The engine loop is a thread of this process. When its Python work holds the GIL, the event loop waits up to

@@ -19,13 +19,14 @@ from fastapi.responses import JSONResponse
 
 from llmctl_server import pooling_protocol as pp
 from llmctl_server import protocol as p
+from llmctl_server.engine_client import EngineClient
 from llmctl_server.errors import bad_request
 from llmctl_server.serving import ServerState, api_error_from
 
 
-def model_tasks(engine: Any) -> list[str]:
+def model_tasks(engine: EngineClient) -> list[str]:
     """What ``/v1/models`` reports a model serves: ``generate``, or the pooling tasks of its pooler."""
-    front = getattr(engine, "pooling", None)
+    front = engine.pooling
     if front is None:
         return ["generate"]
     tasks = [t for t in front.tasks if t != "encode"]
@@ -37,7 +38,7 @@ def model_tasks(engine: Any) -> list[str]:
 
 
 def _front(state: ServerState, task: str) -> Any:
-    front = getattr(state.engine, "pooling", None)
+    front = state.engine.pooling
     if front is None:
         raise bad_request(f"model: this server runs a text-generation model; {task} needs a pooling model "
                           f"(llmctl serve --runner pooling)", param="model")

@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from llmctl_server import protocol as p
 from llmctl_server.chat_template import ChatRenderer
+from llmctl_server.engine_client import EngineClient
 from llmctl_server.errors import APIError, bad_request, sse_error_event, to_api_error, unavailable
 from llmctl_server.metrics import Metrics
 from llmctl_server.settings import ServerSettings
@@ -106,7 +107,7 @@ DEFAULT_QUEUE_LIMIT = 256  # when the engine does not tell its max_num_seqs
 class ServerState:
     """Per-app state shared by the handlers, the watchdog and the launcher."""
 
-    engine: Any
+    engine: EngineClient
     settings: ServerSettings
     metrics: Metrics
     renderer: ChatRenderer
@@ -127,15 +128,10 @@ class ServerState:
     def engine_alive(self) -> bool:
         if self.engine_dead:
             return False
-        eng = self.engine
         try:
-            if getattr(eng, "errored", False):
-                return False
-            if not getattr(eng, "is_running", True):
-                return False
+            return self.engine.is_running and not self.engine.errored
         except Exception:
             return False
-        return True
 
     def mark_engine_dead(self) -> None:
         """Fail every in-flight request now (the engine should do so too; this bounds the wait)."""

@@ -11,11 +11,27 @@ import socket
 import time
 
 import httpx
+import pytest
 
-from tests.reliability.conftest import metric_sum, record, wait_idle_metrics
+from tests.reliability.conftest import metric_sum, record, spawn_server, stop_server, wait_idle_metrics
 
-HEADER_TIMEOUT_S = 1.0
-STALLED = 2
+HEADER_TIMEOUT_S = 3.0
+IDLE_CAP = 16
+STALLED = 1
+PROMPTS = 4
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_llama_dir, tmp_path_factory):
+    """One server process for the cases below: short header and write timeouts, a small idle cap, and the stall
+    file seam (absent: full speed)."""
+    tmp = tmp_path_factory.mktemp("guarded")
+    stall = tmp / "stall"
+    srv = spawn_server(tiny_llama_dir, tmp, "--header-read-timeout", str(HEADER_TIMEOUT_S),
+                       "--max-idle-connections-per-client", str(IDLE_CAP), "--stream-write-timeout", "1",
+                       "--stall-file", str(stall))
+    yield srv, stall
+    stop_server(srv)
 
 
 def _closed_within(sock: socket.socket, limit: float) -> float | None:
@@ -33,9 +49,8 @@ def _closed_within(sock: socket.socket, limit: float) -> float | None:
         return None
 
 
-def test_header_timeout_and_idle_cap(server_factory, tiny_llama_dir):
-    srv = server_factory(tiny_llama_dir, "--header-read-timeout", str(HEADER_TIMEOUT_S),
-                         "--max-idle-connections-per-client", "4")
+def test_header_timeout_and_idle_cap(guarded):
+    srv, _ = guarded
     host, port = srv.url.removeprefix("http://").split(":")
     silent = socket.create_connection((host, int(port)))
     partial = socket.create_connection((host, int(port)))
@@ -47,15 +62,21 @@ def test_header_timeout_and_idle_cap(server_factory, tiny_llama_dir):
     # a slow but complete request on a fresh connection is still served
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.get("/health").status_code == 200
-    # idle cap: of 10 silent connections from one address at most 4 stay open
-    socks = [socket.create_connection((host, int(port))) for _ in range(10)]
-    time.sleep(0.3)
-    open_now = sum(_closed_within(s, 0.2) is None for s in socks)
+    # idle cap: of 2 x IDLE_CAP silent connections from one address at most IDLE_CAP stay open
+    socks = [socket.create_connection((host, int(port))) for _ in range(2 * IDLE_CAP)]
+    closed: set[int] = set()
+    deadline = time.monotonic() + 20  # until the server has accepted them all and evicted the excess
+    while time.monotonic() < deadline and len(socks) - len(closed) > IDLE_CAP:
+        for i, sk in enumerate(socks):
+            if i not in closed and _closed_within(sk, 0.01) is not None:
+                closed.add(i)
+        time.sleep(0.1)
+    open_now = len(socks) - len(closed)
     for s in socks + [silent, partial]:
         s.close()
     record("connection_limits", header_timeout_s=HEADER_TIMEOUT_S, silent_closed_after_s=round(t_silent, 2),
-           partial_header_closed_after_s=round(t_partial, 2), idle_cap=4, idle_open_of_10=open_now)
-    assert open_now <= 4, open_now
+           partial_header_closed_after_s=round(t_partial, 2), idle_cap=IDLE_CAP, idle_open_of_twice_the_cap=open_now)
+    assert open_now <= IDLE_CAP, open_now
     with httpx.Client(base_url=srv.url, timeout=30) as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "still fine", "max_tokens": 4})
         assert r.status_code == 200, r.text
@@ -72,17 +93,19 @@ def _stalled_stream(host: str, port: int, body: dict) -> socket.socket:
     return s
 
 
-def test_stalled_readers_are_aborted_and_freed(server_factory, tiny_llama_dir, tmp_path):
-    stall = tmp_path / "stall"
+def test_stalled_readers_are_aborted_and_freed(guarded):
+    srv, stall = guarded
+    m0 = wait_idle_metrics(srv)
     stall.touch()  # steps sleep: the streams cannot finish before their clients' buffers fill, on any machine
-    srv = server_factory(tiny_llama_dir, "--stream-write-timeout", "1", "--stall-file", str(stall))
     host, port = srv.url.removeprefix("http://").split(":")
-    body = {"model": "tiny", "prompt": "fill the pipe", "max_tokens": 480, "ignore_eos": True, "stream": True,
-            "n": 16, "logprobs": 20}
+    # 4 prompts x n=16 with the top 20 logprobs per token: ~40 KB per step, so the server soon has more to write
+    # than loopback's socket buffers hold (~3 MB) and its writes block on the client that does not read.
+    body = {"model": "tiny", "prompt": [f"fill the pipe {i}" for i in range(PROMPTS)], "max_tokens": 400,
+            "ignore_eos": True, "stream": True, "n": 16, "logprobs": 20}
     socks = [_stalled_stream(host, int(port), body) for _ in range(STALLED)]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if metric_sum(srv.metrics(), "llmctl_num_requests_running") >= STALLED * 16:
+        if metric_sum(srv.metrics(), "llmctl_num_requests_running") >= STALLED * PROMPTS * 16:
             break
         time.sleep(0.1)
     stall.unlink()  # now full speed: the streams outrun their non-reading clients and block on the socket
@@ -90,12 +113,14 @@ def test_stalled_readers_are_aborted_and_freed(server_factory, tiny_llama_dir, t
     # aborted: nothing running, every KV block free, while the clients still hold their sockets open
     m = wait_idle_metrics(srv, timeout=120)
     freed_after = time.monotonic() - t0
-    aborted = metric_sum(m, "llmctl_requests_finished_total", reason="abort")
-    length = metric_sum(m, "llmctl_requests_finished_total", reason="length")
+    aborted = metric_sum(m, "llmctl_requests_finished_total", reason="abort") - \
+        metric_sum(m0, "llmctl_requests_finished_total", reason="abort")
+    length = metric_sum(m, "llmctl_requests_finished_total", reason="length") - \
+        metric_sum(m0, "llmctl_requests_finished_total", reason="length")
     dropped = sum(_closed_within(s, 10) is not None for s in socks)
     for s in socks:
         s.close()
-    record("stalled_readers", streams=STALLED, n=16, logprobs=20, write_timeout_s=1,
+    record("stalled_readers", streams=STALLED, prompts=PROMPTS, n=16, logprobs=20, write_timeout_s=1,
            freed_after_s=round(freed_after, 1), aborted=aborted, finished_length=length, connections_dropped=dropped)
     assert aborted >= STALLED, (aborted, length)  # each HTTP request's 16 sequences are one abort per engine request
     assert dropped == STALLED
@@ -105,38 +130,47 @@ def test_stalled_readers_are_aborted_and_freed(server_factory, tiny_llama_dir, t
         assert r.status_code == 200
 
 
-def test_early_hangups_are_client_aborts_not_5xx(server_factory, tiny_llama_dir, tmp_path):
-    stall = tmp_path / "stall"
+def test_early_hangups_are_client_aborts_not_5xx(guarded):
+    srv, stall = guarded
+    m0 = wait_idle_metrics(srv)
     stall.touch()
-    srv = server_factory(tiny_llama_dir, "--stall-file", str(stall))
     n = 12
 
     async def scenario():
-        async def hang_up(i: int, stream: bool):
+        async def client(i: int, stream: bool):
             body = {"model": "tiny", "prompt": f"leave {i}", "max_tokens": 400, "ignore_eos": True, "stream": stream}
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
-                try:
-                    await asyncio.wait_for(c.post("/v1/completions", json=body), 0.5)
-                except TimeoutError:
-                    pass  # the client gives up before the first token and closes the connection
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                await c.post("/v1/completions", json=body)
 
-        await asyncio.gather(*[hang_up(i, i % 2 == 0) for i in range(n)])
+        tasks = [asyncio.create_task(client(i, i % 2 == 0)) for i in range(n)]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # every request is running (the stall keeps it from finishing)
+            m = await asyncio.to_thread(srv.metrics)
+            if metric_sum(m, "llmctl_num_requests_running") >= n:
+                break
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()  # the clients give up and close their connections
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(scenario())
     # While the steps are slowed nothing can finish: wait until the server has noticed every hang-up (aborted)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if metric_sum(srv.metrics(), "llmctl_requests_finished_total", reason="abort") >= n:
+        if metric_sum(srv.metrics(), "llmctl_requests_finished_total", reason="abort") - \
+                metric_sum(m0, "llmctl_requests_finished_total", reason="abort") >= n:
             break
         time.sleep(0.1)
     stall.unlink()
     m = wait_idle_metrics(srv, timeout=60)
     text = srv.output()
-    by_status = {k: v for k, v in m.items() if k.startswith("llmctl_http_requests_total") and "completions" in k}
+    by_status = {k: v - m0.get(k, 0) for k, v in m.items()
+                 if k.startswith("llmctl_http_requests_total") and "completions" in k}
     server_errors = sum(v for k, v in by_status.items() if 'status="5' in k)
-    finished = {k: v for k, v in m.items() if k.startswith("llmctl_requests_finished_total")}
+    finished = {k: v - m0.get(k, 0) for k, v in m.items() if k.startswith("llmctl_requests_finished_total")}
     record("early_hangups", requests=n, by_status=by_status, finished=finished)
     assert server_errors == 0, by_status
     assert sum(v for k, v in by_status.items() if 'status="499"' in k) >= n // 2, by_status  # the non-streamed ones
     assert "Traceback" not in text and "ClientGone" not in text, text[-2000:]
-    assert metric_sum(m, "llmctl_requests_finished_total", reason="abort") == n
+    assert metric_sum(m, "llmctl_requests_finished_total", reason="abort") - \
+        metric_sum(m0, "llmctl_requests_finished_total", reason="abort") == n

@@ -14,7 +14,7 @@ import pytest
 from llmctl.engine.output_processor import OutputProcessor
 from llmctl_server import ServerSettings
 
-from tests.reliability.conftest import build_engine, children_of, record, scaled
+from tests.reliability.conftest import build_engine, children_of, metric_sum, record, scaled
 from tests.test_server_support import parse_stream, start_server, wait_kv_free
 
 DETOK_MARKER = "DETOKENIZER-BOOM"
@@ -128,7 +128,7 @@ def test_engine_loop_killed(server_factory, tiny_llama_dir, tmp_path):
 def _wait_running(srv, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if f"llmctl_num_requests_running {float(n)}" in httpx.get(srv.url + "/metrics", timeout=5).text:
+        if metric_sum(srv.metrics(), "llmctl_num_requests_running") >= n:
             return
         time.sleep(0.05)
     raise AssertionError(f"{n} requests never ran at once")

@@ -163,7 +163,7 @@ def test_streaming_storm(server_factory, tiny_llama_dir):
         assert per_1000 < 1.0, f"server RssAnon grew {growth_kib} KiB over {n} requests: {rss_trace}"
 
 
-async def _overload(url: str, total: int) -> tuple[list, list[tuple[int, float]]]:
+async def _overload(url: str, total: int) -> tuple[list, list[tuple[int, float]], list[float]]:
     limits = httpx.Limits(max_connections=total + 4, max_keepalive_connections=total + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120), limits=limits) as c:
         # open every connection first so that the timings below are the server's answer, not TCP set-up
@@ -182,12 +182,15 @@ async def _overload(url: str, total: int) -> tuple[list, list[tuple[int, float]]
         await asyncio.sleep(0.3)
         # While the burst still fills the queue: one request at a time, so the time is the server's answer alone
         # (the burst's own timings include this client serialising 24 requests on one event loop)
-        probes = []
+        probes, health = [], []
         for _ in range(5):
             t = time.monotonic()
             r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "probe", "max_tokens": 2})
             probes.append((r.status_code, time.monotonic() - t))
-        return await asyncio.wait_for(burst, 120), probes
+            t = time.monotonic()
+            await c.get("/health")  # the same box's answer time for a route that does nothing
+            health.append(time.monotonic() - t)
+        return await asyncio.wait_for(burst, 120), probes, health
 
 
 def test_overload_rejects_fast_and_completes_the_rest(server_factory, tiny_llama_dir):
@@ -195,7 +198,7 @@ def test_overload_rejects_fast_and_completes_the_rest(server_factory, tiny_llama
     srv = server_factory(tiny_llama_dir, "--max-num-seqs", str(max_num_seqs), "--max-queued-requests",
                          str(max_queued))
     total = 3 * max_queued
-    results, probes = asyncio.run(_overload(srv.url, total))
+    results, probes, health = asyncio.run(_overload(srv.url, total))
     accepted = [r for r in results if r[0] == 200]
     rejected = [r for r in results if r[0] == 503]
     assert len(accepted) + len(rejected) == total, [r[0] for r in results]
@@ -213,9 +216,11 @@ def test_overload_rejects_fast_and_completes_the_rest(server_factory, tiny_llama
            slowest_503_ms=round(slowest_reject_ms, 1), probe_503_ms=[round(dt * 1000, 1) for _, dt in probes])
     assert all(st == 503 for st, _ in probes), probes
     # The rejection answers before any engine work; the median keeps one scheduler hiccup of a shared 2-core
-    # box from failing the run, while a slow rejection path still does (see docs/reliability.md)
+    # box from failing the run, while a slow rejection path still does (see docs/reliability.md). Bounded by
+    # 50 ms or, on a box so loaded that /health itself is slow, 3x /health's median in the same window.
     probe_ms = sorted(dt * 1000 for _, dt in probes)
-    assert probe_ms[len(probe_ms) // 2] < 50, probes
+    health_ms = sorted(dt * 1000 for dt in health)
+    assert probe_ms[len(probe_ms) // 2] < max(50.0, 3 * health_ms[len(health_ms) // 2]), (probes, health)
     # Everything the engine could run or queue should have been admitted
     assert len(accepted) >= max_num_seqs + max_queued, (len(accepted), max_num_seqs + max_queued)
 

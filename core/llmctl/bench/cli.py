@@ -74,13 +74,16 @@ def throughput(
     input_len: int = typer.Option(128, help="Prompt length in tokens (random dataset)."),
     output_len: int = typer.Option(128, help="Tokens generated per request (ignore_eos)."),
     num_prompts: int = typer.Option(64, help="Number of requests."),
-    dataset: str | None = typer.Option(None, help='JSONL file of {"prompt": ..., "output_len": ...} lines.'),
+    dataset: str | None = typer.Option(None, help='JSONL file of {"prompt": ..., "output_len": ...} lines, or '
+                                                  '"copy" (repeat a given text: where speculation pays off).'),
     seed: int = typer.Option(0, help="Seed of the random dataset."),
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
     device: str | None = typer.Option(None, help="Platform name or torch device type."),
     max_num_seqs: int | None = typer.Option(None, help="Most sequences per engine step."),
     max_model_len: int | None = typer.Option(None, help="Context length."),
     kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
+    speculative_config: str | None = typer.Option(
+        None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     task: str = typer.Option("generate", help="generate, or embed: sequences/s of a pooling model's embeddings "
                                               "(--input-len counts words of random text)."),
@@ -99,7 +102,8 @@ def throughput(
     try:
         r = run_throughput(model, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
                            dataset=dataset, seed=seed, dtype=dtype,
-                           **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len))
+                           **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len),
+                           **({"speculative_config": speculative_config} if speculative_config else {}))
     except (ValueError, OSError) as exc:
         raise exit_with_error(exc) from None
     if as_json:
@@ -109,7 +113,9 @@ def throughput(
         ("dataset", r.dataset), ("requests", r.num_prompts), ("prompt tokens", r.prompt_tokens),
         ("output tokens", r.output_tokens), ("load time (s)", r.load_s), ("elapsed (s)", r.elapsed_s),
         ("requests/s", r.requests_per_s), ("output tokens/s", r.output_tokens_per_s),
-        ("total tokens/s", r.total_tokens_per_s), ("peak RSS (MiB)", r.peak_rss_mb)])
+        ("total tokens/s", r.total_tokens_per_s), ("peak RSS (MiB)", r.peak_rss_mb),
+        *([("spec acceptance rate", r.spec_acceptance_rate), ("spec tokens per step", r.spec_mean_tokens_per_step)]
+          if r.spec_acceptance_rate is not None else [])])
 
 
 def _embed_throughput(model: str, input_len: int, num_prompts: int, seed: int, dtype: str, baseline: str | None,

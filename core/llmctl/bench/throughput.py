@@ -1,7 +1,8 @@
 """Offline throughput: run a batch of prompts through ``llmctl.LLM`` and report requests/s and tokens/s.
 
-Dataset: seeded random token ids (``--input-len``/``--output-len``/``--num-prompts``) or a JSONL file with
-one ``{"prompt": str | list[int], "output_len": int}`` per line. Generation is greedy with ``ignore_eos`` so
+Dataset: seeded random token ids (``--input-len``/``--output-len``/``--num-prompts``), a JSONL file with
+one ``{"prompt": str | list[int], "output_len": int}`` per line, or ``copy`` (bench/copy_workload.py: repeat
+a given text, where speculative decoding by prompt lookup pays off). Generation is greedy with ``ignore_eos`` so
 every request produces exactly its ``output_len`` tokens. Model load and a short warm-up are excluded from
 the timed region; load time is reported separately.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.bench.common import peak_rss_mb, random_token_prompts
+from llmctl.bench.copy_workload import COPY_DATASET, copy_prompts
 
 
 @dataclass
@@ -39,6 +41,9 @@ class ThroughputResult:
     peak_rss_mb: float | None
     dataset: str
     engine_args: dict[str, Any] = field(default_factory=dict)
+    # speculative decoding during the timed run (None without speculative_config)
+    spec_acceptance_rate: float | None = None
+    spec_mean_tokens_per_step: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +112,11 @@ def run_throughput(model: str, *, input_len: int = 128, output_len: int = 128, n
         llm = LLM(model, dtype=dtype, **engine_kwargs)
         load_s = time.perf_counter() - t0
     vocab = int(llm.llm_engine.model_config.vocab_size)
-    if dataset is not None:
+    if dataset == COPY_DATASET:
+        requests = [BenchRequest(p, output_len) for p in copy_prompts(llm.get_tokenizer(), num_prompts, input_len,
+                                                                     seed)]
+        name = f"copy(input_len~{input_len}, output_len={output_len}, seed={seed})"
+    elif dataset is not None:
         requests = load_jsonl(dataset, num_prompts, output_len)
         name = str(dataset)
     else:
@@ -116,11 +125,24 @@ def run_throughput(model: str, *, input_len: int = 128, output_len: int = 128, n
     if warmup:
         # Different prompts from the timed ones, so the prefix cache gives the timed run nothing for free.
         run_requests(llm, random_requests(2, min(input_len, 16), 4, vocab, seed + 1_000_003))
+    before = llm.get_stats()
     elapsed, prompt_tokens, output_tokens = run_requests(llm, requests)
+    spec = _spec_delta(before, llm.get_stats())
     model_dtype = str(getattr(llm.llm_engine.model_config, "dtype", dtype)).replace("torch.", "")
     return ThroughputResult(
         model=model, dtype=model_dtype, num_prompts=len(requests), prompt_tokens=prompt_tokens,
         output_tokens=output_tokens, expected_output_tokens=sum(r.output_len for r in requests), load_s=load_s,
         elapsed_s=elapsed, requests_per_s=len(requests) / elapsed, output_tokens_per_s=output_tokens / elapsed,
         total_tokens_per_s=(prompt_tokens + output_tokens) / elapsed, peak_rss_mb=peak_rss_mb(), dataset=name,
-        engine_args={k: v for k, v in engine_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))})
+        engine_args={k: v for k, v in engine_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        spec_acceptance_rate=spec[0], spec_mean_tokens_per_step=spec[1])
+
+
+def _spec_delta(before: dict[str, Any], after: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Acceptance rate and tokens per verified step over the timed run only."""
+    if "spec_num_draft_tokens" not in after:
+        return None, None
+    drafted = after["spec_num_draft_tokens"] - before["spec_num_draft_tokens"]
+    accepted = after["spec_num_accepted_tokens"] - before["spec_num_accepted_tokens"]
+    rows = after.get("spec_num_verify_rows", 0) - before.get("spec_num_verify_rows", 0)
+    return (accepted / drafted if drafted else 0.0), ((accepted + rows) / rows if rows else 0.0)

@@ -48,8 +48,9 @@ def _build_engine_off_main_thread(args: EngineArgs) -> LLMEngine:
     Why: libgomp gives every thread that opens a parallel region its own worker pool, and once a process holds
     more pool threads than CPUs it stops spinning between regions and parks workers on a futex instead. Loading
     the model on the caller's thread (weight packing runs OpenMP) left a second, idle pool behind, and every
-    GEMM of the engine thread then paid a futex wake-up: a one-stream decode step took 20 ms instead of 13 ms on
-    a 2-core host. A pool dies with its thread, so after this the engine thread owns the process's only pool.
+    GEMM of the engine thread then paid a futex wake-up, which made a one-stream decode step about half again as
+    slow (figures in docs/performance.md, "Measurements behind design choices"). A pool dies with its thread, so
+    after this the engine thread owns the process's only pool.
     (Building on the engine thread itself would do too, but then loader garbage and step temporaries share one
     malloc arena, and the server's memory settled measurably later after load.)
     """
@@ -287,8 +288,8 @@ class AsyncLLM:
                 pass
         # Hand the CPU to the consumers before the next step instead of alongside it. On a box with as many cores
         # as OpenMP threads, an event loop waking up in the middle of a step preempts one of the step's threads
-        # and every GEMM barrier then waits for it (measured on 2 cores: one stream's decode step 14.2 ms with the
-        # overlap, 12.3 ms with this hand-off; the consumers' own work is well under a millisecond).
+        # and every GEMM barrier then waits for it (measured in docs/performance.md, "Measurements behind design
+        # choices"; the consumers' own work is well under a millisecond).
         # Bounded, so a busy or stalled event loop never holds the engine back for long.
         deadline = time.monotonic() + _HANDOFF_TIMEOUT_S
         for ack in acks:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ import torch
 
 from llmctl.attention import AttentionMetadata
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.fault_injection import FAULT_INJECTION_ENV, InjectedFault  # noqa: F401  (re-exported)
+from llmctl.engine.fault_injection import install_if_enabled as install_fault_injection_if_enabled
 from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
 from llmctl.engine.request import Request, RequestStatus
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KV_FRACTION = 0.25
 DEFAULT_KV_CAP_BYTES = 4 << 30
-FAULT_INJECTION_ENV = "LLMCTL_ENABLE_FAULT_INJECTION"
 
 
 @dataclass
@@ -59,15 +59,10 @@ class CoreOutput:
     first_scheduled_time: float | None = None  # wall clock when the scheduler first admitted the request
 
 
-class InjectedFault(RuntimeError):
-    """Raised on purpose by the test-only fault injection seam."""
-
-
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
-        from llmctl.models.supported import attention_features
         from llmctl.pooling.setup import backend_features, plan_runner
 
         self.args = args
@@ -98,9 +93,9 @@ class EngineCore:
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
         model_cls = self.runner_plan.model_cls
-        features |= attention_features(model_cls, hf_config)  # soft-cap, ALiBi, ...: only backends that take them
         if callable(getattr(model_cls, "attention_head_size", None)):
             head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
+        # the model's own (soft-cap, ALiBi, bidirectional, ...): only backends that take them are chosen
         features = backend_features(features, self.runner_plan)
         self.attention: AttentionBackend = plugins.select_attention_backend(
             self.platform, dtype, head_size, args.block_size, features, name=args.attention_backend)
@@ -153,7 +148,7 @@ class EngineCore:
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self.rejection_sampler = RejectionSampler(self.sampler)
-        self._fault_injection = os.environ.get(FAULT_INJECTION_ENV) == "1"
+        install_fault_injection_if_enabled(self)  # a test seam; without its variable the step carries no check
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
@@ -397,11 +392,6 @@ class EngineCore:
         return [CoreOutput(request.request_id, finish_reason="error", error=message)]
 
     def _run(self, sched: SchedulerOutput) -> list[CoreOutput]:
-        if self._fault_injection:
-            for item in sched.scheduled:
-                extra = item.request.sampling_params.extra_args or {}
-                if extra.get("inject_fault") == "forward":
-                    raise InjectedFault(f"injected model fault for request {item.request.request_id}")
         batch = self.runner.prepare(sched)
         grammars = [r.grammar for r in batch.sampling_requests]
         # structured output: the bitmask is filled on a worker thread while the forward pass runs

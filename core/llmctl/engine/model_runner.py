@@ -211,7 +211,7 @@ class ModelRunner:
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
         """The all-decode step (most steps): plain lists per request and one tensor per input instead of a few
-        numpy arrays per request (0.68 -> 0.30 ms per step at 64 sequences, under cProfile). The same inputs as
+        numpy arrays per request (about half the preparation time; docs/performance.md). The same inputs as
         the general path; a test compares them on every decode step of a preempting, chunking run."""
         bs = self.block_size
         reqs = [s.request for s in sched.scheduled]

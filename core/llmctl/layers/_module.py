@@ -11,8 +11,8 @@ class EngineModule(nn.Module):
     """An ``nn.Module`` whose call goes straight to ``forward``.
 
     ``nn.Module.__call__`` checks a dozen hook registries on every call; the engine registers none, and a decode
-    step makes ~335 module calls (11 per layer), which cost 0.5-1 ms per step: 4 % of a one-sequence step and 2-3 %
-    of a 16-sequence one on 2 cores. Hooks registered on these modules are therefore not run.
+    step makes ~335 module calls (11 per layer), a few percent of a small decode step (docs/performance.md). Hooks
+    registered on these modules are therefore not run.
     """
 
     _lookup_frozen = False
@@ -26,7 +26,7 @@ class EngineModule(nn.Module):
         """Mirror this module's children, parameters and buffers into plain instance attributes.
 
         ``nn.Module`` keeps them in side dicts reached through ``__getattr__``, which Python calls only after a
-        failed normal lookup: ~430 of those per decode step (0.3 ms, 1.5 % of a 16-sequence step on 2 cores).
+        failed normal lookup: ~430 of those per decode step (measured in docs/performance.md).
         Later assignments and deletions keep the mirror in step (``__setattr__``/``__delattr__`` below).
         """
         for name in (*self._modules, *self._parameters, *self._buffers):

@@ -22,8 +22,8 @@ class EncoderAttention(Attention):
         """``query`` [T, H, D], ``key``/``value`` [T, Hk, D] -> [T, H * D]."""
         n = metadata.slot_mapping.shape[0]
         self.backend.write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping)
-        extra = {"key": key[:n], "value": value[:n]} if getattr(self.backend, "accepts_new_kv", False) is True else {}
-        out = self.backend.forward(query, kv_cache, metadata, self.scale, None, causal=False, **extra)
+        out = self.backend.forward(query, kv_cache, metadata, self.scale, None, causal=False, key=key[:n],
+                                   value=value[:n])
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
 

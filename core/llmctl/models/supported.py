@@ -90,8 +90,10 @@ def native_architectures() -> list[ModelArchitecture]:
 def attention_features(model_cls: Any, hf_config: Any) -> frozenset[str]:
     """The attention features (``llmctl.plugins.types.MODEL_ATTENTION_FEATURES``) a model built from
     ``hf_config`` needs, known before the model is built, so the attention backend can be chosen first."""
-    fn = getattr(model_cls, "attention_features", None)
-    return frozenset(fn(hf_config)) if callable(fn) else frozenset()
+    found = getattr(model_cls, "attention_features", None)
+    if callable(found):  # decoders derive theirs from the config (soft-cap, ALiBi, windows)
+        return frozenset(found(hf_config))
+    return frozenset(found or ())  # encoders declare a fixed set (bidirectional)
 
 
 def render_markdown() -> str:

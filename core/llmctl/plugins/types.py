@@ -22,13 +22,16 @@ ANY_PLATFORM = "*"
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """One device a platform found; ``capabilities`` is free-form (ISA flags, compute capability, ...)."""
+    """One device a platform found; ``capabilities`` is free-form (ISA flags, compute capability, ...) and goes
+    to ``llmctl doctor --json`` as it is; ``summary`` is what a person reads in ``llmctl doctor`` (for a CPU,
+    "AVX-512 + bf16 dot products, no AMX"), a short phrase, not a dump of ``capabilities``."""
 
     index: int
     name: str
     total_memory: int | None = None
     free_memory: int | None = None
     capabilities: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,8 +202,10 @@ class AttentionBackend(abc.ABC):
         from the cache ignores them; the result must be the same either way. They are ``None`` only when a
         caller other than core's attention layer (a test, a benchmark) leaves them out.
 
-        A backend whose ``supports`` accepts ``logits_soft_cap`` or ``alibi`` also takes the keyword argument of
-        the same name (see ``MODEL_ATTENTION_FEATURES``)."""
+        Feature keywords, passed only to a backend whose ``supports`` accepted the feature (so a backend that
+        never accepts one need not declare its keyword): ``logits_soft_cap`` (float) for "logits_soft_cap",
+        ``alibi_slopes`` ([num_heads] float32) for "alibi" (see ``MODEL_ATTENTION_FEATURES``), and
+        ``causal=False`` for "bidirectional" (encoders: every token of a sequence attends to all of it)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmctl.models.supported import attention_features
 from llmctl.pooling.config import pooling_model_class, read_sentence_transformers_config, resolve_runner
 from llmctl.pooling.pooler import PoolerConfig
 
@@ -51,7 +52,7 @@ def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_d
                              f"runner='pooling' (llmctl serve --runner pooling)")
         if user_pc is not None:
             raise ValueError("pooler_config: only applies with runner='pooling'")
-        return RunnerPlan(runner, cls, frozenset(getattr(cls, "attention_features", frozenset())))
+        return RunnerPlan(runner, cls, attention_features(cls, hf_config))
     cls = pooling_model_class(hf_config, registry)
     st = read_sentence_transformers_config(model_dir)
     pc = st.pooler if st is not None else None
@@ -61,7 +62,7 @@ def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_d
                           user_pc.normalize if user_pc.normalize is not None else base.normalize)
     caps = [c for c in (st.max_seq_length if st is not None else None,
                         getattr(cls, "max_context", lambda cfg: None)(hf_config)) if c]
-    features = frozenset(getattr(cls, "attention_features", frozenset()))
+    features = attention_features(cls, hf_config)
     return RunnerPlan(runner, cls, features, pc, min(caps) if caps else None)
 
 

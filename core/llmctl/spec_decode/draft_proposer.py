@@ -37,6 +37,9 @@ class _DraftView:
     request_id: str
     sampling_params: SamplingParams = field(default_factory=lambda: _PLAIN)
     spec_token_ids: list[int] = field(default_factory=list)
+    pooling_params: None = None  # what the model runner reads of every request: a draft pools nothing,
+    token_type_ids: None = None  # has no segment ids
+    lora: None = None  # and runs no adapter
 
     @property
     def num_tokens(self) -> int:

@@ -20,6 +20,7 @@ class SpecDecodeStats:
     def as_dict(self) -> dict[str, float]:
         rows = self.num_verify_rows
         return {
+            "spec_num_verify_rows": rows,
             "spec_num_draft_tokens": self.num_draft_tokens,
             "spec_num_accepted_tokens": self.num_accepted_tokens,
             "spec_acceptance_rate": self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0,

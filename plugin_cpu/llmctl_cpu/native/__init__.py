@@ -1,4 +1,5 @@
-"""The CPU plugin's C kernels (``kernels.c``): built on first use with the host's C compiler, loaded with ctypes.
+"""The CPU plugin's C kernels (``kernels.c``, a unity build of one file per kernel family in ``kernels/``): built
+on first use with the host's C compiler, loaded with ctypes.
 
 Why C and why this way: at decode batch sizes a torch composition of gather + pad + mask + SDPA spends more
 time dispatching and copying than computing, and a kernel that walks the block table in place removes both.
@@ -19,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import struct
 import subprocess
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 DISABLE_ENV = "LLMCTL_CPU_NATIVE"
 AMX_ENV = "LLMCTL_CPU_AMX"  # 0 keeps bf16 GEMMs and attention on AVX-512 even where AMX is available
 CACHE_ENV = "LLMCTL_CACHE_DIR"
-SOURCE = Path(__file__).with_name("kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")  # the unity build: #includes one file per family from kernels/
+FAMILY_DIR = Path(__file__).with_name("kernels")
 CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
           "-fPIC", "-shared")
 
@@ -275,23 +278,31 @@ class NativeKernels:
                              f"{cos_sin.shape[0]} positions")
 
 
-# The kernels a recorded decode step may contain: name -> (NativeKernels attribute, opcode in kernels.c), and for
-# each opcode the argument that carries the row count (replaced at replay) and the one that carries the thread
-# count (the same). Floats travel as their bits.
+def _program_abi() -> tuple[int, list[tuple[str, int, str, str, int, int, int]]]:
+    """The replay program's ABI, read from the table kernels/program_abi.h that the C side compiles: the slot count
+    and one (NAME, opcode, recorded kernel, NativeKernels attribute, row-count argument, float argument or -1,
+    success return) row per kernel."""
+    text = (FAMILY_DIR / "program_abi.h").read_text()
+    slots = int(re.search(r"#define PROGRAM_SLOTS (\d+)", text).group(1))
+    rows = [(m[1], int(m[2]), m[3], m[4], int(m[5]), int(m[6]), int(m[7])) for m in re.finditer(
+        r"X\((\w+), (\d+), (\w+), (\w+), (-?\d+), (-?\d+), (-?\d+)\)", text)]
+    if [r[1] for r in rows] != list(range(1, len(rows) + 1)):
+        raise RuntimeError("program_abi.h: opcodes must run 1..n without gaps")
+    return slots, rows
+
+
+PROGRAM_SLOTS, _ABI = _program_abi()  # int64 words per recorded call (the opcode, then its arguments)
+OPCODES = {name: code for name, code, *_ in _ABI}
 (OP_GATHER, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION,
- OP_GEMM_F32) = range(1, 9)
-OP_LAST = OP_GEMM_F32
-RECORDED_KERNELS = {
-    "gather_rows": ("_gather", OP_GATHER), "rms_norm": ("_norm", OP_RMS_NORM), "gemm_bf16": ("_gemm", OP_GEMM),
-    "gemm_bf16_silu": ("_gemm_silu", OP_GEMM_SILU), "rotary": ("_rotary", OP_ROTARY),
-    "write_kv": ("_write", OP_WRITE_KV), "decode_attention": ("_attn", OP_DECODE_ATTENTION),
-    "gemm_f32": ("_gemm_f32", OP_GEMM_F32),
-}
+ OP_GEMM_F32) = (OPCODES[n] for n in ("GATHER", "RMS_NORM", "GEMM", "GEMM_SILU", "ROTARY", "WRITE_KV",
+                                      "DECODE_ATTENTION", "GEMM_F32"))
+OP_LAST = len(_ABI)
+# The kernels a recorded decode step may contain: name -> (NativeKernels attribute, opcode); for each opcode the
+# argument that carries the row count (replaced at replay, as is the thread count) and the float arguments.
+RECORDED_KERNELS = {kernel: (attr, code) for _, code, kernel, attr, *_ in _ABI}
 OPCODE_NAMES = {code: name for name, (_, code) in RECORDED_KERNELS.items()}
-ROWS_ARG = {OP_GATHER: 4, OP_RMS_NORM: 10, OP_GEMM: 2, OP_GEMM_SILU: 2, OP_ROTARY: 2, OP_WRITE_KV: 8,
-            OP_DECODE_ATTENTION: 16, OP_GEMM_F32: 2}
-FLOAT_ARGS = {OP_RMS_NORM: (12,), OP_DECODE_ATTENTION: (18,)}
-PROGRAM_SLOTS = 24  # kernels.c: int64 words per recorded call (the opcode, then up to 23 arguments)
+ROWS_ARG = {code: rows_arg for _, code, _, _, rows_arg, _, _ in _ABI}
+FLOAT_ARGS = {code: (float_arg,) for _, code, _, _, _, float_arg, _ in _ABI if float_arg >= 0}
 
 
 def encode_call(code: int, args: tuple[Any, ...]) -> list[int]:
@@ -343,9 +354,14 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
+def source_files() -> list[Path]:
+    """kernels.c and every file it may include from kernels/, in a fixed order: all of them key the build cache."""
+    return [SOURCE, *sorted(p for p in FAMILY_DIR.iterdir() if p.suffix in (".c", ".h"))]
+
+
 def _build(cc: str) -> Path:
     """Compile kernels.c into the cache (atomically: concurrent first starts may race) and return the .so path."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in source_files())
     key = hashlib.sha256(b"\0".join([source, cc.encode(), _compiler_version(cc).encode(), " ".join(CFLAGS).encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "llmctl-cpu-kernels"):

@@ -234,3 +234,98 @@ int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bit
     free(xsum);
     return 0;
 }
+
+/* ---- int4 weight-only with bf16 activations: nibbles -> bf16 by a 16-entry table, then bf16 dot products ------ */
+
+#if defined(QK_AVX512) && defined(__AVX512BF16__)
+#define QK_BF16 1
+#endif
+
+int llmctl_quant_has_bf16(void) {
+#ifdef QK_BF16
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[m, n] as llmctl_gemm_wq with bits 4, for bf16 activations x (raw bits) [m, k]; k % 64 == 0 and group % 32 == 0.
+ * Each 64-weight step is 32 bytes: the low nibbles (even weights) and the high nibbles (odd weights) become two
+ * vectors of 32 bf16 values, multiplied with the step's even and odd activations (exact products, float32 sums).
+ * fp32 lane i covers bytes 2i and 2i+1, so lanes 0-7 hold the step's first 32 weights and lanes 8-15 the next 32:
+ * with groups of 32 the two halves take their own group's scale. */
+int llmctl_gemm_w4_bf16(const uint16_t *x, int64_t m, int64_t k, const uint8_t *qw, const float *scales,
+                        const float *mins, int64_t group, const float *bias, int64_t n, float *y) {
+#ifndef QK_BF16
+    (void)x; (void)m; (void)k; (void)qw; (void)scales; (void)mins; (void)group; (void)bias; (void)n; (void)y;
+    return -3;
+#else
+    if (k % 64 || group % 32 || k % group) return -2;
+    int64_t ng = k / group;
+    uint16_t *xd = (uint16_t *)aligned_alloc(64, (size_t)((m * k * 2 + 63) / 64 * 64));
+    float *xsum = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    if (!xd || !xsum) { free(xd); free(xsum); return -1; }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t c = 0; c < k; c += 64)
+            for (int j = 0; j < 32; j++) {
+                xd[r * k + c + j] = x[r * k + c + 2 * j];
+                xd[r * k + c + 32 + j] = x[r * k + c + 2 * j + 1];
+            }
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < group; i++) {
+                uint32_t bits = (uint32_t)x[r * k + g * group + i] << 16;
+                float f;
+                memcpy(&f, &bits, 4);
+                s += f;
+            }
+            xsum[r * ng + g] = s;
+        }
+    }
+    uint16_t tbl[32];
+    for (int i = 0; i < 32; i++) {
+        float f = (float)(i & 15);
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        tbl[i] = (uint16_t)(bits >> 16);  /* small integers are exact in bf16 */
+    }
+    const __m512i table = _mm512_loadu_si512((const void *)tbl);
+    const __m512i low4 = _mm512_set1_epi16(15);
+    #pragma omp parallel for schedule(static)
+    for (int64_t col = 0; col < n; col++) {
+        const float *sc = scales + col * ng;
+        const float *mn = mins ? mins + col * ng : NULL;
+        const uint8_t *wrow = qw + col * (k / 2);
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            int rows = (int)(m - r0 < 4 ? m - r0 : 4);
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t c = 0; c < k; c += 64) {
+                __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wrow + c / 2)));
+                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(b, low4), table);
+                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
+                __m512 sv;
+                if (group == 32)
+                    sv = _mm512_insertf32x8(_mm512_set1_ps(sc[c / 32]), _mm256_set1_ps(sc[c / 32 + 1]), 1);
+                else
+                    sv = _mm512_set1_ps(sc[c / group]);
+                for (int rr = 0; rr < rows; rr++) {
+                    const uint16_t *xr = xd + (r0 + rr) * k + c;
+                    __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), lo, (__m512bh)_mm512_loadu_si512((const void *)xr));
+                    p = _mm512_dpbf16_ps(p, hi, (__m512bh)_mm512_loadu_si512((const void *)(xr + 32)));
+                    acc[rr] = _mm512_fmadd_ps(p, sv, acc[rr]);
+                }
+            }
+            for (int rr = 0; rr < rows; rr++) {
+                float v = _mm512_reduce_add_ps(acc[rr]);
+                if (mn)
+                    for (int64_t g = 0; g < ng; g++) v += mn[g] * xsum[(r0 + rr) * ng + g];
+                if (bias) v += bias[col];
+                y[(r0 + rr) * n + col] = v;
+            }
+        }
+    }
+    free(xd);
+    free(xsum);
+    return 0;
+#endif
+}

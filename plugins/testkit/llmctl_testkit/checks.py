@@ -208,10 +208,8 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
 
     query = batch.query.to(device)
     extra: dict = {}
-    if not causal:  # as core's encoder attention calls it (with this step's keys/values where the backend wants)
-        extra["causal"] = False
-        if getattr(backend, "accepts_new_kv", False) is True:
-            extra.update(key=batch.new_key.to(device), value=batch.new_value.to(device))
+    if not causal:  # as core's encoder attention calls it (with this step's keys/values)
+        extra.update(causal=False, key=batch.new_key.to(device), value=batch.new_value.to(device))
     try:
         result = backend.forward(query, kv_cache, dmd, scale, window, **extra)
     except Exception as exc:
@@ -235,8 +233,8 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                  f"{backend.name}: rows of `out` after forward(out=out) ({case.describe()})")
 
     try:
-        given = backend.forward(query, kv_cache, dmd, scale, window, key=batch.new_key.to(device),
-                                value=batch.new_value.to(device), **({} if causal else {"causal": False}))
+        given = backend.forward(query, kv_cache, dmd, scale, window, **{
+            **extra, "key": batch.new_key.to(device), "value": batch.new_value.to(device)})
     except Exception as exc:
         raise ContractViolation("attention.forward.new_kv", f"{backend.name}.forward(key=..., value=...) raised "
                                                             f"{type(exc).__name__}: {exc}") from exc

@@ -40,6 +40,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                       f"platform {name!r} registers no attention backend of its own (the core reference applies)")
             backends = [pytest.param("none", marks=pytest.mark.skip(reason=reason))]
         metafunc.parametrize("backend_name", backends)
+    if "quant_format" in metafunc.fixturenames:
+        formats = sorted(get_manager(metafunc.config).registry.quant_formats_for(name)) if name else []
+        if not formats:
+            reason = ("needs --llmctl-platform NAME" if not name else
+                      f"platform {name!r} registers no quantization kernel (core's reference applies)")
+            formats = [pytest.param("none", marks=pytest.mark.skip(reason=reason))]
+        metafunc.parametrize("quant_format", formats)
     if "op_name" in metafunc.fixturenames:
         from llmctl.ops.reference import OP_NAMES
 
@@ -141,6 +148,19 @@ def test_op_override(testkit_manager, testkit_platform, testkit_device, op_name:
         checks.check_gated_linear(ops.pack_gated_linear_weight, ops.gated_linear, testkit_device, dtype)
         return
     checks.check_op(op_name, getattr(ops, op_name), testkit_device, dtype)
+
+
+# -- quantization kernels ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_quant_kernel(testkit_manager, testkit_platform, testkit_device, quant_format: str, dtype_name: str) -> None:
+    from llmctl_testkit.quant_checks import check_quant_kernel
+
+    dtype = DTYPES[dtype_name]
+    if dtype not in testkit_platform.supported_dtypes():
+        pytest.skip(f"{testkit_platform.name} does not list {dtype} in supported_dtypes()")
+    kernel = testkit_manager.registry.quant_methods[f"{quant_format}@{testkit_platform.name}"].item
+    if not check_quant_kernel(kernel, testkit_device, dtype):
+        pytest.skip(f"{kernel.kernel or kernel.name} accepts none of the {quant_format} test layouts for {dtype}")
 
 
 # -- communicator ----------------------------------------------------------------------------------------------

