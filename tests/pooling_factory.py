@@ -71,3 +71,45 @@ def make_tiny_decoder_embedding(out: Path, tok) -> Path:
         {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False,
          "pooling_mode_cls_token": False}))
     return out
+
+
+def make_tiny_clip(kind: str, out: Path, tokenizer_dir: Path) -> Path:
+    """kind: text (CLIPTextModelWithProjection) or full (CLIPModel, whose vision weights the engine skips). The
+    tokenizer saved beside it is only there for loading: tests pass token ids ending in CLIP's end-of-text id."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(16)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=16, eos_token_id=999, bos_token_id=998, pad_token_id=1,
+                initializer_range=0.3)
+    if kind == "text":
+        model = tf.CLIPTextModelWithProjection(tf.CLIPTextConfig(**text)).eval()
+    else:
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                      patch_size=16, projection_dim=16)
+        model = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    if kind == "full":
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def make_tiny_siglip(out: Path, tokenizer_dir: Path) -> Path:
+    """A SiglipModel with its image processor (32 x 32 pixels, 4 patches) and a tokenizer for loading only."""
+    import transformers as tf
+    from transformers import AutoTokenizer, SiglipImageProcessor
+
+    torch.manual_seed(17)
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64, eos_token_id=999, bos_token_id=998, pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                  patch_size=16)
+    model = tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision, initializer_range=0.3)).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
+    return out

@@ -205,3 +205,76 @@ def test_bidirectional_attention_refuses_a_partial_sequence():
                            query_lens_cpu=[4], seq_lens_cpu=[8])
     with pytest.raises(ValueError, match="whole prompt in one step; sequence 0 has 4 of its 8 tokens"):
         paged_attention_reference(torch.zeros(4, 2, 8), torch.zeros(2, 1, 16, 2, 8), md, 1.0, causal=False)
+
+
+def test_clip_matches_transformers(tmp_path, minilm):
+    """CLIP text embeddings (the projected end-of-text state, normalised) against transformers' text_embeds, and
+    a CLIPModel's image embeddings against get_image_features."""
+    from transformers import CLIPModel, CLIPTextModelWithProjection
+
+    from tests.pooling_factory import make_tiny_clip
+
+    prompts = [[998, 5, 17, 300, 999], [998, 42, 999], [998] + list(range(100, 160)) + [999]]
+    for kind, cls in (("text", CLIPTextModelWithProjection), ("full", CLIPModel)):
+        path = make_tiny_clip(kind, tmp_path / kind, minilm)
+        llm = LLM(str(path), kv_cache_memory=KV)
+        assert llm.llm_engine.runner_type == "pooling"
+        ours = _embeddings(llm.embed(prompts))
+        model = cls.from_pretrained(path, attn_implementation="eager").eval()
+        with torch.no_grad():
+            if kind == "text":
+                ref = [model(torch.tensor([p])).text_embeds[0] for p in prompts]
+            else:
+                feats = [model.get_text_features(torch.tensor([p])) for p in prompts]  # a tensor before transformers 5
+                ref = [(f if isinstance(f, torch.Tensor) else f.pooler_output).reshape(-1) for f in feats]
+        torch.testing.assert_close(ours, F.normalize(torch.stack(ref), dim=-1), atol=1e-5, rtol=1e-5)
+        if kind == "text":
+            with pytest.raises(ValueError, match=r"^multi_modal_data: this model does not take images"):
+                llm.embed({"multi_modal_data": {"image": _image(0)}})
+            continue
+        # images: the checkpoint's image processor, the vision tower, the visual projection, normalised
+        from transformers import AutoImageProcessor
+
+        images = [_image(1), _image(2)]
+        got = _embeddings(llm.embed([{"multi_modal_data": {"image": im}} for im in images] + prompts[:1]))
+        pixels = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            feats = model.get_image_features(pixel_values=pixels)
+        feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+        torch.testing.assert_close(got[:2], F.normalize(feats, dim=-1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[2], ours[0], atol=1e-6, rtol=1e-6)  # a text beside images is unchanged
+        with pytest.raises(ValueError, match=r"^multi_modal_data: an embedding request is an image or a text"):
+            llm.embed({"prompt": "x", "multi_modal_data": {"image": images[0]}})
+
+
+def test_siglip_matches_transformers(tmp_path, minilm):
+    """SigLIP: the bidirectional text tower's head at the last token, and the attention-pooled image tower,
+    against transformers' get_text_features / get_image_features."""
+    from transformers import AutoImageProcessor, SiglipModel
+
+    from tests.pooling_factory import make_tiny_siglip
+
+    path = make_tiny_siglip(tmp_path / "siglip", minilm)
+    llm = LLM(str(path), kv_cache_memory=KV)
+    assert llm.llm_engine.runner_type == "pooling"
+    prompts = [[998, 5, 17, 300, 999], [998, 42, 999]]
+    images = [_image(4), _image(5)]
+    got = _embeddings(llm.embed(prompts + [{"multi_modal_data": {"image": im}} for im in images]))
+    model = SiglipModel.from_pretrained(path, attn_implementation="eager").eval()
+    pixels = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")["pixel_values"]
+
+    def tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        text = torch.cat([tensor(model.get_text_features(torch.tensor([p]))) for p in prompts])
+        image = tensor(model.get_image_features(pixel_values=pixels))
+    torch.testing.assert_close(got, F.normalize(torch.cat([text, image]), dim=-1), atol=1e-5, rtol=1e-5)
+
+
+def _image(seed: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8))

@@ -122,3 +122,38 @@ def test_score_and_rerank_shapes(reranker):
         r = http.post("/v1/embeddings", json={"input": "x"})
         assert r.status_code == 400 and "serves classify, score, rerank, not embed" in r.json()["error"]["message"]
     wait_kv_free(srv.engine)
+
+
+def _data_url(image, fmt: str = "PNG") -> str:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_clip_image_and_text_embeddings_over_http(tmp_path):
+    """A CLIPModel server: an image as a data: URL in vLLM's chat-style input, and a text, give what the offline
+    API gives (which tests/test_pooling.py holds to transformers)."""
+    from llmctl import LLM
+
+    from tests.pooling_factory import make_tiny_clip
+    from tests.test_pooling import _image
+
+    path = make_tiny_clip("full", tmp_path / "clip", minilm_dir())
+    image = _image(3)
+    offline = LLM(str(path), kv_cache_memory=KV).embed([{"multi_modal_data": {"image": image}}, [998, 5, 999]])
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(path), kv_cache_memory=KV))
+    srv = start_server(engine, ServerSettings(served_model_names=["clip"]))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(image)}}]}]
+            r = http.post("/v1/embeddings", json={"messages": msg})
+            assert r.status_code == 200, r.text
+            assert r.json()["data"][0]["embedding"] == pytest.approx(offline[0].outputs.embedding, abs=1e-6)
+            r = http.post("/v1/embeddings", json={"input": [[998, 5, 999]]})
+            assert r.json()["data"][0]["embedding"] == pytest.approx(offline[1].outputs.embedding, abs=1e-6)
+        wait_kv_free(engine)
+    finally:
+        srv.stop()
+        engine.shutdown()

@@ -21,10 +21,28 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class ImageURL(_Model):
+    url: SStr
+    detail: SStr | None = None
+
+
+class EmbeddingContentPart(_Model):
+    type: Literal["text", "image_url"]
+    text: SStr | None = None
+    image_url: ImageURL | None = None
+
+
+class EmbeddingMessage(_Model):
+    role: SStr
+    content: SStr | list[EmbeddingContentPart]
+
+
 class EmbeddingRequest(_Model):
     model: SStr | None = None
     # a string, a list of strings, one tokenized input, or a list of tokenized inputs
-    input: SStr | list[SStr] | list[SInt] | list[list[SInt]]
+    input: SStr | list[SStr] | list[SInt] | list[list[SInt]] | None = None
+    # vLLM's chat-style embedding input instead: one text or one image (data: URL) to embed (CLIP)
+    messages: list[EmbeddingMessage] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: SInt | None = Field(None, ge=1)
     user: SStr | None = None
@@ -35,6 +53,8 @@ class EmbeddingRequest(_Model):
 
     def inputs(self) -> list[str | list[int]]:
         raw = self.input
+        if raw is None:
+            return []
         if isinstance(raw, str):
             return [raw]
         if raw and all(isinstance(x, int) for x in raw):

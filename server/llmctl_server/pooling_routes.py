@@ -118,15 +118,51 @@ async def _scores(state: ServerState, queries: list[str], docs: list[str], trunc
     return scores, sum(len(o.prompt_token_ids) for o in outs)
 
 
+def _message_prompt(state: ServerState, front: Any, messages: list[pp.EmbeddingMessage]) -> Any:
+    """vLLM's chat-style embedding input: the one text or the one image (a data: URL) the messages hold."""
+    from llmctl_server.media import load_image
+
+    texts: list[str] = []
+    images: list[str] = []
+    for m in messages:
+        if isinstance(m.content, str):
+            texts.append(m.content)
+            continue
+        for part in m.content:
+            if part.type == "text" and part.text is not None:
+                texts.append(part.text)
+            elif part.type == "image_url" and part.image_url is not None:
+                images.append(part.image_url.url)
+            else:
+                raise bad_request(f"messages: a {part.type} part needs its {part.type} field", param="messages")
+    if len(images) > 1:
+        raise bad_request(f"messages: at most 1 image per embedding request, got {len(images)}", param="messages")
+    if images and texts:
+        raise bad_request("messages: an embedding request is one image or one text, not both", param="messages")
+    if images:
+        if front.image_processor_dir is None:
+            raise bad_request("messages: this model does not take images", param="messages")
+        s = state.settings
+        return {"multi_modal_data": {"image": load_image(images[0], "messages.image_url", s.max_image_bytes,
+                                                         s.max_image_pixels)}}
+    if not texts or not "".join(texts):
+        raise bad_request("messages: no text or image to embed", param="messages")
+    return "\n".join(texts)
+
+
 def register_pooling_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/embeddings", response_model=pp.EmbeddingResponse)
     async def embeddings(body: pp.EmbeddingRequest) -> JSONResponse:
         model = state.check_model(body.model)
-        _front(state, "embed")
+        front = _front(state, "embed")
+        if (body.input is None) == (body.messages is None):
+            raise bad_request("input: give either input or messages", param="input")
         inputs = body.inputs()
-        if not inputs:
+        if body.messages is None and not inputs:
             raise bad_request("input: must not be empty", param="input")
         prompts: list[Any] = []
+        if body.messages is not None:  # decoding an image is CPU work: off the event loop
+            prompts.append(await asyncio.to_thread(_message_prompt, state, front, body.messages))
         for x in inputs:
             _check_text(x, "input")
             if isinstance(x, list):

@@ -43,6 +43,9 @@ class ServerSettings:
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with this, for paths under lora_root.
     allow_runtime_lora: bool = False
     lora_root: str | None = None
+    # images in requests (data: URLs only): decoded size and pixel count caps, checked before decoding pixels
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
 
     def __post_init__(self) -> None:
         if self.allow_runtime_lora and not self.lora_root:

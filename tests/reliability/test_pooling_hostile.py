@@ -89,3 +89,103 @@ def test_pooling_routes_survive_schema_fuzzing(encoder_server):
                     [not_a_server_error, response_schema_conformance], scaled(5, 200), counts)()
     assert counts.get("5xx", 0) == 0 and counts["2xx"] > 0, counts
     wait_kv_free(encoder_server.engine, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def clip_server(tmp_path_factory):
+    from tests.pooling_factory import make_tiny_clip
+
+    path = make_tiny_clip("full", tmp_path_factory.mktemp("hostile-clip") / "clip", minilm_dir())
+    engine = build_engine(path)
+    srv = start_server(engine, ServerSettings(served_model_names=["clip"], max_image_bytes=64 * 1024,
+                                              max_image_pixels=1024 * 1024))
+    yield srv
+    srv.stop()
+    engine.shutdown()
+
+
+class _Listener:
+    """A TCP port on 127.0.0.1 that records whether anything connected (it must not: nothing is fetched)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def _png(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _image_message(url: str, n: int = 1) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * n}]}
+
+
+def test_hostile_images_are_named_400s_and_nothing_is_fetched(clip_server):
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    def data_url(raw: bytes, mime: str = "image/png") -> str:
+        return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+    bomb = _png(Image.new("1", (5000, 5000)))  # 25 M pixels in a few KB of PNG
+    assert len(bomb) < 64 * 1024
+    noise = np.random.default_rng(0).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
+    big = _png(Image.fromarray(noise))  # ~120 KB of incompressible pixels
+    small = _png(Image.fromarray(noise[:40, :40]))
+    listener = _Listener()
+    cases = [
+        (_image_message(data_url(bomb)), ["5000x5000", "1048576"]),
+        (_image_message(data_url(big)), ["65536 bytes"]),
+        (_image_message(data_url(b"hello", "text/plain")), ["'text/plain'", "not an accepted image type"]),
+        (_image_message(data_url(small, "image/jpeg")), ["PNG, not the image/jpeg"]),
+        (_image_message(data_url(b"\x89PNG\r\n\x1a\n garbage")), ["not a decodable"]),
+        (_image_message("data:image/png;base64,%%%"), ["not valid base64"]),
+        (_image_message(f"http://127.0.0.1:{listener.port}/cat.png"), ["only data: URLs", "never fetched"]),
+        (_image_message("http://169.254.169.254/latest/meta-data/"), ["only data: URLs"]),
+        (_image_message("file:///etc/passwd"), ["only data: URLs"]),
+        (_image_message(data_url(small), n=2), ["at most 1 image", "got 2"]),
+    ]
+    try:
+        with httpx.Client(base_url=clip_server.url, timeout=60) as http:
+            for body, words in cases:
+                r = http.post("/v1/embeddings", json=body)
+                assert r.status_code == 400, r.text
+                err = r.json()["error"]
+                assert err["param"] in ("messages", "messages.image_url"), err
+                for w in words:
+                    assert w in err["message"], err
+            assert http.post("/v1/embeddings", json=_image_message(data_url(small))).status_code == 200
+    finally:
+        listener.close()
+    assert listener.connections == 0
+    wait_kv_free(clip_server.engine)

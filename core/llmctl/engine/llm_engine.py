@@ -55,7 +55,9 @@ class LLMEngine:
         self.runner_type = self.core.runner_type
         self.pooling: PoolingFrontend | None = None
         if self.runner_type == "pooling":
-            self.pooling = PoolingFrontend(self.tokenizer, self.model_config, self.cache_config, self.core.model.pooler)
+            images = bool(getattr(self.core.model, "accepts_images", False))
+            self.pooling = PoolingFrontend(self.tokenizer, self.model_config, self.cache_config, self.core.model.pooler,
+                                           image_processor_dir=self.core.source.local_dir if images else None)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

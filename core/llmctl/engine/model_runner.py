@@ -280,8 +280,14 @@ class ModelRunner:
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
         """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).
         Results come back on the host, as callers read them there."""
-        results = self.model.pooler([hidden[c.start:c.end] for c in chunks],
-                                    [c.request.pooling_params for c in chunks])
+        rows = [hidden[c.start:c.end] for c in chunks]
+        images = [i for i, c in enumerate(chunks) if c.request.pixel_values is not None]
+        if images:  # an image request's placeholder row is replaced by its image embedding, pooled the same way
+            pixels = torch.stack([chunks[i].request.pixel_values for i in images]).to(hidden.device)
+            embedded = self.model.embed_images(pixels)
+            for j, i in enumerate(images):
+                rows[i] = embedded[j:j + 1]
+        results = self.model.pooler(rows, [c.request.pooling_params for c in chunks])
         return {c.request.request_id: r.cpu() for c, r in zip(chunks, results, strict=True)}
 
 

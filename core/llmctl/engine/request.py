@@ -54,6 +54,7 @@ class Request:
     # Pooling requests (runner="pooling"): computed in one step, pooled instead of sampled (llmctl.pooling).
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
+    pixel_values: torch.Tensor | None = None  # an image request's preprocessed pixels [3, H, W] (CLIP)
     grammar: RequestGrammar | None = None  # structured output: advances with every appended token
     # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
     spec_token_ids: list[int] = field(default_factory=list)

@@ -13,7 +13,8 @@ def native_architectures() -> list[ModelArchitecture]:
 
 def pooling_architectures() -> list[ModelArchitecture]:
     """Encoders and decoder embedding models; they run only with ``runner="pooling"``."""
-    from llmctl.models import bert, decoder_pooling
+    from llmctl.models import bert, clip_text, decoder_pooling
 
     return ([ModelArchitecture(name, cls) for name, cls in bert.ARCHITECTURES.items()] +
-            [ModelArchitecture(name, decoder_pooling.DecoderEmbeddingModel) for name in decoder_pooling.ARCHITECTURES])
+            [ModelArchitecture(name, decoder_pooling.DecoderEmbeddingModel) for name in decoder_pooling.ARCHITECTURES] +
+            [ModelArchitecture(name, cls) for name, cls in clip_text.ARCHITECTURES.items()])

@@ -179,7 +179,8 @@ class _EncoderModelBase(EngineModule):
     is_pooling_model = True
     attention_features = frozenset({BIDIRECTIONAL})
     encoder: BertEncoder  # set by subclasses under transformers' attribute name
-    # checkpoint prefixes to strip before matching (a BertModel saved inside a classifier, or the reverse)
+    # Classifiers load checkpoint names as they are. An embedding model strips the prefix a BertModel saved
+    # inside another model carries ("bert.", "roberta.") and adds its own module name ("encoder.").
     _strip_prefixes: tuple[str, ...] = ()
     _add_prefix = ""
     _optional_prefixes: tuple[str, ...] = ()  # tensors the checkpoint may carry that this model does not use
@@ -198,15 +199,13 @@ class _EncoderModelBase(EngineModule):
                            head_size=attn.head_dim)
 
     def _target(self, name: str) -> str:
+        """The parameter a checkpoint tensor loads into (old checkpoints name LayerNorm's weights gamma/beta)."""
         for prefix in self._strip_prefixes:
             if name.startswith(prefix):
                 name = name[len(prefix):]
                 break
         name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        return self._add_prefix + name if not name.startswith(self._keep_prefixes()) else name
-
-    def _keep_prefixes(self) -> tuple[str, ...]:
-        return ("classifier.",)
+        return self._add_prefix + name
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -251,10 +250,7 @@ class BertEmbeddingModel(_EncoderModelBase):
 
     _strip_prefixes = ("bert.", "roberta.", "model.")
     _add_prefix = "encoder."
-    _optional_prefixes = ("encoder.pooler.", "pooler.", "lm_head.", "cls.")
-
-    def _keep_prefixes(self) -> tuple[str, ...]:
-        return ()
+    _optional_prefixes = ("encoder.pooler.", "encoder.lm_head.", "encoder.cls.")
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
@@ -266,8 +262,6 @@ class BertEmbeddingModel(_EncoderModelBase):
 
 class BertForSequenceClassification(_EncoderModelBase):
     """Cross-encoder rerankers and classifiers: CLS token -> BertPooler (dense + tanh) -> classifier."""
-
-    _optional_prefixes = ("bert.embeddings.position_ids",)
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
@@ -283,9 +277,6 @@ class BertForSequenceClassification(_EncoderModelBase):
 
     def _head(self, cls_rows: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.bert.pooler(cls_rows))
-
-    def _target(self, name: str) -> str:
-        return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
 class _RobertaClassificationHead(EngineModule):
@@ -312,9 +303,6 @@ class RobertaForSequenceClassification(_EncoderModelBase):
     @property
     def encoder(self) -> BertEncoder:  # type: ignore[override]
         return self.roberta
-
-    def _target(self, name: str) -> str:
-        return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
 ARCHITECTURES: dict[str, type] = {

@@ -39,8 +39,11 @@ def matryoshka_dimensions(hf_config: Any) -> tuple[bool, list[int] | None]:
 
 
 class PoolingFrontend:
-    def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig, pooler: Any) -> None:
+    def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig, pooler: Any,
+                 image_processor_dir: Any = None) -> None:
         self.tokenizer = tokenizer
+        self.image_processor_dir = image_processor_dir  # the checkpoint's, for models that embed images (CLIP)
+        self._image_processor: Any = None
         self.model_config = model_config
         self.cache_config = cache_config
         self.tasks: tuple[str, ...] = tuple(pooler.tasks)
@@ -128,14 +131,44 @@ class PoolingFrontend:
             raise ValueError(f"prompt: {n} tokens need {need} KV blocks but the cache holds "
                              f"{self.cache_config.num_blocks}; raise kv_cache_memory")
 
+    def image_pixels(self, mm: Any) -> Any:
+        """One image (PIL) -> [3, H, W] pixels by the checkpoint's own image processor (transformers')."""
+        if not isinstance(mm, dict) or set(mm) - {"image"}:
+            raise ValueError("multi_modal_data: expected {'image': PIL.Image.Image}")
+        if self.image_processor_dir is None:
+            raise ValueError("multi_modal_data: this model does not take images")
+        image = mm.get("image")
+        if isinstance(image, list):
+            if len(image) != 1:
+                raise ValueError(f"multi_modal_data: one image per embedding request, got {len(image)}")
+            image = image[0]
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise ValueError(f"multi_modal_data.image: expected a PIL image, got {type(image).__name__}")
+        if self._image_processor is None:
+            from transformers import AutoImageProcessor
+
+            self._image_processor = AutoImageProcessor.from_pretrained(str(self.image_processor_dir))
+        return self._image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
     def prepare(self, request_id: str, prompt: Any, params: PoolingParams | None,
                 arrival_time: float | None = None) -> PreparedPooling:
         params = self.resolve_params(params)
-        text, ids, types = self.tokenize(prompt, params)
+        pixels = None
+        if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+            if prompt.get("prompt") or prompt.get("prompt_token_ids"):
+                raise ValueError("multi_modal_data: an embedding request is an image or a text, not both")
+            if params.task not in ("embed", "encode"):
+                raise ValueError(f"multi_modal_data: images can only be embedded, not used for {params.task}")
+            pixels = self.image_pixels(prompt["multi_modal_data"])
+            text, ids, types = None, [0], None  # one placeholder token holds the image's place in the engine
+        else:
+            text, ids, types = self.tokenize(prompt, params)
         self.check_length(len(ids))
         req = Request(request_id=request_id, prompt_token_ids=ids, sampling_params=_NO_SAMPLING,
                       arrival_time=arrival_time or time.time(), max_tokens=1, pooling_params=params,
-                      token_type_ids=types)
+                      token_type_ids=types, pixel_values=pixels)
         return PreparedPooling(request_id, text, ids, params, [req])
 
     # -- the core's lifecycle ----------------------------------------------------------------------------------
