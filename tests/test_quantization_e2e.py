@@ -137,7 +137,8 @@ def test_gguf_kept_quantized(tmp_path, test_tokenizer):
     from transformers import AutoModelForCausalLM
 
     path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, GGUF_TYPES)
-    llm = LLM(str(path), **ENGINE)
+    assert getattr(LLM(str(path), **ENGINE).llm_engine.core.model, "quant_summary", None) is None  # default: bf16
+    llm = LLM(str(path), quantization="gguf", **ENGINE)
     summary = kernels_of(llm)
     for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         assert t in summary, summary

@@ -50,7 +50,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_q4_1_as_is_agrees_with_its_bf16_copy(smollm2_gguf, smollm2_bf16_dir):
-    llm = LLM(str(smollm2_gguf), **ENGINE)
+    llm = LLM(str(smollm2_gguf), quantization="gguf", **ENGINE)
     summary = llm.llm_engine.core.model.quant_summary.describe()
     assert "Q4_1" in summary and summary.count("->") >= 1
     quantized, answer = _greedy(llm), _answer(llm)

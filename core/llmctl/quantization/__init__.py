@@ -80,17 +80,20 @@ def resolve_quant_config(requested: str | None, source: ModelSource) -> QuantCon
 
 
 def _gguf_config(source: ModelSource, explicit: bool) -> QuantConfig | None:
+    """GGUF weights stay quantized only with ``quantization="gguf"``; unset, they are dequantized at load into
+    ``--dtype``. Why opt-in: on the CPU plugin the kept-quantized kernels were still slower end to end than the
+    dequantized bf16 path with its decode replay (docs/performance.md), and the default model must not regress."""
+    if not explicit:
+        return None
     from llmctl.loader.gguf_file import open_gguf
     from llmctl.loader.gguf_hf import FAST_ARCHS
     from llmctl.quantization.gguf import GGUFConfig
 
     g = open_gguf(source.local_dir / str(source.gguf_file))
     if g.architecture not in FAST_ARCHS:
-        if explicit:
-            raise ValueError(f"quantization: gguf weights are kept quantized for architectures "
-                             f"{', '.join(sorted(FAST_ARCHS))}; this file is {g.architecture!r} (leave "
-                             f"quantization unset to load it dequantized)")
-        return None
+        raise ValueError(f"quantization: gguf weights are kept quantized for architectures "
+                         f"{', '.join(sorted(FAST_ARCHS))}; this file is {g.architecture!r} (leave "
+                         f"quantization unset to load it dequantized)")
     config = GGUFConfig.from_file(g)
     return config if config.quantized_types() else None
 
