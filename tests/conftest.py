@@ -9,6 +9,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton reads TRITON_INTERPRET when it is first imported, and other libraries (xgrammar) import it early: the
+# kernel tests run on the CPU interpreter only if it is set before any test module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.model_factory import load_test_tokenizer, make_tiny_model, smollm2_gguf_path  # noqa: E402
 
