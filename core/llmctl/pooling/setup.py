@@ -40,14 +40,6 @@ def as_pooler_config(value: Any) -> PoolerConfig | None:
     raise ValueError(f"pooler_config: expected a dict with pooling_type/normalize, got {type(value).__name__}")
 
 
-def attention_features(cls: Any, hf_config: Any) -> frozenset[str]:
-    """A model class declares its attention features as a frozenset attribute (the encoders' "bidirectional") or
-    as ``attention_features(hf_config)`` (decoders whose features depend on the config: soft-cap, ALiBi)."""
-    from llmctl.models.supported import attention_features as from_config
-
-    return from_config(cls, hf_config)
-
-
 def plan_runner(requested: str, user_pooler_config: Any, hf_config: Any, model_dir: Path, registry: Any,
                 get_model_class: Any) -> RunnerPlan:
     runner = resolve_runner(requested, hf_config, model_dir, registry)
