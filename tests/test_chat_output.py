@@ -53,10 +53,16 @@ def test_hermes_auto_streams_content_then_calls():
 
 
 def test_malformed_call_streams_back_as_content():
-    text = 'Sure <tool_call>{"name": "f", "arguments": {"x": </tool_call>'
+    """Broken before its name is read, a call was never announced: the whole answer is content, as non-streamed.
+    Broken after, the announced part stays (a JSON prefix) and the broken call's text follows as content."""
     mode = ToolMode("auto", parser=get_tool_parser("hermes"))
+    text = 'Sure <tool_call>{"nam": 5 </tool_call>'
     assert ChatChoiceOutput(mode=mode).final(text).content == text
     assert _stream(ChatChoiceOutput(mode=mode), text, 3) == ("", text, [])
+    text = 'Sure <tool_call>{"name": "f", "arguments": {"x": </tool_call>'
+    assert ChatChoiceOutput(mode=mode).final(text).content == text
+    _, content, calls = _stream(ChatChoiceOutput(mode=mode), text, 3)
+    assert calls == [("f", '{"x": ')] and content == 'Sure<tool_call>{"name": "f", "arguments": {"x": </tool_call>'
 
 
 def test_reasoning_then_named_call():

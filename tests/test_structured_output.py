@@ -257,8 +257,10 @@ def test_auto_with_hermes_parser_and_round_trip(client):
     _check_call(call)
     streamed = [tc for ch in client.chat.completions.create(**kw, stream=True) if ch.choices
                 for tc in ch.choices[0].delta.tool_calls or []]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [(call.function.name,
-                                                                             call.function.arguments)]
+    # the first delta announces the call, then argument fragments follow (more than one: they stream)
+    assert streamed[0].id.startswith("call_") and streamed[0].function.name == call.function.name
+    assert len(streamed) > 1 and all(t.index == 0 and not t.function.name for t in streamed[1:])
+    assert "".join(t.function.arguments or "" for t in streamed) == call.function.arguments
     # unconstrained, the random model writes no call: plain content, finish_reason stop
     plain = client.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER], temperature=0,
                                            max_tokens=8)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl_server.reasoning import ReasoningParser
-from llmctl_server.tools.parsers import ParsedCall, ParsedOutput, ToolParser
+from llmctl_server.tools.call_stream import STREAM_FORMATS, ToolCallStreamer
+from llmctl_server.tools.parsers import ParsedCall, ParsedOutput, ToolParser, dumps_args, loads_strict
 
 
 def new_call_id() -> str:
@@ -35,8 +36,8 @@ class ChatMessageOut:
 
 def parse_required(text: str) -> ParsedOutput:
     try:
-        items = json.loads(text)
-        calls = [ParsedCall(it["name"], json.dumps(it["parameters"], ensure_ascii=False)) for it in items]
+        items = loads_strict(text)
+        calls = [ParsedCall(it["name"], dumps_args(it["parameters"])) for it in items]  # type: ignore[union-attr]
     except (ValueError, TypeError, KeyError, RecursionError):
         return ParsedOutput(text)
     return ParsedOutput(None, calls) if calls else ParsedOutput(text)
@@ -63,6 +64,7 @@ class ChatChoiceOutput:
     calls_sent: int = 0
     header_sent: bool = False
     call_ids: list[str] = field(default_factory=list)
+    streamer: ToolCallStreamer | None = None
 
     # -- whole texts ------------------------------------------------------------------------------------------
     def final(self, text: str) -> ChatMessageOut:
@@ -108,6 +110,10 @@ class ChatChoiceOutput:
         mode = self.mode
         if mode.kind == "named" and mode.name:
             return self._named_delta(out, content, finished)
+        fmt = "required" if mode.kind == "required" else (mode.parser.name if mode.kind == "auto" and mode.parser
+                                                          else None)
+        if fmt in STREAM_FORMATS:
+            return self._streamed_calls(out, content, finished, fmt)  # type: ignore[arg-type]
         if mode.kind in ("required", "auto"):
             return self._buffered_delta(out, content, finished)
         self._content_delta(out, content, len(content))
@@ -131,6 +137,27 @@ class ChatChoiceOutput:
             out["tool_calls"] = [call]
         calls = parse_named(self.mode.name or "", content).calls if finished else []
         return out, calls
+
+    def _streamed_calls(self, out: dict[str, Any], content: str, finished: bool, fmt: str
+                        ) -> tuple[dict[str, Any], list]:
+        """Content as it comes, each call announced once its name is read, its arguments as fragments."""
+        if self.streamer is None:
+            self.streamer = ToolCallStreamer(fmt)
+        update = self.streamer.feed(content, finished)
+        if update.content:
+            out["content"] = update.content
+        deltas = []
+        for ev in update.events:
+            entry: dict[str, Any] = {"index": ev.index}
+            if ev.name is not None:
+                entry.update(id=self.ids(ev.index + 1)[ev.index], type="function",
+                             function={"name": ev.name, "arguments": ev.arguments})
+            else:
+                entry["function"] = {"arguments": ev.arguments}
+            deltas.append(entry)
+        if deltas:
+            out["tool_calls"] = deltas
+        return out, update.calls
 
     def _buffered_delta(self, out: dict[str, Any], content: str, finished: bool) -> tuple[dict[str, Any], list]:
         """Content before a possible call streams; from there on the text is held until the end, then sent as

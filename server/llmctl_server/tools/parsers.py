@@ -12,7 +12,59 @@ import json
 from dataclasses import dataclass, field
 
 MAX_PARSE_CHARS = 1_000_000  # longer outputs are returned as content unparsed
-_DECODER = json.JSONDecoder()
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in a tool call")
+    return out
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+# Strict JSON for tool calls: what ``json`` accepts beyond the standard (NaN, duplicate keys that silently keep
+# the last value, numbers that overflow to infinity) is refused, as the streamed path refuses it.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
+
+
+def loads_strict(text: str) -> object:
+    value, end = _DECODER.raw_decode(text, len(text) - len(text.lstrip()))
+    if text[end:].strip():
+        raise ValueError("extra data after the JSON value")
+    return value
+
+
+MAX_ARGS_DEPTH = 128  # the streamed path's limit too (tools/json_stream.MAX_DEPTH)
+
+
+def _depth(value: object) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            if d <= MAX_ARGS_DEPTH:
+                stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def dumps_args(args: object) -> str:
+    """The arguments text of a call; ``encode`` refuses lone surrogates, which cannot go out as UTF-8."""
+    if _depth(args) > MAX_ARGS_DEPTH:
+        raise ValueError(f"arguments nest deeper than {MAX_ARGS_DEPTH}")
+    text = json.dumps(args, ensure_ascii=False, allow_nan=False)
+    text.encode("utf-8")
+    return text
 
 
 @dataclass
@@ -49,15 +101,16 @@ def _call_from_obj(obj: object, args_keys: tuple[str, ...] = ("arguments", "para
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         raise ValueError("not a function call object")
     args: object = {}
-    for key in args_keys:
-        if key in obj:
-            args = obj[key]
-            break
+    present = [key for key in args_keys if key in obj]
+    if len(present) > 1:
+        raise ValueError("both arguments and parameters")
+    if present:
+        args = obj[present[0]]
     if isinstance(args, str):  # some models put the arguments in as a JSON string
-        args = json.loads(args)
+        args = loads_strict(args)
     if not isinstance(args, dict):
         raise ValueError("arguments must be an object")
-    return ParsedCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    return ParsedCall(obj["name"], dumps_args(args))
 
 
 def _json_values(text: str, sep: str = "") -> list[object]:
@@ -90,7 +143,7 @@ class HermesParser(ToolParser):
             body_start = pos + len(self.start_marker)
             end = text.find(self.end_marker, body_start)
             body = text[body_start:end] if end >= 0 else text[body_start:]  # the last block may lack its end tag
-            calls.append(_call_from_obj(json.loads(body)))
+            calls.append(_call_from_obj(loads_strict(body)))
             if end < 0:
                 break
             after = end + len(self.end_marker)
@@ -161,10 +214,10 @@ class PythonicParser(ToolParser):
                 return None
             args = {}
             for kw in node.keywords:
-                if kw.arg is None:
+                if kw.arg is None or kw.arg in args:
                     return None
                 args[kw.arg] = ast.literal_eval(kw.value)
-            calls.append(ParsedCall(node.func.id, json.dumps(args, ensure_ascii=False)))
+            calls.append(ParsedCall(node.func.id, dumps_args(args)))
         return ParsedOutput(None, calls)
 
 
