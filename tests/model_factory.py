@@ -11,9 +11,15 @@ from pathlib import Path
 import torch
 
 # Shared with the benchmarks, which must not import tests/: the packaged SmolLM2 GGUF and its tokenizer.
-from llmctl_testkit.smollm2 import SMOLLM2_FILE, load_test_tokenizer, smollm2_gguf_path  # noqa: E402
+from llmctl_testkit.smollm2 import (  # noqa: E402
+    SMOLLM2_FILE,
+    load_test_tokenizer,
+    make_truncated_smollm2,
+    smollm2_gguf_path,
+)
 
-__all__ = ["SMOLLM2_FILE", "load_test_tokenizer", "make_tiny_model", "smollm2_gguf_path"]
+__all__ = ["SMOLLM2_FILE", "load_test_tokenizer", "make_eagle_head", "make_tiny_model", "make_truncated_smollm2",
+           "smollm2_gguf_path"]
 
 
 def _common(tok) -> dict:
@@ -62,3 +68,28 @@ def make_tiny_model(kind: str, out: Path, tok, **overrides) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def make_eagle_head(target_dir: Path, out: Path, seed: int = 11, fc_bias: bool = True) -> Path:
+    """A random-weight EAGLE-1 head for the Llama checkpoint in ``target_dir``, in the layout EAGLE checkpoints
+    use: ``fc.weight`` (hidden x 2*hidden), ``fc.bias``, and one decoder layer's ``layers.0.*`` without its input
+    norm; the token embedding and LM head are the target's."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    cfg = tf.AutoConfig.from_pretrained(target_dir)
+    cfg.num_hidden_layers = 1
+    cfg.architectures = ["LlamaForCausalLM"]
+    layer_model = tf.LlamaForCausalLM(cfg).eval()
+    tensors = {k.removeprefix("model."): v.contiguous() for k, v in layer_model.state_dict().items()
+               if k.startswith("model.layers.0.") and "input_layernorm" not in k}
+    hidden = cfg.hidden_size
+    tensors["fc.weight"] = torch.randn(hidden, 2 * hidden) * 0.1
+    if fc_bias:
+        tensors["fc.bias"] = torch.randn(hidden) * 0.1
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    cfg.save_pretrained(out)
+    return out
+

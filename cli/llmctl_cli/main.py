@@ -191,7 +191,10 @@ def serve(
                                                  help="Let the model decide when to call tools (tool_choice=auto)."),
     tool_call_parser: str | None = typer.Option(None, help="hermes, llama3_json, mistral or pythonic."),
     reasoning_parser: str | None = typer.Option(None, help="deepseek_r1 or qwen3: split <think> output."),
-    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output."),
+    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output: auto, "
+                                                   "xgrammar or guidance (llguidance)."),
+    structured_outputs_config: str | None = typer.Option(None, help='vLLM\'s JSON form, e.g. {"backend": "guidance"}.'),
+    guided_decoding_backend: str | None = typer.Option(None, help="Older name of --structured-outputs-backend."),
     responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "
                                                      "previous_response_id (0: off)."),
     enable_lora: bool = typer.Option(False, "--enable-lora", help="Serve LoRA adapters (by model name)."),
@@ -264,6 +267,8 @@ def serve(
                            trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,
                            runner=runner, pooler_config=_json_option(pooler_config, "--pooler-config"),
                            structured_outputs_backend=structured_outputs_backend,
+                           structured_outputs_config=structured_outputs_config,
+                           guided_decoding_backend=guided_decoding_backend,
                            enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
                            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                            speculative_config=speculative_config)

@@ -71,7 +71,10 @@ class EngineArgs:
     # "generate", "pooling" (embeddings, classification, scores: llmctl.pooling) or "auto" (from the checkpoint)
     runner: str = "auto"
     pooler_config: Any = None  # {"pooling_type": "CLS"|"MEAN"|"LAST", "normalize": bool} over the checkpoint's
-    structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar
+    structured_outputs_backend: str = "auto"  # grammar engine for structured output: auto | xgrammar | guidance
+    # vLLM's other spellings of the same choice: the newer {"backend": ...} config and the older flag name
+    structured_outputs_config: dict[str, Any] | str | None = None
+    guided_decoding_backend: str | None = None
     structured_outputs_compile_timeout: float = 3.0  # seconds before a grammar compile is refused
     # vLLM's shape: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": .., "prompt_lookup_max":
     # ..}; a dict, its JSON text, or a parsed SpeculativeConfig (spec_decode/config.py)
@@ -124,9 +127,9 @@ class EngineArgs:
         self.lora_config()
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
-        if self.structured_outputs_backend not in ("auto", "xgrammar"):
-            raise ValueError(f"structured_outputs_backend: must be 'auto' or 'xgrammar', got "
-                             f"{self.structured_outputs_backend!r}")
+        from llmctl.structured_output.backend import resolve_backend_options
+
+        self.structured_outputs_backend = resolve_backend_options(self)
         timeout = self.structured_outputs_compile_timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 600:
             raise ValueError(f"structured_outputs_compile_timeout: must be in (0, 600] seconds, got {timeout!r}")

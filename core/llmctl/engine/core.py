@@ -7,11 +7,11 @@ retried alone and only the ones that still fail are ended with an error.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,9 +32,10 @@ from llmctl.plugins import get_plugin_manager
 from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
 from llmctl.spec_decode.config import SpeculativeConfig
 from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
+from llmctl.spec_decode.eagle import load_eagle_proposer, resolve_eagle_head
 from llmctl.spec_decode.rejection_sampler import RejectionSampler
 from llmctl.spec_decode.speculator import Speculator
-from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask, fill_grammar_bitmask
+from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,11 @@ class EngineCore:
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
         self.model_config = self._model_config(hf_config, dtype)
-        draft_source = None
+        draft_source = eagle_source = None
         if spec_config is not None and spec_config.method == "draft_model":
             draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)
+        elif spec_config is not None and spec_config.method == "eagle":
+            eagle_source = resolve_eagle_head(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
@@ -142,9 +145,11 @@ class EngineCore:
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        draft = load_draft_proposer(draft_source, self) if draft_source is not None else None
+        draft = load_draft_proposer(draft_source, self) if draft_source is not None else \
+            load_eagle_proposer(eagle_source, self) if eagle_source is not None else None
         self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
+        self.runner.keep_hidden = self.speculator is not None and self.speculator.wants_hidden
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -394,8 +399,11 @@ class EngineCore:
     def _run(self, sched: SchedulerOutput) -> list[CoreOutput]:
         batch = self.runner.prepare(sched)
         grammars = [r.grammar for r in batch.sampling_requests]
-        # structured output: the bitmask is filled on a worker thread while the forward pass runs
-        mask_job = self._grammar_pool().submit(fill_grammar_bitmask, grammars, self.model_config.vocab_size) \
+        # structured output: the bitmask is filled on a worker thread while the forward pass runs (with drafts,
+        # one row per draft position, each after the drafts before it)
+        fill = partial(fill_draft_bitmask, grammars, batch.draft_token_ids) if batch.draft_token_ids else \
+            partial(fill_grammar_bitmask, grammars)
+        mask_job = self._grammar_pool().submit(fill, self.model_config.vocab_size) \
             if any(g is not None for g in grammars) else None
         result = self.runner.execute(batch)
         mask = mask_job.result() if mask_job is not None else None
@@ -403,9 +411,8 @@ class EngineCore:
         new_logprobs: list[list[RowLogprobs] | None] = []
         if batch.draft_token_ids:
             logits = result.sample_logits
-            if mask is not None:  # grammar rows never draft, so each is the one row at its request's start
-                starts = list(itertools.accumulate((len(d) + 1 for d in batch.draft_token_ids), initial=0))
-                logits = apply_token_bitmask(logits, GrammarBitmask(mask.bitmask, [starts[i] for i in mask.rows]))
+            if mask is not None:
+                logits = apply_token_bitmask(logits, mask)
             verified = self.rejection_sampler(logits, batch.sampling_requests, batch.draft_token_ids)
             new_tokens, new_logprobs = verified.token_ids, verified.logprobs
             self.speculator.record(sum(1 for d in batch.draft_token_ids if d), verified.num_draft_tokens,
@@ -414,8 +421,11 @@ class EngineCore:
             sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask)
             new_tokens = [[t] for t in sampled.token_ids]
             new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
-        return self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_hidden,
-                            result.pooled)
+        outputs = self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_hidden,
+                               result.pooled)
+        if self.runner.keep_hidden:  # EAGLE reads the positions just computed, with their hidden states
+            self.speculator.observe(sched, batch, result.hidden)
+        return outputs
 
     def _grammar_pool(self) -> ThreadPoolExecutor:
         if self._bitmask_pool is None:

@@ -87,6 +87,7 @@ class ModelOutput:
     # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
     prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
+    hidden: torch.Tensor | None = None  # every row's final hidden state, when keep_hidden (an EAGLE proposer)
 
 
 class ModelRunner:
@@ -99,6 +100,7 @@ class ModelRunner:
         self.device = device
         self.decode_runner: DecodeStepRunner | None = None
         self._graph_table_width = 0
+        self.keep_hidden = False
 
     @torch.inference_mode()
     def decode_graph_spec(self, batch_sizes: tuple[int, ...], max_model_len: int) -> DecodeGraphSpec:
@@ -275,7 +277,8 @@ class ModelRunner:
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
             prompt_hidden[chunk.request.request_id] = (chunk, hidden[rows])
-        return ModelOutput(sample_logits, prompt_hidden, pooled)  # the sampler casts to float32 where it needs to
+        # the sampler casts to float32 where it needs to
+        return ModelOutput(sample_logits, prompt_hidden, pooled, hidden if self.keep_hidden else None)
 
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
         """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).

@@ -30,8 +30,8 @@ class SpecDecodeStats:
 
 
 class Speculator:
-    """``draft`` (a DraftModelProposer) drafts for the whole batch at once; without one, ``proposer`` drafts
-    per request from its tokens (prompt lookup)."""
+    """``draft`` (a DraftModelProposer or an EagleProposer) drafts for the whole batch at once; without one,
+    ``proposer`` drafts per request from its tokens (prompt lookup)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, draft: Any = None) -> None:
         self.config = config
@@ -41,9 +41,9 @@ class Speculator:
         self.stats = SpecDecodeStats()
 
     def num_drafts_allowed(self, req: Request) -> int:
-        """Never draft past max_tokens or the context: the drafts plus the one sampled token must fit. Requests
-        under a grammar (structured output) do not draft: drafts are not yet checked against it."""
-        if req.grammar is not None:
+        """Never draft past max_tokens or the context: the drafts plus the one sampled token must fit. A request
+        whose grammar still waits for the end of its reasoning does not draft (the constraint starts mid-draft)."""
+        if req.grammar is not None and (req.grammar.waiting or req.grammar.terminated):
             return 0
         return max(0, min(self.config.num_speculative_tokens, req.max_tokens - req.num_output_tokens - 1,
                           self.max_model_len - req.num_tokens - 1))
@@ -58,9 +58,20 @@ class Speculator:
         if self.draft is not None:
             for (req, _), draft in zip(todo, self.draft.propose(todo), strict=True):
                 req.spec_token_ids = draft
-            return
-        for req, k in todo:
-            req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
+        else:
+            for req, k in todo:
+                req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
+        for req, _ in todo:  # structured output: drafts the grammar rejects are cut before verification
+            if req.grammar is not None and req.spec_token_ids:
+                req.spec_token_ids = req.grammar.draft_prefix(req.spec_token_ids)
+
+    @property
+    def wants_hidden(self) -> bool:
+        """Whether the proposer reads the target's hidden states (EAGLE) after each step."""
+        return bool(getattr(self.draft, "wants_hidden", False))
+
+    def observe(self, sched: Any, batch: Any, hidden: Any) -> None:
+        self.draft.observe(sched, batch, hidden)
 
     def record(self, num_rows: int, num_draft: int, num_accepted: int) -> None:
         self.stats.num_verify_rows += num_rows

@@ -24,6 +24,16 @@ class XGrammarMatcher:
     def accept_token(self, token_id: int) -> bool:
         return bool(self._m.accept_token(token_id))
 
+    def validate_tokens(self, token_ids: list[int]) -> int:
+        n = 0
+        for token in token_ids:  # a refused token leaves the state as it was
+            if not self._m.accept_token(token):
+                break
+            n += 1
+        if n:
+            self._m.rollback(n)
+        return n
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         self._m.fill_next_token_bitmask(bitmask, row)
 

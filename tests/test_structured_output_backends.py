@@ -1,0 +1,181 @@
+"""Every grammar backend (xgrammar, llguidance as ``guidance``) through the offline engine: the same request
+forms give outputs that validate with the reference libraries, the same bad input is a ``ValueError`` naming the
+field within the deadline, and the backends agree on the allowed tokens where their grammars are the same.
+Selecting a backend works under each of vLLM's spellings."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import time
+
+import jsonschema
+import pytest
+import torch
+from llmctl import LLM, EngineArgs, SamplingParams
+from llmctl.structured_output import StructuredOutputsParams
+from llmctl.structured_output.manager import StructuredOutputManager
+from llmctl.structured_output.request_grammar import fill_grammar_bitmask
+
+BACKENDS = ["xgrammar", "guidance"]
+KV = 64 << 20
+# The same language in each backend's grammar syntax: xgrammar takes EBNF (GBNF), llguidance Lark.
+GRAMMARS = {
+    "xgrammar": 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?',
+    "guidance": 'start: "(" num ("+" num)* ")"\nnum: /[1-9][0-9]?/',
+}
+GRAMMAR_RE = r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)"
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_llm(request, tiny_llama_dir):
+    llm = LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0, dtype="float32", num_threads=1,
+              structured_outputs_backend=request.param)
+    return request.param, llm
+
+
+def _gen(llm, prompts, so: StructuredOutputsParams, **kw):
+    sp = SamplingParams(structured_outputs=so, **{"temperature": 0.9, "max_tokens": 64, **kw})
+    return [o.outputs[0] for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def test_generated_schemas_validate(backend_llm):
+    from tests.test_structured_output import _gen_schema
+
+    _, llm = backend_llm
+    rng = random.Random(99)
+    stopped = 0
+    for i in range(8):
+        schema = _gen_schema(rng)
+        sp = SamplingParams(temperature=0.9, seed=i, max_tokens=96, structured_outputs=StructuredOutputsParams(
+            json=schema, disable_any_whitespace=True))
+        out = llm.generate(f"Object {i}:", sp, use_tqdm=False)[0].outputs[0]
+        if out.finish_reason == "stop":
+            stopped += 1
+            jsonschema.validate(json.loads(out.text), schema)
+    assert stopped >= 6
+
+
+def test_regex_choice_grammar_json_object(backend_llm):
+    name, llm = backend_llm
+    prompts = [f"Item {i}:" for i in range(4)]
+    regex = r"[a-c]{2,5}-\d{1,3}"
+    for out in _gen(llm, prompts, StructuredOutputsParams(regex=regex), seed=1):
+        assert out.finish_reason == "stop" and re.fullmatch(regex, out.text), out.text
+    choices = ["yes", "no", "maybe later"]
+    for out in _gen(llm, prompts, StructuredOutputsParams(choice=choices), seed=2):
+        assert out.text in choices
+    for out in _gen(llm, prompts, StructuredOutputsParams(grammar=GRAMMARS[name]), seed=3, max_tokens=40):
+        if out.finish_reason == "stop":
+            assert re.fullmatch(GRAMMAR_RE, out.text), out.text
+        else:
+            assert re.fullmatch(r"\((?:[1-9][0-9]?\+?)*", out.text), out.text
+    for out in _gen(llm, prompts[:2], StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
+                    seed=4, max_tokens=48):
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), (dict, list))  # xgrammar's json_object: any JSON
+
+
+def test_greedy_is_deterministic_and_n_siblings_each_constrained(backend_llm):
+    _, llm = backend_llm
+    so = StructuredOutputsParams(regex=r"(ab|cd){1,4}x")
+    first = _gen(llm, ["Go:"], so, temperature=0.0)[0].text
+    assert _gen(llm, ["Go:"], so, temperature=0.0)[0].text == first
+    sp = SamplingParams(temperature=1.0, seed=7, max_tokens=16, n=3, structured_outputs=so)
+    for o in llm.generate("Go:", sp, use_tqdm=False)[0].outputs:
+        assert re.fullmatch(r"(ab|cd){1,4}x", o.text)
+
+
+HOSTILE = [
+    (dict(json={"type": "strin"}), "structured_outputs.json"),
+    (dict(json={"type": "array", "uniqueItems": True}), "uniqueItems"),
+    (dict(regex="^(a+)+$"), "catastrophic"),
+    (dict(regex="((a{1,1000}){1,1000})"), "structured_outputs.regex"),
+    (dict(regex=r"(a)\1"), "backreference"),
+    (dict(regex="(?=a)b"), "lookaround"),
+    (dict(json={"type": "string", "maxLength": 10**9}), "structured_outputs.json"),
+]
+
+
+@pytest.mark.parametrize(("so", "needle"), HOSTILE)
+def test_bad_constraints_name_the_field_fast(backend_llm, so, needle):
+    _, llm = backend_llm
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        llm.generate("x", SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(**so)),
+                     use_tqdm=False)
+    assert time.monotonic() - t0 < 5
+    assert llm.get_stats()["kv_blocks_free"] == llm.get_stats()["kv_blocks_total"]
+
+
+@pytest.mark.parametrize("grammar", [
+    "start: foo",  # an undefined rule
+    "start: " + " | ".join(f'"w{i}" start' for i in range(2000)),  # large, and no way to finish
+    'start: /(a|aa)*b/ "x" | %ignore',
+    "root ::= [",
+])
+def test_bad_grammars_name_the_field(backend_llm, grammar):
+    name, llm = backend_llm
+    t0 = time.monotonic()
+    try:
+        llm.generate("x", SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(grammar=grammar)),
+                     use_tqdm=False)
+    except ValueError as exc:
+        assert "structured_outputs.grammar" in str(exc)
+    assert time.monotonic() - t0 < 5
+    # the engine keeps serving
+    assert _gen(llm, ["y"], StructuredOutputsParams(choice=["ok"]), temperature=0.0)[0].text == "ok"
+
+
+def test_backends_agree_on_allowed_tokens(test_tokenizer):
+    """For a regex both engines read the same way, the allowed next tokens match step after step."""
+    vocab = len(test_tokenizer)
+    stop = (test_tokenizer.eos_token_id,)
+    so = StructuredOutputsParams(regex=r"[0-9]{1,3}(,[a-f]{2})?")
+    grammars = []
+    for name in BACKENDS:
+        m = StructuredOutputManager(test_tokenizer, vocab, stop, backend=name)
+        grammars.append(m.request_grammar(m.compile(so), so))
+    text_ids = test_tokenizer.encode("12,ab", add_special_tokens=False)
+    for step in range(len(text_ids) + 1):
+        if grammars[1].terminated:
+            # llguidance stops by itself once nothing but the end can follow; xgrammar then allows only that
+            assert set(_bits(fill_grammar_bitmask([grammars[0]], vocab).bitmask[0], vocab)) <= set(stop)
+            break
+        masks = [fill_grammar_bitmask([g], vocab).bitmask[0] for g in grammars]
+        allowed = [set(_bits(m, vocab)) - set(stop) for m in masks]
+        assert allowed[0] == allowed[1], (step, sorted(allowed[0] ^ allowed[1])[:10])
+        if step < len(text_ids):
+            assert all(g.accept(text_ids[step]) for g in grammars)
+    assert step == len(text_ids)
+
+
+def _bits(words: torch.Tensor, vocab: int) -> list[int]:
+    shifts = torch.arange(32, dtype=torch.int32)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).reshape(-1)[:vocab]
+    return bits.nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    ({"structured_outputs_backend": "guidance"}, "guidance"),
+    ({"structured_outputs_config": {"backend": "guidance"}}, "guidance"),
+    ({"structured_outputs_config": '{"backend": "xgrammar"}'}, "xgrammar"),
+    ({"guided_decoding_backend": "guidance"}, "guidance"),
+    ({}, "auto"),
+])
+def test_backend_spellings(tiny_llama_dir, kw, expected):
+    assert EngineArgs(model=str(tiny_llama_dir), **kw).structured_outputs_backend == expected
+
+
+@pytest.mark.parametrize(("kw", "field"), [
+    ({"structured_outputs_backend": "outlines"}, "structured_outputs_backend"),
+    ({"structured_outputs_config": {"backend": "lm-format-enforcer"}}, "structured_outputs_config.backend"),
+    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": True}},
+     "structured_outputs_config.disable_fallback"),
+    ({"structured_outputs_config": "{nope"}, "structured_outputs_config"),
+    ({"structured_outputs_backend": "xgrammar", "guided_decoding_backend": "guidance"}, "conflicting"),
+])
+def test_bad_backend_options(tiny_llama_dir, kw, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        EngineArgs(model=str(tiny_llama_dir), **kw)
