@@ -10,7 +10,7 @@ from llmctl import LLM, SamplingParams
 from tests._engine_util import assert_all_blocks_free
 from tests.model_factory import make_truncated_smollm2
 
-DRAFT_LAYERS = 6
+DRAFT_LAYERS = 24  # of 30: with fewer, SmolLM2's first layers agree with the whole model almost never
 
 
 @pytest.fixture(scope="module")
