@@ -7,6 +7,7 @@ Throughput is generated tokens per second over the whole batch. Constrained requ
 finishes, so both passes are capped at ``--max-tokens`` and compared per token, not per request.
 
     .venv/bin/python benchmarks/structured_output.py --concurrency 16 --max-tokens 96 --out so.json
+    .venv/bin/python benchmarks/structured_output.py --backend guidance   # llguidance instead of xgrammar
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ async def one_pass(engine: AsyncLLM, n: int, max_tokens: int, constrained: bool,
 async def main_async(args: argparse.Namespace) -> dict:
     # a generous compile deadline: the first compile is not what is measured, and a shared machine is slow
     engine = AsyncLLM.from_engine_args(EngineArgs(model=args.model, dtype=args.dtype, seed=0,
+                                                  structured_outputs_backend=args.backend,
                                                   structured_outputs_compile_timeout=120))
     try:
         await one_pass(engine, args.concurrency, 8, True, "warm-c")  # compile + first-touch outside the timing
@@ -72,6 +74,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     base = (before["tokens_per_s"] + after["tokens_per_s"]) / 2
     return {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "host": platform.processor() or platform.machine(), "model": Path(args.model).name, "dtype": args.dtype,
+            "backend": args.backend,
             "concurrency": args.concurrency, "max_tokens": args.max_tokens, "unconstrained_before": before,
             "json_schema": constrained, "unconstrained_after": after,
             "slowdown_x": round(base / constrained["tokens_per_s"], 3)}
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--backend", default="xgrammar", choices=["xgrammar", "guidance"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.model = args.model or default_model()

@@ -333,7 +333,11 @@ def test_responses_tools_and_store(client, so_engine):
     streamed = list(client.responses.create(model="tiny", input="What time is it?", tools=[tool],
                                             tool_choice="required", temperature=0, max_output_tokens=60, stream=True))
     done = [e.item for e in streamed if e.type == "response.output_item.done" and e.item.type == "function_call"]
-    assert [(c.name, c.arguments) for c in done] == [(c.name, c.arguments) for c in calls]
+    if r.status == "completed":
+        assert [(c.name, c.arguments) for c in done] == [(c.name, c.arguments) for c in calls]
+    else:  # cut off: the calls streamed so far, the last one marked incomplete unless its arguments closed
+        assert all(c.name == "get_time" for c in done)
+        assert all(c.status == "completed" or c is done[-1] for c in done)
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model="tiny", input="again", previous_response_id=r.id)
     srv = start_server(so_engine, ServerSettings(served_model_names=["tiny"], chat_template=TOOL_TEMPLATE,

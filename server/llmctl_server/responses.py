@@ -390,7 +390,8 @@ async def _events(chunks: AsyncIterator[Any], builder: ResponseBuilder, store: R
     for e in close_text():
         yield e
     for slot in calls.values():
-        slot["status"] = "completed"
+        # a call cut off mid-arguments (max_output_tokens) was streamed as far as it went: incomplete
+        slot["status"] = "completed" if _is_json(slot["arguments"]) else "incomplete"
         idx = items.index(slot)
         yield event("response.function_call_arguments.done", item_id=slot["id"], output_index=idx,
                     name=slot["name"], arguments=slot["arguments"])
@@ -400,3 +401,11 @@ async def _events(chunks: AsyncIterator[Any], builder: ResponseBuilder, store: R
     if store is not None:
         store.put(final, convo + assistant_messages(items))
     yield event("response.incomplete" if incomplete else "response.completed", response=final)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
