@@ -176,3 +176,77 @@ def test_linear_time_on_long_adversarial_text():
                                   '[]', ' { } '])
 def test_canonical_json_is_what_json_round_trips_to(text):
     assert canonical_json(text) == json.dumps(json.loads(text), ensure_ascii=False)
+
+
+def _random_value(rng, depth=0):
+    kind = rng.randrange(7 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice([0, -1, 7, 3.25, -0.5, 1e21, 12345678901234567890])
+    if kind == 1:
+        chars = ['a', 'é', '"', '\\', '\n', '😀', ' ', '/', '\u2028', 'z']
+        return "".join(rng.choice(chars) for _ in range(rng.randrange(6)))
+    if kind == 2:
+        return rng.choice([True, False, None])
+    if kind in (3, 4):
+        return rng.choice(["x", "y", 5])
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(3))]
+    return {f"k{i}": _random_value(rng, depth + 1) for i in range(rng.randrange(3))}
+
+
+def _random_answer(rng, fmt):
+    calls = [(rng.choice(["f", "get_x", "tool_2"]), {f"a{i}": _random_value(rng) for i in range(rng.randrange(3))})
+             for _ in range(rng.randrange(1, 3))]
+    sep = rng.choice([" ", "", "\n", ", "])
+
+    def obj(name, args, key="arguments"):
+        return json.dumps({"name": name, key: args}, ensure_ascii=rng.random() < 0.5,
+                          separators=(",", ":") if rng.random() < 0.5 else None)
+
+    if fmt == "hermes":
+        return rng.choice(["", "Sure. "]) + "\n".join(f"<tool_call>{obj(n, a)}</tool_call>" for n, a in calls)
+    if fmt == "mistral":
+        return "[TOOL_CALLS] [" + sep.join(obj(n, a) + "," for n, a in calls).rstrip(",") + "]"
+    if fmt == "llama3_json":
+        return "; ".join(obj(n, a, "parameters") for n, a in calls)
+    return "[" + ", ".join(obj(n, a, "parameters") for n, a in calls) + "]"  # required
+
+
+def _mutate(rng, text):
+    if not text:
+        return text
+    i = rng.randrange(len(text))
+    op = rng.randrange(4)
+    if op == 0:
+        return text[:i]  # cut off
+    if op == 1:
+        return text[:i] + text[i + 1:]
+    if op == 2:
+        return text[:i] + rng.choice(['"', "{", "}", ",", ":", "]", "\\", "x", " "]) + text[i:]
+    return text
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "llama3_json", "required"])
+def test_differential_fuzz_against_the_non_streamed_parse(fmt):
+    """Random calls (escapes, unicode, nesting, numbers) and random damage to them: whatever the non-streamed
+    parse makes of a text, the stream agrees (same calls, or no finished calls and only JSON prefixes sent)."""
+    import random
+
+    rng = random.Random(fmt)
+    agreed = 0
+    for _ in range(150):
+        text = _random_answer(rng, fmt)
+        if rng.random() < 0.5:
+            text = _mutate(rng, text)
+        whole = ChatChoiceOutput(mode=_mode(fmt)).final(text)
+        expected = [(c.name, c.arguments) for c in whole.calls]
+        for step in (1, 4, 9):
+            content, calls, final, _ = _stream(fmt, text, step)
+            if expected:
+                assert calls == expected and [(c.name, c.arguments) for c in final] == expected, (text, step)
+                assert content == (whole.content or "")
+                agreed += 1
+            else:
+                assert final == [], (text, step)
+                assert all(_is_json_prefix(a) for _, a in calls), (text, step)
+    assert agreed > 100
