@@ -45,9 +45,9 @@ BAD = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hostile_server(tiny_llama_dir):
-    engine = build_engine(tiny_llama_dir, max_num_seqs=8)
+@pytest.fixture(scope="module", params=["xgrammar", "guidance"])
+def hostile_server(request, tiny_llama_dir):
+    engine = build_engine(tiny_llama_dir, max_num_seqs=8, structured_outputs_backend=request.param)
     srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
     yield srv
     srv.stop()
@@ -113,6 +113,24 @@ def test_parsers_are_linear_and_never_evaluate(name):
         out = parser.parse(text)
         assert time.monotonic() - t0 < 1.0, (name, text[:40])
         assert out.calls == [] and out.content == text, (name, text[:40])  # malformed: plain content
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_streamed_parsers_are_linear_and_never_evaluate(name):
+    """The same texts streamed 256 characters at a time: each character is read once, nothing is evaluated, and
+    no finished call comes out of a malformed answer."""
+    from llmctl_server.tools.call_stream import ToolCallStreamer
+
+    for text in ADVERSARIAL[name]:
+        streamer = ToolCallStreamer(name)
+        t0 = time.monotonic()
+        sent = ""
+        for end in list(range(256, len(text), 256)) + [len(text)]:
+            update = streamer.feed(text[:end], end == len(text))
+            sent += update.content
+        assert time.monotonic() - t0 < 2.0, (name, text[:40])
+        assert update.calls == [], (name, text[:40])
+        assert text.endswith(sent) or sent.strip() == text.strip(), (name, text[:40])
 
 
 def test_parsers_read_well_formed_calls():
