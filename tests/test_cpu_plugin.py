@@ -559,7 +559,12 @@ def test_native_write_kv_rejects_slots_outside_the_cache(backend):
     assert not cache.any(), "nothing may be written when a slot is out of range"
 
 
-def _assert_norm_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+def _assert_norm_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, normed: torch.Tensor,
+                       weight: torch.Tensor, eps: float) -> None:
+    """``want`` is the float32 reference; ``normed`` is the tensor that was normalised (the residual sum when
+    fused). An element may differ from the reference by a bf16 ulp or two when the sum of squares adds in another
+    order; the count of such elements is bounded, except where the kernel agrees with the float64 result (there
+    the float32 reference is the less accurate one, which happens when a row's rms sits near a rounding edge)."""
     assert got.shape == want.shape and got.dtype == want.dtype
     if dtype == torch.float32:
         assert torch.equal(got, want)
@@ -569,7 +574,10 @@ def _assert_norm_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype
     diff = (got.float() - want.float()).abs()
     ulp = want.float().abs().clamp_min(1e-30) * 2 ** -7
     assert bool((diff <= 2 * ulp).all()), float((diff / ulp).max())
-    assert int((diff > 0).sum()) <= max(2, got.numel() // 500), int((diff > 0).sum())
+    xd = normed.double()
+    exact = weight * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    off = (diff > 0) & (got != exact)
+    assert int(off.sum()) <= max(2, got.numel() // 500), int(off.sum())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -588,11 +596,11 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     eps = rng.choice([1e-5, 1e-6])
     # float32 (and any platform without the C kernels) is bit-identical; the C bfloat16 RMSNorm sums squares in
     # another order, which moves rare elements by a bf16 ulp or two
-    _assert_norm_close(ops["rms_norm"](x, w, eps), reference.rms_norm(x, w, eps), dtype)
+    _assert_norm_close(ops["rms_norm"](x, w, eps), reference.rms_norm(x, w, eps), dtype, x, w, eps)
     res_before = res.clone()
     got, got_res = ops["fused_add_rms_norm"](x, res, w, eps)
     want, want_res = reference.fused_add_rms_norm(x, res_before, w, eps)
-    _assert_norm_close(got, want, dtype)
+    _assert_norm_close(got, want, dtype, want_res, w, eps)
     assert torch.equal(got_res, want_res) and torch.equal(res, res_before)
     y = torch.randn(rows, 2 * width).to(dtype)
     assert torch.equal(ops["silu_and_mul"](y), reference.silu_and_mul(y))
@@ -808,11 +816,11 @@ def test_c_rms_norm_within_rounding_of_the_reference(rng, width):
         x = (torch.randn(rows, width) * rng.uniform(0.01, 30)).bfloat16()
         res = torch.randn(rows, width).bfloat16()
         x_before, res_before = x.clone(), res.clone()
-        _assert_norm_close(rms_norm(x, w, eps), reference.rms_norm(x, w, eps), torch.bfloat16)
+        _assert_norm_close(rms_norm(x, w, eps), reference.rms_norm(x, w, eps), torch.bfloat16, x, w, eps)
         got, got_res = fused_add_rms_norm(x, res, w, eps)
         want, want_res = reference.fused_add_rms_norm(x, res, w, eps)
         assert torch.equal(got_res, want_res) and got_res.data_ptr() != res.data_ptr()
-        _assert_norm_close(got, want, torch.bfloat16)
+        _assert_norm_close(got, want, torch.bfloat16, want_res, w, eps)
         assert torch.equal(x, x_before) and torch.equal(res, res_before)
     wide = torch.randn(5, width + 40).bfloat16()
     strided = wide[:, 7:7 + width]

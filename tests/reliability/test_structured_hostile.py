@@ -77,10 +77,18 @@ def test_bad_constraints_are_fast_400s_beside_a_running_request(hostile_server):
 def test_compile_deadline(hostile_server):
     """A compile that overruns its deadline is a 400 naming the field; the next request is served normally."""
     manager = hostile_server.engine.engine.structured_output
+    backend = manager.backend
+    real_compile = backend.compile
+
+    def slow_compile(params):  # a grammar that compiles slowly, whatever the backend and the host's speed
+        time.sleep(1.0)
+        return real_compile(params)
+
     old = manager.compile_timeout
-    manager.compile_timeout = 1e-4  # every fresh compile now overruns
+    manager.compile_timeout = 0.1
+    backend.compile = slow_compile
     try:
-        schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(40)}}
+        schema = {"type": "object", "properties": {f"deadline{i}": {"type": "integer"} for i in range(40)}}
         t0 = time.monotonic()
         r = httpx.post(hostile_server.base + "/completions", timeout=30, json={
             "model": "tiny", "prompt": "x", "max_tokens": 4, "guided_json": schema})
@@ -88,6 +96,7 @@ def test_compile_deadline(hostile_server):
         assert time.monotonic() - t0 < 5
     finally:
         manager.compile_timeout = old
+        backend.compile = real_compile
     r = httpx.post(hostile_server.base + "/completions", timeout=30, json={
         "model": "tiny", "prompt": "x", "max_tokens": 4, "guided_choice": ["ok", "fine"]})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("ok", "fine")
