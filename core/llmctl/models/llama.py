@@ -15,18 +15,10 @@ from torch import nn
 from llmctl.attention import AttentionMetadata
 from llmctl.layers import Attention, GatedMLP, LMHead, MergedLinear, RMSNorm, VocabEmbedding, get_rope
 from llmctl.layers._module import EngineModule
-from llmctl.layers._params import copy_checked
+from llmctl.layers.fused_loading import STACKED_QKV_GATE_UP, load_fused, missing_tensors
 from llmctl.layers.linear import Linear
 from llmctl.models.base import KVCacheSpec, ModelContext
 
-# Checkpoint projection -> (fused module, shard index). The fused layout is built at load time.
-_STACKED: tuple[tuple[str, str, int], ...] = (
-    (".q_proj.", ".qkv_proj.", 0),
-    (".k_proj.", ".qkv_proj.", 1),
-    (".v_proj.", ".qkv_proj.", 2),
-    (".gate_proj.", ".gate_up_proj.", 0),
-    (".up_proj.", ".gate_up_proj.", 1),
-)
 _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
@@ -159,36 +151,12 @@ class LlamaForCausalLM(EngineModule):
         never runs with uninitialised memory."""
         params = dict(self.named_parameters(remove_duplicate=False))
         modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if any(s in name for s in _SKIPPED):
-                continue
-            if name == "lm_head.weight" and self.tie_word_embeddings:
-                continue
-            for hf_part, fused_part, shard in _STACKED:
-                if hf_part in name:
-                    target = name.replace(hf_part, fused_part)
-                    module = modules.get(target.rsplit(".", 1)[0])
-                    if target not in params or not isinstance(module, MergedLinear):
-                        raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
-                    module.load_shard(params[target], shard, tensor, name)
-                    loaded.add(f"{target}#{shard}")
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
-                copy_checked(params[name].data, tensor, name)
-                loaded.add(name)
-        self._check_complete(loaded, params)
-
-    def _check_complete(self, loaded: set[str], params: dict[str, nn.Parameter]) -> None:
-        missing = []
-        for pname in params:
-            module = self.get_submodule(pname.rsplit(".", 1)[0])
-            if isinstance(module, MergedLinear):
-                missing += [f"{pname}#{i}" for i in range(len(module.output_sizes)) if f"{pname}#{i}" not in loaded]
-            elif pname not in loaded and not (pname == "lm_head.weight" and self.tie_word_embeddings):
-                missing.append(pname)
+        tied_head = self.tie_word_embeddings
+        kept = ((name, tensor) for name, tensor in weights
+                if not any(s in name for s in _SKIPPED) and not (name == "lm_head.weight" and tied_head))
+        loaded = load_fused(kept, params, modules, STACKED_QKV_GATE_UP,
+                            lambda name: f"checkpoint tensor {name} has no place in {type(self).__name__}")
+        missing = missing_tensors(params, modules, loaded, optional=lambda p: p == "lm_head.weight" and tied_head)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
 

@@ -27,13 +27,11 @@ from llmctl.engine.request import Request
 from llmctl.engine.scheduler import ScheduledRequest, SchedulerOutput
 from llmctl.kv.manager import KVCacheManager
 from llmctl.layers._module import EngineModule
-from llmctl.layers._params import copy_checked
-from llmctl.layers.linear import Linear, MergedLinear
+from llmctl.layers.fused_loading import STACKED_QKV_GATE_UP, load_fused, missing_tensors
+from llmctl.layers.linear import Linear
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.spec_decode.draft_proposer import _DraftView
 
-_STACKED = ((".q_proj.", ".qkv_proj.", 0), (".k_proj.", ".qkv_proj.", 1), (".v_proj.", ".qkv_proj.", 2),
-            (".gate_proj.", ".gate_up_proj.", 0), (".up_proj.", ".gate_up_proj.", 1))
 # Tensors an EAGLE checkpoint may carry that the head takes from the target instead (or never has).
 _SHARED = ("embed_tokens.weight", "lm_head.weight", "layers.0.input_layernorm.weight", "norm.weight")
 
@@ -73,32 +71,11 @@ class EagleHead(EngineModule):
     def load_weights(self, weights: Any) -> None:
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if name in _SHARED or "rotary_emb" in name:
-                continue
-            for hf_part, fused, shard in _STACKED:
-                if hf_part in name:
-                    target = name.replace(hf_part, fused)
-                    module = modules.get(target.rsplit(".", 1)[0])
-                    if target not in params or not isinstance(module, MergedLinear):
-                        raise ValueError(f"speculative_config.model: tensor {name} has no place in an EAGLE head")
-                    module.load_shard(params[target], shard, tensor, name)
-                    loaded.add(f"{target}#{shard}")
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"speculative_config.model: tensor {name} has no place in an EAGLE head")
-                copy_checked(params[name].data, tensor, name)
-                loaded.add(name)
-        missing = []
-        for pname in params:
-            module = modules[pname.rsplit(".", 1)[0]]
-            if isinstance(module, MergedLinear):
-                missing += [f"{pname}#{i}" for i in range(len(module.output_sizes)) if f"{pname}#{i}" not in loaded]
-            elif pname not in loaded:
-                missing.append(pname)
+        kept = ((name, tensor) for name, tensor in ((n.removeprefix("model."), t) for n, t in weights)
+                if name not in _SHARED and "rotary_emb" not in name)
+        loaded = load_fused(kept, params, modules, STACKED_QKV_GATE_UP,
+                            lambda name: f"speculative_config.model: tensor {name} has no place in an EAGLE head")
+        missing = missing_tensors(params, modules, loaded)
         if missing:
             raise ValueError(f"speculative_config.model: the EAGLE checkpoint lacks {len(missing)} tensor(s), e.g. "
                              f"{', '.join(missing[:5])}")

@@ -51,23 +51,38 @@ class StreamUpdate:
     calls: list[ParsedCall] = field(default_factory=list)  # every call, once finished and the whole answer parsed
 
 
-class _CallObject:
+class _CallParser:
+    """What the streamer reads from either call syntax: the name once known, argument text not yet handed out
+    (``take_args``), and whether the call is complete."""
+
+    def __init__(self) -> None:
+        self.slot: int | None = None  # the call's index once announced
+        self.name: str | None = None
+        self.args: list[str] = []  # argument text not yet handed out
+        self.keys: set[str] = set()
+        self.done = False
+
+    def take_args(self) -> str:
+        if self.name is None:
+            return ""
+        out = "".join(self.args)
+        self.args.clear()
+        return out
+
+
+class _CallObject(_CallParser):
     """``{"name": ..., "arguments": {...}}`` (keys in any order; extra keys ignored, as the non-streamed parsers
     do). Arguments read before the name are held until the name is known."""
 
     def __init__(self, args_keys: tuple[str, ...], args_required: bool = False) -> None:
+        super().__init__()
         self.args_keys = args_keys
         self.args_required = args_required
-        self.slot: int | None = None  # the call's index once announced
         self._key = ""
         self.state = "open"
-        self.keys: set[str] = set()
         self.reader: JsonValueStream | None = None
         self.role = ""
-        self.name: str | None = None
-        self.args: list[str] = []  # argument text not yet handed out
         self.args_seen = False
-        self.done = False
 
     def feed(self, text: str, pos: int, final: bool) -> int:
         n = len(text)
@@ -155,29 +170,19 @@ class _CallObject:
             self.args.append("{}")
         self.done = True
 
-    def take_args(self) -> str:
-        if self.name is None:
-            return ""
-        out = "".join(self.args)
-        self.args.clear()
-        return out
 
 
-class _PythonicCall:
+class _PythonicCall(_CallParser):
     """``name(kw=literal, ...)``: the name once ``(`` is read, then one keyword argument per fragment."""
 
     def __init__(self) -> None:
-        self.slot: int | None = None
+        super().__init__()
         self.state = "name"
-        self.name: str | None = None
-        self.args: list[str] = []
-        self.keys: set[str] = set()
         self.value_start = 0
         self.scan = 0
         self.depth = 0
         self.quote = ""
         self.kw = ""
-        self.done = False
 
     def feed(self, text: str, pos: int, final: bool) -> int:
         n = len(text)
@@ -289,12 +294,6 @@ class _PythonicCall:
         self.args.append("}")
         self.done = True
 
-    def take_args(self) -> str:
-        if self.name is None:
-            return ""
-        out = "".join(self.args)
-        self.args.clear()
-        return out
 
 
 @dataclass
