@@ -12,6 +12,7 @@ def test_async_llm_is_the_servers_engine_client(tiny_llama_dir):
                                                   max_num_seqs=7, served_model_name="tiny-served"))
     try:
         assert isinstance(engine, EngineClient)
+        assert engine.eos_token_ids == engine.engine.input_processor.eos_token_ids and engine.eos_token_ids
         state = build_app(engine, ServerSettings()).state.llmctl
         assert state.max_num_seqs == 7 and state.model_names == ["tiny-served"]
         assert state.max_model_len == engine.model_config.max_model_len and state.engine_alive()

@@ -44,7 +44,7 @@ async def beam_search_response(state: ServerState, body: p.CompletionRequest | p
         raise bad_request(str(exc)) from None
     state.admit()
     request_id = p.new_id("chatcmpl" if chat else "cmpl")
-    eos = _eos_ids(state.engine)
+    eos = state.engine.eos_token_ids
     state.in_flight += 1
     try:
         results = await asyncio.gather(*(async_beam_search(state.engine, pp.ids, bp, eos, state.max_model_len,
@@ -75,8 +75,3 @@ async def beam_search_response(state: ServerState, body: p.CompletionRequest | p
     cls = p.ChatCompletionResponse if chat else p.CompletionResponse
     return JSONResponse(cls(id=request_id, created=p.now(), model=model, choices=choices, usage=usage).model_dump())
 
-
-def _eos_ids(engine: Any) -> tuple[int, ...]:
-    inner = getattr(engine, "engine", None)
-    processor = getattr(inner, "input_processor", None)
-    return tuple(getattr(processor, "eos_token_ids", ()) or ())

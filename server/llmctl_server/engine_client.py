@@ -40,6 +40,11 @@ class EngineClient(Protocol):
     def default_sampling_params(self) -> SamplingParams:
         """The model's generation defaults (``generation_config``) that requests override."""
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence; beam search, which decodes outside the engine's stop handling, needs
+        them."""
+
     def generate(self, prompt: Any, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                  lora_request: Any = None) -> AsyncIterator[RequestOutput]:
         """Cumulative outputs of one request; raises ``ValueError`` for a request the engine refuses."""

@@ -122,6 +122,10 @@ class AsyncLLM:
     def default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.engine.eos_token_ids
+
     def load_lora(self, lora_request: LoRARequest) -> None:
         """Read and check an adapter into the host cache (any thread); ``ValueError`` names what is wrong."""
         self.engine.load_lora(lora_request)

@@ -25,6 +25,16 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]
 
 
+def check_prompt_token_ids(ids: list[int], vocab_size: int) -> None:
+    """The one check of prompt token ids, shared by generation and pooling, so both refuse the same inputs with
+    the same words."""
+    if not ids:
+        raise ValueError("prompt: must contain at least one token")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 class InputProcessor:
     def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig,
                  max_logprobs: int = 20, structured: StructuredOutputManager | None = None) -> None:
@@ -59,12 +69,7 @@ class InputProcessor:
             if not text:
                 raise ValueError("prompt: must not be empty")
             ids = self.tokenizer.encode(text)
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ValueError("prompt: must contain at least one token")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+        check_prompt_token_ids(ids, self.model_config.vocab_size)
         return ProcessedPrompt(text, list(ids))
 
     def check(self, num_prompt_tokens: int, params: SamplingParams) -> int:

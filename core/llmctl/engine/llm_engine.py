@@ -63,6 +63,12 @@ class LLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (config, generation_config and tokenizer), for callers that decode
+        outside the engine's own stop handling, such as beam search."""
+        return self.input_processor.eos_token_ids
+
     def default_sampling_params(self) -> SamplingParams:
         gen = self.model_config.generation_config
         return SamplingParams.from_generation_config(gen) if gen else SamplingParams()

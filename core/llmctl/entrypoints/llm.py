@@ -148,7 +148,7 @@ class LLM:
         processed = [engine.input_processor.tokenize(p) for p in prompts]
         for pp in processed:
             engine.input_processor.check(len(pp.prompt_token_ids), SamplingParams(max_tokens=params.max_tokens))
-        instances = [BeamSearchInstance(pp.prompt_token_ids, params, engine.input_processor.eos_token_ids,
+        instances = [BeamSearchInstance(pp.prompt_token_ids, params, engine.eos_token_ids,
                                         engine.model_config.max_model_len) for pp in processed]
         step_params = step_sampling_params(params)
         while True:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import CacheConfig, ModelConfig
+from llmctl.engine.input_processor import check_prompt_token_ids
 from llmctl.engine.request import Request
 from llmctl.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from llmctl.pooling.params import PoolingParams
@@ -110,12 +111,7 @@ class PoolingFrontend:
             if limit is not None and len(ids) > limit:
                 types = types[-limit:] if types else types
                 ids = ids[-limit:]
-        if not ids:
-            raise ValueError("prompt: must contain at least one token")
-        vocab = self.model_config.vocab_size
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids: token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+        check_prompt_token_ids(ids, self.model_config.vocab_size)
         if types is not None and (len(types) != len(ids) or any(t not in (0, 1) for t in types)):
             raise ValueError("token_type_ids: must be 0 or 1 for each prompt token")
         return text, ids, types
