@@ -608,17 +608,19 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     weight, bias = torch.randn(96, width).to(dtype), torch.randn(96).to(dtype)
     assert torch.equal(ops["linear"](x, weight, bias), reference.linear(x, weight, bias))
     packed = ops["pack_linear_weight"](weight)
-    from llmctl_cpu import f32_linear, mkl_sgemm, native
-    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, PANEL_SHAPE_ATTR, _onednn, _onednn_bf16
+    from llmctl_cpu import f32_linear, native
+    from llmctl_cpu.ops import _onednn, _onednn_bf16
+    from llmctl_cpu.packed_weight import PackedFormat, PackedWeight
 
     lib = native.kernels()
     f32_path = f32_linear.path_for(weight) if dtype == torch.float32 else None
     if dtype == torch.bfloat16 and lib is not None and lib.has_gemm_bf16:
-        assert getattr(packed, PANEL_SHAPE_ATTR) == (96, width) and not packed.is_mkldnn  # the C GEMM's panels
+        assert isinstance(packed, PackedWeight) and packed.format is PackedFormat.BF16_PANELS  # the C GEMM's panels
+        assert packed.shape == (96, width)
     elif f32_path == "mkl":
-        assert getattr(packed, mkl_sgemm.SHAPE_ATTR) == (96, width)  # MKL's packed GEMM (its self-check passed)
+        assert packed.format is PackedFormat.MKL_F32 and packed.shape == (96, width)  # MKL's (self-check passed)
     elif f32_path == "c":
-        assert getattr(packed, F32_PANEL_SHAPE_ATTR) == (96, width)  # the float32 C GEMM's panels
+        assert packed.format is PackedFormat.F32_PANELS and packed.shape == (96, width)  # the float32 C GEMM
     else:
         assert packed.is_mkldnn == (_onednn_bf16() if dtype == torch.bfloat16 else _onednn())  # oneDNN's layout
     want = reference.linear(x.float(), weight.float(), bias.float())
@@ -748,11 +750,12 @@ def gemm_path(request):
 def test_c_gemm_matches_float32_math(rng, gemm_path, n, k):
     """Every panel/row remainder (the AMX path's overlapping last row block too) and odd k: within bf16 rounding of
     the float32 product, bias added before rounding."""
-    from llmctl_cpu.ops import PANEL_SHAPE_ATTR, linear, pack_linear_weight
+    from llmctl_cpu.ops import linear, pack_linear_weight
+    from llmctl_cpu.packed_weight import PackedFormat
 
     weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
     packed = pack_linear_weight(weight)
-    assert getattr(packed, PANEL_SHAPE_ATTR) == (n, k)
+    assert packed.format is PackedFormat.BF16_PANELS and packed.shape == (n, k)
     for m in (1, 2, 3, 4, 5, 9, 16, 17, 33, 64, 256, 273, rng.randint(10, 600)):  # 256+: threads split rows
         x = torch.randn(m, k).bfloat16()
         for b in (None, bias):
@@ -844,14 +847,16 @@ def test_c_rms_norm_is_batch_invariant(rng):
 def test_fused_swiglu_gemm_equals_the_unfused_ops(rng, gemm_path, d, k, bias):
     """SiLU-and-mul in the GEMM's epilogue rounds where the separate ops do: bit-identical to the C GEMM followed by
     silu_and_mul, for every row remainder, with and without bias, and within bf16 rounding of the reference."""
-    from llmctl_cpu.ops import GATED_SHAPE_ATTR, gated_linear, linear, pack_gated_linear_weight, pack_linear_weight
+    from llmctl_cpu.ops import gated_linear, linear, pack_gated_linear_weight, pack_linear_weight
     from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
+    from llmctl_cpu.packed_weight import PackedFormat
 
     weight = (torch.randn(2 * d, k) / k ** 0.5 * 3).bfloat16()
     b = torch.randn(2 * d).bfloat16() if bias else None
     w_before = weight.clone()
     packed, packed_bias = pack_gated_linear_weight(weight, b)
-    assert getattr(packed, GATED_SHAPE_ATTR) == (2 * d, k) and torch.equal(weight, w_before)
+    assert packed.format is PackedFormat.GATED_BF16_PANELS and packed.shape == (2 * d, k)
+    assert torch.equal(weight, w_before)
     plain = pack_linear_weight(weight)
     for m in (1, 2, 3, 4, 5, 8, 16, 17, 35, 64, 290, rng.randint(9, 200)):
         x = torch.randn(m, k).bfloat16()
@@ -1054,30 +1059,32 @@ def _check_float32_linear(rng, packed, weight, bias):
 def test_float32_linear_matches_float64_math_and_is_batch_invariant(rng, n, k):
     """Whatever path this host picked for the shape (see llmctl_cpu.f32_linear), rows are the same bits at every
     batch size: this is the guard that fails, naming the host's ISA, when a GEMM breaks the promise somewhere."""
-    from llmctl_cpu import f32_linear, mkl_sgemm
-    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, pack_linear_weight
+    from llmctl_cpu import f32_linear
+    from llmctl_cpu.ops import pack_linear_weight
+    from llmctl_cpu.packed_weight import PackedFormat
 
     weight, bias = torch.randn(n, k), torch.randn(n)
     packed = pack_linear_weight(weight)
     path = f32_linear.path_for(weight)
-    marker = {"mkl": mkl_sgemm.SHAPE_ATTR, "c": F32_PANEL_SHAPE_ATTR}.get(path)
-    if marker is None:
+    fmt = {"mkl": PackedFormat.MKL_F32, "c": PackedFormat.F32_PANELS}.get(path)
+    if fmt is None:
         pytest.skip("neither MKL (self-check) nor the float32 C GEMM runs here: oneDNN, not batch-invariant")
-    assert getattr(packed, marker) == (n, k)
+    assert packed.format is fmt and packed.shape == (n, k)
     _check_float32_linear(rng, packed, weight, bias)
 
 
 @pytest.mark.parametrize(("n", "k"), F32_SHAPES)
 def test_float32_c_gemm_matches_float64_math_and_is_batch_invariant(rng, monkeypatch, n, k):
     from llmctl_cpu import f32_linear
-    from llmctl_cpu.ops import F32_PANEL_SHAPE_ATTR, pack_linear_weight
+    from llmctl_cpu.ops import pack_linear_weight
+    from llmctl_cpu.packed_weight import PackedFormat
 
     if not f32_linear.c_gemm_available():
         pytest.skip("the float32 C GEMM needs the C kernels and AVX2 + FMA")
     monkeypatch.setenv(f32_linear.PATH_ENV, "c")
     weight, bias = torch.randn(n, k), torch.randn(n)
     packed = pack_linear_weight(weight)
-    assert getattr(packed, F32_PANEL_SHAPE_ATTR) == (n, k)
+    assert packed.format is PackedFormat.F32_PANELS and packed.shape == (n, k)
     _check_float32_linear(rng, packed, weight, bias)
 
 
@@ -1086,13 +1093,14 @@ def test_mkl_is_taken_only_where_its_self_check_passes(monkeypatch):
     full invariance test above runs on MKL. Either way the choice and the check agree, shape by shape."""
     from llmctl_cpu import f32_linear, mkl_sgemm
     from llmctl_cpu.ops import pack_linear_weight
+    from llmctl_cpu.packed_weight import PackedFormat
 
     if not mkl_sgemm.available():
         pytest.skip("this torch build exports no MKL packed sgemm")
     monkeypatch.setenv(f32_linear.PATH_ENV, "mkl")
     for n, k in F32_SHAPES:
         packed = pack_linear_weight(torch.randn(n, k))
-        on_mkl = hasattr(packed, mkl_sgemm.SHAPE_ATTR)
+        on_mkl = getattr(packed, "format", None) is PackedFormat.MKL_F32
         assert on_mkl == (mkl_sgemm.takes(torch.empty(n, k)) and f32_linear.mkl_is_batch_invariant(n, k)), (n, k)
 
 
@@ -1110,6 +1118,7 @@ def test_float32_path_can_be_pinned_and_rejects_unknown_values(monkeypatch):
 def test_mkl_packed_linear_can_be_switched_off(monkeypatch):
     from llmctl_cpu import mkl_sgemm
     from llmctl_cpu.ops import linear, pack_linear_weight
+    from llmctl_cpu.packed_weight import PackedFormat
 
     monkeypatch.setenv(mkl_sgemm.DISABLE_ENV, "0")
     mkl_sgemm._api.cache_clear()
@@ -1117,7 +1126,7 @@ def test_mkl_packed_linear_can_be_switched_off(monkeypatch):
         assert not mkl_sgemm.available()
         weight = torch.randn(24, 32)
         packed = pack_linear_weight(weight)
-        assert not hasattr(packed, mkl_sgemm.SHAPE_ATTR)  # oneDNN's layout (or the plain weight)
+        assert getattr(packed, "format", None) is not PackedFormat.MKL_F32  # the C GEMM, oneDNN or plain
         x = torch.randn(3, 32)
         assert torch.allclose(linear(x, packed), x @ weight.T, atol=1e-5)
     finally:

@@ -25,12 +25,12 @@ import os
 import torch
 
 from llmctl_cpu.native import env_on
+from llmctl_cpu.packed_weight import PackedFormat, PackedWeight, packed
 
 logger = logging.getLogger(__name__)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 PACK_ROWS = 64  # the row count the packing is tuned for; any row count may use it
-SHAPE_ATTR = "llmctl_cpu_mkl_shape"  # what a packed weight carries: its logical [out, in] shape
 DISABLE_ENV = "LLMCTL_CPU_MKL_SGEMM"
 
 
@@ -74,8 +74,8 @@ def takes(weight: torch.Tensor) -> bool:
             and weight.shape[1] > 0 and available())
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [n, k] float32 -> MKL's packed form of ``weight^T`` (the GEMM's B), carrying ``SHAPE_ATTR``."""
+def pack(weight: torch.Tensor) -> PackedWeight:
+    """``weight`` [n, k] float32 -> MKL's packed form of ``weight^T`` (the GEMM's B)."""
     api = _api()
     assert api is not None, "check available() first"
     n, k = (int(s) for s in weight.shape)
@@ -83,15 +83,14 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     size = int(api.get_size(_B_MATRIX, PACK_ROWS, n, k))
     buf = torch.empty(-(-size // 4), dtype=torch.float32)
     api.pack(_ROW_MAJOR, _B_MATRIX, _TRANS, PACK_ROWS, n, k, 1.0, w.data_ptr(), k, buf.data_ptr())
-    setattr(buf, SHAPE_ATTR, (n, k))
-    return buf
+    return packed(buf, PackedFormat.MKL_F32, weight)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight^T + bias`` for a weight from :func:`pack`; ``x`` [..., k] float32."""
     api = _api()
-    assert api is not None
-    n, k = getattr(packed, SHAPE_ATTR)
+    assert api is not None and weight.format is PackedFormat.MKL_F32
+    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
     if x.dtype is not torch.float32:
@@ -106,7 +105,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     if m:
         # beta = 0 always: with C pre-filled with the bias and beta = 1, MKL returned the bias alone for one row
         api.compute(_ROW_MAJOR, _NO_TRANS, _PACKED, rows.shape[0], n, k, rows.data_ptr(), rows.stride(0),
-                    packed.data_ptr(), n, 0.0, out.data_ptr(), n)
+                    weight.data.data_ptr(), n, 0.0, out.data_ptr(), n)
     out = out[:m]
     if bias is not None:
         out.add_(bias)

@@ -20,6 +20,7 @@ from llmctl.ops import reference
 from llmctl.plugins.types import OpOverride
 
 from llmctl_cpu import f32_linear, mkl_sgemm, native
+from llmctl_cpu.packed_weight import PackedFormat, PackedWeight, packed
 
 
 def _native_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -115,12 +116,7 @@ def _onednn() -> bool:
         return False
 
 
-# What a weight packed for the C GEMM carries: its logical [out, in] shape (the panels are padded).
-PANEL_SHAPE_ATTR = "llmctl_cpu_panel_shape"
-F32_PANEL_SHAPE_ATTR = "llmctl_cpu_f32_panel_shape"  # the same for the float32 C GEMM's panels
-
-
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
     """bfloat16 weights go into the C GEMM's panels where the CPU has bf16 dot products, float32 weights to the
     batch-invariant GEMM :mod:`llmctl_cpu.f32_linear` picks for this host (MKL's packed GEMM where its self-check
     passes, else the float32 C GEMM), and anything else into oneDNN's blocked layout; either way once, so no GEMM
@@ -136,18 +132,15 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
             lib = native.kernels()
             assert lib is not None
             panels = lib.pack_f32_panels(weight if weight.stride(1) == 1 else weight.contiguous())
-            setattr(panels, F32_PANEL_SHAPE_ATTR, (int(weight.shape[0]), int(weight.shape[1])))
-            return panels
+            return packed(panels, PackedFormat.F32_PANELS, weight)
     if weight.dtype == torch.bfloat16:
         lib = native.kernels()
         if lib is not None and lib.has_gemm_bf16 and weight.stride(1) == 1 and weight.shape[1] > 0:
-            panels = lib.pack_bf16_panels(weight)
-            setattr(panels, PANEL_SHAPE_ATTR, (int(weight.shape[0]), int(weight.shape[1])))
-            return panels
+            return packed(lib.pack_bf16_panels(weight), PackedFormat.BF16_PANELS, weight)
     if (weight.dtype == torch.bfloat16 and _onednn_bf16()) or (weight.dtype == torch.float32 and _onednn()):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
-        _warm_up(packed, weight)
-        return packed
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+        _warm_up(blocked, weight)
+        return blocked
     return weight
 
 
@@ -161,21 +154,19 @@ def _panel_rows(x: torch.Tensor, k: int, op: str) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
-                  ) -> torch.Tensor:
-    n, k = shape
+def _panel_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = weight.shape
     rows = _panel_rows(x, k, "linear")
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
     if bias is not None and (bias.dtype is not torch.bfloat16 or not bias.is_contiguous()):
         bias = bias.to(torch.bfloat16).contiguous()  # layers keep a bf16 bias already: no copy per call
-    out = lib.gemm_bf16(rows, panels, n, bias)
+    out = lib.gemm_bf16(rows, weight.data, n, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
-def _f32_panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
-                      ) -> torch.Tensor:
-    n, k = shape
+def _f32_panel_linear(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"linear: input has {x.shape[-1]} features, the weight expects {k}")
     if x.dtype is not torch.float32:
@@ -187,7 +178,7 @@ def _f32_panel_linear(x: torch.Tensor, panels: torch.Tensor, shape: tuple[int, i
     assert lib is not None  # the weight was packed by it
     if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.float().contiguous()
-    out = lib.gemm_f32(rows, panels, n, bias)
+    out = lib.gemm_f32(rows, weight.data, n, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
 
 
@@ -231,15 +222,19 @@ def _warm_up(packed: torch.Tensor, weight: torch.Tensor) -> None:
             _packed_gemm(torch.zeros((m, weight.shape[1]), dtype=weight.dtype), packed, None)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    shape = getattr(weight, PANEL_SHAPE_ATTR, None)
-    if shape is not None:
-        return _panel_linear(x, weight, shape, bias)
-    shape = getattr(weight, F32_PANEL_SHAPE_ATTR, None)
-    if shape is not None:
-        return _f32_panel_linear(x, weight, shape, bias)
-    if hasattr(weight, mkl_sgemm.SHAPE_ATTR):
-        return mkl_sgemm.linear(x, weight, bias)
+_PACKED_LINEARS = {
+    PackedFormat.BF16_PANELS: _panel_linear,
+    PackedFormat.F32_PANELS: _f32_panel_linear,
+    PackedFormat.MKL_F32: mkl_sgemm.linear,
+}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(weight, PackedWeight):
+        run = _PACKED_LINEARS.get(weight.format)
+        if run is None:
+            raise TypeError(f"linear: a {weight.format.value} weight belongs to another op (gated_linear)")
+        return run(x, weight, bias)
     if not weight.is_mkldnn:
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
@@ -253,10 +248,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-# What a gate/up weight packed for the fused C GEMM carries: (2 * d, in), its logical shape.
-GATED_SHAPE_ATTR = "llmctl_cpu_gated_shape"
-
-
 def _interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
     """Gate rows [0, d) and up rows [d, 2d) -> 16 gate rows, 16 up rows, 16 gate rows, ...: the C GEMM's
     panels then alternate gate and up, so one register tile holds both halves of the same output columns."""
@@ -266,7 +257,7 @@ def _interleave_gate_up(t: torch.Tensor) -> torch.Tensor:
 
 
 def pack_gated_linear_weight(weight: torch.Tensor, bias: torch.Tensor | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                             ) -> tuple[PackedWeight, torch.Tensor | None] | None:
     """bfloat16 gate/up weights whose halves are whole 16-column panels go to the C GEMM with SiLU-and-mul in its
     epilogue. At 64 decode rows of SmolLM2-135M this saves the separate SiLU and multiply passes and the 3072-wide
     intermediate (about 1.3 ms of a 45 ms step); results equal the unfused C GEMM and ``silu_and_mul``."""
@@ -278,19 +269,19 @@ def pack_gated_linear_weight(weight: torch.Tensor, bias: torch.Tensor | None = N
     if lib is None or not lib.has_gemm_bf16:
         return None
     panels = lib.pack_bf16_panels(_interleave_gate_up(weight).contiguous())
-    setattr(panels, GATED_SHAPE_ATTR, (int(weight.shape[0]), int(weight.shape[1])))
-    return panels, None if bias is None else _interleave_gate_up(bias).contiguous()
+    fused_bias = None if bias is None else _interleave_gate_up(bias).contiguous()
+    return packed(panels, PackedFormat.GATED_BF16_PANELS, weight), fused_bias
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    shape = getattr(weight, GATED_SHAPE_ATTR, None)
-    if shape is None:  # a plain weight (as the contract allows): the unfused ops
-        return silu_and_mul(linear(x, weight, bias))
-    n, k = shape
+def gated_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    if not (isinstance(weight, PackedWeight) and weight.format is PackedFormat.GATED_BF16_PANELS):
+        return silu_and_mul(linear(x, weight, bias))  # a plain weight (as the contract allows): the unfused ops
+    n, k = weight.shape
     rows = _panel_rows(x, k, "gated_linear")
     lib = native.kernels()
     assert lib is not None  # the weight was packed by it
-    out = lib.gemm_bf16_silu(rows, weight, n, bias)
+    out = lib.gemm_bf16_silu(rows, weight.data, n, bias)
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n // 2)
 
 

@@ -14,6 +14,7 @@ from llmctl.layers.linear import bind_linear_ops
 if TYPE_CHECKING:
     from llmctl.lora.layers import LoRAEmbeddingSlots
 from llmctl.ops import Ops
+from llmctl.ops.reference import PackedLinearWeight
 
 
 class VocabEmbedding(EngineModule):
@@ -43,7 +44,7 @@ class LMHead(EngineModule):
         else:
             self.weight = empty_param(vocab_size, hidden_size, dtype=dtype, device=device)
         self._linear = F.linear
-        self._packed: torch.Tensor | None = None
+        self._packed: PackedLinearWeight | None = None
 
     def bind_ops(self, ops: Ops) -> None:
         bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight

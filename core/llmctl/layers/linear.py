@@ -11,6 +11,7 @@ from torch import nn
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param
 from llmctl.ops import Ops
+from llmctl.ops.reference import PackedLinearWeight
 
 if TYPE_CHECKING:
     from llmctl.lora.layers import LoRALinearSlots
@@ -60,7 +61,7 @@ class Linear(EngineModule):
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
         self._linear = F.linear
-        self._packed: torch.Tensor | None = None
+        self._packed: PackedLinearWeight | None = None
 
     def bind_ops(self, ops: Ops) -> None:
         if self._linear is not _released_linear and self.quantizer is None:

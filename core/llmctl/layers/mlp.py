@@ -9,6 +9,7 @@ import torch
 from llmctl.layers._module import EngineModule
 from llmctl.layers.linear import Linear, MergedLinear
 from llmctl.ops import Ops
+from llmctl.ops.reference import PackedLinearWeight
 
 SILU_ACTS = frozenset({"silu", "swish"})
 
@@ -28,7 +29,7 @@ class GatedMLP(EngineModule):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device)
 
         self._gated: Callable[..., torch.Tensor] | None = None
-        self._gated_weight: torch.Tensor | None = None
+        self._gated_weight: PackedLinearWeight | None = None
         self._gated_bias: torch.Tensor | None = None
 
     def bind_ops(self, ops: Ops) -> None:

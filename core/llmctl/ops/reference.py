@@ -6,6 +6,8 @@ registered by a plugin must keep the exact signature and semantics of the functi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -100,27 +102,32 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(dim=-1)
 
 
-def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+# What a platform's ``pack_linear_weight`` / ``pack_gated_linear_weight`` returns: a tensor or the platform's own
+# typed wrapper (format and logical shape beside a padded buffer). Opaque to core, which only hands it back.
+PackedLinearWeight = Any
+
+
+def pack_linear_weight(weight: torch.Tensor) -> PackedLinearWeight:
     """Turn a loaded ``[out, in]`` weight into whatever the platform's ``linear`` runs fastest on (a blocked
     layout, prepacked GEMM panels, ...). Called once per layer at load time; the reference keeps the tensor."""
     return weight
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: PackedLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``. ``weight`` is either a plain ``[out, in]`` tensor or what this platform's
     ``pack_linear_weight`` returned; an override must accept both."""
     return F.linear(x, weight, bias)
 
 
 def pack_gated_linear_weight(weight: torch.Tensor, bias: torch.Tensor | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                             ) -> tuple[PackedLinearWeight, torch.Tensor | None] | None:
     """The SwiGLU projection's fused ``[2 * d, in]`` weight (gate rows first, then up) and its bias, in whatever
     layout the platform's ``gated_linear`` takes, or ``None`` when the platform has no fused kernel for this shape:
     then the MLP runs ``linear`` and ``silu_and_mul``. The reference has none. Called once per layer at load."""
     return None
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gated_linear(x: torch.Tensor, weight: PackedLinearWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``silu_and_mul(x @ weight.T + bias)`` in one op, so a platform can apply the activation to the GEMM's
     result while it is still in registers and never write the ``2 * d``-wide intermediate. ``weight`` is a plain
     ``[2 * d, in]`` tensor or what this platform's ``pack_gated_linear_weight`` returned."""
