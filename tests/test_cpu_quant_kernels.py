@@ -40,6 +40,35 @@ def test_w8a8_equals_reference(m, dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(16, 37, 203), (17, 64, 256), (64, 100, 64), (300, 37, 1000),
+                                         (33, 16, 75)])
+def test_w8a8_amx_tiles_equal_vnni_bit_for_bit(m, n, k):
+    """AMX-INT8 (16-row blocks, four panels, a k tail past the last whole tile added with VNNI) sums the same exact
+    integers as VNNI: equal outputs, so the path switching with the row count keeps rows batch-invariant."""
+    lib = quant_kernels()
+    if not lib.has_vnni or not lib.use_amx(True):
+        lib.use_amx(True)
+        pytest.skip("no AMX-INT8 on this host (or Linux refused this process the tile state)")
+    torch.manual_seed(m * 1000 + n)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    panels, colsum = lib.pack_int8(q)
+    scales = torch.rand(n) * 0.02
+    bias = torch.randn(n)
+    x = torch.randn(m, k) * 3
+    try:
+        on = lib.gemm_w8a8(x, panels, colsum, scales, bias, n)
+        lib.use_amx(False)
+        off = lib.gemm_w8a8(x, panels, colsum, scales, bias, n)
+        alone = torch.cat([lib.gemm_w8a8(x[i:i + 1], panels, colsum, scales, bias, n) for i in (0, m - 1)])
+    finally:
+        lib.use_amx(True)
+    assert torch.equal(on, off)
+    assert torch.equal(alone, on[[0, m - 1]])  # one row (VNNI) equals the same row inside the AMX batch
+    spec = QuantLinearSpec(format="int8", in_features=k, out_features=n, bits=8, group_size=k, act="int8")
+    want = reference_linear(x, {"qweight": q, "scales": scales.reshape(n, 1)}, bias, spec)
+    torch.testing.assert_close(on, want, rtol=0, atol=0)
+
+
 def _groupwise(n, k, group, bits, asym, seed):
     torch.manual_seed(seed)
     g = k // group

@@ -51,6 +51,17 @@ class QuantKernels:
         self._w4bf16 = lib.llmctl_gemm_w4_bf16
         self._w4bf16.restype = _int
         self._w4bf16.argtypes = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p]
+        self._use_amx = lib.llmctl_quant_use_amx
+        self._use_amx.restype = _int
+        self._use_amx.argtypes = [_int]
+        self.amx = False
+        self.use_amx(native.env_on(native.AMX_ENV))
+
+    def use_amx(self, on: bool) -> bool:
+        """AMX tiles for W8A8 GEMMs of 16 rows and more (prefill), where the CPU has AMX-INT8 and Linux grants
+        the tile state; the sums are exact integers, so the result does not change with the path."""
+        self.amx = bool(self._use_amx(int(on)))
+        return self.amx
 
     def pack_int8(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = w.shape
@@ -153,7 +164,7 @@ class CpuW8A8Kernel(QuantMethod):
     name = "int8"
     platforms = ("cpu",)
     priority = 10
-    kernel = "cpu int8 w8a8 gemm (avx512-vnni) + int8 weight-only gemm"
+    kernel = "cpu int8 w8a8 gemm (avx512-vnni; amx-int8 tiles from 16 rows where present) + int8 weight-only gemm"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
         lib = quant_kernels()

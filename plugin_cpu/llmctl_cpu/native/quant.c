@@ -26,6 +26,11 @@
 #if defined(QK_AVX512) && defined(__AVX512VNNI__)
 #define QK_VNNI 1
 #endif
+#if defined(QK_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define QK_AMX 1
+#endif
 
 int llmctl_quant_has_vnni(void) {
 #ifdef QK_VNNI
@@ -41,6 +46,24 @@ int llmctl_quant_has_avx512(void) {
 #else
     return 0;
 #endif
+}
+
+/* ---- AMX (Sapphire Rapids and later) ------------------------------------------------------------------------ */
+
+static int amx_on = 0;
+
+/* Linux hands the 8 KB of tile state only to a process that asks (once; then every thread may use it). Returns
+ * whether the AMX path of the W8A8 GEMM is on after the call. */
+int llmctl_quant_use_amx(int on) {
+#ifdef QK_AMX
+    static int permitted = -1;
+    if (permitted < 0) permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    amx_on = on && permitted;
+#else
+    (void)on;
+    amx_on = 0;
+#endif
+    return amx_on;
 }
 
 /* ---- int8 W8A8 ---------------------------------------------------------------------------------------------- */
@@ -67,12 +90,32 @@ void llmctl_pack_int8_panels(const int8_t *w, int64_t n, int64_t k, int8_t *pane
  * padded weights are 0), returns the scale. */
 static float quantize_row_u8(const float *x, int64_t k, int64_t kq, uint8_t *xq) {
     float amax = 0.0f;
+    int64_t i0 = 0;
+#ifdef QK_AVX512
+    /* the same IEEE division and round-half-to-even as the scalar loop, 16 lanes at a time: identical bytes */
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        const __mmask16 mk = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+        vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, x + i)));
+    }
+    amax = _mm512_reduce_max_ps(vmax);
+    const float vscale_f = amax > 0.0f ? amax / 127.0f : 1.0f;
+    const __m512 vscale = _mm512_set1_ps(vscale_f), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    for (; i0 + 16 <= k; i0 += 16) {
+        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i0), vscale),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm512_min_ps(_mm512_max_ps(q, lo), hi);
+        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(q), _mm512_set1_epi32(128));
+        _mm_storeu_si128((__m128i *)(xq + i0), _mm512_cvtepi32_epi8(v));
+    }
+#else
     for (int64_t i = 0; i < k; i++) {
         float a = fabsf(x[i]);
         if (a > amax) amax = a;
     }
+#endif
     float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    for (int64_t i = 0; i < k; i++) {
+    for (int64_t i = i0; i < k; i++) {
         float q = nearbyintf(x[i] / scale);  /* default rounding mode: half to even, as torch.round */
         if (q > 127.0f) q = 127.0f;
         if (q < -127.0f) q = -127.0f;
@@ -82,15 +125,123 @@ static float quantize_row_u8(const float *x, int64_t k, int64_t kq, uint8_t *xq)
     return scale;
 }
 
+/* The epilogue of 1..4 rows x 16 columns of exact int32 sums: the reference's float ops in its order. */
+static void w8a8_epilogue(const int32_t (*acc)[16], int rows, int64_t r0, int64_t p, const int32_t *colsum,
+                          const float *xs, const float *ws, const float *bias, int64_t n, float *y) {
+    for (int rr = 0; rr < rows; rr++) {
+        float *yr = y + (r0 + rr) * n;
+        for (int c = 0; c < 16; c++) {
+            int64_t col = p * 16 + c;
+            if (col >= n) break;
+            int32_t exact = acc[rr][c] - 128 * colsum[col];
+            float v = (float)exact * xs[r0 + rr] * ws[col];
+            yr[col] = bias ? v + bias[col] : v;
+        }
+    }
+}
+
+#ifdef QK_AMX
+/* Rows in blocks of 16 (the A tile), four panels at a time (four C tiles), k in 64-byte steps: a panel's 16
+ * consecutive k quads are exactly an AMX B tile (16 rows of 16 columns x 4 bytes), so the VNNI panels feed the
+ * tiles as they are. The k quads past the last whole tile are added with VNNI to the stored sums. The sums are
+ * exact integers either way, so the result equals the VNNI path's and the reference's bit for bit. */
+#define AMX_MIN_ROWS 16
+#define AMX_PANELS 4
+
+struct quant_amx_config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+static void w8a8_amx(const uint8_t *xq, int64_t m, int64_t kq, const int8_t *panels, const int32_t *colsum,
+                     const float *xs, const float *ws, const float *bias, int64_t n, float *y) {
+    const int64_t np = (n + 15) / 16, mb = (m + 15) / 16, pg = (np + AMX_PANELS - 1) / AMX_PANELS;
+    const int64_t kt = kq / 16 * 16, stride = kq * 4;
+    #pragma omp parallel
+    {
+        struct quant_amx_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        _tile_loadconfig(&cfg);
+        int32_t acc[AMX_PANELS][16][16];
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < mb * pg; task++) {
+            const int64_t b = task / pg, p0 = (task % pg) * AMX_PANELS;
+            const int np_here = (int)(np - p0 < AMX_PANELS ? np - p0 : AMX_PANELS);
+            const uint8_t *xa = xq + b * 16 * stride;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t q = 0; q < kt; q += 16) {
+                _tile_loadd(4, xa + q * 4, stride);
+                const int8_t *wb = panels + p0 * kq * 64 + q * 64;
+                _tile_loadd(5, wb, 64);
+                _tile_dpbusd(0, 4, 5);
+                if (np_here > 1) {
+                    _tile_loadd(6, wb + kq * 64, 64);
+                    _tile_dpbusd(1, 4, 6);
+                }
+                if (np_here > 2) {
+                    _tile_loadd(7, wb + 2 * kq * 64, 64);
+                    _tile_dpbusd(2, 4, 7);
+                }
+                if (np_here > 3) {
+                    _tile_loadd(5, wb + 3 * kq * 64, 64);
+                    _tile_dpbusd(3, 4, 5);
+                }
+            }
+            _tile_stored(0, acc[0], 64);
+            if (np_here > 1) _tile_stored(1, acc[1], 64);
+            if (np_here > 2) _tile_stored(2, acc[2], 64);
+            if (np_here > 3) _tile_stored(3, acc[3], 64);
+            const int rows = (int)(m - b * 16 < 16 ? m - b * 16 : 16);
+            for (int j = 0; j < np_here; j++) {
+                const int8_t *wp = panels + (p0 + j) * kq * 64;
+                for (int r = 0; r < rows; r++) {
+                    if (kt < kq) {
+                        __m512i a = _mm512_loadu_si512((const void *)acc[j][r]);
+                        const uint8_t *xr = xa + r * stride;
+                        for (int64_t q = kt; q < kq; q++)
+                            a = _mm512_dpbusd_epi32(a, _mm512_set1_epi32(*(const int32_t *)(xr + q * 4)),
+                                                    _mm512_loadu_si512((const void *)(wp + q * 64)));
+                        _mm512_storeu_si512((void *)acc[j][r], a);
+                    }
+                }
+                for (int r = 0; r < rows; r += 4)
+                    w8a8_epilogue((const int32_t (*)[16])acc[j][r], rows - r < 4 ? rows - r : 4, b * 16 + r, p0 + j,
+                                  colsum, xs, ws, bias, n, y);
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
 /* y[m, n] = (sum_k xq * w) * xs[m] * ws[n] + bias[n]. ws, bias: float32 [n] (bias may be NULL). */
 int llmctl_gemm_w8a8(const float *x, int64_t m, int64_t k, const int8_t *panels, const int32_t *colsum,
                      const float *ws, const float *bias, int64_t n, float *y) {
     int64_t np = (n + 15) / 16, kq = (k + 3) / 4;
-    uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)(((m * kq * 4) + 63) / 64 * 64));
+    int64_t mq = (m + 15) / 16 * 16; /* the AMX path reads whole 16-row A tiles: the rows past m are zeros */
+    uint8_t *xq = (uint8_t *)aligned_alloc(64, (size_t)(((mq * kq * 4) + 63) / 64 * 64));
     float *xs = (float *)malloc((size_t)m * sizeof(float));
     if (!xq || !xs) { free(xq); free(xs); return -1; }
     #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < m; r++) xs[r] = quantize_row_u8(x + r * k, k, kq, xq + r * kq * 4);
+#ifdef QK_AMX
+    if (amx_on && m >= AMX_MIN_ROWS && kq >= 16) {
+        memset(xq + m * kq * 4, 0, (size_t)((mq - m) * kq * 4));
+        w8a8_amx(xq, m, kq, panels, colsum, xs, ws, bias, n, y);
+        free(xq);
+        free(xs);
+        return 0;
+    }
+#endif
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < np; p++) {
         const int8_t *wp = panels + p * kq * 64;
@@ -122,16 +273,7 @@ int llmctl_gemm_w8a8(const float *x, int64_t m, int64_t k, const int8_t *panels,
                 }
             }
 #endif
-            for (int rr = 0; rr < rows; rr++) {
-                float *yr = y + (r0 + rr) * n;
-                for (int c = 0; c < 16; c++) {
-                    int64_t col = p * 16 + c;
-                    if (col >= n) break;
-                    int32_t exact = acc[rr][c] - 128 * colsum[col];
-                    float v = (float)exact * xs[r0 + rr] * ws[col];
-                    yr[col] = bias ? v + bias[col] : v;
-                }
-            }
+            w8a8_epilogue((const int32_t (*)[16])acc, rows, r0, p, colsum, xs, ws, bias, n, y);
         }
     }
     free(xq);
