@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -22,10 +23,13 @@ MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 64 * 1024
 MAX_BOUNDED_COUNT = 10_000  # maxLength / maxItems / {n,m} bounds that become counted grammar states
 
-# JSON-schema keywords xgrammar ignores: accepting them would promise a constraint that is not applied.
+# JSON-schema keywords no offered engine enforces (xgrammar ignores them, llguidance refuses them): accepting
+# them would promise a constraint that is not applied. What only xgrammar leaves unenforced is refused by
+# xgrammar_backend.py, so that "auto" can hand it to llguidance.
 UNSUPPORTED_KEYWORDS = frozenset({
     "uniqueItems", "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas",
     "dependencies", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+    "not", "if", "then", "else",
 })
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "propertyNames")
@@ -79,6 +83,23 @@ def _walk(schema: Any, path: str, depth: int) -> None:
                 _walk(value, f"{path}.{key}[{i}]", depth + 1)
         elif key != "items" and sub is not None:
             raise ValueError(f"{path}.{key}: must be a list of schemas")
+
+
+def subschemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object node of a schema that ``check_json_schema`` accepted, with its path, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key in _SCHEMA_MAPS:
+        for prop, value in (schema.get(key) or {}).items():
+            yield from subschemas(value, f"{path}.{key}.{prop}")
+    for key in _SCHEMA_VALUES:
+        if key in schema and not isinstance(schema[key], list):
+            yield from subschemas(schema[key], f"{path}.{key}")
+    for key in (*_SCHEMA_LISTS, "items"):
+        if isinstance(schema.get(key), list):
+            for i, value in enumerate(schema[key]):
+                yield from subschemas(value, f"{path}.{key}[{i}]")
 
 
 def check_regex(pattern: str, name: str) -> None:
