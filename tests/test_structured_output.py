@@ -190,6 +190,42 @@ def test_offline_sampling_params(tiny_llama_dir):
         SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
 
 
+def test_auto_fallback_and_per_request_backend(client):
+    """The server's default backend is auto: a regex xgrammar cannot read (named groups) is served by llguidance;
+    the request can pick the engine (guided_decoding_backend, structured_outputs.backend), and then xgrammar's
+    refusal is a 400 naming the field. Unknown engine names are 400s that list the allowed ones."""
+    regex = r"(?P<word>[a-c]{2,4})-(?P<num>\d{1,3})"
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Code?"}], temperature=0.9, max_tokens=24)
+    for seed in range(3):
+        r = client.chat.completions.create(**chat, seed=seed, extra_body={"structured_outputs": {"regex": regex}})
+        assert r.choices[0].finish_reason == "stop" and re.fullmatch(regex, r.choices[0].message.content)
+    c = client.completions.create(model="tiny", prompt="Code:", max_tokens=24, temperature=0.9, seed=1,
+                                  extra_body={"guided_regex": regex, "guided_decoding_backend": "guidance"})
+    assert c.choices[0].finish_reason == "stop" and re.fullmatch(regex, c.choices[0].text)
+    for extra, field in [({"guided_regex": regex, "guided_decoding_backend": "xgrammar"}, "guided_regex"),
+                         ({"structured_outputs": {"regex": regex, "backend": "xgrammar"}}, "structured_outputs.regex")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(field)):
+            client.chat.completions.create(**chat, extra_body=extra)
+    for extra, field in [({"guided_regex": "a", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+                         ({"structured_outputs": {"regex": "a", "backend": "nope"}}, "structured_outputs.backend"),
+                         ({"guided_regex": "a", "guided_decoding_backend": "guidance",
+                           "structured_outputs": {"backend": "xgrammar"}}, "conflicting")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(field)) as err:
+            client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body=extra)
+        assert "conflicting" in field or "auto, xgrammar, guidance" in str(err.value)
+    # a tool whose parameters xgrammar would not enforce (allOf): llguidance under auto, a 400 under xgrammar
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "allOf": [{"required": ["n"]}], "additionalProperties": False}}}
+    named = {"type": "function", "function": {"name": "pick"}}
+    r = client.chat.completions.create(**{**chat, "temperature": 0}, tools=[tool], tool_choice=named)
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    with pytest.raises(openai.BadRequestError, match="allOf"):
+        client.chat.completions.create(**chat, tools=[tool], tool_choice=named,
+                                       extra_body={"guided_decoding_backend": "xgrammar"})
+
+
 # -- tool calling -----------------------------------------------------------------------------------------------------
 def _check_call(call):
     assert call.type == "function" and call.id.startswith("call_")
@@ -320,6 +356,17 @@ def test_responses_text_stream_and_structured(client):
                                 text={"format": {"type": "json_schema", "name": "n", "schema": schema}})
     if s.status == "completed":
         jsonschema.validate(json.loads(s.output_text), schema)
+    # vLLM's per-request engine choice reaches text.format too: xgrammar would not enforce a number's multipleOf
+    halves = {"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.5, "minimum": 0,
+                                                     "maximum": 3}}, "required": ["x"], "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "h", "schema": halves}}
+    h = client.responses.create(model="tiny", input="A half", temperature=0, max_output_tokens=40, text=fmt,
+                                extra_body={"guided_decoding_backend": "guidance"})
+    if h.status == "completed":
+        jsonschema.validate(json.loads(h.output_text), halves)
+    with pytest.raises(openai.BadRequestError, match="multipleOf"):
+        client.responses.create(model="tiny", input="A half", max_output_tokens=4, text=fmt,
+                                extra_body={"guided_decoding_backend": "xgrammar"})
 
 
 def test_responses_tools_and_store(client, so_engine):

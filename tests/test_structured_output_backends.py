@@ -313,3 +313,25 @@ def test_xgrammar_refuses_what_it_would_not_enforce(test_tokenizer, schema, viol
                                 backend="xgrammar")
     with pytest.raises(ValueError, match=re.escape(needle)):
         m.compile(StructuredOutputsParams(json=schema))
+
+
+def test_auto_does_not_fall_back_on_a_timeout(test_tokenizer):
+    """Only a refusal hands a constraint to llguidance; an xgrammar compile that runs out of time is a refusal of
+    the request within the one deadline, and llguidance is never tried."""
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                compile_timeout=0.2)
+    xg, guidance = m.get_backend("xgrammar"), m.get_backend("guidance")
+    calls = []
+
+    def slow_refusal(params):
+        time.sleep(0.6)
+        raise ValueError(f"{params.where()}: refused late")
+
+    xg.compile = slow_refusal
+    guidance.compile = lambda params: calls.append(params)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="structured_outputs.regex: compiling .* took longer than 0.2 s"):
+        m.compile(StructuredOutputsParams(regex="[0-9]+"))
+    assert time.monotonic() - t0 < 0.5
+    time.sleep(0.6)  # the late refusal lands: nothing cached, nothing remembered
+    assert calls == [] and m.cache_info() == {"entries": 0, "bytes": 0, "pending": 0, "fallbacks": 0}

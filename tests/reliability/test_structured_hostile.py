@@ -30,6 +30,11 @@ BAD = [
     ("backreference", {"structured_outputs": {"regex": r"(a)\1"}}, "structured_outputs.regex"),
     ("bad grammar", {"guided_grammar": "root ::= foo"}, "guided_grammar"),
     ("two forms", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ("refused by both engines", {"guided_regex": r"\bword\b"}, "guided_regex"),
+    ("no engine enforces it", {"guided_json": {"type": "integer", "not": {"const": 3}}}, "'not'"),
+    ("unknown engine", {"guided_regex": "a", "guided_decoding_backend": "outlines"}, "auto, xgrammar, guidance"),
+    ("unknown engine in structured_outputs", {"structured_outputs": {"regex": "a", "backend": "lm-format-enforcer"}},
+     "structured_outputs.backend"),
     ("huge count", {"guided_json": {"type": "string", "maxLength": 10**9}}, "guided_json"),
     ("schema over cap", {"guided_json": {"type": "object", "properties": {
         f"p{i}": {"type": "string", "description": "x" * 100} for i in range(MAX_SCHEMA_BYTES // 100)}}},
@@ -45,7 +50,7 @@ BAD = [
 ]
 
 
-@pytest.fixture(scope="module", params=["xgrammar", "guidance"])
+@pytest.fixture(scope="module", params=["auto", "xgrammar", "guidance"])
 def hostile_server(request, tiny_llama_dir):
     engine = build_engine(tiny_llama_dir, max_num_seqs=8, structured_outputs_backend=request.param)
     srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
@@ -75,7 +80,8 @@ def test_bad_constraints_are_fast_400s_beside_a_running_request(hostile_server):
 
 
 def test_compile_deadline(hostile_server):
-    """A compile that overruns its deadline is a 400 naming the field; the next request is served normally."""
+    """A compile that overruns its deadline is a 400 naming the field (under auto too: running out of time is no
+    reason to try the other engine); the next request is served normally."""
     manager = hostile_server.engine.engine.structured_output
     backend = manager.backend
     real_compile = backend.compile
