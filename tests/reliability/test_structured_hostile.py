@@ -30,6 +30,7 @@ BAD = [
     ("backreference", {"structured_outputs": {"regex": r"(a)\1"}}, "structured_outputs.regex"),
     ("bad grammar", {"guided_grammar": "root ::= foo"}, "guided_grammar"),
     ("two forms", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ("possessive quantifier", {"guided_regex": "a++a"}, "possessive"),
     ("refused by both engines", {"guided_regex": r"\bword\b"}, "guided_regex"),
     ("no engine enforces it", {"guided_json": {"type": "integer", "not": {"const": 3}}}, "'not'"),
     ("unknown engine", {"guided_regex": "a", "guided_decoding_backend": "outlines"}, "auto, xgrammar, guidance"),

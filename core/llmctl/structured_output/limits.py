@@ -122,7 +122,12 @@ def _expansion(items: Any, name: str, in_unbounded: bool) -> int:
 
     total = 0
     for op, arg in items:
-        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+        if op is not None and op in (getattr(c, "POSSESSIVE_REPEAT", None), getattr(c, "ATOMIC_GROUP", None)):
+            # they give up matches only a backtracking engine would find; an automaton cannot say "a++a" matches
+            # nothing, so the output could fail the very regex it was constrained by
+            raise ValueError(f"{name}: possessive quantifiers and atomic groups are not supported for structured "
+                             "output")
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT):
             lo, hi, sub = arg
             unbounded = hi == c.MAXREPEAT
             if unbounded and in_unbounded:
