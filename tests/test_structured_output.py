@@ -178,6 +178,60 @@ def test_json_object_on_completions_and_stream_agrees(client):
         assert isinstance(json.loads(obj.choices[0].text), (dict, list))
 
 
+def test_every_request_form_on_both_endpoints(aclient):
+    """Each way of asking, on the endpoint the earlier tests do not use it on."""
+    schema = {"type": "object", "properties": {"k": {"enum": ["x", "y"]}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 50}},
+              "required": ["k", "n"], "additionalProperties": False}
+    grammar = 'root ::= "<" [a-c]+ ">"'
+    compact = {"structured_outputs": {"disable_any_whitespace": True}}  # options only: they apply to the form given
+
+    async def run():
+        async with aclient() as ac:
+            comp = dict(model="tiny", prompt="Go:", temperature=0.8, seed=3, max_tokens=40)
+            jobs = [
+                ac.completions.create(**comp, extra_body={"response_format": {
+                    "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, **compact}),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=40, response_format={"type": "json_object"},
+                      extra_body=compact),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=40, extra_body={"guided_json": schema,
+                                                                                    **compact}),
+                ac.completions.create(**comp, extra_body={"structured_outputs": {"choice": ["left", "right"]}}),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=20,
+                      extra_body={"structured_outputs": {"grammar": grammar}}),
+                ac.completions.create(**comp, extra_body={"structured_outputs": {"json_object": True,
+                                                                                 "disable_any_whitespace": True}}),
+            ]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(run())
+    texts = [r.choices[0].text if hasattr(r.choices[0], "text") else r.choices[0].message.content
+             for r in results if not isinstance(r, Exception)]
+    assert len(texts) == len(results), [r for r in results if isinstance(r, Exception)]
+    finished = [r.choices[0].finish_reason == "stop" for r in results]
+    if finished[0]:
+        jsonschema.validate(json.loads(texts[0]), schema)
+    if finished[1]:
+        assert isinstance(json.loads(texts[1]), (dict, list))
+    if finished[2]:
+        jsonschema.validate(json.loads(texts[2]), schema)
+    assert finished[3] and texts[3] in ("left", "right")
+    assert re.fullmatch(r"<[a-c]+>" if finished[4] else r"<[a-c]*", texts[4]), texts[4]
+    if finished[5]:
+        assert isinstance(json.loads(texts[5]), (dict, list))
+    assert sum(finished) >= 4
+
+
+def test_streamed_completions_agree_with_non_streamed(client):
+    for extra in ({"guided_regex": r"[a-f]{2,6}(-[0-9]{1,3}){1,3}"}, {"guided_choice": ["one", "two", "three"]},
+                  {"guided_json": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+                                   "maxItems": 4}}):
+        kw = dict(model="tiny", prompt="Answer:", temperature=0, max_tokens=32, extra_body=extra)
+        full = client.completions.create(**kw)
+        streamed = "".join(ch.choices[0].text for ch in client.completions.create(**kw, stream=True) if ch.choices)
+        assert streamed == full.choices[0].text and full.choices[0].text, extra
+
+
 def test_offline_sampling_params(tiny_llama_dir):
     llm = LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0, dtype="float32")
     sp = SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2,
@@ -255,6 +309,33 @@ def test_tool_choice_required_and_named(client):
             names.add(tc.function.name) if tc.function and tc.function.name else None
             args += (tc.function.arguments or "") if tc.function else ""
     assert names == {"get_time"} and args == calls[0].function.arguments
+
+
+def test_required_and_named_need_no_parser_flag(so_engine):
+    """As in OpenAI's API, ``required`` and a named function work on a server started without
+    --enable-auto-tool-choice / --tool-call-parser; ``none`` keeps tools out of the answer."""
+    srv = start_server(so_engine, ServerSettings(served_model_names=["tiny"], chat_template=TOOL_TEMPLATE))
+    try:
+        c = openai.OpenAI(base_url=srv.base, api_key="unused", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "Weather?"}]
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER, TIME], tool_choice=named,
+                                      temperature=0.7, seed=3, max_tokens=60)
+        assert r.choices[0].finish_reason == "stop"  # OpenAI's finish_reason for a named choice
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_call(call)
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[TIME], tool_choice="required",
+                                      temperature=0.7, seed=3, max_tokens=80)
+        if r.choices[0].finish_reason != "length":
+            assert r.choices[0].finish_reason == "tool_calls"
+            for call in r.choices[0].message.tool_calls:
+                _check_call(call)
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[TIME], tool_choice="none",
+                                      temperature=0, max_tokens=6)
+        assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        srv.stop()
 
 
 def test_required_parallel_streamed_matches(client):

@@ -13,6 +13,8 @@ from llmctl.structured_output.backend import check_backend_name
 from llmctl_server import protocol as p
 from llmctl_server.errors import bad_request
 
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
 
 def request_backend(req: p.SamplingFields) -> str | None:
     """The grammar engine this request asks for (None: the server's ``--structured-outputs-backend``)."""
@@ -42,21 +44,29 @@ def structured_params(req: p.SamplingFields) -> StructuredOutputsParams | None:
         schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else True
         forms.append(("response_format.json_schema.schema", {"json": schema}))
     so = req.structured_outputs
+    options: dict[str, Any] = {}
     if so is not None:
         fields = so.model_dump(by_alias=True, exclude_none=True, exclude={"backend"})
-        forms.append(("structured_outputs", fields))
+        if any(fields.get(k) not in (None, False) for k in _CONSTRAINTS):
+            forms.append(("structured_outputs", fields))
+        else:  # options only (disable_any_whitespace, ...): as in vLLM they shape the constraint given elsewhere
+            options = fields
     guided = {"json": req.guided_json, "regex": req.guided_regex, "choice": req.guided_choice,
               "grammar": req.guided_grammar}
     for kind, value in guided.items():
         if value is not None:
             forms.append((f"guided_{kind}", {kind: value}))
     if not forms:
-        return None
+        if so is None:
+            return None
+        forms.append(("structured_outputs", options))  # options and no constraint: refused below, naming it
+        options = {}
     if len(forms) > 1:
         names = ", ".join(name for name, _ in forms)
         raise bad_request(f"{forms[1][0]}: give one structured-output constraint per request, got {names}",
                           param=forms[1][0])
     name, fields = forms[0]
+    fields = {**options, **fields}
     if req.guided_whitespace_pattern is not None:
         fields["whitespace_pattern"] = req.guided_whitespace_pattern
     try:
