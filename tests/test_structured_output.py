@@ -412,6 +412,12 @@ def test_reasoning_parser_streamed_and_not(so_engine, tiny_llama_dir):
                                                                          max_tokens=12, stream=True) if ch.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in parts) == reasoning
         assert not "".join(d.content or "" for d in parts)
+        # a constraint applies to the content only: the reasoning before it is the same free text
+        for extra in ({"guided_choice": ["yes", "no"]}, {"response_format": {"type": "json_object"}}):
+            constrained = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=12,
+                                                    extra_body=extra)
+            assert constrained.choices[0].message.reasoning_content == reasoning
+            assert not constrained.choices[0].message.content
     finally:
         srv.stop()
 

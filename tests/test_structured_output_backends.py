@@ -87,6 +87,17 @@ def test_greedy_is_deterministic_and_n_siblings_each_constrained(backend_llm):
         assert re.fullmatch(r"(ab|cd){1,4}x", o.text)
 
 
+def test_constraint_starts_after_the_reasoning_end(backend_llm):
+    """End to end through the engine: the output is free until the reasoning's end marker has been generated
+    (here the two tokens greedy decoding writes first, standing in for "</think>"), then constrained."""
+    _, llm = backend_llm
+    free = llm.generate("Think:", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].outputs[0]
+    so = StructuredOutputsParams(regex=r"[0-9]{2,4}!", reasoning_end_token_ids=list(free.token_ids))
+    out = _gen(llm, ["Think:"], so, temperature=0, max_tokens=16)[0]
+    assert list(out.token_ids[:2]) == list(free.token_ids) and out.text.startswith(free.text)
+    assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]{2,4}!", out.text[len(free.text):]), out.text
+
+
 HOSTILE = [
     (dict(json={"type": "strin"}), "structured_outputs.json"),
     (dict(json={"type": "array", "uniqueItems": True}), "uniqueItems"),
