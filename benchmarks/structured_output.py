@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=96)
-    ap.add_argument("--backend", default="xgrammar", choices=["xgrammar", "guidance"])
+    ap.add_argument("--backend", default="xgrammar", choices=["auto", "xgrammar", "guidance"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     args.model = args.model or default_model()

@@ -178,6 +178,60 @@ def test_json_object_on_completions_and_stream_agrees(client):
         assert isinstance(json.loads(obj.choices[0].text), (dict, list))
 
 
+def test_every_request_form_on_both_endpoints(aclient):
+    """Each way of asking, on the endpoint the earlier tests do not use it on."""
+    schema = {"type": "object", "properties": {"k": {"enum": ["x", "y"]}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 50}},
+              "required": ["k", "n"], "additionalProperties": False}
+    grammar = 'root ::= "<" [a-c]+ ">"'
+    compact = {"structured_outputs": {"disable_any_whitespace": True}}  # options only: they apply to the form given
+
+    async def run():
+        async with aclient() as ac:
+            comp = dict(model="tiny", prompt="Go:", temperature=0.8, seed=3, max_tokens=40)
+            jobs = [
+                ac.completions.create(**comp, extra_body={"response_format": {
+                    "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}, **compact}),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=40, response_format={"type": "json_object"},
+                      extra_body=compact),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=40, extra_body={"guided_json": schema,
+                                                                                    **compact}),
+                ac.completions.create(**comp, extra_body={"structured_outputs": {"choice": ["left", "right"]}}),
+                _chat(ac, "Go", temperature=0.8, seed=3, max_tokens=20,
+                      extra_body={"structured_outputs": {"grammar": grammar}}),
+                ac.completions.create(**comp, extra_body={"structured_outputs": {"json_object": True,
+                                                                                 "disable_any_whitespace": True}}),
+            ]
+            return await asyncio.gather(*jobs, return_exceptions=True)
+
+    results = asyncio.run(run())
+    texts = [r.choices[0].text if hasattr(r.choices[0], "text") else r.choices[0].message.content
+             for r in results if not isinstance(r, Exception)]
+    assert len(texts) == len(results), [r for r in results if isinstance(r, Exception)]
+    finished = [r.choices[0].finish_reason == "stop" for r in results]
+    if finished[0]:
+        jsonschema.validate(json.loads(texts[0]), schema)
+    if finished[1]:
+        assert isinstance(json.loads(texts[1]), (dict, list))
+    if finished[2]:
+        jsonschema.validate(json.loads(texts[2]), schema)
+    assert finished[3] and texts[3] in ("left", "right")
+    assert re.fullmatch(r"<[a-c]+>" if finished[4] else r"<[a-c]*", texts[4]), texts[4]
+    if finished[5]:
+        assert isinstance(json.loads(texts[5]), (dict, list))
+    assert sum(finished) >= 4
+
+
+def test_streamed_completions_agree_with_non_streamed(client):
+    for extra in ({"guided_regex": r"[a-f]{2,6}(-[0-9]{1,3}){1,3}"}, {"guided_choice": ["one", "two", "three"]},
+                  {"guided_json": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
+                                   "maxItems": 4}}):
+        kw = dict(model="tiny", prompt="Answer:", temperature=0, max_tokens=32, extra_body=extra)
+        full = client.completions.create(**kw)
+        streamed = "".join(ch.choices[0].text for ch in client.completions.create(**kw, stream=True) if ch.choices)
+        assert streamed == full.choices[0].text and full.choices[0].text, extra
+
+
 def test_offline_sampling_params(tiny_llama_dir):
     llm = LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0, dtype="float32")
     sp = SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2,
@@ -188,6 +242,42 @@ def test_offline_sampling_params(tiny_llama_dir):
     assert re.fullmatch(r"\d{3}", llm.generate("Number:", old, use_tqdm=False)[0].outputs[0].text)
     with pytest.raises(ValueError, match="structured_outputs.json"):
         SamplingParams(structured_outputs=StructuredOutputsParams(json={"type": "array", "uniqueItems": True}))
+
+
+def test_auto_fallback_and_per_request_backend(client):
+    """The server's default backend is auto: a regex xgrammar cannot read (named groups) is served by llguidance;
+    the request can pick the engine (guided_decoding_backend, structured_outputs.backend), and then xgrammar's
+    refusal is a 400 naming the field. Unknown engine names are 400s that list the allowed ones."""
+    regex = r"(?P<word>[a-c]{2,4})-(?P<num>\d{1,3})"
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Code?"}], temperature=0.9, max_tokens=24)
+    for seed in range(3):
+        r = client.chat.completions.create(**chat, seed=seed, extra_body={"structured_outputs": {"regex": regex}})
+        assert r.choices[0].finish_reason == "stop" and re.fullmatch(regex, r.choices[0].message.content)
+    c = client.completions.create(model="tiny", prompt="Code:", max_tokens=24, temperature=0.9, seed=1,
+                                  extra_body={"guided_regex": regex, "guided_decoding_backend": "guidance"})
+    assert c.choices[0].finish_reason == "stop" and re.fullmatch(regex, c.choices[0].text)
+    for extra, field in [({"guided_regex": regex, "guided_decoding_backend": "xgrammar"}, "guided_regex"),
+                         ({"structured_outputs": {"regex": regex, "backend": "xgrammar"}}, "structured_outputs.regex")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(field)):
+            client.chat.completions.create(**chat, extra_body=extra)
+    for extra, field in [({"guided_regex": "a", "guided_decoding_backend": "outlines"}, "guided_decoding_backend"),
+                         ({"structured_outputs": {"regex": "a", "backend": "nope"}}, "structured_outputs.backend"),
+                         ({"guided_regex": "a", "guided_decoding_backend": "guidance",
+                           "structured_outputs": {"backend": "xgrammar"}}, "conflicting")]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(field)) as err:
+            client.completions.create(model="tiny", prompt="x", max_tokens=2, extra_body=extra)
+        assert "conflicting" in field or "auto, xgrammar, guidance" in str(err.value)
+    # a tool whose parameters xgrammar would not enforce (allOf): llguidance under auto, a 400 under xgrammar
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "allOf": [{"required": ["n"]}], "additionalProperties": False}}}
+    named = {"type": "function", "function": {"name": "pick"}}
+    r = client.chat.completions.create(**{**chat, "temperature": 0}, tools=[tool], tool_choice=named)
+    (call,) = r.choices[0].message.tool_calls
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    with pytest.raises(openai.BadRequestError, match="allOf"):
+        client.chat.completions.create(**chat, tools=[tool], tool_choice=named,
+                                       extra_body={"guided_decoding_backend": "xgrammar"})
 
 
 # -- tool calling -----------------------------------------------------------------------------------------------------
@@ -219,6 +309,33 @@ def test_tool_choice_required_and_named(client):
             names.add(tc.function.name) if tc.function and tc.function.name else None
             args += (tc.function.arguments or "") if tc.function else ""
     assert names == {"get_time"} and args == calls[0].function.arguments
+
+
+def test_required_and_named_need_no_parser_flag(so_engine):
+    """As in OpenAI's API, ``required`` and a named function work on a server started without
+    --enable-auto-tool-choice / --tool-call-parser; ``none`` keeps tools out of the answer."""
+    srv = start_server(so_engine, ServerSettings(served_model_names=["tiny"], chat_template=TOOL_TEMPLATE))
+    try:
+        c = openai.OpenAI(base_url=srv.base, api_key="unused", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": "Weather?"}]
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[WEATHER, TIME], tool_choice=named,
+                                      temperature=0.7, seed=3, max_tokens=60)
+        assert r.choices[0].finish_reason == "stop"  # OpenAI's finish_reason for a named choice
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_weather"
+        _check_call(call)
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[TIME], tool_choice="required",
+                                      temperature=0.7, seed=3, max_tokens=80)
+        if r.choices[0].finish_reason != "length":
+            assert r.choices[0].finish_reason == "tool_calls"
+            for call in r.choices[0].message.tool_calls:
+                _check_call(call)
+        r = c.chat.completions.create(model="tiny", messages=msgs, tools=[TIME], tool_choice="none",
+                                      temperature=0, max_tokens=6)
+        assert not r.choices[0].message.tool_calls and r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        srv.stop()
 
 
 def test_required_parallel_streamed_matches(client):
@@ -295,6 +412,12 @@ def test_reasoning_parser_streamed_and_not(so_engine, tiny_llama_dir):
                                                                          max_tokens=12, stream=True) if ch.choices]
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in parts) == reasoning
         assert not "".join(d.content or "" for d in parts)
+        # a constraint applies to the content only: the reasoning before it is the same free text
+        for extra in ({"guided_choice": ["yes", "no"]}, {"response_format": {"type": "json_object"}}):
+            constrained = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=12,
+                                                    extra_body=extra)
+            assert constrained.choices[0].message.reasoning_content == reasoning
+            assert not constrained.choices[0].message.content
     finally:
         srv.stop()
 
@@ -320,6 +443,17 @@ def test_responses_text_stream_and_structured(client):
                                 text={"format": {"type": "json_schema", "name": "n", "schema": schema}})
     if s.status == "completed":
         jsonschema.validate(json.loads(s.output_text), schema)
+    # vLLM's per-request engine choice reaches text.format too: xgrammar would not enforce a number's multipleOf
+    halves = {"type": "object", "properties": {"x": {"type": "number", "multipleOf": 0.5, "minimum": 0,
+                                                     "maximum": 3}}, "required": ["x"], "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "h", "schema": halves}}
+    h = client.responses.create(model="tiny", input="A half", temperature=0, max_output_tokens=40, text=fmt,
+                                extra_body={"guided_decoding_backend": "guidance"})
+    if h.status == "completed":
+        jsonschema.validate(json.loads(h.output_text), halves)
+    with pytest.raises(openai.BadRequestError, match="multipleOf"):
+        client.responses.create(model="tiny", input="A half", max_output_tokens=4, text=fmt,
+                                extra_body={"guided_decoding_backend": "xgrammar"})
 
 
 def test_responses_tools_and_store(client, so_engine):

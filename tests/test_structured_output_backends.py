@@ -87,6 +87,17 @@ def test_greedy_is_deterministic_and_n_siblings_each_constrained(backend_llm):
         assert re.fullmatch(r"(ab|cd){1,4}x", o.text)
 
 
+def test_constraint_starts_after_the_reasoning_end(backend_llm):
+    """End to end through the engine: the output is free until the reasoning's end marker has been generated
+    (here the two tokens greedy decoding writes first, standing in for "</think>"), then constrained."""
+    _, llm = backend_llm
+    free = llm.generate("Think:", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0].outputs[0]
+    so = StructuredOutputsParams(regex=r"[0-9]{2,4}!", reasoning_end_token_ids=list(free.token_ids))
+    out = _gen(llm, ["Think:"], so, temperature=0, max_tokens=16)[0]
+    assert list(out.token_ids[:2]) == list(free.token_ids) and out.text.startswith(free.text)
+    assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]{2,4}!", out.text[len(free.text):]), out.text
+
+
 HOSTILE = [
     (dict(json={"type": "strin"}), "structured_outputs.json"),
     (dict(json={"type": "array", "uniqueItems": True}), "uniqueItems"),
@@ -179,3 +190,159 @@ def test_backend_spellings(tiny_llama_dir, kw, expected):
 def test_bad_backend_options(tiny_llama_dir, kw, field):
     with pytest.raises(ValueError, match=re.escape(field)):
         EngineArgs(model=str(tiny_llama_dir), **kw)
+
+
+# -- auto: xgrammar, and llguidance for what xgrammar refuses; the per-request backend -----------------------------
+# Constraints xgrammar 0.2.9 refuses and llguidance serves (found by trying both): regex syntax xgrammar's parser
+# lacks (named groups, inline flags), draft-7 tuple ``items``, and keywords xgrammar would accept but not enforce.
+FALLBACK = [
+    StructuredOutputsParams(regex=r"(?P<word>[a-c]{2,4})-(?P<num>\d{1,3})"),
+    StructuredOutputsParams(regex=r"(?i)(yes|no)!"),
+    StructuredOutputsParams(json={"type": "array", "items": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                             {"enum": ["a", "b"]}], "additionalItems": False},
+                            disable_any_whitespace=True),
+    StructuredOutputsParams(json={"type": "number", "multipleOf": 0.5, "minimum": 0, "maximum": 5},
+                            disable_any_whitespace=True),
+    StructuredOutputsParams(json={"type": "object",
+                                  "properties": {"k": {"type": "integer", "minimum": 0, "maximum": 9}},
+                                  "allOf": [{"required": ["k"]}], "additionalProperties": False},
+                            disable_any_whitespace=True),
+]
+
+
+def _valid(so: StructuredOutputsParams, text: str) -> bool:
+    if so.regex is not None:
+        return re.fullmatch(so.regex, text) is not None
+    return jsonschema.Draft7Validator(so.json).is_valid(json.loads(text))
+
+
+@pytest.fixture(scope="module")
+def auto_llm(tiny_llama_dir):
+    return LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0, dtype="float32", num_threads=1)
+
+
+def test_auto_serves_what_xgrammar_refuses(auto_llm, backend_llm, caplog):
+    """The same constraints: a ValueError naming the field from an xgrammar engine, valid outputs under auto (and
+    the guidance engine). A fallback is logged once per constraint."""
+    name, llm = backend_llm
+    for i, so in enumerate(FALLBACK):
+        if name == "xgrammar":
+            with pytest.raises(ValueError, match=re.escape(so.where())):
+                _gen(llm, ["x"], so, max_tokens=4)
+            continue
+        for out in _gen(llm, [f"Item {i}:", f"Other {i}:"], so, seed=i, max_tokens=48):
+            assert out.finish_reason == "stop" and _valid(so, out.text), (so, out.text)
+    if name == "guidance":
+        return
+    manager = auto_llm.llm_engine.structured_output
+    with caplog.at_level("INFO", logger="llmctl.structured_output.manager"):
+        for rep in range(2):
+            for i, so in enumerate(FALLBACK):
+                for out in _gen(auto_llm, [f"Item {i}:", f"Other {i}:"], so, seed=i + rep, max_tokens=48):
+                    assert out.finish_reason == "stop" and _valid(so, out.text), (so, out.text)
+    logged = [r for r in caplog.records if "falls back to guidance" in r.getMessage()]
+    assert len(logged) == len(FALLBACK)
+    assert manager.cache_info()["fallbacks"] == len(FALLBACK)
+
+
+def test_auto_routes_each_constraint_to_its_engine(test_tokenizer):
+    """Each constraint is cached under the engine that compiled it, and its matchers come from that engine."""
+    from llmctl.structured_output.guidance_backend import GuidanceMatcher
+    from llmctl.structured_output.xgrammar_backend import XGrammarMatcher
+
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,))
+    plain = StructuredOutputsParams(regex=r"[0-9]{2}")
+    named = StructuredOutputsParams(regex=r"(?P<n>[0-9]{2})")
+    a, b = m.compile(plain), m.compile(named)
+    assert (a.backend, b.backend) == ("xgrammar", "guidance")
+    assert isinstance(m.request_grammar(a, plain).matcher, XGrammarMatcher)
+    assert isinstance(m.request_grammar(b, named).matcher, GuidanceMatcher)
+    assert m.compile(named) is b and m.cache_info() == {"entries": 2, "bytes": m.cache_info()["bytes"],
+                                                        "pending": 0, "fallbacks": 1}
+    # the request's own choice wins over auto, and is cached apart
+    forced = m.compile(StructuredOutputsParams(regex=r"[0-9]{2}", backend="guidance"))
+    assert forced.backend == "guidance" and forced is not a
+    with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Group modifier"):
+        m.compile(StructuredOutputsParams(regex=r"(?P<n>[0-9]{2})", backend="xgrammar"))
+    # refused by both: xgrammar's reason, naming the field; nothing is remembered as a fallback
+    with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Word boundary"):
+        m.compile(StructuredOutputsParams(regex=r"\bab\b"))
+    assert m.cache_info()["fallbacks"] == 1
+
+
+def test_per_request_backend_offline(backend_llm):
+    """``StructuredOutputsParams(backend=...)`` (vLLM's older per-request choice) picks the engine for that request
+    whatever the engine's default; an unknown name is a ValueError naming the field and the allowed names."""
+    name, llm = backend_llm
+    other = "guidance" if name == "xgrammar" else "xgrammar"
+    # refused by this engine's default, read by the other one
+    so = {"xgrammar": StructuredOutputsParams(regex=r"(?P<w>[ab]{2,4})!"),
+          "guidance": StructuredOutputsParams(json={"type": "object", "propertyNames": {"pattern": "^[a-c]{1,3}$"},
+                                                    "additionalProperties": {"enum": [1, 2]}, "maxProperties": 2},
+                                              disable_any_whitespace=True)}[name]
+    with pytest.raises(ValueError, match=re.escape(so.where())):
+        _gen(llm, ["x"], so, max_tokens=4)
+    chosen = StructuredOutputsParams(**{**vars(so), "backend": other})
+    for out in _gen(llm, ["Word:", "Other:"], chosen, seed=5):
+        assert out.finish_reason == "stop" and _valid(so, out.text), out.text
+    sp = SamplingParams(max_tokens=4, guided_decoding={"regex": "a", "backend": other})  # the dict form, too
+    assert sp.structured_outputs.backend == other
+    with pytest.raises(ValueError, match=r"structured_outputs.backend: unknown backend 'outlines'; use one of "
+                                         r"auto, xgrammar, guidance"):
+        StructuredOutputsParams(regex="a", backend="outlines")
+
+
+# (schema, an instance that violates it): xgrammar compiles each schema but lets the instance through, so the
+# xgrammar backend refuses them (and auto hands them to llguidance, which enforces them)
+UNENFORCED = [
+    ({"type": "number", "multipleOf": 0.5}, "0.3", "multipleOf"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "allOf": [{"required": ["a"]}]}, "{}", "allOf"),
+    ({"allOf": [{"type": "integer", "minimum": 5}, {"maximum": 7}]}, "9", "allOf"),
+    ({"type": "integer", "anyOf": [{"minimum": 5}, {"maximum": 1}]}, "3", "anyOf"),
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}]}, "{}", "oneOf"),
+    ({"type": "integer", "enum": [1, "a"]}, '"a"', "enum"),
+    ({"type": "string", "pattern": "^[a-z]+$", "minLength": 3}, '"ab"', "minLength"),
+    ({"type": "string", "format": "email", "maxLength": 3}, '"abcd@e.com"', "maxLength"),
+    ({"type": "string", "pattern": r"\Aab"}, '"Aab"', r"\A"),
+]
+
+
+@pytest.mark.parametrize(("schema", "violation", "needle"), UNENFORCED)
+def test_xgrammar_refuses_what_it_would_not_enforce(test_tokenizer, schema, violation, needle):
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(test_tokenizer, vocab_size=len(test_tokenizer),
+                                              stop_token_ids=[test_tokenizer.eos_token_id])
+    raw = xgr.GrammarMatcher(xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(json.dumps(schema)))
+    ids = test_tokenizer.encode(violation, add_special_tokens=False) + [test_tokenizer.eos_token_id]
+    # the premise, on the installed xgrammar: it accepts the violating instance (if this fails, xgrammar now
+    # enforces the keyword and the refusal can go)
+    assert all(raw.accept_token(t) for t in ids)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(violation), schema)
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                backend="xgrammar")
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        m.compile(StructuredOutputsParams(json=schema))
+
+
+def test_auto_does_not_fall_back_on_a_timeout(test_tokenizer):
+    """Only a refusal hands a constraint to llguidance; an xgrammar compile that runs out of time is a refusal of
+    the request within the one deadline, and llguidance is never tried."""
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                compile_timeout=0.2)
+    xg, guidance = m.get_backend("xgrammar"), m.get_backend("guidance")
+    calls = []
+
+    def slow_refusal(params):
+        time.sleep(0.6)
+        raise ValueError(f"{params.where()}: refused late")
+
+    xg.compile = slow_refusal
+    guidance.compile = lambda params: calls.append(params)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="structured_outputs.regex: compiling .* took longer than 0.2 s"):
+        m.compile(StructuredOutputsParams(regex="[0-9]+"))
+    assert time.monotonic() - t0 < 0.5
+    time.sleep(0.6)  # the late refusal lands: nothing cached, nothing remembered
+    assert calls == [] and m.cache_info() == {"entries": 0, "bytes": 0, "pending": 0, "fallbacks": 0}

@@ -68,3 +68,17 @@ def test_static_checks_name_the_field():
         StructuredOutputsParams(regex="(?=a)a")
     with pytest.raises(ValueError, match=r"structured_outputs.json.properties.a.maxItems: .* cap"):
         StructuredOutputsParams(json={"properties": {"a": {"type": "array", "maxItems": 10**6}}})
+
+
+def test_cache_is_bounded_in_bytes(test_tokenizer):
+    """The byte bound evicts the oldest grammars whatever the entry count; the cache never holds more."""
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,))
+    one = m.compile(StructuredOutputsParams(regex=r"[a-z]{1,8}"))
+    size = m.cache_info()["bytes"]
+    assert one.backend == "xgrammar" and size > 0
+    m.max_cache_bytes = int(size * 2.5)
+    for i in range(6):
+        m.compile(StructuredOutputsParams(regex=rf"[a-z]{{1,8}}{i}"))
+        info = m.cache_info()
+        assert info["bytes"] <= m.max_cache_bytes and info["entries"] <= 2 + 1
+    assert m.compile(StructuredOutputsParams(regex=r"[a-z]{1,8}")) is not one  # the first was evicted

@@ -15,7 +15,7 @@ from llmctl_server.chat_output import ChatChoiceOutput, ToolMode
 from llmctl_server.errors import bad_request
 from llmctl_server.reasoning import ReasoningParser, get_reasoning_parser
 from llmctl_server.settings import ServerSettings
-from llmctl_server.structured import structured_params
+from llmctl_server.structured import request_backend, structured_params
 from llmctl_server.tools.choice import check_tools, named_tool, tool_choice_schema
 from llmctl_server.tools.parsers import get_tool_parser
 
@@ -90,7 +90,8 @@ def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning
                               param="response_format")
         try:
             # compact JSON: arguments are read by programs, and a model cannot pad them with whitespace forever
-            structured = StructuredOutputsParams(json=schema, field_name="tools", disable_any_whitespace=True)
+            structured = StructuredOutputsParams(json=schema, field_name="tools", disable_any_whitespace=True,
+                                                 backend=request_backend(body))
         except ValueError as exc:
             raise bad_request(str(exc), param="tools") from None
     if structured is not None and reasoning_end_ids:

@@ -72,6 +72,7 @@ class StructuredOutputsFields(_Model):
     disable_additional_properties: SBool = False
     whitespace_pattern: SStr | None = None
     structural_tag: SStr | None = None
+    backend: SStr | None = None  # the grammar engine for this request, as guided_decoding_backend
 
 
 class SamplingFields(_Model):
@@ -115,7 +116,7 @@ class SamplingFields(_Model):
     guided_choice: list[SStr] | None = None
     guided_grammar: SStr | None = None
     guided_whitespace_pattern: SStr | None = None
-    guided_decoding_backend: SStr | None = None
+    guided_decoding_backend: SStr | None = None  # the grammar engine for this request: auto, xgrammar, guidance
 
     @field_validator("stop")
     @classmethod

@@ -82,6 +82,7 @@ class ResponsesRequest(p._Model):
     stream: p.SBool = False
     store: p.SBool | None = None
     previous_response_id: p.SStr | None = None
+    guided_decoding_backend: p.SStr | None = None  # vLLM's extension: the grammar engine for text.format and tools
 
 
 class ResponsesStore:
@@ -145,7 +146,8 @@ def to_chat(body: ResponsesRequest, history: list[dict[str, Any]]) -> tuple[dict
     if body.stream:
         chat["stream_options"] = {"include_usage": True}
     for src, dst in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"), ("top_p", "top_p"),
-                     ("seed", "seed"), ("parallel_tool_calls", "parallel_tool_calls")):
+                     ("seed", "seed"), ("parallel_tool_calls", "parallel_tool_calls"),
+                     ("guided_decoding_backend", "guided_decoding_backend")):
         value = getattr(body, src)
         if value is not None:
             chat[dst] = value

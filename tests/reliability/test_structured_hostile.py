@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import threading
 import time
 
 import httpx
@@ -30,6 +32,13 @@ BAD = [
     ("backreference", {"structured_outputs": {"regex": r"(a)\1"}}, "structured_outputs.regex"),
     ("bad grammar", {"guided_grammar": "root ::= foo"}, "guided_grammar"),
     ("two forms", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+    ("options and no constraint", {"structured_outputs": {"disable_any_whitespace": True}}, "exactly one of"),
+    ("possessive quantifier", {"guided_regex": "a++a"}, "possessive"),
+    ("refused by both engines", {"guided_regex": r"\bword\b"}, "guided_regex"),
+    ("no engine enforces it", {"guided_json": {"type": "integer", "not": {"const": 3}}}, "'not'"),
+    ("unknown engine", {"guided_regex": "a", "guided_decoding_backend": "outlines"}, "auto, xgrammar, guidance"),
+    ("unknown engine in structured_outputs", {"structured_outputs": {"regex": "a", "backend": "lm-format-enforcer"}},
+     "structured_outputs.backend"),
     ("huge count", {"guided_json": {"type": "string", "maxLength": 10**9}}, "guided_json"),
     ("schema over cap", {"guided_json": {"type": "object", "properties": {
         f"p{i}": {"type": "string", "description": "x" * 100} for i in range(MAX_SCHEMA_BYTES // 100)}}},
@@ -45,7 +54,7 @@ BAD = [
 ]
 
 
-@pytest.fixture(scope="module", params=["xgrammar", "guidance"])
+@pytest.fixture(scope="module", params=["auto", "xgrammar", "guidance"])
 def hostile_server(request, tiny_llama_dir):
     engine = build_engine(tiny_llama_dir, max_num_seqs=8, structured_outputs_backend=request.param)
     srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
@@ -75,7 +84,8 @@ def test_bad_constraints_are_fast_400s_beside_a_running_request(hostile_server):
 
 
 def test_compile_deadline(hostile_server):
-    """A compile that overruns its deadline is a 400 naming the field; the next request is served normally."""
+    """A compile that overruns its deadline is a 400 naming the field (under auto too: running out of time is no
+    reason to try the other engine); the next request is served normally."""
     manager = hostile_server.engine.engine.structured_output
     backend = manager.backend
     real_compile = backend.compile
@@ -102,6 +112,46 @@ def test_compile_deadline(hostile_server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("ok", "fine")
     info = manager.cache_info()
     assert info["entries"] <= manager.max_cache_entries and info["bytes"] <= manager.max_cache_bytes
+
+
+
+def test_slow_compile_never_stalls_other_requests(hostile_server):
+    """A compile in progress holds back only its own request: an unconstrained request sent while the compile is
+    held open is answered (the event loop and the engine loop never wait on a compile), then the held request is
+    served with its constraint."""
+    manager = hostile_server.engine.engine.structured_output
+    backend = manager.backend
+    real_compile = backend.compile
+    started, release = threading.Event(), threading.Event()
+
+    def held_compile(params):
+        started.set()
+        release.wait(60)
+        return real_compile(params)
+
+    old = manager.compile_timeout
+    manager.compile_timeout = 120
+    backend.compile = held_compile
+    regex = "[0-9]{1,4}held"  # not compiled before in this module: the compile really runs
+
+    async def run():
+        async with httpx.AsyncClient(base_url=hostile_server.base, timeout=90) as c:
+            held = asyncio.create_task(c.post("/completions", json={
+                "model": "tiny", "prompt": "x", "max_tokens": 12, "guided_regex": regex}))
+            assert await asyncio.to_thread(started.wait, 60)
+            other = await c.post("/completions", json={"model": "tiny", "prompt": "Count:", "max_tokens": 8,
+                                                       "temperature": 0, "ignore_eos": True})
+            assert other.status_code == 200 and other.json()["usage"]["completion_tokens"] == 8
+            assert not held.done()
+            release.set()
+            return await held
+    try:
+        r = asyncio.run(run())
+    finally:
+        release.set()
+        backend.compile = real_compile
+        manager.compile_timeout = old
+    assert r.status_code == 200 and re.fullmatch(regex, r.json()["choices"][0]["text"]), r.text
 
 
 ADVERSARIAL = {

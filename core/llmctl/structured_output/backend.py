@@ -43,7 +43,8 @@ class GrammarBackend(Protocol):
         ...
 
 
-# vLLM's names. "auto" is xgrammar. outlines is not offered: see docs/serving.md.
+# vLLM's names. "auto" is xgrammar, and llguidance for a constraint xgrammar cannot compile (manager.py).
+# outlines is not offered: see docs/serving.md.
 BACKENDS = ("xgrammar", "guidance")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
@@ -55,7 +56,10 @@ def check_backend_name(name: Any, field: str = "structured_outputs_backend") -> 
 
 
 def make_backend(name: str, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]) -> GrammarBackend:
-    check_backend_name(name)
+    """One concrete engine; ``auto`` is not one (the manager resolves it per constraint)."""
+    if name not in BACKENDS:
+        raise ValueError(f"structured_outputs_backend: no grammar engine is named {name!r}; "
+                         f"use one of {', '.join(BACKENDS)}")
     if name == "guidance":
         try:
             from llmctl.structured_output.guidance_backend import GuidanceBackend

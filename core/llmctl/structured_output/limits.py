@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 MAX_SCHEMA_BYTES = 64 * 1024
@@ -22,10 +23,13 @@ MAX_CHOICES = 1024
 MAX_CHOICE_CHARS = 64 * 1024
 MAX_BOUNDED_COUNT = 10_000  # maxLength / maxItems / {n,m} bounds that become counted grammar states
 
-# JSON-schema keywords xgrammar ignores: accepting them would promise a constraint that is not applied.
+# JSON-schema keywords no offered engine enforces (xgrammar ignores them, llguidance refuses them): accepting
+# them would promise a constraint that is not applied. What only xgrammar leaves unenforced is refused by
+# xgrammar_backend.py, so that "auto" can hand it to llguidance.
 UNSUPPORTED_KEYWORDS = frozenset({
     "uniqueItems", "contains", "minContains", "maxContains", "dependentRequired", "dependentSchemas",
     "dependencies", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef", "$recursiveRef",
+    "not", "if", "then", "else",
 })
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "propertyNames")
@@ -81,6 +85,23 @@ def _walk(schema: Any, path: str, depth: int) -> None:
             raise ValueError(f"{path}.{key}: must be a list of schemas")
 
 
+def subschemas(schema: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object node of a schema that ``check_json_schema`` accepted, with its path, the root first."""
+    if not isinstance(schema, dict):
+        return
+    yield path, schema
+    for key in _SCHEMA_MAPS:
+        for prop, value in (schema.get(key) or {}).items():
+            yield from subschemas(value, f"{path}.{key}.{prop}")
+    for key in _SCHEMA_VALUES:
+        if key in schema and not isinstance(schema[key], list):
+            yield from subschemas(schema[key], f"{path}.{key}")
+    for key in (*_SCHEMA_LISTS, "items"):
+        if isinstance(schema.get(key), list):
+            for i, value in enumerate(schema[key]):
+                yield from subschemas(value, f"{path}.{key}[{i}]")
+
+
 def check_regex(pattern: str, name: str) -> None:
     """Parse with Python's own regex parser (no matching happens) and bound the expanded size."""
     try:
@@ -101,7 +122,12 @@ def _expansion(items: Any, name: str, in_unbounded: bool) -> int:
 
     total = 0
     for op, arg in items:
-        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+        if op is not None and op in (getattr(c, "POSSESSIVE_REPEAT", None), getattr(c, "ATOMIC_GROUP", None)):
+            # they give up matches only a backtracking engine would find; an automaton cannot say "a++a" matches
+            # nothing, so the output could fail the very regex it was constrained by
+            raise ValueError(f"{name}: possessive quantifiers and atomic groups are not supported for structured "
+                             "output")
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT):
             lo, hi, sub = arg
             unbounded = hi == c.MAXREPEAT
             if unbounded and in_unbounded:

@@ -34,6 +34,9 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
     structural_tag: str | None = None
+    # The grammar engine for this request (vLLM's older per-request choice, ``guided_decoding_backend`` on the
+    # server): "auto", "xgrammar" or "guidance"; None takes the engine's --structured-outputs-backend.
+    backend: str | None = None
     # With a reasoning model the constraint starts after these tokens (the end of the reasoning, e.g. "</think>").
     reasoning_end_token_ids: list[int] | None = None
     # Where the error message points (the server sets e.g. "response_format.json_schema.schema").
@@ -88,11 +91,15 @@ class StructuredOutputsParams:
                 raise ValueError(f"{where}: at most {MAX_GRAMMAR_CHARS} characters, got {len(self.grammar)}")
         elif kind == "json_object" and self.json_object is not True:
             raise ValueError(f"{where}: must be true")
+        if self.backend is not None:
+            from llmctl.structured_output.backend import check_backend_name
+
+            check_backend_name(self.backend, f"{self.field_name}.backend")
         if self.whitespace_pattern is not None:
             raise ValueError(f"{self.field_name}.whitespace_pattern: not supported by this server")
 
     def cache_key(self) -> tuple:
-        """Identical requests share one compiled grammar."""
+        """Identical constraints share one compiled grammar (per backend: the manager adds which)."""
         kind = self.kind()
         if kind == "json":
             spec: Any = json.dumps(self.json, sort_keys=True, separators=(",", ":"))

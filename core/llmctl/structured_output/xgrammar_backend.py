@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from llmctl.structured_output.limits import subschemas
 from llmctl.structured_output.params import StructuredOutputsParams
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the client only needs the message.
@@ -59,6 +60,10 @@ class XGrammarBackend:
     def compile(self, params: StructuredOutputsParams) -> Any:
         kind = params.kind()
         field = params.where()
+        if kind == "json" and params.json is not True:
+            unenforced = unenforced_keywords(params.json, field)
+            if unenforced:
+                raise ValueError(f"{unenforced} (xgrammar would not enforce it)")
         try:
             if kind == "json":
                 schema = params.json
@@ -70,6 +75,9 @@ class XGrammarBackend:
             if kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
             if kind == "regex":
+                anchor = _string_anchor(params.regex or "")
+                if anchor:
+                    raise ValueError(f"{anchor} is not supported (use ^ and $)")
                 return self._compiler.compile_regex(params.regex)
             if kind == "choice":
                 return self._compiler.compile_grammar(choice_ebnf(params.choice or []))
@@ -84,6 +92,67 @@ class XGrammarBackend:
 
     def matcher(self, compiled: Any) -> XGrammarMatcher:
         return XGrammarMatcher(self._xgr.GrammarMatcher(compiled))
+
+
+# Keywords that only describe: they constrain nothing, so xgrammar may ignore them next to anything.
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "$schema", "$id", "$anchor",
+                          "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "contentEncoding",
+                          "contentMediaType", "format"})
+_JSON_TYPES = {"null": lambda v: v is None, "boolean": lambda v: isinstance(v, bool),
+               "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+               "string": lambda v: isinstance(v, str),
+               "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+               "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+               or (isinstance(v, float) and v.is_integer())}
+
+
+def unenforced_keywords(schema: Any, field: str) -> str | None:
+    """Where a schema uses something xgrammar's converter accepts but does not enforce (found by probing
+    xgrammar 0.2.9): ``multipleOf`` on non-integers, ``allOf`` beside anything, keywords beside ``anyOf`` /
+    ``oneOf`` or beside ``enum`` / ``const``, and a string length beside a ``pattern`` or ``format``. Such a
+    schema is refused here rather than served with a weaker constraint; under ``auto`` llguidance takes it."""
+    for path, node in subschemas(schema, field):
+        constraining = set(node) - _ANNOTATIONS
+        if "multipleOf" in node and node.get("type") != "integer":
+            return f"{path}.multipleOf: only supported on integers"
+        if "allOf" in node and (len(node["allOf"]) != 1 or constraining - {"allOf"}):
+            return f"{path}.allOf: combining subschemas is not supported"
+        for key in ("anyOf", "oneOf"):
+            if key in node and constraining - {key}:
+                return f"{path}.{key}: keywords beside {key} ({', '.join(sorted(constraining - {key}))}) " \
+                       "are not supported"
+        for key in ("enum", "const"):
+            if key not in node:
+                continue
+            if constraining - {key, "type"}:
+                return f"{path}.{key}: keywords beside {key} ({', '.join(sorted(constraining - {key}))}) " \
+                       "are not supported"
+            values = node[key] if key == "enum" else [node[key]]
+            types = node.get("type")
+            types = [types] if isinstance(types, str) else types
+            if types and isinstance(values, list) and not all(
+                    any(_JSON_TYPES.get(t, lambda v: False)(v) for t in types) for v in values):
+                return f"{path}.{key}: a value that is not of the schema's type is not supported"
+        if ({"pattern", "format"} & set(node)) and ({"minLength", "maxLength"} & set(node)):
+            return f"{path}: minLength/maxLength beside a pattern or format is not supported"
+        for where, pattern in [(f"{path}.pattern", node.get("pattern")),
+                               *((f"{path}.patternProperties", p) for p in node.get("patternProperties") or ())]:
+            if isinstance(pattern, str) and _string_anchor(pattern):
+                return f"{where}: {_string_anchor(pattern)} is not supported"
+    return None
+
+
+def _string_anchor(pattern: str) -> str | None:
+    """xgrammar reads ``\\A`` and ``\\Z`` as the letters A and Z (with a warning only): a different language."""
+    i = 0
+    while i < len(pattern) - 1:
+        if pattern[i] == "\\":
+            if pattern[i + 1] in "AZ":
+                return f"the anchor \\{pattern[i + 1]}"
+            i += 2
+        else:
+            i += 1
+    return None
 
 
 def _counted_strings_as_patterns(schema: Any) -> Any:
