@@ -33,7 +33,7 @@ def main() -> None:
               num_threads=1, seed=0)
     with open(out_path, "w") as f:
         json.dump(generate(llm), f)
-    llm.llm_engine.core.shutdown()
+    llm.llm_engine.shutdown()
 
 
 if __name__ == "__main__":
