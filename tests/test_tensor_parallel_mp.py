@@ -116,3 +116,75 @@ def test_mp_hung_rank_times_out_into_engine_dead(gqa_model, monkeypatch):
     monkeypatch.setenv("LLMCTL_EXECUTE_MODEL_TIMEOUT_SECONDS", "3")
     llm = LLM(str(gqa_model), dtype="float32", tensor_parallel_size=2, num_threads=1)
     _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGSTOP))
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(x) for x in f.read().split()]
+    return kids
+
+
+def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1):
+    """``llmctl serve -tp 2``: the same greedy completion as one process; killing a rank mid-stream fails the
+    stream, the server exits non-zero and leaves no worker behind."""
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    import httpx
+    from llmctl import SamplingParams
+
+    from tests.test_server_process import _wait_health
+    from tests.test_server_support import free_port
+
+    llmctl = str(Path(sys.executable).parent / "llmctl")
+    port = free_port()
+    proc = subprocess.Popen([llmctl, "serve", str(gqa_model), "-tp", "2", "--dtype", "float32", "--port", str(port),
+                             "--kv-cache-memory", "16MiB", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LLMCTL_CPU_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    workers: list[int] = []
+    try:
+        _wait_health(url, proc, timeout=180)
+        workers = [p for p in _children(proc.pid) if _alive(p)]
+        body = {"model": str(gqa_model), "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0.0,
+                "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        with one_torch_thread():
+            want = tp1.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+                                use_tqdm=False)[0].outputs[0].text
+        assert r.json()["choices"][0]["text"] == want
+
+        # a long stream, and a rank killed while it runs
+        events: list[str] = []
+
+        def stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                              json={**body, "max_tokens": 400, "stream": True}) as resp:
+                events.extend(resp.iter_lines())
+
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not any(e.startswith("data: {") for e in events) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ranks = [p for p in workers if "spawn" in open(f"/proc/{p}/cmdline").read()]
+        assert len(ranks) == 2, workers
+        os.kill(ranks[1], signal.SIGKILL)
+        t.join(60)
+        assert not t.is_alive()
+        assert any("error" in e for e in events), events[-3:]
+        assert proc.wait(60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "a worker outlived the server"
