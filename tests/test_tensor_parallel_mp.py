@@ -77,6 +77,22 @@ def test_mp_tp2_seeded_sampling_n_and_stop_strings_match_tp1(tp1, tp2):
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_running"] == 0, stats
 
 
+def test_mp_tp2_structured_output_matches_tp1(tp1, tp2):
+    """Grammars do not travel over the pipe: each rank compiles the request's constraint itself."""
+    from llmctl import SamplingParams
+    from llmctl.structured_output import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    params = [SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=schema)),
+              SamplingParams(temperature=0.0, max_tokens=5,
+                             structured_outputs=StructuredOutputsParams(choice=["alpha", "beta"]))]
+    with one_torch_thread():
+        want = tp1.generate(PROMPTS[:2], params, use_tqdm=False)
+    got = tp2.generate(PROMPTS[:2], params, use_tqdm=False)
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in want]
+    assert got[1].outputs[0].text in ("alpha", "beta")
+
+
 def test_mp_heads_not_divisible_fails_before_spawning(gqa_model):
     from llmctl import LLM
 
