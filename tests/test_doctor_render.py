@@ -27,3 +27,14 @@ def test_doctor_renders_for_a_person(report, width):
         assert ("no AMX" in text) != isa["amx_tile"]
         assert ("AVX-512" in text) == isa["avx512f"]
 
+
+
+def test_doctor_names_each_platforms_communicator(report):
+    """Which collective backend tensor parallelism would use on each platform, in --json and in words."""
+    by_name = {p["name"]: p for p in report["platforms"]}
+    assert by_name["cpu"]["communicator"] == {"name": "gloo", "backend": "gloo"}
+    if "cuda" in by_name:
+        assert by_name["cuda"]["communicator"]["backend"] == "nccl"
+    console = Console(width=120, record=True, color_system=None, force_terminal=False)
+    doctor.render(report, console)
+    assert "tensor parallel: communicator gloo" in console.export_text()

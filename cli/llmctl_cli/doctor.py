@@ -61,6 +61,8 @@ def collect() -> dict[str, Any]:
             "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
             # weight format -> the platform's own kernel; formats not listed run on core's torch reference
             "quantization_kernels": pm.registry.quant_formats_for(plat.name),
+            # what tensor parallelism's all-reduce and all-gather run on there (None: tensor_parallel_size 1 only)
+            "communicator": _communicator(pm.registry, plat.name),
         })
     try:
         chosen = pm.select_platform(None)
@@ -97,6 +99,14 @@ def collect() -> dict[str, Any]:
         report["hints"].append(f"`llmctl serve` without a model needs the default model: {INSTALL_HINT}")
     report["ok"] = report["selected"]["platform"] is not None
     return report
+
+
+def _communicator(registry: Any, platform: str) -> dict[str, Any] | None:
+    comm = registry.communicator_for(platform)
+    if comm is None:
+        return None
+    backend = getattr(comm, "backend_name", None)
+    return {"name": comm.name, "backend": _safe(backend, None) if callable(backend) else None}
 
 
 def _safe(fn: Any, fallback: Any) -> Any:
@@ -137,6 +147,11 @@ def render(report: dict[str, Any], console: Any) -> None:
         lines.append("attention: " + (", ".join(pf["attention_backends"]) or "-"))
         quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
         lines.append("quantization: " + (quant or "torch reference"))
+        comm = pf.get("communicator")
+        lines.append("tensor parallel: " + (
+            f"communicator {comm['name']}" + (f" (torch.distributed {comm['backend']})"
+                                              if comm.get("backend") and comm["backend"] != comm["name"] else "")
+            if comm else "none (tensor_parallel_size 1 only)"))
         grid.add_row(f"[bold]{pf['name']}[/bold]", "\n".join(lines))
     console.print(grid)
 

@@ -157,6 +157,12 @@ def serve(
                                        help="Run decode steps eagerly instead of replaying captured GPU graphs."),
     seed: int = typer.Option(0, help="Engine random seed."),
     generation_config: str = typer.Option("auto", help="'auto' (model's sampling defaults) or 'none'."),
+    tensor_parallel_size: int = typer.Option(
+        1, "--tensor-parallel-size", "-tp", help="Ranks that each hold a slice of every layer (worker processes "
+                                                "of this server with the default mp executor)."),
+    distributed_executor_backend: str | None = typer.Option(
+        None, help="mp (worker processes, the default), external_launcher (this process is one rank started by "
+                   "torchrun) or uni (one process)."),
     chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
     served_model_name: list[str] | None = typer.Option(
         None, help="Name(s) clients use in 'model' (default: MODEL as typed; SmolLM2-135M-Instruct for the default)."),
@@ -271,7 +277,8 @@ def serve(
                            guided_decoding_backend=guided_decoding_backend,
                            enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
                            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
-                           speculative_config=speculative_config)
+                           speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
+                           distributed_executor_backend=distributed_executor_backend)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs"

@@ -84,6 +84,12 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Parallelism (vLLM's names; docs/distributed.md): tensor_parallel_size ranks each hold a slice of every layer.
+    # The executor starts them: "mp" (worker processes of this one, the default for more than one rank),
+    # "external_launcher" (this process is one rank, started with the others by torchrun or a job scheduler),
+    # "uni" (this process alone).
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -139,6 +145,41 @@ class EngineArgs:
         from llmctl.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        self._validate_parallel()
+
+    def _validate_parallel(self) -> None:
+        from llmctl.tensor_parallel import EXECUTOR_BACKENDS
+
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {backend!r}")
+        if backend == "ray":
+            raise ValueError("distributed_executor_backend: 'ray' is not implemented yet; use 'mp' on one machine "
+                             "or 'external_launcher' with torchrun across machines")
+        if backend == "uni" and tp > 1:
+            raise ValueError(f"distributed_executor_backend: 'uni' runs one process and cannot hold "
+                             f"tensor_parallel_size={tp} ranks; use 'mp' or 'external_launcher'")
+        if tp == 1:
+            return
+        refused = [("enable_lora", self.enable_lora), ("speculative_config", self.speculative_config is not None),
+                   ("quantization", self.quantization is not None), ("runner", self.runner == "pooling")]
+        for name, used in refused:
+            if used:
+                raise ValueError(f"{name}: not supported with tensor_parallel_size > 1 yet (got "
+                                 f"tensor_parallel_size={tp}); run it with tensor_parallel_size=1")
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor actually used: one process for a single rank, ``mp`` unless another was chosen."""
+        if self.distributed_executor_backend == "external_launcher":
+            return "external_launcher"
+        if self.tensor_parallel_size == 1:
+            return "uni"
+        return self.distributed_executor_backend or "mp"
 
     def _validate_loading(self) -> None:
         if self.model_impl not in ("auto", "native", "transformers"):

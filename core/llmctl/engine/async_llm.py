@@ -230,6 +230,9 @@ class AsyncLLM:
         self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        stop_engine = getattr(self.engine, "shutdown", None)
+        if stop_engine is not None and not self._thread.is_alive():  # not mid-step: stop its workers (mp), if any
+            stop_engine()
 
     # -- the engine thread -------------------------------------------------------------------------------------
     def _run_loop(self) -> None:

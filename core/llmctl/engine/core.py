@@ -36,6 +36,15 @@ from llmctl.spec_decode.eagle import load_eagle_proposer, resolve_eagle_head
 from llmctl.spec_decode.rejection_sampler import RejectionSampler
 from llmctl.spec_decode.speculator import Speculator
 from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
+from llmctl.tensor_parallel import (
+    RankAddress,
+    TensorParallelGroup,
+    agree_min,
+    check_same_model,
+    check_splittable,
+    init_group,
+    launcher_address,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +70,10 @@ class CoreOutput:
 
 
 class EngineCore:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, rank: RankAddress | None = None) -> None:
+        """``rank``: this process's place in a tensor-parallel group, as the ``mp`` executor's workers pass it;
+        with ``external_launcher`` it comes from the launcher's environment, and without parallelism it is
+        rank 0 of 1."""
         from llmctl.loader.model_loader import get_model_class, load_model, resolve_dtype
         from llmctl.loader.source import resolve_model
         from llmctl.pooling.setup import backend_features, plan_runner
@@ -73,7 +85,6 @@ class EngineCore:
         self.platform: Platform = plugins.select_platform(args.device)
         user_mnbt = args.max_num_batched_tokens  # before the platform fills it in (pooling checks the user's)
         self._apply_platform_config(args)
-        self.device = self.platform.torch_device()
         self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
                                     args.hf_overrides)
         hf_config = self.source.hf_config
@@ -84,8 +95,19 @@ class EngineCore:
         from llmctl.quantization import resolve_quant_config
 
         quant = resolve_quant_config(args.quantization, self.source)
+        check_tensor_parallel(args, hf_config, self.runner_plan.model_cls, quant)  # before waiting for peers
+        address = rank or (launcher_address(args.tensor_parallel_size)
+                           if args.executor_backend == "external_launcher" else RankAddress(0, 1, ""))
+        if address.world_size != args.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} ranks, but this process was "
+                             f"started as rank {address.rank} of {address.world_size}")
+        self.tp: TensorParallelGroup = init_group(address, plugins.registry.communicator_for(self.platform.name),
+                                                  self.platform.name)
+        self.device = self.platform.torch_device(address.local_rank) if self.tp.size > 1 else \
+            self.platform.torch_device()
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
+        check_same_model(self.tp, _rank_fingerprint(args, hf_config, dtype))
         self.model_config = self._model_config(hf_config, dtype)
         draft_source = eagle_source = None
         if spec_config is not None and spec_config.method == "draft_model":
@@ -105,7 +127,7 @@ class EngineCore:
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
                            extra={"trust_remote_code": args.trust_remote_code,
-                                  "pooler_config": self.runner_plan.pooler_config})
+                                  "pooler_config": self.runner_plan.pooler_config}, tp=self.tp)
         self.lora = None
         lora_config = args.lora_config()
         if lora_config is not None and self.runner_plan.pooling:
@@ -239,6 +261,8 @@ class EngineCore:
         useful = args.max_num_seqs * blocks_per_seq + 1
         if args.kv_cache_memory is None:
             num_blocks = min(num_blocks, useful)
+        # Every rank schedules the same requests, so all must have as many blocks as the one with the fewest.
+        num_blocks = agree_min(self.tp, int(num_blocks))
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {budget} bytes is less than one KV block ({bytes_per_block} bytes)")
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, from %s); max concurrency %.2fx requests "
@@ -306,6 +330,8 @@ class EngineCore:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
+        if self.tp.size > 1:
+            return "off (tensor parallel: the step's collectives run eagerly)"
         if self.lora is not None:
             return "off (LoRA: adapters switch per step)"
         if not getattr(self.attention, "supports_graph_capture", False):
@@ -330,6 +356,10 @@ class EngineCore:
             return f"off (platform {self.platform.name} captured no batch size{': ' + why if why else ''})"
         self.runner.decode_runner = runner
         return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel group (the process group's sockets); the engine cannot step afterwards."""
+        self.tp.destroy()
 
     # -- requests --------------------------------------------------------------------------------------------
     def max_blocks_for(self, num_tokens: int) -> int:
@@ -499,6 +529,32 @@ class EngineCore:
         req = self.scheduler.requests.get(request_id)
         if req is not None:
             self.scheduler.finish(req, status)
+
+
+def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:
+    """Refuse, naming the setting, what cannot run split over ``tensor_parallel_size`` ranks."""
+    size = args.tensor_parallel_size
+    if size == 1:
+        return
+    if not getattr(model_cls, "supports_tensor_parallel", False):
+        archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
+        raise ValueError(f"tensor_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
+                         f"which has no tensor-parallel implementation yet (the Llama family has: Llama, Mistral, "
+                         f"Qwen2, Qwen3); use tensor_parallel_size=1")
+    if quant is not None:
+        raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) do not shard yet; use "
+                         f"tensor_parallel_size=1")
+    check_splittable(hf_config, size)
+
+
+def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> str:
+    """What every rank must agree on; the model's path is left out (it may differ between machines)."""
+    import json
+
+    cfg = {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
+    settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
+                args.max_num_batched_tokens, args.enable_prefix_caching, args.tensor_parallel_size)
+    return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 
 def _kv_geometry(hf_config) -> tuple[int, int, int | None]:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import EngineArgs
-from llmctl.engine.core import EngineCore
 from llmctl.engine.input_processor import InputProcessor, PromptType
 from llmctl.engine.output_processor import OutputProcessor
 from llmctl.engine.request import Request, RequestStatus
+from llmctl.executor import make_core
 from llmctl.lora.adapter import LoRAAdapter
 from llmctl.lora.request import LoRARequest
 from llmctl.outputs import RequestOutput
@@ -39,7 +39,7 @@ class LLMEngine:
         from llmctl.loader.tokenizer import load_tokenizer
 
         self.args = args
-        self.core = EngineCore(args)
+        self.core = make_core(args)  # an EngineCore, or the mp executor's stand-in for its worker processes
         self.tokenizer = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
         self.model_config = self.core.model_config
         self.cache_config = self.core.cache_config
@@ -162,6 +162,10 @@ class LLMEngine:
         for child_id in to_stop:
             self.core.finish_request(child_id, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+    def shutdown(self) -> None:
+        """Stop the worker processes (``mp``) or leave the tensor-parallel group; idempotent."""
+        self.core.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished()

@@ -1,6 +1,9 @@
-"""Parameter allocation shared by the layers."""
+"""Parameter allocation shared by the layers, and reading checkpoint tensors (whole, or a tensor-parallel rank's
+slice of one that has not been read yet)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,8 +15,20 @@ def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Par
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+def materialize(src: Any) -> torch.Tensor:
+    """A checkpoint tensor as a tensor: itself, or all of a lazy one (``llmctl.loader.weights.LazyTensor``)."""
+    return src if isinstance(src, torch.Tensor) else src.read()
+
+
+def read_slice(src: Any, dim: int, start: int, length: int) -> torch.Tensor:
+    """``length`` entries of ``src`` along ``dim`` from ``start``; a lazy tensor reads only those from disk."""
+    if isinstance(src, torch.Tensor):
+        return src.narrow(dim, start, length)
+    return src.read_slice(dim, start, length)
+
+
+def copy_checked(dst: torch.Tensor, src: Any, name: str) -> None:
     """Copy a checkpoint tensor into a parameter, failing loudly on a shape mismatch rather than broadcasting."""
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"weight {name}: checkpoint shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
-    dst.copy_(src)
+    dst.copy_(materialize(src))

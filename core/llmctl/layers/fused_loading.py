@@ -44,7 +44,12 @@ def load_fused(weights: Iterable[tuple[str, torch.Tensor]], params: dict[str, nn
         else:
             if name not in params:
                 raise ValueError(no_place(name))
-            copy_checked(params[name].data, tensor, name)
+            owner = modules.get(name.rsplit(".", 1)[0])
+            load_param = getattr(owner, "load_param", None)  # a sharded layer takes its rank's slice itself
+            if load_param is not None:
+                load_param(params[name], tensor, name)
+            else:
+                copy_checked(params[name].data, tensor, name)
             loaded.add(name)
     return loaded
 

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 
 from llmctl.layers._module import EngineModule
-from llmctl.layers.linear import Linear, MergedLinear
+from llmctl.layers.parallel import MergedColumnParallelLinear, RowParallelLinear
 from llmctl.ops import Ops
 from llmctl.ops.reference import PackedLinearWeight
+from llmctl.tensor_parallel import SINGLE, TensorParallelGroup
 
 SILU_ACTS = frozenset({"silu", "swish"})
 
@@ -19,14 +20,16 @@ class GatedMLP(EngineModule):
     so the platform's ``silu_and_mul`` kernel can consume it directly."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, ops: Ops, *, bias: bool = False,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         if hidden_act not in SILU_ACTS:
             raise ValueError(f"hidden_act {hidden_act!r} is not supported; supported: {', '.join(sorted(SILU_ACTS))}")
         self.ops = ops
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
-                                         dtype=dtype, device=device)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device)
+        # Split over tensor-parallel ranks by intermediate columns (one all-reduce, in down_proj); plain at size 1.
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size],
+                                                       bias=bias, dtype=dtype, device=device, tp=tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device,
+                                           tp=tp, what="intermediate_size")
 
         self._gated: Callable[..., torch.Tensor] | None = None
         self._gated_weight: PackedLinearWeight | None = None

@@ -121,8 +121,10 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
         keep = getattr(quant, "keeps_quantized", None)
         tensors = checked_tensors(iter_weights(source, keep), covered)
     # A progress bar on a terminal (tqdm turns itself off when stderr is not one): large checkpoints take a while.
-    weights = tqdm(tensors or iter_weights(source, keep), desc="Loading weights", unit=" tensors", disable=None,
-                   leave=False)
+    # A tensor-parallel rank reads only its slices, so the tensors stay unread until the layer that takes them.
+    lazy = ctx.tp.size > 1
+    weights = tqdm(tensors or iter_weights(source, keep, lazy=lazy), desc="Loading weights", unit=" tensors",
+                   disable=None, leave=False)
     model.load_weights(weights)
     if quant is not None:
         from llmctl.quantization.layers import finish_quantization

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,9 +23,28 @@ def safetensors_files(local_dir: Path) -> list[Path]:
     return sorted(local_dir.glob("*.safetensors"))
 
 
-def iter_weights(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``keep_quantized`` (GGUF only): HF names whose blocks are handed over raw, for a quantization method."""
+class LazyTensor:
+    """A safetensors tensor not read yet: a tensor-parallel rank reads only its slice of it (``read_slice``), so
+    no rank reads, or holds for a moment, the whole of a sharded matrix. Valid only while the iterator that
+    yielded it has not moved on (the file is open for that long)."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.shape = tuple(handle.get_shape())
+
+    def read(self) -> torch.Tensor:
+        return self._handle[:] if self.shape else self._handle[()]
+
+    def read_slice(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._handle[tuple(index)]
+
+
+def iter_weights(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None, lazy: bool = False
+                 ) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
+    """``keep_quantized`` (GGUF only): HF names whose blocks are handed over raw, for a quantization method.
+    ``lazy``: safetensors tensors come as :class:`LazyTensor` (GGUF ones are dequantized whole either way)."""
     if source.gguf_file is not None:
         yield from _iter_gguf(source, keep_quantized)
         return
@@ -32,16 +52,16 @@ def iter_weights(source: ModelSource, keep_quantized: Callable[[str], bool] | No
     if not files:
         raise ValueError(f"model: no *.safetensors weights in {source.local_dir}; only safetensors and GGUF "
                          f"checkpoints are loaded (pickled .bin/.pt files are refused)")
-    yield from _iter_safetensors(files)
+    yield from _iter_safetensors(files, lazy)
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
     from safetensors import safe_open
 
     for path in files:
         with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped: read on access
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name)
 
 
 def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None

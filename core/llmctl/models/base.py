@@ -16,6 +16,7 @@ import torch
 from llmctl.attention import AttentionMetadata
 from llmctl.ops import Ops
 from llmctl.plugins.types import AttentionBackend
+from llmctl.tensor_parallel import TensorParallelGroup
 
 
 @dataclass
@@ -26,6 +27,8 @@ class ModelContext:
     device: torch.device
     quant: Any = None  # a llmctl.quantization.QuantConfig: the linear layers' quantization, None for plain weights
     extra: dict[str, Any] = field(default_factory=dict)
+    # The tensor-parallel group this process is a rank of (llmctl.tensor_parallel); size 1 without parallelism.
+    tp: TensorParallelGroup = field(default_factory=TensorParallelGroup)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,15 @@ import torch
 from torch import nn
 
 from llmctl.attention import AttentionMetadata
-from llmctl.layers import Attention, GatedMLP, LMHead, MergedLinear, RMSNorm, VocabEmbedding, get_rope
+from llmctl.layers import Attention, GatedMLP, RMSNorm, get_rope
 from llmctl.layers._module import EngineModule
 from llmctl.layers.fused_loading import STACKED_QKV_GATE_UP, load_fused, missing_tensors
-from llmctl.layers.linear import Linear
+from llmctl.layers.parallel import (
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from llmctl.models.base import KVCacheSpec, ModelContext
 
 _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -41,16 +46,23 @@ def layer_sliding_windows(cfg: Any) -> list[int | None]:
 
 
 class LlamaAttention(EngineModule):
+    """Under tensor parallelism a rank computes its share of the heads (``qkv_proj`` holds only their rows) and
+    ``o_proj`` sums the ranks' partial outputs."""
+
     def __init__(self, cfg: Any, ctx: ModelContext, sliding_window: int | None, rotary_emb: nn.Module) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
         self.head_dim = _head_dim(cfg)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = bool(getattr(cfg, "attention_bias", False)) or cfg.model_type == "qwen2"
         kw = dict(dtype=ctx.dtype, device=ctx.device)
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], bias=bias, **kw)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=bool(getattr(cfg, "attention_bias", False)), **kw)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, total_heads, total_kv_heads, self.head_dim, bias=bias,
+                                          tp=ctx.tp, **kw)
+        self.num_heads = self.qkv_proj.num_local_heads
+        self.num_kv_heads = self.qkv_proj.num_local_kv_heads
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, cfg.hidden_size,
+                                        bias=bool(getattr(cfg, "attention_bias", False)), tp=ctx.tp,
+                                        what="num_attention_heads * head_dim", **kw)
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
         if cfg.model_type == "qwen3":
@@ -79,7 +91,7 @@ class LlamaDecoderLayer(EngineModule):
         kw = dict(dtype=ctx.dtype, device=ctx.device)
         self.self_attn = LlamaAttention(cfg, ctx, sliding_window, rotary_emb)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, getattr(cfg, "hidden_act", "silu"), ctx.ops,
-                            bias=bool(getattr(cfg, "mlp_bias", False)), **kw)
+                            bias=bool(getattr(cfg, "mlp_bias", False)), tp=ctx.tp, **kw)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
 
@@ -99,7 +111,7 @@ class LlamaModel(EngineModule):
     def __init__(self, cfg: Any, ctx: ModelContext) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, **kw)
         windows = layer_sliding_windows(cfg)
         # One cos/sin table for all layers: it depends only on the config, and building it per layer cost seconds.
         rotary_emb = get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device)
@@ -120,15 +132,17 @@ class LlamaModel(EngineModule):
 class LlamaForCausalLM(EngineModule):
     """Follows :class:`llmctl.models.base.CausalLM`; registered for every architecture name it covers."""
 
+    supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel)
+
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
         self.config = hf_config
         self.ctx = ctx
         self.model = LlamaModel(hf_config, ctx)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size,
-                              tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
-                              dtype=ctx.dtype, device=ctx.device)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
+                                      tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
+                                      dtype=ctx.dtype, device=ctx.device, tp=ctx.tp)
         self._windows = layer_sliding_windows(hf_config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -1,0 +1,19 @@
+"""How the engine's ranks are run: in this process (one rank, or one of several that a launcher started), or as
+worker processes of this one (``mp``). :func:`make_core` returns what ``LLMEngine`` drives either way."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmctl.config import EngineArgs
+
+
+def make_core(args: EngineArgs) -> Any:
+    """An ``EngineCore``, or for ``mp`` its stand-in that drives the worker processes holding the shards."""
+    if args.executor_backend == "mp":
+        from llmctl.executor.mp import MultiprocCore
+
+        return MultiprocCore(args)
+    from llmctl.engine.core import EngineCore
+
+    return EngineCore(args)

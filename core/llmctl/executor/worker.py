@@ -1,0 +1,125 @@
+"""One rank of the ``mp`` executor: a full ``EngineCore`` holding this rank's shard, stepped in lockstep with
+the other ranks.
+
+Every rank receives the same request changes in the same order and runs the same scheduler with the same seed,
+so every rank schedules the same batch; the LM head gathers the full logits on every rank, so every rank samples
+the same token and the ranks stay in step without the driver sending them a batch. Only rank 0 answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from llmctl.executor import messages as msg
+
+logger = logging.getLogger(__name__)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive the driver: if the driver is killed, its pipe may never close while this rank
+    waits inside a collective for a peer that is gone, so poll the parent and leave."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="llmctl-parent-watch", daemon=True).start()
+
+
+def _bind_cpus(cpus: list[int] | None) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:  # a cpuset that changed under us: run unbound rather than not at all
+            logger.warning("could not bind rank to CPUs %s: %s", cpus, exc)
+
+
+class _Grammars:
+    """Grammar matchers are not sent over the pipe (compiled grammars do not pickle); each rank compiles the
+    request's constraint itself, with the tokenizer and stop ids the frontend used. The frontend already
+    compiled it within its deadline, so the rank waits as long as it takes rather than diverge."""
+
+    def __init__(self, core: Any) -> None:
+        self.core = core
+        self._manager: Any = None
+
+    def attach(self, request: Any) -> None:
+        so = request.sampling_params.structured_outputs
+        if so is None or request.pooling_params is not None:
+            return
+        if self._manager is None:
+            from llmctl.loader.tokenizer import load_tokenizer
+            from llmctl.structured_output.manager import StructuredOutputManager
+
+            args = self.core.args
+            tok = load_tokenizer(self.core.source, args.tokenizer, args.revision, args.trust_remote_code)
+            eos = (*self.core.model_config.eos_token_ids,
+                   *([tok.eos_token_id] if isinstance(getattr(tok, "eos_token_id", None), int) else []))
+            self._manager = StructuredOutputManager(tok, self.core.model_config.vocab_size,
+                                                    tuple(dict.fromkeys(eos)), args.structured_outputs_backend,
+                                                    compile_timeout=3600.0)
+        request.grammar = self._manager.request_grammar(self._manager.compile(so), so)
+
+
+def _apply(core: Any, grammars: _Grammars, ops: list[msg.Op]) -> None:
+    for op in ops:
+        if op[0] == msg.ADD:
+            for request in op[1]:
+                grammars.attach(request)
+                core.add_request(request)
+        elif op[0] == msg.ABORT:
+            core.abort(op[1])
+        elif op[0] == msg.FINISH:
+            core.finish_request(op[1], op[2])
+        else:
+            raise ValueError(f"unknown worker op {op[0]!r}")
+
+
+def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
+               cpus: list[int] | None) -> None:
+    """The worker process's entry point (spawned, so it imports nothing of the driver's state)."""
+    _exit_with_parent(parent_pid)
+    _bind_cpus(cpus)
+    from llmctl.engine.core import EngineCore
+    from llmctl.tensor_parallel import RankAddress
+
+    try:
+        core = EngineCore(args, RankAddress(rank, world_size, init_method, local_rank=rank))
+    except BaseException as exc:
+        conn.send(msg.error_message(exc))
+        raise SystemExit(1) from None
+    info = None
+    if rank == 0:
+        info = {"model_config": core.model_config, "cache_config": core.cache_config,
+                "scheduler_config": core.scheduler_config, "runner_type": core.runner_type,
+                "stats": core.get_stats()}
+    conn.send((msg.READY, info))
+    grammars = _Grammars(core)
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:  # the driver is gone
+                break
+            if message[0] == msg.SHUTDOWN:
+                break
+            _apply(core, grammars, message[1])
+            outputs = core.step() if message[0] == msg.STEP else []
+            if rank == 0:
+                conn.send((msg.OK, outputs, core.get_stats()))
+    except BaseException as exc:
+        logger.exception("llmctl tensor-parallel rank %d failed", rank)
+        try:
+            conn.send(msg.error_message(exc))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+    finally:
+        core.shutdown()

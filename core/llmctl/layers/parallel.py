@@ -1,0 +1,142 @@
+"""Tensor-parallel projections and embeddings: each rank holds a slice of the weight and reads only that slice
+from the checkpoint.
+
+The split follows the usual Megatron layout, which needs one all-reduce per attention block and one per MLP:
+q/k/v and gate/up are split by output rows (each rank computes whole heads and whole intermediate columns, with
+no communication), o_proj and down_proj by input columns (each rank's partial sums are added by the platform's
+communicator). The vocabulary is split by rows, the embedding's lookups summed and the LM head's logits gathered.
+At group size 1 every class here is exactly its base class: same parameters, same forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llmctl.layers._params import copy_checked, empty_param, read_slice
+from llmctl.layers.embedding import LMHead, VocabEmbedding
+from llmctl.layers.linear import Linear, MergedLinear
+from llmctl.tensor_parallel import SINGLE, TensorParallelGroup, kv_head_slice, split_evenly, vocab_slice
+
+
+class MergedColumnParallelLinear(MergedLinear):
+    """Stacked projections (gate/up) split by output rows: each rank holds its rows of every stacked part, so
+    the stacked layout (and the platform's fused SiLU-and-mul over it) is unchanged on the rank."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
+                 device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
+        self.tp = tp
+        local = [split_evenly(n, tp.size, "intermediate_size") for n in output_sizes]
+        super().__init__(in_features, local, bias=bias, dtype=dtype, device=device)
+        self.shard_starts = [tp.rank * n for n in local]
+
+    def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
+        rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
+            if self.tp.size > 1 else tensor
+        super().load_shard(param, shard, rows, name)
+
+
+class QKVParallelLinear(MergedLinear):
+    """q, k and v stacked and split by heads: each rank holds ``num_heads / tp`` query heads and the KV heads
+    they attend with (one replicated KV head per rank when there are fewer KV heads than ranks)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, bias: bool,
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
+        self.tp = tp
+        self.num_local_heads = split_evenly(num_heads, tp.size, "num_attention_heads")
+        kv_first, self.num_local_kv_heads = kv_head_slice(num_kv_heads, tp.size, tp.rank)
+        q_size, kv_size = self.num_local_heads * head_dim, self.num_local_kv_heads * head_dim
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias=bias, dtype=dtype, device=device)
+        self.shard_starts = [tp.rank * q_size, kv_first * head_dim, kv_first * head_dim]
+
+    def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
+        rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
+            if self.tp.size > 1 else tensor
+        super().load_shard(param, shard, rows, name)
+
+
+class RowParallelLinear(Linear):
+    """Split by input columns: the rank's input is already its slice (the heads or intermediate columns it
+    computed), its output a partial sum that the communicator adds up. The bias is added once, after the sum."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+                 device: torch.device, tp: TensorParallelGroup = SINGLE, what: str = "in_features") -> None:
+        self.tp = tp
+        super().__init__(split_evenly(in_features, tp.size, what), out_features, bias=bias, dtype=dtype,
+                         device=device)
+
+    def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        if self.tp.size > 1 and param is self.weight:
+            tensor = read_slice(tensor, 1, self.tp.rank * self.in_features, self.in_features)
+        copy_checked(param.data, tensor, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        y = self.tp.all_reduce(self._linear(x, self.weight if self._packed is None else self._packed, None))
+        return y if self.bias is None else y + self.bias
+
+
+def _load_vocab_rows(layer: VocabParallelEmbedding | ParallelLMHead, param: torch.Tensor, tensor: Any,
+                     name: str) -> None:
+    tp = layer.tp
+    if tp.size == 1:
+        copy_checked(param.data, tensor, name)
+        return
+    full = (layer.vocab_size, param.shape[1])
+    if tuple(tensor.shape) != full:
+        raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} does not match {full}")
+    valid = layer.vocab_valid
+    if valid:
+        param.data[:valid].copy_(read_slice(tensor, 0, layer.vocab_start, valid))
+    param.data[valid:].zero_()  # padding rows: they embed nothing and their logits are cut after the gather
+
+
+class VocabParallelEmbedding(VocabEmbedding):
+    """Rows split over ranks; a rank looks up the ids in its range, writes zeros for the others, and the
+    all-reduce sums the one rank's row with zeros (exact in any dtype)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__(vocab_size, hidden_size, dtype=dtype, device=device)
+        self.tp = tp
+        self.vocab_start, per_rank, self.vocab_valid = vocab_slice(vocab_size, tp.size, tp.rank)
+        if tp.size > 1:
+            self.weight = empty_param(per_rank, hidden_size, dtype=dtype, device=device)
+
+    def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        _load_vocab_rows(self, param, tensor, name)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(input_ids)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_valid)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.tp.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(LMHead):
+    """Each rank computes the logits of its vocabulary rows; they are gathered so every rank holds the full
+    logits (and samples the same token as the others, which keeps their schedulers in step)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabParallelEmbedding | None = None,
+                 dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
+        super().__init__(vocab_size, hidden_size, tied_to=tied_to, dtype=dtype, device=device)
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.vocab_start, per_rank, self.vocab_valid = vocab_slice(vocab_size, tp.size, tp.rank)
+        if tp.size > 1 and tied_to is None:
+            self.weight = empty_param(per_rank, hidden_size, dtype=dtype, device=device)
+
+    def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        _load_vocab_rows(self, param, tensor, name)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(hidden)
+        if self.tp.size == 1:
+            return logits
+        gathered = self.tp.all_gather(logits, dim=-1)
+        return gathered if gathered.shape[-1] == self.vocab_size else gathered[..., : self.vocab_size].contiguous()

@@ -1,0 +1,122 @@
+"""Tensor parallelism: two ranks on gloo give the tokens of one rank, for each way of splitting the KV heads."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._engine_util import one_torch_thread
+from tests.model_factory import make_tiny_model
+from tests.tp_rank import generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(model: Path, tmp_path: Path, tp: int = 2, timeout: float = 240) -> list[list[dict]]:
+    """Starts ``tp`` rank processes the way torchrun would, and returns each rank's outputs."""
+    port = _free_port()
+    procs, outs = [], []
+    for rank in range(tp):
+        out = tmp_path / f"rank{rank}.json"
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(tp),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_rank", str(model), str(out), str(tp)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs.append(out)
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    return [json.loads(o.read_text()) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    cache: dict[Path, list[dict]] = {}
+
+    def run(model: Path) -> list[dict]:
+        if model not in cache:
+            from llmctl import LLM
+
+            with one_torch_thread():
+                llm = LLM(str(model), dtype="float32", num_threads=1, seed=0)
+                cache[model] = generate(llm)
+        return cache[model]
+
+    return run
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("llama", {"num_key_value_heads": 2}),  # KV heads split: one per rank
+    ("llama", {"num_key_value_heads": 1}),  # fewer KV heads than ranks: replicated
+    ("qwen2", {"num_key_value_heads": 2, "vocab_size": 49155}),  # q/k/v biases, tied head, vocab not divisible
+], ids=["llama-kv2", "llama-kv1", "qwen2-tied-oddvocab"])
+def test_tp2_external_launcher_matches_tp1(kind, overrides, tmp_path, test_tokenizer, reference_outputs):
+    model = make_tiny_model(kind, tmp_path / "model", test_tokenizer, **overrides)
+    ref = reference_outputs(model)
+    ranks = _run_ranks(model, tmp_path)
+    for rank_out in ranks:
+        for got, want in zip(rank_out, ref, strict=True):
+            assert got["tokens"] == want["tokens"]
+            torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_heads_not_divisible_is_refused_before_any_rank_starts(tmp_path, test_tokenizer):
+    from llmctl import LLM
+
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer)  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 3 does not divide num_attention_heads=4"):
+        LLM(str(model), tensor_parallel_size=3, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+def test_kv_heads_neither_split_nor_replicated_is_refused(tmp_path, test_tokenizer):
+    from llmctl import LLM
+
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer, num_attention_heads=8,
+                            num_key_value_heads=3, hidden_size=96)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 .*num_key_value_heads=3"):
+        LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size: must be an integer >= 1"),
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "distributed_executor_backend: 'uni'"),
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}, "distributed_executor_backend: 'ray'"),
+    ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend: must be one of"),
+    ({"tensor_parallel_size": 2, "enable_lora": True}, "enable_lora: not supported with tensor_parallel_size"),
+])
+def test_parallel_arguments_are_checked(kwargs, match):
+    from llmctl.config import EngineArgs
+
+    with pytest.raises(ValueError, match=match):
+        EngineArgs(model="m", **kwargs)
+
+
+def test_external_launcher_without_launcher_environment(tmp_path, test_tokenizer, monkeypatch):
+    from llmctl import LLM
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer)
+    with pytest.raises(ValueError, match=r"external_launcher.*RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
