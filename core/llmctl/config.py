@@ -84,6 +84,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Multimodal models (vLLM's name): the most items of each modality in one prompt, a dict or its JSON text,
+    # e.g. {"image": 2}; None = one image (see llmctl.multimodal.processor).
+    limit_mm_per_prompt: dict[str, int] | str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,6 +139,10 @@ class EngineArgs:
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
         self._validate_loading()
+        if self.limit_mm_per_prompt is not None:
+            from llmctl.multimodal.processor import parse_limit_mm_per_prompt
+
+            self.limit_mm_per_prompt = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
         from llmctl.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
