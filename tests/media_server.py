@@ -34,6 +34,7 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
 class MediaServer:
     def __init__(self, image: Image.Image) -> None:
         self.image_png = png_bytes(image)
+        image = image.copy()
         self.hits: list[str] = []
         server = self
 
@@ -71,7 +72,9 @@ class MediaServer:
                 elif path == "/html":
                     self._send(200, "text/html", b"<html>not an image</html>")
                 elif path == "/lying-type":
-                    self._send(200, "image/png", b"GIF89a" + b"\x00" * 64)
+                    gif = io.BytesIO()
+                    image.save(gif, format="GIF")
+                    self._send(200, "image/png", gif.getvalue())
                 elif path == "/big-declared":
                     self._send(200, "image/png", b"", length=1 << 30)
                 elif path == "/big-undeclared":

@@ -247,10 +247,10 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
                                        plan.tools, plan.image_marker)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         mt = resolve_max_tokens(state, expanded_length(state.engine, ids, len(images)), body.max_new_tokens(), name)
+        if body.use_beam_search and images:
+            raise bad_request("use_beam_search: not supported with images", param="use_beam_search")
         mm_data = {"image": await load_images(media, images)} if images else None
         if body.use_beam_search:
-            if images:
-                raise bad_request("use_beam_search: not supported with images", param="use_beam_search")
             if state.lora_request(model) is not None:
                 raise bad_request("use_beam_search: not supported with a LoRA adapter", param="use_beam_search")
             check_beam_request(body)

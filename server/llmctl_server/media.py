@@ -174,10 +174,11 @@ class MediaConnector:
             fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             raise bad_request(f"{field}: no readable file at that path", param=field) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise bad_request(f"{field}: not a regular file", param=field)
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise bad_request(f"{field}: not a regular file", param=field)
             if st.st_size > self.max_bytes:
                 raise bad_request(f"{field}: the image is {st.st_size} bytes, more than the limit of "
                                   f"{self.max_bytes}", param=field)
