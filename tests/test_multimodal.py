@@ -139,3 +139,39 @@ def test_text_model_refuses_images(tiny_llama_dir):
     llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
     with pytest.raises(ValueError, match="multi_modal_data: model .* does not take images"):
         llm.generate({"prompt": "Hi", "multi_modal_data": {"image": _image(0)}}, _greedy(1), use_tqdm=False)
+
+
+def test_preemption_and_n_siblings_keep_the_images(llava_dir, hf_llava):
+    """A KV cache of 13 blocks for three 10-block requests: requests are preempted and recomputed (their images
+    come back from the encoder cache), and an n=2 request's siblings share the image's blocks."""
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers x (k, v) x block_size x kv heads x head dim x fp32
+    llm = LLM(str(llava_dir), dtype="float32", num_threads=1, block_size=4, kv_cache_memory=13 * block_bytes,
+              max_num_batched_tokens=16)
+    images = [_image(10), _image(11), _image(12)]
+    outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
+                        use_tqdm=False)
+    assert llm.llm_engine.core.scheduler.num_preemptions > 0
+    for img, out in zip(images, outs):
+        ref_tokens, ref_lp = hf_greedy(hf_llava, PROMPT, img, MAX_TOKENS)
+        _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    two = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": images[0]}},
+                       SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, n=2), use_tqdm=False)[0]
+    assert [c.token_ids for c in two.outputs] == [outs[0].outputs[0].token_ids] * 2
+    stats = llm.get_stats()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_speculative_decoding(llava_dir, tiny_llama_dir, hf_llava):
+    """n-gram drafts are verified against the image-conditioned logits: tokens stay transformers'. Draft models
+    and EAGLE heads would propose without the image, and are refused."""
+    llm = LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2,
+                                  "prompt_lookup_min": 1})
+    img = _image(13)
+    out = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": img}}, _greedy(), use_tqdm=False)[0]
+    ref_tokens, ref_lp = hf_greedy(hf_llava, PROMPT, img, MAX_TOKENS)
+    _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    del llm
+    with pytest.raises(ValueError, match="speculative_config: method 'draft_model' .* use method 'ngram'"):
+        LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV,
+            speculative_config={"method": "draft_model", "model": str(tiny_llama_dir), "num_speculative_tokens": 2})
