@@ -175,3 +175,38 @@ def test_speculative_decoding(llava_dir, tiny_llama_dir, hf_llava):
     with pytest.raises(ValueError, match="speculative_config: method 'draft_model' .* use method 'ngram'"):
         LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV,
             speculative_config={"method": "draft_model", "model": str(tiny_llama_dir), "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("layout", ["hub", "transformers5"])
+def test_checkpoint_layouts_load_the_same(llava_dir, tmp_path, layout):
+    """The hub's llava-hf layout (``vision_tower.vision_model.*``) and transformers 5's (``model.*`` + ``lm_head``)
+    load into the same model; an unknown tensor is refused by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    def rename(name: str) -> str:
+        if layout == "hub":
+            return name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") \
+                else name
+        if name.startswith("language_model.model."):
+            return "model.language_model." + name[len("language_model.model."):]
+        if name.startswith("language_model.lm_head."):
+            return name[len("language_model."):]
+        return "model." + name
+
+    out = tmp_path / layout
+    shutil.copytree(llava_dir, out)
+    tensors = load_file(str(llava_dir / "model.safetensors"))
+    save_file({rename(k): v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    img = _image(14)
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    ref = LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV).generate(
+        prompt, _greedy(1), use_tqdm=False)[0].outputs[0].token_ids
+    got = LLM(str(out), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV).generate(
+        prompt, _greedy(1), use_tqdm=False)[0].outputs[0].token_ids
+    assert got == ref
+    tensors["vision_tower.extra.weight"] = torch.zeros(2)
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match="vision_tower.extra.weight has no place in the vision tower"):
+        LLM(str(out), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
