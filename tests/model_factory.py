@@ -93,3 +93,38 @@ def make_eagle_head(target_dir: Path, out: Path, seed: int = 11, fc_bias: bool =
     cfg.save_pretrained(out)
     return out
 
+
+
+LLAVA_IMAGE_SIZE = 32
+LLAVA_PATCH = 8
+
+
+def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7) -> Path:
+    """A random LLaVA-1.5-layout checkpoint: a 2-layer CLIP vision tower (32x32 images, 8x8 patches: 16 image
+    tokens per image), the projector and a 2-layer Llama, saved with its processor (the SmolLM2 tokenizer plus an
+    ``<image>`` token and a CLIP image processor, PIL-based), as transformers' ``save_pretrained`` writes it."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(tok_dir))  # a private copy: the token added below stays here
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_id = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(seed)
+    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=LLAVA_IMAGE_SIZE, patch_size=LLAVA_PATCH, projection_dim=16,
+                                 initializer_range=0.3)
+    text_kw = _common(tok)
+    text_kw.update(vocab_size=len(tok), tie_word_embeddings=False)
+    config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text_kw), image_token_index=image_id,
+                            initializer_range=0.3)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the default init gives the projector tiny weights: make the image matter
+        for p in model.model.multi_modal_projector.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE},
+                                            crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE})
+    processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=LLAVA_PATCH,
+                                  vision_feature_select_strategy="default", image_token="<image>",
+                                  num_additional_image_tokens=1)
+    processor.save_pretrained(out)
+    return out

@@ -222,6 +222,19 @@ def serve(
     otlp_traces_endpoint: str | None = typer.Option(
         None, help="Send OpenTelemetry request traces to this OTLP/HTTP endpoint, e.g. "
                    "http://collector:4318/v1/traces (needs llmctl-server[tracing])."),
+    limit_mm_per_prompt: str | None = typer.Option(
+        None, help='Multimodal models: most images in one request, as JSON, e.g. \'{"image": 2}\' (default 1).'),
+    allowed_media_domains: list[str] | None = typer.Option(
+        None, help="Hosts image_url http(s) URLs may be fetched from (repeatable or comma-separated; default: "
+                   "none, only data: URLs). Private, loopback and link-local addresses stay refused unless listed "
+                   "as IP literals."),
+    allowed_local_media_path: str | None = typer.Option(
+        None, help="Directory image_url file: URLs may read from (default: file: URLs refused)."),
+    max_image_bytes: int = typer.Option(10 * 1024 * 1024, help="Largest image (bytes) a request may send or "
+                                        "have fetched."),
+    max_image_pixels: int = typer.Option(4096 * 4096, help="Largest image (width x height), checked before "
+                                         "decoding (decompression bombs)."),
+    media_fetch_timeout: float = typer.Option(5.0, help="Seconds one image fetch may take, redirects included."),
 ) -> None:
     """Serve MODEL with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, ...)."""
 
@@ -248,7 +261,12 @@ def serve(
                                       metrics_prefix=metrics_prefix, web_ui=web_ui,
                                       otlp_traces_endpoint=otlp_traces_endpoint or None,
                                       lora_modules=list(lora_modules or []), allow_runtime_lora=allow_runtime_lora,
-                                      lora_root=lora_root)
+                                      lora_root=lora_root,
+                                      allowed_media_domains=[d for item in (allowed_media_domains or [])
+                                                             for d in item.replace(",", " ").split()],
+                                      allowed_local_media_path=allowed_local_media_path,
+                                      max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                                      media_fetch_timeout=media_fetch_timeout)
             if settings.otlp_traces_endpoint:
                 from llmctl_server.tracing import check_tracing_available
 
@@ -278,7 +296,8 @@ def serve(
                            enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
                            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                            speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
-                           distributed_executor_backend=distributed_executor_backend)
+                           distributed_executor_backend=distributed_executor_backend,
+                           limit_mm_per_prompt=limit_mm_per_prompt)
         engine = load_engine(args)
         try:
             console.print(f"Serving on http://{host}:{port}/v1 (docs at /docs"

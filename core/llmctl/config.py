@@ -90,6 +90,9 @@ class EngineArgs:
     # "uni" (this process alone).
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    # Multimodal models (vLLM's name): the most items of each modality in one prompt, a dict or its JSON text,
+    # e.g. {"image": 2}; None = one image (see llmctl.multimodal.processor).
+    limit_mm_per_prompt: dict[str, int] | str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -142,6 +145,10 @@ class EngineArgs:
         if not isinstance(self.platform_options, dict) or not all(isinstance(k, str) for k in self.platform_options):
             raise ValueError(f"platform_options: must be a dict of option names, got {self.platform_options!r}")
         self._validate_loading()
+        if self.limit_mm_per_prompt is not None:
+            from llmctl.multimodal.processor import parse_limit_mm_per_prompt
+
+            self.limit_mm_per_prompt = parse_limit_mm_per_prompt(self.limit_mm_per_prompt)
         from llmctl.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

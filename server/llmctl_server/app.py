@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl_server import protocol as p
 from llmctl_server.beam import beam_search_response, check_beam_request
+from llmctl_server.chat_images import check_images, expanded_length, load_images
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.engine_client import EngineClient
@@ -106,6 +107,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         vocab_size=vocab_size, max_num_seqs=max_num_seqs,
     )
     state.max_prompt_chars = max_prompt_chars(tokenizer, max_model_len)
+    media = settings.media_connector()
     state.loras = _start_loras(engine, settings, model_names[0])
     if settings.otlp_traces_endpoint:
         from llmctl_server.tracing import RequestTracer
@@ -240,10 +242,14 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
         check_prompt_logprobs(body)
         plan = plan_chat(body, settings, reasoning_end_ids)
+        images = check_images(state.engine, plan.images)  # before any rendering or fetching
         text, ids = await _render_chat(state, plan.messages, body.add_generation_prompt, body.chat_template_kwargs,
-                                       plan.tools)
+                                       plan.tools, plan.image_marker)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
+        mt = resolve_max_tokens(state, expanded_length(state.engine, ids, len(images)), body.max_new_tokens(), name)
+        if body.use_beam_search and images:
+            raise bad_request("use_beam_search: not supported with images", param="use_beam_search")
+        mm_data = {"image": await load_images(media, images)} if images else None
         if body.use_beam_search:
             if state.lora_request(model) is not None:
                 raise bad_request("use_beam_search: not supported with a LoRA adapter", param="use_beam_search")
@@ -253,7 +259,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         sp = make_sampling_params(state, body, mt, k, _extra_args(request, body))
         if plan.structured is not None:
             sp = sp.clone(structured_outputs=plan.structured)
-        return await _generate(state, request, body, model, [PreparedPrompt(text, ids)], [sp], chat=True,
+        return await _generate(state, request, body, model, [PreparedPrompt(text, ids, mm_data)], [sp], chat=True,
                                plan=plan)
 
     add_responses_route(app, state, chat_completions)
@@ -284,8 +290,8 @@ def _extra_args(request: Request, body: p.SamplingFields) -> dict[str, Any] | No
 
 
 async def _render_chat(state: ServerState, msgs: list[dict[str, Any]], add_generation_prompt: bool,
-                       kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None
-                       ) -> tuple[str, list[int]]:
+                       kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None,
+                       image_marker: str | None = None) -> tuple[str, list[int]]:
     if tools is not None:
         kwargs = {**(kwargs or {}), "tools": tools}
     check_length(sum(len(m["content"]) for m in msgs if isinstance(m.get("content"), str)), state.max_prompt_chars,
@@ -300,7 +306,11 @@ async def _render_chat(state: ServerState, msgs: list[dict[str, Any]], add_gener
                     check_unicode(json.dumps(value, ensure_ascii=False, default=str), f"messages[{i}].{key}")
         if kwargs:
             check_unicode(json.dumps(kwargs, ensure_ascii=False, default=str), "chat_template_kwargs")
-        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
+        if image_marker is None:
+            return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
+        mm = state.engine.multimodal
+        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs, image_marker, mm.image_token_id,
+                                         mm.image_token_text())
 
     text, ids = await asyncio.to_thread(render)
     if not ids:

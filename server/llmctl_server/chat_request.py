@@ -5,7 +5,8 @@ from a ``required``/named ``tool_choice``), and how each choice's text becomes t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmctl.structured_output import StructuredOutputsParams
@@ -27,6 +28,10 @@ class ChatPlan:
     structured: StructuredOutputsParams | None
     mode: ToolMode
     reasoner_name: str | None
+    # Image parts in message order as (field name, URL); each stands in its message's content as image_marker
+    # until the renderer turns the marker into the model's image token (see ChatRenderer.tokenize).
+    images: list[tuple[str, str]] = field(default_factory=list)
+    image_marker: str | None = None
 
     @property
     def active(self) -> bool:
@@ -38,12 +43,26 @@ class ChatPlan:
         return ChatChoiceOutput(mode=self.mode, reasoner=reasoner)
 
 
-def template_messages(messages: list[p.ChatMessage]) -> list[dict[str, Any]]:
+def new_image_marker() -> str:
+    """A per-request marker for an image's place in the rendered text: a client cannot guess it, so no text it
+    sends can become an image token (content is never parsed for special tokens)."""
+    return f"\ue000img-{secrets.token_hex(8)}\ue001"
+
+
+def template_messages(messages: list[p.ChatMessage], image_marker: str | None = None) -> list[dict[str, Any]]:
     """Messages as dicts for the chat template. Tool-call arguments are handed over parsed (templates such as
-    Qwen's and Llama's serialise them themselves) when they are a JSON object."""
+    Qwen's and Llama's serialise them themselves) when they are a JSON object. A message's images become one
+    ``image_marker`` line each before its text (templates see plain string content); without a marker, image
+    parts are refused."""
     out = []
-    for m in messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    for i, m in enumerate(messages):
+        content = m.text()
+        urls = m.image_urls()
+        if urls:
+            if image_marker is None:
+                raise bad_request(f"messages[{i}].content: image parts are not accepted here", param="messages")
+            content = "\n".join([image_marker] * len(urls) + ([content] if content else []))
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name:
             msg["name"] = m.name
         if m.tool_calls:
@@ -97,4 +116,9 @@ def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning
     if structured is not None and reasoning_end_ids:
         structured.reasoning_end_token_ids = list(reasoning_end_ids)
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and choice != "none" else None
-    return ChatPlan(template_messages(body.messages), tools, structured, mode, settings.reasoning_parser)
+    images = [(f"messages[{i}].content[{j}].image_url", part.image_url.url)
+              for i, m in enumerate(body.messages) if isinstance(m.content, list)
+              for j, part in enumerate(m.content) if isinstance(part, p.ImageURLContentPart)]
+    marker = new_image_marker() if images else None
+    return ChatPlan(template_messages(body.messages, marker), tools, structured, mode, settings.reasoning_parser,
+                    images, marker)

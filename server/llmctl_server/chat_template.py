@@ -195,8 +195,10 @@ class ChatRenderer:
                 cursor = at + len(needle)
         return text, spans
 
-    def tokenize(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
-        """Token ids of ``text`` where special-token strings count only outside ``spans``."""
+    def tokenize(self, text: str, spans: list[tuple[int, int]], image_marker: str | None = None,
+                 image_token_id: int | None = None) -> list[int]:
+        """Token ids of ``text`` where special-token strings count only outside ``spans``; inside them, only the
+        request's ``image_marker`` becomes a token (``image_token_id``)."""
         runs: list[tuple[str, str]] = []  # ("special", tok) | ("text", str)
         buf: list[str] = []
         pos = 0
@@ -209,6 +211,15 @@ class ChatRenderer:
             pos = max(pos, end)
         segments.append((text[pos:], False))
         for seg, is_content in segments:
+            if is_content and image_marker and image_marker in seg:
+                pieces = seg.split(image_marker)
+                for k, piece in enumerate(pieces):
+                    buf.append(piece)
+                    if k < len(pieces) - 1:
+                        runs.append(("text", "".join(buf)))
+                        buf = []
+                        runs.append(("image", ""))
+                continue
             if is_content or self._special_re is None:
                 buf.append(seg)
                 continue
@@ -225,16 +236,23 @@ class ChatRenderer:
         ids: list[int] = []
         tok = self.tokenizer
         for kind, value in runs:
-            if kind == "special":
+            if kind == "image":
+                ids.append(int(image_token_id))  # type: ignore[arg-type]
+            elif kind == "special":
                 ids.append(tok.convert_tokens_to_ids(value))
             elif value:
                 ids.extend(tok(value, add_special_tokens=False, split_special_tokens=True)["input_ids"])
         return ids
 
     def prompt_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
-                   extra: dict[str, Any] | None = None) -> tuple[str, list[int]]:
+                   extra: dict[str, Any] | None = None, image_marker: str | None = None,
+                   image_token_id: int | None = None, image_text: str = "<image>") -> tuple[str, list[int]]:
+        """With images: ``image_marker`` lines become ``image_token_id`` in the ids and ``image_text`` in the text."""
         text, spans = self.render(messages, add_generation_prompt, extra)
-        return text, self.tokenize(text, spans)
+        ids = self.tokenize(text, spans, image_marker, image_token_id)
+        if image_marker:
+            text = text.replace(image_marker, image_text)
+        return text, ids
 
 
 def safe_encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:

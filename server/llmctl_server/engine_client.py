@@ -25,6 +25,8 @@ class EngineClient(Protocol):
     tokenizer: Any
     #: The pooling frontend (tasks, limits) of a pooling model (``runner="pooling"``), else ``None``.
     pooling: Any
+    #: The ``MultiModalProcessor`` (image token, per-prompt limits) of a model that takes images, else ``None``.
+    multimodal: Any
 
     @property
     def is_running(self) -> bool:

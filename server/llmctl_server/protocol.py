@@ -231,6 +231,21 @@ class TextContentPart(_Model):
     text: SStr
 
 
+class ImageURL(_Model):
+    url: SStr
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLContentPart(_Model):
+    """OpenAI's image part: a ``data:`` URL, or an http(s)/file URL the server's media policy allows."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextContentPart | ImageURLContentPart, Field(discriminator="type")]
+
+
 class FunctionCall(_Model):
     name: SStr
     arguments: SStr = "{}"
@@ -244,7 +259,7 @@ class ToolCall(_Model):
 
 class ChatMessage(_Model):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: SStr | list[TextContentPart] | None = None
+    content: SStr | list[ContentPart] | None = None
     name: SStr | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: SStr | None = None
@@ -255,7 +270,12 @@ class ChatMessage(_Model):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if isinstance(part, TextContentPart))
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImageURLContentPart)]
 
 
 class FunctionDefinition(_Model):

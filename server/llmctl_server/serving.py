@@ -249,6 +249,7 @@ def resolve_max_tokens(state: ServerState, n_prompt: int, requested: int | None,
 class PreparedPrompt:
     text: str
     ids: list[int]
+    mm_data: dict[str, Any] | None = None  # {"image": [PIL images]}, already fetched and decoded
 
 
 # -- running ----------------------------------------------------------------------------------------------------------
@@ -278,6 +279,8 @@ class Run:
             self.engine_ids.append(rid)
             self.unfinished.add(rid)
             prompt = {"prompt_token_ids": pp.ids, "prompt": pp.text}
+            if pp.mm_data:
+                prompt["multi_modal_data"] = pp.mm_data
             self.tasks.append(asyncio.create_task(self._produce(i, rid, prompt, params[i])))
         self._watcher = asyncio.create_task(self._watch_disconnect())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -43,9 +44,14 @@ class ServerSettings:
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter exist only with this, for paths under lora_root.
     allow_runtime_lora: bool = False
     lora_root: str | None = None
-    # images in requests (data: URLs only): decoded size and pixel count caps, checked before decoding pixels
+    # images in requests: decoded size and pixel count caps, checked before decoding pixels
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    # http(s) image URLs only to these hosts (vLLM's --allowed-media-domains; empty: none are fetched), and
+    # file: URLs only under this directory (--allowed-local-media-path; None: refused); see media.py
+    allowed_media_domains: list[str] = field(default_factory=list)
+    allowed_local_media_path: str | None = None
+    media_fetch_timeout: float = 5.0  # seconds for one image fetch, redirects included
 
     def __post_init__(self) -> None:
         if self.allow_runtime_lora and not self.lora_root:
@@ -77,5 +83,17 @@ class ServerSettings:
             from llmctl_server.reasoning import get_reasoning_parser
 
             get_reasoning_parser(self.reasoning_parser)
+        for name in ("max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not self.media_fetch_timeout > 0:
+            raise ValueError(f"media_fetch_timeout: must be > 0 seconds, got {self.media_fetch_timeout}")
+        self.media_connector()  # checks allowed_local_media_path
         if self.responses_store_size < 0:
             raise ValueError(f"responses_store_size: must be >= 0, got {self.responses_store_size}")
+
+    def media_connector(self) -> Any:
+        from llmctl_server.media import MediaConnector
+
+        return MediaConnector(tuple(self.allowed_media_domains), self.allowed_local_media_path, self.max_image_bytes,
+                              self.max_image_pixels, self.media_fetch_timeout)

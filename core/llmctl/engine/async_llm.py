@@ -86,6 +86,8 @@ class AsyncLLM:
         self.model_config = self.engine.model_config
         self.runner_type: str = getattr(self.engine, "runner_type", "generate")
         self.pooling = getattr(self.engine, "pooling", None)  # the pooling frontend (tasks, limits), if pooling
+        # the image processor (placeholder token, limit_mm_per_prompt) of a model that takes images, else None
+        self.multimodal = getattr(self.engine, "multimodal", None)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -153,8 +155,10 @@ class AsyncLLM:
         else:
             request_id = request_id or f"req-{time.monotonic_ns()}"
             if lora_request is not None or (sampling_params is not None
-                                            and sampling_params.structured_outputs is not None):
-                # compiling a grammar or reading an adapter can take a while: never on the event loop
+                                            and sampling_params.structured_outputs is not None) or (
+                    isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None):
+                # compiling a grammar, reading an adapter or preprocessing images can take a while: never on
+                # the event loop
                 prepared = await asyncio.to_thread(self.prepare, prompt, sampling_params, request_id, lora_request)
             else:
                 prepared = self.prepare(prompt, sampling_params, request_id)

@@ -109,6 +109,10 @@ class EngineCore:
                               quantized_checkpoint=self.source.gguf_file is not None)
         check_same_model(self.tp, _rank_fingerprint(args, hf_config, dtype))
         self.model_config = self._model_config(hf_config, dtype)
+        if getattr(self.runner_plan.model_cls, "supports_multimodal", False) and spec_config is not None \
+                and spec_config.method != "ngram":
+            raise ValueError(f"speculative_config: method {spec_config.method!r} proposes from token ids alone and "
+                             f"would never see a request's images; use method 'ngram' with a multimodal model")
         draft_source = eagle_source = None
         if spec_config is not None and spec_config.method == "draft_model":
             draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)

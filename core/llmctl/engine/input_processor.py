@@ -7,14 +7,18 @@ and the offline API into a readable message.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from llmctl.config import CacheConfig, ModelConfig
 from llmctl.engine.logits_controls import tokenize_bad_words
 from llmctl.engine.request import Request
 from llmctl.sampling_params import SamplingParams
 from llmctl.structured_output.manager import StructuredOutputManager
+
+if TYPE_CHECKING:
+    from llmctl.multimodal.inputs import MultiModalFeature
+    from llmctl.multimodal.processor import MultiModalProcessor
 
 PromptType = str | dict[str, Any] | list[int]
 
@@ -23,6 +27,7 @@ PromptType = str | dict[str, Any] | list[int]
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
 
 
 def check_prompt_token_ids(ids: list[int], vocab_size: int) -> None:
@@ -37,8 +42,10 @@ def check_prompt_token_ids(ids: list[int], vocab_size: int) -> None:
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig,
-                 max_logprobs: int = 20, structured: StructuredOutputManager | None = None) -> None:
+                 max_logprobs: int = 20, structured: StructuredOutputManager | None = None,
+                 multimodal: MultiModalProcessor | None = None) -> None:
         self.tokenizer = tokenizer
+        self.multimodal = multimodal
         self.structured = structured
         self.model_config = model_config
         self.cache_config = cache_config
@@ -63,14 +70,24 @@ class InputProcessor:
             text, ids = None, list(prompt)
         else:
             raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(prompt).__name__}")
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         if ids is None:
             if not isinstance(text, str):
                 raise ValueError(f"prompt: expected a string, got {type(text).__name__}")
             if not text:
                 raise ValueError("prompt: must not be empty")
-            ids = self.tokenizer.encode(text)
+            if mm_data is None:
+                ids = self.tokenizer.encode(text)
+        features: list[MultiModalFeature] = []
+        if mm_data is not None:
+            if self.multimodal is None:
+                raise ValueError(f"multi_modal_data: model {self.model_config.served_model_name} does not take "
+                                 f"images (a text-only model)")
+            if ids is not None:
+                check_prompt_token_ids(ids, self.model_config.vocab_size)
+            ids, features = self.multimodal.process(text, None if ids is None else list(ids), mm_data)
         check_prompt_token_ids(ids, self.model_config.vocab_size)
-        return ProcessedPrompt(text, list(ids))
+        return ProcessedPrompt(text, list(ids), features)
 
     def check(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """Returns the effective max_tokens after checking context length and KV capacity."""
@@ -121,5 +138,6 @@ class InputProcessor:
                 leader=requests[0] if requests else None,
                 grammar=self.structured.request_grammar(compiled, params.structured_outputs)  # type: ignore[union-attr]
                 if compiled is not None else None,
+                mm_features=processed.mm_features,
             ))
         return requests

@@ -17,6 +17,7 @@ from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import make_core
 from llmctl.lora.adapter import LoRAAdapter
 from llmctl.lora.request import LoRARequest
+from llmctl.multimodal.processor import MultiModalProcessor, parse_limit_mm_per_prompt
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.frontend import PoolingFrontend, PreparedPooling
 from llmctl.pooling.outputs import PoolingRequestOutput
@@ -48,8 +49,9 @@ class LLMEngine:
         self.structured_output = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, tuple(dict.fromkeys(eos)),
             args.structured_outputs_backend, args.structured_outputs_compile_timeout)
+        self.multimodal = self._multimodal_processor()
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs,
-                                              self.structured_output)
+                                              self.structured_output, self.multimodal)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.runner_type = self.core.runner_type
@@ -58,6 +60,15 @@ class LLMEngine:
             images = bool(getattr(self.core.model, "accepts_images", False))
             self.pooling = PoolingFrontend(self.tokenizer, self.model_config, self.cache_config, self.core.model.pooler,
                                            image_processor_dir=self.core.source.local_dir if images else None)
+
+    def _multimodal_processor(self) -> MultiModalProcessor | None:
+        """Only for a model that takes images; a text-only model refuses ``multi_modal_data`` by name."""
+        model = self.core.model
+        if self.core.runner_type != "generate" or not getattr(model, "supports_multimodal", False):
+            return None
+        return MultiModalProcessor(self.core.source.local_dir, model.image_token_id, model.num_image_tokens,
+                                   parse_limit_mm_per_prompt(self.args.limit_mm_per_prompt),
+                                   self.args.trust_remote_code)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

@@ -18,6 +18,8 @@ import torch
 from llmctl.attention import AttentionMetadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
+from llmctl.multimodal.encoder_cache import EncoderCache
+from llmctl.multimodal.inputs import MultiModalFeature
 from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
 
 if TYPE_CHECKING:
@@ -65,6 +67,17 @@ class PoolingChunk:
 
 
 @dataclass
+class MMSlice:
+    """Rows ``lo:hi`` of an image's encoder output go to batch rows ``row:row + hi - lo``: a prefill chunk may
+    hold a whole placeholder run or any part of one (chunked prefill, or a prefix-cache hit that ends inside it)."""
+
+    row: int
+    feature: MultiModalFeature
+    lo: int
+    hi: int
+
+
+@dataclass
 class BatchInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -77,6 +90,7 @@ class BatchInputs:
     # Per sampling request, the draft tokens it feeds; its logits rows are then len(draft) + 1 consecutive rows
     # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
     draft_token_ids: list[list[int]] = field(default_factory=list)
+    mm_slices: list[MMSlice] = field(default_factory=list)  # image rows to merge over the token embeddings
 
 
 @dataclass
@@ -101,6 +115,7 @@ class ModelRunner:
         self.decode_runner: DecodeStepRunner | None = None
         self._graph_table_width = 0
         self.keep_hidden = False
+        self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
 
     @torch.inference_mode()
     def decode_graph_spec(self, batch_sizes: tuple[int, ...], max_model_len: int) -> DecodeGraphSpec:
@@ -143,7 +158,7 @@ class ModelRunner:
             self.lora.begin_step([s.request.lora for s in sched.scheduled],
                                  [s.num_new_tokens for s in sched.scheduled], self.device)
         if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
-               and s.request.pooling_params is None for s in sched.scheduled):
+               and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
             return self._prepare_decodes(sched)
         return self._prepare_general(sched)
 
@@ -156,6 +171,7 @@ class ModelRunner:
         drafts: list[list[int]] = []
         prompt_chunks: list[PromptLogprobChunk] = []
         pooling_chunks: list[PoolingChunk] = []
+        mm_slices: list[MMSlice] = []
         max_blocks = max(len(s.request.block_ids) for s in sched.scheduled)
         block_tables = np.zeros((len(sched.scheduled), max_blocks), dtype=np.int32)
         offset = 0
@@ -171,6 +187,10 @@ class ModelRunner:
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
+            for f in req.mm_features:
+                lo, hi = max(start, f.offset), min(start + n, f.end)
+                if lo < hi:
+                    mm_slices.append(MMSlice(offset + lo - start, f, lo - f.offset, hi - f.offset))
             if req.pooling_params is not None:
                 pooling_chunks.append(PoolingChunk(req, offset, offset + n))
             elif s.samples:
@@ -209,6 +229,7 @@ class ModelRunner:
             pooling_chunks=pooling_chunks,
             token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
             draft_token_ids=drafts if any(drafts) else [],
+            mm_slices=mm_slices,
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
@@ -262,9 +283,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: BatchInputs) -> ModelOutput:
-        hidden = self._replay_decode(batch)
+        hidden = None if batch.mm_slices else self._replay_decode(batch)
         if hidden is None:
             extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+            if batch.mm_slices:
+                extra["inputs_embeds"] = self._merged_embeddings(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, **extra)
         if batch.pooling_chunks:
             pooled = self._pool(hidden, batch.pooling_chunks)
@@ -280,6 +303,36 @@ class ModelRunner:
         # the sampler casts to float32 where it needs to
         return ModelOutput(sample_logits, prompt_hidden, pooled, hidden if self.keep_hidden else None)
 
+    def _merged_embeddings(self, batch: BatchInputs) -> torch.Tensor:
+        """Token embeddings with each image's rows written over its placeholders. Images not in the encoder cache
+        are encoded together, in one call of the vision tower."""
+        assert self.encoder_cache is not None
+        cache = self.encoder_cache
+        outputs: dict[bytes, torch.Tensor] = {}
+        todo: dict[bytes, MultiModalFeature] = {}
+        for s in batch.mm_slices:
+            key = s.feature.mm_hash
+            if key in outputs or key in todo:
+                continue
+            found = cache.get(key)
+            if found is None:
+                todo[key] = s.feature
+            else:
+                outputs[key] = found
+        by_shape: dict[tuple[int, ...], list[bytes]] = {}
+        for key, f in todo.items():  # images of one shape go through the tower together
+            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(key)
+        for keys in by_shape.values():
+            pixels = torch.stack([todo[k].pixel_values for k in keys]).to(self.device)
+            encoded = self.model.embed_images(pixels)
+            for j, key in enumerate(keys):
+                outputs[key] = encoded[j] if len(keys) == 1 else encoded[j].clone()
+                cache.put(key, outputs[key])
+        embeds = self.model.embed_input_ids(batch.input_ids)
+        for s in batch.mm_slices:
+            embeds[s.row:s.row + s.hi - s.lo] = outputs[s.feature.mm_hash][s.lo:s.hi].to(embeds.dtype)
+        return embeds
+
     def _pool(self, hidden: torch.Tensor, chunks: list[PoolingChunk]) -> dict[str, torch.Tensor]:
         """The model's pooler over each pooling request's rows, in one call (a classifier head runs batched).
         Results come back on the host, as callers read them there."""
@@ -292,6 +345,11 @@ class ModelRunner:
                 rows[i] = embedded[j:j + 1]
         results = self.model.pooler(rows, [c.request.pooling_params for c in chunks])
         return {c.request.request_id: r.cpu() for c, r in zip(chunks, results, strict=True)}
+
+
+def _in_images(request: Request) -> bool:
+    """Whether the request's next tokens may include image placeholders (its prompt is not computed yet)."""
+    return bool(request.mm_features) and request.num_computed_tokens < request.num_prompt_tokens
 
 
 def _token_type_ids(sched: SchedulerOutput, device: torch.device) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ from llmctl.pooling.params import PoolingParams
 from llmctl.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from llmctl.multimodal.inputs import MultiModalFeature
     from llmctl.structured_output.request_grammar import RequestGrammar
 
 
@@ -55,6 +56,8 @@ class Request:
     pooling_params: PoolingParams | None = None
     token_type_ids: list[int] | None = None  # segment ids of a cross-encoder pair, one per prompt token
     pixel_values: torch.Tensor | None = None  # an image request's preprocessed pixels [3, H, W] (CLIP)
+    # Images of a generating request (llmctl.multimodal): placeholder ranges in the prompt, pixels, content hashes.
+    mm_features: list[MultiModalFeature] = field(default_factory=list)
     grammar: RequestGrammar | None = None  # structured output: advances with every appended token
     # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
     spec_token_ids: list[int] = field(default_factory=list)

@@ -8,14 +8,19 @@ from dataclasses import dataclass
 
 from llmctl.engine.request import Request
 from llmctl.kv.block_pool import BlockPool, KVBlock
+from llmctl.multimodal.inputs import block_extra_keys
 
 _ROOT = b"llmctl-prefix-root"
 
 
-def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
-    """A block's identity is its tokens *and* everything before it, hence the parent hash in the chain."""
+def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:
+    """A block's identity is its tokens *and* everything before it, hence the parent hash in the chain. ``extra``
+    holds what the token ids do not say: the content hashes of the images whose placeholders the block holds."""
     h = hashlib.blake2b(parent or _ROOT, digest_size=16)
     h.update(array("q", token_ids).tobytes())
+    if extra:
+        h.update(b"mm")
+        h.update(extra)
     return h.digest()
 
 
@@ -42,7 +47,8 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else request.cache_salt
-            hashes.append(hash_block(parent, request.all_token_ids[i * bs:(i + 1) * bs]))
+            extra = block_extra_keys(request.mm_features, i * bs, (i + 1) * bs) if request.mm_features else b""
+            hashes.append(hash_block(parent, request.all_token_ids[i * bs:(i + 1) * bs], extra))
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Cached blocks for the longest hashed prefix, leaving at least one token to compute (the step that

@@ -15,6 +15,7 @@ from llmctl.plugins.types import ModelArchitecture
 
 EQUALITY_TEST = "tests/test_model_families.py::test_family_matches_transformers"
 LLAMA_TEST = "tests/test_engine_vs_transformers.py::test_tiny_models_match_transformers"
+LLAVA_TEST = "tests/test_multimodal.py::test_llava_matches_transformers"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class ModelInfo:
             from llmctl.models.llama import LlamaForCausalLM
 
             return LlamaForCausalLM
+        if self.family == "llava":
+            from llmctl.models.llava import LlavaForConditionalGeneration
+
+            return LlavaForConditionalGeneration
         return decoder_class(self.family)
 
 
@@ -43,6 +48,8 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo("MistralForCausalLM", "llama", "sliding window", f"{LLAMA_TEST}[mistral]"),
     ModelInfo("Qwen2ForCausalLM", "llama", "q/k/v bias, per-layer sliding window", f"{LLAMA_TEST}[qwen2]"),
     ModelInfo("Qwen3ForCausalLM", "llama", "per-head q/k RMSNorm", f"{LLAMA_TEST}[qwen3]"),
+    ModelInfo("LlavaForConditionalGeneration", "llava", "image input (llava-1.5): CLIP/SigLIP tower from transformers, "
+              "feature layer and CLS strategy, projector; Llama-family language model", LLAVA_TEST),
     _fam("GemmaForCausalLM", "gemma", "(1 + w) RMSNorm, scaled embeddings, tanh-GELU gated MLP"),
     _fam("Gemma2ForCausalLM", "gemma2", "attention and final logit soft-capping, alternating sliding window, "
          "sandwich norms, query_pre_attn_scalar"),

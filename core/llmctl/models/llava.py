@@ -1,0 +1,199 @@
+"""LLaVA (``LlavaForConditionalGeneration``, the llava-1.5 layout): a CLIP/SigLIP vision tower, a two-layer
+projector, and a native Llama-family language model.
+
+The vision tower is transformers' own module (``AutoModel.from_config(vision_config)``): it runs eagerly, once
+per image, on the image's preprocessed pixels, outside the paged KV cache (every patch attends to every patch and
+nothing of it is reused by later tokens). Its hidden states at ``vision_feature_layer`` (the CLS row dropped under
+the ``default`` strategy) go through the projector, and the resulting rows replace the embeddings of the image's
+placeholder tokens before the language model runs; from there on, an image is just a run of prompt positions in
+the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmctl.attention import AttentionMetadata
+from llmctl.layers._module import EngineModule
+from llmctl.layers.linear import Linear
+from llmctl.models.base import KVCacheSpec, ModelContext
+
+ARCHITECTURES = ("LlavaForConditionalGeneration",)
+_TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
+
+
+def _feature_layers(cfg: Any) -> list[int]:
+    layer = getattr(cfg, "vision_feature_layer", -2)
+    return [int(x) for x in layer] if isinstance(layer, (list, tuple)) else [int(layer)]
+
+
+def image_feature_size(cfg: Any) -> int:
+    """Placeholder tokens per image: one per patch, plus CLIP's class token unless the strategy drops it."""
+    vc = cfg.vision_config
+    patches = (vc.image_size // vc.patch_size) ** 2
+    has_cls = vc.model_type == "clip_vision_model"
+    drop = 1 if getattr(cfg, "vision_feature_select_strategy", "default") == "default" else 0
+    return patches + int(has_cls) - drop
+
+
+def check_config(cfg: Any) -> None:
+    """Refuses, before anything is built, the LLaVA variants this module does not reproduce."""
+    text_type = getattr(cfg.text_config, "model_type", None)
+    if text_type not in _TEXT_MODEL_TYPES:
+        raise ValueError(f"model: LLaVA with a {text_type!r} language model is not supported natively "
+                         f"(supported: {', '.join(_TEXT_MODEL_TYPES)})")
+    vision_type = getattr(cfg.vision_config, "model_type", None)
+    if vision_type not in _VISION_MODEL_TYPES:
+        raise ValueError(f"model: LLaVA with a {vision_type!r} vision tower is not supported natively "
+                         f"(supported: {', '.join(_VISION_MODEL_TYPES)})")
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"model: vision_feature_select_strategy {strategy!r} is not supported (default, full)")
+
+
+def _vision_tower(vision_config: Any, ctx: ModelContext) -> nn.Module:
+    """transformers' module, allocated without running its random initialisation (the checkpoint overwrites
+    every weight, and initialising a 300M-parameter tower costs seconds)."""
+    import copy
+
+    from transformers import AutoModel
+    from transformers.initialization import no_init_weights
+
+    cfg = copy.deepcopy(vision_config)
+    cfg._attn_implementation = "sdpa"
+    with no_init_weights():
+        tower = AutoModel.from_config(cfg)
+    tower = tower.to(device=ctx.device, dtype=ctx.dtype).eval()
+    tower.requires_grad_(False)
+    return tower
+
+
+class LlavaProjector(EngineModule):
+    def __init__(self, cfg: Any, ctx: ModelContext) -> None:
+        super().__init__()
+        from llmctl.models.decoder import activation
+
+        kw = dict(dtype=ctx.dtype, device=ctx.device)
+        bias = bool(getattr(cfg, "multimodal_projector_bias", True))
+        width = cfg.vision_config.hidden_size * len(_feature_layers(cfg))
+        self.linear_1 = Linear(width, cfg.text_config.hidden_size, bias=bias, **kw)
+        self.act = activation(getattr(cfg, "projector_hidden_act", "gelu"))
+        self.linear_2 = Linear(cfg.text_config.hidden_size, cfg.text_config.hidden_size, bias=bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(EngineModule):
+    """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks the model runner calls:
+    ``embed_input_ids`` and ``embed_images``."""
+
+    supports_multimodal = True
+
+    @classmethod
+    def attention_features(cls, hf_config: Any) -> frozenset[str]:
+        check_config(hf_config)  # get_model_class calls this: an unsupported variant falls back or is refused
+        return frozenset()
+
+    def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
+        super().__init__()
+        from llmctl.models.llama import LlamaForCausalLM
+
+        check_config(hf_config)
+        self.config = hf_config
+        self.ctx = ctx
+        self.image_token_id = int(getattr(hf_config, "image_token_id", None)
+                                  if getattr(hf_config, "image_token_id", None) is not None
+                                  else hf_config.image_token_index)
+        self.feature_layers = _feature_layers(hf_config)
+        self.drop_cls = getattr(hf_config, "vision_feature_select_strategy", "default") == "default"
+        self.num_image_tokens = image_feature_size(hf_config)
+        self.vision_tower = _vision_tower(hf_config.vision_config, ctx)
+        self.multi_modal_projector = LlavaProjector(hf_config, ctx)
+        self.language_model = LlamaForCausalLM(hf_config.text_config, ctx)
+
+    # -- the engine's calls ---------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, kv_caches, metadata, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return self.language_model.kv_cache_spec()
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, num_image_tokens, text hidden]: the rows that replace the placeholders."""
+        out = self.vision_tower(pixel_values.to(device=self.ctx.device, dtype=self.ctx.dtype),
+                                output_hidden_states=True, return_dict=True)
+        feats = [out.hidden_states[i] for i in self.feature_layers]
+        if self.drop_cls:
+            feats = [f[:, 1:] for f in feats]
+        selected = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+        if selected.shape[1] != self.num_image_tokens:
+            raise ValueError(f"multi_modal_data: the image gives {selected.shape[1]} features, the model expects "
+                             f"{self.num_image_tokens} (its image_size is {self.config.vision_config.image_size})")
+        return self.multi_modal_projector(selected)
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Takes both checkpoint layouts: the hub's (``language_model.model.*``, ``language_model.lm_head.*``,
+        ``vision_tower.vision_model.*``) and transformers 5's (``model.language_model.*``, ``lm_head.*``,
+        ``model.vision_tower.*``). Unknown or missing tensors raise, as for every native model."""
+        tower = dict(self.vision_tower.named_parameters())
+        tower.update(dict(self.vision_tower.named_buffers()))
+        tower_prefix = "vision_model." if any(k.startswith("vision_model.") for k in tower) else ""
+        proj = dict(self.multi_modal_projector.named_parameters())
+        loaded: set[str] = set()
+
+        def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if name.startswith("model.") and name.split(".", 2)[1] in (
+                        "vision_tower", "multi_modal_projector", "language_model"):
+                    name = name[len("model."):]
+                    if name.startswith("language_model."):  # transformers 5: the base model has no "model."
+                        name = "language_model.model." + name[len("language_model."):]
+                if name.startswith("lm_head."):
+                    name = "language_model." + name
+                if name.startswith("vision_tower."):
+                    rest = name[len("vision_tower."):].removeprefix("vision_model.")
+                    key = tower_prefix + rest
+                    if key not in tower:
+                        if "position_ids" in key:  # a buffer some exports keep
+                            continue
+                        raise ValueError(f"checkpoint tensor {name} has no place in the vision tower")
+                    _copy(tower[key], tensor, name)
+                    loaded.add(key)
+                elif name.startswith("multi_modal_projector."):
+                    key = name[len("multi_modal_projector."):]
+                    if key not in proj:
+                        raise ValueError(f"checkpoint tensor {name} has no place in the projector")
+                    _copy(proj[key], tensor, name)
+                    loaded.add("projector." + key)
+                elif name.startswith("language_model."):
+                    yield name[len("language_model."):], tensor
+                else:
+                    raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
+
+        self.language_model.load_weights(text_weights())
+        missing = [k for k, _ in self.vision_tower.named_parameters() if k not in loaded]
+        missing += [f"multi_modal_projector.{k}" for k in proj if f"projector.{k}" not in loaded]
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"checkpoint tensor {name}: shape {tuple(src.shape)} does not match {tuple(dst.shape)}")
+    dst.data.copy_(src.to(dtype=dst.dtype, device=dst.device))

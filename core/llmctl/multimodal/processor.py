@@ -1,0 +1,159 @@
+"""``multi_modal_data`` -> prompt token ids with each image's placeholder run expanded, plus one
+:class:`MultiModalFeature` per image. Runs on the caller's thread (``LLMEngine.prepare_request``), never on the
+engine loop.
+
+A text prompt goes through the checkpoint's own processor (transformers' ``AutoProcessor``: the image processor
+resizes and normalises, and the placeholder string is expanded to one token per image feature, exactly as
+transformers prepares the same prompt). A token-id prompt (the server's chat path, which tokenizes the rendered
+template itself) may hold either one placeholder token per image, expanded here, or the already expanded run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from llmctl.multimodal.inputs import MultiModalFeature, hash_image
+
+SUPPORTED_MODALITIES = ("image",)
+DEFAULT_LIMIT_PER_PROMPT = {"image": 1}
+
+
+def parse_limit_mm_per_prompt(value: Any) -> dict[str, int]:
+    """vLLM's ``limit_mm_per_prompt``: a dict or its JSON text, modality -> most items in one prompt."""
+    if value is None:
+        return dict(DEFAULT_LIMIT_PER_PROMPT)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"limit_mm_per_prompt: not valid JSON ({exc.msg}); expected e.g. '{{\"image\": 2}}'") \
+                from None
+    if not isinstance(value, dict):
+        raise ValueError(f"limit_mm_per_prompt: expected a JSON object such as {{\"image\": 2}}, got "
+                         f"{type(value).__name__}")
+    out = dict(DEFAULT_LIMIT_PER_PROMPT)
+    for k, v in value.items():
+        if k not in SUPPORTED_MODALITIES:
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {k!r} (supported: "
+                             f"{', '.join(SUPPORTED_MODALITIES)})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"limit_mm_per_prompt: {k} must be an integer >= 0, got {v!r}")
+        out[k] = v
+    return out
+
+
+def _images(mm_data: Any, limit: int) -> list[Any]:
+    from PIL import Image
+
+    if not isinstance(mm_data, dict):
+        raise ValueError(f"multi_modal_data: expected a dict such as {{'image': PIL.Image}}, got "
+                         f"{type(mm_data).__name__}")
+    unknown = set(mm_data) - set(SUPPORTED_MODALITIES)
+    if unknown:
+        raise ValueError(f"multi_modal_data: unsupported modality {sorted(unknown)[0]!r} (supported: image)")
+    items = mm_data.get("image")
+    if items is None:
+        return []
+    images = list(items) if isinstance(items, (list, tuple)) else [items]
+    if len(images) > limit:
+        raise ValueError(f"multi_modal_data.image: {len(images)} images, more than limit_mm_per_prompt allows "
+                         f"({limit})")
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise ValueError(f"multi_modal_data.image[{i}]: expected a PIL image, got {type(img).__name__}")
+    return [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+
+
+def placeholder_runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
+    """(offset, length) of each maximal run of ``token_id``."""
+    runs: list[tuple[int, int]] = []
+    i, n = 0, len(ids)
+    while i < n:
+        if ids[i] == token_id:
+            j = i
+            while j < n and ids[j] == token_id:
+                j += 1
+            runs.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
+class MultiModalProcessor:
+    def __init__(self, model_dir: Path, image_token_id: int, num_image_tokens: int,
+                 limit_per_prompt: dict[str, int] | None = None, trust_remote_code: bool = False) -> None:
+        self.model_dir = model_dir
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.limits = dict(limit_per_prompt or DEFAULT_LIMIT_PER_PROMPT)
+        self.trust_remote_code = trust_remote_code
+        self._processor: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def processor(self) -> Any:
+        with self._lock:
+            if self._processor is None:
+                from transformers import AutoProcessor
+
+                try:
+                    self._processor = AutoProcessor.from_pretrained(str(self.model_dir),
+                                                                    trust_remote_code=self.trust_remote_code)
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"multi_modal_data: the checkpoint's processor could not be loaded: {exc}") \
+                        from None
+            return self._processor
+
+    def image_token_text(self) -> str:
+        """The placeholder string a chat template or prompt uses for one image (``<image>`` for LLaVA)."""
+        tok = getattr(self.processor, "tokenizer", None)
+        text = getattr(self.processor, "image_token", None)
+        if isinstance(text, str):
+            return text
+        return str(tok.convert_ids_to_tokens(self.image_token_id))
+
+    def process(self, text: str | None, ids: list[int] | None,
+                mm_data: Any) -> tuple[list[int], list[MultiModalFeature]]:
+        images = _images(mm_data, self.limits.get("image", 0))
+        if not images:
+            if ids is None:
+                raise ValueError("multi_modal_data: holds no image")
+            return ids, []
+        proc = self.processor
+        if ids is None:
+            self._check_count(str(text).count(self.image_token_text()), len(images))
+            try:
+                out = proc(text=text, images=images, return_tensors="pt")
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"multi_modal_data: the processor refused the input: {exc}") from None
+            ids = [int(t) for t in out["input_ids"][0]]
+            pixels = out["pixel_values"]
+        else:
+            pixels = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            ids = self._expand(ids)
+        runs = placeholder_runs(ids, self.image_token_id)
+        self._check_count(len(runs), len(images))
+        features = []
+        for (offset, length), img, px in zip(runs, images, pixels, strict=True):
+            if length != self.num_image_tokens:
+                raise ValueError(f"prompt: an image placeholder run of {length} tokens; the model takes "
+                                 f"{self.num_image_tokens} per image")
+            features.append(MultiModalFeature("image", offset, length, hash_image(img), px.contiguous()))
+        return ids, features
+
+    def _check_count(self, placeholders: int, images: int) -> None:
+        if placeholders != images:
+            raise ValueError(f"prompt: {placeholders} image placeholder(s) ({self.image_token_text()}) for {images} "
+                             f"image(s) in multi_modal_data; put one placeholder per image")
+
+    def _expand(self, ids: list[int]) -> list[int]:
+        """One placeholder token per image becomes the model's run; runs already expanded stay as they are."""
+        out = list(ids)
+        for offset, length in reversed(placeholder_runs(out, self.image_token_id)):
+            if length == 1:
+                out[offset:offset + 1] = [self.image_token_id] * self.num_image_tokens
+        return out

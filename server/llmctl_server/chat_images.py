@@ -1,0 +1,38 @@
+"""The images of a chat request: checked against the model and ``limit_mm_per_prompt`` before anything is
+fetched, then loaded under the server's media policy (``media.MediaConnector``) in worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from llmctl_server.errors import bad_request
+from llmctl_server.media import MediaConnector
+
+
+def check_images(engine: Any, images: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """400 when the model takes no images or the request holds more than the per-prompt limit."""
+    if not images:
+        return images
+    mm = getattr(engine, "multimodal", None)
+    if mm is None:
+        name = getattr(getattr(engine, "model_config", None), "served_model_name", None) or "this model"
+        raise bad_request(f"{images[0][0]}: model {name} does not take images (a text-only model)",
+                          param="messages")
+    limit = mm.limits.get("image", 0)
+    if len(images) > limit:
+        raise bad_request(f"messages: {len(images)} images, more than --limit-mm-per-prompt allows ({limit} per "
+                          f"request)", param="messages")
+    return images
+
+
+def expanded_length(engine: Any, ids: list[int], num_images: int) -> int:
+    """The prompt's length once each image placeholder is expanded to the model's image tokens."""
+    if not num_images:
+        return len(ids)
+    return len(ids) + num_images * (engine.multimodal.num_image_tokens - 1)
+
+
+async def load_images(media: MediaConnector, images: list[tuple[str, str]]) -> list[Any]:
+    """Fetch and decode concurrently; the first failure (a 400 naming its field) fails the request."""
+    return list(await asyncio.gather(*(asyncio.to_thread(media.load, url, field) for field, url in images)))

@@ -1,0 +1,96 @@
+"""Image chat on a live server with the openai client: the answer equals transformers' greedy answer on the same
+rendered prompt and image, from a data: URL, an allowed http URL and an allowed local file alike."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import openai
+import pytest
+import torch
+from llmctl_server import ServerSettings
+from PIL import Image
+
+from tests.media_server import MediaServer, png_bytes
+from tests.model_factory import make_tiny_llava
+from tests.reliability.conftest import build_engine
+from tests.test_server_support import start_server, wait_kv_free
+
+QUESTION = "What is in the picture?"
+MAX_TOKENS = 8
+
+
+def _image(seed: int) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray((rng.rand(36, 44, 3) * 255).astype("uint8"))
+
+
+@pytest.fixture(scope="module")
+def llava_server(model_cache_dir, test_tokenizer, tmp_path_factory):
+    path = make_tiny_llava(model_cache_dir / "llava-srv", model_cache_dir / "smollm2-tokenizer")
+    media_dir = tmp_path_factory.mktemp("media")
+    _image(0).save(media_dir / "cat.png")
+    http_media = MediaServer(_image(0))
+    engine = build_engine(path, dtype="float32")
+    srv = start_server(engine, ServerSettings(served_model_names=["llava"], allowed_media_domains=["127.0.0.1"],
+                                              allowed_local_media_path=str(media_dir)))
+    yield srv, path, media_dir, http_media
+    srv.stop()
+    http_media.stop()
+    engine.shutdown()
+
+
+def hf_answer(path, image: Image.Image) -> str:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}],
+                                                   tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=text, images=image, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _chat(client: openai.OpenAI, url: str) -> openai.types.chat.ChatCompletion:
+    return client.chat.completions.create(
+        model="llava", temperature=0, max_tokens=MAX_TOKENS,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                               {"type": "text", "text": QUESTION}]}],
+        extra_body={"ignore_eos": True})
+
+
+def test_image_chat_matches_transformers(llava_server):
+    srv, path, media_dir, http_media = llava_server
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    want = hf_answer(path, _image(0))
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(_image(0))).decode()
+    for url in (data_url, http_media.url("/img.png"), http_media.url("/redirect-same"),
+                (media_dir / "cat.png").as_uri()):
+        resp = _chat(client, url)
+        assert resp.choices[0].message.content == want, url
+        assert resp.usage.prompt_tokens > 16  # the image's 16 tokens are counted
+    other = _chat(client, "data:image/png;base64," + base64.b64encode(png_bytes(_image(5))).decode())
+    assert other.choices[0].message.content != want
+    stats = wait_kv_free(srv.engine)
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_typed_placeholder_text_is_not_an_image(llava_server):
+    """'<image>' typed by a client is text: it never becomes the image token (content is not parsed for special
+    tokens), so a client cannot make the model read image rows that were never sent."""
+    import httpx
+
+    srv = llava_server[0]
+    image_id = srv.engine.multimodal.image_token_id
+    with httpx.Client(base_url=srv.url, timeout=60) as http:
+        messages = [{"role": "user", "content": "<image> describe"}]
+        r = http.post("/tokenize", json={"model": "llava", "messages": messages})
+        assert r.status_code == 200, r.text
+        tokens = r.json()["tokens"]
+        assert image_id not in tokens
+        r = http.post("/v1/chat/completions", json={"model": "llava", "max_tokens": 2, "messages": messages})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(tokens)  # nothing was expanded
