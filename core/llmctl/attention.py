@@ -45,3 +45,32 @@ class AttentionMetadata:
     def context_lens(self) -> torch.Tensor:
         """Tokens already in the cache before this step (prefix hits plus earlier chunks)."""
         return self.seq_lens - self.query_lens
+
+
+def build_attention_metadata(query_lens: list[int], seq_lens: list[int] | torch.Tensor,
+                             block_tables: torch.Tensor, slot_mapping: torch.Tensor, block_size: int,
+                             device: torch.device, *, query_start_loc: torch.Tensor | None = None,
+                             max_seq_len: int | None = None) -> AttentionMetadata:
+    """The one place a step's metadata is assembled, for every kind of step: the runner's general and
+    all-decode paths, the decode graph's capture (whose tensors are static buffers and whose host lengths are
+    unknown: ``seq_lens`` is then that buffer and ``max_seq_len`` the worst case) and the profiling pass.
+    ``block_tables`` and ``slot_mapping`` come on the host or the device; they are moved to ``device``."""
+    n = len(query_lens)
+    if query_start_loc is None:
+        if max(query_lens, default=1) == 1:
+            query_start_loc = torch.arange(n + 1, dtype=torch.int32)
+        else:
+            query_start_loc = torch.zeros(n + 1, dtype=torch.int32)
+            torch.cumsum(torch.tensor(query_lens, dtype=torch.int32), 0, out=query_start_loc[1:])
+    if isinstance(seq_lens, torch.Tensor):
+        if max_seq_len is None:
+            raise ValueError("max_seq_len: required when seq_lens is a device buffer")
+        seq_lens_t, seq_lens_cpu = seq_lens, None
+    else:
+        seq_lens_t, seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int32, device=device), seq_lens
+        max_seq_len = max(seq_lens) if max_seq_len is None else max_seq_len
+    return AttentionMetadata(
+        num_tokens=sum(query_lens), num_seqs=n, query_start_loc=query_start_loc.to(device), seq_lens=seq_lens_t,
+        block_tables=block_tables.to(device), slot_mapping=slot_mapping.to(device),
+        max_query_len=max(query_lens, default=0), max_seq_len=max_seq_len, block_size=block_size,
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens_cpu)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from llmctl.attention import AttentionMetadata
+from llmctl.attention import build_attention_metadata
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from llmctl.engine.fault_injection import FAULT_INJECTION_ENV, InjectedFault  # noqa: F401  (re-exported)
 from llmctl.engine.fault_injection import install_if_enabled as install_fault_injection_if_enabled
@@ -309,15 +309,9 @@ class EngineCore:
         def run_forward() -> None:
             shape = self.attention.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
             caches = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(spec.num_layers)]
-            qsl = torch.zeros(len(lens) + 1, dtype=torch.int32)
-            torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0, out=qsl[1:])
-            metadata = AttentionMetadata(
-                num_tokens=total, num_seqs=len(lens), query_start_loc=qsl.to(dev),
-                seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-                block_tables=torch.zeros((len(lens), -(-max(lens) // block_size)), dtype=torch.int32, device=dev),
-                slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=dev),
-                max_query_len=max(lens), max_seq_len=max(lens), block_size=block_size,
-                query_lens_cpu=list(lens), seq_lens_cpu=list(lens))
+            metadata = build_attention_metadata(
+                list(lens), list(lens), torch.zeros((len(lens), -(-max(lens) // block_size)), dtype=torch.int32),
+                torch.full((total,), -1, dtype=torch.int64), block_size, dev)
             positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(dev)
             input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
             hidden = self.model(input_ids, positions, caches, metadata)

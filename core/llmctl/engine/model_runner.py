@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llmctl.attention import AttentionMetadata
+from llmctl.attention import AttentionMetadata, build_attention_metadata
 from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.multimodal.encoder_cache import EncoderCache
@@ -144,10 +144,8 @@ class ModelRunner:
                     seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: torch.Tensor) -> torch.Tensor:
             batch = input_ids.shape[0]
-            metadata = AttentionMetadata(
-                num_tokens=batch, num_seqs=batch, query_start_loc=query_start_loc, seq_lens=seq_lens,
-                block_tables=block_tables, slot_mapping=slot_mapping, max_query_len=1, max_seq_len=max_model_len,
-                block_size=block_size, query_lens_cpu=[1] * batch, seq_lens_cpu=None)
+            metadata = build_attention_metadata([1] * batch, seq_lens, block_tables, slot_mapping, block_size,
+                                                dev, query_start_loc=query_start_loc, max_seq_len=max_model_len)
             return self.model(input_ids, positions, self.kv_caches, metadata)
 
         return DecodeGraphSpec(forward=forward, static_inputs=static, batch_sizes=tuple(sorted(batch_sizes)),
@@ -203,22 +201,9 @@ class ModelRunner:
                 last = min(start + n, req.num_prompt_tokens - 1)
                 prompt_chunks.append(PromptLogprobChunk(req, start, list(range(offset, offset + last - start))))
             offset += n
-        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
         dev = self.device
-        metadata = AttentionMetadata(
-            num_tokens=offset,
-            num_seqs=len(query_lens),
-            query_start_loc=torch.from_numpy(qsl).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slot_parts)).to(dev),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
+        metadata = build_attention_metadata(query_lens, seq_lens, torch.from_numpy(block_tables),
+                                            torch.from_numpy(np.concatenate(slot_parts)), bs, dev)
         return BatchInputs(
             input_ids=torch.from_numpy(np.concatenate(ids_parts)).to(dev),
             positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev),
@@ -248,19 +233,8 @@ class ModelRunner:
         for i, r in enumerate(reqs):
             block_tables[i, : len(r.block_ids)] = r.block_ids
         dev = self.device
-        metadata = AttentionMetadata(
-            num_tokens=n,
-            num_seqs=n,
-            query_start_loc=torch.arange(n + 1, dtype=torch.int32).to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            max_query_len=1,
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            query_lens_cpu=[1] * n,
-            seq_lens_cpu=seq_lens,
-        )
+        metadata = build_attention_metadata([1] * n, seq_lens, torch.from_numpy(block_tables),
+                                            torch.tensor(slots, dtype=torch.int64), bs, dev)
         return BatchInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
