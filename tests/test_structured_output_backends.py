@@ -264,6 +264,27 @@ def test_auto_routes_each_constraint_to_its_engine(test_tokenizer):
     assert forced.backend == "guidance" and forced is not a
     with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Group modifier"):
         m.compile(StructuredOutputsParams(regex=r"(?P<n>[0-9]{2})", backend="xgrammar"))
+    # what clients usually send stays on xgrammar: a Pydantic model's schema (Optional fields as anyOf beside
+    # annotations, a discriminated union, enums with their type, bounded strings and numbers)
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        name: str = Field(max_length=10)
+
+    class Owner(BaseModel):
+        pet: Annotated[Cat | Dog, Field(discriminator="kind")]
+        nick: str | None = Field(None, min_length=2, max_length=5)
+        tags: list[Literal["a", "b"]] = Field(min_length=1, max_length=3)
+        ratio: float = Field(gt=0, lt=1)
+
+    assert m.compile(StructuredOutputsParams(json=Owner.model_json_schema())).backend == "xgrammar"
     # refused by both: xgrammar's reason, naming the field; nothing is remembered as a fallback
     with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Word boundary"):
         m.compile(StructuredOutputsParams(regex=r"\bab\b"))
