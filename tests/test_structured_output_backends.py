@@ -174,6 +174,8 @@ def _bits(words: torch.Tensor, vocab: int) -> list[int]:
     ({"structured_outputs_config": '{"backend": "xgrammar"}'}, "xgrammar"),
     ({"guided_decoding_backend": "guidance"}, "guidance"),
     ({}, "auto"),
+    ({"structured_outputs_config": {"disable_fallback": True}}, "xgrammar"),  # auto with no fallback
+    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": True}}, "guidance"),
 ])
 def test_backend_spellings(tiny_llama_dir, kw, expected):
     assert EngineArgs(model=str(tiny_llama_dir), **kw).structured_outputs_backend == expected
@@ -182,8 +184,9 @@ def test_backend_spellings(tiny_llama_dir, kw, expected):
 @pytest.mark.parametrize(("kw", "field"), [
     ({"structured_outputs_backend": "outlines"}, "structured_outputs_backend"),
     ({"structured_outputs_config": {"backend": "lm-format-enforcer"}}, "structured_outputs_config.backend"),
-    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": True}},
+    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": "yes"}},
      "structured_outputs_config.disable_fallback"),
+    ({"structured_outputs_config": {"reasoning_parser": "qwen3"}}, "structured_outputs_config.reasoning_parser"),
     ({"structured_outputs_config": "{nope"}, "structured_outputs_config"),
     ({"structured_outputs_backend": "xgrammar", "guided_decoding_backend": "guidance"}, "conflicting"),
 ])
