@@ -248,6 +248,18 @@ def test_auto_serves_what_xgrammar_refuses(auto_llm, backend_llm, caplog):
     assert manager.cache_info()["fallbacks"] == len(FALLBACK)
 
 
+def test_auto_mixes_engines_in_one_batch(auto_llm):
+    """Requests on xgrammar and on llguidance share every step: each row is masked by its own engine's matcher."""
+    plain = StructuredOutputsParams(regex=r"[0-9]{2,4}-[a-c]{1,3}")
+    sos = [plain, FALLBACK[0], StructuredOutputsParams(choice=["left", "right"]), FALLBACK[3]] * 2
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=48, structured_outputs=so) for i, so in enumerate(sos)]
+    outs = auto_llm.generate([f"Row {i}:" for i in range(len(sos))], params, use_tqdm=False)
+    for so, out in zip(sos, outs, strict=True):
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", (so, o.text)
+        assert o.text in so.choice if so.choice else _valid(so, o.text), (so, o.text)
+
+
 def test_auto_routes_each_constraint_to_its_engine(test_tokenizer):
     """Each constraint is cached under the engine that compiled it, and its matchers come from that engine."""
     from llmctl.structured_output.guidance_backend import GuidanceMatcher
