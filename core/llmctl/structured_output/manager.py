@@ -63,6 +63,7 @@ class StructuredOutputManager:
         self._stop_token_ids = stop_token_ids
         self._backends: dict[str, GrammarBackend] = {}
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._cache: OrderedDict[tuple, tuple[CompiledGrammar, int]] = OrderedDict()
         self._cache_bytes = 0
         self._pending: dict[tuple, Future] = {}
@@ -77,12 +78,14 @@ class StructuredOutputManager:
 
     def get_backend(self, name: str) -> GrammarBackend:
         """Built on first use: the tokenizer scan takes a moment, and most engines never need it."""
-        with self._lock:
-            backend = self._backends.get(name)
-            if backend is None:
-                backend = make_backend(name, self._tokenizer, self._vocab_size, self._stop_token_ids)
-                self._backends[name] = backend
-            return backend
+        backend = self._backends.get(name)
+        if backend is None:
+            with self._build_lock:  # not the cache's lock: cache hits go on while an engine is being built
+                backend = self._backends.get(name)
+                if backend is None:
+                    backend = make_backend(name, self._tokenizer, self._vocab_size, self._stop_token_ids)
+                    self._backends[name] = backend
+        return backend
 
     def cache_info(self) -> dict[str, int]:
         with self._lock:
