@@ -365,6 +365,12 @@ def test_xgrammar_refuses_what_it_would_not_enforce(test_tokenizer, schema, viol
 def test_auto_does_not_fall_back_on_a_timeout(test_tokenizer):
     """Only a refusal hands a constraint to llguidance; an xgrammar compile that runs out of time is a refusal of
     the request within the one deadline, and llguidance is never tried."""
+    fresh = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                    compile_timeout=0.2)
+    # building an engine (its tokenizer scan, once) is not part of a constraint's deadline
+    t0 = time.monotonic()
+    assert fresh.compile(StructuredOutputsParams(regex=r"(?P<a>[0-9])")).backend == "guidance"
+    assert time.monotonic() - t0 > 0.2 and fresh.cache_info()["fallbacks"] == 1
     m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
                                 compile_timeout=0.2)
     xg, guidance = m.get_backend("xgrammar"), m.get_backend("guidance")

@@ -44,6 +44,17 @@ class CompileTimeout(ValueError):
     """The compile passed its deadline (a 400 like any refused constraint, but never a reason to fall back)."""
 
 
+class _Deadline:
+    """One request's time for compiling, across both engines under auto; building an engine (its tokenizer
+    scan, once per engine) does not count."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+
 @dataclass(frozen=True)
 class CompiledGrammar:
     backend: str  # the engine that compiled it: only its matchers can run it
@@ -94,7 +105,7 @@ class StructuredOutputManager:
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         name = params.backend or self.backend_name
-        deadline = time.monotonic() + self.compile_timeout
+        deadline = _Deadline(self.compile_timeout)
         if name != "auto":
             return self._compile_with(name, params, deadline)
         key = params.cache_key()
@@ -129,8 +140,10 @@ class StructuredOutputManager:
             logger.info("structured output: %s falls back to guidance (llguidance); xgrammar refused it: %s",
                         params.where(), reason)
 
-    def _compile_with(self, name: str, params: StructuredOutputsParams, deadline: float) -> CompiledGrammar:
+    def _compile_with(self, name: str, params: StructuredOutputsParams, deadline: _Deadline) -> CompiledGrammar:
+        built = time.monotonic()
         backend = self.get_backend(name)
+        deadline.at += time.monotonic() - built
         key = (name, params.cache_key())
         with self._lock:
             hit = self._cache.get(key)
@@ -149,7 +162,7 @@ class StructuredOutputManager:
         if new:  # outside the lock: a compile that is already done runs its callback right here
             future.add_done_callback(lambda f, k=key, b=backend: self._finished(k, b, f))
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=deadline.remaining())
         except FutureTimeout:
             raise CompileTimeout(f"{params.where()}: compiling the {params.kind()} constraint took longer than "
                                  f"{self.compile_timeout:g} s; simplify it") from None
