@@ -77,7 +77,8 @@ class StructuredOutputManager:
         self._build_lock = threading.Lock()
         self._cache: OrderedDict[tuple, tuple[CompiledGrammar, int]] = OrderedDict()
         self._cache_bytes = 0
-        self._pending: dict[tuple, Future] = {}
+        # key -> (the compile, the field of the request that started it: its errors name that field)
+        self._pending: dict[tuple, tuple[Future, str]] = {}
         # auto: constraints xgrammar refused -> its reason (bounded like the cache)
         self._fallbacks: OrderedDict[tuple, str] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
@@ -150,15 +151,16 @@ class StructuredOutputManager:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit[0]
-            future = self._pending.get(key)
-            if future is None:
+            pending = self._pending.get(key)
+            if pending is None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="llmctl-grammar")
                 future = self._pool.submit(lambda: CompiledGrammar(name, backend.compile(params)))
-                self._pending[key] = future
+                owner = params.where()
+                self._pending[key] = (future, owner)
                 new = True
             else:
-                new = False
+                (future, owner), new = pending, False
         if new:  # outside the lock: a compile that is already done runs its callback right here
             future.add_done_callback(lambda f, k=key, b=backend: self._finished(k, b, f))
         try:
@@ -166,6 +168,11 @@ class StructuredOutputManager:
         except FutureTimeout:
             raise CompileTimeout(f"{params.where()}: compiling the {params.kind()} constraint took longer than "
                                  f"{self.compile_timeout:g} s; simplify it") from None
+        except ValueError as exc:
+            mine, text = params.where(), str(exc)
+            if owner != mine and text.startswith(owner):  # a compile shared with a request that named it otherwise
+                raise ValueError(mine + text[len(owner):]) from None
+            raise
 
     def _finished(self, key: tuple, backend: GrammarBackend, future: Future) -> None:
         with self._lock:
