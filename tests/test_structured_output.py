@@ -394,6 +394,27 @@ def test_auto_with_hermes_parser_and_round_trip(client):
     assert client.completions.create(model="tiny", prompt=ids, max_tokens=1).usage.prompt_tokens == len(ids)
 
 
+def test_auto_parallel_calls_streamed_and_not(client):
+    """Two calls in one answer read by the hermes parser (the random model is steered into the format with a
+    regex): both come back, streamed as two indexed calls whose deltas add up to the non-streamed arguments."""
+    one = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "(utc|cet|pst)"\}\}</tool_call>'
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "Time in two zones?"}], tools=[WEATHER, TIME],
+              temperature=0.8, seed=5, max_tokens=240, extra_body={"structured_outputs": {"regex": one + "\n" + one}})
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) == 2 and len({c.id for c in calls}) == 2
+    for call in calls:
+        _check_call(call)
+    streamed: dict[int, list[str]] = {}
+    for ch in client.chat.completions.create(**kw, stream=True):
+        for tc in (ch.choices[0].delta.tool_calls or []) if ch.choices else []:
+            slot = streamed.setdefault(tc.index, ["", ""])
+            slot[0] += (tc.function.name or "") if tc.function else ""
+            slot[1] += (tc.function.arguments or "") if tc.function else ""
+    assert [tuple(v) for _, v in sorted(streamed.items())] == [(c.function.name, c.function.arguments) for c in calls]
+
+
 # -- reasoning --------------------------------------------------------------------------------------------------------
 def test_reasoning_parser_streamed_and_not(so_engine, tiny_llama_dir):
     offline = LLM(model=str(tiny_llama_dir), kv_cache_memory=KV, seed=0, dtype="float32")

@@ -174,6 +174,8 @@ def _bits(words: torch.Tensor, vocab: int) -> list[int]:
     ({"structured_outputs_config": '{"backend": "xgrammar"}'}, "xgrammar"),
     ({"guided_decoding_backend": "guidance"}, "guidance"),
     ({}, "auto"),
+    ({"structured_outputs_config": {"disable_fallback": True}}, "xgrammar"),  # auto with no fallback
+    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": True}}, "guidance"),
 ])
 def test_backend_spellings(tiny_llama_dir, kw, expected):
     assert EngineArgs(model=str(tiny_llama_dir), **kw).structured_outputs_backend == expected
@@ -182,8 +184,9 @@ def test_backend_spellings(tiny_llama_dir, kw, expected):
 @pytest.mark.parametrize(("kw", "field"), [
     ({"structured_outputs_backend": "outlines"}, "structured_outputs_backend"),
     ({"structured_outputs_config": {"backend": "lm-format-enforcer"}}, "structured_outputs_config.backend"),
-    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": True}},
+    ({"structured_outputs_config": {"backend": "guidance", "disable_fallback": "yes"}},
      "structured_outputs_config.disable_fallback"),
+    ({"structured_outputs_config": {"reasoning_parser": "qwen3"}}, "structured_outputs_config.reasoning_parser"),
     ({"structured_outputs_config": "{nope"}, "structured_outputs_config"),
     ({"structured_outputs_backend": "xgrammar", "guided_decoding_backend": "guidance"}, "conflicting"),
 ])
@@ -245,6 +248,18 @@ def test_auto_serves_what_xgrammar_refuses(auto_llm, backend_llm, caplog):
     assert manager.cache_info()["fallbacks"] == len(FALLBACK)
 
 
+def test_auto_mixes_engines_in_one_batch(auto_llm):
+    """Requests on xgrammar and on llguidance share every step: each row is masked by its own engine's matcher."""
+    plain = StructuredOutputsParams(regex=r"[0-9]{2,4}-[a-c]{1,3}")
+    sos = [plain, FALLBACK[0], StructuredOutputsParams(choice=["left", "right"]), FALLBACK[3]] * 2
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=48, structured_outputs=so) for i, so in enumerate(sos)]
+    outs = auto_llm.generate([f"Row {i}:" for i in range(len(sos))], params, use_tqdm=False)
+    for so, out in zip(sos, outs, strict=True):
+        o = out.outputs[0]
+        assert o.finish_reason == "stop", (so, o.text)
+        assert o.text in so.choice if so.choice else _valid(so, o.text), (so, o.text)
+
+
 def test_auto_routes_each_constraint_to_its_engine(test_tokenizer):
     """Each constraint is cached under the engine that compiled it, and its matchers come from that engine."""
     from llmctl.structured_output.guidance_backend import GuidanceMatcher
@@ -264,6 +279,27 @@ def test_auto_routes_each_constraint_to_its_engine(test_tokenizer):
     assert forced.backend == "guidance" and forced is not a
     with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Group modifier"):
         m.compile(StructuredOutputsParams(regex=r"(?P<n>[0-9]{2})", backend="xgrammar"))
+    # what clients usually send stays on xgrammar: a Pydantic model's schema (Optional fields as anyOf beside
+    # annotations, a discriminated union, enums with their type, bounded strings and numbers)
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, Field
+
+    class Cat(BaseModel):
+        kind: Literal["cat"]
+        lives: int = Field(ge=0, le=9)
+
+    class Dog(BaseModel):
+        kind: Literal["dog"]
+        name: str = Field(max_length=10)
+
+    class Owner(BaseModel):
+        pet: Annotated[Cat | Dog, Field(discriminator="kind")]
+        nick: str | None = Field(None, min_length=2, max_length=5)
+        tags: list[Literal["a", "b"]] = Field(min_length=1, max_length=3)
+        ratio: float = Field(gt=0, lt=1)
+
+    assert m.compile(StructuredOutputsParams(json=Owner.model_json_schema())).backend == "xgrammar"
     # refused by both: xgrammar's reason, naming the field; nothing is remembered as a fallback
     with pytest.raises(ValueError, match=r"structured_outputs.regex: .*Word boundary"):
         m.compile(StructuredOutputsParams(regex=r"\bab\b"))
@@ -329,6 +365,12 @@ def test_xgrammar_refuses_what_it_would_not_enforce(test_tokenizer, schema, viol
 def test_auto_does_not_fall_back_on_a_timeout(test_tokenizer):
     """Only a refusal hands a constraint to llguidance; an xgrammar compile that runs out of time is a refusal of
     the request within the one deadline, and llguidance is never tried."""
+    fresh = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                    compile_timeout=0.2)
+    # building an engine (its tokenizer scan, once) is not part of a constraint's deadline
+    t0 = time.monotonic()
+    assert fresh.compile(StructuredOutputsParams(regex=r"(?P<a>[0-9])")).backend == "guidance"
+    assert time.monotonic() - t0 > 0.2 and fresh.cache_info()["fallbacks"] == 1
     m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
                                 compile_timeout=0.2)
     xg, guidance = m.get_backend("xgrammar"), m.get_backend("guidance")

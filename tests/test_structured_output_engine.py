@@ -82,3 +82,39 @@ def test_cache_is_bounded_in_bytes(test_tokenizer):
         info = m.cache_info()
         assert info["bytes"] <= m.max_cache_bytes and info["entries"] <= 2 + 1
     assert m.compile(StructuredOutputsParams(regex=r"[a-z]{1,8}")) is not one  # the first was evicted
+
+
+def test_a_shared_compile_names_each_requests_field(test_tokenizer):
+    """Two requests asking for the same constraint under different fields wait on one compile; its refusal names
+    each request's own field."""
+    import threading
+
+    m = StructuredOutputManager(test_tokenizer, len(test_tokenizer), (test_tokenizer.eos_token_id,),
+                                backend="xgrammar")
+    backend = m.backend
+    real, release = backend.compile, threading.Event()
+
+    def held(params):
+        release.wait(30)
+        return real(params)
+
+    backend.compile = held
+    errors: dict[str, str] = {}
+
+    def ask(field: str) -> None:
+        try:
+            m.compile(StructuredOutputsParams(regex=r"\bword", field_name=field))
+        except ValueError as exc:
+            errors[field] = str(exc)
+
+    threads = [threading.Thread(target=ask, args=(f,)) for f in ("guided_regex", "response_format")]
+    for t in threads:
+        t.start()
+    while m.cache_info()["pending"] == 0:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)  # the second request is waiting on the first one's compile
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert errors["guided_regex"].startswith("guided_regex: ") and "Word boundary" in errors["guided_regex"]
+    assert errors["response_format"].startswith("response_format: ") and "Word boundary" in errors["response_format"]

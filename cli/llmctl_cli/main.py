@@ -197,8 +197,9 @@ def serve(
                                                  help="Let the model decide when to call tools (tool_choice=auto)."),
     tool_call_parser: str | None = typer.Option(None, help="hermes, llama3_json, mistral or pythonic."),
     reasoning_parser: str | None = typer.Option(None, help="deepseek_r1 or qwen3: split <think> output."),
-    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output: auto, "
-                                                   "xgrammar or guidance (llguidance)."),
+    structured_outputs_backend: str = typer.Option("auto", help="Grammar engine for structured output: auto "
+                                                   "(xgrammar, llguidance for what xgrammar refuses), xgrammar or "
+                                                   "guidance (llguidance)."),
     structured_outputs_config: str | None = typer.Option(None, help='vLLM\'s JSON form, e.g. {"backend": "guidance"}.'),
     guided_decoding_backend: str | None = typer.Option(None, help="Older name of --structured-outputs-backend."),
     responses_store_size: int = typer.Option(0, help="/v1/responses: keep this many responses for "

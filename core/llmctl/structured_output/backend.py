@@ -77,7 +77,8 @@ def bitmask_words(vocab_size: int) -> int:
 
 def resolve_backend_options(args: Any) -> str:
     """The backend from any of vLLM's spellings on ``EngineArgs``: ``structured_outputs_backend``,
-    ``structured_outputs_config={"backend": ...}`` (dict or JSON) and the older ``guided_decoding_backend``.
+    ``structured_outputs_config={"backend": ..., "disable_fallback": ...}`` (dict or JSON) and the older
+    ``guided_decoding_backend``.
     Two spellings that name different backends are refused rather than one silently winning."""
     import json
 
@@ -93,15 +94,21 @@ def resolve_backend_options(args: Any) -> str:
     if cfg is not None:
         if not isinstance(cfg, dict):
             raise ValueError(f"structured_outputs_config: must be an object, got {type(cfg).__name__}")
-        unknown = sorted(set(cfg) - {"backend"})
+        unknown = sorted(set(cfg) - {"backend", "disable_fallback"})
         if unknown:
-            raise ValueError(f"structured_outputs_config.{unknown[0]}: not supported; only 'backend' is")
+            raise ValueError(f"structured_outputs_config.{unknown[0]}: not supported; only 'backend' and "
+                             "'disable_fallback' are")
         if cfg.get("backend") not in (None, "auto"):
             named["structured_outputs_config.backend"] = check_backend_name(
                 cfg["backend"], "structured_outputs_config.backend")
+        no_fallback = cfg.get("disable_fallback", False)
+        if not isinstance(no_fallback, bool):
+            raise ValueError(f"structured_outputs_config.disable_fallback: must be true or false, got {no_fallback!r}")
     if args.guided_decoding_backend not in (None, "auto"):
         named["guided_decoding_backend"] = check_backend_name(args.guided_decoding_backend, "guided_decoding_backend")
     if len(set(named.values())) > 1:
         fields = ", ".join(f"{k}={v!r}" for k, v in named.items())
         raise ValueError(f"structured_outputs_backend: conflicting backends ({fields})")
-    return next(iter(named.values()), "auto")
+    chosen = next(iter(named.values()), "auto")
+    # auto without its fallback is xgrammar alone
+    return "xgrammar" if chosen == "auto" and cfg is not None and cfg.get("disable_fallback") else chosen

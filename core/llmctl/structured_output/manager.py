@@ -44,6 +44,17 @@ class CompileTimeout(ValueError):
     """The compile passed its deadline (a 400 like any refused constraint, but never a reason to fall back)."""
 
 
+class _Deadline:
+    """One request's time for compiling, across both engines under auto; building an engine (its tokenizer
+    scan, once per engine) does not count."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+
 @dataclass(frozen=True)
 class CompiledGrammar:
     backend: str  # the engine that compiled it: only its matchers can run it
@@ -63,9 +74,11 @@ class StructuredOutputManager:
         self._stop_token_ids = stop_token_ids
         self._backends: dict[str, GrammarBackend] = {}
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._cache: OrderedDict[tuple, tuple[CompiledGrammar, int]] = OrderedDict()
         self._cache_bytes = 0
-        self._pending: dict[tuple, Future] = {}
+        # key -> (the compile, the field of the request that started it: its errors name that field)
+        self._pending: dict[tuple, tuple[Future, str]] = {}
         # auto: constraints xgrammar refused -> its reason (bounded like the cache)
         self._fallbacks: OrderedDict[tuple, str] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
@@ -77,12 +90,14 @@ class StructuredOutputManager:
 
     def get_backend(self, name: str) -> GrammarBackend:
         """Built on first use: the tokenizer scan takes a moment, and most engines never need it."""
-        with self._lock:
-            backend = self._backends.get(name)
-            if backend is None:
-                backend = make_backend(name, self._tokenizer, self._vocab_size, self._stop_token_ids)
-                self._backends[name] = backend
-            return backend
+        backend = self._backends.get(name)
+        if backend is None:
+            with self._build_lock:  # not the cache's lock: cache hits go on while an engine is being built
+                backend = self._backends.get(name)
+                if backend is None:
+                    backend = make_backend(name, self._tokenizer, self._vocab_size, self._stop_token_ids)
+                    self._backends[name] = backend
+        return backend
 
     def cache_info(self) -> dict[str, int]:
         with self._lock:
@@ -91,7 +106,7 @@ class StructuredOutputManager:
 
     def compile(self, params: StructuredOutputsParams) -> CompiledGrammar:
         name = params.backend or self.backend_name
-        deadline = time.monotonic() + self.compile_timeout
+        deadline = _Deadline(self.compile_timeout)
         if name != "auto":
             return self._compile_with(name, params, deadline)
         key = params.cache_key()
@@ -126,30 +141,38 @@ class StructuredOutputManager:
             logger.info("structured output: %s falls back to guidance (llguidance); xgrammar refused it: %s",
                         params.where(), reason)
 
-    def _compile_with(self, name: str, params: StructuredOutputsParams, deadline: float) -> CompiledGrammar:
+    def _compile_with(self, name: str, params: StructuredOutputsParams, deadline: _Deadline) -> CompiledGrammar:
+        built = time.monotonic()
         backend = self.get_backend(name)
+        deadline.at += time.monotonic() - built
         key = (name, params.cache_key())
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit[0]
-            future = self._pending.get(key)
-            if future is None:
+            pending = self._pending.get(key)
+            if pending is None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="llmctl-grammar")
                 future = self._pool.submit(lambda: CompiledGrammar(name, backend.compile(params)))
-                self._pending[key] = future
+                owner = params.where()
+                self._pending[key] = (future, owner)
                 new = True
             else:
-                new = False
+                (future, owner), new = pending, False
         if new:  # outside the lock: a compile that is already done runs its callback right here
             future.add_done_callback(lambda f, k=key, b=backend: self._finished(k, b, f))
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=deadline.remaining())
         except FutureTimeout:
             raise CompileTimeout(f"{params.where()}: compiling the {params.kind()} constraint took longer than "
                                  f"{self.compile_timeout:g} s; simplify it") from None
+        except ValueError as exc:
+            mine, text = params.where(), str(exc)
+            if owner != mine and text.startswith(owner):  # a compile shared with a request that named it otherwise
+                raise ValueError(mine + text[len(owner):]) from None
+            raise
 
     def _finished(self, key: tuple, backend: GrammarBackend, future: Future) -> None:
         with self._lock:

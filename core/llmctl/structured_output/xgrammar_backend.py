@@ -95,9 +95,11 @@ class XGrammarBackend:
 
 
 # Keywords that only describe: they constrain nothing, so xgrammar may ignore them next to anything.
+# ``discriminator`` (OpenAPI, written by Pydantic beside ``oneOf``) names the property that already tells the
+# branches apart.
 _ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "$schema", "$id", "$anchor",
                           "deprecated", "readOnly", "writeOnly", "$defs", "definitions", "contentEncoding",
-                          "contentMediaType", "format"})
+                          "contentMediaType", "format", "discriminator"})
 _JSON_TYPES = {"null": lambda v: v is None, "boolean": lambda v: isinstance(v, bool),
                "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
                "string": lambda v: isinstance(v, str),
