@@ -256,3 +256,16 @@ def test_cli_flags_reach_the_engine_and_bad_values_are_readable(monkeypatch, tmp
     assert seen and seen[0].kv_cache_dtype == "fp8_e5m2"
     assert bench_cli._engine_kwargs(None, None, None, None, "int8") == {"kv_cache_dtype": "int8"}
     assert "kv_cache_dtype" not in bench_cli._engine_kwargs(None, None, None, None)
+
+
+def test_doctor_lists_the_8bit_kv_dtypes_per_platform():
+    from llmctl_cli.doctor import collect
+
+    report = collect()
+    by_name = {p["name"]: p for p in report["platforms"]}
+    cpu = by_name.get("cpu")
+    if cpu is None:
+        pytest.skip("the CPU plugin is not installed")
+    assert cpu["kv_cache_dtypes"] == {"fp8_e4m3": "cpu-sdpa", "fp8_e5m2": "cpu-sdpa", "int8": "cpu-sdpa"}
+    if "cuda" in by_name:  # the Triton backend reads them; flash-attn and flashinfer do not declare them
+        assert set(by_name["cuda"]["kv_cache_dtypes"].values()) == {"triton"}
