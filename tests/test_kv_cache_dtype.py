@@ -183,15 +183,15 @@ def test_tiny_llama_8bit_cache_agrees_with_bf16(tiny_llama_dir, bf16_reference, 
     assert max(diffs) < {"int8": 0.2, "fp8": 0.5, "fp8_e5m2": 0.75}[name]
 
 
-@pytest.mark.parametrize("name", ["int8", "fp8"])
-def test_prefix_cache_preemption_and_batching_keep_tokens_in_8bit(tiny_llama_dir, name):
+@pytest.mark.parametrize("name,dtype", [("int8", "float32"), ("fp8", "float32"), ("int8", "bfloat16"),
+                                        ("fp8_e5m2", "bfloat16")])
+def test_prefix_cache_preemption_and_batching_keep_tokens_in_8bit(tiny_llama_dir, name, dtype):
     """In an 8-bit cache: a prefix-cache hit reads the scales its blocks were written with, a preempted request
-    recomputes the same codes and scales, and a request gives the same greedy tokens batched and alone. A float32
-    model, as in test_engine_scheduling.py: its C kernels are batch-invariant by construction."""
-    roomy = _engine(tiny_llama_dir, name, 256, "float32", enable_prefix_caching=False)
+    recomputes the same codes and scales, and a request gives the same greedy tokens batched and alone."""
+    roomy = _engine(tiny_llama_dir, name, 256, dtype, enable_prefix_caching=False)
     alone = [roomy.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in PROMPTS]
-    # 6 float32 blocks' worth of bytes: ~24 8-bit blocks for 16 requests of up to 40 tokens forces preemption
-    tight = _engine(tiny_llama_dir, name, 6, "float32", max_num_batched_tokens=32)
+    # about 24 8-bit blocks for 16 requests of up to 40 tokens: forces preemption
+    tight = _engine(tiny_llama_dir, name, 6 if dtype == "float32" else 12, dtype, max_num_batched_tokens=32)
     before = tight.get_stats()
     outs = tight.generate(PROMPTS, GREEDY, use_tqdm=False)
     after = tight.get_stats()

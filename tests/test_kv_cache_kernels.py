@@ -227,3 +227,22 @@ def test_recorded_decode_steps_replay_the_8bit_kernels(lib, tiny_model_dirs, kv_
 
     assert {native.OP_WRITE_KV8, native.OP_DECODE_ATTENTION_KV8} <= codes
     assert replayed == eager
+
+
+def test_bf16_gemm_of_zero_rows(lib):
+    """A step whose rows are all non-final prefill chunks computes logits for zero rows: the AMX GEMM path
+    segfaulted on m = 0 (found running the 8-bit cache's engine tests on a bf16 model)."""
+    if not lib.has_gemm_bf16:
+        pytest.skip("no bf16 GEMM on this CPU")
+    weight = torch.randn(4096, 64).to(torch.bfloat16)
+    panels = lib.pack_bf16_panels(weight)
+    for amx in (True, False):
+        was = lib.amx
+        lib.use_amx(amx)
+        try:
+            y = lib.gemm_bf16(torch.empty(0, 64, dtype=torch.bfloat16), panels, 4096, None)
+            assert y.shape == (0, 4096)
+            got = lib.gemm_bf16(torch.ones(3, 64, dtype=torch.bfloat16), panels, 4096, None)
+            torch.testing.assert_close(got.float(), (torch.ones(3, 64) @ weight.float().T), atol=0.1, rtol=0.02)
+        finally:
+            lib.use_amx(was)
