@@ -113,15 +113,103 @@ static inline __attribute__((always_inline)) __m512 kv8_load16(const uint8_t *p,
     if (fmt == KV8_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
     const __m256i h = _mm256_cvtepu8_epi16(b);
     if (fmt == KV8_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(h, 8)); /* e5m2 is a half's top byte */
-    /* e4m3: sign to bit 15, exponent and mantissa to half's bits 13..7, read as a half with bias 15, not 7 */
-    const __m256i bits = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f)), 7),
-                                         _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8));
+    /* e4m3: the sign to bit 15, exponent and mantissa to half's bits 13..7 (an arithmetic shift of the byte in the
+     * high half copies the sign into bit 14, which the mask clears), read as a half with bias 15, not 7 */
+    const __m256i bits = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(h, 8), 1), _mm256_set1_epi16(-16512));
     return _mm512_cvtph_ps(bits);
 }
 
 /* The factor kv8_load16 leaves out of an e4m3 code (2^(15 - 7)); exact, so folding it into the row's scale changes
  * no bits. */
 static inline float kv8_scale_fix(int fmt) { return fmt == KV8_E4M3 ? 256.0f : 1.0f; }
+#endif
+
+#if HAVE_AVX512
+/* kv8_attend's vector path for the common shapes (group <= 8, head size 64 or 128) with the query and the
+ * accumulators in registers: inlined with constant FMT, G and NV. The same operations in the same order as the
+ * general vector path, so the same bits. */
+static inline __attribute__((always_inline)) void kv8_attend_fixed(int FMT, int G, int NV, const float *q,
+                                                                   const uint8_t *k_cache, const uint8_t *v_cache,
+                                                                   const int32_t *table, int block_size,
+                                                                   int kv_heads, int kh, int first, int len,
+                                                                   float *restrict scores, float *restrict acc) {
+    const int d = NV * 16;
+    const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
+    const int n = len - first;
+    const float fix = kv8_scale_fix(FMT);
+    __m512 qv[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(q + (size_t)g * d + 16 * v);
+    for (int t = first; t < len; t++) {
+        const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float ks;
+        memcpy(&ks, kr + d, sizeof ks);
+        ks *= fix;
+        __m512 kv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) kv[v] = kv8_load16(kr + 16 * v, FMT);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 8
+            for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+            scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * ks;
+        }
+    }
+    softmax_numerators(scores, G, n);
+    __m512 av[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) av[g][v] = _mm512_setzero_ps();
+    for (int t = first; t < len; t++) {
+        const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float vs;
+        memcpy(&vs, vr + d, sizeof vs);
+        vs *= fix;
+        __m512 vv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) vv[v] = kv8_load16(vr + 16 * v, FMT);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) av[g][v] = _mm512_fmadd_ps(w, vv[v], av[g][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * v, av[g][v]);
+}
+
+#define KV8_GROUPS(X, F, NV) X(F, 1, NV) X(F, 2, NV) X(F, 3, NV) X(F, 4, NV) X(F, 5, NV) X(F, 6, NV) X(F, 7, NV) \
+    X(F, 8, NV)
+#define KV8_CASE(F, G, NV)                                                                                     \
+    case (F) * 1000 + (G) * 10 + (NV):                                                                        \
+        kv8_attend_fixed(F, G, NV, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc); \
+        return 1;
+
+/* 1 when a specialised loop handled the shape, 0 to use the general one. */
+static int kv8_dispatch(int fmt, int group, int d, const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
+                        const int32_t *table, int block_size, int kv_heads, int kh, int first, int len,
+                        float *restrict scores, float *restrict acc) {
+    if ((d != 64 && d != 128) || group > 8) return 0;
+    switch (fmt * 1000 + group * 10 + d / 16) {
+        KV8_GROUPS(KV8_CASE, KV8_INT8, 4)
+        KV8_GROUPS(KV8_CASE, KV8_INT8, 8)
+        KV8_GROUPS(KV8_CASE, KV8_E4M3, 4)
+        KV8_GROUPS(KV8_CASE, KV8_E4M3, 8)
+        KV8_GROUPS(KV8_CASE, KV8_E5M2, 4)
+        KV8_GROUPS(KV8_CASE, KV8_E5M2, 8)
+        default:
+            return 0;
+    }
+}
 #endif
 
 /* One (row, KV head) task: q [group][d] float32 already scaled by the softmax scale; out [group][d]. */
@@ -131,6 +219,8 @@ static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t 
     const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
     const int n = len - first;
 #if HAVE_AVX512
+    if (kv8_dispatch(fmt, group, d, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc))
+        return;
     if (d % 16 == 0 && d <= 256) {
         const float fix = kv8_scale_fix(fmt);
         const int nv = d / 16;
