@@ -269,3 +269,19 @@ def test_doctor_lists_the_8bit_kv_dtypes_per_platform():
     assert cpu["kv_cache_dtypes"] == {"fp8_e4m3": "cpu-sdpa", "fp8_e5m2": "cpu-sdpa", "int8": "cpu-sdpa"}
     if "cuda" in by_name:  # the Triton backend reads them; flash-attn and flashinfer do not declare them
         assert set(by_name["cuda"]["kv_cache_dtypes"].values()) == {"triton"}
+
+
+def test_encoder_embeddings_with_an_8bit_cache():
+    """Bidirectional attention (pooling models) over an 8-bit cache: the CPU backend hands it to the reference."""
+    from tests.pooling_factory import minilm_dir
+
+    model = minilm_dir()
+    if model is None:
+        pytest.skip("the all-MiniLM-L6-v2 test package is not installed")
+    texts = ["hello world", "The capital of France is Paris.", "def f(x): return x * 2"]
+    full = LLM(str(model), kv_cache_memory=8 << 20).embed(texts, use_tqdm=False)
+    for name in ("int8", "fp8"):
+        q8 = LLM(str(model), kv_cache_memory=8 << 20, kv_cache_dtype=name).embed(texts, use_tqdm=False)
+        a = torch.tensor([o.outputs.embedding for o in full])
+        b = torch.tensor([o.outputs.embedding for o in q8])
+        assert (torch.nn.functional.cosine_similarity(a, b) > 0.999).all(), name

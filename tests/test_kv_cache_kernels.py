@@ -246,3 +246,25 @@ def test_bf16_gemm_of_zero_rows(lib):
             torch.testing.assert_close(got.float(), (torch.ones(3, 64) @ weight.float().T), atol=0.1, rtol=0.02)
         finally:
             lib.use_amx(was)
+
+
+@pytest.mark.parametrize("kv_dtype", KV8, ids=IDS)
+def test_without_c_kernels_the_backend_runs_the_reference(backend, monkeypatch, kv_dtype):
+    """No compiler (or LLMCTL_CPU_NATIVE=0), float16 queries, encoders: the 8-bit cache still works, through the
+    torch reference."""
+    from llmctl_cpu import native
+
+    rng = random.Random(2)
+    for dtype, no_native in ((torch.bfloat16, True), (torch.float16, False)):
+        with monkeypatch.context() as mp:
+            if no_native:
+                mp.setattr(native, "kernels", lambda: None)
+            specs = [(0, 9), (20, 1), (33, 4)]
+            query, cache, md = quantized_batch(rng, specs, 16, 2, 4, 64, dtype, kv_dtype)
+            key, value = torch.randn(md.num_tokens, 2, 64).to(dtype), torch.randn(md.num_tokens, 2, 64).to(dtype)
+            want = cache.clone()
+            write_kv_reference(key, value, want, md.slot_mapping)
+            backend.write_kv(key, value, cache, md.slot_mapping)
+            assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))
+            got = backend.forward(query, cache, md, 0.125)
+            assert torch.equal(got, paged_attention_reference(query, want, md, 0.125))
