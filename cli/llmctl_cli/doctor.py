@@ -63,6 +63,7 @@ def collect() -> dict[str, Any]:
             "quantization_kernels": pm.registry.quant_formats_for(plat.name),
             # what tensor parallelism's all-reduce and all-gather run on there (None: tensor_parallel_size 1 only)
             "communicator": _communicator(pm.registry, plat.name),
+            "kv_cache_dtypes": _kv_cache_dtypes(pm, plat),
         })
     try:
         chosen = pm.select_platform(None)
@@ -109,6 +110,29 @@ def _communicator(registry: Any, platform: str) -> dict[str, Any] | None:
     return {"name": comm.name, "backend": _safe(backend, None) if callable(backend) else None}
 
 
+def _kv_cache_dtypes(pm: Any, plat: Any) -> dict[str, str]:
+    """8-bit KV cache dtype -> the attention backend that would read it on this platform (the first, by priority,
+    whose ``supports`` accepts the dtype's feature; the torch reference reads them all)."""
+    from llmctl.kv.cache_dtype import KV_CACHE_DTYPES, kv_dtype_name, kv_feature, kv_storage_dtype
+
+    dtype = (_safe(plat.supported_dtypes, []) or [None])[0]
+    found: dict[str, str] = {}
+    if dtype is None:
+        return found
+    for name in KV_CACHE_DTYPES:
+        storage = kv_storage_dtype(name, dtype)
+        feature = kv_feature(storage)
+        if feature is None or kv_dtype_name(storage) in found:  # auto, and fp8 (the same as fp8_e4m3)
+            continue
+        features = frozenset({"prefix_caching", "chunked_prefill", feature})
+        for backend in pm.registry.backends_for(plat.name):
+            if _safe(lambda b=backend, f=features: bool(b.supports(dtype, TYPICAL_HEAD_SIZE, TYPICAL_BLOCK_SIZE, f)),
+                     False):
+                found[kv_dtype_name(storage)] = backend.name
+                break
+    return found
+
+
 def _safe(fn: Any, fallback: Any) -> Any:
     try:
         return fn()
@@ -152,6 +176,8 @@ def render(report: dict[str, Any], console: Any) -> None:
             f"communicator {comm['name']}" + (f" (torch.distributed {comm['backend']})"
                                               if comm.get("backend") and comm["backend"] != comm["name"] else "")
             if comm else "none (tensor_parallel_size 1 only)"))
+        kv = ", ".join(f"{name}: {backend}" for name, backend in pf.get("kv_cache_dtypes", {}).items())
+        lines.append("8-bit KV cache: " + (kv or "-"))
         grid.add_row(f"[bold]{pf['name']}[/bold]", "\n".join(lines))
     console.print(grid)
 

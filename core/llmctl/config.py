@@ -43,6 +43,9 @@ class EngineArgs:
     dtype: str | torch.dtype = "auto"
     max_model_len: int | None = None
     block_size: int = 16
+    # KV cache storage (vLLM's names): "auto" (the model dtype), "fp8" (= "fp8_e4m3"), "fp8_e5m2" or "int8"; the
+    # 8-bit ones keep a scale per token and KV head beside the codes (llmctl.kv.cache_dtype).
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: int | float | None = None  # bytes, or a fraction of free memory; None = platform default
     # Share of the device the engine may fill (weights + activations + KV) where the platform sizes the KV cache
     # by profiling (GPUs); None = the platform's default. Ignored when kv_cache_memory is set.
@@ -106,6 +109,9 @@ class EngineArgs:
             raise ValueError(f"max_model_len: must be a positive integer, got {self.max_model_len!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
             raise ValueError(f"block_size: must be a power of two between 1 and 256, got {self.block_size!r}")
+        from llmctl.kv.cache_dtype import normalize_kv_cache_dtype
+
+        self.kv_cache_dtype = normalize_kv_cache_dtype(self.kv_cache_dtype)
         kv = self.kv_cache_memory
         if kv is not None:
             if isinstance(kv, bool) or not isinstance(kv, (int, float)) or (isinstance(kv, float) and math.isnan(kv)):
@@ -252,6 +258,7 @@ class CacheConfig:
     num_blocks: int
     enable_prefix_caching: bool
     bytes_per_block: int
+    cache_dtype: torch.dtype | None = None  # the KV cache tensors' dtype (an 8-bit one with kv_cache_dtype)
 
 
 @dataclass

@@ -31,6 +31,12 @@ batch:
   Grouped-query attention is a stride-0 view of K/V over the query heads of one KV head.
 * Sliding windows: decodes and context chunks only read the keys inside the window; masks do the rest.
 
+8-bit KV caches (``kv_cache_dtype`` int8 / fp8_e4m3 / fp8_e5m2): every query row, decode or prefill, runs in the C
+kernel of ``kernels/attention_kv8.c`` as a decode over its own prefix, reading the codes and their per-row scales in
+place; so a token's bits are the same whether it was computed in a prefill, a later chunk, a prefix-cache hit or a
+decode. The write quantizes in C with the torch reference's bytes. Without the C kernels, or for float16 queries,
+the torch reference runs (``llmctl.ops.paged_attention``).
+
 Bits do change between a chunked and an unchunked prefill of the same prompt (different kernel shapes), as
 they did between a token computed as a decode and recomputed in a prefill after preemption; core's
 engine-level guarantee (same greedy tokens alone and batched) is tested in tests/test_engine_scheduling.py.
@@ -41,6 +47,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from llmctl.attention import AttentionMetadata
+from llmctl.kv.cache_dtype import KV_CACHE_FEATURES, is_quantized_kv
+from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins.types import AttentionBackend, Support
 
 from llmctl_cpu import native
@@ -54,7 +62,7 @@ QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the e
 NATIVE_PREFILL_MAX_LEN = 2048
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill", "bidirectional"})
+_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill", "bidirectional"}) | KV_CACHE_FEATURES
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -86,6 +94,12 @@ class CpuSdpaAttention(AttentionBackend):
         n = slot_mapping.shape[0]
         key, value = key[:n], value[:n]
         lib = native.kernels()
+        if is_quantized_kv(kv_cache.dtype):
+            if lib is not None and _kv8_rows_ok(key, kv_cache) and _kv8_rows_ok(value, kv_cache):
+                lib.write_kv8(key, value, kv_cache, slot_mapping.long().contiguous())
+            else:
+                write_kv_reference(key, value, kv_cache, slot_mapping)
+            return
         if lib is not None and _native_rows_ok(key, kv_cache) and _native_rows_ok(value, kv_cache):
             lib.write_kv(key, value, kv_cache, slot_mapping.long().contiguous())
             return
@@ -110,6 +124,8 @@ class CpuSdpaAttention(AttentionBackend):
         without cached context. ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional)."""
         if out is None:
             out = torch.empty_like(query)
+        if is_quantized_kv(kv_cache.dtype):
+            return _forward_kv8(query, kv_cache, metadata, scale, sliding_window, out, causal)
         if not causal:
             return bidirectional_attention(query, kv_cache, metadata, scale, out, key, value)
         n = metadata.num_seqs
@@ -139,6 +155,37 @@ class CpuSdpaAttention(AttentionBackend):
             for group in plan.torch_decodes(tables, block_size, sliding_window, query.dtype):
                 _decode_group(query, kv_cache, out, group, scale)
         return out
+
+
+def _kv8_rows_ok(x: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """[n, heads, D] float32/bf16 rows the 8-bit kernels read: heads contiguous within a row, contiguous cache."""
+    return (native.dtype_code(x.dtype) is not None and x.dim() == 3 and x.stride(2) == 1
+            and x.stride(1) == x.shape[2] and kv_cache.is_contiguous() and x.shape[2] + 4 == kv_cache.shape[4])
+
+
+def _forward_kv8(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                 window: int | None, out: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Every query row as a decode over its own prefix in the 8-bit C kernel; the torch reference without it."""
+    lib = native.kernels()
+    n = metadata.num_seqs
+    if lib is None or not causal or not (_kv8_rows_ok(query, kv_cache) and _kv8_rows_ok(out, kv_cache)):
+        return paged_attention_reference(query, kv_cache, metadata, scale, window, out, causal=causal)
+    if n == 0:
+        return out
+    cache_key = ("cpu-sdpa-kv8",)
+    rows = metadata.plan_cache.get(cache_key)
+    if rows is None:
+        if metadata.max_query_len == 1 and metadata.num_tokens == n:
+            rows = _NativeRows.all_decodes(n, metadata.seq_lens, metadata.block_tables)
+        else:
+            prefills, decodes = _split_batch(metadata)
+            rows = _NativeRows(decodes, prefills, metadata.block_tables)
+        metadata.plan_cache[cache_key] = rows
+    if rows.rows.numel() and not lib.decode_attention_kv8(query, out, kv_cache, rows.block_tables, rows.tables,
+                                                          rows.rows, rows.seq_lens, window, scale):
+        raise RuntimeError("native 8-bit KV attention failed: a block table entry is outside the KV cache, or "
+                           "scratch memory could not be allocated")
+    return out
 
 
 class _DecodeGroup:
@@ -245,22 +292,7 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
         rows = _NativeRows.all_decodes(n, metadata.seq_lens, metadata.block_tables)
         plan = metadata.plan_cache[cache_key] = _Plan([], None, rows, [], metadata)
         return plan
-    q_lens = metadata.query_lens_cpu
-    seq_lens = metadata.seq_lens_cpu
-    if q_lens is None or len(q_lens) < n:
-        q_lens = metadata.query_lens[:n].tolist()
-    if seq_lens is None or len(seq_lens) < n:
-        seq_lens = metadata.seq_lens[:n].tolist()
-    prefills: list[tuple[int, int, int, int]] = []
-    decodes: list[tuple[int, int, int]] = []  # (seq, row, seq_len)
-    start = 0
-    for i in range(n):
-        ql, sl = q_lens[i], seq_lens[i]
-        if ql == 1:
-            decodes.append((i, start, sl))
-        elif ql > 1:
-            prefills.append((i, start, ql, sl))
-        start += ql
+    prefills, decodes = _split_batch(metadata)
     rows = None
     long_prefills: list[tuple[int, int, int, int]] = []
     if lib is not None and lib.has_prefill_bf16 and dtype == torch.bfloat16 and window is None \
@@ -272,6 +304,28 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
         rows = _NativeRows(decodes, short, metadata.block_tables)
     plan = metadata.plan_cache[cache_key] = _Plan(prefills, decodes, rows, long_prefills)
     return plan
+
+
+def _split_batch(metadata: AttentionMetadata) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int]]]:
+    """(seq, first row, query length, seq_len) per prefill chunk and (seq, row, seq_len) per decode."""
+    n = metadata.num_seqs
+    q_lens = metadata.query_lens_cpu
+    seq_lens = metadata.seq_lens_cpu
+    if q_lens is None or len(q_lens) < n:
+        q_lens = metadata.query_lens[:n].tolist()
+    if seq_lens is None or len(seq_lens) < n:
+        seq_lens = metadata.seq_lens[:n].tolist()
+    prefills: list[tuple[int, int, int, int]] = []
+    decodes: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(n):
+        ql, sl = q_lens[i], seq_lens[i]
+        if ql == 1:
+            decodes.append((i, start, sl))
+        elif ql > 1:
+            prefills.append((i, start, ql, sl))
+        start += ql
+    return prefills, decodes
 
 
 def _decode_plan(tables: torch.Tensor, block_size: int, s_pad: int, members: list[tuple[int, int, int, int]],

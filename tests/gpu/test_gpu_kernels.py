@@ -66,6 +66,33 @@ def test_split_k_native(dtype, window):
     _close(paged_attention(query, kv, meta, 128 ** -0.5, window, out=out), expected, dtype, "split-K")
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_8bit_kv_cache_native(kv_dtype):
+    """The 8-bit write (bytes equal to the reference's) and both attention paths over 8-bit codes and scales."""
+    from llmctl.kv.cache_dtype import pack_rows
+    from llmctl_triton import paged_attention
+    from llmctl_triton.kv8 import write_kv8
+
+    gen = torch.Generator().manual_seed(SEED + 13)
+    kv, meta = make_batch(gen, [1] * 4 + [40, 7], ragged(gen, 4, 1, 3000) + [0, 33], 16, 2, 128, torch.float32, DEV)
+    kv = pack_rows(kv, kv_dtype)
+    key = torch.randn(meta.num_tokens, 2, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    value = torch.randn(meta.num_tokens, 2, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    expected_kv = kv.clone()
+    write_kv_reference(key, value, expected_kv, meta.slot_mapping)
+    write_kv8(key, value, kv, meta.slot_mapping)
+    assert torch.equal(kv.view(torch.uint8), expected_kv.view(torch.uint8)), f"seed={SEED}"
+    query = torch.randn(meta.num_tokens, 8, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    expected = paged_attention_reference(query, kv, meta, 128 ** -0.5)
+    _close(paged_attention(query, kv, meta, 128 ** -0.5), expected, torch.bfloat16, "8-bit mixed batch")
+    decodes = AttentionMetadata(
+        num_tokens=4, num_seqs=4, query_start_loc=meta.query_start_loc[:5], seq_lens=meta.seq_lens[:4],
+        block_tables=meta.block_tables[:4], slot_mapping=meta.slot_mapping[:4], max_query_len=1,
+        max_seq_len=int(meta.seq_lens[:4].max()), block_size=16)
+    _close(paged_attention(query[:4], kv, decodes, 128 ** -0.5, split_k=True, partition_size=256), expected[:4],
+           torch.bfloat16, "8-bit split-K")
+
+
 def test_write_kv_native():
     from llmctl_triton import write_kv
 

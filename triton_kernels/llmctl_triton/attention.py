@@ -11,6 +11,9 @@ Two paths share the same masking rules as the torch oracle (:mod:`llmctl.ops.pag
   split-K (flash-decoding) path cuts each context into partitions processed by separate programs, writes a
   partial output and log-sum-exp per partition, and a reduce kernel merges them.
 
+An 8-bit cache (``llmctl_triton.kv8``) is read as codes plus a float32 scale per row: keys are dequantized in
+registers and their scales applied to the scores, value scales are folded into the probabilities.
+
 Partition boundaries depend only on each sequence's own length, so a sequence's result on one path does not
 depend on what else is in the batch.
 """
@@ -25,6 +28,7 @@ import triton.language as tl
 from llmctl.attention import AttentionMetadata
 
 from llmctl_triton._common import check_device, interpreting, next_pow2, num_sms, upcast_for_dot
+from llmctl_triton.kv8 import SCALE_BYTES, cache_format, code_and_scale_views, code_to_f32
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # a window larger than any context: the window mask is then always true
@@ -40,9 +44,10 @@ def _paged_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
+    k_scale_ptr, v_scale_ptr, stride_kwb, stride_kws, stride_kwh, stride_vwb, stride_vws, stride_vwh,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
     HEAD: tl.constexpr, HEAD_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, KV_FMT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     qblk = tl.program_id(1)
@@ -65,7 +70,7 @@ def _paged_attn_kernel(
     tok64 = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
+    if UPCAST or KV_FMT != 0:
         q = q.to(tl.float32)
     q_pos = ctx_len + tok
 
@@ -85,10 +90,16 @@ def _paged_attn_kernel(
         blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         slot = kpos % BLOCK_SIZE
         kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-                     + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+                     + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0)
+        if KV_FMT != 0:  # 8-bit codes: dequantized in registers, the key's scale applied to its score
+            s = tl.dot(q, code_to_f32(kt, KV_FMT), input_precision=DOT_PREC)
+            ksc = tl.load(k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
+                          mask=k_ok, other=0.0)
+            s = s * ksc[None, :] * scale_log2
+        else:
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
         allowed = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > q_pos[:, None] - window) & k_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -97,10 +108,15 @@ def _paged_attn_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                    + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0)
+        if KV_FMT != 0:  # each value row's scale folded into its probabilities
+            vsc = tl.load(v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4,
+                          mask=k_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p * vsc[None, :], code_to_f32(v, KV_FMT), input_precision=DOT_PREC)
+        else:
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -116,9 +132,10 @@ def _paged_decode_split_kernel(
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_po_s, stride_po_h, stride_po_p, stride_pl_s, stride_pl_h,
+    k_scale_ptr, v_scale_ptr, stride_kwb, stride_kws, stride_kwh, stride_vwb, stride_vws, stride_vwh,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr,
     HEAD: tl.constexpr, HEAD_P2: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, KV_FMT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -138,7 +155,7 @@ def _paged_decode_split_kernel(
     tok64 = (q_start + q_len - 1).to(tl.int64)
     q = tl.load(q_ptr + tok64 * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
+    if UPCAST or KV_FMT != 0:
         q = q.to(tl.float32)
 
     lo = tl.maximum(q_pos - window + 1, 0)
@@ -161,10 +178,16 @@ def _paged_decode_split_kernel(
         blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
         slot = kpos % BLOCK_SIZE
         kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
-                     + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+                     + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0)
+        if KV_FMT != 0:  # 8-bit codes: dequantized in registers, the key's scale applied to its score
+            s = tl.dot(q, code_to_f32(kt, KV_FMT), input_precision=DOT_PREC)
+            ksc = tl.load(k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
+                          mask=k_ok, other=0.0)
+            s = s * ksc[None, :] * scale_log2
+        else:
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
         allowed = k_ok & (kpos > q_pos - window)
         s = tl.where(allowed[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -173,10 +196,15 @@ def _paged_decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
-                    + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+                    + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0)
+        if KV_FMT != 0:  # each value row's scale folded into its probabilities
+            vsc = tl.load(v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4,
+                          mask=k_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p * vsc[None, :], code_to_f32(v, KV_FMT), input_precision=DOT_PREC)
+        else:
+            if UPCAST:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -264,6 +292,9 @@ def paged_attention(
         raise ValueError("kv_cache and out need a contiguous head dimension")
     num_heads, head = query.shape[1], query.shape[2]
     _, _, block_size, num_kv_heads, kv_head = kv_cache.shape
+    fmt = cache_format(kv_cache)
+    if fmt:  # 8-bit: codes as bytes, each row's scale as a float32 word after them (llmctl_triton.kv8)
+        kv_head -= SCALE_BYTES
     if kv_head != head or num_heads % num_kv_heads:
         raise ValueError(f"query heads {num_heads}x{head} do not fit KV heads {num_kv_heads}x{kv_head}")
     group = num_heads // num_kv_heads
@@ -271,6 +302,10 @@ def paged_attention(
     window = NO_WINDOW if not sliding_window else int(sliding_window)
     tile_n = _tile_n(head_p2)
     kc, vc = kv_cache[0], kv_cache[1]
+    kw, vw, w_strides = kc, vc, (0,) * 6  # scales: unused unless 8-bit
+    if fmt:
+        (kc, kw), (vc, vw) = code_and_scale_views(kc), code_and_scale_views(vc)
+        w_strides = (kw.stride(0), kw.stride(1), kw.stride(2), vw.stride(0), vw.stride(1), vw.stride(2))
     qsl = metadata.query_start_loc
     seq_lens = metadata.seq_lens
     bt = metadata.block_tables if metadata.block_tables.stride(-1) == 1 else metadata.block_tables.contiguous()
@@ -296,9 +331,9 @@ def paged_attention(
             query.stride(0), query.stride(1),
             kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
             bt.stride(0), part_out.stride(0), part_out.stride(1), part_out.stride(2),
-            part_lse.stride(0), part_lse.stride(1),
+            part_lse.stride(0), part_lse.stride(1), kw, vw, *w_strides,
             BLOCK_SIZE=block_size, GROUP=group, HEAD=head, HEAD_P2=head_p2, BLOCK_M=block_m, TILE_N=tile_n,
-            UPCAST=upcast, DOT_PREC=prec,
+            UPCAST=upcast, DOT_PREC=prec, KV_FMT=fmt,
         )
         _split_reduce_kernel[(metadata.num_seqs, num_heads)](
             part_out, part_lse, out, qsl, splits,
@@ -321,8 +356,8 @@ def paged_attention(
         scale_log2, window,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        bt.stride(0),
+        bt.stride(0), kw, vw, *w_strides,
         BLOCK_SIZE=block_size, GROUP=group, GROUP_P2=group_p2, HEAD=head, HEAD_P2=head_p2,
-        BLOCK_M=block_m, TILE_N=tile_n, UPCAST=upcast, DOT_PREC=prec,
+        BLOCK_M=block_m, TILE_N=tile_n, UPCAST=upcast, DOT_PREC=prec, KV_FMT=fmt,
     )
     return out

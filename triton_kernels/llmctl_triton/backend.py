@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import torch
 from llmctl.attention import AttentionMetadata
+from llmctl.kv.cache_dtype import KV_CACHE_FEATURES
 from llmctl.plugins.types import AttentionBackend, OpOverride, Support
 
 DEFAULT_PARTITION = 512  # keys per split-K partition; mirrors llmctl_triton.attention without importing Triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill"})
+# plus 8-bit KV caches (int8, fp8 e4m3 / e5m2: llmctl_triton.kv8)
+SUPPORTED_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill"}) | KV_CACHE_FEATURES
 MAX_HEAD_SIZE = 256
 
 
@@ -49,8 +51,12 @@ class TritonAttentionBackend(AttentionBackend):
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         from llmctl_triton.cache import write_kv
+        from llmctl_triton.kv8 import cache_format, write_kv8
 
-        write_kv(key, value, kv_cache, slot_mapping)
+        if cache_format(kv_cache):
+            write_kv8(key, value, kv_cache, slot_mapping)
+        else:
+            write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(
         self,

@@ -26,6 +26,7 @@ from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, Sampler, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import Scheduler, SchedulerOutput
 from llmctl.engine.step_stats import IterationTokenStats
+from llmctl.kv.cache_dtype import kv_dtype_name, kv_feature, kv_row_width, kv_storage_dtype
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins import get_plugin_manager
@@ -120,7 +121,10 @@ class EngineCore:
             eagle_source = resolve_eagle_head(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
-        features = frozenset({"chunked_prefill", "prefix_caching"} | ({"sliding_window"} if sliding_window else set()))
+        self.kv_cache_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
+        kv_features = {kv_feature(self.kv_cache_dtype)} - {None}  # an 8-bit cache is a feature backends opt into
+        features = frozenset({"chunked_prefill", "prefix_caching"} | kv_features |
+                             ({"sliding_window"} if sliding_window else set()))
         model_cls = self.runner_plan.model_cls
         if callable(getattr(model_cls, "attention_head_size", None)):
             head_size = model_cls.attention_head_size(hf_config)  # MLA caches a latent, not head_dim
@@ -163,10 +167,11 @@ class EngineCore:
                                                 max_loras=lora_config.max_loras if lora_config else None)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
-                                              spec.head_size)
+                                              kv_row_width(spec.head_size, self.kv_cache_dtype))
         # torch.empty: pages are committed only when written, and backends never read a slot before writing it
         # (the testkit poisons unused slots to hold them to that).
-        kv_caches = [torch.empty(shape, dtype=dtype, device=self.device) for _ in range(spec.num_layers)]
+        kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
+                     for _ in range(spec.num_layers)]
         self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
@@ -183,9 +188,10 @@ class EngineCore:
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
-        logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_blocks=%d (block_size=%d) max_model_len=%d "
-                    "decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
-                    self.cache_config.num_blocks, args.block_size, self.model_config.max_model_len, decode_graphs,
+        logger.info("llmctl engine: platform=%s attention=%s dtype=%s kv_cache_dtype=%s kv_blocks=%d (block_size=%d) "
+                    "max_model_len=%d decode_graphs=%s quantization=%s", self.platform.name, self.attention.name, dtype,
+                    kv_dtype_name(self.kv_cache_dtype), self.cache_config.num_blocks, args.block_size,
+                    self.model_config.max_model_len, decode_graphs,
                     summary.describe() if summary is not None else "none")
 
     # -- configuration ---------------------------------------------------------------------------------------
@@ -234,8 +240,11 @@ class EngineCore:
         """Blocks for the KV cache: the user's ``kv_cache_memory`` when set, else what the platform measures by
         profiling, else a share of ``memory_info``'s free memory (capped, since host memory is shared)."""
         args = self.args
-        elem = torch.tensor([], dtype=dtype).element_size()
-        bytes_per_block = 2 * spec.num_layers * args.block_size * spec.num_kv_heads * spec.head_size * elem
+        cache_dtype = self.kv_cache_dtype
+        elem = torch.tensor([], dtype=cache_dtype).element_size()
+        # an 8-bit cache's rows carry their scales, which the budget counts like the codes
+        row = kv_row_width(spec.head_size, cache_dtype)
+        bytes_per_block = 2 * spec.num_layers * args.block_size * spec.num_kv_heads * row * elem
         max_len = self.model_config.max_model_len
         blocks_per_seq = -(-max_len // args.block_size)
         kv = args.kv_cache_memory
@@ -272,7 +281,8 @@ class EngineCore:
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, from %s); max concurrency %.2fx requests "
                     "of max_model_len=%d", num_blocks, args.block_size, num_blocks * bytes_per_block / 2**30,
                     source, num_blocks / blocks_per_seq, max_len)
-        return CacheConfig(args.block_size, int(num_blocks), args.enable_prefix_caching, bytes_per_block)
+        return CacheConfig(args.block_size, int(num_blocks), args.enable_prefix_caching, bytes_per_block,
+                           cache_dtype)
 
     def _free_memory(self) -> int:
         try:
@@ -307,8 +317,9 @@ class EngineCore:
 
         @torch.inference_mode()
         def run_forward() -> None:
-            shape = self.attention.kv_cache_shape(1, block_size, spec.num_kv_heads, spec.head_size)
-            caches = [torch.zeros(shape, dtype=dtype, device=dev) for _ in range(spec.num_layers)]
+            shape = self.attention.kv_cache_shape(1, block_size, spec.num_kv_heads,
+                                                  kv_row_width(spec.head_size, self.kv_cache_dtype))
+            caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=dev) for _ in range(spec.num_layers)]
             metadata = build_attention_metadata(
                 list(lens), list(lens), torch.zeros((len(lens), -(-max(lens) // block_size)), dtype=torch.int32),
                 torch.full((total,), -1, dtype=torch.int64), block_size, dev)

@@ -1,7 +1,8 @@
 """Reference paged attention: the oracle every backend's kernels are tested against.
 
 Layout: one tensor per layer, ``[2, num_blocks, block_size, num_kv_heads, head_size]``. Clarity over speed:
-one sequence at a time, scores in float32.
+one sequence at a time, scores in float32. An 8-bit cache (``llmctl.kv.cache_dtype``) has ``head_size + 4`` in the
+last dimension: each head's codes and its float32 scale; writing quantizes, reading dequantizes to float32.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from llmctl.attention import AttentionMetadata
+from llmctl.kv.cache_dtype import dequantize_rows, is_quantized_kv, pack_rows
 from llmctl.layers.encoder_attention import check_whole_sequences
 
 
@@ -19,6 +21,10 @@ def write_kv_reference(
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     blocks, offsets = slots // block_size, slots % block_size
+    if is_quantized_kv(kv_cache.dtype):
+        kv_cache[0, blocks, offsets] = pack_rows(key[keep], kv_cache.dtype)
+        kv_cache[1, blocks, offsets] = pack_rows(value[keep], kv_cache.dtype)
+        return
     kv_cache[0, blocks, offsets] = key[keep].to(kv_cache.dtype)
     kv_cache[1, blocks, offsets] = value[keep].to(kv_cache.dtype)
 
@@ -26,12 +32,15 @@ def write_kv_reference(
 def gather_context(
     kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``seq_len`` keys and values of one sequence, as [seq_len, num_kv_heads, head_size]."""
+    """The first ``seq_len`` keys and values of one sequence, as [seq_len, num_kv_heads, head_size] (float32,
+    dequantized, from an 8-bit cache)."""
     block_size = kv_cache.shape[2]
     n_blocks = (seq_len + block_size - 1) // block_size
     ids = block_table[:n_blocks].long()
     k = kv_cache[0, ids].reshape(-1, *kv_cache.shape[3:])[:seq_len]
     v = kv_cache[1, ids].reshape(-1, *kv_cache.shape[3:])[:seq_len]
+    if is_quantized_kv(kv_cache.dtype):
+        return dequantize_rows(k), dequantize_rows(v)
     return k, v
 
 

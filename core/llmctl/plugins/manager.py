@@ -201,6 +201,8 @@ class PluginManager:
         for b in backends:
             support = b.supports(dtype, head_size, block_size, features)
             if support:
+                if reasons:  # a faster backend was passed over (an 8-bit KV cache it cannot read, say): say why
+                    logger.info("attention backend %s selected; skipped %s", b.name, "; ".join(reasons))
                 return b
             reasons.append(f"{b.name}: {support.reason}")
         raise ValueError(f"no attention backend on platform {platform.name!r} supports dtype={dtype}, "

@@ -168,7 +168,9 @@ class AttentionBackend(abc.ABC):
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
         """Shape of one layer's KV tensor. The default is ``[2, num_blocks, block_size, num_kv_heads, head_size]``
-        (keys at index 0, values at 1), the layout of the torch reference."""
+        (keys at index 0, values at 1), the layout of the torch reference. For an 8-bit cache (a backend that
+        accepted a ``kv_cache_*`` feature, ``llmctl.kv.cache_dtype``) core passes ``head_size + 4``: each row holds
+        its codes and then its float32 scale."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @abc.abstractmethod

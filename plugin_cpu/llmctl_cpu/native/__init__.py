@@ -43,6 +43,8 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-
 
 DT_F32, DT_BF16 = 0, 1
 _DTYPE_CODES = {torch.float32: DT_F32, torch.bfloat16: DT_BF16}
+# 8-bit KV cache formats (kernels/attention_kv8.c), by the cache tensor's dtype
+KV8_CODES = {torch.int8: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 MAX_ROTARY_HEAD_SIZE = 512  # kernels.c keeps one head in a stack buffer of this many floats
 
 _c_ptr, _c_i64, _c_int, _c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -66,6 +68,13 @@ class NativeKernels:
         self._attn.restype = _c_int
         self._attn.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_int, _c_int, _c_int,
                                _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int, _c_float, _c_i64, _c_int]
+        self._attn8 = lib.llmctl_decode_attention_kv8
+        self._attn8.restype = _c_int
+        self._attn8.argtypes = [_c_int, *self._attn.argtypes]
+        self._write8 = lib.llmctl_write_kv8
+        self._write8.restype = _c_int
+        self._write8.argtypes = [_c_int, _c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int,
+                                 _c_int, _c_int, _c_i64, _c_int]
         self._write = lib.llmctl_write_kv
         self._write.restype = _c_int
         self._write.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
@@ -181,6 +190,30 @@ class NativeKernels:
                         kv_cache.shape[1], torch.get_num_threads())
         return rc == 0
 
+    def decode_attention_kv8(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
+                             block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
+                             seq_lens: torch.Tensor, window: int | None, scale: float) -> bool:
+        """As :meth:`decode_attention` over an 8-bit ``kv_cache`` [2, blocks, block_size, Hk, D + 4] (codes and
+        each row's float32 scale, ``llmctl.kv.cache_dtype``); ``query``/``out`` float32 or bf16 [T, H, D]."""
+        _, _, block_size, kv_heads, _ = kv_cache.shape
+        rc = self._attn8(KV8_CODES[kv_cache.dtype], _DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0),
+                         out.data_ptr(), out.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_size,
+                         kv_heads, query.shape[2], query.shape[1], block_tables.data_ptr(), block_tables.stride(0),
+                         tables.data_ptr(), rows.data_ptr(), seq_lens.data_ptr(), rows.shape[0], window or 0, scale,
+                         kv_cache.shape[1], torch.get_num_threads())
+        return rc == 0
+
+    def write_kv8(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+        """Quantize ``key``/``value`` (float32 or bf16 [n, Hk, D], rows of ``Hk * D`` contiguous) into an 8-bit
+        cache, one scale per token and head, with the bytes the torch reference writes."""
+        num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+        bad = self._write8(KV8_CODES[kv_cache.dtype], _DTYPE_CODES[key.dtype], key.data_ptr(), key.stride(0),
+                           value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+                           slots.data_ptr(), slots.shape[0], key.shape[1], key.shape[2], num_slots,
+                           torch.get_num_threads())
+        if bad >= 0:
+            raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {num_slots} slots")
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x`` (and ``residual``) [rows, d] with unit stride along d, ``weight`` d contiguous, all one dtype.
@@ -294,8 +327,9 @@ def _program_abi() -> tuple[int, list[tuple[str, int, str, str, int, int, int]]]
 PROGRAM_SLOTS, _ABI = _program_abi()  # int64 words per recorded call (the opcode, then its arguments)
 OPCODES = {name: code for name, code, *_ in _ABI}
 (OP_GATHER, OP_RMS_NORM, OP_GEMM, OP_GEMM_SILU, OP_ROTARY, OP_WRITE_KV, OP_DECODE_ATTENTION,
- OP_GEMM_F32) = (OPCODES[n] for n in ("GATHER", "RMS_NORM", "GEMM", "GEMM_SILU", "ROTARY", "WRITE_KV",
-                                      "DECODE_ATTENTION", "GEMM_F32"))
+ OP_GEMM_F32, OP_WRITE_KV8, OP_DECODE_ATTENTION_KV8) = (
+    OPCODES[n] for n in ("GATHER", "RMS_NORM", "GEMM", "GEMM_SILU", "ROTARY", "WRITE_KV", "DECODE_ATTENTION",
+                         "GEMM_F32", "WRITE_KV8", "DECODE_ATTENTION_KV8"))
 OP_LAST = len(_ABI)
 # The kernels a recorded decode step may contain: name -> (NativeKernels attribute, opcode); for each opcode the
 # argument that carries the row count (replaced at replay, as is the thread count) and the float arguments.

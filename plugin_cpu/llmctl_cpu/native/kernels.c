@@ -23,4 +23,5 @@
 #include "kernels/gemm_f32.c"
 #include "kernels/argmax.c"
 #include "kernels/attention_prefill.c"
+#include "kernels/attention_kv8.c"
 #include "kernels/program.c"

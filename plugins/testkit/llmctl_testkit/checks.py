@@ -242,6 +242,58 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                  f"{backend.name}: forward with this step's key/value ({case.describe()})")
 
 
+def check_attention_kv8(backend: AttentionBackend, device: torch.device, case: AttentionCase,
+                        kv_dtype: torch.dtype) -> None:
+    """write_kv + forward over an 8-bit KV cache (``llmctl.kv.cache_dtype``), for a backend whose ``supports``
+    accepted the dtype's ``kv_cache_*`` feature.
+
+    Contract clauses exercised:
+    - ``attention.kv8.write_kv``: with the default layout, every owned row holds the reference's bytes (the
+      codes and the float32 scale of ``quantize_rows``); unowned slots hold poison bytes (NaN codes, huge scales).
+    - ``attention.kv8.forward``: matches the reference's attention over the same 8-bit cache.
+    """
+    from llmctl.kv.cache_dtype import kv_row_width
+
+    batch = build_batch(case)
+    md = batch.metadata
+    scale = 0.9 / math.sqrt(case.head_size)
+    window = SLIDING_WINDOW if case.scenario == "sliding_window" else None
+    row = kv_row_width(case.head_size, kv_dtype)
+    ref_cache = torch.zeros(2, batch.num_blocks, case.block_size, case.num_kv_heads, row, dtype=kv_dtype)
+    write_kv_reference(batch.past_key, batch.past_value, ref_cache, batch.past_slots)
+    write_kv_reference(batch.new_key, batch.new_value, ref_cache, md.slot_mapping)
+    expected = paged_attention_reference(batch.query, ref_cache, md, scale, window)[:md.num_tokens]
+
+    shape = backend.kv_cache_shape(batch.num_blocks, case.block_size, case.num_kv_heads, row)
+    kv_cache = torch.empty(shape, dtype=kv_dtype, device=device)
+    kv_cache.view(torch.uint8).fill_(0x7F)
+    dmd = metadata_to(md, device)
+    try:
+        backend.write_kv(batch.past_key.to(device), batch.past_value.to(device), kv_cache,
+                         batch.past_slots.to(device))
+        backend.write_kv(batch.new_key.to(device), batch.new_value.to(device), kv_cache, dmd.slot_mapping)
+    except Exception as exc:
+        raise ContractViolation("attention.kv8.write_kv", f"{backend.name}.write_kv raised {type(exc).__name__}: "
+                                                          f"{exc} ({case.describe()}, {kv_dtype})") from exc
+    if shape == ref_cache.shape:
+        flat = torch.zeros(batch.num_blocks * case.block_size, dtype=torch.bool)
+        flat[batch.past_slots] = True
+        flat[md.slot_mapping[md.slot_mapping >= 0]] = True
+        owned = flat.view(batch.num_blocks, case.block_size)
+        got, want = kv_cache.cpu().view(torch.uint8)[:, owned], ref_cache.view(torch.uint8)[:, owned]
+        differ = int((got != want).sum())
+        require(differ == 0, "attention.kv8.write_kv",
+                f"{backend.name}: {differ} bytes of the owned rows differ from the reference's quantization "
+                f"({case.describe()}, {kv_dtype})")
+    try:
+        result = backend.forward(batch.query.to(device), kv_cache, dmd, scale, window)
+    except Exception as exc:
+        raise ContractViolation("attention.kv8.forward", f"{backend.name}.forward raised {type(exc).__name__}: "
+                                                         f"{exc} ({case.describe()}, {kv_dtype})") from exc
+    assert_close("attention.kv8.forward", result[:md.num_tokens], expected, case.dtype,
+                 f"{backend.name} vs torch reference over a {kv_dtype} cache ({case.describe()})")
+
+
 # -- registration ----------------------------------------------------------------------------------------------
 def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
     clause = "registration.platform"

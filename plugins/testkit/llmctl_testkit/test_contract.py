@@ -131,6 +131,28 @@ def test_attention(testkit_manager, testkit_platform, testkit_device, backend_na
     checks.check_attention(backend, testkit_device, case)
 
 
+@pytest.mark.parametrize("scenario", ["mixed", "padded", "sliding_window"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("head_size", HEAD_SIZES, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("kv_dtype_name", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_attention_kv8(testkit_manager, testkit_platform, testkit_device, backend_name, dtype_name, kv_dtype_name,
+                       head_size, heads, scenario) -> None:
+    """Backends that declare an 8-bit KV cache feature read and write it as the reference does."""
+    from llmctl.kv.cache_dtype import kv_feature, kv_storage_dtype
+
+    dtype = DTYPES[dtype_name]
+    if dtype not in testkit_platform.supported_dtypes():
+        pytest.skip(f"{testkit_platform.name} does not list {dtype} in supported_dtypes()")
+    backend = _backend(testkit_manager, backend_name)
+    kv_dtype = kv_storage_dtype(kv_dtype_name, dtype)
+    case = checks.AttentionCase(dtype, head_size, 16, heads[0], heads[1], scenario, seed=head_size + heads[0])
+    support = backend.supports(dtype, head_size, 16, checks.case_features(case) | {kv_feature(kv_dtype)})
+    if not support:
+        pytest.skip(f"{backend.name} does not read {kv_dtype_name} KV caches: {support.reason}")
+    checks.check_attention_kv8(backend, testkit_device, case, kv_dtype)
+
+
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_op_override(testkit_manager, testkit_platform, testkit_device, op_name: str, dtype_name: str) -> None:
     dtype = DTYPES[dtype_name]

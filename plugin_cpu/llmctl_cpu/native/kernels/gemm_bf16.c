@@ -299,6 +299,7 @@ static int gemm_amx(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *pac
 /* silu: the panels alternate gate and up (n a multiple of 32) and y gets silu(gate) * up, [m, n / 2]. */
 static int gemm_driver(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
                        bf16_t *y, int64_t ys, int num_threads, int silu) {
+    if (m <= 0) return 0; /* a step that samples no row (only non-final prefill chunks): the AMX path crashed on it */
 #if HAVE_AMX
     if (amx_on && k % 32 == 0) return gemm_amx(x, xs, m, k, packed, n, bias, y, ys, num_threads, silu);
 #endif

@@ -106,6 +106,15 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
             case OP_GEMM_F32:
                 rc = llmctl_gemm_f32(P(0), a[1], I(2), I(3), P(4), I(5), P(6), P(7), a[8], num_threads);
                 break;
+            case OP_WRITE_KV8:
+                rc = llmctl_write_kv8(I(0), I(1), P(2), a[3], P(4), a[5], P(6), P(7), P(8), I(9), I(10), I(11), a[12],
+                                      num_threads);
+                break;
+            case OP_DECODE_ATTENTION_KV8:
+                rc = llmctl_decode_attention_kv8(I(0), I(1), P(2), a[3], P(4), a[5], P(6), P(7), I(8), I(9), I(10),
+                                                 I(11), P(12), a[13], P(14), P(15), P(16), I(17), I(18),
+                                                 bits_to_float(a[19]), a[20], num_threads);
+                break;
             default: /* in the table but not handled here */
                 rc = -2;
         }

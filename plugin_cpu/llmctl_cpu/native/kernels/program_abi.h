@@ -20,6 +20,8 @@
     X(ROTARY, 5, rotary, _rotary, 2, -1, -1)                             \
     X(WRITE_KV, 6, write_kv, _write, 8, -1, -1)                          \
     X(DECODE_ATTENTION, 7, decode_attention, _attn, 16, 18, 0)           \
-    X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1, 0)
+    X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1, 0)                        \
+    X(WRITE_KV8, 9, write_kv8, _write8, 9, -1, -1)                       \
+    X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19, 0)
 
 #endif /* LLMCTL_CPU_PROGRAM_ABI_H */

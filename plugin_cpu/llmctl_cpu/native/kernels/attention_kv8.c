@@ -1,0 +1,344 @@
+/* 8-bit KV caches (int8, fp8 e4m3, fp8 e5m2): the quantizing KV write and attention that reads the codes and their
+ * scales in place, dequantizing in registers.
+ *
+ * Layout (llmctl.kv.cache_dtype): each (slot, KV head) row is head_size one-byte codes followed by the row's float32
+ * scale, so a slot is kv_heads * (head_size + 4) bytes and a block carries its scales wherever it goes. The write
+ * reproduces the torch reference operation for operation (scale = amax / qmax, code = x / scale rounded half to even,
+ * fp8 clamped first), so the C and torch writes give the same bytes.
+ *
+ * Attention: one task per (query row, KV head), a prefill row being a decode over its own prefix, so a row's bits
+ * depend on its sequence's cache alone (batch invariance, and the same bits whether a token was computed in a
+ * prefill, a later chunk or a decode). Scores are q . codes times the key's scale; P.V accumulates codes times
+ * p * the value's scale, so dequantization costs one multiply per key, not per element.
+ *
+ * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone. */
+
+#define KV8_INT8 0
+#define KV8_E4M3 1
+#define KV8_E5M2 2
+
+static const float kv8_qmax[3] = {127.0f, 448.0f, 57344.0f};
+
+/* float -> fp8 code, round to nearest even, for |x| already clamped to the format's largest finite value. */
+static inline uint8_t f32_to_fp8(float x, int fmt) {
+    union { uint32_t u; float f; } c;
+    c.f = x;
+    const uint8_t sign = (uint8_t)((c.u >> 24) & 0x80u);
+    c.u &= 0x7fffffffu;
+    const int mant = fmt == KV8_E4M3 ? 3 : 2, bias = fmt == KV8_E4M3 ? 7 : 15;
+    const float min_normal = fmt == KV8_E4M3 ? 0.015625f : 6.103515625e-05f; /* 2^-6, 2^-14 */
+    if (c.f < min_normal) { /* subnormal codes: multiples of 2^(1 - bias - mant), an exact scaling */
+        const float steps = nearbyintf(c.f * (fmt == KV8_E4M3 ? 512.0f : 65536.0f));
+        return (uint8_t)(sign | (uint8_t)steps); /* a carry into the exponent field is the smallest normal */
+    }
+    const int drop = 23 - mant;
+    uint32_t u = c.u + ((1u << (drop - 1)) - 1u) + ((c.u >> drop) & 1u);
+    const int e = (int)(u >> 23) - 127 + bias;
+    const uint32_t m = (u >> drop) & ((1u << mant) - 1u);
+    return (uint8_t)(sign | (uint8_t)((uint32_t)e << mant) | (uint8_t)m);
+}
+
+/* code -> float without the scale (the generic path; the vector path converts sixteen at a time). */
+static inline float fp8_to_f32(uint8_t b, int fmt) {
+    const int mant = fmt == KV8_E4M3 ? 3 : 2, bias = fmt == KV8_E4M3 ? 7 : 15;
+    const int e = (b & 0x7f) >> mant, m = b & ((1 << mant) - 1);
+    const float v = e == 0 ? ldexpf((float)m, 1 - bias - mant) : ldexpf((float)((1 << mant) + m), e - bias - mant);
+    return b & 0x80 ? -v : v;
+}
+
+/* code -> float tables for the generic path, filled before the parallel region (idempotent). */
+static float kv8_table[3][256];
+static int kv8_table_ready = 0;
+
+static void kv8_init_tables(void) {
+    if (kv8_table_ready) return;
+    for (int b = 0; b < 256; b++) {
+        kv8_table[KV8_INT8][b] = (float)(int8_t)b;
+        kv8_table[KV8_E4M3][b] = fp8_to_f32((uint8_t)b, KV8_E4M3);
+        kv8_table[KV8_E5M2][b] = fp8_to_f32((uint8_t)b, KV8_E5M2);
+    }
+    kv8_table_ready = 1;
+}
+
+/* Quantize one head's row: codes then the float32 scale, as llmctl.kv.cache_dtype.quantize_rows does. */
+static void kv8_quantize_row(const float *restrict x, int d, int fmt, uint8_t *restrict dst) {
+    float amax = 0.0f;
+    for (int i = 0; i < d; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    const float qmax = kv8_qmax[fmt];
+    float scale = amax / qmax;
+    if (!(scale > 0.0f)) scale = 1.0f;
+    for (int i = 0; i < d; i++) {
+        float y = x[i] / scale;
+        if (fmt == KV8_INT8) {
+            y = nearbyintf(y);
+            y = y > qmax ? qmax : y < -qmax ? -qmax : y;
+            dst[i] = (uint8_t)(int8_t)y;
+        } else {
+            y = y > qmax ? qmax : y < -qmax ? -qmax : y;
+            dst[i] = f32_to_fp8(y, fmt);
+        }
+    }
+    memcpy(dst + d, &scale, sizeof scale);
+}
+
+/* Store new keys/values (float32 or bf16 rows of kv_heads * head_size, with a row stride) into an 8-bit cache;
+ * slot -1 skips a token. Returns the index of the first token whose slot is >= num_slots (nothing is written
+ * then), or -1. */
+int llmctl_write_kv8(int fmt, int dtype, const void *key, int64_t k_row_stride, const void *value,
+                     int64_t v_row_stride, void *k_cache, void *v_cache, const int64_t *slots, int num_tokens,
+                     int kv_heads, int head_size, int64_t num_slots, int num_threads) {
+    for (int i = 0; i < num_tokens; i++)
+        if (slots[i] >= num_slots) return i;
+    const int64_t row_bytes = head_size + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
+    const int threads = (int64_t)num_tokens * kv_heads * head_size >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int i = 0; i < num_tokens; i++) {
+        const int64_t s = slots[i];
+        if (s < 0) continue;
+        float row[1024];
+        for (int h = 0; h < kv_heads; h++) {
+            load_f32(key, i * k_row_stride + (int64_t)h * head_size, dtype, row, head_size);
+            kv8_quantize_row(row, head_size, fmt, (uint8_t *)k_cache + s * slot_bytes + h * row_bytes);
+            load_f32(value, i * v_row_stride + (int64_t)h * head_size, dtype, row, head_size);
+            kv8_quantize_row(row, head_size, fmt, (uint8_t *)v_cache + s * slot_bytes + h * row_bytes);
+        }
+    }
+    return -1;
+}
+
+#if HAVE_AVX512
+/* Sixteen codes -> floats, unscaled except e4m3, which comes out 2^-8 too small (kv8_scale_fix puts it back). */
+static inline __attribute__((always_inline)) __m512 kv8_load16(const uint8_t *p, int fmt) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    if (fmt == KV8_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+    const __m256i h = _mm256_cvtepu8_epi16(b);
+    if (fmt == KV8_E5M2) return _mm512_cvtph_ps(_mm256_slli_epi16(h, 8)); /* e5m2 is a half's top byte */
+    /* e4m3: the sign to bit 15, exponent and mantissa to half's bits 13..7 (an arithmetic shift of the byte in the
+     * high half copies the sign into bit 14, which the mask clears), read as a half with bias 15, not 7 */
+    const __m256i bits = _mm256_and_si256(_mm256_srai_epi16(_mm256_slli_epi16(h, 8), 1), _mm256_set1_epi16(-16512));
+    return _mm512_cvtph_ps(bits);
+}
+
+/* The factor kv8_load16 leaves out of an e4m3 code (2^(15 - 7)); exact, so folding it into the row's scale changes
+ * no bits. */
+static inline float kv8_scale_fix(int fmt) { return fmt == KV8_E4M3 ? 256.0f : 1.0f; }
+#endif
+
+#if HAVE_AVX512
+/* kv8_attend's vector path for the common shapes (group <= 8, head size 64 or 128) with the query and the
+ * accumulators in registers: inlined with constant FMT, G and NV. The same operations in the same order as the
+ * general vector path, so the same bits. */
+static inline __attribute__((always_inline)) void kv8_attend_fixed(int FMT, int G, int NV, const float *q,
+                                                                   const uint8_t *k_cache, const uint8_t *v_cache,
+                                                                   const int32_t *table, int block_size,
+                                                                   int kv_heads, int kh, int first, int len,
+                                                                   float *restrict scores, float *restrict acc) {
+    const int d = NV * 16;
+    const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
+    const int n = len - first;
+    const float fix = kv8_scale_fix(FMT);
+    __m512 qv[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(q + (size_t)g * d + 16 * v);
+    for (int t = first; t < len; t++) {
+        const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float ks;
+        memcpy(&ks, kr + d, sizeof ks);
+        ks *= fix;
+        __m512 kv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) kv[v] = kv8_load16(kr + 16 * v, FMT);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
+#pragma GCC unroll 8
+            for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
+            scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * ks;
+        }
+    }
+    softmax_numerators(scores, G, n);
+    __m512 av[8][8];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) av[g][v] = _mm512_setzero_ps();
+    for (int t = first; t < len; t++) {
+        const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float vs;
+        memcpy(&vs, vr + d, sizeof vs);
+        vs *= fix;
+        __m512 vv[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) vv[v] = kv8_load16(vr + 16 * v, FMT);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            const __m512 w = _mm512_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; v++) av[g][v] = _mm512_fmadd_ps(w, vv[v], av[g][v]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * v, av[g][v]);
+}
+
+#define KV8_GROUPS(X, F, NV) X(F, 1, NV) X(F, 2, NV) X(F, 3, NV) X(F, 4, NV) X(F, 5, NV) X(F, 6, NV) X(F, 7, NV) \
+    X(F, 8, NV)
+#define KV8_CASE(F, G, NV)                                                                                     \
+    case (F) * 1000 + (G) * 10 + (NV):                                                                        \
+        kv8_attend_fixed(F, G, NV, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc); \
+        return 1;
+
+/* 1 when a specialised loop handled the shape, 0 to use the general one. */
+static int kv8_dispatch(int fmt, int group, int d, const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
+                        const int32_t *table, int block_size, int kv_heads, int kh, int first, int len,
+                        float *restrict scores, float *restrict acc) {
+    if ((d != 64 && d != 128) || group > 8) return 0;
+    switch (fmt * 1000 + group * 10 + d / 16) {
+        KV8_GROUPS(KV8_CASE, KV8_INT8, 4)
+        KV8_GROUPS(KV8_CASE, KV8_INT8, 8)
+        KV8_GROUPS(KV8_CASE, KV8_E4M3, 4)
+        KV8_GROUPS(KV8_CASE, KV8_E4M3, 8)
+        KV8_GROUPS(KV8_CASE, KV8_E5M2, 4)
+        KV8_GROUPS(KV8_CASE, KV8_E5M2, 8)
+        default:
+            return 0;
+    }
+}
+#endif
+
+/* One (row, KV head) task: q [group][d] float32 already scaled by the softmax scale; out [group][d]. */
+static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t *k_cache, const uint8_t *v_cache,
+                       const int32_t *table, int block_size, int kv_heads, int kh, int first, int len,
+                       float *restrict scores, float *restrict acc) {
+    const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
+    const int n = len - first;
+#if HAVE_AVX512
+    if (kv8_dispatch(fmt, group, d, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc))
+        return;
+    if (d % 16 == 0 && d <= 256) {
+        const float fix = kv8_scale_fix(fmt);
+        const int nv = d / 16;
+        for (int t = first; t < len; t++) {
+            const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                                + kh * row_bytes;
+            float ks;
+            memcpy(&ks, kr + d, sizeof ks);
+            ks *= fix;
+            __m512 kv[16];
+            for (int v = 0; v < nv; v++) kv[v] = kv8_load16(kr + 16 * v, fmt);
+            for (int g = 0; g < group; g++) {
+                const float *qg = q + (size_t)g * d;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+                for (int v = 1; v < nv; v++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), kv[v], a);
+                scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * ks;
+            }
+        }
+        softmax_numerators(scores, group, n);
+        memset(acc, 0, sizeof(float) * (size_t)group * d);
+        for (int t = first; t < len; t++) {
+            const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                                + kh * row_bytes;
+            float vs;
+            memcpy(&vs, vr + d, sizeof vs);
+            vs *= fix;
+            __m512 vv[16];
+            for (int v = 0; v < nv; v++) vv[v] = kv8_load16(vr + 16 * v, fmt);
+            for (int g = 0; g < group; g++) {
+                const __m512 w = _mm512_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
+                float *ag = acc + (size_t)g * d;
+                for (int v = 0; v < nv; v++)
+                    _mm512_storeu_ps(ag + 16 * v, _mm512_fmadd_ps(w, vv[v], _mm512_loadu_ps(ag + 16 * v)));
+            }
+        }
+        return;
+    }
+#endif
+    const float *lut = kv8_table[fmt];
+    float row[1024];
+    for (int t = first; t < len; t++) {
+        const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float ks;
+        memcpy(&ks, kr + d, sizeof ks);
+        for (int x = 0; x < d; x++) row[x] = lut[kr[x]];
+        for (int g = 0; g < group; g++) {
+            const float *restrict qg = q + (size_t)g * d;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int x = 0; x < d; x++) s = fmaf(qg[x], row[x], s);
+            scores[(size_t)g * n + (t - first)] = s * ks;
+        }
+    }
+    softmax_numerators(scores, group, n);
+    memset(acc, 0, sizeof(float) * (size_t)group * d);
+    for (int t = first; t < len; t++) {
+        const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                            + kh * row_bytes;
+        float vs;
+        memcpy(&vs, vr + d, sizeof vs);
+        for (int x = 0; x < d; x++) row[x] = lut[vr[x]];
+        for (int g = 0; g < group; g++) {
+            const float w = scores[(size_t)g * n + (t - first)] * vs;
+            float *restrict ag = acc + (size_t)g * d;
+#pragma omp simd
+            for (int x = 0; x < d; x++) ag[x] = fmaf(w, row[x], ag[x]);
+        }
+    }
+}
+
+/* Attention over an 8-bit cache for query rows given as decodes (a prefill row is a decode over its prefix):
+ * the arguments of llmctl_decode_attention, after the cache's format code. query/out are float32 or bf16 (dtype);
+ * k_cache/v_cache are [num_blocks, block_size, kv_heads, head_size + 4] bytes. Keys [first, seq_len) are read,
+ * first = max(0, seq_len - window) when window > 0; a row of length 0 gets a zero output. Returns 0, or -1 when a
+ * block id is outside [0, num_blocks), head_size exceeds 1024 or scratch could not be had. */
+int llmctl_decode_attention_kv8(int fmt, int dtype, const void *query, int64_t q_row_stride, void *out,
+                                int64_t o_row_stride, const void *k_cache, const void *v_cache, int block_size,
+                                int kv_heads, int head_size, int heads, const int32_t *block_tables, int64_t bt_stride,
+                                const int32_t *tables, const int64_t *rows, const int32_t *seq_lens, int num_seqs,
+                                int window, float scale, int64_t num_blocks, int num_threads) {
+    const int group = heads / kv_heads;
+    const int d = head_size;
+    if (d > 1024 || fmt < 0 || fmt > 2) return -1;
+    kv8_init_tables();
+    int failed = 0;
+    const int num_tasks = num_seqs * kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+    for (int task = 0; task < num_tasks; task++) {
+        const int i = task / kv_heads, kh = task % kv_heads;
+        const int len = seq_lens[i];
+        const int64_t o_off = rows[i] * o_row_stride + (int64_t)kh * group * d;
+        if (len <= 0) {
+            memset((char *)out + o_off * (dtype == DT_F32 ? 4 : 2), 0, (size_t)group * d * (dtype == DT_F32 ? 4 : 2));
+            failed |= len < 0;
+            continue;
+        }
+        const int first = first_key(len, window);
+        const int32_t *table = block_tables + (int64_t)tables[i] * bt_stride;
+        int bad = 0;
+        for (int b = first / block_size; !bad && b <= (len - 1) / block_size; b++)
+            bad |= table[b] < 0 || table[b] >= num_blocks;
+        float *scratch = bad ? NULL : thread_scratch((size_t)group * d * 2 + (size_t)group * (len - first));
+        if (scratch == NULL) {
+            failed = 1;
+            continue;
+        }
+        float *q = scratch, *acc = q + (size_t)group * d, *scores = acc + (size_t)group * d;
+        load_f32(query, rows[i] * q_row_stride + (int64_t)kh * group * d, dtype, q, group * d);
+        for (int j = 0; j < group * d; j++) q[j] *= scale;
+        kv8_attend(fmt, q, group, d, (const uint8_t *)k_cache, (const uint8_t *)v_cache, table, block_size, kv_heads,
+                   kh, first, len, scores, acc);
+        for (int g = 0; g < group; g++) {
+            const float inv = 1.0f / row_sum(scores + (size_t)g * (len - first), len - first);
+            float *ag = acc + (size_t)g * d;
+            for (int x = 0; x < d; x++) ag[x] *= inv;
+        }
+        store_f32(out, o_off, dtype, acc, group * d);
+    }
+    return failed ? -1 : 0;
+}
