@@ -156,8 +156,8 @@ class NativeKernels:
 
     def gather_rows(self, src: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
         """``out[i] = src[ids[i]]``: ``src`` [rows, d] and ``out`` [n, d] contiguous, ``ids`` int64 [n] contiguous."""
-        bad = self._gather(src.data_ptr(), src.stride(0) * src.element_size(), src.shape[0], ids.data_ptr(),
-                           ids.shape[0], out.data_ptr())
+        bad = _bad_row(self._gather(src.data_ptr(), src.stride(0) * src.element_size(), src.shape[0],
+                                    ids.data_ptr(), ids.shape[0], out.data_ptr()))
         if bad >= 0:
             raise IndexError(f"input_ids[{bad}] = {int(ids[bad])} is outside the vocabulary of {src.shape[0]}")
 
@@ -165,9 +165,9 @@ class NativeKernels:
         """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns
         ``(-1, 0)``, or the index of the call that failed and its kernel's return code."""
         code = _c_int(0)
-        failed = self._run_program(program.data_ptr(), program.shape[0], rows, torch.get_num_threads(),
-                                   ctypes.byref(code))
-        return failed, code.value
+        rc = self._run_program(program.data_ptr(), program.shape[0], rows, torch.get_num_threads(),
+                               ctypes.byref(code))
+        return rc - 1, code.value
 
     def program_timing(self, on: bool) -> dict[str, float]:
         """Seconds spent per kernel kind in replayed programs since the previous call (nothing is counted while
@@ -207,10 +207,10 @@ class NativeKernels:
         """Quantize ``key``/``value`` (float32 or bf16 [n, Hk, D], rows of ``Hk * D`` contiguous) into an 8-bit
         cache, one scale per token and head, with the bytes the torch reference writes."""
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        bad = self._write8(KV8_CODES[kv_cache.dtype], _DTYPE_CODES[key.dtype], key.data_ptr(), key.stride(0),
-                           value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
-                           slots.data_ptr(), slots.shape[0], key.shape[1], key.shape[2], num_slots,
-                           torch.get_num_threads())
+        bad = _bad_row(self._write8(KV8_CODES[kv_cache.dtype], _DTYPE_CODES[key.dtype], key.data_ptr(),
+                                    key.stride(0), value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(),
+                                    kv_cache[1].data_ptr(), slots.data_ptr(), slots.shape[0], key.shape[1],
+                                    key.shape[2], num_slots, torch.get_num_threads()))
         if bad >= 0:
             raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {num_slots} slots")
 
@@ -294,31 +294,40 @@ class NativeKernels:
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
         """``key``/``value`` [n, Hk, D] with contiguous rows of ``Hk * D``; ``slots`` int64 contiguous."""
         num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-        bad = self._write(_DTYPE_CODES[kv_cache.dtype], key.data_ptr(), key.stride(0), value.data_ptr(),
-                          value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
-                          slots.shape[0], key.shape[1] * key.shape[2], num_slots, torch.get_num_threads())
+        bad = _bad_row(self._write(_DTYPE_CODES[kv_cache.dtype], key.data_ptr(), key.stride(0), value.data_ptr(),
+                                   value.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slots.data_ptr(),
+                                   slots.shape[0], key.shape[1] * key.shape[2], num_slots, torch.get_num_threads()))
         if bad >= 0:
             raise IndexError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the KV cache's {num_slots} slots")
 
     def rotary(self, positions: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, cos_sin: torch.Tensor,
                neox: bool) -> None:
         """``src``/``dst`` [T, heads, D] with contiguous heads; ``cos_sin`` [max_position, rot] float32."""
-        bad = self._rotary(_DTYPE_CODES[src.dtype], positions.data_ptr(), positions.shape[0], cos_sin.data_ptr(),
-                           cos_sin.shape[1], cos_sin.shape[0], src.data_ptr(), src.stride(0), dst.data_ptr(),
-                           dst.stride(0), src.shape[1], src.shape[2], int(neox), torch.get_num_threads())
+        bad = _bad_row(self._rotary(_DTYPE_CODES[src.dtype], positions.data_ptr(), positions.shape[0],
+                                    cos_sin.data_ptr(), cos_sin.shape[1], cos_sin.shape[0], src.data_ptr(),
+                                    src.stride(0), dst.data_ptr(), dst.stride(0), src.shape[1], src.shape[2],
+                                    int(neox), torch.get_num_threads()))
         if bad >= 0:
             raise IndexError(f"positions[{bad}] = {int(positions[bad])} is outside the rotary table's "
                              f"{cos_sin.shape[0]} positions")
 
 
-def _program_abi() -> tuple[int, list[tuple[str, int, str, str, int, int, int]]]:
+def _bad_row(rc: int) -> int:
+    """The kernels' one convention: 0 on success, 1 + the index of the first bad row when a row's index (token,
+    position, slot) is out of range, negative for anything else. Returns that row, or -1."""
+    if rc < 0:
+        raise RuntimeError(f"CPU kernel failed with code {rc}")
+    return rc - 1
+
+
+def _program_abi() -> tuple[int, list[tuple[str, int, str, str, int, int]]]:
     """The replay program's ABI, read from the table kernels/program_abi.h that the C side compiles: the slot count
-    and one (NAME, opcode, recorded kernel, NativeKernels attribute, row-count argument, float argument or -1,
-    success return) row per kernel."""
+    and one (NAME, opcode, recorded kernel, NativeKernels attribute, row-count argument, float argument or -1) row
+    per kernel."""
     text = (FAMILY_DIR / "program_abi.h").read_text()
     slots = int(re.search(r"#define PROGRAM_SLOTS (\d+)", text).group(1))
-    rows = [(m[1], int(m[2]), m[3], m[4], int(m[5]), int(m[6]), int(m[7])) for m in re.finditer(
-        r"X\((\w+), (\d+), (\w+), (\w+), (-?\d+), (-?\d+), (-?\d+)\)", text)]
+    rows = [(m[1], int(m[2]), m[3], m[4], int(m[5]), int(m[6])) for m in re.finditer(
+        r"X\((\w+), (\d+), (\w+), (\w+), (-?\d+), (-?\d+)\)", text)]
     if [r[1] for r in rows] != list(range(1, len(rows) + 1)):
         raise RuntimeError("program_abi.h: opcodes must run 1..n without gaps")
     return slots, rows
@@ -335,8 +344,8 @@ OP_LAST = len(_ABI)
 # argument that carries the row count (replaced at replay, as is the thread count) and the float arguments.
 RECORDED_KERNELS = {kernel: (attr, code) for _, code, kernel, attr, *_ in _ABI}
 OPCODE_NAMES = {code: name for name, (_, code) in RECORDED_KERNELS.items()}
-ROWS_ARG = {code: rows_arg for _, code, _, _, rows_arg, _, _ in _ABI}
-FLOAT_ARGS = {code: (float_arg,) for _, code, _, _, _, float_arg, _ in _ABI if float_arg >= 0}
+ROWS_ARG = {code: rows_arg for _, code, _, _, rows_arg, _ in _ABI}
+FLOAT_ARGS = {code: (float_arg,) for _, code, _, _, _, float_arg in _ABI if float_arg >= 0}
 
 
 def encode_call(code: int, args: tuple[Any, ...]) -> list[int]:

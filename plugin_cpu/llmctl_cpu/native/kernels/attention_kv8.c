@@ -82,13 +82,13 @@ static void kv8_quantize_row(const float *restrict x, int d, int fmt, uint8_t *r
 }
 
 /* Store new keys/values (float32 or bf16 rows of kv_heads * head_size, with a row stride) into an 8-bit cache;
- * slot -1 skips a token. Returns the index of the first token whose slot is >= num_slots (nothing is written
- * then), or -1. */
+ * slot -1 skips a token. Returns 0, or 1 + the index of the first token whose slot is >= num_slots (nothing is
+ * written then). */
 int llmctl_write_kv8(int fmt, int dtype, const void *key, int64_t k_row_stride, const void *value,
                      int64_t v_row_stride, void *k_cache, void *v_cache, const int64_t *slots, int num_tokens,
                      int kv_heads, int head_size, int64_t num_slots, int num_threads) {
     for (int i = 0; i < num_tokens; i++)
-        if (slots[i] >= num_slots) return i;
+        if (slots[i] >= num_slots) return i + 1;
     const int64_t row_bytes = head_size + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
     const int threads = (int64_t)num_tokens * kv_heads * head_size >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -103,7 +103,7 @@ int llmctl_write_kv8(int fmt, int dtype, const void *key, int64_t k_row_stride, 
             kv8_quantize_row(row, head_size, fmt, (uint8_t *)v_cache + s * slot_bytes + h * row_bytes);
         }
     }
-    return -1;
+    return 0;
 }
 
 #if HAVE_AVX512

@@ -16,6 +16,10 @@
 #define DT_F32 0
 #define DT_BF16 1
 
+/* Every exported kernel returns 0 on success. Those that index rows by caller data (token ids, positions, KV
+ * slots) return 1 + the index of the first row out of range, having written nothing; anything else that fails
+ * (an unsupported shape, memory) is negative. The replay program relies on the 0. */
+
 typedef uint16_t bf16_t;
 
 static inline float bf16_to_f32(bf16_t x) {

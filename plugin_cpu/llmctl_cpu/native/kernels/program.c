@@ -15,22 +15,20 @@
  * from a smaller step. */
 #include "program_abi.h"
 
-#define OP_ENUM(name, code, kernel, attr, rows_arg, float_arg, success) OP_##name = code,
-#define OP_COUNT(name, code, kernel, attr, rows_arg, float_arg, success) +1
-#define OP_ROWS_ARG(name, code, kernel, attr, rows_arg, float_arg, success) [code] = rows_arg,
-#define OP_SUCCESS(name, code, kernel, attr, rows_arg, float_arg, success) [code] = success,
+#define OP_ENUM(name, code, kernel, attr, rows_arg, float_arg) OP_##name = code,
+#define OP_COUNT(name, code, kernel, attr, rows_arg, float_arg) +1
+#define OP_ROWS_ARG(name, code, kernel, attr, rows_arg, float_arg) [code] = rows_arg,
 enum { PROGRAM_OPS(OP_ENUM) OP_LAST = 0 PROGRAM_OPS(OP_COUNT) };
 static const int op_rows_arg[OP_LAST + 1] = {PROGRAM_OPS(OP_ROWS_ARG)};
-static const int op_success[OP_LAST + 1] = {PROGRAM_OPS(OP_SUCCESS)};
 
-/* dst row i = src row ids[i] (row_bytes each): the embedding lookup. Returns the first i whose id is outside
- * [0, num_rows) (nothing is copied then), or -1. */
+/* dst row i = src row ids[i] (row_bytes each): the embedding lookup. Returns 0, or 1 + the first i whose id is
+ * outside [0, num_rows) (nothing is copied then): the kernels' one convention (common.h). */
 int llmctl_gather_rows(const void *src, int64_t row_bytes, int64_t num_rows, const int64_t *ids, int n, void *dst) {
     for (int i = 0; i < n; i++)
-        if (ids[i] < 0 || ids[i] >= num_rows) return i;
+        if (ids[i] < 0 || ids[i] >= num_rows) return i + 1;
     for (int i = 0; i < n; i++)
         memcpy((char *)dst + (size_t)i * row_bytes, (const char *)src + (size_t)ids[i] * row_bytes, (size_t)row_bytes);
-    return -1;
+    return 0;
 }
 
 static inline float bits_to_float(int64_t bits) {
@@ -62,15 +60,15 @@ void llmctl_program_timing(int on, int64_t *out) {
     program_timing = on;
 }
 
-/* Runs n_ops recorded calls at `rows` rows. Returns -1 when all succeeded, else the index of the call that failed
- * (its kernel's own return code in *code): nothing after it runs. */
+/* Runs n_ops recorded calls at `rows` rows. Returns 0 when all succeeded, else 1 + the index of the call that
+ * failed (its kernel's own return code in *code): nothing after it runs. */
 int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_threads, int *code) {
     int64_t t_prev = program_timing ? now_ns() : 0;
     for (int i = 0; i < n_ops; i++) {
         const int64_t op = program[(int64_t)i * PROGRAM_SLOTS];
         if (op < 1 || op > OP_LAST) {
             *code = -2;
-            return i;
+            return i + 1;
         }
         /* The record's words with its row-count slot set to this call's rows (the table says which slot). */
         int64_t a[PROGRAM_SLOTS - 1];
@@ -118,7 +116,7 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
             default: /* in the table but not handled here */
                 rc = -2;
         }
-        const int ok = rc == op_success[op];
+        const int ok = rc == 0;
         if (program_timing) {
             const int64_t t = now_ns();
             program_ns[op] += t - t_prev;
@@ -126,10 +124,10 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
         }
         if (!ok) {
             *code = rc;
-            return i;
+            return i + 1;
         }
     }
-    return -1;
+    return 0;
 }
 #undef P
 #undef I

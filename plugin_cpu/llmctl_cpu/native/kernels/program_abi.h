@@ -5,23 +5,23 @@
  * A record is PROGRAM_SLOTS int64 words: the opcode, then the kernel's arguments in its own order (pointers as
  * addresses, floats as their bits), except its last argument, the thread count, which the replaying call gives.
  * Per kernel:  X(NAME, opcode, recorded kernel, NativeKernels attribute, argument that carries the row count
- * (replaced at replay by the program's own row count), argument passed as float bits (-1: none), return value on
- * success). Opcodes run 1..n without gaps. */
+ * (replaced at replay by the program's own row count), argument passed as float bits (-1: none)). Every kernel
+ * returns 0 on success (common.h), so the table needs no success column. Opcodes run 1..n without gaps. */
 #ifndef LLMCTL_CPU_PROGRAM_ABI_H
 #define LLMCTL_CPU_PROGRAM_ABI_H
 
 #define PROGRAM_SLOTS 24
 
 #define PROGRAM_OPS(X)                                                   \
-    X(GATHER, 1, gather_rows, _gather, 4, -1, -1)                        \
-    X(RMS_NORM, 2, rms_norm, _norm, 10, 12, 0)                           \
-    X(GEMM, 3, gemm_bf16, _gemm, 2, -1, 0)                               \
-    X(GEMM_SILU, 4, gemm_bf16_silu, _gemm_silu, 2, -1, 0)                \
-    X(ROTARY, 5, rotary, _rotary, 2, -1, -1)                             \
-    X(WRITE_KV, 6, write_kv, _write, 8, -1, -1)                          \
-    X(DECODE_ATTENTION, 7, decode_attention, _attn, 16, 18, 0)           \
-    X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1, 0)                        \
-    X(WRITE_KV8, 9, write_kv8, _write8, 9, -1, -1)                       \
-    X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19, 0)
+    X(GATHER, 1, gather_rows, _gather, 4, -1)                        \
+    X(RMS_NORM, 2, rms_norm, _norm, 10, 12)                           \
+    X(GEMM, 3, gemm_bf16, _gemm, 2, -1)                               \
+    X(GEMM_SILU, 4, gemm_bf16_silu, _gemm_silu, 2, -1)                \
+    X(ROTARY, 5, rotary, _rotary, 2, -1)                             \
+    X(WRITE_KV, 6, write_kv, _write, 8, -1)                          \
+    X(DECODE_ATTENTION, 7, decode_attention, _attn, 16, 18)           \
+    X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1)                        \
+    X(WRITE_KV8, 9, write_kv8, _write8, 9, -1)                       \
+    X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19)
 
 #endif /* LLMCTL_CPU_PROGRAM_ABI_H */

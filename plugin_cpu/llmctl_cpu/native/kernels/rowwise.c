@@ -10,14 +10,14 @@
 
 /* Store new keys/values into the paged cache. key/value rows are [kv_heads * head_size] contiguous with a row
  * stride (they are usually views into the fused qkv projection); slot -1 skips a token. Same dtype as the cache.
- * Returns the index of the first token whose slot is >= num_slots (nothing is written then), or -1. */
+ * Returns 0, or 1 + the index of the first token whose slot is >= num_slots (nothing is written then). */
 int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void *value, int64_t v_row_stride,
                     void *k_cache, void *v_cache, const int64_t *slots, int num_tokens, int row_elems,
                     int64_t num_slots, int num_threads) {
     const size_t elem = dtype == DT_F32 ? 4 : 2;
     const size_t bytes = elem * (size_t)row_elems;
     for (int i = 0; i < num_tokens; i++)
-        if (slots[i] >= num_slots) return i;
+        if (slots[i] >= num_slots) return i + 1;
     /* a prefill's rows land in fresh cache pages: their first-touch faults are most of this, and split too */
     const int threads = (int64_t)num_tokens * row_elems >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -27,19 +27,19 @@ int llmctl_write_kv(int dtype, const void *key, int64_t k_row_stride, const void
         memcpy((char *)k_cache + (size_t)s * bytes, (const char *)key + (size_t)i * k_row_stride * elem, bytes);
         memcpy((char *)v_cache + (size_t)s * bytes, (const char *)value + (size_t)i * v_row_stride * elem, bytes);
     }
-    return -1;
+    return 0;
 }
 
 /* Rotary embedding of one tensor ([tokens, heads, head_size], heads contiguous within a row), out of place.
  * cos_sin: [max_position, rot] float32 (cos in the first half, sin in the second). The math mirrors the torch
- * reference step by step in float32 (no fused multiply-adds), so results are bit-identical to it. Returns the
- * index of the first position outside [0, max_position) (nothing is written then), or -1. */
+ * reference step by step in float32 (no fused multiply-adds), so results are bit-identical to it. Returns 0, or
+ * 1 + the index of the first position outside [0, max_position) (nothing is written then). */
 int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const float *cos_sin, int rot,
                   int64_t max_position, const void *src, int64_t src_row_stride, void *dst, int64_t dst_row_stride,
                   int heads, int head_size, int neox, int num_threads) {
     const int half = rot / 2;
     for (int i = 0; i < num_tokens; i++)
-        if (positions[i] < 0 || positions[i] >= max_position) return i;
+        if (positions[i] < 0 || positions[i] >= max_position) return i + 1;
     const int threads = (int64_t)num_tokens * heads * head_size >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
 #if HAVE_AVX512 && defined(__AVX512BF16__)
     if (neox && dtype == DT_BF16 && half % 16 == 0) {
@@ -64,7 +64,7 @@ int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const flo
                 if (rot < head_size && dr != sr) memcpy(dr + rot, sr + rot, (size_t)(head_size - rot) * sizeof(bf16_t));
             }
         }
-        return -1;
+        return 0;
     }
 #endif
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -98,7 +98,7 @@ int llmctl_rotary(int dtype, const int64_t *positions, int num_tokens, const flo
             store_f32(dst, dof, dtype, outv, head_size);
         }
     }
-    return -1;
+    return 0;
 }
 
 /* ---- RMSNorm, optionally after the residual add --------------------------------------------------------------
