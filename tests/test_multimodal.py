@@ -210,3 +210,30 @@ def test_checkpoint_layouts_load_the_same(llava_dir, tmp_path, layout):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="vision_tower.extra.weight has no place in the vision tower"):
         LLM(str(out), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+
+
+def test_offline_chat_with_image_parts(llava_dir, hf_llava, tiny_llama_dir):
+    import base64
+    import io
+
+    img = _image(15)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    llm = LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    outs = [llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}], _greedy(),
+                     use_tqdm=False)[0] for part in ({"type": "image_url", "image_url": {"url": url}},
+                                                    {"type": "image_pil", "image_pil": img})]
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ref_tokens, ref_lp = hf_greedy(hf_llava, text, img, MAX_TOKENS)
+    for out in outs:
+        _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[0\].image_url: offline chat takes data: URLs"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+                 use_tqdm=False)
+    del llm
+    text_llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    with pytest.raises(ValueError, match=r"messages\[0\].content: this model does not take images"):
+        text_llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": img}]}], use_tqdm=False)
