@@ -78,6 +78,16 @@ def test_image_chat_matches_transformers(llava_server):
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 
 
+def test_responses_api_takes_input_image(llava_server):
+    srv, path = llava_server[0], llava_server[1]
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(_image(0))).decode()
+    resp = client.responses.create(model="llava", temperature=0, max_output_tokens=MAX_TOKENS, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": QUESTION}]}], extra_body={"ignore_eos": True})
+    assert resp.output_text == hf_answer(path, _image(0))
+
+
 def test_typed_placeholder_text_is_not_an_image(llava_server):
     """'<image>' typed by a client is text: it never becomes the image token (content is not parsed for special
     tokens), so a client cannot make the model read image rows that were never sent."""
