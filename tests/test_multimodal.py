@@ -28,10 +28,19 @@ def llava_dir(model_cache_dir, test_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_llava(llava_dir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    return _hf(llava_dir, "llava")
 
-    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(llava_dir)
+
+def _hf(path, kind: str):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(model_cache_dir, test_tokenizer):
+    return make_tiny_llava(model_cache_dir / "llava-next", model_cache_dir / "smollm2-tokenizer", kind="llava_next")
 
 
 def hf_greedy(hf_llava, prompt: str, image: Image.Image, n: int) -> tuple[list[int], torch.Tensor]:
@@ -60,16 +69,28 @@ def _assert_same(got, ref_tokens: list[int], ref_lp: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("chunk", [64, 16])
-def test_llava_matches_transformers(llava_dir, hf_llava, chunk):
-    """chunk=16: the 28-token prompt's placeholder run (positions 3-18) is cut by the first 16-token chunk."""
-    llm = LLM(str(llava_dir), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_llava_matches_transformers(request, kind, chunk):
+    """chunk=16: every prompt's placeholder run (from position 3) is cut by the first 16-token chunk. LLaVA-NeXT's
+    images of other sizes and aspect ratios get other tile grids and token counts."""
+    path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
+    hf = request.getfixturevalue("hf_llava") if kind == "llava" else _hf(path, kind)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
               block_size=4, enable_prefix_caching=False)
-    images = [_image(0), _image(1, (64, 30))]
+    images = [_image(0), _image(1, (64, 30)), _image(2, (30, 100)), _image(3, (32, 32))]
     outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
                         use_tqdm=False)
     for img, out in zip(images, outs):
-        ref_tokens, ref_lp = hf_greedy(hf_llava, PROMPT, img, MAX_TOKENS)
+        ref_tokens, ref_lp = hf_greedy(hf, PROMPT, img, MAX_TOKENS)
         _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    if kind == "llava_next":
+        assert len({len(o.prompt_token_ids) for o in outs}) > 2  # the token count follows the image's size
+        tok = llm.get_tokenizer()
+        ids = tok(PROMPT)["input_ids"]  # one placeholder, expanded by the engine for this image's size
+        one = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images[2]}}, _greedy(),
+                           use_tqdm=False)[0]
+        assert one.prompt_token_ids == outs[2].prompt_token_ids
+        assert one.outputs[0].token_ids == outs[2].outputs[0].token_ids
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids, "the image does not change the output"
     stats = llm.get_stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]

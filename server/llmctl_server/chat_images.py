@@ -26,11 +26,16 @@ def check_images(engine: Any, images: list[tuple[str, str]]) -> list[tuple[str, 
     return images
 
 
-def expanded_length(engine: Any, ids: list[int], num_images: int) -> int:
-    """The prompt's length once each image placeholder is expanded to the model's image tokens."""
-    if not num_images:
-        return len(ids)
-    return len(ids) + num_images * (engine.multimodal.num_image_tokens - 1)
+def expand_placeholders(engine: Any, ids: list[int], images: list[Any]) -> list[int]:
+    """The prompt ids with each image's placeholder expanded to the model's tokens for that image (known only
+    once the image is decoded, for models whose count depends on its size), so that usage, ``max_tokens`` and
+    prompt logprobs count them."""
+    if not images:
+        return ids
+    try:
+        return engine.multimodal.expand_placeholders(ids, images)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from None
 
 
 async def load_images(media: MediaConnector, images: list[tuple[str, str]]) -> list[Any]:
