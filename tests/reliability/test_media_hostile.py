@@ -250,3 +250,26 @@ def test_text_model_refuses_images(tiny_llama_dir, media):
     finally:
         srv.stop()
         engine.shutdown()
+
+
+def test_chat_route_survives_schema_fuzzing_on_an_image_model(llava_server, media):
+    """Generated chat bodies (image parts with arbitrary URLs among them) on a LLaVA server: never a 5xx, answers
+    that match the schema, no KV block left behind."""
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    from tests.reliability.conftest import scaled
+    from tests.reliability.test_hostile import _fuzzer
+    from tests.test_server_support import wait_kv_free
+
+    schema = schemathesis.openapi.from_url(llava_server.url + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/chat/completions"]
+    assert len(ops) == 1
+    counts = {"cases": 0, "4xx": 0, "2xx": 0}
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        _fuzzer(ops[0].as_strategy(generation_mode=mode), llava_server.url,
+                [not_a_server_error, response_schema_conformance], scaled(10, 300), counts)()
+    assert counts.get("5xx", 0) == 0 and counts["cases"] > 0, counts
+    wait_kv_free(llava_server.engine, timeout=30)
