@@ -128,6 +128,15 @@ def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7, kind: str = "llava"
     if kind == "llava":
         model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common)).eval()
         processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(size=size, crop_size=crop), **proc_kw)
+    elif kind == "llava_siglip":  # a SigLIP tower (no class token), every feature kept, the last layer's
+        common["vision_config"] = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=LLAVA_IMAGE_SIZE,
+                                                        patch_size=LLAVA_PATCH)
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_feature_select_strategy="full",
+                                                                vision_feature_layer=-1, **common)).eval()
+        proc_kw.update(vision_feature_select_strategy="full", num_additional_image_tokens=0)
+        image_processor = tf.SiglipImageProcessor(size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE})
+        processor = tf.LlavaProcessor(image_processor=image_processor, **proc_kw)
     elif kind == "llava_next":
         model = tf.LlavaNextForConditionalGeneration(
             tf.LlavaNextConfig(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **common)).eval()

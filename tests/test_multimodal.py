@@ -34,7 +34,7 @@ def hf_llava(llava_dir):
 def _hf(path, kind: str):
     from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    cls = LlavaForConditionalGeneration if kind == "llava" else LlavaNextForConditionalGeneration
+    cls = LlavaNextForConditionalGeneration if kind == "llava_next" else LlavaForConditionalGeneration
     return cls.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
 
 
@@ -69,11 +69,16 @@ def _assert_same(got, ref_tokens: list[int], ref_lp: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("chunk", [64, 16])
-@pytest.mark.parametrize("kind", ["llava", "llava_next"])
-def test_llava_matches_transformers(request, kind, chunk):
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "llava_siglip"])
+def test_llava_matches_transformers(request, kind, chunk, model_cache_dir, test_tokenizer):
     """chunk=16: every prompt's placeholder run (from position 3) is cut by the first 16-token chunk. LLaVA-NeXT's
     images of other sizes and aspect ratios get other tile grids and token counts."""
-    path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
+    if kind == "llava_siglip":
+        path = model_cache_dir / kind
+        if not path.exists():
+            make_tiny_llava(path, model_cache_dir / "smollm2-tokenizer", kind=kind)
+    else:
+        path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
     hf = request.getfixturevalue("hf_llava") if kind == "llava" else _hf(path, kind)
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
               block_size=4, enable_prefix_caching=False)
