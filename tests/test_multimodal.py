@@ -263,3 +263,22 @@ def test_offline_chat_with_image_parts(llava_dir, hf_llava, tiny_llama_dir):
     text_llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
     with pytest.raises(ValueError, match=r"messages\[0\].content: this model does not take images"):
         text_llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": img}]}], use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_start_up_profiling_step_encodes_worst_case_images(request, kind, monkeypatch):
+    """The step a GPU platform measures at start-up (run here on the CPU) runs the vision tower on as many
+    worst-case images as a step can touch, and the language model on their rows."""
+    path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
+    llm = LLM(str(path), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV, max_num_batched_tokens=64,
+              max_num_seqs=2, limit_mm_per_prompt={"image": 3})
+    core = llm.llm_engine.core
+    seen = []
+    original = core.model.embed_multimodal
+    monkeypatch.setattr(core.model, "embed_multimodal", lambda feats: seen.append(feats) or original(feats))
+    core._profile_step(core.model.kv_cache_spec(), torch.float32)()
+    (features,) = seen
+    size, per_image = core.model.largest_image()
+    assert len(features) == min(-(-64 // per_image) + 1, 3)  # one 64-token sequence, up to 3 images each
+    if kind == "llava_next":
+        assert size == (64, 64) and features[0].pixel_values.shape[0] == 5  # the 2x2 pinpoint, plus the base

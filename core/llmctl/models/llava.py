@@ -143,6 +143,23 @@ class LlavaForConditionalGeneration(EngineModule):
         """Placeholder tokens for an image of ``image_size`` (height, width): fixed for LLaVA-1.5."""
         return self.num_image_tokens
 
+    def largest_image(self) -> tuple[tuple[int, int], int]:
+        """The (height, width) whose encoding costs most, and its token count (start-up memory profiling)."""
+        side = int(self.config.vision_config.image_size)
+        return (side, side), self.num_image_tokens
+
+    def dummy_features(self, count: int) -> list[MultiModalFeature]:
+        """``count`` distinct worst-case images (zero pixels), for start-up memory profiling."""
+        size, length = self.largest_image()
+        side = int(self.config.vision_config.image_size)
+        tiles = self._tiles_for(size)
+        shape = (tiles, 3, side, side) if tiles else (3, side, side)
+        return [MultiModalFeature("image", 0, length, f"profile-{i}".encode(), torch.zeros(shape), size)
+                for i in range(count)]
+
+    def _tiles_for(self, image_size: tuple[int, int]) -> int:
+        return 0  # one [3, H, W] input per image
+
     def _project(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] tiles -> [n, tokens per tile, text hidden]."""
         out = self.vision_tower(pixel_values.to(device=self.ctx.device, dtype=self.ctx.dtype),
@@ -249,6 +266,15 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
     def num_patches(self, image_size: tuple[int, int]) -> int:
         rows, cols = self._grid(image_size)
         return 1 + rows * cols  # the downscaled whole image, then the grid's tiles
+
+    def _tiles_for(self, image_size: tuple[int, int]) -> int:
+        return self.num_patches(image_size)
+
+    def largest_image(self) -> tuple[tuple[int, int], int]:
+        """The pinpoint resolution with the most tiles (ties: the most tokens)."""
+        best = max(((int(h), int(w)) for h, w in self.grid_pinpoints),
+                   key=lambda s: (self.num_patches(s), self.image_token_count(s)))
+        return best, self.image_token_count(best)
 
     def _unpadded(self, grid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         from transformers.models.llava_next.modeling_llava_next import unpad_image
