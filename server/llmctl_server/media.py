@@ -134,6 +134,7 @@ class MediaConnector:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     timeout: float = 5.0
+    ssl_context: ssl.SSLContext | None = None  # None: the system's trust store, hostname checked
 
     def __post_init__(self) -> None:
         self.allowed_media_domains = tuple(_normalize_domain(d) for d in self.allowed_media_domains if d.strip())
@@ -251,7 +252,7 @@ class MediaConnector:
                               param=field)
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = _PinnedHTTPS(host, ip, port, left, ssl.create_default_context())
+            conn = _PinnedHTTPS(host, ip, port, left, self.ssl_context or ssl.create_default_context())
         else:
             conn = _PinnedHTTP(host, ip, port, left)
         path = parsed.path or "/"

@@ -273,3 +273,31 @@ def test_chat_route_survives_schema_fuzzing_on_an_image_model(llava_server, medi
                 [not_a_server_error, response_schema_conformance], scaled(10, 300), counts)()
     assert counts.get("5xx", 0) == 0 and counts["cases"] > 0, counts
     wait_kv_free(llava_server.engine, timeout=30)
+
+
+def test_https_checks_the_certificate_against_the_url_host(tmp_path):
+    """The connection is pinned to the checked address, but TLS still verifies the certificate for the URL's
+    host: a certificate for another name, or from an unknown CA, is refused."""
+    import ssl
+
+    from tests.media_server import TLSMediaServer, tls_files
+
+    good_dir, other_dir = tmp_path / "good", tmp_path / "other"
+    good_dir.mkdir()
+    other_dir.mkdir()
+    ca, cert, key = tls_files(good_dir, ["127.0.0.1"])
+    other_ca, other_cert, other_key = tls_files(other_dir, ["images.example"])
+    for server_cert, server_key, trust, words in ((cert, key, ca, None),
+                                                  (other_cert, other_key, other_ca, "SSLCertVerificationError"),
+                                                  (cert, key, None, "SSLCertVerificationError")):
+        srv = TLSMediaServer(_image(), server_cert, server_key)
+        try:
+            ctx = ssl.create_default_context(cafile=trust) if trust else None
+            c = MediaConnector(allowed_media_domains=("127.0.0.1",), ssl_context=ctx)
+            if words is None:
+                assert c.load(srv.url("/img.png"), FIELD).size == (20, 16)
+                assert c.load(srv.url("/redirect-same"), FIELD).size == (20, 16)
+            else:
+                _refused(c, srv.url("/img.png"), words)
+        finally:
+            srv.stop()
