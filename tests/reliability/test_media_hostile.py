@@ -301,3 +301,24 @@ def test_https_checks_the_certificate_against_the_url_host(tmp_path):
                 _refused(c, srv.url("/img.png"), words)
         finally:
             srv.stop()
+
+
+def test_connection_is_pinned_to_the_checked_address(monkeypatch):
+    """DNS rebinding: the name is resolved once, checked, and the connection goes to that address; a second
+    answer (here: loopback) is never asked for nor used."""
+    answers = iter([("93.184.216.34", 80), ("127.0.0.1", 80)])
+    lookups, connects = [], []
+
+    def getaddrinfo(host, port, *a, **k):
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", next(answers))]
+
+    def create_connection(address, *a, **k):
+        connects.append(address)
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    _refused(MediaConnector(allowed_media_domains=("images.example",)), "http://images.example/cat.png",
+             "fetching the image failed")
+    assert lookups == ["images.example"] and connects == [("93.184.216.34", 80)]
