@@ -4,6 +4,7 @@ fetched, then loaded under the server's media policy (``media.MediaConnector``) 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from llmctl_server.errors import bad_request
@@ -38,6 +39,21 @@ def expand_placeholders(engine: Any, ids: list[int], images: list[Any]) -> list[
         raise bad_request(str(exc), param="messages") from None
 
 
+# Fetching and decoding run on their own few threads, not the event loop's default pool: a flood of slow image
+# URLs then delays only image requests (each fetch ends at its deadline), never the tokenization of the others.
+MEDIA_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+
+
+def _media_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="llmctl-media")
+    return _pool
+
+
 async def load_images(media: MediaConnector, images: list[tuple[str, str]]) -> list[Any]:
     """Fetch and decode concurrently; the first failure (a 400 naming its field) fails the request."""
-    return list(await asyncio.gather(*(asyncio.to_thread(media.load, url, field) for field, url in images)))
+    loop = asyncio.get_running_loop()
+    pool = _media_pool()
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, media.load, url, field) for field, url in images)))

@@ -298,7 +298,9 @@ class MediaConnector:
 
 
 def _shutdown(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
+    # conn.sock is None once http.client hands a closing connection's socket to the response; the pinned
+    # connections keep their own reference, which is what a blocked read is waiting on.
+    sock = getattr(conn, "raw_sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -312,9 +314,10 @@ class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -322,7 +325,9 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         super().__init__(host, port, timeout=timeout, context=context)
         self._ip = ip
         self._ctx = context
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+        self.raw_sock = sock  # until the handshake: wrapping detaches it, and the TLS socket takes its place
+        self.sock = self.raw_sock = self._ctx.wrap_socket(sock, server_hostname=self.host)

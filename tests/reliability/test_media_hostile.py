@@ -124,8 +124,14 @@ def test_bad_fetched_bodies(media, path, words):
 
 
 def test_slow_server_hits_the_deadline(media):
+    """The body drips a byte every 50 ms (each read succeeds, so no socket timeout fires): the one deadline for
+    the whole fetch cuts it off."""
+    import time
+
     c = MediaConnector(allowed_media_domains=("127.0.0.1",), timeout=0.5)
+    t0 = time.monotonic()
     _refused(c, media.url("/slow"), "more than the limit of 0.5 s")
+    assert time.monotonic() - t0 < 2.0
 
 
 @pytest.mark.parametrize("url, words", [
@@ -322,3 +328,43 @@ def test_connection_is_pinned_to_the_checked_address(monkeypatch):
     _refused(MediaConnector(allowed_media_domains=("images.example",)), "http://images.example/cat.png",
              "fetching the image failed")
     assert lookups == ["images.example"] and connects == [("93.184.216.34", 80)]
+
+
+def test_slow_image_urls_do_not_stall_text_requests(llava_server, media):
+    """Slow image fetches hold the media threads, not the pool that tokenizes everyone's prompts: a text request
+    is answered while more slow fetches than there are media threads are in flight."""
+    import concurrent.futures
+    import time
+
+    from llmctl_server.chat_images import MEDIA_THREADS
+
+    slow = _chat([media.url("/slow")])
+    with concurrent.futures.ThreadPoolExecutor(MEDIA_THREADS + 4) as pool, \
+            httpx.Client(base_url=llava_server.url, timeout=60) as http:
+        pending = [pool.submit(http.post, "/v1/chat/completions", json=slow) for _ in range(MEDIA_THREADS + 4)]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = http.post("/v1/chat/completions", json={"model": "llava", "max_tokens": 2,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert all(f.result().status_code in (200, 400) for f in pending)
+    assert took < 4.0, took
+
+
+def test_slow_https_server_hits_the_deadline(tmp_path):
+    import ssl
+    import time
+
+    from tests.media_server import TLSMediaServer, tls_files
+
+    ca, cert, key = tls_files(tmp_path, ["127.0.0.1"])
+    srv = TLSMediaServer(_image(), cert, key)
+    try:
+        c = MediaConnector(allowed_media_domains=("127.0.0.1",), timeout=0.5,
+                           ssl_context=ssl.create_default_context(cafile=ca))
+        t0 = time.monotonic()
+        _refused(c, srv.url("/slow"), "more than the limit of 0.5 s")
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        srv.stop()
