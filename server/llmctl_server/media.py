@@ -138,6 +138,10 @@ class MediaConnector:
 
     def __post_init__(self) -> None:
         self.allowed_media_domains = tuple(_normalize_domain(d) for d in self.allowed_media_domains if d.strip())
+        for d in self.allowed_media_domains:
+            if ("/" in d or "@" in d or (":" in d and _ip_literal(d) is None)) or not d:
+                raise ValueError(f"allowed_media_domains: {d!r} is not a bare host name or IP address (no scheme, "
+                                 f"port or path)")
         if self.allowed_local_media_path is not None:
             root = Path(self.allowed_local_media_path)
             if not root.is_dir():

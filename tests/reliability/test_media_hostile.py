@@ -180,6 +180,11 @@ def test_bad_media_settings_are_refused(tmp_path):
         ServerSettings(allowed_local_media_path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="media_fetch_timeout"):
         ServerSettings(media_fetch_timeout=0)
+    for entry in ("https://example.com", "example.com:8080", "example.com/images", "user@example.com"):
+        with pytest.raises(ValueError, match="allowed_media_domains: .* is not a bare host name"):
+            ServerSettings(allowed_media_domains=[entry])
+    assert ServerSettings(allowed_media_domains=["[::1]", "Example.COM."]).media_connector().allowed_media_domains \
+        == ("::1", "example.com")
 
 
 # -- through a live server -------------------------------------------------------------------------------------------
