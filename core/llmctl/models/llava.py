@@ -98,8 +98,9 @@ class LlavaProjector(EngineModule):
 
 
 class LlavaForConditionalGeneration(EngineModule):
-    """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks the model runner calls:
-    ``embed_input_ids`` and ``embed_images``."""
+    """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks: ``image_token_id`` and
+    ``image_token_count`` for the input processor, ``embed_input_ids`` and ``embed_multimodal`` for the model
+    runner, ``largest_image`` and ``dummy_features`` for start-up profiling."""
 
     supports_multimodal = True
 
@@ -115,9 +116,8 @@ class LlavaForConditionalGeneration(EngineModule):
         check_config(hf_config)
         self.config = hf_config
         self.ctx = ctx
-        self.image_token_id = int(getattr(hf_config, "image_token_id", None)
-                                  if getattr(hf_config, "image_token_id", None) is not None
-                                  else hf_config.image_token_index)
+        token = getattr(hf_config, "image_token_id", None)  # transformers 5's name; older configs: image_token_index
+        self.image_token_id = int(token if token is not None else hf_config.image_token_index)
         self.feature_layers = _feature_layers(hf_config)
         self.drop_cls = getattr(hf_config, "vision_feature_select_strategy", "default") == "default"
         self.num_image_tokens = image_feature_size(hf_config)
