@@ -39,7 +39,8 @@ class _DraftView:
     spec_token_ids: list[int] = field(default_factory=list)
     pooling_params: None = None  # what the model runner reads of every request: a draft pools nothing,
     token_type_ids: None = None  # has no segment ids
-    lora: None = None  # and runs no adapter
+    lora: None = None  # runs no adapter
+    mm_features: tuple = ()  # and sees no images (multimodal targets refuse draft models)
 
     @property
     def num_tokens(self) -> int:
