@@ -99,10 +99,15 @@ LLAVA_IMAGE_SIZE = 32
 LLAVA_PATCH = 8
 
 
-def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7) -> Path:
+LLAVA_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+
+
+def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7, kind: str = "llava") -> Path:
     """A random LLaVA-1.5-layout checkpoint: a 2-layer CLIP vision tower (32x32 images, 8x8 patches: 16 image
     tokens per image), the projector and a 2-layer Llama, saved with its processor (the SmolLM2 tokenizer plus an
-    ``<image>`` token and a CLIP image processor, PIL-based), as transformers' ``save_pretrained`` writes it."""
+    ``<image>`` token and a CLIP image processor, PIL-based), as transformers' ``save_pretrained`` writes it.
+    ``kind="llava_next"``: LLaVA-NeXT with grid pinpoints of up to 3 tiles of 32 px per side (an image takes 36 to
+    80-odd tokens, depending on its size)."""
     import transformers as tf
 
     tok = tf.AutoTokenizer.from_pretrained(str(tok_dir))  # a private copy: the token added below stays here
@@ -114,17 +119,37 @@ def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7) -> Path:
                                  initializer_range=0.3)
     text_kw = _common(tok)
     text_kw.update(vocab_size=len(tok), tie_word_embeddings=False)
-    config = tf.LlavaConfig(vision_config=vision, text_config=tf.LlamaConfig(**text_kw), image_token_index=image_id,
-                            initializer_range=0.3)
-    model = tf.LlavaForConditionalGeneration(config).eval()
+    size = {"shortest_edge": LLAVA_IMAGE_SIZE}
+    crop = {"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
+    common = dict(vision_config=vision, text_config=tf.LlamaConfig(**text_kw), image_token_index=image_id,
+                  initializer_range=0.3)
+    proc_kw = dict(tokenizer=tok, patch_size=LLAVA_PATCH, vision_feature_select_strategy="default",
+                   image_token="<image>", num_additional_image_tokens=1)
+    if kind == "llava":
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(**common)).eval()
+        processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(size=size, crop_size=crop), **proc_kw)
+    elif kind == "llava_siglip":  # a SigLIP tower (no class token), every feature kept, the last layer's
+        common["vision_config"] = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=LLAVA_IMAGE_SIZE,
+                                                        patch_size=LLAVA_PATCH)
+        model = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_feature_select_strategy="full",
+                                                                vision_feature_layer=-1, **common)).eval()
+        proc_kw.update(vision_feature_select_strategy="full", num_additional_image_tokens=0)
+        image_processor = tf.SiglipImageProcessor(size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE})
+        processor = tf.LlavaProcessor(image_processor=image_processor, **proc_kw)
+    elif kind == "llava_next":
+        model = tf.LlavaNextForConditionalGeneration(
+            tf.LlavaNextConfig(image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, **common)).eval()
+        with torch.no_grad():
+            model.model.image_newline.normal_(0.0, 0.3)
+        image_processor = tf.LlavaNextImageProcessor(size=size, crop_size=crop,
+                                                     image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+        processor = tf.LlavaNextProcessor(image_processor=image_processor, **proc_kw)
+    else:
+        raise ValueError(kind)
     with torch.no_grad():  # the default init gives the projector tiny weights: make the image matter
         for p in model.model.multi_modal_projector.parameters():
             p.normal_(0.0, 0.3)
     model.save_pretrained(out, safe_serialization=True)
-    image_processor = tf.CLIPImageProcessor(size={"shortest_edge": LLAVA_IMAGE_SIZE},
-                                            crop_size={"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE})
-    processor = tf.LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=LLAVA_PATCH,
-                                  vision_feature_select_strategy="default", image_token="<image>",
-                                  num_additional_image_tokens=1)
     processor.save_pretrained(out)
     return out

@@ -28,10 +28,19 @@ def llava_dir(model_cache_dir, test_tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_llava(llava_dir):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    return _hf(llava_dir, "llava")
 
-    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    return model, AutoProcessor.from_pretrained(llava_dir)
+
+def _hf(path, kind: str):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    cls = LlavaNextForConditionalGeneration if kind == "llava_next" else LlavaForConditionalGeneration
+    return cls.from_pretrained(path, dtype=torch.float32).eval(), AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def llava_next_dir(model_cache_dir, test_tokenizer):
+    return make_tiny_llava(model_cache_dir / "llava-next", model_cache_dir / "smollm2-tokenizer", kind="llava_next")
 
 
 def hf_greedy(hf_llava, prompt: str, image: Image.Image, n: int) -> tuple[list[int], torch.Tensor]:
@@ -60,16 +69,33 @@ def _assert_same(got, ref_tokens: list[int], ref_lp: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("chunk", [64, 16])
-def test_llava_matches_transformers(llava_dir, hf_llava, chunk):
-    """chunk=16: the 28-token prompt's placeholder run (positions 3-18) is cut by the first 16-token chunk."""
-    llm = LLM(str(llava_dir), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "llava_siglip"])
+def test_llava_matches_transformers(request, kind, chunk, model_cache_dir, test_tokenizer):
+    """chunk=16: every prompt's placeholder run (from position 3) is cut by the first 16-token chunk. LLaVA-NeXT's
+    images of other sizes and aspect ratios get other tile grids and token counts."""
+    if kind == "llava_siglip":
+        path = model_cache_dir / kind
+        if not path.exists():
+            make_tiny_llava(path, model_cache_dir / "smollm2-tokenizer", kind=kind)
+    else:
+        path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
+    hf = request.getfixturevalue("hf_llava") if kind == "llava" else _hf(path, kind)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
               block_size=4, enable_prefix_caching=False)
-    images = [_image(0), _image(1, (64, 30))]
+    images = [_image(0), _image(1, (64, 30)), _image(2, (30, 100)), _image(3, (32, 32))]
     outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
                         use_tqdm=False)
     for img, out in zip(images, outs):
-        ref_tokens, ref_lp = hf_greedy(hf_llava, PROMPT, img, MAX_TOKENS)
+        ref_tokens, ref_lp = hf_greedy(hf, PROMPT, img, MAX_TOKENS)
         _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    if kind == "llava_next":
+        assert len({len(o.prompt_token_ids) for o in outs}) > 2  # the token count follows the image's size
+        tok = llm.get_tokenizer()
+        ids = tok(PROMPT)["input_ids"]  # one placeholder, expanded by the engine for this image's size
+        one = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": images[2]}}, _greedy(),
+                           use_tqdm=False)[0]
+        assert one.prompt_token_ids == outs[2].prompt_token_ids
+        assert one.outputs[0].token_ids == outs[2].outputs[0].token_ids
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids, "the image does not change the output"
     stats = llm.get_stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
@@ -210,3 +236,49 @@ def test_checkpoint_layouts_load_the_same(llava_dir, tmp_path, layout):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(ValueError, match="vision_tower.extra.weight has no place in the vision tower"):
         LLM(str(out), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+
+
+def test_offline_chat_with_image_parts(llava_dir, hf_llava, tiny_llama_dir):
+    import base64
+    import io
+
+    img = _image(15)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    llm = LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    outs = [llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}], _greedy(),
+                     use_tqdm=False)[0] for part in ({"type": "image_url", "image_url": {"url": url}},
+                                                    {"type": "image_pil", "image_pil": img})]
+    tok = llm.get_tokenizer()
+    text = tok.apply_chat_template([{"role": "user", "content": "<image>\nWhat is it?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ref_tokens, ref_lp = hf_greedy(hf_llava, text, img, MAX_TOKENS)
+    for out in outs:
+        _assert_same(out.outputs[0], ref_tokens, ref_lp)
+    with pytest.raises(ValueError, match=r"messages\[0\].content\[0\].image_url: offline chat takes data: URLs"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
+                 use_tqdm=False)
+    del llm
+    text_llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    with pytest.raises(ValueError, match=r"messages\[0\].content: this model does not take images"):
+        text_llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": img}]}], use_tqdm=False)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_start_up_profiling_step_encodes_worst_case_images(request, kind, monkeypatch):
+    """The step a GPU platform measures at start-up (run here on the CPU) runs the vision tower on as many
+    worst-case images as a step can touch, and the language model on their rows."""
+    path = request.getfixturevalue("llava_dir" if kind == "llava" else "llava_next_dir")
+    llm = LLM(str(path), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV, max_num_batched_tokens=64,
+              max_num_seqs=2, limit_mm_per_prompt={"image": 3})
+    core = llm.llm_engine.core
+    seen = []
+    original = core.model.embed_multimodal
+    monkeypatch.setattr(core.model, "embed_multimodal", lambda feats: seen.append(feats) or original(feats))
+    core._profile_step(core.model.kv_cache_spec(), torch.float32)()
+    (features,) = seen
+    size, per_image = core.model.largest_image()
+    assert len(features) == min(-(-64 // per_image) + 1, 3)  # one 64-token sequence, up to 3 images each
+    if kind == "llava_next":
+        assert size == (64, 64) and features[0].pixel_values.shape[0] == 5  # the 2x2 pinpoint, plus the base

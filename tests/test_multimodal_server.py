@@ -41,11 +41,12 @@ def llava_server(model_cache_dir, test_tokenizer, tmp_path_factory):
     engine.shutdown()
 
 
-def hf_answer(path, image: Image.Image) -> str:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+def hf_answer(path, image: Image.Image, cls_name: str = "LlavaForConditionalGeneration") -> str:
+    import transformers
+    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    model = getattr(transformers, cls_name).from_pretrained(path, dtype=torch.float32).eval()
     text = processor.tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}],
                                                    tokenize=False, add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
@@ -67,15 +68,27 @@ def test_image_chat_matches_transformers(llava_server):
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     want = hf_answer(path, _image(0))
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes(_image(0))).decode()
+    text_only = client.chat.completions.create(model="llava", max_tokens=1, messages=[
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]}]).usage.prompt_tokens
     for url in (data_url, http_media.url("/img.png"), http_media.url("/redirect-same"),
                 (media_dir / "cat.png").as_uri()):
         resp = _chat(client, url)
         assert resp.choices[0].message.content == want, url
-        assert resp.usage.prompt_tokens > 16  # the image's 16 tokens are counted
+        assert resp.usage.prompt_tokens == text_only + 16 + 1  # the image's 16 tokens and its line's newline
     other = _chat(client, "data:image/png;base64," + base64.b64encode(png_bytes(_image(5))).decode())
     assert other.choices[0].message.content != want
     stats = wait_kv_free(srv.engine)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_responses_api_takes_input_image(llava_server):
+    srv, path = llava_server[0], llava_server[1]
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(_image(0))).decode()
+    resp = client.responses.create(model="llava", temperature=0, max_output_tokens=MAX_TOKENS, input=[
+        {"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                     {"type": "input_text", "text": QUESTION}]}], extra_body={"ignore_eos": True})
+    assert resp.output_text == hf_answer(path, _image(0))
 
 
 def test_typed_placeholder_text_is_not_an_image(llava_server):
@@ -94,3 +107,26 @@ def test_typed_placeholder_text_is_not_an_image(llava_server):
         r = http.post("/v1/chat/completions", json={"model": "llava", "max_tokens": 2, "messages": messages})
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["prompt_tokens"] == len(tokens)  # nothing was expanded
+
+
+def test_llava_next_chat_matches_transformers(model_cache_dir, test_tokenizer):
+    """LLaVA-NeXT: the token count depends on the image's size, known only after it is decoded."""
+    path = make_tiny_llava(model_cache_dir / "llava-next-srv", model_cache_dir / "smollm2-tokenizer",
+                           kind="llava_next")
+    engine = build_engine(path, dtype="float32")
+    srv = start_server(engine, ServerSettings(served_model_names=["llava"]))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        for seed, size in ((0, (36, 44)), (1, (90, 30))):
+            rng = np.random.RandomState(seed)
+            img = Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+            resp = _chat(client, "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode())
+            assert resp.choices[0].message.content == hf_answer(path, img, "LlavaNextForConditionalGeneration")
+            text_only = client.chat.completions.create(model="llava", max_tokens=1, messages=[
+                {"role": "user", "content": [{"type": "text", "text": QUESTION}]}]).usage.prompt_tokens
+            # the image's tokens plus its placeholder line's newline
+            assert resp.usage.prompt_tokens == text_only + engine.multimodal.tokens_for((img.height, img.width)) + 1
+        wait_kv_free(engine)
+    finally:
+        srv.stop()
+        engine.shutdown()

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmctl_server import protocol as p
 from llmctl_server.beam import beam_search_response, check_beam_request
-from llmctl_server.chat_images import check_images, expanded_length, load_images
+from llmctl_server.chat_images import check_images, expand_placeholders, load_images
 from llmctl_server.chat_request import ChatPlan, plan_chat, template_messages
 from llmctl_server.chat_template import ChatRenderer
 from llmctl_server.engine_client import EngineClient
@@ -246,10 +246,12 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         text, ids = await _render_chat(state, plan.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                        plan.tools, plan.image_marker)
         name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        mt = resolve_max_tokens(state, expanded_length(state.engine, ids, len(images)), body.max_new_tokens(), name)
         if body.use_beam_search and images:
             raise bad_request("use_beam_search: not supported with images", param="use_beam_search")
-        mm_data = {"image": await load_images(media, images)} if images else None
+        loaded = await load_images(media, images) if images else []
+        mm_data = {"image": loaded} if loaded else None
+        ids = expand_placeholders(state.engine, ids, loaded)
+        mt = resolve_max_tokens(state, len(ids), body.max_new_tokens(), name)
         if body.use_beam_search:
             if state.lora_request(model) is not None:
                 raise bad_request("use_beam_search: not supported with a LoRA adapter", param="use_beam_search")

@@ -4,6 +4,7 @@ fetched, then loaded under the server's media policy (``media.MediaConnector``) 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from llmctl_server.errors import bad_request
@@ -26,13 +27,33 @@ def check_images(engine: Any, images: list[tuple[str, str]]) -> list[tuple[str, 
     return images
 
 
-def expanded_length(engine: Any, ids: list[int], num_images: int) -> int:
-    """The prompt's length once each image placeholder is expanded to the model's image tokens."""
-    if not num_images:
-        return len(ids)
-    return len(ids) + num_images * (engine.multimodal.num_image_tokens - 1)
+def expand_placeholders(engine: Any, ids: list[int], images: list[Any]) -> list[int]:
+    """The prompt ids with each image's placeholder expanded to the model's tokens for that image (known only
+    once the image is decoded, for models whose count depends on its size), so that usage, ``max_tokens`` and
+    prompt logprobs count them."""
+    if not images:
+        return ids
+    try:
+        return engine.multimodal.expand_placeholders(ids, images)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="messages") from None
+
+
+# Fetching and decoding run on their own few threads, not the event loop's default pool: a flood of slow image
+# URLs then delays only image requests (each fetch ends at its deadline), never the tokenization of the others.
+MEDIA_THREADS = 8
+_pool: ThreadPoolExecutor | None = None
+
+
+def _media_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="llmctl-media")
+    return _pool
 
 
 async def load_images(media: MediaConnector, images: list[tuple[str, str]]) -> list[Any]:
     """Fetch and decode concurrently; the first failure (a 400 naming its field) fails the request."""
-    return list(await asyncio.gather(*(asyncio.to_thread(media.load, url, field) for field, url in images)))
+    loop = asyncio.get_running_loop()
+    pool = _media_pool()
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, media.load, url, field) for field, url in images)))

@@ -134,9 +134,14 @@ class MediaConnector:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     timeout: float = 5.0
+    ssl_context: ssl.SSLContext | None = None  # None: the system's trust store, hostname checked
 
     def __post_init__(self) -> None:
         self.allowed_media_domains = tuple(_normalize_domain(d) for d in self.allowed_media_domains if d.strip())
+        for d in self.allowed_media_domains:
+            if ("/" in d or "@" in d or (":" in d and _ip_literal(d) is None)) or not d:
+                raise ValueError(f"allowed_media_domains: {d!r} is not a bare host name or IP address (no scheme, "
+                                 f"port or path)")
         if self.allowed_local_media_path is not None:
             root = Path(self.allowed_local_media_path)
             if not root.is_dir():
@@ -251,7 +256,7 @@ class MediaConnector:
                               param=field)
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = _PinnedHTTPS(host, ip, port, left, ssl.create_default_context())
+            conn = _PinnedHTTPS(host, ip, port, left, self.ssl_context or ssl.create_default_context())
         else:
             conn = _PinnedHTTP(host, ip, port, left)
         path = parsed.path or "/"
@@ -297,7 +302,9 @@ class MediaConnector:
 
 
 def _shutdown(conn: http.client.HTTPConnection) -> None:
-    sock = conn.sock
+    # conn.sock is None once http.client hands a closing connection's socket to the response; the pinned
+    # connections keep their own reference, which is what a blocked read is waiting on.
+    sock = getattr(conn, "raw_sock", None)
     if sock is not None:
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -311,9 +318,10 @@ class _PinnedHTTP(http.client.HTTPConnection):
     def __init__(self, host: str, ip: str, port: int, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._ip = ip
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.raw_sock = socket.create_connection((self._ip, self.port), self.timeout)
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -321,7 +329,9 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         super().__init__(host, port, timeout=timeout, context=context)
         self._ip = ip
         self._ctx = context
+        self.raw_sock: socket.socket | None = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._ctx.wrap_socket(sock, server_hostname=self.host)
+        self.raw_sock = sock  # until the handshake: wrapping detaches it, and the TLS socket takes its place
+        self.sock = self.raw_sock = self._ctx.wrap_socket(sock, server_hostname=self.host)

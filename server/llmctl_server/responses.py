@@ -15,7 +15,7 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,12 +30,23 @@ class InputText(p._Model):
     text: p.SStr
 
 
+class InputImage(p._Model):
+    """An image part: ``image_url`` is a URL as in chat's ``image_url`` parts (same media policy)."""
+
+    type: Literal["input_image"]
+    image_url: p.SStr
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+InputPart = Annotated[InputText | InputImage, Field(discriminator="type")]
+
+
 class InputItem(p._Model):
     """A message, a function call the model made earlier, or that call's output."""
 
     type: Literal["message", "function_call", "function_call_output"] = "message"
     role: Literal["user", "system", "developer", "assistant"] | None = None
-    content: p.SStr | list[InputText] | None = None
+    content: p.SStr | list[InputPart] | None = None
     call_id: p.SStr | None = None
     name: p.SStr | None = None
     arguments: p.SStr | None = None
@@ -106,10 +117,19 @@ class ResponsesStore:
             return self._items.get(response_id)
 
 
-def _text(content: str | list[InputText] | None) -> str:
+def _text(content: str | list[InputText | InputImage] | None) -> str:
     if content is None:
         return ""
-    return content if isinstance(content, str) else "\n".join(part.text for part in content)
+    return content if isinstance(content, str) else \
+        "\n".join(part.text for part in content if isinstance(part, InputText))
+
+
+def _content(content: str | list[InputText | InputImage] | None) -> str | list[dict[str, Any]]:
+    """Chat content: a string, or chat's parts when the message holds images."""
+    if not isinstance(content, list) or not any(isinstance(part, InputImage) for part in content):
+        return _text(content)
+    return [{"type": "image_url", "image_url": {"url": part.image_url}} if isinstance(part, InputImage)
+            else {"type": "text", "text": part.text} for part in content]
 
 
 def to_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -119,7 +139,7 @@ def to_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     for i, item in enumerate(body.input):
         if item.type == "message":
-            messages.append({"role": item.role or "user", "content": _text(item.content)})
+            messages.append({"role": item.role or "user", "content": _content(item.content)})
         elif item.type == "function_call":
             if not item.name or item.call_id is None:
                 raise bad_request(f"input[{i}]: a function_call needs name and call_id", param=f"input[{i}]")

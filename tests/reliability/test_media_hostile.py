@@ -124,8 +124,14 @@ def test_bad_fetched_bodies(media, path, words):
 
 
 def test_slow_server_hits_the_deadline(media):
+    """The body drips a byte every 50 ms (each read succeeds, so no socket timeout fires): the one deadline for
+    the whole fetch cuts it off."""
+    import time
+
     c = MediaConnector(allowed_media_domains=("127.0.0.1",), timeout=0.5)
+    t0 = time.monotonic()
     _refused(c, media.url("/slow"), "more than the limit of 0.5 s")
+    assert time.monotonic() - t0 < 2.0
 
 
 @pytest.mark.parametrize("url, words", [
@@ -174,6 +180,11 @@ def test_bad_media_settings_are_refused(tmp_path):
         ServerSettings(allowed_local_media_path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="media_fetch_timeout"):
         ServerSettings(media_fetch_timeout=0)
+    for entry in ("https://example.com", "example.com:8080", "example.com/images", "user@example.com"):
+        with pytest.raises(ValueError, match="allowed_media_domains: .* is not a bare host name"):
+            ServerSettings(allowed_media_domains=[entry])
+    assert ServerSettings(allowed_media_domains=["[::1]", "Example.COM."]).media_connector().allowed_media_domains \
+        == ("::1", "example.com")
 
 
 # -- through a live server -------------------------------------------------------------------------------------------
@@ -250,3 +261,115 @@ def test_text_model_refuses_images(tiny_llama_dir, media):
     finally:
         srv.stop()
         engine.shutdown()
+
+
+def test_chat_route_survives_schema_fuzzing_on_an_image_model(llava_server, media):
+    """Generated chat bodies (image parts with arbitrary URLs among them) on a LLaVA server: never a 5xx, answers
+    that match the schema, no KV block left behind."""
+    import schemathesis
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    from tests.reliability.conftest import scaled
+    from tests.reliability.test_hostile import _fuzzer
+    from tests.test_server_support import wait_kv_free
+
+    schema = schemathesis.openapi.from_url(llava_server.url + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations() if r.ok().path == "/v1/chat/completions"]
+    assert len(ops) == 1
+    counts = {"cases": 0, "4xx": 0, "2xx": 0}
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        _fuzzer(ops[0].as_strategy(generation_mode=mode), llava_server.url,
+                [not_a_server_error, response_schema_conformance], scaled(10, 300), counts)()
+    assert counts.get("5xx", 0) == 0 and counts["cases"] > 0, counts
+    wait_kv_free(llava_server.engine, timeout=30)
+
+
+def test_https_checks_the_certificate_against_the_url_host(tmp_path):
+    """The connection is pinned to the checked address, but TLS still verifies the certificate for the URL's
+    host: a certificate for another name, or from an unknown CA, is refused."""
+    import ssl
+
+    from tests.media_server import TLSMediaServer, tls_files
+
+    good_dir, other_dir = tmp_path / "good", tmp_path / "other"
+    good_dir.mkdir()
+    other_dir.mkdir()
+    ca, cert, key = tls_files(good_dir, ["127.0.0.1"])
+    other_ca, other_cert, other_key = tls_files(other_dir, ["images.example"])
+    for server_cert, server_key, trust, words in ((cert, key, ca, None),
+                                                  (other_cert, other_key, other_ca, "SSLCertVerificationError"),
+                                                  (cert, key, None, "SSLCertVerificationError")):
+        srv = TLSMediaServer(_image(), server_cert, server_key)
+        try:
+            ctx = ssl.create_default_context(cafile=trust) if trust else None
+            c = MediaConnector(allowed_media_domains=("127.0.0.1",), ssl_context=ctx)
+            if words is None:
+                assert c.load(srv.url("/img.png"), FIELD).size == (20, 16)
+                assert c.load(srv.url("/redirect-same"), FIELD).size == (20, 16)
+            else:
+                _refused(c, srv.url("/img.png"), words)
+        finally:
+            srv.stop()
+
+
+def test_connection_is_pinned_to_the_checked_address(monkeypatch):
+    """DNS rebinding: the name is resolved once, checked, and the connection goes to that address; a second
+    answer (here: loopback) is never asked for nor used."""
+    answers = iter([("93.184.216.34", 80), ("127.0.0.1", 80)])
+    lookups, connects = [], []
+
+    def getaddrinfo(host, port, *a, **k):
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", next(answers))]
+
+    def create_connection(address, *a, **k):
+        connects.append(address)
+        raise ConnectionRefusedError
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    _refused(MediaConnector(allowed_media_domains=("images.example",)), "http://images.example/cat.png",
+             "fetching the image failed")
+    assert lookups == ["images.example"] and connects == [("93.184.216.34", 80)]
+
+
+def test_slow_image_urls_do_not_stall_text_requests(llava_server, media):
+    """Slow image fetches hold the media threads, not the pool that tokenizes everyone's prompts: a text request
+    is answered while more slow fetches than there are media threads are in flight."""
+    import concurrent.futures
+    import time
+
+    from llmctl_server.chat_images import MEDIA_THREADS
+
+    slow = _chat([media.url("/slow")])
+    with concurrent.futures.ThreadPoolExecutor(MEDIA_THREADS + 4) as pool, \
+            httpx.Client(base_url=llava_server.url, timeout=60) as http:
+        pending = [pool.submit(http.post, "/v1/chat/completions", json=slow) for _ in range(MEDIA_THREADS + 4)]
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = http.post("/v1/chat/completions", json={"model": "llava", "max_tokens": 2,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+        took = time.monotonic() - t0
+        assert r.status_code == 200, r.text
+        assert all(f.result().status_code in (200, 400) for f in pending)
+    assert took < 4.0, took
+
+
+def test_slow_https_server_hits_the_deadline(tmp_path):
+    import ssl
+    import time
+
+    from tests.media_server import TLSMediaServer, tls_files
+
+    ca, cert, key = tls_files(tmp_path, ["127.0.0.1"])
+    srv = TLSMediaServer(_image(), cert, key)
+    try:
+        c = MediaConnector(allowed_media_domains=("127.0.0.1",), timeout=0.5,
+                           ssl_context=ssl.create_default_context(cafile=ca))
+        t0 = time.monotonic()
+        _refused(c, srv.url("/slow"), "more than the limit of 0.5 s")
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        srv.stop()

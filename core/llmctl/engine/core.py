@@ -325,12 +325,32 @@ class EngineCore:
                 torch.full((total,), -1, dtype=torch.int64), block_size, dev)
             positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lens]).to(dev)
             input_ids = torch.zeros(total, dtype=torch.int64, device=dev)
-            hidden = self.model(input_ids, positions, caches, metadata)
+            extra = {}
+            if getattr(self.model, "supports_multimodal", False):
+                extra["inputs_embeds"] = self._profile_image_embeddings(input_ids, len(lens))
+            hidden = self.model(input_ids, positions, caches, metadata, **extra)
             if not self.runner_plan.pooling:
                 self.model.compute_logits(hidden[:sample_rows]).float()  # the sampler's float32 copy counts too
             del hidden, caches, metadata
 
         return run_forward
+
+    def _profile_image_embeddings(self, input_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """A step filled with the most worst-case images it can touch (each sequence may start inside one and
+        end inside another), encoded in one call as the runner would, their rows merged over the embeddings:
+        the vision tower's activations and the encoder outputs count in the profiled peak."""
+        model = self.model
+        _, per_image = model.largest_image()
+        total = input_ids.shape[0]
+        from llmctl.multimodal.processor import parse_limit_mm_per_prompt
+
+        limit = parse_limit_mm_per_prompt(self.args.limit_mm_per_prompt)["image"]
+        count = max(1, min(-(-total // per_image) + num_seqs, limit * num_seqs))
+        rows = model.embed_multimodal(model.dummy_features(count))
+        embeds = model.embed_input_ids(input_ids)
+        flat = torch.cat(rows)[:total]
+        embeds[:flat.shape[0]] = flat.to(embeds.dtype)
+        return embeds
 
     def _init_decode_graphs(self) -> str:
         """Ask the platform for a decode-step runner and capture it now that the KV cache exists; the returned

@@ -66,7 +66,7 @@ class LLMEngine:
         model = self.core.model
         if self.core.runner_type != "generate" or not getattr(model, "supports_multimodal", False):
             return None
-        return MultiModalProcessor(self.core.source.local_dir, model.image_token_id, model.num_image_tokens,
+        return MultiModalProcessor(self.core.source.local_dir, model.image_token_id, model.image_token_count,
                                    parse_limit_mm_per_prompt(self.args.limit_mm_per_prompt),
                                    self.args.trust_remote_code)
 

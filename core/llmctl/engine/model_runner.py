@@ -293,14 +293,14 @@ class ModelRunner:
                 todo[key] = s.feature
             else:
                 outputs[key] = found
-        by_shape: dict[tuple[int, ...], list[bytes]] = {}
-        for key, f in todo.items():  # images of one shape go through the tower together
-            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(key)
-        for keys in by_shape.values():
-            pixels = torch.stack([todo[k].pixel_values for k in keys]).to(self.device)
-            encoded = self.model.embed_images(pixels)
-            for j, key in enumerate(keys):
-                outputs[key] = encoded[j] if len(keys) == 1 else encoded[j].clone()
+        if todo:
+            encoded = self.model.embed_multimodal(list(todo.values()))
+            for key, rows in zip(todo, encoded, strict=True):
+                f = todo[key]
+                if rows.shape[0] != f.length:
+                    raise ValueError(f"multi_modal_data: an image encoded to {rows.shape[0]} rows for a placeholder "
+                                     f"run of {f.length}")
+                outputs[key] = rows if len(todo) == 1 else rows.clone()  # a view would keep the whole batch alive
                 cache.put(key, outputs[key])
         embeds = self.model.embed_input_ids(batch.input_ids)
         for s in batch.mm_slices:

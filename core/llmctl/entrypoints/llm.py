@@ -17,6 +17,7 @@ from llmctl.config import EngineArgs
 from llmctl.engine.input_processor import PromptType
 from llmctl.engine.llm_engine import LLMEngine
 from llmctl.lora.request import LoRARequest
+from llmctl.multimodal.chat import split_chat_images
 from llmctl.outputs import RequestOutput
 from llmctl.pooling.outputs import (
     ClassificationRequestOutput,
@@ -131,9 +132,13 @@ class LLM:
             raise ValueError("chat_template: this model's tokenizer has no chat template; pass chat_template=")
         prompts: list[PromptType] = []
         for conv in conversations:
+            conv, images = split_chat_images(conv, self.llm_engine.multimodal)
             text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            chat_template=chat_template)
-            prompts.append({"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+            prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            prompts.append(prompt)
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,

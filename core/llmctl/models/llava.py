@@ -1,5 +1,6 @@
-"""LLaVA (``LlavaForConditionalGeneration``, the llava-1.5 layout): a CLIP/SigLIP vision tower, a two-layer
-projector, and a native Llama-family language model.
+"""LLaVA (``LlavaForConditionalGeneration``, the llava-1.5 layout) and LLaVA-NeXT
+(``LlavaNextForConditionalGeneration``): a CLIP/SigLIP vision tower, a two-layer projector, and a native
+Llama-family language model.
 
 The vision tower is transformers' own module (``AutoModel.from_config(vision_config)``): it runs eagerly, once
 per image, on the image's preprocessed pixels, outside the paged KV cache (every patch attends to every patch and
@@ -7,6 +8,11 @@ nothing of it is reused by later tokens). Its hidden states at ``vision_feature_
 the ``default`` strategy) go through the projector, and the resulting rows replace the embeddings of the image's
 placeholder tokens before the language model runs; from there on, an image is just a run of prompt positions in
 the KV cache.
+
+LLaVA-NeXT ("anyres") encodes a downscaled whole image plus the tiles of the image resized to the closest
+``image_grid_pinpoints`` resolution; the tiles' features are laid out as one grid, the padding the resize added
+is cut off, and a learned ``image_newline`` row ends every grid row, so an image's token count depends on its
+size.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from torch import nn
 
 from llmctl.attention import AttentionMetadata
 from llmctl.layers._module import EngineModule
+from llmctl.layers._params import empty_param
 from llmctl.layers.linear import Linear
 from llmctl.models.base import KVCacheSpec, ModelContext
+from llmctl.multimodal.inputs import MultiModalFeature
 
-ARCHITECTURES = ("LlavaForConditionalGeneration",)
+ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 _TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model")
 
@@ -90,8 +98,9 @@ class LlavaProjector(EngineModule):
 
 
 class LlavaForConditionalGeneration(EngineModule):
-    """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks the model runner calls:
-    ``embed_input_ids`` and ``embed_images``."""
+    """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks: ``image_token_id`` and
+    ``image_token_count`` for the input processor, ``embed_input_ids`` and ``embed_multimodal`` for the model
+    runner, ``largest_image`` and ``dummy_features`` for start-up profiling."""
 
     supports_multimodal = True
 
@@ -107,9 +116,8 @@ class LlavaForConditionalGeneration(EngineModule):
         check_config(hf_config)
         self.config = hf_config
         self.ctx = ctx
-        self.image_token_id = int(getattr(hf_config, "image_token_id", None)
-                                  if getattr(hf_config, "image_token_id", None) is not None
-                                  else hf_config.image_token_index)
+        token = getattr(hf_config, "image_token_id", None)  # transformers 5's name; older configs: image_token_index
+        self.image_token_id = int(token if token is not None else hf_config.image_token_index)
         self.feature_layers = _feature_layers(hf_config)
         self.drop_cls = getattr(hf_config, "vision_feature_select_strategy", "default") == "default"
         self.num_image_tokens = image_feature_size(hf_config)
@@ -131,9 +139,29 @@ class LlavaForConditionalGeneration(EngineModule):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(input_ids)
 
-    @torch.inference_mode()
-    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n, num_image_tokens, text hidden]: the rows that replace the placeholders."""
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Placeholder tokens for an image of ``image_size`` (height, width): fixed for LLaVA-1.5."""
+        return self.num_image_tokens
+
+    def largest_image(self) -> tuple[tuple[int, int], int]:
+        """The (height, width) whose encoding costs most, and its token count (start-up memory profiling)."""
+        side = int(self.config.vision_config.image_size)
+        return (side, side), self.num_image_tokens
+
+    def dummy_features(self, count: int) -> list[MultiModalFeature]:
+        """``count`` distinct worst-case images (zero pixels), for start-up memory profiling."""
+        size, length = self.largest_image()
+        side = int(self.config.vision_config.image_size)
+        tiles = self._tiles_for(size)
+        shape = (tiles, 3, side, side) if tiles else (3, side, side)
+        return [MultiModalFeature("image", 0, length, f"profile-{i}".encode(), torch.zeros(shape), size)
+                for i in range(count)]
+
+    def _tiles_for(self, image_size: tuple[int, int]) -> int:
+        return 0  # one [3, H, W] input per image
+
+    def _project(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] tiles -> [n, tokens per tile, text hidden]."""
         out = self.vision_tower(pixel_values.to(device=self.ctx.device, dtype=self.ctx.dtype),
                                 output_hidden_states=True, return_dict=True)
         feats = [out.hidden_states[i] for i in self.feature_layers]
@@ -145,6 +173,24 @@ class LlavaForConditionalGeneration(EngineModule):
                              f"{self.num_image_tokens} (its image_size is {self.config.vision_config.image_size})")
         return self.multi_modal_projector(selected)
 
+    @torch.inference_mode()
+    def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, num_image_tokens, text hidden]: the rows that replace the placeholders."""
+        return self._project(pixel_values)
+
+    @torch.inference_mode()
+    def embed_multimodal(self, features: list[MultiModalFeature]) -> list[torch.Tensor]:
+        """One [length, text hidden] tensor per feature; images of one pixel shape go through the tower together."""
+        out: list[torch.Tensor | None] = [None] * len(features)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, f in enumerate(features):
+            by_shape.setdefault(tuple(f.pixel_values.shape), []).append(i)
+        for idx in by_shape.values():
+            encoded = self._project(torch.stack([features[i].pixel_values for i in idx]))
+            for j, i in enumerate(idx):
+                out[i] = encoded[j]
+        return out  # type: ignore[return-value]
+
     # -- loading ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -155,12 +201,13 @@ class LlavaForConditionalGeneration(EngineModule):
         tower.update(dict(self.vision_tower.named_buffers()))
         tower_prefix = "vision_model." if any(k.startswith("vision_model.") for k in tower) else ""
         proj = dict(self.multi_modal_projector.named_parameters())
+        own = {k: v for k, v in self.named_parameters(recurse=False)}  # LLaVA-NeXT's image_newline
         loaded: set[str] = set()
 
         def text_weights() -> Iterable[tuple[str, torch.Tensor]]:
             for name, tensor in weights:
                 if name.startswith("model.") and name.split(".", 2)[1] in (
-                        "vision_tower", "multi_modal_projector", "language_model"):
+                        "vision_tower", "multi_modal_projector", "language_model", "image_newline"):
                     name = name[len("model."):]
                     if name.startswith("language_model."):  # transformers 5: the base model has no "model."
                         name = "language_model.model." + name[len("language_model."):]
@@ -181,6 +228,9 @@ class LlavaForConditionalGeneration(EngineModule):
                         raise ValueError(f"checkpoint tensor {name} has no place in the projector")
                     _copy(proj[key], tensor, name)
                     loaded.add("projector." + key)
+                elif name in own:
+                    _copy(own[name], tensor, name)
+                    loaded.add(name)
                 elif name.startswith("language_model."):
                     yield name[len("language_model."):], tensor
                 else:
@@ -189,8 +239,76 @@ class LlavaForConditionalGeneration(EngineModule):
         self.language_model.load_weights(text_weights())
         missing = [k for k, _ in self.vision_tower.named_parameters() if k not in loaded]
         missing += [f"multi_modal_projector.{k}" for k in proj if f"projector.{k}" not in loaded]
+        missing += [k for k in own if k not in loaded]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
+
+
+class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    """LLaVA-NeXT (llava-v1.6): anyres tiling with the "spatial_unpad" layout transformers implements."""
+
+    def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
+        super().__init__(hf_config, ctx)
+        if not self.drop_cls or hf_config.vision_config.model_type != "clip_vision_model":
+            raise ValueError("model: LLaVA-NeXT is supported with a CLIP tower and vision_feature_select_strategy "
+                             "'default'")
+        self.image_newline = empty_param(hf_config.text_config.hidden_size, dtype=ctx.dtype, device=ctx.device)
+        self.grid_pinpoints = [list(p) for p in hf_config.image_grid_pinpoints]
+        self.tile = int(hf_config.vision_config.image_size)
+        self.side = self.tile // int(hf_config.vision_config.patch_size)
+
+    def _grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+        rows, cols = get_anyres_image_grid_shape(tuple(image_size), self.grid_pinpoints, self.tile)
+        return int(rows), int(cols)
+
+    def num_patches(self, image_size: tuple[int, int]) -> int:
+        rows, cols = self._grid(image_size)
+        return 1 + rows * cols  # the downscaled whole image, then the grid's tiles
+
+    def _tiles_for(self, image_size: tuple[int, int]) -> int:
+        return self.num_patches(image_size)
+
+    def largest_image(self) -> tuple[tuple[int, int], int]:
+        """The pinpoint resolution with the most tiles (ties: the most tokens)."""
+        best = max(((int(h), int(w)) for h, w in self.grid_pinpoints),
+                   key=lambda s: (self.num_patches(s), self.image_token_count(s)))
+        return best, self.image_token_count(best)
+
+    def _unpadded(self, grid: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        return unpad_image(grid, tuple(image_size))
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        rows, cols = self._grid(image_size)
+        h, w = self._unpadded(torch.empty(1, rows * self.side, cols * self.side, device="meta"), image_size).shape[1:]
+        return self.num_image_tokens + h * (w + 1)
+
+    @torch.inference_mode()
+    def embed_multimodal(self, features: list[MultiModalFeature]) -> list[torch.Tensor]:
+        """All tiles of all images through the tower at once, then each image's grid laid out and unpadded."""
+        if any(f.image_size is None for f in features):
+            raise ValueError("multi_modal_data: LLaVA-NeXT needs each image's original size")
+        counts = [self.num_patches(f.image_size) for f in features]  # type: ignore[arg-type]
+        tiles = torch.cat([f.pixel_values[:n] for f, n in zip(features, counts, strict=True)])
+        encoded = self._project(tiles).split(counts)
+        return [self._pack(e, f.image_size) for e, f in zip(encoded, features, strict=True)]  # type: ignore[arg-type]
+
+    def _pack(self, feats: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        base, tiles = feats[0], feats[1:]
+        rows, cols = self._grid(image_size)
+        s = self.side
+        grid = tiles.view(rows, cols, s, s, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        grid = self._unpadded(grid, image_size)  # [hidden, h, w]
+        newline = self.image_newline[:, None, None].expand(*grid.shape[:-1], 1).to(grid.dtype)
+        grid = torch.cat([grid, newline], dim=-1).flatten(1, 2).transpose(0, 1)
+        return torch.cat([base, grid])
+
+
+ARCHITECTURE_CLASSES = {"LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+                        "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration}
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:

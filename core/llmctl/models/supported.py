@@ -32,9 +32,9 @@ class ModelInfo:
 
             return LlamaForCausalLM
         if self.family == "llava":
-            from llmctl.models.llava import LlavaForConditionalGeneration
+            from llmctl.models.llava import ARCHITECTURE_CLASSES
 
-            return LlavaForConditionalGeneration
+            return ARCHITECTURE_CLASSES[self.architecture]
         return decoder_class(self.family)
 
 
@@ -49,7 +49,9 @@ MODELS: tuple[ModelInfo, ...] = (
     ModelInfo("Qwen2ForCausalLM", "llama", "q/k/v bias, per-layer sliding window", f"{LLAMA_TEST}[qwen2]"),
     ModelInfo("Qwen3ForCausalLM", "llama", "per-head q/k RMSNorm", f"{LLAMA_TEST}[qwen3]"),
     ModelInfo("LlavaForConditionalGeneration", "llava", "image input (llava-1.5): CLIP/SigLIP tower from transformers, "
-              "feature layer and CLS strategy, projector; Llama-family language model", LLAVA_TEST),
+              "feature layer and CLS strategy, projector; Llama-family language model", f"{LLAVA_TEST}[llava-16]"),
+    ModelInfo("LlavaNextForConditionalGeneration", "llava", "LLaVA-NeXT anyres tiling: grid pinpoints, unpadding, "
+              "image_newline; an image's token count depends on its size", f"{LLAVA_TEST}[llava_next-16]"),
     _fam("GemmaForCausalLM", "gemma", "(1 + w) RMSNorm, scaled embeddings, tanh-GELU gated MLP"),
     _fam("Gemma2ForCausalLM", "gemma2", "attention and final logit soft-capping, alternating sliding window, "
          "sandwich norms, query_pre_attn_scalar"),

@@ -21,7 +21,8 @@ class MultiModalFeature:
     offset: int  # first placeholder position in the prompt
     length: int  # placeholder tokens (= rows of encoder output)
     mm_hash: bytes
-    pixel_values: torch.Tensor  # what the encoder takes, e.g. [3, H, W]
+    pixel_values: torch.Tensor  # what the encoder takes: [3, H, W], or [tiles, 3, H, W] (LLaVA-NeXT, padded)
+    image_size: tuple[int, int] | None = None  # the original (height, width), where the layout depends on it
 
     @property
     def end(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,11 +85,12 @@ def placeholder_runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
 
 
 class MultiModalProcessor:
-    def __init__(self, model_dir: Path, image_token_id: int, num_image_tokens: int,
+    def __init__(self, model_dir: Path, image_token_id: int, tokens_for: Callable[[tuple[int, int]], int],
                  limit_per_prompt: dict[str, int] | None = None, trust_remote_code: bool = False) -> None:
+        """``tokens_for``: the model's placeholder count for an image of (height, width)."""
         self.model_dir = model_dir
         self.image_token_id = image_token_id
-        self.num_image_tokens = num_image_tokens
+        self.tokens_for = tokens_for
         self.limits = dict(limit_per_prompt or DEFAULT_LIMIT_PER_PROMPT)
         self.trust_remote_code = trust_remote_code
         self._processor: Any = None
@@ -134,26 +136,37 @@ class MultiModalProcessor:
             pixels = out["pixel_values"]
         else:
             pixels = proc.image_processor(images=images, return_tensors="pt")["pixel_values"]
-            ids = self._expand(ids)
+            ids = self._expand(ids, [self.tokens_for((img.height, img.width)) for img in images])
         runs = placeholder_runs(ids, self.image_token_id)
         self._check_count(len(runs), len(images))
         features = []
-        for (offset, length), img, px in zip(runs, images, pixels, strict=True):
-            if length != self.num_image_tokens:
-                raise ValueError(f"prompt: an image placeholder run of {length} tokens; the model takes "
-                                 f"{self.num_image_tokens} per image")
-            features.append(MultiModalFeature("image", offset, length, hash_image(img), px.contiguous()))
+        for i, ((offset, length), img, px) in enumerate(zip(runs, images, pixels, strict=True)):
+            want = self.tokens_for((img.height, img.width))
+            if length != want:
+                raise ValueError(f"prompt: image {i}'s placeholder run has {length} tokens; the model takes {want} "
+                                 f"for a {img.width}x{img.height} image")
+            features.append(MultiModalFeature("image", offset, length, hash_image(img), px.contiguous(),
+                                              (img.height, img.width)))
         return ids, features
+
+    def expand_placeholders(self, ids: list[int], images: list[Any]) -> list[int]:
+        """``ids`` with one placeholder token per image expanded to that image's run (the server does this before
+        the engine, so its usage and prompt-logprob positions count the image tokens)."""
+        return self._expand(ids, [self.tokens_for((img.height, img.width)) for img in images])
 
     def _check_count(self, placeholders: int, images: int) -> None:
         if placeholders != images:
             raise ValueError(f"prompt: {placeholders} image placeholder(s) ({self.image_token_text()}) for {images} "
                              f"image(s) in multi_modal_data; put one placeholder per image")
 
-    def _expand(self, ids: list[int]) -> list[int]:
-        """One placeholder token per image becomes the model's run; runs already expanded stay as they are."""
+    def _expand(self, ids: list[int], counts: list[int]) -> list[int]:
+        """One placeholder token per image becomes the model's run of ``counts[i]`` tokens; runs already expanded
+        stay as they are (a count mismatch is reported by the caller)."""
         out = list(ids)
-        for offset, length in reversed(placeholder_runs(out, self.image_token_id)):
+        runs = placeholder_runs(out, self.image_token_id)
+        if len(runs) != len(counts):
+            self._check_count(len(runs), len(counts))
+        for (offset, length), count in reversed(list(zip(runs, counts, strict=True))):
             if length == 1:
-                out[offset:offset + 1] = [self.image_token_id] * self.num_image_tokens
+                out[offset:offset + 1] = [self.image_token_id] * count
         return out

@@ -40,7 +40,7 @@ class _DraftView:
     pooling_params: None = None  # what the model runner reads of every request: a draft pools nothing,
     token_type_ids: None = None  # has no segment ids
     lora: None = None  # runs no adapter
-    mm_features: tuple = ()  # and sees no image (draft models are refused for multimodal targets)
+    mm_features: tuple = ()  # and sees no images (multimodal targets refuse draft models)
 
     @property
     def num_tokens(self) -> int:
