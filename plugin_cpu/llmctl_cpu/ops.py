@@ -285,6 +285,38 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: tor
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n // 2)
 
 
+def _lora_ok(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, token_slots: torch.Tensor,
+             ranks: torch.Tensor | None) -> bool:
+    """What the C kernel reads: one float32 or bfloat16 dtype, rows with unit column stride, contiguous slots."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or not (x.dtype == y.dtype == a.dtype == b.dtype):
+        return False
+    if x.dim() != 2 or y.dim() != 2 or a.dim() != 3 or b.dim() != 3 or x.shape[0] != y.shape[0]:
+        return False
+    if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2] or a.shape[2] != x.shape[1] or b.shape[1] != y.shape[1]:
+        return False
+    if ranks is not None and (ranks.dtype != torch.int32 or not ranks.is_contiguous() or ranks.shape != (a.shape[0],)
+                              or not ranks.is_cpu):
+        return False
+    return (x.is_cpu and y.is_cpu and (x.stride(1) == 1 or x.shape[1] == 1) and (y.stride(1) == 1 or y.shape[1] == 1)
+            and a.is_contiguous() and b.is_contiguous() and token_slots.dtype == torch.int64
+            and token_slots.is_contiguous() and token_slots.shape == (x.shape[0],))
+
+
+def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       token_slots: torch.Tensor, active_slots: tuple[int, ...],
+                       ranks: torch.Tensor | None = None) -> None:
+    """One C call per projection instead of two matmuls and an index_add per adapter, reading only each slot's
+    real rank of the padded slots. Rows are taken from ``token_slots`` directly: ``active_slots`` only has to
+    cover them, as the runner's does."""
+    lib = native.kernels()
+    if lib is None or not _lora_ok(x, y, a, b, token_slots, ranks):
+        reference.lora_shrink_expand(x, y, a, b, token_slots, active_slots, ranks)
+        return
+    if ranks is None:
+        ranks = torch.full((a.shape[0],), a.shape[1], dtype=torch.int32)
+    lib.lora_shrink_expand(x, y, a, b, token_slots, ranks)
+
+
 def op_overrides() -> list[OpOverride]:
     return [OpOverride(name, fn, platform="cpu", priority=10)
             for name, fn in (("rms_norm", rms_norm), ("fused_add_rms_norm", fused_add_rms_norm),
@@ -292,4 +324,4 @@ def op_overrides() -> list[OpOverride]:
                              ("greedy_sample", greedy_sample),
                              ("pack_linear_weight", pack_linear_weight),
                              ("linear", linear), ("pack_gated_linear_weight", pack_gated_linear_weight),
-                             ("gated_linear", gated_linear))]
+                             ("gated_linear", gated_linear), ("lora_shrink_expand", lora_shrink_expand))]

@@ -24,6 +24,7 @@ _EXPORTS = {
     "fused_add_rms_norm": "llmctl_triton.norm",
     "rotary_embedding": "llmctl_triton.rotary",
     "silu_and_mul": "llmctl_triton.activation",
+    "lora_shrink_expand": "llmctl_triton.lora",
 }
 
 __all__ = sorted(_EXPORTS)

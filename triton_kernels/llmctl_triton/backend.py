@@ -77,12 +77,14 @@ class TritonAttentionBackend(AttentionBackend):
 
 
 def op_overrides(platform: str, priority: int = 10) -> list[OpOverride]:
-    """The fused elementwise kernels as op overrides for ``platform`` (sampling ops stay on the reference)."""
-    from llmctl_triton.ops import fused_add_rms_norm, rms_norm, rotary_embedding, silu_and_mul
+    """The fused elementwise kernels and the LoRA op as op overrides for ``platform`` (sampling ops stay on the
+    reference)."""
+    from llmctl_triton.ops import fused_add_rms_norm, lora_shrink_expand, rms_norm, rotary_embedding, silu_and_mul
 
     return [
         OpOverride("rms_norm", rms_norm, platform, priority),
         OpOverride("fused_add_rms_norm", fused_add_rms_norm, platform, priority),
         OpOverride("rotary_embedding", rotary_embedding, platform, priority),
         OpOverride("silu_and_mul", silu_and_mul, platform, priority),
+        OpOverride("lora_shrink_expand", lora_shrink_expand, platform, priority),
     ]

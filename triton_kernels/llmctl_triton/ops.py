@@ -39,3 +39,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     from llmctl_triton.activation import silu_and_mul as kernel
 
     return kernel(x)
+
+
+def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       token_slots: torch.Tensor, active_slots: tuple[int, ...],
+                       ranks: torch.Tensor | None = None) -> None:
+    from llmctl_triton.lora import lora_shrink_expand as kernel
+
+    kernel(x, y, a, b, token_slots, active_slots, ranks)

@@ -515,7 +515,10 @@ class EngineCore:
             targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=hidden.device)
             out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens,
                                                      first_scheduled_time=req.first_scheduled_time))
-            out.prompt_logprobs = prompt_logprobs_in_slices(hidden, self.runner.model.compute_logits, targets,
+            compute = self.runner.model.compute_logits
+            if self.lora is not None:  # an adapter on the LM head applies to the request's prompt logprobs too
+                compute = self.lora.logits_for(req.lora, compute)
+            out.prompt_logprobs = prompt_logprobs_in_slices(hidden, compute, targets,
                                                             req.sampling_params.prompt_logprobs)
             out.prompt_logprobs_start = first + 1
         for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):

@@ -9,6 +9,7 @@ the live tensors to the platform's runner, which pads the batch up to a captured
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -269,7 +270,8 @@ class ModelRunner:
                 return ModelOutput(hidden.new_empty(0), {}, pooled)
         else:
             pooled = {}
-        sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
+        with self.lora.logits_rows(batch.logits_indices) if self.lora is not None else nullcontext():
+            sample_logits = self.model.compute_logits(hidden[batch.logits_indices])
         prompt_hidden = {}
         for chunk in batch.prompt_logprob_chunks:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)

@@ -12,7 +12,7 @@ from llmctl.layers._params import empty_param
 from llmctl.layers.linear import bind_linear_ops
 
 if TYPE_CHECKING:
-    from llmctl.lora.layers import LoRAEmbeddingSlots
+    from llmctl.lora.layers import LoRAEmbeddingSlots, LoRALinearSlots
 from llmctl.ops import Ops
 from llmctl.ops.reference import PackedLinearWeight
 
@@ -35,10 +35,13 @@ class LMHead(EngineModule):
     batches take the argmax of the model's own values). With ``tied_to`` it reuses the embedding's parameter
     object, so loading the embedding loads both and no second vocab-sized matrix is allocated."""
 
+    lora: LoRALinearSlots | None = None  # set by llmctl.lora when LoRA is enabled (adapters targeting lm_head)
+
     def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabEmbedding | None = None,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.tied = tied_to is not None
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
@@ -50,4 +53,5 @@ class LMHead(EngineModule):
         bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self.weight if self._packed is None else self._packed)
+        logits = self._linear(hidden, self.weight if self._packed is None else self._packed)
+        return logits if self.lora is None else self.lora.add(hidden, logits)

@@ -101,10 +101,14 @@ def _check_config(req: LoRARequest, config: Mapping, max_rank: int) -> tuple[int
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise _fail(req, f"lora_alpha: must be a number, got {alpha!r}")
     for key, why in (("use_dora", "DoRA adapters are not supported"), ("rank_pattern", "per-module ranks are not "
-                     "supported"), ("alpha_pattern", "per-module alphas are not supported"),
-                     ("modules_to_save", "fully trained modules (modules_to_save) are not supported")):
+                     "supported"), ("alpha_pattern", "per-module alphas are not supported")):
         if config.get(key):
             raise _fail(req, f"{key}: {why}")
+    saved = config.get("modules_to_save")
+    if saved:  # as in vLLM: a fully trained copy of a module would be a second base model per adapter
+        names = ", ".join(map(str, saved)) if isinstance(saved, list) else repr(saved)
+        raise _fail(req, f"modules_to_save: fully trained modules ({names}) are not supported; train them as LoRA "
+                         "target_modules (embed_tokens and lm_head can be)")
     if config.get("bias", "none") != "none":
         raise _fail(req, f"bias: {config.get('bias')!r} is not supported; only 'none'")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

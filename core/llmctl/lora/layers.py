@@ -20,10 +20,15 @@ class LoRABatch:
 
 class StepMapping:
     """The current step's :class:`LoRABatch`, shared by every LoRA layer of one engine (set by the model runner
-    before each forward, so layers need no extra argument and the models no change)."""
+    before each forward, so layers need no extra argument and the models no change).
+
+    ``logits`` maps the rows of one ``compute_logits`` call instead: those rows are a selection of the step's
+    tokens (the sampled positions, or one request's prompt-logprob slice), so the LM head's adapters need their
+    own mapping, set only around that call (:meth:`llmctl.lora.manager.LoRAManager.logits_rows`)."""
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
+        self.logits: LoRABatch | None = None
 
 
 @dataclass(frozen=True)
@@ -37,35 +42,53 @@ class Shard:
 
 class LoRALinearSlots:
     """``A`` [max_loras, max_rank, in] and ``B`` [max_loras, width, max_rank] per shard; a slot's unused rank rows
-    stay zero, which adds exact zeros, so adapters of any rank up to max_rank share the buffers."""
+    stay zero, which adds exact zeros, so adapters of any rank up to max_rank share the buffers. Each shard also
+    keeps every slot's real rank (0 where the slot's adapter does not target it): kernels skip the padded part, and
+    a shard that no active adapter targets is not run at all."""
 
     def __init__(self, shards: list[Shard], in_features: int, max_loras: int, max_rank: int, dtype: torch.dtype,
-                 device: torch.device, mapping: StepMapping, op: Callable[..., None]) -> None:
+                 device: torch.device, mapping: StepMapping, op: Callable[..., None], *,
+                 on_logits: bool = False) -> None:
         self.shards = shards
         self.mapping = mapping
         self.op = op
+        self.on_logits = on_logits  # the LM head: its rows are the logits rows, not the step's tokens
         self.a = [torch.zeros(max_loras, max_rank, in_features, dtype=dtype, device=device) for _ in shards]
         self.b = [torch.zeros(max_loras, s.width, max_rank, dtype=dtype, device=device) for s in shards]
+        self.ranks = [torch.zeros(max_loras, dtype=torch.int32, device=device) for _ in shards]
+        self._host_ranks = [[0] * max_loras for _ in shards]
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        for shard, a, b in zip(self.shards, self.a, self.b, strict=True):
+        for i, (shard, a, b) in enumerate(zip(self.shards, self.a, self.b, strict=True)):
             a[slot].zero_()
             b[slot].zero_()
             found = None if adapter is None else adapter.weights.get(shard.name)
+            rank = 0
             if found is not None:
                 wa, wb = found
                 a[slot, : wa.shape[0]].copy_(wa)
                 b[slot, :, : wb.shape[1]].copy_(wb)
+                rank = wa.shape[0]
+            self.ranks[i][slot] = rank
+            self._host_ranks[i][slot] = rank
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        batch = self.mapping.batch
+        # The LM head outside a mapped logits call (an EAGLE head drafting from the target's head) runs the base
+        # head: drafts are only proposals, and every kept token is sampled from mapped logits.
+        batch = self.mapping.logits if self.on_logits else self.mapping.batch
         if batch is None or not batch.active_slots:
             return y
         rows_x = x.reshape(-1, x.shape[-1])
         rows_y = y.view(-1, y.shape[-1])
-        for shard, a, b in zip(self.shards, self.a, self.b, strict=True):
+        if batch.token_slots.shape[0] != rows_x.shape[0]:
+            raise RuntimeError(f"LoRA: {rows_x.shape[0]} rows but the step maps {batch.token_slots.shape[0]} "
+                               "to adapter slots")
+        for i, (shard, a, b) in enumerate(zip(self.shards, self.a, self.b, strict=True)):
+            host_ranks = self._host_ranks[i]
+            if not any(host_ranks[s] for s in batch.active_slots):
+                continue  # no adapter of this step targets this projection
             self.op(rows_x, rows_y[:, shard.offset: shard.offset + shard.width], a, b, batch.token_slots,
-                    batch.active_slots)
+                    batch.active_slots, self.ranks[i])
         return y
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from llmctl.layers.embedding import VocabEmbedding
+from llmctl.layers.embedding import LMHead, VocabEmbedding
 from llmctl.layers.linear import Linear
 from llmctl.lora.adapter import LoRAAdapter, TargetShape, load_adapter
 from llmctl.lora.config import LoRAConfig
@@ -60,6 +61,13 @@ class LoRAManager:
                 self._slotted.append(module.lora)
                 self.targets[prefix] = TargetShape(vocab, hidden)
                 self.embedding_name = prefix
+            elif isinstance(module, LMHead) and prefix not in self.targets:
+                # logits rows are [vocab]: B is [slots, vocab, r], as large as the embedding's A
+                vocab, hidden = module.vocab_size, module.hidden_size
+                module.lora = LoRALinearSlots([Shard(prefix, 0, vocab)], hidden, n, r, dtype, device,
+                                              self.mapping, ops.lora_shrink_expand, on_logits=True)
+                self._slotted.append(module.lora)
+                self.targets[prefix] = TargetShape(hidden, vocab)
         self._slots: list[LoRAAdapter | None] = [None] * n
         self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slot -> None, least recently used first
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # adapter id -> adapter, LRU first
@@ -133,3 +141,40 @@ class LoRAManager:
 
     def end_step(self) -> None:
         self.mapping.batch = None
+
+    def slot_of(self, adapter: LoRAAdapter | None) -> int:
+        """The device slot holding ``adapter`` in the current step (-1: the base model)."""
+        if adapter is None:
+            return -1
+        for slot, held in enumerate(self._slots):
+            if held is adapter:
+                return slot
+        raise RuntimeError(f"LoRA adapter {adapter.request.lora_name!r} is in no slot in this step")
+
+    @contextmanager
+    def logits_rows(self, rows: torch.Tensor) -> Iterator[None]:
+        """Map the rows of a ``compute_logits`` call made inside to the adapters of the step's tokens ``rows``
+        (the sampled positions), so the LM head's adapters apply per row."""
+        batch = self.mapping.batch
+        self.mapping.logits = None if batch is None else LoRABatch(batch.token_slots[rows], batch.active_slots)
+        try:
+            yield
+        finally:
+            self.mapping.logits = None
+
+    def logits_for(self, adapter: LoRAAdapter | None,
+                   compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``compute_logits`` for rows that all belong to one request of this step (its prompt logprobs)."""
+        slot = self.slot_of(adapter)
+        if slot < 0:
+            return compute_logits
+
+        def run(hidden: torch.Tensor) -> torch.Tensor:
+            slots = torch.full((hidden.shape[0],), slot, dtype=torch.int64, device=hidden.device)
+            self.mapping.logits = LoRABatch(slots, (slot,))
+            try:
+                return compute_logits(hidden)
+            finally:
+                self.mapping.logits = None
+
+        return run

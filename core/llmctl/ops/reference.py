@@ -154,11 +154,16 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
 
 
 def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                       token_slots: torch.Tensor, active_slots: tuple[int, ...]) -> None:
+                       token_slots: torch.Tensor, active_slots: tuple[int, ...],
+                       ranks: torch.Tensor | None = None) -> None:
     """``y[t] += (x[t] @ a[s].T) @ b[s].T`` in place for every token ``t`` whose adapter slot ``s =
     token_slots[t]`` is one of ``active_slots`` (punica's shrink, then expand, by adapter index), so one batch mixes
-    adapters and base-model rows (slot -1). ``a`` [slots, r, in], ``b`` [slots, out, r]; ``y`` may be a column view
-    of a merged projection's output."""
+    adapters and base-model rows (slot -1; every slot >= 0 in ``token_slots`` is in ``active_slots``, so a kernel
+    may read the slots from ``token_slots`` alone). ``a`` [slots, max_rank, in], ``b`` [slots, out, max_rank];
+    ``y`` may be a column view of a merged projection's output. ``ranks`` (int32 [slots], on ``a``'s device) is
+    each slot's real rank: ``a``'s rows and ``b``'s columns past it are zero, so a kernel may skip them (0: nothing
+    to add for that slot); this reference computes the padded part, which adds exact zeros, to need no
+    device-to-host read."""
     for slot in active_slots:
         rows = (token_slots == slot).nonzero().squeeze(1)
         if rows.numel():

@@ -120,6 +120,10 @@ class NativeKernels:
         self._gather = lib.llmctl_gather_rows
         self._gather.restype = _c_int
         self._gather.argtypes = [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_ptr]
+        self._lora = lib.llmctl_lora_shrink_expand
+        self._lora.restype = _c_int
+        self._lora.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
+                               _c_int, _c_int, _c_int, _c_int]
         self._program_timing = lib.llmctl_program_timing
         self._program_timing.restype = None
         self._program_timing.argtypes = [_c_int, _c_ptr]
@@ -160,6 +164,22 @@ class NativeKernels:
                                     ids.data_ptr(), ids.shape[0], out.data_ptr()))
         if bad >= 0:
             raise IndexError(f"input_ids[{bad}] = {int(ids[bad])} is outside the vocabulary of {src.shape[0]}")
+
+    def lora_shrink_expand(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                           token_slots: torch.Tensor, ranks: torch.Tensor) -> None:
+        """``y[t] += B[s, :, :r] @ (A[s, :r] @ x[t])`` in place, ``s = token_slots[t]`` (< 0: skipped), ``r =
+        ranks[s]``. ``x`` [T, in] and ``y`` [T, out] with unit column stride; ``a`` [S, R, in] and ``b`` [S, out, R]
+        contiguous, one dtype; ``token_slots`` int64 [T] and ``ranks`` int32 [S] (each <= R) contiguous."""
+        slots, max_rank, in_features = a.shape
+        rc = self._lora(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(),
+                        b.data_ptr(), token_slots.data_ptr(), ranks.data_ptr(), x.shape[0], in_features, b.shape[1],
+                        max_rank, slots, torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("lora_shrink_expand: the kernel could not allocate its scratch memory")
+        if rc == -3:
+            raise ValueError(f"lora_shrink_expand: ranks {ranks.tolist()} must be within [0, {max_rank}]")
+        if rc >= 0:
+            raise IndexError(f"token_slots[{rc}] = {int(token_slots[rc])} is outside the {slots} LoRA slots")
 
     def run_program(self, program: torch.Tensor, rows: int) -> tuple[int, int]:
         """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns

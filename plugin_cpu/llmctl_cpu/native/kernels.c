@@ -19,6 +19,7 @@
 
 #include "kernels/attention_decode.c"
 #include "kernels/rowwise.c"
+#include "kernels/lora.c"
 #include "kernels/gemm_bf16.c"
 #include "kernels/gemm_f32.c"
 #include "kernels/argmax.c"

@@ -486,6 +486,55 @@ def check_gated_linear(pack, gated, device: torch.device, dtype: torch.dtype) ->
         assert_close(clause, got3.squeeze(0), expected, dtype, f"gated_linear on a 3-D input (case {i})")
 
 
+def lora_case(rows: int, dtype: torch.dtype, gen: torch.Generator, in_features: int = 96, out_features: int = 200,
+              max_rank: int = 16, ranks: tuple[int, ...] = (16, 4, 0, 7)) -> dict[str, object]:
+    """Inputs of ``lora_shrink_expand`` as the LoRA layers store them: four slots padded to ``max_rank`` (zeros past
+    each slot's rank; rank 0 is a slot whose adapter does not target the projection), rows of mixed slots with base
+    rows (-1) among them, and ``y`` a column view inside a wider output, whose other columns must stay put."""
+    a = torch.zeros(len(ranks), max_rank, in_features)
+    b = torch.zeros(len(ranks), out_features, max_rank)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, in_features, generator=gen) / in_features ** 0.5
+        b[s, :, :r] = torch.randn(out_features, r, generator=gen) / max_rank ** 0.5  # deltas of y's size
+    slots = torch.randint(-1, len(ranks), (rows,), generator=gen)
+    slots[0] = 0 if rows == 1 else slots[0]  # a single row still runs an adapter
+    return {"x": torch.randn(rows, in_features, generator=gen).to(dtype),
+            "y": torch.randn(rows, out_features + 8, generator=gen).to(dtype), "a": a.to(dtype), "b": b.to(dtype),
+            "token_slots": slots, "active_slots": tuple(sorted(set(slots.tolist()) - {-1})),
+            "ranks": torch.tensor(ranks, dtype=torch.int32)}
+
+
+def check_lora_shrink_expand(fn, device: torch.device, dtype: torch.dtype) -> None:
+    """``lora_shrink_expand`` adds to ``y`` in place: after the call ``y`` must match the reference's, for 1, 7, 64
+    and 300 rows of mixed slots (base rows and a rank-0 slot included), with and without ``ranks``; the columns of
+    ``y``'s parent outside the view and every other input must be left untouched."""
+    clause = "ops.lora_shrink_expand"
+    gen = torch.Generator().manual_seed(17)
+    for rows in (1, 7, 64, 300):
+        case = lora_case(rows, dtype, gen)
+        for with_ranks in (True, False):
+            parent = case["y"]
+            expected = parent.clone()
+            reference.lora_shrink_expand(case["x"], expected[:, 4:-4], case["a"], case["b"], case["token_slots"],
+                                         case["active_slots"], case["ranks"] if with_ranks else None)
+            dev = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+            got = dev["y"].clone()
+            inputs = [dev[k] for k in ("x", "a", "b", "token_slots", "ranks")]
+            before = [t.clone() for t in inputs]
+            try:
+                fn(dev["x"], got[:, 4:-4], dev["a"], dev["b"], dev["token_slots"], dev["active_slots"],
+                   dev["ranks"] if with_ranks else None)
+            except Exception as exc:
+                raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} at {rows} rows") from exc
+            for t, b in zip(inputs, before, strict=True):
+                require(torch.equal(t, b), clause + ".inputs_unchanged", f"an input other than y was modified "
+                        f"({rows} rows)")
+            got = got.cpu()
+            require(torch.equal(got[:, :4], parent[:, :4]) and torch.equal(got[:, -4:], parent[:, -4:]), clause,
+                    f"wrote outside y's columns ({rows} rows)")
+            assert_close(clause, got, expected, dtype, f"y after the call ({rows} rows, ranks given: {with_ranks})")
+
+
 def _flatten(x: object) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
