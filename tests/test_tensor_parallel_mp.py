@@ -204,3 +204,24 @@ def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "a worker outlived the server"
+
+
+def test_smollm2_tp3_matches_tp1_and_tp2_is_refused(smollm2_gguf):
+    """The real SmolLM2-135M (GGUF, 9 heads, 3 KV heads): 3 ranks of 3 heads and 1 KV head each give the greedy
+    tokens of one process in fp32; 2 ranks cannot split 9 heads and are refused by name."""
+    from llmctl import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 does not divide num_attention_heads=9"):
+        LLM(str(smollm2_gguf), tensor_parallel_size=2)
+    with one_torch_thread():
+        ref = LLM(str(smollm2_gguf), dtype="float32", num_threads=1, max_model_len=128)
+        want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+        del ref
+    llm = LLM(str(smollm2_gguf), dtype="float32", tensor_parallel_size=3, num_threads=1, max_model_len=128)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == want
