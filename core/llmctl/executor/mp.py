@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import time
 import weakref
@@ -180,8 +181,9 @@ class MultiprocCore:
             raise EngineDeadError(self._dead)
         ops, self._pending = self._pending, []
         try:
+            payload = pickle.dumps((kind, ops), protocol=pickle.HIGHEST_PROTOCOL)  # once, not once per rank
             for conn in self._conns:
-                conn.send((kind, ops))
+                conn.send_bytes(payload)
             reply, rank = self._receive({0}, self._step_timeout, kind)
             if reply[0] == msg.ERROR:
                 raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
