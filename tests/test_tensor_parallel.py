@@ -106,7 +106,6 @@ def test_kv_heads_neither_split_nor_replicated_is_refused(tmp_path, test_tokeniz
 @pytest.mark.parametrize("kwargs,match", [
     ({"tensor_parallel_size": 0}, "tensor_parallel_size: must be an integer >= 1"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "distributed_executor_backend: 'uni'"),
-    ({"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}, "distributed_executor_backend: 'ray'"),
     ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend: must be one of"),
     ({"tensor_parallel_size": 2, "enable_lora": True}, "enable_lora: not supported with tensor_parallel_size"),
 ])
