@@ -20,6 +20,18 @@ def model(tmp_path_factory, test_tokenizer):
                            num_key_value_heads=1)
 
 
+def test_ray_unreachable_address_fails_at_once(model, monkeypatch):
+    from llmctl import LLM
+
+    if ray.is_initialized():  # runs before local_ray below starts one, when the module runs in order
+        pytest.skip("a Ray instance is already attached in this process")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"distributed_executor_backend: Ray is not reachable at RAY_ADDRESS="):
+        LLM(str(model), tensor_parallel_size=2, distributed_executor_backend="ray", num_threads=1)
+    assert time.monotonic() - start < 30
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
@@ -62,3 +74,4 @@ def test_ray_more_ranks_than_the_cluster_holds_is_refused(model, local_ray, monk
     monkeypatch.setattr("llmctl.executor.ray_executor.PLACEMENT_TIMEOUT_S", 3.0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 ranks need 4 x \{'CPU': 1.0\}"):
         LLM(str(model), dtype="float32", tensor_parallel_size=4, distributed_executor_backend="ray", num_threads=1)
+

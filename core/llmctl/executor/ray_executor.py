@@ -59,6 +59,23 @@ class _RayRank:
             self.engine = None
 
 
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Ray's own connect retries for minutes against an address where nothing listens; a TCP connect first turns
+    a wrong ``RAY_ADDRESS`` into an immediate error (``auto`` and a missing address are left to Ray)."""
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    import socket
+
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(f"distributed_executor_backend: Ray is not reachable at RAY_ADDRESS={address!r} ({exc}); "
+                         f"start the cluster with `ray start --head` or fix RAY_ADDRESS") from None
+
+
 class RayCore(RemoteCore):
     def __init__(self, args: EngineArgs) -> None:
         super().__init__(args)
@@ -77,6 +94,7 @@ class RayCore(RemoteCore):
         self._pg: Any = None
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
+            _check_reachable(address)
             try:
                 ray.init(address=address, log_to_driver=False)  # None: a local instance
             except (ConnectionError, RuntimeError) as exc:
