@@ -100,7 +100,7 @@ def test_mp_heads_not_divisible_fails_before_spawning(gqa_model):
         LLM(str(gqa_model), tensor_parallel_size=3, num_threads=1)
 
 
-def _assert_dies_cleanly(llm, action) -> None:
+def _assert_dies_cleanly(llm, action, num_prompts: int = 3) -> None:
     from llmctl import SamplingParams
     from llmctl.engine.errors import EngineDeadError
 
@@ -109,7 +109,8 @@ def _assert_dies_cleanly(llm, action) -> None:
     action(pids)
     start = time.monotonic()
     with pytest.raises(EngineDeadError, match="engine workers died: .*rank"):
-        llm.generate(PROMPTS, SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+        llm.generate([PROMPTS[i % 3] * 8 for i in range(num_prompts)],
+                     SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
     assert time.monotonic() - start < 30
     with pytest.raises(EngineDeadError):  # and stays dead
         llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
@@ -126,12 +127,15 @@ def test_mp_killed_rank_is_engine_dead_not_a_hang(gqa_model):
     _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGKILL))
 
 
-def test_mp_hung_rank_times_out_into_engine_dead(gqa_model, monkeypatch):
+@pytest.mark.parametrize("num_prompts", [3, 300], ids=["small-step", "step-message-fills-the-pipe"])
+def test_mp_hung_rank_times_out_into_engine_dead(gqa_model, monkeypatch, num_prompts):
+    """A stopped rank: the step's answer never comes, and with 300 new requests the step's message (over 64 KiB)
+    cannot even be written into the stopped rank's pipe; both end within the step timeout."""
     from llmctl import LLM
 
     monkeypatch.setenv("LLMCTL_EXECUTE_MODEL_TIMEOUT_SECONDS", "3")
     llm = LLM(str(gqa_model), dtype="float32", tensor_parallel_size=2, num_threads=1)
-    _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGSTOP))
+    _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGSTOP), num_prompts)
 
 
 def _children(pid: int) -> list[int]:

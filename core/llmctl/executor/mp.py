@@ -11,6 +11,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
@@ -21,6 +22,11 @@ from llmctl.executor import messages as msg
 from llmctl.executor.remote import RemoteCore
 
 logger = logging.getLogger(__name__)
+
+
+# Linux pipes buffer 64 KiB; a message up to half of that is written without blocking even if the previous
+# (already read, or tiny) messages are still in the pipe.
+_PIPE_SAFE_BYTES = 32 << 10
 
 
 def _free_port() -> int:
@@ -49,7 +55,8 @@ def cpu_groups(world_size: int) -> list[list[int] | None]:
 
 def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.0) -> None:
     for conn in conns:
-        try:
+        try:  # never blocks: a hung rank may have left its pipe full
+            os.set_blocking(conn.fileno(), False)
             conn.send((msg.SHUTDOWN,))
         except (OSError, ValueError):
             pass
@@ -141,12 +148,36 @@ class MultiprocCore(RemoteCore):
         return self._receive(ranks, timeout, what)
 
     def _exchange(self, payload: bytes) -> tuple[Any, ...]:
-        for conn in self._conns:
-            conn.send_bytes(payload)
+        if len(payload) <= _PIPE_SAFE_BYTES:
+            for conn in self._conns:
+                conn.send_bytes(payload)
+        else:
+            self._send_bounded(payload)
         reply, rank = self._receive({0}, self._step_timeout, "a step")
         if reply[0] == msg.ERROR:
             raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
         return reply
+
+    def _send_bounded(self, payload: bytes) -> None:
+        """A message larger than a pipe's buffer blocks until the rank reads it, so a hung rank would hang the
+        driver in ``send``: such messages are written from a thread that the step timeout bounds."""
+        failure: list[BaseException] = []
+
+        def send_all() -> None:
+            try:
+                for conn in self._conns:
+                    conn.send_bytes(payload)
+            except BaseException as exc:
+                failure.append(exc)
+
+        sender = threading.Thread(target=send_all, name="llmctl-mp-send", daemon=True)
+        sender.start()
+        sender.join(self._step_timeout)
+        if sender.is_alive():
+            raise TimeoutError(f"the tensor-parallel ranks did not take a {len(payload)}-byte step message within "
+                               f"{self._step_timeout:g} s; a rank hangs")
+        if failure:
+            raise failure[0]
 
     @property
     def worker_pids(self) -> list[int | None]:

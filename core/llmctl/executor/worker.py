@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -118,6 +119,8 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
     """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
+    # Ctrl-C reaches the whole process group; the driver decides how the ranks stop (and stops them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         engine = RankEngine(rank, world_size, init_method, args)
     except BaseException as exc:
