@@ -100,7 +100,7 @@ def test_mp_heads_not_divisible_fails_before_spawning(gqa_model):
         LLM(str(gqa_model), tensor_parallel_size=3, num_threads=1)
 
 
-def _assert_dies_cleanly(llm, action) -> None:
+def _assert_dies_cleanly(llm, action, num_prompts: int = 3) -> None:
     from llmctl import SamplingParams
     from llmctl.engine.errors import EngineDeadError
 
@@ -109,7 +109,8 @@ def _assert_dies_cleanly(llm, action) -> None:
     action(pids)
     start = time.monotonic()
     with pytest.raises(EngineDeadError, match="engine workers died: .*rank"):
-        llm.generate(PROMPTS, SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
+        llm.generate([PROMPTS[i % 3] * 8 for i in range(num_prompts)],
+                     SamplingParams(max_tokens=50, ignore_eos=True), use_tqdm=False)
     assert time.monotonic() - start < 30
     with pytest.raises(EngineDeadError):  # and stays dead
         llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)
@@ -126,12 +127,15 @@ def test_mp_killed_rank_is_engine_dead_not_a_hang(gqa_model):
     _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGKILL))
 
 
-def test_mp_hung_rank_times_out_into_engine_dead(gqa_model, monkeypatch):
+@pytest.mark.parametrize("num_prompts", [3, 300], ids=["small-step", "step-message-fills-the-pipe"])
+def test_mp_hung_rank_times_out_into_engine_dead(gqa_model, monkeypatch, num_prompts):
+    """A stopped rank: the step's answer never comes, and with 300 new requests the step's message (over 64 KiB)
+    cannot even be written into the stopped rank's pipe; both end within the step timeout."""
     from llmctl import LLM
 
     monkeypatch.setenv("LLMCTL_EXECUTE_MODEL_TIMEOUT_SECONDS", "3")
     llm = LLM(str(gqa_model), dtype="float32", tensor_parallel_size=2, num_threads=1)
-    _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGSTOP))
+    _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGSTOP), num_prompts)
 
 
 def _children(pid: int) -> list[int]:
@@ -204,3 +208,24 @@ def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "a worker outlived the server"
+
+
+def test_smollm2_tp3_matches_tp1_and_tp2_is_refused(smollm2_gguf):
+    """The real SmolLM2-135M (GGUF, 9 heads, 3 KV heads): 3 ranks of 3 heads and 1 KV head each give the greedy
+    tokens of one process in fp32; 2 ranks cannot split 9 heads and are refused by name."""
+    from llmctl import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 does not divide num_attention_heads=9"):
+        LLM(str(smollm2_gguf), tensor_parallel_size=2)
+    with one_torch_thread():
+        ref = LLM(str(smollm2_gguf), dtype="float32", num_threads=1, max_model_len=128)
+        want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+        del ref
+    llm = LLM(str(smollm2_gguf), dtype="float32", tensor_parallel_size=3, num_threads=1, max_model_len=128)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.llm_engine.shutdown()
+    assert got == want

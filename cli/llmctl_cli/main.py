@@ -164,8 +164,8 @@ def serve(
         1, "--tensor-parallel-size", "-tp", help="Ranks that each hold a slice of every layer (worker processes "
                                                 "of this server with the default mp executor)."),
     distributed_executor_backend: str | None = typer.Option(
-        None, help="mp (worker processes, the default), external_launcher (this process is one rank started by "
-                   "torchrun) or uni (one process)."),
+        None, help="mp (worker processes, the default), ray (Ray actors, several machines), external_launcher "
+                   "(this process is one rank started by torchrun) or uni (one process)."),
     chat_template: str | None = typer.Option(None, help="Chat template file (or template text)."),
     served_model_name: list[str] | None = typer.Option(
         None, help="Name(s) clients use in 'model' (default: MODEL as typed; SmolLM2-135M-Instruct for the default)."),

@@ -89,8 +89,8 @@ class EngineArgs:
     max_cpu_loras: int | None = None
     # Parallelism (vLLM's names; docs/distributed.md): tensor_parallel_size ranks each hold a slice of every layer.
     # The executor starts them: "mp" (worker processes of this one, the default for more than one rank),
-    # "external_launcher" (this process is one rank, started with the others by torchrun or a job scheduler),
-    # "uni" (this process alone).
+    # "ray" (Ray actors, on one machine or several), "external_launcher" (this process is one rank, started with
+    # the others by torchrun or a job scheduler), "uni" (this process alone).
     tensor_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     # Multimodal models (vLLM's name): the most items of each modality in one prompt, a dict or its JSON text,
@@ -170,9 +170,6 @@ class EngineArgs:
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                              f"got {backend!r}")
-        if backend == "ray":
-            raise ValueError("distributed_executor_backend: 'ray' is not implemented yet; use 'mp' on one machine "
-                             "or 'external_launcher' with torchrun across machines")
         if backend == "uni" and tp > 1:
             raise ValueError(f"distributed_executor_backend: 'uni' runs one process and cannot hold "
                              f"tensor_parallel_size={tp} ranks; use 'mp' or 'external_launcher'")
@@ -190,7 +187,7 @@ class EngineArgs:
         """The executor actually used: one process for a single rank, ``mp`` unless another was chosen."""
         if self.distributed_executor_backend == "external_launcher":
             return "external_launcher"
-        if self.tensor_parallel_size == 1:
+        if self.tensor_parallel_size == 1 and self.distributed_executor_backend != "ray":
             return "uni"
         return self.distributed_executor_backend or "mp"
 

@@ -1,5 +1,6 @@
-"""How the engine's ranks are run: in this process (one rank, or one of several that a launcher started), or as
-worker processes of this one (``mp``). :func:`make_core` returns what ``LLMEngine`` drives either way."""
+"""How the engine's ranks are run: in this process (one rank, or one of several that a launcher started), as
+worker processes of this one (``mp``) or as Ray actors (``ray``). :func:`make_core` returns what ``LLMEngine``
+drives either way."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ def make_core(args: EngineArgs) -> Any:
         from llmctl.executor.mp import MultiprocCore
 
         return MultiprocCore(args)
+    if args.executor_backend == "ray":
+        from llmctl.executor.ray_executor import RayCore
+
+        return RayCore(args)
     from llmctl.engine.core import EngineCore
 
     return EngineCore(args)

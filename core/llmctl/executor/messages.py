@@ -1,5 +1,6 @@
 """What the ``mp`` driver and its workers say to each other, one pickled tuple per message over a pipe the
-driver created itself (nothing else can write to it).
+driver created itself (nothing else can write to it, so unpickling it trusts only this process). A step's message
+is pickled once and the same bytes go to every rank.
 
 Driver to every worker: ``("step", ops)`` (apply the queued request changes, then run one engine step),
 ``("sync", ops)`` (apply them without a step), ``("shutdown",)``. An op is ``("add", [Request, ...])``,

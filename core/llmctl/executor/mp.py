@@ -1,10 +1,8 @@
-"""The ``mp`` executor's driver: ``tensor_parallel_size`` worker processes (spawned, one per rank) each hold a
-shard, and this object stands in for ``EngineCore`` in the user's process.
+"""The ``mp`` executor: ``tensor_parallel_size`` worker processes (spawned, one per rank) each hold a shard, and
+:class:`MultiprocCore` stands in for ``EngineCore`` in the user's process (see ``llmctl.executor.remote``).
 
-The driver keeps no model and no scheduler. It queues the frontend's request changes (adds, aborts, stops) and
-sends them with each step to every rank, which all step in lockstep (see ``llmctl.executor.worker``); rank 0
-returns the step's outputs. A rank that exits, reports an error or does not answer within the step timeout ends
-the engine with ``EngineDeadError`` and every worker is stopped: nothing waits forever on a dead peer.
+Each rank has its own pipe; the driver waits on the pipes and on the processes' sentinels together, so a rank
+that exits is noticed at once and one that hangs after the step timeout: nothing waits forever on a dead peer.
 """
 
 from __future__ import annotations
@@ -13,20 +11,22 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from llmctl.config import EngineArgs
-from llmctl.engine.errors import EngineDeadError
-from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import messages as msg
+from llmctl.executor.remote import RemoteCore
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STEP_TIMEOUT_S = 300.0
-DEFAULT_START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
+
+# Linux pipes buffer 64 KiB; a message up to half of that is written without blocking even if the previous
+# (already read, or tiny) messages are still in the pipe.
+_PIPE_SAFE_BYTES = 32 << 10
 
 
 def _free_port() -> int:
@@ -55,7 +55,8 @@ def cpu_groups(world_size: int) -> list[list[int] | None]:
 
 def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.0) -> None:
     for conn in conns:
-        try:
+        try:  # never blocks: a hung rank may have left its pipe full
+            os.set_blocking(conn.fileno(), False)
             conn.send((msg.SHUTDOWN,))
         except (OSError, ValueError):
             pass
@@ -75,42 +76,19 @@ def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.
         conn.close()
 
 
-class MultiprocCore:
-    """What ``LLMEngine`` needs of an ``EngineCore``, backed by worker processes."""
-
-    lora = None  # refused with tensor_parallel_size > 1 (EngineArgs)
+class MultiprocCore(RemoteCore):
+    """The ranks as spawned worker processes of this one, each talked to over its own pipe."""
 
     def __init__(self, args: EngineArgs) -> None:
-        from llmctl.engine.core import check_tensor_parallel
-        from llmctl.loader.model_loader import get_model_class
-        from llmctl.loader.source import resolve_model
-        from llmctl.plugins import get_plugin_manager
-        from llmctl.quantization import resolve_quant_config
-
-        self.args = args
-        self.world_size = args.tensor_parallel_size
-        self._step_timeout = msg.env_seconds(msg.STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S)
-        start_timeout = msg.env_seconds(msg.START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
-        # Downloaded and checked here, once, so a bad topology fails before any process starts and the workers
-        # find the checkpoint already in the cache.
-        self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
-                                    args.hf_overrides)
-        registry = get_plugin_manager().registry
-        model_cls = get_model_class(self.source.hf_config, registry, args.model_impl)
-        check_tensor_parallel(args, self.source.hf_config, model_cls, resolve_quant_config(args.quantization,
-                                                                                             self.source))
-        self._pending: list[msg.Op] = []
-        self._unfinished: set[str] = set()
-        self._dead: str | None = None
-        self._stats: dict[str, Any] = {}
+        super().__init__(args)
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
+        from llmctl.executor.worker import run_worker
+
         for rank, cpus in enumerate(cpu_groups(self.world_size)):
             ours, theirs = ctx.Pipe(duplex=True)
-            from llmctl.executor.worker import run_worker
-
             proc = ctx.Process(target=run_worker, name=f"llmctl-tp-rank{rank}", daemon=True,
                                args=(rank, self.world_size, init_method, args, theirs, os.getpid(), cpus))
             proc.start()
@@ -119,19 +97,13 @@ class MultiprocCore:
             self._conns.append(ours)
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
         try:
-            info = self._wait_ready(start_timeout)
+            self._set_info(self._wait_ready(self._start_timeout))
         except BaseException:
             self.shutdown()
             raise
-        self.model_config = info["model_config"]
-        self.cache_config = info["cache_config"]
-        self.scheduler_config = info["scheduler_config"]
-        self.runner_type = info["runner_type"]
-        self._stats = info["stats"]
         logger.info("llmctl mp executor: %d ranks ready (pids %s)", self.world_size,
                     ", ".join(str(p.pid) for p in self._procs))
 
-    # -- talking to the ranks ----------------------------------------------------------------------------------
     def _wait_ready(self, timeout: float) -> dict[str, Any]:
         info: dict[str, Any] | None = None
         waiting = set(range(self.world_size))
@@ -139,9 +111,9 @@ class MultiprocCore:
             reply, rank = self._receive(waiting, timeout, "start")
             if reply[0] == msg.ERROR:
                 _, kind, text = reply
-                error = ValueError if kind == "ValueError" else RuntimeError
-                raise error(f"{text}" if kind == "ValueError" else f"tensor-parallel rank {rank} failed to start: "
-                            f"{kind}: {text}")
+                if kind == "ValueError":  # a configuration error: the user's to fix, raised as such
+                    raise ValueError(text)
+                raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {kind}: {text}")
             if rank == 0:
                 info = reply[1]
             waiting.discard(rank)
@@ -175,65 +147,41 @@ class MultiprocCore:
                                    f"{code} during {what}")
         return self._receive(ranks, timeout, what)
 
-    def _round_trip(self, kind: str) -> list[Any]:
-        if self._dead is not None:
-            raise EngineDeadError(self._dead)
-        ops, self._pending = self._pending, []
-        try:
+    def _exchange(self, payload: bytes) -> tuple[Any, ...]:
+        if len(payload) <= _PIPE_SAFE_BYTES:
             for conn in self._conns:
-                conn.send((kind, ops))
-            reply, rank = self._receive({0}, self._step_timeout, kind)
-            if reply[0] == msg.ERROR:
-                raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            self._dead = f"engine workers died: {exc}"
-            logger.error("llmctl mp executor: %s; stopping every rank", self._dead)
-            self.shutdown()
-            raise EngineDeadError(self._dead) from exc
-        _, outputs, self._stats = reply
-        return outputs
-
-    # -- the EngineCore surface LLMEngine uses -----------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        # Consecutive adds travel in one list, so requests of one n-group keep pointing at the same leader.
-        if self._pending and self._pending[-1][0] == msg.ADD:
-            self._pending[-1][1].append(request)
+                conn.send_bytes(payload)
         else:
-            self._pending.append((msg.ADD, [request]))
-        request.grammar = None  # each rank compiles its own (llmctl.executor.worker._Grammars)
-        self._unfinished.add(request.request_id)
+            self._send_bounded(payload)
+        reply, rank = self._receive({0}, self._step_timeout, "a step")
+        if reply[0] == msg.ERROR:
+            raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
+        return reply
 
-    def abort(self, request_ids: list[str]) -> None:
-        self._pending.append((msg.ABORT, list(request_ids)))
-        self._unfinished.difference_update(request_ids)
+    def _send_bounded(self, payload: bytes) -> None:
+        """A message larger than a pipe's buffer blocks until the rank reads it, so a hung rank would hang the
+        driver in ``send``: such messages are written from a thread that the step timeout bounds."""
+        failure: list[BaseException] = []
 
-    def finish_request(self, request_id: str, status: RequestStatus) -> None:
-        self._pending.append((msg.FINISH, request_id, status))
-        self._unfinished.discard(request_id)
+        def send_all() -> None:
+            try:
+                for conn in self._conns:
+                    conn.send_bytes(payload)
+            except BaseException as exc:
+                failure.append(exc)
 
-    def has_unfinished(self) -> bool:
-        if self._dead is not None:
-            raise EngineDeadError(self._dead)
-        return bool(self._unfinished)
-
-    def step(self) -> list[Any]:
-        outputs = self._round_trip(msg.STEP)
-        for out in outputs:
-            if out.finish_reason is not None:
-                self._unfinished.discard(out.request_id)
-        return outputs
-
-    def get_stats(self) -> dict[str, Any]:
-        if self._pending and self._dead is None:  # aborts and stops change the block counts: apply them first
-            self._round_trip(msg.SYNC)
-        return dict(self._stats)
-
-    def max_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.args.block_size)
+        sender = threading.Thread(target=send_all, name="llmctl-mp-send", daemon=True)
+        sender.start()
+        sender.join(self._step_timeout)
+        if sender.is_alive():
+            raise TimeoutError(f"the tensor-parallel ranks did not take a {len(payload)}-byte step message within "
+                               f"{self._step_timeout:g} s; a rank hangs")
+        if failure:
+            raise failure[0]
 
     @property
     def worker_pids(self) -> list[int | None]:
         return [p.pid for p in self._procs]
 
-    def shutdown(self) -> None:
+    def _stop(self) -> None:
         self._finalizer()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -82,26 +83,50 @@ def _apply(core: Any, grammars: _Grammars, ops: list[msg.Op]) -> None:
             raise ValueError(f"unknown worker op {op[0]!r}")
 
 
+class RankEngine:
+    """One rank's engine and the handling of the driver's messages, whichever transport carries them (a pipe
+    under ``mp``, actor calls under Ray)."""
+
+    def __init__(self, rank: int, world_size: int, init_method: str, args: Any) -> None:
+        from llmctl.engine.core import EngineCore
+        from llmctl.tensor_parallel import RankAddress
+
+        self.rank = rank
+        self.core = EngineCore(args, RankAddress(rank, world_size, init_method, local_rank=rank))
+        self._grammars = _Grammars(self.core)
+
+    def info(self) -> dict[str, Any] | None:
+        """What the driver needs to stand in for the core (rank 0 only)."""
+        if self.rank != 0:
+            return None
+        core = self.core
+        return {"model_config": core.model_config, "cache_config": core.cache_config,
+                "scheduler_config": core.scheduler_config, "runner_type": core.runner_type,
+                "stats": core.get_stats()}
+
+    def handle(self, kind: str, ops: list[msg.Op]) -> tuple[Any, ...] | None:
+        """Apply the request changes, step if asked; rank 0 returns ``(OK, outputs, stats)``."""
+        _apply(self.core, self._grammars, ops)
+        outputs = self.core.step() if kind == msg.STEP else []
+        return (msg.OK, outputs, self.core.get_stats()) if self.rank == 0 else None
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
 def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
                cpus: list[int] | None) -> None:
-    """The worker process's entry point (spawned, so it imports nothing of the driver's state)."""
+    """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
-    from llmctl.engine.core import EngineCore
-    from llmctl.tensor_parallel import RankAddress
-
+    # Ctrl-C reaches the whole process group; the driver decides how the ranks stop (and stops them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        core = EngineCore(args, RankAddress(rank, world_size, init_method, local_rank=rank))
+        engine = RankEngine(rank, world_size, init_method, args)
     except BaseException as exc:
         conn.send(msg.error_message(exc))
         raise SystemExit(1) from None
-    info = None
-    if rank == 0:
-        info = {"model_config": core.model_config, "cache_config": core.cache_config,
-                "scheduler_config": core.scheduler_config, "runner_type": core.runner_type,
-                "stats": core.get_stats()}
-    conn.send((msg.READY, info))
-    grammars = _Grammars(core)
+    conn.send((msg.READY, engine.info()))
     try:
         while True:
             try:
@@ -110,10 +135,9 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
                 break
             if message[0] == msg.SHUTDOWN:
                 break
-            _apply(core, grammars, message[1])
-            outputs = core.step() if message[0] == msg.STEP else []
-            if rank == 0:
-                conn.send((msg.OK, outputs, core.get_stats()))
+            reply = engine.handle(message[0], message[1])
+            if reply is not None:
+                conn.send(reply)
     except BaseException as exc:
         logger.exception("llmctl tensor-parallel rank %d failed", rank)
         try:
@@ -122,4 +146,4 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
             pass
         raise SystemExit(1) from None
     finally:
-        core.shutdown()
+        engine.shutdown()

@@ -1,0 +1,123 @@
+"""The driver's side of an executor whose ranks live in other processes (``mp``, ``ray``): what ``LLMEngine``
+needs of an ``EngineCore``, with the model and the scheduler held by the ranks.
+
+The driver keeps no model and no scheduler. It queues the frontend's request changes (adds, aborts, stops) and
+sends them with each step to every rank, which all step in lockstep (see ``llmctl.executor.worker``); rank 0
+returns the step's outputs. A transport failure (a rank that exits, reports an error or does not answer within
+the step timeout) ends the engine with ``EngineDeadError``, and every rank is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+from llmctl.config import EngineArgs
+from llmctl.engine.errors import EngineDeadError
+from llmctl.engine.request import Request, RequestStatus
+from llmctl.executor import messages as msg
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STEP_TIMEOUT_S = 300.0
+DEFAULT_START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
+
+
+class RemoteCore:
+    lora = None  # refused with tensor_parallel_size > 1 (EngineArgs)
+
+    def __init__(self, args: EngineArgs) -> None:
+        from llmctl.engine.core import check_tensor_parallel
+        from llmctl.loader.model_loader import get_model_class
+        from llmctl.loader.source import resolve_model
+        from llmctl.plugins import get_plugin_manager
+        from llmctl.quantization import resolve_quant_config
+
+        self.args = args
+        self.world_size = args.tensor_parallel_size
+        self._step_timeout = msg.env_seconds(msg.STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S)
+        self._start_timeout = msg.env_seconds(msg.START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
+        # Downloaded and checked here, once, so a bad topology fails before any rank starts and local ranks find
+        # the checkpoint already in the cache.
+        self.source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir,
+                                    args.hf_overrides)
+        registry = get_plugin_manager().registry
+        model_cls = get_model_class(self.source.hf_config, registry, args.model_impl)
+        check_tensor_parallel(args, self.source.hf_config, model_cls, resolve_quant_config(args.quantization,
+                                                                                             self.source))
+        self._pending: list[msg.Op] = []
+        self._unfinished: set[str] = set()
+        self._dead: str | None = None
+        self._stats: dict[str, Any] = {}
+
+    def _set_info(self, info: dict[str, Any]) -> None:
+        self.model_config = info["model_config"]
+        self.cache_config = info["cache_config"]
+        self.scheduler_config = info["scheduler_config"]
+        self.runner_type = info["runner_type"]
+        self._stats = info["stats"]
+
+    # -- the transport (subclasses) ------------------------------------------------------------------------------
+    def _exchange(self, payload: bytes) -> tuple[Any, ...]:
+        """Send one pickled ``(kind, ops)`` to every rank and return rank 0's reply; raise ``RuntimeError``,
+        ``TimeoutError`` or ``OSError`` when a rank is dead, failing or silent."""
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _round_trip(self, kind: str) -> list[Any]:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        ops, self._pending = self._pending, []
+        try:
+            reply = self._exchange(pickle.dumps((kind, ops), protocol=pickle.HIGHEST_PROTOCOL))  # once for all
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            self._dead = f"engine workers died: {exc}"
+            logger.error("llmctl executor: %s; stopping every rank", self._dead)
+            self.shutdown()
+            raise EngineDeadError(self._dead) from exc
+        _, outputs, self._stats = reply
+        return outputs
+
+    # -- the EngineCore surface LLMEngine uses -----------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        # Consecutive adds travel in one list, so requests of one n-group keep pointing at the same leader.
+        if self._pending and self._pending[-1][0] == msg.ADD:
+            self._pending[-1][1].append(request)
+        else:
+            self._pending.append((msg.ADD, [request]))
+        request.grammar = None  # each rank compiles its own (llmctl.executor.worker._Grammars)
+        self._unfinished.add(request.request_id)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._pending.append((msg.ABORT, list(request_ids)))
+        self._unfinished.difference_update(request_ids)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        self._pending.append((msg.FINISH, request_id, status))
+        self._unfinished.discard(request_id)
+
+    def has_unfinished(self) -> bool:
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        return bool(self._unfinished)
+
+    def step(self) -> list[Any]:
+        outputs = self._round_trip(msg.STEP)
+        for out in outputs:
+            if out.finish_reason is not None:
+                self._unfinished.discard(out.request_id)
+        return outputs
+
+    def get_stats(self) -> dict[str, Any]:
+        if self._pending and self._dead is None:  # aborts and stops change the block counts: apply them first
+            self._round_trip(msg.SYNC)
+        return dict(self._stats)
+
+    def max_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.args.block_size)
+
+    def shutdown(self) -> None:
+        self._stop()
