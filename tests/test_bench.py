@@ -120,3 +120,14 @@ def test_serve_load_counts_failures():
     r = run_serve_load_sync(f"http://127.0.0.1:{_free_port()}", "none", num_prompts=2, input_len=4, output_len=2,
                             vocab_size=1000, timeout_s=5)
     assert r.completed == 0 and r.failed == 2 and r.errors
+
+
+def test_in_flight_per_bin_is_a_time_average_not_a_count_of_requests_touching_the_bin():
+    from llmctl_cli.serve_load import mean_in_flight
+
+    one_after_another = [(i * 0.1, (i + 1) * 0.1) for i in range(10)]  # one at a time, ten in the first second
+    assert mean_in_flight(one_after_another, 1.0, 2) == pytest.approx([1.0, 0.0])
+    overlapping = [(0.0, 2.0), (0.5, 1.5), (1.0, 1.25)]
+    assert mean_in_flight(overlapping, 1.0, 2) == pytest.approx([1.5, 1.75])
+    assert mean_in_flight([(0.0, 0.0), (3.0, 2.0)], 1.0, 3) == [0.0, 0.0, 0.0]  # empty or reversed: nothing
+    assert mean_in_flight([(0.5, 10.0)], 1.0, 2) == pytest.approx([0.5, 1.0])  # past the last bin: clipped
