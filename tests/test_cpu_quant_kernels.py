@@ -84,7 +84,8 @@ def _groupwise(n, k, group, bits, asym, seed):
 
 
 @pytest.mark.parametrize("m", ROWS)
-@pytest.mark.parametrize(("bits", "group", "asym"), [(4, 32, True), (4, 128, True), (8, 32, False), (8, 64, True)])
+@pytest.mark.parametrize(("bits", "group", "asym"), [(4, 32, True), (4, 128, True), (8, 32, False), (8, 64, True),
+                                                     (8, 16, False), (8, 16, True)])
 def test_weight_only_equals_reference(m, bits, group, asym):
     n, k = 45, 256
     weights = _groupwise(n, k, group, bits, asym, seed=m + bits)
@@ -142,3 +143,30 @@ def test_testkit_clause_passes_the_cpu_kernels_and_fails_a_broken_one():
 
     with pytest.raises(ContractViolation, match="quantization.int4"):
         check_quant_kernel(DropsMins(), torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("m", ROWS)
+def test_gguf_k_quants_run_on_the_group_kernels(type_name, m):
+    """Q4_K/Q5_K/Q6_K unpack to int4/int8 groups (32, 32 and 16), which the CPU kernels run: equal to the gguf
+    package's own dequantized weight within float rounding."""
+    import sys
+    from pathlib import Path
+
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from llmctl.quantization.gguf import convert_blocks
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_quantization_formats import gguf_blocks
+
+    n, k = 40, 512
+    raw = gguf_blocks(type_name, n, k)
+    fmt, weights, group = convert_blocks(torch.from_numpy(raw), type_name, k)
+    spec = QuantLinearSpec(format=fmt, in_features=k, out_features=n, bits=4 if fmt == "int4" else 8,
+                           group_size=group, ggml_type=type_name)
+    kernel = CpuInt4Kernel() if fmt == "int4" else CpuW8A8Kernel()
+    x = torch.randn(m, k)
+    got = _run(kernel, weights, spec, x, None)
+    dense = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy())
+    torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4)

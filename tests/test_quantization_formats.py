@@ -51,7 +51,8 @@ def test_gguf_blocks_unpack_exactly(type_name):
 
     n, k = 24, 96
     raw = gguf_blocks(type_name, n, k)
-    fmt, w = convert_blocks(torch.from_numpy(raw), type_name, k)
+    fmt, w, group = convert_blocks(torch.from_numpy(raw), type_name, k)
+    assert group == 32
     ours = dequant_int4(w["qweight"], w["scales"], w["mins"]) if fmt == "int4" else dequant_int8(
         w["qweight"], w["scales"], w.get("mins"))
     theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy())
@@ -59,13 +60,28 @@ def test_gguf_blocks_unpack_exactly(type_name):
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("type_name", K_QUANTS)
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_k_quants_unpack_exactly_into_groups(type_name):
+    """Q4_K -> int4 and Q5_K -> int8 in groups of 32 (scale d * sc, min -dmin * m), Q6_K -> int8 in groups of
+    16: the same floats as the gguf package's dequantizer, bit for bit."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    raw = gguf_blocks(type_name, 8, 512)
+    fmt, w, group = convert_blocks(torch.from_numpy(raw), type_name, 512)
+    assert (fmt, group) == {"Q4_K": ("int4", 32), "Q5_K": ("int8", 32), "Q6_K": ("int8", 16)}[type_name]
+    ours = dequant_int4(w["qweight"], w["scales"], w["mins"]) if fmt == "int4" else dequant_int8(
+        w["qweight"], w["scales"], w.get("mins"))
+    assert torch.equal(ours, torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy()))
+
+
+@pytest.mark.parametrize("type_name", sorted(set(K_QUANTS) - {"Q4_K", "Q5_K", "Q6_K"}))
 def test_gguf_k_quants_stay_blocks_and_dequantize_by_gguf(type_name):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     raw = gguf_blocks(type_name, 8, 256)
-    fmt, w = convert_blocks(torch.from_numpy(raw), type_name, 256)
+    fmt, w, _ = convert_blocks(torch.from_numpy(raw), type_name, 256)
     assert fmt == "gguf" and torch.equal(w["qweight"], torch.from_numpy(raw))
     ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy())
     assert torch.isfinite(ref).all()

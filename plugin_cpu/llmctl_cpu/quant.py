@@ -176,9 +176,10 @@ class CpuW8A8Kernel(QuantMethod):
             if spec.group_size < spec.in_features:
                 return Support(False, "W8A8 needs per-channel weight scales")
             return Support(True)
-        if spec.act is None and spec.group_size % 32 == 0 and spec.in_features % spec.group_size == 0:
+        if spec.act is None and (spec.group_size % 32 == 0 or spec.group_size == 16) \
+                and spec.in_features % spec.group_size == 0:
             return Support(True)
-        return Support(False, f"int8 group size {spec.group_size} is not a multiple of 32")
+        return Support(False, f"int8 group size {spec.group_size} is neither 16 nor a multiple of 32")
 
     def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
         lib = quant_kernels()

@@ -1,7 +1,7 @@
 """GGUF kept quantized: llama.cpp's blocks are loaded as stored and unpacked, exactly, into core's weight
-formats where one holds them (Q4_0/Q4_1 -> int4, Q8_0/Q5_0/Q5_1 -> int8, group 32); the other block types
-(the K-quants, ...) stay as blocks in the ``gguf`` format, whose reference dequantizes them with the gguf
-package's own dequantizer.
+formats where one holds them (Q4_0/Q4_1/Q4_K -> int4, Q8_0/Q5_0/Q5_1/Q5_K -> int8, group 32; Q6_K -> int8,
+group 16), so the platforms' group kernels run them; the other block types (Q2_K, Q3_K, ...) stay as blocks in
+the ``gguf`` format, whose reference dequantizes them with the gguf package's own dequantizer.
 
 Block layouts (little-endian, 32 weights per block, ``d``/``m`` float16): Q4_0 ``d, qs[16]`` with ``w = d (q - 8)``;
 Q4_1 ``d, m, qs[16]`` with ``w = d q + m``; Q5_0 ``d, qh[4], qs[16]`` with ``w = d (q - 16)``; Q5_1 ``d, m, qh[4],
@@ -63,27 +63,74 @@ def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     return bits.flatten(-2)
 
 
-def convert_blocks(raw: torch.Tensor, type_name: str, in_features: int) -> tuple[str, dict[str, torch.Tensor]]:
-    """Raw blocks [N, row_bytes] -> (core format, its tensors); format ``gguf`` keeps the blocks."""
+def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K's 12 bytes of eight 6-bit sub-block scales and mins -> ([..., 8], [..., 8]) float32."""
+    q = packed.to(torch.int32)
+    sc = torch.cat((q[..., 0:4] & 63, (q[..., 8:12] & 0xF) | ((q[..., 0:4] >> 6) << 4)), dim=-1)
+    m = torch.cat((q[..., 4:8] & 63, (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)), dim=-1)
+    return sc.to(torch.float32), m.to(torch.float32)
+
+
+def _convert_k_quant(b: torch.Tensor, type_name: str, n: int, k: int) -> tuple[str, dict[str, torch.Tensor], int]:
+    """Super-blocks of 256 -> core's group formats, exactly: Q4_K -> int4 and Q5_K -> int8, groups of 32 with
+    scale ``d * sc`` and min ``-dmin * m``; Q6_K -> int8 groups of 16 with scale ``d * sc`` (llama.cpp's
+    dequantizers' own products, so the weights are the same floats)."""
+    if type_name == "Q6_K":
+        ql, qh, d = b[..., 0:128].to(torch.int32), b[..., 128:192].to(torch.int32), _fp16(b, 208)
+        sc = b[..., 192:208].contiguous().view(torch.int8).to(torch.float32)  # [..., 16]
+        halves = []
+        for h in range(2):
+            lo, hi = ql[..., 64 * h:64 * h + 32], ql[..., 64 * h + 32:64 * h + 64]
+            bits = qh[..., 32 * h:32 * h + 32]
+            halves += [(lo & 0xF) | ((bits & 3) << 4), (hi & 0xF) | (((bits >> 2) & 3) << 4),
+                       (lo >> 4) | (((bits >> 4) & 3) << 4), (hi >> 4) | (((bits >> 6) & 3) << 4)]
+        q = (torch.cat(halves, dim=-1) - 32).to(torch.int8)
+        return "int8", {"qweight": q.reshape(n, k), "scales": (d.unsqueeze(-1) * sc).reshape(n, k // 16)}, 16
+    d, dmin = _fp16(b, 0), _fp16(b, 2)
+    sc, m = _k_scales_mins(b[..., 4:16])
+    scales = (d.unsqueeze(-1) * sc).reshape(n, k // 32)
+    mins = -(dmin.unsqueeze(-1) * m).reshape(n, k // 32)
+    if type_name == "Q4_K":
+        qs = b[..., 16:144].reshape(*b.shape[:-1], 4, 32)
+        q = torch.cat((qs & 0xF, qs >> 4), dim=-1).reshape(n, k)  # chunk i: sub-blocks 2i (low), 2i+1 (high)
+        return "int4", {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}, 32
+    qh = b[..., 16:48].to(torch.int32).unsqueeze(-2)  # Q5_K: [..., 1, 32], bit 2i / 2i+1 for chunk i
+    qs = b[..., 48:176].reshape(*b.shape[:-1], 4, 32).to(torch.int32)
+    shift = 2 * torch.arange(4, dtype=torch.int32).unsqueeze(-1)
+    low = (qs & 0xF) | (((qh >> shift) & 1) << 4)
+    high = (qs >> 4) | (((qh >> (shift + 1)) & 1) << 4)
+    q = torch.cat((low, high), dim=-1).reshape(n, k).to(torch.int8)
+    return "int8", {"qweight": q, "scales": scales, "mins": mins}, 32
+
+
+K_QUANTS_AS_GROUPS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def convert_blocks(raw: torch.Tensor, type_name: str, in_features: int
+                   ) -> tuple[str, dict[str, torch.Tensor], int]:
+    """Raw blocks [N, row_bytes] -> (core format, its tensors, group size); format ``gguf`` keeps the blocks."""
     n = raw.shape[0]
+    if type_name in K_QUANTS_AS_GROUPS:
+        _, size = block_bytes(type_name)
+        return _convert_k_quant(raw.reshape(n, in_features // 256, size), type_name, n, in_features)
     if type_name not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
-        return "gguf", {"qweight": raw.contiguous()}
+        return "gguf", {"qweight": raw.contiguous()}, block_bytes(type_name)[0]
     _, size = block_bytes(type_name)
     b = raw.reshape(n, in_features // _BLOCK, size)
     d = _fp16(b, 0)
     if type_name == "Q8_0":
         q = b[..., 2:].contiguous().view(torch.int8)
-        return "int8", {"qweight": q.reshape(n, in_features), "scales": d}
+        return "int8", {"qweight": q.reshape(n, in_features), "scales": d}, _BLOCK
     if type_name in ("Q4_0", "Q4_1"):
         q = _nibbles(b[..., -16:])
         mins = _fp16(b, 2) if type_name == "Q4_1" else -8.0 * d
-        return "int4", {"qweight": pack_nibbles(q.reshape(n, in_features)), "scales": d, "mins": mins}
+        return "int4", {"qweight": pack_nibbles(q.reshape(n, in_features)), "scales": d, "mins": mins}, _BLOCK
     # Q5_0 / Q5_1: five bits do not fit a nibble; held as int8 with the same group scales.
     qh = b[..., -20:-16]
     q = (_nibbles(b[..., -16:]) | (_fifth_bits(qh) << 4)).to(torch.int16)
     if type_name == "Q5_0":
-        return "int8", {"qweight": (q - 16).to(torch.int8).reshape(n, in_features), "scales": d}
-    return "int8", {"qweight": q.to(torch.int8).reshape(n, in_features), "scales": d, "mins": _fp16(b, 2)}
+        return "int8", {"qweight": (q - 16).to(torch.int8).reshape(n, in_features), "scales": d}, _BLOCK
+    return "int8", {"qweight": q.to(torch.int8).reshape(n, in_features), "scales": d, "mins": _fp16(b, 2)}, _BLOCK
 
 
 class GGUFLinear(LinearQuantizer):
@@ -148,10 +195,10 @@ class GGUFLinear(LinearQuantizer):
     def _part(self, layer: Linear, raw: torch.Tensor, type_name: str, n: int, rows: slice | None) -> QuantizedPart:
         from llmctl.plugins.types import QuantLinearSpec
 
-        fmt, weights = convert_blocks(raw, type_name, layer.in_features)
+        fmt, weights, group = convert_blocks(raw, type_name, layer.in_features)
         bits = {"int4": 4, "int8": 8}.get(fmt, 0) or int("".join(c for c in type_name[1:3] if c.isdigit()) or 0)
         spec = QuantLinearSpec(format=fmt, in_features=layer.in_features, out_features=n, bits=bits,
-                               group_size=_BLOCK if fmt != "gguf" else block_bytes(type_name)[0],
+                               group_size=group,
                                ggml_type=type_name, layer=self.prefix)
         return QuantizedPart(spec, weights, rows)
 

@@ -298,7 +298,8 @@ static void deinterleave32(const float *x, int64_t m, int64_t k, float *xd) {
  * bits 8: int8 [n, k]. group % 32 == 0 and k % group == 0; mins may be NULL (int8 only). */
 int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bits, const float *scales,
                    const float *mins, int64_t group, const float *bias, int64_t n, float *y) {
-    if (group % 32 || k % group || (bits != 4 && bits != 8)) return -2;
+    /* groups of 32 (or a multiple), and for int8 also of 16 (Q6_K): a 32-wide chunk then holds two groups */
+    if ((group % 32 && !(bits == 8 && group == 16)) || k % group || (bits != 4 && bits != 8)) return -2;
     int64_t ng = k / group;
     float *xd = (float *)aligned_alloc(64, (size_t)((m * k * 4 + 63) / 64 * 64));
     float *xsum = (float *)malloc((size_t)(m * ng) * sizeof(float));
@@ -319,7 +320,21 @@ int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bit
             float out[4] = {0, 0, 0, 0};
 #ifdef QK_AVX512
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t g = 0; g < ng; g++) {
+            if (group == 16) { /* int8 only: each 32-wide chunk is two groups, each scaled on its own */
+                for (int64_t c = 0; c < k; c += 32) {
+                    const int8_t *src = (const int8_t *)qw + col * k + c;
+                    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+                    const __m512 w1 = _mm512_cvtepi32_ps(
+                        _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+                    const __m512 s0 = _mm512_set1_ps(sc[c / 16]), s1 = _mm512_set1_ps(sc[c / 16 + 1]);
+                    for (int rr = 0; rr < rows; rr++) {
+                        const float *xr = xd + (r0 + rr) * k + c;
+                        acc[rr] = _mm512_fmadd_ps(_mm512_mul_ps(w0, _mm512_loadu_ps(xr)), s0, acc[rr]);
+                        acc[rr] = _mm512_fmadd_ps(_mm512_mul_ps(w1, _mm512_loadu_ps(xr + 16)), s1, acc[rr]);
+                    }
+                }
+            }
+            for (int64_t g = 0; g < ng && group != 16; g++) {
                 __m512 part[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
                 for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
                     __m512 w0, w1;
