@@ -82,6 +82,9 @@ def test_llava_matches_transformers(request, kind, chunk, model_cache_dir, test_
     hf = request.getfixturevalue("hf_llava") if kind == "llava" else _hf(path, kind)
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
               block_size=4, enable_prefix_caching=False)
+    tower = llm.llm_engine.core.model.vision_tower
+    # features come from the second-to-last of 2 layers (SigLIP: the last), so the last CLIP layer is dropped
+    assert len(getattr(tower, "vision_model", tower).encoder.layers) == (2 if kind == "llava_siglip" else 1)
     images = [_image(0), _image(1, (64, 30)), _image(2, (30, 100)), _image(3, (32, 32))]
     outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
                         use_tqdm=False)
