@@ -82,6 +82,9 @@ def test_llava_matches_transformers(request, kind, chunk, model_cache_dir, test_
     hf = request.getfixturevalue("hf_llava") if kind == "llava" else _hf(path, kind)
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=chunk, num_threads=1, kv_cache_memory=SMALL_KV,
               block_size=4, enable_prefix_caching=False)
+    tower = llm.llm_engine.core.model.vision_tower
+    # features come from the second-to-last of 2 layers (SigLIP: the last), so the last CLIP layer is dropped
+    assert len(getattr(tower, "vision_model", tower).encoder.layers) == (2 if kind == "llava_siglip" else 1)
     images = [_image(0), _image(1, (64, 30)), _image(2, (30, 100)), _image(3, (32, 32))]
     outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
                         use_tqdm=False)
@@ -282,3 +285,26 @@ def test_start_up_profiling_step_encodes_worst_case_images(request, kind, monkey
     assert len(features) == min(-(-64 // per_image) + 1, 3)  # one 64-token sequence, up to 3 images each
     if kind == "llava_next":
         assert size == (64, 64) and features[0].pixel_values.shape[0] == 5  # the 2x2 pinpoint, plus the base
+
+
+def test_prefix_hit_that_ends_inside_an_image(llava_dir, hf_llava):
+    """A request computes the first 8 positions (the text before the image and its first 5 placeholders) and is
+    aborted; its full blocks stay in the prefix cache. The same prompt and image again adopts them and starts its
+    computation inside the image's run, from row 5 of the image's encoder output."""
+    llm = LLM(str(llava_dir), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV, block_size=4,
+              max_num_batched_tokens=8)
+    engine = llm.llm_engine
+    img = _image(16)
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": img}}
+    engine.add_request("first", prompt, _greedy())
+    engine.step()
+    engine.abort_request("first")
+    engine.add_request("second", prompt, _greedy())
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out
+    assert final is not None and final.num_cached_tokens == 8  # two blocks, the second ending inside the image
+    ref_tokens, ref_lp = hf_greedy(hf_llava, PROMPT, img, MAX_TOKENS)
+    _assert_same(final.outputs[0], ref_tokens, ref_lp)

@@ -77,6 +77,13 @@ def test_image_chat_matches_transformers(llava_server):
         assert resp.usage.prompt_tokens == text_only + 16 + 1  # the image's 16 tokens and its line's newline
     other = _chat(client, "data:image/png;base64," + base64.b64encode(png_bytes(_image(5))).decode())
     assert other.choices[0].message.content != want
+    import httpx
+
+    metrics = httpx.get(srv.url + "/metrics").text
+    queries = [line for line in metrics.splitlines() if line.startswith("llmctl_mm_encoder_cache_queries_total")]
+    # the same picture from four sources is one image: the three repeats hit the prefix cache past the image and
+    # never ask for its encoding; only it and the other picture were encoded
+    assert queries and float(queries[0].split()[-1]) == 2
     stats = wait_kv_free(srv.engine)
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
 

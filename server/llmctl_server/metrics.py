@@ -54,6 +54,8 @@ _NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
     "inference_time": ("llmctl_request_inference_time_seconds", ("vllm:request_inference_time_seconds",)),
     "request_prompt_tokens": ("llmctl_request_prompt_tokens", ("vllm:request_prompt_tokens",)),
     "request_generation_tokens": ("llmctl_request_generation_tokens", ("vllm:request_generation_tokens",)),
+    "mm_cache_queries": ("llmctl_mm_encoder_cache_queries", ("vllm:mm_cache_queries",)),
+    "mm_cache_hits": ("llmctl_mm_encoder_cache_hits", ("vllm:mm_cache_hits",)),
     "spec_num_draft_tokens": ("llmctl_spec_decode_num_draft_tokens", ("vllm:spec_decode_num_draft_tokens",)),
     "spec_num_accepted_tokens": ("llmctl_spec_decode_num_accepted_tokens",
                                  ("vllm:spec_decode_num_accepted_tokens",)),
@@ -148,6 +150,11 @@ class _EngineCollector(Collector):
                 le = [("+Inf" if bound == float("inf") else _le(bound), float(n)) for bound, n in buckets]
                 h.add_metric([self._naming.model_name], le, float(s.get("iteration_tokens_sum", 0)))
                 yield h
+        if "mm_encoder_cache_queries" in s:  # only for a model that takes images
+            yield from self._counter("mm_cache_queries", "Image encoder outputs looked up by content hash",
+                                     float(s["mm_encoder_cache_queries"]))
+            yield from self._counter("mm_cache_hits", "Image encoder outputs found (the vision tower did not run)",
+                                     float(s.get("mm_encoder_cache_hits", 0)))
         if "spec_num_draft_tokens" in s:  # only when the engine speculates
             for key, doc in (("spec_num_draft_tokens", "Draft tokens proposed"),
                              ("spec_num_accepted_tokens", "Draft tokens accepted"),

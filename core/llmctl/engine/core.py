@@ -417,7 +417,15 @@ class EngineCore:
             **self.iteration_tokens.snapshot(),
             **self.scheduler.stats(),
             **(self.speculator.stats.as_dict() if self.speculator else {}),
+            **self._encoder_cache_stats(),
         }
+
+    def _encoder_cache_stats(self) -> dict[str, int]:
+        cache = self.runner.encoder_cache
+        if cache is None:
+            return {}
+        return {"mm_encoder_cache_queries": cache.hits + cache.misses, "mm_encoder_cache_hits": cache.hits,
+                "mm_encoder_cache_entries": len(cache)}
 
     # -- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:

@@ -81,6 +81,27 @@ def _vision_tower(vision_config: Any, ctx: ModelContext) -> nn.Module:
     return tower
 
 
+def _trim_tower(tower: nn.Module, layers: list[int]) -> tuple[list[int], int]:
+    """Drops the tower's layers after the last one the features are read from (LLaVA reads the second-to-last:
+    its last layer would run for nothing). Returns the feature layers as absolute hidden-state indices (0: the
+    embeddings) and the number of layers kept."""
+    encoder = getattr(tower, "vision_model", tower).encoder
+    n = len(encoder.layers)
+    absolute = [i if i >= 0 else n + 1 + i for i in layers]
+    if not all(0 <= i <= n for i in absolute):
+        raise ValueError(f"model: vision_feature_layer {layers} is outside the tower's {n} layers")
+    keep = max(absolute)
+    if keep < n:
+        encoder.layers = encoder.layers[:keep]
+    return absolute, keep
+
+
+def _dropped_layer(name: str, kept: int) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[0] == "encoder" and parts[1] == "layers" and parts[2].isdigit() \
+        and int(parts[2]) >= kept
+
+
 class LlavaProjector(EngineModule):
     def __init__(self, cfg: Any, ctx: ModelContext) -> None:
         super().__init__()
@@ -118,10 +139,10 @@ class LlavaForConditionalGeneration(EngineModule):
         self.ctx = ctx
         token = getattr(hf_config, "image_token_id", None)  # transformers 5's name; older configs: image_token_index
         self.image_token_id = int(token if token is not None else hf_config.image_token_index)
-        self.feature_layers = _feature_layers(hf_config)
         self.drop_cls = getattr(hf_config, "vision_feature_select_strategy", "default") == "default"
         self.num_image_tokens = image_feature_size(hf_config)
         self.vision_tower = _vision_tower(hf_config.vision_config, ctx)
+        self.feature_layers, self.tower_layers = _trim_tower(self.vision_tower, _feature_layers(hf_config))
         self.multi_modal_projector = LlavaProjector(hf_config, ctx)
         self.language_model = LlamaForCausalLM(hf_config.text_config, ctx)
 
@@ -217,8 +238,8 @@ class LlavaForConditionalGeneration(EngineModule):
                     rest = name[len("vision_tower."):].removeprefix("vision_model.")
                     key = tower_prefix + rest
                     if key not in tower:
-                        if "position_ids" in key:  # a buffer some exports keep
-                            continue
+                        if "position_ids" in key or _dropped_layer(rest, self.tower_layers):
+                            continue  # a buffer some exports keep; a layer past the last one features come from
                         raise ValueError(f"checkpoint tensor {name} has no place in the vision tower")
                     _copy(tower[key], tensor, name)
                     loaded.add(key)
