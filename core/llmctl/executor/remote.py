@@ -25,7 +25,7 @@ DEFAULT_START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
 
 
 class RemoteCore:
-    lora = None  # refused with tensor_parallel_size > 1 (EngineArgs)
+    lora = None  # refused with more than one rank (EngineArgs)
 
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.engine.core import check_tensor_parallel
@@ -35,7 +35,7 @@ class RemoteCore:
         from llmctl.quantization import resolve_quant_config
 
         self.args = args
-        self.world_size = args.tensor_parallel_size
+        self.world_size = args.world_size
         self._step_timeout = msg.env_seconds(msg.STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S)
         self._start_timeout = msg.env_seconds(msg.START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
         # Downloaded and checked here, once, so a bad topology fails before any rank starts and local ranks find
