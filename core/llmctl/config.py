@@ -91,6 +91,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     # pipeline_parallel_size stages each hold a contiguous run of layers (not combined with tensor parallelism yet)
     pipeline_parallel_size: int = 1
+    # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
+    # frontend that routes each request to one of them (llmctl.executor.data_parallel)
+    data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +167,7 @@ class EngineArgs:
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                              f"got {backend!r}")
+        self._validate_data_parallel()
         world, what = (tp, "tensor_parallel_size") if pp == 1 else (pp, "pipeline_parallel_size")
         if backend == "uni" and world > 1:
             raise ValueError(f"distributed_executor_backend: 'uni' runs one process and cannot hold "
@@ -176,6 +180,20 @@ class EngineArgs:
             if used:
                 raise ValueError(f"{name}: not supported with {what} > 1 yet (got {what}={world}); run it with "
                                  f"{what}=1")
+
+    def _validate_data_parallel(self) -> None:
+        dp = self.data_parallel_size
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+            raise ValueError(f"data_parallel_size: must be an integer >= 1, got {dp!r}")
+        if dp == 1:
+            return
+        if self.distributed_executor_backend not in (None, "mp"):
+            raise ValueError(f"data_parallel_size: replicas run as worker processes (the mp executor), not with "
+                             f"distributed_executor_backend={self.distributed_executor_backend!r}")
+        for name, used in (("enable_lora", self.enable_lora), ("runner", self.runner == "pooling")):
+            if used:
+                raise ValueError(f"{name}: not supported with data_parallel_size > 1 yet (got "
+                                 f"data_parallel_size={dp})")
 
     @property
     def world_size(self) -> int:
