@@ -56,3 +56,46 @@ def test_dp_arguments_are_checked():
         EngineArgs(model="m", data_parallel_size=2, distributed_executor_backend="external_launcher")
     with pytest.raises(ValueError, match="enable_lora: not supported with data_parallel_size"):
         EngineArgs(model="m", data_parallel_size=2, enable_lora=True)
+
+
+def test_serve_dp2_answers_concurrent_requests_from_both_replicas(model):
+    """``llmctl serve -dp 2``: concurrent completions all succeed, and /metrics shows steps on both engines."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    import httpx
+
+    from tests.test_server_process import _wait_health
+    from tests.test_server_support import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "llmctl"), "serve", str(model), "-dp", "2",
+                             "--port", str(port), "--kv-cache-memory", "16MiB", "--log-level", "warning",
+                             "--served-model-name", "tiny", "--metrics-prefix", "vllm"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "LLMCTL_CPU_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_health(url, proc, timeout=180)
+
+        def complete(i: int) -> int:
+            body = {"model": "tiny", "prompt": f"Request number {i} asks", "max_tokens": 16, "ignore_eos": True}
+            return httpx.post(url + "/v1/completions", json=body, timeout=120).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(complete, range(8))) == [200] * 8
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        counts = dict(re.findall(r'vllm:iteration_tokens_total_count\{engine="(\d)",model_name="tiny"\} (\S+)',
+                                 metrics))
+        assert set(counts) == {"0", "1"} and all(float(c) > 0 for c in counts.values()), counts
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
