@@ -175,7 +175,7 @@ class EngineArgs:
                              f"tensor_parallel_size={tp} ranks; use 'mp' or 'external_launcher'")
         if tp == 1:
             return
-        refused = [("enable_lora", self.enable_lora), ("speculative_config", self.speculative_config is not None),
+        refused = [("speculative_config", self.speculative_config is not None),
                    ("quantization", self.quantization is not None), ("runner", self.runner == "pooling")]
         for name, used in refused:
             if used:
