@@ -187,7 +187,7 @@ class EngineArgs:
                              f"{what}={world} ranks; use 'mp' or 'external_launcher'")
         if world == 1:
             return
-        refused = [("enable_lora", self.enable_lora), ("speculative_config", self.speculative_config is not None),
+        refused = [("speculative_config", self.speculative_config is not None),
                    ("quantization", self.quantization is not None), ("runner", self.runner == "pooling")]
         for name, used in refused:
             if used:

@@ -83,6 +83,10 @@ class EngineCore:
 
         self.args = args
         spec_config = SpeculativeConfig.parse(args.speculative_config)
+        if spec_config is not None and spec_config.method == "eagle" and args.enable_lora:
+            # the EAGLE head embeds its drafts through the target's embedding, whose adapters map the step's tokens
+            raise ValueError("speculative_config: method 'eagle' is not supported with enable_lora yet; use "
+                             "'ngram' or 'draft_model'")
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)

@@ -25,7 +25,7 @@ DEFAULT_START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
 
 
 class RemoteCore:
-    lora = None  # refused with more than one rank (EngineArgs)
+    lora: Any = None  # with enable_lora: a LoRAHostCache that checks adapters against rank 0's full shapes
 
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.engine.core import check_tensor_parallel
@@ -57,6 +57,10 @@ class RemoteCore:
         self.scheduler_config = info["scheduler_config"]
         self.runner_type = info["runner_type"]
         self._stats = info["stats"]
+        if info.get("lora") is not None:
+            from llmctl.lora.manager import LoRAHostCache
+
+            self.lora = LoRAHostCache(self.args.lora_config(), *info["lora"])
 
     # -- the transport (subclasses) ------------------------------------------------------------------------------
     def _send(self, payload: bytes) -> None:
@@ -119,6 +123,8 @@ class RemoteCore:
         else:
             self._pending.append((msg.ADD, [request]))
         request.grammar = None  # each rank compiles its own (llmctl.executor.worker._Grammars)
+        if request.lora is not None:  # each rank reads its own slices of the adapter: only its name travels
+            request.lora = request.lora.request
         self._unfinished.add(request.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
