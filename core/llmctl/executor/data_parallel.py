@@ -153,6 +153,10 @@ class DataParallelCore:
         total["replicas"] = per
         return total
 
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [pid for r in self.replicas for pid in r.worker_pids]
+
     def max_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.args.block_size)
 
