@@ -99,3 +99,16 @@ def test_serve_dp2_answers_concurrent_requests_from_both_replicas(model):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def test_dp_replica_death_ends_the_engine_and_stops_every_worker(model):
+    import os
+    import signal
+
+    from llmctl import LLM
+
+    from tests.test_tensor_parallel_mp import _assert_dies_cleanly
+
+    llm = LLM(str(model), dtype="float32", data_parallel_size=2, num_threads=1)
+    assert len(llm.llm_engine.core.worker_pids) == 2
+    _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGKILL))

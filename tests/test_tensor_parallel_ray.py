@@ -75,3 +75,20 @@ def test_ray_more_ranks_than_the_cluster_holds_is_refused(model, local_ray, monk
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 ranks need 4 x \{'CPU': 1.0\}"):
         LLM(str(model), dtype="float32", tensor_parallel_size=4, distributed_executor_backend="ray", num_threads=1)
 
+
+
+def test_ray_pp2_matches_pp1(model, local_ray):
+    import torch
+    from llmctl import LLM
+
+    with one_torch_thread():
+        want = generate(LLM(str(model), dtype="float32", num_threads=1, seed=0))
+    llm = LLM(str(model), dtype="float32", pipeline_parallel_size=2, distributed_executor_backend="ray",
+              num_threads=1, seed=0)
+    try:
+        got = generate(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)

@@ -56,9 +56,11 @@ class DataParallelCore:
         self.args = args
         replica_args = dataclasses.replace(args, data_parallel_size=1)
         self.replicas: list[MultiprocCore] = []
-        try:
+        try:  # every replica's workers load at the same time
             for cpus in _replica_cpus(args.data_parallel_size):
-                self.replicas.append(MultiprocCore(dataclasses.replace(replica_args), cpus=cpus))
+                self.replicas.append(MultiprocCore(dataclasses.replace(replica_args), cpus=cpus, wait=False))
+            for replica in self.replicas:
+                replica.wait_ready()
         except BaseException:
             self.shutdown()
             raise
@@ -150,6 +152,10 @@ class DataParallelCore:
                 for rows in zip(*(p["iteration_tokens_buckets"] for p in per), strict=True))
         total["replicas"] = per
         return total
+
+    @property
+    def worker_pids(self) -> list[int | None]:
+        return [pid for r in self.replicas for pid in r.worker_pids]
 
     def max_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.args.block_size)

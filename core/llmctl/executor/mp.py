@@ -79,8 +79,9 @@ def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.
 class MultiprocCore(RemoteCore):
     """The ranks as spawned worker processes of this one, each talked to over its own pipe."""
 
-    def __init__(self, args: EngineArgs, cpus: list[int] | None = None) -> None:
-        """``cpus``: the CPUs this engine's ranks share (a data-parallel replica's part); default: all of ours."""
+    def __init__(self, args: EngineArgs, cpus: list[int] | None = None, wait: bool = True) -> None:
+        """``cpus``: the CPUs this engine's ranks share (a data-parallel replica's part); default: all of ours.
+        ``wait=False``: return once the workers are started; call :meth:`wait_ready` before using the engine."""
         super().__init__(args)
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -97,6 +98,12 @@ class MultiprocCore(RemoteCore):
             self._procs.append(proc)
             self._conns.append(ours)
         self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait until every rank has loaded (``wait=False`` leaves this to the caller, who may start other
+        engines meanwhile)."""
         try:
             self._set_info(self._wait_ready(self._start_timeout))
         except BaseException:
