@@ -118,13 +118,23 @@ class LlamaModel(EngineModule):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i], rotary_emb)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
+        # Set only under an EAGLE-3 proposer: the layers whose inputs the forward also keeps, concatenated in
+        # this order, in ``aux_hidden_states`` (an empty tuple costs the loop nothing).
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        aux_layers = self.aux_hidden_state_layers
+        aux: dict[int, torch.Tensor] = {}
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if aux_layers and i in aux_layers:  # the residual stream entering layer i (EAGLE-3's features)
+                aux[i] = hidden.clone() if residual is None else hidden + residual  # norms may add in place
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if aux_layers:
+            self.aux_hidden_states = torch.cat([aux[i] for i in aux_layers], dim=-1)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
