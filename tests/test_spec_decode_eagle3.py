@@ -51,69 +51,86 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-def _reference_first_logits(target_dir, head_dir, token_ids: list[int], aux: tuple[int, ...]) -> torch.Tensor:
-    """The head's logits (over the target's vocabulary) at the last position, from the EAGLE-3 formulas: the
-    target's residual streams entering the aux layers (transformers' hidden_states[i]), fused by fc."""
+def _head_prenorm(w: dict, cfg: dict, e: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+    """The head's layer over a whole sequence (causal, positions 0..T-1): its output before the final norm."""
+    eps, theta = cfg["rms_norm_eps"], cfg.get("rope_theta", 10000.0)
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg["hidden_size"] // heads
+    m = "midlayer."
+    t = e.shape[0]
+    x = torch.cat([_rms(e, w[m + "input_layernorm.weight"], eps), _rms(feat, w[m + "hidden_norm.weight"], eps)], -1)
+    pos = torch.arange(t)
+    q = _rope((x @ w[m + "self_attn.q_proj.weight"].T).view(t, heads, hd), pos, theta)
+    k = _rope((x @ w[m + "self_attn.k_proj.weight"].T).view(t, kv_heads, hd), pos, theta)
+    v = (x @ w[m + "self_attn.v_proj.weight"].T).view(t, kv_heads, hd)
+    k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(t, heads * hd)
+    h = attn @ w[m + "self_attn.o_proj.weight"].T + feat  # the residual is the un-normed feature
+    y = _rms(h, w[m + "post_attention_layernorm.weight"], eps)
+    y = (torch.nn.functional.silu(y @ w[m + "mlp.gate_proj.weight"].T) * (y @ w[m + "mlp.up_proj.weight"].T)) \
+        @ w[m + "mlp.down_proj.weight"].T
+    return y + h
+
+
+def _target_logits(w: dict, cfg: dict, prenorm: torch.Tensor) -> torch.Tensor:
+    draft = _rms(prenorm, w["norm.weight"], cfg["rms_norm_eps"]) @ w["lm_head.weight"].T
+    out = torch.full((cfg["vocab_size"],), float("-inf"))
+    out[torch.arange(draft.shape[0]) + w["d2t"]] = draft
+    return out
+
+
+def _reference(target_dir, head_dir, token_ids: list[int], aux: tuple[int, ...], k: int
+               ) -> tuple[torch.Tensor, list[int]]:
+    """The head's first-step logits (over the target's vocabulary) and its ``k`` greedy drafts, from the EAGLE-3
+    formulas: features are the target's residual streams entering the aux layers (transformers'
+    ``hidden_states[i]``) fused by fc; each further draft feeds back the head's pre-norm output as the feature."""
     import transformers as tf
 
     target = tf.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     cfg = json.loads((head_dir / "config.json").read_text())
     w = load_file(str(head_dir / "model.safetensors"))
-    eps, theta = cfg["rms_norm_eps"], cfg.get("rope_theta", 10000.0)
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd = cfg["hidden_size"] // heads
-    m = "midlayer."
+    embed = w["embed_tokens.weight"] if "embed_tokens.weight" in w else target.get_input_embeddings().weight
     with torch.no_grad():
         states = target(torch.tensor([token_ids[:-1]]), output_hidden_states=True).hidden_states
-        feat = torch.cat([states[i][0] for i in aux], -1) @ w["fc.weight"].T
-        embed = w["embed_tokens.weight"] if "embed_tokens.weight" in w else target.get_input_embeddings().weight
-        e = embed[torch.tensor(token_ids[1:])]
-        t = e.shape[0]
-        x = torch.cat([_rms(e, w[m + "input_layernorm.weight"], eps), _rms(feat, w[m + "hidden_norm.weight"], eps)],
-                      -1)
-        pos = torch.arange(t)
-        q = _rope((x @ w[m + "self_attn.q_proj.weight"].T).view(t, heads, hd), pos, theta)
-        k = _rope((x @ w[m + "self_attn.k_proj.weight"].T).view(t, kv_heads, hd), pos, theta)
-        v = (x @ w[m + "self_attn.v_proj.weight"].T).view(t, kv_heads, hd)
-        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-        attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(t, heads * hd)
-        h = attn @ w[m + "self_attn.o_proj.weight"].T + feat
-        y = _rms(h, w[m + "post_attention_layernorm.weight"], eps)
-        y = (torch.nn.functional.silu(y @ w[m + "mlp.gate_proj.weight"].T) * (y @ w[m + "mlp.up_proj.weight"].T)) \
-            @ w[m + "mlp.down_proj.weight"].T
-        last = _rms((y + h)[-1], w["norm.weight"], eps)
-        draft = last @ w["lm_head.weight"].T
-        out = torch.full((cfg["vocab_size"],), float("-inf"))
-        out[torch.arange(draft.shape[0]) + w["d2t"]] = draft
-        return out
+        feats = torch.cat([states[i][0] for i in aux], -1) @ w["fc.weight"].T
+        tokens = list(token_ids[1:])
+        first, drafts = None, []
+        for _ in range(k):
+            last = _head_prenorm(w, cfg, embed[torch.tensor(tokens)], feats)[-1]
+            logits = _target_logits(w, cfg, last)
+            first = logits if first is None else first
+            drafts.append(int(logits.argmax()))
+            tokens.append(drafts[-1])
+            feats = torch.cat([feats, last[None]])
+        return first, drafts
 
 
 @pytest.mark.parametrize("variant", ["default_layers_small_vocab", "explicit_layers_own_embedding"])
-def test_first_step_logits_match_the_formulas(tiny_llama_dir, deep_llama_dir, small_vocab_head, model_cache_dir,
+def test_logits_and_drafts_match_the_formulas(tiny_llama_dir, deep_llama_dir, small_vocab_head, model_cache_dir,
                                               variant):
     if variant == "default_layers_small_vocab":
         target, head, aux = deep_llama_dir, small_vocab_head, (2, 4, 5)
     else:
-        target, aux = tiny_llama_dir, (0, 1, 1)
+        target, aux = tiny_llama_dir, (1, 0, 1)  # any order, the embedding output included
         head = make_eagle3_head(tiny_llama_dir, model_cache_dir / "eagle3-own-embed", aux_layers=list(aux),
                                 own_embedding=True)
-    llm = make_llm(target, _spec(head, 1))
+    llm = make_llm(target, _spec(head, K))
     engine = llm.llm_engine
     prompt = llm.get_tokenizer().encode("one two three four five six seven", add_special_tokens=False)
-    engine.add_request("e", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=8,
+    engine.add_request("e", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=16,
                                                                         ignore_eos=True))
-    engine.step()
-    req = engine.core.scheduler.requests["e"]
     proposer = engine.core.speculator.draft
-    state = proposer._state["e"]
-    got = proposer.head.compute_logits(state.next_feature)[0].float()
-    expected = _reference_first_logits(target, head, list(req.all_token_ids), aux)
-    finite = torch.isfinite(expected)
-    assert torch.equal(torch.isfinite(got), finite)
-    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
-    assert req.spec_token_ids == [int(expected.argmax())]
+    for step in range(3):  # the prefill, then verification steps (rejected drafts roll the head's cache back)
+        engine.step()
+        req = engine.core.scheduler.requests["e"]
+        got = proposer.head.compute_logits(proposer._state["e"].next_feature)[0].float()
+        expected, drafts = _reference(target, head, list(req.all_token_ids), aux, K)
+        finite = torch.isfinite(expected)
+        assert torch.equal(torch.isfinite(got), finite)
+        torch.testing.assert_close(got[finite], expected[finite], rtol=1e-4, atol=1e-4)
+        assert req.spec_token_ids == drafts, step
     engine.abort_request(["e"])
     assert_all_blocks_free(engine.get_stats())
 
