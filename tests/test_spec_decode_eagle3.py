@@ -196,3 +196,51 @@ def test_eagle3_head_must_fit_the_target(deep_llama_dir, tiny_llama_dir, small_v
         make_llm(tiny_llama_dir, _spec(small_vocab_head))  # two layers: the default layers do not exist
     with pytest.raises(ValueError, match=r"speculative_config\.model"):
         make_llm(deep_llama_dir, _spec(deep_llama_dir))  # a whole model is not a head
+
+
+def test_accepted_drafts_feed_the_head(deep_llama_dir, small_vocab_head):
+    """A random head's drafts are never accepted, so the drafts are replaced by the target's own continuation
+    (the last of each step wrong): verification then accepts several positions at once, whose auxiliary states
+    the head must ingest row for row. Its logits after each step still equal the reference, the output equals
+    the target's alone, and the acceptance counters see the accepted drafts."""
+    prompt_text = "one two three four five six seven"
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    plain = make_llm(deep_llama_dir)
+    prompt = plain.get_tokenizer().encode(prompt_text, add_special_tokens=False)
+    expected = list(plain.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0].token_ids)
+    llm = make_llm(deep_llama_dir, _spec(small_vocab_head))
+    core = llm.llm_engine.core
+    speculator = core.speculator
+    vocab = core.model_config.vocab_size
+    propose = speculator.propose
+
+    def oracle(running):
+        propose(running)
+        for req in running:
+            if req.spec_token_ids:
+                done = req.num_output_tokens
+                truth = expected[done:done + len(req.spec_token_ids)]
+                req.spec_token_ids = truth[:-1] + [(truth[-1] + 1) % vocab] if len(truth) > 1 else truth
+
+    speculator.propose = oracle
+    llm.llm_engine.add_request("o", {"prompt_token_ids": prompt}, sp)
+    checked = 0
+    while "o" in core.scheduler.requests and not core.scheduler.requests["o"].finished:
+        llm.llm_engine.step()
+        req = core.scheduler.requests.get("o")
+        state = speculator.draft._state.get("o")
+        if req is None or req.finished or state is None or state.next_feature is None:
+            break
+        got = speculator.draft.head.compute_logits(state.next_feature)[0].float()
+        ref, _ = _reference(deep_llama_dir, small_vocab_head, list(req.all_token_ids), (2, 4, 5), 1)
+        finite = torch.isfinite(ref)
+        torch.testing.assert_close(got[finite], ref[finite], rtol=1e-4, atol=1e-4)
+        checked += 1
+    assert checked >= 3
+    stats = llm.get_stats()
+    assert stats["spec_num_accepted_tokens"] > 0 and stats["spec_acceptance_rate"] > 0.0
+    assert stats["spec_mean_tokens_per_step"] > 1.0
+    llm.llm_engine.abort_request(["o"])
+    out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0].token_ids
+    assert list(out) == expected
+    assert_all_blocks_free(llm.get_stats())
