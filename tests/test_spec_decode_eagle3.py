@@ -81,8 +81,8 @@ def _target_logits(w: dict, cfg: dict, prenorm: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _reference(target_dir, head_dir, token_ids: list[int], aux: tuple[int, ...], k: int
-               ) -> tuple[torch.Tensor, list[int]]:
+def _reference(target_dir, head_dir, token_ids: list[int], aux: tuple[int, ...], k: int,
+               lm_head: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """The head's first-step logits (over the target's vocabulary) and its ``k`` greedy drafts, from the EAGLE-3
     formulas: features are the target's residual streams entering the aux layers (transformers'
     ``hidden_states[i]``) fused by fc; each further draft feeds back the head's pre-norm output as the feature."""
@@ -91,6 +91,8 @@ def _reference(target_dir, head_dir, token_ids: list[int], aux: tuple[int, ...],
     target = tf.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     cfg = json.loads((head_dir / "config.json").read_text())
     w = load_file(str(head_dir / "model.safetensors"))
+    if lm_head is not None:
+        w["lm_head.weight"] = lm_head
     embed = w["embed_tokens.weight"] if "embed_tokens.weight" in w else target.get_input_embeddings().weight
     with torch.no_grad():
         states = target(torch.tensor([token_ids[:-1]]), output_hidden_states=True).hidden_states
@@ -152,14 +154,29 @@ def test_eagle3_greedy_identical(deep_llama_dir, small_vocab_head):
     assert_all_blocks_free(stats)
 
 
-def test_eagle3_full_vocab_greedy_identical(tiny_llama_dir, model_cache_dir):
+@pytest.mark.parametrize("shared_lm_head", [False, True])
+def test_eagle3_full_vocab_greedy_identical(tiny_llama_dir, model_cache_dir, shared_lm_head):
+    """draft_vocab_size == vocab_size; without lm_head.weight the head uses the target's LM head."""
     head = make_eagle3_head(tiny_llama_dir, model_cache_dir / "eagle3-full", seed=3, aux_layers=[1, 0, 1])
+    if shared_lm_head:
+        head = _broken(head, model_cache_dir / "eagle3-shared-lm-head", drop=("lm_head.weight",))
     sp = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     ref = make_llm(tiny_llama_dir).generate(COPY_PROMPTS, sp, use_tqdm=False)
     spec = make_llm(tiny_llama_dir, _spec(head, 4))
     got = spec.generate(COPY_PROMPTS, sp, use_tqdm=False)
     assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
     assert spec.get_stats()["spec_num_draft_tokens"] > 0
+    engine = spec.llm_engine
+    prompt = spec.get_tokenizer().encode("one two three", add_special_tokens=False)
+    engine.add_request("f", {"prompt_token_ids": prompt}, sp)
+    engine.step()
+    proposer = engine.core.speculator.draft
+    got_logits = proposer.head.compute_logits(proposer._state["f"].next_feature)[0].float()
+    lm_head = load_file(str(tiny_llama_dir / "model.safetensors"))["lm_head.weight"] if shared_lm_head else None
+    expected, _ = _reference(tiny_llama_dir, head, list(engine.core.scheduler.requests["f"].all_token_ids),
+                             (1, 0, 1), 1, lm_head=lm_head)
+    torch.testing.assert_close(got_logits, expected, rtol=1e-4, atol=1e-4)
+    engine.abort_request(["f"])
 
 
 def _broken(src, dst, drop=(), replace=None, config=None):
@@ -185,6 +202,9 @@ def test_eagle3_head_must_fit_the_target(deep_llama_dir, tiny_llama_dir, small_v
         make_llm(deep_llama_dir, _spec(bad))
     bad = _broken(small_vocab_head, root / "d2t", drop=("d2t",))
     with pytest.raises(ValueError, match=r"speculative_config\.model: .*lacks tensor d2t"):
+        make_llm(deep_llama_dir, _spec(bad))
+    bad = _broken(small_vocab_head, root / "lm_head", drop=("lm_head.weight",))
+    with pytest.raises(ValueError, match=r"speculative_config\.model: .*lacks tensor lm_head\.weight"):
         make_llm(deep_llama_dir, _spec(bad))
     bad = _broken(small_vocab_head, root / "wide", config={"hidden_size": 96})
     with pytest.raises(ValueError, match=r"speculative_config\.model: the EAGLE-3 head's hidden_size \(96\)"):

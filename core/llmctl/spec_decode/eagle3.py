@@ -77,7 +77,9 @@ class Eagle3Head(EngineModule):
         self.mlp = GatedMLP(hidden, cfg.intermediate_size, getattr(cfg, "hidden_act", "silu"), ctx.ops,
                             bias=bool(getattr(cfg, "mlp_bias", False)), tp=ctx.tp, **kw)
         self.norm = RMSNorm(hidden, eps, ctx.ops, **kw)
-        self.lm_head = Linear(hidden, self.draft_vocab_size, bias=False, **kw)
+        # a head without lm_head.weight (its draft vocabulary is then the target's) uses the target's LM head
+        self.lm_head = Linear(hidden, self.draft_vocab_size, bias=False, **kw) \
+            if getattr(cfg, "eagle3_own_lm_head", True) else None
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, hidden, tp=ctx.tp, **kw) \
             if getattr(cfg, "eagle3_own_embedding", False) else None
         # draft id -> target id offset; all zeros (the identity) when the vocabularies are the same
@@ -104,7 +106,8 @@ class Eagle3Head(EngineModule):
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocabulary."""
-        return self.lm_head(self.norm(hidden))
+        normed = self.norm(hidden)
+        return self.lm_head(normed) if self.lm_head is not None else self._target[0].compute_logits(normed)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the target's vocabulary: ids outside the draft vocabulary get -inf."""
@@ -207,7 +210,15 @@ def load_eagle3_proposer(source: Any, core: Any) -> EagleProposer:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names.update(f.keys())
     cfg = source.hf_config
+    if core.tp.size > 1:
+        raise ValueError("speculative_config.method: eagle3 runs its head on one device; it is not supported with "
+                         f"tensor_parallel_size {core.tp.size}")
     cfg.eagle3_own_embedding = "embed_tokens.weight" in names or "model.embed_tokens.weight" in names
+    cfg.eagle3_own_lm_head = "lm_head.weight" in names or "model.lm_head.weight" in names
+    draft_vocab = getattr(cfg, "draft_vocab_size", None) or cfg.vocab_size
+    if not cfg.eagle3_own_lm_head and draft_vocab != cfg.vocab_size:
+        raise ValueError(f"{_FIELD}: the EAGLE-3 checkpoint lacks tensor lm_head.weight, which a draft vocabulary "
+                         f"of {draft_vocab} tokens (not the target's {cfg.vocab_size}) needs")
     plugins = get_plugin_manager()
     dtype = core.model_config.dtype
     head_size, _, _ = _kv_geometry(cfg)
