@@ -203,6 +203,12 @@ def test_eagle3_head_must_fit_the_target(deep_llama_dir, tiny_llama_dir, small_v
     bad = _broken(small_vocab_head, root / "d2t", drop=("d2t",))
     with pytest.raises(ValueError, match=r"speculative_config\.model: .*lacks tensor d2t"):
         make_llm(deep_llama_dir, _spec(bad))
+    bad = _broken(small_vocab_head, root / "d2t-range", replace={"d2t": torch.full((200,), 10**6)})
+    with pytest.raises(ValueError, match=r"tensor d2t maps draft ids outside the target's vocabulary"):
+        make_llm(deep_llama_dir, _spec(bad))
+    bad = _broken(small_vocab_head, root / "d2t-shape", replace={"d2t": torch.zeros(199, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"tensor d2t has shape \[199\], expected \[200\]"):
+        make_llm(deep_llama_dir, _spec(bad))
     bad = _broken(small_vocab_head, root / "lm_head", drop=("lm_head.weight",))
     with pytest.raises(ValueError, match=r"speculative_config\.model: .*lacks tensor lm_head\.weight"):
         make_llm(deep_llama_dir, _spec(bad))
