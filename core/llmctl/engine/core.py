@@ -368,6 +368,8 @@ class EngineCore:
             return "off (tensor parallel: the step's collectives run eagerly)"
         if self.lora is not None:
             return "off (LoRA: adapters switch per step)"
+        if self.runner.keep_aux_hidden:
+            return "off (eagle3: the head reads intermediate hidden states a captured step does not return)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)
