@@ -138,6 +138,8 @@ def make_eagle3_head(target_dir: Path, out: Path, seed: int = 13, draft_vocab_si
     tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill(0, targets, True)
     if own_embedding:
         tensors["embed_tokens.weight"] = rnd(vocab, hidden, scale=1.0)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:1]
     cfg.num_hidden_layers = 1
     cfg.architectures = ["LlamaForCausalLMEagle3"]
     cfg.draft_vocab_size = draft_vocab

@@ -53,7 +53,8 @@ def _rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
 
 def _head_prenorm(w: dict, cfg: dict, e: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
     """The head's layer over a whole sequence (causal, positions 0..T-1): its output before the final norm."""
-    eps, theta = cfg["rms_norm_eps"], cfg.get("rope_theta", 10000.0)
+    eps = cfg["rms_norm_eps"]
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg["hidden_size"] // heads
     m = "midlayer."
@@ -270,3 +271,19 @@ def test_accepted_drafts_feed_the_head(deep_llama_dir, small_vocab_head):
     out = llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)[0].outputs[0].token_ids
     assert list(out) == expected
     assert_all_blocks_free(llm.get_stats())
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_eagle3_on_qwen_targets(tiny_model_dirs, model_cache_dir, kind):
+    """Heads for Qwen targets carry the target's model_type; the head is a plain Llama layer all the same (no
+    q/k norm, no q/k/v bias), and the target's residual streams are taken the same way."""
+    head = make_eagle3_head(tiny_model_dirs[kind], model_cache_dir / f"eagle3-{kind}", draft_vocab_size=300,
+                            aux_layers=[0, 1, 1])
+    assert json.loads((head / "config.json").read_text())["model_type"] == kind
+    sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = make_llm(tiny_model_dirs[kind]).generate(COPY_PROMPTS, sp, use_tqdm=False)
+    spec = make_llm(tiny_model_dirs[kind], _spec(head))
+    got = spec.generate(COPY_PROMPTS, sp, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
+    assert spec.get_stats()["spec_num_draft_tokens"] > 0
+    assert_all_blocks_free(spec.get_stats())

@@ -18,6 +18,7 @@ the EAGLE-1 proposer's (:mod:`llmctl.spec_decode.eagle`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -67,7 +68,10 @@ class Eagle3Head(EngineModule):
         self.fc = Linear(3 * hidden, hidden, bias=False, **kw)
         self.input_layernorm = RMSNorm(hidden, eps, ctx.ops, **kw)
         self.hidden_norm = RMSNorm(hidden, eps, ctx.ops, **kw)
-        self.self_attn = LlamaAttention(cfg, ctx, None, get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device))
+        # the head is a Llama layer whatever its config's model_type says (heads for Qwen targets copy theirs)
+        llama_cfg = copy.copy(cfg)
+        llama_cfg.model_type = "llama"
+        self.self_attn = LlamaAttention(llama_cfg, ctx, None, get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device))
         attn = self.self_attn
         total_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         # q/k/v read the normed embedding and the normed feature side by side
