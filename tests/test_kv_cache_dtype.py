@@ -285,3 +285,25 @@ def test_encoder_embeddings_with_an_8bit_cache():
         a = torch.tensor([o.outputs.embedding for o in full])
         b = torch.tensor([o.outputs.embedding for o in q8])
         assert (torch.nn.functional.cosine_similarity(a, b) > 0.999).all(), name
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8_e5m2"])
+def test_speculative_decoding_keeps_greedy_tokens_in_8bit(tiny_llama_dir, name):
+    """n-gram drafts are verified as multi-row chunks and rejected drafts are overwritten later: in an 8-bit cache a
+    verified row gives its decode's bits, so the greedy tokens equal those of plain decoding exactly."""
+    prompts = ["one two three four five six seven one two three four five six seven one two three",
+               "alpha beta gamma alpha beta gamma alpha beta", "Hello, my name is"]
+    from tests.test_spec_decode import OracleProposer
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    plain = _engine(tiny_llama_dir, name, 256, "bfloat16").generate(prompts, params, use_tqdm=False)
+    spec = _engine(tiny_llama_dir, name, 256, "bfloat16", speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    # drafts of the plain run's continuation, every third one wrong: steps accept some and reject others
+    references = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in plain]
+    spec.llm_engine.core.speculator.proposer = OracleProposer(references, spec.llm_engine.model_config.vocab_size)
+    outs = spec.generate(prompts, params, use_tqdm=False)
+    stats = spec.get_stats()
+    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
+    for a, b in zip(outs, plain, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -158,11 +158,17 @@ def test_other_builds_write_and_attend_like_the_reference(tmp_path, rng, target,
     for dtype, head_size, group in ((torch.float32, 64, 2), (torch.bfloat16, 128, 3), (torch.float32, 80, 1)):
         specs = random_specs(rng, 5)
         query, cache, md = quantized_batch(rng, specs, 16, 2, 2 * group, head_size, dtype, kv_dtype)
-        key = _special_rows(md.num_tokens, 2, head_size, dtype)
-        value = torch.randn(md.num_tokens, 2, head_size).to(dtype)
+        special = cache.clone()  # rounding edge cases: the same bytes as the reference
         want = cache.clone()
-        write_kv_reference(key, value, want, md.slot_mapping)
-        lib.write_kv8(key, value, cache, md.slot_mapping)
+        key = _special_rows(md.num_tokens, 2, head_size, dtype)
+        write_kv_reference(key, key.flip(0), want, md.slot_mapping)
+        lib.write_kv8(key, key.flip(0), special, md.slot_mapping)
+        assert torch.equal(special.view(torch.uint8), want.view(torch.uint8)), (target, dtype, head_size)
+        # attention over keys of ordinary size (rows scaled by 100 make float32 softmaxes too sharp to compare)
+        key, value = torch.randn(md.num_tokens, 2, head_size).to(dtype), torch.randn(md.num_tokens, 2, head_size)
+        want = cache.clone()
+        write_kv_reference(key, value.to(dtype), want, md.slot_mapping)
+        lib.write_kv8(key, value.to(dtype), cache, md.slot_mapping)
         assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8)), (target, dtype, head_size)
         from llmctl_cpu.attention import _NativeRows, _split_batch
 

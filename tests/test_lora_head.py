@@ -138,3 +138,9 @@ def test_bad_lm_head_adapters_name_the_module(tiny_model_dirs, head_adapters, tm
     ok = llm.generate([{"prompt_token_ids": PROMPTS[1]}], SamplingParams(max_tokens=2), use_tqdm=False,
                       lora_request=LoRARequest("headonly", 1, str(good)))
     assert len(ok[0].outputs[0].token_ids) == 2
+
+
+def test_eagle_drafting_is_refused_with_lora_by_name(tiny_model_dirs):
+    with pytest.raises(ValueError, match="speculative_config: method 'eagle' is not supported with enable_lora"):
+        LLM(str(tiny_model_dirs["llama"]), dtype="float32", enable_lora=True, kv_cache_memory=16 << 20,
+            speculative_config={"method": "eagle", "model": "unused", "num_speculative_tokens": 2})

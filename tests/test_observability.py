@@ -234,3 +234,24 @@ def test_otlp_endpoint_setting(engine):
     tracer.shutdown()  # nothing was traced, so nothing is sent
     with pytest.raises(ValueError, match="otlp_traces_endpoint"):
         check_tracing_available("collector:4317")
+
+
+def test_data_parallel_engine_series_are_labelled_by_engine():
+    """With replicas (data parallelism) each engine-state series has one sample per replica, labelled ``engine``
+    as vLLM's are; a single engine's keep ``model_name`` only."""
+    from llmctl_server.metrics import Metrics
+    from prometheus_client import generate_latest
+
+    def replica(running: int, free: int) -> dict:
+        return {"num_running": running, "num_waiting": 0, "kv_blocks_total": 10, "kv_blocks_free": free,
+                "prefix_cache_queried_tokens": 32, "prefix_cache_hit_tokens": 16, "num_preemptions": 0,
+                "iteration_tokens_buckets": ((1.0, 2), (float("inf"), 3)), "iteration_tokens_sum": 9}
+
+    stats = {**replica(3, 6), "replicas": [replica(1, 8), replica(2, 8)]}
+    text = generate_latest(Metrics(lambda: stats, "tiny", "vllm").registry).decode()
+    assert 'vllm:num_requests_running{engine="0",model_name="tiny"} 1.0' in text
+    assert 'vllm:num_requests_running{engine="1",model_name="tiny"} 2.0' in text
+    assert re.search(r'vllm:kv_cache_usage_perc\{engine="1",model_name="tiny"\} 0\.(2|1999)', text)
+    assert 'vllm:iteration_tokens_total_count{engine="0",model_name="tiny"} 3.0' in text
+    single = generate_latest(Metrics(lambda: replica(1, 8), "tiny", "vllm").registry).decode()
+    assert 'vllm:num_requests_running{model_name="tiny"} 1.0' in single and "engine=" not in single

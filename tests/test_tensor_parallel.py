@@ -25,15 +25,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ranks(models: list[Path], tmp_path: Path, timeout: float = 240) -> list[tuple[int, str, Path]]:
+def _start_ranks(models: list[Path], tmp_path: Path, timeout: float = 240, pp: int = 1
+                 ) -> list[tuple[int, str, Path]]:
     """Starts one rank process per model the way torchrun would; (exit code, log, output file) per rank."""
-    port, tp = _free_port(), len(models)
+    port, world = _free_port(), len(models)
+    tp = world // pp
     procs, outs = [], []
     for rank, model in enumerate(models):
         out = tmp_path / f"rank{rank}.json"
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(tp),
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_rank", str(model), str(out), str(tp)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_rank", str(model), str(out), str(tp),
+                                       str(pp)],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outs.append(out)
     logs = []
@@ -47,8 +50,8 @@ def _start_ranks(models: list[Path], tmp_path: Path, timeout: float = 240) -> li
     return [(p.returncode, log, out) for p, log, out in zip(procs, logs, outs, strict=True)]
 
 
-def _run_ranks(model: Path, tmp_path: Path, tp: int = 2) -> list[list[dict]]:
-    results = _start_ranks([model] * tp, tmp_path)
+def _run_ranks(model: Path, tmp_path: Path, tp: int = 2, pp: int = 1) -> list[list[dict]]:
+    results = _start_ranks([model] * (tp * pp), tmp_path, pp=pp)
     for code, log, _ in results:
         assert code == 0, log[-4000:]
     return [json.loads(out.read_text()) for _, _, out in results]
@@ -107,7 +110,6 @@ def test_kv_heads_neither_split_nor_replicated_is_refused(tmp_path, test_tokeniz
     ({"tensor_parallel_size": 0}, "tensor_parallel_size: must be an integer >= 1"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "distributed_executor_backend: 'uni'"),
     ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend: must be one of"),
-    ({"tensor_parallel_size": 2, "enable_lora": True}, "enable_lora: not supported with tensor_parallel_size"),
 ])
 def test_parallel_arguments_are_checked(kwargs, match):
     from llmctl.config import EngineArgs
@@ -134,3 +136,30 @@ def test_ranks_started_with_different_models_are_refused(tmp_path, test_tokenize
     for code, log, _ in _start_ranks([a, b], tmp_path):
         assert code != 0
         assert "tensor_parallel_size: ranks disagree about the model or engine settings" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("kind,overrides", [
+    ("llama", {"num_hidden_layers": 3}),  # 2 + 1 layers
+    ("qwen2", {}),  # tied LM head on the last stage, q/k/v biases
+], ids=["llama-3-layers", "qwen2-tied"])
+def test_pp2_external_launcher_matches_pp1(kind, overrides, tmp_path, test_tokenizer, reference_outputs):
+    model = make_tiny_model(kind, tmp_path / "model", test_tokenizer, **overrides)
+    ref = reference_outputs(model)
+    for rank_out in _run_ranks(model, tmp_path, tp=1, pp=2):
+        for got, want in zip(rank_out, ref, strict=True):
+            assert got["tokens"] == want["tokens"]
+            torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                       atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_arguments_are_checked(tmp_path, test_tokenizer):
+    from llmctl import LLM
+    from llmctl.config import EngineArgs
+
+    with pytest.raises(ValueError, match="pipeline_parallel_size: 2 stages of tensor_parallel_size=2"):
+        EngineArgs(model="m", tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size: must be an integer >= 1"):
+        EngineArgs(model="m", pipeline_parallel_size=0)
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer)  # 2 layers
+    with pytest.raises(ValueError, match="pipeline_parallel_size: 3 stages need at least as many layers"):
+        LLM(str(model), pipeline_parallel_size=3, distributed_executor_backend="external_launcher", num_threads=1)

@@ -93,6 +93,23 @@ def test_mp_tp2_structured_output_matches_tp1(tp1, tp2):
     assert got[1].outputs[0].text in ("alpha", "beta")
 
 
+def test_mp_pp2_matches_tp1(gqa_model, tp1):
+    """Two pipeline stages as worker processes: one layer each, the last stage's logits broadcast."""
+    import torch
+    from llmctl import LLM
+
+    llm = LLM(str(gqa_model), dtype="float32", pipeline_parallel_size=2, num_threads=1, seed=0)
+    try:
+        got = generate(llm)
+    finally:
+        llm.llm_engine.shutdown()
+    with one_torch_thread():
+        want = generate(tp1)
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
 def test_mp_heads_not_divisible_fails_before_spawning(gqa_model):
     from llmctl import LLM
 

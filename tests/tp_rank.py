@@ -1,5 +1,6 @@
-"""One tensor-parallel rank for the external-launcher tests (not a test module): ``python -m tests.tp_rank
-MODEL OUT_JSON TP`` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set, as torchrun would."""
+"""One tensor- or pipeline-parallel rank for the external-launcher tests (not a test module): ``python -m
+tests.tp_rank MODEL OUT_JSON TP [PP]`` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` set, as
+torchrun would."""
 
 from __future__ import annotations
 
@@ -26,11 +27,12 @@ def generate(llm) -> list[dict]:
 
 def main() -> None:
     model, out_path, tp = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    pp = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     torch.set_num_threads(1)
     from llmctl import LLM
 
-    llm = LLM(model, dtype="float32", tensor_parallel_size=tp, distributed_executor_backend="external_launcher",
-              num_threads=1, seed=0)
+    llm = LLM(model, dtype="float32", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              distributed_executor_backend="external_launcher", num_threads=1, seed=0)
     with open(out_path, "w") as f:
         json.dump(generate(llm), f)
     llm.llm_engine.shutdown()

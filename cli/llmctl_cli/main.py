@@ -163,6 +163,12 @@ def serve(
     tensor_parallel_size: int = typer.Option(
         1, "--tensor-parallel-size", "-tp", help="Ranks that each hold a slice of every layer (worker processes "
                                                 "of this server with the default mp executor)."),
+    pipeline_parallel_size: int = typer.Option(
+        1, "--pipeline-parallel-size", "-pp", help="Stages that each hold a contiguous run of layers (not combined "
+                                                  "with --tensor-parallel-size yet)."),
+    data_parallel_size: int = typer.Option(
+        1, "--data-parallel-size", "-dp", help="Replicas of the whole model behind this server, each in its own "
+                                              "worker processes; requests go to one by load and prefix affinity."),
     distributed_executor_backend: str | None = typer.Option(
         None, help="mp (worker processes, the default), ray (Ray actors, several machines), external_launcher "
                    "(this process is one rank started by torchrun) or uni (one process)."),
@@ -300,6 +306,7 @@ def serve(
                            enable_lora=enable_lora or bool(lora_modules) or allow_runtime_lora,
                            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                            speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
+                           pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
                            distributed_executor_backend=distributed_executor_backend,
                            limit_mm_per_prompt=limit_mm_per_prompt)
         engine = load_engine(args)

@@ -92,6 +92,11 @@ class EngineArgs:
     # "ray" (Ray actors, on one machine or several), "external_launcher" (this process is one rank, started with
     # the others by torchrun or a job scheduler), "uni" (this process alone).
     tensor_parallel_size: int = 1
+    # pipeline_parallel_size stages each hold a contiguous run of layers (not combined with tensor parallelism yet)
+    pipeline_parallel_size: int = 1
+    # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
+    # frontend that routes each request to one of them (llmctl.executor.data_parallel)
+    data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     # Multimodal models (vLLM's name): the most items of each modality in one prompt, a dict or its JSON text,
     # e.g. {"image": 2}; None = one image (see llmctl.multimodal.processor).
@@ -163,31 +168,57 @@ class EngineArgs:
     def _validate_parallel(self) -> None:
         from llmctl.tensor_parallel import EXECUTOR_BACKENDS
 
-        tp = self.tensor_parallel_size
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
+        if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+            raise ValueError(f"pipeline_parallel_size: must be an integer >= 1, got {pp!r}")
+        if tp > 1 and pp > 1:
+            raise ValueError(f"pipeline_parallel_size: {pp} stages of tensor_parallel_size={tp} ranks are not "
+                             f"supported yet; use one of the two")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                              f"got {backend!r}")
-        if backend == "uni" and tp > 1:
+        self._validate_data_parallel()
+        world, what = (tp, "tensor_parallel_size") if pp == 1 else (pp, "pipeline_parallel_size")
+        if backend == "uni" and world > 1:
             raise ValueError(f"distributed_executor_backend: 'uni' runs one process and cannot hold "
-                             f"tensor_parallel_size={tp} ranks; use 'mp' or 'external_launcher'")
-        if tp == 1:
+                             f"{what}={world} ranks; use 'mp' or 'external_launcher'")
+        if world == 1:
             return
-        refused = [("enable_lora", self.enable_lora), ("speculative_config", self.speculative_config is not None),
+        refused = [("speculative_config", self.speculative_config is not None),
                    ("quantization", self.quantization is not None), ("runner", self.runner == "pooling")]
         for name, used in refused:
             if used:
-                raise ValueError(f"{name}: not supported with tensor_parallel_size > 1 yet (got "
-                                 f"tensor_parallel_size={tp}); run it with tensor_parallel_size=1")
+                raise ValueError(f"{name}: not supported with {what} > 1 yet (got {what}={world}); run it with "
+                                 f"{what}=1")
+
+    def _validate_data_parallel(self) -> None:
+        dp = self.data_parallel_size
+        if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+            raise ValueError(f"data_parallel_size: must be an integer >= 1, got {dp!r}")
+        if dp == 1:
+            return
+        if self.distributed_executor_backend not in (None, "mp"):
+            raise ValueError(f"data_parallel_size: replicas run as worker processes (the mp executor), not with "
+                             f"distributed_executor_backend={self.distributed_executor_backend!r}")
+        for name, used in (("enable_lora", self.enable_lora), ("runner", self.runner == "pooling")):
+            if used:
+                raise ValueError(f"{name}: not supported with data_parallel_size > 1 yet (got "
+                                 f"data_parallel_size={dp})")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of one model replica: tensor-parallel ranks times pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def executor_backend(self) -> str:
         """The executor actually used: one process for a single rank, ``mp`` unless another was chosen."""
         if self.distributed_executor_backend == "external_launcher":
             return "external_launcher"
-        if self.tensor_parallel_size == 1 and self.distributed_executor_backend != "ray":
+        if self.world_size == 1 and self.distributed_executor_backend != "ray":
             return "uni"
         return self.distributed_executor_backend or "mp"
 

@@ -151,3 +151,53 @@ def check_same_model(group: TensorParallelGroup, description: str) -> None:
     if len(set(gathered.tolist())) != 1:
         raise ValueError(f"tensor_parallel_size: ranks disagree about the model or engine settings (rank "
                          f"{group.rank} has {description}); start every rank with the same arguments")
+
+
+@dataclass
+class PipelineStage:
+    """This rank's stage of a pipeline-parallel model: a contiguous run of decoder layers. Activations (hidden
+    states and the residual) go to the next stage by ``send``/``recv``; the last stage's logits are broadcast so
+    every rank samples the same token and the ranks stay in lockstep."""
+
+    rank: int = 0
+    size: int = 1
+    communicator: Communicator | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.size - 1
+
+    def layer_range(self, num_layers: int) -> tuple[int, int]:
+        """[start, end) of this stage's layers: an even split, the first stages taking one more when it does not
+        divide."""
+        per, extra = divmod(num_layers, self.size)
+        start = self.rank * per + min(self.rank, extra)
+        return start, start + per + (1 if self.rank < extra else 0)
+
+    def send_next(self, *tensors: torch.Tensor) -> None:
+        assert self.communicator is not None
+        for t in tensors:
+            self.communicator.send(t, dst=self.rank + 1)
+
+    def recv_prev(self, *buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        assert self.communicator is not None
+        return tuple(self.communicator.recv(b, src=self.rank - 1) for b in buffers)
+
+    def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        assert self.communicator is not None
+        return self.communicator.broadcast(tensor, src=self.size - 1)
+
+
+def check_pipeline_splittable(hf_config: Any, size: int) -> None:
+    if size == 1:
+        return
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    if cfg.num_hidden_layers < size:
+        raise ValueError(f"pipeline_parallel_size: {size} stages need at least as many layers, the model has "
+                         f"num_hidden_layers={cfg.num_hidden_layers}")

@@ -107,60 +107,83 @@ class _Naming:
 
 
 class _EngineCollector(Collector):
+    """Engine-state series read from ``get_stats()`` at scrape time. With data parallelism (``replicas`` in the
+    stats) every series has one sample per replica, labelled ``engine`` as vLLM labels them; a single engine's
+    series keep only ``model_name``."""
+
     def __init__(self, stats: Callable[[], dict[str, Any]], naming: _Naming) -> None:
         self._stats = stats
         self._naming = naming
 
-    def _gauge(self, key: str, doc: str, value: float) -> Iterator[Metric]:
+    def _samples(self, family: type, key: str, doc: str, per: list[tuple[list[str], float]],
+                 labels: list[str]) -> Iterator[Metric]:
         for name in self._naming.names(key):
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric([self._naming.model_name], value)
-            yield g
-
-    def _counter(self, key: str, doc: str, value: float) -> Iterator[Metric]:
-        for name in self._naming.names(key):
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric([self._naming.model_name], value)
-            yield c
+            m = family(name, doc, labels=labels)
+            for values, value in per:
+                m.add_metric(values, value)
+            yield m
 
     def collect(self) -> Iterator[Metric]:
         try:
-            s = self._stats() or {}
+            stats = self._stats() or {}
         except Exception as exc:  # a dead engine must not break the scrape of the other metrics
             logger.debug("get_stats failed during scrape: %s", exc)
-            s = {}
-        yield from self._gauge("num_requests_running", "Requests the engine is running", float(s.get("num_running", 0)))
-        yield from self._gauge("num_requests_waiting", "Requests waiting in the engine's queue",
-                               float(s.get("num_waiting", 0)))
-        total, free = s.get("kv_blocks_total") or 0, s.get("kv_blocks_free") or 0
-        yield from self._gauge("kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)",
-                               (1.0 - free / total) if total else 0.0)
-        queried, hits = s.get("prefix_cache_queried_tokens") or 0, s.get("prefix_cache_hit_tokens") or 0
-        yield from self._gauge("prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens (0..1)",
-                               (hits / queried) if queried else 0.0)
-        yield from self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
-                                 float(queried))
-        yield from self._counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", float(hits))
-        yield from self._counter("num_preemptions", "Requests preempted (KV blocks ran out) and recomputed later",
-                                 float(s.get("num_preemptions", 0)))
-        buckets = s.get("iteration_tokens_buckets")
-        if buckets:
+            stats = {}
+        model = self._naming.model_name
+        replicas = stats.get("replicas")
+        if replicas:
+            engines = [([model, str(i)], r) for i, r in enumerate(replicas)]
+            labels = ["model_name", "engine"]
+        else:
+            engines, labels = [([model], stats)], ["model_name"]
+
+        def each(fn: Callable[[dict[str, Any]], float]) -> list[tuple[list[str], float]]:
+            return [(values, float(fn(s))) for values, s in engines]
+
+        def gauge(key: str, doc: str, fn: Callable[[dict[str, Any]], float]) -> Iterator[Metric]:
+            return self._samples(GaugeMetricFamily, key, doc, each(fn), labels)
+
+        def counter(key: str, doc: str, fn: Callable[[dict[str, Any]], float]) -> Iterator[Metric]:
+            return self._samples(CounterMetricFamily, key, doc, each(fn), labels)
+
+        def usage(s: dict[str, Any]) -> float:
+            total, free = s.get("kv_blocks_total") or 0, s.get("kv_blocks_free") or 0
+            return (1.0 - free / total) if total else 0.0
+
+        def hit_rate(s: dict[str, Any]) -> float:
+            queried = s.get("prefix_cache_queried_tokens") or 0
+            return (s.get("prefix_cache_hit_tokens") or 0) / queried if queried else 0.0
+
+        yield from gauge("num_requests_running", "Requests the engine is running", lambda s: s.get("num_running", 0))
+        yield from gauge("num_requests_waiting", "Requests waiting in the engine's queue",
+                         lambda s: s.get("num_waiting", 0))
+        yield from gauge("kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)", usage)
+        yield from gauge("prefix_cache_hit_rate", "Prefix-cache hit tokens / queried tokens (0..1)", hit_rate)
+        yield from counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                           lambda s: s.get("prefix_cache_queried_tokens") or 0)
+        yield from counter("prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                           lambda s: s.get("prefix_cache_hit_tokens") or 0)
+        yield from counter("num_preemptions", "Requests preempted (KV blocks ran out) and recomputed later",
+                           lambda s: s.get("num_preemptions", 0))
+        if all(s.get("iteration_tokens_buckets") for _, s in engines):
             for name in self._naming.names("iteration_tokens"):
-                h = HistogramMetricFamily(name, "Tokens scheduled per engine step", labels=["model_name"])
-                le = [("+Inf" if bound == float("inf") else _le(bound), float(n)) for bound, n in buckets]
-                h.add_metric([self._naming.model_name], le, float(s.get("iteration_tokens_sum", 0)))
+                h = HistogramMetricFamily(name, "Tokens scheduled per engine step", labels=labels)
+                for values, s in engines:
+                    le = [("+Inf" if bound == float("inf") else _le(bound), float(n))
+                          for bound, n in s["iteration_tokens_buckets"]]
+                    h.add_metric(values, le, float(s.get("iteration_tokens_sum", 0)))
                 yield h
-        if "mm_encoder_cache_queries" in s:  # only for a model that takes images
-            yield from self._counter("mm_cache_queries", "Image encoder outputs looked up by content hash",
-                                     float(s["mm_encoder_cache_queries"]))
-            yield from self._counter("mm_cache_hits", "Image encoder outputs found (the vision tower did not run)",
-                                     float(s.get("mm_encoder_cache_hits", 0)))
-        if "spec_num_draft_tokens" in s:  # only when the engine speculates
+        if all("mm_encoder_cache_queries" in s for _, s in engines):  # only for a model that takes images
+            yield from counter("mm_cache_queries", "Image encoder outputs looked up by content hash",
+                               lambda s: s["mm_encoder_cache_queries"])
+            yield from counter("mm_cache_hits", "Image encoder outputs found (the vision tower did not run)",
+                               lambda s: s.get("mm_encoder_cache_hits", 0))
+        if all("spec_num_draft_tokens" in s for _, s in engines):  # only when the engine speculates
             for key, doc in (("spec_num_draft_tokens", "Draft tokens proposed"),
                              ("spec_num_accepted_tokens", "Draft tokens accepted"),
                              ("spec_acceptance_rate", "Accepted / proposed draft tokens"),
                              ("spec_mean_tokens_per_step", "Tokens a request gains per verified step (accepted + 1)")):
-                yield from self._gauge(key, doc, float(s.get(key) or 0.0))
+                yield from gauge(key, doc, lambda s, k=key: s.get(k) or 0.0)
 
 
 def _le(bound: float) -> str:

@@ -39,9 +39,11 @@ from llmctl.spec_decode.rejection_sampler import RejectionSampler
 from llmctl.spec_decode.speculator import Speculator
 from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
 from llmctl.tensor_parallel import (
+    PipelineStage,
     RankAddress,
     TensorParallelGroup,
     agree_min,
+    check_pipeline_splittable,
     check_same_model,
     check_splittable,
     init_group,
@@ -82,6 +84,10 @@ class EngineCore:
 
         self.args = args
         spec_config = SpeculativeConfig.parse(args.speculative_config)
+        if spec_config is not None and spec_config.method in ("eagle", "eagle3") and args.enable_lora:
+            # the EAGLE head embeds its drafts through the target's embedding, whose adapters map the step's tokens
+            raise ValueError(f"speculative_config: method {spec_config.method!r} is not supported with enable_lora "
+                             "yet; use 'ngram' or 'draft_model'")
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
@@ -98,18 +104,25 @@ class EngineCore:
 
         quant = resolve_quant_config(args.quantization, self.source)
         check_tensor_parallel(args, hf_config, self.runner_plan.model_cls, quant)  # before waiting for peers
-        address = rank or (launcher_address(args.tensor_parallel_size)
+        address = rank or (launcher_address(args.world_size)
                            if args.executor_backend == "external_launcher" else RankAddress(0, 1, ""))
-        if address.world_size != args.tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} ranks, but this process was "
-                             f"started as rank {address.rank} of {address.world_size}")
-        self.tp: TensorParallelGroup = init_group(address, plugins.registry.communicator_for(self.platform.name),
-                                                  self.platform.name)
-        self.device = self.platform.torch_device(address.local_rank) if self.tp.size > 1 else \
+        if address.world_size != args.world_size:
+            raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} x pipeline_parallel_size "
+                             f"{args.pipeline_parallel_size} ranks, but this process was started as rank "
+                             f"{address.rank} of {address.world_size}")
+        # Every rank of the replica in one group; it is the tensor-parallel group or the pipeline's, never both
+        # (EngineArgs refuses the combination).
+        self.world: TensorParallelGroup = init_group(
+            address, plugins.registry.communicator_for(self.platform.name), self.platform.name)
+        pp = args.pipeline_parallel_size > 1
+        self.tp = TensorParallelGroup() if pp else self.world
+        self.pp = PipelineStage(self.world.rank, self.world.size, self.world.communicator) if pp else \
+            PipelineStage()
+        self.device = self.platform.torch_device(address.local_rank) if self.world.size > 1 else \
             self.platform.torch_device()
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
                               quantized_checkpoint=self.source.gguf_file is not None)
-        check_same_model(self.tp, _rank_fingerprint(args, hf_config, dtype))
+        check_same_model(self.world, _rank_fingerprint(args, hf_config, dtype))
         self.model_config = self._model_config(hf_config, dtype)
         if getattr(self.runner_plan.model_cls, "supports_multimodal", False) and spec_config is not None \
                 and spec_config.method != "ngram":
@@ -138,7 +151,7 @@ class EngineCore:
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
                            extra={"trust_remote_code": args.trust_remote_code,
-                                  "pooler_config": self.runner_plan.pooler_config}, tp=self.tp)
+                                  "pooler_config": self.runner_plan.pooler_config}, tp=self.tp, pp=self.pp)
         self.lora = None
         lora_config = args.lora_config()
         if lora_config is not None and self.runner_plan.pooling:
@@ -280,7 +293,7 @@ class EngineCore:
         if args.kv_cache_memory is None:
             num_blocks = min(num_blocks, useful)
         # Every rank schedules the same requests, so all must have as many blocks as the one with the fewest.
-        num_blocks = agree_min(self.tp, int(num_blocks))
+        num_blocks = agree_min(self.world, int(num_blocks))
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {budget} bytes is less than one KV block ({bytes_per_block} bytes)")
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB, from %s); max concurrency %.2fx requests "
@@ -364,8 +377,8 @@ class EngineCore:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
-        if self.tp.size > 1:
-            return "off (tensor parallel: the step's collectives run eagerly)"
+        if self.world.size > 1:
+            return "off (tensor/pipeline parallel: the step's collectives run eagerly)"
         if self.lora is not None:
             return "off (LoRA: adapters switch per step)"
         if self.runner.keep_aux_hidden:
@@ -394,8 +407,8 @@ class EngineCore:
         return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
 
     def shutdown(self) -> None:
-        """Release the tensor-parallel group (the process group's sockets); the engine cannot step afterwards."""
-        self.tp.destroy()
+        """Release the parallel group (the process group's sockets); the engine cannot step afterwards."""
+        self.world.destroy()
 
     # -- requests --------------------------------------------------------------------------------------------
     def max_blocks_for(self, num_tokens: int) -> int:
@@ -580,6 +593,8 @@ class EngineCore:
 
 def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:
     """Refuse, naming the setting, what cannot run split over ``tensor_parallel_size`` ranks."""
+    if args.pipeline_parallel_size > 1:
+        _check_pipeline_parallel(args, hf_config, model_cls, quant)
     size = args.tensor_parallel_size
     if size == 1:
         return
@@ -594,13 +609,27 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     check_splittable(hf_config, size)
 
 
+def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:
+    size = args.pipeline_parallel_size
+    if not getattr(model_cls, "supports_pipeline_parallel", False):
+        archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
+        raise ValueError(f"pipeline_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
+                         f"which has no pipeline-parallel implementation yet (the Llama family has); use "
+                         f"pipeline_parallel_size=1")
+    if quant is not None:
+        raise ValueError(f"pipeline_parallel_size: quantized checkpoints ({quant.name}) are not split yet; use "
+                         f"pipeline_parallel_size=1")
+    check_pipeline_splittable(hf_config, size)
+
+
 def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> str:
     """What every rank must agree on; the model's path is left out (it may differ between machines)."""
     import json
 
     cfg = {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
-                args.max_num_batched_tokens, args.enable_prefix_caching, args.tensor_parallel_size)
+                args.max_num_batched_tokens, args.enable_prefix_caching, args.tensor_parallel_size,
+                args.pipeline_parallel_size)
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 

@@ -62,9 +62,8 @@ class LLMEngine:
                                            image_processor_dir=self.core.source.local_dir if images else None)
 
     def _multimodal_processor(self) -> MultiModalProcessor | None:
-        """Only for a model that takes images; a text-only model refuses ``multi_modal_data`` by name. Behind
-        an out-of-process executor (tensor parallelism) the model lives in the workers: no image input there."""
-        model = getattr(self.core, "model", None)
+        """Only for a model that takes images; a text-only model refuses ``multi_modal_data`` by name."""
+        model = getattr(self.core, "model", None)  # a remote core (mp, ray) holds none: its ranks run text models
         if self.core.runner_type != "generate" or not getattr(model, "supports_multimodal", False):
             return None
         return MultiModalProcessor(self.core.source.local_dir, model.image_token_id, model.image_token_count,

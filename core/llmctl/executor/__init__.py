@@ -11,6 +11,10 @@ from llmctl.config import EngineArgs
 
 def make_core(args: EngineArgs) -> Any:
     """An ``EngineCore``, or for ``mp`` its stand-in that drives the worker processes holding the shards."""
+    if args.data_parallel_size > 1:
+        from llmctl.executor.data_parallel import DataParallelCore
+
+        return DataParallelCore(args)
     if args.executor_backend == "mp":
         from llmctl.executor.mp import MultiprocCore
 

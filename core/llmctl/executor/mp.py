@@ -35,13 +35,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_groups(world_size: int) -> list[list[int] | None]:
-    """This process's CPUs split into ``world_size`` contiguous groups, one per rank, so ranks do not fight over
-    cores (each rank's platform then sizes its threads to its own group). None (no binding) where the
-    affinity mask has fewer CPUs than ranks, off Linux, or with ``LLMCTL_MP_BIND_CPUS=0``."""
+def cpu_groups(world_size: int, cpus: list[int] | None = None) -> list[list[int] | None]:
+    """``cpus`` (default: this process's CPUs) split into ``world_size`` contiguous groups, one per rank, so ranks
+    do not fight over cores (each rank's platform then sizes its threads to its own group). None (no binding)
+    where there are fewer CPUs than ranks, off Linux, or with ``LLMCTL_MP_BIND_CPUS=0``."""
     if os.environ.get(msg.BIND_CPUS_ENV, "1") == "0" or not hasattr(os, "sched_getaffinity"):
         return [None] * world_size
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
     if len(cpus) < world_size:
         return [None] * world_size
     per, extra = divmod(len(cpus), world_size)
@@ -79,7 +79,8 @@ def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.
 class MultiprocCore(RemoteCore):
     """The ranks as spawned worker processes of this one, each talked to over its own pipe."""
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, cpus: list[int] | None = None) -> None:
+        """``cpus``: the CPUs this engine's ranks share (a data-parallel replica's part); default: all of ours."""
         super().__init__(args)
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -87,10 +88,10 @@ class MultiprocCore(RemoteCore):
         self._conns: list[Connection] = []
         from llmctl.executor.worker import run_worker
 
-        for rank, cpus in enumerate(cpu_groups(self.world_size)):
+        for rank, rank_cpus in enumerate(cpu_groups(self.world_size, cpus)):
             ours, theirs = ctx.Pipe(duplex=True)
             proc = ctx.Process(target=run_worker, name=f"llmctl-tp-rank{rank}", daemon=True,
-                               args=(rank, self.world_size, init_method, args, theirs, os.getpid(), cpus))
+                               args=(rank, self.world_size, init_method, args, theirs, os.getpid(), rank_cpus))
             proc.start()
             theirs.close()
             self._procs.append(proc)
@@ -108,7 +109,7 @@ class MultiprocCore(RemoteCore):
         info: dict[str, Any] | None = None
         waiting = set(range(self.world_size))
         while waiting:
-            reply, rank = self._receive(waiting, timeout, "start")
+            reply, rank = self._next_message(waiting, timeout, "start")
             if reply[0] == msg.ERROR:
                 _, kind, text = reply
                 if kind == "ValueError":  # a configuration error: the user's to fix, raised as such
@@ -120,7 +121,7 @@ class MultiprocCore(RemoteCore):
         assert info is not None
         return info
 
-    def _receive(self, ranks: set[int], timeout: float, what: str) -> tuple[tuple[Any, ...], int]:
+    def _next_message(self, ranks: set[int], timeout: float, what: str) -> tuple[tuple[Any, ...], int]:
         """The next message from one of ``ranks``; a worker that exits (or an error from any rank) on the way is
         reported as such rather than waited for."""
         conn_rank = {id(self._conns[r]): r for r in range(self.world_size)}
@@ -145,15 +146,17 @@ class MultiprocCore(RemoteCore):
                 code = self._procs[rank].exitcode
                 raise RuntimeError(f"tensor-parallel rank {rank} (pid {self._procs[rank].pid}) exited with code "
                                    f"{code} during {what}")
-        return self._receive(ranks, timeout, what)
+        return self._next_message(ranks, timeout, what)
 
-    def _exchange(self, payload: bytes) -> tuple[Any, ...]:
+    def _send(self, payload: bytes) -> None:
         if len(payload) <= _PIPE_SAFE_BYTES:
             for conn in self._conns:
                 conn.send_bytes(payload)
         else:
             self._send_bounded(payload)
-        reply, rank = self._receive({0}, self._step_timeout, "a step")
+
+    def _receive(self) -> tuple[Any, ...]:
+        reply, rank = self._next_message({0}, self._step_timeout, "a step")
         if reply[0] == msg.ERROR:
             raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
         return reply

@@ -91,6 +91,7 @@ class RayCore(RemoteCore):
         self._ray = ray
         self._remove_pg = remove_placement_group
         self._actors: list[Any] = []
+        self._calls: list[Any] = []
         self._pg: Any = None
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS")
@@ -154,10 +155,13 @@ class RayCore(RemoteCore):
                                        f"{exc.cause!r}") from exc
         return [results[r] for r in refs]
 
-    def _exchange(self, payload: bytes) -> tuple[Any, ...]:
+    def _send(self, payload: bytes) -> None:
         ref = self._ray.put(payload)
-        replies = self._gather([a.execute.remote(ref) for a in self._actors], self._step_timeout, "a step")
-        return replies[0]
+        self._calls = [a.execute.remote(ref) for a in self._actors]
+
+    def _receive(self) -> tuple[Any, ...]:
+        calls, self._calls = self._calls, []
+        return self._gather(calls, self._step_timeout, "a step")[0]
 
     @property
     def actors(self) -> list[Any]:

@@ -25,7 +25,7 @@ DEFAULT_START_TIMEOUT_S = 1800.0  # loading a large checkpoint from a slow disk
 
 
 class RemoteCore:
-    lora = None  # refused with tensor_parallel_size > 1 (EngineArgs)
+    lora: Any = None  # with enable_lora: a LoRAHostCache that checks adapters against rank 0's full shapes
 
     def __init__(self, args: EngineArgs) -> None:
         from llmctl.engine.core import check_tensor_parallel
@@ -35,7 +35,7 @@ class RemoteCore:
         from llmctl.quantization import resolve_quant_config
 
         self.args = args
-        self.world_size = args.tensor_parallel_size
+        self.world_size = args.world_size
         self._step_timeout = msg.env_seconds(msg.STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S)
         self._start_timeout = msg.env_seconds(msg.START_TIMEOUT_ENV, DEFAULT_START_TIMEOUT_S)
         # Downloaded and checked here, once, so a bad topology fails before any rank starts and local ranks find
@@ -57,29 +57,63 @@ class RemoteCore:
         self.scheduler_config = info["scheduler_config"]
         self.runner_type = info["runner_type"]
         self._stats = info["stats"]
+        if info.get("lora") is not None:
+            from llmctl.lora.manager import LoRAHostCache
+
+            self.lora = LoRAHostCache(self.args.lora_config(), *info["lora"])
 
     # -- the transport (subclasses) ------------------------------------------------------------------------------
-    def _exchange(self, payload: bytes) -> tuple[Any, ...]:
-        """Send one pickled ``(kind, ops)`` to every rank and return rank 0's reply; raise ``RuntimeError``,
-        ``TimeoutError`` or ``OSError`` when a rank is dead, failing or silent."""
+    def _send(self, payload: bytes) -> None:
+        """Send one pickled ``(kind, ops)`` to every rank; raise ``RuntimeError``, ``TimeoutError`` or ``OSError``
+        when a rank is dead or does not take it."""
+        raise NotImplementedError
+
+    def _receive(self) -> tuple[Any, ...]:
+        """Rank 0's reply to the last message; raise as ``_send`` does when a rank is dead, failing or silent."""
         raise NotImplementedError
 
     def _stop(self) -> None:
         raise NotImplementedError
 
-    def _round_trip(self, kind: str) -> list[Any]:
+    def _die(self, exc: BaseException) -> EngineDeadError:
+        self._dead = f"engine workers died: {exc}"
+        logger.error("llmctl executor: %s; stopping every rank", self._dead)
+        self.shutdown()
+        return EngineDeadError(self._dead)
+
+    def begin(self, kind: str) -> None:
+        """Send the queued request changes and ``kind`` (a step or a sync) without waiting for the answer, so a
+        caller driving several engines (data parallelism) lets them all work at once; ``end`` collects it."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         ops, self._pending = self._pending, []
         try:
-            reply = self._exchange(pickle.dumps((kind, ops), protocol=pickle.HIGHEST_PROTOCOL))  # once for all
+            self._send(pickle.dumps((kind, ops), protocol=pickle.HIGHEST_PROTOCOL))  # once for every rank
         except (RuntimeError, TimeoutError, OSError) as exc:
-            self._dead = f"engine workers died: {exc}"
-            logger.error("llmctl executor: %s; stopping every rank", self._dead)
-            self.shutdown()
-            raise EngineDeadError(self._dead) from exc
+            raise self._die(exc) from exc
+
+    def end(self) -> list[Any]:
+        try:
+            reply = self._receive()
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            raise self._die(exc) from exc
         _, outputs, self._stats = reply
+        for out in outputs:
+            if out.finish_reason is not None:
+                self._unfinished.discard(out.request_id)
         return outputs
+
+    def _round_trip(self, kind: str) -> list[Any]:
+        self.begin(kind)
+        return self.end()
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._unfinished)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
 
     # -- the EngineCore surface LLMEngine uses -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -89,6 +123,8 @@ class RemoteCore:
         else:
             self._pending.append((msg.ADD, [request]))
         request.grammar = None  # each rank compiles its own (llmctl.executor.worker._Grammars)
+        if request.lora is not None:  # each rank reads its own slices of the adapter: only its name travels
+            request.lora = request.lora.request
         self._unfinished.add(request.request_id)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -105,11 +141,7 @@ class RemoteCore:
         return bool(self._unfinished)
 
     def step(self) -> list[Any]:
-        outputs = self._round_trip(msg.STEP)
-        for out in outputs:
-            if out.finish_reason is not None:
-                self._unfinished.discard(out.request_id)
-        return outputs
+        return self._round_trip(msg.STEP)
 
     def get_stats(self) -> dict[str, Any]:
         if self._pending and self._dead is None:  # aborts and stops change the block counts: apply them first

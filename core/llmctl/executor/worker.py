@@ -74,6 +74,8 @@ def _apply(core: Any, grammars: _Grammars, ops: list[msg.Op]) -> None:
         if op[0] == msg.ADD:
             for request in op[1]:
                 grammars.attach(request)
+                if request.lora is not None:  # the driver checked it; each rank reads its own slices (cached)
+                    request.lora = core.lora.load(request.lora)
                 core.add_request(request)
         elif op[0] == msg.ABORT:
             core.abort(op[1])
@@ -102,7 +104,8 @@ class RankEngine:
         core = self.core
         return {"model_config": core.model_config, "cache_config": core.cache_config,
                 "scheduler_config": core.scheduler_config, "runner_type": core.runner_type,
-                "stats": core.get_stats()}
+                "stats": core.get_stats(),
+                "lora": None if core.lora is None else (core.lora.targets, core.lora.embedding_name, core.lora.dtype)}
 
     def handle(self, kind: str, ops: list[msg.Op]) -> tuple[Any, ...] | None:
         """Apply the request changes, step if asked; rank 0 returns ``(OK, outputs, stats)``."""

@@ -52,6 +52,10 @@ class LMHead(EngineModule):
     def bind_ops(self, ops: Ops) -> None:
         bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight
 
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Every row's full-vocabulary logits (a split head gathers them here), before any adapter."""
+        return self._linear(hidden, self.weight if self._packed is None else self._packed)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._linear(hidden, self.weight if self._packed is None else self._packed)
+        logits = self.base_logits(hidden)
         return logits if self.lora is None else self.lora.add(hidden, logits)

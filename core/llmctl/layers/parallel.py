@@ -31,6 +31,7 @@ class MergedColumnParallelLinear(MergedLinear):
         local = [split_evenly(n, tp.size, "intermediate_size") for n in output_sizes]
         super().__init__(in_features, local, bias=bias, dtype=dtype, device=device)
         self.shard_starts = [tp.rank * n for n in local]
+        self.full_output_sizes = list(output_sizes)  # the checkpoint's rows (what a LoRA adapter's B spans)
 
     def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
         rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
@@ -50,6 +51,7 @@ class QKVParallelLinear(MergedLinear):
         q_size, kv_size = self.num_local_heads * head_dim, self.num_local_kv_heads * head_dim
         super().__init__(hidden_size, [q_size, kv_size, kv_size], bias=bias, dtype=dtype, device=device)
         self.shard_starts = [tp.rank * q_size, kv_first * head_dim, kv_first * head_dim]
+        self.full_output_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
     def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
         rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
@@ -75,7 +77,10 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
-        y = self.tp.all_reduce(self._linear(x, self.weight if self._packed is None else self._packed, None))
+        y = self._linear(x, self.weight if self._packed is None else self._packed, None)
+        if self.lora is not None:  # this rank's columns of A: a partial delta, summed with the partial y
+            y = self.lora.add(x, y)
+        y = self.tp.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
 
@@ -115,7 +120,8 @@ class VocabParallelEmbedding(VocabEmbedding):
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.vocab_valid)
         y = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return self.tp.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+        y = self.tp.all_reduce(y.masked_fill(outside.unsqueeze(-1), 0))
+        return y if self.lora is None else self.lora.add(input_ids, y)  # full-vocabulary adapters, every rank
 
 
 class ParallelLMHead(LMHead):
@@ -134,8 +140,8 @@ class ParallelLMHead(LMHead):
     def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
         _load_vocab_rows(self, param, tensor, name)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = super().forward(hidden)
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().base_logits(hidden)
         if self.tp.size == 1:
             return logits
         gathered = self.tp.all_gather(logits, dim=-1)

@@ -73,8 +73,7 @@ class LoRALinearSlots:
             self._host_ranks[i][slot] = rank
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # The LM head outside a mapped logits call (an EAGLE head drafting from the target's head) runs the base
-        # head: drafts are only proposals, and every kept token is sampled from mapped logits.
+        # The LM head outside a mapped logits call runs the base head: every sampled token's logits are mapped.
         batch = self.mapping.logits if self.on_logits else self.mapping.batch
         if batch is None or not batch.active_slots:
             return y

@@ -19,6 +19,7 @@ from torch import nn
 
 from llmctl.layers.embedding import LMHead, VocabEmbedding
 from llmctl.layers.linear import Linear
+from llmctl.layers.parallel import RowParallelLinear
 from llmctl.lora.adapter import LoRAAdapter, TargetShape, load_adapter
 from llmctl.lora.config import LoRAConfig
 from llmctl.lora.layers import LoRABatch, LoRAEmbeddingSlots, LoRALinearSlots, Shard, StepMapping
@@ -37,43 +38,24 @@ def _shards(model: nn.Module, prefix: str, layer: Linear) -> list[Shard]:
     return [Shard(n, o, w) for n, o, w in zip(names, offsets, sizes, strict=True)]
 
 
-class LoRAManager:
-    def __init__(self, model: nn.Module, config: LoRAConfig, ops: Ops, dtype: torch.dtype,
-                 device: torch.device) -> None:
+Span = tuple[int, int]  # (start, length) in the checkpoint tensor's dimension
+
+
+class LoRAHostCache:
+    """The host side: adapters read and checked against the model's full (unsplit) shapes on the caller's thread,
+    then kept (``max_cpu_loras``, LRU). ``split`` turns a checked adapter into this rank's slices (tensor
+    parallelism); the ``mp`` driver, which holds no model, keeps whole adapters only to check them."""
+
+    def __init__(self, config: LoRAConfig, targets: dict[str, TargetShape], embedding_name: str | None,
+                 dtype: torch.dtype, split: Callable[[LoRAAdapter], LoRAAdapter] | None = None) -> None:
         self.config = config
+        self.targets = targets
+        self.embedding_name = embedding_name
         self.dtype = dtype
-        self.mapping = StepMapping()
-        self.targets: dict[str, TargetShape] = {}
-        self._slotted: list[LoRALinearSlots | LoRAEmbeddingSlots] = []
-        self.embedding_name: str | None = None
-        n, r = config.max_loras, config.max_lora_rank
-        for prefix, module in model.named_modules():
-            if isinstance(module, Linear):
-                shards = _shards(model, prefix, module)
-                module.lora = LoRALinearSlots(shards, module.in_features, n, r, dtype, device, self.mapping,
-                                              ops.lora_shrink_expand)
-                self._slotted.append(module.lora)
-                for s in shards:
-                    self.targets[s.name] = TargetShape(module.in_features, s.width)
-            elif isinstance(module, VocabEmbedding) and self.embedding_name is None:
-                vocab, hidden = module.weight.shape
-                module.lora = LoRAEmbeddingSlots(prefix, vocab, hidden, n, r, dtype, device, self.mapping)
-                self._slotted.append(module.lora)
-                self.targets[prefix] = TargetShape(vocab, hidden)
-                self.embedding_name = prefix
-            elif isinstance(module, LMHead) and prefix not in self.targets:
-                # logits rows are [vocab]: B is [slots, vocab, r], as large as the embedding's A
-                vocab, hidden = module.vocab_size, module.hidden_size
-                module.lora = LoRALinearSlots([Shard(prefix, 0, vocab)], hidden, n, r, dtype, device,
-                                              self.mapping, ops.lora_shrink_expand, on_logits=True)
-                self._slotted.append(module.lora)
-                self.targets[prefix] = TargetShape(hidden, vocab)
-        self._slots: list[LoRAAdapter | None] = [None] * n
-        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slot -> None, least recently used first
+        self._split = split
         self._cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # adapter id -> adapter, LRU first
         self._lock = threading.Lock()
 
-    # -- the host side (any thread) ------------------------------------------------------------------------
     def load(self, req: LoRARequest) -> LoRAAdapter:
         """The adapter for ``req``, read and checked once and then cached; raises ``ValueError`` naming the
         adapter and the field at fault."""
@@ -85,6 +67,8 @@ class LoRAManager:
                 self._cache.move_to_end(req.lora_int_id)
                 return cached
         adapter = load_adapter(req, self.config.max_lora_rank, self.targets, self.embedding_name, self.dtype)
+        if self._split is not None:
+            adapter = self._split(adapter)
         with self._lock:
             self._cache[req.lora_int_id] = adapter
             self._cache.move_to_end(req.lora_int_id)
@@ -101,6 +85,83 @@ class LoRAManager:
     def cached_ids(self) -> list[int]:
         with self._lock:
             return list(self._cache)
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, config: LoRAConfig, ops: Ops, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.mapping = StepMapping()
+        self.targets: dict[str, TargetShape] = {}
+        # tensor parallelism: checkpoint name -> (A's input columns, B's output rows) this rank keeps, or None
+        self._spans: dict[str, tuple[Span | None, Span | None]] = {}
+        self._slotted: list[LoRALinearSlots | LoRAEmbeddingSlots] = []
+        self.embedding_name: str | None = None
+        n, r = config.max_loras, config.max_lora_rank
+        for prefix, module in model.named_modules():
+            if isinstance(module, Linear):
+                shards = _shards(model, prefix, module)
+                module.lora = LoRALinearSlots(shards, module.in_features, n, r, dtype, device, self.mapping,
+                                              ops.lora_shrink_expand)
+                self._slotted.append(module.lora)
+                self._add_linear_targets(module, shards)
+            elif isinstance(module, VocabEmbedding) and self.embedding_name is None:
+                # full vocabulary on every rank: the delta is added after a split embedding's all-reduce
+                vocab, hidden = module.vocab_size, module.weight.shape[1]
+                module.lora = LoRAEmbeddingSlots(prefix, vocab, hidden, n, r, dtype, device, self.mapping)
+                self._slotted.append(module.lora)
+                self.targets[prefix] = TargetShape(vocab, hidden)
+                self.embedding_name = prefix
+            elif isinstance(module, LMHead) and prefix not in self.targets:
+                # logits rows are [vocab]: B is [slots, vocab, r], as large as the embedding's A; a split head
+                # adds the delta after gathering the logits, so it too holds the full vocabulary
+                vocab, hidden = module.vocab_size, module.hidden_size
+                module.lora = LoRALinearSlots([Shard(prefix, 0, vocab)], hidden, n, r, dtype, device,
+                                              self.mapping, ops.lora_shrink_expand, on_logits=True)
+                self._slotted.append(module.lora)
+                self.targets[prefix] = TargetShape(hidden, vocab)
+        self.host = LoRAHostCache(config, self.targets, self.embedding_name, dtype,
+                                  self._split if self._spans else None)
+        self._slots: list[LoRAAdapter | None] = [None] * n
+        self._slot_lru: OrderedDict[int, None] = OrderedDict()  # slot -> None, least recently used first
+
+    def _add_linear_targets(self, module: Linear, shards: list[Shard]) -> None:
+        """The full checkpoint shapes an adapter is checked against, and what this rank keeps of a split layer:
+        a column-split layer (q/k/v, gate/up) keeps its rows of B, a row-split one (o_proj, down_proj) its
+        columns of A, whose partial delta joins the layer's partial sum before the all-reduce."""
+        tp = getattr(module, "tp", None)
+        split = tp is not None and tp.size > 1
+        row_split = split and isinstance(module, RowParallelLinear)
+        full_in = module.in_features * tp.size if row_split else module.in_features
+        cols = (tp.rank * module.in_features, module.in_features) if row_split else None
+        full_sizes = getattr(module, "full_output_sizes", None) if split else None
+        for i, s in enumerate(shards):
+            rows = (module.shard_starts[i], s.width) if full_sizes is not None else None
+            self.targets[s.name] = TargetShape(full_in, full_sizes[i] if full_sizes is not None else s.width)
+            if cols is not None or rows is not None:
+                self._spans[s.name] = (cols, rows)
+
+    def _split(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        part = LoRAAdapter(adapter.request, adapter.rank)
+        for name, (a, b) in adapter.weights.items():
+            cols, rows = self._spans.get(name, (None, None))
+            if cols is not None:
+                a = a[:, cols[0]:cols[0] + cols[1]].contiguous()
+            if rows is not None:
+                b = b[rows[0]:rows[0] + rows[1]].contiguous()
+            part.weights[name] = (a, b)
+        return part
+
+    # -- the host side (any thread) ------------------------------------------------------------------------
+    def load(self, req: LoRARequest) -> LoRAAdapter:
+        return self.host.load(req)
+
+    def remove(self, adapter_id: int) -> bool:
+        return self.host.remove(adapter_id)
+
+    def cached_ids(self) -> list[int]:
+        return self.host.cached_ids()
 
     # -- the device side (the engine thread) -------------------------------------------------------------------
     def _slot_for(self, adapter: LoRAAdapter, busy: set[int]) -> int:

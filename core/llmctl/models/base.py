@@ -16,7 +16,7 @@ import torch
 from llmctl.attention import AttentionMetadata
 from llmctl.ops import Ops
 from llmctl.plugins.types import AttentionBackend
-from llmctl.tensor_parallel import TensorParallelGroup
+from llmctl.tensor_parallel import PipelineStage, TensorParallelGroup
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ModelContext:
     extra: dict[str, Any] = field(default_factory=dict)
     # The tensor-parallel group this process is a rank of (llmctl.tensor_parallel); size 1 without parallelism.
     tp: TensorParallelGroup = field(default_factory=TensorParallelGroup)
+    pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage; all layers at size 1
 
 
 @dataclass(frozen=True)

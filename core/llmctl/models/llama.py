@@ -107,15 +107,30 @@ class LlamaDecoderLayer(EngineModule):
         return self.mlp(hidden), residual
 
 
+class _OtherStage(EngineModule):
+    """A decoder layer that another pipeline stage holds: no parameters, never called. It keeps the layer
+    indices (and so the checkpoint's names) of the stage's own layers unchanged."""
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("this decoder layer belongs to another pipeline stage")
+
+
 class LlamaModel(EngineModule):
+    """Under pipeline parallelism a stage builds only its layers (``ctx.pp.layer_range``): the first embeds, the
+    others receive the previous stage's hidden states and residual, and all but the last send theirs on."""
+
     def __init__(self, cfg: Any, ctx: ModelContext) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
+        self.pp = ctx.pp
+        self.hidden_size = cfg.hidden_size
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp=ctx.tp, **kw)
         windows = layer_sliding_windows(cfg)
         # One cos/sin table for all layers: it depends only on the config, and building it per layer cost seconds.
         rotary_emb = get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device)
+        self.start_layer, self.end_layer = ctx.pp.layer_range(cfg.num_hidden_layers)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i], rotary_emb)
+                                    if self.start_layer <= i < self.end_layer else _OtherStage()
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
         # Set only under an EAGLE-3 proposer: the layers whose inputs the forward also keeps, concatenated in
@@ -125,16 +140,31 @@ class LlamaModel(EngineModule):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        """``kv_caches`` holds this stage's layers only. A stage other than the last returns its hidden states
+        unnormalised; they are never sampled from (the last stage's logits are broadcast instead).
+        ``inputs_embeds`` replaces the first stage's token embeddings (a multimodal model's image rows merged in)."""
+        pp = self.pp
         residual: torch.Tensor | None = None
-        aux_layers = self.aux_hidden_state_layers
+        if pp.is_first:
+            hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        else:
+            shape = (input_ids.shape[0], self.hidden_size)
+            dtype, device = self.norm.weight.dtype, self.norm.weight.device
+            hidden, residual = pp.recv_prev(torch.empty(shape, dtype=dtype, device=device),
+                                            torch.empty(shape, dtype=dtype, device=device))
+        layers = self.layers[self.start_layer:self.end_layer] if pp.size > 1 else self.layers
+        first = self.start_layer if pp.size > 1 else 0
+        aux_layers = self.aux_hidden_state_layers  # never set under pipeline parallelism (eagle3 refuses it)
         aux: dict[int, torch.Tensor] = {}
-        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True), start=first):
             if aux_layers and i in aux_layers:  # the residual stream entering layer i (EAGLE-3's features)
                 aux[i] = hidden.clone() if residual is None else hidden + residual  # norms may add in place
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         if aux_layers:
             self.aux_hidden_states = torch.cat([aux[i] for i in aux_layers], dim=-1)
+        if not pp.is_last:
+            pp.send_next(hidden, residual)
+            return hidden
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -143,6 +173,7 @@ class LlamaForCausalLM(EngineModule):
     """Follows :class:`llmctl.models.base.CausalLM`; registered for every architecture name it covers."""
 
     supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel)
+    supports_pipeline_parallel = True  # LlamaModel builds only ctx.pp's layers
 
     def __init__(self, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
@@ -153,7 +184,8 @@ class LlamaForCausalLM(EngineModule):
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size,
                                       tied_to=self.model.embed_tokens if self.tie_word_embeddings else None,
                                       dtype=ctx.dtype, device=ctx.device, tp=ctx.tp)
-        self._windows = layer_sliding_windows(hf_config)
+        start, end = self.model.start_layer, self.model.end_layer
+        self._windows = layer_sliding_windows(hf_config)[start:end]  # this pipeline stage's layers
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,13 +193,23 @@ class LlamaForCausalLM(EngineModule):
         return self.model(input_ids, positions, kv_caches, metadata, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Under pipeline parallelism only the last stage has the final hidden states; it broadcasts the logits
+        so that every stage samples the same token (every rank calls this in the same order)."""
+        pp = self.ctx.pp
+        if pp.size == 1:
+            return self.lm_head(hidden)
+        if pp.is_last:
+            logits = self.lm_head(hidden).contiguous()
+        else:
+            logits = torch.empty((hidden.shape[0], self.config.vocab_size), dtype=hidden.dtype, device=hidden.device)
+        return pp.broadcast_from_last(logits)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """One window for the whole model only when every layer slides by it; a mix needs the full context kept."""
-        attn = self.model.layers[0].self_attn
+        """One window for the whole model only when every layer slides by it; a mix needs the full context kept.
+        A pipeline stage caches only its own layers."""
+        attn = self.model.layers[self.model.start_layer].self_attn
         uniform = self._windows[0] if len(set(self._windows)) == 1 else None
-        return KVCacheSpec(num_layers=len(self.model.layers), num_kv_heads=attn.num_kv_heads,
+        return KVCacheSpec(num_layers=self.model.end_layer - self.model.start_layer, num_kv_heads=attn.num_kv_heads,
                            head_size=attn.head_dim, sliding_window=uniform)
 
     @torch.no_grad()
@@ -178,12 +220,22 @@ class LlamaForCausalLM(EngineModule):
         modules = dict(self.named_modules())
         tied_head = self.tie_word_embeddings
         kept = ((name, tensor) for name, tensor in weights
-                if not any(s in name for s in _SKIPPED) and not (name == "lm_head.weight" and tied_head))
+                if not any(s in name for s in _SKIPPED) and not (name == "lm_head.weight" and tied_head)
+                and self._on_this_stage(name))
         loaded = load_fused(kept, params, modules, STACKED_QKV_GATE_UP,
                             lambda name: f"checkpoint tensor {name} has no place in {type(self).__name__}")
         missing = missing_tensors(params, modules, loaded, optional=lambda p: p == "lm_head.weight" and tied_head)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
+
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Tensors of other pipeline stages' layers are skipped unread (the embedding, final norm and LM head are
+        kept on every stage)."""
+        if self.ctx.pp.size == 1 or not name.startswith("model.layers."):
+            return True
+        index = int(name.split(".", 3)[2])
+        return self.model.start_layer <= index < self.model.end_layer
 
 
 ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

@@ -217,6 +217,10 @@ def load_eagle3_proposer(source: Any, core: Any) -> EagleProposer:
     if core.tp.size > 1:
         raise ValueError("speculative_config.method: eagle3 runs its head on one device; it is not supported with "
                          f"tensor_parallel_size {core.tp.size}")
+    pp = getattr(core, "pp", None)
+    if pp is not None and pp.size > 1:
+        raise ValueError("speculative_config.method: eagle3 reads three target layers that pipeline stages split; "
+                         f"it is not supported with pipeline_parallel_size {pp.size}")
     cfg.eagle3_own_embedding = "embed_tokens.weight" in names or "model.embed_tokens.weight" in names
     cfg.eagle3_own_lm_head = "lm_head.weight" in names or "model.lm_head.weight" in names
     draft_vocab = getattr(cfg, "draft_vocab_size", None) or cfg.vocab_size

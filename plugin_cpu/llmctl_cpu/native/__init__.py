@@ -178,8 +178,8 @@ class NativeKernels:
             raise MemoryError("lora_shrink_expand: the kernel could not allocate its scratch memory")
         if rc == -3:
             raise ValueError(f"lora_shrink_expand: ranks {ranks.tolist()} must be within [0, {max_rank}]")
-        if rc >= 0:
-            raise IndexError(f"token_slots[{rc}] = {int(token_slots[rc])} is outside the {slots} LoRA slots")
+        if rc > 0:
+            raise IndexError(f"token_slots[{rc - 1}] = {int(token_slots[rc - 1])} is outside the {slots} LoRA slots")
 
     def run_program(self, program: torch.Tensor, rows: int) -> tuple[int, int]:
         """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns

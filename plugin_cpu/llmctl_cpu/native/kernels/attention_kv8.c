@@ -124,81 +124,159 @@ static inline __attribute__((always_inline)) __m512 kv8_load16(const uint8_t *p,
 static inline float kv8_scale_fix(int fmt) { return fmt == KV8_E4M3 ? 256.0f : 1.0f; }
 #endif
 
+#define KV8_TILE_ROWS 16 /* consecutive query rows of one sequence (a prefill chunk) that share key loads */
+
 #if HAVE_AVX512
-/* kv8_attend's vector path for the common shapes (group <= 8, head size 64 or 128) with the query and the
- * accumulators in registers: inlined with constant FMT, G and NV. The same operations in the same order as the
- * general vector path, so the same bits. */
-static inline __attribute__((always_inline)) void kv8_attend_fixed(int FMT, int G, int NV, const float *q,
-                                                                   const uint8_t *k_cache, const uint8_t *v_cache,
-                                                                   const int32_t *table, int block_size,
-                                                                   int kv_heads, int kh, int first, int len,
-                                                                   float *restrict scores, float *restrict acc) {
+/* r[i] <- column i of the 16 x 16 matrix whose rows were r[0..15]. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 2])));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[4 * i + 1]),
+                                                           _mm512_castps_pd(t[4 * i + 3])));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[4 * i + 1]),
+                                                           _mm512_castps_pd(t[4 * i + 3])));
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+            t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* The common shapes (group <= 8, head size 64 or 128), for a tile of R consecutive rows of one sequence (row r sees
+ * keys [first_r, L0 + r)); a decode is a tile of one row. Keys go into vector lanes, 16 at a time: the chunk's
+ * codes are dequantized once and transposed (kt[x] holds dimension x of its 16 keys), and each row's scores are
+ * sixteen dot products at once, summed over x in four interleaved chains that are added in a fixed order. A key's
+ * score is thus the same arithmetic whatever the tile, the chunk or the batch, so a prefill row gives the bits of
+ * the decode of the same position. P.V runs per row with the accumulators in registers; a tile of several rows
+ * dequantizes its values once into scratch (the same floats, so the same bits). Inlined with constant FMT, G and
+ * NV. scratch: d*16 + R*G*(span + 32) + (R > 1 ? span*(d + 1) : 0) floats, span = L0 + R - 1 - first_0. */
+static inline __attribute__((always_inline)) void kv8_tile_fixed(int FMT, int G, int NV, const float *q, int R,
+                                                                 int L0, int window, const uint8_t *k_cache,
+                                                                 const uint8_t *v_cache, const int32_t *table,
+                                                                 int block_size, int kv_heads, int kh,
+                                                                 float *restrict scratch, float *restrict out_rows) {
     const int d = NV * 16;
     const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
-    const int n = len - first;
     const float fix = kv8_scale_fix(FMT);
-    __m512 qv[8][8];
+    const int t_begin = first_key(L0, window), t_end = L0 + R - 1;
+    const int span = t_end - t_begin;
+    const int stride = span + 32; /* per (row, group) score segment: 16 floats of slack on each side */
+    float *kt = scratch, *sc = kt + (size_t)d * 16, *vd = sc + (size_t)R * G * stride, *vsb = vd + (size_t)span * d;
+    for (int c = t_begin / 16 * 16; c < t_end; c += 16) {
+        float ks[16];
+        const uint8_t *kr[16];
+        for (int k = 0; k < 16; k++) {
+            const int t = c + k;
+            kr[k] = NULL;
+            ks[k] = 0.0f;
+            if (t < t_begin || t >= t_end) continue;
+            kr[k] = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                    + kh * row_bytes;
+            memcpy(&ks[k], kr[k] + d, sizeof(float));
+            ks[k] *= fix;
+        }
+        for (int v = 0; v < NV; v++) { /* dims 16v .. 16v + 15 of the chunk's keys, transposed into kt */
+            __m512 r[16];
+            for (int k = 0; k < 16; k++) r[k] = kr[k] == NULL ? _mm512_setzero_ps() : kv8_load16(kr[k] + 16 * v, FMT);
+            transpose16(r);
+            for (int j = 0; j < 16; j++) _mm512_storeu_ps(kt + 16 * (16 * v + j), r[j]);
+        }
+        const __m512 ksv = _mm512_loadu_ps(ks);
+        for (int r = 0; r < R; r++) {
+            const int len = L0 + r, first = first_key(len, window);
+            if (c + 16 <= first || c >= len) continue;
+            const int lo = first > c ? first - c : 0, hi = len < c + 16 ? len - c : 16;
+            const __mmask16 valid = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+            const float *qr = q + (size_t)r * G * d;
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) qv[g][v] = _mm512_loadu_ps(q + (size_t)g * d + 16 * v);
-    for (int t = first; t < len; t++) {
-        const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
-                            + kh * row_bytes;
-        float ks;
-        memcpy(&ks, kr + d, sizeof ks);
-        ks *= fix;
-        __m512 kv[8];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) kv[v] = kv8_load16(kr + 16 * v, FMT);
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) {
-            __m512 a = _mm512_mul_ps(qv[g][0], kv[0]);
-#pragma GCC unroll 8
-            for (int v = 1; v < NV; v++) a = _mm512_fmadd_ps(qv[g][v], kv[v], a);
-            scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * ks;
+            for (int g = 0; g < G; g++) {
+                const float *qg = qr + (size_t)g * d;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int x = 0; x < d; x += 4) {
+                    a0 = _mm512_fmadd_ps(_mm512_set1_ps(qg[x]), _mm512_loadu_ps(kt + 16 * x), a0);
+                    a1 = _mm512_fmadd_ps(_mm512_set1_ps(qg[x + 1]), _mm512_loadu_ps(kt + 16 * (x + 1)), a1);
+                    a2 = _mm512_fmadd_ps(_mm512_set1_ps(qg[x + 2]), _mm512_loadu_ps(kt + 16 * (x + 2)), a2);
+                    a3 = _mm512_fmadd_ps(_mm512_set1_ps(qg[x + 3]), _mm512_loadu_ps(kt + 16 * (x + 3)), a3);
+                }
+                const __m512 s = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), ksv);
+                /* lane k is key c + k, at index c + k - first of the row's segment (16 floats of slack before) */
+                _mm512_mask_storeu_ps(sc + ((size_t)r * G + g) * stride + 16 + (c - first), valid, s);
+            }
         }
     }
-    softmax_numerators(scores, G, n);
-    __m512 av[8][8];
+    if (R > 1)
+        for (int t = t_begin; t < t_end; t++) {
+            const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
+                                + kh * row_bytes;
+            memcpy(&vsb[t - t_begin], vr + d, sizeof(float));
+            vsb[t - t_begin] *= fix;
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++)
+            for (int v = 0; v < NV; v++)
+                _mm512_storeu_ps(vd + (size_t)(t - t_begin) * d + 16 * v, kv8_load16(vr + 16 * v, FMT));
+        }
+    for (int r = 0; r < R; r++) {
+        const int len = L0 + r, first = first_key(len, window), n = len - first;
+        float *sr = sc + (size_t)r * G * stride + 16;
+        for (int g = 0; g < G; g++) softmax_numerators(sr + (size_t)g * stride, 1, n);
+        __m512 av[8][8];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) av[g][v] = _mm512_setzero_ps();
-    for (int t = first; t < len; t++) {
-        const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
-                            + kh * row_bytes;
-        float vs;
-        memcpy(&vs, vr + d, sizeof vs);
-        vs *= fix;
-        __m512 vv[8];
+        for (int g = 0; g < G; g++)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) vv[v] = kv8_load16(vr + 16 * v, FMT);
+            for (int v = 0; v < NV; v++) av[g][v] = _mm512_setzero_ps();
+        for (int t = first; t < len; t++) {
+            float vs;
+            __m512 vv[8];
+            if (R > 1) {
+                vs = vsb[t - t_begin];
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++) vv[v] = _mm512_loadu_ps(vd + (size_t)(t - t_begin) * d + 16 * v);
+            } else {
+                const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) *
+                                    slot_bytes + kh * row_bytes;
+                memcpy(&vs, vr + d, sizeof vs);
+                vs *= fix;
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++) vv[v] = kv8_load16(vr + 16 * v, FMT);
+            }
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                const __m512 w = _mm512_set1_ps(sr[(size_t)g * stride + (t - first)] * vs);
+#pragma GCC unroll 8
+                for (int v = 0; v < NV; v++) av[g][v] = _mm512_fmadd_ps(w, vv[v], av[g][v]);
+            }
+        }
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            const __m512 w = _mm512_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
+            const __m512 inv = _mm512_set1_ps(1.0f / row_sum(sr + (size_t)g * stride, n));
 #pragma GCC unroll 8
-            for (int v = 0; v < NV; v++) av[g][v] = _mm512_fmadd_ps(w, vv[v], av[g][v]);
+            for (int v = 0; v < NV; v++)
+                _mm512_storeu_ps(out_rows + ((size_t)r * G + g) * d + 16 * v, _mm512_mul_ps(av[g][v], inv));
         }
     }
-#pragma GCC unroll 8
-    for (int g = 0; g < G; g++)
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + (size_t)g * d + 16 * v, av[g][v]);
 }
 
 #define KV8_GROUPS(X, F, NV) X(F, 1, NV) X(F, 2, NV) X(F, 3, NV) X(F, 4, NV) X(F, 5, NV) X(F, 6, NV) X(F, 7, NV) \
     X(F, 8, NV)
 #define KV8_CASE(F, G, NV)                                                                                     \
     case (F) * 1000 + (G) * 10 + (NV):                                                                        \
-        kv8_attend_fixed(F, G, NV, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc); \
-        return 1;
+        kv8_tile_fixed(F, G, NV, q, R, L0, window, k_cache, v_cache, table, block_size, kv_heads, kh, scratch, \
+                       out_rows);                                                                             \
+        return;
 
-/* 1 when a specialised loop handled the shape, 0 to use the general one. */
-static int kv8_dispatch(int fmt, int group, int d, const float *q, const uint8_t *k_cache, const uint8_t *v_cache,
-                        const int32_t *table, int block_size, int kv_heads, int kh, int first, int len,
-                        float *restrict scores, float *restrict acc) {
-    if ((d != 64 && d != 128) || group > 8) return 0;
+static void kv8_tile_dispatch(int fmt, int group, int d, const float *q, int R, int L0, int window,
+                              const uint8_t *k_cache, const uint8_t *v_cache, const int32_t *table, int block_size,
+                              int kv_heads, int kh, float *restrict scratch, float *restrict out_rows) {
     switch (fmt * 1000 + group * 10 + d / 16) {
         KV8_GROUPS(KV8_CASE, KV8_INT8, 4)
         KV8_GROUPS(KV8_CASE, KV8_INT8, 8)
@@ -207,10 +285,13 @@ static int kv8_dispatch(int fmt, int group, int d, const float *q, const uint8_t
         KV8_GROUPS(KV8_CASE, KV8_E5M2, 4)
         KV8_GROUPS(KV8_CASE, KV8_E5M2, 8)
         default:
-            return 0;
+            break;
     }
 }
 #endif
+
+/* Whether kv8_tile_fixed takes this shape (AVX-512 builds). */
+static inline int kv8_tiled(int group, int d) { return (d == 64 || d == 128) && group <= 8; }
 
 /* One (row, KV head) task: q [group][d] float32 already scaled by the softmax scale; out [group][d]. */
 static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t *k_cache, const uint8_t *v_cache,
@@ -219,8 +300,6 @@ static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t 
     const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
     const int n = len - first;
 #if HAVE_AVX512
-    if (kv8_dispatch(fmt, group, d, q, k_cache, v_cache, table, block_size, kv_heads, kh, first, len, scores, acc))
-        return;
     if (d % 16 == 0 && d <= 256) {
         const float fix = kv8_scale_fix(fmt);
         const int nv = d / 16;
@@ -307,6 +386,58 @@ int llmctl_decode_attention_kv8(int fmt, int dtype, const void *query, int64_t q
     if (d > 1024 || fmt < 0 || fmt > 2) return -1;
     kv8_init_tables();
     int failed = 0;
+#if HAVE_AVX512
+    if (kv8_tiled(group, d)) {
+        /* tiles: runs of up to KV8_TILE_ROWS entries that are consecutive rows of one sequence (a prefill chunk) */
+        int *starts = (int *)malloc(sizeof(int) * (size_t)(num_seqs + 1));
+        if (starts == NULL) return -1;
+        int n_tiles = 0;
+        for (int i = 0; i < num_seqs; i++)
+            if (i == 0 || i - starts[n_tiles - 1] >= KV8_TILE_ROWS || tables[i] != tables[i - 1] ||
+                rows[i] != rows[i - 1] + 1 || seq_lens[i] != seq_lens[i - 1] + 1)
+                starts[n_tiles++] = i;
+        starts[n_tiles] = num_seqs;
+        const size_t elem = dtype == DT_F32 ? 4 : 2;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
+        for (int task = 0; task < n_tiles * kv_heads; task++) {
+            const int i0 = starts[task / kv_heads], R = starts[task / kv_heads + 1] - i0, kh = task % kv_heads;
+            const int L0 = seq_lens[i0];
+            if (L0 <= 0) { /* padded rows of a recorded step (each its own tile): no keys, a zero output */
+                for (int r = 0; r < R; r++)
+                    memset((char *)out + (size_t)(rows[i0 + r] * o_row_stride + (int64_t)kh * group * d) * elem, 0,
+                           (size_t)group * d * elem);
+                failed |= L0 < 0;
+                continue;
+            }
+            const int32_t *table = block_tables + (int64_t)tables[i0] * bt_stride;
+            const int t_begin = first_key(L0, window), t_end = L0 + R - 1;
+            int bad = 0;
+            for (int b = t_begin / block_size; !bad && b <= (t_end - 1) / block_size; b++)
+                bad |= table[b] < 0 || table[b] >= num_blocks;
+            const size_t rgd = (size_t)R * group * d;
+            const size_t span = (size_t)(t_end - t_begin);
+            float *scratch = bad ? NULL : thread_scratch(2 * rgd + (size_t)d * 16 + (size_t)R * group * (span + 32) +
+                                                         (R > 1 ? span * (size_t)(d + 1) : 0));
+            if (scratch == NULL) {
+                failed = 1;
+                continue;
+            }
+            float *q = scratch, *res = q + rgd, *work = res + rgd;
+            for (int r = 0; r < R; r++) {
+                load_f32(query, rows[i0 + r] * q_row_stride + (int64_t)kh * group * d, dtype, q + (size_t)r * group * d,
+                         group * d);
+            }
+            for (size_t j = 0; j < rgd; j++) q[j] *= scale;
+            kv8_tile_dispatch(fmt, group, d, q, R, L0, window, (const uint8_t *)k_cache, (const uint8_t *)v_cache,
+                              table, block_size, kv_heads, kh, work, res);
+            for (int r = 0; r < R; r++)
+                store_f32(out, rows[i0 + r] * o_row_stride + (int64_t)kh * group * d, dtype, res + (size_t)r * group * d,
+                          group * d);
+        }
+        free(starts);
+        return failed ? -1 : 0;
+    }
+#endif
     const int num_tasks = num_seqs * kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) reduction(| : failed)
     for (int task = 0; task < num_tasks; task++) {

@@ -52,16 +52,16 @@ static inline float lora_round(int dtype, float v) { return dtype == DT_F32 ? v 
 #define LORA_COL_BLOCK 256
 
 /* x [tokens, in] and y [tokens, out] with unit column stride and the given row strides (y may be a column view
- * of a merged projection's output); a, b contiguous as above; ranks int32 [num_slots]. Returns -1 on success, the
- * index of the first token whose slot is >= num_slots (nothing is written then), -2 when scratch memory could
- * not be had, or -3 when a rank is outside [0, max_rank] (nothing is written then). */
+ * of a merged projection's output); a, b contiguous as above; ranks int32 [num_slots]. Returns 0 on success,
+ * 1 + the index of the first token whose slot is >= num_slots (nothing is written then), -2 when scratch memory
+ * could not be had, or -3 when a rank is outside [0, max_rank] (nothing is written then). */
 int llmctl_lora_shrink_expand(int dtype, const void *x, int64_t x_stride, void *y, int64_t y_stride, const void *a,
                               const void *b, const int64_t *token_slots, const int32_t *ranks, int num_tokens,
                               int in_features, int out_features, int max_rank, int num_slots, int num_threads) {
     for (int s = 0; s < num_slots; s++)
         if (ranks[s] < 0 || ranks[s] > max_rank) return -3;
     for (int t = 0; t < num_tokens; t++)
-        if (token_slots[t] >= num_slots) return t;
+        if (token_slots[t] >= num_slots) return 1 + t;
     float *h = (float *)malloc((size_t)(num_tokens > 0 ? num_tokens : 1) * (size_t)max_rank * sizeof(float));
     if (h == NULL) return -2;
     int failed = 0;
@@ -113,5 +113,5 @@ int llmctl_lora_shrink_expand(int dtype, const void *x, int64_t x_stride, void *
         }
     }
     free(h);
-    return -1;
+    return 0;
 }
