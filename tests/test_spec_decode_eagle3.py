@@ -287,3 +287,8 @@ def test_eagle3_on_qwen_targets(tiny_model_dirs, model_cache_dir, kind):
     assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
     assert spec.get_stats()["spec_num_draft_tokens"] > 0
     assert_all_blocks_free(spec.get_stats())
+
+
+def test_eagle3_refuses_lora(deep_llama_dir, small_vocab_head):
+    with pytest.raises(ValueError, match="speculative_config: method 'eagle3' is not supported with enable_lora"):
+        make_llm(deep_llama_dir, _spec(small_vocab_head), enable_lora=True)
