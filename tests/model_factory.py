@@ -95,6 +95,62 @@ def make_eagle_head(target_dir: Path, out: Path, seed: int = 11, fc_bias: bool =
 
 
 
+def make_eagle3_head(target_dir: Path, out: Path, seed: int = 13, draft_vocab_size: int | None = None,
+                     aux_layers: list[int] | None = None, own_embedding: bool = False) -> Path:
+    """A random-weight EAGLE-3 head for the Llama checkpoint in ``target_dir``, in the published layout:
+    ``fc.weight`` (hidden x 3*hidden), ``midlayer.*`` with q/k/v over 2*hidden inputs and a ``hidden_norm``,
+    ``norm.weight``, ``lm_head.weight`` (draft_vocab x hidden) and ``d2t`` (each draft id's offset to its target
+    id; with a smaller draft vocabulary, a random sorted subset of the target's ids)."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    cfg = tf.AutoConfig.from_pretrained(target_dir)
+    hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    draft_vocab = draft_vocab_size or vocab
+
+    def rnd(*shape: int, scale: float = 0.1) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * scale
+
+    def norm() -> torch.Tensor:
+        return 1.0 + rnd(hidden)
+
+    tensors = {
+        "fc.weight": rnd(hidden, 3 * hidden),
+        "midlayer.input_layernorm.weight": norm(),
+        "midlayer.hidden_norm.weight": norm(),
+        "midlayer.self_attn.q_proj.weight": rnd(cfg.num_attention_heads * head_dim, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": rnd(kv, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": rnd(kv, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": rnd(hidden, cfg.num_attention_heads * head_dim),
+        "midlayer.post_attention_layernorm.weight": norm(),
+        "midlayer.mlp.gate_proj.weight": rnd(inter, hidden),
+        "midlayer.mlp.up_proj.weight": rnd(inter, hidden),
+        "midlayer.mlp.down_proj.weight": rnd(hidden, inter),
+        "norm.weight": norm(),
+        "lm_head.weight": rnd(draft_vocab, hidden, scale=1.0),
+    }
+    targets = torch.arange(vocab) if draft_vocab == vocab else \
+        torch.randperm(vocab, generator=gen)[:draft_vocab].sort().values
+    tensors["d2t"] = targets - torch.arange(draft_vocab)
+    tensors["t2d"] = torch.zeros(vocab, dtype=torch.bool).index_fill(0, targets, True)
+    if own_embedding:
+        tensors["embed_tokens.weight"] = rnd(vocab, hidden, scale=1.0)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:1]
+    cfg.num_hidden_layers = 1
+    cfg.architectures = ["LlamaForCausalLMEagle3"]
+    cfg.draft_vocab_size = draft_vocab
+    if aux_layers is not None:
+        cfg.eagle_aux_hidden_state_layer_ids = aux_layers
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    cfg.save_pretrained(out)
+    return out
+
+
 LLAVA_IMAGE_SIZE = 32
 LLAVA_PATCH = 8
 

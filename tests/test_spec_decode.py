@@ -100,6 +100,7 @@ def full_ids(out) -> list[int]:
      "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "lookahead"),
     ({"method": "eagle", "num_speculative_tokens": 2}, "model"),
+    ({"method": "eagle3", "num_speculative_tokens": 2}, "model"),
     ("{not json", "speculative_config"),
 ])
 def test_bad_config_names_the_field(cfg, field):

@@ -34,6 +34,7 @@ from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
 from llmctl.spec_decode.config import SpeculativeConfig
 from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
 from llmctl.spec_decode.eagle import load_eagle_proposer, resolve_eagle_head
+from llmctl.spec_decode.eagle3 import load_eagle3_proposer, resolve_eagle3_head
 from llmctl.spec_decode.rejection_sampler import RejectionSampler
 from llmctl.spec_decode.speculator import Speculator
 from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
@@ -83,10 +84,10 @@ class EngineCore:
 
         self.args = args
         spec_config = SpeculativeConfig.parse(args.speculative_config)
-        if spec_config is not None and spec_config.method == "eagle" and args.enable_lora:
+        if spec_config is not None and spec_config.method in ("eagle", "eagle3") and args.enable_lora:
             # the EAGLE head embeds its drafts through the target's embedding, whose adapters map the step's tokens
-            raise ValueError("speculative_config: method 'eagle' is not supported with enable_lora yet; use "
-                             "'ngram' or 'draft_model'")
+            raise ValueError(f"speculative_config: method {spec_config.method!r} is not supported with enable_lora "
+                             "yet; use 'ngram' or 'draft_model'")
         keep_heap_headroom()  # before the first step's temporaries: see malloc_tuning
         plugins = get_plugin_manager()
         self.platform: Platform = plugins.select_platform(args.device)
@@ -127,11 +128,13 @@ class EngineCore:
                 and spec_config.method != "ngram":
             raise ValueError(f"speculative_config: method {spec_config.method!r} proposes from token ids alone and "
                              f"would never see a request's images; use method 'ngram' with a multimodal model")
-        draft_source = eagle_source = None
+        draft_source = eagle_source = eagle3_source = None
         if spec_config is not None and spec_config.method == "draft_model":
             draft_source = resolve_draft_model(spec_config, self.model_config, args.trust_remote_code)
         elif spec_config is not None and spec_config.method == "eagle":
             eagle_source = resolve_eagle_head(spec_config, self.model_config, args.trust_remote_code)
+        elif spec_config is not None and spec_config.method == "eagle3":
+            eagle3_source = resolve_eagle3_head(spec_config, self.model_config, args.trust_remote_code)
 
         head_size, num_kv_heads, sliding_window = _kv_geometry(hf_config)
         self.kv_cache_dtype = kv_storage_dtype(args.kv_cache_dtype, dtype)
@@ -190,10 +193,12 @@ class EngineCore:
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = load_draft_proposer(draft_source, self) if draft_source is not None else \
-            load_eagle_proposer(eagle_source, self) if eagle_source is not None else None
+            load_eagle_proposer(eagle_source, self) if eagle_source is not None else \
+            load_eagle3_proposer(eagle3_source, self) if eagle3_source is not None else None
         self.speculator = Speculator(spec_config, self.model_config.max_model_len, draft) if spec_config else None
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
         self.runner.keep_hidden = self.speculator is not None and self.speculator.wants_hidden
+        self.runner.keep_aux_hidden = eagle3_source is not None
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -376,6 +381,8 @@ class EngineCore:
             return "off (tensor/pipeline parallel: the step's collectives run eagerly)"
         if self.lora is not None:
             return "off (LoRA: adapters switch per step)"
+        if self.runner.keep_aux_hidden:
+            return "off (eagle3: the head reads intermediate hidden states a captured step does not return)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
         sizes = decode_graph_batch_sizes(self.args.max_num_seqs)

@@ -102,7 +102,7 @@ class ModelOutput:
     # would cost GiBs at once, so they are computed a slice at a time (sampler.prompt_logprobs_in_slices).
     prompt_hidden: dict[str, tuple[PromptLogprobChunk, torch.Tensor]]
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> the pooler's output
-    hidden: torch.Tensor | None = None  # every row's final hidden state, when keep_hidden (an EAGLE proposer)
+    hidden: torch.Tensor | None = None  # every row's final (or EAGLE-3's auxiliary) hidden state, when keep_hidden
 
 
 class ModelRunner:
@@ -116,6 +116,9 @@ class ModelRunner:
         self.decode_runner: DecodeStepRunner | None = None
         self._graph_table_width = 0
         self.keep_hidden = False
+        # With keep_hidden: the rows kept are the target's auxiliary hidden states (EAGLE-3) instead of its final
+        # ones. A captured decode step does not produce them, so such steps run eagerly.
+        self.keep_aux_hidden = False
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
 
     @torch.inference_mode()
@@ -249,7 +252,7 @@ class ModelRunner:
         """Hidden states from the platform's captured decode step, or ``None`` when this batch must run eagerly
         (a prefill chunk in it, or more sequences than the largest captured size)."""
         runner, md = self.decode_runner, batch.metadata
-        if runner is None or md.max_query_len != 1 or runner.padded_size(md.num_seqs) is None:
+        if runner is None or self.keep_aux_hidden or md.max_query_len != 1 or runner.padded_size(md.num_seqs) is None:
             return None
         if md.block_tables.shape[1] > self._graph_table_width:  # cannot happen within max_model_len; stay correct
             return None
@@ -277,7 +280,10 @@ class ModelRunner:
             rows = torch.tensor(chunk.rows, dtype=torch.long, device=hidden.device)
             prompt_hidden[chunk.request.request_id] = (chunk, hidden[rows])
         # the sampler casts to float32 where it needs to
-        return ModelOutput(sample_logits, prompt_hidden, pooled, hidden if self.keep_hidden else None)
+        kept = None
+        if self.keep_hidden:
+            kept = self.model.model.aux_hidden_states if self.keep_aux_hidden else hidden
+        return ModelOutput(sample_logits, prompt_hidden, pooled, kept)
 
     def _merged_embeddings(self, batch: BatchInputs) -> torch.Tensor:
         """Token embeddings with each image's rows written over its placeholders. Images not in the encoder cache

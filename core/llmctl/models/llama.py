@@ -133,6 +133,10 @@ class LlamaModel(EngineModule):
                                     if self.start_layer <= i < self.end_layer else _OtherStage()
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
+        # Set only under an EAGLE-3 proposer: the layers whose inputs the forward also keeps, concatenated in
+        # this order, in ``aux_hidden_states`` (an empty tuple costs the loop nothing).
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        self.aux_hidden_states: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -149,8 +153,15 @@ class LlamaModel(EngineModule):
             hidden, residual = pp.recv_prev(torch.empty(shape, dtype=dtype, device=device),
                                             torch.empty(shape, dtype=dtype, device=device))
         layers = self.layers[self.start_layer:self.end_layer] if pp.size > 1 else self.layers
-        for layer, kv_cache in zip(layers, kv_caches, strict=True):
+        first = self.start_layer if pp.size > 1 else 0
+        aux_layers = self.aux_hidden_state_layers  # never set under pipeline parallelism (eagle3 refuses it)
+        aux: dict[int, torch.Tensor] = {}
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True), start=first):
+            if aux_layers and i in aux_layers:  # the residual stream entering layer i (EAGLE-3's features)
+                aux[i] = hidden.clone() if residual is None else hidden + residual  # norms may add in place
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        if aux_layers:
+            self.aux_hidden_states = torch.cat([aux[i] for i in aux_layers], dim=-1)
         if not pp.is_last:
             pp.send_next(hidden, residual)
             return hidden

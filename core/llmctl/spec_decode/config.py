@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "draft_model", "eagle")
-SUPPORTED_METHODS = ("ngram", "draft_model", "eagle")
+METHODS = ("ngram", "draft_model", "eagle", "eagle3")
+SUPPORTED_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_PROMPT_LOOKUP = 5
 _KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
@@ -66,7 +66,7 @@ class SpeculativeConfig:
         _int("prompt_lookup_max", hi, 1, 1024)
         if lo > hi:
             raise ValueError(f"speculative_config.prompt_lookup_min: must be <= prompt_lookup_max ({hi}), got {lo}")
-        if method in ("draft_model", "eagle") and not (isinstance(model, str) and model.strip()):
+        if method in ("draft_model", "eagle", "eagle3") and not (isinstance(model, str) and model.strip()):
             raise ValueError(f"speculative_config.model: method {method!r} needs the draft model's path")
         if method not in SUPPORTED_METHODS:
             raise ValueError(f"speculative_config.method: {method!r} is not supported yet; use one of "

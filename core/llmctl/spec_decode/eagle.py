@@ -63,6 +63,9 @@ class EagleHead(EngineModule):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._target[0].compute_logits(hidden)
 
+    def draft_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.compute_logits(hidden).argmax(dim=-1)
+
     def kv_cache_spec(self) -> KVCacheSpec:
         attn = self.layers[0].self_attn
         return KVCacheSpec(num_layers=1, num_kv_heads=attn.num_kv_heads, head_size=attn.head_dim)
@@ -102,7 +105,7 @@ class _HeadState:
 class EagleProposer:
     wants_hidden = True
 
-    def __init__(self, head: EagleHead, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
+    def __init__(self, head: Any, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
                  kv: KVCacheManager) -> None:
         self.head = head
         self.kv_caches = kv_caches
@@ -116,7 +119,7 @@ class EagleProposer:
         with torch.inference_mode():
             hidden = self.head(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, features)
             last = hidden[batch.logits_indices]
-            tokens = self.head.compute_logits(last).argmax(dim=-1).tolist()
+            tokens = self.head.draft_tokens(last).tolist()
         return last, tokens
 
     def observe(self, sched: SchedulerOutput, batch: BatchInputs, hidden: torch.Tensor | None) -> None:
