@@ -5,9 +5,10 @@ Adapters are random PEFT adapters (rank ``--rank``, every attention and MLP proj
 given checkpoint, so the work is what real fine-tunes cost. Every configuration runs the same prompts (random
 token ids, EOS ignored), in its own fresh engine, one after the other; the table gives output tokens per second
 (wall clock and CPU time) and the ratios to the base model measured in the same run. The base model's engine
-replays recorded decode steps and fuses SiLU into the gate/up GEMM; with ``enable_lora`` both are off. ``--model`` may be a GGUF file: it is written out as a bf16
-safetensors checkpoint first (peft needs one). ``--reference-op`` adds a run of the largest adapter count with
-``lora_shrink_expand`` on the torch reference instead of the CPU plugin's C kernel.
+replays recorded decode steps and fuses SiLU into the gate/up GEMM; with ``enable_lora`` both are off.
+``--model`` may be a GGUF file: it is written out as a bf16 safetensors checkpoint first (peft needs one).
+``--reference-op`` adds a run of the largest adapter count with ``lora_shrink_expand`` on the torch reference
+instead of the CPU plugin's C kernel.
 
     .venv/bin/python benchmarks/lora_throughput.py --model PATH/TO/HF-CHECKPOINT --dtype bfloat16
 """
