@@ -139,11 +139,11 @@ def test_lora_shrink_expand_reference_matches_per_row_math():
 
     torch.manual_seed(0)
     x, y = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 20, dtype=torch.float64)
-    a, b = torch.randn(3, 4, 12, dtype=torch.float64), torch.randn(3, 9, 4, dtype=torch.float64)
+    a, b = torch.randn(3, 4, 12, dtype=torch.float64), torch.randn(3, 4, 9, dtype=torch.float64)
     slots = torch.tensor([0, -1, 2, 2, 0, -1, 2])
     want = y.clone()
     for t, s in enumerate(slots.tolist()):
         if s >= 0:
-            want[t, 5:14] += b[s] @ (a[s] @ x[t])
+            want[t, 5:14] += b[s].t() @ (a[s] @ x[t])
     lora_shrink_expand(x, y[:, 5:14], a, b, slots, (0, 2))
     assert torch.allclose(y, want)

@@ -48,7 +48,7 @@ def test_cpu_kernel_reads_only_each_slots_real_rank():
     reference.lora_shrink_expand(case["x"], want[:, 4:-4], a, b, case["token_slots"], case["active_slots"])
     for s, r in enumerate(ranks.tolist()):
         a[s, r:] = float("nan")
-        b[s, :, r:] = float("nan")
+        b[s, r:] = float("nan")
     got = case["y"].clone()
     ops.lora_shrink_expand(case["x"], got[:, 4:-4], a, b, case["token_slots"], case["active_slots"], ranks)
     assert not got.isnan().any()
@@ -87,7 +87,7 @@ def test_the_clause_catches_a_kernel_that_runs_base_rows_or_drops_a_rank():
         reference.lora_shrink_expand(x, y, a, b, token_slots.clamp(min=0), tuple(range(a.shape[0])), ranks)
 
     def first_rank_row_only(x, y, a, b, token_slots, active_slots, ranks=None):
-        reference.lora_shrink_expand(x, y, a[:, :1].contiguous(), b[:, :, :1].contiguous(), token_slots,
+        reference.lora_shrink_expand(x, y, a[:, :1].contiguous(), b[:, :1].contiguous(), token_slots,
                                      active_slots)
 
     for wrong in (base_rows_too, first_rank_row_only):

@@ -292,7 +292,7 @@ def _lora_ok(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         return False
     if x.dim() != 2 or y.dim() != 2 or a.dim() != 3 or b.dim() != 3 or x.shape[0] != y.shape[0]:
         return False
-    if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2] or a.shape[2] != x.shape[1] or b.shape[1] != y.shape[1]:
+    if a.shape[0] != b.shape[0] or a.shape[1] != b.shape[1] or a.shape[2] != x.shape[1] or b.shape[2] != y.shape[1]:
         return False
     if ranks is not None and (ranks.dtype != torch.int32 or not ranks.is_contiguous() or ranks.shape != (a.shape[0],)
                               or not ranks.is_cpu):
@@ -302,13 +302,17 @@ def _lora_ok(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             and token_slots.is_contiguous() and token_slots.shape == (x.shape[0],))
 
 
+LORA_NATIVE_ENV = "LLMCTL_CPU_LORA_NATIVE"  # 0: lora_shrink_expand on the torch reference (for A/B measurements)
+lora_native = native.env_on(LORA_NATIVE_ENV)
+
+
 def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                        token_slots: torch.Tensor, active_slots: tuple[int, ...],
                        ranks: torch.Tensor | None = None) -> None:
     """One C call per projection instead of two matmuls and an index_add per adapter, reading only each slot's
     real rank of the padded slots. Rows are taken from ``token_slots`` directly: ``active_slots`` only has to
     cover them, as the runner's does."""
-    lib = native.kernels()
+    lib = native.kernels() if lora_native else None
     if lib is None or not _lora_ok(x, y, a, b, token_slots, ranks):
         reference.lora_shrink_expand(x, y, a, b, token_slots, active_slots, ranks)
         return

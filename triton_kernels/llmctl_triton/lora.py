@@ -1,7 +1,8 @@
 """Multi-LoRA shrink and expand by adapter slot: ``y[t] += B[s] @ (A[s] @ x[t])`` with ``s = token_slots[t]``.
 
 Two kernels, as punica splits them: the shrink writes each row's ``[max_rank]`` vector (float32 scratch), the
-expand adds ``B[s] @ h`` to a block of output columns per program. Each slot's real rank (``ranks``) masks the
+expand adds ``h @ B[s]`` to a block of output columns per program (B stored transposed, ``[slots, max_rank,
+out]``, so a block's loads run along the outputs). Each slot's real rank (``ranks``) masks the
 padded part of the stored slots, so a rank-8 adapter in rank-64 slots reads an eighth of them, and a row of the
 base model (slot -1) or of a slot whose adapter does not target this projection (rank 0) writes nothing. The
 shrunk vector and the delta are rounded to the dtype where the torch reference rounds them.
@@ -48,10 +49,10 @@ def _expand_kernel(y_ptr, b_ptr, slots_ptr, ranks_ptr, h_ptr, stride_y, out_feat
     j_ok = js < rank
     n_ok = cols < tl.where(rank > 0, out_features, 0)  # rank 0 (or a base row): write nothing
     h = tl.load(h_ptr + row * R_PAD + js, mask=j_ok, other=0.0)
-    base = tl.maximum(slot, 0).to(tl.int64) * out_features * max_rank
-    b = tl.load(b_ptr + base + cols[:, None].to(tl.int64) * max_rank + js[None, :],
-                mask=n_ok[:, None] & j_ok[None, :], other=0.0).to(tl.float32)
-    delta = tl.sum(b * h[None, :], axis=1).to(y_ptr.dtype.element_ty).to(tl.float32)
+    base = tl.maximum(slot, 0).to(tl.int64) * max_rank * out_features
+    b = tl.load(b_ptr + base + js[:, None].to(tl.int64) * out_features + cols[None, :],
+                mask=j_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)  # B transposed: rows along outputs
+    delta = tl.sum(b * h[:, None], axis=0).to(y_ptr.dtype.element_ty).to(tl.float32)
     y = tl.load(y_ptr + row * stride_y + cols, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (y + delta).to(y_ptr.dtype.element_ty), mask=n_ok)
 
@@ -66,7 +67,7 @@ def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: tor
     if rows == 0:
         return
     num_slots, max_rank, in_features = a.shape
-    out_features = b.shape[1]
+    out_features = b.shape[2]
     if ranks is None:
         ranks = torch.full((num_slots,), max_rank, dtype=torch.int32, device=a.device)
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -41,10 +41,11 @@ class Shard:
 
 
 class LoRALinearSlots:
-    """``A`` [max_loras, max_rank, in] and ``B`` [max_loras, width, max_rank] per shard; a slot's unused rank rows
-    stay zero, which adds exact zeros, so adapters of any rank up to max_rank share the buffers. Each shard also
-    keeps every slot's real rank (0 where the slot's adapter does not target it): kernels skip the padded part, and
-    a shard that no active adapter targets is not run at all."""
+    """``A`` [max_loras, max_rank, in] and ``B`` transposed, [max_loras, max_rank, width], per shard (so the expand
+    reads each rank row of B along the output columns, contiguous). A slot's unused rank rows stay zero, which adds
+    exact zeros, so adapters of any rank up to max_rank share the buffers. Each shard also keeps every slot's real
+    rank (0 where the slot's adapter does not target it): kernels skip the padded part, and a shard that no active
+    adapter targets is not run at all."""
 
     def __init__(self, shards: list[Shard], in_features: int, max_loras: int, max_rank: int, dtype: torch.dtype,
                  device: torch.device, mapping: StepMapping, op: Callable[..., None], *,
@@ -54,7 +55,7 @@ class LoRALinearSlots:
         self.op = op
         self.on_logits = on_logits  # the LM head: its rows are the logits rows, not the step's tokens
         self.a = [torch.zeros(max_loras, max_rank, in_features, dtype=dtype, device=device) for _ in shards]
-        self.b = [torch.zeros(max_loras, s.width, max_rank, dtype=dtype, device=device) for s in shards]
+        self.b = [torch.zeros(max_loras, max_rank, s.width, dtype=dtype, device=device) for s in shards]
         self.ranks = [torch.zeros(max_loras, dtype=torch.int32, device=device) for _ in shards]
         self._host_ranks = [[0] * max_loras for _ in shards]
 
@@ -67,7 +68,7 @@ class LoRALinearSlots:
             if found is not None:
                 wa, wb = found
                 a[slot, : wa.shape[0]].copy_(wa)
-                b[slot, :, : wb.shape[1]].copy_(wb)
+                b[slot, : wb.shape[1]].copy_(wb.t())
                 rank = wa.shape[0]
             self.ranks[i][slot] = rank
             self._host_ranks[i][slot] = rank

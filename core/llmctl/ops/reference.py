@@ -156,18 +156,19 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
 def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                        token_slots: torch.Tensor, active_slots: tuple[int, ...],
                        ranks: torch.Tensor | None = None) -> None:
-    """``y[t] += (x[t] @ a[s].T) @ b[s].T`` in place for every token ``t`` whose adapter slot ``s =
+    """``y[t] += (x[t] @ a[s].T) @ b[s]`` in place for every token ``t`` whose adapter slot ``s =
     token_slots[t]`` is one of ``active_slots`` (punica's shrink, then expand, by adapter index), so one batch mixes
     adapters and base-model rows (slot -1; every slot >= 0 in ``token_slots`` is in ``active_slots``, so a kernel
-    may read the slots from ``token_slots`` alone). ``a`` [slots, max_rank, in], ``b`` [slots, out, max_rank];
+    may read the slots from ``token_slots`` alone). ``a`` [slots, max_rank, in], ``b`` [slots, max_rank, out]
+    (B transposed, so each rank row is contiguous along the outputs);
     ``y`` may be a column view of a merged projection's output. ``ranks`` (int32 [slots], on ``a``'s device) is
-    each slot's real rank: ``a``'s rows and ``b``'s columns past it are zero, so a kernel may skip them (0: nothing
+    each slot's real rank: ``a``'s and ``b``'s rows past it are zero, so a kernel may skip them (0: nothing
     to add for that slot); this reference computes the padded part, which adds exact zeros, to need no
     device-to-host read."""
     for slot in active_slots:
         rows = (token_slots == slot).nonzero().squeeze(1)
         if rows.numel():
-            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot].t())
+            y.index_add_(0, rows, (x.index_select(0, rows) @ a[slot].t()) @ b[slot])
 
 
 OP_NAMES: tuple[str, ...] = (

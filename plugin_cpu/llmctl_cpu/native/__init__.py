@@ -167,12 +167,12 @@ class NativeKernels:
 
     def lora_shrink_expand(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                            token_slots: torch.Tensor, ranks: torch.Tensor) -> None:
-        """``y[t] += B[s, :, :r] @ (A[s, :r] @ x[t])`` in place, ``s = token_slots[t]`` (< 0: skipped), ``r =
-        ranks[s]``. ``x`` [T, in] and ``y`` [T, out] with unit column stride; ``a`` [S, R, in] and ``b`` [S, out, R]
+        """``y[t] += B[s, :r].T @ (A[s, :r] @ x[t])`` in place, ``s = token_slots[t]`` (< 0: skipped), ``r =
+        ranks[s]``. ``x`` [T, in] and ``y`` [T, out] with unit column stride; ``a`` [S, R, in] and ``b`` [S, R, out]
         contiguous, one dtype; ``token_slots`` int64 [T] and ``ranks`` int32 [S] (each <= R) contiguous."""
         slots, max_rank, in_features = a.shape
         rc = self._lora(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), a.data_ptr(),
-                        b.data_ptr(), token_slots.data_ptr(), ranks.data_ptr(), x.shape[0], in_features, b.shape[1],
+                        b.data_ptr(), token_slots.data_ptr(), ranks.data_ptr(), x.shape[0], in_features, b.shape[2],
                         max_rank, slots, torch.get_num_threads())
         if rc == -2:
             raise MemoryError("lora_shrink_expand: the kernel could not allocate its scratch memory")

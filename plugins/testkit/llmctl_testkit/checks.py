@@ -488,14 +488,15 @@ def check_gated_linear(pack, gated, device: torch.device, dtype: torch.dtype) ->
 
 def lora_case(rows: int, dtype: torch.dtype, gen: torch.Generator, in_features: int = 96, out_features: int = 200,
               max_rank: int = 16, ranks: tuple[int, ...] = (16, 4, 0, 7)) -> dict[str, object]:
-    """Inputs of ``lora_shrink_expand`` as the LoRA layers store them: four slots padded to ``max_rank`` (zeros past
+    """Inputs of ``lora_shrink_expand`` as the LoRA layers store them (``b`` transposed): four slots padded to
+    ``max_rank`` (zeros past
     each slot's rank; rank 0 is a slot whose adapter does not target the projection), rows of mixed slots with base
     rows (-1) among them, and ``y`` a column view inside a wider output, whose other columns must stay put."""
     a = torch.zeros(len(ranks), max_rank, in_features)
-    b = torch.zeros(len(ranks), out_features, max_rank)
+    b = torch.zeros(len(ranks), max_rank, out_features)
     for s, r in enumerate(ranks):
         a[s, :r] = torch.randn(r, in_features, generator=gen) / in_features ** 0.5
-        b[s, :, :r] = torch.randn(out_features, r, generator=gen) / max_rank ** 0.5  # deltas of y's size
+        b[s, :r] = torch.randn(r, out_features, generator=gen) / max_rank ** 0.5  # deltas of y's size
     slots = torch.randint(-1, len(ranks), (rows,), generator=gen)
     slots[0] = 0 if rows == 1 else slots[0]  # a single row still runs an adapter
     return {"x": torch.randn(rows, in_features, generator=gen).to(dtype),

@@ -2,9 +2,9 @@
  *
  * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone.
  *
- * The slots hold every adapter padded to max_rank (A [slots, max_rank, in], B [slots, out, max_rank], zeros past
- * the adapter's rank); ranks[s] is slot s's real rank (0: the slot's adapter does not target this projection), so
- * only the first ranks[s] rows of A and columns of B are read. Rows of slot < 0 (the base model) are skipped.
+ * The slots hold every adapter padded to max_rank (A [slots, max_rank, in], B transposed [slots, max_rank, out],
+ * zeros past the adapter's rank); ranks[s] is slot s's real rank (0: the slot's adapter does not target this
+ * projection), so only the first ranks[s] rows of A and of B are read. Rows of slot < 0 (the base model) are skipped.
  * Rounding follows the torch reference: the shrunk vector and the expanded delta are rounded to the dtype, then
  * added to y and rounded again; only the order of each dot product's float32 sum differs. Each row is computed
  * from its own data alone, so a row's result does not depend on the batch. */
@@ -19,7 +19,7 @@ static inline __m512 lora_load_masked(const void *base, int64_t offset, int dtyp
 #define LORA_AVX512 0
 #endif
 
-/* sum_i u[offset + i] * v[i]: u in the dtype, v float32. */
+/* sum_i u[offset + i] * v[i]: u in the dtype, v float32 (the shrink's dot products). */
 static inline float lora_dot(const void *u, int64_t offset, int dtype, const float *restrict v, int n) {
 #if LORA_AVX512
     __m512 acc = _mm512_setzero_ps();
@@ -88,7 +88,8 @@ int llmctl_lora_shrink_expand(int dtype, const void *x, int64_t x_stride, void *
         free(h);
         return -2;
     }
-    /* expand: y[t, o] += B[s, o, :r] @ h[t, :r], the delta rounded to the dtype before the add */
+    /* expand: y[t, lo:hi] += h[t, :r] @ B[s, :r, lo:hi] (B stored transposed: each rank row runs along the
+     * outputs), a block of columns accumulated in float32, the delta rounded to the dtype before the add */
     const int blocks = (out_features + LORA_COL_BLOCK - 1) / LORA_COL_BLOCK;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int t = 0; t < num_tokens; t++) {
@@ -98,17 +99,41 @@ int llmctl_lora_shrink_expand(int dtype, const void *x, int64_t x_stride, void *
             if (r <= 0) continue;
             const float *ht = h + (int64_t)t * max_rank;
             const int lo = blk * LORA_COL_BLOCK;
-            const int hi = lo + LORA_COL_BLOCK < out_features ? lo + LORA_COL_BLOCK : out_features;
-            for (int o = lo; o < hi; o++) {
-                const float delta = lora_round(dtype, lora_dot(b, (s * out_features + o) * (int64_t)max_rank, dtype,
-                                                               ht, r));
-                const int64_t at = (int64_t)t * y_stride + o;
-                if (dtype == DT_F32) {
-                    ((float *)y)[at] += delta;
-                } else {
-                    bf16_t *yb = (bf16_t *)y + at;
-                    *yb = f32_to_bf16(bf16_to_f32(*yb) + delta);
+            const int n = lo + LORA_COL_BLOCK < out_features ? LORA_COL_BLOCK : out_features - lo;
+            float acc[LORA_COL_BLOCK];
+            memset(acc, 0, sizeof acc);
+            for (int j = 0; j < r; j++) {
+                const int64_t row = (s * max_rank + j) * (int64_t)out_features + lo;
+                const float hj = ht[j];
+#if LORA_AVX512
+                const __m512 hv = _mm512_set1_ps(hj);
+                int i = 0;
+                for (; i + 16 <= n; i += 16)
+                    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(load16(b, row + i, dtype), hv, _mm512_loadu_ps(acc + i)));
+                if (i < n) {
+                    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+                    _mm512_mask_storeu_ps(acc + i, m, _mm512_fmadd_ps(lora_load_masked(b, row + i, dtype, m), hv,
+                                                                      _mm512_maskz_loadu_ps(m, acc + i)));
                 }
+#else
+                if (dtype == DT_F32) {
+                    const float *restrict p = (const float *)b + row;
+#pragma omp simd
+                    for (int i = 0; i < n; i++) acc[i] += p[i] * hj;
+                } else {
+                    const bf16_t *restrict p = (const bf16_t *)b + row;
+#pragma omp simd
+                    for (int i = 0; i < n; i++) acc[i] += bf16_to_f32(p[i]) * hj;
+                }
+#endif
+            }
+            const int64_t at = (int64_t)t * y_stride + lo;
+            if (dtype == DT_F32) {
+                float *yf = (float *)y + at;
+                for (int i = 0; i < n; i++) yf[i] += acc[i];
+            } else {
+                bf16_t *yb = (bf16_t *)y + at;
+                for (int i = 0; i < n; i++) yb[i] = f32_to_bf16(bf16_to_f32(yb[i]) + lora_round(dtype, acc[i]));
             }
         }
     }
