@@ -110,6 +110,7 @@ def test_kv_heads_neither_split_nor_replicated_is_refused(tmp_path, test_tokeniz
     ({"tensor_parallel_size": 0}, "tensor_parallel_size: must be an integer >= 1"),
     ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, "distributed_executor_backend: 'uni'"),
     ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend: must be one of"),
+    ({"pipeline_parallel_size": 2, "enable_lora": True}, "enable_lora: not supported with pipeline_parallel_size"),
 ])
 def test_parallel_arguments_are_checked(kwargs, match):
     from llmctl.config import EngineArgs
