@@ -212,33 +212,44 @@ def resolve_eagle_head(config: Any, model_config: Any, trust_remote_code: bool) 
     return source
 
 
-def load_eagle_proposer(source: Any, core: Any) -> EagleProposer:
-    """The head on the target's platform, dtype and block geometry, sharing the target's embedding and LM head."""
+def checkpoint_tensor_names(source: Any) -> set[str]:
+    """The tensor names of a head's safetensors files (optional tensors decide the head's shape)."""
     from safetensors import safe_open
 
-    from llmctl.engine.core import _kv_geometry
-    from llmctl.loader.model_loader import load_model
     from llmctl.loader.weights import safetensors_files
-    from llmctl.plugins import get_plugin_manager
 
     names: set[str] = set()
     for path in safetensors_files(source.local_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names.update(f.keys())
-    cfg = source.hf_config
-    cfg.eagle_fc_bias = "fc.bias" in names or "model.fc.bias" in names
+    return names
+
+
+def build_head_proposer(source: Any, core: Any, make_head: Any) -> EagleProposer:
+    """Load a draft head (``make_head(config, ctx)``) on the target's platform, dtype and block geometry, with
+    its own one-layer KV cache of the target's block count; shared by the EAGLE and EAGLE-3 heads."""
+    from llmctl.engine.core import _kv_geometry
+    from llmctl.loader.model_loader import load_model
+    from llmctl.plugins import get_plugin_manager
+
     plugins = get_plugin_manager()
     dtype = core.model_config.dtype
-    head_size, _, _ = _kv_geometry(cfg)
+    head_size, _, _ = _kv_geometry(source.hf_config)
     features = frozenset({"chunked_prefill", "prefix_caching"})
     attention = plugins.select_attention_backend(core.platform, dtype, head_size, core.args.block_size, features)
     ctx = ModelContext(ops=core.ops, attention=attention, dtype=dtype, device=core.device, quant=None)
-    head = load_model(source, ctx, plugins.registry, core.platform.name,
-                      model_cls=lambda c, x: EagleHead(c, x, core.model))
+    head = load_model(source, ctx, plugins.registry, core.platform.name, model_cls=make_head)
     spec = head.kv_cache_spec()
     num_blocks = core.cache_config.num_blocks
     shape = attention.kv_cache_shape(num_blocks, core.args.block_size, spec.num_kv_heads, spec.head_size)
     caches = [torch.empty(shape, dtype=dtype, device=core.device)]
     core.platform.prepare_kv_cache(caches, num_blocks)
     return EagleProposer(head, caches, core.args.block_size, core.device, core.kv)
+
+
+def load_eagle_proposer(source: Any, core: Any) -> EagleProposer:
+    """The head on the target's platform, dtype and block geometry, sharing the target's embedding and LM head."""
+    names = checkpoint_tensor_names(source)
+    source.hf_config.eagle_fc_bias = "fc.bias" in names or "model.fc.bias" in names
+    return build_head_proposer(source, core, lambda c, x: EagleHead(c, x, core.model))
 

@@ -28,7 +28,7 @@ from llmctl.layers._module import EngineModule
 from llmctl.layers.fused_loading import STACKED_QKV_GATE_UP, load_fused, missing_tensors
 from llmctl.layers.linear import Linear
 from llmctl.models.base import KVCacheSpec, ModelContext
-from llmctl.spec_decode.eagle import EagleProposer, target_embeddings
+from llmctl.spec_decode.eagle import EagleProposer, build_head_proposer, checkpoint_tensor_names, target_embeddings
 
 _FIELD = "speculative_config.model"
 _IGNORED = ("t2d",)  # the target-to-draft mask: only training uses it
@@ -198,21 +198,11 @@ def resolve_eagle3_head(config: Any, model_config: Any, trust_remote_code: bool)
 
 def load_eagle3_proposer(source: Any, core: Any) -> EagleProposer:
     """The head on the target's platform, dtype and block geometry; turns on the target's auxiliary outputs."""
-    from safetensors import safe_open
-
-    from llmctl.engine.core import _kv_geometry
-    from llmctl.loader.model_loader import load_model
-    from llmctl.loader.weights import safetensors_files
-    from llmctl.plugins import get_plugin_manager
-
     inner = getattr(core.model, "model", None)
     if not hasattr(inner, "aux_hidden_state_layers"):
         raise ValueError(f"speculative_config.method: eagle3 needs a Llama-family target that exposes its "
                          f"intermediate hidden states; {type(core.model).__name__} does not")
-    names: set[str] = set()
-    for path in safetensors_files(source.local_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names.update(f.keys())
+    names = checkpoint_tensor_names(source)
     cfg = source.hf_config
     if core.tp.size > 1:
         raise ValueError("speculative_config.method: eagle3 runs its head on one device; it is not supported with "
@@ -227,18 +217,6 @@ def load_eagle3_proposer(source: Any, core: Any) -> EagleProposer:
     if not cfg.eagle3_own_lm_head and draft_vocab != cfg.vocab_size:
         raise ValueError(f"{_FIELD}: the EAGLE-3 checkpoint lacks tensor lm_head.weight, which a draft vocabulary "
                          f"of {draft_vocab} tokens (not the target's {cfg.vocab_size}) needs")
-    plugins = get_plugin_manager()
-    dtype = core.model_config.dtype
-    head_size, _, _ = _kv_geometry(cfg)
-    features = frozenset({"chunked_prefill", "prefix_caching"})
-    attention = plugins.select_attention_backend(core.platform, dtype, head_size, core.args.block_size, features)
-    ctx = ModelContext(ops=core.ops, attention=attention, dtype=dtype, device=core.device, quant=None)
-    head = load_model(source, ctx, plugins.registry, core.platform.name,
-                      model_cls=lambda c, x: Eagle3Head(c, x, core.model))
+    proposer = build_head_proposer(source, core, lambda c, x: Eagle3Head(c, x, core.model))
     inner.aux_hidden_state_layers = aux_layers_of(cfg, len(inner.layers))
-    spec = head.kv_cache_spec()
-    num_blocks = core.cache_config.num_blocks
-    shape = attention.kv_cache_shape(num_blocks, core.args.block_size, spec.num_kv_heads, spec.head_size)
-    caches = [torch.empty(shape, dtype=dtype, device=core.device)]
-    core.platform.prepare_kv_cache(caches, num_blocks)
-    return EagleProposer(head, caches, core.args.block_size, core.device, core.kv)
+    return proposer
