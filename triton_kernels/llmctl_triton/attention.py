@@ -37,6 +37,36 @@ DEFAULT_PARTITION = 512
 
 
 @triton.jit
+def _key_scores(q, kt, k_scale_ptrs, k_ok, scale_log2, KV_FMT: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """Q.K^T in log2 units for one key tile; 8-bit codes are dequantized in registers and each key's scale is
+    applied to its score. Shared by the single-pass and the split-K kernels."""
+    if KV_FMT != 0:
+        s = tl.dot(q, code_to_f32(kt, KV_FMT), input_precision=DOT_PREC)
+        ksc = tl.load(k_scale_ptrs, mask=k_ok, other=0.0)
+        s = s * ksc[None, :] * scale_log2
+    else:
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+    return s
+
+
+@triton.jit
+def _weighted_values(p, v, v_scale_ptrs, k_ok, KV_FMT: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """P.V for one value tile; with 8-bit codes each value row's scale is folded into its probabilities."""
+    if KV_FMT != 0:
+        vsc = tl.load(v_scale_ptrs, mask=k_ok, other=0.0)
+        pv = tl.dot(p * vsc[None, :], code_to_f32(v, KV_FMT), input_precision=DOT_PREC)
+    else:
+        if UPCAST:
+            v = v.to(tl.float32)
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return pv
+
+
+@triton.jit
 def _paged_attn_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
@@ -91,15 +121,8 @@ def _paged_attn_kernel(
         slot = kpos % BLOCK_SIZE
         kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
                      + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0)
-        if KV_FMT != 0:  # 8-bit codes: dequantized in registers, the key's scale applied to its score
-            s = tl.dot(q, code_to_f32(kt, KV_FMT), input_precision=DOT_PREC)
-            ksc = tl.load(k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
-                          mask=k_ok, other=0.0)
-            s = s * ksc[None, :] * scale_log2
-        else:
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+        s = _key_scores(q, kt, k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
+                        k_ok, scale_log2, KV_FMT, UPCAST, DOT_PREC)
         allowed = (kpos[None, :] <= q_pos[:, None]) & (kpos[None, :] > q_pos[:, None] - window) & k_ok[None, :]
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -109,14 +132,9 @@ def _paged_attn_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
                     + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0)
-        if KV_FMT != 0:  # each value row's scale folded into its probabilities
-            vsc = tl.load(v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4,
-                          mask=k_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p * vsc[None, :], code_to_f32(v, KV_FMT), input_precision=DOT_PREC)
-        else:
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _weighted_values(
+            p, v, v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4, k_ok, KV_FMT,
+            UPCAST, DOT_PREC)
         m_i = m_new
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -179,15 +197,8 @@ def _paged_decode_split_kernel(
         slot = kpos % BLOCK_SIZE
         kt = tl.load(k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_ks + kvh * stride_kh
                      + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0)
-        if KV_FMT != 0:  # 8-bit codes: dequantized in registers, the key's scale applied to its score
-            s = tl.dot(q, code_to_f32(kt, KV_FMT), input_precision=DOT_PREC)
-            ksc = tl.load(k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
-                          mask=k_ok, other=0.0)
-            s = s * ksc[None, :] * scale_log2
-        else:
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale_log2
+        s = _key_scores(q, kt, k_scale_ptr + blk * stride_kwb + slot * stride_kws + kvh * stride_kwh + HEAD // 4,
+                        k_ok, scale_log2, KV_FMT, UPCAST, DOT_PREC)
         allowed = k_ok & (kpos > q_pos - window)
         s = tl.where(allowed[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,14 +208,9 @@ def _paged_decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh
                     + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0)
-        if KV_FMT != 0:  # each value row's scale folded into its probabilities
-            vsc = tl.load(v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4,
-                          mask=k_ok, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p * vsc[None, :], code_to_f32(v, KV_FMT), input_precision=DOT_PREC)
-        else:
-            if UPCAST:
-                v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _weighted_values(
+            p, v, v_scale_ptr + blk * stride_vwb + slot * stride_vws + kvh * stride_vwh + HEAD // 4, k_ok, KV_FMT,
+            UPCAST, DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
