@@ -154,6 +154,26 @@ def check_supports(backend: AttentionBackend, case: AttentionCase) -> Support:
     return support
 
 
+
+def _write_past_and_new(backend: AttentionBackend, batch: Batch, kv_cache: torch.Tensor, dmd: AttentionMetadata,
+                        device: torch.device | str, clause: str, what: str) -> None:
+    """The case's earlier tokens, then this step's, through the backend's own write_kv; a raise names ``clause``."""
+    try:
+        backend.write_kv(batch.past_key.to(device), batch.past_value.to(device), kv_cache,
+                         batch.past_slots.to(device))
+        backend.write_kv(batch.new_key.to(device), batch.new_value.to(device), kv_cache, dmd.slot_mapping)
+    except Exception as exc:
+        raise ContractViolation(clause, f"{backend.name}.write_kv raised {type(exc).__name__}: {exc} ({what})") \
+            from exc
+
+
+def _owned_slots(batch: Batch, md: AttentionMetadata, block_size: int) -> torch.Tensor:
+    """[num_blocks, block_size] bool: the slots the case wrote (the others hold poison and are not compared)."""
+    flat = torch.zeros(batch.num_blocks * block_size, dtype=torch.bool)
+    flat[batch.past_slots] = True
+    flat[md.slot_mapping[md.slot_mapping >= 0]] = True
+    return flat.view(batch.num_blocks, block_size)
+
 def check_attention(backend: AttentionBackend, device: torch.device, case: AttentionCase) -> None:
     """write_kv + forward of ``backend`` against the reference on one batch.
 
@@ -190,19 +210,11 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     kv_cache.fill_(float("nan"))
 
     dmd = metadata_to(md, device)
-    try:
-        backend.write_kv(batch.past_key.to(device), batch.past_value.to(device), kv_cache,
-                         batch.past_slots.to(device))
-        backend.write_kv(batch.new_key.to(device), batch.new_value.to(device), kv_cache, dmd.slot_mapping)
-    except Exception as exc:
-        raise ContractViolation("attention.write_kv", f"{backend.name}.write_kv raised {type(exc).__name__}: "
-                                                      f"{exc} ({case.describe()})") from exc
+    _write_past_and_new(backend, batch, kv_cache, dmd, device, "attention.write_kv", case.describe())
     if shape == ref_cache.shape:
         # Default layout: every owned slot must equal the reference's (NaN-poisoned unowned slots are skipped).
-        flat = torch.zeros(batch.num_blocks * case.block_size, dtype=torch.bool)
-        flat[batch.past_slots] = True
-        flat[md.slot_mapping[md.slot_mapping >= 0]] = True
-        owned = flat.view(1, batch.num_blocks, case.block_size, 1, 1).expand(ref_cache.shape)
+        owned = _owned_slots(batch, md, case.block_size).view(1, batch.num_blocks, case.block_size, 1, 1)
+        owned = owned.expand(ref_cache.shape)
         assert_close("attention.write_kv", kv_cache.float().cpu()[owned], ref_cache[owned], case.dtype,
                      f"{backend.name}: KV cache contents after write_kv ({case.describe()})")
 
@@ -268,18 +280,10 @@ def check_attention_kv8(backend: AttentionBackend, device: torch.device, case: A
     kv_cache = torch.empty(shape, dtype=kv_dtype, device=device)
     kv_cache.view(torch.uint8).fill_(0x7F)
     dmd = metadata_to(md, device)
-    try:
-        backend.write_kv(batch.past_key.to(device), batch.past_value.to(device), kv_cache,
-                         batch.past_slots.to(device))
-        backend.write_kv(batch.new_key.to(device), batch.new_value.to(device), kv_cache, dmd.slot_mapping)
-    except Exception as exc:
-        raise ContractViolation("attention.kv8.write_kv", f"{backend.name}.write_kv raised {type(exc).__name__}: "
-                                                          f"{exc} ({case.describe()}, {kv_dtype})") from exc
+    _write_past_and_new(backend, batch, kv_cache, dmd, device, "attention.kv8.write_kv",
+                        f"{case.describe()}, {kv_dtype}")
     if shape == ref_cache.shape:
-        flat = torch.zeros(batch.num_blocks * case.block_size, dtype=torch.bool)
-        flat[batch.past_slots] = True
-        flat[md.slot_mapping[md.slot_mapping >= 0]] = True
-        owned = flat.view(batch.num_blocks, case.block_size)
+        owned = _owned_slots(batch, md, case.block_size)
         got, want = kv_cache.cpu().view(torch.uint8)[:, owned], ref_cache.view(torch.uint8)[:, owned]
         differ = int((got != want).sum())
         require(differ == 0, "attention.kv8.write_kv",
