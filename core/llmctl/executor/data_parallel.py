@@ -21,7 +21,7 @@ from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import messages as msg
-from llmctl.executor.mp import MultiprocCore
+from llmctl.executor.mp import MultiprocCore, split_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +37,7 @@ _SUMMED = ("kv_blocks_total", "kv_blocks_free", "prefix_cache_queried_tokens", "
 def _replica_cpus(replicas: int) -> list[list[int] | None]:
     if not hasattr(os, "sched_getaffinity"):
         return [None] * replicas
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < replicas:
-        return [None] * replicas
-    per, extra = divmod(len(cpus), replicas)
-    groups, start = [], 0
-    for i in range(replicas):
-        n = per + (1 if i < extra else 0)
-        groups.append(cpus[start:start + n])
-        start += n
-    return groups
+    return split_cpus(sorted(os.sched_getaffinity(0)), replicas)
 
 
 class DataParallelCore:

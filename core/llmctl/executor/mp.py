@@ -41,13 +41,19 @@ def cpu_groups(world_size: int, cpus: list[int] | None = None) -> list[list[int]
     where there are fewer CPUs than ranks, off Linux, or with ``LLMCTL_MP_BIND_CPUS=0``."""
     if os.environ.get(msg.BIND_CPUS_ENV, "1") == "0" or not hasattr(os, "sched_getaffinity"):
         return [None] * world_size
-    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
-    if len(cpus) < world_size:
-        return [None] * world_size
-    per, extra = divmod(len(cpus), world_size)
-    groups, start = [], 0
-    for rank in range(world_size):
-        n = per + (1 if rank < extra else 0)
+    return split_cpus(sorted(cpus if cpus is not None else os.sched_getaffinity(0)), world_size)
+
+
+def split_cpus(cpus: list[int], parts: int) -> list[list[int] | None]:
+    """``cpus`` in ``parts`` contiguous groups, the first ones a CPU larger when they do not divide; None for
+    every part when there are fewer CPUs than parts."""
+    if len(cpus) < parts:
+        return [None] * parts
+    per, extra = divmod(len(cpus), parts)
+    groups: list[list[int] | None] = []
+    start = 0
+    for i in range(parts):
+        n = per + (1 if i < extra else 0)
         groups.append(cpus[start:start + n])
         start += n
     return groups
