@@ -311,8 +311,8 @@ async def _render_chat(state: ServerState, msgs: list[dict[str, Any]], add_gener
         if image_marker is None:
             return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
         mm = state.engine.multimodal
-        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs, image_marker, mm.image_token_id,
-                                         mm.image_token_text())
+        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs, image_marker, mm.image_prompt_ids(),
+                                         mm.image_prompt_text())
 
     text, ids = await asyncio.to_thread(render)
     if not ids:
