@@ -201,8 +201,8 @@ def test_token_id_prompt_and_ngram_drafts(qwen2_vl_dir, hf_qwen2_vl):
 
 
 def test_offline_chat_wraps_each_image(qwen2_vl_dir, hf_qwen2_vl):
-    """Chat image parts become vision start, placeholder, vision end in the message, as Qwen2-VL's template
-    writes them."""
+    """Chat image parts become vision start, placeholder, vision end straight before the message's text, as
+    Qwen2-VL's template writes them."""
     import base64
     import io
 
@@ -214,7 +214,7 @@ def test_offline_chat_wraps_each_image(qwen2_vl_dir, hf_qwen2_vl):
     out = llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                  {"type": "text", "text": "What is it?"}]}], _greedy(),
                    use_tqdm=False)[0]
-    text = hf_qwen2_vl.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE}\nWhat is it?"}],
+    text = hf_qwen2_vl.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE}What is it?"}],
                                                      tokenize=False, add_generation_prompt=True)
     _assert_same(out.outputs[0], *hf_qwen2_vl.greedy(text, [img]))
 

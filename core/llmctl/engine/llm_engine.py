@@ -70,7 +70,8 @@ class LLMEngine:
                                    parse_limit_mm_per_prompt(self.args.limit_mm_per_prompt),
                                    self.args.trust_remote_code,
                                    self.tokenizer if getattr(model, "mm_image_processor_only", False) else None,
-                                   getattr(model, "image_wrap_token_ids", None))
+                                   getattr(model, "image_wrap_token_ids", None),
+                                   getattr(model, "chat_image_separator", "\n"))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

@@ -118,6 +118,7 @@ class Qwen2VLForConditionalGeneration(EngineModule):
     supports_multimodal = True
     uses_mrope = True
     mm_image_processor_only = True
+    chat_image_separator = ""  # Qwen2-VL's template writes an image's wrapper straight before the text
 
     @classmethod
     def attention_features(cls, hf_config: Any) -> frozenset[str]:

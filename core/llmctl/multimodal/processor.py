@@ -95,11 +95,13 @@ def placeholder_runs(ids: list[int], token_id: int) -> list[tuple[int, int]]:
 class MultiModalProcessor:
     def __init__(self, model_dir: Path, image_token_id: int, tokens_for: Callable[[tuple[int, int]], int],
                  limit_per_prompt: dict[str, int] | None = None, trust_remote_code: bool = False,
-                 tokenizer: Any = None, wrap_token_ids: tuple[int, int] | None = None) -> None:
+                 tokenizer: Any = None, wrap_token_ids: tuple[int, int] | None = None,
+                 chat_image_separator: str = "\n") -> None:
         """``tokens_for``: the model's placeholder count for an image of (height, width). ``tokenizer``: given,
         only the checkpoint's image processor is loaded and text prompts are tokenized with it.
         ``wrap_token_ids``: the tokens a chat turn puts before and after each image's placeholder (Qwen2-VL's
-        vision start and end)."""
+        vision start and end). ``chat_image_separator``: what a chat message puts between an image's placeholder
+        and what follows it (a line break, or nothing where the model's own template writes nothing)."""
         self.model_dir = model_dir
         self.image_token_id = image_token_id
         self.tokens_for = tokens_for
@@ -107,6 +109,7 @@ class MultiModalProcessor:
         self.trust_remote_code = trust_remote_code
         self.tokenizer = tokenizer
         self.wrap_token_ids = wrap_token_ids
+        self.chat_image_separator = chat_image_separator
         self._processor: Any = None
         self._lock = threading.Lock()
 
