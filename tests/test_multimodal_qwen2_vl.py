@@ -221,7 +221,7 @@ def test_offline_chat_wraps_each_image(qwen2_vl_dir, hf_qwen2_vl):
 
 def test_start_up_profiling_and_bad_input(qwen2_vl_dir, monkeypatch):
     """The profiling step encodes worst-case images (the processor's largest pixel bound); a wrong placeholder
-    count is refused by name."""
+    count and an image the resize cannot take are refused by name."""
     llm = _llm(qwen2_vl_dir, max_num_batched_tokens=64, max_num_seqs=2, limit_mm_per_prompt={"image": 3})
     core = llm.llm_engine.core
     model = core.model
@@ -237,6 +237,12 @@ def test_start_up_profiling_and_bad_input(qwen2_vl_dir, monkeypatch):
     with pytest.raises(ValueError, match=r"prompt: 0 image placeholder\(s\) \(<\|image_pad\|>\) for 1 image"):
         llm.generate({"prompt": "No placeholder", "multi_modal_data": {"image": _image(0)}}, _greedy(1),
                      use_tqdm=False)
+    thin = _image(1, (500, 2))  # past the image processor's aspect-ratio limit of 200
+    with pytest.raises(ValueError, match=r"multi_modal_data: the processor refused the input: absolute aspect"):
+        llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": thin}}, _greedy(1), use_tqdm=False)
+    ids = llm.get_tokenizer()(PROMPT)["input_ids"]
+    with pytest.raises(ValueError, match=r"multi_modal_data: a 500x2 image: absolute aspect ratio"):
+        llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": thin}}, _greedy(1), use_tqdm=False)
 
 
 @pytest.mark.parametrize("layout", ["transformers5"])

@@ -171,8 +171,11 @@ class MultiModalProcessor:
                 raise ValueError(f"multi_modal_data: the processor refused the input: {exc}") from None
             ids = [int(t) for t in out["input_ids"][0]]
         else:
-            out = proc.image_processor(images=images, return_tensors="pt")
             ids = self._expand(ids, [self.tokens_for((img.height, img.width)) for img in images])
+            try:
+                out = proc.image_processor(images=images, return_tensors="pt")
+            except (ValueError, OSError) as exc:
+                raise ValueError(f"multi_modal_data: the image processor refused the input: {exc}") from None
         pixels, grids = _per_image(out, len(images))
         runs = placeholder_runs(ids, self.image_token_id)
         self._check_count(len(runs), len(images))
