@@ -174,13 +174,30 @@ def test_prefix_and_encoder_cache_with_mrope(qwen2_vl_dir, hf_qwen2_vl):
 
 def test_preemption_recomputes_with_mrope(qwen2_vl_dir, hf_qwen2_vl):
     """A KV cache too small for three image requests at once: preempted requests recompute their prompt and
-    generated tokens with the same positions, and an n=2 request's siblings agree."""
+    generated tokens with the same positions, and an n=2 request's siblings agree. Every decode step's fast path
+    gives the positions the general path would."""
     block_bytes = 2 * 2 * 4 * 1 * 32 * 4  # layers x (k, v) x block_size x kv heads x head dim x fp32
     llm = _llm(qwen2_vl_dir, kv_cache_memory=30 * block_bytes, max_num_batched_tokens=16)
+    runner = llm.llm_engine.core.runner
+    general, decodes = runner._prepare_general, runner._prepare_decodes
+    shifted = []
+
+    def checked(sched):  # the decode fast path's [T] positions are the general path's three equal rows
+        fast, ref = decodes(sched), general(sched)
+        assert ref.positions.shape == (3, fast.positions.shape[0])
+        assert all(torch.equal(row, fast.positions) for row in ref.positions)
+        shifted.append(bool((fast.positions != fast.metadata.seq_lens - 1).any()))
+        return fast
+
+    runner._prepare_decodes = checked
     images = [_image(9), _image(10), _image(11)]
-    outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
-                        use_tqdm=False)
+    try:
+        outs = llm.generate([{"prompt": PROMPT, "multi_modal_data": {"image": img}} for img in images], _greedy(),
+                            use_tqdm=False)
+    finally:
+        del runner._prepare_decodes
     assert llm.llm_engine.core.scheduler.num_preemptions > 0
+    assert shifted and all(shifted)  # every decode ran at its index plus a (negative) delta
     for img, out in zip(images, outs):
         _assert_same(out.outputs[0], *hf_qwen2_vl.greedy(PROMPT, [img]))
     two = llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": images[0]}},
