@@ -209,3 +209,54 @@ def make_tiny_llava(out: Path, tok_dir: Path, seed: int = 7, kind: str = "llava"
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
+
+
+QWEN2_VL_PATCH = 4
+QWEN2_VL_MERGE = 2
+
+
+def make_tiny_qwen2_vl(out: Path, tok_dir: Path, seed: int = 9, kind: str = "qwen2_vl") -> Path:
+    """A random Qwen2-VL (``kind="qwen2_5_vl"``: Qwen2.5-VL) checkpoint: a 2-block vision tower over 4x4 patches
+    with the 2x2 patch merger, and a 2-layer Qwen2 language model with M-RoPE (sections 2+3+3 of its 16 rotary
+    frequencies), saved with its processor: the SmolLM2 tokenizer plus the vision tokens, and a PIL image
+    processor whose pixel bounds give an image 4 to 36 tokens depending on its size."""
+    import transformers as tf
+
+    tok = tf.AutoTokenizer.from_pretrained(str(tok_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                          "<|video_pad|>"]})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                      "<|video_pad|>")}
+    torch.manual_seed(seed)
+    text_kw = _common(tok)
+    text_kw.update(vocab_size=len(tok), hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+                   max_position_embeddings=512)
+    vision_kw = dict(depth=2, hidden_size=64, num_heads=2, patch_size=QWEN2_VL_PATCH,
+                     spatial_merge_size=QWEN2_VL_MERGE, temporal_patch_size=2, initializer_range=0.3)
+    if kind == "qwen2_vl":
+        vision = tf.Qwen2VLVisionConfig(embed_dim=32, mlp_ratio=2, **vision_kw)
+        cfg = tf.Qwen2VLConfig(text_config=tf.Qwen2VLTextConfig(**text_kw), vision_config=vision,
+                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                               vision_start_token_id=ids["<|vision_start|>"],
+                               vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        model = tf.Qwen2VLForConditionalGeneration(cfg).eval()
+    elif kind == "qwen2_5_vl":
+        # window attention: 16-px windows (2x2 merged units), every block but the last windowed
+        vision = tf.Qwen2_5_VLVisionConfig(intermediate_size=64, out_hidden_size=64, window_size=16,
+                                           fullatt_block_indexes=[1], **vision_kw)
+        cfg = tf.Qwen2_5_VLConfig(text_config=tf.Qwen2_5_VLTextConfig(**text_kw), vision_config=vision,
+                                  image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                  vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+        model = tf.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    else:
+        raise ValueError(kind)
+    unit = QWEN2_VL_PATCH * QWEN2_VL_MERGE
+    image_processor = tf.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * unit * unit, "longest_edge": 36 * unit * unit}, patch_size=QWEN2_VL_PATCH,
+        merge_size=QWEN2_VL_MERGE, temporal_patch_size=2)
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor.save_pretrained(out)  # transformers' joint processor would also want a video processor
+    tok.save_pretrained(out)  # (torchvision); the engine needs only these two
+    return out

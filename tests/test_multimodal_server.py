@@ -137,3 +137,34 @@ def test_llava_next_chat_matches_transformers(model_cache_dir, test_tokenizer):
     finally:
         srv.stop()
         engine.shutdown()
+
+
+def test_qwen2_vl_chat_matches_transformers(model_cache_dir, test_tokenizer):
+    """Qwen2-VL: each image becomes vision start, its expanded placeholder run, vision end, straight before the
+    text, as Qwen2-VL's own template writes it; the answer equals
+    transformers' on the same rendered prompt, and the usage counts the wrapper and the image's tokens."""
+    from tests.model_factory import make_tiny_qwen2_vl
+    from tests.test_multimodal_qwen2_vl import HF, IMAGE
+
+    path = make_tiny_qwen2_vl(model_cache_dir / "qwen2-vl-srv", model_cache_dir / "smollm2-tokenizer")
+    engine = build_engine(path, dtype="float32")
+    srv = start_server(engine, ServerSettings(served_model_names=["llava"]))
+    hf = HF(path)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        text = hf.tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE}{QUESTION}"}],
+                                                tokenize=False, add_generation_prompt=True)
+        text_only = client.chat.completions.create(model="llava", max_tokens=1, messages=[
+            {"role": "user", "content": [{"type": "text", "text": QUESTION}]}]).usage.prompt_tokens
+        for seed, size in ((0, (36, 44)), (1, (90, 30))):
+            rng = np.random.RandomState(seed)
+            img = Image.fromarray((rng.rand(size[1], size[0], 3) * 255).astype("uint8"))
+            resp = _chat(client, "data:image/png;base64," + base64.b64encode(png_bytes(img)).decode())
+            ref, _ = hf.greedy(text, [img], MAX_TOKENS)
+            assert resp.choices[0].message.content == hf.tokenizer.decode(ref, skip_special_tokens=True)
+            # the image's tokens, vision start and end (no line break: Qwen2-VL's template writes none)
+            assert resp.usage.prompt_tokens == text_only + engine.multimodal.tokens_for((img.height, img.width)) + 2
+        wait_kv_free(engine)
+    finally:
+        srv.stop()
+        engine.shutdown()

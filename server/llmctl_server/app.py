@@ -241,7 +241,8 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
         model = state.check_model(body.model)
         p.check_limits(body, max_n=settings.max_n, max_model_len=max_model_len, vocab_size=vocab_size)
         check_prompt_logprobs(body)
-        plan = plan_chat(body, settings, reasoning_end_ids)
+        mm = getattr(state.engine, "multimodal", None)
+        plan = plan_chat(body, settings, reasoning_end_ids, getattr(mm, "chat_image_separator", "\n"))
         images = check_images(state.engine, plan.images)  # before any rendering or fetching
         text, ids = await _render_chat(state, plan.messages, body.add_generation_prompt, body.chat_template_kwargs,
                                        plan.tools, plan.image_marker)
@@ -311,8 +312,8 @@ async def _render_chat(state: ServerState, msgs: list[dict[str, Any]], add_gener
         if image_marker is None:
             return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs)
         mm = state.engine.multimodal
-        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs, image_marker, mm.image_token_id,
-                                         mm.image_token_text())
+        return state.renderer.prompt_ids(msgs, add_generation_prompt, kwargs, image_marker, mm.image_prompt_ids(),
+                                         mm.image_prompt_text())
 
     text, ids = await asyncio.to_thread(render)
     if not ids:

@@ -49,11 +49,13 @@ def new_image_marker() -> str:
     return f"\ue000img-{secrets.token_hex(8)}\ue001"
 
 
-def template_messages(messages: list[p.ChatMessage], image_marker: str | None = None) -> list[dict[str, Any]]:
+def template_messages(messages: list[p.ChatMessage], image_marker: str | None = None,
+                      image_separator: str = "\n") -> list[dict[str, Any]]:
     """Messages as dicts for the chat template. Tool-call arguments are handed over parsed (templates such as
     Qwen's and Llama's serialise them themselves) when they are a JSON object. A message's images become one
-    ``image_marker`` line each before its text (templates see plain string content); without a marker, image
-    parts are refused."""
+    ``image_marker`` each before its text, followed by ``image_separator`` (a line break, or nothing for models
+    whose template writes nothing there; templates see plain string content); without a marker, image parts are
+    refused."""
     out = []
     for i, m in enumerate(messages):
         content = m.text()
@@ -61,7 +63,7 @@ def template_messages(messages: list[p.ChatMessage], image_marker: str | None = 
         if urls:
             if image_marker is None:
                 raise bad_request(f"messages[{i}].content: image parts are not accepted here", param="messages")
-            content = "\n".join([image_marker] * len(urls) + ([content] if content else []))
+            content = image_separator.join([image_marker] * len(urls) + ([content] if content else []))
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name:
             msg["name"] = m.name
@@ -83,8 +85,8 @@ def template_messages(messages: list[p.ChatMessage], image_marker: str | None = 
     return out
 
 
-def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning_end_ids: list[int] | None
-              ) -> ChatPlan:
+def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning_end_ids: list[int] | None,
+              image_separator: str = "\n") -> ChatPlan:
     check_tools(body)
     structured = structured_params(body)
     choice = body.tool_choice
@@ -120,5 +122,5 @@ def plan_chat(body: p.ChatCompletionRequest, settings: ServerSettings, reasoning
               for i, m in enumerate(body.messages) if isinstance(m.content, list)
               for j, part in enumerate(m.content) if isinstance(part, p.ImageURLContentPart)]
     marker = new_image_marker() if images else None
-    return ChatPlan(template_messages(body.messages, marker), tools, structured, mode, settings.reasoning_parser,
-                    images, marker)
+    return ChatPlan(template_messages(body.messages, marker, image_separator), tools, structured, mode,
+                    settings.reasoning_parser, images, marker)

@@ -196,9 +196,10 @@ class ChatRenderer:
         return text, spans
 
     def tokenize(self, text: str, spans: list[tuple[int, int]], image_marker: str | None = None,
-                 image_token_id: int | None = None) -> list[int]:
+                 image_token_id: int | list[int] | None = None) -> list[int]:
         """Token ids of ``text`` where special-token strings count only outside ``spans``; inside them, only the
-        request's ``image_marker`` becomes a token (``image_token_id``)."""
+        request's ``image_marker`` becomes tokens (``image_token_id``: one id, or the ids of a wrapped
+        placeholder such as Qwen2-VL's vision start, image pad, vision end)."""
         runs: list[tuple[str, str]] = []  # ("special", tok) | ("text", str)
         buf: list[str] = []
         pos = 0
@@ -237,7 +238,8 @@ class ChatRenderer:
         tok = self.tokenizer
         for kind, value in runs:
             if kind == "image":
-                ids.append(int(image_token_id))  # type: ignore[arg-type]
+                ids.extend(int(t) for t in (image_token_id if isinstance(image_token_id, list)
+                                            else [image_token_id]))  # type: ignore[union-attr]
             elif kind == "special":
                 ids.append(tok.convert_tokens_to_ids(value))
             elif value:
@@ -246,7 +248,8 @@ class ChatRenderer:
 
     def prompt_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
                    extra: dict[str, Any] | None = None, image_marker: str | None = None,
-                   image_token_id: int | None = None, image_text: str = "<image>") -> tuple[str, list[int]]:
+                   image_token_id: int | list[int] | None = None, image_text: str = "<image>"
+                   ) -> tuple[str, list[int]]:
         """With images: ``image_marker`` lines become ``image_token_id`` in the ids and ``image_text`` in the text."""
         text, spans = self.render(messages, add_generation_prompt, extra)
         ids = self.tokenize(text, spans, image_marker, image_token_id)

@@ -45,3 +45,27 @@ def test_llava_on_gpu_matches_transformers(model_cache_dir, test_tokenizer, capl
         assert list(out.outputs[0].token_ids) == ref[0, inputs["input_ids"].shape[1]:].tolist()
     stats = llm.get_stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_qwen2_vl_on_gpu_matches_transformers(model_cache_dir, test_tokenizer):
+    """Qwen2-VL: prefill chunks take [3, T] M-RoPE positions, and the decode steps replay captured graphs with
+    each request's index shifted by its M-RoPE delta; a text-only prompt rides in the same batch."""
+    from tests.model_factory import make_tiny_qwen2_vl
+    from tests.test_multimodal_qwen2_vl import HF, PROMPT, TEXT_PROMPT
+
+    path = make_tiny_qwen2_vl(model_cache_dir / "gpu-qwen2-vl", model_cache_dir / "smollm2-tokenizer")
+    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=256, max_num_seqs=4,
+              max_num_batched_tokens=64)
+    assert llm.llm_engine.core.runner.decode_runner is not None
+    images = [_image(0, (40, 50)), _image(1, (90, 30))]
+    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images] + [{"prompt": TEXT_PROMPT}]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    hf = HF(path)
+    hf.model.to("cuda")
+    for p, out in zip(prompts, outs):
+        imgs = [p["multi_modal_data"]["image"]] if "multi_modal_data" in p else []
+        inputs = {k: v.to("cuda") for k, v in hf.inputs(p["prompt"], imgs).items()}
+        with torch.no_grad():
+            ref = hf.model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert list(out.outputs[0].token_ids) == ref[0, inputs["input_ids"].shape[1]:].tolist()

@@ -165,6 +165,9 @@ class EngineCore:
         self.model = load_model(self.source, ctx, plugins.registry, self.platform.name, args.model_impl,
                                 model_cls=self.runner_plan.model_cls,
                                 before_bind=attach_lora if lora_config is not None else None)
+        read_processor_config = getattr(self.model, "read_processor_config", None)
+        if read_processor_config is not None:  # an image's token count follows its processor's resize bounds
+            read_processor_config(self.source.local_dir)
         summary = getattr(self.model, "quant_summary", None)
         self.model_impl = "transformers" if type(self.model).__name__ == "TransformersForCausalLM" else "native"
         logger.info("llmctl model: %s runs on the %s implementation (%s; model_impl=%s)",

@@ -68,7 +68,10 @@ class LLMEngine:
             return None
         return MultiModalProcessor(self.core.source.local_dir, model.image_token_id, model.image_token_count,
                                    parse_limit_mm_per_prompt(self.args.limit_mm_per_prompt),
-                                   self.args.trust_remote_code)
+                                   self.args.trust_remote_code,
+                                   self.tokenizer if getattr(model, "mm_image_processor_only", False) else None,
+                                   getattr(model, "image_wrap_token_ids", None),
+                                   getattr(model, "chat_image_separator", "\n"))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

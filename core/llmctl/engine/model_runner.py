@@ -120,6 +120,8 @@ class ModelRunner:
         # ones. A captured decode step does not produce them, so such steps run eagerly.
         self.keep_aux_hidden = False
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
+        # M-RoPE (Qwen2-VL): prefill chunks get [3, T] positions; decodes their index plus the request's delta
+        self.uses_mrope = bool(getattr(model, "uses_mrope", False))
 
     @torch.inference_mode()
     def decode_graph_spec(self, batch_sizes: tuple[int, ...], max_model_len: int) -> DecodeGraphSpec:
@@ -185,7 +187,7 @@ class ModelRunner:
             block_tables[i, : len(table)] = table
             known = req.all_token_ids[start:start + n]
             ids_parts.append(np.asarray(known + s.spec_token_ids if s.spec_token_ids else known, dtype=np.int64))
-            pos_parts.append(positions)
+            pos_parts.append(self._mrope_rows(req, positions) if self.uses_mrope else positions)
             slot_parts.append(table[positions // bs] * bs + positions % bs)
             query_lens.append(n)
             seq_lens.append(start + n)
@@ -210,7 +212,7 @@ class ModelRunner:
                                             torch.from_numpy(np.concatenate(slot_parts)), bs, dev)
         return BatchInputs(
             input_ids=torch.from_numpy(np.concatenate(ids_parts)).to(dev),
-            positions=torch.from_numpy(np.concatenate(pos_parts)).to(dev),
+            positions=torch.from_numpy(np.concatenate(pos_parts, axis=-1)).to(dev),
             metadata=metadata,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             sampling_requests=sampling,
@@ -230,6 +232,7 @@ class ModelRunner:
         n = len(reqs)
         pos = [r.num_computed_tokens for r in reqs]
         ids = [r.all_token_ids[p] for r, p in zip(reqs, pos, strict=True)]
+        rope_pos = [p + self._mrope_delta(r) for r, p in zip(reqs, pos, strict=True)] if self.uses_mrope else pos
         slots = [r.block_ids[p // bs] * bs + p % bs for r, p in zip(reqs, pos, strict=True)]
         seq_lens = [p + 1 for p in pos]
         width = max(len(r.block_ids) for r in reqs)
@@ -241,12 +244,32 @@ class ModelRunner:
                                             torch.tensor(slots, dtype=torch.int64), bs, dev)
         return BatchInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            positions=torch.tensor(rope_pos, dtype=torch.int64, device=dev),
             metadata=metadata,
             logits_indices=torch.arange(n, dtype=torch.long).to(dev),
             sampling_requests=reqs,
             prompt_logprob_chunks=[],
         )
+
+    def _mrope_delta(self, req: Request) -> int:
+        """The request's M-RoPE shift, computed with its prompt positions the first time it is needed."""
+        if req.mrope_positions is None and req.mm_features:
+            req.mrope_positions, req.mrope_position_delta = self.model.mrope_positions(req.mm_features,
+                                                                                       req.num_prompt_tokens)
+        return req.mrope_position_delta
+
+    def _mrope_rows(self, req: Request, positions: np.ndarray) -> np.ndarray:
+        """[3, n] M-RoPE positions of a chunk: the prompt's own rows where the chunk lies in the prompt, the token
+        index plus the request's delta on all three rows after it (generated tokens, drafts) and for text-only
+        requests."""
+        delta = self._mrope_delta(req)
+        rows = np.broadcast_to(positions + delta, (3, positions.shape[0])).copy()
+        prompt = req.mrope_positions
+        if prompt is not None:
+            start, end = int(positions[0]), min(int(positions[-1]) + 1, prompt.shape[1])
+            if start < end:
+                rows[:, :end - start] = prompt[:, start:end]
+        return rows
 
     def _replay_decode(self, batch: BatchInputs) -> torch.Tensor | None:
         """Hidden states from the platform's captured decode step, or ``None`` when this batch must run eagerly

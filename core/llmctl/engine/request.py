@@ -58,6 +58,10 @@ class Request:
     pixel_values: torch.Tensor | None = None  # an image request's preprocessed pixels [3, H, W] (CLIP)
     # Images of a generating request (llmctl.multimodal): placeholder ranges in the prompt, pixels, content hashes.
     mm_features: list[MultiModalFeature] = field(default_factory=list)
+    # M-RoPE models (Qwen2-VL): the prompt's [3, prompt_len] positions, computed from the images' grids at the first
+    # prefill, and the shift of every later token's index (``ModelRunner``).
+    mrope_positions: Any = None
+    mrope_position_delta: int = 0
     grammar: RequestGrammar | None = None  # structured output: advances with every appended token
     # Draft tokens proposed for the next step (speculative decoding); verified, then dropped, by that step.
     spec_token_ids: list[int] = field(default_factory=list)

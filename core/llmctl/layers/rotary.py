@@ -74,9 +74,46 @@ class RotaryEmbedding(EngineModule):
         return self.ops.rotary_embedding(positions, query, key, self.cos_sin_cache, self.is_neox_style)
 
 
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal RoPE (Qwen2-VL): each rotary frequency band takes its angle from one of three position rows
+    (temporal, height, width; ``mrope_section`` frequencies each, in that order, both neox halves alike).
+
+    ``positions`` [3, T] picks, per token, each band's cos|sin from its row, and the gathered per-token table goes
+    to the same ``rotary_embedding`` op indexed by ``arange(T)``, so every platform's kernel applies it. Text
+    tokens have three equal rows, which is plain RoPE: decode steps pass ``positions`` [T] and skip the gather.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float, max_position: int, ops: Ops,
+                 mrope_section: list[int], *, device: torch.device | None = None) -> None:
+        super().__init__(inv_freq, attention_scaling, max_position, ops, is_neox_style=True, device=device)
+        half = inv_freq.numel()
+        if len(mrope_section) != 3 or sum(mrope_section) != half:
+            raise ValueError(f"rope_parameters.mrope_section: {list(mrope_section)} must be three sizes summing to "
+                             f"the {half} rotary frequencies")
+        rows = torch.repeat_interleave(torch.arange(3), torch.tensor([int(x) for x in mrope_section]))
+        self.register_buffer("section_rows", rows.to(device), persistent=False)
+        self.register_buffer("columns", torch.arange(half, device=device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().forward(positions, query, key)
+        half = self.columns.numel()
+        chosen = positions[self.section_rows].t()  # [T, half]: each band's position
+        cos = self.cos_sin_cache[chosen, self.columns]
+        sin = self.cos_sin_cache[chosen, self.columns + half]
+        table = torch.cat((cos, sin), dim=-1)
+        index = torch.arange(positions.shape[1], device=positions.device)
+        return self.ops.rotary_embedding(index, query, key, table, True)
+
+
 def get_rope(hf_config: Any, head_dim: int, ops: Ops, device: torch.device) -> RotaryEmbedding:
     inv_freq, scaling = compute_inv_freq(hf_config, head_dim)
     params = rope_parameters(hf_config)
+    section = params.get("mrope_section")
+    if section:
+        max_position = int(getattr(hf_config, "max_position_embeddings", 4096))
+        return MRotaryEmbedding(inv_freq, scaling, max_position, ops, list(section), device=device)
     max_position = int(getattr(hf_config, "max_position_embeddings", 4096))
     if params["rope_type"] == "dynamic":
         # The config's window is the one before scaling; the factor is how far it is meant to stretch.

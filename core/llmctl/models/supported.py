@@ -16,6 +16,7 @@ from llmctl.plugins.types import ModelArchitecture
 EQUALITY_TEST = "tests/test_model_families.py::test_family_matches_transformers"
 LLAMA_TEST = "tests/test_engine_vs_transformers.py::test_tiny_models_match_transformers"
 LLAVA_TEST = "tests/test_multimodal.py::test_llava_matches_transformers"
+QWEN2_VL_TEST = "tests/test_multimodal_qwen2_vl.py::test_qwen2_vl_matches_transformers"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class ModelInfo:
             from llmctl.models.llava import ARCHITECTURE_CLASSES
 
             return ARCHITECTURE_CLASSES[self.architecture]
+        if self.family == "qwen2_vl":
+            from llmctl.models.qwen2_vl import ARCHITECTURE_CLASSES as QWEN2_VL_CLASSES
+
+            return QWEN2_VL_CLASSES[self.architecture]
         return decoder_class(self.family)
 
 
@@ -52,6 +57,11 @@ MODELS: tuple[ModelInfo, ...] = (
               "feature layer and CLS strategy, projector; Llama-family language model", f"{LLAVA_TEST}[llava-16]"),
     ModelInfo("LlavaNextForConditionalGeneration", "llava", "LLaVA-NeXT anyres tiling: grid pinpoints, unpadding, "
               "image_newline; an image's token count depends on its size", f"{LLAVA_TEST}[llava_next-16]"),
+    ModelInfo("Qwen2VLForConditionalGeneration", "qwen2_vl", "image input: dynamic-resolution tower with the 2x2 "
+              "patch merger from transformers; Qwen2 language model with M-RoPE (3-D positions for image tokens)",
+              f"{QWEN2_VL_TEST}[qwen2_vl-16]"),
+    ModelInfo("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2-VL's, with Qwen2.5-VL's window-attention "
+              "tower from transformers", f"{QWEN2_VL_TEST}[qwen2_5_vl-16]"),
     _fam("GemmaForCausalLM", "gemma", "(1 + w) RMSNorm, scaled embeddings, tanh-GELU gated MLP"),
     _fam("Gemma2ForCausalLM", "gemma2", "attention and final logit soft-capping, alternating sliding window, "
          "sandwich norms, query_pre_attn_scalar"),

@@ -66,7 +66,8 @@ def split_chat_images(conversation: list[dict[str, Any]], multimodal: Any) -> tu
                 raise ValueError(f"{field}: unsupported content part type {kind!r} (text, image_url, image_pil)")
         if own and multimodal is None:
             raise ValueError(f"messages[{i}].content: this model does not take images (a text-only model)")
-        placeholder = multimodal.image_token_text() if own else ""
-        messages.append({**msg, "content": "\n".join([placeholder] * len(own) + (["\n".join(texts)] if texts else []))})
+        placeholder = multimodal.image_prompt_text() if own else ""
+        sep = multimodal.chat_image_separator if own else "\n"
+        messages.append({**msg, "content": sep.join([placeholder] * len(own) + (["\n".join(texts)] if texts else []))})
         images.extend(own)
     return messages, images

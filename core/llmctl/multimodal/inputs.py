@@ -21,8 +21,11 @@ class MultiModalFeature:
     offset: int  # first placeholder position in the prompt
     length: int  # placeholder tokens (= rows of encoder output)
     mm_hash: bytes
-    pixel_values: torch.Tensor  # what the encoder takes: [3, H, W], or [tiles, 3, H, W] (LLaVA-NeXT, padded)
+    # what the encoder takes: [3, H, W], [tiles, 3, H, W] (LLaVA-NeXT, padded) or [patches, patch features]
+    # (Qwen2-VL's flattened patches)
+    pixel_values: torch.Tensor
     image_size: tuple[int, int] | None = None  # the original (height, width), where the layout depends on it
+    grid_thw: tuple[int, int, int] | None = None  # Qwen2-VL: the patch grid (temporal, height, width)
 
     @property
     def end(self) -> int:
