@@ -76,7 +76,7 @@ def test_entry_point_is_the_only_registration(manager):
     assert eps["cpu"].value == "llmctl_cpu"
     info = manager.plugins["cpu"]
     assert not info.broken, info.error
-    assert info.distribution == "llmctl-cpu" and info.api_version == "2.0"
+    assert info.distribution == "llmctl-cpu" and info.api_version == "2.1"
     assert manager.registry.platforms["cpu"].plugin == "cpu"
     assert manager.registry.attention_backends["cpu-sdpa"].plugin == "cpu"
     assert manager.registry.communicators["gloo"].plugin == "cpu"
@@ -126,6 +126,8 @@ def test_probe_reports_real_hardware(manager):
     dtypes = plat.supported_dtypes()
     assert dtypes[-1] == torch.float32
     assert (torch.bfloat16 in dtypes) == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"])
+    # without native bf16 the CPU still runs bfloat16 when a user names it (emulated), never for dtype=auto
+    assert plat.emulated_dtypes() == ([] if torch.bfloat16 in dtypes else [torch.bfloat16])
 
 
 def test_parse_cpuinfo_counts_physical_cores_and_affinity():

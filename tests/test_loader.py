@@ -121,6 +121,16 @@ def test_resolve_dtype_quantized_checkpoint_takes_the_fastest_dtype():
     assert resolve_dtype("float32", cfg, [torch.bfloat16, torch.float32], quantized_checkpoint=True) == torch.float32
 
 
+def test_resolve_dtype_takes_an_emulated_dtype_only_when_named(caplog):
+    cfg = SimpleNamespace(dtype=torch.bfloat16)
+    assert resolve_dtype("auto", cfg, [torch.float32], emulated_dtypes=[torch.bfloat16]) == torch.float32
+    with caplog.at_level("WARNING"):
+        assert resolve_dtype("bfloat16", cfg, [torch.float32], emulated_dtypes=[torch.bfloat16]) == torch.bfloat16
+    assert "emulated" in caplog.text
+    with pytest.raises(ValueError, match=r"^dtype: float16 .*supported: float32 \(emulated: bfloat16\)"):
+        resolve_dtype("float16", cfg, [torch.float32], emulated_dtypes=[torch.bfloat16])
+
+
 @pytest.mark.parametrize("requested", ["float64x", "int8", "bfloat16"])
 def test_resolve_dtype_rejects(requested):
     with pytest.raises(ValueError, match=r"^dtype: "):

@@ -58,6 +58,7 @@ def collect() -> dict[str, Any]:
             "available": bool(probe.available), "reason": probe.reason,
             "devices": [_jsonable(asdict(d)) for d in probe.devices], "details": _jsonable(probe.details),
             "dtypes": [str(d).replace("torch.", "") for d in _safe(plat.supported_dtypes, [])],
+            "emulated_dtypes": [str(d).replace("torch.", "") for d in _safe(plat.emulated_dtypes, [])],
             "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
             # weight format -> the platform's own kernel; formats not listed run on core's torch reference
             "quantization_kernels": pm.registry.quant_formats_for(plat.name),
@@ -167,7 +168,9 @@ def render(report: dict[str, Any], console: Any) -> None:
             lines.append(pf["reason"])
         lines += [_device_line(d) for d in pf["devices"]]
         if pf.get("dtypes"):
-            lines.append("dtypes: " + ", ".join(pf["dtypes"]))
+            lines.append("dtypes: " + ", ".join(pf["dtypes"])
+                         + (f" (emulated, slower: {', '.join(pf['emulated_dtypes'])})"
+                            if pf.get("emulated_dtypes") else ""))
         lines.append("attention: " + (", ".join(pf["attention_backends"]) or "-"))
         quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
         lines.append("quantization: " + (quant or "torch reference"))

@@ -260,6 +260,11 @@ class CpuPlatform(Platform):
             return [torch.bfloat16, torch.float32]
         return [torch.float32]
 
+    def emulated_dtypes(self) -> list[torch.dtype]:
+        # Without bf16 dot products torch converts to float32 around each op: correct, slower than float32, and
+        # still what a user who names bfloat16 (a bf16 checkpoint's own numerics) asked for.
+        return [] if torch.bfloat16 in self.supported_dtypes() else [torch.bfloat16]
+
     def configure(self, config: Any) -> dict[str, Any]:
         """Set the engine's thread count (``configure_threads``: the ``num_threads`` option, else
         ``LLMCTL_CPU_THREADS``, else one per usable physical core; left alone under an explicit ``OMP_NUM_THREADS``)

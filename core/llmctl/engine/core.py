@@ -121,7 +121,8 @@ class EngineCore:
         self.device = self.platform.torch_device(address.local_rank) if self.world.size > 1 else \
             self.platform.torch_device()
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
-                              quantized_checkpoint=self.source.gguf_file is not None)
+                              quantized_checkpoint=self.source.gguf_file is not None,
+                              emulated_dtypes=self.platform.emulated_dtypes())
         check_same_model(self.world, _rank_fingerprint(args, hf_config, dtype))
         self.model_config = self._model_config(hf_config, dtype)
         if getattr(self.runner_plan.model_cls, "supports_multimodal", False) and spec_config is not None \

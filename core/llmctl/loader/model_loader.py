@@ -76,11 +76,13 @@ def _as_dtype(value: Any) -> torch.dtype | None:
 
 
 def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes: list[torch.dtype],
-                  quantized_checkpoint: bool = False) -> torch.dtype:
+                  quantized_checkpoint: bool = False,
+                  emulated_dtypes: list[torch.dtype] | tuple[torch.dtype, ...] = ()) -> torch.dtype:
     """``"auto"`` keeps the checkpoint's dtype when the platform runs it and otherwise takes the platform's
     preferred one; a checkpoint that names none is float32 (transformers' default). A quantized checkpoint
     (GGUF) is dequantized at load, and 4-8 bit weights lose nothing in bfloat16, so it takes the platform's
-    fastest dtype."""
+    fastest dtype. A dtype the platform only emulates is taken when named, never by ``"auto"``: the user who
+    names it wants its numerics, the one who says auto wants speed."""
     if not platform_dtypes:
         raise ValueError("dtype: the platform lists no supported dtypes")
     if isinstance(requested, str) and requested.lower() == "auto":
@@ -92,11 +94,17 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
     dtype = _as_dtype(requested)
     if dtype is None:
         raise ValueError(f"dtype: {requested!r} is not a valid dtype; use auto, {', '.join(_DTYPE_NAMES)}")
-    if dtype not in platform_dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in platform_dtypes)
-        raise ValueError(f"dtype: {str(dtype).removeprefix('torch.')} is not supported on this platform; "
-                         f"supported: {names}")
-    return dtype
+    if dtype in platform_dtypes:
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if dtype in emulated_dtypes:
+        logger.warning("dtype %s runs emulated on this platform (no native instructions), slower than %s",
+                       name, str(platform_dtypes[0]).removeprefix("torch."))
+        return dtype
+    names = ", ".join(str(d).removeprefix("torch.") for d in platform_dtypes)
+    emulated = ", ".join(str(d).removeprefix("torch.") for d in emulated_dtypes)
+    raise ValueError(f"dtype: {name} is not supported on this platform; supported: {names}"
+                     + (f" (emulated: {emulated})" if emulated else ""))
 
 
 def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platform: str = "*",

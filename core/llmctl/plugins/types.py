@@ -78,6 +78,12 @@ class Platform(abc.ABC):
         """Dtypes this platform runs, fastest first; ``dtype="auto"`` falls back along this list."""
         return [torch.float32]
 
+    def emulated_dtypes(self) -> list[torch.dtype]:
+        """Dtypes this platform runs correctly but without native instructions, so slower than its supported ones
+        (bfloat16 on a CPU without bf16 dot products). Core accepts one when the user names it, with a warning, and
+        never picks one for ``dtype="auto"``. Must not overlap ``supported_dtypes``."""
+        return []
+
     def configure(self, config: Any) -> dict[str, Any]:
         """Return the engine-config changes this platform wants (field -> value). Core applies them to fields the
         user left unset and logs them; the platform does not mutate ``config`` itself, so every change is visible

@@ -322,6 +322,14 @@ def check_platform_metadata(platform: Platform, probe: ProbeResult) -> None:
     require(isinstance(dtypes, list) and len(dtypes) > 0 and all(isinstance(d, torch.dtype) for d in dtypes),
             "platform.supported_dtypes", f"{platform.name}: expected a non-empty list of torch dtypes, got {dtypes!r}")
     try:
+        emulated = platform.emulated_dtypes()
+    except Exception as exc:
+        raise ContractViolation("platform.emulated_dtypes", f"raised {type(exc).__name__}: {exc}") from exc
+    require(isinstance(emulated, list) and all(isinstance(d, torch.dtype) for d in emulated)
+            and not set(emulated) & set(dtypes), "platform.emulated_dtypes",
+            f"{platform.name}: expected a list of torch dtypes outside supported_dtypes() {dtypes!r}, "
+            f"got {emulated!r}")
+    try:
         device = platform.torch_device(0)
     except Exception as exc:
         raise ContractViolation("platform.torch_device", f"raised {type(exc).__name__}: {exc}") from exc
