@@ -124,6 +124,11 @@ class NativeKernels:
         self._lora.restype = _c_int
         self._lora.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
                                _c_int, _c_int, _c_int, _c_int]
+        self._moe = lib.llmctl_fused_moe
+        self._moe.restype = _c_int
+        self._moe.argtypes = [_c_int, _c_ptr, _c_i64, _c_int, _c_int, _c_int, _c_int, _c_int, _c_ptr, _c_ptr, _c_ptr,
+                              _c_ptr, _c_ptr, _c_i64, _c_int]
+        self.has_fused_moe = bool(lib.llmctl_has_fused_moe())
         self._program_timing = lib.llmctl_program_timing
         self._program_timing.restype = None
         self._program_timing.argtypes = [_c_int, _c_ptr]
@@ -180,6 +185,24 @@ class NativeKernels:
             raise ValueError(f"lora_shrink_expand: ranks {ranks.tolist()} must be within [0, {max_rank}]")
         if rc > 0:
             raise IndexError(f"token_slots[{rc - 1}] = {int(token_slots[rc - 1])} is outside the {slots} LoRA slots")
+
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, num_experts: int, intermediate: int) -> torch.Tensor:
+        """``x`` [T, H] float32 or bf16 with unit column stride; ``w13`` / ``w2`` the experts' panels in x's dtype
+        (``llmctl_cpu.moe``); ``ids`` int64 [T, k] and ``weights`` float32 [T, k] contiguous. Returns [T, H]."""
+        t, h = x.shape
+        out = torch.empty((t, h), dtype=x.dtype)
+        rc = self._moe(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), t, h, intermediate, num_experts,
+                       ids.shape[1], w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+                       out.data_ptr(), out.stride(0), torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("fused_moe: the kernel could not allocate its scratch memory")
+        if rc > 0:
+            bad = ids.reshape(-1)[rc - 1]
+            raise IndexError(f"fused_moe: topk_ids holds expert {int(bad)}, outside the layer's {num_experts} experts")
+        if rc != 0:
+            raise RuntimeError(f"fused_moe: the kernel returned {rc}")
+        return out
 
     def run_program(self, program: torch.Tensor, rows: int) -> tuple[int, int]:
         """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns
