@@ -540,6 +540,53 @@ def check_lora_shrink_expand(fn, device: torch.device, dtype: torch.dtype) -> No
             assert_close(clause, got, expected, dtype, f"y after the call ({rows} rows, ranks given: {with_ranks})")
 
 
+# (tokens, hidden, intermediate, experts, top_k): one token; an expert nobody picks; a hidden size that is not a
+# multiple of 16; a batch large enough that every expert gets many rows.
+MOE_CASES = ((1, 64, 32, 4, 2), (7, 96, 48, 8, 2), (33, 200, 64, 8, 3), (300, 128, 16, 6, 1))
+
+
+def moe_case(tokens: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
+             gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inputs of ``fused_moe`` as ``SparseMoE`` makes them: softmax top-k routing weights in the hidden dtype, the
+    experts stacked ``[E, 2I, H]`` / ``[E, H, I]``; the last expert is never chosen."""
+    logits = torch.randn(tokens, experts, generator=gen)
+    logits[:, -1] = float("-inf")
+    weights, ids = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)
+    return {"hidden": torch.randn(tokens, hidden, generator=gen).to(dtype),
+            "w13": (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5).to(dtype),
+            "w2": (torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype),
+            "topk_weights": weights.to(dtype), "topk_ids": ids}
+
+
+def check_fused_moe(pack, fused, device: torch.device, dtype: torch.dtype) -> None:
+    """``pack_fused_moe_weights`` and ``fused_moe`` together: ``fused(x, *pack(w13, w2), w, ids)`` where the
+    platform packs, the plain weights where it declines (None), must match the reference for every case of
+    ``MOE_CASES``; no input (the plain weights included) may change, and each token's rows must not depend on the
+    batch beyond the dtype's tolerance (the first token alone against it inside the batch)."""
+    clause = "ops.fused_moe"
+    gen = torch.Generator().manual_seed(19)
+    for i, shape in enumerate(MOE_CASES):
+        case = moe_case(*shape, dtype, gen)
+        expected = reference.fused_moe(*case.values(), "silu")
+        dev = {k: v.to(device) for k, v in case.items()}
+        before = {k: v.clone() for k, v in dev.items()}
+        try:
+            packed = pack(dev["w13"], dev["w2"], "silu")
+            weights = (dev["w13"], dev["w2"]) if packed is None else packed
+            got = fused(dev["hidden"], *weights, dev["topk_weights"], dev["topk_ids"], "silu")
+            alone = fused(dev["hidden"][:1], *weights, dev["topk_weights"][:1], dev["topk_ids"][:1], "silu")
+        except Exception as exc:
+            raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} on case {i} {shape}") from exc
+        for k, v in dev.items():
+            require(torch.equal(v, before[k]), clause + ".inputs_unchanged", f"{k} was modified (case {i})")
+        require(got.dtype == expected.dtype and got.shape == expected.shape, clause,
+                f"returned {got.dtype} {tuple(got.shape)}, the reference {expected.dtype} {tuple(expected.shape)} "
+                f"(case {i})")
+        assert_close(clause, got, expected, dtype, f"fused_moe (case {i}: tokens, hidden, inter, experts, top_k = "
+                                                   f"{shape}, packed: {packed is not None})")
+        assert_close(clause, alone, expected[:1], dtype, f"fused_moe on the first token alone (case {i})")
+
+
 def _flatten(x: object) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]

@@ -1,0 +1,122 @@
+"""The CPU plugin's ``fused_moe`` (``llmctl_cpu.moe`` and ``native/kernels/moe.c``) against core's torch reference.
+
+Random cases through the testkit's clause in float32 and bf16; exact equality where the reference's arithmetic is
+exact (small integers, so every GEMM sum and product is representable and SiLU is evaluated only where it is exact);
+rows independent of the batch bit for bit; the shapes the kernel declines; bad routing ids; and a tiny Mixtral
+through the whole engine, on the kernel, against transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmctl.ops import reference
+from llmctl_testkit import checks
+
+from llmctl_cpu import moe, native
+from llmctl_cpu.packed_weight import PackedExperts
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _kernel() -> None:
+    lib = native.kernels()
+    if lib is None or not lib.has_fused_moe:
+        pytest.skip(f"no C fused_moe on this host ({native.status()[1]})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_testkit_clause(dtype):
+    checks.check_fused_moe(moe.pack_fused_moe_weights, moe.fused_moe, torch.device("cpu"), dtype)
+
+
+def _integer_case(tokens: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
+                  gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Integer activations and weights, gate sums either 0 or at least 20 (SiLU is then exactly 0 or its input in
+    float32 whichever exp computes it), dyadic routing weights: every value stays an integer or a multiple of 1/8 of
+    a size bf16 holds, so the reference is exact and a kernel that sums or rounds anywhere else cannot match it."""
+    x = torch.randint(2, 4, (tokens, hidden), generator=gen).float()
+    gate = torch.randint(0, 2, (experts, inter, hidden), generator=gen).float()
+    gate[gate.sum(-1) < 10] = 1.0  # every row has 10 ones or more, so its sum (x >= 2) is at least 20 ...
+    gate[:, ::5] = 0.0  # ... or is all zero
+    up = torch.randint(-1, 2, (experts, inter, hidden), generator=gen).float()
+    w2 = torch.randint(-1, 2, (experts, hidden, inter), generator=gen).float()
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    weights = torch.randint(1, 8, (tokens, top_k), generator=gen).float() / 8
+    return (x.to(dtype), torch.cat((gate, up), dim=1).to(dtype), w2.to(dtype), weights.to(dtype), ids)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_where_the_reference_is_exact(dtype):
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((1, 16, 16, 4, 2), (9, 48, 32, 8, 2), (40, 40, 16, 5, 3)):
+        x, w13, w2, weights, ids = _integer_case(*shape, dtype, gen)
+        expected = reference.fused_moe(x, w13, w2, weights, ids)
+        assert expected.abs().max() > 100  # outputs are large enough for bf16 to round the products and sums
+        got = moe.fused_moe(x, *moe.pack_fused_moe_weights(w13, w2), weights, ids)
+        assert torch.equal(got, expected), f"{shape}: max diff {(got.float() - expected.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_do_not_depend_on_the_batch(dtype):
+    gen = torch.Generator().manual_seed(5)
+    case = checks.moe_case(37, 96, 48, 8, 2, dtype, gen)
+    packed = moe.pack_fused_moe_weights(case["w13"], case["w2"])
+    x, w, ids = case["hidden"], case["topk_weights"], case["topk_ids"]
+    full = moe.fused_moe(x, *packed, w, ids)
+    for lo, hi in ((0, 1), (5, 6), (3, 20), (36, 37)):
+        assert torch.equal(moe.fused_moe(x[lo:hi], *packed, w[lo:hi], ids[lo:hi]), full[lo:hi]), (lo, hi)
+
+
+def test_packs_only_what_the_kernel_runs(monkeypatch):
+    w13, w2 = torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    packed = moe.pack_fused_moe_weights(w13, w2, "silu")
+    assert isinstance(packed[0], PackedExperts) and packed[0].shape == (4, 64, 32) and packed[1].shape == (4, 32, 32)
+    assert moe.pack_fused_moe_weights(w13, w2, "gelu") is None  # the kernel's epilogue is SiLU
+    assert moe.pack_fused_moe_weights(torch.randn(4, 48, 32), torch.randn(4, 32, 24)) is None  # I not 16-wide
+    assert moe.pack_fused_moe_weights(w13.half(), w2.half()) is None
+    assert moe.pack_fused_moe_weights(w13, torch.randn(4, 32, 16)) is None  # shapes that do not pair
+    monkeypatch.setenv(moe.MOE_NATIVE_ENV, "0")
+    assert moe.pack_fused_moe_weights(w13, w2) is None
+    # plain weights (a declined pack) run the reference itself
+    x, ids = torch.randn(3, 32), torch.tensor([[0, 1], [2, 3], [1, 0]])
+    weights = torch.rand(3, 2)
+    for act in ("silu", "gelu"):
+        assert torch.equal(moe.fused_moe(x, w13, w2, weights, ids, act), reference.fused_moe(x, w13, w2, weights, ids,
+                                                                                              act))
+
+
+def test_bad_input_names_the_field():
+    w13, w2 = torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    packed = moe.pack_fused_moe_weights(w13, w2)
+    x, weights = torch.randn(2, 32), torch.rand(2, 2)
+    with pytest.raises(IndexError, match="topk_ids holds expert 4, outside the layer's 4 experts"):
+        moe.fused_moe(x, *packed, weights, torch.tensor([[0, 1], [4, 2]]))
+    with pytest.raises(IndexError, match="expert -1"):
+        moe.fused_moe(x, *packed, weights, torch.tensor([[0, -1], [3, 2]]))
+    with pytest.raises(ValueError, match="hidden has 16 features, the experts expect 32"):
+        moe.fused_moe(torch.randn(2, 16), *packed, weights, torch.tensor([[0, 1], [3, 2]]))
+    with pytest.raises(TypeError, match="hidden is torch.bfloat16"):
+        moe.fused_moe(x.bfloat16(), *packed, weights, torch.tensor([[0, 1], [3, 2]]))
+    with pytest.raises(ValueError, match=r"topk_ids \(2, 3\) and topk_weights \(2, 2\)"):
+        moe.fused_moe(x, *packed, weights, torch.tensor([[0, 1, 2], [3, 2, 1]]))
+    with pytest.raises(ValueError, match="packed for SiLU"):
+        moe.fused_moe(x, *packed, weights, torch.tensor([[0, 1], [3, 2]]), "gelu")
+
+
+def test_mixtral_runs_on_the_kernel_and_matches_transformers(model_cache_dir, test_tokenizer):
+    """The tiny Mixtral of the family tests, through the engine: its experts are packed for the C kernel, and fp32
+    greedy tokens and top-5 logprobs still agree with transformers."""
+    from llmctl import LLM
+
+    from tests.family_factory import make_family_model
+    from tests.test_engine_vs_transformers import assert_matches_hf
+    from tests.test_model_families import FAMILY_PROMPTS, SMALL_KV
+
+    path, hf_model = make_family_model("mixtral", model_cache_dir / "family-mixtral", test_tokenizer)
+    llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1, kv_cache_memory=SMALL_KV)
+    layers = [m for m in llm.llm_engine.core.model.modules() if type(m).__name__ == "SparseMoE"]
+    assert layers and all(isinstance(m._packed[0], PackedExperts) for m in layers)
+    assert all(m.w13.numel() == 0 for m in layers)  # the plain stacks were released
+    assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
