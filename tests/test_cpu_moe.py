@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from llmctl.ops import reference
-from llmctl_testkit import checks
-
 from llmctl_cpu import moe, native
 from llmctl_cpu.packed_weight import PackedExperts
+from llmctl_testkit import checks
+
+from tests.moe_cases import EXACT_SHAPES, integer_case
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -31,27 +32,11 @@ def test_testkit_clause(dtype):
     checks.check_fused_moe(moe.pack_fused_moe_weights, moe.fused_moe, torch.device("cpu"), dtype)
 
 
-def _integer_case(tokens: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
-                  gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Integer activations and weights, gate sums either 0 or at least 20 (SiLU is then exactly 0 or its input in
-    float32 whichever exp computes it), dyadic routing weights: every value stays an integer or a multiple of 1/8 of
-    a size bf16 holds, so the reference is exact and a kernel that sums or rounds anywhere else cannot match it."""
-    x = torch.randint(2, 4, (tokens, hidden), generator=gen).float()
-    gate = torch.randint(0, 2, (experts, inter, hidden), generator=gen).float()
-    gate[gate.sum(-1) < 10] = 1.0  # every row has 10 ones or more, so its sum (x >= 2) is at least 20 ...
-    gate[:, ::5] = 0.0  # ... or is all zero
-    up = torch.randint(-1, 2, (experts, inter, hidden), generator=gen).float()
-    w2 = torch.randint(-1, 2, (experts, hidden, inter), generator=gen).float()
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
-    weights = torch.randint(1, 8, (tokens, top_k), generator=gen).float() / 8
-    return (x.to(dtype), torch.cat((gate, up), dim=1).to(dtype), w2.to(dtype), weights.to(dtype), ids)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exact_where_the_reference_is_exact(dtype):
     gen = torch.Generator().manual_seed(3)
-    for shape in ((1, 16, 16, 4, 2), (9, 48, 32, 8, 2), (40, 40, 16, 5, 3)):
-        x, w13, w2, weights, ids = _integer_case(*shape, dtype, gen)
+    for shape in EXACT_SHAPES:
+        x, w13, w2, weights, ids = integer_case(*shape, dtype, gen)
         expected = reference.fused_moe(x, w13, w2, weights, ids)
         assert expected.abs().max() > 100  # outputs are large enough for bf16 to round the products and sums
         got = moe.fused_moe(x, *moe.pack_fused_moe_weights(w13, w2), weights, ids)
