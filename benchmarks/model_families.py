@@ -3,7 +3,8 @@
 
 * a Mixtral-shaped MoE and a Gemma-2-shaped model (random weights, small shapes): llmctl against transformers
   ``generate`` on the same prompts; the MoE also with the platform's ``fused_moe`` switched off
-  (``LLMCTL_CPU_MOE_NATIVE=0``: the experts on core's torch reference), so the kernel's gain is a ratio of one run;
+  (``LLMCTL_CPU_MOE_NATIVE=0``: the experts on core's torch reference), and Gemma 2 also on the torch-reference
+  attention backend, so each kernel's gain is a ratio within one run;
 * Llama of the same shape: llmctl's native implementation against its transformers fallback
   (``model_impl="transformers"``), i.e. what the fallback costs.
 
@@ -147,6 +148,9 @@ def main() -> None:
                 if kind == "mixtral":
                     runs.append(("llmctl-ref-moe", lambda p=path: time_reference_moe(p, args.dtype, ids,
                                                                                      args.output_len, args.threads)))
+                else:  # the soft-capped attention on core's torch reference instead of the platform's backend
+                    runs.append(("llmctl-ref-attn", lambda p=path: time_llmctl(
+                        p, args.dtype, ids, args.output_len, args.threads, attention_backend="torch-reference")))
                 runs.append(("transformers", lambda p=path: time_transformers(p, dtype, ids, args.output_len,
                                                                               args.hf_batch)))
             for engine, fn in runs:

@@ -52,6 +52,12 @@ def test_rows_do_not_depend_on_the_batch(dtype):
     full = moe.fused_moe(x, *packed, w, ids)
     for lo, hi in ((0, 1), (5, 6), (3, 20), (36, 37)):
         assert torch.equal(moe.fused_moe(x[lo:hi], *packed, w[lo:hi], ids[lo:hi]), full[lo:hi]), (lo, hi)
+    long = checks.moe_case(moe.CHUNK_TOKENS + 37, 96, 48, 8, 2, dtype, gen)  # more tokens than one kernel call
+    x, w, ids = long["hidden"], long["topk_weights"], long["topk_ids"]
+    full = moe.fused_moe(x, *packed, w, ids)
+    assert torch.equal(moe.fused_moe(x[-40:], *packed, w[-40:], ids[-40:]), full[-40:])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(full, reference.fused_moe(x, case["w13"], case["w2"], w, ids), atol=tol, rtol=tol)
 
 
 def test_packs_only_what_the_kernel_runs(monkeypatch):

@@ -17,6 +17,9 @@ from llmctl_cpu.packed_weight import PackedExperts
 
 MOE_NATIVE_ENV = "LLMCTL_CPU_MOE_NATIVE"
 MAX_TOP_K = 64  # the kernel's per-token slot buffer (moe.c: MOE_MAX_TOPK)
+# Long prefills run in pieces of this many tokens, so the kernel's scratch (each routed row's intermediate and
+# down-projected copy) stays bounded; a token's result does not depend on its piece.
+CHUNK_TOKENS = 512
 _SILU = ("silu", "swish")
 
 
@@ -79,5 +82,10 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor | PackedExperts, w2: torch
     assert lib is not None  # the experts were packed by it
     ids = topk_ids.to(torch.int64).contiguous()
     weights = topk_weights.float().contiguous()
-    out = lib.fused_moe(rows, w13.data, w2.data, ids, weights, e, two_i // 2)
+    if rows.shape[0] <= CHUNK_TOKENS:
+        return lib.fused_moe(rows, w13.data, w2.data, ids, weights, e, two_i // 2).view(hidden.shape)
+    out = torch.empty(rows.shape, dtype=rows.dtype)
+    for lo in range(0, rows.shape[0], CHUNK_TOKENS):
+        hi = lo + CHUNK_TOKENS
+        out[lo:hi] = lib.fused_moe(rows[lo:hi], w13.data, w2.data, ids[lo:hi], weights[lo:hi], e, two_i // 2)
     return out.view(hidden.shape)
