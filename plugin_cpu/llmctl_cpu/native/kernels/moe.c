@@ -21,7 +21,13 @@
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 int llmctl_has_fused_moe(void) { return 1; }
 
+/* A tile is up to MOE_ROWS rows by 2 panels (a gate/up pair): 8 accumulators on AVX-512; on AVX2, where a 16-column
+ * vector is two registers of 16, 3 rows keep the 12 accumulators, 4 weight halves and the broadcast in registers. */
+#if defined(__AVX512F__)
 #define MOE_ROWS 4
+#else
+#define MOE_ROWS 3
+#endif
 #define MOE_PANELS 2
 #define MOE_SUM_COLS 256
 #define MOE_MAX_TOPK 64
@@ -73,7 +79,10 @@ static inline __attribute__((always_inline)) void moe_tile(int ROWS, int NPAN, i
 
 static void moe_tile_any(int rows, int npan, int wbf16, const float *const *a, int k, const void *w,
                          size_t panel_stride, float res[MOE_ROWS][MOE_PANELS * 16]) {
-    MOE_TILE_ROWS(1) MOE_TILE_ROWS(2) MOE_TILE_ROWS(3) MOE_TILE_ROWS(4)
+    MOE_TILE_ROWS(1) MOE_TILE_ROWS(2) MOE_TILE_ROWS(3)
+#if MOE_ROWS > 3
+    MOE_TILE_ROWS(4)
+#endif
 }
 
 static inline float moe_round(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
