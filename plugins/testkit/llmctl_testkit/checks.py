@@ -31,9 +31,12 @@ SCENARIOS: dict[str, list[tuple[int, int]]] = {
     "sliding_window": [(0, 40), (30, 9), (60, 1), (5, 1)],
     # encoders (the "bidirectional" feature): whole sequences from no cached context, every key seen by every query
     "bidirectional": [(0, 37), (0, 5), (0, 1), (0, 16)],
+    # Gemma 2's "logits_soft_cap": scores squashed as cap * tanh(s / cap) before the softmax, prefills and decodes
+    "soft_cap": [(0, 30), (20, 9), (40, 1), (7, 1)],
 }
 PAD_ROWS = 5
 SLIDING_WINDOW = 13
+SOFT_CAP = 1.0  # below most of the case's scores, so a kernel that ignores the cap fails
 
 
 @dataclass
@@ -138,6 +141,8 @@ def case_features(case: AttentionCase) -> frozenset[str]:
     feats = {"prefix_caching", "chunked_prefill"}
     if case.scenario == "sliding_window":
         feats.add("sliding_window")
+    if case.scenario == "soft_cap":
+        feats.add("logits_soft_cap")
     return frozenset(feats)
 
 
@@ -192,13 +197,14 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     scale = 0.9 / math.sqrt(case.head_size)  # not the default 1/sqrt(d): a kernel ignoring `scale` fails
     window = SLIDING_WINDOW if case.scenario == "sliding_window" else None
     causal = case.scenario != "bidirectional"
+    cap = {"logits_soft_cap": SOFT_CAP} if case.scenario == "soft_cap" else {}
 
     # Reference: float32 on the CPU, fed the same dtype-rounded inputs.
     ref_cache = torch.zeros(2, batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
     write_kv_reference(batch.past_key.float(), batch.past_value.float(), ref_cache, batch.past_slots)
     write_kv_reference(batch.new_key.float(), batch.new_value.float(), ref_cache, md.slot_mapping)
     expected = paged_attention_reference(batch.query.float(), ref_cache, md, scale, window,
-                                         causal=causal)[:md.num_tokens]
+                                         causal=causal, **cap)[:md.num_tokens]
 
     try:
         shape = backend.kv_cache_shape(batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
@@ -219,7 +225,7 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                      f"{backend.name}: KV cache contents after write_kv ({case.describe()})")
 
     query = batch.query.to(device)
-    extra: dict = {}
+    extra: dict = dict(cap)  # the capped scenario passes logits_soft_cap as core's layers do
     if not causal:  # as core's encoder attention calls it (with this step's keys/values)
         extra.update(causal=False, key=batch.new_key.to(device), value=batch.new_value.to(device))
     try:
