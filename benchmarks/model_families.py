@@ -2,7 +2,9 @@
 """Throughput of the new model paths against their baselines, measured in one run on the same machine.
 
 * a Mixtral-shaped MoE and a Gemma-2-shaped model (random weights, small shapes): llmctl against transformers
-  ``generate`` on the same prompts;
+  ``generate`` on the same prompts; the MoE also with the platform's ``fused_moe`` switched off
+  (``LLMCTL_CPU_MOE_NATIVE=0``: the experts on core's torch reference), and Gemma 2 also on the torch-reference
+  attention backend, so each kernel's gain is a ratio within one run;
 * Llama of the same shape: llmctl's native implementation against its transformers fallback
   (``model_impl="transformers"``), i.e. what the fallback costs.
 
@@ -16,7 +18,9 @@ measurement and a summary table; ``--out`` writes the JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -72,6 +76,25 @@ def time_llmctl(path: Path, dtype: str, ids: list[list[int]], output_len: int, t
             "impl": core.model_impl, "attention": core.attention.name}
 
 
+@contextlib.contextmanager
+def env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def time_reference_moe(path: Path, dtype: str, ids: list[list[int]], output_len: int, threads: int | None) -> dict:
+    """The same engine with the CPU plugin's fused_moe declined at load (its pack reads the switch then)."""
+    with env("LLMCTL_CPU_MOE_NATIVE", "0"):
+        return time_llmctl(path, dtype, ids, output_len, threads)
+
+
 def time_transformers(path: Path, dtype: torch.dtype, ids: list[list[int]], output_len: int, batch: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -100,12 +123,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"], help="hidden size (MLP width 2.75x)")
+    ap.add_argument("--models", default="mixtral,gemma2,llama", help="comma-separated subset of the three")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     SHAPE.update(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75))
     if args.threads:
         torch.set_num_threads(args.threads)
+    kinds = [k for k in ("mixtral", "gemma2", "llama") if k in args.models.split(",")]
     ids = prompts(args.prompts, args.input_len, SHAPE["vocab_size"])
     rows = []
     sys.path.insert(0, str(ROOT))
@@ -113,13 +138,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = load_test_tokenizer(Path(tmp))
-        for kind in ("mixtral", "gemma2", "llama"):
+        for kind in kinds:
             path = build(kind, Path(tmp) / kind, dtype, tok)
             runs = [("llmctl", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len, args.threads))]
             if kind == "llama":
                 runs.append(("llmctl-fallback", lambda p=path: time_llmctl(p, args.dtype, ids, args.output_len,
                                                                            args.threads, model_impl="transformers")))
             else:
+                if kind == "mixtral":
+                    runs.append(("llmctl-ref-moe", lambda p=path: time_reference_moe(p, args.dtype, ids,
+                                                                                     args.output_len, args.threads)))
+                else:  # the soft-capped attention on core's torch reference instead of the platform's backend
+                    runs.append(("llmctl-ref-attn", lambda p=path: time_llmctl(
+                        p, args.dtype, ids, args.output_len, args.threads, attention_backend="torch-reference")))
                 runs.append(("transformers", lambda p=path: time_transformers(p, dtype, ids, args.output_len,
                                                                               args.hf_batch)))
             for engine, fn in runs:
@@ -130,9 +161,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:8} {r['engine']:16} {r['impl']:13} {r.get('attention', '-'):16} {r['tok_s']:8.1f}",
               file=sys.stderr)
-    for kind in ("mixtral", "gemma2", "llama"):
-        a, b = (r for r in rows if r["model"] == kind)
-        print(f"{kind}: {a['engine']}/{b['engine']} = {a['tok_s'] / b['tok_s']:.2f}x", file=sys.stderr)
+    for kind in kinds:
+        a, *others = (r for r in rows if r["model"] == kind)
+        for b in others:
+            print(f"{kind}: {a['engine']}/{b['engine']} = {a['tok_s'] / b['tok_s']:.2f}x", file=sys.stderr)
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "shape": SHAPE,
                                         "rows": rows}, indent=2))

@@ -147,6 +147,32 @@ def test_zero_length_rows_get_zero_output(dtype):
     torch.testing.assert_close(got[keep].float(), expect[keep].float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_soft_capped_decode_attention_is_recorded_and_replayed(dtype):
+    """Gemma 2's capped attention records as its own opcode (scale and cap read from memory) and replays to the
+    bits of a direct call, at the recorded rows and at fewer."""
+    lib = native.kernels()
+    if lib is None:
+        pytest.skip("the C kernels are not built")
+    rng = random.Random(5)
+    query, cache, md = make_batch(rng, [(rng.randint(10, 90), 1) for _ in range(5)], 16, 2, 4, 64, dtype)
+    backend = CpuSdpaAttention()
+    out = torch.empty_like(query)
+    calls: list = []
+    with lib.recording(calls):
+        backend.forward(query, cache, md, 0.125, None, out=out, logits_soft_cap=2.0)
+    assert [code for code, _ in calls] == [native.OPCODES["DECODE_ATTENTION_CAPPED"]]
+    expect = out.clone()
+    torch.testing.assert_close(expect.float(), paged_attention_reference(query, cache, md, 0.125,
+                                                                         logits_soft_cap=2.0).float(),
+                               atol=2e-2, rtol=2e-2)
+    program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
+    for rows in (5, 2):
+        out.fill_(float("nan"))
+        assert lib.run_program(program, rows) == (-1, 0)
+        assert torch.equal(out[:rows], expect[:rows]) and torch.isnan(out[rows:]).all()
+
+
 def test_program_encoding():
     words = native.encode_call(native.OP_RMS_NORM, (1, 2, 3, None, 0, None, 0, 4, 5, 6, 7, 8, 0.5, 2))
     assert len(words) == native.PROGRAM_SLOTS and words[0] == native.OP_RMS_NORM

@@ -522,6 +522,63 @@ def test_batch_invariance(backend, rng, dtype, group, head_size):
             assert torch.equal(alone, backend.forward(dq, dc, dm, head_size ** -0.5, window)[1:2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_soft_capped_attention_matches_reference(backend, rng, dtype, monkeypatch):
+    """Gemma 2's ``logits_soft_cap``: decodes, prefills and later chunks (with and without a window) equal the
+    reference within the dtype's tolerance, in the C kernel where it takes the dtype (the reference is not called),
+    and the cap changes the result (a kernel that ignored it would fail)."""
+    from llmctl_cpu import attention as cpu_attention
+    from llmctl_cpu import native
+
+    native_dtype = native.kernels() is not None and dtype is not torch.float16
+    if native_dtype:
+        def no_reference(*args, **kwargs):
+            raise AssertionError("the soft-capped attention fell back to the torch reference")
+        monkeypatch.setattr(cpu_attention, "paged_attention_reference", no_reference)
+    for _ in range(3):
+        window = rng.choice([None, rng.randint(4, 64)])
+        cap = rng.choice([1.0, 2.5])
+        specs = random_specs(rng, rng.randint(1, 7))
+        query, cache, md = make_batch(rng, specs, 16, 2, 4, 64, dtype)
+        query = query * 3  # scores well past the cap
+        expect = paged_attention_reference(query, cache, md, 0.125, window, logits_soft_cap=cap)
+        uncapped = paged_attention_reference(query, cache, md, 0.125, window)
+        out = torch.full_like(query, float("nan"))
+        got = backend.forward(query, cache, md, 0.125, window, out=out, logits_soft_cap=cap)
+        assert got is out and not got.isnan().any()
+        atol, rtol = TOL[dtype]
+        torch.testing.assert_close(got.float(), expect.float(), atol=atol, rtol=rtol, msg=f"specs={specs} w={window}")
+        assert (expect.float() - uncapped.float()).abs().max() > 10 * atol
+
+
+def test_soft_capped_rows_do_not_depend_on_the_batch_or_chunking(backend, rng):
+    """A capped sequence's rows are bit-identical alone, in a batch, and with its prompt split into two chunks."""
+    from llmctl_cpu import native
+
+    if native.kernels() is None:
+        pytest.skip("the C kernels are not built")
+    spec = (rng.randint(20, 80), rng.randint(10, 30))
+    q1, c1, m1 = make_batch(random.Random(1), [spec], 16, 2, 4, 64, torch.bfloat16)
+    alone = backend.forward(q1, c1, m1, 0.125, None, logits_soft_cap=2.0)
+    ctx, n_q = spec
+    split = n_q // 2
+    first = AttentionMetadata(
+        num_tokens=split, num_seqs=1, query_start_loc=torch.tensor([0, split], dtype=torch.int32),
+        seq_lens=torch.tensor([ctx + split], dtype=torch.int32), block_tables=m1.block_tables,
+        slot_mapping=m1.slot_mapping[:split], max_query_len=split, max_seq_len=ctx + split, block_size=16,
+        query_lens_cpu=[split], seq_lens_cpu=[ctx + split])
+    got_first = backend.forward(q1[:split], c1, first, 0.125, None, logits_soft_cap=2.0)
+    assert torch.equal(got_first, alone[:split])
+    specs = [(rng.randint(300, 600), 1), spec, (0, rng.randint(40, 90))]
+    q2, c2, m2 = make_batch(random.Random(2), specs, 16, 2, 4, 64, torch.bfloat16)
+    s2 = int(m2.query_start_loc[1])
+    q2[s2:s2 + n_q] = q1
+    for p in range(sum(spec)):
+        c2[:, int(m2.block_tables[1, p // 16]), p % 16] = c1[:, int(m1.block_tables[0, p // 16]), p % 16]
+    batched = backend.forward(q2, c2, m2, 0.125, None, logits_soft_cap=2.0)
+    assert torch.equal(batched[s2:s2 + n_q], alone)
+
+
 # -- op overrides --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

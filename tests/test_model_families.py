@@ -89,8 +89,9 @@ def test_models_doc_is_generated_from_the_registry():
 
 
 def test_backend_without_a_feature_is_skipped_or_refused(family_dir):
-    """Soft-capping and ALiBi are declared features: a backend whose ``supports`` does not take them is passed
-    over for the torch reference, and naming it explicitly is a clear error, never a wrong result."""
+    """Soft-capping and ALiBi are declared features: a backend whose ``supports`` does not take one (the CPU
+    backend lacks ALiBi) is passed over for the torch reference, and naming it explicitly is a clear error, never a
+    wrong result. The CPU backend takes soft-capping, so Gemma 2 runs on it."""
     from llmctl.engine.core import EngineCore
     from llmctl.plugins import get_plugin_manager
     from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP
@@ -98,13 +99,14 @@ def test_backend_without_a_feature_is_skipped_or_refused(family_dir):
     cpu = next((b for b in get_plugin_manager().registry.backends_for("cpu") if b.name == "cpu-sdpa"), None)
     if cpu is None:
         pytest.skip("the CPU plugin is not installed")
-    for feature in (FEATURE_LOGITS_SOFT_CAP, FEATURE_ALIBI):
-        assert not cpu.supports(torch.float32, 16, 16, frozenset({feature}))
-    gemma2 = LLM(str(family_dir("gemma2")[0]), dtype="float32", num_threads=1)
-    assert gemma2.llm_engine.core.attention.name == "torch-reference"
-    mixtral = LLM(str(family_dir("mixtral")[0]), dtype="float32", num_threads=1)
-    assert mixtral.llm_engine.core.attention.name == "cpu-sdpa"
+    assert not cpu.supports(torch.float32, 16, 16, frozenset({FEATURE_ALIBI}))
+    assert cpu.supports(torch.float32, 16, 16, frozenset({FEATURE_LOGITS_SOFT_CAP}))
+    bloom = LLM(str(family_dir("bloom")[0]), dtype="float32", num_threads=1)
+    assert bloom.llm_engine.core.attention.name == "torch-reference"
+    for kind in ("gemma2", "mixtral"):
+        llm = LLM(str(family_dir(kind)[0]), dtype="float32", num_threads=1)
+        assert llm.llm_engine.core.attention.name == "cpu-sdpa"
     from llmctl.config import EngineArgs
 
-    with pytest.raises(ValueError, match="cpu-sdpa.*cannot run this model: features not supported: logits_soft_cap"):
-        EngineCore(EngineArgs(model=str(family_dir("gemma2")[0]), dtype="float32", attention_backend="cpu-sdpa"))
+    with pytest.raises(ValueError, match="cpu-sdpa.*cannot run this model: features not supported: alibi"):
+        EngineCore(EngineArgs(model=str(family_dir("bloom")[0]), dtype="float32", attention_backend="cpu-sdpa"))

@@ -168,6 +168,27 @@ def test_packed_linear_check_catches_a_wrong_pack() -> None:
     assert err.value.clause == "ops.pack_linear_weight"
 
 
+def test_fused_moe_check_catches_wrong_routing_and_in_place_writes() -> None:
+    from llmctl.ops import reference
+    from llmctl_testkit.checks import check_fused_moe
+    from llmctl_testkit.harness import ContractViolation
+
+    check_fused_moe(reference.pack_fused_moe_weights, reference.fused_moe, torch.device("cpu"), torch.float32)
+
+    def unweighted(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):  # drops the routing weights
+        return reference.fused_moe(hidden, w13, w2, torch.ones_like(topk_weights), topk_ids, activation)
+
+    with pytest.raises(ContractViolation, match=r"^\[ops\.fused_moe\] .*max abs err"):
+        check_fused_moe(reference.pack_fused_moe_weights, unweighted, torch.device("cpu"), torch.float32)
+
+    def renormalizes_in_place(hidden, w13, w2, topk_weights, topk_ids, activation="silu"):
+        topk_weights /= topk_weights.sum(-1, keepdim=True)
+        return reference.fused_moe(hidden, w13, w2, topk_weights, topk_ids, activation)
+
+    with pytest.raises(ContractViolation, match=r"^\[ops\.fused_moe\.inputs_unchanged\]"):
+        check_fused_moe(reference.pack_fused_moe_weights, renormalizes_in_place, torch.device("cpu"), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantization_check_passes_the_reference_and_catches_a_wrong_kernel(dtype) -> None:
     from llmctl.quantization.reference import ReferenceQuantKernel

@@ -256,3 +256,62 @@ def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need GPU tensors"):
         silu_and_mul(torch.randn(2, 8))
+
+
+# -- fused_moe -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fused_moe_testkit_clause(dtype):
+    """The testkit's fused_moe clause (random routing, an expert nobody picks, hidden not a multiple of 16, 300
+    tokens) on the Triton kernel, which takes the plain weights (the reference's pack declines)."""
+    from llmctl_testkit.checks import check_fused_moe
+    from llmctl_triton.moe import fused_moe
+
+    check_fused_moe(reference.pack_fused_moe_weights, fused_moe, torch.device("cpu"), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_moe_exact_where_the_reference_is_exact(dtype):
+    from llmctl_triton.moe import fused_moe
+
+    from tests.moe_cases import EXACT_SHAPES, integer_case
+
+    gen = _gen(1000)
+    for shape in EXACT_SHAPES:
+        args = integer_case(*shape, dtype, gen)
+        expected = reference.fused_moe(*args)
+        got = fused_moe(*args)
+        assert torch.equal(got, expected), f"{shape}: max diff {(got.float() - expected.float()).abs().max()}"
+
+
+def test_fused_moe_alignment_puts_each_pair_once_in_blocks_of_one_expert():
+    from llmctl_triton.moe import align_by_expert
+
+    gen = _gen(1100)
+    experts, block_m = 6, 16
+    ids = torch.randint(0, experts - 1, (45, 2), generator=gen)  # the last expert gets no row
+    sorted_ids, block_expert = align_by_expert(ids, experts, block_m)
+    flat = ids.reshape(-1)
+    real = sorted_ids[sorted_ids < flat.numel()]
+    assert sorted(real.tolist()) == list(range(flat.numel()))
+    for b, e in enumerate(block_expert.tolist()):
+        rows = sorted_ids[b * block_m:(b + 1) * block_m]
+        rows = rows[rows < flat.numel()]
+        if e < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and bool((flat[rows] == e).all())
+            assert rows.tolist() == sorted(rows.tolist())  # an expert's rows in token order
+    with pytest.raises(IndexError, match="expert >= the layer's 6 experts"):
+        align_by_expert(torch.tensor([[0, 6]]), experts, block_m)
+
+
+def test_fused_moe_is_registered_for_the_gpu_platforms():
+    from llmctl.plugins.registry import Registry
+    from llmctl_triton.backend import op_overrides
+    from llmctl_triton.ops import fused_moe
+
+    for platform in ("cuda", "rocm"):
+        reg = Registry()
+        for op in op_overrides(platform):
+            reg.add_op(op, plugin=platform)
+        assert reg.resolve_ops(platform).fused_moe is fused_moe

@@ -31,6 +31,10 @@ batch:
   Grouped-query attention is a stride-0 view of K/V over the query heads of one KV head.
 * Sliding windows: decodes and context chunks only read the keys inside the window; masks do the rest.
 
+Soft-capped attention (Gemma 2's ``logits_soft_cap``): every query row, decode or prefill, runs in the C decode
+kernel as a decode over its own prefix, the scaled scores squashed as ``tanh(s / cap) * cap`` before the softmax
+(torch's SDPA has no hook for it); float16, 8-bit caches and hosts without the kernels take the torch reference.
+
 8-bit KV caches (``kv_cache_dtype`` int8 / fp8_e4m3 / fp8_e5m2): every query row, decode or prefill, runs in the C
 kernel of ``kernels/attention_kv8.c`` as a decode over its own prefix, reading the codes and their per-row scales in
 place; so a token's bits are the same whether it was computed in a prefill, a later chunk, a prefix-cache hit or a
@@ -62,7 +66,8 @@ QUERY_TILE = 512  # context chunks longer than this run in query tiles, so the e
 NATIVE_PREFILL_MAX_LEN = 2048
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill", "bidirectional"}) | KV_CACHE_FEATURES
+_FEATURES = frozenset({"sliding_window", "prefix_caching", "chunked_prefill", "bidirectional",
+                       "logits_soft_cap"}) | KV_CACHE_FEATURES
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -118,12 +123,17 @@ class CpuSdpaAttention(AttentionBackend):
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
                 sliding_window: int | None = None, out: torch.Tensor | None = None, *,
                 key: torch.Tensor | None = None, value: torch.Tensor | None = None,
-                causal: bool = True) -> torch.Tensor:
+                causal: bool = True, logits_soft_cap: float | None = None) -> torch.Tensor:
         """``key``/``value`` ([num_tokens, Hk, D], ``None`` when a caller leaves them out): this step's new
         keys/values, the ones just given to ``write_kv``. Only used to skip re-reading the cache for prefill chunks
-        without cached context. ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional)."""
+        without cached context. ``causal=False``: encoders' bidirectional attention (llmctl_cpu.bidirectional).
+        ``logits_soft_cap`` (Gemma 2): every row runs in the C kernel as a decode over its own prefix, which squashes
+        the scaled scores before its softmax (torch's SDPA cannot); without the kernels, the torch reference."""
         if out is None:
             out = torch.empty_like(query)
+        if logits_soft_cap:
+            return _forward_capped(query, kv_cache, metadata, scale, sliding_window, out, float(logits_soft_cap),
+                                   causal)
         if is_quantized_kv(kv_cache.dtype):
             return _forward_kv8(query, kv_cache, metadata, scale, sliding_window, out, causal)
         if not causal:
@@ -157,6 +167,38 @@ class CpuSdpaAttention(AttentionBackend):
         return out
 
 
+def _forward_capped(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
+                    window: int | None, out: torch.Tensor, cap: float, causal: bool) -> torch.Tensor:
+    """Soft-capped attention: decodes and prefill rows alike as decodes over their prefix in the C kernel (a row's
+    bits then do not depend on the chunking or the batch), or the torch reference where the kernel cannot run."""
+    lib = native.kernels()
+    if lib is None or not causal or is_quantized_kv(kv_cache.dtype) or not _native_query_ok(query, out, kv_cache):
+        return paged_attention_reference(query, kv_cache, metadata, scale, window, out, causal=causal,
+                                         logits_soft_cap=cap)
+    rows = _prefix_rows(metadata, "cpu-sdpa-capped")
+    if rows is not None and rows.rows.numel() and not lib.decode_attention(
+            query, out, kv_cache, rows.block_tables, rows.tables, rows.rows, rows.seq_lens, window, scale,
+            soft_cap=cap):
+        raise RuntimeError("native attention failed: a block table entry is outside the KV cache, or scratch memory "
+                           "could not be allocated")
+    return out
+
+
+def _prefix_rows(metadata: AttentionMetadata, key: str) -> _NativeRows | None:
+    """Every query row of the step as a decode over its own prefix (None for an empty step), memoized per step."""
+    if metadata.num_seqs == 0:
+        return None
+    rows = metadata.plan_cache.get((key,))
+    if rows is None:
+        if metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_seqs:
+            rows = _NativeRows.all_decodes(metadata.num_seqs, metadata.seq_lens, metadata.block_tables)
+        else:
+            prefills, decodes = _split_batch(metadata)
+            rows = _NativeRows(decodes, prefills, metadata.block_tables)
+        metadata.plan_cache[(key,)] = rows
+    return rows
+
+
 def _kv8_rows_ok(x: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """[n, heads, D] float32/bf16 rows the 8-bit kernels read: heads contiguous within a row, contiguous cache."""
     return (native.dtype_code(x.dtype) is not None and x.dim() == 3 and x.stride(2) == 1
@@ -167,22 +209,11 @@ def _forward_kv8(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Attentio
                  window: int | None, out: torch.Tensor, causal: bool) -> torch.Tensor:
     """Every query row as a decode over its own prefix in the 8-bit C kernel; the torch reference without it."""
     lib = native.kernels()
-    n = metadata.num_seqs
     if lib is None or not causal or not (_kv8_rows_ok(query, kv_cache) and _kv8_rows_ok(out, kv_cache)):
         return paged_attention_reference(query, kv_cache, metadata, scale, window, out, causal=causal)
-    if n == 0:
-        return out
-    cache_key = ("cpu-sdpa-kv8",)
-    rows = metadata.plan_cache.get(cache_key)
-    if rows is None:
-        if metadata.max_query_len == 1 and metadata.num_tokens == n:
-            rows = _NativeRows.all_decodes(n, metadata.seq_lens, metadata.block_tables)
-        else:
-            prefills, decodes = _split_batch(metadata)
-            rows = _NativeRows(decodes, prefills, metadata.block_tables)
-        metadata.plan_cache[cache_key] = rows
-    if rows.rows.numel() and not lib.decode_attention_kv8(query, out, kv_cache, rows.block_tables, rows.tables,
-                                                          rows.rows, rows.seq_lens, window, scale):
+    rows = _prefix_rows(metadata, "cpu-sdpa-kv8")
+    if rows is not None and rows.rows.numel() and not lib.decode_attention_kv8(
+            query, out, kv_cache, rows.block_tables, rows.tables, rows.rows, rows.seq_lens, window, scale):
         raise RuntimeError("native 8-bit KV attention failed: a block table entry is outside the KV cache, or "
                            "scratch memory could not be allocated")
     return out

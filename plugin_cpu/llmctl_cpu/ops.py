@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from llmctl.ops import reference
 from llmctl.plugins.types import OpOverride
 
-from llmctl_cpu import f32_linear, mkl_sgemm, native
+from llmctl_cpu import f32_linear, mkl_sgemm, moe, native
 from llmctl_cpu.packed_weight import PackedFormat, PackedWeight, packed
 
 
@@ -328,4 +328,5 @@ def op_overrides() -> list[OpOverride]:
                              ("greedy_sample", greedy_sample),
                              ("pack_linear_weight", pack_linear_weight),
                              ("linear", linear), ("pack_gated_linear_weight", pack_gated_linear_weight),
-                             ("gated_linear", gated_linear), ("lora_shrink_expand", lora_shrink_expand))]
+                             ("gated_linear", gated_linear), ("lora_shrink_expand", lora_shrink_expand),
+                             ("pack_fused_moe_weights", moe.pack_fused_moe_weights), ("fused_moe", moe.fused_moe))]

@@ -41,3 +41,21 @@ class PackedWeight:
 
 def packed(data: torch.Tensor, fmt: PackedFormat, weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(data, fmt, int(weight.shape[0]), int(weight.shape[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class PackedExperts:
+    """One of a MoE layer's two stacked expert weights as ``fused_moe``'s C kernel reads it (``llmctl_cpu.moe``):
+    ``data`` holds every expert's 16-column panels, ``shape`` is the logical ``[E, out, in]``."""
+    data: torch.Tensor
+    num_experts: int
+    out_features: int
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.num_experts, self.out_features, self.in_features
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype

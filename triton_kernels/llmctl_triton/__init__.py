@@ -25,6 +25,7 @@ _EXPORTS = {
     "rotary_embedding": "llmctl_triton.rotary",
     "silu_and_mul": "llmctl_triton.activation",
     "lora_shrink_expand": "llmctl_triton.lora",
+    "fused_moe": "llmctl_triton.moe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -77,9 +77,16 @@ class TritonAttentionBackend(AttentionBackend):
 
 
 def op_overrides(platform: str, priority: int = 10) -> list[OpOverride]:
-    """The fused elementwise kernels and the LoRA op as op overrides for ``platform`` (sampling ops stay on the
-    reference)."""
-    from llmctl_triton.ops import fused_add_rms_norm, lora_shrink_expand, rms_norm, rotary_embedding, silu_and_mul
+    """The fused elementwise kernels, the LoRA op and the MoE experts as op overrides for ``platform`` (sampling
+    ops stay on the reference)."""
+    from llmctl_triton.ops import (
+        fused_add_rms_norm,
+        fused_moe,
+        lora_shrink_expand,
+        rms_norm,
+        rotary_embedding,
+        silu_and_mul,
+    )
 
     return [
         OpOverride("rms_norm", rms_norm, platform, priority),
@@ -87,4 +94,5 @@ def op_overrides(platform: str, priority: int = 10) -> list[OpOverride]:
         OpOverride("rotary_embedding", rotary_embedding, platform, priority),
         OpOverride("silu_and_mul", silu_and_mul, platform, priority),
         OpOverride("lora_shrink_expand", lora_shrink_expand, platform, priority),
+        OpOverride("fused_moe", fused_moe, platform, priority),
     ]

@@ -47,3 +47,10 @@ def lora_shrink_expand(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: tor
     from llmctl_triton.lora import lora_shrink_expand as kernel
 
     kernel(x, y, a, b, token_slots, active_slots, ranks)
+
+
+def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    from llmctl_triton.moe import fused_moe as kernel
+
+    return kernel(hidden, w13, w2, topk_weights, topk_ids, activation)

@@ -9,7 +9,7 @@ per family (softmax then top-k, renormalised or not).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,7 @@ from llmctl.layers._params import copy_checked, empty_param
 from llmctl.layers.linear import Linear
 from llmctl.layers.mlp import GatedMLP
 from llmctl.models.base import ModelContext
+from llmctl.ops import Ops
 
 if TYPE_CHECKING:
     from llmctl.models.decoder import MoESpec
@@ -42,6 +43,17 @@ class SparseMoE(EngineModule):
         self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=ctx.device)
                                         if spec.topk_method == "noaux_tc" else None)
         self._loaded: set[str] = set()
+        self._packed: tuple[Any, Any] | None = None
+
+    def bind_ops(self, ops: Ops) -> None:
+        """After loading: where the platform repacks the experts for its ``fused_moe`` (once), the layer runs on
+        its copy and releases the plain stacks so the experts are not held twice."""
+        packed = ops.pack_fused_moe_weights(self.w13.detach(), self.w2.detach(), self.act)
+        if packed is None:
+            return
+        self._packed = packed
+        self.w13.data = self.w13.data.new_empty(0)
+        self.w2.data = self.w2.data.new_empty(0)
 
     def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(top-k weights [T, k] in the hidden dtype, expert ids [T, k]) as the reference implementations do:
@@ -80,7 +92,8 @@ class SparseMoE(EngineModule):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden)
-        out = self.ops.fused_moe(hidden, self.w13, self.w2, weights, ids, self.act)
+        w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
+        out = self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:

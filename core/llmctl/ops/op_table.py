@@ -29,6 +29,7 @@ class Ops:
     linear: Callable[..., torch.Tensor]
     pack_gated_linear_weight: Callable[..., tuple[reference.PackedLinearWeight, torch.Tensor | None] | None]
     gated_linear: Callable[..., torch.Tensor]
+    pack_fused_moe_weights: Callable[..., tuple[reference.PackedLinearWeight, reference.PackedLinearWeight] | None]
     fused_moe: Callable[..., torch.Tensor]
     lora_shrink_expand: Callable[..., None]
 

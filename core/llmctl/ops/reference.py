@@ -134,12 +134,23 @@ def gated_linear(x: torch.Tensor, weight: PackedLinearWeight, bias: torch.Tensor
     return silu_and_mul(F.linear(x, weight, bias))
 
 
+def pack_fused_moe_weights(w13: torch.Tensor, w2: torch.Tensor, activation: str = "silu"
+                           ) -> tuple[PackedLinearWeight, PackedLinearWeight] | None:
+    """A MoE layer's stacked expert weights (``w13`` [E, 2 * I, H], ``w2`` [E, H, I]) in whatever layout the
+    platform's ``fused_moe`` takes for ``activation``, or ``None`` to keep them plain. Called once per layer at
+    load; where it accepts, core releases the plain weights and passes the pair to ``fused_moe`` every step. The
+    reference declines."""
+    return None
+
+
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """The experts of a sparse MoE layer: each token's output is the sum over its chosen experts ``e`` (``topk_ids``
     [T, k]) of ``topk_weights[t, j] * w2[e] @ (act(gate) * up)`` with ``gate|up = w13[e] @ hidden[t]``; ``w13`` is
     [E, 2 * I, H] (gate rows first), ``w2`` is [E, H, I]. Experts are visited in ascending order and accumulated in
-    the hidden dtype, as transformers does, so a token's result never depends on the other tokens of the batch."""
+    the hidden dtype, as transformers does, so a token's result never depends on the other tokens of the batch.
+    ``w13`` and ``w2`` are plain tensors or the pair this platform's ``pack_fused_moe_weights`` returned; an
+    override must accept both."""
     from transformers.activations import ACT2FN
 
     act = F.silu if activation in ("silu", "swish") else ACT2FN[activation]
@@ -183,6 +194,7 @@ OP_NAMES: tuple[str, ...] = (
     "linear",
     "pack_gated_linear_weight",
     "gated_linear",
+    "pack_fused_moe_weights",
     "fused_moe",
     "lora_shrink_expand",
 )

@@ -68,6 +68,10 @@ class NativeKernels:
         self._attn.restype = _c_int
         self._attn.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_int, _c_int, _c_int, _c_int,
                                _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int, _c_float, _c_i64, _c_int]
+        self._attn_cap = lib.llmctl_decode_attention_capped
+        self._attn_cap.restype = _c_int
+        self._attn_cap.argtypes = [*self._attn.argtypes[:18], _c_ptr, *self._attn.argtypes[19:]]
+        self._scale_caps: dict[tuple[float, float], torch.Tensor] = {}
         self._attn8 = lib.llmctl_decode_attention_kv8
         self._attn8.restype = _c_int
         self._attn8.argtypes = [_c_int, *self._attn.argtypes]
@@ -124,6 +128,11 @@ class NativeKernels:
         self._lora.restype = _c_int
         self._lora.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int, _c_int,
                                _c_int, _c_int, _c_int, _c_int]
+        self._moe = lib.llmctl_fused_moe
+        self._moe.restype = _c_int
+        self._moe.argtypes = [_c_int, _c_ptr, _c_i64, _c_int, _c_int, _c_int, _c_int, _c_int, _c_ptr, _c_ptr, _c_ptr,
+                              _c_ptr, _c_ptr, _c_i64, _c_int]
+        self.has_fused_moe = bool(lib.llmctl_has_fused_moe())
         self._program_timing = lib.llmctl_program_timing
         self._program_timing.restype = None
         self._program_timing.argtypes = [_c_int, _c_ptr]
@@ -181,6 +190,24 @@ class NativeKernels:
         if rc > 0:
             raise IndexError(f"token_slots[{rc - 1}] = {int(token_slots[rc - 1])} is outside the {slots} LoRA slots")
 
+    def fused_moe(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                  weights: torch.Tensor, num_experts: int, intermediate: int) -> torch.Tensor:
+        """``x`` [T, H] float32 or bf16 with unit column stride; ``w13`` / ``w2`` the experts' panels in x's dtype
+        (``llmctl_cpu.moe``); ``ids`` int64 [T, k] and ``weights`` float32 [T, k] contiguous. Returns [T, H]."""
+        t, h = x.shape
+        out = torch.empty((t, h), dtype=x.dtype)
+        rc = self._moe(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), t, h, intermediate, num_experts,
+                       ids.shape[1], w13.data_ptr(), w2.data_ptr(), ids.data_ptr(), weights.data_ptr(),
+                       out.data_ptr(), out.stride(0), torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("fused_moe: the kernel could not allocate its scratch memory")
+        if rc > 0:
+            bad = ids.reshape(-1)[rc - 1]
+            raise IndexError(f"fused_moe: topk_ids holds expert {int(bad)}, outside the layer's {num_experts} experts")
+        if rc != 0:
+            raise RuntimeError(f"fused_moe: the kernel returned {rc}")
+        return out
+
     def run_program(self, program: torch.Tensor, rows: int) -> tuple[int, int]:
         """Replay ``program`` (int64 [ops, PROGRAM_SLOTS], from :func:`encode_call`) at ``rows`` rows. Returns
         ``(-1, 0)``, or the index of the call that failed and its kernel's return code."""
@@ -198,17 +225,30 @@ class NativeKernels:
 
     def decode_attention(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                          block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,
-                         seq_lens: torch.Tensor, window: int | None, scale: float) -> bool:
+                         seq_lens: torch.Tensor, window: int | None, scale: float,
+                         soft_cap: float | None = None) -> bool:
         """``query``/``out`` [T, H, D] with contiguous heads; ``kv_cache`` [2, blocks, block_size, Hk, D]
         contiguous; ``tables`` (int32), ``rows`` (int64), ``seq_lens`` (int32): one entry per decode. False when
-        a block id is out of range or the kernel could not allocate its scratch."""
+        a block id is out of range or the kernel could not allocate its scratch. ``soft_cap`` (> 0): the scaled
+        scores become ``tanh(s / cap) * cap`` before the softmax."""
         _, _, block_size, kv_heads, head_size = kv_cache.shape
-        rc = self._attn(_DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0),
-                        kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_size, kv_heads, head_size,
-                        query.shape[1], block_tables.data_ptr(), block_tables.stride(0), tables.data_ptr(),
-                        rows.data_ptr(), seq_lens.data_ptr(), rows.shape[0], window or 0, scale,
-                        kv_cache.shape[1], torch.get_num_threads())
+        fn, scale_arg = self._attn, scale
+        if soft_cap:
+            fn, scale_arg = self._attn_cap, self._scale_cap(scale, soft_cap).data_ptr()
+        rc = fn(_DTYPE_CODES[query.dtype], query.data_ptr(), query.stride(0), out.data_ptr(), out.stride(0),
+                kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_size, kv_heads, head_size,
+                query.shape[1], block_tables.data_ptr(), block_tables.stride(0), tables.data_ptr(),
+                rows.data_ptr(), seq_lens.data_ptr(), rows.shape[0], window or 0, scale_arg,
+                kv_cache.shape[1], torch.get_num_threads())
         return rc == 0
+
+    def _scale_cap(self, scale: float, cap: float) -> torch.Tensor:
+        """{scale, cap} as two floats the capped kernel reads, one tensor per pair for the process's lifetime (a
+        recorded step keeps its address)."""
+        key = (float(scale), float(cap))
+        if key not in self._scale_caps:
+            self._scale_caps[key] = torch.tensor(key, dtype=torch.float32)
+        return self._scale_caps[key]
 
     def decode_attention_kv8(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                              block_tables: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor,

@@ -22,6 +22,7 @@
 #include "kernels/lora.c"
 #include "kernels/gemm_bf16.c"
 #include "kernels/gemm_f32.c"
+#include "kernels/moe.c"
 #include "kernels/argmax.c"
 #include "kernels/attention_prefill.c"
 #include "kernels/attention_kv8.c"

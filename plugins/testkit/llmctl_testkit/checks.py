@@ -31,9 +31,12 @@ SCENARIOS: dict[str, list[tuple[int, int]]] = {
     "sliding_window": [(0, 40), (30, 9), (60, 1), (5, 1)],
     # encoders (the "bidirectional" feature): whole sequences from no cached context, every key seen by every query
     "bidirectional": [(0, 37), (0, 5), (0, 1), (0, 16)],
+    # Gemma 2's "logits_soft_cap": scores squashed as cap * tanh(s / cap) before the softmax, prefills and decodes
+    "soft_cap": [(0, 30), (20, 9), (40, 1), (7, 1)],
 }
 PAD_ROWS = 5
 SLIDING_WINDOW = 13
+SOFT_CAP = 1.0  # below most of the case's scores, so a kernel that ignores the cap fails
 
 
 @dataclass
@@ -138,6 +141,8 @@ def case_features(case: AttentionCase) -> frozenset[str]:
     feats = {"prefix_caching", "chunked_prefill"}
     if case.scenario == "sliding_window":
         feats.add("sliding_window")
+    if case.scenario == "soft_cap":
+        feats.add("logits_soft_cap")
     return frozenset(feats)
 
 
@@ -192,13 +197,14 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
     scale = 0.9 / math.sqrt(case.head_size)  # not the default 1/sqrt(d): a kernel ignoring `scale` fails
     window = SLIDING_WINDOW if case.scenario == "sliding_window" else None
     causal = case.scenario != "bidirectional"
+    cap = {"logits_soft_cap": SOFT_CAP} if case.scenario == "soft_cap" else {}
 
     # Reference: float32 on the CPU, fed the same dtype-rounded inputs.
     ref_cache = torch.zeros(2, batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
     write_kv_reference(batch.past_key.float(), batch.past_value.float(), ref_cache, batch.past_slots)
     write_kv_reference(batch.new_key.float(), batch.new_value.float(), ref_cache, md.slot_mapping)
     expected = paged_attention_reference(batch.query.float(), ref_cache, md, scale, window,
-                                         causal=causal)[:md.num_tokens]
+                                         causal=causal, **cap)[:md.num_tokens]
 
     try:
         shape = backend.kv_cache_shape(batch.num_blocks, case.block_size, case.num_kv_heads, case.head_size)
@@ -219,7 +225,7 @@ def check_attention(backend: AttentionBackend, device: torch.device, case: Atten
                      f"{backend.name}: KV cache contents after write_kv ({case.describe()})")
 
     query = batch.query.to(device)
-    extra: dict = {}
+    extra: dict = dict(cap)  # the capped scenario passes logits_soft_cap as core's layers do
     if not causal:  # as core's encoder attention calls it (with this step's keys/values)
         extra.update(causal=False, key=batch.new_key.to(device), value=batch.new_value.to(device))
     try:
@@ -546,6 +552,53 @@ def check_lora_shrink_expand(fn, device: torch.device, dtype: torch.dtype) -> No
             require(torch.equal(got[:, :4], parent[:, :4]) and torch.equal(got[:, -4:], parent[:, -4:]), clause,
                     f"wrote outside y's columns ({rows} rows)")
             assert_close(clause, got, expected, dtype, f"y after the call ({rows} rows, ranks given: {with_ranks})")
+
+
+# (tokens, hidden, intermediate, experts, top_k): one token; an expert nobody picks; a hidden size that is not a
+# multiple of 16; a batch large enough that every expert gets many rows.
+MOE_CASES = ((1, 64, 32, 4, 2), (7, 96, 48, 8, 2), (33, 200, 64, 8, 3), (300, 128, 16, 6, 1))
+
+
+def moe_case(tokens: int, hidden: int, inter: int, experts: int, top_k: int, dtype: torch.dtype,
+             gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inputs of ``fused_moe`` as ``SparseMoE`` makes them: softmax top-k routing weights in the hidden dtype, the
+    experts stacked ``[E, 2I, H]`` / ``[E, H, I]``; the last expert is never chosen."""
+    logits = torch.randn(tokens, experts, generator=gen)
+    logits[:, -1] = float("-inf")
+    weights, ids = torch.topk(logits.softmax(dim=-1), top_k, dim=-1)
+    return {"hidden": torch.randn(tokens, hidden, generator=gen).to(dtype),
+            "w13": (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden ** 0.5).to(dtype),
+            "w2": (torch.randn(experts, hidden, inter, generator=gen) / inter ** 0.5).to(dtype),
+            "topk_weights": weights.to(dtype), "topk_ids": ids}
+
+
+def check_fused_moe(pack, fused, device: torch.device, dtype: torch.dtype) -> None:
+    """``pack_fused_moe_weights`` and ``fused_moe`` together: ``fused(x, *pack(w13, w2), w, ids)`` where the
+    platform packs, the plain weights where it declines (None), must match the reference for every case of
+    ``MOE_CASES``; no input (the plain weights included) may change, and each token's rows must not depend on the
+    batch beyond the dtype's tolerance (the first token alone against it inside the batch)."""
+    clause = "ops.fused_moe"
+    gen = torch.Generator().manual_seed(19)
+    for i, shape in enumerate(MOE_CASES):
+        case = moe_case(*shape, dtype, gen)
+        expected = reference.fused_moe(*case.values(), "silu")
+        dev = {k: v.to(device) for k, v in case.items()}
+        before = {k: v.clone() for k, v in dev.items()}
+        try:
+            packed = pack(dev["w13"], dev["w2"], "silu")
+            weights = (dev["w13"], dev["w2"]) if packed is None else packed
+            got = fused(dev["hidden"], *weights, dev["topk_weights"], dev["topk_ids"], "silu")
+            alone = fused(dev["hidden"][:1], *weights, dev["topk_weights"][:1], dev["topk_ids"][:1], "silu")
+        except Exception as exc:
+            raise ContractViolation(clause, f"raised {type(exc).__name__}: {exc} on case {i} {shape}") from exc
+        for k, v in dev.items():
+            require(torch.equal(v, before[k]), clause + ".inputs_unchanged", f"{k} was modified (case {i})")
+        require(got.dtype == expected.dtype and got.shape == expected.shape, clause,
+                f"returned {got.dtype} {tuple(got.shape)}, the reference {expected.dtype} {tuple(expected.shape)} "
+                f"(case {i})")
+        assert_close(clause, got, expected, dtype, f"fused_moe (case {i}: tokens, hidden, inter, experts, top_k = "
+                                                   f"{shape}, packed: {packed is not None})")
+        assert_close(clause, alone, expected[:1], dtype, f"fused_moe on the first token alone (case {i})")
 
 
 def _flatten(x: object) -> list[torch.Tensor]:

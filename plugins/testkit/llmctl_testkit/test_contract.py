@@ -169,6 +169,9 @@ def test_op_override(testkit_manager, testkit_platform, testkit_device, op_name:
     if op_name in ("pack_gated_linear_weight", "gated_linear"):
         checks.check_gated_linear(ops.pack_gated_linear_weight, ops.gated_linear, testkit_device, dtype)
         return
+    if op_name in ("pack_fused_moe_weights", "fused_moe"):
+        checks.check_fused_moe(ops.pack_fused_moe_weights, ops.fused_moe, testkit_device, dtype)
+        return
     if op_name == "lora_shrink_expand":
         checks.check_lora_shrink_expand(ops.lora_shrink_expand, testkit_device, dtype)
         return

@@ -568,11 +568,11 @@ static void amx_attend(const bf16_t *query, bf16_t *out, const bf16_t *k_cache, 
  * sequence i uses row tables[i]. Keys [first, seq_len) are read, first = max(0, seq_len - window) when
  * window > 0; a sequence of length 0 (a padded row) gets a zero output. Returns 0, or -1 when a length is negative,
  * a block id is outside [0, num_blocks) or a scratch allocation failed (the caller raises or falls back). */
-int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, void *out, int64_t o_row_stride,
+static int decode_attention(int dtype, const void *query, int64_t q_row_stride, void *out, int64_t o_row_stride,
                             const void *k_cache, const void *v_cache, int block_size, int kv_heads, int head_size,
                             int heads, const int32_t *block_tables, int64_t bt_stride, const int32_t *tables,
                             const int64_t *rows, const int32_t *seq_lens, int num_seqs, int window, float scale,
-                            int64_t num_blocks, int num_threads) {
+                            float soft_cap, int64_t num_blocks, int num_threads) {
     const int group = heads / kv_heads;
     const int d = head_size;
     int failed = 0;
@@ -581,7 +581,8 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
     const int per_seq = num_seqs >= 4 * num_threads;
     const int num_tasks = per_seq ? num_seqs : num_seqs * kv_heads;
 #if HAVE_AMX
-    const int amx = amx_on && dtype == DT_BF16 && block_size % 16 == 0 && d % 32 == 0 && d <= 256 && group <= 16;
+    const int amx = amx_on && dtype == DT_BF16 && block_size % 16 == 0 && d % 32 == 0 && d <= 256 && group <= 16 &&
+                    soft_cap == 0.0f; /* the tile path's scores never sit in memory as a whole row */
 #else
     const int amx = 0;
 #endif
@@ -676,6 +677,8 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
                                scores);
                 ahead_step(&ahead, lines_per_call);
             }
+            if (soft_cap > 0.0f) /* Gemma 2: the scaled scores squashed as the reference does, tanh(s / cap) * cap */
+                for (size_t j = 0; j < (size_t)group * n_keys; j++) scores[j] = tanhf(scores[j] / soft_cap) * soft_cap;
             softmax_numerators(scores, group, n_keys);
             for (int b = b_first; b <= b_last; b++) {
                 const int t0 = b == b_first ? first : b * block_size, t1 = b == b_last ? len : (b + 1) * block_size;
@@ -699,4 +702,27 @@ int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, 
 #endif
     }
     return failed ? -1 : 0;
+}
+
+int llmctl_decode_attention(int dtype, const void *query, int64_t q_row_stride, void *out, int64_t o_row_stride,
+                            const void *k_cache, const void *v_cache, int block_size, int kv_heads, int head_size,
+                            int heads, const int32_t *block_tables, int64_t bt_stride, const int32_t *tables,
+                            const int64_t *rows, const int32_t *seq_lens, int num_seqs, int window, float scale,
+                            int64_t num_blocks, int num_threads) {
+    return decode_attention(dtype, query, q_row_stride, out, o_row_stride, k_cache, v_cache, block_size, kv_heads,
+                            head_size, heads, block_tables, bt_stride, tables, rows, seq_lens, num_seqs, window, scale,
+                            0.0f, num_blocks, num_threads);
+}
+
+/* As llmctl_decode_attention with the scores soft-capped (cap * tanh(s / cap), Gemma 2): scale_cap holds {scale,
+ * cap}, two floats in memory, so the replay program's one-float-argument records carry this call unchanged. */
+int llmctl_decode_attention_capped(int dtype, const void *query, int64_t q_row_stride, void *out,
+                                   int64_t o_row_stride, const void *k_cache, const void *v_cache, int block_size,
+                                   int kv_heads, int head_size, int heads, const int32_t *block_tables,
+                                   int64_t bt_stride, const int32_t *tables, const int64_t *rows,
+                                   const int32_t *seq_lens, int num_seqs, int window, const float *scale_cap,
+                                   int64_t num_blocks, int num_threads) {
+    return decode_attention(dtype, query, q_row_stride, out, o_row_stride, k_cache, v_cache, block_size, kv_heads,
+                            head_size, heads, block_tables, bt_stride, tables, rows, seq_lens, num_seqs, window,
+                            scale_cap[0], scale_cap[1], num_blocks, num_threads);
 }

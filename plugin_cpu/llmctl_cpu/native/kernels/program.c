@@ -113,6 +113,11 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
                                                  I(11), P(12), a[13], P(14), P(15), P(16), I(17), I(18),
                                                  bits_to_float(a[19]), a[20], num_threads);
                 break;
+            case OP_DECODE_ATTENTION_CAPPED:
+                rc = llmctl_decode_attention_capped(I(0), P(1), a[2], P(3), a[4], P(5), P(6), I(7), I(8), I(9), I(10),
+                                                    P(11), a[12], P(13), P(14), P(15), I(16), I(17), P(18), a[19],
+                                                    num_threads);
+                break;
             default: /* in the table but not handled here */
                 rc = -2;
         }

@@ -22,6 +22,7 @@
     X(DECODE_ATTENTION, 7, decode_attention, _attn, 16, 18)           \
     X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1)                        \
     X(WRITE_KV8, 9, write_kv8, _write8, 9, -1)                       \
-    X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19)
+    X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19) \
+    X(DECODE_ATTENTION_CAPPED, 11, decode_attention_capped, _attn_cap, 16, -1)
 
 #endif /* LLMCTL_CPU_PROGRAM_ABI_H */
