@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Offline throughput with 1, 4 and 8 LoRA adapters in one batch against the base model alone, in one run.
+"""Offline throughput with 1, 4 and 16 LoRA adapters in one batch against the base model alone, in one run.
 
 Adapters are random PEFT adapters (rank ``--rank``, every attention and MLP projection) made with peft on the
 given checkpoint, so the work is what real fine-tunes cost. Every configuration runs the same prompts (random
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--adapters", default="1,4,8", help="adapter counts to run, comma-separated")
+    ap.add_argument("--adapters", default="1,4,16", help="adapter counts to run, comma-separated")
     ap.add_argument("--reference-op", action="store_true",
                     help="also run the largest count with lora_shrink_expand on the torch reference")
     ap.add_argument("--rank", type=int, default=16)

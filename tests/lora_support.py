@@ -12,11 +12,21 @@ MAX_TOKENS = 8
 def make_adapter(base_dir: Path, out: Path, rank: int, alpha: int, targets: list[str], rslora: bool,
                  seed: int) -> Path:
     """A PEFT adapter with random A and B (init_lora_weights=False, B scaled up so it changes greedy tokens)."""
-    import peft
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return make_adapter_on(model, out, rank, alpha, targets, rslora, None)
+
+
+def make_adapter_on(model, out: Path, rank: int, alpha: int, targets: list[str], rslora: bool,
+                    seed: int | None) -> Path:
+    """:func:`make_adapter` on a transformers model already built (a GGUF file's, which has no base directory);
+    ``seed`` None keeps the caller's generator state."""
+    import peft
+
+    if seed is not None:
+        torch.manual_seed(seed)
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora,
                              init_lora_weights=False, lora_dropout=0.0)
     wrapped = peft.get_peft_model(model, config)

@@ -189,3 +189,31 @@ def test_models_lists_architectures_with_features_and_tests():
     assert {"Gemma2ForCausalLM", "MixtralForCausalLM", "BloomForCausalLM"} <= {row["architecture"] for row in rows}
     r = runner.invoke(cli_main.app, ["models"], env={"COLUMNS": "400"})
     assert r.exit_code == 0 and "soft-capping" in r.output and "test_family_matches_transformers[gemma2]" in r.output
+
+
+def test_serve_passes_lora_flags_to_the_engine(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_load(args):
+        seen.append(args)
+        raise cli_main.UserError("stop here")
+
+    monkeypatch.setattr(cli_main, "load_engine", fake_load)
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--enable-lora", "--max-loras", "4", "--max-lora-rank",
+                                     "64", "--max-cpu-loras", "8"])
+    assert r.exit_code == 2 and "stop here" in r.output
+    a = seen[0]
+    assert (a.enable_lora, a.max_loras, a.max_lora_rank, a.max_cpu_loras) == (True, 4, 64, 8)
+    runner.invoke(cli_main.app, ["serve", str(tmp_path)])
+    assert (seen[1].enable_lora, seen[1].max_loras, seen[1].max_lora_rank, seen[1].max_cpu_loras) == (
+        False, 1, 16, None)
+    for flags in (["--lora-modules", '{"name": "a", "path": "p", "base_model_name": "m"}', "--lora-modules", "b=q"],
+                  ["--allow-runtime-lora", "--lora-root", str(tmp_path)]):  # either turns LoRA on by itself
+        count = len(seen)
+        runner.invoke(cli_main.app, ["serve", str(tmp_path), *flags])
+        assert len(seen) == count + 1 and seen[-1].enable_lora is True, flags
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--allow-runtime-lora"])
+    assert r.exit_code == 2 and "allow_runtime_lora: needs --lora-root" in r.output
+    r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--enable-lora", "--max-lora-rank", "128"])
+    assert r.exit_code == 2 and "max_lora_rank: must be an integer in [1, 64], got 128" in r.output
+    assert len(seen) == 4

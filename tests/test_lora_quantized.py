@@ -1,7 +1,8 @@
-"""LoRA over a quantized base: the tiny Llama quantized at load (``quantization="int8"``, per output channel) with
-adapters on the quantized projections (and one on the unquantized LM head and embedding too), mixed in one batch
-with the base model. The oracle is peft over the dequantized base: the same int8 codes and scales multiplied back
-into float32 weights, the adapter merged on top; greedy tokens equal, logprobs close (fp32)."""
+"""LoRA over a quantized base: the tiny Llama quantized at load (``quantization="int8"``, per output channel), and
+GPTQ (4-bit, act-order), AWQ and kept-quantized GGUF checkpoints (every block type), with adapters on the quantized
+projections (and one on the unquantized LM head and embedding too), mixed in one batch with the base model. The
+oracle is peft over the dequantized base: the same codes and scales multiplied back into float32 weights, the
+adapter on top; greedy tokens equal, logprobs close (fp32)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from llmctl import LLM, SamplingParams
 from llmctl.lora import LoRARequest
 
-from tests.lora_support import make_adapter
+from tests.lora_support import make_adapter, make_adapter_on
+from tests.quant_checkpoints import hf_model_with, write_awq, write_gguf, write_gptq
 
 pytest.importorskip("peft")
 
@@ -83,3 +85,67 @@ def test_adapters_over_an_int8_base_equal_peft_over_the_dequantized_base(tiny_mo
         moved = plain(torch.tensor([PROMPTS[0]])).logits[0].log_softmax(-1) - \
             _dequantized_base(base).eval()(torch.tensor([PROMPTS[0]])).logits[0].log_softmax(-1)
     assert float(moved.abs().max()) > 10 * TOL
+
+
+# -- checkpoints quantized by their own format, kept quantized -----------------------------------------------------
+GGUF_TYPES = {  # every kept block type (Q2_K / Q3_K on the reference, the others on the CPU kernels), q/k/v mixed
+    "0.attn_q": "Q4_K", "0.attn_k": "Q6_K", "0.attn_v": "Q8_0", "0.attn_output": "Q4_0", "0.ffn_gate": "Q4_1",
+    "0.ffn_up": "Q4_1", "0.ffn_down": "Q5_K",
+    "1.attn_q": "Q5_0", "1.attn_k": "Q5_0", "1.attn_v": "Q5_0", "1.attn_output": "Q5_1", "1.ffn_gate": "Q2_K",
+    "1.ffn_up": "Q2_K", "1.ffn_down": "Q3_K",
+}
+
+
+def _format_checkpoint(fmt: str, base: Path, tmp_path: Path, tok):
+    """(path to load, quantization option, the dequantized base as transformers' model: a fresh one per call)."""
+    from transformers import AutoModelForCausalLM
+
+    if fmt == "gguf":  # tied embeddings (the file has no output.weight); the dequantized oracle is gguf's own
+        path = write_gguf(tmp_path / "tiny.gguf", tok, GGUF_TYPES)
+        return path, "gguf", lambda: AutoModelForCausalLM.from_pretrained(
+            str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    if fmt == "gptq":
+        path, dense = write_gptq(base, tmp_path / "gptq", 4, 32, act_order=True)
+    else:
+        path, dense = write_awq(base, tmp_path / "awq", 32)
+    return path, None, lambda: hf_model_with(base, dense)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "gguf"])
+def test_adapters_over_a_quantized_checkpoint_equal_peft_over_the_dequantized_base(fmt, tiny_model_dirs, tmp_path,
+                                                                                   test_tokenizer):
+    """peft runs unmerged here: merging into the GGUF's tied embedding would move the LM head's weight too, which
+    is not what the adapter means (nor what peft's own forward computes)."""
+    import peft
+
+    path, quantization, dequantized = _format_checkpoint(fmt, tiny_model_dirs["llama"], tmp_path, test_tokenizer)
+    adapters = {
+        "proj": make_adapter_on(dequantized(), tmp_path / "proj", 8, 16, list(QUANTIZED), False, seed=41),
+        "all": make_adapter_on(dequantized(), tmp_path / "all", 4, 8, [*QUANTIZED, "embed_tokens", "lm_head"], True,
+                               seed=42),
+    }
+    llm = LLM(str(path), dtype="float32", quantization=quantization, enable_lora=True, max_loras=2, max_lora_rank=8,
+              kv_cache_memory=16 << 20)
+    summary = llm.llm_engine.core.model.quant_summary
+    # every projection (2 layers x qkv, o, gate_up, down) really runs quantized
+    assert summary is not None and summary.describe().startswith(f"{fmt} ") and "8 layers" in summary.describe()
+    loras = {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(adapters.items())}
+    jobs = [(p, name) for p in PROMPTS for name in (*loras, None)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p, _ in jobs], params, use_tqdm=False,
+                        lora_request=[None if n is None else loras[n] for _, n in jobs])
+    got = {(tuple(p), n): o.outputs[0] for (p, n), o in zip(jobs, outs, strict=True)}
+    for name in (*loras, None):
+        model = dequantized() if name is None else peft.PeftModel.from_pretrained(dequantized(), adapters[name])
+        model.eval()
+        for p in PROMPTS:
+            with torch.no_grad():
+                want = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                                      do_sample=False, pad_token_id=0)[0].tolist()
+                rows = model(input_ids=torch.tensor([want])).logits[0].double().log_softmax(-1)
+            comp = got[(tuple(p), name)]
+            assert comp.token_ids == want[len(p):], (fmt, name, p)
+            for j, (tok, lp) in enumerate(zip(comp.token_ids, comp.logprobs, strict=True)):
+                assert abs(lp[tok].logprob - float(rows[len(p) - 1 + j, tok])) < TOL, (fmt, name, p, j)
+    for p in PROMPTS:
+        assert len({tuple(got[(tuple(p), n)].token_ids) for n in (*loras, None)}) == 3  # adapters change outputs

@@ -97,3 +97,42 @@ def test_runtime_lora_routes_exist_only_when_allowed(tiny_model_dirs, lora_serve
         assert r.status_code == 404
     finally:
         srv.stop()
+
+
+def test_lora_modules_json_form_names_its_base_model_and_a_bad_entry_stops_the_start_up(tiny_model_dirs, lora_dirs):
+    """``--lora-modules`` in vLLM's JSON form (with ``base_model_name``) is served with its parent; an entry whose
+    base model is another, whose adapter is unreadable or too large stops the start-up with the reason, before the
+    server takes a request."""
+    import json
+
+    from llmctl_server.app import build_app
+
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(tiny_model_dirs["llama"]), dtype="float32",
+                                                  kv_cache_memory=16 << 20, enable_lora=True, max_lora_rank=4))
+    try:
+        good = json.dumps({"name": "j", "path": str(lora_dirs["mlp"]), "base_model_name": "tiny"})
+        srv = start_server(engine, ServerSettings(served_model_names=["tiny"], lora_modules=[good]))
+        try:
+            models = {m["id"]: m for m in httpx.get(srv.url + "/v1/models", timeout=30).json()["data"]}
+            assert set(models) == {"tiny", "j"} and models["j"]["parent"] == "tiny"
+            r = httpx.post(srv.url + "/v1/completions", json={"model": "j", "prompt": PROMPTS[1], "max_tokens": 8,
+                                                              "temperature": 0, "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200, r.text
+            want = merged_generate(tiny_model_dirs["llama"], lora_dirs["mlp"], [PROMPTS[1]])[0]
+            assert r.json()["choices"][0]["text"] == engine.tokenizer.decode(want)
+        finally:
+            srv.stop()
+        for entry, why in (
+            (json.dumps({"name": "j", "path": str(lora_dirs["mlp"]), "base_model_name": "other"}),
+             "adapter 'j' names base model 'other', but this server serves 'tiny'"),
+            (json.dumps({"name": "j", "path": str(lora_dirs["root"] / "missing")}),
+             "lora adapter 'j'.*lora_path: no such adapter directory"),
+            (f"big={lora_dirs['attn']}", "lora adapter 'big'.*r: rank 8 is above max_lora_rank 4"),
+            ('{"name": "j"}', 'JSON form needs {"name": ..., "path": ...}'),
+            ("no-equals-sign", "expected name=path or JSON"),
+        ):
+            with pytest.raises(ValueError, match=why):
+                build_app(engine, ServerSettings(served_model_names=["tiny"], lora_modules=[entry]))
+        engine.check_health()
+    finally:
+        engine.shutdown()

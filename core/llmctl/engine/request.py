@@ -97,9 +97,5 @@ class Request:
         return self.num_computed_tokens >= len(self.prompt_token_ids)
 
     @property
-    def lora_id(self) -> int | None:
-        return None if self.lora is None else self.lora.adapter_id
-
-    @property
     def finished(self) -> bool:
         return self.status.finished

@@ -150,13 +150,19 @@ class Scheduler:
         return out
 
     def _lora_fits(self, req: Request, loras: set[int]) -> bool:
-        """Whether ``req``'s adapter fits in this step's ``max_loras`` distinct adapters (and counts it in)."""
-        lora_id = req.lora_id
-        if lora_id is None or self.config.max_loras is None or lora_id in loras:
+        """Whether ``req``'s adapter fits in this step's ``max_loras`` distinct adapters (and counts it in).
+
+        Adapters are told apart as the device slots tell them apart, by the adapter object the request holds, not
+        by its id: an adapter removed and read again, or replaced under its id by another path, while requests of
+        the old one still run, is a second adapter that needs a slot of its own."""
+        if req.lora is None or self.config.max_loras is None:
+            return True
+        key = id(req.lora)  # the requests of this step keep their adapters alive, so ids are unique within it
+        if key in loras:
             return True
         if len(loras) >= self.config.max_loras:
             return False
-        loras.add(lora_id)
+        loras.add(key)
         return True
 
     def stats(self) -> dict[str, int]:
