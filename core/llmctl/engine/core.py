@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -23,31 +22,12 @@ from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.engine.startup import _kv_geometry, build_engine, check_tensor_parallel  # noqa: F401  (re-exported)
+from llmctl.engine.step_output import CoreOutput, ModelStepOutput
 from llmctl.engine.step_stats import IterationTokenStats
 from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
 from llmctl.tensor_parallel import RankAddress
 
 logger = logging.getLogger(__name__)
-
-
-
-@dataclass
-class CoreOutput:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[RowLogprobs] | None = None
-    prompt_logprobs: list[RowLogprobs] | None = None
-    prompt_logprobs_start: int = 0
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    num_cached_tokens: int = 0
-    error: str | None = None
-    pooled: torch.Tensor | None = None  # a pooling request's result (it finishes in the step that computes it)
-    first_scheduled_time: float | None = None  # wall clock when the scheduler first admitted the request
-
-
 
 
 class EngineCore:
@@ -82,8 +62,6 @@ class EngineCore:
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
-
-
 
     def shutdown(self) -> None:
         """Release the parallel group (the process group's sockets); the engine cannot step afterwards."""
@@ -187,8 +165,9 @@ class EngineCore:
             sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask)
             new_tokens = [[t] for t in sampled.token_ids]
             new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
-        outputs = self._update(sched, batch.sampling_requests, new_tokens, new_logprobs, result.prompt_hidden,
-                               result.pooled)
+        outputs = self.scheduler.update_from_output(sched, ModelStepOutput(
+            batch.sampling_requests, new_tokens, new_logprobs, self._prompt_logprobs(result.prompt_hidden),
+            result.pooled or {}))
         if self.runner.keep_hidden:  # EAGLE reads the positions just computed, with their hidden states
             self.speculator.observe(sched, batch, result.hidden)
         return outputs
@@ -198,73 +177,21 @@ class EngineCore:
             self._bitmask_pool = ThreadPoolExecutor(1, thread_name_prefix="llmctl-bitmask")
         return self._bitmask_pool
 
-    def _update(self, sched: SchedulerOutput, sampling_requests: list[Request], new_tokens: list[list[int]],
-                new_logprobs: list[list[RowLogprobs] | None], prompt_hidden, pooled=None) -> list[CoreOutput]:
-        outputs: dict[str, CoreOutput] = {}
-        accepted = {id(r): len(t) - 1 for r, t in zip(sampling_requests, new_tokens, strict=True)}
-        for item in sched.scheduled:
-            req = item.request
-            req.num_computed_tokens += item.num_new_tokens
-            if item.spec_token_ids:
-                # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
-                # holding nothing else go back to the pool.
-                req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
-                self.kv.trim(req)
-            self.kv.cache_computed_blocks(req)
-        for rid, data in (pooled or {}).items():
-            req = self.scheduler.requests[rid]
-            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens,
-                                      first_scheduled_time=req.first_scheduled_time)
-            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+    def _prompt_logprobs(self, prompt_hidden) -> dict[str, tuple[int, list[RowLogprobs]]]:
+        """Logprobs of each prompt chunk's next tokens, from the hidden states the runner kept for them (the LM
+        head runs here, a slice of rows at a time, rather than on every prompt row in the forward pass)."""
+        out: dict[str, tuple[int, list[RowLogprobs]]] = {}
         for rid, (chunk, hidden) in prompt_hidden.items():
             req = chunk.request
             first = chunk.first_position
             targets = torch.tensor(req.prompt_token_ids[first + 1:first + 1 + len(chunk.rows)], device=hidden.device)
-            out = outputs.setdefault(rid, CoreOutput(rid, num_cached_tokens=req.num_cached_tokens,
-                                                     first_scheduled_time=req.first_scheduled_time))
             compute = self.runner.model.compute_logits
             if self.lora is not None:  # an adapter on the LM head applies to the request's prompt logprobs too
                 compute = self.lora.logits_for(req.lora, compute)
-            out.prompt_logprobs = prompt_logprobs_in_slices(hidden, compute, targets,
-                                                            req.sampling_params.prompt_logprobs)
-            out.prompt_logprobs_start = first + 1
-        for req, tokens, lps in zip(sampling_requests, new_tokens, new_logprobs, strict=True):
-            out = outputs.setdefault(req.request_id, CoreOutput(req.request_id,
-                                                                num_cached_tokens=req.num_cached_tokens,
-                                                                first_scheduled_time=req.first_scheduled_time))
-            for j, token in enumerate(tokens):
-                req.all_token_ids.append(token)
-                out.new_token_ids.append(token)
-                if lps is not None:
-                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
-                if req.grammar is not None and not req.grammar.accept(token):
-                    out.finish_reason, out.error = "error", f"token {token} is not allowed by the request's grammar"
-                    self.scheduler.finish(req, RequestStatus.FINISHED_ERROR)
-                    break
-                reason = self._stop_reason(req, token)
-                if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
-                    reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
-                if reason is not None:  # tokens accepted after a stop are dropped
-                    out.finish_reason, out.stop_reason = reason
-                    status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
-                    self.scheduler.finish(req, status)
-                    break
-        return list(outputs.values())
-
-    def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
-        sp = req.sampling_params
-        n_out = req.num_output_tokens
-        if n_out >= sp.min_tokens:
-            if not sp.ignore_eos and token in req.eos_token_ids:
-                return ("stop", None)
-            if token in sp.stop_token_ids:
-                return ("stop", token)
-        if n_out >= req.max_tokens or req.num_tokens >= self.model_config.max_model_len:
-            return ("length", None)
-        return None
+            out[rid] = (first + 1, prompt_logprobs_in_slices(hidden, compute, targets,
+                                                             req.sampling_params.prompt_logprobs))
+        return out
 
     def finish_request(self, request_id: str, status: RequestStatus) -> None:
         """Used by the frontend when a stop string ends a request the core cannot see as finished."""
-        req = self.scheduler.requests.get(request_id)
-        if req is not None:
-            self.scheduler.finish(req, status)
+        self.scheduler.finish_requests([request_id], status)
