@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from llmctl.config import SchedulerConfig
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.step_output import CoreOutput, ModelStepOutput
+from llmctl.kv.block_pool import KVBlock
 from llmctl.kv.manager import KVCacheManager
 
 
@@ -72,7 +73,7 @@ class Scheduler:
             except ValueError:
                 pass
         request.status = status
-        self.kv.free(request)
+        self._free_blocks(request)
         self.requests.pop(request.request_id, None)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
@@ -91,13 +92,26 @@ class Scheduler:
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
-        self.kv.free(victim)
+        self._free_blocks(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.spec_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
+
+    # -- KV blocks: the manager owns the tables, the request shows its own (the runner reads it) -------------------
+    def _allocate(self, req: Request, num_new_tokens: int, cached: list[KVBlock] | None = None) -> bool:
+        if not self.kv.allocate(req.request_id, req.num_computed_tokens, num_new_tokens, cached):
+            return False
+        if cached:  # adopted prefix blocks hold computed tokens
+            req.num_computed_tokens += len(cached) * self.kv.block_size
+        req.block_ids = self.kv.block_ids(req.request_id)
+        return True
+
+    def _free_blocks(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.block_ids = []
 
     # -- one step ----------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -115,7 +129,7 @@ class Scheduler:
                 i += 1
                 continue
             spec = req.spec_token_ids[:max(0, num_new - known)]
-            while not self.kv.allocate(req, num_new):
+            while not self._allocate(req, num_new):
                 victim = self.running[-1]  # newest running request goes back to the queue
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -142,13 +156,14 @@ class Scheduler:
                 # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
                 use_cache = (req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
                              and req.pooling_params is None)
-                cached = self.kv.find_cached_prefix(req) if use_cache else []
+                cached = self.kv.find_cached_prefix(req.request_id, req.all_token_ids, salt=req.cache_salt,
+                                                    mm_features=req.mm_features) if use_cache else []
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
                 if req.pooling_params is not None and num_new < req.num_tokens:
                     break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
-                if not self.kv.allocate(req, num_new, cached):
+                if not self._allocate(req, num_new, cached):
                     break
-                self.kv.record_lookup(req, len(cached))
+                self.kv.record_lookup(req.num_tokens, len(cached))
                 self.waiting.popleft()
                 if req.status == RequestStatus.WAITING:
                     req.num_cached_tokens = len(cached) * self.kv.block_size
@@ -175,8 +190,9 @@ class Scheduler:
                 # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
                 # holding nothing else go back to the pool.
                 req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
-                self.kv.trim(req)
-            self.kv.cache_computed_blocks(req)
+                self.kv.trim(req.request_id, req.num_computed_tokens)
+            self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
+                                          salt=req.cache_salt, mm_features=req.mm_features)
         for rid, data in result.pooled.items():
             req = self.requests[rid]
             outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens,
