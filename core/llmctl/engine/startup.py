@@ -113,7 +113,6 @@ class EngineStartup:
         self.runner_plan = plan_runner(args.runner, args.pooler_config, hf_config, self.source.local_dir,
                                        plugins.registry,
                                        lambda cfg, reg: get_model_class(cfg, reg, args.model_impl))
-        self.runner_type = self.runner_plan.runner
         from llmctl.quantization import resolve_quant_config
 
         quant = resolve_quant_config(args.quantization, self.source)
