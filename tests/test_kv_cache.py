@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from dataclasses import dataclass
+
 import pytest
-from llmctl.engine.request import Request
 from llmctl.kv.block_pool import BlockPool
 from llmctl.kv.manager import KVCacheManager, hash_block
-from llmctl.sampling_params import SamplingParams
 
 BS = 4
 
 
-def make_request(rid: str, tokens: list[int]) -> Request:
-    return Request(rid, list(tokens), SamplingParams(max_tokens=8), arrival_time=0.0, max_tokens=8)
+@dataclass
+class Seq:
+    """What the scheduler tracks of one request, as far as the KV manager is concerned: its id, its token ids
+    and how many of them are computed."""
+
+    rid: str
+    tokens: list[int]
+    computed: int = 0
 
 
-def compute(kv: KVCacheManager, req: Request, n: int | None = None) -> None:
-    """What the scheduler + core do for one step: allocate, then mark computed and cache full blocks."""
-    cached = kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
-    n = req.num_tokens - req.num_computed_tokens - len(cached) * BS if n is None else n
-    assert kv.allocate(req, n, cached)
-    kv.record_lookup(req, len(cached))
-    req.num_computed_tokens += n
-    kv.cache_computed_blocks(req)
+def compute(kv: KVCacheManager, s: Seq, n: int | None = None) -> None:
+    """What the scheduler does for one step: allocate, then count the tokens computed and cache full blocks."""
+    cached = kv.find_cached_prefix(s.rid, s.tokens) if s.computed == 0 else []
+    n = len(s.tokens) - s.computed - len(cached) * BS if n is None else n
+    assert kv.allocate(s.rid, s.computed, n, cached)
+    kv.record_lookup(len(s.tokens), len(cached))
+    s.computed += len(cached) * BS + n
+    kv.cache_computed_blocks(s.rid, s.tokens, s.computed)
 
 
 def test_ref_counts_and_double_free():
@@ -72,66 +80,85 @@ def test_hash_chain_includes_parent():
     assert hash_block(None, tokens) != hash_block(None, [1, 2, 3, 5])
 
     kv = KVCacheManager(16, BS, enable_prefix_caching=True)
-    a = make_request("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    a = Seq("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
     compute(kv, a)
-    kv.free(a)
+    kv.free("a")
     # Same second block, different first block: nothing may be reused (the second block's hash differs).
-    b = make_request("b", [0, 2, 3, 4, 5, 6, 7, 8, 9])
-    assert kv.find_cached_prefix(b) == []
+    assert kv.find_cached_prefix("b", [0, 2, 3, 4, 5, 6, 7, 8, 9]) == []
     # Same first block only: one block reused.
-    c = make_request("c", [1, 2, 3, 4, 0, 6, 7, 8, 9])
-    assert [blk.block_id for blk in kv.find_cached_prefix(c)] == [kv.pool.lookup(a.block_hashes[0]).block_id]
+    found = kv.find_cached_prefix("c", [1, 2, 3, 4, 0, 6, 7, 8, 9])
+    assert [blk.block_id for blk in found] == [kv.pool.lookup(hash_block(None, [1, 2, 3, 4])).block_id]
     # The full prefix: both full blocks reused, the last token is always left to compute.
-    d = make_request("d", [1, 2, 3, 4, 5, 6, 7, 8, 9])
-    assert len(kv.find_cached_prefix(d)) == 2
-    e = make_request("e", [1, 2, 3, 4, 5, 6, 7, 8])
-    assert len(kv.find_cached_prefix(e)) == 1
+    assert len(kv.find_cached_prefix("d", [1, 2, 3, 4, 5, 6, 7, 8, 9])) == 2
+    assert len(kv.find_cached_prefix("e", [1, 2, 3, 4, 5, 6, 7, 8])) == 1
+    # A salt (a LoRA adapter's) starts another chain: the same tokens find nothing.
+    assert kv.find_cached_prefix("f", [1, 2, 3, 4, 5, 6, 7, 8, 9], salt=b"lora:1") == []
 
 
 def test_shared_prefix_ref_counts_and_all_free_at_end():
     kv = KVCacheManager(8, BS, enable_prefix_caching=True)
     prompt = list(range(10, 19))  # 2 full blocks + 1 token
-    a = make_request("a", prompt)
+    a = Seq("a", prompt)
     compute(kv, a)
-    b = make_request("b", prompt)
+    b = Seq("b", prompt)
     compute(kv, b)
-    assert kv.stats.hit_tokens == 2 * BS and b.num_computed_tokens == len(prompt)
-    assert b.block_ids[:2] == a.block_ids[:2] and b.block_ids[2] != a.block_ids[2]
-    assert [kv.pool.blocks[i].ref_cnt for i in a.block_ids] == [2, 2, 1]
+    assert kv.stats.hit_tokens == 2 * BS and b.computed == len(prompt)
+    a_blocks, b_blocks = kv.block_ids("a"), kv.block_ids("b")
+    assert b_blocks[:2] == a_blocks[:2] and b_blocks[2] != a_blocks[2]
+    assert [kv.pool.blocks[i].ref_cnt for i in a_blocks] == [2, 2, 1]
     assert kv.num_free_blocks == 8 - 4
-    kv.free(a)
-    assert [kv.pool.blocks[i].ref_cnt for i in b.block_ids] == [1, 1, 1]
+    kv.free("a")
+    assert a_blocks == []  # a table someone still holds shows the request holds nothing
+    assert [kv.pool.blocks[i].ref_cnt for i in b_blocks] == [1, 1, 1]
     assert kv.num_free_blocks == 8 - 3
-    kv.free(b)
+    kv.free("b")
     assert kv.num_free_blocks == 8
     assert all(blk.ref_cnt == 0 for blk in kv.pool.blocks)
-    kv.free(b)  # a request with no blocks frees nothing, and is not a double free
+    kv.free("b")  # a request with no blocks frees nothing, and is not a double free
     assert kv.num_free_blocks == 8
 
 
 def test_allocate_fails_without_side_effects():
     kv = KVCacheManager(3, BS, enable_prefix_caching=True)
-    a = make_request("a", list(range(8)))
-    compute(kv, a)
-    kv.free(a)
-    b = make_request("b", list(range(8)) + list(range(100, 104)) + [7])  # needs 4 blocks, reuses 2 cached
-    cached = kv.find_cached_prefix(b)
+    compute(kv, Seq("a", list(range(8))))
+    kv.free("a")
+    tokens = list(range(8)) + list(range(100, 104)) + [7]  # needs 4 blocks, reuses 2 cached
+    cached = kv.find_cached_prefix("b", tokens)
     assert len(cached) == 2
-    assert not kv.allocate(b, 5, cached)
-    assert b.block_ids == [] and b.num_computed_tokens == 0 and kv.num_free_blocks == 3
+    assert not kv.allocate("b", 0, 5, cached)
+    assert kv.block_ids("b") == [] and kv.num_free_blocks == 3
     assert all(blk.ref_cnt == 0 for blk in kv.pool.blocks)
-    assert kv.allocate(b, 4, cached)
-    assert kv.num_free_blocks == 0 and b.num_computed_tokens == 8
+    assert kv.allocate("b", 0, 4, cached)
+    assert kv.num_free_blocks == 0 and kv.block_ids("b")[:2] == [blk.block_id for blk in cached]
+
+
+def test_block_table_grows_and_trims_in_place():
+    """The table ``block_ids`` returns is the one later calls change, so a request that holds it (the runner
+    reads it there) always sees its current blocks."""
+    kv = KVCacheManager(8, BS, enable_prefix_caching=False)
+    assert kv.allocate("a", 0, 5)
+    table = kv.block_ids("a")
+    assert len(table) == 2
+    assert kv.allocate("a", 5, 6)  # 11 tokens: 3 blocks
+    assert table is kv.block_ids("a") and len(table) == 3
+    kv.trim("a", 5)  # rejected drafts rolled back to 5 computed: the next token goes in block 2
+    assert len(table) == 2 and kv.num_free_blocks == 6
 
 
 def test_caching_disabled_never_hits():
     kv = KVCacheManager(8, BS, enable_prefix_caching=False)
-    a = make_request("a", list(range(9)))
-    compute(kv, a)
-    kv.free(a)
-    b = make_request("b", list(range(9)))
-    assert kv.find_cached_prefix(b) == []
+    compute(kv, Seq("a", list(range(9))))
+    kv.free("a")
+    b = Seq("b", list(range(9)))
+    assert kv.find_cached_prefix("b", b.tokens) == []
     compute(kv, b)
     assert kv.stats.hit_tokens == 0
-    kv.free(b)
+    kv.free("b")
     assert kv.num_free_blocks == 8
+
+
+def test_kv_does_not_import_the_engine():
+    """The KV manager takes ids and token lists: ``kv/`` must not depend on the engine's request type."""
+    code = "import sys, llmctl.kv.manager; print(sorted(m for m in sys.modules if m.startswith('llmctl.engine')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

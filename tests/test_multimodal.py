@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from llmctl import LLM, SamplingParams
+from llmctl.engine.kv_sizing import profile_step
 from PIL import Image
 
 from tests.model_factory import make_tiny_llava
@@ -279,7 +280,9 @@ def test_start_up_profiling_step_encodes_worst_case_images(request, kind, monkey
     seen = []
     original = core.model.embed_multimodal
     monkeypatch.setattr(core.model, "embed_multimodal", lambda feats: seen.append(feats) or original(feats))
-    core._profile_step(core.model.kv_cache_spec(), torch.float32)()
+    profile_step(core.model, core.attention, core.scheduler_config, core.args.block_size, core.kv_cache_dtype,
+                 core.model.kv_cache_spec(), core.device, pooling=False,
+                 limit_mm_per_prompt=core.args.limit_mm_per_prompt)()
     (features,) = seen
     size, per_image = core.model.largest_image()
     assert len(features) == min(-(-64 // per_image) + 1, 3)  # one 64-token sequence, up to 3 images each

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmctl.engine.core import CoreOutput
 from llmctl.engine.detokenizer import IncrementalDetokenizer
 from llmctl.engine.sampler import RowLogprobs
+from llmctl.engine.step_output import CoreOutput
 from llmctl.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
 from llmctl.sampling_params import SamplingParams
 

@@ -45,10 +45,10 @@ class Request:
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    # The KV manager's block table for this request (the same list: allocations extend it in place); the scheduler
+    # binds it, the model runner and the draft proposers read it, and nothing else changes it.
     block_ids: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
-    num_registered_blocks: int = 0  # prefix of block_ids already in the prefix-cache index
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # wall clock of the first admission (queue-time metric)
     generator: torch.Generator | None = None

@@ -1,5 +1,8 @@
-"""Decides what runs each step: continuous batching under a token budget, chunked prefill, FCFS admission,
-preemption by recompute of the newest request when KV blocks run out."""
+"""Decides what runs each step and applies what the step produced: continuous batching under a token budget,
+chunked prefill, FCFS admission, preemption by recompute of the newest request when KV blocks run out; then
+(``update_from_output``) computed tokens, rejected drafts, new tokens and the stop checks. The scheduler is the
+one component that changes a ``Request``'s progress and status.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from dataclasses import dataclass, field
 
 from llmctl.config import SchedulerConfig
 from llmctl.engine.request import Request, RequestStatus
+from llmctl.engine.step_output import CoreOutput, ModelStepOutput
+from llmctl.kv.block_pool import KVBlock
 from llmctl.kv.manager import KVCacheManager
 
 
@@ -68,8 +73,16 @@ class Scheduler:
             except ValueError:
                 pass
         request.status = status
-        self.kv.free(request)
+        self._free_blocks(request)
         self.requests.pop(request.request_id, None)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """End requests by id (unknown or already finished ids are ignored): a stop string the output processor
+        matched, or an abort."""
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None:
+                self.finish(request, status)
 
     def abort(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)
@@ -79,13 +92,26 @@ class Scheduler:
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
-        self.kv.free(victim)
+        self._free_blocks(victim)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.spec_token_ids = []
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(victim)
+
+    # -- KV blocks: the manager owns the tables, the request shows its own (the runner reads it) -------------------
+    def _allocate(self, req: Request, num_new_tokens: int, cached: list[KVBlock] | None = None) -> bool:
+        if not self.kv.allocate(req.request_id, req.num_computed_tokens, num_new_tokens, cached):
+            return False
+        if cached:  # adopted prefix blocks hold computed tokens
+            req.num_computed_tokens += len(cached) * self.kv.block_size
+        req.block_ids = self.kv.block_ids(req.request_id)
+        return True
+
+    def _free_blocks(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.block_ids = []
 
     # -- one step ----------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -103,7 +129,7 @@ class Scheduler:
                 i += 1
                 continue
             spec = req.spec_token_ids[:max(0, num_new - known)]
-            while not self.kv.allocate(req, num_new):
+            while not self._allocate(req, num_new):
                 victim = self.running[-1]  # newest running request goes back to the queue
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -130,13 +156,14 @@ class Scheduler:
                 # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
                 use_cache = (req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
                              and req.pooling_params is None)
-                cached = self.kv.find_cached_prefix(req) if use_cache else []
+                cached = self.kv.find_cached_prefix(req.request_id, req.all_token_ids, salt=req.cache_salt,
+                                                    mm_features=req.mm_features) if use_cache else []
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
                 if req.pooling_params is not None and num_new < req.num_tokens:
                     break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
-                if not self.kv.allocate(req, num_new, cached):
+                if not self._allocate(req, num_new, cached):
                     break
-                self.kv.record_lookup(req, len(cached))
+                self.kv.record_lookup(req.num_tokens, len(cached))
                 self.waiting.popleft()
                 if req.status == RequestStatus.WAITING:
                     req.num_cached_tokens = len(cached) * self.kv.block_size
@@ -148,6 +175,67 @@ class Scheduler:
                 budget -= num_new
             self.waiting.extendleft(reversed(skipped))
         return out
+
+    # -- applying the step's results --------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result: ModelStepOutput) -> list[CoreOutput]:
+        """Apply one step's results to its requests, in order: computed tokens (and the prefix cache's full
+        blocks), rejected drafts rolled back, pooled requests finished, prompt logprobs passed on, new tokens
+        appended with the grammar and stop checks. Returns one ``CoreOutput`` per request that has news."""
+        outputs: dict[str, CoreOutput] = {}
+        accepted = {id(r): len(t) - 1 for r, t in zip(result.sampling_requests, result.new_token_ids, strict=True)}
+        for item in sched.scheduled:
+            req = item.request
+            req.num_computed_tokens += item.num_new_tokens
+            if item.spec_token_ids:
+                # Roll back the slots of rejected drafts: their KV is stale and gets overwritten, and blocks
+                # holding nothing else go back to the pool.
+                req.num_computed_tokens -= len(item.spec_token_ids) - accepted[id(req)]
+                self.kv.trim(req.request_id, req.num_computed_tokens)
+            self.kv.cache_computed_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens,
+                                          salt=req.cache_salt, mm_features=req.mm_features)
+        for rid, data in result.pooled.items():
+            req = self.requests[rid]
+            outputs[rid] = CoreOutput(rid, finish_reason="stop", pooled=data, num_cached_tokens=req.num_cached_tokens,
+                                      first_scheduled_time=req.first_scheduled_time)
+            self.finish(req, RequestStatus.FINISHED_STOPPED)
+        for rid, (start, rows) in result.prompt_logprobs.items():
+            req = self.requests[rid]
+            out = outputs.setdefault(rid, _core_output(req))
+            out.prompt_logprobs, out.prompt_logprobs_start = rows, start
+        for req, tokens, lps in zip(result.sampling_requests, result.new_token_ids, result.new_logprobs, strict=True):
+            out = outputs.setdefault(req.request_id, _core_output(req))
+            for j, token in enumerate(tokens):
+                req.all_token_ids.append(token)
+                out.new_token_ids.append(token)
+                if lps is not None:
+                    out.new_logprobs = (out.new_logprobs or []) + [lps[j]]
+                if req.grammar is not None and not req.grammar.accept(token):
+                    out.finish_reason, out.error = "error", f"token {token} is not allowed by the request's grammar"
+                    self.finish(req, RequestStatus.FINISHED_ERROR)
+                    break
+                reason = self._stop_reason(req, token)
+                if req.grammar is not None and req.grammar.terminated:  # the grammar took its stop token: done,
+                    reason = ("stop", None)  # ignore_eos or not (nothing could follow it)
+                if reason is not None:  # tokens accepted after a stop are dropped
+                    out.finish_reason, out.stop_reason = reason
+                    status = RequestStatus.FINISHED_LENGTH if reason[0] == "length" else RequestStatus.FINISHED_STOPPED
+                    self.finish(req, status)
+                    break
+        return list(outputs.values())
+
+    def _stop_reason(self, req: Request, token: int) -> tuple[str, int | str | None] | None:
+        """EOS, stop token ids (both only after ``min_tokens``), ``max_tokens`` or the context. Stop *strings*
+        need text, so the output processor checks them and ends the request through ``finish_requests``."""
+        sp = req.sampling_params
+        n_out = req.num_output_tokens
+        if n_out >= sp.min_tokens:
+            if not sp.ignore_eos and token in req.eos_token_ids:
+                return ("stop", None)
+            if token in sp.stop_token_ids:
+                return ("stop", token)
+        if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return ("length", None)
+        return None
 
     def _lora_fits(self, req: Request, loras: set[int]) -> bool:
         """Whether ``req``'s adapter fits in this step's ``max_loras`` distinct adapters (and counts it in).
@@ -168,3 +256,8 @@ class Scheduler:
     def stats(self) -> dict[str, int]:
         return {"num_running": len(self.running), "num_waiting": len(self.waiting),
                 "num_preemptions": self.num_preemptions}
+
+
+def _core_output(req: Request) -> CoreOutput:
+    return CoreOutput(req.request_id, num_cached_tokens=req.num_cached_tokens,
+                      first_scheduled_time=req.first_scheduled_time)

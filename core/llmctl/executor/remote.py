@@ -28,7 +28,7 @@ class RemoteCore:
     lora: Any = None  # with enable_lora: a LoRAHostCache that checks adapters against rank 0's full shapes
 
     def __init__(self, args: EngineArgs) -> None:
-        from llmctl.engine.core import check_tensor_parallel
+        from llmctl.engine.startup import check_tensor_parallel
         from llmctl.loader.model_loader import get_model_class
         from llmctl.loader.source import resolve_model
         from llmctl.plugins import get_plugin_manager

@@ -87,7 +87,7 @@ class DraftModelProposer:
         for i, (req, k) in enumerate(items):
             if k <= 0:
                 continue
-            if k > 1 and not self.kv.allocate(req, k):
+            if k > 1 and not self.kv.allocate(req.request_id, req.num_computed_tokens, k):
                 k = 1  # the next token's block is already there; drafting further needs blocks we lack
             start = self._valid_prefix(req)
             views.append((i, _DraftView(start, list(req.all_token_ids), req.block_ids, req.request_id), k))

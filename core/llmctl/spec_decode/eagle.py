@@ -175,7 +175,7 @@ class EagleProposer:
             if k <= 0 or st is None or st.next_token is None or st.num_tokens != req.num_tokens:
                 continue
             out[i].append(st.next_token)
-            if k > 1 and not self.kv.allocate(req, k):
+            if k > 1 and not self.kv.allocate(req.request_id, req.num_computed_tokens, k):
                 k = 1  # further drafts need blocks the pool does not have
             if k > 1:
                 active.append((i, req, k, req.all_token_ids[1:] + [st.next_token]))
