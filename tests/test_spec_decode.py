@@ -99,6 +99,8 @@ def full_ids(out) -> list[int]:
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "lookahead"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1}, "disable_by_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": "8"}, "disable_by_batch_size"),
     ({"method": "eagle", "num_speculative_tokens": 2}, "model"),
     ({"method": "eagle3", "num_speculative_tokens": 2}, "model"),
     ("{not json", "speculative_config"),
@@ -387,4 +389,20 @@ def test_verification_and_draft_steps_take_the_decode_step(tiny_model_dirs, plai
     stats = lookup.get_stats()
     assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"], stats
     assert max(runner.rows) > seqs
+    assert_all_blocks_free(stats)
+
+
+def test_disable_by_batch_size_drafts_only_below_the_limit(small_vocab_dir, small_plain):
+    """Six requests decoding in lockstep never draft with disable_by_batch_size 2; one request alone does. Output
+    is plain decoding's either way."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, detokenize=False)
+    spec = make_llm(small_vocab_dir, {**NGRAM, "disable_by_batch_size": 2})
+    ref = small_plain.generate(SMALL_PROMPTS, params, use_tqdm=False)
+    got = spec.generate(SMALL_PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
+    assert spec.get_stats()["spec_num_draft_tokens"] == 0
+    got = spec.generate(SMALL_PROMPTS[-1:], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == ref[-1].outputs[0].token_ids
+    stats = spec.get_stats()
+    assert stats["spec_num_draft_tokens"] > 0
     assert_all_blocks_free(stats)
