@@ -15,9 +15,9 @@
 #define GEMM_F32_PANELS 4
 /* AVX-512 tiles are up to 4 rows x 4 panels (16 accumulators of 32 registers). AVX2 has 16 registers and a
  * 16-column vector takes two, so a 3- or 4-row tile over 4 panels spills its accumulators on every k: there, 3 or
- * more rows take one panel at a time, up to 6 rows (12 accumulators, 2 weight vectors, 1 broadcast), while 1-2
- * rows still span the group's 4 panels (4 weight streams in flight, what a weight read from memory once per step
- * needs). The tile never changes a sum's order, only which sums share the
+ * more rows take one panel at a time, up to 6 rows (12 accumulators, 2 weight vectors, 1 broadcast), once a first
+ * tile of 1-2 rows over the group's 4 panels has brought the weights in from memory (4 streams in flight, what a
+ * weight read from memory once per step needs). The tile never changes a sum's order, only which sums share the
  * loop, so every row keeps its bits at every batch size. */
 #if defined(__AVX512F__)
 #define GEMM_F32_ROWS 4
@@ -127,15 +127,23 @@ static void gemm_f32_tile_any(int rows, int npan, const float *x, int64_t xs, in
 #endif
 }
 
-/* One group's rows [0, m): AVX-512 walks them in 4-row tiles over all the group's panels; AVX2 in tiles of up to
- * 6 rows over one panel at a time, leaving a last 1-2 rows to a tile over all panels. */
+/* One group's rows [0, m): AVX-512 walks them in 4-row tiles over all the group's panels; AVX2 starts with a
+ * 1-2 row tile over all panels, then tiles of up to 6 rows over one panel at a time (a last 1-2 rows again over
+ * all panels). */
 static inline void gemm_f32_group(int m, int npan, const float *x, int64_t xs, int k, const float *w,
                                   size_t panel_stride, const float *b, float *y, int64_t ys, int last_cols) {
-    for (int r = 0; r < m;) {
-        const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
 #if defined(__AVX512F__)
+    for (int r = 0; r < m; r += GEMM_F32_ROWS) {
+        const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
         gemm_f32_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys, ys, last_cols);
+    }
 #else
+    /* The first two rows stream the group's panels in from memory (4 streams in flight); the rest re-read them
+     * from cache in tiles of up to 6 rows, one panel at a time. */
+    const int head = m < 2 ? m : 2;
+    gemm_f32_tile_any(head, npan, x, xs, k, w, panel_stride, b, y, ys, last_cols);
+    for (int r = head; r < m;) {
+        const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
         if (rows <= 2) {
             gemm_f32_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys, ys, last_cols);
         } else {
@@ -144,9 +152,9 @@ static inline void gemm_f32_group(int m, int npan, const float *x, int64_t xs, i
                                   b == NULL ? NULL : b + 16 * p, y + r * ys + 16 * p, ys,
                                   p == npan - 1 ? last_cols : 16);
         }
-#endif
         r += rows;
     }
+#endif
 }
 
 /* x: [m, k] float32, unit stride along k, row stride xs; y: [m, n], row stride ys; bias: n floats or NULL. The
