@@ -9,6 +9,7 @@ and ``draft`` (SmolLM2 cut to its first ``--draft-layers`` layers, built from th
 stream counts given by ``--streams``.
 
     .venv/bin/python benchmarks/spec_decode_bench.py --proposers ngram draft --streams 1 16 --out spec.json
+    (add --dtype float32 where the CPU has no bf16 dot products, --num-threads 1 on a busy shared host)
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def spec_delta(before: dict, after: dict) -> dict:
 
 def run_proposer(name: str, spec_config: dict, args: argparse.Namespace) -> list[dict]:
     llm = LLM(args.model, dtype=args.dtype, seed=0, max_model_len=args.max_model_len, speculative_config=spec_config,
-              max_num_seqs=max(args.streams))
+              max_num_seqs=max(args.streams), num_threads=args.num_threads)
     tok = llm.get_tokenizer()
     core = llm.llm_engine.core
     speculator = core.speculator
@@ -80,6 +81,9 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=96)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--num-threads", type=int, default=None,
+                    help="torch/OpenMP threads (default: the platform's); 1 on a host shared with other work, where "
+                         "a thread team waits on its slowest, descheduled member at every kernel")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gguf = smollm2_gguf_path()
@@ -98,7 +102,8 @@ def main() -> None:
             results += run_proposer(name, cfg, args)
     report = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "host": platform.processor() or platform.machine(), "model": Path(args.model).name,
-              "dtype": args.dtype, "num_speculative_tokens": k, "input_len": args.input_len,
+              "dtype": args.dtype, "num_threads": args.num_threads, "num_speculative_tokens": k,
+              "input_len": args.input_len,
               "output_len": args.output_len, "draft_layers": args.draft_layers, "results": results}
     print(json.dumps(report, indent=2))
     if args.out:

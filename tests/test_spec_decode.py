@@ -99,6 +99,8 @@ def full_ids(out) -> list[int]:
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
      "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "lookahead"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 1}, "disable_by_batch_size"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": "8"}, "disable_by_batch_size"),
     ({"method": "eagle", "num_speculative_tokens": 2}, "model"),
     ({"method": "eagle3", "num_speculative_tokens": 2}, "model"),
     ("{not json", "speculative_config"),
@@ -317,3 +319,90 @@ def test_draft_vocab_must_match(tiny_llama_dir, small_vocab_dir):
     with pytest.raises(ValueError, match=r"speculative_config\.model: the draft's vocabulary \(64 tokens\)"):
         make_llm(tiny_llama_dir, {"method": "draft_model", "model": str(small_vocab_dir),
                                   "num_speculative_tokens": 2})
+
+
+# -- verification on the decode path -------------------------------------------------------------------------------
+class EagerDecodeRunner:
+    """Stands in for a platform's captured decode step on hosts without one (a float32 model on a CPU without bf16
+    runs eagerly): runs the step's forward over the live rows, and records each batch's row count."""
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+        self.rows: list[int] = []
+
+    def capture(self) -> None:
+        pass
+
+    def padded_size(self, n: int) -> int | None:
+        return n if 1 <= n <= max(self.spec.batch_sizes) else None
+
+    def run(self, **inputs: torch.Tensor) -> torch.Tensor:
+        n = inputs["input_ids"].shape[0]
+        self.rows.append(n)
+        return self.spec.forward(**inputs, query_start_loc=torch.arange(n + 1, dtype=torch.int32))
+
+
+def test_verification_and_draft_steps_take_the_decode_step(tiny_model_dirs, plain, monkeypatch):
+    """A verification step is one decode row per token (each over its own prefix) and a draft model's steps are
+    decodes too, so both go to the platform's decode-step runner (sized for max_num_seqs x (1 + k) rows) instead
+    of the prefill path; greedy output stays that of plain decoding, through preemption, and every block comes
+    back."""
+    from llmctl_cpu.platform import CpuPlatform
+
+    runners: list[EagerDecodeRunner] = []
+
+    def fake_runner(self, spec):
+        runners.append(EagerDecodeRunner(spec))
+        return runners[-1]
+
+    monkeypatch.setattr(CpuPlatform, "decode_step_runner", fake_runner)
+    k, seqs = 3, 4
+    target = tiny_model_dirs["llama"]
+    spec = make_llm(target, {"model": str(tiny_model_dirs["qwen2"]), "num_speculative_tokens": k}, blocks=14,
+                    max_num_batched_tokens=64, max_num_seqs=seqs)
+    core = spec.llm_engine.core
+    draft_runner, target_runner = runners  # the draft is loaded (and captured) before the target's runner
+    assert core.runner.decode_runner is target_runner and core.speculator.draft.runner.decode_runner is draft_runner
+    assert max(target_runner.spec.batch_sizes) == max(draft_runner.spec.batch_sizes) == seqs * (1 + k)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = plain.generate(COPY_PROMPTS, params, use_tqdm=False)
+    got = spec.generate(COPY_PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
+    stats = spec.get_stats()
+    assert stats["num_preemptions"] > 0 and stats["spec_num_draft_tokens"] > 0, stats
+    assert_all_blocks_free(stats)
+    # verification steps: more rows than sequences (a plain decode step has one row per sequence)
+    assert max(target_runner.rows) > seqs, target_runner.rows
+    assert draft_runner.rows, "the draft's decode steps replay too"
+
+    # The same with prompt lookup (oracle drafts, partly wrong) and n > 1 siblings.
+    runners.clear()
+    lookup = make_llm(target, {"method": "ngram", "num_speculative_tokens": k}, max_num_seqs=seqs)
+    references = [full_ids(o) for o in plain.generate(COPY_PROMPTS, params, use_tqdm=False)]
+    lookup.llm_engine.core.speculator.proposer = OracleProposer(references, lookup.llm_engine.model_config.vocab_size)
+    (runner,) = runners
+    for sp in (params, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=2)):
+        ref = plain.generate(COPY_PROMPTS, sp, use_tqdm=False)
+        got = lookup.generate(COPY_PROMPTS, sp, use_tqdm=False)
+        for r, g in zip(ref, got):
+            assert [o.token_ids for o in g.outputs] == [o.token_ids for o in r.outputs]
+    stats = lookup.get_stats()
+    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"], stats
+    assert max(runner.rows) > seqs
+    assert_all_blocks_free(stats)
+
+
+def test_disable_by_batch_size_drafts_only_below_the_limit(small_vocab_dir, small_plain):
+    """Six requests decoding in lockstep never draft with disable_by_batch_size 2; one request alone does. Output
+    is plain decoding's either way."""
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, detokenize=False)
+    spec = make_llm(small_vocab_dir, {**NGRAM, "disable_by_batch_size": 2})
+    ref = small_plain.generate(SMALL_PROMPTS, params, use_tqdm=False)
+    got = spec.generate(SMALL_PROMPTS, params, use_tqdm=False)
+    assert [g.outputs[0].token_ids for g in got] == [r.outputs[0].token_ids for r in ref]
+    assert spec.get_stats()["spec_num_draft_tokens"] == 0
+    got = spec.generate(SMALL_PROMPTS[-1:], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == ref[-1].outputs[0].token_ids
+    stats = spec.get_stats()
+    assert stats["spec_num_draft_tokens"] > 0
+    assert_all_blocks_free(stats)

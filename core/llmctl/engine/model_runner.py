@@ -4,6 +4,11 @@ the rows that sample (plus prompt rows whose logprobs were asked for).
 All-decode batches can instead replay a graph the platform captured (``Platform.decode_step_runner``): the
 runner describes the step against static buffers (:meth:`ModelRunner.decode_graph_spec`) and, per step, hands
 the live tensors to the platform's runner, which pads the batch up to a captured size.
+
+A speculative verification step (each sequence's last token plus its drafts) is laid out the same way: one row
+per token, each row a decode over its own prefix (the sequence's block table repeated, ``seq_len`` = position + 1).
+Every layer writes the step's keys before any row attends, so row ``j`` sees the drafts before it, and the step
+replays the captured decode graph instead of running eagerly through the prefill path.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from llmctl.engine.request import Request
 from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.multimodal.encoder_cache import EncoderCache
 from llmctl.multimodal.inputs import MultiModalFeature
-from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner
+from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner, Platform
 
 if TYPE_CHECKING:
     from llmctl.lora.manager import LoRAManager
@@ -92,6 +97,9 @@ class BatchInputs:
     # (one per draft position plus the bonus position). Empty when nothing in the batch speculates.
     draft_token_ids: list[list[int]] = field(default_factory=list)
     mm_slices: list[MMSlice] = field(default_factory=list)  # image rows to merge over the token embeddings
+    # Per scheduled request, (first position, tokens) of its chunk when the step is laid out one row per token
+    # (a flattened verification step): the metadata then describes rows, not requests.
+    flat_chunks: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -119,6 +127,9 @@ class ModelRunner:
         # With keep_hidden: the rows kept are the target's auxiliary hidden states (EAGLE-3) instead of its final
         # ones. A captured decode step does not produce them, so such steps run eagerly.
         self.keep_aux_hidden = False
+        # Chunks of up to this many tokens that end a request's known tokens (speculation sets 1 + its drafts)
+        # are laid out one row per token, as decodes; 1 leaves every multi-token chunk to the general path.
+        self.max_flat_query_len = 1
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
         # M-RoPE (Qwen2-VL): prefill chunks get [3, T] positions; decodes their index plus the request's delta
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))
@@ -157,13 +168,40 @@ class ModelRunner:
         return DecodeGraphSpec(forward=forward, static_inputs=static, batch_sizes=tuple(sorted(batch_sizes)),
                                extra_rows={"query_start_loc": 1}, pad_fn=_pad_decode_rows)
 
+    def capture_decode_graphs(self, platform: Platform, max_rows: int, max_model_len: int) -> str:
+        """Ask the platform for a decode-step runner over up to ``max_rows`` rows and capture it now that the KV
+        cache exists; the returned words go into the start-up log so a user sees why steps run eagerly."""
+        sizes = decode_graph_batch_sizes(max_rows)
+        spec = self.decode_graph_spec(sizes, max_model_len)
+        runner = platform.decode_step_runner(spec)
+        if runner is None:
+            return f"off (platform {platform.name} has none)"
+        if not isinstance(runner, DecodeStepRunner):
+            raise TypeError(f"platform {platform.name}: decode_step_runner returned {type(runner).__name__}, "
+                            f"which lacks capture/padded_size/run")
+        try:
+            with torch.inference_mode():
+                runner.capture()
+        except Exception as exc:
+            raise RuntimeError(f"enforce_eager: capturing decode graphs failed ({type(exc).__name__}: {exc}); start "
+                               f"with enforce_eager=True (llmctl serve --enforce-eager) to run without them") from exc
+        captured = sorted({p for p in map(runner.padded_size, sizes) if p is not None})
+        if not captured:
+            why = getattr(runner, "reason", None)  # optional: a runner may say why it captured nothing
+            return f"off (platform {platform.name} captured no batch size{': ' + why if why else ''})"
+        self.decode_runner = runner
+        return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
+
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:
         if self.lora is not None:
             self.lora.begin_step([s.request.lora for s in sched.scheduled],
                                  [s.num_new_tokens for s in sched.scheduled], self.device)
-        if all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
+        flat = self.max_flat_query_len
+        if all(s.num_new_tokens <= flat and s.samples and s.request.sampling_params.prompt_logprobs is None
                and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
-            return self._prepare_decodes(sched)
+            if all(s.num_new_tokens == 1 for s in sched.scheduled):
+                return self._prepare_decodes(sched)
+            return self._prepare_flat(sched)
         return self._prepare_general(sched)
 
     def _prepare_general(self, sched: SchedulerOutput) -> BatchInputs:
@@ -270,6 +308,56 @@ class ModelRunner:
             if start < end:
                 rows[:, :end - start] = prompt[:, start:end]
         return rows
+
+    def _prepare_flat(self, sched: SchedulerOutput) -> BatchInputs:
+        """Short chunks that end each request's tokens (a verification step: the last token plus the drafts; a
+        draft model catching up on accepted tokens), one decode row per token: the tokens, logits and hidden
+        states come out in the general path's order, and the step can replay the captured decode graph."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        counts: list[int] = []
+        logits_rows: list[int] = []
+        chunks: list[tuple[int, int]] = []
+        drafts: list[list[int]] = []
+        reqs = [s.request for s in sched.scheduled]
+        for s in sched.scheduled:
+            req, n, spec = s.request, s.num_new_tokens, s.spec_token_ids
+            start = req.num_computed_tokens
+            known = req.all_token_ids[start:start + n - len(spec)]
+            ids.extend(known + spec if spec else known)
+            table = req.block_ids
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            counts.append(n)
+            logits_rows.extend(range(len(ids) - 1 - len(spec), len(ids)))
+            chunks.append((start, n))
+            drafts.append(spec)
+        width = max(len(r.block_ids) for r in reqs)
+        tables = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, : len(r.block_ids)] = r.block_ids
+        rows = len(ids)
+        dev = self.device
+        rope_pos = pos
+        if self.uses_mrope:  # rows past a request's images, as decodes: the index plus the request's delta
+            rope_pos = [p + d for p, d in zip(pos, np.repeat([self._mrope_delta(r) for r in reqs], counts).tolist(),
+                                              strict=True)]
+        metadata = build_attention_metadata([1] * rows, [p + 1 for p in pos],
+                                            torch.from_numpy(np.repeat(tables, counts, axis=0)),
+                                            torch.tensor(slots, dtype=torch.int64), bs, dev)
+        return BatchInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(rope_pos, dtype=torch.int64, device=dev),
+            metadata=metadata,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            sampling_requests=reqs,
+            prompt_logprob_chunks=[],
+            draft_token_ids=drafts if any(drafts) else [],
+            flat_chunks=chunks,
+        )
 
     def _replay_decode(self, batch: BatchInputs) -> torch.Tensor | None:
         """Hidden states from the platform's captured decode step, or ``None`` when this batch must run eagerly

@@ -17,14 +17,14 @@ import torch
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
 from llmctl.engine.kv_sizing import size_kv_cache
 from llmctl.engine.malloc_tuning import keep_heap_headroom
-from llmctl.engine.model_runner import ModelRunner, decode_graph_batch_sizes
+from llmctl.engine.model_runner import ModelRunner
 from llmctl.engine.sampler import Sampler
 from llmctl.engine.scheduler import Scheduler
 from llmctl.kv.cache_dtype import kv_dtype_name, kv_feature, kv_row_width, kv_storage_dtype
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import ModelContext
 from llmctl.plugins import get_plugin_manager
-from llmctl.plugins.types import AttentionBackend, DecodeStepRunner, Platform
+from llmctl.plugins.types import AttentionBackend, Platform
 from llmctl.spec_decode.config import SpeculativeConfig
 from llmctl.spec_decode.draft_proposer import load_draft_proposer, resolve_draft_model
 from llmctl.spec_decode.eagle import load_eagle_proposer, resolve_eagle_head
@@ -216,6 +216,8 @@ class EngineStartup:
         self.runner = ModelRunner(self.model, kv_caches, args.block_size, self.device, lora=self.lora)
         self.runner.keep_hidden = self.speculator is not None and self.speculator.wants_hidden
         self.runner.keep_aux_hidden = eagle3_source is not None
+        if self.speculator is not None:  # verification steps run one row per token, like decodes
+            self.runner.max_flat_query_len = 1 + spec_config.num_speculative_tokens
         decode_graphs = self._init_decode_graphs()
         self.sampler = Sampler(self.ops, args.seed)
         self.rejection_sampler = RejectionSampler(self.sampler)
@@ -281,26 +283,9 @@ class EngineStartup:
             return "off (eagle3: the head reads intermediate hidden states a captured step does not return)"
         if not getattr(self.attention, "supports_graph_capture", False):
             return f"off (attention backend {self.attention.name} cannot be captured)"
-        sizes = decode_graph_batch_sizes(self.args.max_num_seqs)
-        spec = self.runner.decode_graph_spec(sizes, self.model_config.max_model_len)
-        runner = self.platform.decode_step_runner(spec)
-        if runner is None:
-            return f"off (platform {self.platform.name} has none)"
-        if not isinstance(runner, DecodeStepRunner):
-            raise TypeError(f"platform {self.platform.name}: decode_step_runner returned {type(runner).__name__}, "
-                            f"which lacks capture/padded_size/run")
-        try:
-            with torch.inference_mode():
-                runner.capture()
-        except Exception as exc:
-            raise RuntimeError(f"enforce_eager: capturing decode graphs failed ({type(exc).__name__}: {exc}); start "
-                               f"with enforce_eager=True (llmctl serve --enforce-eager) to run without them") from exc
-        captured = sorted({p for p in map(runner.padded_size, sizes) if p is not None})
-        if not captured:
-            why = getattr(runner, "reason", None)  # optional: a runner may say why it captured nothing
-            return f"off (platform {self.platform.name} captured no batch size{': ' + why if why else ''})"
-        self.runner.decode_runner = runner
-        return f"on (batch sizes {captured[0]}..{captured[-1]}, larger decode batches eager)"
+        # a verification step has one row per token: the last one plus each draft
+        rows = self.args.max_num_seqs * self.runner.max_flat_query_len
+        return self.runner.capture_decode_graphs(self.platform, rows, self.model_config.max_model_len)
 
 def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:
     """Refuse, naming the setting, what cannot run split over ``tensor_parallel_size`` ranks."""

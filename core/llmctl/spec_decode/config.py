@@ -10,7 +10,9 @@ METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 SUPPORTED_METHODS = ("ngram", "draft_model", "eagle", "eagle3")
 MAX_SPECULATIVE_TOKENS = 16
 DEFAULT_PROMPT_LOOKUP = 5
-_KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model"}
+_KNOWN_KEYS = {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "model",
+               "disable_by_batch_size"}
+MAX_DISABLE_BY_BATCH_SIZE = 1 << 20
 
 
 def _field(name: str) -> str:
@@ -32,6 +34,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP
     prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP
     model: str | None = None
+    # No drafts in a step where at least this many requests decode: a verification step costs about (1 + k) decode
+    # steps once the batch is large enough that the forward pass is compute-bound (a CPU at a few streams), so
+    # large batches gain more from plain decoding. None: always speculate.
+    disable_by_batch_size: int | None = None
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:
@@ -71,4 +77,7 @@ class SpeculativeConfig:
         if method not in SUPPORTED_METHODS:
             raise ValueError(f"speculative_config.method: {method!r} is not supported yet; use one of "
                              f"{', '.join(SUPPORTED_METHODS)}")
-        return cls(method, k, lo, hi, model)
+        disable = value.get("disable_by_batch_size")
+        if disable is not None:
+            _int("disable_by_batch_size", disable, 2, MAX_DISABLE_BY_BATCH_SIZE)
+        return cls(method, k, lo, hi, model, disable)

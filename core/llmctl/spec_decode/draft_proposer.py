@@ -13,6 +13,7 @@ request's draft computes its whole prompt (the draft does not read the prefix ca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,9 @@ from llmctl.engine.request import Request
 from llmctl.engine.scheduler import ScheduledRequest, SchedulerOutput
 from llmctl.kv.manager import KVCacheManager
 from llmctl.sampling_params import SamplingParams
+from llmctl.spec_decode.config import SpeculativeConfig
+
+logger = logging.getLogger(__name__)
 
 _PLAIN = SamplingParams()
 
@@ -152,4 +156,15 @@ def load_draft_proposer(source: Any, core: Any) -> DraftModelProposer:
     shape = attention.kv_cache_shape(num_blocks, core.args.block_size, spec.num_kv_heads, spec.head_size)
     caches = [torch.empty(shape, dtype=dtype, device=core.device) for _ in range(spec.num_layers)]
     core.platform.prepare_kv_cache(caches, num_blocks)
-    return DraftModelProposer(model, caches, core.args.block_size, core.device, core.kv)
+    proposer = DraftModelProposer(model, caches, core.args.block_size, core.device, core.kv)
+    # The draft's steps are decodes (after a first chunk of the tokens the target accepted, at most
+    # 1 + num_speculative_tokens long): laid out one row per token, they replay a captured decode step.
+    runner = proposer.runner
+    runner.max_flat_query_len = 1 + SpeculativeConfig.parse(core.args.speculative_config).num_speculative_tokens
+    if core.args.enforce_eager or core.world.size > 1 or not getattr(attention, "supports_graph_capture", False):
+        graphs = "off"
+    else:
+        graphs = runner.capture_decode_graphs(core.platform, core.args.max_num_seqs * runner.max_flat_query_len,
+                                              core.model_config.max_model_len)
+    logger.info("llmctl draft model: %d layers, decode graphs %s", spec.num_layers, graphs)
+    return proposer

@@ -134,8 +134,12 @@ class EagleProposer:
         scheduled = {s.request.request_id for s in sched.scheduled}
         for rid in [r for r in self._state if r not in scheduled]:
             del self._state[rid]  # a request back later re-reads from where its next chunk starts
-        query_lens = md.query_lens_cpu or [s.num_new_tokens for s in sched.scheduled]
-        seq_lens = md.seq_lens_cpu or []
+        if batch.flat_chunks is not None:  # one row per token: the chunks are the batch's, not the metadata's
+            query_lens = [n for _, n in batch.flat_chunks]
+            seq_lens = [start + n for start, n in batch.flat_chunks]
+        else:
+            query_lens = md.query_lens_cpu or [s.num_new_tokens for s in sched.scheduled]
+            seq_lens = md.seq_lens_cpu or []
         for i, item in enumerate(sched.scheduled):
             req, n = item.request, query_lens[i]
             start = (seq_lens[i] if seq_lens else req.num_computed_tokens) - n

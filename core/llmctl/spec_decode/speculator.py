@@ -49,12 +49,16 @@ class Speculator:
                           self.max_model_len - req.num_tokens - 1))
 
     def propose(self, running: list[Request]) -> None:
-        """Draft tokens for every running request that is decoding (all its tokens but the last computed)."""
+        """Draft tokens for every running request that is decoding (all its tokens but the last computed), unless
+        ``disable_by_batch_size`` or more of them are."""
         todo: list[tuple[Request, int]] = []
         for req in running:
             req.spec_token_ids = []
             if not req.finished and req.num_tokens - req.num_computed_tokens == 1:
                 todo.append((req, self.num_drafts_allowed(req)))
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(todo) >= limit:
+            return  # a batch this large decodes faster without drafts
         if self.draft is not None:
             for (req, _), draft in zip(todo, self.draft.propose(todo), strict=True):
                 req.spec_token_ids = draft

@@ -12,8 +12,18 @@
  *
  * Packed layout: 16-column panels, panel p holds w[16p + c][j] at (p * K + j) * 16 + c, zero padded past N, so one
  * 64-byte load feeds 16 columns. On AVX-512 a 16-column vector is one register; on AVX2 + FMA it is two. */
-#define GEMM_F32_ROWS 4
 #define GEMM_F32_PANELS 4
+/* AVX-512 tiles are up to 4 rows x 4 panels (16 accumulators of 32 registers). AVX2 has 16 registers and a
+ * 16-column vector takes two, so a 3- or 4-row tile over 4 panels spills its accumulators on every k: there, 3 or
+ * more rows take one panel at a time, up to 6 rows (12 accumulators, 2 weight vectors, 1 broadcast), once a first
+ * tile of 1-2 rows over the group's 4 panels has brought the weights in from memory (4 streams in flight, what a
+ * weight read from memory once per step needs). The tile never changes a sum's order, only which sums share the
+ * loop, so every row keeps its bits at every batch size. */
+#if defined(__AVX512F__)
+#define GEMM_F32_ROWS 4
+#else
+#define GEMM_F32_ROWS 6
+#endif
 
 void llmctl_pack_f32_panels(const float *w, int64_t w_row_stride, int n, int k, float *out) {
     const int panels = (n + 15) / 16;
@@ -77,24 +87,24 @@ static inline __attribute__((always_inline)) void gemm_f32_tile(int ROWS, int NP
                                                                 const float *bias, float *y, int64_t ys,
                                                                 int last_cols) {
     f32x16 acc[GEMM_F32_ROWS][GEMM_F32_PANELS];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < ROWS; r++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NPAN; p++) acc[r][p] = f32x16_zero();
     for (int j = 0; j < k; j++) {
         f32x16 b[GEMM_F32_PANELS];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int p = 0; p < NPAN; p++) b[p] = f32x16_load(w + p * panel_stride + (size_t)j * 16);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++) {
             const f32x16 a = f32x16_set1(x[r * xs + j]);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             for (int p = 0; p < NPAN; p++) acc[r][p] = f32x16_fma(a, b[p], acc[r][p]);
         }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int p = 0; p < NPAN; p++)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < ROWS; r++)
             store_f32_cols(acc[r][p], bias == NULL ? NULL : bias + 16 * p, p == NPAN - 1 ? last_cols : 16,
                            y + r * ys + 16 * p);
@@ -109,11 +119,46 @@ static inline __attribute__((always_inline)) void gemm_f32_tile(int ROWS, int NP
 
 static void gemm_f32_tile_any(int rows, int npan, const float *x, int64_t xs, int k, const float *w,
                               size_t panel_stride, const float *bias, float *y, int64_t ys, int last_cols) {
-    GEMM_F32_TILE_ROWS(1) GEMM_F32_TILE_ROWS(2) GEMM_F32_TILE_ROWS(3) GEMM_F32_TILE_ROWS(4)
+    GEMM_F32_TILE_ROWS(1) GEMM_F32_TILE_ROWS(2)
+#if defined(__AVX512F__)
+    GEMM_F32_TILE_ROWS(3) GEMM_F32_TILE_ROWS(4)
+#else
+    GEMM_F32_TILE(3, 1) GEMM_F32_TILE(4, 1) GEMM_F32_TILE(5, 1) GEMM_F32_TILE(6, 1)
+#endif
+}
+
+/* One group's rows [0, m): AVX-512 walks them in 4-row tiles over all the group's panels; AVX2 starts with a
+ * 1-2 row tile over all panels, then tiles of up to 6 rows over one panel at a time (a last 1-2 rows again over
+ * all panels). */
+static inline void gemm_f32_group(int m, int npan, const float *x, int64_t xs, int k, const float *w,
+                                  size_t panel_stride, const float *b, float *y, int64_t ys, int last_cols) {
+#if defined(__AVX512F__)
+    for (int r = 0; r < m; r += GEMM_F32_ROWS) {
+        const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
+        gemm_f32_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys, ys, last_cols);
+    }
+#else
+    /* The first two rows stream the group's panels in from memory (4 streams in flight); the rest re-read them
+     * from cache in tiles of up to 6 rows, one panel at a time. */
+    const int head = m < 2 ? m : 2;
+    gemm_f32_tile_any(head, npan, x, xs, k, w, panel_stride, b, y, ys, last_cols);
+    for (int r = head; r < m;) {
+        const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
+        if (rows <= 2) {
+            gemm_f32_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys, ys, last_cols);
+        } else {
+            for (int p = 0; p < npan; p++)
+                gemm_f32_tile_any(rows, 1, x + r * xs, xs, k, w + p * panel_stride, panel_stride,
+                                  b == NULL ? NULL : b + 16 * p, y + r * ys + 16 * p, ys,
+                                  p == npan - 1 ? last_cols : 16);
+        }
+        r += rows;
+    }
+#endif
 }
 
 /* x: [m, k] float32, unit stride along k, row stride xs; y: [m, n], row stride ys; bias: n floats or NULL. The
- * threads split the columns (groups of 4 panels), each walking all rows of its groups 4 at a time. */
+ * threads split the columns (groups of 4 panels), each walking all rows of its groups (gemm_f32_group). */
 int llmctl_gemm_f32(const float *x, int64_t xs, int m, int k, const float *packed, int n, const float *bias,
                     float *y, int64_t ys, int num_threads) {
     const int panels = (n + 15) / 16;
@@ -127,11 +172,7 @@ int llmctl_gemm_f32(const float *x, int64_t xs, int m, int k, const float *packe
         const int last_cols = tail > 16 ? 16 : tail;
         const float *w = packed + (size_t)p0 * panel_stride;
         const float *b = bias == NULL ? NULL : bias + 16 * p0;
-        for (int r = 0; r < m; r += GEMM_F32_ROWS) {
-            const int rows = m - r < GEMM_F32_ROWS ? m - r : GEMM_F32_ROWS;
-            gemm_f32_tile_any(rows, npan, x + r * xs, xs, k, w, panel_stride, b, y + r * ys + 16 * p0, ys,
-                              last_cols);
-        }
+        gemm_f32_group(m, npan, x, xs, k, w, panel_stride, b, y + 16 * p0, ys, last_cols);
     }
     return 0;
 }
