@@ -154,6 +154,13 @@ def quant_kernels() -> QuantKernels | None:
     return _load()[0]
 
 
+def _build_words(lib: QuantKernels | None) -> str:
+    """The vector path the quantized GEMMs were built with, for doctor and the start-up summary."""
+    if lib is None:
+        return f"unavailable: {_load()[1]}"
+    return "avx-512" if lib.has_avx512 else "portable C loops, no AVX-512"
+
+
 def _as_f32_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
@@ -164,7 +171,13 @@ class CpuW8A8Kernel(QuantMethod):
     name = "int8"
     platforms = ("cpu",)
     priority = 10
-    kernel = "cpu int8 w8a8 gemm (avx512-vnni; amx-int8 tiles from 16 rows where present) + int8 weight-only gemm"
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]  # what runs depends on the host's build
+        lib = quant_kernels()
+        if lib is not None and lib.has_vnni:
+            return "cpu int8 w8a8 gemm (avx512-vnni; amx-int8 tiles from 16 rows where present) + int8 weight-only gemm"
+        return f"cpu int8 weight-only gemm ({_build_words(lib)}; W8A8 needs AVX512-VNNI)"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
         lib = quant_kernels()
@@ -219,7 +232,10 @@ class CpuInt4Kernel(QuantMethod):
     name = "int4"
     platforms = ("cpu",)
     priority = 10
-    kernel = "cpu int4 dequantizing gemm (avx-512)"
+
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return f"cpu int4 dequantizing gemm ({_build_words(quant_kernels())})"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
         lib = quant_kernels()
