@@ -38,9 +38,12 @@ from tests.reliability.conftest import (  # noqa: E402
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
 LIMIT_RSS_MIB_PER_1000 = 0.1
 LIMIT_CANARY_GAP_S = 0.1
-# The soak's server caps each request's prompt chunk per step, so the recomputes of preempted n=16 requests are
-# spread over steps instead of stalling every decode beside them (docs/reliability.md, soak).
-LONG_PREFILL_TOKEN_THRESHOLD = 16
+# The soak's server bounds the tokens of one step, so the recomputes of preempted n=16 requests are spread over
+# steps instead of stalling every decode beside them (docs/reliability.md, soak). 64 covers every decode this
+# KV cache can hold (34 blocks of SmolLM2: at most 34 running sequences) with room for prompt chunks. A per-request
+# cap (long_prefill_token_threshold) alone does not bound the step: 16 siblings recompute at once.
+MAX_NUM_BATCHED_TOKENS = 64
+LONG_PREFILL_TOKEN_THRESHOLD = 0
 
 
 async def _normal(c: httpx.AsyncClient, rng: random.Random, slow: bool, hang_up: bool) -> int:
@@ -141,6 +144,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--long-prefill-token-threshold", type=int, default=LONG_PREFILL_TOKEN_THRESHOLD,
                     help="the server's cap on one request's prompt tokens per step (0: none)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
+                    help="the server's token budget of one step (0: the engine's default, 2048 or more)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmctl-soak-"))
     if a.tiny:
@@ -154,8 +159,9 @@ def main() -> int:
         if model is None:
             print("the SmolLM2 GGUF is not installed; use --tiny", file=sys.stderr)
             return 2
+    budget = ["--max-num-batched-tokens", str(a.max_num_batched_tokens)] if a.max_num_batched_tokens else []
     srv = spawn_server(model, tmp, "--stream-write-timeout", "2", "--kv-cache-memory", str(24 << 20),
-                       "--long-prefill-token-threshold", str(a.long_prefill_token_threshold), timeout=600)
+                       "--long-prefill-token-threshold", str(a.long_prefill_token_threshold), *budget, timeout=600)
     load0 = os.getloadavg()
     try:
         # warm-up: every KV page written, then one short round so that caches exist before the baseline
@@ -180,6 +186,7 @@ def main() -> int:
                   "rss_anon_start_kib": rss0, "rss_anon_end_kib": rss1, "rss_mib_per_1000": round(per_1000, 3),
                   "rss_mib_per_1000_http": round((rss1 - rss0) / 1024 / max(http / 1000, 1e-9), 3),
                   "long_prefill_token_threshold": a.long_prefill_token_threshold,
+                  "max_num_batched_tokens": a.max_num_batched_tokens or "default",
                   "load_avg_1m_start_end": [round(load0[0], 1), round(load1[0], 1)], "cpus": os.cpu_count()}
     finally:
         stop_server(srv)
