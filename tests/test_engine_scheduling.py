@@ -232,3 +232,39 @@ def test_all_decode_fast_path_prepares_what_the_general_path_does(tight):
     # a failed check inside a step would fail its requests (the engine isolates step errors), not raise here
     assert [o.outputs[0].finish_reason for o in outs] == ["length"] * 12
     assert seen and max(seen) > 1
+
+
+def test_long_prefill_token_threshold_caps_every_prompt_chunk(tiny_llama_dir, alone_outputs):
+    """vLLM's ``long_prefill_token_threshold``: no request computes more than that many tokens in one step, first
+    prefills and recomputes after preemption alike, so the decodes sharing a step never wait on a long chunk;
+    outputs stay those of each request alone."""
+    cap = 8
+    llm = LLM(str(tiny_llama_dir), dtype="float32", num_threads=1, long_prefill_token_threshold=cap,
+              kv_cache_memory=24 * bytes_per_block(tiny_llama_dir))
+    sched = llm.llm_engine.core.scheduler
+    chunks: list[tuple[int, int]] = []  # (tokens of the largest chunk, decodes) per step
+    real = sched.schedule
+
+    def spy():  # type: ignore[no-untyped-def]
+        out = real()
+        if out:
+            chunks.append((max(s.num_new_tokens for s in out.scheduled),
+                           sum(1 for s in out.scheduled if s.num_new_tokens == 1)))
+        return out
+
+    sched.schedule = spy
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.get_stats()["num_preemptions"] > 0, "the test must force recompute after preemption"
+    assert max(c for c, _ in chunks) == cap, "some prompt must be long enough to be capped"
+    assert any(c == cap and d > 0 for c, d in chunks), "a capped chunk must share a step with decodes"
+    for i, (out, alone) in enumerate(zip(outs, alone_outputs)):
+        assert out.outputs[0].token_ids == alone, f"request {i} differs with capped prefill chunks"
+    assert_all_blocks_free(llm.get_stats())
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_long_prefill_token_threshold_is_validated(tiny_llama_dir, bad):
+    from llmctl import EngineArgs
+
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineArgs(str(tiny_llama_dir), long_prefill_token_threshold=bad)

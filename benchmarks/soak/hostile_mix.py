@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import socket
 import sys
@@ -37,6 +38,12 @@ from tests.reliability.conftest import (  # noqa: E402
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "quiet", "lamp", "orbit"]
 LIMIT_RSS_MIB_PER_1000 = 0.1
 LIMIT_CANARY_GAP_S = 0.1
+# The soak's server bounds the tokens of one step, so the recomputes of preempted n=16 requests are spread over
+# steps instead of stalling every decode beside them (docs/reliability.md, soak). 64 covers every decode this
+# KV cache can hold (34 blocks of SmolLM2: at most 34 running sequences) with room for prompt chunks. A per-request
+# cap (long_prefill_token_threshold) alone does not bound the step: 16 siblings recompute at once.
+MAX_NUM_BATCHED_TOKENS = 64
+LONG_PREFILL_TOKEN_THRESHOLD = 0
 
 
 async def _normal(c: httpx.AsyncClient, rng: random.Random, slow: bool, hang_up: bool) -> int:
@@ -113,10 +120,21 @@ async def _run(url: str, seconds: float, seed: int) -> dict:
                 if isinstance(status, int) and status not in (200, 503):
                     counts["non_2xx"] += 1
         await canary
+    gaps.sort()
     counts["canary_gaps"] = len(gaps)
-    counts["canary_max_gap_s"] = round(max(gaps), 3) if gaps else None
-    counts["canary_p99_gap_s"] = round(sorted(gaps)[int(len(gaps) * 0.99)], 3) if gaps else None
+    counts["canary_max_gap_s"] = round(gaps[-1], 3) if gaps else None
+    counts["canary_p50_gap_s"] = round(gaps[len(gaps) // 2], 3) if gaps else None
+    counts["canary_p99_gap_s"] = round(gaps[int(len(gaps) * 0.99)], 3) if gaps else None
+    counts["canary_gaps_over_limit"] = sum(g >= LIMIT_CANARY_GAP_S for g in gaps)
     return counts
+
+
+async def _fill_kv(url: str) -> None:
+    """Warm-up: n=16 long-prompt requests that need more blocks than the cache holds, so every KV page is written
+    (the cache is allocated lazily) before the baseline; otherwise first-touch pages read as growth."""
+    rng = random.Random(7)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600)) as c:
+        await asyncio.gather(*(_hostile(c, rng) for _ in range(3)))
 
 
 def main() -> int:
@@ -124,6 +142,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--tiny", action="store_true", help="the tiny random Llama instead of the SmolLM2 GGUF")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=LONG_PREFILL_TOKEN_THRESHOLD,
+                    help="the server's cap on one request's prompt tokens per step (0: none)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
+                    help="the server's token budget of one step (0: the engine's default, 2048 or more)")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="llmctl-soak-"))
     if a.tiny:
@@ -137,25 +159,35 @@ def main() -> int:
         if model is None:
             print("the SmolLM2 GGUF is not installed; use --tiny", file=sys.stderr)
             return 2
-    srv = spawn_server(model, tmp, "--stream-write-timeout", "2", "--kv-cache-memory", str(24 << 20))
+    budget = ["--max-num-batched-tokens", str(a.max_num_batched_tokens)] if a.max_num_batched_tokens else []
+    srv = spawn_server(model, tmp, "--stream-write-timeout", "2", "--kv-cache-memory", str(24 << 20),
+                       "--long-prefill-token-threshold", str(a.long_prefill_token_threshold), *budget, timeout=600)
+    load0 = os.getloadavg()
     try:
-        # warm-up: one short round so that lazily allocated KV pages and caches exist before the baseline
+        # warm-up: every KV page written, then one short round so that caches exist before the baseline
+        asyncio.run(_fill_kv(srv.url))
         asyncio.run(_run(srv.url, 5, a.seed + 1))
-        wait_idle_metrics(srv, timeout=120)
+        wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)
         rss0, m0 = rss_anon_kib(srv.pid), srv.metrics()
         t0 = time.monotonic()
         counts = asyncio.run(_run(srv.url, a.seconds, a.seed))
-        m1 = wait_idle_metrics(srv, timeout=300)
+        load1 = os.getloadavg()
+        m1 = wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)  # the engine trims malloc after 0.5 s idle
         rss1 = rss_anon_kib(srv.pid)
         requests = sum(v for k, v in m1.items() if k.startswith("llmctl_requests_finished_total")) - \
             sum(v for k, v in m0.items() if k.startswith("llmctl_requests_finished_total"))
         per_1000 = (rss1 - rss0) / 1024 / max(requests / 1000, 1e-9)
+        http = sum(counts[k] for k in ("normal", "slow", "hang_up", "hostile", "abandoned"))
         report = {**counts, "seconds": round(time.monotonic() - t0, 1), "model": Path(str(model)).name,
                   "engine_requests": int(requests), "kv_blocks_leaked": 0,
                   "aborted": metric_sum(m1, "llmctl_requests_finished_total", reason="abort"),
-                  "rss_anon_start_kib": rss0, "rss_anon_end_kib": rss1, "rss_mib_per_1000": round(per_1000, 3)}
+                  "rss_anon_start_kib": rss0, "rss_anon_end_kib": rss1, "rss_mib_per_1000": round(per_1000, 3),
+                  "rss_mib_per_1000_http": round((rss1 - rss0) / 1024 / max(http / 1000, 1e-9), 3),
+                  "long_prefill_token_threshold": a.long_prefill_token_threshold,
+                  "max_num_batched_tokens": a.max_num_batched_tokens or "default",
+                  "load_avg_1m_start_end": [round(load0[0], 1), round(load1[0], 1)], "cpus": os.cpu_count()}
     finally:
         stop_server(srv)
     print(json.dumps(report, indent=2))

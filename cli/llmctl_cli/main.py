@@ -155,6 +155,9 @@ def serve(
                    "step leave (default 0.9, or LLMCTL_GPU_MEMORY_UTILIZATION). Ignored with --kv-cache-memory."),
     max_num_seqs: int = typer.Option(256, help="Most sequences the engine runs at once."),
     max_num_batched_tokens: int | None = typer.Option(None, help="Token budget of one engine step."),
+    long_prefill_token_threshold: int = typer.Option(
+        0, help="Most prompt tokens of one request in one step (0 = no cap): long prefills and recomputes after "
+                "preemption are spread over steps, so the decodes beside them keep a short inter-token gap."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager",
                                        help="Run decode steps eagerly instead of replaying captured GPU graphs."),
@@ -295,7 +298,9 @@ def serve(
         args = engine_args(name, dtype=dtype, quantization=quantization, max_model_len=max_model_len, device=device,
                            kv_cache_memory=parse_kv_memory(kv_cache_memory), kv_cache_dtype=kv_cache_dtype,
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                           max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                           max_num_batched_tokens=max_num_batched_tokens,
+                           long_prefill_token_threshold=long_prefill_token_threshold,
+                           enable_prefix_caching=enable_prefix_caching,
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,
                            trust_remote_code=trust_remote_code, model_impl=model_impl, hf_overrides=hf_overrides,

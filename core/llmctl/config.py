@@ -52,6 +52,10 @@ class EngineArgs:
     gpu_memory_utilization: float | None = None
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    # vLLM's name: a prompt chunk of one request never exceeds this many tokens in a step (0 = no cap), so a long
+    # prefill, or a preempted request's recompute, is spread over several steps and the decodes sharing those
+    # steps keep a short inter-token gap.
+    long_prefill_token_threshold: int = 0
     enable_prefix_caching: bool = True
     seed: int = 0
     device: str | None = None
@@ -137,6 +141,9 @@ class EngineArgs:
         if mnbt is not None and (isinstance(mnbt, bool) or not isinstance(mnbt, int) or mnbt < self.block_size):
             raise ValueError(f"max_num_batched_tokens: must be an integer >= block_size ({self.block_size}), "
                              f"got {mnbt!r}")
+        lpt = self.long_prefill_token_threshold
+        if isinstance(lpt, bool) or not isinstance(lpt, int) or lpt < 0:
+            raise ValueError(f"long_prefill_token_threshold: must be an integer >= 0 (0 = no cap), got {lpt!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
         from llmctl.quantization import normalize_method
@@ -296,3 +303,4 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)
+    long_prefill_token_threshold: int = 0  # most prompt tokens of one request in one step (0: no cap)

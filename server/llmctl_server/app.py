@@ -403,49 +403,57 @@ async def _generate(state: ServerState, request: Request, body: p.CompletionRequ
             raise api_error_from(exc) from None
         await run.close()
         finish_metrics()
-        if chat:
-            assert isinstance(body, p.ChatCompletionRequest)
-            k = body.top_logprobs or 0
-            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(0), "prompt_logprobs", None),
-                                          len(prompts[0].ids)) if body.prompt_logprobs is not None else None
-            chat_choices = []
+
+        def respond() -> JSONResponse:
+            if chat:
+                assert isinstance(body, p.ChatCompletionRequest)
+                k = body.top_logprobs or 0
+                plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(0), "prompt_logprobs", None),
+                                              len(prompts[0].ids)) if body.prompt_logprobs is not None else None
+                chat_choices = []
+                for i, c in enumerate(choices):
+                    message, finish = p.ChatResponseMessage(content=c.text), c.finish_reason
+                    if outs is not None:
+                        msg = outs[i].final(c.text)
+                        ids = outs[i].ids(len(msg.calls))
+                        message = p.ChatResponseMessage(
+                            content=msg.content, reasoning_content=msg.reasoning,
+                            tool_calls=[p.ResponseToolCall(id=ids[j], function=p.ResponseFunctionCall(
+                                name=call.name, arguments=call.arguments)) for j, call in enumerate(msg.calls)])
+                        finish = outs[i].finish_reason(msg.calls, finish)
+                    chat_choices.append(p.ChatChoice(index=i, message=message, finish_reason=finish,
+                                                     logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
+                                                     if body.logprobs else None, stop_reason=c.stop_reason))
+                return JSONResponse(p.ChatCompletionResponse(
+                    id=request_id, created=created, model=model, usage=usage(), prompt_logprobs=plp,
+                    choices=chat_choices).model_dump())
+            assert isinstance(body, p.CompletionRequest)
+            out_choices = []
             for i, c in enumerate(choices):
-                message, finish = p.ChatResponseMessage(content=c.text), c.finish_reason
-                if outs is not None:
-                    msg = outs[i].final(c.text)
-                    ids = outs[i].ids(len(msg.calls))
-                    message = p.ChatResponseMessage(
-                        content=msg.content, reasoning_content=msg.reasoning,
-                        tool_calls=[p.ResponseToolCall(id=ids[j], function=p.ResponseFunctionCall(
-                            name=call.name, arguments=call.arguments)) for j, call in enumerate(msg.calls)])
-                    finish = outs[i].finish_reason(msg.calls, finish)
-                chat_choices.append(p.ChatChoice(index=i, message=message, finish_reason=finish,
-                                                 logprobs=chat_logprobs(tt, c.token_ids, c.logprobs or [], k)
-                                                 if body.logprobs else None, stop_reason=c.stop_reason))
-            return JSONResponse(p.ChatCompletionResponse(
-                id=request_id, created=created, model=model, usage=usage(), prompt_logprobs=plp,
-                choices=chat_choices).model_dump())
-        assert isinstance(body, p.CompletionRequest)
-        out_choices = []
-        for i, c in enumerate(choices):
-            pp = prompts[i // n]
-            text = (pp.text + c.text) if body.echo else c.text
-            lp = None
-            if body.logprobs is not None:
-                ids, positions = list(c.token_ids), list(c.logprobs or [])
-                offset = 0
-                if body.echo:
-                    po = prompt_outs.get(i // n)
-                    plp = list(getattr(po, "prompt_logprobs", None) or [])
-                    plp = plp + [None] * (len(pp.ids) - len(plp))
-                    ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
-                lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
-            plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(i // n), "prompt_logprobs", None),
-                                          len(pp.ids)) if body.prompt_logprobs is not None else None
-            out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
-                                                  stop_reason=c.stop_reason, prompt_logprobs=plp))
-        return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
-                                                 usage=usage()).model_dump())
+                pp = prompts[i // n]
+                text = (pp.text + c.text) if body.echo else c.text
+                lp = None
+                if body.logprobs is not None:
+                    ids, positions = list(c.token_ids), list(c.logprobs or [])
+                    offset = 0
+                    if body.echo:
+                        po = prompt_outs.get(i // n)
+                        plp = list(getattr(po, "prompt_logprobs", None) or [])
+                        plp = plp + [None] * (len(pp.ids) - len(plp))
+                        ids, positions = list(pp.ids) + ids, plp[: len(pp.ids)] + positions
+                    lp = completion_logprobs(tt, ids, positions, body.logprobs, offset)
+                plp = prompt_logprobs_entries(tt, getattr(prompt_outs.get(i // n), "prompt_logprobs", None),
+                                              len(pp.ids)) if body.prompt_logprobs is not None else None
+                out_choices.append(p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=c.finish_reason,
+                                                      stop_reason=c.stop_reason, prompt_logprobs=plp))
+            return JSONResponse(p.CompletionResponse(id=request_id, created=created, model=model, choices=out_choices,
+                                                     usage=usage()).model_dump())
+
+        # Tokens, logprobs and the JSON of a large answer (n=16 with logprobs is thousands of entries) are built
+        # in a worker thread: on the event loop they held every other stream's next chunk for as long.
+        if n > 1 or body.logprobs or getattr(body, "prompt_logprobs", None) is not None:
+            return await asyncio.to_thread(respond)
+        return respond()
 
     include_usage = body.include_usage()
 

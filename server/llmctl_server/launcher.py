@@ -10,6 +10,7 @@ code 1.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -89,6 +90,19 @@ class _Server(uvicorn.Server):
 SWITCH_INTERVAL_S = 0.0005
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up (the model's modules, the tokenizer, the app) out of the collector's
+    reach, as vLLM's server does before serving.
+
+    Why: a full (oldest-generation) collection walks every tracked object while holding the GIL, so it stops the
+    engine thread and the event loop together. With a model loaded that is a few hundred thousand objects that
+    never die, and each such collection was a stall of every stream (docs/reliability.md, soak). What is frozen
+    is never freed, which is what start-up objects are anyway.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def run_server(engine: EngineClient, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000,
                log_level: str = "info") -> int:
     """Serve until a signal or engine death; returns the process exit code. Does not shut the engine down."""
@@ -98,6 +112,7 @@ def run_server(engine: EngineClient, settings: ServerSettings, host: str = "127.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = build_app(engine, settings)
     state = app.state.llmctl
+    freeze_startup_heap()
     # By the time uvicorn's own graceful shutdown starts, the drain above has ended every generation request;
     # what is left (a response being written) gets a few seconds.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), lifespan="on",

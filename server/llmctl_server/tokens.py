@@ -27,6 +27,12 @@ def _byte_decoder() -> dict[str, int]:
 
 _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
+# Entries of each per-token cache (text and bytes). A hot set, not the vocabulary: sampled and top-k tokens are
+# heavily skewed, so a few thousand entries take almost every lookup, and a miss costs one tokenizer call. Sized
+# for the whole vocabulary (65,536) these caches kept growing for as long as new tokens turned up in logprobs,
+# by up to ~10 MiB on a 49k vocabulary: RssAnon growth per request on a long soak (docs/reliability.md).
+TOKEN_CACHE_ENTRIES = 4096
+
 
 class TokenText:
     def __init__(self, tokenizer: Any) -> None:
@@ -38,8 +44,8 @@ class TokenText:
             pass
         self._byte_level = decoder == "ByteLevel"
         self._bd = _byte_decoder() if self._byte_level else {}
-        self.text_of = lru_cache(maxsize=65536)(self._text)
-        self.bytes_of = lru_cache(maxsize=65536)(self._bytes)
+        self.text_of = lru_cache(maxsize=TOKEN_CACHE_ENTRIES)(self._text)
+        self.bytes_of = lru_cache(maxsize=TOKEN_CACHE_ENTRIES)(self._bytes)
 
     def _text(self, tid: int) -> str:
         return self.tok.decode([tid], skip_special_tokens=False)

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--kv-cache-memory", type=int, default=64 << 20)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=0)
     ap.add_argument("--max-queued-requests", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--shutdown-timeout", type=float, default=30.0)
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     engine = AsyncLLM.from_engine_args(EngineArgs(
         model=a.model, kv_cache_memory=a.kv_cache_memory, max_num_seqs=a.max_num_seqs, seed=0,
+        max_num_batched_tokens=a.max_num_batched_tokens, long_prefill_token_threshold=a.long_prefill_token_threshold,
         platform_options={"num_threads": a.num_threads}, max_model_len=a.max_model_len))
     if a.die_file:
         real_step = engine.engine.step

@@ -124,7 +124,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             known = req.num_tokens - req.num_computed_tokens
-            num_new = min(known + len(req.spec_token_ids), budget)
+            num_new = min(known + len(req.spec_token_ids), budget, self._chunk_cap(req))
             if num_new <= 0 or not self._lora_fits(req, loras):
                 i += 1
                 continue
@@ -158,7 +158,8 @@ class Scheduler:
                              and req.pooling_params is None)
                 cached = self.kv.find_cached_prefix(req.request_id, req.all_token_ids, salt=req.cache_salt,
                                                     mm_features=req.mm_features) if use_cache else []
-                num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
+                num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget,
+                              self._chunk_cap(req))
                 if req.pooling_params is not None and num_new < req.num_tokens:
                     break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
                 if not self._allocate(req, num_new, cached):
@@ -236,6 +237,17 @@ class Scheduler:
         if n_out >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
             return ("length", None)
         return None
+
+    def _chunk_cap(self, req: Request) -> int:
+        """The most tokens ``req`` may compute this step under ``long_prefill_token_threshold`` (vLLM's rule).
+
+        Why: a step is as slow as its largest prompt chunk, and every decode in it waits for that chunk. Pooling
+        requests are exempt: they are computed whole or not at all.
+        """
+        cap = self.config.long_prefill_token_threshold
+        if cap <= 0 or req.pooling_params is not None:
+            return 1 << 62
+        return cap
 
     def _lora_fits(self, req: Request, loras: set[int]) -> bool:
         """Whether ``req``'s adapter fits in this step's ``max_loras`` distinct adapters (and counts it in).
