@@ -18,6 +18,7 @@ import torch
 
 from llmctl.attention import build_attention_metadata
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.encoder_decoder import check_engine as check_encoder_decoder
 from llmctl.engine.fault_injection import FAULT_INJECTION_ENV, InjectedFault  # noqa: F401  (re-exported)
 from llmctl.engine.fault_injection import install_if_enabled as install_fault_injection_if_enabled
 from llmctl.engine.malloc_tuning import keep_heap_headroom
@@ -184,6 +185,7 @@ class EngineCore:
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None)
+        check_encoder_decoder(self.model, args, mnbt, self.model_config.max_model_len)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               kv_row_width(spec.head_size, self.kv_cache_dtype))
@@ -380,6 +382,8 @@ class EngineCore:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
+        if getattr(self.model, "is_encoder_decoder", False):
+            return "off (encoder-decoder: cross-attention lengths vary per step)"
         if self.world.size > 1:
             return "off (tensor/pipeline parallel: the step's collectives run eagerly)"
         if self.lora is not None:

@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmctl.config import SchedulerConfig
+from llmctl.engine.encoder_decoder import encoder_chunk_ok, usable_prefix
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.kv.manager import KVCacheManager
 
@@ -131,7 +132,10 @@ class Scheduler:
                 use_cache = (req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
                              and req.pooling_params is None)
                 cached = self.kv.find_cached_prefix(req) if use_cache else []
+                cached = usable_prefix(req, cached, self.kv.block_size)
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget)
+                if not encoder_chunk_ok(req, len(cached) * self.kv.block_size, num_new):
+                    break  # an encoder runs whole (bidirectional); the budget is fuller next step
                 if req.pooling_params is not None and num_new < req.num_tokens:
                     break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
                 if not self.kv.allocate(req, num_new, cached):

@@ -1,0 +1,183 @@
+"""BART through the engine: cross-attention K/V in the paged cache, compared with transformers in fp32.
+
+Greedy runs use ``min_tokens == max_tokens`` on both sides (transformers' ``min_new_tokens``), so neither stops
+early on EOS and every step is compared; logprobs are of the raw distribution, compared with transformers' raw
+logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from llmctl import LLM, AsyncLLM, EngineArgs, SamplingParams
+from llmctl_server import ServerSettings
+
+from tests._engine_util import _single_thread, assert_all_blocks_free  # noqa: F401  (autouse fixture)
+from tests.test_server_support import start_server, wait_kv_free
+
+PROMPTS = ["Hello, my name is", "The capital of France is a city that many people visit every single year",
+           "def fibonacci(n):", "1, 2, 3, 4,"]
+MAX_NEW = 10
+BLOCK = 16
+
+
+def make_tiny_bart(out: Path, tok) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(7)
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 1
+    cfg = tf.BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=128, init_std=0.3, scale_embedding=True, bos_token_id=tok.bos_token_id,
+                        eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos, forced_eos_token_id=None,
+                        forced_bos_token_id=None, architectures=["BartForConditionalGeneration"])
+    model = tf.BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a non-zero bias, so that the test covers it
+        model.final_logits_bias.normal_(0, 0.5)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bart_dir(model_cache_dir, test_tokenizer) -> Path:
+    out = model_cache_dir / "bart"
+    if not (out / "config.json").exists():
+        make_tiny_bart(out, test_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_bart(bart_dir):
+    import transformers as tf
+
+    return tf.BartForConditionalGeneration.from_pretrained(bart_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm(bart_dir):
+    return LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=4 << 20, seed=0)
+
+
+def reference(hf_bart, tok, prompt: str, n: int = MAX_NEW) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy tokens and raw log-softmax per step."""
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.no_grad():
+        out = hf_bart.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, 1:].tolist()
+    return tokens, [torch.log_softmax(s[0].float(), -1) for s in out.logits]
+
+
+def greedy(max_new: int = MAX_NEW, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_new, min_tokens=max_new, **kw)
+
+
+def check_logprobs(completion, ref_lps: list[torch.Tensor]) -> None:
+    assert completion.logprobs is not None and len(completion.logprobs) == len(ref_lps)
+    for step, (mine, ref) in enumerate(zip(completion.logprobs, ref_lps, strict=True)):
+        for token_id, lp in mine.items():
+            assert abs(lp.logprob - ref[token_id].item()) < 1e-3, (step, token_id)
+
+
+def test_bart_matches_transformers(llm, hf_bart, test_tokenizer):
+    """One prompt at a time: greedy tokens equal transformers' generate, top-5 logprobs within 1e-3."""
+    for prompt in PROMPTS:
+        ref_tokens, ref_lps = reference(hf_bart, test_tokenizer, prompt)
+        out = llm.generate(prompt, greedy(logprobs=5), use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == ref_tokens, prompt
+        check_logprobs(out.outputs[0], ref_lps)
+    assert_all_blocks_free(_stats(llm))
+
+
+def _stats(llm: LLM) -> dict:
+    return llm.get_stats()
+
+
+def test_batch_of_mixed_lengths(llm, hf_bart, test_tokenizer):
+    """Encoders of different lengths (one over a block boundary) in one batch, each equal to its own reference."""
+    refs = [reference(hf_bart, test_tokenizer, p)[0] for p in PROMPTS]
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == refs
+    assert_all_blocks_free(_stats(llm))
+
+
+def test_prefix_cache_reuses_cross_kv_only_for_the_same_encoder(llm, hf_bart, test_tokenizer):
+    """A repeated encoder input hits its cached encoder blocks; a different one sharing a first block does not
+    (its salt differs), and both stay equal to transformers."""
+    a = "The capital of France is a city that many people visit every single year"
+    b = "The capital of France is a city that many people visit every single day and night"
+    before = _stats(llm)["prefix_cache_hit_tokens"]
+    first = llm.generate(a, greedy(), use_tqdm=False)[0]
+    again = llm.generate(a, greedy(), use_tqdm=False)[0]
+    hits = _stats(llm)["prefix_cache_hit_tokens"] - before
+    assert hits > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    other = llm.generate(b, greedy(), use_tqdm=False)[0]
+    assert _stats(llm)["prefix_cache_hit_tokens"] - before == hits  # no hit for another encoder input
+    assert list(other.outputs[0].token_ids) == reference(hf_bart, test_tokenizer, b)[0]
+    assert_all_blocks_free(_stats(llm))
+
+
+def test_n_greater_than_one(llm, hf_bart, test_tokenizer):
+    """Siblings reuse the first sibling's encoder blocks; greedy siblings all equal the reference."""
+    ref = reference(hf_bart, test_tokenizer, PROMPTS[1])[0]
+    out = llm.generate(PROMPTS[1], greedy(n=3), use_tqdm=False)[0]
+    assert [list(c.token_ids) for c in out.outputs] == [ref] * 3
+    sampled = llm.generate(PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=MAX_NEW, n=3, seed=1),
+                           use_tqdm=False)[0]
+    assert len(sampled.outputs) == 3
+    assert_all_blocks_free(_stats(llm))
+
+
+def test_preemption_recomputes_encoder(bart_dir, hf_bart, test_tokenizer):
+    """A cache too small for every request at once: preempted requests recompute their encoder and decoder
+    tokens and still equal transformers."""
+    small = LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=_blocks(bart_dir, 9),
+                enable_prefix_caching=False, max_model_len=128)
+    prompts = PROMPTS * 2
+    n = 24
+    refs = [reference(hf_bart, test_tokenizer, p, n)[0] for p in prompts]
+    outs = small.generate(prompts, greedy(n), use_tqdm=False)
+    assert _stats(small)["num_preemptions"] > 0, "the test must force preemption"
+    assert [list(o.outputs[0].token_ids) for o in outs] == refs
+    assert_all_blocks_free(_stats(small))
+
+
+def _blocks(bart_dir: Path, n: int) -> int:
+    """Bytes of ``n`` KV blocks of the tiny BART (2 decoder layers, 4 heads of 8, fp32)."""
+    return n * 2 * 2 * BLOCK * 4 * 8 * 4
+
+
+def test_refusals(llm, bart_dir):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate(PROMPTS[0], SamplingParams(max_tokens=2, prompt_logprobs=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        llm.generate({"prompt_token_ids": [5] * 129}, SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        LLM(str(bart_dir), dtype="float32", num_threads=1, kv_cache_memory=4 << 20, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def server(bart_dir):
+    engine = AsyncLLM.from_engine_args(EngineArgs(model=str(bart_dir), dtype="float32", block_size=BLOCK,
+                                                  kv_cache_memory=4 << 20, seed=0,
+                                                  platform_options={"num_threads": 1}))
+    srv = start_server(engine, ServerSettings(served_model_names=["bart"]))
+    yield srv
+    srv.stop()
+    engine.shutdown()
+
+
+def test_completions_through_openai_client(server, hf_bart, test_tokenizer):
+    client = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0, timeout=60)
+    for prompt in PROMPTS[:2]:
+        ref_tokens, _ = reference(hf_bart, test_tokenizer, prompt)
+        resp = client.completions.create(model="bart", prompt=prompt, max_tokens=MAX_NEW, temperature=0.0,
+                                         extra_body={"min_tokens": MAX_NEW, "skip_special_tokens": False})
+        assert resp.choices[0].text == test_tokenizer.decode(ref_tokens, skip_special_tokens=False)
+        assert resp.usage.completion_tokens == MAX_NEW
+    wait_kv_free(server.engine)
