@@ -2,7 +2,8 @@
 
 Greedy runs use ``min_tokens == max_tokens`` on both sides (transformers' ``min_new_tokens``), so neither stops
 early on EOS and every step is compared; logprobs are of the raw distribution, compared with transformers' raw
-logits.
+logits. A tiny random BART soon repeats a token whatever its initialisation (``init_std`` 0.6 gives the most
+varied outputs of those tried); the per-step logprob comparison checks every position's distribution anyway.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from llmctl_server import ServerSettings
 from tests._engine_util import _single_thread, assert_all_blocks_free  # noqa: F401  (autouse fixture)
 from tests.test_server_support import start_server, wait_kv_free
 
-PROMPTS = ["Hello, my name is", "The capital of France is a city that many people visit every single year",
-           "def fibonacci(n):", "1, 2, 3, 4,"]
+LONG = "The capital of France is a city that many people visit every single year, and most of them come back"
+PROMPTS = ["Hello, my name is", LONG + " again and again for the food", "def fibonacci(n):", "1, 2, 3, 4,"]
 MAX_NEW = 10
 BLOCK = 16
 
@@ -27,17 +28,17 @@ BLOCK = 16
 def make_tiny_bart(out: Path, tok) -> Path:
     import transformers as tf
 
-    torch.manual_seed(7)
+    torch.manual_seed(3)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else 1
     cfg = tf.BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2,
                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                        max_position_embeddings=128, init_std=0.3, scale_embedding=True, bos_token_id=tok.bos_token_id,
+                        max_position_embeddings=128, init_std=0.6, scale_embedding=True, bos_token_id=tok.bos_token_id,
                         eos_token_id=eos, pad_token_id=pad, decoder_start_token_id=eos, forced_eos_token_id=None,
                         forced_bos_token_id=None, architectures=["BartForConditionalGeneration"])
     model = tf.BartForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # a non-zero bias, so that the test covers it
-        model.final_logits_bias.normal_(0, 0.5)
+        model.final_logits_bias.normal_(0, 0.1)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -63,9 +64,9 @@ def llm(bart_dir):
     return LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=4 << 20, seed=0)
 
 
-def reference(hf_bart, tok, prompt: str, n: int = MAX_NEW) -> tuple[list[int], list[torch.Tensor]]:
+def reference(hf_bart, tok, prompt: str | list[int], n: int = MAX_NEW) -> tuple[list[int], list[torch.Tensor]]:
     """transformers' greedy tokens and raw log-softmax per step."""
-    ids = torch.tensor([tok.encode(prompt)])
+    ids = torch.tensor([tok.encode(prompt) if isinstance(prompt, str) else prompt])
     with torch.no_grad():
         out = hf_bart.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, num_beams=1, output_logits=True, return_dict_in_generate=True)
@@ -107,18 +108,21 @@ def test_batch_of_mixed_lengths(llm, hf_bart, test_tokenizer):
 
 
 def test_prefix_cache_reuses_cross_kv_only_for_the_same_encoder(llm, hf_bart, test_tokenizer):
-    """A repeated encoder input hits its cached encoder blocks; a different one sharing a first block does not
-    (its salt differs), and both stay equal to transformers."""
-    a = "The capital of France is a city that many people visit every single year"
-    b = "The capital of France is a city that many people visit every single day and night"
+    """A repeated encoder input hits its cached encoder blocks. An input that differs only by a trailing pad id
+    has the same padded encoder blocks token for token, but other cross K/V (its encoder is one token longer): the
+    encoder salt keeps it from hitting them, and it stays equal to transformers."""
+    ids = test_tokenizer.encode(LONG)[:BLOCK - 1]
+    pad = hf_bart.config.pad_token_id
     before = _stats(llm)["prefix_cache_hit_tokens"]
-    first = llm.generate(a, greedy(), use_tqdm=False)[0]
-    again = llm.generate(a, greedy(), use_tqdm=False)[0]
+    first = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
+    again = llm.generate({"prompt_token_ids": ids}, greedy(), use_tqdm=False)[0]
     hits = _stats(llm)["prefix_cache_hit_tokens"] - before
-    assert hits > 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
-    other = llm.generate(b, greedy(), use_tqdm=False)[0]
+    assert hits == BLOCK and again.outputs[0].token_ids == first.outputs[0].token_ids
+    other = llm.generate({"prompt_token_ids": ids + [pad]}, greedy(logprobs=5), use_tqdm=False)[0]
     assert _stats(llm)["prefix_cache_hit_tokens"] - before == hits  # no hit for another encoder input
-    assert list(other.outputs[0].token_ids) == reference(hf_bart, test_tokenizer, b)[0]
+    ref_tokens, ref_lps = reference(hf_bart, test_tokenizer, ids + [pad])
+    assert list(other.outputs[0].token_ids) == ref_tokens
+    check_logprobs(other.outputs[0], ref_lps)
     assert_all_blocks_free(_stats(llm))
 
 
@@ -180,4 +184,5 @@ def test_completions_through_openai_client(server, hf_bart, test_tokenizer):
                                          extra_body={"min_tokens": MAX_NEW, "skip_special_tokens": False})
         assert resp.choices[0].text == test_tokenizer.decode(ref_tokens, skip_special_tokens=False)
         assert resp.usage.completion_tokens == MAX_NEW
+        assert resp.usage.prompt_tokens == len(test_tokenizer.encode(prompt))  # the encoder input, not padding
     wait_kv_free(server.engine)
