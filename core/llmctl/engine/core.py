@@ -185,7 +185,7 @@ class EngineCore:
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None)
-        check_encoder_decoder(self.model, args, mnbt, self.model_config.max_model_len)
+        check_encoder_decoder(self.model, args, mnbt)
         self.cache_config = self._cache_config(spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               kv_row_width(spec.head_size, self.kv_cache_dtype))
@@ -238,6 +238,9 @@ class EngineCore:
         limit = getattr(text_cfg, "max_position_embeddings", None) or 2048
         if self.runner_plan.max_len_cap is not None:
             limit = min(limit, self.runner_plan.max_len_cap)
+        context_len = getattr(self.runner_plan.model_cls, "engine_context_len", None)
+        if callable(context_len):  # an encoder-decoder's prompt holds its encoder input, then the decoder's tokens
+            limit = context_len(hf_config, args.block_size)
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len: {args.max_model_len} exceeds the model's maximum context of {limit}")
         max_len = args.max_model_len or limit

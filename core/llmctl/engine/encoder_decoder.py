@@ -17,6 +17,7 @@ from typing import Any
 
 from llmctl.engine.request import Request
 from llmctl.layers.cross_attention import padded_encoder_len
+from llmctl.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EncoderDecoderInputs:
     decoder_start_token_id: int
     pad_token_id: int
     max_encoder_len: int  # the encoder's position table
+    max_decoder_len: int  # the decoder's: the most tokens it can be fed, so the most it can generate
     block_size: int
 
     @classmethod
@@ -36,8 +38,8 @@ class EncoderDecoderInputs:
         if start is None:
             raise ValueError("model: an encoder-decoder checkpoint needs decoder_start_token_id in its config")
         pad = getattr(hf_config, "pad_token_id", None)
-        return cls(int(start), int(pad if pad is not None else start), int(hf_config.max_position_embeddings),
-                   block_size)
+        positions = int(hf_config.max_position_embeddings)
+        return cls(int(start), int(pad if pad is not None else start), positions, positions, block_size)
 
     def build_prompt(self, encoder_ids: list[int]) -> tuple[list[int], int]:
         """The engine prompt and the encoder length; refuses an encoder input the position table cannot hold."""
@@ -47,6 +49,17 @@ class EncoderDecoderInputs:
                              f"max_position_embeddings ({self.max_encoder_len})")
         pad = padded_encoder_len(n, self.block_size) - n
         return list(encoder_ids) + [self.pad_token_id] * pad + [self.decoder_start_token_id], n
+
+    def decoder_params(self, params: SamplingParams, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+        """``params`` with ``max_tokens`` within the decoder's positions: refused when set beyond them, bounded
+        by them when left unset (so the KV capacity check counts what the request can really use)."""
+        limit = self.max_decoder_len
+        if params.max_tokens is not None:
+            if params.max_tokens > limit:
+                raise ValueError(f"max_tokens: {params.max_tokens} exceeds the decoder's max_position_embeddings "
+                                 f"({limit})")
+            return params
+        return params.clone(max_tokens=max(1, min(limit, max_model_len - num_prompt_tokens)))
 
 
 def encoder_salt(encoder_ids: list[int]) -> bytes:
@@ -73,7 +86,7 @@ def usable_prefix(request: Request, cached: list, block_size: int) -> list:
     return []
 
 
-def check_engine(model: Any, args: Any, max_num_batched_tokens: int, max_model_len: int) -> None:
+def check_engine(model: Any, args: Any, max_num_batched_tokens: int) -> None:
     """Refuse, naming the setting, what an encoder-decoder model cannot run with."""
     if not getattr(model, "is_encoder_decoder", False):
         return
@@ -81,6 +94,8 @@ def check_engine(model: Any, args: Any, max_num_batched_tokens: int, max_model_l
         raise ValueError("speculative_config: not supported with encoder-decoder models")
     if args.enable_lora:
         raise ValueError("enable_lora: LoRA adapters are not supported with encoder-decoder models")
-    if max_num_batched_tokens < max_model_len:
+    longest = padded_encoder_len(model.max_encoder_len(model.config), args.block_size)
+    if max_num_batched_tokens < longest:
         raise ValueError(f"max_num_batched_tokens: an encoder-decoder model computes a prompt's encoder in one step, "
-                         f"so it must be >= max_model_len ({max_model_len}), got {max_num_batched_tokens}")
+                         f"so it must be >= the longest padded encoder input ({longest}), got "
+                         f"{max_num_batched_tokens}")

@@ -127,7 +127,10 @@ class InputProcessor:
                                  "encoder's input, which the decoder does not predict)")
             prompt_ids, encoder_len = self.encoder_decoder.build_prompt(prompt_ids)
             salt = encoder_salt(processed.prompt_token_ids)
-        max_tokens = self.check(len(prompt_ids), params)
+        limits = params
+        if self.encoder_decoder is not None:
+            limits = self.encoder_decoder.decoder_params(params, len(prompt_ids), self.model_config.max_model_len)
+        max_tokens = self.check(len(prompt_ids), limits)
         compiled = None
         if params.structured_outputs is not None:
             if self.structured is None:

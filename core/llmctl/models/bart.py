@@ -155,6 +155,13 @@ class BartForConditionalGeneration(EngineModule):
     def max_encoder_len(hf_config: Any) -> int:
         return hf_config.max_position_embeddings
 
+    @staticmethod
+    def engine_context_len(hf_config: Any, block_size: int) -> int:
+        """The engine's ``max_model_len``: the longest encoder input, padded to a block, plus the decoder's
+        positions (each side has its own position table)."""
+        n = hf_config.max_position_embeddings
+        return padded_encoder_len(n, block_size) + n
+
     def kv_cache_spec(self) -> KVCacheSpec:
         layer = self.model.decoder.layers[0]
         return KVCacheSpec(num_layers=len(self.model.decoder.layers), num_kv_heads=layer.num_heads,
