@@ -164,9 +164,14 @@ def test_refusals(llm, bart_dir):
     with pytest.raises(ValueError, match="max_tokens: 129 exceeds the decoder's max_position_embeddings"):
         llm.generate(PROMPTS[0], SamplingParams(max_tokens=129), use_tqdm=False)
     # the longest encoder input and the most decoder tokens fit together (each side has its own positions)
-    assert llm.llm_engine.model_config.max_model_len == 128 + 128
-    out = llm.generate({"prompt_token_ids": [5] * 128}, SamplingParams(max_tokens=3, min_tokens=3), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 3
+    assert llm.llm_engine.model_config.max_model_len == 128 + 1 + 128
+    out = llm.generate({"prompt_token_ids": [5] * 128}, SamplingParams(max_tokens=128, min_tokens=128),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 128
+    with pytest.raises(ValueError, match="use_beam_search"):
+        from llmctl.beam_search import BeamSearchParams
+
+        llm.beam_search(PROMPTS[0], BeamSearchParams(beam_width=2, max_tokens=4))
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(str(bart_dir), dtype="float32", num_threads=1, kv_cache_memory=4 << 20, max_num_batched_tokens=64)
 

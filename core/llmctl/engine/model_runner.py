@@ -164,8 +164,9 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.begin_step([s.request.lora for s in sched.scheduled],
                                  [s.num_new_tokens for s in sched.scheduled], self.device)
-        if not self.encoder_decoder and all(s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
-               and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
+        if not self.encoder_decoder and all(
+                s.num_new_tokens == 1 and s.samples and s.request.sampling_params.prompt_logprobs is None
+                and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
             return self._prepare_decodes(sched)
         return self._prepare_general(sched)
 

@@ -58,10 +58,10 @@ class _EncoderLayer(EngineModule):
         a = self.self_attn
         q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
         out = torch.empty_like(q)
+        h, dh = self.num_heads, self.head_dim
         for start, n in runs:
-            def heads(t: torch.Tensor) -> torch.Tensor:
-                return t[start:start + n].view(n, self.num_heads, self.head_dim).transpose(0, 1)
-            o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=self.head_dim ** -0.5)
+            qs, ks, vs = (t[start:start + n].view(n, h, dh).transpose(0, 1) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qs, ks, vs, scale=dh ** -0.5)
             out[start:start + n] = o.transpose(0, 1).reshape(n, -1)
         x = self.self_attn_layer_norm(x + a.out_proj(out))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
@@ -157,10 +157,11 @@ class BartForConditionalGeneration(EngineModule):
 
     @staticmethod
     def engine_context_len(hf_config: Any, block_size: int) -> int:
-        """The engine's ``max_model_len``: the longest encoder input, padded to a block, plus the decoder's
-        positions (each side has its own position table)."""
+        """The engine's ``max_model_len``: the longest encoder input, padded to a block, then the decoder start
+        token and as many generated tokens as the decoder has positions (each side has its own position table;
+        the last generated token is never fed back)."""
         n = hf_config.max_position_embeddings
-        return padded_encoder_len(n, block_size) + n
+        return padded_encoder_len(n, block_size) + 1 + n
 
     def kv_cache_spec(self) -> KVCacheSpec:
         layer = self.model.decoder.layers[0]
