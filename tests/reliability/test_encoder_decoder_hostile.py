@@ -44,6 +44,16 @@ def test_bad_encoder_decoder_input_is_a_named_400(bart_server, body, param, word
     wait_kv_free(bart_server.engine)
 
 
+def test_unset_max_tokens_stops_at_the_decoder_positions(bart_server):
+    """``max_tokens: null`` means what is left, which for an encoder-decoder is the decoder's positions."""
+    with httpx.Client(base_url=bart_server.url, timeout=120) as http:
+        r = http.post("/v1/completions", json={"model": "bart", "prompt": "hi", "max_tokens": None,
+                                               "temperature": 0, "min_tokens": 128})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 128
+    wait_kv_free(bart_server.engine)
+
+
 def test_many_encoder_lengths_at_once_leave_no_block(bart_server):
     """Encoders from 1 to 128 tokens, sent together: all answered, and every block comes back."""
     import concurrent.futures

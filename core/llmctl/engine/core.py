@@ -239,8 +239,10 @@ class EngineCore:
         if self.runner_plan.max_len_cap is not None:
             limit = min(limit, self.runner_plan.max_len_cap)
         context_len = getattr(self.runner_plan.model_cls, "engine_context_len", None)
+        max_new_tokens = None
         if callable(context_len):  # an encoder-decoder's prompt holds its encoder input, then the decoder's tokens
             limit = context_len(hf_config, args.block_size)
+            max_new_tokens = self.runner_plan.model_cls.max_decoder_len(hf_config)
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len: {args.max_model_len} exceeds the model's maximum context of {limit}")
         max_len = args.max_model_len or limit
@@ -260,6 +262,7 @@ class EngineCore:
             vocab_size=text_cfg.vocab_size,
             generation_config=gen,
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            max_new_tokens=max_new_tokens,
         )
 
     def _cache_config(self, spec: KVCacheSpec, dtype: torch.dtype) -> CacheConfig:

@@ -15,6 +15,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from llmctl.config import ModelConfig
 from llmctl.engine.request import Request
 from llmctl.layers.cross_attention import padded_encoder_len
 from llmctl.sampling_params import SamplingParams
@@ -31,15 +32,17 @@ class EncoderDecoderInputs:
     block_size: int
 
     @classmethod
-    def from_config(cls, hf_config: Any, generation_config: dict | None, block_size: int) -> EncoderDecoderInputs:
-        start = (generation_config or {}).get("decoder_start_token_id")
+    def from_config(cls, model_config: ModelConfig, block_size: int) -> EncoderDecoderInputs:
+        hf_config = model_config.hf_config
+        start = (model_config.generation_config or {}).get("decoder_start_token_id")
         if start is None:
             start = getattr(hf_config, "decoder_start_token_id", None)
         if start is None:
             raise ValueError("model: an encoder-decoder checkpoint needs decoder_start_token_id in its config")
         pad = getattr(hf_config, "pad_token_id", None)
         positions = int(hf_config.max_position_embeddings)
-        return cls(int(start), int(pad if pad is not None else start), positions, positions, block_size)
+        return cls(int(start), int(pad if pad is not None else start), positions,
+                   model_config.max_new_tokens or positions, block_size)
 
     def build_prompt(self, encoder_ids: list[int]) -> tuple[list[int], int]:
         """The engine prompt and the encoder length; refuses an encoder input the position table cannot hold."""

@@ -77,8 +77,7 @@ class LLMEngine:
     def _encoder_decoder_inputs(self) -> EncoderDecoderInputs | None:
         if not getattr(getattr(self.core, "model", None), "is_encoder_decoder", False):
             return None
-        return EncoderDecoderInputs.from_config(self.model_config.hf_config, self.model_config.generation_config,
-                                                self.cache_config.block_size)
+        return EncoderDecoderInputs.from_config(self.model_config, self.cache_config.block_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

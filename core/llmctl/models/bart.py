@@ -156,6 +156,10 @@ class BartForConditionalGeneration(EngineModule):
         return hf_config.max_position_embeddings
 
     @staticmethod
+    def max_decoder_len(hf_config: Any) -> int:
+        return hf_config.max_position_embeddings
+
+    @staticmethod
     def engine_context_len(hf_config: Any, block_size: int) -> int:
         """The engine's ``max_model_len``: the longest encoder input, padded to a block, then the decoder start
         token and as many generated tokens as the decoder has positions (each side has its own position table;

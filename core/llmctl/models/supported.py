@@ -141,6 +141,22 @@ def render_markdown() -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| `{m.architecture}` | {m.family} | {m.features} | `{m.test}` |" for m in MODELS]
+    lines += [
+        "",
+        "## Encoder-decoder models",
+        "",
+        "`BartForConditionalGeneration` generates through `LLM.generate` and `/v1/completions`: the prompt is the",
+        "encoder's input, and the output is what the decoder generates from `decoder_start_token_id`. The encoder",
+        "runs once per request (again after a preemption) and writes every decoder layer's cross-attention keys and",
+        "values into the request's first KV blocks; the decoder's own keys and values follow them. `max_model_len`",
+        "is the encoder's positions (padded to a KV block) plus one plus the decoder's, so the longest encoder input",
+        "and the most decoder tokens fit together. Limits, each refused with an error naming the field: an encoder",
+        "input over `max_position_embeddings`, `max_tokens` over the decoder's `max_position_embeddings`,",
+        "`prompt_logprobs` (and `echo` with `logprobs`), beam search, `speculative_config`, `enable_lora`, and",
+        "`max_num_batched_tokens` below the longest padded encoder input (an encoder runs in one step). Decode",
+        "graphs are off for these models. The prefix cache shares encoder blocks only between equal encoder inputs.",
+        "T5 is not supported: its relative position bias does not fit the paged attention backends.",
+    ]
     return "\n".join(lines) + "\n"
 
 
