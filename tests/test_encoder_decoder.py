@@ -95,6 +95,18 @@ def test_bart_matches_transformers(llm, hf_bart, test_tokenizer):
     assert_all_blocks_free(_stats(llm))
 
 
+def test_bart_on_the_reference_backend(bart_dir, hf_bart, test_tokenizer):
+    """The torch reference attention gives the transformers tokens too: the paged views are backend-neutral."""
+    ref = LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=4 << 20,
+              attention_backend="torch-reference")
+    out = ref.generate(PROMPTS, greedy(logprobs=5), use_tqdm=False)
+    for prompt, o in zip(PROMPTS, out, strict=True):
+        tokens, lps = reference(hf_bart, test_tokenizer, prompt)
+        assert list(o.outputs[0].token_ids) == tokens
+        check_logprobs(o.outputs[0], lps)
+    assert_all_blocks_free(_stats(ref))
+
+
 def _stats(llm: LLM) -> dict:
     return llm.get_stats()
 

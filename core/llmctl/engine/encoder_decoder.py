@@ -97,6 +97,10 @@ def check_engine(model: Any, args: Any, max_num_batched_tokens: int) -> None:
         raise ValueError("speculative_config: not supported with encoder-decoder models")
     if args.enable_lora:
         raise ValueError("enable_lora: LoRA adapters are not supported with encoder-decoder models")
+    if args.data_parallel_size > 1 or args.executor_backend != "uni":
+        # the frontend builds encoder-decoder prompts from the model it holds; a remote core's frontend holds none
+        raise ValueError("distributed_executor_backend: encoder-decoder models run in-process ('uni', "
+                         "data_parallel_size=1)")
     longest = padded_encoder_len(model.max_encoder_len(model.config), args.block_size)
     if max_num_batched_tokens < longest:
         raise ValueError(f"max_num_batched_tokens: an encoder-decoder model computes a prompt's encoder in one step, "

@@ -75,7 +75,11 @@ class LLMEngine:
                                    getattr(model, "chat_image_separator", "\n"))
 
     def _encoder_decoder_inputs(self) -> EncoderDecoderInputs | None:
-        if not getattr(getattr(self.core, "model", None), "is_encoder_decoder", False):
+        model = getattr(self.core, "model", None)  # a remote core (mp, ray, data parallel) holds none
+        if model is None and getattr(self.model_config.hf_config, "is_encoder_decoder", False):
+            raise ValueError("distributed_executor_backend: encoder-decoder models run in-process ('uni', "
+                             "data_parallel_size=1)")
+        if not getattr(model, "is_encoder_decoder", False):
             return None
         return EncoderDecoderInputs.from_config(self.model_config, self.cache_config.block_size)
 
