@@ -107,6 +107,13 @@ def test_bart_on_the_reference_backend(bart_dir, hf_bart, test_tokenizer):
     assert_all_blocks_free(_stats(ref))
 
 
+def test_profiling_pass_runs_without_encoder_lengths(llm):
+    """The start-up profiling step (run on accelerators) calls the model without ``encoder_lens``: the model
+    reads each sequence as a maximal encoder plus decoder rows, within both position tables."""
+    core = llm.llm_engine.core
+    core._profile_step(core.model.kv_cache_spec(), torch.float32)()
+
+
 def _stats(llm: LLM) -> dict:
     return llm.get_stats()
 

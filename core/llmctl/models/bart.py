@@ -178,11 +178,14 @@ class BartForConditionalGeneration(EngineModule):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata, encoder_lens: list[int] | None = None) -> torch.Tensor:
         """``encoder_lens``: each sequence's encoder length (the runner's). Without them (the start-up profiling
-        pass) every sequence is read as an encoder filling its whole blocks but one token, then decoder rows."""
+        pass) each sequence is read as the longest encoder it can hold, then decoder rows."""
         bs = metadata.block_size
-        if encoder_lens is None:
+        profiling = encoder_lens is None
+        if profiling:
             encoder_lens = _profile_encoder_lens(metadata, self.config.max_position_embeddings)
         step = split_step(metadata, positions, encoder_lens, bs)
+        if profiling:  # a full-length profiled sequence feeds its last token too, which real requests never do
+            step.decoder_positions.clamp_(max=self.config.max_position_embeddings - 1)
         hidden = torch.zeros(input_ids.shape[0], self.config.d_model, dtype=self.final_logits_bias.dtype,
                              device=input_ids.device)
         if step.encoder_runs:
