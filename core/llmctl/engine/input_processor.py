@@ -118,8 +118,8 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:
-        prompt_ids, encoder_len, salt = processed.prompt_token_ids, None, None
-        if self.encoder_decoder is not None:
+        prompt_ids, encoder_len, salt, limits = processed.prompt_token_ids, None, None, params
+        if self.encoder_decoder is not None:  # the engine prompt holds the encoder input (engine/encoder_decoder.py)
             from llmctl.engine.encoder_decoder import encoder_salt
 
             if params.prompt_logprobs is not None:
@@ -127,8 +127,6 @@ class InputProcessor:
                                  "encoder's input, which the decoder does not predict)")
             prompt_ids, encoder_len = self.encoder_decoder.build_prompt(prompt_ids)
             salt = encoder_salt(processed.prompt_token_ids)
-        limits = params
-        if self.encoder_decoder is not None:
             limits = self.encoder_decoder.decoder_params(params, len(prompt_ids), self.model_config.max_model_len)
         max_tokens = self.check(len(prompt_ids), limits)
         compiled = None
