@@ -156,18 +156,39 @@ def test_n_greater_than_one(llm, hf_bart, test_tokenizer):
     assert_all_blocks_free(_stats(llm))
 
 
-def test_preemption_recomputes_encoder(bart_dir, hf_bart, test_tokenizer):
-    """A cache too small for every request at once: preempted requests recompute their encoder and decoder
-    tokens and still equal transformers."""
-    small = LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=_blocks(bart_dir, 9),
-                enable_prefix_caching=False, max_model_len=128)
+def test_preemption_recomputes_encoder(bart_dir, hf_bart, test_tokenizer, monkeypatch):
+    """A cache too small for every request at once and the smallest token budget (one padded encoder): preempted
+    requests recompute their encoder and decoder tokens, encoders wait for a budget that holds them whole, and
+    recomputed decoder tokens are chunked; all still equal transformers."""
+    small = LLM(str(bart_dir), dtype="float32", num_threads=1, block_size=BLOCK, kv_cache_memory=_blocks(bart_dir, 20),
+                max_model_len=160, max_num_batched_tokens=128)
+    import llmctl.engine.scheduler as scheduler_mod
+    import llmctl.models.bart as bart_mod
+
+    waited, decoder_chunks = [], []
+    real_ok, real_split = scheduler_mod.encoder_chunk_ok, bart_mod.split_step
+
+    def spy_ok(req, cached, num_new):
+        ok = real_ok(req, cached, num_new)
+        waited.extend([] if ok else [req.request_id])
+        return ok
+
+    def spy_split(md, positions, encoder_lens, bs):
+        for q, s, e in zip(md.query_lens_cpu, md.seq_lens_cpu, encoder_lens, strict=True):
+            if q > 1 and s - q >= -(-e // bs) * bs:  # several decoder tokens computed without their encoder
+                decoder_chunks.append(q)
+        return real_split(md, positions, encoder_lens, bs)
+
+    monkeypatch.setattr(scheduler_mod, "encoder_chunk_ok", spy_ok)
+    monkeypatch.setattr(bart_mod, "split_step", spy_split)
     prompts = PROMPTS * 2
-    n = 24
+    n = 100  # a recomputed encoder plus 100 decoder tokens exceeds the budget, so its decoder is chunked
     refs = [reference(hf_bart, test_tokenizer, p, n)[0] for p in prompts]
     outs = small.generate(prompts, greedy(n), use_tqdm=False)
     assert _stats(small)["num_preemptions"] > 0, "the test must force preemption"
     assert [list(o.outputs[0].token_ids) for o in outs] == refs
     assert_all_blocks_free(_stats(small))
+    assert waited and decoder_chunks, "the test must make an encoder wait and chunk a recomputed decoder"
 
 
 def _blocks(bart_dir: Path, n: int) -> int:
