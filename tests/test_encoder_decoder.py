@@ -236,4 +236,8 @@ def test_completions_through_openai_client(server, hf_bart, test_tokenizer):
         assert resp.choices[0].text == test_tokenizer.decode(ref_tokens, skip_special_tokens=False)
         assert resp.usage.completion_tokens == MAX_NEW
         assert resp.usage.prompt_tokens == len(test_tokenizer.encode(prompt))  # the encoder input, not padding
+        stream = client.completions.create(model="bart", prompt=prompt, max_tokens=MAX_NEW, temperature=0.0,
+                                           stream=True, extra_body={"min_tokens": MAX_NEW,
+                                                                    "skip_special_tokens": False})
+        assert "".join(c.choices[0].text for c in stream) == resp.choices[0].text
     wait_kv_free(server.engine)
