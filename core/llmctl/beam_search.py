@@ -155,12 +155,22 @@ def check_beam_search(params: Any, max_logprobs: int) -> None:
                          f"cover 2 * beam_width candidates), got {params.beam_width}")
 
 
+def check_not_encoder_decoder(engine: Any) -> None:
+    """Beams run as one-token requests whose prompt is the beam so far; an encoder-decoder model would read that
+    as a new encoder input, so it is refused. ``engine``: an ``LLMEngine`` or an ``AsyncLLM``."""
+    processor = getattr(engine, "input_processor", None) or getattr(getattr(engine, "engine", None),
+                                                                    "input_processor", None)
+    if getattr(processor, "encoder_decoder", None) is not None:
+        raise ValueError("use_beam_search: not supported with encoder-decoder models")
+
+
 async def async_beam_search(engine: Any, prompt_token_ids: list[int], params: BeamSearchParams,
                             eos_token_ids: tuple[int, ...], max_model_len: int, request_id: str
                             ) -> list[BeamSearchSequence]:
     """The same search driven through ``AsyncLLM.generate``: each step's beams run as concurrent requests."""
     import asyncio
 
+    check_not_encoder_decoder(engine)
     inst = BeamSearchInstance(prompt_token_ids, params, eos_token_ids, max_model_len)
     step_params = step_sampling_params(params)
 

@@ -286,6 +286,9 @@ class ModelConfig:
     vocab_size: int
     generation_config: dict[str, Any] | None
     eos_token_ids: tuple[int, ...]
+    # The most tokens one request may generate, when the model bounds it below max_model_len (an encoder-decoder's
+    # decoder positions); None: only max_model_len bounds it.
+    max_new_tokens: int | None = None
 
 
 @dataclass

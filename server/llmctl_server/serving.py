@@ -237,7 +237,8 @@ def resolve_max_tokens(state: ServerState, n_prompt: int, requested: int | None,
         raise bad_request(f"prompt: {n_prompt} prompt tokens leave no room to generate within the context length "
                           f"{limit}", param="prompt", code="context_length_exceeded")
     if requested is None:
-        return limit - n_prompt
+        cap = getattr(state.engine.model_config, "max_new_tokens", None)  # an encoder-decoder's decoder positions
+        return limit - n_prompt if cap is None else min(limit - n_prompt, cap)
     if n_prompt + requested > limit:
         raise bad_request(f"{field_name}: {n_prompt} prompt tokens + {field_name} {requested} = "
                           f"{n_prompt + requested} exceeds the context length {limit}", param=field_name,

@@ -17,6 +17,7 @@ from llmctl.sampling_params import SamplingParams
 from llmctl.structured_output.manager import StructuredOutputManager
 
 if TYPE_CHECKING:
+    from llmctl.engine.encoder_decoder import EncoderDecoderInputs
     from llmctl.multimodal.inputs import MultiModalFeature
     from llmctl.multimodal.processor import MultiModalProcessor
 
@@ -43,8 +44,10 @@ def check_prompt_token_ids(ids: list[int], vocab_size: int) -> None:
 class InputProcessor:
     def __init__(self, tokenizer: Any, model_config: ModelConfig, cache_config: CacheConfig,
                  max_logprobs: int = 20, structured: StructuredOutputManager | None = None,
-                 multimodal: MultiModalProcessor | None = None) -> None:
+                 multimodal: MultiModalProcessor | None = None,
+                 encoder_decoder: EncoderDecoderInputs | None = None) -> None:
         self.tokenizer = tokenizer
+        self.encoder_decoder = encoder_decoder
         self.multimodal = multimodal
         self.structured = structured
         self.model_config = model_config
@@ -115,7 +118,17 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, processed: ProcessedPrompt, params: SamplingParams,
                       arrival_time: float | None = None) -> list[Request]:
-        max_tokens = self.check(len(processed.prompt_token_ids), params)
+        prompt_ids, encoder_len, salt, limits = processed.prompt_token_ids, None, None, params
+        if self.encoder_decoder is not None:  # the engine prompt holds the encoder input (engine/encoder_decoder.py)
+            from llmctl.engine.encoder_decoder import encoder_salt
+
+            if params.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs: not supported for encoder-decoder models (the prompt is the "
+                                 "encoder's input, which the decoder does not predict)")
+            prompt_ids, encoder_len = self.encoder_decoder.build_prompt(prompt_ids)
+            salt = encoder_salt(processed.prompt_token_ids)
+            limits = self.encoder_decoder.decoder_params(params, len(prompt_ids), self.model_config.max_model_len)
+        max_tokens = self.check(len(prompt_ids), limits)
         compiled = None
         if params.structured_outputs is not None:
             if self.structured is None:
@@ -130,7 +143,7 @@ class InputProcessor:
             child_id = request_id if params.n == 1 else f"{i}_{request_id}"
             requests.append(Request(
                 request_id=child_id,
-                prompt_token_ids=processed.prompt_token_ids,
+                prompt_token_ids=prompt_ids,
                 sampling_params=child_params,
                 arrival_time=arrival,
                 eos_token_ids=self.eos_token_ids,
@@ -139,5 +152,7 @@ class InputProcessor:
                 grammar=self.structured.request_grammar(compiled, params.structured_outputs)  # type: ignore[union-attr]
                 if compiled is not None else None,
                 mm_features=processed.mm_features,
+                encoder_len=encoder_len,
+                cache_salt=salt,
             ))
         return requests

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmctl.config import EngineArgs
+from llmctl.engine.encoder_decoder import EncoderDecoderInputs
 from llmctl.engine.input_processor import InputProcessor, PromptType
 from llmctl.engine.output_processor import OutputProcessor
 from llmctl.engine.request import Request, RequestStatus
@@ -51,7 +52,7 @@ class LLMEngine:
             args.structured_outputs_backend, args.structured_outputs_compile_timeout)
         self.multimodal = self._multimodal_processor()
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, self.cache_config, args.max_logprobs,
-                                              self.structured_output, self.multimodal)
+                                              self.structured_output, self.multimodal, self._encoder_decoder_inputs())
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
         self.runner_type = self.core.runner_type
@@ -72,6 +73,15 @@ class LLMEngine:
                                    self.tokenizer if getattr(model, "mm_image_processor_only", False) else None,
                                    getattr(model, "image_wrap_token_ids", None),
                                    getattr(model, "chat_image_separator", "\n"))
+
+    def _encoder_decoder_inputs(self) -> EncoderDecoderInputs | None:
+        model = getattr(self.core, "model", None)  # a remote core (mp, ray, data parallel) holds none
+        if model is None and getattr(self.model_config.hf_config, "is_encoder_decoder", False):
+            raise ValueError("distributed_executor_backend: encoder-decoder models run in-process ('uni', "
+                             "data_parallel_size=1)")
+        if not getattr(model, "is_encoder_decoder", False):
+            return None
+        return EncoderDecoderInputs.from_config(self.model_config, self.cache_config.block_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

@@ -100,6 +100,7 @@ class BatchInputs:
     # Per scheduled request, (first position, tokens) of its chunk when the step is laid out one row per token
     # (a flattened verification step): the metadata then describes rows, not requests.
     flat_chunks: list[tuple[int, int]] | None = None
+    encoder_lens: list[int] | None = None  # per sequence, for an encoder-decoder model (layers/cross_attention.py)
 
 
 @dataclass
@@ -133,6 +134,8 @@ class ModelRunner:
         self.encoder_cache = EncoderCache() if getattr(model, "supports_multimodal", False) else None
         # M-RoPE (Qwen2-VL): prefill chunks get [3, T] positions; decodes their index plus the request's delta
         self.uses_mrope = bool(getattr(model, "uses_mrope", False))
+        # Encoder-decoder (BART): every step takes the general path and tells the model each encoder's length
+        self.encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
 
     @torch.inference_mode()
     def decode_graph_spec(self, batch_sizes: tuple[int, ...], max_model_len: int) -> DecodeGraphSpec:
@@ -197,8 +200,9 @@ class ModelRunner:
             self.lora.begin_step([s.request.lora for s in sched.scheduled],
                                  [s.num_new_tokens for s in sched.scheduled], self.device)
         flat = self.max_flat_query_len
-        if all(s.num_new_tokens <= flat and s.samples and s.request.sampling_params.prompt_logprobs is None
-               and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
+        if not self.encoder_decoder and all(
+                s.num_new_tokens <= flat and s.samples and s.request.sampling_params.prompt_logprobs is None
+                and s.request.pooling_params is None and not _in_images(s.request) for s in sched.scheduled):
             if all(s.num_new_tokens == 1 for s in sched.scheduled):
                 return self._prepare_decodes(sched)
             return self._prepare_flat(sched)
@@ -259,6 +263,7 @@ class ModelRunner:
             token_type_ids=_token_type_ids(sched, dev) if pooling_chunks else None,
             draft_token_ids=drafts if any(drafts) else [],
             mm_slices=mm_slices,
+            encoder_lens=[s.request.encoder_len for s in sched.scheduled] if self.encoder_decoder else None,
         )
 
     def _prepare_decodes(self, sched: SchedulerOutput) -> BatchInputs:
@@ -372,9 +377,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: BatchInputs) -> ModelOutput:
-        hidden = None if batch.mm_slices else self._replay_decode(batch)
+        hidden = None if batch.mm_slices or self.encoder_decoder else self._replay_decode(batch)
         if hidden is None:
             extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
+            if batch.encoder_lens is not None:
+                extra["encoder_lens"] = batch.encoder_lens
             if batch.mm_slices:
                 extra["inputs_embeds"] = self._merged_embeddings(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, **extra)

@@ -68,6 +68,9 @@ class Request:
     lora: Any = None  # the request's llmctl.lora LoRAAdapter (held here, so unloading never breaks it), or None
     # Seeds the request's prefix-cache hash chain: requests with other adapters never share KV blocks.
     cache_salt: bytes | None = None
+    # Encoder-decoder models (llmctl.engine.encoder_decoder): the encoder input's length; the prompt holds it padded
+    # to a block boundary, then the decoder start token.
+    encoder_len: int | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

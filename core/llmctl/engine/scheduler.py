@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from llmctl.config import SchedulerConfig
+from llmctl.engine.encoder_decoder import encoder_chunk_ok, usable_prefix
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.step_output import CoreOutput, ModelStepOutput
 from llmctl.kv.block_pool import KVBlock
@@ -158,8 +159,11 @@ class Scheduler:
                              and req.pooling_params is None)
                 cached = self.kv.find_cached_prefix(req.request_id, req.all_token_ids, salt=req.cache_salt,
                                                     mm_features=req.mm_features) if use_cache else []
+                cached = usable_prefix(req, cached, self.kv.block_size)
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget,
                               self._chunk_cap(req))
+                if not encoder_chunk_ok(req, len(cached) * self.kv.block_size, num_new):
+                    break  # an encoder runs whole (bidirectional); the budget is fuller next step
                 if req.pooling_params is not None and num_new < req.num_tokens:
                     break  # pooled whole or not at all (bidirectional attention); the budget is fuller next step
                 if not self._allocate(req, num_new, cached):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.encoder_decoder import check_engine as check_encoder_decoder
 from llmctl.engine.kv_sizing import size_kv_cache
 from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner
@@ -199,6 +200,7 @@ class EngineStartup:
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None,
                                                 long_prefill_token_threshold=args.long_prefill_token_threshold)
+        check_encoder_decoder(self.model, args, mnbt)
         self.cache_config = size_kv_cache(self, spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
                                               kv_row_width(spec.head_size, self.kv_cache_dtype))
@@ -248,6 +250,11 @@ class EngineStartup:
         limit = getattr(text_cfg, "max_position_embeddings", None) or 2048
         if self.runner_plan.max_len_cap is not None:
             limit = min(limit, self.runner_plan.max_len_cap)
+        context_len = getattr(self.runner_plan.model_cls, "engine_context_len", None)
+        max_new_tokens = None
+        if callable(context_len):  # an encoder-decoder's prompt holds its encoder input, then the decoder's tokens
+            limit = context_len(hf_config, args.block_size)
+            max_new_tokens = self.runner_plan.model_cls.max_decoder_len(hf_config)
         if args.max_model_len is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len: {args.max_model_len} exceeds the model's maximum context of {limit}")
         max_len = args.max_model_len or limit
@@ -267,6 +274,7 @@ class EngineStartup:
             vocab_size=text_cfg.vocab_size,
             generation_config=gen,
             eos_token_ids=tuple(dict.fromkeys(eos)),
+            max_new_tokens=max_new_tokens,
         )
 
     def _init_decode_graphs(self) -> str:
@@ -276,6 +284,8 @@ class EngineStartup:
             return "off (enforce_eager)"
         if self.runner_plan.pooling:
             return "off (pooling runner: prefill only)"
+        if getattr(self.model, "is_encoder_decoder", False):
+            return "off (encoder-decoder: cross-attention lengths vary per step)"
         if self.world.size > 1:
             return "off (tensor/pipeline parallel: the step's collectives run eagerly)"
         if self.lora is not None:

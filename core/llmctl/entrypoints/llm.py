@@ -11,6 +11,7 @@ from llmctl.beam_search import (
     BeamSearchOutput,
     BeamSearchParams,
     check_beam_search,
+    check_not_encoder_decoder,
     step_sampling_params,
 )
 from llmctl.config import EngineArgs
@@ -148,6 +149,7 @@ class LLM:
         share their prefix through the prefix cache."""
         engine = self.llm_engine
         check_beam_search(params, self.engine_args.max_logprobs)
+        check_not_encoder_decoder(engine)
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         processed = [engine.input_processor.tokenize(p) for p in prompts]

@@ -17,6 +17,7 @@ EQUALITY_TEST = "tests/test_model_families.py::test_family_matches_transformers"
 LLAMA_TEST = "tests/test_engine_vs_transformers.py::test_tiny_models_match_transformers"
 LLAVA_TEST = "tests/test_multimodal.py::test_llava_matches_transformers"
 QWEN2_VL_TEST = "tests/test_multimodal_qwen2_vl.py::test_qwen2_vl_matches_transformers"
+BART_TEST = "tests/test_encoder_decoder.py::test_bart_matches_transformers"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class ModelInfo:
             from llmctl.models.qwen2_vl import ARCHITECTURE_CLASSES as QWEN2_VL_CLASSES
 
             return QWEN2_VL_CLASSES[self.architecture]
+        if self.family == "bart":
+            from llmctl.models.bart import ARCHITECTURES as BART_CLASSES
+
+            return BART_CLASSES[self.architecture]
         return decoder_class(self.family)
 
 
@@ -62,6 +67,9 @@ MODELS: tuple[ModelInfo, ...] = (
               f"{QWEN2_VL_TEST}[qwen2_vl-16]"),
     ModelInfo("Qwen2_5_VLForConditionalGeneration", "qwen2_vl", "Qwen2-VL's, with Qwen2.5-VL's window-attention "
               "tower from transformers", f"{QWEN2_VL_TEST}[qwen2_5_vl-16]"),
+    ModelInfo("BartForConditionalGeneration", "bart", "encoder-decoder: bidirectional encoder run once per request, "
+              "cross-attention K/V in the paged cache, learned positions (offset 2), post-LayerNorm, tied head with "
+              "final_logits_bias", BART_TEST),
     _fam("GemmaForCausalLM", "gemma", "(1 + w) RMSNorm, scaled embeddings, tanh-GELU gated MLP"),
     _fam("Gemma2ForCausalLM", "gemma2", "attention and final logit soft-capping, alternating sliding window, "
          "sandwich norms, query_pre_attn_scalar"),
@@ -133,6 +141,22 @@ def render_markdown() -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| `{m.architecture}` | {m.family} | {m.features} | `{m.test}` |" for m in MODELS]
+    lines += [
+        "",
+        "## Encoder-decoder models",
+        "",
+        "`BartForConditionalGeneration` generates through `LLM.generate` and `/v1/completions`: the prompt is the",
+        "encoder's input, and the output is what the decoder generates from `decoder_start_token_id`. The encoder",
+        "runs once per request (again after a preemption) and writes every decoder layer's cross-attention keys and",
+        "values into the request's first KV blocks; the decoder's own keys and values follow them. `max_model_len`",
+        "is the encoder's positions (padded to a KV block) plus one plus the decoder's, so the longest encoder input",
+        "and the most decoder tokens fit together. Limits, each refused with an error naming the field: an encoder",
+        "input over `max_position_embeddings`, `max_tokens` over the decoder's `max_position_embeddings`,",
+        "`prompt_logprobs` (and `echo` with `logprobs`), beam search, `speculative_config`, `enable_lora`, and",
+        "`max_num_batched_tokens` below the longest padded encoder input (an encoder runs in one step). Decode",
+        "graphs are off for these models. The prefix cache shares encoder blocks only between equal encoder inputs.",
+        "T5 is not supported: its relative position bias does not fit the paged attention backends.",
+    ]
     return "\n".join(lines) + "\n"
 
 
