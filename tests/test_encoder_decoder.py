@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 from llmctl import LLM, AsyncLLM, EngineArgs, SamplingParams
+from llmctl.engine.kv_sizing import profile_step
 from llmctl_server import ServerSettings
 
 from tests._engine_util import _single_thread, assert_all_blocks_free  # noqa: F401  (autouse fixture)
@@ -111,7 +112,9 @@ def test_profiling_pass_runs_without_encoder_lengths(llm):
     """The start-up profiling step (run on accelerators) calls the model without ``encoder_lens``: the model
     reads each sequence as a maximal encoder plus decoder rows, within both position tables."""
     core = llm.llm_engine.core
-    core._profile_step(core.model.kv_cache_spec(), torch.float32)()
+    profile_step(core.model, core.attention, core.scheduler_config, core.args.block_size, core.kv_cache_dtype,
+                 core.model.kv_cache_spec(), core.device, pooling=False,
+                 limit_mm_per_prompt=core.args.limit_mm_per_prompt)()
 
 
 def _stats(llm: LLM) -> dict:

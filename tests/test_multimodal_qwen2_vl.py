@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from llmctl import LLM, SamplingParams
+from llmctl.engine.kv_sizing import profile_step
 from PIL import Image
 
 from tests.model_factory import make_tiny_qwen2_vl
@@ -248,7 +249,9 @@ def test_start_up_profiling_and_bad_input(qwen2_vl_dir, monkeypatch):
     seen = []
     original = model.embed_multimodal
     monkeypatch.setattr(model, "embed_multimodal", lambda feats: seen.append(feats) or original(feats))
-    core._profile_step(model.kv_cache_spec(), torch.float32)()
+    profile_step(core.model, core.attention, core.scheduler_config, core.args.block_size, core.kv_cache_dtype,
+                 core.model.kv_cache_spec(), core.device, pooling=False,
+                 limit_mm_per_prompt=core.args.limit_mm_per_prompt)()
     (features,) = seen
     assert len(features) == 3 and features[0].grid_thw == (1, 12, 12)
     with pytest.raises(ValueError, match=r"prompt: 0 image placeholder\(s\) \(<\|image_pad\|>\) for 1 image"):
