@@ -19,7 +19,8 @@ from tests.test_engine_vs_transformers import PROMPTS, assert_matches_hf
 
 FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2", "gptj", "gpt_neox", "opt", "bloom", "falcon_new",
                 "falcon_mq", "falcon_alibi", "mpt", "starcoder2", "stablelm", "olmo", "olmo2", "granite", "cohere",
-                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx", "deepseek_v2", "deepseek_v3")
+                "glm4", "internlm2", "internlm2_bias", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx",
+                "deepseek_v2", "deepseek_v3")
 # Short and long (past the 8-token windows and over several 16-token blocks), ASCII and not.
 FAMILY_PROMPTS = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]
 SMALL_KV = 4 << 20  # bytes: a few hundred blocks of these tiny models, quick to allocate
