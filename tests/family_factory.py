@@ -116,10 +116,97 @@ def family_config(kind: str, tok) -> tuple[str, str, dict[str, Any]]:
     return cfg_name, model_name, kw
 
 
+# InternLM2 has no transformers class (its code is remote), so its oracle is a Llama with the same weights written
+# in InternLM2's layout: kind -> (LlamaConfig kwargs, InternLM2 config.json extras). Six query heads over two KV
+# heads make each wqkv group three query heads, a key and a value, so a wrong de-interleave cannot pass.
+INTERNLM2_KINDS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "internlm2": (dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2), {"rope_scaling": None}),
+    "internlm2_bias": (dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=6, attention_bias=True,
+                            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
+                       {"bias": True, "rope_theta": 5000.0, "rope_scaling": {"type": "linear", "factor": 2.0}}),
+}
+
+
+def pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """q/k/v projections (weights or biases) -> InternLM2's wqkv: per KV group its query heads, its key, its value."""
+    rest = q.shape[1:]
+    qg = q.reshape(num_kv_heads, -1, head_dim, *rest)
+    kg = k.reshape(num_kv_heads, 1, head_dim, *rest)
+    vg = v.reshape(num_kv_heads, 1, head_dim, *rest)
+    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest)
+
+
+def llama_to_internlm2(state: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int,
+                       pack=pack_wqkv) -> dict[str, torch.Tensor]:
+    """A LlamaForCausalLM state dict in InternLM2's checkpoint names (``pack`` builds wqkv)."""
+    out: dict[str, torch.Tensor] = {}
+    names = {"self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+             "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for name, t in state.items():
+        if name == "model.embed_tokens.weight":
+            out["model.tok_embeddings.weight"] = t
+        elif name == "lm_head.weight":
+            out["output.weight"] = t
+        elif name == "model.norm.weight":
+            out[name] = t
+        elif ".self_attn.q_proj." in name:
+            kind = name.rsplit(".", 1)[1]
+            k = state[name.replace("q_proj", "k_proj")]
+            v = state[name.replace("q_proj", "v_proj")]
+            out[name.replace("self_attn.q_proj", "attention.wqkv")] = pack(t, k, v, num_kv_heads, head_dim)
+            assert kind in ("weight", "bias")
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        else:
+            for src, dst in names.items():
+                if f".{src}." in name:
+                    out[name.replace(src, dst)] = t
+                    break
+            else:
+                raise AssertionError(f"unmapped Llama tensor {name}")
+    return {n: t.contiguous() for n, t in out.items()}
+
+
+def make_internlm2_model(kind: str, out: Path, tok, seed: int = 0, pack=pack_wqkv) -> tuple[Path, Any]:
+    """An InternLM2 checkpoint (config.json with the remote-code auto_map real ones carry) and the Llama it was
+    converted from, which is the reference."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama_kw, extra = INTERNLM2_KINDS[kind]
+    kw = _llama_like(tok, **llama_kw)
+    kw.update(_ids(tok))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    heads, kv = kw["num_attention_heads"], kw["num_key_value_heads"]
+    head_dim = kw["hidden_size"] // heads
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(llama_to_internlm2(dict(model.state_dict()), kv, head_dim, pack), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = dict(model_type="internlm2", architectures=["InternLM2ForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_internlm2.InternLM2Config",
+                            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+                  vocab_size=kw["vocab_size"], hidden_size=kw["hidden_size"],
+                  intermediate_size=kw["intermediate_size"], num_hidden_layers=kw["num_hidden_layers"],
+                  num_attention_heads=heads, num_key_value_heads=kv, hidden_act="silu",
+                  max_position_embeddings=kw["max_position_embeddings"], rms_norm_eps=model.config.rms_norm_eps,
+                  rope_theta=10000.0, bias=False, tie_word_embeddings=False, torch_dtype="float32",
+                  **{k: kw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    config.update(extra)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tok.save_pretrained(out)
+    return out, model
+
+
 def make_family_model(kind: str, out: Path, tok, seed: int = 0) -> tuple[Path, Any]:
     """The checkpoint directory and the transformers model it was saved from (float32, eval mode)."""
     import transformers as tf
 
+    if kind in INTERNLM2_KINDS:
+        return make_internlm2_model(kind, out, tok, seed)
     cfg_name, model_name, kw = family_config(kind, tok)
     torch.manual_seed(seed)
     config = getattr(tf, cfg_name)(**kw)

@@ -19,7 +19,8 @@ from tests.test_engine_vs_transformers import PROMPTS, assert_matches_hf
 
 FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "phi", "gpt2", "gptj", "gpt_neox", "opt", "bloom", "falcon_new",
                 "falcon_mq", "falcon_alibi", "mpt", "starcoder2", "stablelm", "olmo", "olmo2", "granite", "cohere",
-                "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx", "deepseek_v2", "deepseek_v3")
+                "glm4", "internlm2", "internlm2_bias", "mixtral", "qwen2_moe", "qwen3_moe", "granitemoe", "dbrx",
+                "deepseek_v2", "deepseek_v3")
 # Short and long (past the 8-token windows and over several 16-token blocks), ASCII and not.
 FAMILY_PROMPTS = [PROMPTS[1], PROMPTS[5], PROMPTS[6]]
 SMALL_KV = 4 << 20  # bytes: a few hundred blocks of these tiny models, quick to allocate
@@ -110,3 +111,39 @@ def test_backend_without_a_feature_is_skipped_or_refused(family_dir):
 
     with pytest.raises(ValueError, match="cpu-sdpa.*cannot run this model: features not supported: alibi"):
         EngineCore(EngineArgs(model=str(family_dir("bloom")[0]), dtype="float32", attention_backend="cpu-sdpa"))
+
+
+def test_internlm2_wrong_wqkv_grouping_fails(model_cache_dir, test_tokenizer):
+    """The InternLM2 oracle can fail: the same weights with wqkv packed as one q block, then k, then v (not per KV
+    group) have the same shapes and load, but no longer match the Llama they came from."""
+    from tests.family_factory import make_internlm2_model
+
+    def concatenated(q, k, v, num_kv_heads, head_dim):
+        return torch.cat([q, k, v])
+
+    path, llama = make_internlm2_model("internlm2", model_cache_dir / "internlm2-concat-wqkv", test_tokenizer,
+                                       pack=concatenated)
+    llm = LLM(str(path), dtype="float32", num_threads=1, kv_cache_memory=SMALL_KV)
+    with pytest.raises(AssertionError, match="greedy tokens differ|top-5 token"):
+        assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=llama, tok=test_tokenizer)
+
+
+def test_internlm2_loads_without_remote_code(family_dir, tmp_path):
+    """config.json's auto_map names InternLM2's remote config class; the native class needs none of it, so the
+    checkpoint loads with trust_remote_code off. A remote-code architecture llmctl lacks still asks for the flag."""
+    import json
+    import shutil
+
+    from llmctl.loader.source import resolve_model
+
+    path = family_dir("internlm2")[0]
+    source = resolve_model(str(path), trust_remote_code=False)
+    assert source.hf_config.architectures == ["InternLM2ForCausalLM"]
+    assert source.hf_config.model_type == "internlm2"
+    other = tmp_path / "remote"
+    shutil.copytree(path, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["SomeRemoteForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code is off by default"):
+        resolve_model(str(other), trust_remote_code=False)

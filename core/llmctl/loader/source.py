@@ -84,9 +84,12 @@ def _from_dir(model: str, local_dir: Path, revision: str | None, trust_remote_co
         hf_config = AutoConfig.from_pretrained(str(local_dir), trust_remote_code=trust_remote_code)
     except ValueError as exc:
         config_json = json.loads((local_dir / "config.json").read_text())
-        if "auto_map" not in config_json and "model_type" in config_json and "trust_remote_code" not in str(exc):
-            # A model type this transformers does not know: keep the plain config, so a plugin that registers the
-            # architecture can still run it and everything else fails listing what is supported.
+        unknown_type = "auto_map" not in config_json and "trust_remote_code" not in str(exc)
+        if "model_type" in config_json and (unknown_type or _runs_natively(config_json)):
+            # A model type this transformers does not know, or one whose config class is remote code that llmctl
+            # does not need (a native architecture such as InternLM2): keep the plain config, so a native class or
+            # a plugin that registers the architecture can still run it and everything else fails listing what is
+            # supported.
             from transformers import PretrainedConfig
 
             hf_config = PretrainedConfig.from_pretrained(str(local_dir))
@@ -102,6 +105,14 @@ def _from_dir(model: str, local_dir: Path, revision: str | None, trust_remote_co
     gen_path = local_dir / "generation_config.json"
     generation_config = json.loads(gen_path.read_text()) if gen_path.exists() else None
     return ModelSource(model, local_dir, None, hf_config, generation_config)
+
+
+def _runs_natively(config_json: dict[str, Any]) -> bool:
+    """Every architecture config.json names has a native llmctl class, so its remote code is never run."""
+    from llmctl.models.supported import MODELS
+
+    archs = config_json.get("architectures") or []
+    return bool(archs) and all(a in {m.architecture for m in MODELS} for a in archs)
 
 
 def _from_gguf(model: str, path: Path) -> ModelSource:

@@ -73,7 +73,8 @@ def split_heads_qkv(marker: str, num_heads: int, head_dim: int) -> Transform:
 
 
 def split_grouped_qkv(marker: str, num_heads: int, num_kv_heads: int, head_dim: int) -> Transform:
-    """Falcon's new decoder layout: per KV group, its query heads then one key and one value head."""
+    """Falcon's new decoder and InternLM2's ``wqkv`` layout: per KV group, its query heads then one key and one
+    value head."""
     group = num_heads // num_kv_heads
 
     def transform(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -310,6 +311,28 @@ def glm4(cfg: Any) -> DecoderSpec:
                           (r"\.post_mlp_layernorm\.", ".post_feedforward_layernorm.")))
 
 
+def internlm2(cfg: Any) -> DecoderSpec:
+    """InternLM2 is Llama with its own names and one fused ``wqkv`` grouped per KV head (the query heads of a
+    group, then its key head, then its value head); ``bias`` covers wqkv and wo. Its config class is remote code,
+    so ``cfg`` is the plain config of config.json (``tie_word_embeddings`` absent means untied, as InternLM2's
+    own class defaults)."""
+    heads = cfg.num_attention_heads
+    kv = _get(cfg, "num_key_value_heads", default=heads)
+    if heads % kv:
+        _unsupported(cfg, "num_key_value_heads", f"must divide num_attention_heads={heads}")
+    head_dim = cfg.hidden_size // heads
+    bias = bool(_get(cfg, "bias", default=False))
+    return _base(cfg, num_kv_heads=kv, head_dim=head_dim, qkv_bias=bias, o_bias=bias, mlp_bias=False,
+                 renames=((r"^model\.tok_embeddings\.", "model.embed_tokens."),
+                          (r"\.attention\.wqkv\.", ".self_attn.wqkv_grouped."),
+                          (r"\.attention\.wo\.", ".self_attn.o_proj."),
+                          (r"\.feed_forward\.w1\.", ".mlp.gate_proj."), (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+                          (r"\.feed_forward\.w2\.", ".mlp.down_proj."),
+                          (r"\.attention_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
+                          (r"^output\.", "lm_head.")),
+                 transforms=(split_grouped_qkv(".wqkv_grouped.", heads, kv, head_dim),))
+
+
 # -- mixtures of experts -------------------------------------------------------------------------------------
 
 
@@ -401,6 +424,7 @@ FAMILIES: dict[str, Callable[[Any], DecoderSpec]] = {
     "gemma": gemma, "gemma2": gemma2, "gemma3": gemma3, "phi3": phi3, "phi": phi, "gpt2": gpt2, "gptj": gptj,
     "gpt_neox": gpt_neox, "opt": opt, "bloom": bloom, "falcon": falcon, "mpt": mpt, "starcoder2": starcoder2,
     "stablelm": stablelm, "olmo": olmo, "olmo2": olmo2, "granite": granite, "cohere": cohere, "glm4": glm4,
+    "internlm2": internlm2,
     "mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "granitemoe": granitemoe,
     "deepseek_v2": deepseek, "deepseek_v3": deepseek, "dbrx": dbrx,
 }

@@ -90,6 +90,8 @@ MODELS: tuple[ModelInfo, ...] = (
     _fam("Olmo2ForCausalLM", "olmo2", "post-norms, full-width q/k RMSNorm"),
     _fam("GraniteForCausalLM", "granite", "embedding, residual, attention and logit multipliers"),
     _fam("CohereForCausalLM", "cohere", "parallel residual, interleaved rotary, logit scale"),
+    _fam("InternLM2ForCausalLM", "internlm2", "fused wqkv grouped per KV head, renamed Llama layout "
+         "(tok_embeddings, w1/w3/w2, output), optional wqkv/wo bias; runs without remote code"),
     _fam("Glm4ForCausalLM", "glm4", "sandwich norms, interleaved partial rotary, fused gate_up"),
     _fam("MixtralForCausalLM", "mixtral", "sparse MoE (fused_moe op), top-k renormalised routing"),
     _fam("Qwen2MoeForCausalLM", "qwen2_moe", "sparse MoE with a gated shared expert, dense layers"),
