@@ -124,8 +124,12 @@ def test_probe_reports_real_hardware(manager):
     page = os.sysconf("SC_PAGE_SIZE")
     assert 0 < free <= total <= os.sysconf("SC_PHYS_PAGES") * page * 1.01
     dtypes = plat.supported_dtypes()
-    assert dtypes[-1] == torch.float32
-    assert (torch.bfloat16 in dtypes) == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"])
+    assert torch.float32 in dtypes
+    from llmctl_cpu.platform import c_bf16_gemm
+
+    native_bf16 = ("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"]
+    assert (torch.bfloat16 in dtypes) == (native_bf16 or c_bf16_gemm())
+    assert dtypes[0] == (torch.bfloat16 if native_bf16 else torch.float32)  # converted bf16 is never preferred
 
 
 def test_parse_cpuinfo_counts_physical_cores_and_affinity():
@@ -287,6 +291,55 @@ def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
         for m in (1, 3, 5, 64, rng.randint(1, 69)):
             assert torch.equal(lib.gemm_f32(x[:m], panels, n, bias), full[:m]), (target, n, k, m)
         assert torch.equal(lib.gemm_f32(x[69:], panels, n, bias), full[69:])
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
+def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
+    """The bf16 GEMM as each x86 host kind builds it, run here where this CPU can execute that build: AVX2 + FMA
+    (x86-64-v3) and AVX-512 without bf16 dot products (skylake-avx512) convert bf16 to float32 in registers,
+    AVX512-BF16 (cooperlake) uses its dot products, a generic x86-64 build has none (oneDNN runs bf16 linears).
+    Each: within bf16 rounding of the float32 product, batch-invariant, and its SiLU epilogue bit-identical to its
+    own unfused GEMM followed by torch's silu_and_mul."""
+    import ctypes
+    import platform
+    import subprocess
+
+    from llmctl_cpu import native
+    from llmctl_cpu.ops import _interleave_gate_up
+    from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
+    from llmctl_cpu.platform import cpu_info
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    needs = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
+             "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}.get(target, ())
+    if not all(flag in cpu_info().flags for flag in needs):
+        pytest.skip(f"this host cannot run a {target} build")
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    so = tmp_path / f"k-{target}.so"
+    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
+    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+    if target == "x86-64":
+        assert not lib.has_gemm_bf16
+        return
+    assert lib.has_gemm_bf16
+    lib.use_amx(False)
+    for n, k in ((33, 17), (64, 96), (200, 577)):
+        weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+        panels = lib.pack_bf16_panels(weight)
+        x = torch.randn(70, k).bfloat16()
+        for b in (None, bias):
+            full = lib.gemm_bf16(x, panels, n, b)
+            want = x.float() @ weight.float().T + (0 if b is None else b.float())
+            assert torch.allclose(full.float(), want, rtol=2 ** -8, atol=1e-4 * k ** 0.5), (target, n, k)
+            for m in (1, 3, 4, 5, 64, rng.randint(1, 69)):
+                assert torch.equal(lib.gemm_bf16(x[:m], panels, n, b), full[:m]), (target, n, k, m)
+        if n % 32 == 0:
+            gated = lib.pack_bf16_panels(_interleave_gate_up(weight).contiguous())
+            fused_bias = _interleave_gate_up(bias).contiguous()
+            assert torch.equal(lib.gemm_bf16_silu(x, gated, n, fused_bias),
+                               cpu_silu_and_mul(lib.gemm_bf16(x, panels, n, bias))), (target, n, k)
 
 
 # -- attention -----------------------------------------------------------------------------------------------------
@@ -731,7 +784,7 @@ def _gemm_lib():
 
     lib = native.kernels()
     if lib is None or not lib.has_gemm_bf16:
-        pytest.skip("no C bf16 GEMM on this host (needs the native kernels and AVX512-BF16)")
+        pytest.skip("no C bf16 GEMM on this host (needs the native kernels and AVX512-BF16 or AVX2 + FMA)")
     return lib
 
 

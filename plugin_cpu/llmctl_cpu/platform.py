@@ -147,6 +147,14 @@ def mkldnn_bf16_usable() -> bool:
         return False
 
 
+def c_bf16_gemm() -> bool:
+    """Whether the C kernels built here carry a bf16 GEMM (AVX512-BF16, AMX, or AVX2 + FMA by conversion)."""
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    return lib is not None and lib.has_gemm_bf16
+
+
 def default_num_threads() -> int:
     return max(1, cpu_info().usable_physical_cores)
 
@@ -255,9 +263,13 @@ class CpuPlatform(Platform):
         return memory_bytes()
 
     def supported_dtypes(self) -> list[torch.dtype]:
-        # bf16 only pays off with native bf16 dot products; emulated it is slower than fp32.
+        # bf16 pays off with native bf16 dot products. Without them oneDNN emulates it, far slower than fp32, but
+        # the C kernels' AVX2 + FMA GEMM converts bf16 weights in registers: there bf16 can be asked for (and a
+        # bf16 checkpoint keeps its dtype under auto), while float32 stays the preferred dtype.
         if cpu_info().has_bf16_isa and mkldnn_bf16_usable():
             return [torch.bfloat16, torch.float32]
+        if c_bf16_gemm():
+            return [torch.float32, torch.bfloat16]
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
