@@ -1,6 +1,5 @@
 /* The bf16 GEMM on prepacked 16-column panels (AVX512-BF16 dot products, AMX tiles, or AVX2 + FMA by conversion
- * to float32), with the fused
- * SiLU-and-mul epilogue of the gate/up projection.
+ * to float32), with the fused SiLU-and-mul epilogue of the gate/up projection.
  *
  * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone. */
 
