@@ -235,9 +235,13 @@ int llmctl_use_amx(int on) {
 }
 #endif
 
-/* The row-wise kernels (RMSNorm, argmax) only beat torch with 512-bit vectors: built for AVX2 they measured level
- * with it, so the Python side uses them only where this says 1. */
+/* The argmax only beats torch with 512-bit vectors (built for AVX2 it measured level with it), so the Python side
+ * uses it only where this says 1. */
 int llmctl_has_avx512(void) { return HAVE_AVX512; }
+
+/* The bf16 RMSNorm's generic loop, built for AVX2 + FMA, is one pass against torch's three to five (each its own
+ * parallel region): on a shared AVX2 host it measured about 2x faster, so it runs where this says 1 too. */
+int llmctl_has_avx2_fma(void) { return HAVE_AVX2_FMA; }
 
 /* A growing per-thread buffer: no malloc/free per (sequence, head) task, so the allocator never sees the
  * churn (and OpenMP worker threads never fragment arenas of their own). It lives as long as the thread. */
