@@ -124,12 +124,8 @@ def test_probe_reports_real_hardware(manager):
     page = os.sysconf("SC_PAGE_SIZE")
     assert 0 < free <= total <= os.sysconf("SC_PHYS_PAGES") * page * 1.01
     dtypes = plat.supported_dtypes()
-    assert torch.float32 in dtypes
-    from llmctl_cpu.platform import c_bf16_gemm
-
-    native_bf16 = ("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"]
-    assert (torch.bfloat16 in dtypes) == (native_bf16 or c_bf16_gemm())
-    assert dtypes[0] == (torch.bfloat16 if native_bf16 else torch.float32)  # converted bf16 is never preferred
+    assert dtypes[-1] == torch.float32
+    assert (torch.bfloat16 in dtypes) == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"])
 
 
 def test_parse_cpuinfo_counts_physical_cores_and_affinity():

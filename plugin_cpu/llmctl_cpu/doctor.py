@@ -35,7 +35,7 @@ def check_bf16() -> DoctorResult:
         why = "no avx512_bf16/amx_bf16 in the CPU flags" if not isa else "torch's oneDNN reports no bf16 support"
         if c_bf16_gemm():
             return DoctorResult(True, f"bf16 runs on the C kernels' AVX2 + FMA GEMM ({why}: bf16 converted to "
-                                "float32 in registers); dtype=auto keeps a bf16 checkpoint's dtype, else float32")
+                                "float32 in registers) when named; dtype=auto uses float32")
         return DoctorResult(True, f"bf16 would be emulated ({why}); dtype=auto uses float32",
                             "a CPU with AVX512-BF16 or AMX (Sapphire Rapids, Zen 4+) runs bf16 about 2x faster")
     except Exception as exc:

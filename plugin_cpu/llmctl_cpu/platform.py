@@ -263,13 +263,9 @@ class CpuPlatform(Platform):
         return memory_bytes()
 
     def supported_dtypes(self) -> list[torch.dtype]:
-        # bf16 pays off with native bf16 dot products. Without them oneDNN emulates it, far slower than fp32, but
-        # the C kernels' AVX2 + FMA GEMM converts bf16 weights in registers: there bf16 can be asked for (and a
-        # bf16 checkpoint keeps its dtype under auto), while float32 stays the preferred dtype.
+        # bf16 only pays off with native bf16 dot products; emulated it is slower than fp32.
         if cpu_info().has_bf16_isa and mkldnn_bf16_usable():
             return [torch.bfloat16, torch.float32]
-        if c_bf16_gemm():
-            return [torch.float32, torch.bfloat16]
         return [torch.float32]
 
     def configure(self, config: Any) -> dict[str, Any]:
