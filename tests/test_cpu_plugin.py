@@ -291,6 +291,55 @@ def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
         assert torch.equal(lib.gemm_f32(x[69:], panels, n, bias), full[69:])
 
 
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
+def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
+    """The bf16 GEMM as each x86 host kind builds it, run here where this CPU can execute that build: AVX2 + FMA
+    (x86-64-v3) and AVX-512 without bf16 dot products (skylake-avx512) convert bf16 to float32 in registers,
+    AVX512-BF16 (cooperlake) uses its dot products, a generic x86-64 build has none (oneDNN runs bf16 linears).
+    Each: within bf16 rounding of the float32 product, batch-invariant, and its SiLU epilogue bit-identical to its
+    own unfused GEMM followed by torch's silu_and_mul."""
+    import ctypes
+    import platform
+    import subprocess
+
+    from llmctl_cpu import native
+    from llmctl_cpu.ops import _interleave_gate_up
+    from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
+    from llmctl_cpu.platform import cpu_info
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    needs = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
+             "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}.get(target, ())
+    if not all(flag in cpu_info().flags for flag in needs):
+        pytest.skip(f"this host cannot run a {target} build")
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    so = tmp_path / f"k-{target}.so"
+    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
+    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+    if target == "x86-64":
+        assert not lib.has_gemm_bf16
+        return
+    assert lib.has_gemm_bf16
+    lib.use_amx(False)
+    for n, k in ((33, 17), (64, 96), (200, 577)):
+        weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+        panels = lib.pack_bf16_panels(weight)
+        x = torch.randn(70, k).bfloat16()
+        for b in (None, bias):
+            full = lib.gemm_bf16(x, panels, n, b)
+            want = x.float() @ weight.float().T + (0 if b is None else b.float())
+            assert torch.allclose(full.float(), want, rtol=2 ** -8, atol=1e-4 * k ** 0.5), (target, n, k)
+            for m in (1, 3, 4, 5, 64, rng.randint(1, 69)):
+                assert torch.equal(lib.gemm_bf16(x[:m], panels, n, b), full[:m]), (target, n, k, m)
+        if n % 32 == 0:
+            gated = lib.pack_bf16_panels(_interleave_gate_up(weight).contiguous())
+            fused_bias = _interleave_gate_up(bias).contiguous()
+            assert torch.equal(lib.gemm_bf16_silu(x, gated, n, fused_bias),
+                               cpu_silu_and_mul(lib.gemm_bf16(x, panels, n, bias))), (target, n, k)
+
+
 # -- attention -----------------------------------------------------------------------------------------------------
 
 def make_batch(rng: random.Random, specs: list[tuple[int, int]], block_size: int, kv_heads: int, heads: int,
@@ -790,7 +839,7 @@ def _gemm_lib():
 
     lib = native.kernels()
     if lib is None or not lib.has_gemm_bf16:
-        pytest.skip("no C bf16 GEMM on this host (needs the native kernels and AVX512-BF16)")
+        pytest.skip("no C bf16 GEMM on this host (needs the native kernels and AVX512-BF16 or AVX2 + FMA)")
     return lib
 
 
@@ -853,6 +902,15 @@ def test_c_gemm_rejects_mismatched_inputs():
         linear(torch.randn(2, 32), packed)
 
 
+def _norm_lib():
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    if lib is None or not lib.has_norm:
+        pytest.skip("the C RMSNorm runs only with the native kernels on AVX-512 or AVX2 + FMA hosts")
+    return lib
+
+
 def _avx512_lib():
     from llmctl_cpu import native
 
@@ -871,7 +929,7 @@ def test_c_rms_norm_within_rounding_of_the_reference(rng, width):
     honoured."""
     from llmctl_cpu.ops import fused_add_rms_norm, rms_norm
 
-    _avx512_lib()
+    _norm_lib()
     eps = rng.choice([1e-5, 1e-6])
     w = (torch.rand(width) + 0.5).bfloat16()
     for rows in (1, 3, rng.randint(4, 100), 65536 // width + 7):  # the last one splits over threads
@@ -893,7 +951,7 @@ def test_c_rms_norm_within_rounding_of_the_reference(rng, width):
 def test_c_rms_norm_is_batch_invariant(rng):
     from llmctl_cpu.ops import fused_add_rms_norm
 
-    _avx512_lib()
+    _norm_lib()
     x, res, w = torch.randn(300, 576).bfloat16(), torch.randn(300, 576).bfloat16(), torch.randn(576).bfloat16()
     full, full_res = fused_add_rms_norm(x, res, w, 1e-5)
     for i in (0, rng.randint(1, 298), 299):

@@ -7,7 +7,7 @@ import os
 import torch
 from llmctl.plugins.types import DoctorCheck, DoctorResult
 
-from llmctl_cpu.platform import THREADS_ENV, cpu_info, default_num_threads, mkldnn_bf16_usable
+from llmctl_cpu.platform import THREADS_ENV, c_bf16_gemm, cpu_info, default_num_threads, mkldnn_bf16_usable
 
 
 def check_threads() -> DoctorResult:
@@ -33,6 +33,9 @@ def check_bf16() -> DoctorResult:
         if isa and onednn:
             return DoctorResult(True, f"bf16 is fast here ({', '.join(isa)}, oneDNN bf16 usable); dtype=auto uses it")
         why = "no avx512_bf16/amx_bf16 in the CPU flags" if not isa else "torch's oneDNN reports no bf16 support"
+        if c_bf16_gemm():
+            return DoctorResult(True, f"bf16 runs on the C kernels' AVX2 + FMA GEMM ({why}: bf16 converted to "
+                                "float32 in registers) when named; dtype=auto uses float32")
         return DoctorResult(True, f"bf16 would be emulated ({why}); dtype=auto uses float32",
                             "a CPU with AVX512-BF16 or AMX (Sapphire Rapids, Zen 4+) runs bf16 about 2x faster")
     except Exception as exc:
@@ -47,13 +50,16 @@ def check_native_kernels() -> DoctorResult:
     if ok:
         lib = native.kernels()
         gemm = ("bf16 GEMM on" if lib is not None and lib.has_gemm_bf16
-                else "bf16 GEMM off: no AVX512-BF16, oneDNN runs bf16 linears")
-        if lib is not None and lib.has_gemm_bf16:
+                else "bf16 GEMM off: neither AVX512-BF16 nor AVX2 + FMA, oneDNN runs bf16 linears")
+        if lib is not None and lib.has_gemm_bf16 and "avx512_bf16" not in cpu_info().flags:
+            gemm += " (AVX2 + FMA: no bf16 dot products, bf16 converted to float32 in registers)"
+        elif lib is not None and lib.has_gemm_bf16:
             gemm += (" (AMX tiles; bf16 decode attention on AMX too)" if lib.amx else
                      f" (AVX-512: AMX off by {native.AMX_ENV}=0)" if not native.env_on(native.AMX_ENV) else
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
         rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
-                else "RMSNorm/argmax off: no AVX-512, torch runs them")
+                else "RMSNorm on, argmax off: no AVX-512, torch runs it" if lib is not None and lib.has_norm
+                else "RMSNorm/argmax off: neither AVX-512 nor AVX2 + FMA, torch runs them")
         return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows})")
     return DoctorResult(True, f"C kernels not available: {why}",
                         "install gcc or clang (or set CC) for the faster decode attention; unset "

@@ -147,6 +147,14 @@ def mkldnn_bf16_usable() -> bool:
         return False
 
 
+def c_bf16_gemm() -> bool:
+    """Whether the C kernels built here carry a bf16 GEMM (AVX512-BF16, AMX, or AVX2 + FMA by conversion)."""
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    return lib is not None and lib.has_gemm_bf16
+
+
 def default_num_threads() -> int:
     return max(1, cpu_info().usable_physical_cores)
 

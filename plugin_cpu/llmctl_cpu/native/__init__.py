@@ -106,6 +106,7 @@ class NativeKernels:
         self._use_amx.argtypes = [_c_int]
         self.use_amx(env_on(AMX_ENV))  # sets self.amx
         self.has_avx512 = bool(lib.llmctl_has_avx512())
+        self.has_norm = self.has_avx512 or bool(lib.llmctl_has_avx2_fma())  # the C RMSNorm beats torch's passes
         self.has_prefill_bf16 = bool(lib.llmctl_has_prefill_bf16())
         self._prefill = lib.llmctl_prefill_attention_bf16
         self._prefill.restype = _c_int
@@ -320,8 +321,10 @@ class NativeKernels:
         """``x`` [m, k] bf16 with unit stride along k; ``bias`` n bf16 contiguous or None. Returns [m, n]."""
         m, k = x.shape
         y = torch.empty((m, n), dtype=torch.bfloat16)
-        self._gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
-                   None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        rc = self._gemm(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
+                        None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError(f"gemm_bf16: no memory for the float32 copy of {m} x {k} input rows")
         return y
 
     def gemm_bf16_silu(self, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None
@@ -332,6 +335,8 @@ class NativeKernels:
         y = torch.empty((m, n // 2), dtype=torch.bfloat16)
         rc = self._gemm_silu(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
                              None if bias is None else bias.data_ptr(), y.data_ptr(), n // 2, torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError(f"gemm_bf16_silu: no memory for the float32 copy of {m} x {k} input rows")
         if rc != 0:
             raise ValueError(f"gemm_bf16_silu: {n} output rows is not a multiple of 32")
         return y

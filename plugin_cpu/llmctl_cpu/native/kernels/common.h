@@ -139,6 +139,61 @@ static inline __m512 silu16(__m512 v) {
 #define HAVE_AVX512 0
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAVE_AVX2_FMA 1
+/* Eight-lane helpers for the bf16 GEMM of hosts without bf16 dot products (AVX2 + FMA: Zen 1-3, Haswell to Comet
+ * Lake; AVX-512 without bf16: Skylake-X to Ice Lake): the same operations as the sixteen-lane ones above, in the
+ * same order, so both round alike. */
+
+/* Eight bf16 -> float32 lanes. */
+static inline __m256 from_bf16_8(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Eight float32 -> bf16 lanes, rounded to nearest even as f32_to_bf16 (NaN stays NaN). */
+static inline __m128i to_bf16_8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+    /* packus works within 128-bit halves: lanes 0-3 and 4-7 land in 64-bit words 0 and 2 */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+
+/* exp_nonpositive16_fma on eight lanes: 2^n is applied by building its exponent bits (n >= -126 after the clamp,
+ * and p * 2^n is exact in float's normal range, as scalef is). 0 below float's range. */
+static inline __m256 exp_nonpositive8_fma(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.5f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+/* silu16 on eight lanes: v / (1 + exp(-v)) from exp(-|v|) only, so it cannot overflow. */
+static inline __m256 silu8(__m256 v) {
+    const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    const __m256 t = exp_nonpositive8_fma(_mm256_sub_ps(_mm256_setzero_ps(), abs));
+    const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 num = _mm256_blendv_ps(v, _mm256_mul_ps(v, t), neg);
+    return _mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), t));
+}
+#else
+#define HAVE_AVX2_FMA 0
+#endif
+
 #if HAVE_AVX512 && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -180,9 +235,13 @@ int llmctl_use_amx(int on) {
 }
 #endif
 
-/* The row-wise kernels (RMSNorm, argmax) only beat torch with 512-bit vectors: built for AVX2 they measured level
- * with it, so the Python side uses them only where this says 1. */
+/* The argmax only beats torch with 512-bit vectors (built for AVX2 it measured level with it), so the Python side
+ * uses it only where this says 1. */
 int llmctl_has_avx512(void) { return HAVE_AVX512; }
+
+/* The bf16 RMSNorm's generic loop, built for AVX2 + FMA, is one pass against torch's three to five (each its own
+ * parallel region): on a shared AVX2 host it measured about 2x faster, so it runs where this says 1 too. */
+int llmctl_has_avx2_fma(void) { return HAVE_AVX2_FMA; }
 
 /* A growing per-thread buffer: no malloc/free per (sequence, head) task, so the allocator never sees the
  * churn (and OpenMP worker threads never fragment arenas of their own). It lives as long as the thread. */

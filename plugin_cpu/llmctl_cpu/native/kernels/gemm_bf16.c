@@ -1,5 +1,5 @@
-/* The bf16 GEMM on prepacked 16-column panels (AVX512-BF16 dot products, and AMX tiles), with the fused
- * SiLU-and-mul epilogue of the gate/up projection.
+/* The bf16 GEMM on prepacked 16-column panels (AVX512-BF16 dot products, AMX tiles, or AVX2 + FMA by conversion
+ * to float32), with the fused SiLU-and-mul epilogue of the gate/up projection.
  *
  * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone. */
 
@@ -347,6 +347,152 @@ int llmctl_gemm_bf16_silu(const bf16_t *x, int64_t xs, int m, int k, const bf16_
     if (n % 32 != 0) return -1;
     return gemm_driver(x, xs, m, k, packed, n, bias, y, ys, num_threads, 1);
 }
+#elif HAVE_AVX2_FMA
+/* ---- the same GEMM with AVX2 + FMA (no bf16 dot products) ----------------------------------------------------
+ *
+ * Why: without AVX512-BF16, oneDNN has no bf16 kernel for these CPUs and torch's bf16 linear ran far slower than
+ * float32 (docs/performance.md, the AVX2 host). The packed panels need no other layout: a 256-bit load holds 8
+ * columns' k pairs, and a shift (even k) or a mask (odd k) turns each pair half into float32. x is converted to
+ * float32 once per call (zero padded to whole pairs), so each k costs one broadcast per row and one FMA per
+ * 8 columns. Each output element is one FMA chain over k in order, from its own row only: batch-invariant, like
+ * the paths above (its sums differ from theirs in rounding, not in invariance). */
+#define GEMM2_ROWS 4 /* rows per register tile: 8 accumulators, 4 weight vectors, one broadcast */
+
+/* Sums of ROWS rows of xf (float32, row stride xfs, k2 pairs) by one panel -> out[r * os + c], c < 16. */
+static inline __attribute__((always_inline)) void gemm2_panel(int ROWS, const float *xf, int64_t xfs, int k2,
+                                                              const bf16_t *w, float *out, int os) {
+    __m256 acc[GEMM2_ROWS][2];
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const __m256i odd = _mm256_set1_epi32((int32_t)0xffff0000u);
+    for (int j = 0; j < k2; j++) {
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + (size_t)j * 32));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + (size_t)j * 32 + 16));
+        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m256 a = _mm256_broadcast_ss(xf + r * xfs + 2 * j);
+            acc[r][0] = _mm256_fmadd_ps(a, e0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, e1, acc[r][1]);
+        }
+        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, odd));
+        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, odd));
+#pragma GCC unroll 4
+        for (int r = 0; r < ROWS; r++) {
+            const __m256 a = _mm256_broadcast_ss(xf + r * xfs + 2 * j + 1);
+            acc[r][0] = _mm256_fmadd_ps(a, o0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, o1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; r++) {
+        _mm256_storeu_ps(out + r * os, acc[r][0]);
+        _mm256_storeu_ps(out + r * os + 8, acc[r][1]);
+    }
+}
+
+static void gemm2_panel_any(int rows, const float *xf, int64_t xfs, int k2, const bf16_t *w, float *out, int os) {
+    switch (rows) {
+    case 1: gemm2_panel(1, xf, xfs, k2, w, out, os); break;
+    case 2: gemm2_panel(2, xf, xfs, k2, w, out, os); break;
+    case 3: gemm2_panel(3, xf, xfs, k2, w, out, os); break;
+    default: gemm2_panel(4, xf, xfs, k2, w, out, os); break;
+    }
+}
+
+/* Bias, bf16 rounding and (silu) SiLU-and-mul of a gate/up panel pair, for one row of a tile's float32 sums
+ * (npan panels of 16 columns at s), rounded where store_cols16 / store_silu16 round. */
+static inline void gemm2_epilogue(const float *s, int npan, int silu, const bf16_t *bias, bf16_t *y, int last_cols) {
+    if (silu) {
+        for (int q = 0; q < npan / 2; q++)
+            for (int h = 0; h < 16; h += 8) {
+                __m256 gate = _mm256_loadu_ps(s + 32 * q + h), up = _mm256_loadu_ps(s + 32 * q + 16 + h);
+                if (bias != NULL) {
+                    gate = _mm256_add_ps(gate, from_bf16_8(_mm_loadu_si128((const __m128i *)(bias + 32 * q + h))));
+                    up = _mm256_add_ps(up, from_bf16_8(_mm_loadu_si128((const __m128i *)(bias + 32 * q + 16 + h))));
+                }
+                const __m256 g = from_bf16_8(to_bf16_8(gate)), u = from_bf16_8(to_bf16_8(up));
+                const __m256 sg = from_bf16_8(to_bf16_8(silu8(g)));
+                _mm_storeu_si128((__m128i *)(y + 16 * q + h), to_bf16_8(_mm256_mul_ps(sg, u)));
+            }
+        return;
+    }
+    for (int p = 0; p < npan; p++) {
+        const int cols = p == npan - 1 ? last_cols : 16;
+        for (int h = 0; h < cols; h += 8) {
+            __m256 v = _mm256_loadu_ps(s + 16 * p + h);
+            if (cols - h >= 8) {
+                if (bias != NULL) v = _mm256_add_ps(v, from_bf16_8(_mm_loadu_si128((const __m128i *)(bias + 16 * p + h))));
+                _mm_storeu_si128((__m128i *)(y + 16 * p + h), to_bf16_8(v));
+                continue;
+            }
+            bf16_t tmp[8];
+            _mm_storeu_si128((__m128i *)tmp, to_bf16_8(v)); /* no bias here: added per column below */
+            for (int c = 0; c < cols - h; c++)
+                y[16 * p + h + c] = bias == NULL ? tmp[c]
+                                                 : f32_to_bf16(s[16 * p + h + c] + bf16_to_f32(bias[16 * p + h + c]));
+        }
+    }
+}
+
+/* silu: the panels alternate gate and up (n a multiple of 32) and y gets silu(gate) * up, [m, n / 2]. Returns -2
+ * when the float32 copy of x cannot be allocated. */
+static int gemm_driver(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
+                       bf16_t *y, int64_t ys, int num_threads, int silu) {
+    if (m <= 0) return 0;
+    const int k2 = (k + 1) / 2, kp = 2 * k2, panels = (n + 15) / 16;
+    const int groups = (panels + GEMM_PANELS - 1) / GEMM_PANELS;
+    const size_t panel_stride = (size_t)k2 * 32;
+    float *xf = (float *)malloc((size_t)m * kp * sizeof(float));
+    if (xf == NULL) return -2;
+#pragma omp parallel num_threads(num_threads)
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < m; i++) {
+            const bf16_t *src = x + (int64_t)i * xs;
+            float *dst = xf + (size_t)i * kp;
+            int j = 0;
+            for (; j + 8 <= k; j += 8)
+                _mm256_storeu_ps(dst + j, from_bf16_8(_mm_loadu_si128((const __m128i *)(src + j))));
+            for (; j < k; j++) dst[j] = bf16_to_f32(src[j]);
+            if (kp > k) dst[k] = 0.0f; /* the zero partner of an odd k's last weight */
+        }
+#pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            float sums[GEMM2_ROWS][16 * GEMM_PANELS];
+            const int p0 = g * GEMM_PANELS;
+            const int npan = panels - p0 < GEMM_PANELS ? panels - p0 : GEMM_PANELS;
+            const int tail = n - 16 * (p0 + npan - 1);
+            const int last_cols = tail > 16 ? 16 : tail;
+            const bf16_t *w = packed + (size_t)p0 * panel_stride;
+            const bf16_t *b = bias == NULL ? NULL : bias + 16 * p0;
+            for (int r = 0; r < m; r += GEMM2_ROWS) {
+                const int rows = m - r < GEMM2_ROWS ? m - r : GEMM2_ROWS;
+                for (int p = 0; p < npan; p++)
+                    gemm2_panel_any(rows, xf + (size_t)r * kp, kp, k2, w + p * panel_stride, &sums[0][16 * p],
+                                    16 * GEMM_PANELS);
+                for (int i = 0; i < rows; i++)
+                    gemm2_epilogue(sums[i], npan, silu, b, y + (r + i) * ys + (silu ? 8 : 16) * p0, last_cols);
+            }
+        }
+    }
+    free(xf);
+    return 0;
+}
+
+int llmctl_gemm_bf16(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n, const bf16_t *bias,
+                     bf16_t *y, int64_t ys, int num_threads) {
+    return gemm_driver(x, xs, m, k, packed, n, bias, y, ys, num_threads, 0);
+}
+
+int llmctl_gemm_bf16_silu(const bf16_t *x, int64_t xs, int m, int k, const bf16_t *packed, int n,
+                          const bf16_t *bias, bf16_t *y, int64_t ys, int num_threads) {
+    if (n % 32 != 0) return -1;
+    return gemm_driver(x, xs, m, k, packed, n, bias, y, ys, num_threads, 1);
+}
+
+int llmctl_has_gemm_bf16(void) { return 1; }
 #else
 int llmctl_has_gemm_bf16(void) { return 0; }
 
