@@ -98,8 +98,8 @@ def resolve_dtype(requested: str | torch.dtype, hf_config: Any, platform_dtypes:
         return dtype
     name = str(dtype).removeprefix("torch.")
     if dtype in emulated_dtypes:
-        logger.warning("dtype %s runs emulated on this platform (no native instructions), slower than %s",
-                       name, str(platform_dtypes[0]).removeprefix("torch."))
+        logger.warning("dtype %s runs without native instructions on this platform (emulated); dtype=auto would "
+                       "take %s", name, str(platform_dtypes[0]).removeprefix("torch."))
         return dtype
     names = ", ".join(str(d).removeprefix("torch.") for d in platform_dtypes)
     emulated = ", ".join(str(d).removeprefix("torch.") for d in emulated_dtypes)
