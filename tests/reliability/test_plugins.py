@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+from llmctl.plugins import API_VERSION
 
 from tests.reliability.conftest import ROOT, record
 
@@ -17,7 +18,7 @@ LLMCTL = str(Path(sys.executable).parent / "llmctl")
 BROKEN = {
     "rel_import_error": ("tests.fake_plugins.import_error", ["import failed", "libfakeaccel.so"]),
     "rel_malformed": ("tests.fake_plugins.malformed", ["malformed", "AttentionBackend"]),
-    "rel_old_api": ("tests.fake_plugins.old_api", ["2.0"]),
+    "rel_old_api": ("tests.fake_plugins.old_api", ["1.3", API_VERSION]),
 }
 
 
