@@ -694,7 +694,8 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     mine = {e.item.name: e.item for e in manager.registry.ops if e.plugin == "cpu"}
     assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
                          "pack_linear_weight", "linear", "pack_gated_linear_weight", "gated_linear",
-                         "greedy_sample", "lora_shrink_expand"}  # the LoRA kernel: tests/test_lora_kernels.py
+                         "greedy_sample", "lora_shrink_expand",  # the LoRA kernel: tests/test_lora_kernels.py
+                         "pack_fused_moe_weights", "fused_moe"}  # the MoE kernel: tests/test_cpu_moe.py
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])
