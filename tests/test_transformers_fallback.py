@@ -55,7 +55,8 @@ def test_forced_fallback_keeps_soft_cap_and_sliding_window(model_cache_dir, test
     path, hf_model = make_family_model("gemma2", model_cache_dir / "fallback-gemma2", test_tokenizer)
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=32, num_threads=1, model_impl="transformers")
     core = llm.llm_engine.core
-    assert core.model_impl == "transformers" and core.attention.name == "torch-reference"
+    # the CPU backend takes soft-capping since its kernels do; without them the reference backend does
+    assert core.model_impl == "transformers" and core.attention.name in ("cpu-sdpa", "torch-reference")
     assert_matches_hf(path, llm, {}, FAMILY_PROMPTS, model=hf_model, tok=test_tokenizer)
 
 
