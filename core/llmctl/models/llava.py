@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmctl.attention import AttentionMetadata
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
 from llmctl.layers.linear import Linear
-from llmctl.models.base import KVCacheSpec, ModelContext
+from llmctl.models.base import ModelContext
+from llmctl.models.language_model_wrapper import WrapsLanguageModel
 from llmctl.multimodal.inputs import MultiModalFeature
 
 ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
@@ -118,7 +118,7 @@ class LlavaProjector(EngineModule):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(EngineModule):
+class LlavaForConditionalGeneration(WrapsLanguageModel):
     """Follows :class:`llmctl.models.base.CausalLM`, plus the multimodal hooks: ``image_token_id`` and
     ``image_token_count`` for the input processor, ``embed_input_ids`` and ``embed_multimodal`` for the model
     runner, ``largest_image`` and ``dummy_features`` for start-up profiling."""
@@ -147,19 +147,6 @@ class LlavaForConditionalGeneration(EngineModule):
         self.language_model = LlamaForCausalLM(hf_config.text_config, ctx)
 
     # -- the engine's calls ---------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return self.language_model(input_ids, positions, kv_caches, metadata, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        return self.language_model.kv_cache_spec()
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
     def image_token_count(self, image_size: tuple[int, int]) -> int:
         """Placeholder tokens for an image of ``image_size`` (height, width): fixed for LLaVA-1.5."""
         return self.num_image_tokens

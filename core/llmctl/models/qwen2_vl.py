@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmctl.attention import AttentionMetadata
-from llmctl.layers._module import EngineModule
-from llmctl.models.base import KVCacheSpec, ModelContext
+from llmctl.models.base import ModelContext
+from llmctl.models.language_model_wrapper import WrapsLanguageModel
 from llmctl.multimodal.inputs import MultiModalFeature
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
@@ -108,7 +107,7 @@ def mrope_positions(features: list[MultiModalFeature], num_tokens: int, merge: i
     return out, last + 1 - num_tokens
 
 
-class Qwen2VLForConditionalGeneration(EngineModule):
+class Qwen2VLForConditionalGeneration(WrapsLanguageModel):
     """Follows :class:`llmctl.models.base.CausalLM`, plus LLaVA's multimodal hooks (``image_token_id``,
     ``image_token_count``, ``embed_input_ids``, ``embed_multimodal``, ``largest_image``, ``dummy_features``) and
     the M-RoPE ones (``uses_mrope``, ``mrope_positions``). The engine prepares its images with the checkpoint's
@@ -164,19 +163,8 @@ class Qwen2VLForConditionalGeneration(EngineModule):
                 raise ValueError(f"model: preprocessor_config.json has {attr} {value}, the vision tower {own}")
 
     # -- the engine's calls ---------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                metadata: AttentionMetadata, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """``positions``: [3, T] M-RoPE rows, or [T] where all three rows are equal (decode steps)."""
-        return self.language_model(input_ids, positions, kv_caches, metadata, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def kv_cache_spec(self) -> KVCacheSpec:
-        return self.language_model.kv_cache_spec()
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
+    # forward, compute_logits, kv_cache_spec, embed_input_ids: WrapsLanguageModel's (``positions`` may be [3, T]
+    # M-RoPE rows, or [T] where all three rows are equal, as in decode steps)
 
     def _grid(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
