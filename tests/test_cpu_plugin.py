@@ -254,10 +254,12 @@ def test_kernels_compile_for_hosts_without_amx(tmp_path, target):
     assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512"])
-def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
-    """The float32 C GEMM as an AVX2-only host (x86-64-v3), an AVX-512 host and a generic x86-64 build (no GEMM:
-    the engine falls back) compile it, run here where this CPU can execute that build."""
+_BUILD_NEEDS = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
+               "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
+
+
+def _runnable_build(target: str, tmp_path):
+    """The kernels compiled for ``-march=target`` and loaded, or a skip where this host cannot execute them."""
     import ctypes
     import platform
     import subprocess
@@ -268,13 +270,19 @@ def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
     cc = native._compiler()
     if cc is None or platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("needs a C compiler targeting x86-64")
-    needs = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl")}.get(target, ())
-    if not all(flag in cpu_info().flags for flag in needs):
+    if not all(flag in cpu_info().flags for flag in _BUILD_NEEDS.get(target, ())):
         pytest.skip(f"this host cannot run a {target} build")
     flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
     so = tmp_path / f"k-{target}.so"
     subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+    return native.NativeKernels(ctypes.CDLL(str(so)), so)
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512"])
+def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
+    """The float32 C GEMM as an AVX2-only host (x86-64-v3), an AVX-512 host and a generic x86-64 build (no GEMM:
+    the engine falls back) compile it, run here where this CPU can execute that build."""
+    lib = _runnable_build(target, tmp_path)
     if target == "x86-64":
         assert not lib.has_gemm_f32
         return
@@ -298,26 +306,11 @@ def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
     AVX512-BF16 (cooperlake) uses its dot products, a generic x86-64 build has none (oneDNN runs bf16 linears).
     Each: within bf16 rounding of the float32 product, batch-invariant, and its SiLU epilogue bit-identical to its
     own unfused GEMM followed by torch's silu_and_mul."""
-    import ctypes
-    import platform
-    import subprocess
 
-    from llmctl_cpu import native
     from llmctl_cpu.ops import _interleave_gate_up
     from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
-    from llmctl_cpu.platform import cpu_info
 
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    needs = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
-             "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}.get(target, ())
-    if not all(flag in cpu_info().flags for flag in needs):
-        pytest.skip(f"this host cannot run a {target} build")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    so = tmp_path / f"k-{target}.so"
-    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+    lib = _runnable_build(target, tmp_path)
     if target == "x86-64":
         assert not lib.has_gemm_bf16
         return
