@@ -11,7 +11,20 @@ import sys
 
 import torch
 
-from tests.tp_rank import generate
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):"]
+
+
+def generate(llm) -> list[dict]:
+    """Greedy tokens and their logprobs (few tokens: the point is the split, not the length)."""
+    from llmctl import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1, ignore_eos=True)
+    result = []
+    for out in llm.generate(PROMPTS, params, use_tqdm=False):
+        comp = out.outputs[0]
+        result.append({"tokens": list(comp.token_ids),
+                       "logprobs": [lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)]})
+    return result
 
 
 def main() -> None:
