@@ -205,3 +205,42 @@ def test_gguf_rank_reads_its_rows_and_blocks_from_the_map():
     assert torch.equal(lazy.read(), whole)
     assert torch.equal(lazy.read_slice(0, 8, 8), whole[8:])
     assert torch.equal(lazy.read_slice(1, 18, 18), whole[:, 18:])
+
+
+@pytest.mark.parametrize(("bits", "wrapped_zero"), [(4, False), (4, True), (8, False)],
+                         ids=["4bit", "4bit-zero-16", "8bit"])
+def test_act_order_rank_regroups_its_columns(bits, wrapped_zero):
+    """A row-parallel rank of an act-order layer (its columns from every group) computes exactly its part of the
+    product, padded slots included; a 4-bit zero point of 16, which has no 4-bit code, moves the layer to int8."""
+    from llmctl.layers.parallel import RowParallelLinear
+    from llmctl.quantization.gptq_awq import GPTQLinear
+    from llmctl.quantization.packing import pack_int32
+    from llmctl.quantization.reference import reference_linear
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    k, n, group, k0 = 256, 16, 64, 128  # rank 1 of 2 holds columns 128..255
+    gen = torch.Generator().manual_seed(bits + wrapped_zero)
+    qmax = (1 << bits) - 1
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)]
+    q = torch.randint(0, qmax + 1, (n, k), generator=gen)
+    stored_zeros = torch.randint(0, qmax, (k // group, n), generator=gen)  # the original format: zero - 1
+    if wrapped_zero:
+        stored_zeros[:, 3] = qmax
+    scales = torch.rand(k // group, n, generator=gen) + 0.5
+    layer = RowParallelLinear(k, n, bias=False, dtype=torch.float32, device=torch.device("cpu"),
+                              tp=TensorParallelGroup(rank=1, size=2))
+    quantizer = GPTQLinear("x.down", bits, group, 1, desc_act=True)
+    layer.set_quantizer(quantizer)
+    layer.qweight.data.copy_(pack_int32(q[:, k0:].t(), bits, dim=0))
+    layer.qzeros.data.copy_(pack_int32(stored_zeros, bits, dim=1))  # every group's, whole
+    layer.scales.data.copy_(scales)
+    layer.g_idx.data.copy_(g_idx[k0:].to(torch.int32))
+    [part] = quantizer.finish(layer)
+    assert part.spec.format == ("int8" if bits == 8 or wrapped_zero else "int4")
+    assert part.spec.in_features == len(part.weights["perm"]) > k - k0  # wider than the rank's columns: padded
+    zeros = stored_zeros + 1
+    dense = scales[g_idx].t() * (q - zeros[g_idx].t())  # [N, K], the whole layer
+    x = torch.randn(3, k - k0, generator=gen)
+    bound = float(x.abs().sum(-1).max() * dense.abs().max())  # float32 rounding of sums this large
+    torch.testing.assert_close(reference_linear(x, part.weights, None, part.spec), x @ dense[:, k0:].t(),
+                               atol=1e-6 * bound, rtol=1e-5)
