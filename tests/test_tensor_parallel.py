@@ -153,12 +153,27 @@ def test_pp2_external_launcher_matches_pp1(kind, overrides, tmp_path, test_token
                                        atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("overrides", [
+    {"num_key_value_heads": 2, "num_hidden_layers": 3},  # KV heads split, stages of 2 + 1 layers
+    {"num_key_value_heads": 1},  # fewer KV heads than tensor-parallel ranks: replicated in each stage
+], ids=["kv2-3-layers", "kv1"])
+def test_tp2_pp2_external_launcher_matches_tp1(overrides, tmp_path, test_tokenizer, reference_outputs):
+    """Four ranks: two stages, each split over two ranks (tensor_parallel.RankLayout); every rank ends each step
+    with the last stage's gathered logits and samples what one process samples."""
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer, **overrides)
+    ref = reference_outputs(model)
+    for rank_out in _run_ranks(model, tmp_path, tp=2, pp=2):
+        for got, want in zip(rank_out, ref, strict=True):
+            assert got["tokens"] == want["tokens"]
+            torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                       atol=1e-4, rtol=1e-4)
+
+
 def test_pipeline_arguments_are_checked(tmp_path, test_tokenizer):
     from llmctl import LLM
     from llmctl.config import EngineArgs
 
-    with pytest.raises(ValueError, match="pipeline_parallel_size: 2 stages of tensor_parallel_size=2"):
-        EngineArgs(model="m", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert EngineArgs(model="m", tensor_parallel_size=2, pipeline_parallel_size=2).world_size == 4
     with pytest.raises(ValueError, match="pipeline_parallel_size: must be an integer >= 1"):
         EngineArgs(model="m", pipeline_parallel_size=0)
     model = make_tiny_model("llama", tmp_path / "model", test_tokenizer)  # 2 layers
