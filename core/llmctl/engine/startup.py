@@ -306,12 +306,16 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     if not getattr(model_cls, "supports_tensor_parallel", False):
         archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
         raise ValueError(f"tensor_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
-                         f"which has no tensor-parallel implementation yet (the Llama family has: Llama, Mistral, "
-                         f"Qwen2, Qwen3); use tensor_parallel_size=1")
+                         f"which has no tensor-parallel implementation yet (the Llama family and the native "
+                         f"decoder families have); use tensor_parallel_size=1")
     if quant is not None:
         raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) do not shard yet; use "
                          f"tensor_parallel_size=1")
-    check_splittable(hf_config, size)
+    model_check = getattr(model_cls, "check_tensor_parallel", None)  # a model's own limits (the decoder families')
+    if callable(model_check):
+        model_check(hf_config, size)
+    else:
+        check_splittable(hf_config, size)
 
 
 def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:

@@ -1,0 +1,100 @@
+"""Tensor parallelism for the native decoder families: two ranks on gloo give the greedy tokens of one rank.
+
+The ranks start once for all families (``tests.tp_family_rank`` loads the checkpoints in turn), since starting
+two interpreters per family would cost more than the models themselves. Each family picks a different split:
+fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes per rank, one
+KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts split by
+their intermediate columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._engine_util import one_torch_thread
+from tests.family_factory import make_family_model
+from tests.tp_family_rank import MAX_TOKENS, SMALL_KV
+from tests.tp_rank import generate
+
+REPO = Path(__file__).resolve().parent.parent
+SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
+REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
+           "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
+    return {kind: make_family_model(kind, model_cache_dir / f"family-{kind}", test_tokenizer)[0]
+            for kind in SPLIT_KINDS}
+
+
+@pytest.fixture(scope="module")
+def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
+    """kind -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
+    tmp = tmp_path_factory.mktemp("tp2-families")
+    kinds = list(family_models)
+    ports = ",".join(str(p) for p in _free_ports(len(kinds)))
+    procs, outs = [], []
+    for rank in range(2):
+        out = tmp / f"rank{rank}.json"
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), "2", ports,
+                                       *(str(family_models[k]) for k in kinds)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs.append(out)
+    try:
+        logs = [p.communicate(timeout=900)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    rank0, rank1 = (json.loads(o.read_text()) for o in outs)
+    assert rank0 == rank1, "the two ranks sampled differently"
+    return {kind: rank0[str(family_models[kind])] for kind in kinds}
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_tp2_family_matches_tp1(kind, family_models, tp2_outputs):
+    from llmctl import LLM
+
+    got = tp2_outputs[kind]
+    assert not isinstance(got, str), got
+    with one_torch_thread():
+        llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
+                  kv_cache_memory=SMALL_KV)
+        want = generate(llm, MAX_TOKENS)
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_family_without_split_is_refused_at_start_up(kind, model_cache_dir, test_tokenizer):
+    """Refused before any peer is waited for: no launcher environment is needed to see the message."""
+    from llmctl import LLM
+
+    path, _ = make_family_model(kind, model_cache_dir / f"family-{kind}", test_tokenizer)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size: {REFUSED[kind]}"):
+        LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
