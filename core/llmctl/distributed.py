@@ -78,6 +78,7 @@ class TorchDistributedCommunicator(Communicator):
             raise RuntimeError(f"communicator {self.name!r}: new_group needs an initialised group of several ranks")
         if sorted(set(ranks)) != sorted(ranks) or not all(0 <= r < self.world_size for r in ranks):
             raise ValueError(f"new_group: ranks {ranks} must be distinct ranks below world_size {self.world_size}")
+        ranks = sorted(ranks)  # torch numbers a group's ranks in increasing order
         global_ranks = [dist.get_global_rank(self._group, r) for r in ranks] \
             if self._group is not dist.group.WORLD else list(ranks)
         group = dist.new_group(ranks=global_ranks, backend=self.backend_name(),

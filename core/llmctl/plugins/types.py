@@ -363,7 +363,8 @@ class Communicator(abc.ABC):
         initialised: tensor parallelism inside pipeline stages needs one group per stage and one per column of
         stages. Every rank calls it for every group, in the same order, including groups it is not in (it then
         gets a communicator it must not use). The sub-group's ``send``, ``recv`` and ``broadcast`` number
-        ranks within it. Optional: without it a platform runs tensor or pipeline parallelism, not both."""
+        ranks within it, in increasing order of their rank here. Optional: without it a platform runs tensor or
+        pipeline parallelism, not both."""
         raise NotImplementedError(f"communicator {self.name!r} cannot form sub-groups")
 
     def destroy(self) -> None:
