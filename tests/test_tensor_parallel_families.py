@@ -41,10 +41,15 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _family_checkpoint(kind: str, cache: Path, tok) -> Path:
+    """The checkpoint test_model_families made in this session, or a new one (the same seed, so the same one)."""
+    path = cache / f"family-{kind}"
+    return path if (path / "model.safetensors").exists() else make_family_model(kind, path, tok)[0]
+
+
 @pytest.fixture(scope="module")
 def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
-    return {kind: make_family_model(kind, model_cache_dir / f"family-{kind}", test_tokenizer)[0]
-            for kind in SPLIT_KINDS}
+    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer) for kind in SPLIT_KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,6 @@ def test_family_without_split_is_refused_at_start_up(kind, model_cache_dir, test
     """Refused before any peer is waited for: no launcher environment is needed to see the message."""
     from llmctl import LLM
 
-    path, _ = make_family_model(kind, model_cache_dir / f"family-{kind}", test_tokenizer)
+    path = _family_checkpoint(kind, model_cache_dir, test_tokenizer)
     with pytest.raises(ValueError, match=rf"tensor_parallel_size: {REFUSED[kind]}"):
         LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
