@@ -103,3 +103,39 @@ def test_family_without_split_is_refused_at_start_up(kind, model_cache_dir, test
     path = _family_checkpoint(kind, model_cache_dir, test_tokenizer)
     with pytest.raises(ValueError, match=rf"tensor_parallel_size: {REFUSED[kind]}"):
         LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked", "dbrx"])
+def test_rank_reads_its_columns_of_every_expert(layout):
+    """Rank 1 of 2 keeps the second half of every expert's intermediate columns, whichever way the checkpoint
+    stores the experts (per-expert tensors, Granite-MoE's stacks, DBRX's flattened stacks). Loading only: no
+    collective runs, so no peer is needed."""
+    from llmctl.models.base import ModelContext
+    from llmctl.models.decoder import MoESpec
+    from llmctl.models.moe import SparseMoE
+    from llmctl.ops import Ops
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    e, inter, hidden = 3, 8, 5
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(e, inter, hidden, generator=gen), torch.randn(e, inter, hidden, generator=gen)
+    down = torch.randn(e, hidden, inter, generator=gen)
+    ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
+                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2))
+    moe = SparseMoE(hidden, MoESpec(num_experts=e, top_k=2, intermediate_size=inter), "silu", ctx)
+    if layout == "per_expert":
+        for i in range(e):
+            for proj, w in (("gate_proj", gate[i]), ("up_proj", up[i]), ("down_proj", down[i])):
+                moe.load_expert_tensor(f"{i}.{proj}.weight", w, f"experts.{i}.{proj}.weight")
+    elif layout == "stacked":
+        moe.load_expert_tensor("stacked_w13.weight", torch.cat([gate, up], dim=1), "stacked_w13")
+        moe.load_expert_tensor("stacked_w2.weight", down, "stacked_w2")
+    else:
+        moe.load_expert_tensor("dbrx_w1", gate.reshape(e * inter, hidden), "w1")
+        moe.load_expert_tensor("dbrx_v1", up.reshape(e * inter, hidden), "v1")
+        moe.load_expert_tensor("dbrx_w2", down.transpose(1, 2).reshape(e * inter, hidden), "w2")
+    half = slice(inter // 2, inter)
+    assert torch.equal(moe.w13.data, torch.cat([gate[:, half], up[:, half]], dim=1))
+    assert torch.equal(moe.w2.data, down[:, :, half])
+    assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
