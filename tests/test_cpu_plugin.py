@@ -16,6 +16,8 @@ from llmctl.ops import reference
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins import PluginManager
 
+from tests import native_builds
+
 SEED = int(os.environ.get("LLMCTL_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 
@@ -211,6 +213,8 @@ def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypat
     from llmctl_cpu import native
 
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    # what is tested is the cache and the degradation, not the code: an unoptimised build keys and loads the same way
+    monkeypatch.setattr(native, "CFLAGS", tuple("-O0" if f == "-O3" else f for f in native.CFLAGS))
     native._load.cache_clear()
     try:
         if native._compiler() is not None:
@@ -235,54 +239,20 @@ def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypat
         native._load.cache_clear()
 
 
-@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
-def test_kernels_compile_for_hosts_without_amx(tmp_path, target):
+@pytest.mark.parametrize("target", native_builds.TARGETS)
+def test_kernels_compile_for_hosts_without_amx(target):
     """The kernels build with -march=native, so this host only compiles its own paths; older x86 hosts (AVX2 only,
     AVX-512 without bf16, AVX512-BF16 without AMX) must build too, warning-free, or they silently lose every C
     kernel."""
-    import platform
-    import subprocess
-
-    from llmctl_cpu import native
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
-
-
-_BUILD_NEEDS = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
-               "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
-
-
-def _runnable_build(target: str, tmp_path):
-    """The kernels compiled for ``-march=target`` and loaded, or a skip where this host cannot execute them."""
-    import ctypes
-    import platform
-    import subprocess
-
-    from llmctl_cpu import native
-    from llmctl_cpu.platform import cpu_info
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    if not all(flag in cpu_info().flags for flag in _BUILD_NEEDS.get(target, ())):
-        pytest.skip(f"this host cannot run a {target} build")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    so = tmp_path / f"k-{target}.so"
-    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    return native.NativeKernels(ctypes.CDLL(str(so)), so)
+    done = native_builds.build(target)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512"])
-def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
+def test_float32_gemm_of_other_builds_is_batch_invariant(rng, target):
     """The float32 C GEMM as an AVX2-only host (x86-64-v3), an AVX-512 host and a generic x86-64 build (no GEMM:
     the engine falls back) compile it, run here where this CPU can execute that build."""
-    lib = _runnable_build(target, tmp_path)
+    lib = native_builds.runnable(target)
     if target == "x86-64":
         assert not lib.has_gemm_f32
         return
@@ -300,7 +270,7 @@ def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
 
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
-def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
+def test_bf16_gemm_of_other_builds(rng, target):
     """The bf16 GEMM as each x86 host kind builds it, run here where this CPU can execute that build: AVX2 + FMA
     (x86-64-v3) and AVX-512 without bf16 dot products (skylake-avx512) convert bf16 to float32 in registers,
     AVX512-BF16 (cooperlake) uses its dot products, a generic x86-64 build has none (oneDNN runs bf16 linears).
@@ -310,7 +280,7 @@ def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
     from llmctl_cpu.ops import _interleave_gate_up
     from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
 
-    lib = _runnable_build(target, tmp_path)
+    lib = native_builds.runnable(target)
     if target == "x86-64":
         assert not lib.has_gemm_bf16
         return

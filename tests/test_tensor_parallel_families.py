@@ -139,3 +139,15 @@ def test_rank_reads_its_columns_of_every_expert(layout):
     assert torch.equal(moe.w13.data, torch.cat([gate[:, half], up[:, half]], dim=1))
     assert torch.equal(moe.w2.data, down[:, :, half])
     assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
+
+
+def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, test_tokenizer):
+    """The quantized split reads the Llama family's layers; another family's quantized weights would be cut
+    wrongly, so they are refused by name (here quantized at load)."""
+    from llmctl import LLM
+
+    path = _family_checkpoint("phi3", model_cache_dir, test_tokenizer)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: quantized checkpoints \(int8\) of the phi3 family "
+                                         r"do not shard yet"):
+        LLM(str(path), quantization="int8", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
+            num_threads=1)

@@ -308,14 +308,15 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
         raise ValueError(f"tensor_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
                          f"which has no tensor-parallel implementation yet (the Llama family and the native "
                          f"decoder families have); use tensor_parallel_size=1")
-    if quant is not None:
-        raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) do not shard yet; use "
-                         f"tensor_parallel_size=1")
     model_check = getattr(model_cls, "check_tensor_parallel", None)  # a model's own limits (the decoder families')
     if callable(model_check):
-        model_check(hf_config, size)
-    else:
-        check_splittable(hf_config, size)
+        model_check(hf_config, size, quant)
+        return
+    check_splittable(hf_config, size)
+    if quant is not None:  # a split that would cut a quantization group or block is refused before ranks start
+        from llmctl.quantization.sharding import check_row_splits
+
+        check_row_splits(quant, hf_config, size)
 
 
 def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:

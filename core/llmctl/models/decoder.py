@@ -405,11 +405,15 @@ class DecoderForCausalLM(EngineModule):
     supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel); check_tensor_parallel refuses
 
     @classmethod
-    def check_tensor_parallel(cls, hf_config: Any, size: int) -> None:
+    def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None) -> None:
         """Refuse at start-up, naming the family and the setting, what this decoder cannot split over ``size``
-        ranks: latent attention (MLA), q/k norms over all heads, and widths the ranks do not divide."""
+        ranks: quantized checkpoints (the quantized split reads the Llama family's layers only), latent
+        attention (MLA), q/k norms over all heads, and widths the ranks do not divide."""
         if size == 1:
             return
+        if quant is not None:
+            raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) of the {cls.family} family "
+                             f"do not shard yet (the Llama family's do); use tensor_parallel_size=1")
         spec = cls.spec_from_config(hf_config)
         refused = "multi-head latent attention (MLA)" if spec.mla is not None else \
             "a q/k RMSNorm over all heads (qk_norm over the full width)" if spec.qk_norm == "full" else None

@@ -279,7 +279,8 @@ class QuantLinearSpec:
     - ``int4``: ``qweight`` uint8 ``[N, K // 2]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
       high one, values 0..15), ``scales`` float32 ``[N, G]``, ``mins`` float32 ``[N, G]``: weight =
       ``scales * q + mins``. Optional ``perm`` int64 ``[K]`` (GPTQ act-order): the layer computes
-      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``.
+      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``. ``K`` is ``perm``'s length, which may exceed
+      the input's width and repeat columns (a tensor-parallel rank's act-order groups, padded with zero weights).
     - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N, G]``, optional ``mins`` float32 ``[N, G]``;
       with ``act == "int8"`` (W8A8) the activations are quantized per token, symmetric, and ``G == 1``.
     - ``fp8``: ``qweight`` float8_e4m3fn ``[N, K]``, ``scales`` float32 ``[N, 1]`` (per channel) or ``[1, 1]``
