@@ -96,7 +96,8 @@ class EngineArgs:
     # "ray" (Ray actors, on one machine or several), "external_launcher" (this process is one rank, started with
     # the others by torchrun or a job scheduler), "uni" (this process alone).
     tensor_parallel_size: int = 1
-    # pipeline_parallel_size stages each hold a contiguous run of layers (not combined with tensor parallelism yet)
+    # pipeline_parallel_size stages each hold a contiguous run of layers (each stage split over tensor_parallel_size
+    # ranks when both are set: tensor_parallel.RankLayout)
     pipeline_parallel_size: int = 1
     # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
     # frontend that routes each request to one of them (llmctl.executor.data_parallel)
@@ -180,9 +181,6 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
         if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
             raise ValueError(f"pipeline_parallel_size: must be an integer >= 1, got {pp!r}")
-        if tp > 1 and pp > 1:
-            raise ValueError(f"pipeline_parallel_size: {pp} stages of tensor_parallel_size={tp} ranks are not "
-                             f"supported yet; use one of the two")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "

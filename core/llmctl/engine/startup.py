@@ -41,6 +41,7 @@ from llmctl.tensor_parallel import (
     check_splittable,
     init_group,
     launcher_address,
+    split_world,
 )
 
 # Start-up logs under the engine core's name, as before start-up had its own module, so log filters keep working.
@@ -124,14 +125,11 @@ class EngineStartup:
             raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} x pipeline_parallel_size "
                              f"{args.pipeline_parallel_size} ranks, but this process was started as rank "
                              f"{address.rank} of {address.world_size}")
-        # Every rank of the replica in one group; it is the tensor-parallel group or the pipeline's, never both
-        # (EngineArgs refuses the combination).
+        # Every rank of the replica in one group; with both kinds of parallelism, each stage's tensor-parallel
+        # group and each pipeline are sub-groups of it (tensor_parallel.RankLayout).
         self.world: TensorParallelGroup = init_group(
             address, plugins.registry.communicator_for(self.platform.name), self.platform.name)
-        pp = args.pipeline_parallel_size > 1
-        self.tp = TensorParallelGroup() if pp else self.world
-        self.pp = PipelineStage(self.world.rank, self.world.size, self.world.communicator) if pp else \
-            PipelineStage()
+        self.tp, self.pp = split_world(self.world, args.tensor_parallel_size, args.pipeline_parallel_size)
         self.device = self.platform.torch_device(address.local_rank) if self.world.size > 1 else \
             self.platform.torch_device()
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
@@ -308,8 +306,12 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     if not getattr(model_cls, "supports_tensor_parallel", False):
         archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
         raise ValueError(f"tensor_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
-                         f"which has no tensor-parallel implementation yet (the Llama family has: Llama, Mistral, "
-                         f"Qwen2, Qwen3); use tensor_parallel_size=1")
+                         f"which has no tensor-parallel implementation yet (the Llama family and the native "
+                         f"decoder families have); use tensor_parallel_size=1")
+    model_check = getattr(model_cls, "check_tensor_parallel", None)  # a model's own limits (the decoder families')
+    if callable(model_check):
+        model_check(hf_config, size, quant)
+        return
     check_splittable(hf_config, size)
     if quant is not None:  # a split that would cut a quantization group or block is refused before ranks start
         from llmctl.quantization.sharding import check_row_splits

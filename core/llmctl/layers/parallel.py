@@ -69,6 +69,49 @@ class QKVParallelLinear(MergedLinear):
         super().load_shard(param, shard, rows, name)
 
 
+class ColumnParallelLinear(Linear):
+    """One projection split by output rows (a plain MLP's fc1): each rank computes its columns of the output, and
+    the row-parallel layer after it takes them as its input slice. Its bias is split with the rows."""
+
+    tp_split = "output"
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+                 device: torch.device, tp: TensorParallelGroup = SINGLE, what: str = "out_features") -> None:
+        self.tp = tp
+        local = split_evenly(out_features, tp.size, what)
+        super().__init__(in_features, local, bias=bias, dtype=dtype, device=device)
+        self.shard_starts = [tp.rank * local]
+        self.full_output_sizes = [out_features]  # the checkpoint's rows (what a LoRA adapter's B spans)
+
+    def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:  # packed rows: the quantizer reads its part
+            pname = next(n for n, p in self._parameters.items() if p is param)
+            self.quantizer.load_param(self, pname, tensor, name)
+            return
+        if self.tp.size > 1:
+            tensor = read_slice(tensor, 0, self.shard_starts[0], self.out_features)
+        copy_checked(param.data, tensor, name)
+
+
+def load_stacked_tensor(layer: MergedLinear, param: torch.Tensor, tensor: Any, name: str) -> None:
+    """A checkpoint tensor that already stacks a merged layer's parts (Phi-3's qkv_proj and gate_up_proj, GPT-2's
+    c_attn): split at the checkpoint's part sizes, and under tensor parallelism only this rank's rows of each
+    part are read."""
+    tp = getattr(layer, "tp", SINGLE)
+    if tp.size == 1:
+        for shard, part in enumerate(tensor.split(layer.output_sizes, dim=0)):
+            layer.load_shard(param, shard, part, name)
+        return
+    full = layer.full_output_sizes
+    if tensor.shape[0] != sum(full):
+        raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} does not stack parts of {full} rows")
+    offset = 0
+    for shard, rows in enumerate(full):
+        part = read_slice(tensor, 0, offset + layer.shard_starts[shard], layer.output_sizes[shard])
+        MergedLinear.load_shard(layer, param, shard, part, name)  # already this rank's rows
+        offset += rows
+
+
 class RowParallelLinear(Linear):
     """Split by input columns: the rank's input is already its slice (the heads or intermediate columns it
     computed), its output a partial sum that the communicator adds up. The bias is added once, after the sum."""

@@ -359,6 +359,15 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def barrier(self) -> None: ...
 
+    def new_group(self, ranks: list[int]) -> Communicator:
+        """A communicator over some of this one's ranks (``ranks``, in this group's numbering), already
+        initialised: tensor parallelism inside pipeline stages needs one group per stage and one per column of
+        stages. Every rank calls it for every group, in the same order, including groups it is not in (it then
+        gets a communicator it must not use). The sub-group's ``send``, ``recv`` and ``broadcast`` number
+        ranks within it, in increasing order of their rank here. Optional: without it a platform runs tensor or
+        pipeline parallelism, not both."""
+        raise NotImplementedError(f"communicator {self.name!r} cannot form sub-groups")
+
     def destroy(self) -> None:
         """Release the process group; safe to call twice."""
 
