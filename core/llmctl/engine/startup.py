@@ -208,9 +208,10 @@ class EngineStartup:
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
                      for _ in range(spec.num_layers)]
-        self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
+        kv_reached = self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
+        self.kv.add_reached_listener(kv_reached)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = load_draft_proposer(draft_source, self) if draft_source is not None else \
             load_eagle_proposer(eagle_source, self) if eagle_source is not None else \
