@@ -25,6 +25,15 @@ THREADS_ENV = "LLMCTL_CPU_THREADS"
 # 16-prompt wave in one step), offline throughput equal or better (docs/performance.md). GEMMs are already at full
 # speed at 1024 rows.
 CPU_MAX_NUM_BATCHED_TOKENS = 1024
+# Online engines (an AsyncLLM, llmctl serve) take one request's prompt per step. Why: a CPU step costs about
+# its token count, so prompts that arrive together and share a step all wait for the whole step; worse, their
+# streams then decode in lockstep, finish together, and their successors arrive together again, so every prompt
+# queues behind a wave. One prompt per step staggers the streams within the first wave, after which a new prompt
+# waits for about one step (TTFT falls several-fold at 16 streams) while TPOT rises by the share of steps that
+# carry a prompt. Offline runs keep whole waves: stepping prompts one by one costs them throughput
+# (docs/performance.md, "Served latency under load").
+CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS = 1
+ONLINE_USAGE_CONTEXTS = ("engine_context", "openai_api_server")
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -287,6 +296,9 @@ class CpuPlatform(Platform):
         changes: dict[str, Any] = {}
         if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
             changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
+        if getattr(config, "max_num_partial_prefills", 0) is None and \
+                getattr(config, "usage_context", None) in ONLINE_USAGE_CONTEXTS:
+            changes["max_num_partial_prefills"] = CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS
         return changes
 
     def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> KVPrefaulter | None:

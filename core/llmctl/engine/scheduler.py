@@ -121,12 +121,15 @@ class Scheduler:
         scheduled_ids: set[str] = set()
         loras: set[int] = set()
 
+        # Requests with a prompt chunk in this step (max_num_partial_prefills); a decode computes one known token.
+        prefills = 0
+        max_prefills = self.config.max_num_partial_prefills or (1 << 62)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             known = req.num_tokens - req.num_computed_tokens
             num_new = min(known + len(req.spec_token_ids), budget, self._chunk_cap(req))
-            if num_new <= 0 or not self._lora_fits(req, loras):
+            if num_new <= 0 or (known > 1 and prefills >= max_prefills) or not self._lora_fits(req, loras):
                 i += 1
                 continue
             spec = req.spec_token_ids[:max(0, num_new - known)]
@@ -141,11 +144,13 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new, spec))
             scheduled_ids.add(req.request_id)
             budget -= num_new
+            prefills += known > 1
             i += 1
 
         if not out.preempted:
             skipped: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
+                    and prefills < max_prefills:
                 req = self.waiting[0]
                 if req.leader is not None and not req.leader.finished and not req.leader.prompt_computed:
                     # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.
@@ -178,6 +183,7 @@ class Scheduler:
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
+                prefills += 1
             self.waiting.extendleft(reversed(skipped))
         return out
 
