@@ -27,11 +27,17 @@ from llmctl_cli.serve_load import TradeoffPoint, make_prompts, plot_tradeoff  # 
 from serve_compare import bench_server, llmctl_command  # noqa: E402
 
 
+def label_of(spec: str) -> str:
+    mnbt, _, parts = spec.partition("/")
+    return f"mnbt={mnbt}" + (f", mnpp={parts}" if parts else "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--budgets", default="2048,1024,512,256", help="comma-separated budgets, or 'default'")
+    ap.add_argument("--budgets", default="2048,1024,512,256",
+                    help="comma-separated budgets, or 'default'; BUDGET/P also passes --max-num-partial-prefills P")
     ap.add_argument("--llmctl-args", default="", help="extra 'llmctl serve' args for every launch")
     ap.add_argument("--port", type=int, default=8211)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -54,20 +60,23 @@ def main() -> int:
     runs: list[dict] = []
     for rep in range(a.repeat):
         for budget in budgets:
-            extra = a.llmctl_args.split() + ([] if budget == "default" else ["--max-num-batched-tokens", budget])
-            label = f"mnbt={budget}"
-            res = bench_server(f"llmctl_{budget}_r{rep}", llmctl_command(a.model, a.dtype, a.port, name, extra), {},
-                               f"http://127.0.0.1:{a.port}", name, prompts_for, a)
+            mnbt, _, parts = budget.partition("/")
+            extra = a.llmctl_args.split() + ([] if mnbt == "default" else ["--max-num-batched-tokens", mnbt]) + \
+                (["--max-num-partial-prefills", parts] if parts else [])
+            label = label_of(budget)
+            cmd = llmctl_command(a.model, a.dtype, a.port, name, extra)
+            res = bench_server(f"llmctl_{budget.replace('/', '_')}_r{rep}", cmd, {}, f"http://127.0.0.1:{a.port}",
+                               name, prompts_for, a)
             runs.append({"label": label, "repeat": rep, **res})
     points = []
     for budget in budgets:
-        mine = [r["runs"][str(a.concurrency[0])] for r in runs if r["label"] == f"mnbt={budget}" and "runs" in r]
+        mine = [r["runs"][str(a.concurrency[0])] for r in runs if r["label"] == label_of(budget) and "runs" in r]
         if not mine:
             continue
         med = sorted(mine, key=lambda r: r["ttft_ms"]["p50"])[len(mine) // 2]  # the median run by TTFT
-        points.append(TradeoffPoint(f"mnbt={budget}", med["ttft_ms"]["p50"], med["ttft_ms"]["p90"],
+        points.append(TradeoffPoint(label_of(budget), med["ttft_ms"]["p50"], med["ttft_ms"]["p90"],
                                     med["tpot_ms"]["p50"], med["output_throughput"], a.concurrency[0]))
-        print(f"{'mnbt=' + budget:<16}" + "  ".join(
+        print(f"{label_of(budget):<24}" + "  ".join(
             f"[{r['output_throughput']:.1f} tok/s, TTFT p50 {r['ttft_ms']['p50']:.0f} ms, "
             f"TPOT p50 {r['tpot_ms']['p50']:.1f} ms]" for r in mine))
     if points:
