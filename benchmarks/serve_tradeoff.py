@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,9 @@ def main() -> int:
     ap.add_argument("--plot-dir", default=None)
     ap.add_argument("--out", default="tradeoff.json")
     a = ap.parse_args()
+    # A SIGTERM (an outer `timeout`) unwinds like Ctrl-C, so bench_server's finally stops the server it started
+    # instead of leaving it bound to the port the next launch needs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     budgets = a.budgets.split(",")
     a.vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
     # bench_server's options: one concurrency, the measured prompts keyed by it
