@@ -109,6 +109,23 @@ def test_a_running_partial_prefill_holds_the_slot_and_decodes_keep_running():
     assert prompt_chunks(out) == {"next": 8} and decodes(out) == {"a", "long"}
 
 
+def test_a_cached_prompt_with_one_token_left_is_not_held_back_by_the_cap():
+    s = make_scheduler(budget=1024, partial=1)
+    s.kv = KVCacheManager(2048, 16, enable_prefix_caching=True)
+    first = request("first", prompt_len=65, max_tokens=1)
+    s.add(first)
+    step(s)  # computes and caches its 4 full blocks, then finishes
+    assert "first" not in s.requests
+    again = request("again", prompt_len=0, max_tokens=4)
+    again.prompt_token_ids = list(first.prompt_token_ids)
+    again.all_token_ids = list(first.prompt_token_ids)
+    s.add(request("long"))
+    s.add(again)
+    out = step(s)
+    assert prompt_chunks(out) == {"long": 128}
+    assert {i.request.request_id: i.num_new_tokens for i in out.scheduled} == {"long": 128, "again": 1}
+
+
 def test_one_prompt_per_step_staggers_streams_that_start_together():
     """Sixteen equal requests started at once: with the cap their finishing steps (when a closed-loop client
     sends the next request) are spread over sixteen steps; with whole waves in one step they all end together."""

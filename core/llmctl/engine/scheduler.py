@@ -1,7 +1,8 @@
 """Decides what runs each step and applies what the step produced: continuous batching under a token budget,
-chunked prefill, FCFS admission, preemption by recompute of the newest request when KV blocks run out; then
-(``update_from_output``) computed tokens, rejected drafts, new tokens and the stop checks. The scheduler is the
-one component that changes a ``Request``'s progress and status.
+chunked prefill, at most ``max_num_partial_prefills`` prompts per step (when set), FCFS admission, preemption by
+recompute of the newest request when KV blocks run out; then (``update_from_output``) computed tokens, rejected
+drafts, new tokens and the stop checks. The scheduler is the one component that changes a ``Request``'s progress
+and status.
 """
 
 from __future__ import annotations
@@ -149,8 +150,7 @@ class Scheduler:
 
         if not out.preempted:
             skipped: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs \
-                    and prefills < max_prefills:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 if req.leader is not None and not req.leader.finished and not req.leader.prompt_computed:
                     # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.
@@ -167,6 +167,9 @@ class Scheduler:
                 cached = usable_prefix(req, cached, self.kv.block_size)
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget,
                               self._chunk_cap(req))
+                if num_new > 1 and prefills >= max_prefills:
+                    break  # FCFS: later prompts wait too. A one-token remainder (a cached prompt, an n > 1
+                    # sibling over its leader's blocks) costs what a decode does and is not held back.
                 if not encoder_chunk_ok(req, len(cached) * self.kv.block_size, num_new):
                     break  # an encoder runs whole (bidirectional); the budget is fuller next step
                 if req.pooling_params is not None and num_new < req.num_tokens:
@@ -183,7 +186,7 @@ class Scheduler:
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
-                prefills += 1
+                prefills += num_new > 1
             self.waiting.extendleft(reversed(skipped))
         return out
 
