@@ -1107,6 +1107,99 @@ def test_engine_hands_the_platform_its_kv_cache_before_any_step(tiny_llama_dir, 
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+def _resident_pages(t: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    """(resident, total) pages of the byte range [lo, hi) of ``t``'s storage, from mincore."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    page = 4096
+    start = (t.data_ptr() + lo) & ~(page - 1)
+    end = t.data_ptr() + hi
+    n = -(-(end - start) // page)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), n
+
+
+def _fresh_cache(num_blocks: int, layers: int = 2) -> list[torch.Tensor]:
+    # 64 KiB per block per K/V half, so page rounding at the range edges is negligible; each layer on its own
+    # anonymous mapping, untouched until written (the heap could hand back pages an earlier test touched)
+    import mmap
+
+    shape = (2, num_blocks, 16, 1024)
+    out = []
+    for _ in range(layers):
+        buf = mmap.mmap(-1, 2 * num_blocks * 16 * 1024 * 4)
+        out.append(torch.frombuffer(buf, dtype=torch.float32).view(shape))
+    return out
+
+
+def _resident_blocks(caches: list[torch.Tensor], lo: int, hi: int) -> float:
+    per_block = 16 * 1024 * 4
+    res = tot = 0
+    for c in caches:
+        for half in range(2):
+            base = half * c.stride(0) * 4
+            r, n = _resident_pages(c, base + lo * per_block, base + hi * per_block)
+            res, tot = res + r, tot + n
+    return res / tot
+
+
+def test_kv_prefault_follows_the_blocks_reached_and_no_further(monkeypatch):
+    from llmctl_cpu.kv_prefault import populate
+    from llmctl_cpu.platform import KV_PREFAULT_ENV, CpuPlatform
+
+    if not populate([]):  # pragma: no cover - kernels before 5.14 fall back to zeroing the start-up slab
+        pytest.skip("no MADV_POPULATE_WRITE here")
+    caches = _fresh_cache(400)
+    monkeypatch.setenv(KV_PREFAULT_ENV, "4")  # 4 MiB over 2 layers x 2 halves x 64 KiB: 16 blocks
+    pf = CpuPlatform().prepare_kv_cache(caches, 400)
+    assert pf is not None and pf.requested == 16 and pf.ahead_blocks == 16
+    assert _resident_blocks(caches, 0, 16) == 1.0  # the start-up slab, faulted in now
+    assert _resident_blocks(caches, 16, 400) < 0.05  # nothing else
+    pf(5)  # the pool reached block 4: over half a slab still ahead, nothing to do
+    assert pf.requested == 16
+    pf(10)  # under half a slab ahead: up to a slab past the frontier goes to the worker
+    assert pf.requested == 26
+    pf.wait()
+    assert _resident_blocks(caches, 0, 26) == 1.0 and _resident_blocks(caches, 26, 400) < 0.05
+    pf(200)  # a jump (a long prompt's blocks): up to a slab past it, still not the whole cache
+    pf.wait()
+    assert pf.requested == 216
+    assert _resident_blocks(caches, 0, 216) == 1.0 and _resident_blocks(caches, 216, 400) < 0.05
+    pf(400)
+    pf.wait()
+    assert pf.requested == 400 and _resident_blocks(caches, 0, 400) == 1.0
+
+
+def test_kv_prefault_off_leaves_every_page_to_first_touch(monkeypatch):
+    from llmctl_cpu.platform import KV_PREFAULT_ENV, CpuPlatform
+
+    caches = _fresh_cache(40)
+    monkeypatch.setenv(KV_PREFAULT_ENV, "0")
+    assert CpuPlatform().prepare_kv_cache(caches, 40) is None
+    assert _resident_blocks(caches, 0, 40) < 0.05
+
+
+def test_engine_prefault_tracks_the_pool_frontier(tiny_llama_dir, monkeypatch):
+    from llmctl import LLM, SamplingParams
+    from llmctl_cpu.kv_prefault import KVPrefaulter
+    from llmctl_cpu.platform import KV_PREFAULT_ENV
+
+    monkeypatch.setenv(KV_PREFAULT_ENV, "1")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=64 << 20, block_size=16)
+    kv = llm.llm_engine.core.kv
+    [pf] = kv.pool.reached_listeners
+    assert isinstance(pf, KVPrefaulter) and pf.num_blocks == kv.pool.num_blocks
+    assert pf.requested == pf.ahead_blocks < pf.num_blocks // 4  # a small slab, not the cache
+    llm.generate([[5 + i] * 100 for i in range(24)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    pf.wait()
+    reached = kv.pool.reached
+    assert reached >= 24 * 7  # 24 sequences of 104 tokens held 7 blocks each at once
+    assert reached <= pf.requested <= reached + pf.ahead_blocks < pf.num_blocks
+
+
 # -- float32 linears: MKL's packed GEMM where its self-check passes, else the C GEMM -----------------------------
 
 F32_SHAPES = [(16, 1), (40, 96), (1536, 576), (576, 1536), (33, 17), (1, 64)]

@@ -197,7 +197,8 @@ class EngineStartup:
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None,
-                                                long_prefill_token_threshold=args.long_prefill_token_threshold)
+                                                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                                max_num_partial_prefills=args.max_num_partial_prefills or 0)
         check_encoder_decoder(self.model, args, mnbt)
         self.cache_config = size_kv_cache(self, spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
@@ -206,9 +207,10 @@ class EngineStartup:
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
                      for _ in range(spec.num_layers)]
-        self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
+        kv_reached = self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
+        self.kv.add_reached_listener(kv_reached)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = load_draft_proposer(draft_source, self) if draft_source is not None else \
             load_eagle_proposer(eagle_source, self) if eagle_source is not None else \
@@ -338,8 +340,8 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
 
     cfg = {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
-                args.max_num_batched_tokens, args.long_prefill_token_threshold, args.enable_prefix_caching,
-                args.tensor_parallel_size,
+                args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
+                args.enable_prefix_caching, args.tensor_parallel_size,
                 args.pipeline_parallel_size)
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 

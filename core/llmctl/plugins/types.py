@@ -119,12 +119,15 @@ class Platform(abc.ABC):
         platform's own default). The other arguments only let the platform report blocks and concurrency."""
         return None
 
-    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> Callable[[int], None] | None:
         """Called once after core allocates the KV cache (one ``torch.empty`` per layer, in the attention backend's
-        ``kv_cache_shape``) and before any step. The default does nothing. Host-memory platforms may fault in the
-        blocks the pool hands out first (it hands out ids 0, 1, 2, ... until blocks are freed): a first touch of
-        fresh memory costs a page fault per 4 KiB page, and otherwise the first steps pay for it. Must not
-        change the cache's shape, dtype or addresses."""
+        ``kv_cache_shape``) and before any step. The default does nothing and returns ``None``. Host-memory
+        platforms may fault in the blocks the pool hands out first (it hands out fresh ids 0, 1, 2, ... in
+        order): a first touch of fresh memory costs a page fault per 4 KiB page, and otherwise the steps pay for
+        it. A platform may return a callable; core then calls it with ``n`` each time the highest block id handed
+        out grows to ``n - 1`` (on the engine thread, inside ``schedule``: return quickly), so the faulted-in
+        part can follow what the workload reaches instead of a fixed share. Must not change the cache's shape,
+        dtype or addresses."""
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
         """A runner that replays the all-decode step from captured graphs, or ``None`` to run it eagerly (the
