@@ -4,7 +4,7 @@ from llmctl.plugins import hookimpl
 
 from tests.fake_plugins.common import FakePlatform
 
-LLMCTL_API_VERSION = "2.1"
+LLMCTL_API_VERSION = "2.2"
 
 
 @hookimpl
