@@ -4,6 +4,10 @@ the other ranks.
 Every rank receives the same request changes in the same order and runs the same scheduler with the same seed,
 so every rank schedules the same batch; the LM head gathers the full logits on every rank, so every rank samples
 the same token and the ranks stay in step without the driver sending them a batch. Only rank 0 answers.
+
+Under ``mp`` a rank reads the step messages from the driver's shared-memory ring (``llmctl.executor.shm_ring``)
+and keeps its pipe for its answers; while it waits for the next step it also watches the pipe (a shutdown, or
+end-of-file when the driver is gone) and the driver's process, so it never waits on a dead driver.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llmctl.executor import messages as msg
+from llmctl.executor import step_codec
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +112,12 @@ class RankEngine:
                 "stats": core.get_stats(),
                 "lora": None if core.lora is None else (core.lora.targets, core.lora.embedding_name, core.lora.dtype)}
 
+    def handle_payload(self, payload: bytes | memoryview) -> tuple[Any, ...] | None:
+        """Decode one step message (``llmctl.executor.step_codec``) and handle it."""
+        known = getattr(getattr(self.core, "scheduler", None), "requests", None)
+        kind, ops = step_codec.decode_step(payload, known)
+        return self.handle(kind, ops)
+
     def handle(self, kind: str, ops: list[msg.Op]) -> tuple[Any, ...] | None:
         """Apply the request changes, step if asked; rank 0 returns ``(OK, outputs, stats)``."""
         _apply(self.core, self._grammars, ops)
@@ -117,14 +128,55 @@ class RankEngine:
         self.core.shutdown()
 
 
+class _Stop(Exception):
+    """The driver asked this rank to stop, or is gone."""
+
+
+def _pipe_watch(conn: Connection) -> Any:
+    """While waiting on the ring: a message on the pipe can only be a shutdown, and end-of-file means the driver
+    closed it (or died)."""
+
+    def check() -> None:
+        if conn.poll(0):
+            try:
+                payload = conn.recv_bytes()
+            except (EOFError, OSError):
+                raise _Stop from None
+            if step_codec.decode_step(payload)[0] == msg.SHUTDOWN:
+                raise _Stop
+            raise RuntimeError("unexpected step message on the pipe while the ring carries the steps")
+
+    return check
+
+
+def _next_payload(conn: Connection, ring: Any) -> bytes:
+    """The next step message: from the ring when there is one, else from the pipe."""
+    from llmctl.executor.shm_ring import RingClosed, WriterGone
+
+    if ring is None:
+        try:
+            return conn.recv_bytes()
+        except EOFError:  # the driver is gone
+            raise _Stop from None
+    try:
+        return ring.read(check=_pipe_watch(conn))
+    except (RingClosed, WriterGone):
+        raise _Stop from None
+
+
 def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
-               cpus: list[int] | None) -> None:
+               cpus: list[int] | None, ring_name: str | None = None) -> None:
     """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
     # Ctrl-C reaches the whole process group; the driver decides how the ranks stop (and stops them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ring = None
     try:
+        if ring_name is not None:
+            from llmctl.executor.shm_ring import ShmRingReader
+
+            ring = ShmRingReader(ring_name, rank)
         engine = RankEngine(rank, world_size, init_method, args)
     except BaseException as exc:
         conn.send(msg.error_message(exc))
@@ -133,12 +185,14 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
     try:
         while True:
             try:
-                message = conn.recv()
-            except EOFError:  # the driver is gone
+                payload = _next_payload(conn, ring)
+            except _Stop:
                 break
-            if message[0] == msg.SHUTDOWN:
+            known = getattr(getattr(engine.core, "scheduler", None), "requests", None)
+            kind, ops = step_codec.decode_step(payload, known)
+            if kind == msg.SHUTDOWN:
                 break
-            reply = engine.handle(message[0], message[1])
+            reply = engine.handle(kind, ops)
             if reply is not None:
                 conn.send(reply)
     except BaseException as exc:
@@ -150,3 +204,5 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
         raise SystemExit(1) from None
     finally:
         engine.shutdown()
+        if ring is not None:
+            ring.close()
