@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from llmctl.executor.shm_ring import NAME_PREFIX, RingClosed, ShmRingReader, ShmRingWriter, WriterGone
+from llmctl.executor.shm_ring import (NAME_PREFIX, RingClosed, ShmRingReader, ShmRingWriter, WriterGone,
+                                     doorbell_block, ring_doorbell)
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory in /dev/shm")
 
@@ -197,6 +198,54 @@ def test_an_idle_reader_sleeps_rather_than_spins():
         assert cpu and cpu[0] < 0.15, cpu
     finally:
         reader.close()
+        writer.close()
+
+
+def test_a_sleeping_reader_is_rung_awake_and_ends_when_its_doorbell_closes():
+    """A reader that went to sleep on its doorbell pipe is woken by the writer (only it: an awake reader is not
+    rung), and end-of-file on the doorbell ends its wait as ``WriterGone``."""
+    writer = ShmRingWriter(n_readers=2, n_slots=2, slot_bytes=16)
+    reader = ShmRingReader(writer.name, 1)
+    awake = ShmRingReader(writer.name, 0)
+    bell_r, bell_w = os.pipe()
+    os.set_blocking(bell_w, False)
+    rung: list[int] = []
+    got: list[bytes] = []
+    failure: list[BaseException] = []
+
+    def wake(i: int) -> None:
+        rung.append(i)
+        ring_doorbell(bell_w)
+
+    def read_twice() -> None:
+        try:
+            got.append(reader.read(timeout=30, block=doorbell_block(bell_r)))
+            reader.read(block=doorbell_block(bell_r))  # no timeout: only the doorbell's end can end it
+        except BaseException as exc:
+            failure.append(exc)
+
+    t = threading.Thread(target=read_twice)
+    try:
+        t.start()
+        time.sleep(0.5)  # long past the spin: asleep on the pipe
+        writer.write(b"wake up", timeout=30, wake=wake)
+        assert awake.read(timeout=30) == b"wake up"
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [b"wake up"] and rung == [1]
+        time.sleep(0.3)
+        os.close(bell_w)
+        bell_w = -1
+        t.join(10)
+        assert not t.is_alive() and isinstance(failure[0], WriterGone), failure
+    finally:
+        if bell_w >= 0:
+            os.close(bell_w)
+        t.join(10)
+        os.close(bell_r)
+        reader.close()
+        awake.close()
         writer.close()
 
 

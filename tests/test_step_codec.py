@@ -81,6 +81,17 @@ def test_a_leader_added_in_an_earlier_step_is_found_among_the_ranks_requests():
     assert ops[0][1][0].leader is leader
 
 
+def test_requests_sharing_parameters_decode_sharing_them():
+    sp = SamplingParams(temperature=0.5, stop=["x"])
+    reqs = [Request(f"r{i}", [1, 2, i], sp, 1.0) for i in range(3)] + [Request("own", [3], SamplingParams(), 1.0)]
+    add = step_codec.add_op(reqs)
+    assert len(add.params) == 2
+    _, ops = step_codec.decode_step(step_codec.encode_step(msg.STEP, [add]))
+    got = ops[0][1]
+    assert got[0].sampling_params is got[1].sampling_params is got[2].sampling_params
+    assert got[0].sampling_params == sp and got[3].sampling_params == SamplingParams()
+
+
 def test_empty_steps_and_shutdown_encode_small():
     payload = encode_ops(msg.STEP, [])
     assert len(payload) < 32
@@ -104,6 +115,10 @@ def test_messages_outside_the_schema_are_refused_not_loaded():
         step_codec.decode_step(msgspec.msgpack.encode({"kind": "exec", "ops": []}))
     with pytest.raises(ValueError, match=r"does not fit the schema: .*\$\.ops\[0\]"):
         step_codec.decode_step(msgspec.msgpack.encode({"kind": "step", "ops": [{"type": "add", "requests": 3}]}))
+    bad = step_codec.add_op([Request("r", [1], SamplingParams(), 1.0)])
+    bad.requests[0].params_id = 5
+    with pytest.raises(ValueError, match="params_id or mm_feature_ids points past"):
+        step_codec.decode_step(step_codec.encode_step(msg.STEP, [bad]))
     # a pickle is just bytes that are not a step message: nothing in it is imported or called
     with pytest.raises(ValueError, match="step message does not fit the schema"):
         step_codec.decode_step(pickle.dumps((msg.STEP, [(msg.ABORT, ["x"])])))

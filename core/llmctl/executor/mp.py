@@ -26,7 +26,7 @@ from llmctl.config import EngineArgs
 from llmctl.executor import messages as msg
 from llmctl.executor import step_codec
 from llmctl.executor.remote import RemoteCore
-from llmctl.executor.shm_ring import RingClosed, ShmRingWriter
+from llmctl.executor.shm_ring import RingClosed, ShmRingWriter, ring_doorbell
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ def _make_ring(world_size: int) -> ShmRingWriter | None:
         return None
 
 
-def _stop_workers(procs: list[Any], conns: list[Connection], ring: ShmRingWriter | None,
+def _stop_workers(procs: list[Any], conns: list[Connection], ring: ShmRingWriter | None, doorbells: list[Connection],
                   grace_s: float = 5.0) -> None:
     if ring is not None:
         ring.close()  # the readers see it closed; the segment is unlinked now, their mappings stay valid
+    for bell in doorbells:  # end-of-file wakes a rank asleep on the ring
+        bell.close()
     shutdown = step_codec.encode_step(msg.SHUTDOWN, [])
     for conn in conns:
         try:  # never blocks: a hung rank may have left its pipe full
@@ -117,18 +119,25 @@ class MultiprocCore(RemoteCore):
         self._conns: list[Connection] = []
         self._ring = _make_ring(self.world_size)
         ring_name = None if self._ring is None else self._ring.name
+        self._doorbells: list[Connection] = []  # the write ends; each rank sleeps on its read end
         from llmctl.executor.worker import run_worker
 
         for rank, rank_cpus in enumerate(cpu_groups(self.world_size, cpus)):
             ours, theirs = ctx.Pipe(duplex=True)
+            bell_theirs, bell_ours = ctx.Pipe(duplex=False) if self._ring is not None else (None, None)
             proc = ctx.Process(target=run_worker, name=f"llmctl-tp-rank{rank}", daemon=True,
                                args=(rank, self.world_size, init_method, args, theirs, os.getpid(), rank_cpus,
-                                     ring_name))
+                                     ring_name, bell_theirs))
             proc.start()
             theirs.close()
+            if bell_ours is not None:
+                bell_theirs.close()
+                os.set_blocking(bell_ours.fileno(), False)
+                self._doorbells.append(bell_ours)
             self._procs.append(proc)
             self._conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._ring)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._ring,
+                                          self._doorbells)
         if wait:
             self.wait_ready()
 
@@ -189,7 +198,7 @@ class MultiprocCore(RemoteCore):
     def _send(self, payload: bytes) -> None:
         if self._ring is not None:
             try:
-                self._ring.write(payload, timeout=self._step_timeout, check=self._check_ranks)
+                self._ring.write(payload, timeout=self._step_timeout, check=self._check_ranks, wake=self._wake)
             except TimeoutError:
                 raise TimeoutError(f"the tensor-parallel ranks did not take a {len(payload)}-byte step message "
                                    f"within {self._step_timeout:g} s; a rank hangs") from None
@@ -201,6 +210,10 @@ class MultiprocCore(RemoteCore):
                 conn.send_bytes(payload)
         else:
             self._send_bounded(payload)
+
+    def _wake(self, rank: int) -> None:
+        """The doorbell for a rank asleep on the ring: one byte, never a copy of the message."""
+        ring_doorbell(self._doorbells[rank].fileno())
 
     def _check_ranks(self) -> None:
         """Raise for a rank that has exited (with its own error message when it sent one)."""

@@ -17,16 +17,26 @@ The protocol relies on stores becoming visible in program order (x86's TSO; the 
   total length; the readers reassemble it. Nothing is ever truncated: a message larger than the whole ring just
   waits for the readers to free slots as they consume the earlier chunks.
 
-Nobody busy-waits for long: a waiter spins a few rounds, then sleeps with a growing back-off, and every
-``CHECK_INTERVAL_S`` calls its ``check`` (which raises to give up: a dead rank, a gone driver) and, for readers,
-looks whether the writer's process still exists. Every wait has a deadline when given one.
+Nobody busy-waits for long: a waiter spins a few rounds, then sleeps, and every ``CHECK_INTERVAL_S`` calls its
+``check`` (which raises to give up: a dead rank, a gone driver) and, for readers, looks whether the writer's
+process still exists. Every wait has a deadline when given one.
+
+A reader sleeps in one of two ways. Given a ``block`` callable (the ``mp`` ranks pass one that waits on their
+pipe), it raises its "asleep" flag in the segment header, looks once more for the message, and blocks; after
+publishing a chunk the writer clears every raised flag and calls ``wake(reader)`` (:func:`ring_doorbell`: one
+byte into that reader's doorbell pipe, which :func:`doorbell_block` waits on), so a sleeping rank wakes as soon as
+the kernel schedules it rather than at its next timer tick. The flag and the message can cross (x86 may order a store after a later load), so a wake-up can
+be missed: ``block`` is always given a timeout, and a missed one costs at most that. Without ``block`` a reader
+sleeps with a growing back-off.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import secrets
+import select
 import struct
 import time
 import weakref
@@ -36,7 +46,7 @@ from multiprocessing import shared_memory
 NAME_PREFIX = "llmctl_ring_"
 _MAGIC = 0x31_42_52_4C_54_43_4D_4C  # "LMCTLRB1"
 _HEADER = struct.Struct("<QIIQQB")  # magic, n_slots, n_readers, slot_bytes, writer pid, closed
-_HEADER_BYTES = 64
+_FIXED_HEADER_BYTES = 64  # then one "asleep" flag per reader, padded to 64 bytes
 _CLOSED_AT = struct.calcsize("<QIIQQ")
 _SLOT = struct.Struct("<QQQ")  # sequence number, total length of the message, length of this chunk
 _SEQ = struct.Struct("<Q")
@@ -46,7 +56,7 @@ SLEEP_MIN_S = 20e-6
 SLEEP_MAX_S = 500e-6  # while the step loop is busy: the added latency per step stays under this
 IDLE_AFTER_S = 0.2
 SLEEP_IDLE_S = 5e-3  # an idle engine: a few hundred wake-ups a second per rank
-CHECK_INTERVAL_S = 0.05
+CHECK_INTERVAL_S = 0.05  # also the longest a blocked reader sleeps past a missed wake-up
 
 
 class RingClosed(Exception):
@@ -59,6 +69,10 @@ class WriterGone(RuntimeError):
 
 def _slot_header_bytes(n_readers: int) -> int:
     return _SLOT.size + -(-n_readers // 8) * 8
+
+
+def _header_bytes(n_readers: int) -> int:
+    return _FIXED_HEADER_BYTES + -(-n_readers // 64) * 64
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,7 +92,7 @@ def _pid_alive(pid: int) -> bool:
 class _Waiter:
     """Spin, then sleep with back-off; raise ``TimeoutError`` past the deadline, run ``check`` now and then."""
 
-    def __init__(self, timeout: float | None, check: Callable[[], None] | None, what: str) -> None:
+    def __init__(self, timeout: float | None, check: Callable[[], None] | None, what: Callable[[], str]) -> None:
         self.start = time.monotonic()
         self.deadline = None if timeout is None else self.start + timeout
         self.check = check
@@ -87,19 +101,25 @@ class _Waiter:
         self.sleep = SLEEP_MIN_S
         self.next_check = self.start + CHECK_INTERVAL_S
 
-    def pause(self) -> None:
+    def pause(self, block: Callable[[float], None] | None = None) -> None:
+        """One round of waiting; ``block(seconds)`` (already armed for a wake-up) replaces the sleep."""
         self.rounds += 1
         if self.rounds <= SPIN_ROUNDS:
             return
         now = time.monotonic()
         if self.deadline is not None and now >= self.deadline:
-            raise TimeoutError(f"shared-memory ring: {self.what} did not happen within "
+            raise TimeoutError(f"shared-memory ring: {self.what()} did not happen within "
                                f"{self.deadline - self.start:g} s")
         if now >= self.next_check:
             self.next_check = now + CHECK_INTERVAL_S
             if self.check is not None:
                 self.check()
-        if now - self.start > IDLE_AFTER_S:
+        if block is not None:
+            limit = self.next_check - now
+            if self.deadline is not None:
+                limit = min(limit, self.deadline - now)
+            block(max(limit, 0.0))
+        elif now - self.start > IDLE_AFTER_S:
             time.sleep(SLEEP_IDLE_S)
         else:
             time.sleep(self.sleep)
@@ -119,7 +139,8 @@ class ShmRingWriter:
             raise ValueError(f"slot_bytes: must be >= 1, got {slot_bytes}")
         self.n_readers, self.n_slots, self.slot_bytes = n_readers, n_slots, slot_bytes
         self._stride = _slot_header_bytes(n_readers) + slot_bytes
-        size = _HEADER_BYTES + n_slots * self._stride
+        self._slots_at = _header_bytes(n_readers)
+        size = self._slots_at + n_slots * self._stride
         # Registered with multiprocessing's resource tracker: if this process is killed, the tracker unlinks the
         # segment once the last process sharing the tracker (this one and its spawned ranks) has exited.
         self._shm = shared_memory.SharedMemory(name=f"{NAME_PREFIX}{os.getpid()}_{secrets.token_hex(6)}",
@@ -136,25 +157,39 @@ class ShmRingWriter:
         return self._shm.name
 
     def write(self, payload: bytes | bytearray | memoryview, timeout: float | None = None,
-              check: Callable[[], None] | None = None) -> None:
+              check: Callable[[], None] | None = None, wake: Callable[[int], None] | None = None) -> None:
         """Publish ``payload`` to every reader; chunked over several slots when larger than one.
-        ``check`` runs while waiting for a slot and raises to give up (e.g. a reader's process has exited)."""
+        ``check`` runs while waiting for a slot and raises to give up (e.g. a reader's process has exited);
+        ``wake(reader_index)`` is called for each reader that went to sleep in its ``block``."""
         if not self._finalizer.alive:
             raise RingClosed("shared-memory ring: write after close")
         data = memoryview(payload).cast("B")
         total = len(data)
-        waiter = _Waiter(timeout, check, f"every reader taking message {self._seq + 1} ({total} bytes)")
+        seq = self._seq + 1
+        waiter = _Waiter(timeout, check, lambda: f"every reader taking message {seq} ({total} bytes)")
         pos = 0
         while True:
             chunk = data[pos:pos + self.slot_bytes]
             self._write_chunk(chunk, total, waiter)
+            if wake is not None:
+                self._wake_sleepers(wake)
             pos += len(chunk)
             if pos >= total:
                 return
 
+    def _wake_sleepers(self, wake: Callable[[int], None]) -> None:
+        buf = self._buf
+        asleep = bytes(buf[_FIXED_HEADER_BYTES:_FIXED_HEADER_BYTES + self.n_readers])
+        if asleep == self._no_reads:
+            return
+        for r, flag in enumerate(asleep):
+            if flag:
+                buf[_FIXED_HEADER_BYTES + r] = 0
+                wake(r)
+
     def _write_chunk(self, chunk: memoryview, total: int, waiter: _Waiter) -> None:
         buf, seq = self._buf, self._seq + 1
-        base = _HEADER_BYTES + ((seq - 1) % self.n_slots) * self._stride
+        base = self._slots_at + ((seq - 1) % self.n_slots) * self._stride
         flags = base + _SLOT.size
         if seq > self.n_slots:  # the slot held message seq - n_slots: wait until everyone has read it
             while bytes(buf[flags:flags + self.n_readers]) != self._all_read:
@@ -214,6 +249,8 @@ class ShmRingReader:
             raise ValueError(f"reader_index: must be in [0, {self.n_readers}), got {reader_index}")
         self.index = reader_index
         self._stride = _slot_header_bytes(self.n_readers) + self.slot_bytes
+        self._slots_at = _header_bytes(self.n_readers)
+        self._asleep_at = _FIXED_HEADER_BYTES + reader_index
         self._seq = 0
 
     def _check_writer(self, check: Callable[[], None] | None) -> None:
@@ -222,29 +259,39 @@ class ShmRingReader:
         if not _pid_alive(self.writer_pid):
             raise WriterGone(f"shared-memory ring: the writer (pid {self.writer_pid}) has exited")
 
-    def read(self, timeout: float | None = None, check: Callable[[], None] | None = None) -> bytes:
+    def read(self, timeout: float | None = None, check: Callable[[], None] | None = None,
+             block: Callable[[float], None] | None = None) -> bytes:
         """The next message. Raises ``RingClosed`` once the writer has closed the ring, ``WriterGone`` if its
-        process died, ``TimeoutError`` past ``timeout`` seconds, or whatever ``check`` raises."""
-        waiter = _Waiter(timeout, lambda: self._check_writer(check), f"message {self._seq + 1} arriving")
-        first = self._read_chunk(waiter)
-        total, chunk = first
+        process died, ``TimeoutError`` past ``timeout`` seconds, or whatever ``check`` raises. ``block(seconds)``:
+        how to sleep until the writer's ``wake`` for this reader (or the timeout); it may raise to give up too."""
+        seq = self._seq + 1
+        waiter = _Waiter(timeout, lambda: self._check_writer(check), lambda: f"message {seq} arriving")
+        total, chunk = self._read_chunk(waiter, block)
         if len(chunk) == total:
             return chunk
         parts = [chunk]
         got = len(chunk)
         while got < total:
-            _, chunk = self._read_chunk(waiter)
+            _, chunk = self._read_chunk(waiter, block)
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
 
-    def _read_chunk(self, waiter: _Waiter) -> tuple[int, bytes]:
+    def _read_chunk(self, waiter: _Waiter, block: Callable[[float], None] | None) -> tuple[int, bytes]:
         buf, seq = self._buf, self._seq + 1
-        base = _HEADER_BYTES + ((seq - 1) % self.n_slots) * self._stride
+        base = self._slots_at + ((seq - 1) % self.n_slots) * self._stride
         while _SEQ.unpack_from(buf, base)[0] != seq:
             if buf[_CLOSED_AT]:
                 raise RingClosed("shared-memory ring: closed by the writer")
-            waiter.pause()
+            if block is None or waiter.rounds < SPIN_ROUNDS:
+                waiter.pause()
+                continue
+            buf[self._asleep_at] = 1  # then look once more: the writer may have published meanwhile
+            try:
+                if _SEQ.unpack_from(buf, base)[0] != seq:
+                    waiter.pause(block)
+            finally:
+                buf[self._asleep_at] = 0
         total, length = struct.unpack_from("<QQ", buf, base + 8)
         start = base + _slot_header_bytes(self.n_readers)
         chunk = bytes(buf[start:start + length])
@@ -258,3 +305,25 @@ class ShmRingReader:
             buf.release()
         if not self._map.closed:
             self._map.close()
+
+
+def doorbell_block(fd: int) -> Callable[[float], None]:
+    """A reader's ``block``: wait on the read end ``fd`` of its doorbell pipe. End-of-file there means the
+    writer's side closed it (an orderly stop, or the writer's process died): ``WriterGone``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+
+    def block(seconds: float) -> None:
+        if poller.poll(math.ceil(seconds * 1000) if seconds > 0 else 0) and not os.read(fd, 4096):
+            raise WriterGone("shared-memory ring: the writer closed the doorbell pipe")
+
+    return block
+
+
+def ring_doorbell(fd: int) -> None:
+    """The writer's ``wake`` for one reader: a byte into the write end ``fd`` (set non-blocking) of its doorbell
+    pipe. A full pipe already holds wake-ups the reader has not drained, so nothing is lost by skipping one."""
+    try:
+        os.write(fd, b"\0")
+    except (BlockingIOError, BrokenPipeError):
+        pass

@@ -41,7 +41,7 @@ class MMFeatureMsg(msgspec.Struct, array_like=True, frozen=True):
 class RequestMsg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    params_id: int  # index into the AddOp's parameter table (requests often share one SamplingParams)
     arrival_time: float
     eos_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
@@ -57,6 +57,7 @@ class RequestMsg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True)
 
 class AddOp(msgspec.Struct, tag="add", forbid_unknown_fields=True):
     requests: list[RequestMsg]
+    params: list[SamplingParams]
     features: list[MMFeatureMsg] = []
 
 
@@ -113,8 +114,13 @@ def check_sendable(request: Request) -> None:
 def add_op(requests: list[Request]) -> AddOp:
     features: list[MMFeatureMsg] = []
     feature_index: dict[int, int] = {}
+    params: list[SamplingParams] = []
+    params_index: dict[int, int] = {}
     out: list[RequestMsg] = []
     for r in requests:
+        if id(r.sampling_params) not in params_index:
+            params_index[id(r.sampling_params)] = len(params)
+            params.append(r.sampling_params)
         ids: list[int] = []
         for f in r.mm_features:
             if id(f) not in feature_index:
@@ -127,13 +133,13 @@ def add_op(requests: list[Request]) -> AddOp:
         if lora is not None and not isinstance(lora, LoRARequest):
             lora = lora.request  # a loaded adapter: only its request travels, each rank loads its own slices
         out.append(RequestMsg(
-            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids, sampling_params=r.sampling_params,
-            arrival_time=r.arrival_time, eos_token_ids=tuple(r.eos_token_ids), max_tokens=r.max_tokens,
+            request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+            params_id=params_index[id(r.sampling_params)], arrival_time=r.arrival_time, eos_token_ids=tuple(r.eos_token_ids), max_tokens=r.max_tokens,
             leader_id=None if r.leader is None else r.leader.request_id, pooling_params=r.pooling_params,
             token_type_ids=r.token_type_ids,
             pixel_values=None if r.pixel_values is None else tensor_msg(r.pixel_values),
             mm_feature_ids=ids, lora=lora, cache_salt=r.cache_salt, encoder_len=r.encoder_len))
-    return AddOp(out, features)
+    return AddOp(out, params, features)
 
 
 def encode_step(kind: str, ops: list[Op]) -> bytes:
@@ -151,7 +157,11 @@ def decode_step(payload: bytes | memoryview, known: Mapping[str, Request] | None
     ops: list[Any] = []
     for op in step.ops:
         if isinstance(op, AddOp):
-            ops.append((msg.ADD, _requests(op, known or {})))
+            try:
+                ops.append((msg.ADD, _requests(op, known or {})))
+            except IndexError:
+                raise ValueError("step message does not fit the schema: a request's params_id or mm_feature_ids "
+                                 "points past its AddOp's tables") from None
         elif isinstance(op, AbortOp):
             ops.append((msg.ABORT, list(op.request_ids)))
         else:
@@ -169,7 +179,7 @@ def _requests(op: AddOp, known: Mapping[str, Request]) -> list[Request]:
     for m in op.requests:
         leader = None if m.leader_id is None else made.get(m.leader_id, known.get(m.leader_id))
         request = Request(
-            request_id=m.request_id, prompt_token_ids=m.prompt_token_ids, sampling_params=m.sampling_params,
+            request_id=m.request_id, prompt_token_ids=m.prompt_token_ids, sampling_params=op.params[m.params_id],
             arrival_time=m.arrival_time, eos_token_ids=m.eos_token_ids, max_tokens=m.max_tokens, leader=leader,
             pooling_params=m.pooling_params, token_type_ids=m.token_type_ids,
             pixel_values=None if m.pixel_values is None else tensor_from(m.pixel_values),

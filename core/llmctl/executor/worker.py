@@ -6,8 +6,9 @@ so every rank schedules the same batch; the LM head gathers the full logits on e
 the same token and the ranks stay in step without the driver sending them a batch. Only rank 0 answers.
 
 Under ``mp`` a rank reads the step messages from the driver's shared-memory ring (``llmctl.executor.shm_ring``)
-and keeps its pipe for its answers; while it waits for the next step it also watches the pipe (a shutdown, or
-end-of-file when the driver is gone) and the driver's process, so it never waits on a dead driver.
+and keeps its pipe for its answers. Between steps it sleeps on a doorbell pipe that only the driver writes; the
+ring's closed flag, end-of-file on the doorbell and the ring's check of the driver's process end the wait, so it
+never waits on a dead driver.
 """
 
 from __future__ import annotations
@@ -132,40 +133,33 @@ class _Stop(Exception):
     """The driver asked this rank to stop, or is gone."""
 
 
-def _pipe_watch(conn: Connection) -> Any:
-    """While waiting on the ring: a message on the pipe can only be a shutdown, and end-of-file means the driver
-    closed it (or died)."""
+def _ring_reader(ring: Any, doorbell: Connection) -> Any:
+    """The next step message from the ring, sleeping on the doorbell pipe between steps."""
+    from llmctl.executor.shm_ring import RingClosed, WriterGone, doorbell_block
 
-    def check() -> None:
-        if conn.poll(0):
-            try:
-                payload = conn.recv_bytes()
-            except (EOFError, OSError):
-                raise _Stop from None
-            if step_codec.decode_step(payload)[0] == msg.SHUTDOWN:
-                raise _Stop
-            raise RuntimeError("unexpected step message on the pipe while the ring carries the steps")
+    block = doorbell_block(doorbell.fileno())
 
-    return check
+    def next_payload() -> bytes:
+        try:
+            return ring.read(block=block)
+        except (RingClosed, WriterGone):
+            raise _Stop from None
+
+    return next_payload
 
 
-def _next_payload(conn: Connection, ring: Any) -> bytes:
-    """The next step message: from the ring when there is one, else from the pipe."""
-    from llmctl.executor.shm_ring import RingClosed, WriterGone
-
-    if ring is None:
+def _pipe_reader(conn: Connection) -> Any:
+    def next_payload() -> bytes:
         try:
             return conn.recv_bytes()
         except EOFError:  # the driver is gone
             raise _Stop from None
-    try:
-        return ring.read(check=_pipe_watch(conn))
-    except (RingClosed, WriterGone):
-        raise _Stop from None
+
+    return next_payload
 
 
 def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
-               cpus: list[int] | None, ring_name: str | None = None) -> None:
+               cpus: list[int] | None, ring_name: str | None = None, doorbell: Connection | None = None) -> None:
     """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
@@ -173,7 +167,7 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ring = None
     try:
-        if ring_name is not None:
+        if ring_name is not None and doorbell is not None:
             from llmctl.executor.shm_ring import ShmRingReader
 
             ring = ShmRingReader(ring_name, rank)
@@ -182,10 +176,11 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
         conn.send(msg.error_message(exc))
         raise SystemExit(1) from None
     conn.send((msg.READY, engine.info()))
+    next_payload = _pipe_reader(conn) if ring is None else _ring_reader(ring, doorbell)  # type: ignore[arg-type]
     try:
         while True:
             try:
-                payload = _next_payload(conn, ring)
+                payload = next_payload()
             except _Stop:
                 break
             known = getattr(getattr(engine.core, "scheduler", None), "requests", None)
