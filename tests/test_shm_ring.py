@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from llmctl.executor.shm_ring import (NAME_PREFIX, RingClosed, ShmRingReader, ShmRingWriter, WriterGone,
-                                     doorbell_block, ring_doorbell)
+from llmctl.executor.shm_ring import (
+    NAME_PREFIX,
+    RingClosed,
+    ShmRingReader,
+    ShmRingWriter,
+    WriterGone,
+    doorbell_block,
+    ring_doorbell,
+)
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs POSIX shared memory in /dev/shm")
 

@@ -8,7 +8,6 @@ import pickle
 
 import pytest
 import torch
-
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import messages as msg
 from llmctl.executor import step_codec

@@ -64,8 +64,8 @@ class RemoteCore:
 
     # -- the transport (subclasses) ------------------------------------------------------------------------------
     def _send(self, payload: bytes) -> None:
-        """Send one encoded step message (``llmctl.executor.step_codec``) to every rank; raise ``RuntimeError``, ``TimeoutError`` or ``OSError``
-        when a rank is dead or does not take it."""
+        """Send one encoded step message (``llmctl.executor.step_codec``) to every rank; raise ``RuntimeError``,
+        ``TimeoutError`` or ``OSError`` when a rank is dead or does not take it."""
         raise NotImplementedError
 
     def _receive(self) -> tuple[Any, ...]:

@@ -21,13 +21,13 @@ Nobody busy-waits for long: a waiter spins a few rounds, then sleeps, and every 
 ``check`` (which raises to give up: a dead rank, a gone driver) and, for readers, looks whether the writer's
 process still exists. Every wait has a deadline when given one.
 
-A reader sleeps in one of two ways. Given a ``block`` callable (the ``mp`` ranks pass one that waits on their
-pipe), it raises its "asleep" flag in the segment header, looks once more for the message, and blocks; after
-publishing a chunk the writer clears every raised flag and calls ``wake(reader)`` (:func:`ring_doorbell`: one
-byte into that reader's doorbell pipe, which :func:`doorbell_block` waits on), so a sleeping rank wakes as soon as
-the kernel schedules it rather than at its next timer tick. The flag and the message can cross (x86 may order a store after a later load), so a wake-up can
-be missed: ``block`` is always given a timeout, and a missed one costs at most that. Without ``block`` a reader
-sleeps with a growing back-off.
+A reader sleeps in one of two ways. Given a ``block`` callable (the ``mp`` ranks pass :func:`doorbell_block`,
+which waits on a pipe), it raises its "asleep" flag in the segment header, looks once more for the message, and
+blocks; after publishing a chunk the writer clears every raised flag and calls ``wake(reader)``
+(:func:`ring_doorbell`: one byte into that reader's doorbell pipe), so a sleeping rank wakes as soon as the kernel
+schedules it rather than at its next timer tick. The flag and the message can cross (x86 may order a store after
+a later load), so a wake-up can be missed: ``block`` is always given a timeout, and a missed one costs at most
+``CHECK_INTERVAL_S``. Without ``block`` a reader sleeps with a growing back-off.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ rank rebuilds itself, as before. Tensors travel as dtype, shape and raw bytes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 import torch
@@ -34,8 +34,8 @@ class MMFeatureMsg(msgspec.Struct, array_like=True, frozen=True):
     length: int
     mm_hash: bytes
     pixel_values: TensorMsg
-    image_size: Union[tuple[int, int], None] = None
-    grid_thw: Union[tuple[int, int, int], None] = None
+    image_size: tuple[int, int] | None = None
+    grid_thw: tuple[int, int, int] | None = None
 
 
 class RequestMsg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
@@ -45,14 +45,14 @@ class RequestMsg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True)
     arrival_time: float
     eos_token_ids: tuple[int, ...] = ()
     max_tokens: int = 16
-    leader_id: Union[str, None] = None  # a sibling of the same n-group, by id (in this message or already added)
-    pooling_params: Union[PoolingParams, None] = None
-    token_type_ids: Union[list[int], None] = None
-    pixel_values: Union[TensorMsg, None] = None
+    leader_id: str | None = None  # a sibling of the same n-group, by id (in this message or already added)
+    pooling_params: PoolingParams | None = None
+    token_type_ids: list[int] | None = None
+    pixel_values: TensorMsg | None = None
     mm_feature_ids: list[int] = []  # indices into the AddOp's feature table (an n-group shares its images)
-    lora: Union[LoRARequest, None] = None
-    cache_salt: Union[bytes, None] = None
-    encoder_len: Union[int, None] = None
+    lora: LoRARequest | None = None
+    cache_salt: bytes | None = None
+    encoder_len: int | None = None
 
 
 class AddOp(msgspec.Struct, tag="add", forbid_unknown_fields=True):
@@ -70,7 +70,7 @@ class FinishOp(msgspec.Struct, tag="finish", forbid_unknown_fields=True):
     status: RequestStatus
 
 
-Op = Union[AddOp, AbortOp, FinishOp]
+Op = AddOp | AbortOp | FinishOp
 
 
 class StepMsg(msgspec.Struct, forbid_unknown_fields=True):
@@ -134,7 +134,8 @@ def add_op(requests: list[Request]) -> AddOp:
             lora = lora.request  # a loaded adapter: only its request travels, each rank loads its own slices
         out.append(RequestMsg(
             request_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-            params_id=params_index[id(r.sampling_params)], arrival_time=r.arrival_time, eos_token_ids=tuple(r.eos_token_ids), max_tokens=r.max_tokens,
+            params_id=params_index[id(r.sampling_params)], arrival_time=r.arrival_time,
+            eos_token_ids=tuple(r.eos_token_ids), max_tokens=r.max_tokens,
             leader_id=None if r.leader is None else r.leader.request_id, pooling_params=r.pooling_params,
             token_type_ids=r.token_type_ids,
             pixel_values=None if r.pixel_values is None else tensor_msg(r.pixel_values),
