@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
+
 from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError
 from llmctl.engine.request import Request, RequestStatus
@@ -88,7 +90,13 @@ class RemoteCore:
             raise EngineDeadError(self._dead)
         ops, self._pending = self._pending, []
         try:
-            self._send(encode_ops(kind, ops))  # once for every rank
+            payload = encode_ops(kind, ops)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            # check_sendable refuses what it knows cannot travel; anything else would leave the driver waiting
+            # for requests the ranks never got, so the engine ends instead of hanging
+            raise self._die(RuntimeError(f"a step message could not be encoded for the ranks: {exc}")) from exc
+        try:
+            self._send(payload)  # once for every rank
         except (RuntimeError, TimeoutError, OSError) as exc:
             raise self._die(exc) from exc
 
