@@ -127,6 +127,29 @@ def run_case(mode: str, ranks: int, num_requests: int, prompt_len: int, steps: i
             "step_us_mean": statistics.fmean(totals) * 1e6, "send_us_median": statistics.median(sends) * 1e6}
 
 
+def codec_costs(num_requests: int, prompt_len: int, reps: int = 20) -> dict[str, float]:
+    """Encode and decode alone, in this process (no transport): best of 5 means over ``reps`` steps."""
+    from llmctl.executor import step_codec
+    from llmctl.executor.remote import encode_ops
+
+    ops = make_ops(num_requests, prompt_len, 0)
+    out: dict[str, float] = {}
+    for name, enc, dec in (("pickle", lambda: pickle.dumps(("step", ops), protocol=pickle.HIGHEST_PROTOCOL),
+                            pickle.loads),
+                           ("msgspec", lambda: encode_ops("step", ops), step_codec.decode_step)):
+        payload = enc()
+        out[f"{name}_encode_us"] = min(_mean_time(enc, reps) for _ in range(5)) * 1e6
+        out[f"{name}_decode_us"] = min(_mean_time(lambda p=payload, d=dec: d(p), reps) for _ in range(5)) * 1e6
+    return out
+
+
+def _mean_time(fn: Any, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
@@ -136,6 +159,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--gap-us", type=float, nargs="+", default=[0.0, 2000.0])
+    ap.add_argument("--modes", nargs=2, default=["pipe", "shm"], choices=["pipe", "shm"],
+                    help="the order the two transports run in, per case (swap it to see the load's drift)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     load_before = os.getloadavg()
@@ -143,7 +168,7 @@ def main() -> None:
     for n in a.requests:
         steps = a.steps if n <= 16 else max(20, a.steps // 4)
         for gap in a.gap_us:
-            pair = {m: run_case(m, a.ranks, n, a.prompt_len, steps, a.warmup, gap) for m in ("pipe", "shm")}
+            pair = {m: run_case(m, a.ranks, n, a.prompt_len, steps, a.warmup, gap) for m in a.modes}
             for m in ("pipe", "shm"):
                 rows.append(pair[m])
             p, s = pair["pipe"], pair["shm"]
@@ -151,8 +176,13 @@ def main() -> None:
                   f"(send {p['send_us_median']:8.1f}, {p['bytes']:8d} B) | shm+msgspec {s['step_us_median']:9.1f} "
                   f"us/step (send {s['send_us_median']:8.1f}, {s['bytes']:8d} B) | shm/pipe "
                   f"{s['step_us_median'] / p['step_us_median']:.2f}", flush=True)
+    codec = {n: codec_costs(n, a.prompt_len) for n in a.requests if n}
+    for n, c in codec.items():
+        print(f"{n:4d} requests, codec only | pickle encode {c['pickle_encode_us']:8.1f} decode "
+              f"{c['pickle_decode_us']:8.1f} us | msgspec encode {c['msgspec_encode_us']:8.1f} decode "
+              f"{c['msgspec_decode_us']:8.1f} us", flush=True)
     load_after = os.getloadavg()
-    result = {"host": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
+    result = {"codec": codec, "host": _cpu_name(), "cpus": os.cpu_count(), "python": platform.python_version(),
               "load_before": load_before, "load_after": load_after, "rows": rows}
     print(f"host: {result['host']}, {result['cpus']} CPUs; load average before {load_before}, after {load_after}")
     if a.out:
