@@ -253,6 +253,11 @@ class ShmRingReader:
         self._asleep_at = _FIXED_HEADER_BYTES + reader_index
         self._seq = 0
 
+    @property
+    def closed(self) -> bool:
+        """Whether the writer closed the ring (an orderly end), as opposed to vanishing."""
+        return self._buf is not None and bool(self._buf[_CLOSED_AT])
+
     def _check_writer(self, check: Callable[[], None] | None) -> None:
         if check is not None:
             check()

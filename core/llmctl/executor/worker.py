@@ -142,8 +142,15 @@ def _ring_reader(ring: Any, doorbell: Connection) -> Any:
     def next_payload() -> bytes:
         try:
             return ring.read(block=block)
-        except (RingClosed, WriterGone):
+        except RingClosed:
             raise _Stop from None
+        except WriterGone:
+            if ring.closed:  # the driver closed the ring, then its doorbells: an orderly stop
+                raise _Stop from None
+            # The driver died: nobody waits for this rank's teardown, and a full interpreter shutdown of a
+            # loaded engine on a busy machine takes seconds (while the parent watch cannot get the GIL).
+            logger.error("llmctl tensor-parallel rank: the driver is gone; exiting")
+            os._exit(1)
 
     return next_payload
 
