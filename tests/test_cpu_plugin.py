@@ -16,6 +16,8 @@ from llmctl.ops import reference
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 from llmctl.plugins import PluginManager
 
+from tests import native_builds
+
 SEED = int(os.environ.get("LLMCTL_TEST_SEED") or random.SystemRandom().randrange(2**31))
 
 
@@ -211,6 +213,8 @@ def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypat
     from llmctl_cpu import native
 
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    # what is tested is the cache and the degradation, not the code: an unoptimised build keys and loads the same way
+    monkeypatch.setattr(native, "CFLAGS", tuple("-O0" if f == "-O3" else f for f in native.CFLAGS))
     native._load.cache_clear()
     try:
         if native._compiler() is not None:
@@ -235,54 +239,20 @@ def test_native_kernels_build_into_the_cache_and_degrade_with_a_reason(monkeypat
         native._load.cache_clear()
 
 
-@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
-def test_kernels_compile_for_hosts_without_amx(tmp_path, target):
+@pytest.mark.parametrize("target", native_builds.TARGETS)
+def test_kernels_compile_for_hosts_without_amx(target):
     """The kernels build with -march=native, so this host only compiles its own paths; older x86 hosts (AVX2 only,
     AVX-512 without bf16, AVX512-BF16 without AMX) must build too, warning-free, or they silently lose every C
     kernel."""
-    import platform
-    import subprocess
-
-    from llmctl_cpu import native
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(tmp_path / "k.so"), str(native.SOURCE), "-lm"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
-
-
-_BUILD_NEEDS = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
-               "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
-
-
-def _runnable_build(target: str, tmp_path):
-    """The kernels compiled for ``-march=target`` and loaded, or a skip where this host cannot execute them."""
-    import ctypes
-    import platform
-    import subprocess
-
-    from llmctl_cpu import native
-    from llmctl_cpu.platform import cpu_info
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    if not all(flag in cpu_info().flags for flag in _BUILD_NEEDS.get(target, ())):
-        pytest.skip(f"this host cannot run a {target} build")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    so = tmp_path / f"k-{target}.so"
-    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    return native.NativeKernels(ctypes.CDLL(str(so)), so)
+    done = native_builds.build(target)
+    assert done.returncode == 0 and "warning" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512"])
-def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
+def test_float32_gemm_of_other_builds_is_batch_invariant(rng, target):
     """The float32 C GEMM as an AVX2-only host (x86-64-v3), an AVX-512 host and a generic x86-64 build (no GEMM:
     the engine falls back) compile it, run here where this CPU can execute that build."""
-    lib = _runnable_build(target, tmp_path)
+    lib = native_builds.runnable(target)
     if target == "x86-64":
         assert not lib.has_gemm_f32
         return
@@ -300,7 +270,7 @@ def test_float32_gemm_of_other_builds_is_batch_invariant(tmp_path, rng, target):
 
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cooperlake"])
-def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
+def test_bf16_gemm_of_other_builds(rng, target):
     """The bf16 GEMM as each x86 host kind builds it, run here where this CPU can execute that build: AVX2 + FMA
     (x86-64-v3) and AVX-512 without bf16 dot products (skylake-avx512) convert bf16 to float32 in registers,
     AVX512-BF16 (cooperlake) uses its dot products, a generic x86-64 build has none (oneDNN runs bf16 linears).
@@ -310,7 +280,7 @@ def test_bf16_gemm_of_other_builds(tmp_path, rng, target):
     from llmctl_cpu.ops import _interleave_gate_up
     from llmctl_cpu.ops import silu_and_mul as cpu_silu_and_mul
 
-    lib = _runnable_build(target, tmp_path)
+    lib = native_builds.runnable(target)
     if target == "x86-64":
         assert not lib.has_gemm_bf16
         return
@@ -1135,6 +1105,99 @@ def test_engine_hands_the_platform_its_kv_cache_before_any_step(tiny_llama_dir, 
     assert seen == [(len(caches), llm.llm_engine.core.cache_config.num_blocks, [c.data_ptr() for c in caches])]
     out = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0.0))
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def _resident_pages(t: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    """(resident, total) pages of the byte range [lo, hi) of ``t``'s storage, from mincore."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    page = 4096
+    start = (t.data_ptr() + lo) & ~(page - 1)
+    end = t.data_ptr() + hi
+    n = -(-(end - start) // page)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec), n
+
+
+def _fresh_cache(num_blocks: int, layers: int = 2) -> list[torch.Tensor]:
+    # 64 KiB per block per K/V half, so page rounding at the range edges is negligible; each layer on its own
+    # anonymous mapping, untouched until written (the heap could hand back pages an earlier test touched)
+    import mmap
+
+    shape = (2, num_blocks, 16, 1024)
+    out = []
+    for _ in range(layers):
+        buf = mmap.mmap(-1, 2 * num_blocks * 16 * 1024 * 4)
+        out.append(torch.frombuffer(buf, dtype=torch.float32).view(shape))
+    return out
+
+
+def _resident_blocks(caches: list[torch.Tensor], lo: int, hi: int) -> float:
+    per_block = 16 * 1024 * 4
+    res = tot = 0
+    for c in caches:
+        for half in range(2):
+            base = half * c.stride(0) * 4
+            r, n = _resident_pages(c, base + lo * per_block, base + hi * per_block)
+            res, tot = res + r, tot + n
+    return res / tot
+
+
+def test_kv_prefault_follows_the_blocks_reached_and_no_further(monkeypatch):
+    from llmctl_cpu.kv_prefault import populate
+    from llmctl_cpu.platform import KV_PREFAULT_ENV, CpuPlatform
+
+    if not populate([]):  # pragma: no cover - kernels before 5.14 fall back to zeroing the start-up slab
+        pytest.skip("no MADV_POPULATE_WRITE here")
+    caches = _fresh_cache(400)
+    monkeypatch.setenv(KV_PREFAULT_ENV, "4")  # 4 MiB over 2 layers x 2 halves x 64 KiB: 16 blocks
+    pf = CpuPlatform().prepare_kv_cache(caches, 400)
+    assert pf is not None and pf.requested == 16 and pf.ahead_blocks == 16
+    assert _resident_blocks(caches, 0, 16) == 1.0  # the start-up slab, faulted in now
+    assert _resident_blocks(caches, 16, 400) < 0.05  # nothing else
+    pf(5)  # the pool reached block 4: over half a slab still ahead, nothing to do
+    assert pf.requested == 16
+    pf(10)  # under half a slab ahead: up to a slab past the frontier goes to the worker
+    assert pf.requested == 26
+    pf.wait()
+    assert _resident_blocks(caches, 0, 26) == 1.0 and _resident_blocks(caches, 26, 400) < 0.05
+    pf(200)  # a jump (a long prompt's blocks): up to a slab past it, still not the whole cache
+    pf.wait()
+    assert pf.requested == 216
+    assert _resident_blocks(caches, 0, 216) == 1.0 and _resident_blocks(caches, 216, 400) < 0.05
+    pf(400)
+    pf.wait()
+    assert pf.requested == 400 and _resident_blocks(caches, 0, 400) == 1.0
+
+
+def test_kv_prefault_off_leaves_every_page_to_first_touch(monkeypatch):
+    from llmctl_cpu.platform import KV_PREFAULT_ENV, CpuPlatform
+
+    caches = _fresh_cache(40)
+    monkeypatch.setenv(KV_PREFAULT_ENV, "0")
+    assert CpuPlatform().prepare_kv_cache(caches, 40) is None
+    assert _resident_blocks(caches, 0, 40) < 0.05
+
+
+def test_engine_prefault_tracks_the_pool_frontier(tiny_llama_dir, monkeypatch):
+    from llmctl import LLM, SamplingParams
+    from llmctl_cpu.kv_prefault import KVPrefaulter
+    from llmctl_cpu.platform import KV_PREFAULT_ENV
+
+    monkeypatch.setenv(KV_PREFAULT_ENV, "1")
+    llm = LLM(str(tiny_llama_dir), dtype="float32", kv_cache_memory=64 << 20, block_size=16)
+    kv = llm.llm_engine.core.kv
+    [pf] = kv.pool.reached_listeners
+    assert isinstance(pf, KVPrefaulter) and pf.num_blocks == kv.pool.num_blocks
+    assert pf.requested == pf.ahead_blocks < pf.num_blocks // 4  # a small slab, not the cache
+    llm.generate([[5 + i] * 100 for i in range(24)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    pf.wait()
+    reached = kv.pool.reached
+    assert reached >= 24 * 7  # 24 sequences of 104 tokens held 7 blocks each at once
+    assert reached <= pf.requested <= reached + pf.ahead_blocks < pf.num_blocks
 
 
 # -- float32 linears: MKL's packed GEMM where its self-check passes, else the C GEMM -----------------------------

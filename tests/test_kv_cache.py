@@ -162,3 +162,22 @@ def test_kv_does_not_import_the_engine():
     code = "import sys, llmctl.kv.manager; print(sorted(m for m in sys.modules if m.startswith('llmctl.engine')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_reached_listeners_hear_the_frontier_grow_and_only_then():
+    kv = KVCacheManager(num_blocks=10, block_size=BS, enable_prefix_caching=False)
+    heard: list[int] = []
+    kv.add_reached_listener(heard.append)
+    kv.add_reached_listener(None)  # a platform without a listener
+    a, b = Seq("a", list(range(10))), Seq("b", list(range(100, 106)))
+    compute(kv, a)  # 3 blocks: ids 0..2
+    compute(kv, b)  # 2 blocks: ids 3..4
+    assert heard == [3, 5] and kv.pool.reached == 5
+    kv.free("a")
+    kv.free("b")
+    compute(kv, Seq("c", list(range(200, 204))))  # fresh ids first (the freed ones wait at the LRU tail): id 5
+    assert heard == [3, 5, 6]
+    for i in range(4):  # the remaining 4 fresh ids, then freed ones: the frontier stops at the cache's end
+        compute(kv, Seq(f"d{i}", list(range(300 + 8 * i, 308 + 8 * i))))
+    assert heard[-1] == 10 and kv.pool.reached == 10
+    assert heard == sorted(set(heard))  # strictly growing, one call per growth

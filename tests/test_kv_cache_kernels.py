@@ -3,10 +3,7 @@ CPU plugin's C write and attention (AVX-512 where the host has it, and the gener
 
 from __future__ import annotations
 
-import ctypes
-import platform
 import random
-import subprocess
 
 import pytest
 import torch
@@ -14,6 +11,7 @@ from llmctl import SamplingParams
 from llmctl.kv.cache_dtype import SCALE_BYTES, dequantize_rows, pack_rows
 from llmctl.ops.paged_attention import paged_attention_reference, write_kv_reference
 
+from tests import native_builds
 from tests.test_cpu_plugin import make_batch, random_specs
 
 KV8 = [torch.int8, torch.float8_e4m3fn, torch.float8_e5m2]
@@ -133,28 +131,16 @@ def test_prefill_rows_equal_decodes_bit_for_bit(lib, backend, kv_dtype):
     assert torch.equal(alone[0], whole[-1])
 
 
-def _build(target: str, tmp_path):
-    from llmctl_cpu import native
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    so = tmp_path / f"k-{target}.so"
-    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    return native.NativeKernels(ctypes.CDLL(str(so)), so)
-
-
 @pytest.mark.parametrize("target", ["x86-64", "skylake-avx512"])
 @pytest.mark.parametrize("kv_dtype", KV8, ids=IDS)
-def test_other_builds_write_and_attend_like_the_reference(tmp_path, rng, target, kv_dtype):
+def test_other_builds_write_and_attend_like_the_reference(rng, target, kv_dtype):
     """The generic build (scalar loops and code tables) and a plain AVX-512 build (no bf16 dot products, no AMX),
     compiled here and run on this CPU: same bytes written, same attention as the reference."""
     from llmctl_cpu.platform import cpu_info
 
     if target == "skylake-avx512" and "avx512bw" not in cpu_info().flags:
         pytest.skip("this host cannot run an AVX-512 build")
-    lib = _build(target, tmp_path)
+    lib = native_builds.runnable(target)
     for dtype, head_size, group in ((torch.float32, 64, 2), (torch.bfloat16, 128, 3), (torch.float32, 80, 1)):
         specs = random_specs(rng, 5)
         query, cache, md = quantized_batch(rng, specs, 16, 2, 2 * group, head_size, dtype, kv_dtype)

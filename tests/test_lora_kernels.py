@@ -5,15 +5,13 @@ The testkit clause is the same check a vendor's override gets."""
 
 from __future__ import annotations
 
-import ctypes
-import platform
-import subprocess
-
 import pytest
 import torch
 from llmctl.ops import reference
 from llmctl_testkit.checks import check_lora_shrink_expand, lora_case
 from llmctl_testkit.harness import ContractViolation
+
+from tests import native_builds
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -62,16 +60,8 @@ def test_cpu_kernel_reads_only_each_slots_real_rank():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_generic_build_without_avx512_matches_the_reference(tmp_path, dtype):
-    from llmctl_cpu import native
-
-    cc = native._compiler()
-    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs a C compiler targeting x86-64")
-    flags = ["-march=x86-64-v2" if f == "-march=native" else f for f in native.CFLAGS]
-    so = tmp_path / "k.so"
-    subprocess.run([cc, *flags, "-o", str(so), str(native.SOURCE), "-lm"], check=True, timeout=300)
-    lib = native.NativeKernels(ctypes.CDLL(str(so)), so)
+def test_generic_build_without_avx512_matches_the_reference(dtype):
+    lib = native_builds.runnable("x86-64")
     assert not lib.has_avx512
 
     def generic(x, y, a, b, token_slots, active_slots, ranks=None):

@@ -194,14 +194,10 @@ def test_load_rejects_incomplete_checkpoint(tiny_model_dirs):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
+def smollm2(smollm2_gguf, smollm2_hf_fp32):
     source = resolve_model(str(smollm2_gguf))
     ours = load_model(source, make_ctx(), make_registry())
-    theirs = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                  dtype=torch.float32).eval()
-    return source, ours, theirs
+    return source, ours, smollm2_hf_fp32
 
 
 def test_smollm2_gguf_matches_hf(smollm2):

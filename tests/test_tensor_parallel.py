@@ -153,14 +153,55 @@ def test_pp2_external_launcher_matches_pp1(kind, overrides, tmp_path, test_token
                                        atol=1e-4, rtol=1e-4)
 
 
+def test_tp2_pp2_external_launcher_matches_tp1(tmp_path, test_tokenizer, reference_outputs):
+    """Four ranks: two stages, each split over two ranks (tensor_parallel.RankLayout); every rank ends each step
+    with the last stage's gathered logits and samples what one process samples. One case only (four processes
+    on a small machine are slow): one KV head, so each stage replicates it on both of its ranks, and three
+    layers, so the stages are uneven; splitting KV heads is the tp=2 tests' case and does not depend on the
+    stages."""
+    model = make_tiny_model("llama", tmp_path / "model", test_tokenizer, num_key_value_heads=1, num_hidden_layers=3)
+    ref = reference_outputs(model)
+    for rank_out in _run_ranks(model, tmp_path, tp=2, pp=2):
+        for got, want in zip(rank_out, ref, strict=True):
+            assert got["tokens"] == want["tokens"]
+            torch.testing.assert_close(torch.tensor(got["logprobs"]), torch.tensor(want["logprobs"]),
+                                       atol=1e-4, rtol=1e-4)
+
+
 def test_pipeline_arguments_are_checked(tmp_path, test_tokenizer):
     from llmctl import LLM
     from llmctl.config import EngineArgs
 
-    with pytest.raises(ValueError, match="pipeline_parallel_size: 2 stages of tensor_parallel_size=2"):
-        EngineArgs(model="m", tensor_parallel_size=2, pipeline_parallel_size=2)
+    assert EngineArgs(model="m", tensor_parallel_size=2, pipeline_parallel_size=2).world_size == 4
     with pytest.raises(ValueError, match="pipeline_parallel_size: must be an integer >= 1"):
         EngineArgs(model="m", pipeline_parallel_size=0)
     model = make_tiny_model("llama", tmp_path / "model", test_tokenizer)  # 2 layers
     with pytest.raises(ValueError, match="pipeline_parallel_size: 3 stages need at least as many layers"):
         LLM(str(model), pipeline_parallel_size=3, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+def test_rank_layout_puts_each_stage_on_consecutive_ranks():
+    from llmctl.tensor_parallel import RankLayout
+
+    layout = RankLayout(tp=2, pp=3)
+    assert [layout.coords(r) for r in range(6)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [layout.stage_ranks(s) for s in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert [layout.pipeline_ranks(i) for i in range(2)] == [[0, 2, 4], [1, 3, 5]]
+
+
+def test_communicator_without_sub_groups_refuses_tp_with_pp():
+    """A platform whose communicator cannot form sub-groups still runs either kind of parallelism alone; both
+    together fail by name instead of mixing the stages' collectives on one group."""
+    from llmctl.plugins.types import Communicator
+    from llmctl.tensor_parallel import TensorParallelGroup, split_world
+
+    class Flat(Communicator):
+        name = "flat"
+        init = all_reduce = all_gather = broadcast = send = recv = barrier = None  # never called here
+
+    world = TensorParallelGroup(rank=1, size=4, communicator=Flat())
+    with pytest.raises(ValueError, match="pipeline_parallel_size: 2 stages of tensor_parallel_size=2 ranks need "
+                                         "sub-groups.*'flat' cannot form sub-groups"):
+        split_world(world, 2, 2)
+    tp, pp = split_world(TensorParallelGroup(rank=1, size=2, communicator=Flat()), 1, 2)
+    assert (tp.size, pp.rank, pp.size) == (1, 1, 2)

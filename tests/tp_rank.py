@@ -12,10 +12,10 @@ import torch
 PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "def fibonacci(n):"]
 
 
-def generate(llm) -> list[dict]:
+def generate(llm, max_tokens: int = 12) -> list[dict]:
     from llmctl import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=2, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2, ignore_eos=True)
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     result = []
     for out in outs:

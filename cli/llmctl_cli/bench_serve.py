@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import typer
 from llmctl.bench.cli import exit_with_error, percentile_rows, print_table
 from llmctl.bench.common import rounded
 
-from llmctl_cli.serve_load import plot_result, run_serve_load_sync
+from llmctl_cli.serve_load import append_tradeoff, plot_result, plot_tradeoff, run_serve_load_sync, tradeoff_point
 
 
 def serve(
@@ -29,6 +30,11 @@ def serve(
     timeout: float = typer.Option(600.0, help="Per-request timeout in seconds."),
     plot: str | None = typer.Option(None, help="Save latency histograms and throughput over time to this PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    tradeoff: str | None = typer.Option(
+        None, help="Append this run's TTFT/TPOT to this JSON-lines file and plot every run in it to the same "
+                   "name with .png: run once per server setting (e.g. --max-num-batched-tokens) to draw the "
+                   "trade-off curve."),
+    label: str | None = typer.Option(None, help="This run's name on the --tradeoff plot (default: run N)."),
 ) -> None:
     """Drive an OpenAI-compatible server with streamed /v1/completions; report TTFT/TPOT/ITL/E2E."""
     try:
@@ -40,6 +46,9 @@ def serve(
         raise exit_with_error(exc) from None
     if plot:
         plot_result(r, plot)
+    if tradeoff:
+        points = append_tradeoff(tradeoff, tradeoff_point(r, label or ""))
+        plot_tradeoff(points, str(Path(tradeoff).with_suffix(".png")))
     if as_json:
         typer.echo(json.dumps(rounded(r.to_dict())))
     else:

@@ -158,6 +158,10 @@ def serve(
     long_prefill_token_threshold: int = typer.Option(
         0, help="Most prompt tokens of one request in one step (0 = no cap): long prefills and recomputes after "
                 "preemption are spread over steps, so the decodes beside them keep a short inter-token gap."),
+    max_num_partial_prefills: int | None = typer.Option(
+        None, help="Most requests with a prompt chunk in one step (0 = no cap; default: the platform's, 1 on CPU "
+                   "when serving): prompts that arrive together enter one step each, which lowers TTFT under "
+                   "load and raises TPOT a little."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager",
                                        help="Run decode steps eagerly instead of replaying captured GPU graphs."),
@@ -300,6 +304,7 @@ def serve(
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            long_prefill_token_threshold=long_prefill_token_threshold,
+                           max_num_partial_prefills=max_num_partial_prefills, usage_context="openai_api_server",
                            enable_prefix_caching=enable_prefix_caching,
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,

@@ -287,3 +287,66 @@ def plot_result(result: ServeLoadResult, path: str, title: str | None = None) ->
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+@dataclass
+class TradeoffPoint:
+    """One server setting's place on the TTFT/TPOT curve: what a run at that setting measured."""
+
+    label: str
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    tpot_p50_ms: float
+    output_throughput: float
+    max_concurrency: int | None = None
+
+
+def tradeoff_point(result: ServeLoadResult, label: str) -> TradeoffPoint:
+    return TradeoffPoint(label, result.ttft_ms["p50"], result.ttft_ms["p90"], result.tpot_ms["p50"],
+                         result.output_throughput, result.max_concurrency)
+
+
+def append_tradeoff(path: str, point: TradeoffPoint) -> list[TradeoffPoint]:
+    """Add ``point`` to the JSON-lines file ``path`` (one run per line, created when missing); return every
+    point in it. Why a file: each point is a separate server launch (the setting is the server's), so the curve
+    is gathered over several ``llmctl bench serve`` runs. An empty label becomes ``run N``."""
+    from pathlib import Path
+
+    p = Path(path)
+    lines = [line for line in (p.read_text().splitlines() if p.exists() else []) if line.strip()]
+    if not point.label:
+        point = TradeoffPoint(**{**asdict(point), "label": f"run {len(lines) + 1}"})
+    lines.append(json.dumps(asdict(point)))
+    p.write_text("\n".join(lines) + "\n")
+    return [TradeoffPoint(**json.loads(line)) for line in lines]
+
+
+def plot_tradeoff(points: list[TradeoffPoint], path: str, title: str | None = None) -> None:
+    """Save a PNG of TTFT against TPOT, one marker per run in the given order (p50 solid, p90 hollow), each
+    labelled, plus output throughput per run: the cost in decode speed of each TTFT gain is read off directly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not points:
+        raise ValueError("points: the trade-off plot needs at least one run")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
+    xs = [p.tpot_p50_ms for p in points]
+    ax.plot(xs, [p.ttft_p50_ms for p in points], marker="o", color="tab:blue", label="TTFT p50")
+    ax.plot(xs, [p.ttft_p90_ms for p in points], marker="o", mfc="none", linestyle="--", color="tab:blue",
+            label="TTFT p90")
+    for p in points:
+        ax.annotate(p.label, (p.tpot_p50_ms, p.ttft_p50_ms), textcoords="offset points", xytext=(5, 5))
+    ax.set_xlabel("TPOT p50 (ms)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_title("TTFT against TPOT")
+    ax.legend()
+    bx.bar(range(len(points)), [p.output_throughput for p in points], color="tab:green")
+    bx.set_xticks(range(len(points)), [p.label for p in points], rotation=30, ha="right")
+    bx.set_ylabel("output tokens/s")
+    bx.set_title("throughput")
+    fig.suptitle(title or "TTFT/TPOT trade-off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

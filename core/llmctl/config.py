@@ -34,6 +34,9 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype | None:
     return _DTYPES[value.lower()]
 
 
+USAGE_CONTEXTS = (None, "llm_class", "engine_context", "openai_api_server")
+
+
 @dataclass
 class EngineArgs:
     model: str
@@ -56,6 +59,15 @@ class EngineArgs:
     # prefill, or a preempted request's recompute, is spread over several steps and the decodes sharing those
     # steps keep a short inter-token gap.
     long_prefill_token_threshold: int = 0
+    # vLLM's name: the most requests with a prompt chunk in one step (0 = no cap; None = the platform's default,
+    # which the CPU sets to 1 for an online engine, see the CPU platform's configure). Prompts that arrive
+    # together then enter one step each, so their streams finish, and their successors arrive, spread over
+    # steps instead of in waves that every new prompt queues behind.
+    max_num_partial_prefills: int | None = None
+    # vLLM's UsageContext, as a string: "llm_class" (the offline LLM), "engine_context" (an AsyncLLM built
+    # directly), "openai_api_server" (llmctl serve); None = not said. Platforms may pick different defaults for
+    # offline throughput and for online latency, as vLLM's do.
+    usage_context: str | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
     device: str | None = None
@@ -96,7 +108,8 @@ class EngineArgs:
     # "ray" (Ray actors, on one machine or several), "external_launcher" (this process is one rank, started with
     # the others by torchrun or a job scheduler), "uni" (this process alone).
     tensor_parallel_size: int = 1
-    # pipeline_parallel_size stages each hold a contiguous run of layers (not combined with tensor parallelism yet)
+    # pipeline_parallel_size stages each hold a contiguous run of layers (each stage split over tensor_parallel_size
+    # ranks when both are set: tensor_parallel.RankLayout)
     pipeline_parallel_size: int = 1
     # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
     # frontend that routes each request to one of them (llmctl.executor.data_parallel)
@@ -144,6 +157,12 @@ class EngineArgs:
         lpt = self.long_prefill_token_threshold
         if isinstance(lpt, bool) or not isinstance(lpt, int) or lpt < 0:
             raise ValueError(f"long_prefill_token_threshold: must be an integer >= 0 (0 = no cap), got {lpt!r}")
+        mpp = self.max_num_partial_prefills
+        if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, int) or mpp < 0):
+            raise ValueError(f"max_num_partial_prefills: must be an integer >= 0 (0 = no cap), got {mpp!r}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(f"usage_context: must be one of {', '.join(map(str, USAGE_CONTEXTS))}, "
+                             f"got {self.usage_context!r}")
         if self.generation_config not in ("auto", "none", "vllm"):
             raise ValueError(f"generation_config: must be 'auto' or 'none', got {self.generation_config!r}")
         from llmctl.quantization import normalize_method
@@ -180,9 +199,6 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
         if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
             raise ValueError(f"pipeline_parallel_size: must be an integer >= 1, got {pp!r}")
-        if tp > 1 and pp > 1:
-            raise ValueError(f"pipeline_parallel_size: {pp} stages of tensor_parallel_size={tp} ranks are not "
-                             f"supported yet; use one of the two")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "
@@ -195,7 +211,8 @@ class EngineArgs:
         if world == 1:
             return
         refused = [("speculative_config", self.speculative_config is not None),
-                   ("quantization", self.quantization is not None), ("runner", self.runner == "pooling"),
+                   ("quantization", self.quantization is not None and pp > 1),  # shards with tensor parallelism
+                   ("runner", self.runner == "pooling"),
                    ("enable_lora", self.enable_lora and pp > 1)]  # LoRA shards with tensor parallelism only
         for name, used in refused:
             if used:
@@ -307,3 +324,4 @@ class SchedulerConfig:
     max_model_len: int
     max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)
     long_prefill_token_threshold: int = 0  # most prompt tokens of one request in one step (0: no cap)
+    max_num_partial_prefills: int = 0  # most requests with a prompt chunk in one step (0: no cap)

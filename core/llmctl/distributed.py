@@ -8,10 +8,13 @@ owning process groups live here once:
   creates no global process group that a later ``init_process_group`` (by the user or a test) would hit.
 * With more ranks it owns the default group only if it created it; when something else (torchrun, Ray, the
   user) already initialised torch.distributed with the same world, it builds a private group on that world.
+* Sub-groups (``new_group``: the tensor-parallel group of each pipeline stage) number their ranks within the
+  group, so ``send``, ``recv`` and ``broadcast`` pass torch the group's ranks (``group_dst``/``group_src``).
 """
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 
 import torch
@@ -68,6 +71,26 @@ class TorchDistributedCommunicator(Communicator):
             self._owns_default = True
             self._group = dist.group.WORLD
 
+    def new_group(self, ranks: list[int]) -> TorchDistributedCommunicator:
+        """``dist.new_group`` over ``ranks`` of this group, which every rank of this group enters (torch's rule).
+        A rank outside ``ranks`` gets an inactive communicator."""
+        if not self._active or self.world_size == 1:
+            raise RuntimeError(f"communicator {self.name!r}: new_group needs an initialised group of several ranks")
+        if sorted(set(ranks)) != sorted(ranks) or not all(0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"new_group: ranks {ranks} must be distinct ranks below world_size {self.world_size}")
+        ranks = sorted(ranks)  # torch numbers a group's ranks in increasing order
+        global_ranks = [dist.get_global_rank(self._group, r) for r in ranks] \
+            if self._group is not dist.group.WORLD else list(ranks)
+        group = dist.new_group(ranks=global_ranks, backend=self.backend_name(),
+                               timeout=timedelta(seconds=self.timeout_s))
+        sub = copy.copy(self)
+        sub._owns_default = False
+        sub._group = group
+        sub.world_size = len(ranks)
+        sub.rank = ranks.index(self.rank) if self.rank in ranks else -1
+        sub._active = self.rank in ranks
+        return sub
+
     def _has_peers(self) -> bool:
         if not self._active:
             raise RuntimeError(f"communicator {self.name!r} used before init()")
@@ -92,19 +115,19 @@ class TorchDistributedCommunicator(Communicator):
         if not self._has_peers():
             return tensor
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-        dist.broadcast(buf, src=src, group=self._group)
+        dist.broadcast(buf, group=self._group, group_src=src)
         return tensor if buf is tensor else tensor.copy_(buf)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         if not self._has_peers():
             raise ValueError("send needs a peer; world_size is 1")
-        dist.send(tensor.contiguous(), dst=dst, group=self._group)
+        dist.send(tensor.contiguous(), group=self._group, group_dst=dst)
 
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if not self._has_peers():
             raise ValueError("recv needs a peer; world_size is 1")
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
-        dist.recv(buf, src=src, group=self._group)
+        dist.recv(buf, group=self._group, group_src=src)
         return tensor if buf is tensor else tensor.copy_(buf)
 
     def barrier(self) -> None:

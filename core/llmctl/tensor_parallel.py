@@ -13,7 +13,7 @@ import copy
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class TensorParallelGroup:
     rank: int = 0
     size: int = 1
     communicator: Communicator | None = None
+    # Sub-groups made from this one's communicator (a pipeline stage's tensor-parallel group, a column of
+    # stages), released before it.
+    children: list[Communicator] = field(default_factory=list)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
@@ -44,12 +47,38 @@ class TensorParallelGroup:
         return self.communicator.all_gather(tensor, dim=dim)
 
     def destroy(self) -> None:
+        for child in self.children:
+            child.destroy()
+        self.children = []
         if self.communicator is not None:
             self.communicator.destroy()
             self.communicator = None
 
 
 SINGLE = TensorParallelGroup()
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """Where each rank of a replica sits when tensor and pipeline parallelism combine, as vLLM lays them out:
+    rank ``r`` is tensor-parallel rank ``r % tp`` of stage ``r // tp``. A stage's ranks are consecutive (on one
+    machine they share the fast links the all-reduces need); the ranks of one tensor-parallel index across the
+    stages form a pipeline, which passes that index's copy of the activations from stage to stage."""
+
+    tp: int
+    pp: int
+
+    def coords(self, rank: int) -> tuple[int, int]:
+        """(stage, tensor-parallel rank) of ``rank``."""
+        return divmod(rank, self.tp)
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The tensor-parallel group of ``stage``."""
+        return [stage * self.tp + i for i in range(self.tp)]
+
+    def pipeline_ranks(self, tp_rank: int) -> list[int]:
+        """The pipeline of tensor-parallel rank ``tp_rank``: its rank in each stage, first stage first."""
+        return [s * self.tp + tp_rank for s in range(self.pp)]
 
 
 @dataclass(frozen=True)
@@ -192,6 +221,35 @@ class PipelineStage:
             return tensor
         assert self.communicator is not None
         return self.communicator.broadcast(tensor, src=self.size - 1)
+
+
+def split_world(world: TensorParallelGroup, tp: int, pp: int) -> tuple[TensorParallelGroup, PipelineStage]:
+    """This rank's tensor-parallel group and pipeline stage within ``world`` (``tp * pp`` ranks). With only one
+    kind of parallelism the world is that group; with both, sub-groups of the world's communicator are made
+    (every rank creates every group, in the same order, as torch.distributed requires) and the world keeps
+    them so that destroying it releases them too."""
+    if world.size != tp * pp:
+        raise ValueError(f"tensor_parallel_size: {tp} x pipeline_parallel_size {pp} ranks, but the group has "
+                         f"{world.size}")
+    if pp == 1:
+        return world, PipelineStage()
+    if tp == 1:
+        return TensorParallelGroup(), PipelineStage(world.rank, world.size, world.communicator)
+    assert world.communicator is not None
+    layout = RankLayout(tp, pp)
+    stage, tp_rank = layout.coords(world.rank)
+    try:
+        stage_comms = [world.communicator.new_group(layout.stage_ranks(s)) for s in range(pp)]
+        pipe_comms = [world.communicator.new_group(layout.pipeline_ranks(i)) for i in range(tp)]
+    except NotImplementedError as exc:
+        raise ValueError(f"pipeline_parallel_size: {pp} stages of tensor_parallel_size={tp} ranks need sub-groups "
+                         f"of the platform's communicator ({exc}); use one of the two") from None
+    world.children = [c for i, c in enumerate(stage_comms) if i != stage] + \
+        [c for i, c in enumerate(pipe_comms) if i != tp_rank] + [stage_comms[stage], pipe_comms[tp_rank]]
+    logger.info("parallel layout: rank %d is tensor-parallel rank %d of stage %d (stage ranks %s, pipeline ranks "
+                "%s)", world.rank, tp_rank, stage, layout.stage_ranks(stage), layout.pipeline_ranks(tp_rank))
+    return (TensorParallelGroup(tp_rank, tp, stage_comms[stage]),
+            PipelineStage(stage, pp, pipe_comms[tp_rank]))
 
 
 def check_pipeline_splittable(hf_config: Any, size: int) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from llmctl.plugins.types import DecodeGraphSpec, DecodeStepRunner, DeviceInfo, Platform, ProbeResult
 
+from llmctl_cpu.kv_prefault import KVPrefaulter, blocks_for_bytes
+
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "LLMCTL_CPU_THREADS"
@@ -23,6 +25,15 @@ THREADS_ENV = "LLMCTL_CPU_THREADS"
 # 16-prompt wave in one step), offline throughput equal or better (docs/performance.md). GEMMs are already at full
 # speed at 1024 rows.
 CPU_MAX_NUM_BATCHED_TOKENS = 1024
+# Online engines (an AsyncLLM, llmctl serve) take one request's prompt per step. Why: a CPU step costs about
+# its token count, so prompts that arrive together and share a step all wait for the whole step; worse, their
+# streams then decode in lockstep, finish together, and their successors arrive together again, so every prompt
+# queues behind a wave. One prompt per step staggers the streams within the first wave, after which a new prompt
+# waits for about one step (TTFT falls several-fold at 16 streams) while TPOT rises by the share of steps that
+# carry a prompt. Offline runs keep whole waves: stepping prompts one by one costs them throughput
+# (docs/performance.md, "Served latency under load").
+CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS = 1
+ONLINE_USAGE_CONTEXTS = ("engine_context", "openai_api_server")
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
@@ -193,7 +204,10 @@ def configure_threads(requested: Any = None) -> int:
 
 
 KV_PREFAULT_ENV = "LLMCTL_CPU_KV_PREFAULT_MB"
-DEFAULT_KV_PREFAULT_MB = 1024
+# The start-up slab, and how far ahead of the blocks reached the pages are kept faulted in: one slab covers
+# well over a full 1024-token step's new blocks for the small models (SmolLM2-135M: ~180 blocks of 16 tokens,
+# bf16), so the worker refills it long before a step can outrun it.
+DEFAULT_KV_PREFAULT_MB = 64
 
 
 def kv_prefault_bytes() -> int:
@@ -214,8 +228,7 @@ def prefault_kv_cache(kv_caches: list[torch.Tensor], num_blocks: int, budget_byt
     layout gets the same share of its leading bytes. Returns ``n``."""
     if not kv_caches or num_blocks <= 0 or budget_bytes <= 0:
         return 0
-    total = sum(t.numel() * t.element_size() for t in kv_caches)
-    n = min(num_blocks, budget_bytes * num_blocks // max(total, 1))
+    n = blocks_for_bytes(kv_caches, num_blocks, budget_bytes)
     if n <= 0:
         return 0
     with torch.no_grad():
@@ -283,15 +296,22 @@ class CpuPlatform(Platform):
         changes: dict[str, Any] = {}
         if hasattr(config, "max_num_batched_tokens") and config.max_num_batched_tokens is None:
             changes["max_num_batched_tokens"] = max(CPU_MAX_NUM_BATCHED_TOKENS, getattr(config, "block_size", 0) or 0)
+        if getattr(config, "max_num_partial_prefills", 0) is None and \
+                getattr(config, "usage_context", None) in ONLINE_USAGE_CONTEXTS:
+            changes["max_num_partial_prefills"] = CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS
         return changes
 
-    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
-        """Fault in the blocks handed out first, up to ``LLMCTL_CPU_KV_PREFAULT_MB`` (default 1024) MiB of the
-        cache, by zeroing them now. Why: every first touch of a fresh 4 KiB page is a page fault, several
-        microseconds on a VM; 64 sequences of 256 tokens touch ~370 MB of SmolLM2-135M's cache, and the faults
-        cost a few percent of the offline benchmark and of each decode step that entered new blocks, while zeroing
-        at start-up costs a fraction of a second per 512 MiB (figures in docs/performance.md)."""
-        prefault_kv_cache(kv_caches, num_blocks, kv_prefault_bytes())
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> KVPrefaulter | None:
+        """Fault in the first ``LLMCTL_CPU_KV_PREFAULT_MB`` (default 64) MiB of blocks now, and return the
+        ``KVPrefaulter`` that keeps as much faulted in ahead of the blocks the pool reaches (0: neither; pages
+        fault on first touch). Why: every first touch of a fresh 4 KiB page is a page fault, several microseconds
+        on a VM, which the steps entering new blocks would pay; a fixed share faulted in at start-up instead
+        (1 GiB before) made the process hold it whatever the workload used (figures in docs/performance.md)."""
+        nbytes = kv_prefault_bytes()
+        if not kv_caches or num_blocks <= 0 or nbytes <= 0:
+            return None
+        n = blocks_for_bytes(kv_caches, num_blocks, nbytes)
+        return KVPrefaulter(kv_caches, num_blocks, initial_blocks=n, ahead_blocks=max(n, 1))
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
         """All-decode steps recorded once and replayed from C (``llmctl_cpu.graph``), when the C kernels are built;

@@ -16,6 +16,7 @@ requests are waiting.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -79,6 +80,8 @@ class _Stream:
 
 class AsyncLLM:
     def __init__(self, args: EngineArgs, engine: LLMEngine | None = None) -> None:
+        if args.usage_context is None:  # an online engine: platforms pick latency defaults (vLLM's ENGINE_CONTEXT)
+            args = dataclasses.replace(args, usage_context="engine_context")
         self.args = args
         limit_malloc_arenas()
         self.engine = engine if engine is not None else _build_engine_off_main_thread(args)

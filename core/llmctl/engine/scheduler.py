@@ -1,7 +1,8 @@
 """Decides what runs each step and applies what the step produced: continuous batching under a token budget,
-chunked prefill, FCFS admission, preemption by recompute of the newest request when KV blocks run out; then
-(``update_from_output``) computed tokens, rejected drafts, new tokens and the stop checks. The scheduler is the
-one component that changes a ``Request``'s progress and status.
+chunked prefill, at most ``max_num_partial_prefills`` prompts per step (when set), FCFS admission, preemption by
+recompute of the newest request when KV blocks run out; then (``update_from_output``) computed tokens, rejected
+drafts, new tokens and the stop checks. The scheduler is the one component that changes a ``Request``'s progress
+and status.
 """
 
 from __future__ import annotations
@@ -121,12 +122,15 @@ class Scheduler:
         scheduled_ids: set[str] = set()
         loras: set[int] = set()
 
+        # Requests with a prompt chunk in this step (max_num_partial_prefills); a decode computes one known token.
+        prefills = 0
+        max_prefills = self.config.max_num_partial_prefills or (1 << 62)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             known = req.num_tokens - req.num_computed_tokens
             num_new = min(known + len(req.spec_token_ids), budget, self._chunk_cap(req))
-            if num_new <= 0 or not self._lora_fits(req, loras):
+            if num_new <= 0 or (known > 1 and prefills >= max_prefills) or not self._lora_fits(req, loras):
                 i += 1
                 continue
             spec = req.spec_token_ids[:max(0, num_new - known)]
@@ -141,6 +145,7 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new, spec))
             scheduled_ids.add(req.request_id)
             budget -= num_new
+            prefills += known > 1
             i += 1
 
         if not out.preempted:
@@ -162,6 +167,9 @@ class Scheduler:
                 cached = usable_prefix(req, cached, self.kv.block_size)
                 num_new = min(req.num_tokens - req.num_computed_tokens - len(cached) * self.kv.block_size, budget,
                               self._chunk_cap(req))
+                if num_new > 1 and prefills >= max_prefills:
+                    break  # FCFS: later prompts wait too. A one-token remainder (a cached prompt, an n > 1
+                    # sibling over its leader's blocks) costs what a decode does and is not held back.
                 if not encoder_chunk_ok(req, len(cached) * self.kv.block_size, num_new):
                     break  # an encoder runs whole (bidirectional); the budget is fuller next step
                 if req.pooling_params is not None and num_new < req.num_tokens:
@@ -178,6 +186,7 @@ class Scheduler:
                 self.running.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
+                prefills += num_new > 1
             self.waiting.extendleft(reversed(skipped))
         return out
 

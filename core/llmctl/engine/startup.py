@@ -41,6 +41,7 @@ from llmctl.tensor_parallel import (
     check_splittable,
     init_group,
     launcher_address,
+    split_world,
 )
 
 # Start-up logs under the engine core's name, as before start-up had its own module, so log filters keep working.
@@ -124,14 +125,11 @@ class EngineStartup:
             raise ValueError(f"tensor_parallel_size: {args.tensor_parallel_size} x pipeline_parallel_size "
                              f"{args.pipeline_parallel_size} ranks, but this process was started as rank "
                              f"{address.rank} of {address.world_size}")
-        # Every rank of the replica in one group; it is the tensor-parallel group or the pipeline's, never both
-        # (EngineArgs refuses the combination).
+        # Every rank of the replica in one group; with both kinds of parallelism, each stage's tensor-parallel
+        # group and each pipeline are sub-groups of it (tensor_parallel.RankLayout).
         self.world: TensorParallelGroup = init_group(
             address, plugins.registry.communicator_for(self.platform.name), self.platform.name)
-        pp = args.pipeline_parallel_size > 1
-        self.tp = TensorParallelGroup() if pp else self.world
-        self.pp = PipelineStage(self.world.rank, self.world.size, self.world.communicator) if pp else \
-            PipelineStage()
+        self.tp, self.pp = split_world(self.world, args.tensor_parallel_size, args.pipeline_parallel_size)
         self.device = self.platform.torch_device(address.local_rank) if self.world.size > 1 else \
             self.platform.torch_device()
         dtype = resolve_dtype(args.dtype, hf_config, self.platform.supported_dtypes(),
@@ -199,7 +197,8 @@ class EngineStartup:
                                  f"must be >= max_model_len ({self.model_config.max_model_len}), got {mnbt}")
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None,
-                                                long_prefill_token_threshold=args.long_prefill_token_threshold)
+                                                long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                                max_num_partial_prefills=args.max_num_partial_prefills or 0)
         check_encoder_decoder(self.model, args, mnbt)
         self.cache_config = size_kv_cache(self, spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
@@ -208,9 +207,10 @@ class EngineStartup:
         # (the testkit poisons unused slots to hold them to that).
         kv_caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device)
                      for _ in range(spec.num_layers)]
-        self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
+        kv_reached = self.platform.prepare_kv_cache(kv_caches, self.cache_config.num_blocks)
         self.kv = KVCacheManager(self.cache_config.num_blocks, args.block_size,
                                  args.enable_prefix_caching and not self.runner_plan.pooling)
+        self.kv.add_reached_listener(kv_reached)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         draft = load_draft_proposer(draft_source, self) if draft_source is not None else \
             load_eagle_proposer(eagle_source, self) if eagle_source is not None else \
@@ -308,12 +308,17 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     if not getattr(model_cls, "supports_tensor_parallel", False):
         archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
         raise ValueError(f"tensor_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
-                         f"which has no tensor-parallel implementation yet (the Llama family has: Llama, Mistral, "
-                         f"Qwen2, Qwen3); use tensor_parallel_size=1")
-    if quant is not None:
-        raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) do not shard yet; use "
-                         f"tensor_parallel_size=1")
+                         f"which has no tensor-parallel implementation yet (the Llama family and the native "
+                         f"decoder families have); use tensor_parallel_size=1")
+    model_check = getattr(model_cls, "check_tensor_parallel", None)  # a model's own limits (the decoder families')
+    if callable(model_check):
+        model_check(hf_config, size, quant)
+        return
     check_splittable(hf_config, size)
+    if quant is not None:  # a split that would cut a quantization group or block is refused before ranks start
+        from llmctl.quantization.sharding import check_row_splits
+
+        check_row_splits(quant, hf_config, size)
 
 
 def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quant: Any) -> None:
@@ -335,8 +340,8 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
 
     cfg = {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
-                args.max_num_batched_tokens, args.long_prefill_token_threshold, args.enable_prefix_caching,
-                args.tensor_parallel_size,
+                args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
+                args.enable_prefix_caching, args.tensor_parallel_size,
                 args.pipeline_parallel_size)
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 

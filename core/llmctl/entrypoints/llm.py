@@ -32,6 +32,7 @@ from llmctl.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str, **engine_args: Any) -> None:
+        engine_args.setdefault("usage_context", "llm_class")  # offline: platforms pick throughput defaults
         self.engine_args = EngineArgs.from_kwargs(model, **engine_args)
         self.llm_engine = LLMEngine(self.engine_args)
 

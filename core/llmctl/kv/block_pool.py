@@ -8,6 +8,7 @@ from the least recently freed end, which makes that the eviction order.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -27,6 +28,10 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}
+        # One past the highest block id ever handed out: fresh ids go out in order, so this is how far into the
+        # cache the workload has reached. Listeners (the platform's prefaulter) hear each time it grows.
+        self.reached = 0
+        self.reached_listeners: list[Callable[[int], None]] = []
 
     @property
     def num_free(self) -> int:
@@ -48,6 +53,11 @@ class BlockPool:
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
+        top = max((b.block_id for b in out), default=-1) + 1
+        if top > self.reached:
+            self.reached = top
+            for listener in self.reached_listeners:
+                listener(top)
         return out
 
     def lookup(self, block_hash: bytes) -> KVBlock | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from llmctl.kv.block_pool import BlockPool, KVBlock
@@ -53,6 +53,13 @@ class KVCacheManager:
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
+
+    def add_reached_listener(self, listener: Callable[[int], None] | None) -> None:
+        """Call ``listener(n)`` whenever the highest block id handed out grows to ``n - 1`` (``None``: nothing).
+        Why: a platform that faults host memory in ahead of use (``Platform.prepare_kv_cache``'s return) follows
+        the blocks the workload actually reaches."""
+        if listener is not None:
+            self.pool.reached_listeners.append(listener)
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table: the manager's own list, which later allocations extend and ``trim``

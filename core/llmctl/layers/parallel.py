@@ -25,6 +25,8 @@ class MergedColumnParallelLinear(MergedLinear):
     """Stacked projections (gate/up) split by output rows: each rank holds its rows of every stacked part, so
     the stacked layout (and the platform's fused SiLU-and-mul over it) is unchanged on the rank."""
 
+    tp_split = "output"
+
     def __init__(self, in_features: int, output_sizes: list[int], *, bias: bool, dtype: torch.dtype,
                  device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
         self.tp = tp
@@ -34,6 +36,9 @@ class MergedColumnParallelLinear(MergedLinear):
         self.full_output_sizes = list(output_sizes)  # the checkpoint's rows (what a LoRA adapter's B spans)
 
     def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:  # it knows where its tensors' rows run
+            super().load_shard(param, shard, tensor, name)
+            return
         rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
             if self.tp.size > 1 else tensor
         super().load_shard(param, shard, rows, name)
@@ -42,6 +47,8 @@ class MergedColumnParallelLinear(MergedLinear):
 class QKVParallelLinear(MergedLinear):
     """q, k and v stacked and split by heads: each rank holds ``num_heads / tp`` query heads and the KV heads
     they attend with (one replicated KV head per rank when there are fewer KV heads than ranks)."""
+
+    tp_split = "output"
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, bias: bool,
                  dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
@@ -54,14 +61,62 @@ class QKVParallelLinear(MergedLinear):
         self.full_output_sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
 
     def load_shard(self, param: torch.Tensor, shard: int, tensor: Any, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:  # it knows where its tensors' rows run
+            super().load_shard(param, shard, tensor, name)
+            return
         rows = read_slice(tensor, 0, self.shard_starts[shard], self.output_sizes[shard]) \
             if self.tp.size > 1 else tensor
         super().load_shard(param, shard, rows, name)
 
 
+class ColumnParallelLinear(Linear):
+    """One projection split by output rows (a plain MLP's fc1): each rank computes its columns of the output, and
+    the row-parallel layer after it takes them as its input slice. Its bias is split with the rows."""
+
+    tp_split = "output"
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+                 device: torch.device, tp: TensorParallelGroup = SINGLE, what: str = "out_features") -> None:
+        self.tp = tp
+        local = split_evenly(out_features, tp.size, what)
+        super().__init__(in_features, local, bias=bias, dtype=dtype, device=device)
+        self.shard_starts = [tp.rank * local]
+        self.full_output_sizes = [out_features]  # the checkpoint's rows (what a LoRA adapter's B spans)
+
+    def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:  # packed rows: the quantizer reads its part
+            pname = next(n for n, p in self._parameters.items() if p is param)
+            self.quantizer.load_param(self, pname, tensor, name)
+            return
+        if self.tp.size > 1:
+            tensor = read_slice(tensor, 0, self.shard_starts[0], self.out_features)
+        copy_checked(param.data, tensor, name)
+
+
+def load_stacked_tensor(layer: MergedLinear, param: torch.Tensor, tensor: Any, name: str) -> None:
+    """A checkpoint tensor that already stacks a merged layer's parts (Phi-3's qkv_proj and gate_up_proj, GPT-2's
+    c_attn): split at the checkpoint's part sizes, and under tensor parallelism only this rank's rows of each
+    part are read."""
+    tp = getattr(layer, "tp", SINGLE)
+    if tp.size == 1:
+        for shard, part in enumerate(tensor.split(layer.output_sizes, dim=0)):
+            layer.load_shard(param, shard, part, name)
+        return
+    full = layer.full_output_sizes
+    if tensor.shape[0] != sum(full):
+        raise ValueError(f"weight {name}: checkpoint shape {tuple(tensor.shape)} does not stack parts of {full} rows")
+    offset = 0
+    for shard, rows in enumerate(full):
+        part = read_slice(tensor, 0, offset + layer.shard_starts[shard], layer.output_sizes[shard])
+        MergedLinear.load_shard(layer, param, shard, part, name)  # already this rank's rows
+        offset += rows
+
+
 class RowParallelLinear(Linear):
     """Split by input columns: the rank's input is already its slice (the heads or intermediate columns it
     computed), its output a partial sum that the communicator adds up. The bias is added once, after the sum."""
+
+    tp_split = "input"
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device, tp: TensorParallelGroup = SINGLE, what: str = "in_features") -> None:
@@ -70,6 +125,10 @@ class RowParallelLinear(Linear):
                          device=device)
 
     def load_param(self, param: torch.Tensor, tensor: Any, name: str) -> None:
+        if self.quantizer is not None and param is not self.bias:  # its columns, in whole groups and words
+            pname = next(n for n, p in self._parameters.items() if p is param)
+            self.quantizer.load_param(self, pname, tensor, name)
+            return
         if self.tp.size > 1 and param is self.weight:
             tensor = read_slice(tensor, 1, self.tp.rank * self.in_features, self.in_features)
         copy_checked(param.data, tensor, name)

@@ -121,11 +121,33 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_hf_tensors(g: GGUFFile, keep_quantized: Callable[[str], bool] | None = None
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+class LazyBlocks:
+    """A block-quantized tensor's raw rows in the memory map, not read yet: a tensor-parallel rank reads only its
+    rows (after llama.cpp's q/k row order is undone) or its byte columns (whole blocks) of each row, like
+    ``llmctl.loader.weights.LazyTensor`` for safetensors."""
+
+    def __init__(self, blocks: np.ndarray, n_head: int | None) -> None:
+        self._blocks = blocks  # read-only view of the map
+        self._rows = None if n_head is None else _unpermute_rows(np.arange(blocks.shape[0]), n_head)
+        self.shape = tuple(blocks.shape)
+
+    def read(self) -> torch.Tensor:
+        return self.read_slice(0, 0, self.shape[0])
+
+    def read_slice(self, dim: int, start: int, length: int) -> torch.Tensor:
+        b = self._blocks
+        if dim == 0:
+            rows = np.arange(start, start + length) if self._rows is None else self._rows[start:start + length]
+            return torch.from_numpy(b[rows])  # fancy indexing copies just those rows out of the map
+        cols = b[:, start:start + length]
+        return torch.from_numpy(np.ascontiguousarray(cols.copy() if self._rows is None else cols[self._rows]))
+
+
+def iter_hf_tensors(g: GGUFFile, keep_quantized: Callable[[str], bool] | None = None, lazy: bool = False
+                    ) -> Iterator[tuple[str, torch.Tensor | LazyBlocks]]:
     """(HF name, tensor) one at a time, dequantized as read (float32 for quantized and F16 data); tensors for
     which ``keep_quantized(hf_name)`` holds come as their raw blocks instead (uint8 ``[rows, row_bytes]``, rows
-    unpermuted like the values)."""
+    unpermuted like the values), as :class:`LazyBlocks` with ``lazy``."""
     # As transformers does: by file architecture (so Mistral files written as llama too), with head counts the
     # file states (no permutation when it omits one).
     n_head = g.metadata.get(f"{g.architecture}.attention.head_count")
@@ -135,7 +157,13 @@ def iter_hf_tensors(g: GGUFFile, keep_quantized: Callable[[str], bool] | None = 
         name = hf_tensor_name(gguf_name)
         if name is None:
             continue
-        w = g.raw(gguf_name) if keep_quantized is not None and keep_quantized(name) else g.dequantize(gguf_name)
+        raw = keep_quantized is not None and keep_quantized(name)
+        w = g.raw(gguf_name) if raw else g.dequantize(gguf_name)
+        if raw and lazy:
+            heads = (n_head if ".attn_q." in gguf_name else n_kv if ".attn_k." in gguf_name else None) \
+                if permute else None
+            yield name, LazyBlocks(w, heads)
+            continue
         if permute:
             if ".attn_q." in gguf_name:
                 w = _unpermute_rows(w, n_head)

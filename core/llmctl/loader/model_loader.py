@@ -122,15 +122,15 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
     quant = ctx.quant
     keep = None
     tensors = None
+    # A tensor-parallel rank reads only its slices, so the tensors stay unread until the layer that takes them.
+    lazy = ctx.tp.size > 1
     if quant is not None:
         from llmctl.quantization.layers import attach_quantization, checked_tensors
 
         covered = attach_quantization(model, quant)
         keep = getattr(quant, "keeps_quantized", None)
-        tensors = checked_tensors(iter_weights(source, keep), covered)
+        tensors = checked_tensors(iter_weights(source, keep, lazy=lazy), covered)
     # A progress bar on a terminal (tqdm turns itself off when stderr is not one): large checkpoints take a while.
-    # A tensor-parallel rank reads only its slices, so the tensors stay unread until the layer that takes them.
-    lazy = ctx.tp.size > 1
     weights = tqdm(tensors or iter_weights(source, keep, lazy=lazy), desc="Loading weights", unit=" tensors",
                    disable=None, leave=False)
     model.load_weights(weights)

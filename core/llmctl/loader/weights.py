@@ -44,9 +44,10 @@ class LazyTensor:
 def iter_weights(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None, lazy: bool = False
                  ) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
     """``keep_quantized`` (GGUF only): HF names whose blocks are handed over raw, for a quantization method.
-    ``lazy``: safetensors tensors come as :class:`LazyTensor` (GGUF ones are dequantized whole either way)."""
+    ``lazy``: safetensors tensors come as :class:`LazyTensor`, GGUF blocks kept quantized as ``LazyBlocks``
+    (the other GGUF tensors are dequantized whole either way)."""
     if source.gguf_file is not None:
-        yield from _iter_gguf(source, keep_quantized)
+        yield from _iter_gguf(source, keep_quantized, lazy)
         return
     files = safetensors_files(source.local_dir)
     if not files:
@@ -64,8 +65,8 @@ def _iter_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[s
                 yield name, LazyTensor(f.get_slice(name)) if lazy else f.get_tensor(name)
 
 
-def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None
-               ) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None = None, lazy: bool = False
+               ) -> Iterator[tuple[str, Any]]:
     """Dequantized one tensor at a time from the memory-mapped file, under Hugging Face names and with
     llama.cpp's q/k row permutation undone, so the result equals what transformers' ``from_pretrained`` loads.
     Architectures llmctl does not map itself go through transformers' loader."""
@@ -75,7 +76,7 @@ def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None
     path = source.local_dir / str(source.gguf_file)
     g = open_gguf(path)
     if g.architecture in FAST_ARCHS:
-        yield from iter_hf_tensors(g, keep_quantized)
+        yield from iter_hf_tensors(g, keep_quantized, lazy)  # lazy: raw blocks read by the rank's rows
         return
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

@@ -21,15 +21,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmctl.attention import AttentionMetadata
-from llmctl.layers import Attention, LMHead, MergedLinear, RMSNorm, VocabEmbedding
+from llmctl.layers import Attention, MergedLinear, RMSNorm, VocabEmbedding
 from llmctl.layers._module import EngineModule
-from llmctl.layers._params import copy_checked, empty_param
+from llmctl.layers._params import copy_checked, empty_param, materialize
 from llmctl.layers.attention import alibi_slopes
-from llmctl.layers.linear import Linear
 from llmctl.layers.mlp import SILU_ACTS, GatedMLP
+from llmctl.layers.parallel import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    load_stacked_tensor,
+)
 from llmctl.layers.rotary import RotaryEmbedding, rope_parameters
 from llmctl.models.base import KVCacheSpec, ModelContext
 from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP, FEATURE_SLIDING_WINDOW
+from llmctl.tensor_parallel import SINGLE, TensorParallelGroup, kv_head_slice, split_evenly
 
 # A checkpoint tensor transform: (canonical-ish name, tensor) -> the tensors to load instead.
 Transform = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
@@ -158,11 +167,13 @@ class GatedActMLP(EngineModule):
     """``down(act(gate(x)) * up(x))`` for activations other than SiLU (Gemma's tanh GELU)."""
 
     def __init__(self, hidden: int, inter: int, act: str, *, bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         self.act = activation(act)
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=bias, dtype=dtype, device=device)
-        self.down_proj = Linear(inter, hidden, bias=bias, dtype=dtype, device=device)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [inter, inter], bias=bias, dtype=dtype, device=device,
+                                                       tp=tp)
+        self.down_proj = RowParallelLinear(inter, hidden, bias=bias, dtype=dtype, device=device, tp=tp,
+                                           what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -173,11 +184,13 @@ class PlainMLP(EngineModule):
     """``fc2(act(fc1(x)))`` (GPT-2, GPT-NeoX, OPT, StarCoder2, ...)."""
 
     def __init__(self, hidden: int, inter: int, act: str, *, bias: bool, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         self.act = activation(act)
-        self.fc1 = Linear(hidden, inter, bias=bias, dtype=dtype, device=device)
-        self.fc2 = Linear(inter, hidden, bias=bias, dtype=dtype, device=device)
+        self.fc1 = ColumnParallelLinear(hidden, inter, bias=bias, dtype=dtype, device=device, tp=tp,
+                                        what="intermediate_size")
+        self.fc2 = RowParallelLinear(inter, hidden, bias=bias, dtype=dtype, device=device, tp=tp,
+                                     what="intermediate_size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -193,10 +206,10 @@ def make_mlp(spec: DecoderSpec, ctx: ModelContext, layer: int) -> nn.Module:
     if spec.moe is not None and spec.moe.dense_intermediate_size:
         inter = spec.moe.dense_intermediate_size
     if spec.mlp == "plain":
-        return PlainMLP(spec.hidden_size, inter, spec.act, bias=spec.mlp_bias, **kw)
+        return PlainMLP(spec.hidden_size, inter, spec.act, bias=spec.mlp_bias, tp=ctx.tp, **kw)
     if spec.act in SILU_ACTS:
-        return GatedMLP(spec.hidden_size, inter, spec.act, ctx.ops, bias=spec.mlp_bias, **kw)
-    return GatedActMLP(spec.hidden_size, inter, spec.act, bias=spec.mlp_bias, **kw)
+        return GatedMLP(spec.hidden_size, inter, spec.act, ctx.ops, bias=spec.mlp_bias, tp=ctx.tp, **kw)
+    return GatedActMLP(spec.hidden_size, inter, spec.act, bias=spec.mlp_bias, tp=ctx.tp, **kw)
 
 
 def build_rotary(hf_config: Any, head_dim: int, rotary_dim: int, ctx: ModelContext, *, neox_style: bool,
@@ -235,14 +248,20 @@ def build_rotary(hf_config: Any, head_dim: int, rotary_dim: int, ctx: ModelConte
 
 
 class DecoderAttention(EngineModule):
+    """Under tensor parallelism a rank computes its share of the heads, as in the Llama family: ``qkv_proj``
+    holds their rows (KV heads split, or replicated when there are fewer than ranks) and ``o_proj`` sums the
+    ranks' partial outputs. ALiBi slopes are the rank's heads' slopes."""
+
     def __init__(self, spec: DecoderSpec, ctx: ModelContext, layer: int, rotary: RotaryEmbedding | None) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.head_dim = spec.head_dim
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.num_heads, spec.num_kv_heads, self.head_dim,
+                                          bias=spec.qkv_bias, tp=ctx.tp, **kw)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_local_heads, self.qkv_proj.num_local_kv_heads
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(spec.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=spec.qkv_bias,
-                                     **kw)
-        self.o_proj = Linear(self.q_size, spec.hidden_size, bias=spec.o_bias, **kw)
+        self.o_proj = RowParallelLinear(spec.num_heads * self.head_dim, spec.hidden_size, bias=spec.o_bias, tp=ctx.tp,
+                                        what="num_attention_heads * head_dim", **kw)
         self.qk_norm = spec.qk_norm
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
@@ -255,7 +274,8 @@ class DecoderAttention(EngineModule):
         window = spec.windows[layer] if spec.windows else None
         slopes = None
         if spec.alibi:
-            slopes = (alibi_slopes(self.num_heads) * spec.extra.get("alibi_scale", 1.0)).to(ctx.device)
+            slopes = alibi_slopes(spec.num_heads) * spec.extra.get("alibi_scale", 1.0)
+            slopes = slopes[ctx.tp.rank * self.num_heads:(ctx.tp.rank + 1) * self.num_heads].to(ctx.device)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, spec.scale or self.head_dim**-0.5,
                               ctx.attention, window, logits_soft_cap=spec.attn_soft_cap, alibi_slopes=slopes)
 
@@ -328,7 +348,7 @@ class DecoderModel(EngineModule):
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
         self.spec = spec
-        self.embed_tokens = VocabEmbedding(spec.vocab_size, spec.hidden_size, **kw)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp=ctx.tp, **kw)
         self.embed_positions = (VocabEmbedding(spec.learned_positions, spec.hidden_size, **kw)
                                 if spec.learned_positions else None)
         self.embed_norm = make_norm(replace_norm(spec, "layer"), ctx) if spec.embed_norm else None
@@ -382,6 +402,33 @@ class DecoderForCausalLM(EngineModule):
     """Follows :class:`llmctl.models.base.CausalLM`. Subclasses only name the family (``spec_from_config``)."""
 
     family = ""
+    supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel); check_tensor_parallel refuses
+
+    @classmethod
+    def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None) -> None:
+        """Refuse at start-up, naming the family and the setting, what this decoder cannot split over ``size``
+        ranks: quantized checkpoints (the quantized split reads the Llama family's layers only), latent
+        attention (MLA), q/k norms over all heads, and widths the ranks do not divide."""
+        if size == 1:
+            return
+        if quant is not None:
+            raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) of the {cls.family} family "
+                             f"do not shard yet (the Llama family's do); use tensor_parallel_size=1")
+        spec = cls.spec_from_config(hf_config)
+        refused = "multi-head latent attention (MLA)" if spec.mla is not None else \
+            "a q/k RMSNorm over all heads (qk_norm over the full width)" if spec.qk_norm == "full" else None
+        if refused:
+            raise ValueError(f"tensor_parallel_size: the {cls.family} family uses {refused}, which has no "
+                             f"tensor-parallel split yet; use tensor_parallel_size=1")
+        split_evenly(spec.num_heads, size, "num_attention_heads")
+        kv_head_slice(spec.num_kv_heads, size, 0)
+        widths = [("intermediate_size", spec.intermediate_size)] if spec.moe is None else \
+            [("moe_intermediate_size", spec.moe.intermediate_size),
+             ("shared_expert_intermediate_size", spec.moe.shared_intermediate_size),
+             ("intermediate_size", spec.moe.dense_intermediate_size if spec.moe.dense_layers else 0)]
+        for what, width in widths:
+            if width:
+                split_evenly(width, size, what)
 
     @classmethod
     def spec_from_config(cls, hf_config: Any) -> DecoderSpec:
@@ -404,9 +451,9 @@ class DecoderForCausalLM(EngineModule):
         self.ctx = ctx
         self.spec = spec = self.spec_from_config(hf_config)
         self.model = DecoderModel(spec, hf_config, ctx)
-        self.lm_head = LMHead(spec.vocab_size, spec.hidden_size,
-                              tied_to=self.model.embed_tokens if spec.tie_word_embeddings else None,
-                              dtype=ctx.dtype, device=ctx.device)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size,
+                                      tied_to=self.model.embed_tokens if spec.tie_word_embeddings else None,
+                                      dtype=ctx.dtype, device=ctx.device, tp=ctx.tp)
         self.lm_head_bias = empty_param(spec.vocab_size, dtype=ctx.dtype, device=ctx.device) \
             if spec.lm_head_bias else None
 
@@ -426,9 +473,11 @@ class DecoderForCausalLM(EngineModule):
         return logits
 
     def kv_cache_spec(self) -> KVCacheSpec:
+        """Under tensor parallelism each rank caches only its KV heads."""
         windows = list(self.spec.windows) or [None]
         uniform = windows[0] if len(set(windows)) == 1 else None
-        return KVCacheSpec(num_layers=self.spec.num_layers, num_kv_heads=self.spec.num_kv_heads,
+        kv_heads = getattr(self.model.layers[0].self_attn, "num_kv_heads", self.spec.num_kv_heads)
+        return KVCacheSpec(num_layers=self.spec.num_layers, num_kv_heads=kv_heads,
                            head_size=self.spec.head_dim, sliding_window=uniform)
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -442,6 +491,8 @@ class DecoderForCausalLM(EngineModule):
                 name = pattern.sub(repl, name)
             if name == "lm_head.bias":
                 name = "lm_head_bias"
+            if spec.transforms and not isinstance(tensor, torch.Tensor):
+                tensor = materialize(tensor)  # a rank reads a transformed tensor whole, then takes its slice
             items = [(name, tensor)]
             for transform in spec.transforms:
                 items = [out for n, t in items for out in transform(n, t)]
@@ -459,7 +510,7 @@ class DecoderForCausalLM(EngineModule):
             if name == "lm_head.weight" and tied:
                 continue
             if self.spec.norm_offset and "norm" in name.rsplit(".", 2)[-2] and name.endswith(".weight"):
-                tensor = tensor.float() + self.spec.norm_offset
+                tensor = materialize(tensor).float() + self.spec.norm_offset
             if ".experts." in name:  # a mixture-of-experts layer stacks its experts' tensors itself
                 owner_name, rest = name.split(".experts.", 1)
                 owner = modules.get(owner_name)
@@ -478,13 +529,16 @@ class DecoderForCausalLM(EngineModule):
             else:
                 owner = modules.get(name.rsplit(".", 1)[0])
                 if isinstance(owner, MergedLinear) and name in params:  # a fused tensor in the checkpoint
-                    for shard, part in enumerate(tensor.split(owner.output_sizes, dim=0)):
-                        owner.load_shard(params[name], shard, part, name)
-                        loaded.add(f"{name}#{shard}")
+                    load_stacked_tensor(owner, params[name], tensor, name)
+                    loaded.update(f"{name}#{shard}" for shard in range(len(owner.output_sizes)))
                     continue
                 if name not in params:
                     raise ValueError(f"checkpoint tensor {name} has no place in {type(self).__name__}")
-                copy_checked(params[name].data, tensor, name)
+                load_param = getattr(owner, "load_param", None)  # a split layer reads its rank's slice itself
+                if load_param is not None:
+                    load_param(params[name], tensor, name)
+                else:
+                    copy_checked(params[name].data, tensor, name)
                 loaded.add(name)
         self._check_complete(loaded, params)
 

@@ -4,6 +4,11 @@ The experts run through the ``fused_moe`` op (core's torch reference, or a platf
 experts' gate/up weights stacked as ``[E, 2 * I, H]`` and their down weights as ``[E, H, I]``: one tensor per
 layer, the shape expert-parallel sharding cuts along ``E``. Routing stays here, in torch, because it differs
 per family (softmax then top-k, renormalised or not).
+
+Under tensor parallelism every expert is split like a dense MLP: each rank holds its slice of every expert's
+intermediate columns (``moe_intermediate_size / tp``), routes every token itself (the router is replicated), and
+the ranks' partial outputs are summed by one all-reduce. No expert-parallel (experts placed on different ranks)
+mode exists yet.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from llmctl.layers._module import EngineModule
-from llmctl.layers._params import copy_checked, empty_param
+from llmctl.layers._params import copy_checked, empty_param, materialize, read_slice
 from llmctl.layers.linear import Linear
 from llmctl.layers.mlp import GatedMLP
 from llmctl.models.base import ModelContext
 from llmctl.ops import Ops
+from llmctl.tensor_parallel import split_evenly
 
 if TYPE_CHECKING:
     from llmctl.models.decoder import MoESpec
@@ -33,11 +39,13 @@ class SparseMoE(EngineModule):
         self.ops = ctx.ops
         self.spec = spec
         self.act = act
-        e, i = spec.num_experts, spec.intermediate_size
+        self.tp = ctx.tp
+        e, i = spec.num_experts, split_evenly(spec.intermediate_size, ctx.tp.size, "moe_intermediate_size")
+        self.local_intermediate = i
         self.gate = Linear(hidden_size, e, bias=False, **kw)
         self.w13 = empty_param(e, 2 * i, hidden_size, **kw)
         self.w2 = empty_param(e, hidden_size, i, **kw)
-        self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, **kw)
+        self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, tp=ctx.tp, **kw)
                               if spec.shared_intermediate_size else None)
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
         self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=ctx.device)
@@ -93,7 +101,7 @@ class SparseMoE(EngineModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden)
         w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
-        out = self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act)
+        out = self.tp.all_reduce(self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act))
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:
@@ -105,19 +113,23 @@ class SparseMoE(EngineModule):
     @torch.no_grad()
     def load_expert_tensor(self, rest: str, tensor: torch.Tensor, name: str) -> None:
         """``rest`` is the name after ``.experts.``: ``{e}.gate_proj.weight`` (and up/down) per expert, or
-        ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE)."""
-        i = self.spec.intermediate_size
+        ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE).
+        Under tensor parallelism only this rank's intermediate columns are read (DBRX's are read whole first)."""
+        full, i = self.spec.intermediate_size, self.local_intermediate
+        first = self.tp.rank * i  # this rank's first intermediate column
         if rest == "stacked_w13.weight":
+            if self.tp.size > 1:  # [E, 2 * I, H]: this rank's rows of the gate half, then of the up half
+                tensor = torch.cat([read_slice(tensor, 1, first, i), read_slice(tensor, 1, full + first, i)], dim=1)
             copy_checked(self.w13.data, tensor, name)
             self._loaded |= {f"{e}.{p}" for e in range(self.spec.num_experts) for p in ("gate", "up")}
             return
         if rest == "stacked_w2.weight":
-            copy_checked(self.w2.data, tensor, name)
+            copy_checked(self.w2.data, read_slice(tensor, 2, first, i) if self.tp.size > 1 else tensor, name)
             self._loaded |= {f"{e}.down" for e in range(self.spec.num_experts)}
             return
         if rest in ("dbrx_w1", "dbrx_v1", "dbrx_w2"):  # DBRX: each [E * I, H]; w2 holds the down weights transposed
             e_, h = self.spec.num_experts, self.w13.shape[-1]
-            stacked = tensor.reshape(e_, i, h)
+            stacked = materialize(tensor).reshape(e_, full, h).narrow(1, first, i)
             if rest == "dbrx_w2":
                 copy_checked(self.w2.data, stacked.transpose(1, 2), name)
                 self._loaded |= {f"{e}.down" for e in range(e_)}
@@ -130,9 +142,10 @@ class SparseMoE(EngineModule):
             raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")
         e, proj = int(m.group(1)), m.group(2)
         if proj == "down_proj":
-            copy_checked(self.w2.data[e], tensor, name)
+            copy_checked(self.w2.data[e], read_slice(tensor, 1, first, i) if self.tp.size > 1 else tensor, name)
         else:
-            copy_checked(self.w13.data[e].narrow(0, 0 if proj == "gate_proj" else i, i), tensor, name)
+            rows = read_slice(tensor, 0, first, i) if self.tp.size > 1 else tensor
+            copy_checked(self.w13.data[e].narrow(0, 0 if proj == "gate_proj" else i, i), rows, name)
         self._loaded.add(f"{e}.{proj.removesuffix('_proj')}")
 
     def missing_expert_tensors(self, param_name: str) -> list[str]:

@@ -119,12 +119,15 @@ class Platform(abc.ABC):
         platform's own default). The other arguments only let the platform report blocks and concurrency."""
         return None
 
-    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+    def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> Callable[[int], None] | None:
         """Called once after core allocates the KV cache (one ``torch.empty`` per layer, in the attention backend's
-        ``kv_cache_shape``) and before any step. The default does nothing. Host-memory platforms may fault in the
-        blocks the pool hands out first (it hands out ids 0, 1, 2, ... until blocks are freed): a first touch of
-        fresh memory costs a page fault per 4 KiB page, and otherwise the first steps pay for it. Must not
-        change the cache's shape, dtype or addresses."""
+        ``kv_cache_shape``) and before any step. The default does nothing and returns ``None``. Host-memory
+        platforms may fault in the blocks the pool hands out first (it hands out fresh ids 0, 1, 2, ... in
+        order): a first touch of fresh memory costs a page fault per 4 KiB page, and otherwise the steps pay for
+        it. A platform may return a callable; core then calls it with ``n`` each time the highest block id handed
+        out grows to ``n - 1`` (on the engine thread, inside ``schedule``: return quickly), so the faulted-in
+        part can follow what the workload reaches instead of a fixed share. Must not change the cache's shape,
+        dtype or addresses."""
 
     def decode_step_runner(self, spec: DecodeGraphSpec) -> DecodeStepRunner | None:
         """A runner that replays the all-decode step from captured graphs, or ``None`` to run it eagerly (the
@@ -279,7 +282,8 @@ class QuantLinearSpec:
     - ``int4``: ``qweight`` uint8 ``[N, K // 2]`` (element ``2j`` in the low nibble of byte ``j``, ``2j+1`` in the
       high one, values 0..15), ``scales`` float32 ``[N, G]``, ``mins`` float32 ``[N, G]``: weight =
       ``scales * q + mins``. Optional ``perm`` int64 ``[K]`` (GPTQ act-order): the layer computes
-      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``.
+      ``x[:, perm] @ W.T``, so groups are contiguous along ``K``. ``K`` is ``perm``'s length, which may exceed
+      the input's width and repeat columns (a tensor-parallel rank's act-order groups, padded with zero weights).
     - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N, G]``, optional ``mins`` float32 ``[N, G]``;
       with ``act == "int8"`` (W8A8) the activations are quantized per token, symmetric, and ``G == 1``.
     - ``fp8``: ``qweight`` float8_e4m3fn ``[N, K]``, ``scales`` float32 ``[N, 1]`` (per channel) or ``[1, 1]``
@@ -357,6 +361,15 @@ class Communicator(abc.ABC):
 
     @abc.abstractmethod
     def barrier(self) -> None: ...
+
+    def new_group(self, ranks: list[int]) -> Communicator:
+        """A communicator over some of this one's ranks (``ranks``, in this group's numbering), already
+        initialised: tensor parallelism inside pipeline stages needs one group per stage and one per column of
+        stages. Every rank calls it for every group, in the same order, including groups it is not in (it then
+        gets a communicator it must not use). The sub-group's ``send``, ``recv`` and ``broadcast`` number
+        ranks within it, in increasing order of their rank here. Optional: without it a platform runs tensor or
+        pipeline parallelism, not both."""
+        raise NotImplementedError(f"communicator {self.name!r} cannot form sub-groups")
 
     def destroy(self) -> None:
         """Release the process group; safe to call twice."""

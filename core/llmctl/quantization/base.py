@@ -36,6 +36,11 @@ class QParam:
     dtype: torch.dtype
     out_dim: int | None = 0
     out_pack: int = 1
+    # The dim that runs along the layer's inputs, split by a row-parallel layer, and its unit: ``in_unit[0]`` input
+    # columns take ``in_unit[1]`` entries along it (a group of 128 columns one scale, 8 4-bit values one int32,
+    # 256 values of a Q4_K super-block 144 bytes). None: not split (one value per row, or the whole input).
+    in_dim: int | None = None
+    in_unit: tuple[int, int] = (1, 1)
 
 
 @dataclass
@@ -62,9 +67,12 @@ class LinearQuantizer(abc.ABC):
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
         """Uninitialised storage (pages are committed as the loader writes them); the model's completeness check
         guarantees every tensor is written."""
+        from llmctl.quantization.sharding import check_output_split
+
         merged = getattr(layer, "output_sizes", None)
         self._params = self.params(layer, dtype)
         for name, p in self._params.items():
+            check_output_split(self.method, self.prefix, layer, p, name)
             shape = p.shape if p.out_dim is not None or merged is None else (len(merged), *p.shape)
             setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=p.dtype, device=device), requires_grad=False))
 
@@ -72,22 +80,40 @@ class LinearQuantizer(abc.ABC):
         return list(self._params)
 
     def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
-        """The shape checkpoint tensor ``name`` of one projection must have; None when the layout has no such
-        tensor, ``()`` when the quantizer checks it itself."""
+        """The shape checkpoint tensor ``name`` of one projection must have (the whole projection, also on a
+        tensor-parallel rank that reads a part of it); None when the layout has no such tensor, ``()`` when the
+        quantizer checks it itself."""
+        from llmctl.quantization.sharding import checkpoint_shape
+
         p = self._params.get(name)
         if p is None:
             return None
-        if p.out_dim is None or shard is None:
-            return p.shape
-        shape = list(p.shape)
-        shape[p.out_dim] = layer.output_sizes[shard] // p.out_pack  # type: ignore[attr-defined]
-        return tuple(shape)
+        return checkpoint_shape(layer, p, shard)
 
-    def load_shard(self, layer: Linear, name: str, shard: int, tensor: torch.Tensor, ckpt_name: str) -> None:
-        p = self._params.get(name)
+    def read_part(self, layer: Linear, name: str, shard: int | None, tensor: Any) -> torch.Tensor:
+        """This rank's part of checkpoint tensor ``name`` (all of it without tensor parallelism)."""
+        from llmctl.quantization.sharding import rank_slice, read_rank_part
+
+        p = self._params[name]
+        return read_rank_part(tensor, rank_slice(layer, p, shard))
+
+    def load_param(self, layer: Linear, name: str, tensor: Any, ckpt_name: str) -> None:
+        """An unmerged layer's tensor (a row-parallel rank reads its input columns of it)."""
+        if name not in self._params:
+            raise ValueError(f"quantization {self.method}: tensor {ckpt_name} is not part of this method's layout")
+        part = self.read_part(layer, name, None, tensor)
         dst: torch.Tensor = getattr(layer, name).data
+        if tuple(dst.shape) != tuple(part.shape):
+            raise ValueError(f"quantization {self.method}: tensor {ckpt_name} gives this rank shape "
+                             f"{tuple(part.shape)}, expected {tuple(dst.shape)} for this layer's config")
+        dst.copy_(part)
+
+    def load_shard(self, layer: Linear, name: str, shard: int, tensor: Any, ckpt_name: str) -> None:
+        p = self._params.get(name)
         if p is None:
             raise ValueError(f"quantization {self.method}: tensor {ckpt_name} is not part of this method's layout")
+        tensor = self.read_part(layer, name, shard, tensor)
+        dst: torch.Tensor = getattr(layer, name).data
         if p.out_dim is None:
             dst = dst[shard]
         else:
@@ -129,6 +155,12 @@ class QuantConfig(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def input_unit(self, prefix: str, in_features: int) -> tuple[int, str] | None:
+        """The input columns of layer ``prefix`` that must stay together on one rank when a row-parallel split
+        cuts its inputs (a group, a packed word, a block), and what to call them; None when the layer is not
+        quantized or any cut will do."""
+        return None
 
     def extra(self) -> dict[str, Any]:
         return {}

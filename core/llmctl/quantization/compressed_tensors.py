@@ -21,6 +21,7 @@ import torch
 
 from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
 from llmctl.quantization.packing import groups_to_int4, unpack_int32
+from llmctl.quantization.sharding import input_unit_refusal, rank_split
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
@@ -99,28 +100,32 @@ class CompressedTensorsLinear(LinearQuantizer):
         super().__init__(prefix)
         self.s = scheme
 
-    def _groups(self, k: int) -> int:
-        s = self.s
+    def _groups(self, layer: Linear) -> int:
+        s, k = self.s, layer.in_features
+        if s.format == "pack-quantized" and k % (32 // s.bits):
+            raise ValueError(input_unit_refusal(self.method, self.prefix, layer, 32 // s.bits, "int32 packing"))
         if s.strategy != "group":
             return 1
         if k % (s.group_size or 1):
-            raise ValueError(f"quantization compressed-tensors: layer {self.prefix}: in_features {k} is not a "
-                             f"multiple of group_size {s.group_size}")
+            raise ValueError(input_unit_refusal(self.method, self.prefix, layer, s.group_size or 1, "group_size"))
         return k // (s.group_size or 1)
 
     def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
         s, n, k = self.s, layer.out_features, layer.in_features
-        g = self._groups(k)
+        g = self._groups(layer)
+        group_dim = 1 if s.strategy == "group" else None  # per channel or tensor: nothing to cut along the inputs
+        by_group = (s.group_size or 1, 1)
         if s.format == "pack-quantized":
             per = 32 // s.bits
-            out = {"weight_packed": QParam((n, k // per), torch.int32),
-                   "weight_scale": QParam((n, g), torch.float32),
+            out = {"weight_packed": QParam((n, k // per), torch.int32, in_dim=1, in_unit=(per, 1)),
+                   "weight_scale": QParam((n, g), torch.float32, in_dim=group_dim, in_unit=by_group),
                    "weight_shape": QParam((2,), torch.int64, out_dim=None)}
             if not s.symmetric:
-                out["weight_zero_point"] = QParam((n // per, g), torch.int32, out_pack=per)
+                out["weight_zero_point"] = QParam((n // per, g), torch.int32, out_pack=per, in_dim=group_dim,
+                                                  in_unit=by_group)
             return out
         wdtype = torch.int8 if s.weight_type == "int" else torch.float8_e4m3fn
-        out = {"weight": QParam((n, k), wdtype)}
+        out = {"weight": QParam((n, k), wdtype, in_dim=1)}
         out["weight_scale"] = (QParam((1,), torch.float32, out_dim=None) if s.strategy == "tensor"
                                else QParam((n, 1), torch.float32))
         if s.act_static:
@@ -146,10 +151,15 @@ class CompressedTensorsLinear(LinearQuantizer):
     def _finish_packed(self, layer: Linear, sizes: Sequence[int]) -> QuantizedPart:
         s, k = self.s, layer.in_features
         shapes = self.take(layer, "weight_shape").reshape(-1, 2).tolist()
+        split = rank_split(layer)
+        if split is not None:  # the checkpoint states the whole projection; this rank holds a part of it
+            sizes = getattr(layer, "full_output_sizes", None) or sizes
+            k = k * split[1] if split[2] == "input" else k
         for size, shape in zip(sizes, shapes, strict=True):
             if tuple(shape) != (size, k):
                 raise ValueError(f"quantization compressed-tensors: layer {self.prefix}: weight_shape {shape} does "
                                  f"not match the model's projection ({size}, {k})")
+        k = layer.in_features
         offset = 1 << (s.bits - 1)
         u = unpack_int32(self.take(layer, "weight_packed"), s.bits, dim=1)  # unsigned: signed value + offset
         scale = self.take(layer, "weight_scale").to(torch.float32)
@@ -205,3 +215,11 @@ class CompressedTensorsConfig(QuantConfig):
             raise ValueError(f"quantization compressed-tensors: layer {prefix} stacks projections with different "
                              f"schemes ({', '.join(shard_names)}); they must be quantized alike")
         return None if schemes[0] is None else CompressedTensorsLinear(prefix, schemes[0])
+
+    def input_unit(self, prefix: str, in_features: int) -> tuple[int, str] | None:
+        s = self._scheme_for(prefix)
+        if s is None or s.format != "pack-quantized":
+            return None
+        if s.strategy == "group":
+            return s.group_size or 1, "group_size"
+        return 32 // s.bits, "int32 packing"

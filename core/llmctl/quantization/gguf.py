@@ -19,6 +19,7 @@ import torch
 
 from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
 from llmctl.quantization.packing import pack_nibbles
+from llmctl.quantization.sharding import checkpoint_shape, input_unit_refusal, rank_slice, read_rank_part
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
@@ -140,9 +141,11 @@ class GGUFLinear(LinearQuantizer):
         super().__init__(prefix)
         self.types = list(types)
 
-    def _row_bytes(self, type_name: str, k: int) -> int:
+    def _row_bytes(self, type_name: str, k: int, layer: Linear | None = None) -> int:
         per, size = block_bytes(type_name)
         if k % per:
+            if layer is not None:  # a block of 32 or 256 values is never cut: refused, naming the split
+                raise ValueError(input_unit_refusal(self.method, self.prefix, layer, per, f"{type_name} block"))
             raise ValueError(f"quantization gguf: layer {self.prefix}: in_features {k} is not a multiple of "
                              f"{type_name}'s block of {per}")
         return k // per * size
@@ -150,19 +153,22 @@ class GGUFLinear(LinearQuantizer):
     def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
         k, n = layer.in_features, layer.out_features
         if len(set(self.types)) == 1:
-            return {"weight": QParam((n, self._row_bytes(self.types[0], k)), torch.uint8)}
+            per, size = block_bytes(self.types[0])
+            return {"weight": QParam((n, self._row_bytes(self.types[0], k, layer)), torch.uint8, in_dim=1,
+                                     in_unit=(per, size))}
         # Shards of different block types (e.g. Q4_K q/k with a Q6_K v): one flat byte buffer, each shard's
         # rows at their own byte offset.
         sizes = layer.output_sizes  # type: ignore[attr-defined]
-        total = sum(s * self._row_bytes(t, k) for s, t in zip(sizes, self.types, strict=True))
+        total = sum(s * self._row_bytes(t, k, layer) for s, t in zip(sizes, self.types, strict=True))
         return {"weight": QParam((total,), torch.uint8)}
 
     def expected_shape(self, layer: Linear, name: str, shard: int | None) -> tuple[int, ...] | None:
         if name != "weight":
             return None
         t = self.types[shard or 0]
-        rows = layer.out_features if shard is None else layer.output_sizes[shard]  # type: ignore[attr-defined]
-        return (rows, self._row_bytes(t, layer.in_features))
+        per, size = block_bytes(t)
+        return checkpoint_shape(layer, QParam((layer.out_features, self._row_bytes(t, layer.in_features)),
+                                              torch.uint8, in_dim=1, in_unit=(per, size)), shard)
 
     def _byte_offsets(self, layer: Linear) -> list[int]:
         sizes = layer.output_sizes  # type: ignore[attr-defined]
@@ -174,6 +180,7 @@ class GGUFLinear(LinearQuantizer):
             super().load_shard(layer, name, shard, tensor, ckpt_name)
             return
         offsets = self._byte_offsets(layer)
+        tensor = read_rank_part(tensor, rank_slice(layer, QParam((0,), torch.uint8), shard))  # this rank's rows
         dst = layer.weight.data[offsets[shard]:offsets[shard + 1]]
         if dst.numel() != tensor.numel() or tensor.dtype != torch.uint8:
             raise ValueError(f"quantization gguf: tensor {ckpt_name} holds {tensor.numel()} bytes of "
@@ -243,6 +250,12 @@ class GGUFConfig(QuantConfig):
                              f"({', '.join(f'{n}: {t}' for n, t in zip(shard_names, types, strict=True))}); "
                              "that mix is not supported")
         return GGUFLinear(prefix, [t for t in types if t is not None])
+
+    def input_unit(self, prefix: str, in_features: int) -> tuple[int, str] | None:
+        t = self.types.get(f"{prefix}.weight")
+        if t is None or t in PLAIN_TYPES:
+            return None
+        return block_bytes(t)[0], f"{t} block"
 
     def keeps_quantized(self, hf_name: str) -> bool:
         """Whether the loader should hand this tensor over as raw blocks."""

@@ -15,22 +15,24 @@ import torch
 
 from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
 from llmctl.quantization.reference import FP8_MAX
+from llmctl.quantization.sharding import rank_split
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
 
 
-def quantize_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (int8 [N, K], float32 scales [N, 1])."""
+def quantize_int8_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 [N, K], float32 scales [N, 1]); ``amax``: each row's largest magnitude
+    when ``w`` holds only some of the row's columns (a row-parallel rank's)."""
     wf = w.to(torch.float32)
-    amax = wf.abs().amax(dim=1, keepdim=True)
+    amax = wf.abs().amax(dim=1, keepdim=True) if amax is None else amax
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     return torch.round(wf / scales).clamp_(-127, 127).to(torch.int8), scales
 
 
-def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     wf = w.to(torch.float32)
-    amax = wf.abs().amax(dim=1, keepdim=True)
+    amax = wf.abs().amax(dim=1, keepdim=True) if amax is None else amax
     scales = torch.clamp(amax / FP8_MAX, min=1e-12)
     return (wf / scales).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scales
 
@@ -41,15 +43,22 @@ class LoadTimeLinear(LinearQuantizer):
         self.method = method
 
     def params(self, layer: Linear, dtype: torch.dtype) -> dict[str, QParam]:
-        return {"weight": QParam((layer.out_features, layer.in_features), dtype)}
+        return {"weight": QParam((layer.out_features, layer.in_features), dtype, in_dim=1)}
 
     def finish(self, layer: Linear) -> list[QuantizedPart]:
         w = self.take(layer, "weight")
+        amax = None
+        split = rank_split(layer)
+        if split is not None and split[2] == "input":
+            # Each rank holds some columns of every row: the scale is the whole row's, as with one rank (every
+            # rank finishes its layers in the same order, so these gathers pair up).
+            local = w.to(torch.float32).abs().amax(dim=1, keepdim=True)
+            amax = layer.tp.all_gather(local, dim=1).amax(dim=1, keepdim=True)  # type: ignore[attr-defined]
         if self.method == "int8":
-            q, scales = quantize_int8_per_channel(w)
+            q, scales = quantize_int8_per_channel(w, amax)
             spec = self.spec(layer, "int8", 8, layer.in_features)
         else:
-            q, scales = quantize_fp8_per_channel(w)
+            q, scales = quantize_fp8_per_channel(w, amax)
             spec = self.spec(layer, "fp8", 8, layer.in_features, act="fp8")
         return [QuantizedPart(spec, {"qweight": q, "scales": scales})]
 

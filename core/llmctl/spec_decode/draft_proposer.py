@@ -155,7 +155,7 @@ def load_draft_proposer(source: Any, core: Any) -> DraftModelProposer:
     num_blocks = core.cache_config.num_blocks
     shape = attention.kv_cache_shape(num_blocks, core.args.block_size, spec.num_kv_heads, spec.head_size)
     caches = [torch.empty(shape, dtype=dtype, device=core.device) for _ in range(spec.num_layers)]
-    core.platform.prepare_kv_cache(caches, num_blocks)
+    core.kv.add_reached_listener(core.platform.prepare_kv_cache(caches, num_blocks))
     proposer = DraftModelProposer(model, caches, core.args.block_size, core.device, core.kv)
     # The draft's steps are decodes (after a first chunk of the tokens the target accepted, at most
     # 1 + num_speculative_tokens long): laid out one row per token, they replay a captured decode step.

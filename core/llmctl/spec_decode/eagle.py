@@ -247,7 +247,7 @@ def build_head_proposer(source: Any, core: Any, make_head: Any) -> EagleProposer
     num_blocks = core.cache_config.num_blocks
     shape = attention.kv_cache_shape(num_blocks, core.args.block_size, spec.num_kv_heads, spec.head_size)
     caches = [torch.empty(shape, dtype=dtype, device=core.device)]
-    core.platform.prepare_kv_cache(caches, num_blocks)
+    core.kv.add_reached_listener(core.platform.prepare_kv_cache(caches, num_blocks))
     return EagleProposer(head, caches, core.args.block_size, core.device, core.kv)
 
 

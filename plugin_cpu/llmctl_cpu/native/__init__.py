@@ -3,7 +3,7 @@ on first use with the host's C compiler, loaded with ctypes.
 
 Why C and why this way: at decode batch sizes a torch composition of gather + pad + mask + SDPA spends more
 time dispatching and copying than computing, and a kernel that walks the block table in place removes both.
-Compiling here (``-march=native``, about half a second, cached by source/compiler/CPU) needs no torch headers,
+Compiling here (``-march=native``, once per host: cached by source, compiler and CPU) needs no torch headers,
 no build step at install time and no binary wheels per torch version. The shared object links the OpenMP
 runtime by soname, so it reuses the ``libgomp.so.1`` torch already loaded instead of starting a second pool.
 

@@ -13,6 +13,7 @@ import argparse
 import sys
 
 import torch
+from llmctl.plugins.types import Communicator
 
 from llmctl_testkit.harness import ContractViolation, assert_close, load_plugin_manager, require
 
@@ -58,12 +59,42 @@ def run_checks(platform_name: str, rank: int, world_size: int, init_method: str,
             got = comm.recv(torch.zeros(4, 2, device=device), src=0)
             assert_close("communicator.send_recv", got, payload, dtype, "rank 1 receiving from rank 0")
 
+    if world_size > 1 and type(comm).new_group is not Communicator.new_group:  # optional: tp with pp needs it
+        check_sub_groups(comm, rank, world_size, device, dtype)
+
     try:
         comm.barrier()
         comm.destroy()
         comm.destroy()  # the contract says twice is safe
     except Exception as exc:
         raise ContractViolation("communicator.destroy", f"barrier/destroy raised {type(exc).__name__}: {exc}") from exc
+
+
+def check_sub_groups(comm: Communicator, rank: int, world_size: int, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """``new_group``: a group of every rank behaves like the world, numbering ranks within the group; a group of
+    one rank is its own identity; every rank creates every group, in the same order."""
+    try:
+        whole = comm.new_group(list(range(world_size)))
+        alone = [comm.new_group([r]) for r in range(world_size)]
+    except Exception as exc:
+        raise ContractViolation("communicator.new_group", f"{comm.name}.new_group raised {type(exc).__name__}: "
+                                                          f"{exc}") from exc
+    x = torch.arange(6, dtype=dtype).reshape(2, 3)
+    assert_close("communicator.new_group", whole.all_reduce((x * (rank + 1)).to(device)),
+                 x * (world_size * (world_size + 1) / 2), dtype, f"all_reduce over every rank, rank {rank}")
+    last = world_size - 1
+    got = whole.broadcast(torch.full((3,), float(rank)).to(device), src=last)
+    assert_close("communicator.new_group", got, torch.full((3,), float(last)), dtype, f"broadcast, rank {rank}")
+    if rank == last:
+        whole.send(x.to(device), dst=0)
+    elif rank == 0:
+        assert_close("communicator.new_group", whole.recv(torch.zeros(2, 3, device=device), src=last), x, dtype,
+                     "send/recv within the group")
+    got = alone[rank].all_reduce(x.to(device))
+    assert_close("communicator.new_group", got, x, dtype, f"all_reduce of a group of one, rank {rank}")
+    for sub in (whole, *alone):
+        sub.destroy()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,95 @@
+"""The CPU kernels compiled for other x86 targets, once per test session.
+
+Several tests need kernels.c built for a host kind other than this one (a generic x86-64 build, AVX2 + FMA,
+AVX-512 without and with bf16 dot products): to check that every such host builds warning-free, and to run the
+builds this CPU can execute against the reference. Each build is a full optimised compile of every kernel, the most
+expensive single step of the suite, so each target is compiled once, with the same flags as the product (plus
+``-Wall``, whose warnings are kept for the build test), and the targets are compiled side by side on the host's
+cores the first time any of them is asked for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TARGETS = ("x86-64", "x86-64-v3", "skylake-avx512", "cooperlake")
+# what /proc/cpuinfo must list for this host to execute a target's build
+BUILD_NEEDS = {"x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
+               "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
+COMPILE_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class TargetBuild:
+    target: str
+    so: Path
+    returncode: int
+    stderr: str
+
+
+_lock = threading.Lock()
+_futures: dict[str, Future[TargetBuild]] = {}
+_pool: ThreadPoolExecutor | None = None
+_dir: Path | None = None
+
+
+def _compile(cc: str, target: str, out_dir: Path) -> TargetBuild:
+    from llmctl_cpu import native
+
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    so = out_dir / f"kernels-{target}.so"
+    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(so), str(native.SOURCE), "-lm"], capture_output=True,
+                          text=True, timeout=COMPILE_TIMEOUT_S)
+    return TargetBuild(target, so, proc.returncode, proc.stderr)
+
+
+def _compiler_or_skip() -> str:
+    from llmctl_cpu import native
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    return cc
+
+
+def build(target: str) -> TargetBuild:
+    """The compile of ``target`` (started with every other target on first use), whatever its outcome."""
+    global _pool, _dir
+    cc = _compiler_or_skip()
+    with _lock:
+        if not _futures:
+            _dir = Path(tempfile.mkdtemp(prefix="llmctl-target-builds-"))
+            atexit.register(shutil.rmtree, _dir, True)
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(len(TARGETS), os.cpu_count() or 1)))
+            for name in TARGETS:
+                _futures[name] = _pool.submit(_compile, cc, name, _dir)
+        if target not in _futures:
+            assert _pool is not None and _dir is not None
+            _futures[target] = _pool.submit(_compile, cc, target, _dir)
+        future = _futures[target]
+    return future.result()
+
+
+def runnable(target: str):
+    """The kernels built for ``target`` and loaded, or a skip where this host cannot execute that build."""
+    from llmctl_cpu import native
+    from llmctl_cpu.platform import cpu_info
+
+    _compiler_or_skip()
+    if not all(flag in cpu_info().flags for flag in BUILD_NEEDS.get(target, ())):
+        pytest.skip(f"this host cannot run a {target} build")
+    done = build(target)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return native.NativeKernels(ctypes.CDLL(str(done.so)), done.so)

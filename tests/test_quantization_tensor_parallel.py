@@ -1,0 +1,246 @@
+"""Quantized checkpoints split over two tensor-parallel ranks on gloo: for every method, the ranks' greedy tokens
+equal one rank's on the same checkpoint in float32. Column-parallel layers (q/k/v, gate/up) hold their rows of the
+packed weights, scales and zeros; row-parallel ones (o_proj, down_proj) their input columns in whole groups and
+blocks (GPTQ act-order layers regroup the rank's columns). One pair of rank processes serves every checkpoint in
+turn while this process computes the single-rank references. Splits that would cut a group or a GGUF block are
+refused before any rank starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._engine_util import one_torch_thread
+from tests.model_factory import make_tiny_model
+from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_gguf, write_gptq
+from tests.tp_quant_rank import generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Row-parallel layers (attn_output, ffn_down) in 32-value blocks: at tp=2 each rank holds 128 of 256 columns. The
+# column-parallel ones take K-quants too (a rank holds whole rows), and the q/k/v of layer 0 mix three types.
+GGUF_TP_TYPES = {
+    "0.attn_q": "Q4_K", "0.attn_k": "Q6_K", "0.attn_v": "Q8_0", "0.attn_output": "Q4_0", "0.ffn_gate": "Q5_K",
+    "0.ffn_up": "Q5_K", "0.ffn_down": "Q5_1",
+    "1.attn_q": "Q2_K", "1.attn_k": "Q2_K", "1.attn_v": "Q2_K", "1.attn_output": "Q8_0", "1.ffn_gate": "Q4_1",
+    "1.ffn_up": "Q4_1", "1.ffn_down": "Q5_0",
+}
+
+# id -> (checkpoint writer, quantization argument); the writers take (base, out dir, tokenizer)
+CASES = {
+    "ct-w4a16-g32": (lambda b, o, t: write_compressed_tensors(b, o, "W4A16", group_size=32)[0], None),
+    "ct-w8a16-asym-g64": (lambda b, o, t: write_compressed_tensors(b, o, "W8A16", group_size=64,
+                                                                   symmetric=False)[0], None),
+    "ct-w8a8-int8": (lambda b, o, t: write_compressed_tensors(b, o, "W8A8")[0], None),
+    "ct-fp8-static": (lambda b, o, t: write_compressed_tensors(b, o, "FP8")[0], None),
+    "gptq-4bit-g32-act-order": (lambda b, o, t: write_gptq(b, o, 4, 32, True)[0], None),
+    "gptq-8bit-g64": (lambda b, o, t: write_gptq(b, o, 8, 64, False)[0], None),
+    "awq-g64": (lambda b, o, t: write_awq(b, o, 64)[0], None),
+    "int8-at-load": (lambda b, o, t: b, "int8"),
+    "fp8-at-load": (lambda b, o, t: b, "fp8"),
+    "gguf": (lambda b, o, t: write_gguf(o / "tiny.gguf", t, GGUF_TP_TYPES, hidden=256, ffn=256), "gguf"),
+}
+
+
+# Methods that quantize activations per token. A row-parallel rank quantizes its slice of the layer's input (as
+# vLLM does), a finer rounding than one rank's over the whole row, which moves these tiny random models' logprobs by
+# tenths: their single-rank reference quantizes o_proj's and down_proj's inputs per half row the same way.
+ACTIVATION_QUANT = {"ct-w8a8-int8", "fp8-at-load"}
+
+
+@contextmanager
+def activations_quantized_per_rank_slice(ranks: int = 2):
+    """Every quantized layer on core's reference kernel, whose row-parallel layers (o_proj, down_proj) compute
+    their matmul as ``ranks`` partial sums over slices of the input, each quantized by itself."""
+    import dataclasses
+
+    import llmctl.quantization.layers as qlayers
+    import llmctl.quantization.reference as qref
+
+    plain = qref.reference_linear
+
+    def per_slice(x, weights, bias, spec):
+        if not spec.layer.endswith(("o_proj", "down_proj")) or spec.act is None:
+            return plain(x, weights, bias, spec)
+        k = spec.in_features // ranks
+        part = dataclasses.replace(spec, in_features=k)
+        out = sum(plain(x[..., r * k:(r + 1) * k], {**weights, "qweight": weights["qweight"][:, r * k:(r + 1) * k]},
+                        None, part) for r in range(ranks))
+        return out if bias is None else out + bias
+
+    def reference_only(registry, platform, spec, dtype):
+        return qref.ReferenceQuantKernel(spec.format), []
+
+    saved = qref.reference_linear, qlayers.select_kernel
+    qref.reference_linear, qlayers.select_kernel = per_slice, reference_only
+    try:
+        yield
+    finally:
+        qref.reference_linear, qlayers.select_kernel = saved
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, test_tokenizer):
+    """(single-rank outputs, each rank's results) by case id."""
+    root = tmp_path_factory.mktemp("quant_tp")
+    base = make_tiny_model("llama", root / "base", test_tokenizer, hidden_size=128, intermediate_size=256)
+    models = {}
+    for cid, (write, quant) in CASES.items():
+        (root / cid).mkdir()
+        models[cid] = (str(write(base, root / cid, test_tokenizer)), quant)
+    cases = [{"id": cid, "model": m, "quantization": q, "port": port}
+             for (cid, (m, q)), port in zip(models.items(), _free_ports(len(models)), strict=True)]
+    (root / "cases.json").write_text(json.dumps(cases))
+    procs, outs = [], []
+    for rank in range(2):
+        out = root / f"rank{rank}.json"
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_quant_rank", str(root / "cases.json"),
+                                       str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))
+        outs.append(out)
+    try:
+        from llmctl import LLM
+
+        refs = {}
+        with one_torch_thread():  # while the ranks run
+            for cid, (model, quant) in models.items():
+                with activations_quantized_per_rank_slice() if cid in ACTIVATION_QUANT else nullcontext():
+                    llm = LLM(model, quantization=quant, dtype="float32", num_threads=1, seed=0,
+                              max_model_len=128, kv_cache_memory=8 << 20)
+                    refs[cid] = generate(llm)
+                llm.llm_engine.shutdown()
+        logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    return refs, [json.loads(out.read_text()) for out in outs]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_greedy_tokens_equal_tp1(runs, case):
+    refs, ranks = runs
+    for rank, results in enumerate(ranks):
+        got = results[case]
+        assert "error" not in got, f"rank {rank}: {got.get('error')}"
+        for g, w in zip(got["outputs"], refs[case], strict=True):  # the same weights: only summation order differs
+            assert g["tokens"] == w["tokens"], (rank, got["kernels"])
+            torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-3, rtol=0)
+
+
+# -- refusals: before any rank starts, naming the layer, the unit and the size ------------------------------------
+def test_group_that_does_not_divide_a_ranks_inputs_is_refused(tmp_path, test_tokenizer):
+    from llmctl import LLM
+
+    base = make_tiny_model("llama", tmp_path / "base", test_tokenizer, hidden_size=128, intermediate_size=256)
+    path, _ = write_gptq(base, tmp_path / "gptq", 4, 128, False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 splits layer model\.layers\.0\.self_attn\.o_proj "
+                                         r"by its 128 input columns, 64 per rank, which is not a multiple of the "
+                                         r"gptq group_size=128"):
+        LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+def test_gguf_block_that_a_split_would_cut_is_refused(tmp_path, test_tokenizer):
+    from llmctl import LLM
+
+    types = {**GGUF_TP_TYPES, "1.ffn_down": "Q6_K"}  # 256-value super-blocks, 128 input columns per rank
+    path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, types, hidden=256, ffn=256)
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.down_proj by its 256 input columns, 128 per "
+                                         r"rank, which is not a multiple of the gguf Q6_K block=256 .* or leave "
+                                         r"quantization unset"):
+        LLM(str(path), quantization="gguf", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
+            num_threads=1)
+
+
+def test_layers_refuse_cutting_groups_and_packed_words_themselves():
+    """The layers check again as they are built (for models the start-up check does not know)."""
+    from llmctl.layers.parallel import MergedColumnParallelLinear, RowParallelLinear
+    from llmctl.quantization.gptq_awq import GPTQLinear
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    tp = TensorParallelGroup(rank=1, size=2)
+    row = RowParallelLinear(96, 64, bias=False, dtype=torch.float32, device=torch.device("cpu"), tp=tp)
+    with pytest.raises(ValueError, match=r"splits layer x\.down by its 96 input columns, 48 per rank, which is "
+                                         r"not a multiple of the gptq group_size=32"):
+        row.set_quantizer(GPTQLinear("x.down", 4, 32, 1))
+    col = MergedColumnParallelLinear(64, [8, 8], bias=False, dtype=torch.float32, device=torch.device("cpu"), tp=tp)
+    with pytest.raises(ValueError, match=r"gives layer x\.gate_up 4 output rows per projection and rank, which is "
+                                         r"not a multiple of the 8 values one gptq qzeros word packs"):
+        col.set_quantizer(GPTQLinear("x.gate_up", 4, 32, 1))
+
+
+def test_gguf_rank_reads_its_rows_and_blocks_from_the_map():
+    """A rank's rows come out of the map in Hugging Face order (llama.cpp's q/k interleave undone) and its input
+    columns as whole blocks, equal to the same part of the whole tensor."""
+    import numpy as np
+    from llmctl.loader.gguf_hf import LazyBlocks, _unpermute_rows
+
+    blocks = np.arange(16 * 36, dtype=np.uint8).reshape(16, 36)
+    blocks.setflags(write=False)
+    lazy = LazyBlocks(blocks, n_head=2)
+    whole = torch.from_numpy(_unpermute_rows(blocks, 2).copy())
+    assert torch.equal(lazy.read(), whole)
+    assert torch.equal(lazy.read_slice(0, 8, 8), whole[8:])
+    assert torch.equal(lazy.read_slice(1, 18, 18), whole[:, 18:])
+
+
+@pytest.mark.parametrize(("bits", "wrapped_zero"), [(4, False), (4, True), (8, False)],
+                         ids=["4bit", "4bit-zero-16", "8bit"])
+def test_act_order_rank_regroups_its_columns(bits, wrapped_zero):
+    """A row-parallel rank of an act-order layer (its columns from every group) computes exactly its part of the
+    product, padded slots included; a 4-bit zero point of 16, which has no 4-bit code, moves the layer to int8."""
+    from llmctl.layers.parallel import RowParallelLinear
+    from llmctl.quantization.gptq_awq import GPTQLinear
+    from llmctl.quantization.packing import pack_int32
+    from llmctl.quantization.reference import reference_linear
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    k, n, group, k0 = 256, 16, 64, 128  # rank 1 of 2 holds columns 128..255
+    gen = torch.Generator().manual_seed(bits + wrapped_zero)
+    qmax = (1 << bits) - 1
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=gen)]
+    q = torch.randint(0, qmax + 1, (n, k), generator=gen)
+    stored_zeros = torch.randint(0, qmax, (k // group, n), generator=gen)  # the original format: zero - 1
+    if wrapped_zero:
+        stored_zeros[:, 3] = qmax
+    scales = torch.rand(k // group, n, generator=gen) + 0.5
+    layer = RowParallelLinear(k, n, bias=False, dtype=torch.float32, device=torch.device("cpu"),
+                              tp=TensorParallelGroup(rank=1, size=2))
+    quantizer = GPTQLinear("x.down", bits, group, 1, desc_act=True)
+    layer.set_quantizer(quantizer)
+    layer.qweight.data.copy_(pack_int32(q[:, k0:].t(), bits, dim=0))
+    layer.qzeros.data.copy_(pack_int32(stored_zeros, bits, dim=1))  # every group's, whole
+    layer.scales.data.copy_(scales)
+    layer.g_idx.data.copy_(g_idx[k0:].to(torch.int32))
+    [part] = quantizer.finish(layer)
+    assert part.spec.format == ("int8" if bits == 8 or wrapped_zero else "int4")
+    assert part.spec.in_features == len(part.weights["perm"]) > k - k0  # wider than the rank's columns: padded
+    zeros = stored_zeros + 1
+    dense = scales[g_idx].t() * (q - zeros[g_idx].t())  # [N, K], the whole layer
+    x = torch.randn(3, k - k0, generator=gen)
+    bound = float(x.abs().sum(-1).max() * dense.abs().max())  # float32 rounding of sums this large
+    torch.testing.assert_close(reference_linear(x, part.weights, None, part.spec), x @ dense[:, k0:].t(),
+                               atol=1e-6 * bound, rtol=1e-5)

@@ -1,0 +1,153 @@
+"""Tensor parallelism for the native decoder families: two ranks on gloo give the greedy tokens of one rank.
+
+The ranks start once for all families (``tests.tp_family_rank`` loads the checkpoints in turn), since starting
+two interpreters per family would cost more than the models themselves. Each family picks a different split:
+fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes per rank, one
+KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts split by
+their intermediate columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests._engine_util import one_torch_thread
+from tests.family_factory import make_family_model
+from tests.tp_family_rank import MAX_TOKENS, SMALL_KV
+from tests.tp_rank import generate
+
+REPO = Path(__file__).resolve().parent.parent
+SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
+REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
+           "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _family_checkpoint(kind: str, cache: Path, tok) -> Path:
+    """The checkpoint test_model_families made in this session, or a new one (the same seed, so the same one)."""
+    path = cache / f"family-{kind}"
+    return path if (path / "model.safetensors").exists() else make_family_model(kind, path, tok)[0]
+
+
+@pytest.fixture(scope="module")
+def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
+    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer) for kind in SPLIT_KINDS}
+
+
+@pytest.fixture(scope="module")
+def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
+    """kind -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
+    tmp = tmp_path_factory.mktemp("tp2-families")
+    kinds = list(family_models)
+    ports = ",".join(str(p) for p in _free_ports(len(kinds)))
+    procs, outs = [], []
+    for rank in range(2):
+        out = tmp / f"rank{rank}.json"
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), "2", ports,
+                                       *(str(family_models[k]) for k in kinds)],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs.append(out)
+    try:
+        logs = [p.communicate(timeout=900)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-4000:]
+    rank0, rank1 = (json.loads(o.read_text()) for o in outs)
+    assert rank0 == rank1, "the two ranks sampled differently"
+    return {kind: rank0[str(family_models[kind])] for kind in kinds}
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_tp2_family_matches_tp1(kind, family_models, tp2_outputs):
+    from llmctl import LLM
+
+    got = tp2_outputs[kind]
+    assert not isinstance(got, str), got
+    with one_torch_thread():
+        llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
+                  kv_cache_memory=SMALL_KV)
+        want = generate(llm, MAX_TOKENS)
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_family_without_split_is_refused_at_start_up(kind, model_cache_dir, test_tokenizer):
+    """Refused before any peer is waited for: no launcher environment is needed to see the message."""
+    from llmctl import LLM
+
+    path = _family_checkpoint(kind, model_cache_dir, test_tokenizer)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size: {REFUSED[kind]}"):
+        LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked", "dbrx"])
+def test_rank_reads_its_columns_of_every_expert(layout):
+    """Rank 1 of 2 keeps the second half of every expert's intermediate columns, whichever way the checkpoint
+    stores the experts (per-expert tensors, Granite-MoE's stacks, DBRX's flattened stacks). Loading only: no
+    collective runs, so no peer is needed."""
+    from llmctl.models.base import ModelContext
+    from llmctl.models.decoder import MoESpec
+    from llmctl.models.moe import SparseMoE
+    from llmctl.ops import Ops
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    e, inter, hidden = 3, 8, 5
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(e, inter, hidden, generator=gen), torch.randn(e, inter, hidden, generator=gen)
+    down = torch.randn(e, hidden, inter, generator=gen)
+    ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
+                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2))
+    moe = SparseMoE(hidden, MoESpec(num_experts=e, top_k=2, intermediate_size=inter), "silu", ctx)
+    if layout == "per_expert":
+        for i in range(e):
+            for proj, w in (("gate_proj", gate[i]), ("up_proj", up[i]), ("down_proj", down[i])):
+                moe.load_expert_tensor(f"{i}.{proj}.weight", w, f"experts.{i}.{proj}.weight")
+    elif layout == "stacked":
+        moe.load_expert_tensor("stacked_w13.weight", torch.cat([gate, up], dim=1), "stacked_w13")
+        moe.load_expert_tensor("stacked_w2.weight", down, "stacked_w2")
+    else:
+        moe.load_expert_tensor("dbrx_w1", gate.reshape(e * inter, hidden), "w1")
+        moe.load_expert_tensor("dbrx_v1", up.reshape(e * inter, hidden), "v1")
+        moe.load_expert_tensor("dbrx_w2", down.transpose(1, 2).reshape(e * inter, hidden), "w2")
+    half = slice(inter // 2, inter)
+    assert torch.equal(moe.w13.data, torch.cat([gate[:, half], up[:, half]], dim=1))
+    assert torch.equal(moe.w2.data, down[:, :, half])
+    assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
+
+
+def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, test_tokenizer):
+    """The quantized split reads the Llama family's layers; another family's quantized weights would be cut
+    wrongly, so they are refused by name (here quantized at load)."""
+    from llmctl import LLM
+
+    path = _family_checkpoint("phi3", model_cache_dir, test_tokenizer)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: quantized checkpoints \(int8\) of the phi3 family "
+                                         r"do not shard yet"):
+        LLM(str(path), quantization="int8", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
+            num_threads=1)
