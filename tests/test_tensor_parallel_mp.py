@@ -122,6 +122,9 @@ def _assert_dies_cleanly(llm, action, num_prompts: int = 3) -> None:
     from llmctl.engine.errors import EngineDeadError
 
     pids = list(llm.llm_engine.core.worker_pids)
+    core = llm.llm_engine.core
+    rings = [c._ring.name for c in getattr(core, "replicas", [core])]  # one per data-parallel replica
+    assert all(os.path.exists(f"/dev/shm/{r}") for r in rings)  # steps go through the shared-memory rings
     llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # the ranks work
     action(pids)
     start = time.monotonic()
@@ -135,6 +138,7 @@ def _assert_dies_cleanly(llm, action, num_prompts: int = 3) -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids), "a worker outlived the dead engine"
+    assert not any(os.path.exists(f"/dev/shm/{r}") for r in rings), "the dead engine left a ring in /dev/shm"
 
 
 def test_mp_killed_rank_is_engine_dead_not_a_hang(gqa_model):

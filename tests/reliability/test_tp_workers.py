@@ -52,6 +52,11 @@ def test_workers_exit_when_the_driver_is_killed(model):
         while any(_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(_alive(p) for p in pids), "a worker outlived its killed driver"
+        # the ring the driver never got to unlink: its resource tracker does, once the ranks have gone
+        prefix = f"llmctl_ring_{driver.pid}_"
+        while _rings(prefix) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)
+        assert not _rings(prefix), "the killed driver's step ring was left in /dev/shm"
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -68,6 +73,7 @@ def test_rank_failing_at_start_is_reported_and_nothing_is_left(model):
         LLM(str(model), dtype="float32", tensor_parallel_size=2, num_threads=-3)
     time.sleep(0.5)
     assert not _leftover_workers(before)
+    assert not _rings(f"llmctl_ring_{os.getpid()}_"), "a failed start left its step ring in /dev/shm"
 
 
 def test_start_past_its_deadline_times_out(model, monkeypatch):
@@ -81,6 +87,11 @@ def test_start_past_its_deadline_times_out(model, monkeypatch):
         LLM(str(model), dtype="float32", tensor_parallel_size=2, num_threads=1)
     time.sleep(0.5)
     assert not _leftover_workers(before)
+
+
+def _rings(prefix: str) -> list[str]:
+    shm = Path("/dev/shm")
+    return [p.name for p in shm.iterdir() if p.name.startswith(prefix)] if shm.is_dir() else []
 
 
 def _children() -> list[int]:

@@ -1,12 +1,17 @@
-"""What the ``mp`` driver and its workers say to each other, one pickled tuple per message over a pipe the
-driver created itself (nothing else can write to it, so unpickling it trusts only this process). A step's message
-is pickled once and the same bytes go to every rank.
+"""What the driver and its ranks say to each other.
 
-Driver to every worker: ``("step", ops)`` (apply the queued request changes, then run one engine step),
-``("sync", ops)`` (apply them without a step), ``("shutdown",)``. An op is ``("add", [Request, ...])``,
-``("abort", [request_id, ...])`` or ``("finish", request_id, RequestStatus)``, in the order the frontend made them.
-Rank 0 answers each step or sync with ``("ok", [CoreOutput, ...], stats)``; any rank that fails says
-``("error", exception type name, message)`` and exits.
+Driver to every rank: one typed step message per step (``llmctl.executor.step_codec``: msgspec, encoded once and
+decoded against a fixed schema, never unpickled), carrying ``kind`` (``step``: apply the queued request changes,
+then run one engine step; ``sync``: apply them without a step; ``shutdown``) and the ops in the order the frontend
+made them. Under ``mp`` it travels through the shared-memory ring (``llmctl.executor.shm_ring``) to every local
+rank at once, or, with ``LLMCTL_MP_SHM_BROADCAST=0`` or where no segment can be created, over each rank's pipe.
+Inside the driver (and after decoding, inside a rank) an op is the tuple ``("add", [Request, ...])``,
+``("abort", [request_id, ...])`` or ``("finish", request_id, RequestStatus)``.
+
+Ranks to the driver, over the pipe the driver created for that rank (so nothing but that rank can write what the
+driver unpickles): ``("ready", info)`` once, then rank 0 answers each step or sync with
+``("ok", [CoreOutput, ...], stats)``; any rank that fails says ``("error", exception type name, message)`` and
+exits.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ READY, OK, ERROR = "ready", "ok", "error"
 STEP_TIMEOUT_ENV = "LLMCTL_EXECUTE_MODEL_TIMEOUT_SECONDS"
 START_TIMEOUT_ENV = "LLMCTL_WORKER_START_TIMEOUT_SECONDS"
 BIND_CPUS_ENV = "LLMCTL_MP_BIND_CPUS"
+SHM_BROADCAST_ENV = "LLMCTL_MP_SHM_BROADCAST"  # "0": step messages over the per-rank pipes instead
 
 
 def env_seconds(name: str, default: float) -> float:

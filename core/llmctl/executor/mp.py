@@ -1,8 +1,13 @@
 """The ``mp`` executor: ``tensor_parallel_size`` worker processes (spawned, one per rank) each hold a shard, and
 :class:`MultiprocCore` stands in for ``EngineCore`` in the user's process (see ``llmctl.executor.remote``).
 
-Each rank has its own pipe; the driver waits on the pipes and on the processes' sentinels together, so a rank
-that exits is noticed at once and one that hangs after the step timeout: nothing waits forever on a dead peer.
+Each step's message is encoded once (``llmctl.executor.step_codec``) and written once into a shared-memory ring
+(``llmctl.executor.shm_ring``) that every rank reads; where no segment can be created, or with
+``LLMCTL_MP_SHM_BROADCAST=0``, the same bytes go over each rank's pipe instead. Answers come back over each rank's
+own pipe. The driver waits on the pipes and on the processes' sentinels together, so a rank that exits is noticed
+at once and one that hangs after the step timeout; a write into a full ring also checks the ranks' processes and
+gives up at the step timeout: nothing waits forever on a dead peer. The ring's segment is unlinked when the
+engine stops, and by multiprocessing's resource tracker if the driver is killed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from typing import Any
 
 from llmctl.config import EngineArgs
 from llmctl.executor import messages as msg
+from llmctl.executor import step_codec
 from llmctl.executor.remote import RemoteCore
+from llmctl.executor.shm_ring import RingClosed, ShmRingWriter, ring_doorbell
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +66,27 @@ def split_cpus(cpus: list[int], parts: int) -> list[list[int] | None]:
     return groups
 
 
-def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.0) -> None:
+def _make_ring(world_size: int) -> ShmRingWriter | None:
+    if os.environ.get(msg.SHM_BROADCAST_ENV, "1") == "0":
+        return None
+    try:
+        return ShmRingWriter(world_size)
+    except OSError as exc:  # no /dev/shm, or too small: the pipes carry the steps
+        logger.warning("llmctl mp executor: no shared-memory ring (%s); step messages go over pipes", exc)
+        return None
+
+
+def _stop_workers(procs: list[Any], conns: list[Connection], ring: ShmRingWriter | None, doorbells: list[Connection],
+                  grace_s: float = 5.0) -> None:
+    if ring is not None:
+        ring.close()  # the readers see it closed; the segment is unlinked now, their mappings stay valid
+    for bell in doorbells:  # end-of-file wakes a rank asleep on the ring
+        bell.close()
+    shutdown = step_codec.encode_step(msg.SHUTDOWN, [])
     for conn in conns:
         try:  # never blocks: a hung rank may have left its pipe full
             os.set_blocking(conn.fileno(), False)
-            conn.send((msg.SHUTDOWN,))
+            conn.send_bytes(shutdown)
         except (OSError, ValueError):
             pass
     deadline = time.monotonic() + grace_s
@@ -83,7 +106,8 @@ def _stop_workers(procs: list[Any], conns: list[Connection], grace_s: float = 5.
 
 
 class MultiprocCore(RemoteCore):
-    """The ranks as spawned worker processes of this one, each talked to over its own pipe."""
+    """The ranks as spawned worker processes of this one: step messages through one shared-memory ring, answers
+    over each rank's own pipe."""
 
     def __init__(self, args: EngineArgs, cpus: list[int] | None = None, wait: bool = True) -> None:
         """``cpus``: the CPUs this engine's ranks share (a data-parallel replica's part); default: all of ours.
@@ -93,17 +117,27 @@ class MultiprocCore(RemoteCore):
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
+        self._ring = _make_ring(self.world_size)
+        ring_name = None if self._ring is None else self._ring.name
+        self._doorbells: list[Connection] = []  # the write ends; each rank sleeps on its read end
         from llmctl.executor.worker import run_worker
 
         for rank, rank_cpus in enumerate(cpu_groups(self.world_size, cpus)):
             ours, theirs = ctx.Pipe(duplex=True)
+            bell_theirs, bell_ours = ctx.Pipe(duplex=False) if self._ring is not None else (None, None)
             proc = ctx.Process(target=run_worker, name=f"llmctl-tp-rank{rank}", daemon=True,
-                               args=(rank, self.world_size, init_method, args, theirs, os.getpid(), rank_cpus))
+                               args=(rank, self.world_size, init_method, args, theirs, os.getpid(), rank_cpus,
+                                     ring_name, bell_theirs))
             proc.start()
             theirs.close()
+            if bell_ours is not None:
+                bell_theirs.close()
+                os.set_blocking(bell_ours.fileno(), False)
+                self._doorbells.append(bell_ours)
             self._procs.append(proc)
             self._conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns)
+        self._finalizer = weakref.finalize(self, _stop_workers, self._procs, self._conns, self._ring,
+                                          self._doorbells)
         if wait:
             self.wait_ready()
 
@@ -162,11 +196,39 @@ class MultiprocCore(RemoteCore):
         return self._next_message(ranks, timeout, what)
 
     def _send(self, payload: bytes) -> None:
+        if self._ring is not None:
+            try:
+                self._ring.write(payload, timeout=self._step_timeout, check=self._check_ranks, wake=self._wake)
+            except TimeoutError:
+                raise TimeoutError(f"the tensor-parallel ranks did not take a {len(payload)}-byte step message "
+                                   f"within {self._step_timeout:g} s; a rank hangs") from None
+            except RingClosed as exc:
+                raise RuntimeError(f"tensor-parallel ranks: {exc}") from None
+            return
         if len(payload) <= _PIPE_SAFE_BYTES:
             for conn in self._conns:
                 conn.send_bytes(payload)
         else:
             self._send_bounded(payload)
+
+    def _wake(self, rank: int) -> None:
+        """The doorbell for a rank asleep on the ring: one byte, never a copy of the message."""
+        ring_doorbell(self._doorbells[rank].fileno())
+
+    def _check_ranks(self) -> None:
+        """Raise for a rank that has exited (with its own error message when it sent one)."""
+        for rank, proc in enumerate(self._procs):
+            if proc.exitcode is None:
+                continue
+            conn = self._conns[rank]
+            try:
+                reply = conn.recv() if conn.poll(0) else None
+            except (EOFError, OSError):
+                reply = None
+            if reply is not None and reply[0] == msg.ERROR:
+                raise RuntimeError(f"tensor-parallel rank {rank} failed: {reply[1]}: {reply[2]}")
+            raise RuntimeError(f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} "
+                               f"during a step")
 
     def _receive(self) -> tuple[Any, ...]:
         reply, rank = self._next_message({0}, self._step_timeout, "a step")

@@ -2,9 +2,9 @@
 instance when none is reachable through ``RAY_ADDRESS``), so ranks can sit on several machines.
 
 The ranks are the same as under ``mp`` (``llmctl.executor.worker.RankEngine``); only the transport differs: each
-step is one actor call per rank carrying the same pickled bytes, and rank 0's call returns the outputs. An actor
-that dies (its process or its node) or a step past the step timeout ends the engine with ``EngineDeadError``, and
-every actor is killed and the placement group removed.
+step is one actor call per rank carrying the same typed step message (``llmctl.executor.step_codec``), and rank
+0's call returns the outputs. An actor that dies (its process or its node) or a step past the step timeout ends
+the engine with ``EngineDeadError``, and every actor is killed and the placement group removed.
 """
 
 from __future__ import annotations
@@ -48,10 +48,7 @@ class _RayRank:
         return self.engine.info()
 
     def execute(self, payload: bytes) -> tuple[Any, ...] | None:
-        import pickle
-
-        kind, ops = pickle.loads(payload)  # bytes from this engine's own driver, through Ray's object store
-        return self.engine.handle(kind, ops)
+        return self.engine.handle_payload(payload)  # typed bytes, decoded against the step schema
 
     def stop(self) -> None:
         if self.engine is not None:

@@ -10,13 +10,15 @@ the step timeout) ends the engine with ``EngineDeadError``, and every rank is st
 from __future__ import annotations
 
 import logging
-import pickle
 from typing import Any
+
+import msgspec
 
 from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import messages as msg
+from llmctl.executor import step_codec
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,8 @@ class RemoteCore:
 
     # -- the transport (subclasses) ------------------------------------------------------------------------------
     def _send(self, payload: bytes) -> None:
-        """Send one pickled ``(kind, ops)`` to every rank; raise ``RuntimeError``, ``TimeoutError`` or ``OSError``
-        when a rank is dead or does not take it."""
+        """Send one encoded step message (``llmctl.executor.step_codec``) to every rank; raise ``RuntimeError``,
+        ``TimeoutError`` or ``OSError`` when a rank is dead or does not take it."""
         raise NotImplementedError
 
     def _receive(self) -> tuple[Any, ...]:
@@ -88,7 +90,13 @@ class RemoteCore:
             raise EngineDeadError(self._dead)
         ops, self._pending = self._pending, []
         try:
-            self._send(pickle.dumps((kind, ops), protocol=pickle.HIGHEST_PROTOCOL))  # once for every rank
+            payload = encode_ops(kind, ops)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            # check_sendable refuses what it knows cannot travel; anything else would leave the driver waiting
+            # for requests the ranks never got, so the engine ends instead of hanging
+            raise self._die(RuntimeError(f"a step message could not be encoded for the ranks: {exc}")) from exc
+        try:
+            self._send(payload)  # once for every rank
         except (RuntimeError, TimeoutError, OSError) as exc:
             raise self._die(exc) from exc
 
@@ -117,6 +125,7 @@ class RemoteCore:
 
     # -- the EngineCore surface LLMEngine uses -----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        step_codec.check_sendable(request)
         # Consecutive adds travel in one list, so requests of one n-group keep pointing at the same leader.
         if self._pending and self._pending[-1][0] == msg.ADD:
             self._pending[-1][1].append(request)
@@ -153,3 +162,16 @@ class RemoteCore:
 
     def shutdown(self) -> None:
         self._stop()
+
+
+def encode_ops(kind: str, ops: list[msg.Op]) -> bytes:
+    """The queued ``(ADD | ABORT | FINISH, ...)`` tuples as one typed step message."""
+    typed: list[step_codec.Op] = []
+    for op in ops:
+        if op[0] == msg.ADD:
+            typed.append(step_codec.add_op(op[1]))
+        elif op[0] == msg.ABORT:
+            typed.append(step_codec.AbortOp(list(op[1])))
+        else:
+            typed.append(step_codec.FinishOp(op[1], op[2]))
+    return step_codec.encode_step(kind, typed)

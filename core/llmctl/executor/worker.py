@@ -4,6 +4,11 @@ the other ranks.
 Every rank receives the same request changes in the same order and runs the same scheduler with the same seed,
 so every rank schedules the same batch; the LM head gathers the full logits on every rank, so every rank samples
 the same token and the ranks stay in step without the driver sending them a batch. Only rank 0 answers.
+
+Under ``mp`` a rank reads the step messages from the driver's shared-memory ring (``llmctl.executor.shm_ring``)
+and keeps its pipe for its answers. Between steps it sleeps on a doorbell pipe that only the driver writes; the
+ring's closed flag, end-of-file on the doorbell and the ring's check of the driver's process end the wait, so it
+never waits on a dead driver.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from llmctl.executor import messages as msg
+from llmctl.executor import step_codec
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +113,12 @@ class RankEngine:
                 "stats": core.get_stats(),
                 "lora": None if core.lora is None else (core.lora.targets, core.lora.embedding_name, core.lora.dtype)}
 
+    def handle_payload(self, payload: bytes | memoryview) -> tuple[Any, ...] | None:
+        """Decode one step message (``llmctl.executor.step_codec``) and handle it."""
+        known = getattr(getattr(self.core, "scheduler", None), "requests", None)
+        kind, ops = step_codec.decode_step(payload, known)
+        return self.handle(kind, ops)
+
     def handle(self, kind: str, ops: list[msg.Op]) -> tuple[Any, ...] | None:
         """Apply the request changes, step if asked; rank 0 returns ``(OK, outputs, stats)``."""
         _apply(self.core, self._grammars, ops)
@@ -117,28 +129,72 @@ class RankEngine:
         self.core.shutdown()
 
 
+class _Stop(Exception):
+    """The driver asked this rank to stop, or is gone."""
+
+
+def _ring_reader(ring: Any, doorbell: Connection) -> Any:
+    """The next step message from the ring, sleeping on the doorbell pipe between steps."""
+    from llmctl.executor.shm_ring import RingClosed, WriterGone, doorbell_block
+
+    block = doorbell_block(doorbell.fileno())
+
+    def next_payload() -> bytes:
+        try:
+            return ring.read(block=block)
+        except RingClosed:
+            raise _Stop from None
+        except WriterGone:
+            if ring.closed:  # the driver closed the ring, then its doorbells: an orderly stop
+                raise _Stop from None
+            # The driver died: nobody waits for this rank's teardown, and a full interpreter shutdown of a
+            # loaded engine on a busy machine takes seconds (while the parent watch cannot get the GIL).
+            logger.error("llmctl tensor-parallel rank: the driver is gone; exiting")
+            os._exit(1)
+
+    return next_payload
+
+
+def _pipe_reader(conn: Connection) -> Any:
+    def next_payload() -> bytes:
+        try:
+            return conn.recv_bytes()
+        except EOFError:  # the driver is gone
+            raise _Stop from None
+
+    return next_payload
+
+
 def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
-               cpus: list[int] | None) -> None:
+               cpus: list[int] | None, ring_name: str | None = None, doorbell: Connection | None = None) -> None:
     """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
     # Ctrl-C reaches the whole process group; the driver decides how the ranks stop (and stops them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ring = None
     try:
+        if ring_name is not None and doorbell is not None:
+            from llmctl.executor.shm_ring import ShmRingReader
+
+            ring = ShmRingReader(ring_name, rank)
         engine = RankEngine(rank, world_size, init_method, args)
     except BaseException as exc:
         conn.send(msg.error_message(exc))
         raise SystemExit(1) from None
     conn.send((msg.READY, engine.info()))
+    next_payload = _pipe_reader(conn) if ring is None else _ring_reader(ring, doorbell)  # type: ignore[arg-type]
     try:
         while True:
             try:
-                message = conn.recv()
-            except EOFError:  # the driver is gone
+                payload = next_payload()
+            except _Stop:
                 break
-            if message[0] == msg.SHUTDOWN:
+            known = getattr(getattr(engine.core, "scheduler", None), "requests", None)
+            kind, ops = step_codec.decode_step(payload, known)
+            if kind == msg.SHUTDOWN:
                 break
-            reply = engine.handle(message[0], message[1])
+            reply = engine.handle(kind, ops)
             if reply is not None:
                 conn.send(reply)
     except BaseException as exc:
@@ -150,3 +206,5 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
         raise SystemExit(1) from None
     finally:
         engine.shutdown()
+        if ring is not None:
+            ring.close()
