@@ -25,9 +25,11 @@ The roofline GEMMs at 8192 rows take some seconds each; ``--no-roofline`` skips 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,6 +311,26 @@ def print_report(dtype: str, res: dict[str, Any]) -> None:
         print(f"  {r['part']:26s} {r['seconds']:8.3f} {100 * r['share']:5.1f}%  {ach:>14s} {ceil:>14s} {frac:>11s}")
 
 
+@contextlib.contextmanager
+def _tiled_prefill(on: bool) -> Iterator[None]:
+    """With ``on`` False, the attention plan sees no query-tiled bf16 prefill kernel (plans are built per step)."""
+    try:
+        from llmctl_cpu import native
+
+        lib = native.kernels()
+    except ImportError:
+        lib = None
+    if lib is None or on:
+        yield
+        return
+    was = lib.has_prefill_bf16
+    lib.has_prefill_bf16 = False
+    try:
+        yield
+    finally:
+        lib.has_prefill_bf16 = was
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -316,11 +338,17 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, nargs="+", default=[1024, 8192])
     ap.add_argument("--roofline-reps", type=int, default=2)
     ap.add_argument("--no-roofline", action="store_true", help="skip the ceiling GEMMs (prints times only)")
+    ap.add_argument("--baseline-attention", action="store_true",
+                    help="run each length twice: as the engine runs by default, then with the query-tiled bf16 prefill "
+                         "kernel switched off (bf16 chunks as per-row decodes up to the C kernel's length limit, "
+                         "torch's flash kernel past it); for before/after ratios in one run")
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args()
     longest = max(a.input_len)
+    # no prefix cache: every run computes its whole prompt (random prompts of one seed share their first tokens)
     llm = LLM(a.model, dtype=a.dtype, enforce_eager=True, max_model_len=longest + 16,
-              max_num_batched_tokens=max(longest, 2048), max_num_seqs=1, kv_cache_memory=(longest + 64) * 1 << 17)
+              max_num_batched_tokens=max(longest, 2048), max_num_seqs=1, kv_cache_memory=(longest + 64) * 1 << 17,
+              enable_prefix_caching=False)
     shapes = Shapes.of(llm.llm_engine.model_config.hf_config)
     dtype = getattr(torch, a.dtype)
     bandwidth = copy_bandwidth()
@@ -340,10 +368,13 @@ def main() -> None:
                 ceilings[cat] = {key: total / sum(w / c[key] for c, w in per) for key in keys}
             print(f"  ceilings at {n} rows (GFLOP/s): "
                   + ", ".join(f"{c} {max(v.values()):.1f}" for c, v in ceilings.items()))
-        res = profile(llm, shapes, n, ceilings, bandwidth, seed=7)
-        res["ceilings_gflops"] = ceilings
-        print_report(a.dtype, res)
-        out["runs"].append(res)
+        for baseline in ([False, True] if a.baseline_attention else [False]):
+            with _tiled_prefill(not baseline):
+                res = profile(llm, shapes, n, ceilings, bandwidth, seed=7)
+            res["ceilings_gflops"] = ceilings
+            res["attention_path"] = "baseline (no tiled prefill kernel)" if baseline else "default"
+            print_report(a.dtype + (", baseline attention" if baseline else ""), res)
+            out["runs"].append(res)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -1,4 +1,4 @@
-/* bf16 prefill attention in query tiles of 16 rows (AVX512-BF16 dot products, and AMX tiles).
+/* bf16 prefill attention in query tiles of 16 rows (AVX512-BF16 dot products, AMX tiles, or AVX2 + FMA in float32).
  *
  * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone. */
 
