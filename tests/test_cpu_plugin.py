@@ -1003,7 +1003,7 @@ def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng,
 
     lib = native.kernels()
     if lib is None or not lib.has_prefill_bf16:
-        pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX512-BF16)")
+        pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX2 + FMA)")
     backend = manager.registry.attention_backends["cpu-sdpa"].item
     kv_heads = rng.choice([1, 2])
     specs = [(0, rng.randint(3, 70)), (rng.randint(1, 90), rng.randint(2, 40)), (rng.randint(0, 30), 1)]
@@ -1027,12 +1027,41 @@ def test_tiled_bf16_prefill_matches_reference_and_ignores_chunking(manager, rng,
     assert torch.equal(chunk, whole[cut:length]), f"cut={cut} length={length}"
 
 
+@pytest.mark.parametrize(("block_size", "group", "head_size"), [(16, 4, 64), (32, 3, 128)])
+def test_tiled_bf16_prefill_long_prompts(manager, rng, block_size, group, head_size):
+    """Prompts past one query tile (16 rows) and past one key block of the P.V pass (128 keys), odd lengths,
+    grouped-query heads, a chunk over more cached context than one key block, next to a decode: against the
+    reference, and a later chunk's rows equal to the same rows of the whole prompt."""
+    from llmctl_cpu import native
+
+    lib = native.kernels()
+    if lib is None or not lib.has_prefill_bf16:
+        pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX2 + FMA)")
+    backend = manager.registry.attention_backends["cpu-sdpa"].item
+    length = rng.randint(260, 333) | 1
+    specs = [(0, length), (rng.randint(130, 200), rng.randint(17, 40)), (0, 17), (rng.randint(3, 50), 1)]
+    query, cache, md = make_batch(rng, specs, block_size, 2, 2 * group, head_size, torch.bfloat16)
+    scale = head_size ** -0.5
+    whole = backend.forward(query, cache, md, scale)
+    atol, rtol = TOL[torch.bfloat16]
+    torch.testing.assert_close(whole.float(), paged_attention_reference(query, cache, md, scale).float(),
+                               atol=atol, rtol=rtol, msg=f"specs={specs}")
+    cut = rng.randint(129, length - 20)
+    chunk_md = AttentionMetadata(
+        num_tokens=length - cut, num_seqs=1, query_start_loc=torch.tensor([0, length - cut], dtype=torch.int32),
+        seq_lens=torch.tensor([length], dtype=torch.int32), block_tables=md.block_tables[:1],
+        slot_mapping=md.slot_mapping[cut:length], max_query_len=length - cut, max_seq_len=length,
+        block_size=block_size, query_lens_cpu=[length - cut], seq_lens_cpu=[length])
+    chunk = backend.forward(query[cut:length].contiguous(), cache, chunk_md, scale)
+    assert torch.equal(chunk, whole[cut:length]), f"cut={cut} length={length}"
+
+
 def test_tiled_bf16_prefill_rejects_block_ids_outside_the_cache(manager, isa):
     from llmctl_cpu import native
 
     lib = native.kernels()
     if lib is None or not lib.has_prefill_bf16:
-        pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX512-BF16)")
+        pytest.skip("no tiled bf16 prefill kernel on this host (needs the native kernels and AVX2 + FMA)")
     backend = manager.registry.attention_backends["cpu-sdpa"].item
     query, cache, md = make_batch(random.Random(3), [(0, 20)], 16, 2, 4, 64, torch.bfloat16)
     md.block_tables[0, 1] = cache.shape[1] + 5

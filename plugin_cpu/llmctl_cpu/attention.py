@@ -4,9 +4,9 @@ Decodes (one query token) go to ``llmctl_cpu.native`` when its kernels are built
 sequence's block table in place (no gather, no padding, no mask), one thread per (sequence, KV head) in a fixed
 order, so a row's result depends on its own sequence only, in float32 as in bfloat16. bfloat16 prefill chunks
 (head size 64 or 128, no sliding window) run there too, in query tiles of 16 rows with keys in vector lanes and
-probabilities rounded to bf16 for P.V (several times faster than per-row decodes on a long prompt:
-docs/performance.md), and a row's bits
-still do not depend on the chunking (they do differ from a decode of the same position).
+probabilities rounded to bf16 for P.V (bf16 dot products or AMX where the CPU has them, float32 FMAs on AVX2
+hosts; faster than per-row decodes or torch's flash kernel on a long prompt: docs/performance.md), and a row's
+bits still do not depend on the chunking (they do differ from a decode of the same position).
 The KV write and rotary embedding also run there. Without a C compiler the torch paths below run instead; both
 are tested.
 

@@ -1,4 +1,4 @@
-/* bf16 prefill attention in query tiles of 16 rows (AVX512-BF16 dot products, and AMX tiles).
+/* bf16 prefill attention in query tiles of 16 rows (AVX512-BF16 dot products, AMX tiles, or AVX2 + FMA in float32).
  *
  * Part of kernels.c's single translation unit (included from there, after common.h): not compiled alone. */
 
@@ -420,6 +420,234 @@ int llmctl_prefill_attention_bf16(const bf16_t *query, int64_t q_row_stride, bf1
                     _mm256_storeu_si256((__m256i *)(dst + 16 * x),
                                         (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[b * nv + x], inv)));
             }
+        }
+    }
+    return failed ? -1 : 0;
+}
+#elif HAVE_AVX2_FMA
+/* ---- the same query tiles with AVX2 + FMA (no bf16 dot products) ---------------------------------------------
+ *
+ * Why: without bf16 dot products the tiles above do not build, and bf16 prefill chunks ran as per-row decodes
+ * (every key re-read per query row) up to NATIVE_PREFILL_MAX_LEN keys and on torch's flash kernel past it, at a
+ * fraction of the GEMM ceiling on a long prompt (docs/performance.md, the AVX2 host). Here, as in AMX's two
+ * passes, each (chunk, KV head)'s keys and values are converted to float32 once: the keys transposed in blocks
+ * of 16 (one block feeds 16 keys' scores from one broadcast of a query element, no sum crosses lanes), the values
+ * row by row. Then a task is (chunk, KV head, up to PREFILL_TILE query rows): S = Q.K^T in 6 query heads x 16 keys
+ * register tiles, the softmax eight keys at a time with the probabilities rounded to bf16 (as the AVX-512 tile and
+ * torch's flash kernel round them), and P.V in 6 query heads x 16 dims tiles over blocks of keys, each output one
+ * FMA chain over the keys in order (the partial sums parked in float32 between key blocks). A row's result depends
+ * on its own query, keys and values only (lanes follow the absolute key index), not on the tile or the chunking. */
+int llmctl_has_prefill_bf16(void) { return 1; }
+
+#define P2_QB 6      /* query heads per register tile: 6 x 2 accumulators, 2 key or value vectors, 1 broadcast */
+#define P2_TBLOCK 128 /* keys per P.V block: its float32 values stay in L2 across the tile's query heads */
+
+/* One (chunk, KV head)'s keys [0, kp) as float32 blocks of 16 transposed, kt[t / 16][dim][16], and its values as
+ * float32 rows vf[t][dim]; zero past n_keys (kp = n_keys rounded up to 16). */
+static void p2_convert(const bf16_t *k_cache, const bf16_t *v_cache, const int32_t *table, int block_size,
+                       int kv_heads, int kh, int d, int n_keys, float *kt, float *vf) {
+    const int kp = (n_keys + 15) / 16 * 16;
+    for (int t = 0; t < kp; t++) {
+        float *kdst = kt + (size_t)(t / 16) * 16 * d + t % 16, *vdst = vf + (size_t)t * d;
+        if (t >= n_keys) {
+            for (int j = 0; j < d; j++) kdst[j * 16] = 0.0f, vdst[j] = 0.0f;
+            continue;
+        }
+        const int64_t row = cache_row(table, t, block_size, kv_heads, kh, d);
+        for (int j = 0; j < d; j += 8) {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, from_bf16_8(_mm_loadu_si128((const __m128i *)(k_cache + row + j))));
+            for (int x = 0; x < 8; x++) kdst[(j + x) * 16] = tmp[x];
+            _mm256_storeu_ps(vdst + j, from_bf16_8(_mm_loadu_si128((const __m128i *)(v_cache + row + j))));
+        }
+    }
+}
+
+/* dst[b * ds + 0..16) = scale * (q_b . keys of the transposed block kb), for NB query heads (qf rows of d). */
+static inline __attribute__((always_inline)) void p2_qk(int NB, const float *qf, int d, const float *kb, float *dst,
+                                                        int64_t ds, float scale) {
+    __m256 acc[P2_QB][2];
+#pragma GCC unroll 6
+    for (int b = 0; b < NB; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    for (int j = 0; j < d; j++) {
+        const __m256 k0 = _mm256_loadu_ps(kb + j * 16), k1 = _mm256_loadu_ps(kb + j * 16 + 8);
+#pragma GCC unroll 6
+        for (int b = 0; b < NB; b++) {
+            const __m256 a = _mm256_broadcast_ss(qf + (size_t)b * d + j);
+            acc[b][0] = _mm256_fmadd_ps(a, k0, acc[b][0]);
+            acc[b][1] = _mm256_fmadd_ps(a, k1, acc[b][1]);
+        }
+    }
+    const __m256 sc = _mm256_set1_ps(scale);
+#pragma GCC unroll 6
+    for (int b = 0; b < NB; b++) {
+        _mm256_storeu_ps(dst + b * ds, _mm256_mul_ps(acc[b][0], sc));
+        _mm256_storeu_ps(dst + b * ds + 8, _mm256_mul_ps(acc[b][1], sc));
+    }
+}
+
+/* o_b[0..16) (float32, row stride d) += sum over keys [t0, t1) of p_b[t] * vf[t][0..16), for NB query heads
+ * (p rows of stride ps), keys in order: one FMA chain per output, continued from the parked sums. */
+static inline __attribute__((always_inline)) void p2_pv(int NB, const float *p, int64_t ps, const float *vf, int d,
+                                                        int t0, int t1, float *o) {
+    __m256 acc[P2_QB][2];
+#pragma GCC unroll 6
+    for (int b = 0; b < NB; b++) acc[b][0] = _mm256_loadu_ps(o + b * d), acc[b][1] = _mm256_loadu_ps(o + b * d + 8);
+    for (int t = t0; t < t1; t++) {
+        const __m256 v0 = _mm256_loadu_ps(vf + (size_t)t * d), v1 = _mm256_loadu_ps(vf + (size_t)t * d + 8);
+#pragma GCC unroll 6
+        for (int b = 0; b < NB; b++) {
+            const __m256 w = _mm256_broadcast_ss(p + b * ps + t);
+            acc[b][0] = _mm256_fmadd_ps(w, v0, acc[b][0]);
+            acc[b][1] = _mm256_fmadd_ps(w, v1, acc[b][1]);
+        }
+    }
+#pragma GCC unroll 6
+    for (int b = 0; b < NB; b++) _mm256_storeu_ps(o + b * d, acc[b][0]), _mm256_storeu_ps(o + b * d + 8, acc[b][1]);
+}
+
+#define P2_DISPATCH(FN, NB_, ...)                      \
+    switch (NB_) {                                     \
+    case 1: FN(1, __VA_ARGS__); break;                 \
+    case 2: FN(2, __VA_ARGS__); break;                 \
+    case 3: FN(3, __VA_ARGS__); break;                 \
+    case 4: FN(4, __VA_ARGS__); break;                 \
+    case 5: FN(5, __VA_ARGS__); break;                 \
+    default: FN(6, __VA_ARGS__); break;                \
+    }
+
+/* Lanes t..t+7 that are below n: all ones, else zero. */
+static inline __m256 p2_below(int t, int n) {
+    const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32(t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+}
+
+static inline float p2_hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float p2_hmax(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Query rows [r0, r0 + nr) of one chunk (its rows start at `start`, at positions ctx..), heads kh * group ..,
+ * against the converted keys kt and values vf. */
+static int p2_rows(const bf16_t *query, int64_t q_row_stride, bf16_t *out, int64_t o_row_stride, int kh, int d,
+                   int group, int start, int ctx, int r0, int nr, float scale, const float *kt, const float *vf) {
+    const int nq = nr * group, n_keys = ctx + r0 + nr, kp = (n_keys + 15) / 16 * 16;
+    /* scratch: scores [nq][kp] (probabilities over them), queries [nq][d], outputs [nq][d], sums [nq] */
+    float *scores = thread_scratch((size_t)nq * kp + (size_t)2 * nq * d + (size_t)nq);
+    if (scores == NULL) return -1;
+    float *qf = scores + (size_t)nq * kp, *o = qf + (size_t)nq * d, *sums = o + (size_t)nq * d;
+    for (int v = 0; v < nq; v++) {
+        const bf16_t *src = query + (int64_t)(start + r0 + v / group) * q_row_stride + (int64_t)(kh * group + v % group) * d;
+        for (int j = 0; j < d; j += 8)
+            _mm256_storeu_ps(qf + (size_t)v * d + j, from_bf16_8(_mm_loadu_si128((const __m128i *)(src + j))));
+    }
+    memset(o, 0, (size_t)nq * d * sizeof(float));
+    /* S = Q.K^T, 16 keys a block (its 4 KB of transposed keys stay in L1 across the query heads) */
+    for (int t0 = 0; t0 < kp; t0 += 16)
+        for (int v0 = 0; v0 < nq; v0 += P2_QB) {
+            const int nb = nq - v0 < P2_QB ? nq - v0 : P2_QB;
+            P2_DISPATCH(p2_qk, nb, qf + (size_t)v0 * d, d, kt + (size_t)t0 * d, scores + (size_t)v0 * kp + t0, kp, scale)
+        }
+    /* softmax numerators over each row's own keys, rounded to bf16; zero past them; sums of the rounded values */
+    for (int v = 0; v < nq; v++) {
+        const int n_r = ctx + r0 + v / group + 1;
+        float *sv = scores + (size_t)v * kp;
+        __m256 mv = _mm256_set1_ps(-INFINITY);
+        for (int t = 0; t < n_r; t += 8)
+            mv = _mm256_max_ps(mv, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_loadu_ps(sv + t), p2_below(t, n_r)));
+        const __m256 m = _mm256_set1_ps(p2_hmax(mv));
+        __m256 sum = _mm256_setzero_ps();
+        for (int t = 0; t < kp; t += 8) {
+            const __m256 e = _mm256_and_ps(p2_below(t, n_r), exp_nonpositive8_fma(_mm256_sub_ps(_mm256_loadu_ps(sv + t), m)));
+            const __m256 r = from_bf16_8(to_bf16_8(e));
+            sum = _mm256_add_ps(sum, r);
+            _mm256_storeu_ps(sv + t, r);
+        }
+        sums[v] = p2_hsum(sum);
+    }
+    /* O = P.V over blocks of keys, 16 dims a pass, each group of query heads up to the last key its rows see */
+    for (int tb = 0; tb < n_keys; tb += P2_TBLOCK)
+        for (int v0 = 0; v0 < nq; v0 += P2_QB) {
+            const int nb = nq - v0 < P2_QB ? nq - v0 : P2_QB;
+            const int t_end = ctx + r0 + (v0 + nb - 1) / group + 1;
+            const int t1 = tb + P2_TBLOCK < t_end ? tb + P2_TBLOCK : t_end;
+            if (t1 <= tb) continue;
+            for (int x = 0; x < d; x += 16)
+                P2_DISPATCH(p2_pv, nb, scores + (size_t)v0 * kp, kp, vf + x, d, tb, t1, o + (size_t)v0 * d + x)
+        }
+    for (int v = 0; v < nq; v++) {
+        const __m256 inv = _mm256_set1_ps(1.0f / sums[v]);
+        bf16_t *dst = out + (int64_t)(start + r0 + v / group) * o_row_stride + (int64_t)(kh * group + v % group) * d;
+        for (int j = 0; j < d; j += 8)
+            _mm_storeu_si128((__m128i *)(dst + j), to_bf16_8(_mm256_mul_ps(_mm256_loadu_ps(o + (size_t)v * d + j), inv)));
+    }
+    return 0;
+}
+
+/* chunks: n_chunks entries of (table index, first query row, query length, sequence length) as int32 quadruples;
+ * the chunk's query rows are rows [start, start + ql) of query/out, at positions [sl - ql, sl). head_size 64 or
+ * 128, no sliding window. Returns 0, or -1 for another head size, a block id outside the cache or no scratch. */
+int llmctl_prefill_attention_bf16(const bf16_t *query, int64_t q_row_stride, bf16_t *out, int64_t o_row_stride,
+                                  const bf16_t *k_cache, const bf16_t *v_cache, int block_size, int kv_heads,
+                                  int head_size, int heads, const int32_t *block_tables, int64_t bt_stride,
+                                  const int32_t *chunks, int n_chunks, float scale, int64_t num_blocks,
+                                  int num_threads) {
+    const int group = heads / kv_heads, d = head_size;
+    if ((d != 64 && d != 128) || group < 1) return -1;
+    /* per chunk and KV head: kp * d floats of transposed keys, then as many of values */
+    int64_t total = 0, n_row_tasks = 0;
+    for (int c = 0; c < n_chunks; c++) {
+        const int sl = chunks[4 * c + 3], ql = chunks[4 * c + 2];
+        const int32_t *table = block_tables + (int64_t)chunks[4 * c] * bt_stride;
+        if (sl - ql < 0 || ql < 1) return -1;
+        for (int b = 0; b <= (sl - 1) / block_size; b++)
+            if (table[b] < 0 || table[b] >= num_blocks) return -1;
+        total += (int64_t)(sl + 15) / 16 * 16 * d * 2 * kv_heads;
+        n_row_tasks += (int64_t)kv_heads * ((ql + PREFILL_TILE - 1) / PREFILL_TILE);
+    }
+    float *conv = (float *)shared_scratch((size_t)total * sizeof(float) + 64);
+    if (conv == NULL) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < (int64_t)n_chunks * kv_heads; task++) {
+            const int c = (int)(task / kv_heads), kh = (int)(task % kv_heads);
+            int64_t off = 0;
+            for (int i = 0; i < c; i++) off += (int64_t)(chunks[4 * i + 3] + 15) / 16 * 16 * d * 2 * kv_heads;
+            const int sl = chunks[4 * c + 3];
+            const int64_t kpd = (int64_t)(sl + 15) / 16 * 16 * d;
+            float *kt = conv + off + 2 * kh * kpd;
+            p2_convert(k_cache, v_cache, block_tables + (int64_t)chunks[4 * c] * bt_stride, block_size, kv_heads, kh,
+                       d, sl, kt, kt + kpd);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_row_tasks; task++) {
+            int64_t rem = task, off = 0;
+            int c = 0;
+            for (;; c++) {
+                const int64_t here = (int64_t)kv_heads * ((chunks[4 * c + 2] + PREFILL_TILE - 1) / PREFILL_TILE);
+                if (rem < here) break;
+                rem -= here;
+                off += (int64_t)(chunks[4 * c + 3] + 15) / 16 * 16 * d * 2 * kv_heads;
+            }
+            const int start = chunks[4 * c + 1], ql = chunks[4 * c + 2], sl = chunks[4 * c + 3];
+            const int tiles_c = (ql + PREFILL_TILE - 1) / PREFILL_TILE;
+            const int kh = (int)(rem / tiles_c), r0 = (int)(rem % tiles_c) * PREFILL_TILE;
+            const int nr = ql - r0 < PREFILL_TILE ? ql - r0 : PREFILL_TILE;
+            const int64_t kpd = (int64_t)(sl + 15) / 16 * 16 * d;
+            const float *kt = conv + off + 2 * kh * kpd;
+            failed |= p2_rows(query, q_row_stride, out, o_row_stride, kh, d, group, start, sl - ql, r0, nr, scale, kt,
+                              kt + kpd) != 0;
         }
     }
     return failed ? -1 : 0;

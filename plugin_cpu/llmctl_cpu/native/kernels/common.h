@@ -258,9 +258,8 @@ static float *thread_scratch(size_t floats) {
     return buffer;
 }
 
-#if HAVE_AMX
 /* The calling thread's buffer for data its OpenMP workers share (the workers' thread_scratch is theirs alone). */
-static void *shared_scratch(size_t bytes) {
+static inline void *shared_scratch(size_t bytes) {
     static __thread void *buffer = NULL;
     static __thread size_t capacity = 0;
     if (bytes > capacity) {
@@ -272,6 +271,5 @@ static void *shared_scratch(size_t bytes) {
     }
     return buffer;
 }
-#endif
 
 #endif /* LLMCTL_CPU_KERNELS_COMMON_H */
