@@ -338,4 +338,6 @@ class CpuInt4Kernel(QuantMethod):
 
 
 def quant_overrides() -> list[QuantMethod]:
-    return [CpuW8A8Kernel(), CpuInt4Kernel()]
+    from llmctl_cpu.quant_kblocks import CpuKBlockKernel
+
+    return [CpuW8A8Kernel(), CpuInt4Kernel(), CpuKBlockKernel()]
