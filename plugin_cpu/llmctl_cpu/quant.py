@@ -1,7 +1,8 @@
 """The CPU plugin's quantized-linear kernels (``native/quant.c``), registered per weight format through the
-quantization hook: int8 W8A8 on AVX512-VNNI, and weight-only int4 / int8 GEMMs that stream the packed weights.
-Layers these kernels decline (group sizes that are not a multiple of 32, fp8, GGUF K-quant blocks) run on
-core's torch reference, and the start-up log says so.
+quantization hook: int8 W8A8 on AVX512-VNNI (or ``vpmaddubsw`` on AVX2), and weight-only int4 / int8 GEMMs that
+stream the packed weights (AVX-512: core's layout as stored; AVX2 + FMA: repacked into 16-column panels at load).
+Layers these kernels decline (group sizes that are not a multiple of 32, fp8, GGUF block types other than
+Q2_K/Q3_K, which ``quant_kblocks`` unpacks) run on core's torch reference, and the start-up log says so.
 
 quant.c is compiled like kernels.c (same compiler, flags and cache) into its own library, so the two build
 independently; ``LLMCTL_CPU_NATIVE=0`` turns both off.

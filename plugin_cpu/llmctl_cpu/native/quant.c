@@ -7,7 +7,8 @@
  *   (same float ops in the same order: (float)acc * x_scale * w_scale + bias).
  * - int4 / int8 weight-only: the weights stream as stored (core's int4 layout: element 2j in the low nibble of
  *   byte j; int8 as is) with float32 group scales and mins; each group's dot product with the activations is
- *   accumulated in float32 and scaled once per group, so a decode step reads a third of bf16's bytes.
+ *   accumulated in float32 and scaled once per group, so a decode step reads a third of bf16's bytes. AVX2 builds
+ *   (no AVX-512) repack them into 16-column panels instead (llmctl_gemm_wq_panels, below).
  *
  * All entry points take float32 activations [M, K] and write float32 [M, N]; the Python side converts.
  * Columns are split between OpenMP threads and each output element is summed by one thread over its own row,
