@@ -280,8 +280,9 @@ def _quant_build(target, tmp_path, run):
     return QuantKernels(ctypes.CDLL(str(so)))
 
 
-@pytest.mark.parametrize("target", ["skylake-avx512", "cascadelake", "cooperlake", "sapphirerapids"])
-def test_quant_kernels_compile_for_avx512_hosts(tmp_path, target):
+@pytest.mark.parametrize("target", ["cooperlake", "sapphirerapids"])
+def test_quant_kernels_compile_for_avx512_bf16_and_amx_hosts(tmp_path, target):
+    """The AVX512-BF16 and AMX-INT8 paths build warning-free (the runnable builds below cover the others)."""
     _quant_build(target, tmp_path, run=False)
 
 
