@@ -24,8 +24,8 @@ def _run(kernel, weights, spec, x, bias):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_equals_reference(m, dtype):
-    if not quant_kernels().has_vnni:
-        pytest.skip("no AVX512-VNNI on this CPU")
+    if not quant_kernels().has_w8a8:
+        pytest.skip("neither AVX512-VNNI nor AVX2 in this build")
     torch.manual_seed(m)
     n, k = 37, 203  # neither a multiple of the 16-column panels nor of the 4-wide k quads
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
@@ -138,7 +138,8 @@ def test_testkit_clause_passes_the_cpu_kernels_and_fails_a_broken_one():
     class DropsMins(CpuInt4Kernel):
         def process_weights(self, weights, spec):
             out = super().process_weights(weights, spec)
-            out["mins"] = torch.zeros_like(out["mins"])
+            key = "mpanels" if "mpanels" in out else "mins"  # AVX2 builds repack into panels
+            out[key] = torch.zeros_like(out[key])
             return out
 
     with pytest.raises(ContractViolation, match="quantization.int4"):
@@ -170,3 +171,146 @@ def test_gguf_k_quants_run_on_the_group_kernels(type_name, m):
     got = _run(kernel, weights, spec, x, None)
     dense = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy())
     torch.testing.assert_close(got, x @ dense.t(), rtol=1e-4, atol=1e-4)
+
+
+def _kblocks(type_name, n, k, seed=0):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_quantization_formats import gguf_blocks
+
+    return gguf_blocks(type_name, n, k, seed)
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K"])
+def test_q2k_q3k_unpack_exactly_into_int8_groups_of_16(type_name):
+    """The plugin's unpacking gives the gguf package's dequantized floats bit for bit (q * scale + min)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from llmctl.quantization.packing import dequant_int8
+    from llmctl_cpu.quant_kblocks import unpack_kblocks
+
+    raw = _kblocks(type_name, 6, 512, seed=5)
+    w = unpack_kblocks(torch.from_numpy(raw), type_name, 512)
+    assert w["qweight"].dtype == torch.int8 and w["scales"].shape == (6, 32)
+    lo, hi = (0, 3) if type_name == "Q2_K" else (-4, 3)
+    assert int(w["qweight"].min()) == lo and int(w["qweight"].max()) == hi
+    theirs = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).copy())
+    assert torch.equal(dequant_int8(w["qweight"], w["scales"], w.get("mins")), theirs)
+
+
+@pytest.mark.parametrize("type_name", ["Q2_K", "Q3_K"])
+@pytest.mark.parametrize("m", ROWS)
+def test_q2k_q3k_kernel_equals_reference(type_name, m):
+    from llmctl_cpu.quant_kblocks import CpuKBlockKernel
+
+    n, k = 37, 512
+    raw = torch.from_numpy(_kblocks(type_name, n, k, seed=m))
+    spec = QuantLinearSpec(format="gguf", in_features=k, out_features=n, bits=int(type_name[1]), group_size=256,
+                           ggml_type=type_name)
+    weights = {"qweight": raw}
+    x = torch.randn(m, k)
+    bias = torch.randn(n)
+    got = _run(CpuKBlockKernel(), weights, spec, x, bias)
+    torch.testing.assert_close(got, reference_linear(x, weights, bias, spec), rtol=1e-4, atol=1e-4)
+    assert not CpuKBlockKernel().supports(
+        QuantLinearSpec(format="gguf", in_features=k, out_features=n, bits=4, group_size=32, ggml_type="IQ4_NL"),
+        torch.float32)
+
+
+@pytest.mark.parametrize(("bits", "group", "asym"), [(4, 32, True), (8, 16, True), (8, 64, False)])
+def test_weight_only_rows_do_not_depend_on_the_batch(bits, group, asym):
+    """One row alone (dequantized in registers) equals the same row inside 7- and 300-row batches (panel dequantized
+    once, 6-row tiles): the same float operations in the same order, whichever path the row count picks."""
+    n, k = 37, 192
+    weights = _groupwise(n, k, group, bits, asym, seed=11)
+    spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group)
+    kernel = CpuInt4Kernel() if bits == 4 else CpuW8A8Kernel()
+    processed = kernel.process_weights(dict(weights), spec)
+    x = torch.randn(300, k)
+    full = kernel.apply(x, processed, None, spec)
+    for m in (1, 3, 4, 5, 7, 64):
+        assert torch.equal(kernel.apply(x[:m], processed, None, spec), full[:m]), m
+    assert torch.equal(kernel.apply(x[299:], processed, None, spec), full[299:])
+
+
+def test_w8a8_extreme_values_stay_exact():
+    """-128 weights against +-127 activations: the AVX2 path's u8 x s8 pairs must not saturate."""
+    lib = quant_kernels()
+    if not lib.has_w8a8:
+        pytest.skip("neither AVX512-VNNI nor AVX2 in this build")
+    n, k = 19, 67
+    q = torch.full((n, k), -128, dtype=torch.int8)
+    q[::2, 1::3] = 127
+    weights = {"qweight": q, "scales": torch.rand(n, 1) * 0.02}
+    spec = QuantLinearSpec(format="int8", in_features=k, out_features=n, bits=8, group_size=k, act="int8")
+    x = torch.where(torch.rand(5, k) < 0.5, -1.0, 1.0)  # every element quantizes to +-127
+    got = _run(CpuW8A8Kernel(), weights, spec, x, None)
+    torch.testing.assert_close(got, reference_linear(x, weights, None, spec), rtol=0, atol=0)
+
+
+_QUANT_BUILD_NEEDS = {"x86-64": (), "x86-64-v3": ("avx2", "fma"), "skylake-avx512": ("avx512f", "avx512bw", "avx512vl"),
+                      "cascadelake": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                      "cooperlake": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")}
+
+
+def _quant_build(target, tmp_path, run):
+    """quant.c compiled for ``-march=target`` (warning-free), loaded when ``run`` and this CPU can execute it."""
+    import ctypes
+    import platform
+    import subprocess
+
+    from llmctl_cpu import native
+    from llmctl_cpu.platform import cpu_info
+    from llmctl_cpu.quant import QUANT_SOURCE, QuantKernels
+
+    cc = native._compiler()
+    if cc is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler targeting x86-64")
+    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+    so = tmp_path / f"quant-{target}.so"
+    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(so), str(QUANT_SOURCE), "-lm"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-2000:]
+    if not run:
+        return None
+    if not all(flag in cpu_info().flags for flag in _QUANT_BUILD_NEEDS[target]):
+        pytest.skip(f"this host cannot run a {target} build")
+    return QuantKernels(ctypes.CDLL(str(so)))
+
+
+@pytest.mark.parametrize("target", ["cooperlake", "sapphirerapids"])
+def test_quant_kernels_compile_for_avx512_bf16_and_amx_hosts(tmp_path, target):
+    """The AVX512-BF16 and AMX-INT8 paths build warning-free (the runnable builds below cover the others)."""
+    _quant_build(target, tmp_path, run=False)
+
+
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cascadelake"])
+def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
+    """The scalar, AVX2 and AVX-512 (with and without VNNI) builds, each run where this CPU can: an AVX-512 host
+    checks the AVX2 panels too, and an AVX2 host the portable loops."""
+    lib = _quant_build(target, tmp_path, run=True)
+    assert lib.has_avx2 == (target == "x86-64-v3")
+    assert lib.has_avx512 == (target in ("skylake-avx512", "cascadelake"))
+    n, k = 37, 256
+    for bits, group, asym in ((4, 32, True), (8, 16, True), (8, 256, False)):
+        weights = _groupwise(n, k, group, bits, asym, seed=bits + group)
+        spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group)
+        bias = torch.randn(n)
+        for m in (1, 7, 64):
+            x = torch.randn(m, k)
+            if lib.has_avx2:
+                panels = lib.pack_wq_panels(weights["qweight"], bits, weights["scales"], weights.get("mins"), group)
+                got = lib.gemm_wq_panels(x, panels, bits, group, bias, n)
+            else:
+                got = lib.gemm_wq(x, weights["qweight"], bits, weights["scales"].float().contiguous(),
+                                  weights.get("mins"), group, bias, n)
+            torch.testing.assert_close(got, reference_linear(x, weights, bias, spec), rtol=1e-4, atol=1e-4)
+    q = torch.randint(-128, 128, (n, 203), dtype=torch.int8)
+    scales = torch.rand(n) * 0.02
+    spec = QuantLinearSpec(format="int8", in_features=203, out_features=n, bits=8, group_size=203, act="int8")
+    x = torch.randn(7, 203) * 3
+    want = reference_linear(x, {"qweight": q, "scales": scales.reshape(n, 1)}, None, spec)
+    panels, colsum = lib.pack_int8(q)
+    torch.testing.assert_close(lib.gemm_w8a8(x, panels, colsum, scales, None, n), want, rtol=0, atol=0)

@@ -88,7 +88,7 @@ def test_adapters_over_an_int8_base_equal_peft_over_the_dequantized_base(tiny_mo
 
 
 # -- checkpoints quantized by their own format, kept quantized -----------------------------------------------------
-GGUF_TYPES = {  # every kept block type (Q2_K / Q3_K on the reference, the others on the CPU kernels), q/k/v mixed
+GGUF_TYPES = {  # every kept block type (on the CPU kernels; Q2_K / Q3_K unpacked to int8 groups of 16), q/k/v mixed
     "0.attn_q": "Q4_K", "0.attn_k": "Q6_K", "0.attn_v": "Q8_0", "0.attn_output": "Q4_0", "0.ffn_gate": "Q4_1",
     "0.ffn_up": "Q4_1", "0.ffn_down": "Q5_K",
     "1.attn_q": "Q5_0", "1.attn_k": "Q5_0", "1.attn_v": "Q5_0", "1.attn_output": "Q5_1", "1.ffn_gate": "Q2_K",

@@ -1,7 +1,8 @@
 """The CPU plugin's quantized-linear kernels (``native/quant.c``), registered per weight format through the
-quantization hook: int8 W8A8 on AVX512-VNNI, and weight-only int4 / int8 GEMMs that stream the packed weights.
-Layers these kernels decline (group sizes that are not a multiple of 32, fp8, GGUF K-quant blocks) run on
-core's torch reference, and the start-up log says so.
+quantization hook: int8 W8A8 on AVX512-VNNI (or ``vpmaddubsw`` on AVX2), and weight-only int4 / int8 GEMMs that
+stream the packed weights (AVX-512: core's layout as stored; AVX2 + FMA: repacked into 16-column panels at load).
+Layers these kernels decline (group sizes that are not a multiple of 32, fp8, GGUF block types other than
+Q2_K/Q3_K, which ``quant_kblocks`` unpacks) run on core's torch reference, and the start-up log says so.
 
 quant.c is compiled like kernels.c (same compiler, flags and cache) into its own library, so the two build
 independently; ``LLMCTL_CPU_NATIVE=0`` turns both off.
@@ -39,6 +40,8 @@ class QuantKernels:
         self.has_vnni = bool(lib.llmctl_quant_has_vnni())
         self.has_avx512 = bool(lib.llmctl_quant_has_avx512())
         self.has_bf16 = bool(lib.llmctl_quant_has_bf16())
+        # AVX2 + FMA without AVX-512: weight-only GEMMs on 16-column panels, W8A8 on vpmaddubsw
+        self.has_avx2 = bool(lib.llmctl_quant_has_avx2())
         self._pack = lib.llmctl_pack_int8_panels
         self._pack.restype = None
         self._pack.argtypes = [_p, _i64, _i64, _p, _p]
@@ -48,6 +51,12 @@ class QuantKernels:
         self._wq = lib.llmctl_gemm_wq
         self._wq.restype = _int
         self._wq.argtypes = [_p, _i64, _i64, _p, _int, _p, _p, _i64, _p, _i64, _p]
+        self._pack_wq = lib.llmctl_pack_wq_panels
+        self._pack_wq.restype = None
+        self._pack_wq.argtypes = [_p, _int, _i64, _i64, _p, _p, _i64, _p, _p, _p]
+        self._wq_panels = lib.llmctl_gemm_wq_panels
+        self._wq_panels.restype = _int
+        self._wq_panels.argtypes = self._wq.argtypes
         self._w4bf16 = lib.llmctl_gemm_w4_bf16
         self._w4bf16.restype = _int
         self._w4bf16.argtypes = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p]
@@ -93,6 +102,36 @@ class QuantKernels:
                 raise RuntimeError(f"llmctl_gemm_wq failed ({rc})")
         return y
 
+    @property
+    def has_w8a8(self) -> bool:
+        return self.has_vnni or self.has_avx2
+
+    def pack_wq_panels(self, qweight: torch.Tensor, bits: int, scales: torch.Tensor, mins: torch.Tensor | None,
+                       group: int) -> dict[str, torch.Tensor]:
+        """Core's int4 / int8 layout -> the panel layout of ``gemm_wq_panels`` (AVX2 builds)."""
+        n = qweight.shape[0]
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        np_, ng = (n + 15) // 16, k // group
+        qweight = qweight.contiguous()
+        scales = scales.to(torch.float32).contiguous()
+        mins = None if mins is None else mins.to(torch.float32).contiguous()
+        out = {"qpanels": torch.empty(np_ * qweight.shape[1] * 16, dtype=torch.uint8),
+               "spanels": torch.empty(np_ * ng * 16, dtype=torch.float32),
+               "mpanels": torch.empty(np_ * ng * 16, dtype=torch.float32)}
+        self._pack_wq(qweight.data_ptr(), bits, n, k, scales.data_ptr(), _ptr(mins), group,
+                      out["qpanels"].data_ptr(), out["spanels"].data_ptr(), out["mpanels"].data_ptr())
+        return out
+
+    def gemm_wq_panels(self, x: torch.Tensor, panels: dict[str, torch.Tensor], bits: int, group: int,
+                       bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        m, k = x.shape
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m:
+            rc = self._wq_panels(x.data_ptr(), m, k, panels["qpanels"].data_ptr(), bits, panels["spanels"].data_ptr(),
+                                 panels["mpanels"].data_ptr(), group, _ptr(bias), n, y.data_ptr())
+            if rc:
+                raise RuntimeError(f"llmctl_gemm_wq_panels failed ({rc})")
+        return y
 
     def gemm_w4_bf16(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                      group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -158,15 +197,45 @@ def _build_words(lib: QuantKernels | None) -> str:
     """The vector path the quantized GEMMs were built with, for doctor and the start-up summary."""
     if lib is None:
         return f"unavailable: {_load()[1]}"
-    return "avx-512" if lib.has_avx512 else "portable C loops, no AVX-512"
+    if lib.has_avx512:
+        return "avx-512"
+    if lib.has_avx2:
+        return "avx2+fma, 16-column panels"
+    return "portable C loops, no AVX2 or AVX-512"
 
 
 def _as_f32_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
+def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bits: int,
+                         group: int) -> dict[str, torch.Tensor]:
+    """AVX2 builds repack into 16-column panels; AVX-512 builds stream core's layout as it is."""
+    out = {k: v for k, v in weights.items() if k == "perm"}
+    if lib.has_avx2:
+        out.update(lib.pack_wq_panels(weights["qweight"], bits, weights["scales"], weights.get("mins"), group))
+        return out
+    out["qweight"] = weights["qweight"].contiguous()
+    out["scales"] = weights["scales"].to(torch.float32).contiguous()
+    if weights.get("mins") is not None:
+        out["mins"] = weights["mins"].to(torch.float32).contiguous()
+    return out
+
+
+def _weight_only_gemm(lib: QuantKernels, xf: torch.Tensor, weights: dict[str, torch.Tensor], bits: int,
+                      group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    if "qpanels" in weights:
+        return lib.gemm_wq_panels(xf, weights, bits, group, bias, n)
+    return lib.gemm_wq(xf, weights["qweight"], bits, weights["scales"], weights.get("mins"), group, bias, n)
+
+
+def _int8_group_ok(spec: QuantLinearSpec) -> bool:
+    return (spec.group_size % 32 == 0 or spec.group_size == 16) and spec.in_features % spec.group_size == 0
+
+
 class CpuW8A8Kernel(QuantMethod):
-    """int8 weights (per channel) x int8 activations (per token) with int32 sums on AVX512-VNNI."""
+    """int8 weights (per channel) x int8 activations (per token) with exact int32 sums (AVX512-VNNI, or
+    vpmaddubsw on AVX2), and int8 weight-only GEMMs."""
 
     name = "int8"
     platforms = ("cpu",)
@@ -177,36 +246,33 @@ class CpuW8A8Kernel(QuantMethod):
         lib = quant_kernels()
         if lib is not None and lib.has_vnni:
             return "cpu int8 w8a8 gemm (avx512-vnni; amx-int8 tiles from 16 rows where present) + int8 weight-only gemm"
-        return f"cpu int8 weight-only gemm ({_build_words(lib)}; W8A8 needs AVX512-VNNI)"
+        if lib is not None and lib.has_avx2:
+            return "cpu int8 w8a8 gemm (avx2 vpmaddubsw) + int8 weight-only gemm (avx2+fma, 16-column panels)"
+        return f"cpu int8 weight-only gemm ({_build_words(lib)}; W8A8 needs AVX512-VNNI or AVX2)"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
         lib = quant_kernels()
         if lib is None:
             return Support(False, f"CPU quantization kernels unavailable ({_load()[1]})")
         if spec.act == "int8":
-            if not lib.has_vnni:
-                return Support(False, "this CPU has no AVX512-VNNI")
+            if not lib.has_w8a8:
+                return Support(False, "this CPU build has neither AVX512-VNNI nor AVX2")
             if spec.group_size < spec.in_features:
                 return Support(False, "W8A8 needs per-channel weight scales")
             return Support(True)
-        if spec.act is None and (spec.group_size % 32 == 0 or spec.group_size == 16) \
-                and spec.in_features % spec.group_size == 0:
+        if spec.act is None and _int8_group_ok(spec):
             return Support(True)
         return Support(False, f"int8 group size {spec.group_size} is neither 16 nor a multiple of 32")
 
     def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
         lib = quant_kernels()
         assert lib is not None
-        out = {k: v for k, v in weights.items() if k == "perm"}
         if spec.act == "int8":
+            out = {k: v for k, v in weights.items() if k == "perm"}
             out["panels"], out["colsum"] = lib.pack_int8(weights["qweight"])
             out["scales"] = weights["scales"].reshape(-1).to(torch.float32).contiguous()
             return out
-        out["qweight"] = weights["qweight"].contiguous()
-        out["scales"] = weights["scales"].to(torch.float32).contiguous()
-        if weights.get("mins") is not None:
-            out["mins"] = weights["mins"].to(torch.float32).contiguous()
-        return out
+        return _weight_only_process(lib, weights, 8, spec.group_size)
 
     def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
               spec: QuantLinearSpec) -> torch.Tensor:
@@ -221,8 +287,7 @@ class CpuW8A8Kernel(QuantMethod):
         if spec.act == "int8":
             y = lib.gemm_w8a8(xf, weights["panels"], weights["colsum"], weights["scales"], b, spec.out_features)
         else:
-            y = lib.gemm_wq(xf, weights["qweight"], 8, weights["scales"], weights.get("mins"), spec.group_size, b,
-                            spec.out_features)
+            y = _weight_only_gemm(lib, xf, weights, 8, spec.group_size, b, spec.out_features)
         return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
 
 
@@ -246,6 +311,9 @@ class CpuInt4Kernel(QuantMethod):
         return Support(True)
 
     def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
+        lib = quant_kernels()
+        if lib is not None and lib.has_avx2:
+            return _weight_only_process(lib, weights, 4, spec.group_size)
         return {k: v.contiguous() if v.is_floating_point() is False else v.to(torch.float32).contiguous()
                 for k, v in weights.items()}
 
@@ -266,10 +334,11 @@ class CpuInt4Kernel(QuantMethod):
         xf = _as_f32_2d(x)
         if perm is not None:
             xf = xf.index_select(1, perm)
-        y = lib.gemm_wq(xf, weights["qweight"], 4, weights["scales"], weights["mins"], spec.group_size, b,
-                        spec.out_features)
+        y = _weight_only_gemm(lib, xf, weights, 4, spec.group_size, b, spec.out_features)
         return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
 
 
 def quant_overrides() -> list[QuantMethod]:
-    return [CpuW8A8Kernel(), CpuInt4Kernel()]
+    from llmctl_cpu.quant_kblocks import CpuKBlockKernel
+
+    return [CpuW8A8Kernel(), CpuInt4Kernel(), CpuKBlockKernel()]

@@ -7,7 +7,8 @@
  *   (same float ops in the same order: (float)acc * x_scale * w_scale + bias).
  * - int4 / int8 weight-only: the weights stream as stored (core's int4 layout: element 2j in the low nibble of
  *   byte j; int8 as is) with float32 group scales and mins; each group's dot product with the activations is
- *   accumulated in float32 and scaled once per group, so a decode step reads a third of bf16's bytes.
+ *   accumulated in float32 and scaled once per group, so a decode step reads a third of bf16's bytes. AVX2 builds
+ *   (no AVX-512) repack them into 16-column panels instead (llmctl_gemm_wq_panels, below).
  *
  * All entry points take float32 activations [M, K] and write float32 [M, N]; the Python side converts.
  * Columns are split between OpenMP threads and each output element is summed by one thread over its own row,
@@ -26,6 +27,12 @@
 #if defined(QK_AVX512) && defined(__AVX512VNNI__)
 #define QK_VNNI 1
 #endif
+/* AVX2 + FMA hosts without AVX-512 (Zen 1-3, Haswell to Comet Lake): the weight-only GEMMs run on 16-column panels
+ * (below), and W8A8 sums u8 x s8 pairs with vpmaddubsw; the AVX-512 paths are unchanged. */
+#if !defined(QK_AVX512) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QK_AVX2 1
+#endif
 #if defined(QK_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -34,6 +41,14 @@
 
 int llmctl_quant_has_vnni(void) {
 #ifdef QK_VNNI
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int llmctl_quant_has_avx2(void) {
+#ifdef QK_AVX2
     return 1;
 #else
     return 0;
@@ -262,6 +277,34 @@ int llmctl_gemm_w8a8(const float *x, int64_t m, int64_t k, const int8_t *panels,
             _mm512_storeu_si512((void *)acc[1], a1);
             _mm512_storeu_si512((void *)acc[2], a2);
             _mm512_storeu_si512((void *)acc[3], a3);
+#elif defined(QK_AVX2)
+            /* Without VNNI: vpmaddubsw multiplies u8 x s8 and adds pairs into int16, which the +128 offset would
+             * overflow (255 * 127 * 2). So the signed activations (xq - 128, in [-127, 127]) carry the weights'
+             * signs and the weights' magnitudes (|w| <= 128, unsigned) the other operand: |w| * (+-x) pairs stay
+             * within 2 * 128 * 127 < 32767, exact. The offset's 128 * colsum is added back for the shared epilogue. */
+            __m256i a[4][2];
+            for (int rr = 0; rr < 4; rr++) a[rr][0] = a[rr][1] = _mm256_setzero_si256();
+            const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+            const uint8_t *x0 = xq + r0 * kq * 4;
+            for (int64_t q = 0; q < kq; q++) {
+                const __m256i b0 = _mm256_loadu_si256((const __m256i *)(wp + q * 64));
+                const __m256i b1 = _mm256_loadu_si256((const __m256i *)(wp + q * 64 + 32));
+                const __m256i u0 = _mm256_abs_epi8(b0), u1 = _mm256_abs_epi8(b1);
+                for (int rr = 0; rr < rows; rr++) {
+                    const __m256i xs = _mm256_xor_si256(
+                        _mm256_set1_epi32(*(const int32_t *)(x0 + rr * kq * 4 + q * 4)), flip);
+                    a[rr][0] = _mm256_add_epi32(a[rr][0],
+                                                _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xs, b0)), ones));
+                    a[rr][1] = _mm256_add_epi32(a[rr][1],
+                                                _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xs, b1)), ones));
+                }
+            }
+            const __m256i c0 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(colsum + p * 16)), 7);
+            const __m256i c1 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(colsum + p * 16 + 8)), 7);
+            for (int rr = 0; rr < rows; rr++) {
+                _mm256_storeu_si256((__m256i *)acc[rr], _mm256_add_epi32(a[rr][0], c0));
+                _mm256_storeu_si256((__m256i *)(acc[rr] + 8), _mm256_add_epi32(a[rr][1], c1));
+            }
 #else
             for (int rr = 0; rr < rows; rr++) {
                 const uint8_t *xr = xq + (r0 + rr) * kq * 4;
@@ -390,6 +433,191 @@ int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bit
     free(xd);
     free(xsum);
     return 0;
+}
+
+/* ---- weight-only int4 / int8 on 16-column panels (AVX2 + FMA builds) ------------------------------------------- */
+
+/* Why panels: without AVX-512 a column-at-a-time dot product spends more on horizontal sums and on converting each
+ * weight per 4-row block than on the FMAs. Here 16 columns' weights at one k sit in 16 consecutive bytes (int4: byte c
+ * of k pair t holds column c's elements 2t (low nibble) and 2t+1 (high), exactly core's byte t of that row), so one
+ * load and a few conversions give two vectors of 8 dequantized weights, w = fma(q, scale, min), which every row of
+ * the block broadcasts its x[k] against. Up to 4 rows dequantize in registers; more rows dequantize the panel once
+ * into a buffer and run 6-row tiles over it. Both paths perform the same float operations in the same order for
+ * each output element (w = fma(q, s, m) per k; acc = fma(w, x, acc) with k ascending), so a row's result does not
+ * depend on the batch it is in.
+ *
+ * qp: bits 4: uint8 [np][k / 2][16]; bits 8: int8 [np][k][16]. sp, mp: float32 [np][ng][16] (mins 0 where the
+ * format has none). Columns past n are zero. */
+void llmctl_pack_wq_panels(const void *qw, int bits, int64_t n, int64_t k, const float *scales, const float *mins,
+                           int64_t group, void *qp, float *sp, float *mp) {
+    const int64_t np = (n + 15) / 16, ng = k / group, kb = bits == 4 ? k / 2 : k;
+    memset(qp, 0, (size_t)(np * kb * 16));
+    memset(sp, 0, (size_t)(np * ng * 16) * sizeof(float));
+    memset(mp, 0, (size_t)(np * ng * 16) * sizeof(float));
+    for (int64_t col = 0; col < n; col++) {
+        const int64_t p = col / 16, c = col % 16;
+        const uint8_t *src = (const uint8_t *)qw + col * kb;
+        uint8_t *dst = (uint8_t *)qp + p * kb * 16 + c;
+        for (int64_t t = 0; t < kb; t++) dst[t * 16] = src[t];
+        for (int64_t g = 0; g < ng; g++) {
+            sp[(p * ng + g) * 16 + c] = scales[col * ng + g];
+            if (mins) mp[(p * ng + g) * 16 + c] = mins[col * ng + g];
+        }
+    }
+}
+
+#ifdef QK_AVX2
+/* Column c's weights at one k (int8), or at k pair t (int4: even k, then odd k), as float vectors. */
+static inline __attribute__((always_inline)) void deq8_k(const int8_t *b16, __m256 s0, __m256 s1, __m256 m0,
+                                                         __m256 m1, __m256 *w) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)b16);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s0, m0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s1, m1);
+}
+
+static inline __attribute__((always_inline)) void deq4_pair(const uint8_t *b16, __m256 s0, __m256 s1, __m256 m0,
+                                                            __m256 m1, __m256 *w) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)b16), low4 = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s0, m0);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s1, m1);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s0, m0);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s1, m1);
+}
+
+/* acc[r][h] += w[h] * x[r][kk] for the tile's R rows (R a compile-time constant after inlining). */
+#define PANEL_FMA(R, xk, w0, w1)                                                                                   \
+    for (int r = 0; r < (R); r++) {                                                                                \
+        const __m256 xb = _mm256_broadcast_ss((xk) + r * k);                                                       \
+        acc[r][0] = _mm256_fmadd_ps((w0), xb, acc[r][0]);                                                          \
+        acc[r][1] = _mm256_fmadd_ps((w1), xb, acc[r][1]);                                                          \
+    }
+
+static inline __attribute__((always_inline)) void panel_store(int R, __m256 (*acc)[2], int64_t r0, int64_t p,
+                                                              const float *bias, int64_t n, float *y) {
+    float out[16];
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(out, acc[r][0]);
+        _mm256_storeu_ps(out + 8, acc[r][1]);
+        float *yr = y + (r0 + r) * n;
+        for (int c = 0; c < 16 && p * 16 + c < n; c++) yr[p * 16 + c] = bias ? out[c] + bias[p * 16 + c] : out[c];
+    }
+}
+
+/* R <= 4 rows, weights dequantized in registers. */
+static inline __attribute__((always_inline)) void panel_direct(const int R, const float *x, int64_t k,
+                                                               const void *qpp, int bits, const float *spp,
+                                                               const float *mpp, int64_t group, int64_t r0,
+                                                               int64_t p, const float *bias, int64_t n, float *y) {
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float *xr = x + r0 * k;
+    for (int64_t g = 0; g < k / group; g++) {
+        const __m256 s0 = _mm256_loadu_ps(spp + g * 16), s1 = _mm256_loadu_ps(spp + g * 16 + 8);
+        const __m256 m0 = _mm256_loadu_ps(mpp + g * 16), m1 = _mm256_loadu_ps(mpp + g * 16 + 8);
+        if (bits == 4) {
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
+                __m256 w[4];
+                deq4_pair((const uint8_t *)qpp + kk / 2 * 16, s0, s1, m0, m1, w);
+                PANEL_FMA(R, xr + kk, w[0], w[1]);
+                PANEL_FMA(R, xr + kk + 1, w[2], w[3]);
+            }
+        } else {
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
+                __m256 w[2];
+                deq8_k((const int8_t *)qpp + kk * 16, s0, s1, m0, m1, w);
+                PANEL_FMA(R, xr + kk, w[0], w[1]);
+            }
+        }
+    }
+    panel_store(R, acc, r0, p, bias, n, y);
+}
+
+/* R <= 6 rows over a panel already dequantized into buf [k][16]. */
+static inline __attribute__((always_inline)) void panel_buffered(const int R, const float *x, int64_t k,
+                                                                 const float *buf, int64_t r0, int64_t p,
+                                                                 const float *bias, int64_t n, float *y) {
+    __m256 acc[6][2];
+    for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const float *xr = x + r0 * k;
+    for (int64_t kk = 0; kk < k; kk++) {
+        const __m256 w0 = _mm256_load_ps(buf + kk * 16), w1 = _mm256_load_ps(buf + kk * 16 + 8);
+        PANEL_FMA(R, xr + kk, w0, w1);
+    }
+    panel_store(R, acc, r0, p, bias, n, y);
+}
+#undef PANEL_FMA
+#endif
+
+/* y[m, n] = x @ dequant(panels).T + bias, as llmctl_gemm_wq. group even (int4) and k % group == 0. Returns -3 where
+ * this build has no panel path (the caller keeps core's layout and llmctl_gemm_wq there). */
+int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                          const float *mp, int64_t group, const float *bias, int64_t n, float *y) {
+#ifndef QK_AVX2
+    (void)x; (void)m; (void)k; (void)qp; (void)bits; (void)sp; (void)mp; (void)group; (void)bias; (void)n; (void)y;
+    return -3;
+#else
+    if ((bits != 4 && bits != 8) || group <= 0 || k % group || (bits == 4 && group % 2)) return -2;
+    const int64_t np = (n + 15) / 16, ng = k / group, kb = bits == 4 ? k / 2 : k;
+    const int buffered = m > 4;
+    int failed = 0;
+    #pragma omp parallel
+    {
+        float *buf = buffered ? (float *)aligned_alloc(64, (size_t)(k * 16) * sizeof(float)) : NULL;
+        if (buffered && !buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < np; p++) {
+            const void *qpp = (const uint8_t *)qp + p * kb * 16;
+            const float *spp = sp + p * ng * 16, *mpp = mp + p * ng * 16;
+            if (!buffered) {
+                switch (m) {
+                    case 1: panel_direct(1, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
+                    case 2: panel_direct(2, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
+                    case 3: panel_direct(3, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
+                    default: panel_direct(4, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
+                }
+                continue;
+            }
+            if (!buf) continue;
+            for (int64_t g = 0; g < ng; g++) {
+                const __m256 s0 = _mm256_loadu_ps(spp + g * 16), s1 = _mm256_loadu_ps(spp + g * 16 + 8);
+                const __m256 m0 = _mm256_loadu_ps(mpp + g * 16), m1 = _mm256_loadu_ps(mpp + g * 16 + 8);
+                if (bits == 4) {
+                    for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
+                        __m256 w[4];
+                        deq4_pair((const uint8_t *)qpp + kk / 2 * 16, s0, s1, m0, m1, w);
+                        _mm256_store_ps(buf + kk * 16, w[0]);
+                        _mm256_store_ps(buf + kk * 16 + 8, w[1]);
+                        _mm256_store_ps(buf + kk * 16 + 16, w[2]);
+                        _mm256_store_ps(buf + kk * 16 + 24, w[3]);
+                    }
+                } else {
+                    for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
+                        __m256 w[2];
+                        deq8_k((const int8_t *)qpp + kk * 16, s0, s1, m0, m1, w);
+                        _mm256_store_ps(buf + kk * 16, w[0]);
+                        _mm256_store_ps(buf + kk * 16 + 8, w[1]);
+                    }
+                }
+            }
+            int64_t r0 = 0;
+            for (; r0 + 6 <= m; r0 += 6) panel_buffered(6, x, k, buf, r0, p, bias, n, y);
+            switch (m - r0) {
+                case 1: panel_buffered(1, x, k, buf, r0, p, bias, n, y); break;
+                case 2: panel_buffered(2, x, k, buf, r0, p, bias, n, y); break;
+                case 3: panel_buffered(3, x, k, buf, r0, p, bias, n, y); break;
+                case 4: panel_buffered(4, x, k, buf, r0, p, bias, n, y); break;
+                case 5: panel_buffered(5, x, k, buf, r0, p, bias, n, y); break;
+                default: break;
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+#endif
 }
 
 /* ---- int4 weight-only with bf16 activations: nibbles -> bf16 by a 16-entry table, then bf16 dot products ------ */
