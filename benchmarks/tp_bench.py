@@ -89,7 +89,7 @@ def with_heads(model: str, heads: int, kv_heads: int, out: Path) -> Path:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv_heads, head_dim
     torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32).eval().save_pretrained(
+    tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().save_pretrained(
         out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                  "chat_template.jinja"):
