@@ -225,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, tp in enumerate(args.tp_sizes):
             print(f"[tp_bench] tensor_parallel_size={tp}", file=sys.stderr, flush=True)
             results.append(bench_one(model, tp, args, Path(tmp) / f"profile-{i}-tp{tp}"))
+            # each size as it completes, so a run cut short by a time limit still leaves its figures
+            print(json.dumps({"partial": rounded(results[-1]), "loadavg": os.getloadavg()}), file=sys.stderr,
+                  flush=True)
         load_after = os.getloadavg()
     record = {
         "bench": "tp", "model": args.model, "with_heads": args.with_heads, "dtype": args.dtype,
