@@ -19,7 +19,7 @@ def test_serve_compare_creates_its_log_dir(tmp_path):
 
 def test_benchmark_help_names_no_absolute_directory():
     for script in ("offline_throughput.py", "serve_compare.py", "profile_decode.py", "spec_decode_bench.py",
-                   "structured_output.py"):
+                   "structured_output.py", "tp_bench.py"):
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--help"], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]

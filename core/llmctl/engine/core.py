@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from llmctl.config import EngineArgs
+from llmctl.engine.comm_profile import install_if_enabled as install_comm_profile_if_enabled
 from llmctl.engine.fault_injection import FAULT_INJECTION_ENV, InjectedFault  # noqa: F401  (re-exported)
 from llmctl.engine.fault_injection import install_if_enabled as install_fault_injection_if_enabled
 from llmctl.engine.request import Request, RequestStatus
@@ -62,6 +63,7 @@ class EngineCore:
         self._bitmask_pool: ThreadPoolExecutor | None = None
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
+        install_comm_profile_if_enabled(self)  # a benchmark seam, likewise absent without its variable
 
     def shutdown(self) -> None:
         """Release the parallel group (the process group's sockets); the engine cannot step afterwards."""
