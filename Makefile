@@ -36,8 +36,10 @@ browser:
 	  else echo "WARNING: chromium is missing and cannot be installed here (needs root and apt-get);" \
 	            "the web console browser test will be skipped"; fi; }
 
+# One test file per worker process, on up to four cores: module fixtures stay shared within a file, and the
+# suite's many waits on spawned servers and ranks overlap with another file's compute.
 test: install-dev browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -4,8 +4,8 @@ Several tests need kernels.c built for a host kind other than this one (a generi
 AVX-512 without and with bf16 dot products): to check that every such host builds warning-free, and to run the
 builds this CPU can execute against the reference. Each build is a full optimised compile of every kernel, the most
 expensive single step of the suite, so each target is compiled once, with the same flags as the product (plus
-``-Wall``, whose warnings are kept for the build test), and the targets are compiled side by side on the host's
-cores the first time any of them is asked for.
+``-Wall``, whose warnings are kept for the build test); the build test starts all of them side by side on the
+host's cores.
 """
 
 from __future__ import annotations
@@ -64,20 +64,20 @@ def _compiler_or_skip() -> str:
     return cc
 
 
-def build(target: str) -> TargetBuild:
-    """The compile of ``target`` (started with every other target on first use), whatever its outcome."""
+def build(target: str, alongside: tuple[str, ...] = ()) -> TargetBuild:
+    """The compile of ``target``, whatever its outcome; ``alongside`` starts those targets' compiles too, so that
+    a test that will ask for them next finds them done or under way."""
     global _pool, _dir
     cc = _compiler_or_skip()
     with _lock:
-        if not _futures:
+        if _pool is None:
             _dir = Path(tempfile.mkdtemp(prefix="llmctl-target-builds-"))
             atexit.register(shutil.rmtree, _dir, True)
             _pool = ThreadPoolExecutor(max_workers=max(1, min(len(TARGETS), os.cpu_count() or 1)))
-            for name in TARGETS:
+        assert _dir is not None
+        for name in (target, *alongside):
+            if name not in _futures:
                 _futures[name] = _pool.submit(_compile, cc, name, _dir)
-        if target not in _futures:
-            assert _pool is not None and _dir is not None
-            _futures[target] = _pool.submit(_compile, cc, target, _dir)
         future = _futures[target]
     return future.result()
 
