@@ -179,8 +179,12 @@ def test_serve_passes_loading_flags_to_the_engine(monkeypatch, tmp_path):
     assert r.exit_code == 2 and "model_impl" in r.output and len(seen) == 2
 
 
-def test_models_lists_architectures_with_features_and_tests():
+def test_models_lists_architectures_with_features_and_tests(monkeypatch):
     from llmctl.models.supported import MODELS
+
+    # a wide table whatever terminal (or none) the test process inherited
+    monkeypatch.setattr(cli_main.out, "_width", 400)
+    monkeypatch.setattr(cli_main.out, "_height", 50)
 
     r = runner.invoke(cli_main.app, ["models", "--json"])
     assert r.exit_code == 0

@@ -81,6 +81,7 @@ def test_reference_attention_reads_what_it_wrote(name):
     """The oracle in an 8-bit dtype is attention over the dequantized values: written through write_kv_reference into
     a paged cache with shuffled blocks, and read back as the same float32 rows a full-precision cache would hold."""
     rng = random.Random(3)
+    torch.manual_seed(3)  # the draws below, whatever ran before in this process
     dtype = kv_storage_dtype(name, torch.float32)
     block_size, kv_heads, heads, d = 16, 2, 6, 64
     specs = [(0, 13), (37, 1), (20, 9), (64, 1)]
