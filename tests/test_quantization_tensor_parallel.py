@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
@@ -21,6 +20,7 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.model_factory import make_tiny_model
 from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_gguf, write_gptq
+from tests.test_server_support import free_ports
 from tests.tp_quant_rank import generate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,17 +87,6 @@ def activations_quantized_per_rank_slice(ranks: int = 2):
         qref.reference_linear, qlayers.select_kernel = saved
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, test_tokenizer):
     """(single-rank outputs, each rank's results) by case id."""
@@ -108,7 +97,7 @@ def runs(tmp_path_factory, test_tokenizer):
         (root / cid).mkdir()
         models[cid] = (str(write(base, root / cid, test_tokenizer)), quant)
     cases = [{"id": cid, "model": m, "quantization": q, "port": port}
-             for (cid, (m, q)), port in zip(models.items(), _free_ports(len(models)), strict=True)]
+             for (cid, (m, q)), port in zip(models.items(), free_ports(len(models)), strict=True)]
     (root / "cases.json").write_text(json.dumps(cases))
     procs, outs = [], []
     for rank in range(2):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
+from tests.test_server_support import free_ports
 from tests.tp_family_rank import MAX_TOKENS, SMALL_KV
 from tests.tp_rank import generate
 
@@ -28,17 +28,6 @@ REPO = Path(__file__).resolve().parent.parent
 SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
 REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
            "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _family_checkpoint(kind: str, cache: Path, tok) -> Path:
@@ -57,7 +46,7 @@ def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
     """kind -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
     tmp = tmp_path_factory.mktemp("tp2-families")
     kinds = list(family_models)
-    ports = ",".join(str(p) for p in _free_ports(len(kinds)))
+    ports = ",".join(str(p) for p in free_ports(len(kinds)))
     procs, outs = [], []
     for rank in range(2):
         out = tmp / f"rank{rank}.json"
