@@ -19,25 +19,15 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from llmctl.bench.common import cpu_model
+
 # The peer engines' shared workload and converter: $LLMCTL_PEERS_DIR, by default shared/peers beside the checkout.
 PEERS = Path(os.environ.get("LLMCTL_PEERS_DIR") or Path(__file__).resolve().parents[2] / "shared" / "peers")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def json_lines(text: str) -> list[dict]:

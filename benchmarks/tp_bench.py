@@ -35,28 +35,16 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from llmctl.bench.common import rounded
+from llmctl.bench.common import cpu_model, rounded
 from llmctl.bench.latency import run_latency
 from llmctl.bench.throughput import random_requests, run_requests, run_throughput
 from llmctl.engine.comm_profile import COMM_PROFILE_ENV, read_profiles, stats_delta
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_tiny_llama(out: Path) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import platform
 import random
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -63,3 +65,15 @@ def rounded(obj: Any, ndigits: int = 3) -> Any:
     if isinstance(obj, (list, tuple)):
         return [rounded(v, ndigits) for v in obj]
     return obj
+
+
+def cpu_model() -> str:
+    """The host CPU's model name, recorded next to every figure (figures mean little without it)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
