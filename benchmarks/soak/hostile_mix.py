@@ -17,6 +17,7 @@ import json
 import os
 import random
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,11 +81,11 @@ async def _abandoned(host: str, port: int, hold_s: float) -> None:
     s.close()
 
 
-async def _canary(c: httpx.AsyncClient, gaps: list[float]) -> None:
+def _canary_stream(c: httpx.Client, gaps: list[float]) -> None:
     body = {"model": "tiny", "prompt": "canary", "max_tokens": 64, "ignore_eos": True, "stream": True}
-    async with c.stream("POST", "/v1/completions", json=body) as r:
+    with c.stream("POST", "/v1/completions", json=body) as r:
         last = None
-        async for line in r.aiter_lines():
+        for line in r.iter_lines():
             if not line:
                 continue
             now = time.monotonic()
@@ -93,33 +94,56 @@ async def _canary(c: httpx.AsyncClient, gaps: list[float]) -> None:
             last = now
 
 
-async def _run(url: str, seconds: float, seed: int) -> dict:
+def _canary_main(url: str, seconds: float, out: str) -> int:
+    """The canary in its own process: one stream at a time until ``seconds`` have passed, then its gaps as JSON.
+
+    Why a process of its own: measured from the load generator's event loop, a gap also counted the time that loop
+    spent parsing the two dozen other streams before it got to the canary's chunk, so the figure mixed the client's
+    stalls into the server's.
+    """
+    gaps: list[float] = []
+    end = time.monotonic() + seconds
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(300)) as c:
+        while time.monotonic() < end:
+            _canary_stream(c, gaps)
+    Path(out).write_text(json.dumps(gaps))
+    return 0
+
+
+def _start_canary(url: str, seconds: float, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--canary-url", url,
+                             "--seconds", str(seconds), "--canary-out", str(out)])
+
+
+async def _run(url: str, seconds: float, seed: int, canary_out: Path | None = None) -> dict:
     rng = random.Random(seed)
     host, port = url.removeprefix("http://").split(":")
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
-    gaps: list[float] = []
     counts = {"normal": 0, "slow": 0, "hang_up": 0, "hostile": 0, "abandoned": 0, "non_2xx": 0}
     end = time.monotonic() + seconds
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300), limits=limits) as c, \
-            httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300)) as canary_client:
-        canary = asyncio.create_task(_canary(canary_client, gaps))
-        while time.monotonic() < end:
-            if canary.done():
-                canary = asyncio.create_task(_canary(canary_client, gaps))
-            jobs = []
-            for _ in range(24):
-                kind = rng.choices(["normal", "slow", "hang_up", "hostile", "abandoned"], [60, 15, 15, 6, 4])[0]
-                counts[kind] += 1
-                if kind == "hostile":
-                    jobs.append(_hostile(c, rng))
-                elif kind == "abandoned":
-                    jobs.append(_abandoned(host, int(port), hold_s=rng.uniform(2, 6)))
-                else:
-                    jobs.append(_normal(c, rng, slow=kind == "slow", hang_up=kind == "hang_up"))
-            for status in await asyncio.gather(*jobs, return_exceptions=True):
-                if isinstance(status, int) and status not in (200, 503):
-                    counts["non_2xx"] += 1
-        await canary
+    canary = _start_canary(url, seconds, canary_out) if canary_out is not None else None
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300), limits=limits) as c:
+            while time.monotonic() < end:
+                jobs = []
+                for _ in range(24):
+                    kind = rng.choices(["normal", "slow", "hang_up", "hostile", "abandoned"], [60, 15, 15, 6, 4])[0]
+                    counts[kind] += 1
+                    if kind == "hostile":
+                        jobs.append(_hostile(c, rng))
+                    elif kind == "abandoned":
+                        jobs.append(_abandoned(host, int(port), hold_s=rng.uniform(2, 6)))
+                    else:
+                        jobs.append(_normal(c, rng, slow=kind == "slow", hang_up=kind == "hang_up"))
+                for status in await asyncio.gather(*jobs, return_exceptions=True):
+                    if isinstance(status, int) and status not in (200, 503):
+                        counts["non_2xx"] += 1
+    finally:
+        if canary is not None:
+            canary.wait(timeout=600)
+    if canary_out is None:
+        return counts
+    gaps = json.loads(canary_out.read_text()) if canary_out.exists() else []
     gaps.sort()
     counts["canary_gaps"] = len(gaps)
     counts["canary_max_gap_s"] = round(gaps[-1], 3) if gaps else None
@@ -146,7 +170,11 @@ def main() -> int:
                     help="the server's cap on one request's prompt tokens per step (0: none)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
                     help="the server's token budget of one step (0: the engine's default, 2048 or more)")
+    ap.add_argument("--canary-url", default=None, help=argparse.SUPPRESS)  # the canary process (internal)
+    ap.add_argument("--canary-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.canary_url:
+        return _canary_main(a.canary_url, a.seconds, a.canary_out)
     tmp = Path(tempfile.mkdtemp(prefix="llmctl-soak-"))
     if a.tiny:
         from tests.model_factory import load_test_tokenizer, make_tiny_model
@@ -166,12 +194,12 @@ def main() -> int:
     try:
         # warm-up: every KV page written, then one short round so that caches exist before the baseline
         asyncio.run(_fill_kv(srv.url))
-        asyncio.run(_run(srv.url, 5, a.seed + 1))
+        asyncio.run(_run(srv.url, 5, a.seed + 1))  # warm-up, no canary
         wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)
         rss0, m0 = rss_anon_kib(srv.pid), srv.metrics()
         t0 = time.monotonic()
-        counts = asyncio.run(_run(srv.url, a.seconds, a.seed))
+        counts = asyncio.run(_run(srv.url, a.seconds, a.seed, canary_out=tmp / "canary_gaps.json"))
         load1 = os.getloadavg()
         m1 = wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)  # the engine trims malloc after 0.5 s idle

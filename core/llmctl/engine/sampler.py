@@ -125,28 +125,42 @@ class Sampler:
             scaled = self.ops.apply_min_p(scaled, torch.tensor([p.min_p for p in params], device=device))
         return scaled
 
-    def exponential_noise(self, shape: tuple[int, int], rows: Sequence[SampleRow],
-                          device: torch.device) -> torch.Tensor:
-        """Exp(1) noise per row, from the row's own generator when its request has a seed."""
-        noise = torch.empty(shape, dtype=torch.float32, device=device)
+    def uniforms(self, rows: Sequence[SampleRow], device: torch.device) -> torch.Tensor:
+        """One U[0, 1) draw per row, from the row's own generator when its request has a seed."""
+        u = torch.empty(len(rows), dtype=torch.float32)
         unseeded = [i for i, r in enumerate(rows) if r.generator is None]
         if unseeded:
-            part = torch.empty((len(unseeded), shape[1]), dtype=torch.float32)
-            part.exponential_(generator=self.generator)
-            noise[unseeded] = part.to(device)
+            u[unseeded] = torch.rand(len(unseeded), generator=self.generator)
         for i, r in enumerate(rows):
             if r.generator is not None:
-                noise[i] = torch.empty(shape[1], dtype=torch.float32).exponential_(generator=r.generator).to(device)
-        return noise
+                u[i] = torch.rand(1, generator=r.generator)
+        return u.to(device)
+
+    def draw(self, weights: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """One token per row, drawn with probability proportional to ``weights`` (non-negative, need not sum to
+        1): the first index whose running sum exceeds u times the row's total.
+
+        Why inverse CDF and not an exponential race (argmax of p / E, E ~ Exp(1)): the race needs a random number
+        per vocabulary entry, and torch draws those on one thread with a log each, which made the noise the
+        largest item of a sampled decode step on the CPU (rows x vocabulary draws; docs/performance.md). This
+        takes one draw per row and one running sum. A token of weight 0 is never chosen: its running sum equals
+        its predecessor's. A row whose weights are all 0 gets the last index (callers replace it)."""
+        cdf = weights.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        target = self.uniforms(rows, weights.device).unsqueeze(1) * total
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
+        # u * total can round up to the total itself; then searchsorted runs off the end: take the last token
+        # with weight instead.
+        off_end = (weights.gather(1, idx.unsqueeze(1)).squeeze(1) == 0) & (total.squeeze(1) > 0)
+        for r in off_end.nonzero().flatten().tolist():
+            idx[r] = int(weights[r].nonzero().max())
+        return idx
 
     def _sample_random(self, logits: torch.Tensor, requests: Sequence[SampleRow], greedy: list[bool]
                        ) -> torch.Tensor:
         device = logits.device
         probs = self.warp(logits, requests, greedy).softmax(dim=-1, dtype=torch.float32)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p, and each row's noise can come from
-        # that request's own generator.
-        noise = self.exponential_noise(tuple(probs.shape), requests, device)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = self.draw(probs, requests)
         if any(greedy):
             g = torch.tensor(greedy, device=device)
             sampled = torch.where(g, logits.argmax(dim=-1), sampled)

@@ -118,27 +118,17 @@ class RejectionSampler:
             pos_t = torch.tensor(draft_pos, device=device)
             ids_t = torch.tensor(draft_ids, device=device)
             p_draft = probs[pos_t, ids_t]
-            uniform = self._uniform([rows[i] for i in draft_pos], device)
+            uniform = self.sampler.uniforms([rows[i] for i in draft_pos], device)
             for i, ok in zip(draft_pos, (uniform < p_draft).tolist(), strict=True):
                 accepted[i] = ok
             residual = probs.clone()
             residual[pos_t, ids_t] = 0.0
-        noise = self.sampler.exponential_noise(tuple(residual.shape), rows, device)
-        choice = (residual / noise).argmax(dim=-1)
+        choice = self.sampler.draw(residual, rows)
         # A row whose whole mass was on its draft is always accepted (u < 1), so its empty residual is never
         # used; rounding aside, keep it pointing at a token the target allows.
         choice = torch.where(residual.sum(dim=-1) > 0, choice, probs.argmax(dim=-1))
         return accepted, choice.tolist()
 
-    def _uniform(self, rows: list[DraftPositionRow], device: torch.device) -> torch.Tensor:
-        u = torch.empty(len(rows), dtype=torch.float32)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            u[unseeded] = torch.rand(len(unseeded), generator=self.sampler.generator)
-        for i, r in enumerate(rows):
-            if r.generator is not None:
-                u[i] = torch.rand(1, generator=r.generator)
-        return u.to(device)
 
     def _logprobs(self, raw: torch.Tensor, rows: list[DraftPositionRow], emitted_rows: list[int],
                   out_ids: list[list[int]], starts: list[int]) -> list[list[RowLogprobs] | None]:
