@@ -5,16 +5,19 @@ AVX-512 without and with bf16 dot products): to check that every such host build
 builds this CPU can execute against the reference. Each build is a full optimised compile of every kernel, the most
 expensive single step of the suite, so each target is compiled once, with the same flags as the product (plus
 ``-Wall``, whose warnings are kept for the build test); the build test starts all of them side by side on the
-host's cores.
+host's cores. The builds land in a directory of the temp dir keyed by the sources, the compiler and the flags, under
+a file lock per target, so that the suite's worker processes (pytest-xdist) share one compile of each target
+instead of one each, and a rerun with unchanged sources compiles nothing.
 """
 
 from __future__ import annotations
 
-import atexit
 import ctypes
+import fcntl
+import hashlib
+import json
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -45,13 +48,34 @@ _pool: ThreadPoolExecutor | None = None
 _dir: Path | None = None
 
 
-def _compile(cc: str, target: str, out_dir: Path) -> TargetBuild:
+def _build_dir(cc: str) -> Path:
     from llmctl_cpu import native
 
-    flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
-    so = out_dir / f"kernels-{target}.so"
-    proc = subprocess.run([cc, *flags, "-Wall", "-o", str(so), str(native.SOURCE), "-lm"], capture_output=True,
-                          text=True, timeout=COMPILE_TIMEOUT_S)
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in native.source_files()), cc.encode(),
+                                      native._compiler_version(cc).encode(), " ".join(native.CFLAGS).encode()]))
+    out = Path(tempfile.gettempdir()) / f"llmctl-target-builds-{key.hexdigest()[:16]}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _compile(cc: str, target: str, out_dir: Path) -> TargetBuild:
+    """Compile ``target`` unless another process of this suite already did (its result is read back)."""
+    from llmctl_cpu import native
+
+    so, result = out_dir / f"kernels-{target}.so", out_dir / f"kernels-{target}.json"
+    with open(out_dir / f"{target}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = json.loads(result.read_text()) if result.exists() else None
+        if done is not None and (done["returncode"] != 0 or so.exists()):
+            return TargetBuild(target, so, done["returncode"], done["stderr"])
+        flags = [f"-march={target}" if f == "-march=native" else f for f in native.CFLAGS]
+        tmp = out_dir / f"kernels-{target}.{os.getpid()}.so"
+        proc = subprocess.run([cc, *flags, "-Wall", "-o", str(tmp), str(native.SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=COMPILE_TIMEOUT_S)
+        if proc.returncode == 0:
+            os.replace(tmp, so)
+        tmp.unlink(missing_ok=True)
+        result.write_text(json.dumps({"returncode": proc.returncode, "stderr": proc.stderr}))
     return TargetBuild(target, so, proc.returncode, proc.stderr)
 
 
@@ -71,8 +95,7 @@ def build(target: str, alongside: tuple[str, ...] = ()) -> TargetBuild:
     cc = _compiler_or_skip()
     with _lock:
         if _pool is None:
-            _dir = Path(tempfile.mkdtemp(prefix="llmctl-target-builds-"))
-            atexit.register(shutil.rmtree, _dir, True)
+            _dir = _build_dir(cc)
             _pool = ThreadPoolExecutor(max_workers=max(1, min(len(TARGETS), os.cpu_count() or 1)))
         assert _dir is not None
         for name in (target, *alongside):
