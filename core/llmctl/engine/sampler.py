@@ -173,12 +173,18 @@ class Sampler:
             return [None] * len(params)
         rows = [i for i, w in enumerate(want) if w is not None]
         idx = torch.tensor(rows, device=raw.device)
-        lp = raw[idx].float().log_softmax(dim=-1)
+        # Only a few values per row are wanted: shift those by the row's log-normaliser instead of writing the
+        # whole log_softmax (rows x vocabulary) and reading it three more times. Ranks compare the raw logits,
+        # which order the tokens exactly as their log-probabilities do.
+        x = raw[idx].float() if len(rows) < raw.shape[0] else raw.float()
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
         chosen = next_ids[idx]
-        sampled_lp = lp.gather(1, chosen.unsqueeze(1)).squeeze(1)
-        ranks = (lp > sampled_lp.unsqueeze(1)).sum(dim=1) + 1
+        sampled_raw = x.gather(1, chosen.unsqueeze(1))
+        sampled_lp = (sampled_raw - lse).squeeze(1)
+        ranks = (x > sampled_raw).sum(dim=1) + 1
         k = max(want[i] for i in rows)
-        top_vals, top_ids = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = x.topk(k, dim=-1) if k > 0 else (x[:, :0], x[:, :0].long())
+        top_vals = top_vals - lse
         out: list[RowLogprobs | None] = [None] * len(params)
         sampled_l, ranks_l, vals_l, ids_l = sampled_lp.tolist(), ranks.tolist(), top_vals.tolist(), top_ids.tolist()
         for j, i in enumerate(rows):
