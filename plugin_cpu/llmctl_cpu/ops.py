@@ -88,7 +88,7 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     if (logits.dim() == 2 and logits.shape[1] > 0 and logits.is_cpu and logits.stride(1) == 1
             and native.dtype_code(logits.dtype) is not None):
         lib = native.kernels()
-        if lib is not None and lib.has_avx512:
+        if lib is not None and lib.has_argmax:
             return lib.argmax_rows(logits)
     return reference.greedy_sample(logits)
 
