@@ -100,6 +100,7 @@ def bench_server(label: str, cmd: list[str], env: dict[str, str], base_url: str,
                       f"{r.output_throughput:.1f} output tok/s, TTFT p50 {r.ttft_ms['p50']:.0f} ms, "
                       f"TPOT p50 {r.tpot_ms['p50']:.1f} ms {r.errors[:1]}", file=sys.stderr, flush=True)
                 if args.plot_dir:
+                    Path(args.plot_dir).mkdir(parents=True, exist_ok=True)  # a missing folder lost the run's JSON
                     plot_result(r, str(Path(args.plot_dir) / f"{label}_c{conc}.png"), title=f"{label}, {conc} streams")
                 runs[str(conc)] = rounded(r.to_dict())
             return {"command": " ".join(cmd), "env": env, "launch_to_first_response_s": round(ready, 1),

@@ -875,15 +875,6 @@ def _norm_lib():
     return lib
 
 
-def _avx512_lib():
-    from llmctl_cpu import native
-
-    lib = native.kernels()
-    if lib is None or not lib.has_avx512:
-        pytest.skip("the C RMSNorm and argmax run only with the native kernels on AVX-512 hosts")
-    return lib
-
-
 # -- the C RMSNorm and the fused SwiGLU GEMM ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("width", [1, 17, 64, 576, 1000])
@@ -965,14 +956,22 @@ def test_fused_swiglu_gemm_declines_what_it_cannot_take():
     assert torch.allclose(gated_linear(x, w), reference.gated_linear(x, w), atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["native", "x86-64-v3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_greedy_sample_is_torch_argmax(rng, dtype):
-    """Every remainder of the 16-wide vector pass, ties (first index), NaNs (first NaN), -inf rows, strided rows,
-    and the threaded path, against torch.argmax on the same values."""
-    from llmctl_cpu.ops import greedy_sample
+def test_c_greedy_sample_is_torch_argmax(rng, dtype, target):
+    """Every remainder of the 16-wide (AVX-512) and 8-wide (AVX2 + FMA, x86-64-v3) vector passes, ties (first
+    index), NaNs (first NaN), -inf rows, strided rows, and the threaded path, against torch.argmax on the same
+    values."""
+    if target == "native":
+        from llmctl_cpu import native
+        from llmctl_cpu.ops import greedy_sample
 
-    _avx512_lib()
-    for n in (1, 15, 16, 17, 33, 1000, 49152):
+        lib = native.kernels()
+        if lib is None or not lib.has_argmax:
+            pytest.skip("the C argmax runs only with the native kernels on AVX-512 or AVX2 + FMA hosts")
+    else:
+        greedy_sample = native_builds.runnable(target).argmax_rows
+    for n in (1, 7, 8, 9, 15, 16, 17, 33, 1000, 49152):
         rows = 70 if n == 49152 else rng.randint(1, 9)  # 70 x 49152 splits over threads
         x = torch.randn(rows, n).to(dtype)
         assert torch.equal(greedy_sample(x), x.float().argmax(dim=-1)), n

@@ -57,8 +57,7 @@ def check_native_kernels() -> DoctorResult:
             gemm += (" (AMX tiles; bf16 decode attention on AMX too)" if lib.amx else
                      f" (AVX-512: AMX off by {native.AMX_ENV}=0)" if not native.env_on(native.AMX_ENV) else
                      " (AVX-512: no AMX on this CPU, or Linux refused the tile state)")
-        rows = ("RMSNorm/argmax on" if lib is not None and lib.has_avx512
-                else "RMSNorm on, argmax off: no AVX-512, torch runs it" if lib is not None and lib.has_norm
+        rows = ("RMSNorm/argmax on" if lib is not None and lib.has_norm and lib.has_argmax
                 else "RMSNorm/argmax off: neither AVX-512 nor AVX2 + FMA, torch runs them")
         return DoctorResult(True, f"C kernels available ({why}; {gemm}; {rows})")
     return DoctorResult(True, f"C kernels not available: {why}",

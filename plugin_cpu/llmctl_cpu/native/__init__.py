@@ -107,6 +107,7 @@ class NativeKernels:
         self.use_amx(env_on(AMX_ENV))  # sets self.amx
         self.has_avx512 = bool(lib.llmctl_has_avx512())
         self.has_norm = self.has_avx512 or bool(lib.llmctl_has_avx2_fma())  # the C RMSNorm beats torch's passes
+        self.has_argmax = self.has_norm  # eight lanes on AVX2 still beat torch's cast and argmax
         self.has_prefill_bf16 = bool(lib.llmctl_has_prefill_bf16())
         self._prefill = lib.llmctl_prefill_attention_bf16
         self._prefill.restype = _c_int

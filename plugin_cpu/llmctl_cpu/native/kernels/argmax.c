@@ -26,6 +26,13 @@ static int64_t argmax_row_scalar(const void *row, int dtype, int n) {
     return best;
 }
 
+#if HAVE_AVX2_FMA && !HAVE_AVX512
+static inline __m256 load8_any(const void *row, int j, int dtype) {
+    return dtype == DT_F32 ? _mm256_loadu_ps((const float *)row + j)
+                           : from_bf16_8(_mm_loadu_si128((const __m128i *)((const bf16_t *)row + j)));
+}
+#endif
+
 void llmctl_argmax_rows(int dtype, const void *x, int64_t xs, int rows, int n, int64_t *out, int num_threads) {
     const int threads = (int64_t)rows * n >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -59,6 +66,52 @@ void llmctl_argmax_rows(int dtype, const void *x, int64_t xs, int rows, int n, i
             float bv = vals[0];
             int64_t bi = ids[0];
             for (int l = 1; l < 16; l++)
+                if (vals[l] > bv || (vals[l] == bv && ids[l] < bi)) {
+                    bv = vals[l];
+                    bi = ids[l];
+                }
+            for (; j < n; j++) {
+                const float v = value_at(row, dtype, j);
+                if (v != v) {
+                    bi = argmax_row_scalar(row, dtype, n);
+                    break;
+                }
+                if (v > bv) {
+                    bv = v;
+                    bi = j;
+                }
+            }
+            out[r] = bi;
+            continue;
+        }
+#elif HAVE_AVX2_FMA
+        if (n >= 8) {
+            /* the same scan on eight lanes (lane l: indices = l mod 8); torch's argmax has no AVX2 path for bf16 */
+            __m256 best = load8_any(row, 0, dtype);
+            __m256i best_i = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+            __m256i idx = best_i;
+            __m256 nan = _mm256_cmp_ps(best, best, _CMP_UNORD_Q);
+            int j = 8;
+            for (; j + 8 <= n; j += 8) {
+                idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+                const __m256 v = load8_any(row, j, dtype);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+                best = _mm256_blendv_ps(best, v, gt);
+                best_i = _mm256_castps_si256(
+                    _mm256_blendv_ps(_mm256_castsi256_ps(best_i), _mm256_castsi256_ps(idx), gt));
+            }
+            if (_mm256_movemask_ps(nan)) {
+                out[r] = argmax_row_scalar(row, dtype, n);
+                continue;
+            }
+            float vals[8];
+            int32_t ids[8];
+            _mm256_storeu_ps(vals, best);
+            _mm256_storeu_si256((__m256i *)ids, best_i);
+            float bv = vals[0];
+            int64_t bi = ids[0];
+            for (int l = 1; l < 8; l++)
                 if (vals[l] > bv || (vals[l] == bv && ids[l] < bi)) {
                     bv = vals[l];
                     bi = ids[l];
