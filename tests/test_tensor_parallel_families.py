@@ -222,3 +222,27 @@ def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, tes
                                          r"do not shard yet"):
         LLM(str(path), quantization="int8", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
             num_threads=1)
+
+
+def test_expert_parallel_refusals_name_the_setting(family_models, monkeypatch, caplog):
+    """Refused before any peer is waited for (no launcher environment needed): experts that do not divide over
+    the ranks, quantized experts. A model without experts ignores the setting, as vLLM does: it gets past the
+    check to the launcher's missing environment."""
+    from llmctl import LLM
+    from llmctl.config import EngineArgs
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    common = dict(distributed_executor_backend="external_launcher", num_threads=1, enable_expert_parallel=True)
+    mixtral = str(family_models["mixtral"])
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: num_experts=4 does not split over the 8 ranks"):
+        LLM(mixtral, tensor_parallel_size=8, **common)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: quantized checkpoints \(int8\) of "
+                                         r"mixture-of-experts models"):
+        LLM(mixtral, tensor_parallel_size=2, quantization="int8", **common)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: must be true or false"):
+        EngineArgs(model=mixtral, enable_expert_parallel="yes")
+    with caplog.at_level("INFO", logger="llmctl.expert_parallel"), \
+            pytest.raises(ValueError, match="external_launcher' expects each rank to be started by a launcher"):
+        LLM(str(family_models["phi3"]), tensor_parallel_size=2, **common)
+    assert "has no mixture-of-experts layers; the setting is ignored" in caplog.text
