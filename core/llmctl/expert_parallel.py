@@ -90,10 +90,15 @@ def has_all_to_all(communicator: Communicator | None) -> bool:
     return communicator is not None and type(communicator).all_to_all is not Communicator.all_to_all
 
 
+def expert_parallel_mode() -> str:
+    """"all_to_all" unless ``LLMCTL_EP_ALL2ALL=0`` asks for the all-reduce (to compare the two); part of what the
+    ranks compare at start-up, since ranks that combine differently would wait on different collectives."""
+    return "all_reduce" if os.environ.get("LLMCTL_EP_ALL2ALL", "1") == "0" else "all_to_all"
+
+
 def use_dispatch(group: TensorParallelGroup) -> bool:
-    """The all-to-all dispatch where the communicator has it, unless ``LLMCTL_EP_ALL2ALL=0`` asks for the
-    all-reduce (to compare the two)."""
-    return has_all_to_all(group.communicator) and os.environ.get("LLMCTL_EP_ALL2ALL", "1") != "0"
+    """The all-to-all dispatch where the communicator has it and the mode asks for it."""
+    return has_all_to_all(group.communicator) and expert_parallel_mode() == "all_to_all"
 
 
 def _empty_out(hidden: torch.Tensor) -> torch.Tensor:

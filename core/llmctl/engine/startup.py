@@ -21,7 +21,7 @@ from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner
 from llmctl.engine.sampler import Sampler
 from llmctl.engine.scheduler import Scheduler
-from llmctl.expert_parallel import check_expert_parallel
+from llmctl.expert_parallel import check_expert_parallel, expert_parallel_mode
 from llmctl.kv.cache_dtype import kv_dtype_name, kv_feature, kv_row_width, kv_storage_dtype
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import ModelContext
@@ -346,7 +346,8 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
                 args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
                 args.enable_prefix_caching, args.tensor_parallel_size,
-                args.pipeline_parallel_size, args.enable_expert_parallel)
+                args.pipeline_parallel_size, args.enable_expert_parallel,
+                args.enable_expert_parallel and expert_parallel_mode())
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 
