@@ -13,7 +13,7 @@ The engine is started with ``LLMCTL_COMM_PROFILE_DIR`` set (``llmctl.engine.comm
 its communicator's collectives and its engine steps. Rank 0's totals come back with each step's stats, so each
 phase is split as
 
-* ``comm``: time rank 0 spent inside all-reduce / all-gather (waiting for its peer included);
+* ``comm``: time rank 0 spent inside all-reduce / all-gather / all-to-all (waiting for its peer included);
 * ``compute``: the rest of rank 0's engine steps (scheduling, input preparation, the forward outside the
   collectives, sampling);
 * ``driver``: the phase's wall time minus rank 0's steps: the driver's pickling, pipes and output processing
@@ -23,6 +23,12 @@ Every rank also writes its lifetime totals to a file at shutdown; they are print
 
     .venv/bin/python benchmarks/tp_bench.py --model "$SMOLLM2_HF_FP32" --dtype float32 --out tp.json
     .venv/bin/python benchmarks/tp_bench.py --model tiny   # a tiny random Llama, built on the fly (smoke test)
+    .venv/bin/python benchmarks/tp_bench.py --model mixtral --configs 1 2 2:ep 2:ep-allreduce
+
+``--configs`` names each run as ``TP[:ep|:ep-allreduce]``: ``ep`` adds ``enable_expert_parallel`` (experts placed
+whole per rank, tokens dispatched by all-to-all), ``ep-allreduce`` the same placement with the experts' partial
+outputs summed by one all-reduce (``LLMCTL_EP_ALL2ALL=0``). ``--model mixtral`` builds a small random Mixtral
+(4 layers, hidden 256, 8 experts of width 512, top 2) on the fly.
 
 With the ``mp`` executor each rank is bound to its own share of this process's CPUs, so on a 2-core host TP=1 runs
 two threads in one process and TP=2 one thread in each of two.
@@ -64,6 +70,24 @@ def make_tiny_llama(out: Path) -> Path:
     return out
 
 
+def make_small_mixtral(out: Path) -> Path:
+    """A small random Mixtral with the SmolLM2 tokenizer: big enough that the experts, not the step's fixed costs,
+    take most of the time, small enough for a 2-core host."""
+    import torch
+    import transformers as tf
+    from llmctl_testkit.smollm2 import load_test_tokenizer
+
+    tok = load_test_tokenizer(out.parent)
+    torch.manual_seed(1)
+    cfg = tf.MixtralConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2,
+                           max_position_embeddings=512, initializer_range=0.05, sliding_window=None,
+                           tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tf.MixtralForCausalLM(cfg).eval().save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def with_heads(model: str, heads: int, kv_heads: int, out: Path) -> Path:
     """``model``'s architecture and sizes with ``heads`` query and ``kv_heads`` KV heads (head size kept) and
     random weights, for a model whose own head counts the sizes to compare do not divide (SmolLM2-135M has 9 and
@@ -99,12 +123,23 @@ def split(wall_s: float, delta: dict[str, float]) -> dict[str, Any]:
             "calls": {k[:-6]: int(v) for k, v in delta.items() if k.endswith("_calls") and k != "comm_calls"}}
 
 
-def bench_one(model: str, tp: int, args: argparse.Namespace, profile_dir: Path) -> dict[str, Any]:
+def parse_config(text: str) -> tuple[int, str]:
+    """``TP[:ep|:ep-allreduce]`` -> (tensor_parallel_size, expert-parallel mode: "", "ep" or "ep-allreduce")."""
+    tp, _, mode = text.partition(":")
+    if not tp.isdigit() or int(tp) < 1 or mode not in ("", "ep", "ep-allreduce"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected TP, TP:ep or TP:ep-allreduce with TP >= 1")
+    return int(tp), mode
+
+
+def bench_one(model: str, tp: int, args: argparse.Namespace, profile_dir: Path, ep: str = "") -> dict[str, Any]:
     from llmctl import LLM
 
     os.environ[COMM_PROFILE_ENV] = str(profile_dir)
+    if ep == "ep-allreduce":
+        os.environ["LLMCTL_EP_ALL2ALL"] = "0"  # read by the ranks as they build their MoE layers
     kwargs: dict[str, Any] = {"tensor_parallel_size": tp, "seed": 0, "max_num_seqs": args.num_prompts,
-                              "max_model_len": args.input_len + args.output_len + 16}
+                              "max_model_len": args.input_len + args.output_len + 16,
+                              "enable_expert_parallel": bool(ep)}
     if args.num_threads:
         kwargs["num_threads"] = args.num_threads
     t0 = time.perf_counter()
@@ -127,10 +162,11 @@ def bench_one(model: str, tp: int, args: argparse.Namespace, profile_dir: Path) 
     finally:
         llm.llm_engine.shutdown()
     os.environ.pop(COMM_PROFILE_ENV, None)
+    os.environ.pop("LLMCTL_EP_ALL2ALL", None)
     lat_wall = lat.batch_latency_s["mean"] * lat.iterations
     ranks = read_profiles(profile_dir)
     return {
-        "tensor_parallel_size": tp, "load_s": load_s,
+        "tensor_parallel_size": tp, "expert_parallel": ep, "load_s": load_s,
         "throughput": {"output_tokens": thr.output_tokens, "elapsed_s": thr.elapsed_s,
                        "output_tokens_per_s": thr.output_tokens_per_s,
                        "total_tokens_per_s": thr.total_tokens_per_s,
@@ -154,13 +190,17 @@ def print_table(results: list[dict[str, Any]]) -> None:
             tok_s = f"{p['output_tokens_per_s']:8.1f}" if phase == "throughput" else f"{'':>8}"
             tpot = f"{p['tpot_ms']['mean']:8.2f}" if phase == "tpot" else f"{'':>8}"
             ms = s["per_step_ms"]
-            print(f"{r['tensor_parallel_size']:>3} {phase:<10} {s['wall_s']:7.2f} {tok_s} {tpot} {s['steps']:>6} "
+            print(f"{_label(r):>3} {phase:<10} {s['wall_s']:7.2f} {tok_s} {tpot} {s['steps']:>6} "
                   f"{ms['total']:8.2f} {ms['compute']:8.2f} {ms['comm']:7.2f} {ms['driver']:7.2f} "
                   f"{100 * s['share']['comm']:6.1f} {s['comm_calls_per_step']:10.1f}")
     for r in results:
         for rank, d in r["ranks_lifetime"].items():
-            print(f"tp={r['tensor_parallel_size']} rank {rank} lifetime: {d['steps']} steps, "
+            print(f"tp={_label(r)} rank {rank} lifetime: {d['steps']} steps, "
                   f"{d['step_s']:.2f} s in steps, {d['comm_s']:.2f} s in {d['comm_calls']} collectives")
+
+
+def _label(r: dict[str, Any]) -> str:
+    return f"{r['tensor_parallel_size']}{':' + r['expert_parallel'] if r.get('expert_parallel') else ''}"
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
@@ -172,7 +212,7 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, float]:
     for i, r in enumerate(results):
         if r is base:
             continue
-        key = f"run{i}_tp{r['tensor_parallel_size']}"
+        key = f"run{i}_tp{_label(r).replace(':', '_')}"
         out[f"{key}_throughput_vs_tp1"] = (r["throughput"]["output_tokens_per_s"]
                                            / base["throughput"]["output_tokens_per_s"])
         out[f"{key}_tpot_vs_tp1"] = r["tpot"]["tpot_ms"]["mean"] / base["tpot"]["tpot_ms"]["mean"]
@@ -183,13 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
-                    help="a Hugging Face model directory or id, or 'tiny' for a tiny random Llama built on the fly")
+                    help="a Hugging Face model directory or id, 'tiny' for a tiny random Llama or 'mixtral' for a "
+                         "small random Mixtral, built on the fly")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--with-heads", type=int, nargs=2, metavar=("HEADS", "KV_HEADS"), default=None,
                     help="run a copy of --model (a local directory) with these head counts and random weights, "
                          "for a model whose heads the sizes do not divide")
     ap.add_argument("--tp-sizes", type=int, nargs="+", default=[1, 2],
                     help="sizes to run, in order; repeat 1 at the end (1 2 1) to see drift on a shared host")
+    ap.add_argument("--configs", type=parse_config, nargs="+", default=None,
+                    help="runs as TP[:ep|:ep-allreduce] (overrides --tp-sizes), e.g. 1 2 2:ep 2:ep-allreduce")
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
@@ -203,16 +246,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(tp < 1 for tp in args.tp_sizes):
         ap.error("--tp-sizes must all be >= 1")
+    configs = args.configs or [(tp, "") for tp in args.tp_sizes]
 
     with tempfile.TemporaryDirectory(prefix="llmctl-tp-bench-") as tmp:
-        model = str(make_tiny_llama(Path(tmp) / "tiny-llama")) if args.model == "tiny" else args.model
+        model = str(make_tiny_llama(Path(tmp) / "tiny-llama")) if args.model == "tiny" else \
+            str(make_small_mixtral(Path(tmp) / "mixtral")) if args.model == "mixtral" else args.model
         if args.with_heads:
             model = str(with_heads(model, *args.with_heads, Path(tmp) / "with-heads"))
         load_before = os.getloadavg()
         results = []
-        for i, tp in enumerate(args.tp_sizes):
-            print(f"[tp_bench] tensor_parallel_size={tp}", file=sys.stderr, flush=True)
-            results.append(bench_one(model, tp, args, Path(tmp) / f"profile-{i}-tp{tp}"))
+        for i, (tp, ep) in enumerate(configs):
+            print(f"[tp_bench] tensor_parallel_size={tp} {ep}", file=sys.stderr, flush=True)
+            results.append(bench_one(model, tp, args, Path(tmp) / f"profile-{i}-tp{tp}{ep}", ep))
             # each size as it completes, so a run cut short by a time limit still leaves its figures
             print(json.dumps({"partial": rounded(results[-1]), "loadavg": os.getloadavg()}), file=sys.stderr,
                   flush=True)

@@ -77,6 +77,9 @@ def test_serve_passes_gpu_flags_to_the_engine(monkeypatch, tmp_path):
     assert seen[1].enforce_eager is False and seen[1].gpu_memory_utilization is None
     r = runner.invoke(cli_main.app, ["serve", str(tmp_path), "--gpu-memory-utilization", "1.5"])
     assert r.exit_code == 2 and "gpu_memory_utilization" in r.output and len(seen) == 2
+    assert seen[1].enable_expert_parallel is False
+    runner.invoke(cli_main.app, ["serve", str(tmp_path), "-tp", "2", "--enable-expert-parallel"])
+    assert seen[2].enable_expert_parallel is True and seen[2].tensor_parallel_size == 2
 
 
 def test_parse_kv_memory():

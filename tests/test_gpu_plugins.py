@@ -45,7 +45,7 @@ def test_plugins_load_through_entry_points(manager):
     for name, dist in (("cuda", "llmctl-cuda"), ("rocm", "llmctl-rocm")):
         info = manager.plugins[name]
         assert not info.broken, info.error
-        assert info.api_version == "2.2" and info.distribution == dist
+        assert info.api_version == "2.3" and info.distribution == dist
         assert manager.registry.platforms[name].plugin == name
 
 
@@ -359,8 +359,16 @@ def _comm_worker(rank: int, world: int, port: int, results) -> None:
             got = None
         else:
             got = comm.recv(torch.zeros(1), src=0).tolist()
+        # all_to_all both ways: all_to_all_single, then the point-to-point pairs a backend without it gets.
+        # Rank 0 sends [1 row to itself, 2 to rank 1]; rank 1 sends [none to rank 0, 1 to itself].
+        send = [1, 2] if rank == 0 else [0, 1]
+        recv = [1, 0] if rank == 0 else [2, 1]
+        rows = torch.arange(sum(send), dtype=torch.float32).unsqueeze(1).repeat(1, 2) + 10 * rank
+        a2a = [comm.all_to_all(rows, send, recv).tolist()]
+        comm._a2a_single = False
+        a2a.append(comm.all_to_all(rows, send, recv).tolist())
         comm.barrier()
-        results[rank] = (summed.tolist(), gathered0.tolist(), gathered1.tolist(), b.tolist(), got)
+        results[rank] = (summed.tolist(), gathered0.tolist(), gathered1.tolist(), b.tolist(), got, a2a)
     finally:
         comm.destroy()
 
@@ -378,7 +386,8 @@ def test_communicator_collectives_over_gloo():
         p.join(60)
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     for rank in range(2):
-        summed, g0, g1, b, _ = results[rank]
+        summed, g0, g1, b, _, a2a = results[rank]
+        assert a2a[0] == a2a[1] == ([[0.0, 0.0]] if rank == 0 else [[1.0, 1.0], [2.0, 2.0], [10.0, 10.0]])
         assert summed == [[3.0] * 3] * 2
         assert g0 == [[0.0, 0.0], [1.0, 1.0]]
         assert g1 == [[0.0, 1.0], [0.0, 1.0]]

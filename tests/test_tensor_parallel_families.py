@@ -4,7 +4,7 @@ The ranks start once for all families (``tests.tp_family_rank`` loads the checkp
 two interpreters per family would cost more than the models themselves. Each family picks a different split:
 fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes per rank, one
 KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts split by
-their intermediate columns.
+their intermediate columns, or (expert parallelism) placed whole on the ranks.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
 from tests.test_server_support import free_ports
-from tests.tp_family_rank import MAX_TOKENS, SMALL_KV
+from tests.tp_family_rank import EP_SUFFIX, EXPERTS_KEY, MAX_TOKENS, SMALL_KV
 from tests.tp_rank import generate
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
+EP_KINDS = ("mixtral", "qwen2_moe")  # also run with enable_expert_parallel, in the same pair of ranks
 REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
            "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
 
@@ -43,17 +44,19 @@ def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
-    """kind -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
+    """kind (``kind::ep`` with expert parallelism) -> rank 0's outputs (or its refusal), after checking that rank 1
+    produced the same; ``EXPERTS_KEY`` -> each rank's loaded experts per ``kind::ep``."""
     tmp = tmp_path_factory.mktemp("tp2-families")
-    kinds = list(family_models)
-    ports = ",".join(str(p) for p in free_ports(len(kinds)))
+    runs = {kind: str(path) for kind, path in family_models.items()} | \
+        {kind + EP_SUFFIX: str(family_models[kind]) + EP_SUFFIX for kind in EP_KINDS}
+    ports = ",".join(str(p) for p in free_ports(len(runs)))
     procs, outs = [], []
     for rank in range(2):
         out = tmp / f"rank{rank}.json"
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), "2", ports,
-                                       *(str(family_models[k]) for k in kinds)],
+                                       *runs.values()],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outs.append(out)
     try:
@@ -65,23 +68,54 @@ def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
     rank0, rank1 = (json.loads(o.read_text()) for o in outs)
+    experts = [rank0.pop(EXPERTS_KEY), rank1.pop(EXPERTS_KEY)]
     assert rank0 == rank1, "the two ranks sampled differently"
-    return {kind: rank0[str(family_models[kind])] for kind in kinds}
+    return {kind: rank0[arg] for kind, arg in runs.items()} | \
+        {EXPERTS_KEY: {kind: [e[arg] for e in experts] for kind, arg in runs.items() if kind.endswith(EP_SUFFIX)}}
 
 
-@pytest.mark.parametrize("kind", SPLIT_KINDS)
-def test_tp2_family_matches_tp1(kind, family_models, tp2_outputs):
+@pytest.fixture(scope="module")
+def tp1_outputs(family_models):
+    """kind -> one rank's outputs, computed once per kind for the tp=2 and the expert-parallel comparisons."""
     from llmctl import LLM
 
-    got = tp2_outputs[kind]
+    cache: dict[str, list[dict]] = {}
+
+    def run(kind: str) -> list[dict]:
+        if kind not in cache:
+            with one_torch_thread():
+                llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
+                          kv_cache_memory=SMALL_KV)
+                cache[kind] = generate(llm, MAX_TOKENS)
+        return cache[kind]
+
+    return run
+
+
+def _assert_same(got: list[dict] | str, want: list[dict]) -> None:
     assert not isinstance(got, str), got
-    with one_torch_thread():
-        llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
-                  kv_cache_memory=SMALL_KV)
-        want = generate(llm, MAX_TOKENS)
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"]
         torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_tp2_family_matches_tp1(kind, tp2_outputs, tp1_outputs):
+    _assert_same(tp2_outputs[kind], tp1_outputs(kind))
+
+
+@pytest.mark.parametrize("kind", EP_KINDS)
+def test_expert_parallel_matches_tp1_and_each_rank_holds_its_experts(kind, tp2_outputs, tp1_outputs):
+    """tp=2 with enable_expert_parallel (4 experts: 0-1 on rank 0, 2-3 on rank 1, dispatched by all_to_all over
+    gloo) gives one rank's greedy tokens and logprobs; each rank loaded only its two experts, whole (the full
+    moe_intermediate_size, not half of every expert)."""
+    _assert_same(tp2_outputs[kind + EP_SUFFIX], tp1_outputs(kind))
+    inter = 32 if kind == "qwen2_moe" else 128  # family_factory's moe_intermediate_size / intermediate_size
+    for rank, layers in enumerate(tp2_outputs[EXPERTS_KEY][kind + EP_SUFFIX]):
+        assert layers, "no mixture-of-experts layer was found"
+        for layer in layers:
+            assert layer["experts"] == [2 * rank, 2 * rank + 1]
+            assert layer["w13"][:2] == [2, 2 * inter]
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
@@ -130,6 +164,54 @@ def test_rank_reads_its_columns_of_every_expert(layout):
     assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
 
 
+class _Unreadable:
+    """A lazy checkpoint tensor that fails when read: another rank's expert must be skipped, not read."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def read(self):
+        raise AssertionError(f"{self.name} was read by a rank that does not hold it")
+
+    read_slice = read
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked", "dbrx"])
+def test_expert_parallel_rank_reads_only_its_experts(layout):
+    """With enable_expert_parallel, rank 1 of 2 keeps experts 2 and 3 of 4, whole, and never reads experts 0 and
+    1's per-expert tensors; the stacked layouts are cut along the experts."""
+    from llmctl.models.base import ModelContext
+    from llmctl.models.decoder import MoESpec
+    from llmctl.models.moe import SparseMoE
+    from llmctl.ops import Ops
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    e, inter, hidden = 4, 6, 5
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(e, inter, hidden, generator=gen), torch.randn(e, inter, hidden, generator=gen)
+    down = torch.randn(e, hidden, inter, generator=gen)
+    ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
+                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2), expert_parallel=True)
+    moe = SparseMoE(hidden, MoESpec(num_experts=e, top_k=2, intermediate_size=inter), "silu", ctx)
+    assert moe.missing_expert_tensors("mlp.w2") == ["mlp.experts.2.down_proj", "mlp.experts.3.down_proj"]
+    if layout == "per_expert":
+        for i in range(e):
+            for proj, w in (("gate_proj", gate[i]), ("up_proj", up[i]), ("down_proj", down[i])):
+                name = f"experts.{i}.{proj}.weight"
+                moe.load_expert_tensor(f"{i}.{proj}.weight", w if i >= 2 else _Unreadable(name), name)
+    elif layout == "stacked":
+        moe.load_expert_tensor("stacked_w13.weight", torch.cat([gate, up], dim=1), "stacked_w13")
+        moe.load_expert_tensor("stacked_w2.weight", down, "stacked_w2")
+    else:
+        moe.load_expert_tensor("dbrx_w1", gate.reshape(e * inter, hidden), "w1")
+        moe.load_expert_tensor("dbrx_v1", up.reshape(e * inter, hidden), "v1")
+        moe.load_expert_tensor("dbrx_w2", down.transpose(1, 2).reshape(e * inter, hidden), "w2")
+    assert torch.equal(moe.w13.data, torch.cat([gate[2:], up[2:]], dim=1))
+    assert torch.equal(moe.w2.data, down[2:])
+    assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
+
+
 def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, test_tokenizer):
     """The quantized split reads the Llama family's layers; another family's quantized weights would be cut
     wrongly, so they are refused by name (here quantized at load)."""
@@ -140,3 +222,27 @@ def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, tes
                                          r"do not shard yet"):
         LLM(str(path), quantization="int8", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
             num_threads=1)
+
+
+def test_expert_parallel_refusals_name_the_setting(family_models, monkeypatch, caplog):
+    """Refused before any peer is waited for (no launcher environment needed): experts that do not divide over
+    the ranks, quantized experts. A model without experts ignores the setting, as vLLM does: it gets past the
+    check to the launcher's missing environment."""
+    from llmctl import LLM
+    from llmctl.config import EngineArgs
+
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    common = dict(distributed_executor_backend="external_launcher", num_threads=1, enable_expert_parallel=True)
+    mixtral = str(family_models["mixtral"])
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: num_experts=4 does not split over the 8 ranks"):
+        LLM(mixtral, tensor_parallel_size=8, **common)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: quantized checkpoints \(int8\) of "
+                                         r"mixture-of-experts models"):
+        LLM(mixtral, tensor_parallel_size=2, quantization="int8", **common)
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: must be true or false"):
+        EngineArgs(model=mixtral, enable_expert_parallel="yes")
+    with caplog.at_level("INFO", logger="llmctl.expert_parallel"), \
+            pytest.raises(ValueError, match="external_launcher' expects each rank to be started by a launcher"):
+        LLM(str(family_models["phi3"]), tensor_parallel_size=2, **common)
+    assert "has no mixture-of-experts layers; the setting is ignored" in caplog.text

@@ -173,6 +173,10 @@ def serve(
     pipeline_parallel_size: int = typer.Option(
         1, "--pipeline-parallel-size", "-pp", help="Stages that each hold a contiguous run of layers (not combined "
                                                   "with --tensor-parallel-size yet)."),
+    enable_expert_parallel: bool = typer.Option(
+        False, "--enable-expert-parallel", "-ep",
+        help="Mixture-of-experts layers place whole experts on the tensor-parallel ranks (num_experts / tp each) "
+             "instead of splitting every expert; ignored for models without experts."),
     data_parallel_size: int = typer.Option(
         1, "--data-parallel-size", "-dp", help="Replicas of the whole model behind this server, each in its own "
                                               "worker processes; requests go to one by load and prefix affinity."),
@@ -317,6 +321,7 @@ def serve(
                            max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                            speculative_config=speculative_config, tensor_parallel_size=tensor_parallel_size,
                            pipeline_parallel_size=pipeline_parallel_size, data_parallel_size=data_parallel_size,
+                           enable_expert_parallel=enable_expert_parallel,
                            distributed_executor_backend=distributed_executor_backend,
                            limit_mm_per_prompt=limit_mm_per_prompt)
         engine = load_engine(args)

@@ -111,6 +111,9 @@ class EngineArgs:
     # pipeline_parallel_size stages each hold a contiguous run of layers (each stage split over tensor_parallel_size
     # ranks when both are set: tensor_parallel.RankLayout)
     pipeline_parallel_size: int = 1
+    # Mixture-of-experts layers place whole experts on the tensor-parallel ranks (num_experts / tp each) instead of
+    # splitting every expert by its columns (llmctl.expert_parallel); ignored, with a log line, without experts
+    enable_expert_parallel: bool = False
     # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
     # frontend that routes each request to one of them (llmctl.executor.data_parallel)
     data_parallel_size: int = 1
@@ -199,6 +202,8 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size: must be an integer >= 1, got {tp!r}")
         if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
             raise ValueError(f"pipeline_parallel_size: must be an integer >= 1, got {pp!r}")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ValueError(f"enable_expert_parallel: must be true or false, got {self.enable_expert_parallel!r}")
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"distributed_executor_backend: must be one of {', '.join(EXECUTOR_BACKENDS)}, "

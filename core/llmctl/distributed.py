@@ -10,6 +10,9 @@ owning process groups live here once:
   user) already initialised torch.distributed with the same world, it builds a private group on that world.
 * Sub-groups (``new_group``: the tensor-parallel group of each pipeline stage) number their ranks within the
   group, so ``send``, ``recv`` and ``broadcast`` pass torch the group's ranks (``group_dst``/``group_src``).
+* ``all_to_all`` (expert parallelism's dispatch and combine) is ``all_to_all_single`` with uneven splits, which
+  NCCL and gloo (for CPU tensors) implement; ``all_to_all`` of a list is not used because gloo requires every
+  part to have the same shape there. A backend that refuses ``all_to_all_single`` gets point-to-point pairs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class TorchDistributedCommunicator(Communicator):
         self._device: torch.device | None = None
         self._owns_default = False
         self._active = False
+        self._a2a_single = True  # False once the backend refused all_to_all_single: point-to-point pairs then
 
     # -- seams for subclasses ----------------------------------------------------------------------------------
     def backend_name(self) -> str:
@@ -129,6 +133,50 @@ class TorchDistributedCommunicator(Communicator):
         buf = tensor if tensor.is_contiguous() else tensor.contiguous()
         dist.recv(buf, group=self._group, group_src=src)
         return tensor if buf is tensor else tensor.copy_(buf)
+
+    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        if len(send_counts) != self.world_size or len(recv_counts) != self.world_size:
+            raise ValueError(f"all_to_all: send_counts {send_counts} and recv_counts {recv_counts} need one count "
+                             f"per rank ({self.world_size})")
+        if sum(send_counts) != tensor.shape[0]:
+            raise ValueError(f"all_to_all: send_counts add up to {sum(send_counts)}, the tensor has "
+                             f"{tensor.shape[0]} rows")
+        src = tensor.contiguous()
+        out = src.new_empty((sum(recv_counts), *src.shape[1:]))
+        if not self._has_peers():
+            return out.copy_(src)
+        if self._a2a_single:
+            try:
+                dist.all_to_all_single(out, src, output_split_sizes=list(recv_counts),
+                                       input_split_sizes=list(send_counts), group=self._group)
+                return out
+            except RuntimeError as exc:  # raised on every rank alike, before anything is exchanged
+                if "support" not in str(exc) and "implemented" not in str(exc):
+                    raise
+                self._a2a_single = False
+        return self._all_to_all_pairs(src, out, send_counts, recv_counts)
+
+    def _all_to_all_pairs(self, src: torch.Tensor, out: torch.Tensor, send_counts: list[int],
+                          recv_counts: list[int]) -> torch.Tensor:
+        """One isend/irecv per peer with rows to exchange, all in flight together (``batch_isend_irecv``), so no
+        pair of ranks waits on the other's order; a rank's rows to itself are copied."""
+        send_at = [sum(send_counts[:j]) for j in range(self.world_size)]
+        recv_at = [sum(recv_counts[:i]) for i in range(self.world_size)]
+        ops = []
+        for peer in range(self.world_size):
+            if peer == self.rank:
+                out.narrow(0, recv_at[peer], recv_counts[peer]).copy_(
+                    src.narrow(0, send_at[peer], send_counts[peer]))
+                continue
+            dst = peer if self._group is dist.group.WORLD else dist.get_global_rank(self._group, peer)
+            if send_counts[peer]:
+                ops.append(dist.P2POp(dist.isend, src.narrow(0, send_at[peer], send_counts[peer]), dst, self._group))
+            if recv_counts[peer]:
+                ops.append(dist.P2POp(dist.irecv, out.narrow(0, recv_at[peer], recv_counts[peer]), dst, self._group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return out
 
     def barrier(self) -> None:
         if not self._has_peers():

@@ -4,7 +4,7 @@ from llmctl.plugins import hookimpl
 
 from tests.fake_plugins.common import FakePlatform
 
-LLMCTL_API_VERSION = "2.2"
+LLMCTL_API_VERSION = "2.3"
 
 
 @hookimpl

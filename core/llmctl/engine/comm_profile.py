@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 COMM_PROFILE_ENV = "LLMCTL_COMM_PROFILE_DIR"
-PROFILED_OPS = ("all_reduce", "all_gather", "broadcast", "send", "recv", "barrier")
+PROFILED_OPS = ("all_reduce", "all_gather", "all_to_all", "broadcast", "send", "recv", "barrier")
 STATS_PREFIX = "comm_profile_"
 
 

@@ -21,6 +21,7 @@ from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner
 from llmctl.engine.sampler import Sampler
 from llmctl.engine.scheduler import Scheduler
+from llmctl.expert_parallel import check_expert_parallel, expert_parallel_mode
 from llmctl.kv.cache_dtype import kv_dtype_name, kv_feature, kv_row_width, kv_storage_dtype
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import ModelContext
@@ -164,7 +165,8 @@ class EngineStartup:
         self.ops = plugins.registry.resolve_ops(self.platform.name)
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
                            extra={"trust_remote_code": args.trust_remote_code,
-                                  "pooler_config": self.runner_plan.pooler_config}, tp=self.tp, pp=self.pp)
+                                  "pooler_config": self.runner_plan.pooler_config}, tp=self.tp, pp=self.pp,
+                           expert_parallel=args.enable_expert_parallel)
         self.lora = None
         lora_config = args.lora_config()
         if lora_config is not None and self.runner_plan.pooling:
@@ -302,6 +304,8 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     """Refuse, naming the setting, what cannot run split over ``tensor_parallel_size`` ranks."""
     if args.pipeline_parallel_size > 1:
         _check_pipeline_parallel(args, hf_config, model_cls, quant)
+    if args.enable_expert_parallel:  # its own refusals first, naming enable_expert_parallel
+        check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant)
     size = args.tensor_parallel_size
     if size == 1:
         return
@@ -312,7 +316,7 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
                          f"decoder families have); use tensor_parallel_size=1")
     model_check = getattr(model_cls, "check_tensor_parallel", None)  # a model's own limits (the decoder families')
     if callable(model_check):
-        model_check(hf_config, size, quant)
+        model_check(hf_config, size, quant, expert_parallel=args.enable_expert_parallel)
         return
     check_splittable(hf_config, size)
     if quant is not None:  # a split that would cut a quantization group or block is refused before ranks start
@@ -342,7 +346,8 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
                 args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
                 args.enable_prefix_caching, args.tensor_parallel_size,
-                args.pipeline_parallel_size)
+                args.pipeline_parallel_size, args.enable_expert_parallel,
+                args.enable_expert_parallel and expert_parallel_mode())
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 

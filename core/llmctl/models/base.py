@@ -30,6 +30,8 @@ class ModelContext:
     # The tensor-parallel group this process is a rank of (llmctl.tensor_parallel); size 1 without parallelism.
     tp: TensorParallelGroup = field(default_factory=TensorParallelGroup)
     pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage; all layers at size 1
+    # enable_expert_parallel: MoE layers place whole experts on the ranks of ``tp`` (llmctl.expert_parallel)
+    expert_parallel: bool = False
 
 
 @dataclass(frozen=True)

@@ -405,10 +405,12 @@ class DecoderForCausalLM(EngineModule):
     supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel); check_tensor_parallel refuses
 
     @classmethod
-    def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None) -> None:
+    def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None, expert_parallel: bool = False
+                              ) -> None:
         """Refuse at start-up, naming the family and the setting, what this decoder cannot split over ``size``
         ranks: quantized checkpoints (the quantized split reads the Llama family's layers only), latent
-        attention (MLA), q/k norms over all heads, and widths the ranks do not divide."""
+        attention (MLA), q/k norms over all heads, and widths the ranks do not divide (experts placed whole by
+        expert parallelism keep their width)."""
         if size == 1:
             return
         if quant is not None:
@@ -423,12 +425,18 @@ class DecoderForCausalLM(EngineModule):
         split_evenly(spec.num_heads, size, "num_attention_heads")
         kv_head_slice(spec.num_kv_heads, size, 0)
         widths = [("intermediate_size", spec.intermediate_size)] if spec.moe is None else \
-            [("moe_intermediate_size", spec.moe.intermediate_size),
+            [("moe_intermediate_size", 0 if expert_parallel else spec.moe.intermediate_size),
              ("shared_expert_intermediate_size", spec.moe.shared_intermediate_size),
              ("intermediate_size", spec.moe.dense_intermediate_size if spec.moe.dense_layers else 0)]
         for what, width in widths:
             if width:
                 split_evenly(width, size, what)
+
+    @classmethod
+    def expert_parallel_num_experts(cls, hf_config: Any) -> int:
+        """Experts per MoE layer (0 without MoE layers): what ``enable_expert_parallel`` places per rank."""
+        spec = cls.spec_from_config(hf_config)
+        return spec.moe.num_experts if spec.moe is not None else 0
 
     @classmethod
     def spec_from_config(cls, hf_config: Any) -> DecoderSpec:

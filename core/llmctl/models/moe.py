@@ -7,8 +7,10 @@ per family (softmax then top-k, renormalised or not).
 
 Under tensor parallelism every expert is split like a dense MLP: each rank holds its slice of every expert's
 intermediate columns (``moe_intermediate_size / tp``), routes every token itself (the router is replicated), and
-the ranks' partial outputs are summed by one all-reduce. No expert-parallel (experts placed on different ranks)
-mode exists yet.
+the ranks' partial outputs are summed by one all-reduce. With ``enable_expert_parallel`` a rank holds whole
+experts instead, ``num_experts / tp`` of them (``llmctl.expert_parallel``: placement, dispatch and combine). A
+shared expert (Qwen2-MoE, DeepSeek) is split by its columns either way, like a dense MLP: every token goes
+through it, so placing it on one rank would make that rank do every token's work.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmctl.expert_parallel import dispatch_combine, expert_placement, local_all_reduce, use_dispatch
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param, materialize, read_slice
 from llmctl.layers.linear import Linear
@@ -40,11 +43,19 @@ class SparseMoE(EngineModule):
         self.spec = spec
         self.act = act
         self.tp = ctx.tp
-        e, i = spec.num_experts, split_evenly(spec.intermediate_size, ctx.tp.size, "moe_intermediate_size")
+        # experts placed whole per rank (expert parallelism), or every expert split by its columns
+        self.placement = expert_placement(spec.num_experts, ctx.tp.size, ctx.tp.rank) \
+            if ctx.expert_parallel and ctx.tp.size > 1 else None
+        self._dispatch = self.placement is not None and use_dispatch(ctx.tp)
+        if self.placement is not None:
+            local, i = self.placement.count, spec.intermediate_size
+        else:
+            local, i = spec.num_experts, split_evenly(spec.intermediate_size, ctx.tp.size, "moe_intermediate_size")
+        e = spec.num_experts
         self.local_intermediate = i
         self.gate = Linear(hidden_size, e, bias=False, **kw)
-        self.w13 = empty_param(e, 2 * i, hidden_size, **kw)
-        self.w2 = empty_param(e, hidden_size, i, **kw)
+        self.w13 = empty_param(local, 2 * i, hidden_size, **kw)
+        self.w2 = empty_param(local, hidden_size, i, **kw)
         self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, tp=ctx.tp, **kw)
                               if spec.shared_intermediate_size else None)
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
@@ -101,7 +112,14 @@ class SparseMoE(EngineModule):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden)
         w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
-        out = self.tp.all_reduce(self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act))
+        if self.placement is None:
+            out = self.tp.all_reduce(self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act))
+        else:
+            def run(rows: torch.Tensor, w: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+                return self.ops.fused_moe(rows, w13, w2, w, local_ids, self.act)
+
+            out = (dispatch_combine if self._dispatch else local_all_reduce)(
+                hidden, weights, ids, self.placement, self.tp, run)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:
@@ -114,7 +132,12 @@ class SparseMoE(EngineModule):
     def load_expert_tensor(self, rest: str, tensor: torch.Tensor, name: str) -> None:
         """``rest`` is the name after ``.experts.``: ``{e}.gate_proj.weight`` (and up/down) per expert, or
         ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE).
-        Under tensor parallelism only this rank's intermediate columns are read (DBRX's are read whole first)."""
+        Under tensor parallelism only this rank's intermediate columns are read (DBRX's are read whole first);
+        under expert parallelism only this rank's experts, whole (another rank's per-expert tensors are skipped
+        unread)."""
+        if self.placement is not None:
+            self._load_own_experts(rest, tensor, name)
+            return
         full, i = self.spec.intermediate_size, self.local_intermediate
         first = self.tp.rank * i  # this rank's first intermediate column
         if rest == "stacked_w13.weight":
@@ -130,17 +153,9 @@ class SparseMoE(EngineModule):
         if rest in ("dbrx_w1", "dbrx_v1", "dbrx_w2"):  # DBRX: each [E * I, H]; w2 holds the down weights transposed
             e_, h = self.spec.num_experts, self.w13.shape[-1]
             stacked = materialize(tensor).reshape(e_, full, h).narrow(1, first, i)
-            if rest == "dbrx_w2":
-                copy_checked(self.w2.data, stacked.transpose(1, 2), name)
-                self._loaded |= {f"{e}.down" for e in range(e_)}
-            else:
-                copy_checked(self.w13.data.narrow(1, 0 if rest == "dbrx_w1" else i, i), stacked, name)
-                self._loaded |= {f"{e}.{'gate' if rest == 'dbrx_w1' else 'up'}" for e in range(e_)}
+            self._load_dbrx(rest, stacked, name, range(e_))
             return
-        m = _EXPERT.match(rest)
-        if m is None or int(m.group(1)) >= self.spec.num_experts:
-            raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")
-        e, proj = int(m.group(1)), m.group(2)
+        e, proj = self._expert_of(rest, name)
         if proj == "down_proj":
             copy_checked(self.w2.data[e], read_slice(tensor, 1, first, i) if self.tp.size > 1 else tensor, name)
         else:
@@ -148,10 +163,53 @@ class SparseMoE(EngineModule):
             copy_checked(self.w13.data[e].narrow(0, 0 if proj == "gate_proj" else i, i), rows, name)
         self._loaded.add(f"{e}.{proj.removesuffix('_proj')}")
 
+    def _load_own_experts(self, rest: str, tensor: torch.Tensor, name: str) -> None:
+        """Expert parallelism: this rank's experts whole, at local index ``e - first``."""
+        assert self.placement is not None
+        first, count, i = self.placement.first, self.placement.count, self.local_intermediate
+        own = range(first, first + count)
+        if rest in ("stacked_w13.weight", "stacked_w2.weight"):  # [E, ...]: this rank's experts only
+            param = self.w13 if rest == "stacked_w13.weight" else self.w2
+            copy_checked(param.data, read_slice(tensor, 0, first, count), name)
+            parts = ("gate", "up") if rest == "stacked_w13.weight" else ("down",)
+            self._loaded |= {f"{e}.{p}" for e in own for p in parts}
+            return
+        if rest in ("dbrx_w1", "dbrx_v1", "dbrx_w2"):
+            h = self.w13.shape[-1]
+            stacked = materialize(tensor).reshape(self.spec.num_experts, i, h).narrow(0, first, count)
+            self._load_dbrx(rest, stacked, name, own)
+            return
+        e, proj = self._expert_of(rest, name)
+        if not self.placement.owns(e):
+            return  # another rank's expert: never read
+        local = e - first
+        if proj == "down_proj":
+            copy_checked(self.w2.data[local], tensor, name)
+        else:
+            copy_checked(self.w13.data[local].narrow(0, 0 if proj == "gate_proj" else i, i), tensor, name)
+        self._loaded.add(f"{e}.{proj.removesuffix('_proj')}")
+
+    def _load_dbrx(self, rest: str, stacked: torch.Tensor, name: str, experts: range) -> None:
+        """``stacked`` [local experts, I, H] (this rank's experts, or its columns of every expert)."""
+        i = self.local_intermediate
+        if rest == "dbrx_w2":
+            copy_checked(self.w2.data, stacked.transpose(1, 2), name)
+            self._loaded |= {f"{e}.down" for e in experts}
+        else:
+            copy_checked(self.w13.data.narrow(1, 0 if rest == "dbrx_w1" else i, i), stacked, name)
+            self._loaded |= {f"{e}.{'gate' if rest == 'dbrx_w1' else 'up'}" for e in experts}
+
+    def _expert_of(self, rest: str, name: str) -> tuple[int, str]:
+        m = _EXPERT.match(rest)
+        if m is None or int(m.group(1)) >= self.spec.num_experts:
+            raise ValueError(f"checkpoint tensor {name} has no place in the mixture-of-experts layer")
+        return int(m.group(1)), m.group(2)
+
     def missing_expert_tensors(self, param_name: str) -> list[str]:
         if param_name.endswith(".gate.weight") or ".shared_expert" in param_name:
             return []
         parts = ("down",) if param_name.endswith(".w2") else ("gate", "up")
         prefix = param_name.rsplit(".", 1)[0]
-        return [f"{prefix}.experts.{e}.{p}_proj" for e in range(self.spec.num_experts) for p in parts
-                if f"{e}.{p}" not in self._loaded]
+        experts = range(self.spec.num_experts) if self.placement is None else \
+            range(self.placement.first, self.placement.first + self.placement.count)
+        return [f"{prefix}.experts.{e}.{p}_proj" for e in experts for p in parts if f"{e}.{p}" not in self._loaded]

@@ -371,6 +371,15 @@ class Communicator(abc.ABC):
         pipeline parallelism, not both."""
         raise NotImplementedError(f"communicator {self.name!r} cannot form sub-groups")
 
+    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Each rank sends rank ``j`` the next ``send_counts[j]`` rows of ``tensor`` (rows along dim 0, in rank
+        order) and returns the rows it receives, ``recv_counts[i]`` from rank ``i``, concatenated in rank order:
+        a new tensor of ``sum(recv_counts)`` rows with ``tensor``'s other dimensions and dtype. Counts may
+        differ between ranks and may be zero; ``send_counts[j]`` on rank ``i`` equals ``recv_counts[i]`` on rank
+        ``j``. Expert parallelism dispatches tokens to the ranks that hold their experts and combines the
+        results with it. Optional: without it the experts' partial outputs are summed with ``all_reduce``."""
+        raise NotImplementedError(f"communicator {self.name!r} has no all_to_all")
+
     def destroy(self) -> None:
         """Release the process group; safe to call twice."""
 

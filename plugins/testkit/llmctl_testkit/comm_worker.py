@@ -62,6 +62,9 @@ def run_checks(platform_name: str, rank: int, world_size: int, init_method: str,
     if world_size > 1 and type(comm).new_group is not Communicator.new_group:  # optional: tp with pp needs it
         check_sub_groups(comm, rank, world_size, device, dtype)
 
+    if type(comm).all_to_all is not Communicator.all_to_all:  # optional: expert parallelism's dispatch needs it
+        check_all_to_all(comm, rank, world_size, device, dtype)
+
     try:
         comm.barrier()
         comm.destroy()
@@ -95,6 +98,31 @@ def check_sub_groups(comm: Communicator, rank: int, world_size: int, device: tor
     assert_close("communicator.new_group", got, x, dtype, f"all_reduce of a group of one, rank {rank}")
     for sub in (whole, *alone):
         sub.destroy()
+
+
+def check_all_to_all(comm: Communicator, rank: int, world_size: int, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """``all_to_all``: rank ``i`` sends rank ``j`` ``(i + 2 * j + 1) % 3`` rows (uneven, some zero, some to itself),
+    each row tagged with its sender, receiver and position, so a row delivered to the wrong rank or out of order
+    shows; rows are [n, 2, 3], so trailing dimensions must travel too."""
+    def rows(i: int, j: int) -> torch.Tensor:
+        n = (i + 2 * j + 1) % 3
+        tag = torch.tensor([[100.0 * i + 10.0 * j + r] for r in range(n)]).reshape(n, 1, 1)
+        return (tag + torch.arange(6, dtype=dtype).reshape(1, 2, 3) / 8).to(dtype)
+
+    send_counts = [(rank + 2 * j + 1) % 3 for j in range(world_size)]
+    recv_counts = [(i + 2 * rank + 1) % 3 for i in range(world_size)]
+    mine = torch.cat([rows(rank, j) for j in range(world_size)])
+    try:
+        got = comm.all_to_all(mine.to(device), send_counts, recv_counts)
+    except Exception as exc:
+        raise ContractViolation("communicator.all_to_all", f"{comm.name}.all_to_all raised {type(exc).__name__}: "
+                                                           f"{exc}") from exc
+    want = torch.cat([rows(i, rank) for i in range(world_size)])
+    require(isinstance(got, torch.Tensor) and tuple(got.shape) == tuple(want.shape), "communicator.all_to_all",
+            f"rank {rank}: expected a tensor of shape {tuple(want.shape)}, got "
+            f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}")
+    assert_close("communicator.all_to_all", got.cpu(), want, dtype, f"send_counts={send_counts}, rank {rank}")
 
 
 def main(argv: list[str] | None = None) -> int:
