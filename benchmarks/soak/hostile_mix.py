@@ -45,6 +45,12 @@ LIMIT_CANARY_GAP_S = 0.1
 # cap (long_prefill_token_threshold) alone does not bound the step: 16 siblings recompute at once.
 MAX_NUM_BATCHED_TOKENS = 64
 LONG_PREFILL_TOKEN_THRESHOLD = 0
+# How long the mix runs before the memory baseline. A fresh server's RssAnon climbs for its first ~1,500 requests
+# and then levels off (docs/reliability.md: rounds of the mix on one server, per-mapping growth from
+# /proc/PID/smaps): bounded structures filling up (the prefix-cache index, the logprobs token-text hot set, the
+# worker threads' stacks, the allocator's pools). A leak keeps growing after that; a baseline taken before it
+# counts the filling as growth.
+WARMUP_SECONDS = 150.0
 
 
 async def _normal(c: httpx.AsyncClient, rng: random.Random, slow: bool, hang_up: bool) -> int:
@@ -170,6 +176,8 @@ def main() -> int:
                     help="the server's cap on one request's prompt tokens per step (0: none)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=MAX_NUM_BATCHED_TOKENS,
                     help="the server's token budget of one step (0: the engine's default, 2048 or more)")
+    ap.add_argument("--warmup-seconds", type=float, default=WARMUP_SECONDS,
+                    help="the mix runs this long before the memory baseline (default %(default)s)")
     ap.add_argument("--canary-url", default=None, help=argparse.SUPPRESS)  # the canary process (internal)
     ap.add_argument("--canary-out", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -192,9 +200,10 @@ def main() -> int:
                        "--long-prefill-token-threshold", str(a.long_prefill_token_threshold), *budget, timeout=600)
     load0 = os.getloadavg()
     try:
-        # warm-up: every KV page written, then one short round so that caches exist before the baseline
+        # warm-up: every KV page written, then the mix for --warmup-seconds so that bounded caches are full before the
+        # baseline
         asyncio.run(_fill_kv(srv.url))
-        asyncio.run(_run(srv.url, 5, a.seed + 1))  # warm-up, no canary
+        asyncio.run(_run(srv.url, a.warmup_seconds, a.seed + 1))  # warm-up, no canary
         wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)
         rss0, m0 = rss_anon_kib(srv.pid), srv.metrics()
