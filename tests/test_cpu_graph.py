@@ -76,6 +76,38 @@ def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog, monkeypa
 
 
 @needs_native
+def test_kept_quantized_gguf_decodes_are_replayed(tmp_path, test_tokenizer):
+    """A GGUF kept quantized (4- and 8-bit group formats, the tied output in Q8_0) on the AVX2 panel GEMM, bf16
+    activations: its decode step is recorded like a dense one, and a replayed run's tokens and logprobs equal the
+    eager run's."""
+    from llmctl_cpu.quant import quant_kernels
+
+    from tests.quant_checkpoints import write_gguf
+
+    qlib = quant_kernels()
+    if qlib is None or not qlib.has_avx2:
+        pytest.skip("the replayable panel GEMM is the AVX2 + FMA build's")
+    types = {f"{i}.{name}": t for i in range(2) for name, t in
+             (("attn_q", "Q4_1"), ("attn_k", "Q4_1"), ("attn_v", "Q8_0"), ("attn_output", "Q4_0"),
+              ("ffn_gate", "Q4_1"), ("ffn_up", "Q4_1"), ("ffn_down", "Q5_1"))}
+    path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, types, embed_type="Q8_0")
+    rng = random.Random(3)
+    prompts = [{"prompt_token_ids": [rng.randrange(5, 200) for _ in range(rng.randint(3, 20))]} for _ in range(4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True, logprobs=2)
+              for _ in prompts]
+    runs = []
+    for eager in (True, False):
+        llm = LLM(str(path), quantization="gguf", dtype="bfloat16", enforce_eager=eager, kv_cache_memory=KV,
+                  num_threads=1, max_num_seqs=3)
+        runner = llm.llm_engine.core.runner.decode_runner
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs.append([(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs])
+    assert isinstance(runner, graph.CpuDecodeGraphRunner) and runner.program is not None, runner
+    assert native.OPCODES["QUANT_GEMM_WQ"] in runner.program[:, 0].tolist()
+    assert runs[1] == runs[0]
+
+
+@needs_native
 def test_float32_gemm_is_recorded_and_replayed_at_fewer_rows():
     """The float32 C GEMM is a recordable kernel: a recorded call replays at any row count up to the recorded one
     and writes what a direct call at that row count writes."""

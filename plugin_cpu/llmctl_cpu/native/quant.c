@@ -655,6 +655,30 @@ int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, 
 #endif
 }
 
+/* As llmctl_gemm_wq_panels for bf16 activations and a bf16 result (raw bits): the rows are widened to float32
+ * (exact), the float32 kernel runs, and its result (bias added) is rounded to bf16 to nearest even, as torch's
+ * conversions around the float32 call would do: the same bits, without the two torch ops, so that a bf16 decode
+ * step with these layers stays recordable (llmctl_cpu.graph). */
+int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                               const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
+    float *xf = (float *)malloc((size_t)(m * k + m * n) * sizeof(float));
+    if (!xf) return -1;
+    float *yf = xf + m * k;
+    for (int64_t i = 0; i < m * k; i++) {
+        const uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &u, 4);
+    }
+    const int rc = llmctl_gemm_wq_panels(xf, m, k, qp, bits, sp, mp, group, bias, n, yf);
+    if (rc == 0)
+        for (int64_t i = 0; i < m * n; i++) {
+            uint32_t u;
+            memcpy(&u, yf + i, 4);
+            y[i] = isnan(yf[i]) ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    free(xf);
+    return rc;
+}
+
 /* ---- int4 weight-only with bf16 activations: nibbles -> bf16 by a 16-entry table, then bf16 dot products ------ */
 
 #if defined(QK_AVX512) && defined(__AVX512BF16__)
