@@ -76,35 +76,30 @@ def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog, monkeypa
 
 
 @needs_native
-def test_kept_quantized_gguf_decodes_are_replayed(tmp_path, test_tokenizer):
-    """A GGUF kept quantized (4- and 8-bit group formats, the tied output in Q8_0) on the AVX2 panel GEMM, bf16
-    activations: its decode step is recorded like a dense one, and a replayed run's tokens and logprobs equal the
-    eager run's."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_panel_gemm_is_recorded_and_replayed_at_fewer_rows(dtype):
+    """quant.c's weight-only panel GEMM (another library) is a recordable call: the record holds its address, and
+    a replay at fewer rows writes what a direct call at that row count writes."""
     from llmctl_cpu.quant import quant_kernels
 
-    from tests.quant_checkpoints import write_gguf
-
-    qlib = quant_kernels()
+    qlib, lib = quant_kernels(), native.kernels()
     if qlib is None or not qlib.has_avx2:
-        pytest.skip("the replayable panel GEMM is the AVX2 + FMA build's")
-    types = {f"{i}.{name}": t for i in range(2) for name, t in
-             (("attn_q", "Q4_1"), ("attn_k", "Q4_1"), ("attn_v", "Q8_0"), ("attn_output", "Q4_0"),
-              ("ffn_gate", "Q4_1"), ("ffn_up", "Q4_1"), ("ffn_down", "Q5_1"))}
-    path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, types, embed_type="Q8_0")
-    rng = random.Random(3)
-    prompts = [{"prompt_token_ids": [rng.randrange(5, 200) for _ in range(rng.randint(3, 20))]} for _ in range(4)]
-    params = [SamplingParams(temperature=0.0, max_tokens=rng.randint(4, 12), ignore_eos=True, logprobs=2)
-              for _ in prompts]
-    runs = []
-    for eager in (True, False):
-        llm = LLM(str(path), quantization="gguf", dtype="bfloat16", enforce_eager=eager, kv_cache_memory=KV,
-                  num_threads=1, max_num_seqs=3)
-        runner = llm.llm_engine.core.runner.decode_runner
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        runs.append([(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs])
-    assert isinstance(runner, graph.CpuDecodeGraphRunner) and runner.program is not None, runner
-    assert native.OPCODES["QUANT_GEMM_WQ"] in runner.program[:, 0].tolist()
-    assert runs[1] == runs[0]
+        pytest.skip("the panel GEMM is the AVX2 + FMA build's")
+    n, k = 40, 64
+    panels = qlib.pack_wq_panels(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), 4, torch.rand(n, 2),
+                                 -torch.rand(n, 2), 32)
+    bias = torch.randn(n)
+    x = torch.randn(6, k).to(dtype)
+    calls: list = []
+    with lib.recording(calls):
+        y = qlib.gemm_wq_panels(x, panels, 4, 32, bias, n)
+    assert [code for code, _ in calls] == [native.OPCODES["QUANT_GEMM_WQ"]]
+    program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
+    y.fill_(float("nan"))
+    x[:3] = torch.randn(3, k).to(dtype)
+    assert lib.run_program(program, 3) == (-1, 0)
+    assert torch.equal(y[:3], qlib.gemm_wq_panels(x[:3], panels, 4, 32, bias, n))
+    assert torch.isnan(y[3:]).all()
 
 
 @needs_native
