@@ -236,9 +236,10 @@ def _fake_quant_forward(module, args, static_scale):
 
 # -- GGUF ------------------------------------------------------------------------------------------------------------
 def write_gguf(path: Path, tok, types: dict[str, str], hidden: int = 256, ffn: int = 256, layers: int = 2,
-               seed: int = 0) -> Path:
+               seed: int = 0, embed_type: str = "F16") -> Path:
     """A llama GGUF whose projection ``blk.{i}.{name}`` has ggml type ``types[f"{i}.{name}"]`` (F32 where not
-    given); gguf's quantizer where it has one, random blocks with sane scales for K-quants. The tokenizer goes
+    given); gguf's quantizer where it has one, random blocks with sane scales for K-quants. ``embed_type`` "Q8_0"
+stores the token embedding (tied to the output, as SmolLM2's file does) in Q8_0 blocks. The tokenizer goes
     next to it (``tokenizer_config.json`` makes loaders take it from there)."""
     import gguf
 
@@ -267,7 +268,12 @@ def write_gguf(path: Path, tok, types: dict[str, str], hidden: int = 256, ffn: i
     def plain(name: str, *shape: int, scale: float = 1.0) -> None:
         w.add_tensor(name, (rng.standard_normal(shape) * scale).astype(np.float32))
 
-    w.add_tensor("token_embd.weight", rng.standard_normal((vocab, hidden)).astype(np.float16))
+    embed = rng.standard_normal((vocab, hidden))
+    if embed_type == "Q8_0":
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        w.add_tensor("token_embd.weight", gguf.quants.quantize(embed.astype(np.float32), q8), raw_dtype=q8)
+    else:
+        w.add_tensor("token_embd.weight", embed.astype(np.float16))
     shapes = {"attn_q": (hidden, hidden), "attn_k": (kv_heads * head_dim, hidden),
               "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden), "ffn_gate": (ffn, hidden),
               "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}

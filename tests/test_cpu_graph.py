@@ -76,6 +76,33 @@ def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog, monkeypa
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_panel_gemm_is_recorded_and_replayed_at_fewer_rows(dtype):
+    """quant.c's weight-only panel GEMM (another library) is a recordable call: the record holds its address, and
+    a replay at fewer rows writes what a direct call at that row count writes."""
+    from llmctl_cpu.quant import quant_kernels
+
+    qlib, lib = quant_kernels(), native.kernels()
+    if qlib is None or not qlib.has_avx2:
+        pytest.skip("the panel GEMM is the AVX2 + FMA build's")
+    n, k = 40, 64
+    panels = qlib.pack_wq_panels(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), 4, torch.rand(n, 2),
+                                 -torch.rand(n, 2), 32)
+    bias = torch.randn(n)
+    x = torch.randn(6, k).to(dtype)
+    calls: list = []
+    with lib.recording(calls):
+        y = qlib.gemm_wq_panels(x, panels, 4, 32, bias, n)
+    assert [code for code, _ in calls] == [native.OPCODES["QUANT_GEMM_WQ"]]
+    program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
+    y.fill_(float("nan"))
+    x[:3] = torch.randn(3, k).to(dtype)
+    assert lib.run_program(program, 3) == (-1, 0)
+    assert torch.equal(y[:3], qlib.gemm_wq_panels(x[:3], panels, 4, 32, bias, n))
+    assert torch.isnan(y[3:]).all()
+
+
+@needs_native
 def test_float32_gemm_is_recorded_and_replayed_at_fewer_rows():
     """The float32 C GEMM is a recordable kernel: a recorded call replays at any row count up to the recorded one
     and writes what a direct call at that row count writes."""

@@ -235,6 +235,27 @@ def test_weight_only_rows_do_not_depend_on_the_batch(bits, group, asym):
     assert torch.equal(kernel.apply(x[299:], processed, None, spec), full[299:])
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_activations_on_the_panels_equal_the_float32_call_rounded(bits):
+    """bf16 rows go to the AVX2 panel GEMM as they are (a replayable decode step has no torch conversions around
+    it): the result equals the float32 call on the widened rows, bias included, rounded to bf16 as torch rounds."""
+    lib = quant_kernels()
+    if not lib.has_avx2:
+        pytest.skip("the panel GEMM is the AVX2 + FMA build's")
+    n, k, group = 37, 192, 32
+    weights = _groupwise(n, k, group, bits, True, seed=5)
+    spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group)
+    kernel = CpuInt4Kernel() if bits == 4 else CpuW8A8Kernel()
+    processed = kernel.process_weights(dict(weights), spec)
+    bias = torch.randn(n)
+    for m in (1, 7):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        x[0, :3] = torch.tensor([1e30, -1e-30, 0.0])  # large and tiny values round like torch's conversion
+        got = kernel.apply(x, processed, bias.to(torch.bfloat16), spec)
+        want = kernel.apply(x.float(), processed, bias.to(torch.bfloat16).float(), spec).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), m
+
+
 def test_w8a8_extreme_values_stay_exact():
     """-128 weights against +-127 activations: the AVX2 path's u8 x s8 pairs must not saturate."""
     lib = quant_kernels()

@@ -133,14 +133,15 @@ GGUF_TYPES = {
 
 
 def test_gguf_kept_quantized(tmp_path, test_tokenizer):
-    """Every block type, mixed inside a merged q/k/v, against transformers loading the same file dequantized."""
+    """Every block type, mixed inside a merged q/k/v, and the tied output projection in its Q8_0 blocks, against
+    transformers loading the same file dequantized."""
     from transformers import AutoModelForCausalLM
 
-    path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, GGUF_TYPES)
+    path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, GGUF_TYPES, embed_type="Q8_0")
     assert getattr(LLM(str(path), **ENGINE).llm_engine.core.model, "quant_summary", None) is None  # default: bf16
     llm = LLM(str(path), quantization="gguf", **ENGINE)
     summary = kernels_of(llm)
-    for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "lm_head Q8_0 g32"):
         assert t in summary, summary
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     agreement, worst = compare(llm, hf, "gguf kept quantized (all block types)")

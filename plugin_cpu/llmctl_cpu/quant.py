@@ -35,6 +35,12 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class _Direct:
+    """Without the kernels library (no decode replay then), the panel GEMM is called directly."""
+
+    _quant_wq = staticmethod(native._call_at_address)
+
+
 class QuantKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.has_vnni = bool(lib.llmctl_quant_has_vnni())
@@ -57,6 +63,11 @@ class QuantKernels:
         self._wq_panels = lib.llmctl_gemm_wq_panels
         self._wq_panels.restype = _int
         self._wq_panels.argtypes = self._wq.argtypes
+        self._wq_panels_at = native.call_target(self._wq_panels)
+        self._wq_panels_bf16 = lib.llmctl_gemm_wq_panels_bf16
+        self._wq_panels_bf16.restype = _int
+        self._wq_panels_bf16.argtypes = self._wq.argtypes
+        self._wq_panels_bf16_at = native.call_target(self._wq_panels_bf16)
         self._w4bf16 = lib.llmctl_gemm_w4_bf16
         self._w4bf16.restype = _int
         self._w4bf16.argtypes = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p]
@@ -124,11 +135,16 @@ class QuantKernels:
 
     def gemm_wq_panels(self, x: torch.Tensor, panels: dict[str, torch.Tensor], bits: int, group: int,
                        bias: torch.Tensor | None, n: int) -> torch.Tensor:
+        """x float32, or bf16 (then y is bf16: the float32 result rounded, as ``.to(torch.bfloat16)`` would)."""
         m, k = x.shape
-        y = torch.empty(m, n, dtype=torch.float32)
+        bf16 = x.dtype == torch.bfloat16
+        y = torch.empty(m, n, dtype=torch.bfloat16 if bf16 else torch.float32)
         if m:
-            rc = self._wq_panels(x.data_ptr(), m, k, panels["qpanels"].data_ptr(), bits, panels["spanels"].data_ptr(),
-                                 panels["mpanels"].data_ptr(), group, _ptr(bias), n, y.data_ptr())
+            # through the kernels library when it is loaded, so that a recorded decode step replays this call
+            call = (native.kernels() or _Direct)._quant_wq
+            rc = call(self._wq_panels_bf16_at if bf16 else self._wq_panels_at, x.data_ptr(), m, k,
+                      panels["qpanels"].data_ptr(), bits,
+                      panels["spanels"].data_ptr(), panels["mpanels"].data_ptr(), group, _ptr(bias), n, y.data_ptr())
             if rc:
                 raise RuntimeError(f"llmctl_gemm_wq_panels failed ({rc})")
         return y
@@ -222,6 +238,12 @@ def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bi
     return out
 
 
+def _panels_bf16(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> bool:
+    """bf16 activations go to the panel GEMM as they are (no torch conversions around it: a bf16 decode step with
+    these layers stays recordable for the replay)."""
+    return x.dtype == torch.bfloat16 and "qpanels" in weights and weights.get("perm") is None
+
+
 def _weight_only_gemm(lib: QuantKernels, xf: torch.Tensor, weights: dict[str, torch.Tensor], bits: int,
                       group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     if "qpanels" in weights:
@@ -279,6 +301,10 @@ class CpuW8A8Kernel(QuantMethod):
         lib = quant_kernels()
         assert lib is not None
         shape = x.shape
+        if spec.act is None and _panels_bf16(x, weights):
+            y = lib.gemm_wq_panels(x.reshape(-1, shape[-1]).contiguous(), weights, 8, spec.group_size,
+                                   None if bias is None else bias.to(torch.float32).contiguous(), spec.out_features)
+            return y.reshape(*shape[:-1], spec.out_features)
         xf = _as_f32_2d(x)
         perm = weights.get("perm")
         if perm is not None:
@@ -331,6 +357,10 @@ class CpuInt4Kernel(QuantMethod):
             y = lib.gemm_w4_bf16(xb, weights["qweight"], weights["scales"], weights["mins"], spec.group_size, b,
                                  spec.out_features)
             return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
+        if _panels_bf16(x, weights):
+            y = lib.gemm_wq_panels(x.reshape(-1, shape[-1]).contiguous(), weights, 4, spec.group_size, b,
+                                   spec.out_features)
+            return y.reshape(*shape[:-1], spec.out_features)
         xf = _as_f32_2d(x)
         if perm is not None:
             xf = xf.index_select(1, perm)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import empty_param
-from llmctl.layers.linear import bind_linear_ops
+from llmctl.layers.linear import _quantized_linear, bind_linear_ops
 
 if TYPE_CHECKING:
     from llmctl.lora.layers import LoRAEmbeddingSlots, LoRALinearSlots
@@ -36,6 +36,7 @@ class LMHead(EngineModule):
     object, so loading the embedding loads both and no second vocab-sized matrix is allocated."""
 
     lora: LoRALinearSlots | None = None  # set by llmctl.lora when LoRA is enabled (adapters targeting lm_head)
+    quant_parts: list[tuple[Any, dict[str, torch.Tensor], Any, slice | None]] | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, *, tied_to: VocabEmbedding | None = None,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -50,7 +51,18 @@ class LMHead(EngineModule):
         self._packed: PackedLinearWeight | None = None
 
     def bind_ops(self, ops: Ops) -> None:
+        if self.quant_parts is not None:
+            return  # the quantization kernel runs the head (bind_quantized)
         bind_linear_ops(self, ops, release_plain=not self.tied)  # the embedding still reads a tied weight
+
+    def bind_quantized(self, parts: list[tuple[Any, dict[str, torch.Tensor], Any, slice | None]]) -> None:
+        """After loading: the head's matmul through a quantization kernel on the checkpoint's own blocks
+        (``QuantConfig.lm_head_part``). A tied embedding keeps reading the plain weight; an untied one is freed."""
+        self.quant_parts = parts
+        self._packed = torch.empty(0)
+        self._linear = lambda x, _w, b=None: _quantized_linear(parts, x, _w, b)
+        if not self.tied:
+            self.weight.data = self.weight.data.new_empty(0)
 
     def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Every row's full-vocabulary logits (a split head gathers them here), before any adapter."""

@@ -162,5 +162,11 @@ class QuantConfig(abc.ABC):
         quantized or any cut will do."""
         return None
 
+    def lm_head_part(self, vocab_size: int, hidden_size: int) -> QuantizedPart | None:
+        """The output projection as the checkpoint stores it quantized, where the method keeps it so; None leaves
+        the head in the model dtype. Why: at one sequence a decode step reads the whole head, and in float32 a
+        small model's head is more bytes than all its quantized layers together."""
+        return None
+
     def extra(self) -> dict[str, Any]:
         return {}

@@ -215,8 +215,9 @@ class GGUFConfig(QuantConfig):
 
     name = "gguf"
 
-    def __init__(self, types: dict[str, str]) -> None:
+    def __init__(self, types: dict[str, str], head: tuple[GGUFFile, str, str] | None = None) -> None:
         self.types = types
+        self.head = head  # (file, tensor name, block type) of the output projection, where it is block-quantized
 
     @classmethod
     def from_file(cls, g: GGUFFile) -> GGUFConfig:
@@ -230,7 +231,33 @@ class GGUFConfig(QuantConfig):
                 hf = hf_tensor_name(name)
                 if hf is not None:
                     types[hf] = GGMLQuantizationType(info.ggml_type).name
-        return cls(types)
+        head = None
+        # llama.cpp's output projection: its own tensor, or the token embedding where the file ties them
+        name = "output.weight" if "output.weight" in g.tensors else "token_embd.weight"
+        if name in g.tensors:
+            head_type = GGMLQuantizationType(g.tensors[name].ggml_type).name
+            if head_type not in PLAIN_TYPES:
+                head = (g, name, head_type)
+        return cls(types, head)
+
+    def lm_head_part(self, vocab_size: int, hidden_size: int) -> QuantizedPart | None:
+        """The output projection kept in its blocks (SmolLM2's tied Q8_0 embedding: 30 MB a step instead of
+        113 MB in float32), as llama.cpp runs it. Only the formats a group kernel runs (not raw ``gguf`` blocks)."""
+        from llmctl.plugins.types import QuantLinearSpec
+
+        if self.head is None:
+            return None
+        g, name, type_name = self.head
+        raw = torch.from_numpy(np.array(g.raw(name)))
+        per, size = block_bytes(type_name)
+        if raw.shape != (vocab_size, hidden_size // per * size) or hidden_size % per:
+            return None  # a head padded or split differently from the model's vocabulary: left dequantized
+        fmt, weights, group = convert_blocks(raw, type_name, hidden_size)
+        if fmt not in ("int4", "int8"):
+            return None
+        spec = QuantLinearSpec(format=fmt, in_features=hidden_size, out_features=vocab_size,
+                               bits=4 if fmt == "int4" else 8, group_size=group, ggml_type=type_name, layer="lm_head")
+        return QuantizedPart(spec, weights, None)
 
     def quantized_types(self) -> list[str]:
         return sorted({t for t in self.types.values() if t not in PLAIN_TYPES})

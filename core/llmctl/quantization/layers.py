@@ -115,7 +115,32 @@ def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registr
                 summary.fallbacks[reason] += 1
         module.bind_quantized(parts)
         summary.layers += 1
+    _quantize_lm_head(model, config, registry, platform, dtype, summary)
     for reason, n in summary.fallbacks.items():
         logger.warning("quantization: %d layer(s) fall back to a slower kernel because %s", n, reason)
     logger.info("quantization %s", summary.describe())
     return summary
+
+
+def _quantize_lm_head(model: nn.Module, config: QuantConfig, registry: Registry, platform: str, dtype: torch.dtype,
+                      summary: QuantSummary) -> None:
+    """Bind the output projection to a kernel on the checkpoint's quantized head, where the config keeps one
+    (single rank only: a tensor-parallel head splits the vocabulary, which the config's part does not)."""
+    from llmctl.layers.embedding import LMHead
+
+    heads = [m for m in model.modules() if isinstance(m, LMHead)]
+    if len(heads) != 1 or getattr(getattr(heads[0], "tp", None), "size", 1) != 1:
+        return
+    head = heads[0]
+    part = config.lm_head_part(head.vocab_size, head.hidden_size)
+    if part is None:
+        return
+    try:
+        kernel, _ = select_kernel(registry, platform, part.spec, dtype)
+    except ValueError as exc:  # no kernel for the head's format here: it stays in the model dtype
+        logger.info("quantization: output projection left dequantized (%s)", exc)
+        return
+    weights = kernel.process_weights(part.weights, part.spec)
+    head.bind_quantized([(kernel, weights, part.spec, None)])
+    summary.kernels[f"lm_head {part.spec.describe()} -> {kernel.kernel or kernel.name}"] += 1
+    summary.weight_bytes += sum(t.numel() * t.element_size() for t in weights.values())

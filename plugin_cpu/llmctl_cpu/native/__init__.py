@@ -72,6 +72,8 @@ class NativeKernels:
         self._attn_cap.restype = _c_int
         self._attn_cap.argtypes = [*self._attn.argtypes[:18], _c_ptr, *self._attn.argtypes[19:]]
         self._scale_caps: dict[tuple[float, float], torch.Tensor] = {}
+        # quant.c's weight-only panel GEMM, called through its address so a recorded step can replay it too
+        self._quant_wq = _call_at_address
         self._attn8 = lib.llmctl_decode_attention_kv8
         self._attn8.restype = _c_int
         self._attn8.argtypes = [_c_int, *self._attn.argtypes]
@@ -376,6 +378,21 @@ class NativeKernels:
         if bad >= 0:
             raise IndexError(f"positions[{bad}] = {int(positions[bad])} is outside the rotary table's "
                              f"{cos_sin.shape[0]} positions")
+
+
+_CALL_TARGETS: dict[int, Any] = {}
+
+
+def call_target(fn: Any) -> int:
+    """The address of a ctypes function of another library (quant.c's), which :func:`_call_at_address` and a
+    replayed program's QUANT_GEMM_WQ record call."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value
+    _CALL_TARGETS[address] = fn
+    return address
+
+
+def _call_at_address(address: int, *args: Any) -> int:
+    return _CALL_TARGETS[address](*args)
 
 
 def _bad_row(rc: int) -> int:

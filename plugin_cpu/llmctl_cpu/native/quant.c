@@ -439,11 +439,16 @@ int llmctl_gemm_wq(const float *x, int64_t m, int64_t k, const void *qw, int bit
 
 /* Why panels: without AVX-512 a column-at-a-time dot product spends more on horizontal sums and on converting each
  * weight per 4-row block than on the FMAs. Here 16 columns' weights at one k sit in 16 consecutive bytes (int4: byte c
- * of k pair t holds column c's elements 2t (low nibble) and 2t+1 (high), exactly core's byte t of that row), so one
- * load and a few conversions give two vectors of 8 dequantized weights, w = fma(q, scale, min), which every row of
- * the block broadcasts its x[k] against. Up to 4 rows dequantize in registers; more rows dequantize the panel once
- * into a buffer and run 6-row tiles over it. Both paths perform the same float operations in the same order for
- * each output element (w = fma(q, s, m) per k; acc = fma(w, x, acc) with k ascending), so a row's result does not
+ * of k pair t holds column c's elements 2t (low nibble) and 2t+1 (high), exactly core's byte t of that row), so two
+ * widening loads and a few conversions give the integer weights of 16 columns as float vectors, which every row of
+ * the block broadcasts its x[k] against.
+ *
+ * Why per-group sums: a group's scale and min are common to its weights, so the kernel sums q * x over the group on
+ * the stored integers and applies them once per group, y = sum_g (s_g * sum_k q x + m_g * sum_k x): one FMA per
+ * weight instead of a dequantizing FMA and a product. Up to 4 rows convert in registers; more rows convert the panel
+ * once into a buffer and run 6-row tiles over it. Both paths perform the same float operations in the same order for
+ * each output element (part = fma(q, x, part) from 0 with k ascending inside a group; acc = fma(part, s_g, acc), then
+ * acc = fma(m_g, xsum_g, acc), groups ascending; xsum_g summed per row in index order), so a row's result does not
  * depend on the batch it is in.
  *
  * qp: bits 4: uint8 [np][k / 2][16]; bits 8: int8 [np][k][16]. sp, mp: float32 [np][ng][16] (mins 0 where the
@@ -467,31 +472,42 @@ void llmctl_pack_wq_panels(const void *qw, int bits, int64_t n, int64_t k, const
 }
 
 #ifdef QK_AVX2
-/* Column c's weights at one k (int8), or at k pair t (int4: even k, then odd k), as float vectors. */
-static inline __attribute__((always_inline)) void deq8_k(const int8_t *b16, __m256 s0, __m256 s1, __m256 m0,
-                                                         __m256 m1, __m256 *w) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)b16);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), s0, m0);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))), s1, m1);
+/* Columns 0-7 and 8-15 of one k's int8 weights as floats (two widening loads, no shuffle of a loaded vector). */
+static inline __attribute__((always_inline)) void cvt8_k(const int8_t *b16, __m256 *w) {
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)b16)));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b16 + 8))));
 }
 
-static inline __attribute__((always_inline)) void deq4_pair(const uint8_t *b16, __m256 s0, __m256 s1, __m256 m0,
-                                                            __m256 m1, __m256 *w) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)b16), low4 = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s0, m0);
-    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s1, m1);
-    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s0, m0);
-    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s1, m1);
+/* One k pair of int4 weights: w[0..1] the even k's columns 0-7 / 8-15 (low nibbles), w[2..3] the odd k's. */
+static inline __attribute__((always_inline)) void cvt4_pair(const uint8_t *b16, __m256 *w) {
+    const __m256i low4 = _mm256_set1_epi32(15);
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)b16));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b16 + 8)));
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low4));
+    w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low4));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
 }
 
-/* acc[r][h] += w[h] * x[r][kk] for the tile's R rows (R a compile-time constant after inlining). */
+/* part[r][h] += w[h] * x[r][kk] for the tile's R rows (R a compile-time constant after inlining). */
 #define PANEL_FMA(R, xk, w0, w1)                                                                                   \
     for (int r = 0; r < (R); r++) {                                                                                \
         const __m256 xb = _mm256_broadcast_ss((xk) + r * k);                                                       \
-        acc[r][0] = _mm256_fmadd_ps((w0), xb, acc[r][0]);                                                          \
-        acc[r][1] = _mm256_fmadd_ps((w1), xb, acc[r][1]);                                                          \
+        part[r][0] = _mm256_fmadd_ps((w0), xb, part[r][0]);                                                        \
+        part[r][1] = _mm256_fmadd_ps((w1), xb, part[r][1]);                                                        \
     }
+
+/* acc = fma(part, s_g, acc); acc = fma(m_g, xsum_g, acc) for the tile's rows: the end of group g. */
+#define GROUP_END(R, acc, g)                                                                                       \
+    do {                                                                                                           \
+        const __m256 s0 = _mm256_loadu_ps(spp + (g) * 16), s1 = _mm256_loadu_ps(spp + (g) * 16 + 8);               \
+        const __m256 m0 = _mm256_loadu_ps(mpp + (g) * 16), m1 = _mm256_loadu_ps(mpp + (g) * 16 + 8);               \
+        for (int r = 0; r < (R); r++) {                                                                            \
+            const __m256 xs = _mm256_broadcast_ss(xsum + (r0 + r) * ng + (g));                                    \
+            acc[r][0] = _mm256_fmadd_ps(m0, xs, _mm256_fmadd_ps(part[r][0], s0, acc[r][0]));                      \
+            acc[r][1] = _mm256_fmadd_ps(m1, xs, _mm256_fmadd_ps(part[r][1], s1, acc[r][1]));                      \
+        }                                                                                                          \
+    } while (0)
 
 static inline __attribute__((always_inline)) void panel_store(int R, __m256 (*acc)[2], int64_t r0, int64_t p,
                                                               const float *bias, int64_t n, float *y) {
@@ -504,49 +520,62 @@ static inline __attribute__((always_inline)) void panel_store(int R, __m256 (*ac
     }
 }
 
-/* R <= 4 rows, weights dequantized in registers. */
+/* R <= 4 rows, weights converted in registers. */
 static inline __attribute__((always_inline)) void panel_direct(const int R, const float *x, int64_t k,
                                                                const void *qpp, int bits, const float *spp,
-                                                               const float *mpp, int64_t group, int64_t r0,
-                                                               int64_t p, const float *bias, int64_t n, float *y) {
+                                                               const float *mpp, const float *xsum, int64_t group,
+                                                               int64_t r0, int64_t p, const float *bias, int64_t n,
+                                                               float *y) {
+    const int64_t ng = k / group;
     __m256 acc[4][2];
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const float *xr = x + r0 * k;
-    for (int64_t g = 0; g < k / group; g++) {
-        const __m256 s0 = _mm256_loadu_ps(spp + g * 16), s1 = _mm256_loadu_ps(spp + g * 16 + 8);
-        const __m256 m0 = _mm256_loadu_ps(mpp + g * 16), m1 = _mm256_loadu_ps(mpp + g * 16 + 8);
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 part[4][2];
+        for (int r = 0; r < 4; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
         if (bits == 4) {
             for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
                 __m256 w[4];
-                deq4_pair((const uint8_t *)qpp + kk / 2 * 16, s0, s1, m0, m1, w);
+                cvt4_pair((const uint8_t *)qpp + kk / 2 * 16, w);
                 PANEL_FMA(R, xr + kk, w[0], w[1]);
                 PANEL_FMA(R, xr + kk + 1, w[2], w[3]);
             }
         } else {
             for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
                 __m256 w[2];
-                deq8_k((const int8_t *)qpp + kk * 16, s0, s1, m0, m1, w);
+                cvt8_k((const int8_t *)qpp + kk * 16, w);
                 PANEL_FMA(R, xr + kk, w[0], w[1]);
             }
         }
+        GROUP_END(R, acc, g);
     }
     panel_store(R, acc, r0, p, bias, n, y);
 }
 
-/* R <= 6 rows over a panel already dequantized into buf [k][16]. */
+/* R <= 6 rows over a panel already converted into buf [k][16] (the integer weights as floats); the running sums
+ * live in memory (touched once per group) so the 6 x 2 group sums, a weight pair and x fit the 16 registers. */
 static inline __attribute__((always_inline)) void panel_buffered(const int R, const float *x, int64_t k,
-                                                                 const float *buf, int64_t r0, int64_t p,
-                                                                 const float *bias, int64_t n, float *y) {
+                                                                 const float *buf, const float *spp,
+                                                                 const float *mpp, const float *xsum, int64_t group,
+                                                                 int64_t r0, int64_t p, const float *bias, int64_t n,
+                                                                 float *y) {
+    const int64_t ng = k / group;
     __m256 acc[6][2];
     for (int r = 0; r < 6; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const float *xr = x + r0 * k;
-    for (int64_t kk = 0; kk < k; kk++) {
-        const __m256 w0 = _mm256_load_ps(buf + kk * 16), w1 = _mm256_load_ps(buf + kk * 16 + 8);
-        PANEL_FMA(R, xr + kk, w0, w1);
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 part[6][2];
+        for (int r = 0; r < 6; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
+        for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
+            const __m256 w0 = _mm256_load_ps(buf + kk * 16), w1 = _mm256_load_ps(buf + kk * 16 + 8);
+            PANEL_FMA(R, xr + kk, w0, w1);
+        }
+        GROUP_END(R, acc, g);
     }
     panel_store(R, acc, r0, p, bias, n, y);
 }
 #undef PANEL_FMA
+#undef GROUP_END
 #endif
 
 /* y[m, n] = x @ dequant(panels).T + bias, as llmctl_gemm_wq. group even (int4) and k % group == 0. Returns -3 where
@@ -560,6 +589,15 @@ int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, 
     if ((bits != 4 && bits != 8) || group <= 0 || k % group || (bits == 4 && group % 2)) return -2;
     const int64_t np = (n + 15) / 16, ng = k / group, kb = bits == 4 ? k / 2 : k;
     const int buffered = m > 4;
+    /* each row's group sums of x, for the mins: in index order, once per call */
+    float *xsum = (float *)malloc((size_t)(m * ng) * sizeof(float));
+    if (!xsum) return -1;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) s += x[r * k + i];
+            xsum[r * ng + g] = s;
+        }
     int failed = 0;
     #pragma omp parallel
     {
@@ -574,50 +612,71 @@ int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, 
             const float *spp = sp + p * ng * 16, *mpp = mp + p * ng * 16;
             if (!buffered) {
                 switch (m) {
-                    case 1: panel_direct(1, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
-                    case 2: panel_direct(2, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
-                    case 3: panel_direct(3, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
-                    default: panel_direct(4, x, k, qpp, bits, spp, mpp, group, 0, p, bias, n, y); break;
+                    case 1: panel_direct(1, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    case 2: panel_direct(2, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    case 3: panel_direct(3, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    default: panel_direct(4, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
                 }
                 continue;
             }
             if (!buf) continue;
-            for (int64_t g = 0; g < ng; g++) {
-                const __m256 s0 = _mm256_loadu_ps(spp + g * 16), s1 = _mm256_loadu_ps(spp + g * 16 + 8);
-                const __m256 m0 = _mm256_loadu_ps(mpp + g * 16), m1 = _mm256_loadu_ps(mpp + g * 16 + 8);
-                if (bits == 4) {
-                    for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) {
-                        __m256 w[4];
-                        deq4_pair((const uint8_t *)qpp + kk / 2 * 16, s0, s1, m0, m1, w);
-                        _mm256_store_ps(buf + kk * 16, w[0]);
-                        _mm256_store_ps(buf + kk * 16 + 8, w[1]);
-                        _mm256_store_ps(buf + kk * 16 + 16, w[2]);
-                        _mm256_store_ps(buf + kk * 16 + 24, w[3]);
-                    }
-                } else {
-                    for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
-                        __m256 w[2];
-                        deq8_k((const int8_t *)qpp + kk * 16, s0, s1, m0, m1, w);
-                        _mm256_store_ps(buf + kk * 16, w[0]);
-                        _mm256_store_ps(buf + kk * 16 + 8, w[1]);
-                    }
+            if (bits == 4) {
+                for (int64_t kk = 0; kk < k; kk += 2) {
+                    __m256 w[4];
+                    cvt4_pair((const uint8_t *)qpp + kk / 2 * 16, w);
+                    _mm256_store_ps(buf + kk * 16, w[0]);
+                    _mm256_store_ps(buf + kk * 16 + 8, w[1]);
+                    _mm256_store_ps(buf + kk * 16 + 16, w[2]);
+                    _mm256_store_ps(buf + kk * 16 + 24, w[3]);
+                }
+            } else {
+                for (int64_t kk = 0; kk < k; kk++) {
+                    __m256 w[2];
+                    cvt8_k((const int8_t *)qpp + kk * 16, w);
+                    _mm256_store_ps(buf + kk * 16, w[0]);
+                    _mm256_store_ps(buf + kk * 16 + 8, w[1]);
                 }
             }
             int64_t r0 = 0;
-            for (; r0 + 6 <= m; r0 += 6) panel_buffered(6, x, k, buf, r0, p, bias, n, y);
+            for (; r0 + 6 <= m; r0 += 6) panel_buffered(6, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y);
             switch (m - r0) {
-                case 1: panel_buffered(1, x, k, buf, r0, p, bias, n, y); break;
-                case 2: panel_buffered(2, x, k, buf, r0, p, bias, n, y); break;
-                case 3: panel_buffered(3, x, k, buf, r0, p, bias, n, y); break;
-                case 4: panel_buffered(4, x, k, buf, r0, p, bias, n, y); break;
-                case 5: panel_buffered(5, x, k, buf, r0, p, bias, n, y); break;
+                case 1: panel_buffered(1, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y); break;
+                case 2: panel_buffered(2, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y); break;
+                case 3: panel_buffered(3, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y); break;
+                case 4: panel_buffered(4, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y); break;
+                case 5: panel_buffered(5, x, k, buf, spp, mpp, xsum, group, r0, p, bias, n, y); break;
                 default: break;
             }
         }
         free(buf);
     }
+    free(xsum);
     return failed ? -1 : 0;
 #endif
+}
+
+/* As llmctl_gemm_wq_panels for bf16 activations and a bf16 result (raw bits): the rows are widened to float32
+ * (exact), the float32 kernel runs, and its result (bias added) is rounded to bf16 to nearest even, as torch's
+ * conversions around the float32 call would do: the same bits, without the two torch ops, so that a bf16 decode
+ * step with these layers stays recordable (llmctl_cpu.graph). */
+int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                               const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
+    float *xf = (float *)malloc((size_t)(m * k + m * n) * sizeof(float));
+    if (!xf) return -1;
+    float *yf = xf + m * k;
+    for (int64_t i = 0; i < m * k; i++) {
+        const uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &u, 4);
+    }
+    const int rc = llmctl_gemm_wq_panels(xf, m, k, qp, bits, sp, mp, group, bias, n, yf);
+    if (rc == 0)
+        for (int64_t i = 0; i < m * n; i++) {
+            uint32_t u;
+            memcpy(&u, yf + i, 4);
+            y[i] = isnan(yf[i]) ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+    free(xf);
+    return rc;
 }
 
 /* ---- int4 weight-only with bf16 activations: nibbles -> bf16 by a 16-entry table, then bf16 dot products ------ */

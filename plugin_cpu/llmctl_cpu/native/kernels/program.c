@@ -118,6 +118,13 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
                                                     P(11), a[12], P(13), P(14), P(15), I(16), I(17), P(18), a[19],
                                                     num_threads);
                 break;
+            case OP_QUANT_GEMM_WQ: {
+                /* llmctl_gemm_wq_panels (float32 x and y) or its bf16 twin: the same argument list */
+                typedef int (*gemm_wq_fn)(const void *, int64_t, int64_t, const void *, int, const float *,
+                                          const float *, int64_t, const float *, int64_t, void *);
+                rc = ((gemm_wq_fn)P(0))(P(1), a[2], a[3], P(4), I(5), P(6), P(7), a[8], P(9), a[10], P(11));
+                break;
+            }
             default: /* in the table but not handled here */
                 rc = -2;
         }

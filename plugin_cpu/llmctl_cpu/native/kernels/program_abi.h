@@ -6,7 +6,9 @@
  * addresses, floats as their bits), except its last argument, the thread count, which the replaying call gives.
  * Per kernel:  X(NAME, opcode, recorded kernel, NativeKernels attribute, argument that carries the row count
  * (replaced at replay by the program's own row count), argument passed as float bits (-1: none)). Every kernel
- * returns 0 on success (common.h), so the table needs no success column. Opcodes run 1..n without gaps. */
+ * returns 0 on success (common.h), so the table needs no success column. Opcodes run 1..n without gaps.
+ * QUANT_GEMM_WQ is quant.c's weight-only panel GEMM, a separate library: its record's first word is the address of
+ * llmctl_gemm_wq_panels (or of its bf16 twin), then that function's arguments (the row count second). */
 #ifndef LLMCTL_CPU_PROGRAM_ABI_H
 #define LLMCTL_CPU_PROGRAM_ABI_H
 
@@ -23,6 +25,7 @@
     X(GEMM_F32, 8, gemm_f32, _gemm_f32, 2, -1)                        \
     X(WRITE_KV8, 9, write_kv8, _write8, 9, -1)                       \
     X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19) \
-    X(DECODE_ATTENTION_CAPPED, 11, decode_attention_capped, _attn_cap, 16, -1)
+    X(DECODE_ATTENTION_CAPPED, 11, decode_attention_capped, _attn_cap, 16, -1) \
+    X(QUANT_GEMM_WQ, 12, gemm_wq_panels, _quant_wq, 2, -1)
 
 #endif /* LLMCTL_CPU_PROGRAM_ABI_H */
