@@ -1,10 +1,13 @@
-"""Tensor parallelism for the native decoder families: two ranks on gloo give the greedy tokens of one rank.
+"""Tensor and pipeline parallelism for the native decoder families: two ranks on gloo, as two tensor-parallel
+ranks or as two pipeline stages of one layer each, give the greedy tokens of one rank.
 
-The ranks start once for all families (``tests.tp_family_rank`` loads the checkpoints in turn), since starting
-two interpreters per family would cost more than the models themselves. Each family picks a different split:
-fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes per rank, one
-KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts split by
-their intermediate columns.
+The ranks start once for all families and both splits (``tests.tp_family_rank`` loads the checkpoints in turn),
+since starting two interpreters per family would cost more than the models themselves. Each family picks a
+different split: fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes
+per rank, one KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts
+split by their intermediate columns. Under pipeline parallelism the stages differ in what they hold: the first embeds
+(learned positions, BLOOM's embedding norm, Gemma's scale), the last norms and computes the logits (soft-capped,
+biased), and Gemma 2's layers alternate sliding and global windows across the stages.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
 from tests.test_server_support import free_ports
-from tests.tp_family_rank import MAX_TOKENS, SMALL_KV
+from tests.tp_family_rank import MAX_TOKENS, SMALL_KV, run_key
 from tests.tp_rank import generate
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
+# Pipeline stages split every family whose layers are self-contained, including those tensor parallelism refuses.
+PP_KINDS = ("gemma2", "gpt2", "bloom", "falcon_mq", "mixtral", "olmo2", "deepseek_v2")
 REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
            "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
 
@@ -38,22 +43,23 @@ def _family_checkpoint(kind: str, cache: Path, tok) -> Path:
 
 @pytest.fixture(scope="module")
 def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
-    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer) for kind in SPLIT_KINDS}
+    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer)
+            for kind in dict.fromkeys(SPLIT_KINDS + PP_KINDS)}
 
 
 @pytest.fixture(scope="module")
-def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
-    """kind -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
-    tmp = tmp_path_factory.mktemp("tp2-families")
-    kinds = list(family_models)
-    ports = ",".join(str(p) for p in free_ports(len(kinds)))
+def two_rank_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
+    """run_key(model, tp, pp) -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same."""
+    tmp = tmp_path_factory.mktemp("two-rank-families")
+    runs = [run_key(str(family_models[k]), tp=2) for k in SPLIT_KINDS] + \
+        [run_key(str(family_models[k]), pp=2) for k in PP_KINDS]
+    ports = ",".join(str(p) for p in free_ports(len(runs)))
     procs, outs = [], []
     for rank in range(2):
         out = tmp / f"rank{rank}.json"
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), "2", ports,
-                                       *(str(family_models[k]) for k in kinds)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), ports, *runs],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outs.append(out)
     try:
@@ -66,22 +72,41 @@ def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
         assert p.returncode == 0, log[-4000:]
     rank0, rank1 = (json.loads(o.read_text()) for o in outs)
     assert rank0 == rank1, "the two ranks sampled differently"
-    return {kind: rank0[str(family_models[kind])] for kind in kinds}
+    return rank0
 
 
-@pytest.mark.parametrize("kind", SPLIT_KINDS)
-def test_tp2_family_matches_tp1(kind, family_models, tp2_outputs):
+@pytest.fixture(scope="module")
+def one_rank_outputs(family_models) -> dict[str, list[dict]]:
+    """kind -> one process's outputs, computed once for both splits' tests."""
     from llmctl import LLM
 
-    got = tp2_outputs[kind]
+    class Outputs(dict):
+        def __missing__(self, kind: str) -> list[dict]:
+            with one_torch_thread():
+                llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
+                          kv_cache_memory=SMALL_KV)
+                self[kind] = generate(llm, MAX_TOKENS)
+                llm.llm_engine.shutdown()
+            return self[kind]
+
+    return Outputs()
+
+
+def _assert_same(got: list[dict] | str, want: list[dict]) -> None:
     assert not isinstance(got, str), got
-    with one_torch_thread():
-        llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
-                  kv_cache_memory=SMALL_KV)
-        want = generate(llm, MAX_TOKENS)
     for g, w in zip(got, want, strict=True):
         assert g["tokens"] == w["tokens"]
         torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+def test_tp2_family_matches_tp1(kind, family_models, two_rank_outputs, one_rank_outputs):
+    _assert_same(two_rank_outputs[run_key(str(family_models[kind]), tp=2)], one_rank_outputs[kind])
+
+
+@pytest.mark.parametrize("kind", PP_KINDS)
+def test_pp2_family_matches_pp1(kind, family_models, two_rank_outputs, one_rank_outputs):
+    _assert_same(two_rank_outputs[run_key(str(family_models[kind]), pp=2)], one_rank_outputs[kind])
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))

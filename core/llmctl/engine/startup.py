@@ -326,11 +326,10 @@ def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, q
     if not getattr(model_cls, "supports_pipeline_parallel", False):
         archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
         raise ValueError(f"pipeline_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
-                         f"which has no pipeline-parallel implementation yet (the Llama family has); use "
-                         f"pipeline_parallel_size=1")
-    if quant is not None:
-        raise ValueError(f"pipeline_parallel_size: quantized checkpoints ({quant.name}) are not split yet; use "
-                         f"pipeline_parallel_size=1")
+                         f"which has no pipeline-parallel implementation yet (the Llama family and the native "
+                         f"decoder families have); use pipeline_parallel_size=1")
+    # A quantized checkpoint needs nothing more: a stage attaches quantizers to its own layers only and leaves the
+    # other stages' tensors unread (tensor parallelism within a stage is checked by check_tensor_parallel).
     check_pipeline_splittable(hf_config, size)
 
 
