@@ -9,12 +9,14 @@ or a share of free memory), allocates it and captures the decode graphs. Its res
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.batch_queue import MICRO_BATCHES_ENV
 from llmctl.engine.encoder_decoder import check_engine as check_encoder_decoder
 from llmctl.engine.kv_sizing import size_kv_cache
 from llmctl.engine.malloc_tuning import keep_heap_headroom
@@ -341,7 +343,7 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
                 args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
                 args.enable_prefix_caching, args.tensor_parallel_size,
-                args.pipeline_parallel_size)
+                args.pipeline_parallel_size, os.environ.get(MICRO_BATCHES_ENV, ""))
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 
