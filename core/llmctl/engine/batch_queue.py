@@ -86,7 +86,12 @@ class BatchQueue:
             if sched:
                 core.num_steps += 1
                 core.iteration_tokens.observe(sched.num_tokens)
-                self.queue.append(InFlightBatch(sched, core.runner.prepare(sched)))
+                try:
+                    batch = core.runner.prepare(sched)
+                except Exception as exc:  # the same on every rank: the batch never starts anywhere
+                    logger.warning("pipelined batch of %d requests failed: %s", len(sched.scheduled), exc)
+                    return [out for s in sched.scheduled for out in core._fail(s.request, exc)]
+                self.queue.append(InFlightBatch(sched, batch))
                 core.scheduler.in_flight.update(item.request.request_id for item in sched.scheduled)
                 launched = True
                 self.max_in_flight = max(self.max_in_flight, len(self.queue))
