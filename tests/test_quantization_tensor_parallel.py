@@ -50,6 +50,10 @@ CASES = {
 }
 
 
+# Pipeline stages of the same checkpoints (one layer each): a stage quantizes its own layers and leaves the other's
+# tensors unread. id -> the case whose checkpoint, quantization and single-rank reference it shares.
+PP_CASES = {"gguf-pp2": "gguf", "ct-w4a16-g32-pp2": "ct-w4a16-g32"}
+
 # Methods that quantize activations per token. A row-parallel rank quantizes its slice of the layer's input (as
 # vLLM does), a finer rounding than one rank's over the whole row, which moves these tiny random models' logprobs by
 # tenths: their single-rank reference quantizes o_proj's and down_proj's inputs per half row the same way.
@@ -96,8 +100,10 @@ def runs(tmp_path_factory, test_tokenizer):
     for cid, (write, quant) in CASES.items():
         (root / cid).mkdir()
         models[cid] = (str(write(base, root / cid, test_tokenizer)), quant)
-    cases = [{"id": cid, "model": m, "quantization": q, "port": port}
-             for (cid, (m, q)), port in zip(models.items(), free_ports(len(models)), strict=True)]
+    ports = iter(free_ports(len(models) + len(PP_CASES)))
+    cases = [{"id": cid, "model": m, "quantization": q, "port": next(ports)} for cid, (m, q) in models.items()]
+    cases += [{"id": cid, "model": models[base][0], "quantization": models[base][1], "port": next(ports), "tp": 1,
+               "pp": 2} for cid, base in PP_CASES.items()]
     (root / "cases.json").write_text(json.dumps(cases))
     procs, outs = [], []
     for rank in range(2):
@@ -129,13 +135,13 @@ def runs(tmp_path_factory, test_tokenizer):
     return refs, [json.loads(out.read_text()) for out in outs]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(PP_CASES))
 def test_tp2_greedy_tokens_equal_tp1(runs, case):
     refs, ranks = runs
     for rank, results in enumerate(ranks):
         got = results[case]
         assert "error" not in got, f"rank {rank}: {got.get('error')}"
-        for g, w in zip(got["outputs"], refs[case], strict=True):  # the same weights: only summation order differs
+        for g, w in zip(got["outputs"], refs[PP_CASES.get(case, case)], strict=True):  # only summation order differs
             assert g["tokens"] == w["tokens"], (rank, got["kernels"])
             torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-3, rtol=0)
 

@@ -1,10 +1,14 @@
-"""Tensor parallelism for the native decoder families: two ranks on gloo give the greedy tokens of one rank.
+"""Tensor and pipeline parallelism for the native decoder families: two ranks on gloo, as two tensor-parallel
+ranks or as two pipeline stages of one layer each, give the greedy tokens of one rank.
 
-The ranks start once for all families (``tests.tp_family_rank`` loads the checkpoints in turn), since starting
-two interpreters per family would cost more than the models themselves. Each family picks a different split:
-fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes per rank, one
-KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts split by
-their intermediate columns, or (expert parallelism) placed whole on the ranks.
+The ranks start once for all families and both splits (``tests.tp_family_rank`` loads the checkpoints in turn),
+since starting two interpreters per family would cost more than the models themselves. Each family picks a
+different split: fused q/k/v and gate/up in the checkpoint, Conv1D transposes, per-head fused q/k/v, ALiBi slopes
+per rank, one KV head replicated over both ranks, soft-capping, plain and gated-GELU MLPs, and mixtures of experts
+split by their intermediate columns, or (expert parallelism) placed whole on the ranks. Under pipeline parallelism
+the stages differ in what they hold: the first embeds (learned positions, BLOOM's embedding norm, Gemma's scale), the
+last norms and computes the logits (soft-capped, biased), and Gemma 2's layers alternate sliding and global windows
+across the stages.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
 from tests.test_server_support import free_ports
-from tests.tp_family_rank import EP_SUFFIX, EXPERTS_KEY, MAX_TOKENS, SMALL_KV
+from tests.tp_family_rank import EP_SUFFIX, EXPERTS_KEY, MAX_TOKENS, SMALL_KV, run_key
 from tests.tp_rank import generate
 
 REPO = Path(__file__).resolve().parent.parent
 SPLIT_KINDS = ("gemma2", "phi3", "gpt2", "gpt_neox", "bloom", "falcon_mq", "mixtral", "qwen2_moe")
 EP_KINDS = ("mixtral", "qwen2_moe")  # also run with enable_expert_parallel, in the same pair of ranks
+# Pipeline stages split every family whose layers are self-contained, including those tensor parallelism refuses.
+PP_KINDS = ("gemma2", "gpt2", "bloom", "falcon_mq", "mixtral", "olmo2", "deepseek_v2")
 REFUSED = {"olmo2": "the olmo2 family uses a q/k RMSNorm over all heads",
            "deepseek_v2": "the deepseek_v2 family uses multi-head latent attention"}
 
@@ -39,24 +45,25 @@ def _family_checkpoint(kind: str, cache: Path, tok) -> Path:
 
 @pytest.fixture(scope="module")
 def family_models(model_cache_dir, test_tokenizer) -> dict[str, Path]:
-    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer) for kind in SPLIT_KINDS}
+    return {kind: _family_checkpoint(kind, model_cache_dir, test_tokenizer)
+            for kind in dict.fromkeys(SPLIT_KINDS + PP_KINDS)}
 
 
 @pytest.fixture(scope="module")
-def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
-    """kind (``kind::ep`` with expert parallelism) -> rank 0's outputs (or its refusal), after checking that rank 1
-    produced the same; ``EXPERTS_KEY`` -> each rank's loaded experts per ``kind::ep``."""
-    tmp = tmp_path_factory.mktemp("tp2-families")
-    runs = {kind: str(path) for kind, path in family_models.items()} | \
-        {kind + EP_SUFFIX: str(family_models[kind]) + EP_SUFFIX for kind in EP_KINDS}
+def two_rank_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
+    """run_key(model, tp, pp) -> rank 0's outputs (or its refusal), after checking that rank 1 produced the same;
+    ``EXPERTS_KEY`` -> each rank's loaded experts per expert-parallel run."""
+    tmp = tmp_path_factory.mktemp("two-rank-families")
+    runs = [run_key(str(family_models[k]), tp=2) for k in SPLIT_KINDS] + \
+        [run_key(str(family_models[k]) + EP_SUFFIX, tp=2) for k in EP_KINDS] + \
+        [run_key(str(family_models[k]), pp=2) for k in PP_KINDS]
     ports = ",".join(str(p) for p in free_ports(len(runs)))
     procs, outs = [], []
     for rank in range(2):
         out = tmp / f"rank{rank}.json"
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), "2", ports,
-                                       *runs.values()],
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.tp_family_rank", str(out), ports, *runs],
                                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         outs.append(out)
     try:
@@ -70,26 +77,24 @@ def tp2_outputs(family_models, tmp_path_factory) -> dict[str, list[dict] | str]:
     rank0, rank1 = (json.loads(o.read_text()) for o in outs)
     experts = [rank0.pop(EXPERTS_KEY), rank1.pop(EXPERTS_KEY)]
     assert rank0 == rank1, "the two ranks sampled differently"
-    return {kind: rank0[arg] for kind, arg in runs.items()} | \
-        {EXPERTS_KEY: {kind: [e[arg] for e in experts] for kind, arg in runs.items() if kind.endswith(EP_SUFFIX)}}
+    return rank0 | {EXPERTS_KEY: {run: [e[run] for e in experts] for run in runs if run.endswith(EP_SUFFIX)}}
 
 
 @pytest.fixture(scope="module")
-def tp1_outputs(family_models):
-    """kind -> one rank's outputs, computed once per kind for the tp=2 and the expert-parallel comparisons."""
+def one_rank_outputs(family_models) -> dict[str, list[dict]]:
+    """kind -> one process's outputs, computed once for the tp=2, expert-parallel and pp=2 comparisons."""
     from llmctl import LLM
 
-    cache: dict[str, list[dict]] = {}
-
-    def run(kind: str) -> list[dict]:
-        if kind not in cache:
+    class Outputs(dict):
+        def __missing__(self, kind: str) -> list[dict]:
             with one_torch_thread():
                 llm = LLM(str(family_models[kind]), dtype="float32", num_threads=1, seed=0, max_model_len=128,
                           kv_cache_memory=SMALL_KV)
-                cache[kind] = generate(llm, MAX_TOKENS)
-        return cache[kind]
+                self[kind] = generate(llm, MAX_TOKENS)
+                llm.llm_engine.shutdown()
+            return self[kind]
 
-    return run
+    return Outputs()
 
 
 def _assert_same(got: list[dict] | str, want: list[dict]) -> None:
@@ -100,22 +105,29 @@ def _assert_same(got: list[dict] | str, want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("kind", SPLIT_KINDS)
-def test_tp2_family_matches_tp1(kind, tp2_outputs, tp1_outputs):
-    _assert_same(tp2_outputs[kind], tp1_outputs(kind))
+def test_tp2_family_matches_tp1(kind, family_models, two_rank_outputs, one_rank_outputs):
+    _assert_same(two_rank_outputs[run_key(str(family_models[kind]), tp=2)], one_rank_outputs[kind])
 
 
 @pytest.mark.parametrize("kind", EP_KINDS)
-def test_expert_parallel_matches_tp1_and_each_rank_holds_its_experts(kind, tp2_outputs, tp1_outputs):
+def test_expert_parallel_matches_tp1_and_each_rank_holds_its_experts(kind, family_models, two_rank_outputs,
+                                                                      one_rank_outputs):
     """tp=2 with enable_expert_parallel (4 experts: 0-1 on rank 0, 2-3 on rank 1, dispatched by all_to_all over
     gloo) gives one rank's greedy tokens and logprobs; each rank loaded only its two experts, whole (the full
     moe_intermediate_size, not half of every expert)."""
-    _assert_same(tp2_outputs[kind + EP_SUFFIX], tp1_outputs(kind))
+    run = run_key(str(family_models[kind]) + EP_SUFFIX, tp=2)
+    _assert_same(two_rank_outputs[run], one_rank_outputs[kind])
     inter = 32 if kind == "qwen2_moe" else 128  # family_factory's moe_intermediate_size / intermediate_size
-    for rank, layers in enumerate(tp2_outputs[EXPERTS_KEY][kind + EP_SUFFIX]):
+    for rank, layers in enumerate(two_rank_outputs[EXPERTS_KEY][run]):
         assert layers, "no mixture-of-experts layer was found"
         for layer in layers:
             assert layer["experts"] == [2 * rank, 2 * rank + 1]
             assert layer["w13"][:2] == [2, 2 * inter]
+
+
+@pytest.mark.parametrize("kind", PP_KINDS)
+def test_pp2_family_matches_pp1(kind, family_models, two_rank_outputs, one_rank_outputs):
+    _assert_same(two_rank_outputs[run_key(str(family_models[kind]), pp=2)], one_rank_outputs[kind])
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))

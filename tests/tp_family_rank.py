@@ -1,8 +1,9 @@
-"""One tensor-parallel rank that runs several checkpoints in turn, for the family tests (not a test module):
-``python -m tests.tp_family_rank OUT_JSON TP PORTS MODEL...`` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set as
-torchrun would; ``PORTS`` holds one comma-separated port per model (each model's group meets on its own), so the
-interpreter starts once for all of them. A model argument ending in ``::ep`` runs with ``enable_expert_parallel``;
-the experts each rank loaded go under ``EXPERTS_KEY`` (they differ per rank)."""
+"""One tensor- or pipeline-parallel rank that runs several checkpoints in turn, for the family tests (not a test
+module): ``python -m tests.tp_family_rank OUT_JSON PORTS RUN...`` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set
+as torchrun would. Each ``RUN`` is ``TP:PP:MODEL``; ``PORTS`` holds one comma-separated port per run (each run's
+group meets on its own), so the interpreter starts once for all of them. Results are keyed by ``RUN``. A model
+ending in ``::ep`` runs with ``enable_expert_parallel``; the experts each rank loaded go under ``EXPERTS_KEY``,
+keyed by ``RUN`` (they differ per rank)."""
 
 from __future__ import annotations
 
@@ -27,26 +28,31 @@ def loaded_experts(llm) -> list[dict]:
              "w13": list((m._packed[0] if m._packed is not None else m.w13).shape)} for m in layers]
 
 
+def run_key(model: str, tp: int = 1, pp: int = 1) -> str:
+    return f"{tp}:{pp}:{model}"
+
+
 def main() -> None:
-    out_path, tp, ports, models = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:]
+    out_path, ports, runs = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
     torch.set_num_threads(1)
     from llmctl import LLM
 
     results: dict[str, list[dict] | str] = {}
     experts: dict[str, list[dict]] = {}
-    for model, port in zip(models, ports, strict=True):
+    for run, port in zip(runs, ports, strict=True):
+        tp, pp, model = run.split(":", 2)
         os.environ["MASTER_PORT"] = port
         ep = model.endswith(EP_SUFFIX)
         try:
-            llm = LLM(model.removesuffix(EP_SUFFIX), dtype="float32", tensor_parallel_size=tp,
-                      distributed_executor_backend="external_launcher", num_threads=1, seed=0, max_model_len=128,
-                      kv_cache_memory=SMALL_KV, enable_expert_parallel=ep)
+            llm = LLM(model.removesuffix(EP_SUFFIX), dtype="float32", tensor_parallel_size=int(tp),
+                      pipeline_parallel_size=int(pp), distributed_executor_backend="external_launcher",
+                      num_threads=1, seed=0, max_model_len=128, kv_cache_memory=SMALL_KV, enable_expert_parallel=ep)
         except ValueError as exc:  # a refusal is a result too; the test says whether it was expected
-            results[model] = f"ValueError: {exc}"
+            results[run] = f"ValueError: {exc}"
             continue
-        results[model] = generate(llm, MAX_TOKENS)
+        results[run] = generate(llm, MAX_TOKENS)
         if ep:
-            experts[model] = loaded_experts(llm)
+            experts[run] = loaded_experts(llm)
         llm.llm_engine.shutdown()
     with open(out_path, "w") as f:
         json.dump({**results, EXPERTS_KEY: experts}, f)

@@ -1,7 +1,8 @@
 """One tensor-parallel rank that serves several quantized checkpoints in turn, so that one pair of processes covers
 every method (not a test module): ``python -m tests.tp_quant_rank CASES_JSON OUT_JSON`` with ``RANK``,
-``WORLD_SIZE`` and ``MASTER_ADDR`` set as torchrun would; each case names its model, its ``quantization`` and a
-``MASTER_PORT`` of its own. A case that fails records its error and the next one runs."""
+``WORLD_SIZE`` and ``MASTER_ADDR`` set as torchrun would; each case names its model, its ``quantization``, a
+``MASTER_PORT`` of its own and, optionally, ``tp`` and ``pp`` (two tensor-parallel ranks unless it says two pipeline
+stages). A case that fails records its error and the next one runs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def main() -> None:
     for case in cases:
         os.environ["MASTER_PORT"] = str(case["port"])
         try:
-            llm = LLM(case["model"], quantization=case["quantization"], dtype="float32", tensor_parallel_size=2,
+            llm = LLM(case["model"], quantization=case["quantization"], dtype="float32",
+                      tensor_parallel_size=case.get("tp", 2), pipeline_parallel_size=case.get("pp", 1),
                       distributed_executor_backend="external_launcher", num_threads=1, seed=0, max_model_len=128,
                       kv_cache_memory=8 << 20)
             try:

@@ -216,7 +216,6 @@ class EngineArgs:
         if world == 1:
             return
         refused = [("speculative_config", self.speculative_config is not None),
-                   ("quantization", self.quantization is not None and pp > 1),  # shards with tensor parallelism
                    ("runner", self.runner == "pooling"),
                    ("enable_lora", self.enable_lora and pp > 1)]  # LoRA shards with tensor parallelism only
         for name, used in refused:

@@ -127,6 +127,11 @@ class TorchDistributedCommunicator(Communicator):
             raise ValueError("send needs a peer; world_size is 1")
         dist.send(tensor.contiguous(), group=self._group, group_dst=dst)
 
+    def isend(self, tensor: torch.Tensor, dst: int) -> dist.Work:
+        if not self._has_peers():
+            raise ValueError("isend needs a peer; world_size is 1")
+        return dist.isend(tensor.contiguous(), group=self._group, group_dst=dst)
+
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         if not self._has_peers():
             raise ValueError("recv needs a peer; world_size is 1")

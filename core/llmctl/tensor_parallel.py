@@ -191,6 +191,15 @@ class PipelineStage:
     rank: int = 0
     size: int = 1
     communicator: Communicator | None = None
+    # While a list (pipeline micro-batches in flight, engine/batch_queue.py): sends are started without waiting,
+    # their handles kept here, so this stage computes the next batch while the next stage takes this one.
+    pending_sends: list[Any] | None = None
+
+    @property
+    def can_send_async(self) -> bool:
+        """Whether the communicator has a non-blocking send (``Communicator.isend``)."""
+        comm = self.communicator
+        return comm is not None and type(comm).isend is not Communicator.isend
 
     @property
     def is_first(self) -> bool:
@@ -210,7 +219,10 @@ class PipelineStage:
     def send_next(self, *tensors: torch.Tensor) -> None:
         assert self.communicator is not None
         for t in tensors:
-            self.communicator.send(t, dst=self.rank + 1)
+            if self.pending_sends is None:
+                self.communicator.send(t, dst=self.rank + 1)
+            else:
+                self.pending_sends.append(self.communicator.isend(t, dst=self.rank + 1))
 
     def recv_prev(self, *buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:
         assert self.communicator is not None

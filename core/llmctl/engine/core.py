@@ -9,16 +9,18 @@ are ended with an error.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import torch
 
 from llmctl.config import EngineArgs
+from llmctl.engine.batch_queue import BatchQueue, micro_batch_depth, without_finished
 from llmctl.engine.comm_profile import install_if_enabled as install_comm_profile_if_enabled
 from llmctl.engine.fault_injection import FAULT_INJECTION_ENV, InjectedFault  # noqa: F401  (re-exported)
 from llmctl.engine.fault_injection import install_if_enabled as install_fault_injection_if_enabled
+from llmctl.engine.model_runner import BatchInputs, ModelOutput
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.engine.sampler import RowLogprobs, prompt_logprobs_in_slices
 from llmctl.engine.scheduler import SchedulerOutput
@@ -64,6 +66,12 @@ class EngineCore:
         self.num_steps = 0
         self.iteration_tokens = IterationTokenStats()
         install_comm_profile_if_enabled(self)  # a benchmark seam, likewise absent without its variable
+        # Pipeline stages overlap only with several batches in flight; one stage, or a communicator without a
+        # non-blocking send, steps one batch at a time below.
+        self.batch_queue: BatchQueue | None = None
+        depth = micro_batch_depth(self.pp.size) if self.pp.size > 1 else 1
+        if depth > 1 and self.pp.can_send_async and not self.runner_plan.pooling:
+            self.batch_queue = BatchQueue(self, depth)
 
     def shutdown(self) -> None:
         """Release the parallel group (the process group's sockets); the engine cannot step afterwards."""
@@ -81,7 +89,7 @@ class EngineCore:
             self.scheduler.abort(rid)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.batch_queue)
 
     def get_stats(self) -> dict[str, Any]:
         stats = self.kv.stats
@@ -97,6 +105,7 @@ class EngineCore:
             **self.scheduler.stats(),
             **(self.speculator.stats.as_dict() if self.speculator else {}),
             **self._encoder_cache_stats(),
+            **({"pipeline_max_in_flight": self.batch_queue.max_in_flight} if self.batch_queue is not None else {}),
         }
 
     def _encoder_cache_stats(self) -> dict[str, int]:
@@ -108,6 +117,8 @@ class EngineCore:
 
     # -- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[CoreOutput]:
+        if self.batch_queue is not None:
+            return self.batch_queue.step()
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -144,14 +155,23 @@ class EngineCore:
 
     def _run(self, sched: SchedulerOutput) -> list[CoreOutput]:
         batch = self.runner.prepare(sched)
+        mask_job = self._start_bitmask(batch)
+        return self._apply(sched, batch, self.runner.execute(batch), mask_job)
+
+    def _start_bitmask(self, batch: BatchInputs) -> Future | None:
+        """Structured output: the bitmask is filled on a worker thread while the forward pass runs (with drafts,
+        one row per draft position, each after the drafts before it)."""
         grammars = [r.grammar for r in batch.sampling_requests]
-        # structured output: the bitmask is filled on a worker thread while the forward pass runs (with drafts,
-        # one row per draft position, each after the drafts before it)
+        if not any(g is not None for g in grammars):
+            return None
         fill = partial(fill_draft_bitmask, grammars, batch.draft_token_ids) if batch.draft_token_ids else \
             partial(fill_grammar_bitmask, grammars)
-        mask_job = self._grammar_pool().submit(fill, self.model_config.vocab_size) \
-            if any(g is not None for g in grammars) else None
-        result = self.runner.execute(batch)
+        return self._grammar_pool().submit(fill, self.model_config.vocab_size)
+
+    def _apply(self, sched: SchedulerOutput, batch: BatchInputs, result: ModelOutput, mask_job: Future | None,
+               drop_finished: bool = False) -> list[CoreOutput]:
+        """Sample from the step's logits and hand the results to the scheduler. ``drop_finished``: a pipelined
+        batch's requests may have ended while it was in flight; their results are dropped."""
         mask = mask_job.result() if mask_job is not None else None
         new_tokens: list[list[int]] = []
         new_logprobs: list[list[RowLogprobs] | None] = []
@@ -167,9 +187,11 @@ class EngineCore:
             sampled = self.sampler(result.sample_logits, batch.sampling_requests, mask)
             new_tokens = [[t] for t in sampled.token_ids]
             new_logprobs = [None if lp is None else [lp] for lp in sampled.logprobs]
-        outputs = self.scheduler.update_from_output(sched, ModelStepOutput(
-            batch.sampling_requests, new_tokens, new_logprobs, self._prompt_logprobs(result.prompt_hidden),
-            result.pooled or {}))
+        step_output = ModelStepOutput(batch.sampling_requests, new_tokens, new_logprobs,
+                                      self._prompt_logprobs(result.prompt_hidden), result.pooled or {})
+        if drop_finished:
+            sched, step_output = without_finished(sched, step_output)
+        outputs = self.scheduler.update_from_output(sched, step_output)
         if self.runner.keep_hidden:  # EAGLE reads the positions just computed, with their hidden states
             self.speculator.observe(sched, batch, result.hidden)
         return outputs

@@ -377,6 +377,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: BatchInputs) -> ModelOutput:
+        return self.finish(batch, self.forward(batch))
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchInputs) -> torch.Tensor:
+        """The model's layers on this batch (this stage's, under pipeline parallelism): its hidden states."""
         hidden = None if batch.mm_slices or self.encoder_decoder else self._replay_decode(batch)
         if hidden is None:
             extra = {} if batch.token_type_ids is None else {"token_type_ids": batch.token_type_ids}
@@ -385,6 +390,11 @@ class ModelRunner:
             if batch.mm_slices:
                 extra["inputs_embeds"] = self._merged_embeddings(batch)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata, **extra)
+        return hidden
+
+    @torch.inference_mode()
+    def finish(self, batch: BatchInputs, hidden: torch.Tensor) -> ModelOutput:
+        """Pooling, the sampled rows' logits (every pipeline stage gets the last stage's) and what is kept."""
         if batch.pooling_chunks:
             pooled = self._pool(hidden, batch.pooling_chunks)
             if not batch.sampling_requests and not batch.prompt_logprob_chunks:

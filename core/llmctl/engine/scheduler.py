@@ -54,6 +54,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Requests in a batch whose results have not come back (pipeline micro-batches, engine/batch_queue.py):
+        # never scheduled again nor preempted until then. Always empty with one batch at a time.
+        self.in_flight: set[str] = set()
 
     # -- queue management -----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -92,6 +95,12 @@ class Scheduler:
             self.finish(request, RequestStatus.FINISHED_ABORTED)
         return request
 
+    def _newest_preemptible(self) -> Request:
+        """The newest running request not in flight (the one being scheduled, at worst, is not)."""
+        if not self.in_flight:
+            return self.running[-1]
+        return next(r for r in reversed(self.running) if r.request_id not in self.in_flight)
+
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
         self._free_blocks(victim)
@@ -116,8 +125,11 @@ class Scheduler:
         req.block_ids = []
 
     # -- one step ----------------------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerOutput:
+        """``max_seqs``: at most this many requests in the batch (pipeline micro-batches share the running
+        requests between them; ``max_num_seqs`` still bounds all of them together)."""
         out = SchedulerOutput()
+        cap = max_seqs or (1 << 62)
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
         loras: set[int] = set()
@@ -126,8 +138,11 @@ class Scheduler:
         prefills = 0
         max_prefills = self.config.max_num_partial_prefills or (1 << 62)
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             req = self.running[i]
+            if self.in_flight and req.request_id in self.in_flight:
+                i += 1
+                continue
             known = req.num_tokens - req.num_computed_tokens
             num_new = min(known + len(req.spec_token_ids), budget, self._chunk_cap(req))
             if num_new <= 0 or (known > 1 and prefills >= max_prefills) or not self._lora_fits(req, loras):
@@ -135,7 +150,7 @@ class Scheduler:
                 continue
             spec = req.spec_token_ids[:max(0, num_new - known)]
             while not self._allocate(req, num_new):
-                victim = self.running[-1]  # newest running request goes back to the queue
+                victim = self._newest_preemptible()  # newest running request goes back to the queue
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -150,7 +165,8 @@ class Scheduler:
 
         if not out.preempted:
             skipped: list[Request] = []
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and \
+                    len(out.scheduled) < cap:
                 req = self.waiting[0]
                 if req.leader is not None and not req.leader.finished and not req.leader.prompt_computed:
                     # A sibling of an n>1 group waits for the first sibling's prompt, then reuses its blocks.

@@ -9,12 +9,14 @@ or a share of free memory), allocates it and captures the decode graphs. Its res
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from llmctl.config import CacheConfig, EngineArgs, ModelConfig, SchedulerConfig
+from llmctl.engine.batch_queue import MICRO_BATCHES_ENV
 from llmctl.engine.encoder_decoder import check_engine as check_encoder_decoder
 from llmctl.engine.kv_sizing import size_kv_cache
 from llmctl.engine.malloc_tuning import keep_heap_headroom
@@ -330,11 +332,10 @@ def _check_pipeline_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, q
     if not getattr(model_cls, "supports_pipeline_parallel", False):
         archs = "/".join(getattr(hf_config, "architectures", None) or [str(hf_config.model_type)])
         raise ValueError(f"pipeline_parallel_size: {archs} runs on {getattr(model_cls, '__name__', model_cls)}, "
-                         f"which has no pipeline-parallel implementation yet (the Llama family has); use "
-                         f"pipeline_parallel_size=1")
-    if quant is not None:
-        raise ValueError(f"pipeline_parallel_size: quantized checkpoints ({quant.name}) are not split yet; use "
-                         f"pipeline_parallel_size=1")
+                         f"which has no pipeline-parallel implementation yet (the Llama family and the native "
+                         f"decoder families have); use pipeline_parallel_size=1")
+    # A quantized checkpoint needs nothing more: a stage attaches quantizers to its own layers only and leaves the
+    # other stages' tensors unread (tensor parallelism within a stage is checked by check_tensor_parallel).
     check_pipeline_splittable(hf_config, size)
 
 
@@ -347,7 +348,7 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
                 args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
                 args.enable_prefix_caching, args.tensor_parallel_size,
                 args.pipeline_parallel_size, args.enable_expert_parallel,
-                args.enable_expert_parallel and expert_parallel_mode())
+                args.enable_expert_parallel and expert_parallel_mode(), os.environ.get(MICRO_BATCHES_ENV, ""))
     return json.dumps([cfg, settings], sort_keys=True, default=str)
 
 

@@ -122,8 +122,9 @@ def load_model(source: ModelSource, ctx: ModelContext, registry: Registry, platf
     quant = ctx.quant
     keep = None
     tensors = None
-    # A tensor-parallel rank reads only its slices, so the tensors stay unread until the layer that takes them.
-    lazy = ctx.tp.size > 1
+    # A tensor-parallel rank reads only its slices and a pipeline stage only its layers' tensors, so the tensors
+    # stay unread until the layer that takes them.
+    lazy = ctx.tp.size > 1 or ctx.pp.size > 1
     if quant is not None:
         from llmctl.quantization.layers import attach_quantization, checked_tensors
 

@@ -37,6 +37,7 @@ from llmctl.layers.parallel import (
 )
 from llmctl.layers.rotary import RotaryEmbedding, rope_parameters
 from llmctl.models.base import KVCacheSpec, ModelContext
+from llmctl.models.pipeline import OtherStageLayer, on_stage, stage_logits
 from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP, FEATURE_SLIDING_WINDOW
 from llmctl.tensor_parallel import SINGLE, TensorParallelGroup, kv_head_slice, split_evenly
 
@@ -344,10 +345,16 @@ class DecoderLayer(EngineModule):
 
 
 class DecoderModel(EngineModule):
+    """Under pipeline parallelism a stage builds only its layers (``ctx.pp.layer_range``): the first embeds, the
+    others receive the previous stage's hidden states (the residual stream is the hidden state itself here), and
+    all but the last send theirs on."""
+
     def __init__(self, spec: DecoderSpec, hf_config: Any, ctx: ModelContext) -> None:
         super().__init__()
         kw = dict(dtype=ctx.dtype, device=ctx.device)
         self.spec = spec
+        self.pp = ctx.pp
+        self.start_layer, self.end_layer = ctx.pp.layer_range(spec.num_layers)
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, tp=ctx.tp, **kw)
         self.embed_positions = (VocabEmbedding(spec.learned_positions, spec.hidden_size, **kw)
                                 if spec.learned_positions else None)
@@ -356,6 +363,9 @@ class DecoderModel(EngineModule):
         ropes: dict[tuple[int, str | None], RotaryEmbedding] = {}  # one table per distinct configuration
         layers = []
         for i in range(spec.num_layers):
+            if not self.start_layer <= i < self.end_layer:
+                layers.append(OtherStageLayer())
+                continue
             rotary = None
             dim = spec.rotary_dims[i] if spec.rotary_dims else 0
             if dim:
@@ -367,9 +377,27 @@ class DecoderModel(EngineModule):
             layers.append(DecoderLayer(spec, ctx, i, rotary))
         self.layers = nn.ModuleList(layers)
         self.norm = make_norm(spec, ctx)
+        self.dtype = ctx.dtype
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 metadata: AttentionMetadata) -> torch.Tensor:
+        """``kv_caches`` holds this stage's layers only. A stage other than the last returns its hidden states
+        unnormalised; they are never sampled from (the last stage's logits are broadcast instead)."""
+        pp = self.pp
+        if pp.is_first:
+            hidden = self.embed(input_ids, positions)
+        else:
+            hidden, = pp.recv_prev(torch.empty((input_ids.shape[0], self.spec.hidden_size), dtype=self.dtype,
+                                               device=input_ids.device))
+        layers = self.layers[self.start_layer:self.end_layer] if pp.size > 1 else self.layers
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, metadata)
+        if not pp.is_last:
+            pp.send_next(hidden)
+            return hidden
+        return self.norm(hidden)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         if self.spec.embed_scale != 1.0:
             hidden = hidden * torch.tensor(self.spec.embed_scale, dtype=hidden.dtype)
@@ -377,9 +405,7 @@ class DecoderModel(EngineModule):
             hidden = hidden + self.embed_positions(positions + self.spec.position_offset)
         if self.embed_norm is not None:
             hidden = self.embed_norm(hidden)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, metadata)
-        return self.norm(hidden)
+        return hidden
 
 
 def replace_norm(spec: DecoderSpec, norm: str) -> DecoderSpec:
@@ -403,6 +429,7 @@ class DecoderForCausalLM(EngineModule):
 
     family = ""
     supports_tensor_parallel = True  # its layers take ctx.tp (llmctl.layers.parallel); check_tensor_parallel refuses
+    supports_pipeline_parallel = True  # DecoderModel builds only ctx.pp's layers
 
     @classmethod
     def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None, expert_parallel: bool = False
@@ -470,6 +497,9 @@ class DecoderForCausalLM(EngineModule):
         return self.model(input_ids, positions, kv_caches, metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return stage_logits(self.ctx.pp, hidden, self.spec.vocab_size, self._logits)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden)
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias
@@ -481,11 +511,12 @@ class DecoderForCausalLM(EngineModule):
         return logits
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        """Under tensor parallelism each rank caches only its KV heads."""
-        windows = list(self.spec.windows) or [None]
+        """Under tensor parallelism each rank caches only its KV heads, and a pipeline stage only its layers."""
+        start, end = self.model.start_layer, self.model.end_layer
+        windows = list(self.spec.windows[start:end]) or [None]
         uniform = windows[0] if len(set(windows)) == 1 else None
-        kv_heads = getattr(self.model.layers[0].self_attn, "num_kv_heads", self.spec.num_kv_heads)
-        return KVCacheSpec(num_layers=self.spec.num_layers, num_kv_heads=kv_heads,
+        kv_heads = getattr(self.model.layers[start].self_attn, "num_kv_heads", self.spec.num_kv_heads)
+        return KVCacheSpec(num_layers=end - start, num_kv_heads=kv_heads,
                            head_size=self.spec.head_dim, sliding_window=uniform)
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -497,6 +528,8 @@ class DecoderForCausalLM(EngineModule):
                 continue
             for pattern, repl in renames:
                 name = pattern.sub(repl, name)
+            if not on_stage(name, self.model.start_layer, self.model.end_layer):
+                continue  # another pipeline stage's layer: left unread
             if name == "lm_head.bias":
                 name = "lm_head_bias"
             if spec.transforms and not isinstance(tensor, torch.Tensor):

@@ -23,6 +23,7 @@ from llmctl.layers.parallel import (
     VocabParallelEmbedding,
 )
 from llmctl.models.base import KVCacheSpec, ModelContext
+from llmctl.models.pipeline import OtherStageLayer, on_stage, stage_logits
 
 _SKIPPED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
@@ -107,14 +108,6 @@ class LlamaDecoderLayer(EngineModule):
         return self.mlp(hidden), residual
 
 
-class _OtherStage(EngineModule):
-    """A decoder layer that another pipeline stage holds: no parameters, never called. It keeps the layer
-    indices (and so the checkpoint's names) of the stage's own layers unchanged."""
-
-    def forward(self, *args: Any) -> Any:
-        raise RuntimeError("this decoder layer belongs to another pipeline stage")
-
-
 class LlamaModel(EngineModule):
     """Under pipeline parallelism a stage builds only its layers (``ctx.pp.layer_range``): the first embeds, the
     others receive the previous stage's hidden states and residual, and all but the last send theirs on."""
@@ -130,7 +123,7 @@ class LlamaModel(EngineModule):
         rotary_emb = get_rope(cfg, _head_dim(cfg), ctx.ops, ctx.device)
         self.start_layer, self.end_layer = ctx.pp.layer_range(cfg.num_hidden_layers)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, windows[i], rotary_emb)
-                                    if self.start_layer <= i < self.end_layer else _OtherStage()
+                                    if self.start_layer <= i < self.end_layer else OtherStageLayer()
                                     for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops, **kw)
         # Set only under an EAGLE-3 proposer: the layers whose inputs the forward also keeps, concatenated in
@@ -193,16 +186,7 @@ class LlamaForCausalLM(EngineModule):
         return self.model(input_ids, positions, kv_caches, metadata, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Under pipeline parallelism only the last stage has the final hidden states; it broadcasts the logits
-        so that every stage samples the same token (every rank calls this in the same order)."""
-        pp = self.ctx.pp
-        if pp.size == 1:
-            return self.lm_head(hidden)
-        if pp.is_last:
-            logits = self.lm_head(hidden).contiguous()
-        else:
-            logits = torch.empty((hidden.shape[0], self.config.vocab_size), dtype=hidden.dtype, device=hidden.device)
-        return pp.broadcast_from_last(logits)
+        return stage_logits(self.ctx.pp, hidden, self.config.vocab_size, self.lm_head)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         """One window for the whole model only when every layer slides by it; a mix needs the full context kept.
@@ -228,14 +212,10 @@ class LlamaForCausalLM(EngineModule):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:5])}")
 
-
     def _on_this_stage(self, name: str) -> bool:
         """Tensors of other pipeline stages' layers are skipped unread (the embedding, final norm and LM head are
         kept on every stage)."""
-        if self.ctx.pp.size == 1 or not name.startswith("model.layers."):
-            return True
-        index = int(name.split(".", 3)[2])
-        return self.model.start_layer <= index < self.model.end_layer
+        return self.ctx.pp.size == 1 or on_stage(name, self.model.start_layer, self.model.end_layer)
 
 
 ARCHITECTURES: tuple[str, ...] = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")

@@ -359,6 +359,13 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor: ...
 
+    def isend(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start sending ``tensor`` and return at once a handle whose ``wait()`` returns when the send is done;
+        ``tensor`` must stay unchanged until then. Optional: pipeline parallelism keeps several micro-batches in
+        flight only with it (a stage sends one batch on and computes the next while the later stages work);
+        without it, one batch at a time."""
+        raise NotImplementedError(f"communicator {self.name!r} has no non-blocking send")
+
     @abc.abstractmethod
     def barrier(self) -> None: ...
 

@@ -58,6 +58,8 @@ def run_checks(platform_name: str, rank: int, world_size: int, init_method: str,
         elif rank == 1:
             got = comm.recv(torch.zeros(4, 2, device=device), src=0)
             assert_close("communicator.send_recv", got, payload, dtype, "rank 1 receiving from rank 0")
+        if type(comm).isend is not Communicator.isend:  # optional: pipeline micro-batches in flight need it
+            check_isend(comm, rank, device, dtype)
 
     if world_size > 1 and type(comm).new_group is not Communicator.new_group:  # optional: tp with pp needs it
         check_sub_groups(comm, rank, world_size, device, dtype)
@@ -71,6 +73,25 @@ def run_checks(platform_name: str, rank: int, world_size: int, init_method: str,
         comm.destroy()  # the contract says twice is safe
     except Exception as exc:
         raise ContractViolation("communicator.destroy", f"barrier/destroy raised {type(exc).__name__}: {exc}") from exc
+
+
+def check_isend(comm: Communicator, rank: int, device: torch.device, dtype: torch.dtype) -> None:
+    """``isend`` returns before the peer receives: rank 0 starts two sends and only then takes part in a
+    broadcast, which rank 1 enters before receiving them (a blocking send would wait forever); the messages
+    arrive in the order they were sent."""
+    gen = torch.Generator().manual_seed(40)
+    first, second = torch.randn(3, 2, generator=gen), torch.randn(5, generator=gen)
+    if rank == 0:
+        works = [comm.isend(first.to(device), dst=1), comm.isend(second.to(device), dst=1)]
+        comm.broadcast(torch.ones(2).to(device), src=0)
+        for work in works:
+            work.wait()
+    else:
+        comm.broadcast(torch.zeros(2).to(device), src=0)
+        if rank == 1:
+            got = (comm.recv(torch.zeros(3, 2, device=device), src=0), comm.recv(torch.zeros(5, device=device), src=0))
+            assert_close("communicator.isend", got[0], first, dtype, "the first message, rank 1")
+            assert_close("communicator.isend", got[1], second, dtype, "the second message, rank 1")
 
 
 def check_sub_groups(comm: Communicator, rank: int, world_size: int, device: torch.device,
