@@ -26,6 +26,30 @@ static int64_t argmax_row_scalar(const void *row, int dtype, int n) {
     return best;
 }
 
+#if HAVE_AVX512 || HAVE_AVX2_FMA
+/* Combine the vector lanes' winners (value and first index each; ties to the smaller index), then scan the tail
+ * from j on: the argmax of the whole row, or the scalar pass's answer when the tail holds a NaN. */
+static int64_t argmax_finish(const void *row, int dtype, int n, int j, const float *vals, const int32_t *ids,
+                             int lanes) {
+    float bv = vals[0];
+    int64_t bi = ids[0];
+    for (int l = 1; l < lanes; l++)
+        if (vals[l] > bv || (vals[l] == bv && ids[l] < bi)) {
+            bv = vals[l];
+            bi = ids[l];
+        }
+    for (; j < n; j++) {
+        const float v = value_at(row, dtype, j);
+        if (v != v) return argmax_row_scalar(row, dtype, n);
+        if (v > bv) {
+            bv = v;
+            bi = j;
+        }
+    }
+    return bi;
+}
+#endif
+
 #if HAVE_AVX2_FMA && !HAVE_AVX512
 static inline __m256 load8_any(const void *row, int j, int dtype) {
     return dtype == DT_F32 ? _mm256_loadu_ps((const float *)row + j)
@@ -63,25 +87,7 @@ void llmctl_argmax_rows(int dtype, const void *x, int64_t xs, int rows, int n, i
             int32_t ids[16];
             _mm512_storeu_ps(vals, best);
             _mm512_storeu_si512(ids, best_i);
-            float bv = vals[0];
-            int64_t bi = ids[0];
-            for (int l = 1; l < 16; l++)
-                if (vals[l] > bv || (vals[l] == bv && ids[l] < bi)) {
-                    bv = vals[l];
-                    bi = ids[l];
-                }
-            for (; j < n; j++) {
-                const float v = value_at(row, dtype, j);
-                if (v != v) {
-                    bi = argmax_row_scalar(row, dtype, n);
-                    break;
-                }
-                if (v > bv) {
-                    bv = v;
-                    bi = j;
-                }
-            }
-            out[r] = bi;
+            out[r] = argmax_finish(row, dtype, n, j, vals, ids, 16);
             continue;
         }
 #elif HAVE_AVX2_FMA
@@ -109,25 +115,7 @@ void llmctl_argmax_rows(int dtype, const void *x, int64_t xs, int rows, int n, i
             int32_t ids[8];
             _mm256_storeu_ps(vals, best);
             _mm256_storeu_si256((__m256i *)ids, best_i);
-            float bv = vals[0];
-            int64_t bi = ids[0];
-            for (int l = 1; l < 8; l++)
-                if (vals[l] > bv || (vals[l] == bv && ids[l] < bi)) {
-                    bv = vals[l];
-                    bi = ids[l];
-                }
-            for (; j < n; j++) {
-                const float v = value_at(row, dtype, j);
-                if (v != v) {
-                    bi = argmax_row_scalar(row, dtype, n);
-                    break;
-                }
-                if (v > bv) {
-                    bv = v;
-                    bi = j;
-                }
-            }
-            out[r] = bi;
+            out[r] = argmax_finish(row, dtype, n, j, vals, ids, 8);
             continue;
         }
 #endif
