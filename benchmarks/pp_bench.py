@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmctl.bench.common import cpu_model, rounded
+from llmctl.bench.common import cpu_model, report_ratios_and_record, rounded
 from llmctl.bench.throughput import random_requests, run_requests, run_throughput
 from llmctl.engine.batch_queue import MICRO_BATCHES_ENV
 
@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r['pipeline_parallel_size']:>3} {str(r['micro_batches']):>6} {r['output_tokens_per_s']:8.2f} "
               f"{r['elapsed_s']:7.2f} {r['batches']:>8} {r['max_batches_in_flight']:>9}")
-    for k, v in record["ratios"].items():
-        print(f"{k}: {v:.3f}")
-    print(f"load average before {load_before}, after {load_after}")
-    print(json.dumps(record))
-    if args.out:
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    report_ratios_and_record(record, args.out)
     return 0
 
 

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmctl.bench.common import cpu_model, rounded
+from llmctl.bench.common import cpu_model, report_ratios_and_record, rounded
 from llmctl.bench.latency import run_latency
 from llmctl.bench.throughput import random_requests, run_requests, run_throughput
 from llmctl.engine.comm_profile import COMM_PROFILE_ENV, read_profiles, stats_delta
@@ -273,12 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     record = rounded(record)
     print_table(results)
-    for k, v in record["ratios"].items():
-        print(f"{k}: {v:.3f}")
-    print(f"load average before {load_before}, after {load_after}")
-    print(json.dumps(record))
-    if args.out:
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    report_ratios_and_record(record, args.out)
     return 0
 
 

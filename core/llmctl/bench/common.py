@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 DEFAULT_PERCENTILES = (50.0, 90.0, 99.0)
@@ -77,3 +79,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def report_ratios_and_record(record: dict[str, Any], out: Path | None) -> None:
+    """The tail the parallelism benchmarks share: each ratio, the load averages around the run, the record as one
+    JSON line, and the record written to ``out`` when given."""
+    for k, v in record["ratios"].items():
+        print(f"{k}: {v:.3f}")
+    host = record["host"]
+    print(f"load average before {host['loadavg_before']}, after {host['loadavg_after']}")
+    print(json.dumps(record))
+    if out:
+        out.write_text(json.dumps(record, indent=1) + "\n")
