@@ -140,11 +140,9 @@ def test_family_without_split_is_refused_at_start_up(kind, model_cache_dir, test
         LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
 
 
-@pytest.mark.parametrize("layout", ["per_expert", "stacked", "dbrx"])
-def test_rank_reads_its_columns_of_every_expert(layout):
-    """Rank 1 of 2 keeps the second half of every expert's intermediate columns, whichever way the checkpoint
-    stores the experts (per-expert tensors, Granite-MoE's stacks, DBRX's flattened stacks). Loading only: no
-    collective runs, so no peer is needed."""
+def _rank1_moe(e: int, inter: int, hidden: int, expert_parallel: bool):
+    """Rank 1 of 2's SparseMoE and random gate/up/down weights for ``e`` experts. Loading only: no collective runs,
+    so no peer is needed."""
     from llmctl.models.base import ModelContext
     from llmctl.models.decoder import MoESpec
     from llmctl.models.moe import SparseMoE
@@ -152,17 +150,24 @@ def test_rank_reads_its_columns_of_every_expert(layout):
     from llmctl.plugins.reference_attention import TorchReferenceAttention
     from llmctl.tensor_parallel import TensorParallelGroup
 
-    e, inter, hidden = 3, 8, 5
     gen = torch.Generator().manual_seed(0)
     gate, up = torch.randn(e, inter, hidden, generator=gen), torch.randn(e, inter, hidden, generator=gen)
     down = torch.randn(e, hidden, inter, generator=gen)
     ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
-                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2))
+                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2),
+                       expert_parallel=expert_parallel)
     moe = SparseMoE(hidden, MoESpec(num_experts=e, top_k=2, intermediate_size=inter), "silu", ctx)
+    return moe, gate, up, down
+
+
+def _load_experts(moe, layout: str, gate, up, down, per_expert=lambda i, name, w: w) -> None:
+    """Feed the weights in one of the checkpoint layouts; ``per_expert`` may replace a per-expert tensor."""
+    e, inter, hidden = gate.shape
     if layout == "per_expert":
         for i in range(e):
             for proj, w in (("gate_proj", gate[i]), ("up_proj", up[i]), ("down_proj", down[i])):
-                moe.load_expert_tensor(f"{i}.{proj}.weight", w, f"experts.{i}.{proj}.weight")
+                name = f"experts.{i}.{proj}.weight"
+                moe.load_expert_tensor(f"{i}.{proj}.weight", per_expert(i, name, w), name)
     elif layout == "stacked":
         moe.load_expert_tensor("stacked_w13.weight", torch.cat([gate, up], dim=1), "stacked_w13")
         moe.load_expert_tensor("stacked_w2.weight", down, "stacked_w2")
@@ -170,6 +175,15 @@ def test_rank_reads_its_columns_of_every_expert(layout):
         moe.load_expert_tensor("dbrx_w1", gate.reshape(e * inter, hidden), "w1")
         moe.load_expert_tensor("dbrx_v1", up.reshape(e * inter, hidden), "v1")
         moe.load_expert_tensor("dbrx_w2", down.transpose(1, 2).reshape(e * inter, hidden), "w2")
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked", "dbrx"])
+def test_rank_reads_its_columns_of_every_expert(layout):
+    """Rank 1 of 2 keeps the second half of every expert's intermediate columns, whichever way the checkpoint
+    stores the experts (per-expert tensors, Granite-MoE's stacks, DBRX's flattened stacks)."""
+    inter = 8
+    moe, gate, up, down = _rank1_moe(3, inter, 5, expert_parallel=False)
+    _load_experts(moe, layout, gate, up, down)
     half = slice(inter // 2, inter)
     assert torch.equal(moe.w13.data, torch.cat([gate[:, half], up[:, half]], dim=1))
     assert torch.equal(moe.w2.data, down[:, :, half])
@@ -192,33 +206,9 @@ class _Unreadable:
 def test_expert_parallel_rank_reads_only_its_experts(layout):
     """With enable_expert_parallel, rank 1 of 2 keeps experts 2 and 3 of 4, whole, and never reads experts 0 and
     1's per-expert tensors; the stacked layouts are cut along the experts."""
-    from llmctl.models.base import ModelContext
-    from llmctl.models.decoder import MoESpec
-    from llmctl.models.moe import SparseMoE
-    from llmctl.ops import Ops
-    from llmctl.plugins.reference_attention import TorchReferenceAttention
-    from llmctl.tensor_parallel import TensorParallelGroup
-
-    e, inter, hidden = 4, 6, 5
-    gen = torch.Generator().manual_seed(0)
-    gate, up = torch.randn(e, inter, hidden, generator=gen), torch.randn(e, inter, hidden, generator=gen)
-    down = torch.randn(e, hidden, inter, generator=gen)
-    ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
-                       device=torch.device("cpu"), tp=TensorParallelGroup(rank=1, size=2), expert_parallel=True)
-    moe = SparseMoE(hidden, MoESpec(num_experts=e, top_k=2, intermediate_size=inter), "silu", ctx)
+    moe, gate, up, down = _rank1_moe(4, 6, 5, expert_parallel=True)
     assert moe.missing_expert_tensors("mlp.w2") == ["mlp.experts.2.down_proj", "mlp.experts.3.down_proj"]
-    if layout == "per_expert":
-        for i in range(e):
-            for proj, w in (("gate_proj", gate[i]), ("up_proj", up[i]), ("down_proj", down[i])):
-                name = f"experts.{i}.{proj}.weight"
-                moe.load_expert_tensor(f"{i}.{proj}.weight", w if i >= 2 else _Unreadable(name), name)
-    elif layout == "stacked":
-        moe.load_expert_tensor("stacked_w13.weight", torch.cat([gate, up], dim=1), "stacked_w13")
-        moe.load_expert_tensor("stacked_w2.weight", down, "stacked_w2")
-    else:
-        moe.load_expert_tensor("dbrx_w1", gate.reshape(e * inter, hidden), "w1")
-        moe.load_expert_tensor("dbrx_v1", up.reshape(e * inter, hidden), "v1")
-        moe.load_expert_tensor("dbrx_w2", down.transpose(1, 2).reshape(e * inter, hidden), "w2")
+    _load_experts(moe, layout, gate, up, down, per_expert=lambda i, name, w: w if i >= 2 else _Unreadable(name))
     assert torch.equal(moe.w13.data, torch.cat([gate[2:], up[2:]], dim=1))
     assert torch.equal(moe.w2.data, down[2:])
     assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
