@@ -65,7 +65,9 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, smollm2_hf_fp32):
     tok = llm.get_tokenizer()
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    tokenize=False, add_generation_prompt=True)
-    prompts = [chat, *PROMPTS[1:8]]
+    # Four prompts, not all eight: transformers' fp32 generate is the slow half of this test, and the tiny models
+    # above already run every prompt; these keep a chat template, a long prompt, code and multi-byte text.
+    prompts = [chat, PROMPTS[3], PROMPTS[5], PROMPTS[6]]
     assert_matches_hf(str(smollm2_gguf.parent), llm, {"gguf_file": smollm2_gguf.name}, prompts,
                       model=smollm2_hf_fp32)
     answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
