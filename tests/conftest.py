@@ -74,12 +74,55 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def _smollm2_hf_dir(gguf: Path) -> Path:
+    """transformers' own float32 model and tokenizer of the SmolLM2 GGUF (its GGUF reader and dequantizer), saved
+    once to a directory of the temp dir: transformers parses the GGUF's metadata in Python, which costs far more
+    than the dequantization, and the suite's worker processes would each pay it. The directory is keyed by the
+    file and the transformers version and written under a file lock, so workers share one conversion; what is
+    saved is exactly what transformers loaded (float32 safetensors, the tokenizer's own files)."""
+    import fcntl
+    import hashlib
+    import tempfile
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}".encode())
+    out = Path(tempfile.gettempdir()) / f"llmctl-smollm2-hf-fp32-{key.hexdigest()[:16]}"
+    with open(f"{out}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            # (transformers refuses save_pretrained on a model it read from a GGUF, so the state dict and the
+            # config are saved as they are)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            out.mkdir(exist_ok=True)
+            torch.save(model.state_dict(), out / "state_dict.pt")
+            model.config.save_pretrained(out)
+            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+            (out / "done").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_hf_fp32(smollm2_gguf):
-    """transformers' own float32 model of the SmolLM2 GGUF (its GGUF dequantizer): the oracle of several test
-    modules, loaded once because the dequantization is the slow part."""
+    """transformers' own float32 model of the SmolLM2 GGUF: the oracle of several test modules."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
+    saved = _smollm2_hf_dir(smollm2_gguf)
+    with init_empty_weights():  # parameters on meta (no random init of what is overwritten next), buffers real
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(saved), dtype=torch.float32)
+    model.load_state_dict(torch.load(saved / "state_dict.pt", weights_only=True), strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    """transformers' own tokenizer of the SmolLM2 GGUF (saved beside the model above)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(_smollm2_hf_dir(smollm2_gguf)))

@@ -60,7 +60,7 @@ def test_tiny_models_match_transformers(kind, tiny_model_dirs):
     assert_matches_hf(model_dir, llm, {}, PROMPTS)
 
 
-def test_smollm2_gguf_matches_transformers(smollm2_gguf, smollm2_hf_fp32):
+def test_smollm2_gguf_matches_transformers(smollm2_gguf, smollm2_hf_fp32, smollm2_hf_tokenizer):
     llm = LLM(str(smollm2_gguf), dtype="float32")
     tok = llm.get_tokenizer()
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -69,7 +69,7 @@ def test_smollm2_gguf_matches_transformers(smollm2_gguf, smollm2_hf_fp32):
     # above already run every prompt; these keep a chat template, a long prompt, code and multi-byte text.
     prompts = [chat, PROMPTS[3], PROMPTS[5], PROMPTS[6]]
     assert_matches_hf(str(smollm2_gguf.parent), llm, {"gguf_file": smollm2_gguf.name}, prompts,
-                      model=smollm2_hf_fp32)
+                      model=smollm2_hf_fp32, tok=smollm2_hf_tokenizer)
     answer = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                       SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text
     assert "Paris" in answer
