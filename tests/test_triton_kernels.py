@@ -315,3 +315,64 @@ def test_fused_moe_is_registered_for_the_gpu_platforms():
         for op in op_overrides(platform):
             reg.add_op(op, plugin=platform)
         assert reg.resolve_ops(platform).fused_moe is fused_moe
+
+
+# -- quantized linear layers -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_only_gemm_testkit_clause(dtype):
+    """The testkit's quantization clause (int4 with groups and mins, int8 per channel; 1 and 7 rows, a bias) on
+    the Triton dequantizing GEMM; the W8A8 and fp8 layers it declines, saying why."""
+    from llmctl.plugins.types import QuantLinearSpec
+    from llmctl_testkit.checks import check_quant_method
+    from llmctl_triton.quant import TritonWeightOnlyKernel
+
+    for fmt in ("int4", "int8"):
+        assert check_quant_method(TritonWeightOnlyKernel(fmt, "cuda"), torch.device("cpu"), dtype) >= 1, fmt
+    w8a8 = TritonWeightOnlyKernel("int8", "cuda").supports(QuantLinearSpec("int8", 64, 32, 8, 64, act="int8"), dtype)
+    assert not w8a8 and "weight-only" in w8a8.reason
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_weight_only_gemm_act_order_groups_odd_shapes(fmt):
+    """GPTQ act-order (``perm``), int8 groups with mins, N and M that are not multiples of the tiles, against
+    core's reference at 1, 7, 64 and 300 rows."""
+    from llmctl.plugins.types import QuantLinearSpec
+    from llmctl.quantization.reference import reference_linear
+    from llmctl_triton.quant import TritonWeightOnlyKernel
+
+    gen = _gen(1200)
+    n, k, group = 50, 96, 32
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.005
+    if fmt == "int4":
+        q = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.int64).to(torch.uint8)
+    else:
+        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int64).to(torch.int8)
+    weights = {"qweight": q, "scales": scales, "mins": -3 * scales, "perm": torch.randperm(k, generator=gen)}
+    spec = QuantLinearSpec(fmt, k, n, 4 if fmt == "int4" else 8, group)
+    method = TritonWeightOnlyKernel(fmt, "cuda")
+    assert method.supports(spec, torch.float32)
+    for rows in (1, 7, 64, 300):
+        x = torch.randn(rows, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        got = method.apply(x, weights, bias, spec)
+        want = reference_linear(x, weights, bias, spec)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{fmt} {rows} rows (seed {SEED})")
+
+
+def test_quant_kernels_are_registered_for_the_gpu_platforms():
+    """Each GPU plugin's quantization hook registers the Triton GEMMs and the FP8 kernel for its own platform;
+    without FP8 matrix units (or without a GPU, as here) the FP8 kernel declines and says why."""
+    import llmctl_cuda
+    import llmctl_rocm
+    from llmctl.plugins.registry import Registry
+    from llmctl.plugins.types import QuantLinearSpec
+
+    for platform, module in (("cuda", llmctl_cuda), ("rocm", llmctl_rocm)):
+        reg = Registry()
+        module.llmctl_register_quantization(lambda m, reg=reg, platform=platform: reg.add_quant_method(m, platform))
+        kernels = {key: entry.item.kernel for key, entry in reg.quant_methods.items()}
+        assert set(kernels) == {f"int4@{platform}", f"int8@{platform}", f"fp8@{platform}"}, kernels
+        fp8 = reg.quant_methods[f"fp8@{platform}"].item
+        answer = fp8.supports(QuantLinearSpec("fp8", 64, 32, 8, 64, act="fp8"), torch.bfloat16)
+        if not torch.cuda.is_available():
+            assert not answer and answer.reason == "no GPU visible to torch"

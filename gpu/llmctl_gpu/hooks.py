@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmctl.plugins import hookimpl
-from llmctl.plugins.types import AttentionBackend, Communicator, DoctorCheck, OpOverride, Platform
+from llmctl.plugins.types import AttentionBackend, Communicator, DoctorCheck, OpOverride, Platform, QuantMethod
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ class GpuPluginHooks:
 
         for op in op_overrides(self.platform_name):
             register(op)
+
+    @hookimpl
+    def llmctl_register_quantization(self, register: Callable[[QuantMethod], None]) -> None:
+        from llmctl_triton.quant import quant_methods
+
+        for method in quant_methods(self.platform_name):
+            register(method)
 
     @hookimpl
     def llmctl_register_communicators(self, register: Callable[[Communicator], None]) -> None:

@@ -40,6 +40,7 @@ _hooks = GpuPluginHooks(PLATFORM, platform=_platform, attention_backends=_attent
 llmctl_register_platforms = _hooks.llmctl_register_platforms
 llmctl_register_attention_backends = _hooks.llmctl_register_attention_backends
 llmctl_register_ops = _hooks.llmctl_register_ops
+llmctl_register_quantization = _hooks.llmctl_register_quantization
 llmctl_register_communicators = _hooks.llmctl_register_communicators
 llmctl_doctor_checks = _hooks.llmctl_doctor_checks
 
