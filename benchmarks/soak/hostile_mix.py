@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.reliability._probe import attribute, host_probe  # noqa: E402
 from tests.reliability.conftest import (  # noqa: E402
     metric_sum,
     rss_anon_kib,
@@ -87,47 +89,63 @@ async def _abandoned(host: str, port: int, hold_s: float) -> None:
     s.close()
 
 
-def _canary_stream(c: httpx.Client, gaps: list[float]) -> None:
+def _canary_stream(c: httpx.Client, stamps: list[tuple[float, str]]) -> None:
+    """Stamps every line of one stream with the time it arrived and the stream's request id (the engine's too)."""
     body = {"model": "tiny", "prompt": "canary", "max_tokens": 64, "ignore_eos": True, "stream": True}
     with c.stream("POST", "/v1/completions", json=body) as r:
-        last = None
+        rid = ""
         for line in r.iter_lines():
             if not line:
                 continue
             now = time.monotonic()
-            if last is not None:
-                gaps.append(now - last)
-            last = now
+            if not rid and line.startswith("data: {"):
+                rid = json.loads(line[6:]).get("id", "")
+            stamps.append((now, rid))
 
 
-def _canary_main(url: str, seconds: float, out: str) -> int:
-    """The canary in its own process: one stream at a time until ``seconds`` have passed, then its gaps as JSON.
+def _canary_main(url: str, seconds: float, out: str, host_log: str | None = None) -> int:
+    """The canary in its own process: one stream at a time until ``seconds`` have passed, then its stamps as JSON.
 
     Why a process of its own: measured from the load generator's event loop, a gap also counted the time that loop
     spent parsing the two dozen other streams before it got to the canary's chunk, so the figure mixed the client's
-    stalls into the server's.
+    stalls into the server's. With ``host_log``, a thread here also logs its own oversleeps (the host, not the
+    server's GIL: this process is otherwise idle).
     """
-    gaps: list[float] = []
+    stamps: list[tuple[float, str]] = []
+    stop = threading.Event()
+    probe = threading.Thread(target=host_probe, args=(Path(host_log), stop), daemon=True) if host_log else None
+    if probe is not None:
+        probe.start()
     end = time.monotonic() + seconds
     with httpx.Client(base_url=url, timeout=httpx.Timeout(300)) as c:
         while time.monotonic() < end:
-            _canary_stream(c, gaps)
-    Path(out).write_text(json.dumps(gaps))
+            _canary_stream(c, stamps)
+    stop.set()
+    if probe is not None:
+        probe.join()
+    Path(out).write_text(json.dumps(stamps))
     return 0
 
 
-def _start_canary(url: str, seconds: float, out: Path) -> subprocess.Popen:
+def _gaps(stamps: list[tuple[float, str]]) -> list[float]:
+    """Time between consecutive lines of one stream (a new stream's first line starts no gap)."""
+    return [t1 - t0 for (t0, a), (t1, b) in zip(stamps, stamps[1:]) if a == b and a]
+
+
+def _start_canary(url: str, seconds: float, out: Path, host_log: Path | None) -> subprocess.Popen:
+    probe = ["--canary-host-log", str(host_log)] if host_log is not None else []
     return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--canary-url", url,
-                             "--seconds", str(seconds), "--canary-out", str(out)])
+                             "--seconds", str(seconds), "--canary-out", str(out), *probe])
 
 
-async def _run(url: str, seconds: float, seed: int, canary_out: Path | None = None) -> dict:
+async def _run(url: str, seconds: float, seed: int, canary_out: Path | None = None,
+               host_log: Path | None = None) -> dict:
     rng = random.Random(seed)
     host, port = url.removeprefix("http://").split(":")
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=64)
     counts = {"normal": 0, "slow": 0, "hang_up": 0, "hostile": 0, "abandoned": 0, "non_2xx": 0}
     end = time.monotonic() + seconds
-    canary = _start_canary(url, seconds, canary_out) if canary_out is not None else None
+    canary = _start_canary(url, seconds, canary_out, host_log) if canary_out is not None else None
     try:
         async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300), limits=limits) as c:
             while time.monotonic() < end:
@@ -149,8 +167,7 @@ async def _run(url: str, seconds: float, seed: int, canary_out: Path | None = No
             canary.wait(timeout=600)
     if canary_out is None:
         return counts
-    gaps = json.loads(canary_out.read_text()) if canary_out.exists() else []
-    gaps.sort()
+    gaps = sorted(_gaps(json.loads(canary_out.read_text()))) if canary_out.exists() else []
     counts["canary_gaps"] = len(gaps)
     counts["canary_max_gap_s"] = round(gaps[-1], 3) if gaps else None
     counts["canary_p50_gap_s"] = round(gaps[len(gaps) // 2], 3) if gaps else None
@@ -178,11 +195,15 @@ def main() -> int:
                     help="the server's token budget of one step (0: the engine's default, 2048 or more)")
     ap.add_argument("--warmup-seconds", type=float, default=WARMUP_SECONDS,
                     help="the mix runs this long before the memory baseline (default %(default)s)")
+    ap.add_argument("--probe", metavar="DIR", default=None,
+                    help="log the server's steps, gc pauses, event-loop lag and preemptions, and the host's stalls, "
+                         "into DIR, and say what overlapped each canary gap over the limit (the report's 'probe')")
     ap.add_argument("--canary-url", default=None, help=argparse.SUPPRESS)  # the canary process (internal)
     ap.add_argument("--canary-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--canary-host-log", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.canary_url:
-        return _canary_main(a.canary_url, a.seconds, a.canary_out)
+        return _canary_main(a.canary_url, a.seconds, a.canary_out, a.canary_host_log)
     tmp = Path(tempfile.mkdtemp(prefix="llmctl-soak-"))
     if a.tiny:
         from tests.model_factory import load_test_tokenizer, make_tiny_model
@@ -196,6 +217,10 @@ def main() -> int:
             print("the SmolLM2 GGUF is not installed; use --tiny", file=sys.stderr)
             return 2
     budget = ["--max-num-batched-tokens", str(a.max_num_batched_tokens)] if a.max_num_batched_tokens else []
+    probe_dir = Path(a.probe) if a.probe else None
+    if probe_dir is not None:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        budget += ["--probe-log", str(probe_dir / "server.jsonl")]
     srv = spawn_server(model, tmp, "--stream-write-timeout", "2", "--kv-cache-memory", str(24 << 20),
                        "--long-prefill-token-threshold", str(a.long_prefill_token_threshold), *budget, timeout=600)
     load0 = os.getloadavg()
@@ -208,7 +233,9 @@ def main() -> int:
         time.sleep(1.5)
         rss0, m0 = rss_anon_kib(srv.pid), srv.metrics()
         t0 = time.monotonic()
-        counts = asyncio.run(_run(srv.url, a.seconds, a.seed, canary_out=tmp / "canary_gaps.json"))
+        canary_out = tmp / "canary_stamps.json" if probe_dir is None else probe_dir / "canary_stamps.json"
+        counts = asyncio.run(_run(srv.url, a.seconds, a.seed, canary_out=canary_out,
+                                  host_log=None if probe_dir is None else probe_dir / "host.jsonl"))
         load1 = os.getloadavg()
         m1 = wait_idle_metrics(srv, timeout=600)
         time.sleep(1.5)  # the engine trims malloc after 0.5 s idle
@@ -227,6 +254,9 @@ def main() -> int:
                   "load_avg_1m_start_end": [round(load0[0], 1), round(load1[0], 1)], "cpus": os.cpu_count()}
     finally:
         stop_server(srv)
+    if probe_dir is not None:
+        report["probe"] = attribute(probe_dir / "server.jsonl", probe_dir / "host.jsonl",
+                                    [tuple(s) for s in json.loads(canary_out.read_text())], LIMIT_CANARY_GAP_S)
     print(json.dumps(report, indent=2))
     ok = report["non_2xx"] == 0 and (requests < 5000 or per_1000 < LIMIT_RSS_MIB_PER_1000) and \
         (report["canary_max_gap_s"] or 0) < LIMIT_CANARY_GAP_S

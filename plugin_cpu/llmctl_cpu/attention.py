@@ -266,23 +266,26 @@ class _NativeRows:
 
 
 class _Plan:
-    __slots__ = ("prefills", "_decodes", "native", "long_prefills", "_torch_decodes", "_metadata")
+    __slots__ = ("prefills", "_decodes", "native", "long_prefills", "_torch_decodes", "_seq_lens")
 
     def __init__(self, prefills: list[tuple[int, int, int, int]], decodes: list[tuple[int, int, int]] | None,
                  native: _NativeRows | None, long_prefills: list[tuple[int, int, int, int]],
-                 metadata: AttentionMetadata | None = None) -> None:
+                 seq_lens: torch.Tensor | None = None) -> None:
         self.prefills, self._decodes, self.native = prefills, decodes, native
         self.long_prefills = long_prefills  # with the C kernels: the chunks left to the flash kernel
         self._torch_decodes: list[_DecodeGroup] | None = None
-        self._metadata = metadata  # for decodes=None: an all-decode step whose lengths are read only if needed
+        # For decodes=None (an all-decode step whose lengths are read only if needed): the step's sequence lengths,
+        # not its metadata. The plan lives in ``metadata.plan_cache``, so a reference back to the metadata made a
+        # cycle per step that only the cyclic collector freed (holding the step's tensors until then), and those
+        # collections stalled the engine and the event loop together (docs/reliability.md, round three).
+        self._seq_lens = seq_lens
 
     @property
     def decodes(self) -> list[tuple[int, int, int]]:
         """(seq, row, seq_len) per decode."""
         if self._decodes is None:
-            assert self._metadata is not None
-            n = self._metadata.num_seqs
-            self._decodes = [(i, i, sl) for i, sl in enumerate(self._metadata.seq_lens[:n].tolist())]
+            assert self._seq_lens is not None
+            self._decodes = [(i, i, sl) for i, sl in enumerate(self._seq_lens.tolist())]
         return self._decodes
 
     def torch_decodes(self, tables: torch.Tensor, block_size: int, window: int | None,
@@ -321,7 +324,7 @@ def _plan(metadata: AttentionMetadata, block_size: int, window: int | None, dtyp
     lib = native.kernels() if native.dtype_code(dtype) is not None else None
     if lib is not None and metadata.max_query_len == 1 and metadata.num_tokens == n:
         rows = _NativeRows.all_decodes(n, metadata.seq_lens, metadata.block_tables)
-        plan = metadata.plan_cache[cache_key] = _Plan([], None, rows, [], metadata)
+        plan = metadata.plan_cache[cache_key] = _Plan([], None, rows, [], metadata.seq_lens[:n])
         return plan
     prefills, decodes = _split_batch(metadata)
     rows = None

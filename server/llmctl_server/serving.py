@@ -332,10 +332,12 @@ class Run:
                 yield item
             elif isinstance(item, _Done):
                 remaining -= 1
-            elif isinstance(item, _Failed):
-                raise item.exc
-            elif isinstance(item, _Signal):
-                raise item.exc
+            elif isinstance(item, (_Failed, _Signal)):
+                exc, item = item.exc, None
+                try:
+                    raise exc
+                finally:
+                    del exc  # this frame lives on in exc's traceback: holding exc too would make a cycle
 
     async def close(self) -> None:
         """Always called: abort what is still running in the engine and release the admission slot. Shielded:
@@ -359,6 +361,12 @@ class Run:
             self._registered = False
             self.state.in_flight -= 1
             self.state.active.pop(id(self), None)
+        # A cancelled task keeps its CancelledError, whose traceback holds the task's frames, whose ``self`` is this
+        # Run: with the tasks kept here too, every closed request was a reference cycle (Run, its mailbox and last
+        # outputs, the HTTP request's scope and transport) that only a full collection freed. Those collections then
+        # walked thousands of objects with the GIL held, stalling every stream (docs/reliability.md, round three).
+        self._watcher = None
+        self.tasks = []
 
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": not a server error, so 5xx alerts stay meaningful

@@ -4,8 +4,9 @@ It is ``llmctl serve`` (the same ``run_server``) plus test seams that need to li
 ``--num-threads`` (the CLI has no flag for it; tiny models are fastest single-threaded), ``--die-file PATH``
 (once PATH exists, the engine's next step raises a ``BaseException`` that is not an ``Exception``: the engine loop
 dies the way a real crash kills it) and ``--stall-file PATH`` (while PATH exists, every engine step first sleeps
-``STALL_STEP_S``, so running requests stay running whatever the machine's speed). Exits with ``run_server``'s exit
-code.
+``STALL_STEP_S``, so running requests stay running whatever the machine's speed) and ``--probe-log PATH`` (the stall
+probes of ``_probe.py``: steps, gc pauses, event-loop lag, preemptions, as JSON lines). Exits with ``run_server``'s
+exit code.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-threads", type=int, default=1)
     ap.add_argument("--die-file", default=None)
     ap.add_argument("--stall-file", default=None)
+    ap.add_argument("--probe-log", default=None)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--stream-write-timeout", type=float, default=30.0)
     ap.add_argument("--header-read-timeout", type=float, default=20.0)
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             return slow_step()
 
         engine.engine.step = stalled_step
+    if a.probe_log:
+        from tests.reliability._probe import install
+
+        install(engine, a.probe_log)
     settings = ServerSettings(served_model_names=["tiny"], max_queued_requests=a.max_queued_requests,
                               shutdown_timeout=a.shutdown_timeout, engine_poll_interval=0.1, api_key=a.api_key,
                               stream_write_timeout=a.stream_write_timeout, header_read_timeout=a.header_read_timeout,

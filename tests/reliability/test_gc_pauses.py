@@ -11,7 +11,8 @@ from llmctl import AsyncLLM, EngineArgs
 from llmctl_server import ServerSettings
 from llmctl_server.launcher import run_server
 
-from tests.test_server_support import free_port
+from tests.reliability.conftest import build_engine
+from tests.test_server_support import free_port, start_server
 
 
 def test_run_server_freezes_the_start_up_heap(tiny_llama_dir):
@@ -43,3 +44,44 @@ def test_run_server_freezes_the_start_up_heap(tiny_llama_dir):
         gc.unfreeze()
     assert frozen > 1000, "start-up objects (model, tokenizer, app) must be frozen"
     assert id(probe) not in tracked, "an object alive at start-up is still walked by every full collection"
+
+
+def _cyclic_garbage_types() -> set[str]:
+    """Type names of what only the cyclic collector can free, collected now (gc must be disabled before)."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        return {type(o).__qualname__ for o in gc.garbage}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+def test_served_requests_leave_no_reference_cycles(tiny_llama_dir):
+    """A request's objects are freed when it ends, not at the next full collection: every cycle left behind is walked
+    by a collection that stops all streams, and holds the request's outputs (and the step's tensors) until then."""
+    engine = build_engine(tiny_llama_dir)
+    srv = start_server(engine, ServerSettings(served_model_names=["tiny"]))
+    state = srv.app.state.llmctl
+    body = {"model": "tiny", "prompt": "hello there", "max_tokens": 6, "ignore_eos": True}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            assert c.post("/v1/completions", json=body).status_code == 200  # warm-up: lazy imports, caches
+            gc.collect()
+            gc.disable()
+            r = c.post("/v1/completions", json={**body, "n": 2, "logprobs": 2})
+            assert r.status_code == 200, r.text
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:  # read to the end
+                assert sum(1 for line in s.iter_lines() if line.startswith("data:")) > 2
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True, "max_tokens": 200}) as s:
+                next(s.iter_lines())  # hang up mid-stream: the server cancels the request's tasks
+        deadline = time.monotonic() + 30
+        while (state.in_flight or engine.engine.has_unfinished_requests()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        leftovers = _cyclic_garbage_types() & {"Run", "Mailbox", "RequestOutput", "AttentionMetadata", "_Plan"}
+    finally:
+        gc.enable()
+        srv.stop()
+        engine.shutdown()
+    assert not leftovers, f"finished requests left reference cycles of {sorted(leftovers)}"
