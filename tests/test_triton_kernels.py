@@ -320,16 +320,16 @@ def test_fused_moe_is_registered_for_the_gpu_platforms():
 # -- quantized linear layers -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_weight_only_gemm_testkit_clause(dtype):
-    """The testkit's quantization clause (int4 with groups and mins, int8 per channel; 1 and 7 rows, a bias) on
-    the Triton dequantizing GEMM; the W8A8 and fp8 layers it declines, saying why."""
+    """The testkit's quantization clause (int4 with groups and mins, int8 per channel weight-only and W8A8; 1 and
+    7 rows, a bias) on the Triton GEMMs; int8 activations on int4 weights it declines, saying why."""
     from llmctl.plugins.types import QuantLinearSpec
     from llmctl_testkit.checks import check_quant_method
-    from llmctl_triton.quant import TritonWeightOnlyKernel
+    from llmctl_triton.quant import TritonIntKernel
 
-    for fmt in ("int4", "int8"):
-        assert check_quant_method(TritonWeightOnlyKernel(fmt, "cuda"), torch.device("cpu"), dtype) >= 1, fmt
-    w8a8 = TritonWeightOnlyKernel("int8", "cuda").supports(QuantLinearSpec("int8", 64, 32, 8, 64, act="int8"), dtype)
-    assert not w8a8 and "weight-only" in w8a8.reason
+    assert check_quant_method(TritonIntKernel("int4", "cuda"), torch.device("cpu"), dtype) == 1
+    assert check_quant_method(TritonIntKernel("int8", "cuda"), torch.device("cpu"), dtype) == 2  # W8A16 and W8A8
+    odd = TritonIntKernel("int4", "cuda").supports(QuantLinearSpec("int4", 64, 32, 4, 32, act="int8"), dtype)
+    assert not odd and "int8 activations on int4 weights" in odd.reason
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
@@ -338,7 +338,7 @@ def test_weight_only_gemm_act_order_groups_odd_shapes(fmt):
     core's reference at 1, 7, 64 and 300 rows."""
     from llmctl.plugins.types import QuantLinearSpec
     from llmctl.quantization.reference import reference_linear
-    from llmctl_triton.quant import TritonWeightOnlyKernel
+    from llmctl_triton.quant import TritonIntKernel
 
     gen = _gen(1200)
     n, k, group = 50, 96, 32
@@ -349,7 +349,7 @@ def test_weight_only_gemm_act_order_groups_odd_shapes(fmt):
         q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int64).to(torch.int8)
     weights = {"qweight": q, "scales": scales, "mins": -3 * scales, "perm": torch.randperm(k, generator=gen)}
     spec = QuantLinearSpec(fmt, k, n, 4 if fmt == "int4" else 8, group)
-    method = TritonWeightOnlyKernel(fmt, "cuda")
+    method = TritonIntKernel(fmt, "cuda")
     assert method.supports(spec, torch.float32)
     for rows in (1, 7, 64, 300):
         x = torch.randn(rows, k, generator=gen)
@@ -357,6 +357,27 @@ def test_weight_only_gemm_act_order_groups_odd_shapes(fmt):
         got = method.apply(x, weights, bias, spec)
         want = reference_linear(x, weights, bias, spec)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{fmt} {rows} rows (seed {SEED})")
+
+
+def test_w8a8_gemm_odd_shapes():
+    """int8 W8A8: the same per-token activation codes as the reference and exact int32 sums, so the float32
+    epilogue's result equals the reference's up to the order of two scale multiplications."""
+    from llmctl.plugins.types import QuantLinearSpec
+    from llmctl.quantization.reference import reference_linear
+    from llmctl_triton.quant import TritonIntKernel
+
+    gen = _gen(1300)
+    n, k = 50, 160
+    weights = {"qweight": torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int64).to(torch.int8),
+               "scales": torch.rand(n, 1, generator=gen) * 0.01 + 0.001}
+    spec = QuantLinearSpec("int8", k, n, 8, k, act="int8")
+    method = TritonIntKernel("int8", "cuda")
+    assert method.supports(spec, torch.float32)
+    for rows in (1, 7, 64, 300):
+        x = torch.randn(rows, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        torch.testing.assert_close(method.apply(x, weights, bias, spec), reference_linear(x, weights, bias, spec),
+                                   rtol=1e-6, atol=1e-6, msg=f"{rows} rows (seed {SEED})")
 
 
 def test_quant_kernels_are_registered_for_the_gpu_platforms():

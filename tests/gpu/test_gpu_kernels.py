@@ -207,10 +207,10 @@ def test_quantized_linear_kernels_native(dtype):
     """The Triton dequantizing GEMMs (int4, int8 weight-only) and, on GPUs with FP8 matrix units, the
     ``_scaled_mm`` FP8 W8A8 kernel: the testkit's quantization clause, compiled for this GPU."""
     from llmctl_testkit.checks import check_quant_method
-    from llmctl_triton.quant import ScaledMmFp8Kernel, TritonWeightOnlyKernel, fp8_matmul_support
+    from llmctl_triton.quant import ScaledMmFp8Kernel, TritonIntKernel, fp8_matmul_support
 
     for fmt in ("int4", "int8"):
-        assert check_quant_method(TritonWeightOnlyKernel(fmt, "cuda"), torch.device(DEV), dtype) >= 1
+        assert check_quant_method(TritonIntKernel(fmt, "cuda"), torch.device(DEV), dtype) >= 1
     ran = check_quant_method(ScaledMmFp8Kernel("cuda"), torch.device(DEV), dtype)
     if dtype != torch.float32 and fp8_matmul_support():
         assert ran == 1

@@ -4,8 +4,10 @@ FP8 W8A8 through ``torch._scaled_mm`` where the GPU has FP8 matrix units.
 The GEMM streams the packed codes and dequantizes each ``[BLOCK_K, BLOCK_N]`` tile in registers
 (``q * scale + min``, per group along K), so a decode step reads 4 or 8 bits per weight instead of 16. It follows
 the reference's arithmetic: float32 activations multiply float32 weights (no TF32), 16-bit activations multiply
-weights rounded to their own dtype, and every product is summed in float32. Layers it cannot run (W8A8 int8,
-odd K for int4) are declined with the reason, and core runs its torch reference for them.
+weights rounded to their own dtype, and every product is summed in float32. W8A8 int8 layers quantize the
+activations per token as the reference does and sum int8 products exactly in int32 on the integer matrix units.
+Layers it cannot run (odd K for int4, fp8 weight-only) are declined with the reason, and core runs its torch
+reference for them.
 
 The kernels take plain tensors, so they run under ``TRITON_INTERPRET=1`` on the CPU, which is how the suite checks
 them against the reference without a GPU.
@@ -58,7 +60,30 @@ def _kernel():
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    return triton, wq_gemm
+    @triton.jit
+    def w8a8_gemm(xq_ptr, xs_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, K, sxm, sxk, sqn, sqk, sym, syn,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(xq_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0)
+            b = tl.load(q_ptr + rn[None, :] * sqn + rk[:, None] * sqk, mask=(rk[:, None] < K) & (rn[None, :] < N),
+                        other=0)
+            acc += tl.dot(a, b, out_dtype=tl.int32)  # exact integer sums, as the reference's
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        ws = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+        out = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, out.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return triton, wq_gemm, w8a8_gemm
 
 
 _compiled = None
@@ -70,7 +95,7 @@ def weight_only_gemm(x: torch.Tensor, weights: dict[str, torch.Tensor], bias: to
     global _compiled
     if _compiled is None:
         _compiled = _kernel()
-    triton, kernel = _compiled
+    triton, kernel, _ = _compiled
     from llmctl_triton._common import check_device, upcast_for_dot
 
     check_device(x)
@@ -94,18 +119,53 @@ def weight_only_gemm(x: torch.Tensor, weights: dict[str, torch.Tensor], bias: to
     return y
 
 
-class TritonWeightOnlyKernel(QuantMethod):
-    """int4 / int8 weight-only layers (GGUF-free formats: GPTQ, AWQ, compressed-tensors W4A16/W8A16)."""
+def w8a8_gemm(x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+              spec: QuantLinearSpec) -> torch.Tensor:
+    """int8 W8A8: activations quantized per token (core's own rounding), int8 x int8 summed exactly in int32 on
+    the integer matrix units, then ``sum * x_scale * w_scale (+ bias)`` in float32, as the reference."""
+    global _compiled
+    if _compiled is None:
+        _compiled = _kernel()
+    triton, _, kernel = _compiled
+    from llmctl.quantization.reference import quantize_int8_per_token
+
+    from llmctl_triton._common import check_device
+
+    check_device(x)
+    xq, xs = quantize_int8_per_token(x)
+    xq, xs = xq.contiguous(), xs.reshape(-1).contiguous()
+    q, scales = weights["qweight"], weights["scales"].reshape(-1).contiguous()
+    m, k = xq.shape
+    n = spec.out_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+    kernel[grid](xq, xs, q, scales, bias if bias is not None else y, y, m, n, k, xq.stride(0), xq.stride(1),
+                 q.stride(0), q.stride(1), y.stride(0), y.stride(1), HAS_BIAS=bias is not None,
+                 BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32)
+    return y
+
+
+class TritonIntKernel(QuantMethod):
+    """int4 weight-only (GPTQ, AWQ, compressed-tensors W4A16) and int8 weight-only or W8A8 (W8A16, per-channel
+    W8A8 int8) layers."""
 
     def __init__(self, fmt: str, platform: str, priority: int = 10) -> None:
         self.name = fmt
         self.platforms = (platform,)
         self.priority = priority
-        self.kernel = f"triton dequantizing GEMM ({fmt} weight-only)"
+        self.kernel = ("triton dequantizing GEMM (int4 weight-only)" if fmt == "int4" else
+                       "triton GEMMs (int8 weight-only dequantizing; W8A8 on int8 matrix units)")
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
+        if spec.act == "int8" and spec.format == "int8":
+            if spec.group_size != spec.in_features or spec.bits != 8:
+                return Support(False, f"W8A8 int8 needs per-channel 8-bit weights (group_size {spec.group_size})")
+            if dtype not in _ACT_DTYPES:
+                return Support(False, f"activation dtype {dtype} (fp16, bf16 and float32 are supported)")
+            return Support(True)
         if spec.act is not None:
-            return Support(False, f"{spec.act} activations: the Triton GEMM is weight-only (A16)")
+            return Support(False, f"{spec.act} activations on {spec.format} weights")
         if dtype not in _ACT_DTYPES:
             return Support(False, f"activation dtype {dtype} (fp16, bf16 and float32 are supported)")
         if spec.format == "int4" and (spec.bits != 4 or spec.in_features % 2):
@@ -117,7 +177,8 @@ class TritonWeightOnlyKernel(QuantMethod):
     def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
               spec: QuantLinearSpec) -> torch.Tensor:
         shape = x.shape
-        out = weight_only_gemm(x.reshape(-1, shape[-1]), weights, bias, spec)
+        gemm = w8a8_gemm if spec.act == "int8" else weight_only_gemm
+        out = gemm(x.reshape(-1, shape[-1]), weights, bias, spec)
         return out.reshape(*shape[:-1], spec.out_features)
 
 
@@ -177,5 +238,5 @@ class ScaledMmFp8Kernel(QuantMethod):
 
 
 def quant_methods(platform: str, priority: int = 10) -> list[QuantMethod]:
-    return [TritonWeightOnlyKernel("int4", platform, priority), TritonWeightOnlyKernel("int8", platform, priority),
+    return [TritonIntKernel("int4", platform, priority), TritonIntKernel("int8", platform, priority),
             ScaledMmFp8Kernel(platform, priority)]
