@@ -171,7 +171,7 @@ def closed_loop_ttft(gap: int) -> list[float]:
     s = make_scheduler(budget=1024, partial=1, gap=gap)
     now, arrived, ttft, sent_now, in_transit = 0.0, {}, [], [], []
     for i in range(16):
-        s.add(request(f"r{i}", prompt_len=128, max_tokens=64))
+        s.add(request(f"r{i}", prompt_len=128, max_tokens=48))
         arrived[f"r{i}"] = 0.0
     sent = 16
     while s.has_unfinished() or sent_now or in_transit:
@@ -186,7 +186,7 @@ def closed_loop_ttft(gap: int) -> list[float]:
                 ttft.append(now - arrived[req.request_id])
             if req.finished and sent < 40:
                 rid, sent = f"r{sent}", sent + 1
-                sent_now.append(request(rid, prompt_len=128, max_tokens=64))
+                sent_now.append(request(rid, prompt_len=128, max_tokens=48))
                 arrived[rid] = now
     return sorted(ttft[16:])  # the streams' later requests (the first wave all arrive at once)
 
