@@ -137,7 +137,8 @@ def calibrate(model: str, dtype: str) -> StepCost:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="2048,1024,512,256,160",
-                    help="comma-separated; BUDGET/P sets max_num_partial_prefills P for that point")
+                    help="comma-separated BUDGET[/P[/G]]: P sets max_num_partial_prefills, G "
+                         "min_decode_steps_between_prefills for that point")
     ap.add_argument("--cost", default=None, help="base_ms,decode_ms,prefill_ms (instead of --calibrate)")
     ap.add_argument("--calibrate", default=None, help="model directory to measure the costs on")
     ap.add_argument("--dtype", default="float32")
@@ -164,14 +165,15 @@ def main() -> int:
           f"prompt token", file=sys.stderr)
     points, rows = [], []
     for spec in a.budgets.split(","):
-        b, _, p = spec.partition("/")
-        b, parts = int(b), int(p or 0)
+        b, p, g = (spec.split("/") + ["", ""])[:3]
+        b, parts, gap = int(b), int(p or 0), int(g or 0)
         r = simulate(cost, b, streams=a.streams, num_prompts=a.num_prompts, input_len=a.input_len,
                      output_len=a.output_len, max_num_partial_prefills=parts,
-                     rtt_ms=a.rtt_ms)
+                     rtt_ms=a.rtt_ms, min_decode_steps_between_prefills=gap)
         tput = r.output_tokens / r.duration_ms * 1000
-        label = f"mnbt={b}" + (f", mnpp={parts}" if parts else "")
-        row = {"budget": b, "max_num_partial_prefills": parts, "ttft_p50_ms": percentile(r.ttft_ms, 50),
+        label = f"mnbt={b}" + (f", mnpp={parts}" if parts else "") + (f", gap={gap}" if gap else "")
+        row = {"budget": b, "max_num_partial_prefills": parts, "min_decode_steps_between_prefills": gap,
+               "ttft_p50_ms": percentile(r.ttft_ms, 50),
                "ttft_p90_ms": percentile(r.ttft_ms, 90),
                "tpot_p50_ms": percentile(r.tpot_ms, 50), "output_tok_s": tput, "max_running": r.max_running}
         rows.append(row)
