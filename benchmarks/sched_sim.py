@@ -4,8 +4,9 @@
 Why: on a shared 2-core host a served run takes minutes and its latencies move with the neighbours' load, so a
 sweep of the step token budget is slow to measure and hard to read. This drives ``llmctl.engine.Scheduler`` (the
 engine's own, with its KV manager) through the same load as ``llmctl bench serve --max-concurrency N``: each
-stream sends its next request the moment the previous one finishes, requests join the queue at the next step
-boundary, and a step takes
+stream sends its next request when the previous one finishes, and it reaches the scheduler ``--rtt-ms`` later
+(any positive value: after the next step has started, as a served request does; 0: in time for that step, as
+in process), TTFT counting from then; a step takes
 
     step_ms = base_ms + decode_ms * decodes + prefill_ms * prompt_tokens
 
