@@ -4,8 +4,9 @@
 Why: on a shared 2-core host a served run takes minutes and its latencies move with the neighbours' load, so a
 sweep of the step token budget is slow to measure and hard to read. This drives ``llmctl.engine.Scheduler`` (the
 engine's own, with its KV manager) through the same load as ``llmctl bench serve --max-concurrency N``: each
-stream sends its next request the moment the previous one finishes, requests join the queue at the next step
-boundary, and a step takes
+stream sends its next request when the previous one finishes, and it reaches the scheduler ``--rtt-ms`` later
+(any positive value: after the next step has started, as a served request does; 0: in time for that step, as
+in process), TTFT counting from then; a step takes
 
     step_ms = base_ms + decode_ms * decodes + prefill_ms * prompt_tokens
 
@@ -57,10 +58,15 @@ class SimResult:
 
 def simulate(cost: StepCost, budget: int, *, streams: int = 16, num_prompts: int = 64, input_len: int = 128,
              output_len: int = 128, block_size: int = 16, long_prefill_token_threshold: int = 0,
-             max_num_partial_prefills: int = 0) -> SimResult:
+             max_num_partial_prefills: int = 0, rtt_ms: float = 0.0,
+             min_decode_steps_between_prefills: int = 0) -> SimResult:
+    """``rtt_ms``: how long after a request ends its stream's next request reaches the engine (the client's
+    round trip). Any positive value makes the next request miss the step that starts right after the end, as a
+    served request does: the engine starts that step before the client's next request is through HTTP."""
     cfg = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=budget, max_model_len=input_len + output_len,
                           long_prefill_token_threshold=long_prefill_token_threshold,
-                          max_num_partial_prefills=max_num_partial_prefills)
+                          max_num_partial_prefills=max_num_partial_prefills,
+                          min_decode_steps_between_prefills=min_decode_steps_between_prefills)
     blocks = streams * -(-(input_len + output_len) // block_size) + 1
     sched = Scheduler(cfg, KVCacheManager(blocks, block_size, enable_prefix_caching=False))
     sp = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
@@ -74,11 +80,11 @@ def simulate(cost: StepCost, budget: int, *, streams: int = 16, num_prompts: int
     out_tokens = max_running = 0
     while arrivals or sched.has_unfinished():
         while arrivals and arrivals[0][0] <= now:
-            _, i = heapq.heappop(arrivals)
+            t_arrival, i = heapq.heappop(arrivals)
             rid = str(i)
             prompt = [100 + (i * 7919 + j) % 30000 for j in range(input_len)]
             sched.add(Request(rid, prompt, sp, time.time(), max_tokens=output_len, all_token_ids=list(prompt)))
-            arrived[rid] = now
+            arrived[rid] = t_arrival  # TTFT counts the wait for the step in flight when it arrived
         if not sched.has_unfinished():
             now = arrivals[0][0]
             continue
@@ -100,7 +106,7 @@ def simulate(cost: StepCost, budget: int, *, streams: int = 16, num_prompts: int
             if req.finished:
                 tpot.append((now - first[rid]) / max(1, req.num_output_tokens - 1))
                 if sent < num_prompts:
-                    heapq.heappush(arrivals, (now, sent))
+                    heapq.heappush(arrivals, (now + rtt_ms, sent))
                     sent += 1
     return SimResult(budget, ttft, tpot, now, out_tokens, max_running)
 
@@ -132,7 +138,8 @@ def calibrate(model: str, dtype: str) -> StepCost:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budgets", default="2048,1024,512,256,160",
-                    help="comma-separated; BUDGET/P sets max_num_partial_prefills P for that point")
+                    help="comma-separated BUDGET[/P[/G]]: P sets max_num_partial_prefills, G "
+                         "min_decode_steps_between_prefills for that point")
     ap.add_argument("--cost", default=None, help="base_ms,decode_ms,prefill_ms (instead of --calibrate)")
     ap.add_argument("--calibrate", default=None, help="model directory to measure the costs on")
     ap.add_argument("--dtype", default="float32")
@@ -140,6 +147,9 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rtt-ms", type=float, default=1.0,
+                    help="client round trip between a request's end and its stream's next request (0: the next "
+                         "request joins the very next step, which a served one never does)")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
@@ -156,13 +166,15 @@ def main() -> int:
           f"prompt token", file=sys.stderr)
     points, rows = [], []
     for spec in a.budgets.split(","):
-        b, _, p = spec.partition("/")
-        b, parts = int(b), int(p or 0)
+        b, p, g = (spec.split("/") + ["", ""])[:3]
+        b, parts, gap = int(b), int(p or 0), int(g or 0)
         r = simulate(cost, b, streams=a.streams, num_prompts=a.num_prompts, input_len=a.input_len,
-                     output_len=a.output_len, max_num_partial_prefills=parts)
+                     output_len=a.output_len, max_num_partial_prefills=parts,
+                     rtt_ms=a.rtt_ms, min_decode_steps_between_prefills=gap)
         tput = r.output_tokens / r.duration_ms * 1000
-        label = f"mnbt={b}" + (f", mnpp={parts}" if parts else "")
-        row = {"budget": b, "max_num_partial_prefills": parts, "ttft_p50_ms": percentile(r.ttft_ms, 50),
+        label = f"mnbt={b}" + (f", mnpp={parts}" if parts else "") + (f", gap={gap}" if gap else "")
+        row = {"budget": b, "max_num_partial_prefills": parts, "min_decode_steps_between_prefills": gap,
+               "ttft_p50_ms": percentile(r.ttft_ms, 50),
                "ttft_p90_ms": percentile(r.ttft_ms, 90),
                "tpot_p50_ms": percentile(r.tpot_ms, 50), "output_tok_s": tput, "max_running": r.max_running}
         rows.append(row)

@@ -29,8 +29,16 @@ from serve_compare import bench_server, llmctl_command  # noqa: E402
 
 
 def label_of(spec: str) -> str:
-    mnbt, _, parts = spec.partition("/")
-    return f"mnbt={mnbt}" + (f", mnpp={parts}" if parts else "")
+    mnbt, parts, gap = (spec.split("/") + ["", ""])[:3]
+    return f"mnbt={mnbt}" + (f", mnpp={parts}" if parts else "") + (f", gap={gap}" if gap else "")
+
+
+def flags_of(spec: str) -> list[str]:
+    """``BUDGET[/P[/G]]`` as ``llmctl serve`` flags; an empty field (or ``default``) leaves the platform's choice."""
+    mnbt, parts, gap = (spec.split("/") + ["", ""])[:3]
+    return ([] if mnbt in ("", "default") else ["--max-num-batched-tokens", mnbt]) + \
+        (["--max-num-partial-prefills", parts] if parts else []) + \
+        (["--min-decode-steps-between-prefills", gap] if gap else [])
 
 
 def main() -> int:
@@ -38,7 +46,8 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--budgets", default="2048,1024,512,256",
-                    help="comma-separated budgets, or 'default'; BUDGET/P also passes --max-num-partial-prefills P")
+                    help="comma-separated BUDGET[/P[/G]] ('default' or an empty field: the platform's choice); P "
+                         "passes --max-num-partial-prefills, G --min-decode-steps-between-prefills")
     ap.add_argument("--llmctl-args", default="", help="extra 'llmctl serve' args for every launch")
     ap.add_argument("--port", type=int, default=8211)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -64,9 +73,7 @@ def main() -> int:
     runs: list[dict] = []
     for rep in range(a.repeat):
         for budget in budgets:
-            mnbt, _, parts = budget.partition("/")
-            extra = a.llmctl_args.split() + ([] if mnbt == "default" else ["--max-num-batched-tokens", mnbt]) + \
-                (["--max-num-partial-prefills", parts] if parts else [])
+            extra = a.llmctl_args.split() + flags_of(budget)
             label = label_of(budget)
             cmd = llmctl_command(a.model, a.dtype, a.port, name, extra)
             res = bench_server(f"llmctl_{budget.replace('/', '_')}_r{rep}", cmd, {}, f"http://127.0.0.1:{a.port}",

@@ -80,6 +80,10 @@ def test_serve_passes_gpu_flags_to_the_engine(monkeypatch, tmp_path):
     assert seen[1].enable_expert_parallel is False
     runner.invoke(cli_main.app, ["serve", str(tmp_path), "-tp", "2", "--enable-expert-parallel"])
     assert seen[2].enable_expert_parallel is True and seen[2].tensor_parallel_size == 2
+    # the step-sharing flags: unset leaves the platform's online default, a value the user gives is passed on
+    assert seen[1].min_decode_steps_between_prefills is None and seen[1].usage_context == "openai_api_server"
+    runner.invoke(cli_main.app, ["serve", str(tmp_path), "--min-decode-steps-between-prefills", "0"])
+    assert seen[3].min_decode_steps_between_prefills == 0
 
 
 def test_parse_kv_memory():

@@ -14,9 +14,9 @@ from llmctl.engine.step_output import ModelStepOutput
 from llmctl.kv.manager import KVCacheManager
 
 
-def make_scheduler(budget: int, partial: int = 0, max_len: int = 512, blocks: int = 2048) -> Scheduler:
+def make_scheduler(budget: int, partial: int = 0, max_len: int = 512, blocks: int = 2048, gap: int = 0) -> Scheduler:
     cfg = SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=budget, max_model_len=max_len,
-                          max_num_partial_prefills=partial)
+                          max_num_partial_prefills=partial, min_decode_steps_between_prefills=gap)
     return Scheduler(cfg, KVCacheManager(blocks, 16, enable_prefix_caching=False))
 
 
@@ -147,6 +147,57 @@ def test_one_prompt_per_step_staggers_streams_that_start_together():
     assert len(set(finish_steps(0))) == 1
 
 
+def test_a_decode_step_follows_each_prompt_step_while_requests_decode():
+    s = make_scheduler(budget=1024, partial=1, gap=1)
+    running = sixteen_decoding(s)
+    step(s)  # the step after the last of their prompts: decodes alone
+    s.add(request("a"))
+    s.add(request("b"))
+    seen = [(prompt_chunks(out), decodes(out) >= running) for out in (step(s) for _ in range(4))]
+    assert seen == [({"a": 128}, True), ({}, True), ({"b": 128}, True), ({}, True)]
+
+
+def test_the_decode_step_gap_never_leaves_a_step_empty():
+    s = make_scheduler(budget=1024, partial=1, gap=1)
+    for i in range(3):
+        s.add(request(f"r{i}", max_tokens=1))  # nothing left to decode after its prompt step
+    assert [prompt_chunks(step(s)) for _ in range(3)] == [{"r0": 128}, {"r1": 128}, {"r2": 128}]
+
+
+def closed_loop_ttft(gap: int) -> list[float]:
+    """16 closed-loop streams on a step-cost clock (a decode-only step costs 1, a step with a 128-token prompt 8,
+    about this CPU's ratio for W): a stream's next request arrives after the step that ends its previous one and
+    reaches the engine one step later, as a served one does. TTFT in decode-step units, from arrival."""
+    s = make_scheduler(budget=1024, partial=1, gap=gap)
+    now, arrived, ttft, sent_now, in_transit = 0.0, {}, [], [], []
+    for i in range(16):
+        s.add(request(f"r{i}", prompt_len=128, max_tokens=48))
+        arrived[f"r{i}"] = 0.0
+    sent = 16
+    while s.has_unfinished() or sent_now or in_transit:
+        for req in in_transit:  # sent when the step before last ended: reached the engine during the last one
+            s.add(req)
+        in_transit, sent_now = sent_now, []
+        out = step(s)
+        now += 8 if prompt_chunks(out) else 1
+        for item in out.scheduled:
+            req = item.request
+            if req.num_output_tokens == 1 and item.num_new_tokens > 1:  # its prompt step gave its first token
+                ttft.append(now - arrived[req.request_id])
+            if req.finished and sent < 40:
+                rid, sent = f"r{sent}", sent + 1
+                sent_now.append(request(rid, prompt_len=128, max_tokens=48))
+                arrived[rid] = now
+    return sorted(ttft[16:])  # the streams' later requests (the first wave all arrive at once)
+
+
+def test_with_the_decode_step_gap_a_served_prompt_no_longer_waits_for_another_prompt():
+    before, after = closed_loop_ttft(gap=0), closed_loop_ttft(gap=1)
+    assert len(before) == len(after) == 24
+    assert before[12] >= 16  # median: the prompt step in flight when it arrived, then its own
+    assert after[12] <= 10  # median: a decode step, then its own prompt step
+
+
 def test_max_num_partial_prefills_is_validated():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="max_num_partial_prefills"):
@@ -154,6 +205,9 @@ def test_max_num_partial_prefills_is_validated():
     with pytest.raises(ValueError, match="usage_context"):
         EngineArgs(model="m", usage_context="batch")
     assert EngineArgs(model="m", max_num_partial_prefills=0).max_num_partial_prefills == 0
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="min_decode_steps_between_prefills"):
+            EngineArgs(model="m", min_decode_steps_between_prefills=bad)
 
 
 def test_cpu_platform_takes_one_prompt_per_step_only_online():
@@ -163,6 +217,8 @@ def test_cpu_platform_takes_one_prompt_per_step_only_online():
     for ctx, want in (("openai_api_server", 1), ("engine_context", 1), ("llm_class", None), (None, None)):
         changes = p.configure(EngineArgs(model="m", usage_context=ctx))
         assert changes.get("max_num_partial_prefills") == want, ctx
+        assert changes.get("min_decode_steps_between_prefills") == want, ctx
     # a value the user set is never replaced
-    assert "max_num_partial_prefills" not in p.configure(EngineArgs(model="m", usage_context="openai_api_server",
-                                                                    max_num_partial_prefills=0))
+    explicit = p.configure(EngineArgs(model="m", usage_context="openai_api_server", max_num_partial_prefills=0,
+                                      min_decode_steps_between_prefills=0))
+    assert "max_num_partial_prefills" not in explicit and "min_decode_steps_between_prefills" not in explicit

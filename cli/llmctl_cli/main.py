@@ -162,6 +162,10 @@ def serve(
         None, help="Most requests with a prompt chunk in one step (0 = no cap; default: the platform's, 1 on CPU "
                    "when serving): prompts that arrive together enter one step each, which lowers TTFT under "
                    "load and raises TPOT a little."),
+    min_decode_steps_between_prefills: int | None = typer.Option(
+        None, help="Steps of decodes alone after each step that carries a prompt chunk, while requests decode (0 = "
+                   "none; default: the platform's, 1 on CPU when serving): a request that arrives during a prompt "
+                   "step then waits for a short step, not for another prompt, before its own."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager",
                                        help="Run decode steps eagerly instead of replaying captured GPU graphs."),
@@ -308,7 +312,9 @@ def serve(
                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens,
                            long_prefill_token_threshold=long_prefill_token_threshold,
-                           max_num_partial_prefills=max_num_partial_prefills, usage_context="openai_api_server",
+                           max_num_partial_prefills=max_num_partial_prefills,
+                           min_decode_steps_between_prefills=min_decode_steps_between_prefills,
+                           usage_context="openai_api_server",
                            enable_prefix_caching=enable_prefix_caching,
                            enforce_eager=enforce_eager, seed=seed, generation_config=generation_config,
                            revision=revision, tokenizer=tokenizer, download_dir=download_dir,

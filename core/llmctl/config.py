@@ -64,6 +64,12 @@ class EngineArgs:
     # together then enter one step each, so their streams finish, and their successors arrive, spread over
     # steps instead of in waves that every new prompt queues behind.
     max_num_partial_prefills: int | None = None
+    # Steps that carry only decodes after each step with a prompt chunk, while any request decodes (0 = none; None
+    # = the platform's default, which the CPU sets to 1 for an online engine). Why: a step with a prompt costs
+    # many decode steps on a CPU, and a request that arrives while one runs waits for it; under closed-loop load
+    # the next stream's request arrives exactly then, so without a decode step between them every prompt queued
+    # behind the one before it (TTFT about two prompt steps instead of one; docs/performance.md).
+    min_decode_steps_between_prefills: int | None = None
     # vLLM's UsageContext, as a string: "llm_class" (the offline LLM), "engine_context" (an AsyncLLM built
     # directly), "openai_api_server" (llmctl serve); None = not said. Platforms may pick different defaults for
     # offline throughput and for online latency, as vLLM's do.
@@ -163,6 +169,9 @@ class EngineArgs:
         mpp = self.max_num_partial_prefills
         if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, int) or mpp < 0):
             raise ValueError(f"max_num_partial_prefills: must be an integer >= 0 (0 = no cap), got {mpp!r}")
+        gap = self.min_decode_steps_between_prefills
+        if gap is not None and (isinstance(gap, bool) or not isinstance(gap, int) or gap < 0):
+            raise ValueError(f"min_decode_steps_between_prefills: must be an integer >= 0 (0 = none), got {gap!r}")
         if self.usage_context not in USAGE_CONTEXTS:
             raise ValueError(f"usage_context: must be one of {', '.join(map(str, USAGE_CONTEXTS))}, "
                              f"got {self.usage_context!r}")
@@ -329,3 +338,4 @@ class SchedulerConfig:
     max_loras: int | None = None  # the most distinct LoRA adapters in one step (None: LoRA off)
     long_prefill_token_threshold: int = 0  # most prompt tokens of one request in one step (0: no cap)
     max_num_partial_prefills: int = 0  # most requests with a prompt chunk in one step (0: no cap)
+    min_decode_steps_between_prefills: int = 0  # decode-only steps after a step with a prompt chunk (0: none)

@@ -33,6 +33,12 @@ CPU_MAX_NUM_BATCHED_TOKENS = 1024
 # carry a prompt. Offline runs keep whole waves: stepping prompts one by one costs them throughput
 # (docs/performance.md, "Served latency under load").
 CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS = 1
+# Online engines also give the decodes a step of their own after each step with a prompt: a served stream's next
+# request reaches the engine just after the step following its predecessor's end has started, and with streams one
+# step apart that step is the previous stream's prompt, so every prompt waited for another prompt's step before
+# its own. One decode step between them (short: the replayed decode graph) makes the wait that step instead
+# (TTFT p50 at 16 streams about halved, TPOT and throughput within a few per cent; docs/performance.md).
+CPU_ONLINE_MIN_DECODE_STEPS_BETWEEN_PREFILLS = 1
 ONLINE_USAGE_CONTEXTS = ("engine_context", "openai_api_server")
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.
@@ -299,6 +305,9 @@ class CpuPlatform(Platform):
         if getattr(config, "max_num_partial_prefills", 0) is None and \
                 getattr(config, "usage_context", None) in ONLINE_USAGE_CONTEXTS:
             changes["max_num_partial_prefills"] = CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS
+        if getattr(config, "min_decode_steps_between_prefills", 0) is None and \
+                getattr(config, "usage_context", None) in ONLINE_USAGE_CONTEXTS:
+            changes["min_decode_steps_between_prefills"] = CPU_ONLINE_MIN_DECODE_STEPS_BETWEEN_PREFILLS
         return changes
 
     def prepare_kv_cache(self, kv_caches: list[torch.Tensor], num_blocks: int) -> KVPrefaulter | None:

@@ -54,6 +54,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Steps that carried only decodes since the last step with a prompt chunk (min_decode_steps_between_prefills)
+        self._decode_steps_since_prefill = 1 << 62
         # Requests in a batch whose results have not come back (pipeline micro-batches, engine/batch_queue.py):
         # never scheduled again nor preempted until then. Always empty with one batch at a time.
         self.in_flight: set[str] = set()
@@ -137,6 +139,9 @@ class Scheduler:
         # Requests with a prompt chunk in this step (max_num_partial_prefills); a decode computes one known token.
         prefills = 0
         max_prefills = self.config.max_num_partial_prefills or (1 << 62)
+        if self._decode_steps_since_prefill < self.config.min_decode_steps_between_prefills and \
+                self._has_decode(cap):
+            max_prefills = 0  # this step is the decodes' own; prompts wait for the next one
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < cap:
             req = self.running[i]
@@ -204,7 +209,18 @@ class Scheduler:
                 budget -= num_new
                 prefills += num_new > 1
             self.waiting.extendleft(reversed(skipped))
+        if prefills:
+            self._decode_steps_since_prefill = 0
+        elif out.scheduled:
+            self._decode_steps_since_prefill += 1
         return out
+
+    def _has_decode(self, cap: int) -> bool:
+        """Whether this step would carry at least one decode (a step never holds prompts back for nothing)."""
+        for req in self.running[:cap] if not self.in_flight else self.running:
+            if req.request_id not in self.in_flight and req.num_tokens - req.num_computed_tokens <= 1:
+                return True
+        return False
 
     # -- applying the step's results --------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, result: ModelStepOutput) -> list[CoreOutput]:

@@ -202,7 +202,9 @@ class EngineStartup:
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, mnbt, self.model_config.max_model_len,
                                                 max_loras=lora_config.max_loras if lora_config else None,
                                                 long_prefill_token_threshold=args.long_prefill_token_threshold,
-                                                max_num_partial_prefills=args.max_num_partial_prefills or 0)
+                                                max_num_partial_prefills=args.max_num_partial_prefills or 0,
+                                                min_decode_steps_between_prefills=(
+                                                    args.min_decode_steps_between_prefills or 0))
         check_encoder_decoder(self.model, args, mnbt)
         self.cache_config = size_kv_cache(self, spec, dtype)
         shape = self.attention.kv_cache_shape(self.cache_config.num_blocks, args.block_size, spec.num_kv_heads,
@@ -346,6 +348,7 @@ def _rank_fingerprint(args: EngineArgs, hf_config: Any, dtype: torch.dtype) -> s
     cfg = {k: v for k, v in hf_config.to_dict().items() if k != "_name_or_path"}
     settings = (str(dtype), args.seed, args.max_model_len, args.block_size, args.max_num_seqs,
                 args.max_num_batched_tokens, args.long_prefill_token_threshold, args.max_num_partial_prefills,
+                args.min_decode_steps_between_prefills,
                 args.enable_prefix_caching, args.tensor_parallel_size,
                 args.pipeline_parallel_size, args.enable_expert_parallel,
                 args.enable_expert_parallel and expert_parallel_mode(), os.environ.get(MICRO_BATCHES_ENV, ""))
