@@ -121,7 +121,8 @@ def test_quantized_gate_up_with_silu_and_mul_is_recorded(dtype):
     assert kernel.fuses_silu_and_mul(weights, spec)
     x = torch.randn(6, k).to(dtype)
     calls: list = []
-    with LIB.recording(calls):
+    recorder = graph._StepRecorder(LIB)  # keeps the intermediate [6, n] alive (the replay writes into it), as a
+    with LIB.recording(calls), recorder:  # recorded step does, and refuses any torch op that computes
         out = kernel.apply_silu_and_mul(x, weights, None, spec)
     assert [code for code, _ in calls] == [native.OPCODES["QUANT_GEMM_WQ"], native.OPCODES["SILU_AND_MUL"]]
     program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
