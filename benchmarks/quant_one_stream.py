@@ -2,7 +2,7 @@
 load, and llama.cpp on the same file, one after the other in one run (issue #17's one-stream target).
 
     python benchmarks/quant_one_stream.py [--gguf FILE] [--llamacpp-venv VENV] [--dtype bfloat16 ...]
-                                          [--out results.json]
+                                          [--eager-leg] [--out results.json]
 
 llmctl's figure is ``run_latency`` at batch 1 (128 random prompt tokens, 128 output tokens, greedy, ignore_eos;
 TPOT p50 over the timed iterations); llama.cpp's is ``$LLMCTL_PEERS_DIR/llamacpp_bench.py`` (median TPOT over the
@@ -35,13 +35,15 @@ def load_avg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def llmctl_one_stream(gguf: str, quantization: str | None, iterations: int, dtype: str = "auto") -> dict:
+def llmctl_one_stream(gguf: str, quantization: str | None, iterations: int, dtype: str = "auto",
+                      eager: bool = False) -> dict:
     from llmctl.bench.latency import run_latency
 
     kw = {"quantization": quantization} if quantization else {}
     r = run_latency(gguf, batch_size=1, input_len=128, output_len=128, iterations=iterations, warmup_iterations=1,
-                    dtype=dtype, **kw)
-    return {"engine": f"llmctl ({quantization or 'dequantized at load'})", "dtype": r.dtype,
+                    dtype=dtype, enforce_eager=eager, **kw)
+    engine = f"llmctl ({quantization or 'dequantized at load'}{', eager' if eager else ''})"
+    return {"engine": engine, "dtype": r.dtype,
             "tpot_ms_p50": round(r.tpot_ms["p50"], 2), "ttft_ms_p50": round(r.ttft_ms["p50"], 1),
             "load_s": round(r.load_s, 1)}
 
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--skip-dequantized", action="store_true")
     ap.add_argument("--dtype", action="append", default=None,
                     help="llmctl's activation dtype; repeat it to run the kept-quantized leg once per dtype")
+    ap.add_argument("--eager-leg", action="store_true",
+                    help="also run each kept-quantized leg with enforce_eager (decode steps not replayed from C)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     gguf = a.gguf or default_gguf()
@@ -64,9 +68,10 @@ def main() -> None:
                               capture_output=True, text=True, check=True)
         results["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(results["runs"][-1]), flush=True)
-    legs = [("gguf", d) for d in a.dtype or ["auto"]] + ([] if a.skip_dequantized else [(None, "auto")])
-    for quantization, dtype in legs:
-        results["runs"].append(llmctl_one_stream(gguf, quantization, a.iterations, dtype))
+    legs = [("gguf", d, eager) for d in a.dtype or ["auto"] for eager in ((False, True) if a.eager_leg else (False,))]
+    legs += [] if a.skip_dequantized else [(None, "auto", False)]
+    for quantization, dtype, eager in legs:
+        results["runs"].append(llmctl_one_stream(gguf, quantization, a.iterations, dtype, eager))
         print(json.dumps(results["runs"][-1]), flush=True)
     results["load_avg_after"] = load_avg()
     text = json.dumps(results, indent=2)

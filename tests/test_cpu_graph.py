@@ -103,6 +103,37 @@ def test_quantized_panel_gemm_is_recorded_and_replayed_at_fewer_rows(dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_gate_up_with_silu_and_mul_is_recorded(dtype):
+    """A quantized gate/up projection's GEMM and its SiLU-and-mul are both recorded calls (torch's silu and mul would
+    stop the recording of every kept-quantized model's step), and replay at fewer rows as direct calls do."""
+    from llmctl.plugins.types import QuantLinearSpec
+    from llmctl.quantization.packing import pack_nibbles
+    from llmctl_cpu.quant import CpuInt4Kernel, quant_kernels
+
+    if quant_kernels() is None or not quant_kernels().has_avx2:
+        pytest.skip("the panel GEMM is the AVX2 + FMA build's")
+    n, k = 64, 64
+    spec = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=32)
+    kernel = CpuInt4Kernel()
+    weights = kernel.process_weights({"qweight": pack_nibbles(torch.randint(0, 16, (n, k), dtype=torch.uint8)),
+                                      "scales": torch.rand(n, 2) * 0.1, "mins": -torch.rand(n, 2)}, spec)
+    assert kernel.fuses_silu_and_mul(weights, spec)
+    x = torch.randn(6, k).to(dtype)
+    calls: list = []
+    recorder = graph._StepRecorder(LIB)  # keeps the intermediate [6, n] alive (the replay writes into it), as a
+    with LIB.recording(calls), recorder:  # recorded step does, and refuses any torch op that computes
+        out = kernel.apply_silu_and_mul(x, weights, None, spec)
+    assert [code for code, _ in calls] == [native.OPCODES["QUANT_GEMM_WQ"], native.OPCODES["SILU_AND_MUL"]]
+    program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
+    out.fill_(float("nan"))
+    x[:3] = torch.randn(3, k).to(dtype)
+    assert LIB.run_program(program, 3) == (-1, 0)
+    assert torch.equal(out[:3], kernel.apply_silu_and_mul(x[:3], weights, None, spec))
+    assert torch.isnan(out[3:]).all()
+
+
+@needs_native
 def test_float32_gemm_is_recorded_and_replayed_at_fewer_rows():
     """The float32 C GEMM is a recordable kernel: a recorded call replays at any row count up to the recorded one
     and writes what a direct call at that row count writes."""

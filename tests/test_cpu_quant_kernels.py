@@ -256,6 +256,29 @@ def test_bf16_activations_on_the_panels_equal_the_float32_call_rounded(bits):
         assert got.dtype == torch.bfloat16 and torch.equal(got, want), m
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_after_the_gate_up_gemm_equals_the_two_ops(dtype):
+    """The weight-only kernels' gate/up epilogue (the kernels library's SiLU-and-mul) against the GEMM followed by
+    core's silu_and_mul: bf16 rounds where torch rounds (equal bits), float32 within its SiLU's ulps."""
+    from llmctl.ops.reference import silu_and_mul
+
+    n, k = 90, 128  # 45 gate rows, 45 up rows: neither a multiple of the 8 lanes
+    for bits, kernel in ((4, CpuInt4Kernel()), (8, CpuW8A8Kernel())):
+        weights = _groupwise(n, k, 32, bits, True, seed=bits)
+        spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=32)
+        processed = kernel.process_weights(dict(weights), spec)
+        if not kernel.fuses_silu_and_mul(processed, spec):
+            pytest.skip("the CPU kernels library is not built here")
+        x, bias = (torch.randn(2, 5, k) * 3).to(dtype), torch.randn(n).to(dtype)
+        got = kernel.apply_silu_and_mul(x, processed, bias, spec)
+        want = silu_and_mul(kernel.apply(x, processed, bias, spec))
+        assert got.shape == (2, 5, n // 2) and got.dtype == dtype
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, want), bits
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_w8a8_extreme_values_stay_exact():
     """-128 weights against +-127 activations: the AVX2 path's u8 x s8 pairs must not saturate."""
     lib = quant_kernels()

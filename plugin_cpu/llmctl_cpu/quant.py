@@ -251,11 +251,31 @@ def _weight_only_gemm(lib: QuantKernels, xf: torch.Tensor, weights: dict[str, to
     return lib.gemm_wq(xf, weights["qweight"], bits, weights["scales"], weights.get("mins"), group, bias, n)
 
 
+class _SiluAndMulInKernels:
+    """Gate/up projections end with the kernels library's SiLU-and-mul, which a recorded decode step replays (torch's
+    silu and mul would stop the recording, and every quantized layer's step would then run eagerly, with Python
+    between each of its ~270 kernel calls). Mixed into the weight-only kernels, whose GEMMs are recorded too."""
+
+    def fuses_silu_and_mul(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> bool:
+        lib = native.kernels()
+        return spec.act is None and spec.out_features % 2 == 0 and lib is not None
+
+    def apply_silu_and_mul(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                           spec: QuantLinearSpec) -> torch.Tensor:
+        y = self.apply(x, weights, bias, spec)  # type: ignore[attr-defined]  # the QuantMethod it is mixed into
+        lib = native.kernels()
+        if lib is None or y.dtype not in (torch.float32, torch.bfloat16):
+            d = spec.out_features // 2
+            return torch.nn.functional.silu(y[..., :d]) * y[..., d:]
+        out = lib.silu_and_mul(y.reshape(-1, spec.out_features))
+        return out.reshape(*x.shape[:-1], spec.out_features // 2)
+
+
 def _int8_group_ok(spec: QuantLinearSpec) -> bool:
     return (spec.group_size % 32 == 0 or spec.group_size == 16) and spec.in_features % spec.group_size == 0
 
 
-class CpuW8A8Kernel(QuantMethod):
+class CpuW8A8Kernel(_SiluAndMulInKernels, QuantMethod):
     """int8 weights (per channel) x int8 activations (per token) with exact int32 sums (AVX512-VNNI, or
     vpmaddubsw on AVX2), and int8 weight-only GEMMs."""
 
@@ -317,7 +337,7 @@ class CpuW8A8Kernel(QuantMethod):
         return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
 
 
-class CpuInt4Kernel(QuantMethod):
+class CpuInt4Kernel(_SiluAndMulInKernels, QuantMethod):
     """4-bit weights streamed as stored (GGUF Q4_0/Q4_1, GPTQ, AWQ, compressed-tensors W4A16)."""
 
     name = "int4"

@@ -39,7 +39,8 @@ class GatedMLP(EngineModule):
         """Where the platform fuses the activation into the gate/up GEMM, its packed weight replaces the
         projection's own (which is then released and never bound to ``linear``)."""
         proj = self.gate_up_proj
-        if proj.quantizer is not None:  # quantized: its own kernel runs the GEMM, the activation stays separate
+        if proj.quantizer is not None:  # quantized: its own kernel runs the GEMM, and the activation where it offers
+            self._bind_quantized_gated(proj)
             return
         if proj.lora is not None:  # adapters add to gate and up before the activation: keep the GEMM unfused
             return
@@ -49,6 +50,16 @@ class GatedMLP(EngineModule):
         self._gated_weight, self._gated_bias = fused
         self._gated = ops.gated_linear
         proj.release_weight()
+
+    def _bind_quantized_gated(self, proj: MergedColumnParallelLinear) -> None:
+        parts = getattr(proj, "quant_parts", None)
+        if proj.lora is not None or parts is None or len(parts) != 1:
+            return
+        kernel, weights, spec, _ = parts[0]
+        if not kernel.fuses_silu_and_mul(weights, spec):
+            return
+        self._gated_bias = proj.bias
+        self._gated = lambda x, _unused, bias: kernel.apply_silu_and_mul(x, weights, bias, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._gated is not None:

@@ -333,6 +333,19 @@ class QuantMethod(abc.ABC):
               spec: QuantLinearSpec) -> torch.Tensor:
         """The linear layer: ``x @ dequant(weights).T + bias`` for ``x`` of shape ``[M, K]``, in ``x``'s dtype."""
 
+    def fuses_silu_and_mul(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> bool:
+        """Whether ``apply_silu_and_mul`` runs this gate/up projection (its processed ``weights``); the default no
+        leaves the gated MLP to ``apply`` then the platform's ``silu_and_mul`` op."""
+        return False
+
+    def apply_silu_and_mul(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
+                           spec: QuantLinearSpec) -> torch.Tensor:
+        """``silu(g) * u`` of ``apply``'s output ``[g | u]`` (the gate rows first, then as many up rows), shape
+        ``[..., out_features / 2]``, within the dtype's rounding of the two ops. Why a kernel may want it: to fuse
+        the activation into its GEMM, or to run it in its own library (a CPU decode step made only of the plugin's
+        kernels is replayed from C). Called only where ``fuses_silu_and_mul`` said yes."""
+        raise NotImplementedError(f"quantization kernel {self.name!r} does not fuse silu_and_mul")
+
 
 class Communicator(abc.ABC):
     """Collective operations for tensor/pipeline parallelism on one platform."""

@@ -125,6 +125,9 @@ class NativeKernels:
         self._gemm_silu = lib.llmctl_gemm_bf16_silu
         self._gemm_silu.restype = _c_int
         self._gemm_silu.argtypes = self._gemm.argtypes
+        self._silu_mul = lib.llmctl_silu_and_mul
+        self._silu_mul.restype = _c_int
+        self._silu_mul.argtypes = [_c_int, _c_ptr, _c_i64, _c_ptr, _c_i64, _c_int, _c_int, _c_int]
         self._gather = lib.llmctl_gather_rows
         self._gather.restype = _c_int
         self._gather.argtypes = [_c_ptr, _c_i64, _c_i64, _c_ptr, _c_int, _c_ptr]
@@ -343,6 +346,16 @@ class NativeKernels:
         if rc != 0:
             raise ValueError(f"gemm_bf16_silu: {n} output rows is not a multiple of 32")
         return y
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [m, 2 * d] float32 or bf16 with unit column stride -> ``silu(x[:, :d]) * x[:, d:]`` [m, d], rounded
+        where torch's ``silu_and_mul`` rounds (its SiLU is a polynomial exp's, a float32 ulp or two from torch's)."""
+        m, d = x.shape[0], x.shape[1] // 2
+        out = torch.empty((m, d), dtype=x.dtype)
+        if m:
+            self._silu_mul(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(), d, m, d,
+                           torch.get_num_threads())
+        return out
 
     def pack_f32_panels(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` [n, k] float32 with unit stride along k -> the float32 GEMM's panels: [ceil(n/16), k, 16]."""

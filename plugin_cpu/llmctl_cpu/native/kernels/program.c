@@ -125,6 +125,9 @@ int llmctl_run_program(const int64_t *program, int n_ops, int rows, int num_thre
                 rc = ((gemm_wq_fn)P(0))(P(1), a[2], a[3], P(4), I(5), P(6), P(7), a[8], P(9), a[10], P(11));
                 break;
             }
+            case OP_SILU_AND_MUL:
+                rc = llmctl_silu_and_mul(I(0), P(1), a[2], P(3), a[4], I(5), I(6), num_threads);
+                break;
             default: /* in the table but not handled here */
                 rc = -2;
         }

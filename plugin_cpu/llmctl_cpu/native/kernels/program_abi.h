@@ -26,6 +26,7 @@
     X(WRITE_KV8, 9, write_kv8, _write8, 9, -1)                       \
     X(DECODE_ATTENTION_KV8, 10, decode_attention_kv8, _attn8, 17, 19) \
     X(DECODE_ATTENTION_CAPPED, 11, decode_attention_capped, _attn_cap, 16, -1) \
-    X(QUANT_GEMM_WQ, 12, gemm_wq_panels, _quant_wq, 2, -1)
+    X(QUANT_GEMM_WQ, 12, gemm_wq_panels, _quant_wq, 2, -1)          \
+    X(SILU_AND_MUL, 13, silu_and_mul, _silu_mul, 5, -1)
 
 #endif /* LLMCTL_CPU_PROGRAM_ABI_H */

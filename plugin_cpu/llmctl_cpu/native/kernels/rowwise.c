@@ -203,3 +203,44 @@ int llmctl_rms_norm(int dtype, const void *x, int64_t xs, const void *res, int64
     }
     return failed ? -1 : 0;
 }
+
+/* silu(v) = v / (1 + exp(-v)) from exp(-|v|) only, as silu8 / silu16 compute it lane for lane. */
+static inline float silu_scalar(float v) {
+    const float t = softmax_exp(-fabsf(v));
+    return (v < 0.0f ? v * t : v) / (1.0f + t);
+}
+
+/* SiLU-and-mul of gate/up rows: out[i][j] = silu(x[i][j]) * x[i][d + j], rounded where torch's silu_and_mul rounds
+ * (bf16: SiLU's result, then the product). Why a kernel of its own: the quantized gate/up GEMMs have no SiLU epilogue,
+ * and torch's silu and mul between them and the down projection would keep their decode step from being recorded
+ * for replay (llmctl_cpu.graph). x rows [2 * d] and out rows [d] have unit column stride. */
+int llmctl_silu_and_mul(int dtype, const void *x, int64_t xs, void *out, int64_t os, int rows, int d,
+                        int num_threads) {
+    const int threads = (int64_t)rows * d >= ROWWISE_PARALLEL_MIN_ELEMS ? num_threads : 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < rows; r++) {
+        int j = 0;
+        if (dtype == DT_F32) {
+            const float *g = (const float *)x + r * xs, *u = g + d;
+            float *o = (float *)out + r * os;
+#if HAVE_AVX2_FMA
+            for (; j + 8 <= d; j += 8)
+                _mm256_storeu_ps(o + j, _mm256_mul_ps(silu8(_mm256_loadu_ps(g + j)), _mm256_loadu_ps(u + j)));
+#endif
+            for (; j < d; j++) o[j] = silu_scalar(g[j]) * u[j];
+        } else {
+            const bf16_t *g = (const bf16_t *)x + r * xs, *u = g + d;
+            bf16_t *o = (bf16_t *)out + r * os;
+#if HAVE_AVX2_FMA
+            for (; j + 8 <= d; j += 8) {
+                const __m256 s = from_bf16_8(to_bf16_8(silu8(from_bf16_8(_mm_loadu_si128((const __m128i *)(g + j))))));
+                const __m256 p = _mm256_mul_ps(s, from_bf16_8(_mm_loadu_si128((const __m128i *)(u + j))));
+                _mm_storeu_si128((__m128i *)(o + j), to_bf16_8(p));
+            }
+#endif
+            for (; j < d; j++) o[j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu_scalar(bf16_to_f32(g[j])))) *
+                                                  bf16_to_f32(u[j]));
+        }
+    }
+    return 0;
+}
