@@ -78,7 +78,7 @@ def test_entry_point_is_the_only_registration(manager):
     assert eps["cpu"].value == "llmctl_cpu"
     info = manager.plugins["cpu"]
     assert not info.broken, info.error
-    assert info.distribution == "llmctl-cpu" and info.api_version == "2.3"
+    assert info.distribution == "llmctl-cpu" and info.api_version == "2.4"
     assert manager.registry.platforms["cpu"].plugin == "cpu"
     assert manager.registry.attention_backends["cpu-sdpa"].plugin == "cpu"
     assert manager.registry.communicators["gloo"].plugin == "cpu"

@@ -712,5 +712,12 @@ def check_quant_method(method, device: torch.device, dtype: torch.dtype) -> int:
             tol_dtype = torch.bfloat16 if spec.act else dtype
             assert_close(clause, got.float(), expected.float(), tol_dtype, f"apply vs reference_linear ({spec}, "
                                                                           f"{rows} rows)")
+            if spec.out_features % 2 == 0 and method.fuses_silu_and_mul(processed, spec):
+                fused = method.apply_silu_and_mul(x_dev, processed, bias.to(device), spec)
+                want = reference.silu_and_mul(got.cpu().float()).to(dtype)
+                require(fused.dtype == dtype and tuple(fused.shape) == (rows, spec.out_features // 2),
+                        clause + ".silu_and_mul", f"apply_silu_and_mul returned {fused.dtype} {tuple(fused.shape)}")
+                assert_close(clause + ".silu_and_mul", fused.cpu().float(), want.float(), dtype,
+                             f"apply_silu_and_mul vs apply + silu_and_mul ({spec}, {rows} rows)")
         ran += 1
     return ran
