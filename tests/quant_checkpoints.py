@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama's projections, Phi-3's fused ones and BLOOM's (quantized as one layer each, as GPTQ and AWQ tools do)
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def _linear_names(state: dict[str, torch.Tensor]) -> list[str]:
@@ -55,10 +57,12 @@ def _calibrate(model, ids: list[int] | None = None) -> dict[str, float]:
 
 
 # -- compressed-tensors ----------------------------------------------------------------------------------------
-def write_compressed_tensors(base: Path, out: Path, preset: str, **weight_args) -> tuple[Any, ...]:
+def write_compressed_tensors(base: Path, out: Path, preset: str, ignore: tuple[str, ...] = ("lm_head",),
+                             **weight_args) -> tuple[Any, ...]:
     """Quantize ``base`` with a compressed-tensors preset scheme (min/max weight observers, as llm-compressor's
     default), compress it with the library's compressors and save it; returns the directory, the dense weights
-    the library's own decompressor gives back (the oracle), the scheme's activation args and static input scales."""
+    the library's own decompressor gives back (the oracle), the scheme's activation args and static input scales.
+    ``ignore``: the modules left unquantized (the output projection, whatever the family calls it)."""
     import transformers as tf
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
@@ -69,7 +73,7 @@ def write_compressed_tensors(base: Path, out: Path, preset: str, **weight_args) 
     scheme = preset_name_to_scheme(preset, ["Linear"])
     for key, value in weight_args.items():
         setattr(scheme.weights, key, value)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore))
     apply_quantization_config(model, config)
     for name, m in model.named_modules():
         if getattr(m, "quantization_scheme", None) is None:

@@ -11,7 +11,7 @@ held without re-quantizing, so it is refused at start-up, naming the layer, the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,11 +97,13 @@ def read_rank_part(src: Any, part: tuple[int, int, int] | None) -> torch.Tensor:
     return materialize(src) if part is None else read_slice(src, *part)
 
 
-def check_row_splits(config: QuantConfig, hf_config: Any, size: int) -> None:
+def check_row_splits(config: QuantConfig, hf_config: Any, size: int,
+                     layers: Iterable[tuple[str, int]] | None = None) -> None:
     """Before any rank starts: refuse a size that would cut a quantized row-parallel layer's groups, blocks or
     packed words (the layers check themselves again when they are built; this names the problem before ranks are
-    spawned and wait for each other)."""
-    for prefix, in_features in _row_parallel_layers(hf_config):
+    spawned and wait for each other). ``layers``: (module prefix, in_features) of the model's row-parallel
+    projections; the Llama family's by default."""
+    for prefix, in_features in (_row_parallel_layers(hf_config) if layers is None else layers):
         unit = config.input_unit(prefix, in_features)
         if unit is None:
             continue
