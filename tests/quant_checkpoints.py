@@ -57,12 +57,10 @@ def _calibrate(model, ids: list[int] | None = None) -> dict[str, float]:
 
 
 # -- compressed-tensors ----------------------------------------------------------------------------------------
-def write_compressed_tensors(base: Path, out: Path, preset: str, ignore: tuple[str, ...] = ("lm_head",),
-                             **weight_args) -> tuple[Any, ...]:
+def write_compressed_tensors(base: Path, out: Path, preset: str, **weight_args) -> tuple[Any, ...]:
     """Quantize ``base`` with a compressed-tensors preset scheme (min/max weight observers, as llm-compressor's
     default), compress it with the library's compressors and save it; returns the directory, the dense weights
-    the library's own decompressor gives back (the oracle), the scheme's activation args and static input scales.
-    ``ignore``: the modules left unquantized (the output projection, whatever the family calls it)."""
+    the library's own decompressor gives back (the oracle), the scheme's activation args and static input scales."""
     import transformers as tf
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
@@ -73,7 +71,7 @@ def write_compressed_tensors(base: Path, out: Path, preset: str, ignore: tuple[s
     scheme = preset_name_to_scheme(preset, ["Linear"])
     for key, value in weight_args.items():
         setattr(scheme.weights, key, value)
-    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=list(ignore))
+    config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
     apply_quantization_config(model, config)
     for name, m in model.named_modules():
         if getattr(m, "quantization_scheme", None) is None:

@@ -60,7 +60,7 @@ CASES = {
 FAMILY_CASES = {
     "phi3-gptq-4bit-g32": ("phi3", lambda b, o: write_gptq(b, o, 4, 32, False), None, {}),
     "gpt_neox-ct-w4a16-asym-g32": ("gpt_neox", lambda b, o: write_compressed_tensors(
-        b, o, "W4A16", ignore=("embed_out",), group_size=32, symmetric=False)[:2], None, {}),
+        b, o, "W4A16", group_size=32, symmetric=False)[:2], None, {}),
     "bloom-gptq-8bit-g32-act-order": ("bloom", lambda b, o: write_gptq(b, o, 8, 32, True), None, {}),
     "gemma2-awq-g32": ("gemma2", lambda b, o: write_awq(b, o, 32), None, {}),
     "gpt2-int8-at-load": ("gpt2", lambda b, o: (b, None), "int8", {}),
