@@ -155,7 +155,7 @@ class RowParallelLinear(Linear):
             pname = next(n for n, p in self._parameters.items() if p is param)
             self.quantizer.load_param(self, pname, tensor, name)
             return
-        if self.tp.size > 1 and param is self.weight:
+        if self.tp.size > 1 and param is not self.bias:  # the weight (a quantized layer has none: its bias is whole)
             tensor = read_slice(tensor, 1, self.tp.rank * self.in_features, self.in_features)
         copy_checked(param.data, tensor, name)
 
