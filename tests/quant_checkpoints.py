@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Llama's projections, Phi-3's fused ones and BLOOM's (quantized as one layer each, as GPTQ and AWQ tools do)
+LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 
 
 def _linear_names(state: dict[str, torch.Tensor]) -> list[str]:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests._engine_util import one_torch_thread
+from tests.family_factory import make_family_model
 from tests.model_factory import make_tiny_model
 from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_gguf, write_gptq
 from tests.test_server_support import free_ports
@@ -49,6 +50,22 @@ CASES = {
     "gguf": (lambda b, o, t: write_gguf(o / "tiny.gguf", t, GGUF_TP_TYPES, hidden=256, ffn=256), "gguf"),
 }
 
+
+# The other decoder families, each on the split its layout needs: Phi-3's fused qkv_proj/gate_up_proj cut where a
+# GPTQ tensor's outputs run (columns, packed words of qzeros); GPT-NeoX's per-head q/k/v de-interleaved along a
+# compressed-tensors tensor's outputs (rows, packed zero points, weight_shape per part); BLOOM's with act-order
+# GPTQ (g_idx shared by q/k/v); Gemma 2 with AWQ; GPT-2's Conv1D quantized at load; Qwen2-MoE quantized at load
+# with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split.
+# id -> (family, writer -> (checkpoint, dense weights by checkpoint prefix or None), quantization, case extras)
+FAMILY_CASES = {
+    "phi3-gptq-4bit-g32": ("phi3", lambda b, o: write_gptq(b, o, 4, 32, False), None, {}),
+    "gpt_neox-ct-w4a16-asym-g32": ("gpt_neox", lambda b, o: write_compressed_tensors(
+        b, o, "W4A16", group_size=32, symmetric=False)[:2], None, {}),
+    "bloom-gptq-8bit-g32-act-order": ("bloom", lambda b, o: write_gptq(b, o, 8, 32, True), None, {}),
+    "gemma2-awq-g32": ("gemma2", lambda b, o: write_awq(b, o, 32), None, {}),
+    "gpt2-int8-at-load": ("gpt2", lambda b, o: (b, None), "int8", {}),
+    "qwen2_moe-int8-at-load-ep": ("qwen2_moe", lambda b, o: (b, None), "int8", {"ep": True}),
+}
 
 # Pipeline stages of the same checkpoints (one layer each): a stage quantizes its own layers and leaves the other's
 # tensors unread. id -> the case whose checkpoint, quantization and single-rank reference it shares.
@@ -91,17 +108,47 @@ def activations_quantized_per_rank_slice(ranks: int = 2):
         qref.reference_linear, qlayers.select_kernel = saved
 
 
+def dequantized_mismatches(model, dense: dict[str, torch.Tensor]) -> list[str]:
+    """The quantized layers whose weight, as their kernel computes it (the product with an identity), differs from
+    the checkpoint's dense weights mapped onto the model's layers by its own renames and transforms: a fused
+    tensor cut at the wrong place (or de-interleaved along the wrong dim) fails here even if every rank cut it
+    alike."""
+    from llmctl.layers.linear import Linear
+    from llmctl.quantization.layers import shard_names
+
+    expected = {name.rsplit(".", 1)[0]: w for name, w in
+                model.canonical_weights((f"{prefix}.weight", w) for prefix, w in dense.items())}
+    bad = []
+    for prefix, m in model.named_modules():
+        if not isinstance(m, Linear) or not getattr(m, "quant_parts", None):
+            continue
+        want = expected.get(prefix)
+        if want is None:
+            want = torch.cat([expected[n] for n in shard_names(model, prefix, m)])
+        got = m._linear(torch.eye(m.in_features), None, None).t()
+        if not torch.allclose(got, want.float(), atol=1e-4, rtol=1e-4):
+            bad.append(prefix)
+    return bad
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, test_tokenizer):
-    """(single-rank outputs, each rank's results) by case id."""
+def runs(tmp_path_factory, model_cache_dir, test_tokenizer):
+    """(single-rank outputs, each rank's results, each family case's dequantized mismatches) by case id."""
     root = tmp_path_factory.mktemp("quant_tp")
     base = make_tiny_model("llama", root / "base", test_tokenizer, hidden_size=128, intermediate_size=256)
-    models = {}
+    models, dense, extras = {}, {}, {}
     for cid, (write, quant) in CASES.items():
         (root / cid).mkdir()
         models[cid] = (str(write(base, root / cid, test_tokenizer)), quant)
+    for cid, (kind, write, quant, extra) in FAMILY_CASES.items():
+        family = model_cache_dir / f"family-{kind}"  # test_tensor_parallel_families' checkpoint, if made already
+        if not (family / "model.safetensors").exists():
+            make_family_model(kind, family, test_tokenizer)
+        path, dense[cid] = write(family, root / cid)
+        models[cid], extras[cid] = (str(path), quant), extra
     ports = iter(free_ports(len(models) + len(PP_CASES)))
-    cases = [{"id": cid, "model": m, "quantization": q, "port": next(ports)} for cid, (m, q) in models.items()]
+    cases = [{"id": cid, "model": m, "quantization": q, "port": next(ports), **extras.get(cid, {})}
+             for cid, (m, q) in models.items()]
     cases += [{"id": cid, "model": models[base][0], "quantization": models[base][1], "port": next(ports), "tp": 1,
                "pp": 2} for cid, base in PP_CASES.items()]
     (root / "cases.json").write_text(json.dumps(cases))
@@ -117,13 +164,15 @@ def runs(tmp_path_factory, test_tokenizer):
     try:
         from llmctl import LLM
 
-        refs = {}
+        refs, mismatches = {}, {}
         with one_torch_thread():  # while the ranks run
             for cid, (model, quant) in models.items():
                 with activations_quantized_per_rank_slice() if cid in ACTIVATION_QUANT else nullcontext():
                     llm = LLM(model, quantization=quant, dtype="float32", num_threads=1, seed=0,
                               max_model_len=128, kv_cache_memory=8 << 20)
                     refs[cid] = generate(llm)
+                if dense.get(cid) is not None:
+                    mismatches[cid] = dequantized_mismatches(llm.llm_engine.core.model, dense[cid])
                 llm.llm_engine.shutdown()
         logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     finally:
@@ -132,12 +181,13 @@ def runs(tmp_path_factory, test_tokenizer):
                 p.kill()
     for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-4000:]
-    return refs, [json.loads(out.read_text()) for out in outs]
+    return refs, [json.loads(out.read_text()) for out in outs], mismatches
 
 
-@pytest.mark.parametrize("case", list(CASES) + list(PP_CASES))
+@pytest.mark.parametrize("case", list(CASES) + list(FAMILY_CASES) + list(PP_CASES))
 def test_tp2_greedy_tokens_equal_tp1(runs, case):
-    refs, ranks = runs
+    refs, ranks, mismatches = runs
+    assert mismatches.get(case, []) == [], "one rank's dequantized layers differ from the checkpoint's dense weights"
     for rank, results in enumerate(ranks):
         got = results[case]
         assert "error" not in got, f"rank {rank}: {got.get('error')}"

@@ -214,22 +214,25 @@ def test_expert_parallel_rank_reads_only_its_experts(layout):
     assert moe.missing_expert_tensors("mlp.w13") == [] and moe.missing_expert_tensors("mlp.w2") == []
 
 
-def test_quantized_family_checkpoint_is_refused_at_start_up(model_cache_dir, test_tokenizer):
-    """The quantized split reads the Llama family's layers; another family's quantized weights would be cut
-    wrongly, so they are refused by name (here quantized at load)."""
+def test_quantized_family_group_that_a_split_would_cut_is_refused(model_cache_dir, test_tokenizer, tmp_path):
+    """A quantized family checkpoint shards (tests/test_quantization_tensor_parallel.py), except where a rank's
+    input columns of a row-parallel layer would cut a group: refused before any peer is waited for, naming the
+    layer by the family's own module names, the unit and the setting."""
     from llmctl import LLM
 
-    path = _family_checkpoint("phi3", model_cache_dir, test_tokenizer)
-    with pytest.raises(ValueError, match=r"tensor_parallel_size: quantized checkpoints \(int8\) of the phi3 family "
-                                         r"do not shard yet"):
-        LLM(str(path), quantization="int8", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
-            num_threads=1)
+    from tests.quant_checkpoints import write_gptq
+
+    path, _ = write_gptq(_family_checkpoint("phi3", model_cache_dir, test_tokenizer), tmp_path / "gptq", 4, 64, False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 splits layer model\.layers\.0\.self_attn\.o_proj "
+                                         r"by its 64 input columns, 32 per rank, which is not a multiple of the gptq "
+                                         r"group_size=64"):
+        LLM(str(path), tensor_parallel_size=2, distributed_executor_backend="external_launcher", num_threads=1)
 
 
 def test_expert_parallel_refusals_name_the_setting(family_models, monkeypatch, caplog):
     """Refused before any peer is waited for (no launcher environment needed): experts that do not divide over
-    the ranks, quantized experts. A model without experts ignores the setting, as vLLM does: it gets past the
-    check to the launcher's missing environment."""
+    the ranks. A quantized model (its experts stay in the model dtype) and a model without experts get past the
+    check to the launcher's missing environment; the latter ignores the setting, as vLLM does."""
     from llmctl import LLM
     from llmctl.config import EngineArgs
 
@@ -239,8 +242,7 @@ def test_expert_parallel_refusals_name_the_setting(family_models, monkeypatch, c
     mixtral = str(family_models["mixtral"])
     with pytest.raises(ValueError, match=r"enable_expert_parallel: num_experts=4 does not split over the 8 ranks"):
         LLM(mixtral, tensor_parallel_size=8, **common)
-    with pytest.raises(ValueError, match=r"enable_expert_parallel: quantized checkpoints \(int8\) of "
-                                         r"mixture-of-experts models"):
+    with pytest.raises(ValueError, match="external_launcher' expects each rank to be started by a launcher"):
         LLM(mixtral, tensor_parallel_size=2, quantization="int8", **common)
     with pytest.raises(ValueError, match=r"enable_expert_parallel: must be true or false"):
         EngineArgs(model=mixtral, enable_expert_parallel="yes")

@@ -2,7 +2,7 @@
 every method (not a test module): ``python -m tests.tp_quant_rank CASES_JSON OUT_JSON`` with ``RANK``,
 ``WORLD_SIZE`` and ``MASTER_ADDR`` set as torchrun would; each case names its model, its ``quantization``, a
 ``MASTER_PORT`` of its own and, optionally, ``tp`` and ``pp`` (two tensor-parallel ranks unless it says two pipeline
-stages). A case that fails records its error and the next one runs."""
+stages) and ``ep`` (``enable_expert_parallel``). A case that fails records its error and the next one runs."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def main() -> None:
             llm = LLM(case["model"], quantization=case["quantization"], dtype="float32",
                       tensor_parallel_size=case.get("tp", 2), pipeline_parallel_size=case.get("pp", 1),
                       distributed_executor_backend="external_launcher", num_threads=1, seed=0, max_model_len=128,
-                      kv_cache_memory=8 << 20)
+                      kv_cache_memory=8 << 20, enable_expert_parallel=case.get("ep", False))
             try:
                 kernels = llm.llm_engine.core.model.quant_summary.describe()
                 results[case["id"]] = {"outputs": generate(llm), "kernels": kernels}

@@ -68,8 +68,11 @@ def expert_placement(num_experts: int, size: int, rank: int) -> ExpertPlacement:
 
 def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: Any) -> bool:
     """At start-up, before any peer is waited for: whether the model's MoE layers place their experts per rank.
-    A model without experts ignores the setting (as vLLM does), with a log line; quantized expert weights and an
-    expert count the ranks do not divide are refused, naming ``enable_expert_parallel``."""
+    A model without experts ignores the setting (as vLLM does), with a log line; an expert count the ranks do not
+    divide is refused, naming ``enable_expert_parallel``. A quantized model places its experts like any other:
+    the quantization covers the linear layers (attention, shared experts, dense MLPs, which split as under
+    tensor parallelism), while the routed experts stay in the model dtype (``SparseMoE`` loads them from plain
+    weights only, one rank or many), so a rank's whole experts are cut from the checkpoint as before."""
     num_experts_of = getattr(model_cls, "expert_parallel_num_experts", None)
     num_experts = num_experts_of(hf_config) if callable(num_experts_of) else None
     if not num_experts:
@@ -79,9 +82,6 @@ def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: A
     if tp_size == 1:
         logger.info("enable_expert_parallel: one rank holds all %d experts (tensor_parallel_size=1)", num_experts)
         return True
-    if quant is not None:
-        raise ValueError(f"enable_expert_parallel: quantized checkpoints ({quant.name}) of mixture-of-experts models "
-                         f"are not placed per rank yet; leave enable_expert_parallel off")
     expert_placement(num_experts, tp_size, 0)
     return True
 

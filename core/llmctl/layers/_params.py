@@ -27,6 +27,25 @@ def read_slice(src: Any, dim: int, start: int, length: int) -> torch.Tensor:
     return src.read_slice(dim, start, length)
 
 
+class SlicedTensor:
+    """``length`` entries of a checkpoint tensor along ``dim`` from ``start``, not read yet: one projection of a
+    fused checkpoint tensor handed to a quantizer, which then reads only its rank's part of it."""
+
+    def __init__(self, src: Any, dim: int, start: int, length: int) -> None:
+        self.src, self.dim, self.start, self.length = src, dim, start, length
+        shape = list(src.shape)
+        shape[dim] = length
+        self.shape = torch.Size(shape)
+
+    def read(self) -> torch.Tensor:
+        return read_slice(self.src, self.dim, self.start, self.length)
+
+    def read_slice(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim == self.dim:
+            return read_slice(self.src, dim, self.start + start, length)
+        return self.read().narrow(dim, start, length)
+
+
 def copy_checked(dst: torch.Tensor, src: Any, name: str) -> None:
     """Copy a checkpoint tensor into a parameter, failing loudly on a shape mismatch rather than broadcasting."""
     if tuple(dst.shape) != tuple(src.shape):

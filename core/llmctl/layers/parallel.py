@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llmctl.layers._params import copy_checked, empty_param, read_slice
+from llmctl.layers._params import SlicedTensor, copy_checked, empty_param, read_slice
 from llmctl.layers.embedding import LMHead, VocabEmbedding
 from llmctl.layers.linear import Linear, MergedLinear
 from llmctl.tensor_parallel import SINGLE, TensorParallelGroup, kv_head_slice, split_evenly, vocab_slice
@@ -96,7 +96,12 @@ class ColumnParallelLinear(Linear):
 def load_stacked_tensor(layer: MergedLinear, param: torch.Tensor, tensor: Any, name: str) -> None:
     """A checkpoint tensor that already stacks a merged layer's parts (Phi-3's qkv_proj and gate_up_proj, GPT-2's
     c_attn): split at the checkpoint's part sizes, and under tensor parallelism only this rank's rows of each
-    part are read."""
+    part are read. A quantized layer's tensors are cut where their outputs run (``QParam.out_dim``, in packed
+    words), and each projection's part goes to the quantizer, which reads the rank's rows of it."""
+    quantizer = layer.quantizer
+    if quantizer is not None and param is not layer.bias:
+        _load_stacked_quantized(layer, param, tensor, name)
+        return
     tp = getattr(layer, "tp", SINGLE)
     if tp.size == 1:
         for shard, part in enumerate(tensor.split(layer.output_sizes, dim=0)):
@@ -109,6 +114,27 @@ def load_stacked_tensor(layer: MergedLinear, param: torch.Tensor, tensor: Any, n
     for shard, rows in enumerate(full):
         part = read_slice(tensor, 0, offset + layer.shard_starts[shard], layer.output_sizes[shard])
         MergedLinear.load_shard(layer, param, shard, part, name)  # already this rank's rows
+        offset += rows
+
+
+def _load_stacked_quantized(layer: MergedLinear, param: torch.Tensor, tensor: Any, name: str) -> None:
+    quantizer = layer.quantizer
+    assert quantizer is not None
+    pname = next(n for n, p in layer._parameters.items() if p is param)
+    p = quantizer._params.get(pname)
+    if p is None:
+        raise ValueError(f"quantization {quantizer.method}: tensor {name} is not part of this method's layout")
+    full = getattr(layer, "full_output_sizes", None) or layer.output_sizes
+    if p.out_dim is None:  # stored once for the fused projection (a per-tensor scale, CT's weight_shape)
+        for shard, part in enumerate(quantizer.fused_parts(pname, tensor, full)):
+            layer.load_shard(param, shard, part, name)
+        return
+    if tensor.shape[p.out_dim] * p.out_pack != sum(full) or any(rows % p.out_pack for rows in full):
+        raise ValueError(f"quantization {quantizer.method}: tensor {name} has shape {tuple(tensor.shape)}, which "
+                         f"does not stack parts of {full} outputs along dim {p.out_dim} ({p.out_pack} per entry)")
+    offset = 0
+    for shard, rows in enumerate(full):
+        layer.load_shard(param, shard, SlicedTensor(tensor, p.out_dim, offset // p.out_pack, rows // p.out_pack), name)
         offset += rows
 
 
@@ -129,7 +155,7 @@ class RowParallelLinear(Linear):
             pname = next(n for n, p in self._parameters.items() if p is param)
             self.quantizer.load_param(self, pname, tensor, name)
             return
-        if self.tp.size > 1 and param is self.weight:
+        if self.tp.size > 1 and param is not self.bias:  # the weight (a quantized layer has none: its bias is whole)
             tensor = read_slice(tensor, 1, self.tp.rank * self.in_features, self.in_features)
         copy_checked(param.data, tensor, name)
 

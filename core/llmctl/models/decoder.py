@@ -41,8 +41,22 @@ from llmctl.models.pipeline import OtherStageLayer, on_stage, stage_logits
 from llmctl.plugins.types import FEATURE_ALIBI, FEATURE_LOGITS_SOFT_CAP, FEATURE_SLIDING_WINDOW
 from llmctl.tensor_parallel import SINGLE, TensorParallelGroup, kv_head_slice, split_evenly
 
-# A checkpoint tensor transform: (canonical-ish name, tensor) -> the tensors to load instead.
-Transform = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+
+@dataclass(frozen=True)
+class OutLayout:
+    """Where a checkpoint tensor's outputs run, for a transform that cuts a fused projection into its parts:
+    ``dim`` (rows of a plain weight; a quantized format's ``QParam.out_dim``, ``pack`` outputs per entry), or
+    None for a tensor stored once for the fused projection, which ``whole(tensor, part sizes)`` shares out."""
+
+    dim: int | None = 0
+    pack: int = 1
+    whole: Callable[[torch.Tensor, list[int]], list[torch.Tensor]] = lambda t, sizes: [t] * len(sizes)
+
+
+PLAIN_OUT = OutLayout()
+
+# A checkpoint tensor transform: (canonical-ish name, tensor, its outputs' layout) -> the tensors to load instead.
+Transform = Callable[..., list[tuple[str, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -414,6 +428,23 @@ def replace_norm(spec: DecoderSpec, norm: str) -> DecoderSpec:
     return replace(spec, norm=norm, norm_bias=True)
 
 
+def row_parallel_layers(spec: DecoderSpec) -> list[tuple[str, int]]:
+    """(module prefix, in_features) of every row-parallel projection: each layer's o_proj and its MLP's down
+    projection (a MoE layer's shared expert's; its routed experts are not quantized)."""
+    out = []
+    for i in range(spec.num_layers):
+        out.append((f"model.layers.{i}.self_attn.o_proj", spec.num_heads * spec.head_dim))
+        moe = spec.moe
+        if moe is not None and i not in moe.dense_layers:
+            if moe.shared_intermediate_size:
+                out.append((f"model.layers.{i}.mlp.shared_expert.down_proj", moe.shared_intermediate_size))
+            continue
+        inter = moe.dense_intermediate_size if moe is not None and moe.dense_intermediate_size else \
+            spec.intermediate_size
+        out.append((f"model.layers.{i}.mlp.{'fc2' if spec.mlp == 'plain' else 'down_proj'}", inter))
+    return out
+
+
 _STACKED: tuple[tuple[str, str, int], ...] = (
     (".q_proj.", ".qkv_proj.", 0),
     (".k_proj.", ".qkv_proj.", 1),
@@ -435,14 +466,11 @@ class DecoderForCausalLM(EngineModule):
     def check_tensor_parallel(cls, hf_config: Any, size: int, quant: Any = None, expert_parallel: bool = False
                               ) -> None:
         """Refuse at start-up, naming the family and the setting, what this decoder cannot split over ``size``
-        ranks: quantized checkpoints (the quantized split reads the Llama family's layers only), latent
-        attention (MLA), q/k norms over all heads, and widths the ranks do not divide (experts placed whole by
-        expert parallelism keep their width)."""
+        ranks: latent attention (MLA), q/k norms over all heads, widths the ranks do not divide (experts placed
+        whole by expert parallelism keep their width), and a quantized row-parallel layer whose rank's input
+        columns would cut a group, a packed word or a block."""
         if size == 1:
             return
-        if quant is not None:
-            raise ValueError(f"tensor_parallel_size: quantized checkpoints ({quant.name}) of the {cls.family} family "
-                             f"do not shard yet (the Llama family's do); use tensor_parallel_size=1")
         spec = cls.spec_from_config(hf_config)
         refused = "multi-head latent attention (MLA)" if spec.mla is not None else \
             "a q/k RMSNorm over all heads (qk_norm over the full width)" if spec.qk_norm == "full" else None
@@ -458,6 +486,10 @@ class DecoderForCausalLM(EngineModule):
         for what, width in widths:
             if width:
                 split_evenly(width, size, what)
+        if quant is not None:
+            from llmctl.quantization.sharding import check_row_splits
+
+            check_row_splits(quant, hf_config, size, row_parallel_layers(spec))
 
     @classmethod
     def expert_parallel_num_experts(cls, hf_config: Any) -> int:
@@ -536,8 +568,24 @@ class DecoderForCausalLM(EngineModule):
                 tensor = materialize(tensor)  # a rank reads a transformed tensor whole, then takes its slice
             items = [(name, tensor)]
             for transform in spec.transforms:
-                items = [out for n, t in items for out in transform(n, t)]
+                items = [out for n, t in items for out in transform(n, t, self._out_layout(n))]
             yield from items
+
+    def _out_layout(self, name: str) -> OutLayout:
+        """How a quantized layer's checkpoint tensor runs along the outputs, for the transforms that cut fused
+        q/k/v: the layout of the attention's ``qkv_proj`` (the only fused projection a transform cuts)."""
+        prefix, _, leaf = name.rpartition(".")
+        if self.ctx.quant is None or leaf == "bias":
+            return PLAIN_OUT
+        try:
+            layer = self.get_submodule(prefix.rpartition(".")[0] + ".qkv_proj")
+        except AttributeError:
+            return PLAIN_OUT
+        quantizer = getattr(layer, "quantizer", None)
+        p = None if quantizer is None else quantizer._params.get(leaf)
+        if p is None:
+            return PLAIN_OUT
+        return OutLayout(p.out_dim, p.out_pack, lambda t, sizes: quantizer.fused_parts(leaf, t, sizes))
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

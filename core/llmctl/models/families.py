@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmctl.models.decoder import DecoderSpec, MoESpec, Transform
+from llmctl.models.decoder import PLAIN_OUT, DecoderSpec, MoESpec, OutLayout, Transform
 from llmctl.models.llama import layer_sliding_windows
 
 
@@ -59,15 +59,32 @@ def _base(cfg: Any, **kw: Any) -> DecoderSpec:
 # -- checkpoint transforms -----------------------------------------------------------------------------------
 
 
+def _split_rows(marker: str, name: str, t: torch.Tensor, layout: OutLayout, sizes: list[int], head_dim: int,
+                split: Callable[[torch.Tensor, int], list[torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """q, k and v of a fused tensor whose outputs run along ``layout.dim`` (rows of a plain weight, columns of a
+    GPTQ ``qweight``, packed words of its ``qzeros``); ``split(x, head_entries)`` cuts ``x`` with the outputs
+    first into q, k and v. A tensor stored once for the fused projection goes to the quantizer's ``whole``."""
+    names = [name.replace(marker, f".{p}_proj.") for p in "qkv"]
+    if layout.dim is None:
+        return list(zip(names, layout.whole(t, sizes), strict=True))
+    if head_dim % layout.pack:
+        raise ValueError(f"weight {name}: head_dim={head_dim} is not a multiple of the {layout.pack} outputs one "
+                         f"packed entry holds, so the fused q/k/v cannot be cut per head")
+    parts = split(t.movedim(layout.dim, 0), head_dim // layout.pack)
+    return [(n, p.movedim(0, layout.dim).contiguous()) for n, p in zip(names, parts, strict=True)]
+
+
 def split_heads_qkv(marker: str, num_heads: int, head_dim: int) -> Transform:
     """A fused q/k/v tensor laid out head by head (``[heads, 3, head_dim]`` rows: GPT-NeoX, BLOOM) -> q, k, v."""
 
-    def transform(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def split(x: torch.Tensor, hd: int) -> list[torch.Tensor]:
+        parts = x.reshape(num_heads, 3, hd, *x.shape[1:])
+        return [parts[:, i].reshape(num_heads * hd, *x.shape[1:]) for i in range(3)]
+
+    def transform(name: str, t: torch.Tensor, layout: OutLayout = PLAIN_OUT) -> list[tuple[str, torch.Tensor]]:
         if marker not in name:
             return [(name, t)]
-        parts = t.reshape(num_heads, 3, head_dim, *t.shape[1:])
-        return [(name.replace(marker, f".{p}_proj."), parts[:, i].reshape(num_heads * head_dim, *t.shape[1:]))
-                for i, p in enumerate("qkv")]
+        return _split_rows(marker, name, t, layout, [num_heads * head_dim] * 3, head_dim, split)
 
     return transform
 
@@ -77,23 +94,26 @@ def split_grouped_qkv(marker: str, num_heads: int, num_kv_heads: int, head_dim: 
     value head."""
     group = num_heads // num_kv_heads
 
-    def transform(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def split(x: torch.Tensor, hd: int) -> list[torch.Tensor]:
+        parts = x.reshape(num_kv_heads, group + 2, hd, *x.shape[1:])
+        return [parts[:, :group].reshape(num_heads * hd, *x.shape[1:]),
+                parts[:, group].reshape(num_kv_heads * hd, *x.shape[1:]),
+                parts[:, group + 1].reshape(num_kv_heads * hd, *x.shape[1:])]
+
+    def transform(name: str, t: torch.Tensor, layout: OutLayout = PLAIN_OUT) -> list[tuple[str, torch.Tensor]]:
         if marker not in name:
             return [(name, t)]
-        parts = t.reshape(num_kv_heads, group + 2, head_dim, *t.shape[1:])
-        q = parts[:, :group].reshape(num_heads * head_dim, *t.shape[1:])
-        k = parts[:, group].reshape(num_kv_heads * head_dim, *t.shape[1:])
-        v = parts[:, group + 1].reshape(num_kv_heads * head_dim, *t.shape[1:])
-        return [(name.replace(marker, ".q_proj."), q), (name.replace(marker, ".k_proj."), k),
-                (name.replace(marker, ".v_proj."), v)]
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        return _split_rows(marker, name, t, layout, sizes, head_dim, split)
 
     return transform
 
 
 def transpose_conv1d(*markers: str) -> Transform:
-    """GPT-2 stores its projections as ``Conv1D`` weights, ``[in, out]``."""
+    """GPT-2 stores its projections as ``Conv1D`` weights, ``[in, out]`` (a quantized format's tensors carry
+    their own layout and are left as they are)."""
 
-    def transform(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def transform(name: str, t: torch.Tensor, layout: OutLayout = PLAIN_OUT) -> list[tuple[str, torch.Tensor]]:
         if name.endswith(".weight") and t.dim() == 2 and any(m in name for m in markers):
             return [(name, t.t().contiguous())]
         return [(name, t)]
@@ -235,7 +255,7 @@ def falcon(cfg: Any) -> DecoderSpec:
     if new_arch:
         qkv = split_grouped_qkv(".qkv_fused.", heads, kv, head_dim)
     elif cfg.multi_query:
-        def qkv(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        def qkv(name: str, t: torch.Tensor, layout: OutLayout = PLAIN_OUT) -> list[tuple[str, torch.Tensor]]:
             return [(name.replace(".qkv_fused.", ".qkv_proj."), t)]
     else:
         qkv = split_heads_qkv(".qkv_fused.", heads, head_dim)

@@ -127,6 +127,11 @@ class LinearQuantizer(abc.ABC):
                              f"expected {tuple(dst.shape)} for this layer's config")
         dst.copy_(tensor)
 
+    def fused_parts(self, name: str, tensor: Any, sizes: Sequence[int]) -> list[Any]:
+        """Each projection's share of checkpoint tensor ``name`` stored once for a fused projection (Phi-3's
+        qkv_proj) where it holds no output dim (``QParam.out_dim`` None): a per-tensor scale holds for every part."""
+        return [tensor] * len(sizes)
+
     @abc.abstractmethod
     def finish(self, layer: Linear) -> list[QuantizedPart]:
         """After loading: the layer's tensors in a core weight format (usually one part)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmctl.layers._params import materialize
 from llmctl.quantization.base import LinearQuantizer, QParam, QuantConfig, QuantizedPart
 from llmctl.quantization.packing import groups_to_int4, unpack_int32
 from llmctl.quantization.sharding import input_unit_refusal, rank_split
@@ -131,6 +132,16 @@ class CompressedTensorsLinear(LinearQuantizer):
         if s.act_static:
             out["input_scale"] = QParam((1,), torch.float32, out_dim=None)
         return out
+
+    def fused_parts(self, name: str, tensor: Any, sizes: Sequence[int]) -> list[Any]:
+        """A fused projection's ``weight_shape`` states the whole stack; each part states its own rows."""
+        if name != "weight_shape":
+            return super().fused_parts(name, tensor, sizes)
+        shape = materialize(tensor).reshape(-1)
+        if int(shape[0]) != sum(sizes):
+            raise ValueError(f"quantization compressed-tensors: layer {self.prefix}: weight_shape {shape.tolist()} "
+                             f"does not stack projections of {list(sizes)} rows")
+        return [torch.tensor([size, int(shape[1])], dtype=shape.dtype) for size in sizes]
 
     def finish(self, layer: Linear) -> list[QuantizedPart]:
         s, n, k = self.s, layer.out_features, layer.in_features

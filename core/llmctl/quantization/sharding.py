@@ -11,7 +11,7 @@ held without re-quantizing, so it is refused at start-up, naming the layer, the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,12 +48,19 @@ def row_split_refusal(method: str, prefix: str, in_features: int, size: int, uni
             f"hold whole ones); use a tensor_parallel_size that keeps them whole{hint}")
 
 
+def _projections(layer: Linear) -> tuple[list[int], list[int]]:
+    """(this rank's rows, the checkpoint's rows) of each projection a layer stacks; an unmerged column-parallel
+    layer (a plain MLP's fc1) is one projection."""
+    sizes = getattr(layer, "output_sizes", None) or [layer.out_features]
+    return list(sizes), list(getattr(layer, "full_output_sizes", None) or sizes)
+
+
 def check_output_split(method: str, prefix: str, layer: Linear, p: QParam, name: str) -> None:
     """A column-parallel rank's rows of each projection must start and end on a packed word."""
     split = rank_split(layer)
     if split is None or split[2] != "output" or p.out_dim is None or p.out_pack == 1:
         return
-    for start, size in zip(layer.shard_starts, layer.output_sizes, strict=True):  # type: ignore[attr-defined]
+    for start, size in zip(layer.shard_starts, _projections(layer)[0], strict=True):  # type: ignore[attr-defined]
         if start % p.out_pack or size % p.out_pack:
             raise ValueError(f"tensor_parallel_size: {split[1]} gives layer {prefix} {size} output rows per "
                              f"projection and rank, which is not a multiple of the {p.out_pack} values one "
@@ -65,9 +72,8 @@ def checkpoint_shape(layer: Linear, p: QParam, shard: int | None) -> tuple[int, 
     projection, not this rank's part of it."""
     shape = list(p.shape)
     split = rank_split(layer)
-    if p.out_dim is not None and shard is not None:
-        sizes = getattr(layer, "full_output_sizes", None) if split is not None else None
-        shape[p.out_dim] = (sizes or layer.output_sizes)[shard] // p.out_pack  # type: ignore[attr-defined]
+    if p.out_dim is not None and (shard is not None or (split is not None and split[2] == "output")):
+        shape[p.out_dim] = _projections(layer)[1][shard or 0] // p.out_pack
     if split is not None and split[2] == "input" and p.in_dim is not None:
         inputs, elems = p.in_unit
         shape[p.in_dim] = layer.in_features * split[1] // inputs * elems
@@ -80,10 +86,8 @@ def rank_slice(layer: Linear, p: QParam, shard: int | None) -> tuple[int, int, i
     if split is None:
         return None
     rank, _, how = split
-    if how == "output" and p.out_dim is not None:
-        if shard is None:
-            raise ValueError("quantization: an unmerged column-parallel layer has no output split to read")
-        start, size = layer.shard_starts[shard], layer.output_sizes[shard]  # type: ignore[attr-defined]
+    if how == "output" and p.out_dim is not None:  # an unmerged column-parallel layer: its one projection
+        start, size = layer.shard_starts[shard or 0], _projections(layer)[0][shard or 0]  # type: ignore[attr-defined]
         return p.out_dim, start // p.out_pack, size // p.out_pack
     if how == "input" and p.in_dim is not None:
         inputs, elems = p.in_unit
@@ -97,11 +101,13 @@ def read_rank_part(src: Any, part: tuple[int, int, int] | None) -> torch.Tensor:
     return materialize(src) if part is None else read_slice(src, *part)
 
 
-def check_row_splits(config: QuantConfig, hf_config: Any, size: int) -> None:
+def check_row_splits(config: QuantConfig, hf_config: Any, size: int,
+                     layers: Iterable[tuple[str, int]] | None = None) -> None:
     """Before any rank starts: refuse a size that would cut a quantized row-parallel layer's groups, blocks or
     packed words (the layers check themselves again when they are built; this names the problem before ranks are
-    spawned and wait for each other)."""
-    for prefix, in_features in _row_parallel_layers(hf_config):
+    spawned and wait for each other). ``layers``: (module prefix, in_features) of the model's row-parallel
+    projections; the Llama family's by default."""
+    for prefix, in_features in (_row_parallel_layers(hf_config) if layers is None else layers):
         unit = config.input_unit(prefix, in_features)
         if unit is None:
             continue
