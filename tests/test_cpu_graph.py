@@ -121,14 +121,16 @@ def test_quantized_gate_up_with_silu_and_mul_is_recorded(dtype):
     assert kernel.fuses_silu_and_mul(weights, spec)
     x = torch.randn(6, k).to(dtype)
     calls: list = []
-    recorder = graph._StepRecorder(LIB)  # keeps the intermediate [6, n] alive (the replay writes into it), as a
-    with LIB.recording(calls), recorder:  # recorded step does, and refuses any torch op that computes
+    # The kernels the product calls now (another test file may have reloaded them since this module's LIB).
+    lib = native.kernels()
+    recorder = graph._StepRecorder(lib)  # keeps the intermediate [6, n] alive (the replay writes into it), as a
+    with lib.recording(calls), recorder:  # recorded step does, and refuses any torch op that computes
         out = kernel.apply_silu_and_mul(x, weights, None, spec)
     assert [code for code, _ in calls] == [native.OPCODES["QUANT_GEMM_WQ"], native.OPCODES["SILU_AND_MUL"]]
     program = torch.tensor([native.encode_call(code, args) for code, args in calls], dtype=torch.int64)
     out.fill_(float("nan"))
     x[:3] = torch.randn(3, k).to(dtype)
-    assert LIB.run_program(program, 3) == (-1, 0)
+    assert lib.run_program(program, 3) == (-1, 0)
     assert torch.equal(out[:3], kernel.apply_silu_and_mul(x[:3], weights, None, spec))
     assert torch.isnan(out[3:]).all()
 
