@@ -217,7 +217,8 @@ def test_cpu_platform_takes_one_prompt_per_step_only_online():
     for ctx, want in (("openai_api_server", 1), ("engine_context", 1), ("llm_class", None), (None, None)):
         changes = p.configure(EngineArgs(model="m", usage_context=ctx))
         assert changes.get("max_num_partial_prefills") == want, ctx
-        assert changes.get("min_decode_steps_between_prefills") == want, ctx
+        # the decode-only step between prompt steps is opt-in for now (llmctl_cpu.platform says why)
+        assert changes.get("min_decode_steps_between_prefills") == (None if want is None else 0), ctx
     # a value the user set is never replaced
     explicit = p.configure(EngineArgs(model="m", usage_context="openai_api_server", max_num_partial_prefills=0,
                                       min_decode_steps_between_prefills=0))

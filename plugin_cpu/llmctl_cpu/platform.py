@@ -37,8 +37,10 @@ CPU_ONLINE_MAX_NUM_PARTIAL_PREFILLS = 1
 # request reaches the engine just after the step following its predecessor's end has started, and with streams one
 # step apart that step is the previous stream's prompt, so every prompt waited for another prompt's step before
 # its own. One decode step between them (short: the replayed decode graph) makes the wait that step instead
-# (TTFT p50 at 16 streams about halved, TPOT and throughput within a few per cent; docs/performance.md).
-CPU_ONLINE_MIN_DECODE_STEPS_BETWEEN_PREFILLS = 1
+# (TTFT p50 at 16 streams 0.61x under load, TPOT and throughput within a few per cent; docs/performance.md). It is
+# opt-in (--min-decode-steps-between-prefills 1) until its cost with many concurrent and stalled streams is
+# understood: the suite's served tests with many streams (stalled readers above all) ran up to 3x longer with it.
+CPU_ONLINE_MIN_DECODE_STEPS_BETWEEN_PREFILLS = 0
 ONLINE_USAGE_CONTEXTS = ("engine_context", "openai_api_server")
 
 # Flags worth showing in doctor/probe output; the full /proc list is hundreds of entries.

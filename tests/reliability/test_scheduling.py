@@ -118,8 +118,8 @@ def test_kv_exhaustion_hostile_mix_stays_correct(live_factory, tiny_llama_dir):
     bytes_per_block = (32 << 20) // probe.get_stats()["kv_blocks_total"]
     probe.shutdown()
     blocks = 96  # one n=16 request needs up to 16 x 5 blocks: two of them cannot run together
-    # Every step may carry prompt chunks (no decode-only step between them, the CPU server's default): the mix's
-    # prompts are then admitted as fast as the KV cache allows, which is what drives it into exhaustion here.
+    # Every step may carry prompt chunks (no decode-only step between them, which is opt-in): the mix's prompts
+    # are then admitted as fast as the KV cache allows, which is what drives it into exhaustion here.
     srv = live_factory(tiny_llama_dir, kv_cache_memory=blocks * bytes_per_block,
                        min_decode_steps_between_prefills=0)
     long_prompt = " ".join(["lorem", "ipsum", "dolor", "sit", "amet"] * 5)  # ~25 tokens
