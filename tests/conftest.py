@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,6 +76,31 @@ def smollm2_gguf() -> Path:
     return path
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF's metadata in Python once per call (config, weights and tokenizer each call it)
+    and rebuilds gguf's tensor-name map once per module; both are pure functions of their arguments, so while
+    the oracle is converted they are cached: the same objects come back, sooner."""
+    import functools
+
+    import gguf as gguf_lib
+
+    reader_cls, name_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader_cls, name_map
+
+
 def _smollm2_hf_dir(gguf: Path) -> Path:
     """transformers' own float32 model and tokenizer of the SmolLM2 GGUF (its GGUF reader and dequantizer), saved
     once to a directory of the temp dir: transformers parses the GGUF's metadata in Python, which costs far more
@@ -96,11 +123,14 @@ def _smollm2_hf_dir(gguf: Path) -> Path:
         if not (out / "done").exists():
             # (transformers refuses save_pretrained on a model it read from a GGUF, so the state dict and the
             # config are saved as they are)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with _gguf_parsed_once():
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             out.mkdir(exist_ok=True)
             torch.save(model.state_dict(), out / "state_dict.pt")
             model.config.save_pretrained(out)
-            AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+            tokenizer.save_pretrained(out)
             (out / "done").touch()
     return out
 

@@ -115,11 +115,15 @@ def _share_third_party_packages(venv: Path, tmp_path: Path) -> None:
     shared.mkdir()
     for entry in ours.iterdir():
         name = entry.name.lower()
-        if name.startswith(("llmctl", "__editable__", "pip", "_distutils_hack")) or name.endswith(".pth"):
+        if name.startswith(("llmctl", "__editable__", "pip")) or name.endswith(".pth"):
             continue
         (shared / entry.name).symlink_to(entry)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     site = next(venv.glob("lib/python*/site-packages"))
+    # the venv's bundled setuptools is older than torch asks for: the shared one (the build backend too) serves
+    for own in [*site.glob("setuptools*"), *site.glob("pkg_resources"), *site.glob("_distutils_hack"),
+                *site.glob("distutils-precedence.pth")]:
+        shutil.rmtree(own) if own.is_dir() else own.unlink()
     (site / "zz_shared.pth").write_text(f"{shared}\n")
 
 
@@ -130,6 +134,9 @@ def test_install_script_in_a_clean_venv(tmp_path):
     env = {**os.environ, "LLMCTL_VENV": str(venv), "LLMCTL_TORCH_INDEX": "", "LLMCTL_PYTHON": sys.executable}
     if os.environ.get("LLMCTL_FULL_INSTALL_TEST") != "1":
         _share_third_party_packages(venv, tmp_path)
+        # the build backend (setuptools) is among the shared packages: no isolated build environment to set up
+        # and fill per package
+        env["LLMCTL_PIP_FLAGS"] = "--no-build-isolation"
     env.pop("VIRTUAL_ENV", None)
     r = subprocess.run(["sh", str(DOCKER / "install.sh"), "cpu", str(REPO)], capture_output=True, text=True, env=env,
                        timeout=900)

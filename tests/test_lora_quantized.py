@@ -6,6 +6,7 @@ adapter on top; greedy tokens equal, logprobs close (fp32)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -102,8 +103,9 @@ def _format_checkpoint(fmt: str, base: Path, tmp_path: Path, tok):
 
     if fmt == "gguf":  # tied embeddings (the file has no output.weight); the dequantized oracle is gguf's own
         path = write_gguf(tmp_path / "tiny.gguf", tok, GGUF_TYPES)
-        return path, "gguf", lambda: AutoModelForCausalLM.from_pretrained(
-            str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        # transformers dequantizes the K-quants in Python, seconds per load: read the file once, copy per call
+        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        return path, "gguf", lambda: copy.deepcopy(loaded)
     if fmt == "gptq":
         path, dense = write_gptq(base, tmp_path / "gptq", 4, 32, act_order=True)
     else:
