@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 # Linux pipes buffer 64 KiB; a message up to half of that is written without blocking even if the previous
 # (already read, or tiny) messages are still in the pipe.
 _PIPE_SAFE_BYTES = 32 << 10
+# How long the ranks of an engine that died (a rank died or hangs) get to leave before they are terminated, and
+# then killed: live ranks leave as soon as the ring closes, so this is short; a normal shutdown waits longer.
+DEAD_ENGINE_GRACE_S = 1.0
 
 
 def _free_port() -> int:
@@ -262,4 +265,12 @@ class MultiprocCore(RemoteCore):
         return [p.pid for p in self._procs]
 
     def _stop(self) -> None:
-        self._finalizer()
+        if self._dead is None:
+            self._finalizer()
+            return
+        # The engine died: the live ranks leave as soon as the ring closes, and a hung (stopped, spinning) one would
+        # only run out both grace periods of a normal shutdown before being killed.
+        stop = self._finalizer.detach()
+        if stop is not None:
+            _, func, args, kwargs = stop
+            func(*args, **{**kwargs, "grace_s": DEAD_ENGINE_GRACE_S})
