@@ -126,10 +126,11 @@ def test_wheels_install_and_run(tmp_path):
     venv (heavy third-party packages come from this venv through a .pth), and run the CLI from there."""
     wheels = tmp_path / "wheels"
     pip = [sys.executable, "-m", "pip"]
-    for pkg in ("core", "plugin_cpu", "server", "cli"):
-        r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                            str(ROOT / pkg)], capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                        *(str(ROOT / pkg) for pkg in ("core", "plugin_cpu", "server", "cli"))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(wheels.glob("llmctl_*.whl"))) == 4, sorted(p.name for p in wheels.iterdir())
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     site = next((env_dir / "lib").glob("python*/site-packages"))
