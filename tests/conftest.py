@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # kernel tests run on the CPU interpreter only if it is set before any test module is collected.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.model_factory import load_test_tokenizer, make_tiny_model, smollm2_gguf_path  # noqa: E402
+from tests.model_factory import (  # noqa: E402
+    gguf_parsed_once,
+    load_test_tokenizer,
+    make_tiny_model,
+    smollm2_gguf_path,
+)
 
 TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -76,31 +79,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-@contextmanager
-def _gguf_parsed_once() -> Iterator[None]:
-    """transformers parses a GGUF's metadata in Python once per call (config, weights and tokenizer each call it)
-    and rebuilds gguf's tensor-name map once per module; both are pure functions of their arguments, so while
-    the oracle is converted they are cached: the same objects come back, sooner."""
-    import functools
-
-    import gguf as gguf_lib
-
-    reader_cls, name_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
-    readers: dict[tuple[str, str], object] = {}
-
-    def reader(path, mode="r"):
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = reader_cls(path, mode)
-        return readers[key]
-
-    gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader_cls, name_map
-
-
 def _smollm2_hf_dir(gguf: Path) -> Path:
     """transformers' own float32 model and tokenizer of the SmolLM2 GGUF (its GGUF reader and dequantizer), saved
     once to a directory of the temp dir: transformers parses the GGUF's metadata in Python, which costs far more
@@ -123,7 +101,7 @@ def _smollm2_hf_dir(gguf: Path) -> Path:
         if not (out / "done").exists():
             # (transformers refuses save_pretrained on a model it read from a GGUF, so the state dict and the
             # config are saved as they are)
-            with _gguf_parsed_once():
+            with gguf_parsed_once():
                 model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                              dtype=torch.float32)
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

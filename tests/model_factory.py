@@ -6,6 +6,8 @@ transformers actually compares something.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -260,3 +262,28 @@ def make_tiny_qwen2_vl(out: Path, tok_dir: Path, seed: int = 9, kind: str = "qwe
     image_processor.save_pretrained(out)  # transformers' joint processor would also want a video processor
     tok.save_pretrained(out)  # (torchvision); the engine needs only these two
     return out
+
+
+@contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF's metadata in Python once per call (config, weights and tokenizer each call it)
+    and rebuilds gguf's tensor-name map once per module; both are pure functions of their arguments, so while
+    the oracle is converted they are cached: the same objects come back, sooner."""
+    import functools
+
+    import gguf as gguf_lib
+
+    reader_cls, name_map = gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf_lib.GGUFReader, gguf_lib.get_tensor_name_map = reader_cls, name_map

@@ -14,6 +14,8 @@ from llmctl.loader.gguf_hf import build_hf_config, build_tokenizer, hf_tensor_na
 from llmctl.loader.source import resolve_model
 from llmctl.loader.tokenizer import load_tokenizer
 
+from tests.model_factory import gguf_parsed_once
+
 TEXTS = [
     "Hello world",
     "",
@@ -32,10 +34,24 @@ def _assert_config_equal(ours, theirs) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_ref(smollm2_gguf):
-    from transformers import AutoConfig
+def transformers_gguf(smollm2_gguf):
+    """transformers' config, tensors and tokenizer of the SmolLM2 GGUF, read with the file parsed once
+    (``gguf_parsed_once``: each of the three would parse its metadata again)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    return AutoConfig.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    with gguf_parsed_once():
+        config = AutoConfig.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+        tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return config, tensors, tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2_ref(transformers_gguf):
+    return transformers_gguf[0]
 
 
 def test_config_matches_transformers(smollm2_gguf, smollm2_ref):
@@ -57,13 +73,8 @@ def test_parsed_once_per_process(smollm2_gguf, tmp_path):
     assert open_gguf(link) is open_gguf(smollm2_gguf)
 
 
-def test_weights_match_transformers(smollm2_gguf, smollm2_ref):
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(smollm2_ref)
-    theirs = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+def test_weights_match_transformers(smollm2_gguf, transformers_gguf):
+    theirs = transformers_gguf[1]
     ours = dict(iter_hf_tensors(open_gguf(smollm2_gguf)))
     assert set(ours) == set(theirs)
     for name, t in theirs.items():
@@ -71,10 +82,8 @@ def test_weights_match_transformers(smollm2_gguf, smollm2_ref):
         assert torch.equal(ours[name], t), name
 
 
-def test_tokenizer_matches_transformers(smollm2_gguf):
-    from transformers import AutoTokenizer
-
-    theirs = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def test_tokenizer_matches_transformers(smollm2_gguf, transformers_gguf):
+    theirs = transformers_gguf[2]
     ours = load_tokenizer(resolve_model(str(smollm2_gguf)))
     assert type(ours) is type(theirs)
     assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
