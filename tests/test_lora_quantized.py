@@ -15,6 +15,7 @@ from llmctl import LLM, SamplingParams
 from llmctl.lora import LoRARequest
 
 from tests.lora_support import make_adapter, make_adapter_on
+from tests.model_factory import gguf_parsed_once
 from tests.quant_checkpoints import hf_model_with, write_awq, write_gguf, write_gptq
 
 pytest.importorskip("peft")
@@ -104,7 +105,9 @@ def _format_checkpoint(fmt: str, base: Path, tmp_path: Path, tok):
     if fmt == "gguf":  # tied embeddings (the file has no output.weight); the dequantized oracle is gguf's own
         path = write_gguf(tmp_path / "tiny.gguf", tok, GGUF_TYPES)
         # transformers dequantizes the K-quants in Python, seconds per load: read the file once, copy per call
-        loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        with gguf_parsed_once():
+            loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                          dtype=torch.float32).eval()
         return path, "gguf", lambda: copy.deepcopy(loaded)
     if fmt == "gptq":
         path, dense = write_gptq(base, tmp_path / "gptq", 4, 32, act_order=True)

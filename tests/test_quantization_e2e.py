@@ -11,7 +11,7 @@ import torch
 from llmctl import LLM, SamplingParams
 
 from tests._engine_util import _single_thread  # noqa: F401  (module-wide one-thread fixture)
-from tests.model_factory import make_tiny_model
+from tests.model_factory import gguf_parsed_once, make_tiny_model
 from tests.quant_checkpoints import (
     activation_args,
     hf_model_with,
@@ -143,7 +143,8 @@ def test_gguf_kept_quantized(tmp_path, test_tokenizer):
     summary = kernels_of(llm)
     for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "lm_head Q8_0 g32"):
         assert t in summary, summary
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    with gguf_parsed_once():
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     agreement, worst = compare(llm, hf, "gguf kept quantized (all block types)")
     assert agreement == 1.0 and worst < 1e-3
 
