@@ -211,3 +211,30 @@ def test_unexpected_tensor_of_a_quantized_layer(base_dir, tmp_path):
     with pytest.raises(ValueError, match=r"quantization awq: checkpoint tensor model\.layers\.0\.self_attn\.k_proj"
                                          r"\.weight is not part of the layout"):
         LLM(str(path), **ENGINE)
+
+
+def test_cli_quantization_flag_reaches_the_engine(monkeypatch, tmp_path):
+    """``--quantization`` / ``-q`` on ``llmctl serve`` and on ``llmctl bench throughput`` and ``latency`` (vLLM's
+    benchmarks take every engine argument, so a quantized run is benchmarked the way it is served)."""
+    import llmctl.bench.latency as latency_mod
+    import llmctl.bench.throughput as throughput_mod
+    from llmctl.bench import cli as bench_cli
+    from llmctl_cli import main as cli_main
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    seen: list = []
+
+    def stop(*args, **kwargs):
+        seen.append(kwargs.get("quantization", getattr(args[0], "quantization", None) if args else None))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(cli_main, "load_engine", lambda args: stop(args))
+    monkeypatch.setattr(throughput_mod, "run_throughput", stop)
+    monkeypatch.setattr(latency_mod, "run_latency", stop)
+    runner.invoke(cli_main.app, ["serve", str(tmp_path), "--quantization", "int8"])
+    r = runner.invoke(bench_cli.bench_app, ["throughput", str(tmp_path), "-q", "fp8"])
+    assert r.exit_code == 2 and "stop here" in r.output
+    runner.invoke(bench_cli.bench_app, ["latency", str(tmp_path), "--quantization", "gguf"])
+    runner.invoke(bench_cli.bench_app, ["throughput", str(tmp_path)])
+    assert seen == ["int8", "fp8", "gguf", None]

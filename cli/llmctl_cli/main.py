@@ -164,8 +164,9 @@ def serve(
                    "load and raises TPOT a little."),
     min_decode_steps_between_prefills: int | None = typer.Option(
         None, help="Steps of decodes alone after each step that carries a prompt chunk, while requests decode (0 = "
-                   "none; default: the platform's, 1 on CPU when serving): a request that arrives during a prompt "
-                   "step then waits for a short step, not for another prompt, before its own."),
+                   "none; default: the platform's, 0 on CPU for now): with 1, a request that arrives during a "
+                   "prompt step waits for a short step, not for another prompt, before its own (lower TTFT at "
+                   "many streams, see docs/performance.md)."),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager",
                                        help="Run decode steps eagerly instead of replaying captured GPU graphs."),

@@ -28,8 +28,11 @@ def _kv_memory(value: str | None) -> int | float | None:
 
 
 def _engine_kwargs(device: str | None, max_num_seqs: int | None, kv_cache_memory: str | None,
-                   max_model_len: int | None, kv_cache_dtype: str = "auto") -> dict[str, Any]:
+                   max_model_len: int | None, kv_cache_dtype: str = "auto",
+                   quantization: str | None = None) -> dict[str, Any]:
     kw: dict[str, Any] = {}
+    if quantization:
+        kw["quantization"] = quantization
     if kv_cache_dtype != "auto":
         kw["kv_cache_dtype"] = kv_cache_dtype
     if device:
@@ -86,6 +89,10 @@ def throughput(
     kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
     kv_cache_dtype: str = typer.Option("auto", help="KV cache storage: auto (the model dtype), fp8 (= fp8_e4m3), "
                                                     "fp8_e5m2 or int8 (8-bit codes with a scale per token and head)."),
+    quantization: str | None = typer.Option(
+        None, "--quantization", "-q",
+        help="Weight quantization, as `llmctl serve`: default the checkpoint's own; int8 or fp8 quantize an "
+             "unquantized checkpoint at load."),
     speculative_config: str | None = typer.Option(
         None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -99,14 +106,16 @@ def throughput(
 
     if task == "embed":
         _embed_throughput(model, input_len, num_prompts, seed, dtype, baseline, as_json,
-                          _engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len, kv_cache_dtype))
+                          _engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len, kv_cache_dtype,
+                                         quantization))
         return
     if task != "generate" or baseline is not None:
         raise exit_with_error(ValueError("--task must be generate or embed; --baseline needs --task embed"))
     try:
         r = run_throughput(model, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
                            dataset=dataset, seed=seed, dtype=dtype,
-                           **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len, kv_cache_dtype),
+                           **_engine_kwargs(device, max_num_seqs, kv_cache_memory, max_model_len, kv_cache_dtype,
+                                            quantization),
                            **({"speculative_config": speculative_config} if speculative_config else {}))
     except (ValueError, OSError) as exc:
         raise exit_with_error(exc) from None
@@ -158,6 +167,10 @@ def latency(
     kv_cache_memory: str | None = typer.Option(None, help="Fraction of free memory (<= 1) or bytes."),
     kv_cache_dtype: str = typer.Option("auto", help="KV cache storage: auto (the model dtype), fp8 (= fp8_e4m3), "
                                                     "fp8_e5m2 or int8 (8-bit codes with a scale per token and head)."),
+    quantization: str | None = typer.Option(
+        None, "--quantization", "-q",
+        help="Weight quantization, as `llmctl serve`: default the checkpoint's own; int8 or fp8 quantize an "
+             "unquantized checkpoint at load."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """TTFT, TPOT and decode-step time at a fixed batch size (p50/p90/p99 over all iterations)."""
@@ -166,7 +179,7 @@ def latency(
     try:
         r = run_latency(model, batch_size=batch_size, input_len=input_len, output_len=output_len,
                         iterations=iterations, warmup_iterations=warmup_iterations, seed=seed, dtype=dtype,
-                        **_engine_kwargs(device, None, kv_cache_memory, max_model_len, kv_cache_dtype))
+                        **_engine_kwargs(device, None, kv_cache_memory, max_model_len, kv_cache_dtype, quantization))
     except (ValueError, OSError) as exc:
         raise exit_with_error(exc) from None
     if as_json:
