@@ -307,6 +307,7 @@ def _act8_emulated(x, weights, bits, group, bias):
 
 
 _ACT8_CASES = [(4, 32, True, "Q4_1"), (4, 128, True, "Q4_K"), (8, 32, False, "Q8_0"), (8, 64, True, "Q5_1")]
+_FP16_SCALES = ("Q4_1", "Q8_0")  # scales (and mins) fp16 in the file: packed as fp16 (one case with mins, one without)
 
 
 @pytest.mark.parametrize(("bits", "group", "asym", "type_name"), _ACT8_CASES)
@@ -319,11 +320,15 @@ def test_gguf_layers_on_int8_activations_equal_their_arithmetic(bits, group, asy
         pytest.skip("the int8-activation GEMM is the AVX2 build's")
     n, k = 45, 384
     weights = _groupwise(n, k, group, bits, asym, seed=group + bits)
+    if type_name in _FP16_SCALES:
+        weights = {key: v.half().float() if v.is_floating_point() else v for key, v in weights.items()}
     spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group,
                            ggml_type=type_name)
     kernel = CpuInt4Kernel() if bits == 4 else CpuW8A8Kernel()
     processed = kernel.process_weights(dict(weights), spec)
     assert "a8panels" in processed
+    half = lib.has_f16c and type_name in _FP16_SCALES
+    assert processed["spanels"].dtype == (torch.float16 if half else torch.float32)
     x = torch.randn(300, k) * 2
     x[3, :64] = 0.0  # all-zero blocks
     bias = torch.randn(n)

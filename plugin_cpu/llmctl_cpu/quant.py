@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 QUANT_SOURCE = Path(native.__file__).with_name("quant.c")
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 INT8_ACT_ENV = "LLMCTL_CPU_GGUF_INT8_ACT"  # 0: GGUF layers keep float32 activations (the float panels)
+ACT8_HALF_SCALES = 256  # quant.c: the int8-activation GEMM's bits flag for fp16 scales and mins
+
+
+def _fp16_exact(t: torch.Tensor) -> bool:
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -82,6 +88,7 @@ class QuantKernels:
         self._act8_bf16.restype = _int
         self._act8_bf16.argtypes = self._wq.argtypes
         self._act8_bf16_at = native.call_target(self._act8_bf16)
+        self.has_f16c = bool(lib.llmctl_quant_has_f16c())
         self._quant_row = lib.llmctl_quant_row_q8_32
         self._quant_row.restype = _int
         self._quant_row.argtypes = [_p, _i64, _i64, _p, _p, _p]
@@ -165,6 +172,11 @@ class QuantKernels:
                "mpanels": torch.empty(np_ * ng * 16, dtype=torch.float32)}
         self._pack_act8(qweight.data_ptr(), bits, n, k, scales.data_ptr(), _ptr(mins), group,
                         out["a8panels"].data_ptr(), out["spanels"].data_ptr(), out["mpanels"].data_ptr())
+        if mins is None:  # nothing to read for them (Q8_0)
+            out["mpanels"] = torch.empty(0, dtype=out["spanels"].dtype)
+        if self.has_f16c and all(_fp16_exact(out[key]) for key in ("spanels", "mpanels")):
+            # Q4_0/Q4_1/Q8_0 scales are fp16 in the file: half the scale bytes, the same values
+            out["spanels"], out["mpanels"] = out["spanels"].half(), out["mpanels"].half()
         return out
 
     def quantize_rows_q8_32(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,14 +200,18 @@ class QuantKernels:
         y = torch.empty(m, n, dtype=torch.bfloat16 if bf16 else torch.float32)
         if m:
             act8 = "a8panels" in panels
+            mp: torch.Tensor | None = panels["mpanels"]
             if act8:
                 target, qp = (self._act8_bf16_at if bf16 else self._act8_at), panels["a8panels"]
+                if panels["spanels"].dtype == torch.float16:
+                    bits |= ACT8_HALF_SCALES
+                mp = mp if mp.numel() else None
             else:
                 target, qp = (self._wq_panels_bf16_at if bf16 else self._wq_panels_at), panels["qpanels"]
             # through the kernels library when it is loaded, so that a recorded decode step replays this call
             call = (native.kernels() or _Direct)._quant_wq
             rc = call(target, x.data_ptr(), m, k, qp.data_ptr(), bits,
-                      panels["spanels"].data_ptr(), panels["mpanels"].data_ptr(), group, _ptr(bias), n, y.data_ptr())
+                      panels["spanels"].data_ptr(), _ptr(mp), group, _ptr(bias), n, y.data_ptr())
             if rc:
                 raise RuntimeError(f"llmctl_gemm_wq_{'act8' if act8 else 'panels'} failed ({rc})")
         return y

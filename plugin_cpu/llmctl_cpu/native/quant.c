@@ -796,15 +796,26 @@ int llmctl_quant_row_q8_32(const float *x, int64_t m, int64_t k, int8_t *xq, flo
 }
 
 #ifdef QK_AVX2
+/* Eight group scales (or mins) from float32 panels, or from fp16 ones (F16C; exact: chosen only where every value
+ * converts back unchanged). */
+static inline __attribute__((always_inline)) __m256 load8_scales(const void *base, int64_t i, int half) {
+#ifdef __F16C__
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+#else
+    (void)half;
+#endif
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
 /* R <= 4 rows x one 16-column panel. bits 4: u4 weights x s8 activations with vpmaddubsw, whose int16 pair sums
  * (<= 2 * 15 * 127) are added over a block's eight quads (<= 30480, no overflow) before vpmaddwd widens them; bits
  * 8: s8 x s8 by the sign trick (|w| as the unsigned operand, x carrying w's sign: pairs <= 2 * 128 * 127), widened
  * every quad. */
 static inline __attribute__((always_inline)) void act8_tile(const int R, const int bits, const int8_t *xq,
                                                             const float *xd, const float *xg, int64_t k,
-                                                            const uint8_t *qpp, const float *spp, const float *mpp,
-                                                            int64_t group, int64_t r0, int64_t p, const float *bias,
-                                                            int64_t n, float *y) {
+                                                            const uint8_t *qpp, const void *spp, const void *mpp,
+                                                            const int half, int64_t group, int64_t r0, int64_t p,
+                                                            const float *bias, int64_t n, float *y) {
     const int64_t ng = k / group, nb = k / 32, bpg = group / 32;
     const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
     __m256 acc[4][2];
@@ -851,28 +862,55 @@ static inline __attribute__((always_inline)) void act8_tile(const int R, const i
                 part[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][1]), d, part[r][1]);
             }
         }
-        const __m256 s0 = _mm256_loadu_ps(spp + g * 16), s1 = _mm256_loadu_ps(spp + g * 16 + 8);
-        const __m256 m0 = _mm256_loadu_ps(mpp + g * 16), m1 = _mm256_loadu_ps(mpp + g * 16 + 8);
+        const __m256 s0 = load8_scales(spp, g * 16, half), s1 = load8_scales(spp, g * 16 + 8, half);
         for (int r = 0; r < R; r++) {
-            const __m256 xs = _mm256_broadcast_ss(xg + (r0 + r) * ng + g);
-            acc[r][0] = _mm256_fmadd_ps(m0, xs, _mm256_fmadd_ps(part[r][0], s0, acc[r][0]));
-            acc[r][1] = _mm256_fmadd_ps(m1, xs, _mm256_fmadd_ps(part[r][1], s1, acc[r][1]));
+            acc[r][0] = _mm256_fmadd_ps(part[r][0], s0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(part[r][1], s1, acc[r][1]);
+        }
+        if (mpp != NULL) {
+            const __m256 m0 = load8_scales(mpp, g * 16, half), m1 = load8_scales(mpp, g * 16 + 8, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 xs = _mm256_broadcast_ss(xg + (r0 + r) * ng + g);
+                acc[r][0] = _mm256_fmadd_ps(m0, xs, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(m1, xs, acc[r][1]);
+            }
         }
     }
     panel_store(R, acc, r0, p, bias, n, y);
 }
 #endif
 
+#define ACT8_HALF_SCALES 256
+
+/* Whether llmctl_gemm_wq_act8 takes fp16 scales (ACT8_HALF_SCALES). */
+int llmctl_quant_has_f16c(void) {
+#if defined(QK_AVX2) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y[m, n] = sum_g s_g * (sum_b d_b * (q_x,b . q_w,b)) + m_g * xs_g + bias (above), on llmctl_pack_wq_act8's panels.
- * Returns -3 where this build has no AVX2 path (the caller then never packs for it), -2 for shapes it does not run. */
+ * bits may carry ACT8_HALF_SCALES: sp and mp then hold fp16 values ([np][ng][16] uint16), a sixth less traffic for
+ * Q4_0/Q4_1 (whose scales are fp16 in the file) in a GEMM that reads more bytes than it computes at one row. mp
+ * NULL: no mins (Q8_0), nothing read for them. Returns -3 where this build has no AVX2 path (the caller then never
+ * packs for it), -2 for shapes or flags it does not run. */
+
 int llmctl_gemm_wq_act8(const float *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
                         const float *mp, int64_t group, const float *bias, int64_t n, float *y) {
 #ifndef QK_AVX2
     (void)x; (void)m; (void)k; (void)qp; (void)bits; (void)sp; (void)mp; (void)group; (void)bias; (void)n; (void)y;
     return -3;
 #else
+    const int half = (bits & ACT8_HALF_SCALES) != 0;
+    bits &= ~ACT8_HALF_SCALES;
     if ((bits != 4 && bits != 8) || group <= 0 || group % 32 || k % group) return -2;
+#ifndef __F16C__
+    if (half) return -2;
+#endif
     const int64_t np = (n + 15) / 16, ng = k / group, nb = k / 32, bpg = group / 32, kb = bits == 4 ? k * 8 : k * 16;
+    const int64_t sb = half ? 2 : 4; /* bytes per scale */
     int8_t *xq = (int8_t *)malloc((size_t)(m * k) + (size_t)(m * (2 * nb + ng)) * sizeof(float));
     if (!xq) return -1;
     float *xd = (float *)(xq + m * k), *xs = xd + m * nb, *xg = xs + m * nb;
@@ -888,19 +926,20 @@ int llmctl_gemm_wq_act8(const float *x, int64_t m, int64_t k, const void *qp, in
     #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < np; p++) {
         const uint8_t *qpp = (const uint8_t *)qp + p * kb;
-        const float *spp = sp + p * ng * 16, *mpp = mp + p * ng * 16;
+        const void *spp = (const char *)sp + p * ng * 16 * sb;
+        const void *mpp = mp == NULL ? NULL : (const char *)mp + p * ng * 16 * sb;
         int64_t r0 = 0;
         for (; r0 + 4 <= m; r0 += 4) {
-            if (bits == 4) act8_tile(4, 4, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y);
-            else act8_tile(4, 8, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y);
+            if (bits == 4) act8_tile(4, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y);
+            else act8_tile(4, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y);
         }
         switch ((m - r0) * 16 + bits) {
-            case 1 * 16 + 4: act8_tile(1, 4, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
-            case 2 * 16 + 4: act8_tile(2, 4, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
-            case 3 * 16 + 4: act8_tile(3, 4, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
-            case 1 * 16 + 8: act8_tile(1, 8, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
-            case 2 * 16 + 8: act8_tile(2, 8, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
-            case 3 * 16 + 8: act8_tile(3, 8, xq, xd, xg, k, qpp, spp, mpp, group, r0, p, bias, n, y); break;
+            case 1 * 16 + 4: act8_tile(1, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 2 * 16 + 4: act8_tile(2, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 3 * 16 + 4: act8_tile(3, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 1 * 16 + 8: act8_tile(1, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 2 * 16 + 8: act8_tile(2, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 3 * 16 + 8: act8_tile(3, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
             default: break;
         }
     }
