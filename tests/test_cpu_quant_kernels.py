@@ -444,6 +444,14 @@ def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
                 got = lib.gemm_wq(x, weights["qweight"], bits, weights["scales"].float().contiguous(),
                                   weights.get("mins"), group, bias, n)
             torch.testing.assert_close(got, reference_linear(x, weights, bias, spec), rtol=1e-4, atol=1e-4)
+            if group % 32 == 0:  # the int8-activation GEMM (AVX2 builds) and its quantizer (every build)
+                want, xq, d = _act8_emulated(x, weights, bits, group, bias)
+                got_q, got_d, _ = lib.quantize_rows_q8_32(x)
+                assert torch.equal(got_q, xq) and torch.equal(got_d, d)
+                if lib.has_avx2:
+                    panels = lib.pack_wq_act8(weights["qweight"], bits, weights["scales"], weights.get("mins"), group)
+                    got = lib.gemm_wq_panels(x, panels, bits, group, bias, n)
+                    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     q = torch.randint(-128, 128, (n, 203), dtype=torch.int8)
     scales = torch.rand(n) * 0.02
     spec = QuantLinearSpec(format="int8", in_features=203, out_features=n, bits=8, group_size=203, act="int8")
