@@ -77,16 +77,18 @@ def test_steps_with_torch_ops_are_not_recorded(tiny_model_dirs, caplog, monkeypa
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantized_panel_gemm_is_recorded_and_replayed_at_fewer_rows(dtype):
-    """quant.c's weight-only panel GEMM (another library) is a recordable call: the record holds its address, and
-    a replay at fewer rows writes what a direct call at that row count writes."""
+@pytest.mark.parametrize("pack", ["pack_wq_panels", "pack_wq_act8"])
+def test_quantized_panel_gemm_is_recorded_and_replayed_at_fewer_rows(dtype, pack):
+    """quant.c's weight-only panel GEMMs (another library; float activations, or int8 ones for GGUF layers) are
+    recordable calls: the record holds the address, and a replay at fewer rows writes what a direct call at that row
+    count writes."""
     from llmctl_cpu.quant import quant_kernels
 
     qlib, lib = quant_kernels(), native.kernels()
     if qlib is None or not qlib.has_avx2:
         pytest.skip("the panel GEMM is the AVX2 + FMA build's")
     n, k = 40, 64
-    panels = qlib.pack_wq_panels(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), 4, torch.rand(n, 2),
+    panels = getattr(qlib, pack)(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), 4, torch.rand(n, 2),
                                  -torch.rand(n, 2), 32)
     bias = torch.randn(n)
     x = torch.randn(6, k).to(dtype)

@@ -148,9 +148,13 @@ def test_testkit_clause_passes_the_cpu_kernels_and_fails_a_broken_one():
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("m", ROWS)
-def test_gguf_k_quants_run_on_the_group_kernels(type_name, m):
+def test_gguf_k_quants_run_on_the_group_kernels(type_name, m, monkeypatch):
     """Q4_K/Q5_K/Q6_K unpack to int4/int8 groups (32, 32 and 16), which the CPU kernels run: equal to the gguf
-    package's own dequantized weight within float rounding."""
+    package's own dequantized weight within float rounding (float activations: the int8-activation path is checked
+    against its own arithmetic above)."""
+    from llmctl_cpu.quant import INT8_ACT_ENV
+
+    monkeypatch.setenv(INT8_ACT_ENV, "0")
     import sys
     from pathlib import Path
 
@@ -279,6 +283,95 @@ def test_silu_and_mul_after_the_gate_up_gemm_equals_the_two_ops(dtype):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def _act8_emulated(x, weights, bits, group, bias):
+    """The int8-activation GEMM's arithmetic in float64 torch: blocks of 32 quantized as the kernel documents
+    (d = amax / 127, round half to even), exact integer block sums, then scales and mins per group."""
+    m, k = x.shape
+    xb = x.float().reshape(m, k // 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    d = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    xq = torch.round(xb / d).clamp(-127, 127)
+    q = weights["qweight"]
+    if bits == 4:
+        q = torch.stack([q & 15, q >> 4], -1).reshape(q.shape[0], k)
+    n, bpg = q.shape[0], group // 32
+    isum = torch.einsum("mbi,nbi->mnb", xq.double(), q.double().reshape(n, k // 32, 32))
+    part = (isum * d.double().reshape(m, 1, -1)).reshape(m, n, k // group, bpg).sum(-1)
+    y = (part * weights["scales"].double()).sum(-1)
+    if weights.get("mins") is not None:
+        xs = (d.squeeze(-1).double() * xq.sum(-1).double()).reshape(m, k // group, bpg).sum(-1)
+        y = y + xs @ weights["mins"].double().t()
+    if bias is not None:
+        y = y + bias.double()
+    return y, xq.reshape(m, k).to(torch.int8), d.reshape(m, -1)
+
+
+_ACT8_CASES = [(4, 32, True, "Q4_1"), (4, 128, True, "Q4_K"), (8, 32, False, "Q8_0"), (8, 64, True, "Q5_1")]
+_FP16_SCALES = ("Q4_1", "Q8_0")  # scales (and mins) fp16 in the file: packed as fp16 (one case with mins, one without)
+
+
+@pytest.mark.parametrize(("bits", "group", "asym", "type_name"), _ACT8_CASES)
+def test_gguf_layers_on_int8_activations_equal_their_arithmetic(bits, group, asym, type_name):
+    """GGUF layers (AVX2 builds) run on int8 activations in blocks of 32, as llama.cpp: equal to that arithmetic in
+    float64 at 1, 7, 64 and 300 rows (odd n), each row equal to itself alone (batch-invariant), bf16 rows equal to the
+    float32 call rounded; and within int8 rounding of the float-activation reference."""
+    lib = quant_kernels()
+    if not lib.has_avx2:
+        pytest.skip("the int8-activation GEMM is the AVX2 build's")
+    n, k = 45, 384
+    weights = _groupwise(n, k, group, bits, asym, seed=group + bits)
+    if type_name in _FP16_SCALES:
+        weights = {key: v.half().float() if v.is_floating_point() else v for key, v in weights.items()}
+    spec = QuantLinearSpec(format=f"int{bits}", in_features=k, out_features=n, bits=bits, group_size=group,
+                           ggml_type=type_name)
+    kernel = CpuInt4Kernel() if bits == 4 else CpuW8A8Kernel()
+    processed = kernel.process_weights(dict(weights), spec)
+    assert "a8panels" in processed
+    half = lib.has_f16c and type_name in _FP16_SCALES
+    assert processed["spanels"].dtype == (torch.float16 if half else torch.float32)
+    x = torch.randn(300, k) * 2
+    x[3, :64] = 0.0  # all-zero blocks
+    bias = torch.randn(n)
+    full = kernel.apply(x, processed, bias, spec)
+    want, xq, d = _act8_emulated(x, weights, bits, group, bias)
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-4)
+    got_q, got_d, got_s = lib.quantize_rows_q8_32(x)
+    assert torch.equal(got_q, xq) and torch.equal(got_d, d)
+    assert torch.equal(got_s, got_d * got_q.reshape(300, -1, 32).sum(-1).float())
+    for m in (1, 7, 64):
+        assert torch.equal(kernel.apply(x[:m], processed, bias, spec), full[:m]), m
+    assert torch.equal(kernel.apply(x[299:], processed, bias, spec), full[299:])
+    xb = x[:7].to(torch.bfloat16)
+    assert torch.equal(kernel.apply(xb, processed, bias.to(torch.bfloat16), spec),
+                       kernel.apply(xb.float(), processed, bias.to(torch.bfloat16).float(), spec).to(torch.bfloat16))
+    ref = reference_linear(x, weights, bias, spec)
+    assert float((full - ref).norm() / ref.norm()) < 1e-2  # int8 rounding of the activations, ~0.3 % here
+
+
+def test_int8_activations_are_a_per_layer_choice(monkeypatch):
+    """Layers without a GGUF block type keep float activations, and LLMCTL_CPU_GGUF_INT8_ACT=0 turns the int8 path
+    off for GGUF layers too; the quantizer is correct on extreme blocks (+-127 reached, no overflow of the int16 pair
+    sums with 15 x 127 everywhere)."""
+    from llmctl_cpu.quant import INT8_ACT_ENV
+
+    lib = quant_kernels()
+    if not lib.has_avx2:
+        pytest.skip("the int8-activation GEMM is the AVX2 build's")
+    n, k = 20, 64
+    weights = {"qweight": torch.full((n, k // 2), 0xFF, dtype=torch.uint8), "scales": torch.ones(n, 2),
+               "mins": torch.zeros(n, 2)}
+    gguf = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=32, ggml_type="Q4_0")
+    plain = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=32)
+    assert "qpanels" in CpuInt4Kernel().process_weights(dict(weights), plain)
+    processed = CpuInt4Kernel().process_weights(dict(weights), gguf)
+    x = torch.where(torch.rand(3, k) < 0.5, -1.0, 1.0)  # every element quantizes to +-127
+    x[1] = 1.0
+    got = CpuInt4Kernel().apply(x, processed, None, gguf)
+    torch.testing.assert_close(got, (15 * x.sum(-1, keepdim=True)).expand(3, n), rtol=1e-6, atol=1e-5)
+    monkeypatch.setenv(INT8_ACT_ENV, "0")
+    assert "qpanels" in CpuInt4Kernel().process_weights(dict(weights), gguf)
+
+
 def test_w8a8_extreme_values_stay_exact():
     """-128 weights against +-127 activations: the AVX2 path's u8 x s8 pairs must not saturate."""
     lib = quant_kernels()
@@ -351,6 +444,14 @@ def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
                 got = lib.gemm_wq(x, weights["qweight"], bits, weights["scales"].float().contiguous(),
                                   weights.get("mins"), group, bias, n)
             torch.testing.assert_close(got, reference_linear(x, weights, bias, spec), rtol=1e-4, atol=1e-4)
+            if group % 32 == 0:  # the int8-activation GEMM (AVX2 builds) and its quantizer (every build)
+                want, xq, d = _act8_emulated(x, weights, bits, group, bias)
+                got_q, got_d, _ = lib.quantize_rows_q8_32(x)
+                assert torch.equal(got_q, xq) and torch.equal(got_d, d)
+                if lib.has_avx2:
+                    panels = lib.pack_wq_act8(weights["qweight"], bits, weights["scales"], weights.get("mins"), group)
+                    got = lib.gemm_wq_panels(x, panels, bits, group, bias, n)
+                    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     q = torch.randint(-128, 128, (n, 203), dtype=torch.int8)
     scales = torch.rand(n) * 0.02
     spec = QuantLinearSpec(format="int8", in_features=203, out_features=n, bits=8, group_size=203, act="int8")

@@ -118,10 +118,13 @@ def _format_checkpoint(fmt: str, base: Path, tmp_path: Path, tok):
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq", "gguf"])
 def test_adapters_over_a_quantized_checkpoint_equal_peft_over_the_dequantized_base(fmt, tiny_model_dirs, tmp_path,
-                                                                                   test_tokenizer):
+                                                                                   test_tokenizer, monkeypatch):
     """peft runs unmerged here: merging into the GGUF's tied embedding would move the LM head's weight too, which
-    is not what the adapter means (nor what peft's own forward computes)."""
+    is not what the adapter means (nor what peft's own forward computes). GGUF layers keep float activations here
+    (LLMCTL_CPU_GGUF_INT8_ACT=0): the oracle is peft over the dequantized weights, not llama.cpp's int8 activations."""
     import peft
+
+    monkeypatch.setenv("LLMCTL_CPU_GGUF_INT8_ACT", "0")
 
     path, quantization, dequantized = _format_checkpoint(fmt, tiny_model_dirs["llama"], tmp_path, test_tokenizer)
     adapters = {

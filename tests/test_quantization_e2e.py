@@ -132,10 +132,14 @@ GGUF_TYPES = {
 }
 
 
-def test_gguf_kept_quantized(tmp_path, test_tokenizer):
+def test_gguf_kept_quantized(tmp_path, test_tokenizer, monkeypatch):
     """Every block type, mixed inside a merged q/k/v, and the tied output projection in its Q8_0 blocks, against
-    transformers loading the same file dequantized."""
+    transformers loading the same file dequantized: with float activations (LLMCTL_CPU_GGUF_INT8_ACT=0), since the
+    oracle's activations are float; the CPU default's int8 activations (llama.cpp's arithmetic) are checked against
+    their own arithmetic in tests/test_cpu_quant_kernels.py and on SmolLM2 in tests/test_quantization_smollm2.py."""
     from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("LLMCTL_CPU_GGUF_INT8_ACT", "0")
 
     path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, GGUF_TYPES, embed_type="Q8_0")
     assert getattr(LLM(str(path), **ENGINE).llm_engine.core.model, "quant_summary", None) is None  # default: bf16

@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 QUANT_SOURCE = Path(native.__file__).with_name("quant.c")
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+INT8_ACT_ENV = "LLMCTL_CPU_GGUF_INT8_ACT"  # 0: GGUF layers keep float32 activations (the float panels)
+ACT8_HALF_SCALES = 256  # quant.c: the int8-activation GEMM's bits flag for fp16 scales and mins
+
+
+def _fp16_exact(t: torch.Tensor) -> bool:
+    h = t.half()
+    return bool(torch.isfinite(h).all()) and torch.equal(h.float(), t)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -68,6 +75,23 @@ class QuantKernels:
         self._wq_panels_bf16.restype = _int
         self._wq_panels_bf16.argtypes = self._wq.argtypes
         self._wq_panels_bf16_at = native.call_target(self._wq_panels_bf16)
+        # GGUF layers: int8 activations in blocks of 32 and integer dot products (same argument list, so the same
+        # recorded QUANT_GEMM_WQ call replays it)
+        self._pack_act8 = lib.llmctl_pack_wq_act8
+        self._pack_act8.restype = None
+        self._pack_act8.argtypes = self._pack_wq.argtypes
+        self._act8 = lib.llmctl_gemm_wq_act8
+        self._act8.restype = _int
+        self._act8.argtypes = self._wq.argtypes
+        self._act8_at = native.call_target(self._act8)
+        self._act8_bf16 = lib.llmctl_gemm_wq_act8_bf16
+        self._act8_bf16.restype = _int
+        self._act8_bf16.argtypes = self._wq.argtypes
+        self._act8_bf16_at = native.call_target(self._act8_bf16)
+        self.has_f16c = bool(lib.llmctl_quant_has_f16c())
+        self._quant_row = lib.llmctl_quant_row_q8_32
+        self._quant_row.restype = _int
+        self._quant_row.argtypes = [_p, _i64, _i64, _p, _p, _p]
         self._w4bf16 = lib.llmctl_gemm_w4_bf16
         self._w4bf16.restype = _int
         self._w4bf16.argtypes = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p]
@@ -133,20 +157,63 @@ class QuantKernels:
                       out["qpanels"].data_ptr(), out["spanels"].data_ptr(), out["mpanels"].data_ptr())
         return out
 
+    def pack_wq_act8(self, qweight: torch.Tensor, bits: int, scales: torch.Tensor, mins: torch.Tensor | None,
+                     group: int) -> dict[str, torch.Tensor]:
+        """Core's int4 / int8 layout -> the panels of the int8-activation GEMM (``gemm_wq_panels`` runs them: the
+        ``a8panels`` key says which kernel); k and group multiples of 32, AVX2 builds."""
+        n = qweight.shape[0]
+        k = qweight.shape[1] * (2 if bits == 4 else 1)
+        np_, ng = (n + 15) // 16, k // group
+        qweight = qweight.contiguous()
+        scales = scales.to(torch.float32).contiguous()
+        mins = None if mins is None else mins.to(torch.float32).contiguous()
+        out = {"a8panels": torch.empty(np_ * k * (8 if bits == 4 else 16), dtype=torch.uint8),
+               "spanels": torch.empty(np_ * ng * 16, dtype=torch.float32),
+               "mpanels": torch.empty(np_ * ng * 16, dtype=torch.float32)}
+        self._pack_act8(qweight.data_ptr(), bits, n, k, scales.data_ptr(), _ptr(mins), group,
+                        out["a8panels"].data_ptr(), out["spanels"].data_ptr(), out["mpanels"].data_ptr())
+        if mins is None:  # nothing to read for them (Q8_0)
+            out["mpanels"] = torch.empty(0, dtype=out["spanels"].dtype)
+        if self.has_f16c and all(_fp16_exact(out[key]) for key in ("spanels", "mpanels")):
+            # Q4_0/Q4_1/Q8_0 scales are fp16 in the file: half the scale bytes, the same values
+            out["spanels"], out["mpanels"] = out["spanels"].half(), out["mpanels"].half()
+        return out
+
+    def quantize_rows_q8_32(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int8-activation GEMM's own quantization of float32 rows ``[m, k]`` (k % 32 == 0): int8 ``[m, k]``,
+        each block's scale ``[m, k / 32]`` and scale times the block's integer sum ``[m, k / 32]``."""
+        m, k = x.shape
+        x = x.contiguous()
+        xq = torch.empty(m, k, dtype=torch.int8)
+        xd = torch.empty(m, k // 32)
+        xs = torch.empty(m, k // 32)
+        if self._quant_row(x.data_ptr(), m, k, xq.data_ptr(), xd.data_ptr(), xs.data_ptr()):
+            raise ValueError(f"quantize_rows_q8_32: {k} columns is not a multiple of 32")
+        return xq, xd, xs
+
     def gemm_wq_panels(self, x: torch.Tensor, panels: dict[str, torch.Tensor], bits: int, group: int,
                        bias: torch.Tensor | None, n: int) -> torch.Tensor:
-        """x float32, or bf16 (then y is bf16: the float32 result rounded, as ``.to(torch.bfloat16)`` would)."""
+        """x float32, or bf16 (then y is bf16: the float32 result rounded, as ``.to(torch.bfloat16)`` would).
+        ``panels`` from ``pack_wq_panels`` (float FMAs) or ``pack_wq_act8`` (int8 activations)."""
         m, k = x.shape
         bf16 = x.dtype == torch.bfloat16
         y = torch.empty(m, n, dtype=torch.bfloat16 if bf16 else torch.float32)
         if m:
+            act8 = "a8panels" in panels
+            mp: torch.Tensor | None = panels["mpanels"]
+            if act8:
+                target, qp = (self._act8_bf16_at if bf16 else self._act8_at), panels["a8panels"]
+                if panels["spanels"].dtype == torch.float16:
+                    bits |= ACT8_HALF_SCALES
+                mp = mp if mp.numel() else None
+            else:
+                target, qp = (self._wq_panels_bf16_at if bf16 else self._wq_panels_at), panels["qpanels"]
             # through the kernels library when it is loaded, so that a recorded decode step replays this call
             call = (native.kernels() or _Direct)._quant_wq
-            rc = call(self._wq_panels_bf16_at if bf16 else self._wq_panels_at, x.data_ptr(), m, k,
-                      panels["qpanels"].data_ptr(), bits,
-                      panels["spanels"].data_ptr(), panels["mpanels"].data_ptr(), group, _ptr(bias), n, y.data_ptr())
+            rc = call(target, x.data_ptr(), m, k, qp.data_ptr(), bits,
+                      panels["spanels"].data_ptr(), _ptr(mp), group, _ptr(bias), n, y.data_ptr())
             if rc:
-                raise RuntimeError(f"llmctl_gemm_wq_panels failed ({rc})")
+                raise RuntimeError(f"llmctl_gemm_wq_{'act8' if act8 else 'panels'} failed ({rc})")
         return y
 
     def gemm_w4_bf16(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
@@ -220,14 +287,35 @@ def _build_words(lib: QuantKernels | None) -> str:
     return "portable C loops, no AVX2 or AVX-512"
 
 
+def _act8_words() -> str:
+    lib = quant_kernels()
+    if lib is None or not lib.has_avx2 or not native.env_on(INT8_ACT_ENV):
+        return ""
+    return "; GGUF layers: int8 activations in blocks of 32, integer dot products"
+
+
 def _as_f32_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
 
 
+def int8_activations(spec: QuantLinearSpec) -> bool:
+    """Whether a weight-only layer runs on int8 activations (``llmctl_gemm_wq_act8``): the layers of GGUF files
+    (llama.cpp computes them this way too) in AVX2 builds, groups and k multiples of 32, unless
+    ``LLMCTL_CPU_GGUF_INT8_ACT=0``. Decided per layer at load, never by the batch, so rows stay batch-invariant."""
+    lib = quant_kernels()
+    return (lib is not None and lib.has_avx2 and spec.ggml_type is not None and spec.act is None
+            and spec.group_size % 32 == 0 and spec.in_features % spec.group_size == 0
+            and native.env_on(INT8_ACT_ENV))
+
+
 def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bits: int,
-                         group: int) -> dict[str, torch.Tensor]:
-    """AVX2 builds repack into 16-column panels; AVX-512 builds stream core's layout as it is."""
+                         group: int, spec: QuantLinearSpec | None = None) -> dict[str, torch.Tensor]:
+    """AVX2 builds repack into 16-column panels (for integer dot products on int8 activations where
+    ``int8_activations`` says so); AVX-512 builds stream core's layout as it is."""
     out = {k: v for k, v in weights.items() if k == "perm"}
+    if spec is not None and int8_activations(spec):
+        out.update(lib.pack_wq_act8(weights["qweight"], bits, weights["scales"], weights.get("mins"), group))
+        return out
     if lib.has_avx2:
         out.update(lib.pack_wq_panels(weights["qweight"], bits, weights["scales"], weights.get("mins"), group))
         return out
@@ -241,12 +329,16 @@ def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bi
 def _panels_bf16(x: torch.Tensor, weights: dict[str, torch.Tensor]) -> bool:
     """bf16 activations go to the panel GEMM as they are (no torch conversions around it: a bf16 decode step with
     these layers stays recordable for the replay)."""
-    return x.dtype == torch.bfloat16 and "qpanels" in weights and weights.get("perm") is None
+    return x.dtype == torch.bfloat16 and _has_panels(weights) and weights.get("perm") is None
+
+
+def _has_panels(weights: dict[str, torch.Tensor]) -> bool:
+    return "qpanels" in weights or "a8panels" in weights
 
 
 def _weight_only_gemm(lib: QuantKernels, xf: torch.Tensor, weights: dict[str, torch.Tensor], bits: int,
                       group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    if "qpanels" in weights:
+    if _has_panels(weights):
         return lib.gemm_wq_panels(xf, weights, bits, group, bias, n)
     return lib.gemm_wq(xf, weights["qweight"], bits, weights["scales"], weights.get("mins"), group, bias, n)
 
@@ -289,7 +381,8 @@ class CpuW8A8Kernel(_SiluAndMulInKernels, QuantMethod):
         if lib is not None and lib.has_vnni:
             return "cpu int8 w8a8 gemm (avx512-vnni; amx-int8 tiles from 16 rows where present) + int8 weight-only gemm"
         if lib is not None and lib.has_avx2:
-            return "cpu int8 w8a8 gemm (avx2 vpmaddubsw) + int8 weight-only gemm (avx2+fma, 16-column panels)"
+            return ("cpu int8 w8a8 gemm (avx2 vpmaddubsw) + int8 weight-only gemm (avx2+fma, 16-column panels)"
+                    + _act8_words())
         return f"cpu int8 weight-only gemm ({_build_words(lib)}; W8A8 needs AVX512-VNNI or AVX2)"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
@@ -314,7 +407,7 @@ class CpuW8A8Kernel(_SiluAndMulInKernels, QuantMethod):
             out["panels"], out["colsum"] = lib.pack_int8(weights["qweight"])
             out["scales"] = weights["scales"].reshape(-1).to(torch.float32).contiguous()
             return out
-        return _weight_only_process(lib, weights, 8, spec.group_size)
+        return _weight_only_process(lib, weights, 8, spec.group_size, spec)
 
     def apply(self, x: torch.Tensor, weights: dict[str, torch.Tensor], bias: torch.Tensor | None,
               spec: QuantLinearSpec) -> torch.Tensor:
@@ -346,7 +439,7 @@ class CpuInt4Kernel(_SiluAndMulInKernels, QuantMethod):
 
     @property
     def kernel(self) -> str:  # type: ignore[override]
-        return f"cpu int4 dequantizing gemm ({_build_words(quant_kernels())})"
+        return f"cpu int4 dequantizing gemm ({_build_words(quant_kernels())}){_act8_words()}"
 
     def supports(self, spec: QuantLinearSpec, dtype: torch.dtype) -> Support:
         lib = quant_kernels()
@@ -359,7 +452,7 @@ class CpuInt4Kernel(_SiluAndMulInKernels, QuantMethod):
     def process_weights(self, weights: dict[str, torch.Tensor], spec: QuantLinearSpec) -> dict[str, torch.Tensor]:
         lib = quant_kernels()
         if lib is not None and lib.has_avx2:
-            return _weight_only_process(lib, weights, 4, spec.group_size)
+            return _weight_only_process(lib, weights, 4, spec.group_size, spec)
         return {k: v.contiguous() if v.is_floating_point() is False else v.to(torch.float32).contiguous()
                 for k, v in weights.items()}
 

@@ -655,12 +655,15 @@ int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, 
 #endif
 }
 
-/* As llmctl_gemm_wq_panels for bf16 activations and a bf16 result (raw bits): the rows are widened to float32
+typedef int (*wq_gemm_fn)(const float *, int64_t, int64_t, const void *, int, const float *, const float *, int64_t,
+                          const float *, int64_t, float *);
+
+/* bf16 rows in, bf16 result out (raw bits) around a float32 weight-only GEMM: the rows are widened to float32
  * (exact), the float32 kernel runs, and its result (bias added) is rounded to bf16 to nearest even, as torch's
  * conversions around the float32 call would do: the same bits, without the two torch ops, so that a bf16 decode
  * step with these layers stays recordable (llmctl_cpu.graph). */
-int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
-                               const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
+static int wq_bf16_around(wq_gemm_fn fn, const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits,
+                          const float *sp, const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
     float *xf = (float *)malloc((size_t)(m * k + m * n) * sizeof(float));
     if (!xf) return -1;
     float *yf = xf + m * k;
@@ -668,7 +671,7 @@ int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const vo
         const uint32_t u = (uint32_t)x[i] << 16;
         memcpy(xf + i, &u, 4);
     }
-    const int rc = llmctl_gemm_wq_panels(xf, m, k, qp, bits, sp, mp, group, bias, n, yf);
+    const int rc = fn(xf, m, k, qp, bits, sp, mp, group, bias, n, yf);
     if (rc == 0)
         for (int64_t i = 0; i < m * n; i++) {
             uint32_t u;
@@ -677,6 +680,278 @@ int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const vo
         }
     free(xf);
     return rc;
+}
+
+/* As llmctl_gemm_wq_panels for bf16 activations and a bf16 result (raw bits): see wq_bf16_around. */
+int llmctl_gemm_wq_panels_bf16(const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                               const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
+    return wq_bf16_around(llmctl_gemm_wq_panels, x, m, k, qp, bits, sp, mp, group, bias, n, y);
+}
+
+/* ---- weight-only int4 / int8 groups x int8 activations in blocks of 32 (GGUF files, AVX2 builds) -------------- *
+ *
+ * What llama.cpp does for its Q4_0/Q4_1/Q8_0 x Q8_0/Q8_1 dot products: each activation row is quantized once per
+ * call to int8 in blocks of 32 (d_b = amax_b / 127, q = x / d_b rounded half to even, clamped to +-127), and each
+ * block's dot product with the stored integer weights is an exact int32 sum (vpmaddubsw + vpmaddwd), converted to
+ * float once per block: about a quarter of the instructions of the float panels above, which widen every weight to
+ * float and spend one FMA per weight and row. The result is not the weight-only reference's: the activations carry
+ * int8 rounding (a relative error of about 1/254 of each block's largest element per element), as they do in
+ * llama.cpp on the same file; so this path is chosen per layer at load (GGUF layers, llmctl_cpu.quant), never by the
+ * row count.
+ *
+ * Per output element the float operations are, groups g ascending and each group's blocks b ascending:
+ *   part = fma((float)isum_b, d_b, part) from 0;  acc = fma(part, s_g, acc);  acc = fma(m_g, xs_g, acc)
+ * with xs_g = sum over the group's blocks of d_b * (float)sum(q_b) (in block order, once per row): the mins meet the
+ * quantized activations' sums, as in llama.cpp's Q4_1 x Q8_1, so a weight's error terms cancel as in w . x_q. The
+ * same operations for every row count and tile: a row's result does not depend on the batch it is in.
+ *
+ * Layout (llmctl_pack_wq_act8), per 16-column panel p and k quad t (4 consecutive k):
+ *   bits 4: 32 bytes: byte 4c + j (c < 8, j < 4) holds column c's element 4t + j in its low nibble and column
+ *           c + 8's in its high nibble: uint8 [np][k / 4][32] (the bytes of core's layout, rearranged);
+ *   bits 8: 64 bytes: byte 4c + j (c < 16): column c's element 4t + j: int8 [np][k / 4][64].
+ * sp, mp: float32 [np][ng][16] as the float panels'. k % 32 == 0 and group % 32 == 0. */
+void llmctl_pack_wq_act8(const void *qw, int bits, int64_t n, int64_t k, const float *scales, const float *mins,
+                         int64_t group, void *qp, float *sp, float *mp) {
+    const int64_t np = (n + 15) / 16, ng = k / group, kq = k / 4, qb = bits == 4 ? 32 : 64;
+    memset(qp, 0, (size_t)(np * kq * qb));
+    memset(sp, 0, (size_t)(np * ng * 16) * sizeof(float));
+    memset(mp, 0, (size_t)(np * ng * 16) * sizeof(float));
+    for (int64_t col = 0; col < n; col++) {
+        const int64_t p = col / 16, c = col % 16;
+        uint8_t *dst = (uint8_t *)qp + p * kq * qb;
+        for (int64_t kk = 0; kk < k; kk++) {
+            const int64_t t = kk / 4, j = kk % 4;
+            if (bits == 4) {
+                const uint8_t byte = ((const uint8_t *)qw)[col * (k / 2) + kk / 2];
+                const uint8_t q = (kk & 1) ? (byte >> 4) : (byte & 15);
+                dst[t * 32 + (c % 8) * 4 + j] |= (uint8_t)(c < 8 ? q : q << 4);
+            } else {
+                dst[t * 64 + c * 4 + j] = ((const uint8_t *)qw)[col * k + kk];
+            }
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            sp[(p * ng + g) * 16 + c] = scales[col * ng + g];
+            if (mins) mp[(p * ng + g) * 16 + c] = mins[col * ng + g];
+        }
+    }
+}
+
+/* One row's int8 blocks of 32: xq [k], xd [k / 32] (d_b; 1 for an all-zero block), xs [k / 32] (d_b * sum q_b).
+ * The vector and scalar loops perform the same IEEE operations (a division, round half to even, a clamp), so they
+ * give the same bytes. */
+static void quantize_row_q8_32(const float *x, int64_t k, int8_t *xq, float *xd, float *xs) {
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float *xb = x + b * 32;
+        int8_t *qb = xq + b * 32;
+        float amax = 0.0f;
+#ifdef QK_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v[4];
+        for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(xb + 8 * i);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        amax = _mm_cvtss_f32(m4);
+        const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+        const __m256 dv = _mm256_set1_ps(d), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) {
+            __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        }
+        const __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        const int32_t isum = _mm_cvtsi128_si32(s4);
+        /* packs interleave the 128-bit lanes: the permute puts the 32 bytes back in index order */
+        const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)qb, _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+        for (int i = 0; i < 32; i++) {
+            const float a = fabsf(xb[i]);
+            if (a > amax) amax = a;
+        }
+        const float d = amax > 0.0f ? amax / 127.0f : 1.0f;
+        int32_t isum = 0;
+        for (int i = 0; i < 32; i++) {
+            float q = nearbyintf(xb[i] / d);  /* default rounding mode: half to even */
+            if (q > 127.0f) q = 127.0f;
+            if (q < -127.0f) q = -127.0f;
+            qb[i] = (int8_t)q;
+            isum += (int32_t)q;
+        }
+#endif
+        xd[b] = d;
+        xs[b] = d * (float)isum;
+    }
+}
+
+int llmctl_quant_row_q8_32(const float *x, int64_t m, int64_t k, int8_t *xq, float *xd, float *xs) {
+    if (k % 32) return -2;
+    for (int64_t r = 0; r < m; r++) quantize_row_q8_32(x + r * k, k, xq + r * k, xd + r * (k / 32), xs + r * (k / 32));
+    return 0;
+}
+
+#ifdef QK_AVX2
+/* Eight group scales (or mins) from float32 panels, or from fp16 ones (F16C; exact: chosen only where every value
+ * converts back unchanged). */
+static inline __attribute__((always_inline)) __m256 load8_scales(const void *base, int64_t i, int half) {
+#ifdef __F16C__
+    if (half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+#else
+    (void)half;
+#endif
+    return _mm256_loadu_ps((const float *)base + i);
+}
+
+/* R <= 4 rows x one 16-column panel. bits 4: u4 weights x s8 activations with vpmaddubsw, whose int16 pair sums
+ * (<= 2 * 15 * 127) are added over a block's eight quads (<= 30480, no overflow) before vpmaddwd widens them; bits
+ * 8: s8 x s8 by the sign trick (|w| as the unsigned operand, x carrying w's sign: pairs <= 2 * 128 * 127), widened
+ * every quad. */
+static inline __attribute__((always_inline)) void act8_tile(const int R, const int bits, const int8_t *xq,
+                                                            const float *xd, const float *xg, int64_t k,
+                                                            const uint8_t *qpp, const void *spp, const void *mpp,
+                                                            const int half, int64_t group, int64_t r0, int64_t p,
+                                                            const float *bias, int64_t n, float *y) {
+    const int64_t ng = k / group, nb = k / 32, bpg = group / 32;
+    const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    const int8_t *x0 = xq + r0 * k;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 part[4][2];
+        for (int r = 0; r < 4; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i is[4][2];
+            for (int r = 0; r < 4; r++) is[r][0] = is[r][1] = _mm256_setzero_si256();
+            if (bits == 4) {
+                for (int64_t t = b * 8; t < b * 8 + 8; t++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(qpp + t * 32));
+                    const __m256i wl = _mm256_and_si256(v, low4);
+                    const __m256i wh = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                    for (int r = 0; r < R; r++) {
+                        const __m256i xb = _mm256_set1_epi32(*(const int32_t *)(x0 + r * k + t * 4));
+                        is[r][0] = _mm256_add_epi16(is[r][0], _mm256_maddubs_epi16(wl, xb));
+                        is[r][1] = _mm256_add_epi16(is[r][1], _mm256_maddubs_epi16(wh, xb));
+                    }
+                }
+                for (int r = 0; r < R; r++) {
+                    is[r][0] = _mm256_madd_epi16(is[r][0], ones);
+                    is[r][1] = _mm256_madd_epi16(is[r][1], ones);
+                }
+            } else {
+                for (int64_t t = b * 8; t < b * 8 + 8; t++) {
+                    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(qpp + t * 64));
+                    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(qpp + t * 64 + 32));
+                    const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+                    for (int r = 0; r < R; r++) {
+                        const __m256i xb = _mm256_set1_epi32(*(const int32_t *)(x0 + r * k + t * 4));
+                        is[r][0] = _mm256_add_epi32(is[r][0],
+                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(xb, w0)), ones));
+                        is[r][1] = _mm256_add_epi32(is[r][1],
+                                                    _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(xb, w1)), ones));
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 d = _mm256_broadcast_ss(xd + (r0 + r) * nb + b);
+                part[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][0]), d, part[r][0]);
+                part[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r][1]), d, part[r][1]);
+            }
+        }
+        const __m256 s0 = load8_scales(spp, g * 16, half), s1 = load8_scales(spp, g * 16 + 8, half);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm256_fmadd_ps(part[r][0], s0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(part[r][1], s1, acc[r][1]);
+        }
+        if (mpp != NULL) {
+            const __m256 m0 = load8_scales(mpp, g * 16, half), m1 = load8_scales(mpp, g * 16 + 8, half);
+            for (int r = 0; r < R; r++) {
+                const __m256 xs = _mm256_broadcast_ss(xg + (r0 + r) * ng + g);
+                acc[r][0] = _mm256_fmadd_ps(m0, xs, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(m1, xs, acc[r][1]);
+            }
+        }
+    }
+    panel_store(R, acc, r0, p, bias, n, y);
+}
+#endif
+
+#define ACT8_HALF_SCALES 256
+
+/* Whether llmctl_gemm_wq_act8 takes fp16 scales (ACT8_HALF_SCALES). */
+int llmctl_quant_has_f16c(void) {
+#if defined(QK_AVX2) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* y[m, n] = sum_g s_g * (sum_b d_b * (q_x,b . q_w,b)) + m_g * xs_g + bias (above), on llmctl_pack_wq_act8's panels.
+ * bits may carry ACT8_HALF_SCALES: sp and mp then hold fp16 values ([np][ng][16] uint16), a sixth less traffic for
+ * Q4_0/Q4_1 (whose scales are fp16 in the file) in a GEMM that reads more bytes than it computes at one row. mp
+ * NULL: no mins (Q8_0), nothing read for them. Returns -3 where this build has no AVX2 path (the caller then never
+ * packs for it), -2 for shapes or flags it does not run. */
+
+int llmctl_gemm_wq_act8(const float *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                        const float *mp, int64_t group, const float *bias, int64_t n, float *y) {
+#ifndef QK_AVX2
+    (void)x; (void)m; (void)k; (void)qp; (void)bits; (void)sp; (void)mp; (void)group; (void)bias; (void)n; (void)y;
+    return -3;
+#else
+    const int half = (bits & ACT8_HALF_SCALES) != 0;
+    bits &= ~ACT8_HALF_SCALES;
+    if ((bits != 4 && bits != 8) || group <= 0 || group % 32 || k % group) return -2;
+#ifndef __F16C__
+    if (half) return -2;
+#endif
+    const int64_t np = (n + 15) / 16, ng = k / group, nb = k / 32, bpg = group / 32, kb = bits == 4 ? k * 8 : k * 16;
+    const int64_t sb = half ? 2 : 4; /* bytes per scale */
+    int8_t *xq = (int8_t *)malloc((size_t)(m * k) + (size_t)(m * (2 * nb + ng)) * sizeof(float));
+    if (!xq) return -1;
+    float *xd = (float *)(xq + m * k), *xs = xd + m * nb, *xg = xs + m * nb;
+    #pragma omp parallel for schedule(static) if (m >= 16)
+    for (int64_t r = 0; r < m; r++) {
+        quantize_row_q8_32(x + r * k, k, xq + r * k, xd + r * nb, xs + r * nb);
+        for (int64_t g = 0; g < ng; g++) {
+            float s = 0.0f;
+            for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) s += xs[r * nb + b];
+            xg[r * ng + g] = s;
+        }
+    }
+    #pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < np; p++) {
+        const uint8_t *qpp = (const uint8_t *)qp + p * kb;
+        const void *spp = (const char *)sp + p * ng * 16 * sb;
+        const void *mpp = mp == NULL ? NULL : (const char *)mp + p * ng * 16 * sb;
+        int64_t r0 = 0;
+        for (; r0 + 4 <= m; r0 += 4) {
+            if (bits == 4) act8_tile(4, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y);
+            else act8_tile(4, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y);
+        }
+        switch ((m - r0) * 16 + bits) {
+            case 1 * 16 + 4: act8_tile(1, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 2 * 16 + 4: act8_tile(2, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 3 * 16 + 4: act8_tile(3, 4, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 1 * 16 + 8: act8_tile(1, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 2 * 16 + 8: act8_tile(2, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            case 3 * 16 + 8: act8_tile(3, 8, xq, xd, xg, k, qpp, spp, mpp, half, group, r0, p, bias, n, y); break;
+            default: break;
+        }
+    }
+    free(xq);
+    return 0;
+#endif
+}
+
+/* As llmctl_gemm_wq_act8 for bf16 activations and a bf16 result (raw bits): see wq_bf16_around. */
+int llmctl_gemm_wq_act8_bf16(const uint16_t *x, int64_t m, int64_t k, const void *qp, int bits, const float *sp,
+                             const float *mp, int64_t group, const float *bias, int64_t n, uint16_t *y) {
+    return wq_bf16_around(llmctl_gemm_wq_act8, x, m, k, qp, bits, sp, mp, group, bias, n, y);
 }
 
 /* ---- int4 weight-only with bf16 activations: nibbles -> bf16 by a 16-entry table, then bf16 dot products ------ */
