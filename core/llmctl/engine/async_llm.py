@@ -45,8 +45,8 @@ _TRIM_AFTER_IDLE_S = 0.5
 # idle: the server's event loop goes on freeing after the engine's last step (streams of slow readers draining,
 # abandoned connections closing, up to the 30 s stream write timeout), and those pages stayed resident until the
 # next busy period (the soak's quiescent heap then read MiBs above glibc's in-use bytes: docs/reliability.md).
-_RETRIM_EVERY_S = 5.0
-_RETRIMS = 6
+_RETRIM_EVERY_S = 0.5
+_RETRIMS = 60
 _HANDOFF_TIMEOUT_S = 0.005  # longest the engine waits for event loops to take a step's outputs
 
 
