@@ -192,10 +192,11 @@ def mallinfo2() -> dict[str, int]:
     return {name: int(getattr(m, name)) for name, _ in _Mallinfo2._fields_}
 
 
-def _smaps_kib() -> dict[str, int]:
-    """Anonymous resident KiB by kind of mapping: the brk heap, 1 MiB mappings (pymalloc's arenas), the rest."""
+def _smaps_kib(big: dict[str, int] | None = None) -> dict[str, int]:
+    """Anonymous resident KiB by kind of mapping: the brk heap, 1 MiB mappings (pymalloc's arenas), the rest; with
+    ``big``, also each other anonymous mapping holding over 256 KiB ("start-end": KiB) into it."""
     out: Counter[str] = Counter()
-    kind = ""
+    kind, where = "", ""
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
         if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
@@ -203,8 +204,11 @@ def _smaps_kib() -> dict[str, int]:
             name = head[5] if len(head) > 5 else ""
             kind = "heap" if name == "[heap]" else ("file" if name.startswith("/") else
                                                   ("arena_1mib" if hi - lo == 1 << 20 else "other_anon"))
+            where = head[0]
         elif head[0] == "Anonymous:":
             out[kind] += int(head[1])
+            if big is not None and kind == "other_anon" and int(head[1]) > 256:
+                big[where] = int(head[1])
     return dict(out)
 
 
@@ -213,7 +217,9 @@ def memory_snapshot(top: int = 30) -> dict[str, Any]:
     gc-tracked objects by type (the ``top`` most numerous)."""
     status = {k: v for k, v in (line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())}
     by_type = Counter(type(o).__qualname__ for o in gc.get_objects())
-    return {"t": time.monotonic(), "rss_anon_kib": int(status["RssAnon"].split()[0]), "smaps": _smaps_kib(),
+    big: dict[str, int] = {}
+    return {"t": time.monotonic(), "rss_anon_kib": int(status["RssAnon"].split()[0]), "smaps": _smaps_kib(big),
+            "other_anon_mappings": big,
             "mallinfo2": mallinfo2(), "py_blocks": sys.getallocatedblocks(), "gc_objects": sum(by_type.values()),
             "by_type": dict(by_type.most_common(top)), "threads": threading.active_count()}
 
