@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import ctypes
 import gc
 import json
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -170,3 +172,83 @@ def attribute(server_log: Path, host_log: Path, stamps: list[tuple[float, str]],
             "gc_collected_per_s": round(collected / span, 1) if span else None,
             "loop_lag": _pcts([r[1] for r in ev.get("lag", [])]), "gil_wait": _pcts([r[1] for r in ev.get("gil", [])]),
             "host_oversleep": _pcts([r[1] for r in ev.get("host", [])]), "preemptions": len(ev.get("preempt", []))}
+
+
+# -- memory at quiescent points (benchmarks/soak/memory_rounds.py) ---------------------------------------------------
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def mallinfo2() -> dict[str, int]:
+    """glibc's heap statistics (all arenas): ``uordblks`` is in use, ``fordblks`` free inside the heap, ``hblkhd``
+    mmapped blocks. Empty off glibc 2.33+."""
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    fn.restype = _Mallinfo2
+    m = fn()
+    return {name: int(getattr(m, name)) for name, _ in _Mallinfo2._fields_}
+
+
+def _smaps_kib(big: dict[str, int] | None = None) -> dict[str, int]:
+    """Anonymous resident KiB by kind of mapping: the brk heap, 1 MiB mappings (pymalloc's arenas), the rest; with
+    ``big``, also each other anonymous mapping holding over 256 KiB ("start-end": KiB) into it."""
+    out: Counter[str] = Counter()
+    kind, where = "", ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            name = head[5] if len(head) > 5 else ""
+            kind = "heap" if name == "[heap]" else ("file" if name.startswith("/") else
+                                                  ("arena_1mib" if hi - lo == 1 << 20 else "other_anon"))
+            where = head[0]
+        elif head[0] == "Anonymous:":
+            out[kind] += int(head[1])
+            if big is not None and kind == "other_anon" and int(head[1]) > 256:
+                big[where] = int(head[1])
+    return dict(out)
+
+
+def memory_snapshot(top: int = 30) -> dict[str, Any]:
+    """What a quiescent server holds: RssAnon by mapping kind, glibc's in-use bytes, Python's allocated blocks and
+    gc-tracked objects by type (the ``top`` most numerous)."""
+    status = {k: v for k, v in (line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())}
+    by_type = Counter(type(o).__qualname__ for o in gc.get_objects())
+    big: dict[str, int] = {}
+    return {"t": time.monotonic(), "rss_anon_kib": int(status["RssAnon"].split()[0]), "smaps": _smaps_kib(big),
+            "other_anon_mappings": big,
+            "mallinfo2": mallinfo2(), "py_blocks": sys.getallocatedblocks(), "gc_objects": sum(by_type.values()),
+            "by_type": dict(by_type.most_common(top)), "threads": threading.active_count()}
+
+
+def install_memory_probe(path: str) -> None:
+    """Answer snapshot requests from another process: it writes ``PATH.req`` ("snap", or "snap trace N" to start
+    tracemalloc with N frames after this snapshot and dump a tracemalloc snapshot with every later one to
+    ``PATH.N.tm``); this thread appends ``memory_snapshot()`` as a JSON line to PATH and removes the request."""
+    import tracemalloc
+
+    req = Path(path + ".req")
+
+    def serve() -> None:
+        n = 0
+        while True:
+            time.sleep(0.1)
+            if not req.exists():
+                continue
+            words = req.read_text().split()
+            snap = memory_snapshot()
+            if tracemalloc.is_tracing():
+                snap["tracemalloc"] = f"{path}.{n}.tm"
+                tracemalloc.take_snapshot().dump(snap["tracemalloc"])
+                snap["traced_kib"] = tracemalloc.get_traced_memory()[0] // 1024
+            with open(path, "a") as fh:
+                fh.write(json.dumps(snap) + "\n")
+            if words[1:2] == ["trace"] and not tracemalloc.is_tracing():
+                tracemalloc.start(int(words[2]) if len(words) > 2 else 8)
+            n += 1
+            req.unlink()
+
+    threading.Thread(target=serve, daemon=True, name="probe-memory").start()

@@ -5,7 +5,8 @@ It is ``llmctl serve`` (the same ``run_server``) plus test seams that need to li
 (once PATH exists, the engine's next step raises a ``BaseException`` that is not an ``Exception``: the engine loop
 dies the way a real crash kills it) and ``--stall-file PATH`` (while PATH exists, every engine step first sleeps
 ``STALL_STEP_S``, so running requests stay running whatever the machine's speed) and ``--probe-log PATH`` (the stall
-probes of ``_probe.py``: steps, gc pauses, event-loop lag, preemptions, as JSON lines). Exits with ``run_server``'s
+probes of ``_probe.py``: steps, gc pauses, event-loop lag, preemptions, as JSON lines) and ``--mem-probe PATH``
+(memory snapshots on request: ``_probe.install_memory_probe``). Exits with ``run_server``'s
 exit code.
 """
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--die-file", default=None)
     ap.add_argument("--stall-file", default=None)
     ap.add_argument("--probe-log", default=None)
+    ap.add_argument("--mem-probe", default=None)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--stream-write-timeout", type=float, default=30.0)
     ap.add_argument("--header-read-timeout", type=float, default=20.0)
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         from tests.reliability._probe import install
 
         install(engine, a.probe_log)
+    if a.mem_probe:
+        from tests.reliability._probe import install_memory_probe
+
+        install_memory_probe(a.mem_probe)
     settings = ServerSettings(served_model_names=["tiny"], max_queued_requests=a.max_queued_requests,
                               shutdown_timeout=a.shutdown_timeout, engine_poll_interval=0.1, api_key=a.api_key,
                               stream_write_timeout=a.stream_write_timeout, header_read_timeout=a.header_read_timeout,

@@ -24,3 +24,75 @@ def test_token_text_caches_stay_bounded_as_new_tokens_appear():
     assert tt.text_of.cache_info().currsize <= TOKEN_CACHE_ENTRIES < seen // 4
     assert tt.bytes_of.cache_info().currsize <= TOKEN_CACHE_ENTRIES
     assert tt.text(7) == "<t7>"  # evicted entries are recomputed, not lost
+
+
+def test_prefix_cache_index_and_request_tables_stay_bounded_by_the_block_count():
+    """Every request of a long run registers new prefix hashes (the soak's prompts are random): the index may hold
+    at most one hash per block, and a finished request leaves nothing in the manager, so what the KV manager
+    holds at idle is set by the cache size, not by how many requests it served (docs/reliability.md, soak)."""
+    import random
+
+    from llmctl.kv.manager import KVCacheManager
+
+    num_blocks, bs = 64, 4
+    kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=True)
+    rng = random.Random(0)
+    sizes = []
+    for i in range(2_000):
+        rid = f"r{i}"
+        tokens = [rng.randrange(50_000) for _ in range(rng.randint(1, 40))]
+        cached = kv.find_cached_prefix(rid, tokens)
+        if kv.allocate(rid, 0, len(tokens) - len(cached) * bs, cached):
+            kv.cache_computed_blocks(rid, tokens, len(tokens))
+        kv.free(rid)  # finished, or aborted while waiting (it looked up its prefix, never got blocks)
+        sizes.append(len(kv.pool._cached))
+    assert max(sizes) <= num_blocks
+    assert sizes[-1] > num_blocks // 2  # the index did fill: the bound above was exercised
+    assert kv.num_free_blocks == num_blocks and not kv._requests
+
+
+class _IdleEngine:
+    """Just enough of an ``LLMEngine`` for ``AsyncLLM``'s loop: one step of work when told, else idle."""
+
+    tokenizer = model_config = None
+
+    def __init__(self) -> None:
+        self.work = 0
+
+    def get_stats(self) -> dict:
+        return {}
+
+    def has_unfinished_requests(self) -> bool:
+        return self.work > 0
+
+    def step(self) -> list:
+        self.work -= 1
+        return []
+
+
+def test_idle_engine_trims_malloc_again_for_what_is_freed_after_its_last_step(monkeypatch):
+    import time
+
+    from llmctl import EngineArgs
+    from llmctl.engine import async_llm
+
+    trims: list[float] = []
+    monkeypatch.setattr(async_llm, "malloc_trim", lambda pad: trims.append(time.monotonic()))
+    monkeypatch.setattr(async_llm, "_TRIM_AFTER_IDLE_S", 0.02)
+    monkeypatch.setattr(async_llm, "_RETRIM_EVERY_S", 0.05)
+    monkeypatch.setattr(async_llm, "_RETRIMS", 3)
+    fake = _IdleEngine()
+    engine = async_llm.AsyncLLM(EngineArgs(model="unused"), engine=fake)
+    try:
+        time.sleep(0.3)
+        assert trims == []  # never busy: nothing to hand back
+        fake.work = 1
+        engine._wake.set()
+        deadline = time.monotonic() + 10
+        while len(trims) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert len(trims) == 1 + 3  # the trim after the busy period, then the later ones, then none
+        assert all(b - a >= 0.05 for a, b in zip(trims[1:], trims[2:]))
+    finally:
+        engine.shutdown()

@@ -6,7 +6,8 @@ state runs on the engine thread, fed through a command queue. Outputs go back wi
 per step, and a consumer that falls behind simply skips to the newest cumulative output.
 
 Once the engine has been idle for ``_TRIM_AFTER_IDLE_S`` after doing work, it calls glibc's ``malloc_trim(0)``
-(once per busy period; ``LLMCTL_MALLOC_TRIM=0`` turns it off). A step's temporaries are large and vary in size
+(then a few more times while it stays idle, for what the event loop frees after the last step;
+``LLMCTL_MALLOC_TRIM=0`` turns it off). A step's temporaries are large and vary in size
 (logits are rows x vocab floats: 48 MiB for 256 rows of a 49k vocab), and glibc keeps what they freed in the
 engine thread's arena, so without it the idle RSS of a server steps up and down by up to ~100 MiB between bursts
 (docs/reliability.md, memory). The call releases the GIL and takes a few milliseconds; it never runs while
@@ -40,6 +41,12 @@ from llmctl.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 _TRIM_AFTER_IDLE_S = 0.5
+# After that first trim, trim again every ``_RETRIM_EVERY_S`` for ``_RETRIMS`` more times while the engine stays
+# idle: the server's event loop goes on freeing after the engine's last step (streams of slow readers draining,
+# abandoned connections closing, up to the 30 s stream write timeout), and those pages stayed resident until the
+# next busy period (the soak's quiescent heap then read MiBs above glibc's in-use bytes: docs/reliability.md).
+_RETRIM_EVERY_S = 0.5
+_RETRIMS = 60
 _HANDOFF_TIMEOUT_S = 0.005  # longest the engine waits for event loops to take a step's outputs
 
 
@@ -245,6 +252,7 @@ class AsyncLLM:
     def _run_loop(self) -> None:
         engine = self.engine
         trim_pending = False  # work was done since the last malloc_trim
+        retrims_left, last_trim = 0, 0.0  # the later trims of this idle period
         try:
             while not self._stop.is_set():
                 self._drain_commands()
@@ -252,8 +260,12 @@ class AsyncLLM:
                     self._stats = engine.get_stats()
                     woken = self._wake.wait(timeout=_TRIM_AFTER_IDLE_S)
                     self._wake.clear()
-                    if not woken and trim_pending and malloc_trim is not None:
-                        trim_pending = False
+                    if woken or malloc_trim is None:
+                        continue
+                    now = time.monotonic()
+                    if trim_pending or (retrims_left and now - last_trim >= _RETRIM_EVERY_S):
+                        retrims_left = _RETRIMS if trim_pending else retrims_left - 1
+                        trim_pending, last_trim = False, now
                         malloc_trim(0)  # idle for a while: hand the step temporaries' free pages back
                     continue
                 trim_pending = True
