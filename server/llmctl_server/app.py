@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,6 +57,7 @@ from llmctl_server.streaming import GuardedStreamingResponse
 from llmctl_server.structured import structured_params
 from llmctl_server.tokens import TokenText
 from llmctl_server.web_ui import WEB_UI_PATHS, mount_web_ui
+from llmctl_server.worker_threads import start_worker_threads
 
 logger = logging.getLogger("llmctl_server")
 
@@ -94,6 +95,17 @@ def _engine_limits(engine: EngineClient) -> tuple[int, int, int | None, str]:
     return int(mc.max_model_len), int(mc.vocab_size), engine.args.max_num_seqs, name
 
 
+def _warm_tokenizer(tokenizer: Any) -> Callable[[], object] | None:
+    """One short encode and decode: what a worker thread's first request would do first."""
+    if tokenizer is None:
+        return None
+
+    def warm() -> object:
+        return tokenizer.decode(tokenizer.encode("Hello, world"))
+
+    return warm
+
+
 def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     max_model_len, vocab_size, max_num_seqs, default_name = _engine_limits(engine)
@@ -116,6 +128,7 @@ def build_app(engine: EngineClient, settings: ServerSettings | None = None) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        start_worker_threads(asyncio.get_running_loop(), _warm_tokenizer(tokenizer))
         task = asyncio.create_task(_watchdog(app, state))
         try:
             yield

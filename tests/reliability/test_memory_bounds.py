@@ -96,3 +96,29 @@ def test_idle_engine_trims_malloc_again_for_what_is_freed_after_its_last_step(mo
         assert all(b - a >= 0.05 for a, b in zip(trims[1:], trims[2:]))
     finally:
         engine.shutdown()
+
+
+def test_worker_threads_start_together_and_no_thread_starts_later():
+    """The server's default executor: every thread started (and warmed) before the first request, so a burst of
+    overlapping ``asyncio.to_thread`` calls later starts none (a thread starting mid-run was a step of RssAnon
+    growth in the soak)."""
+    import asyncio
+    import threading
+    import time
+
+    from llmctl_server.worker_threads import start_worker_threads
+
+    warmed: set[int] = set()
+
+    async def main() -> tuple[int, int, set[int]]:
+        pool = start_worker_threads(asyncio.get_running_loop(), lambda: warmed.add(threading.get_ident()), count=4)
+        before = threading.active_count()
+        used = await asyncio.gather(*(asyncio.to_thread(lambda: (time.sleep(0.02), threading.get_ident())[1])
+                                      for _ in range(16)))
+        after = threading.active_count()
+        pool.shutdown(wait=True)
+        return before, after, set(used)
+
+    before, after, used = asyncio.run(main())
+    assert len(warmed) == 4  # four distinct threads ran the warm-up
+    assert after == before and used <= warmed  # the burst ran on them; no thread started
