@@ -31,8 +31,6 @@ def model(tmp_path_factory, test_tokenizer):
 
 
 def test_ray_unreachable_address_fails_at_once(model, monkeypatch):
-    from llmctl import LLM
-
     if ray.is_initialized():  # runs before local_ray below starts one, when the module runs in order
         pytest.skip("a Ray instance is already attached in this process")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
@@ -50,21 +48,28 @@ def local_ray(tmp_path_factory):
     ray.shutdown()
 
 
-def test_ray_tp2_matches_tp1_and_a_killed_actor_is_engine_dead(model, local_ray):
+@pytest.fixture(scope="module")
+def one_process(model):
+    """The greedy tokens and logprobs of one process: what every split must give."""
+    with one_torch_thread():
+        return generate(LLM(str(model), dtype="float32", num_threads=1, seed=0))
+
+
+def _assert_same_outputs(got: list[dict], want: list[dict]) -> None:
     import torch
-    from llmctl import LLM, SamplingParams
+
+    for g, w in zip(got, want, strict=True):
+        assert g["tokens"] == w["tokens"]
+        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+
+
+def test_ray_tp2_matches_tp1_and_a_killed_actor_is_engine_dead(model, one_process, local_ray):
     from llmctl.engine.errors import EngineDeadError
 
-    with one_torch_thread():
-        want = generate(LLM(str(model), dtype="float32", num_threads=1, seed=0))
     llm = LLM(str(model), dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray",
               num_threads=1, seed=0)
     try:
-        got = generate(llm)
-        for g, w in zip(got, want, strict=True):
-            assert g["tokens"] == w["tokens"]
-            torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4,
-                                       rtol=1e-4)
+        _assert_same_outputs(generate(llm), one_process)
         core = llm.llm_engine.core
         ray.kill(core.actors[1], no_restart=True)
         with pytest.raises(EngineDeadError, match="engine workers died: .*rank 1"):
@@ -79,29 +84,19 @@ def test_ray_tp2_matches_tp1_and_a_killed_actor_is_engine_dead(model, local_ray)
 
 
 def test_ray_more_ranks_than_the_cluster_holds_is_refused(model, local_ray, monkeypatch):
-    from llmctl import LLM
-
     monkeypatch.setattr("llmctl.executor.ray_executor.PLACEMENT_TIMEOUT_S", 3.0)
     with pytest.raises(ValueError, match=r"tensor_parallel_size: 4 ranks need 4 x \{'CPU': 1.0\}"):
         LLM(str(model), dtype="float32", tensor_parallel_size=4, distributed_executor_backend="ray", num_threads=1)
 
 
-
-def test_ray_pp2_matches_pp1(model, local_ray):
-    import torch
-    from llmctl import LLM
-
-    with one_torch_thread():
-        want = generate(LLM(str(model), dtype="float32", num_threads=1, seed=0))
+def test_ray_pp2_matches_pp1(model, one_process, local_ray):
     llm = LLM(str(model), dtype="float32", pipeline_parallel_size=2, distributed_executor_backend="ray",
               num_threads=1, seed=0)
     try:
         got = generate(llm)
     finally:
         llm.llm_engine.shutdown()
-    for g, w in zip(got, want, strict=True):
-        assert g["tokens"] == w["tokens"]
-        torch.testing.assert_close(torch.tensor(g["logprobs"]), torch.tensor(w["logprobs"]), atol=1e-4, rtol=1e-4)
+    _assert_same_outputs(got, one_process)
 
 
 @pytest.fixture

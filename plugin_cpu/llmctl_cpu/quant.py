@@ -19,6 +19,7 @@ import platform
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from llmctl.plugins.types import QuantLinearSpec, QuantMethod, Support
@@ -42,6 +43,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _bind(fn: Any, restype: Any, argtypes: list[Any]) -> Any:
+    """A ctypes function of the library with its result and argument types set."""
+    fn.restype = restype
+    fn.argtypes = argtypes
+    return fn
+
+
 class _Direct:
     """Without the kernels library (no decode replay then), the panel GEMM is called directly."""
 
@@ -55,49 +63,25 @@ class QuantKernels:
         self.has_bf16 = bool(lib.llmctl_quant_has_bf16())
         # AVX2 + FMA without AVX-512: weight-only GEMMs on 16-column panels, W8A8 on vpmaddubsw
         self.has_avx2 = bool(lib.llmctl_quant_has_avx2())
-        self._pack = lib.llmctl_pack_int8_panels
-        self._pack.restype = None
-        self._pack.argtypes = [_p, _i64, _i64, _p, _p]
-        self._w8a8 = lib.llmctl_gemm_w8a8
-        self._w8a8.restype = _int
-        self._w8a8.argtypes = [_p, _i64, _i64, _p, _p, _p, _p, _i64, _p]
-        self._wq = lib.llmctl_gemm_wq
-        self._wq.restype = _int
-        self._wq.argtypes = [_p, _i64, _i64, _p, _int, _p, _p, _i64, _p, _i64, _p]
-        self._pack_wq = lib.llmctl_pack_wq_panels
-        self._pack_wq.restype = None
-        self._pack_wq.argtypes = [_p, _int, _i64, _i64, _p, _p, _i64, _p, _p, _p]
-        self._wq_panels = lib.llmctl_gemm_wq_panels
-        self._wq_panels.restype = _int
-        self._wq_panels.argtypes = self._wq.argtypes
+        self._pack = _bind(lib.llmctl_pack_int8_panels, None, [_p, _i64, _i64, _p, _p])
+        self._w8a8 = _bind(lib.llmctl_gemm_w8a8, _int, [_p, _i64, _i64, _p, _p, _p, _p, _i64, _p])
+        self._wq = _bind(lib.llmctl_gemm_wq, _int, [_p, _i64, _i64, _p, _int, _p, _p, _i64, _p, _i64, _p])
+        self._pack_wq = _bind(lib.llmctl_pack_wq_panels, None, [_p, _int, _i64, _i64, _p, _p, _i64, _p, _p, _p])
+        self._wq_panels = _bind(lib.llmctl_gemm_wq_panels, _int, self._wq.argtypes)
         self._wq_panels_at = native.call_target(self._wq_panels)
-        self._wq_panels_bf16 = lib.llmctl_gemm_wq_panels_bf16
-        self._wq_panels_bf16.restype = _int
-        self._wq_panels_bf16.argtypes = self._wq.argtypes
+        self._wq_panels_bf16 = _bind(lib.llmctl_gemm_wq_panels_bf16, _int, self._wq.argtypes)
         self._wq_panels_bf16_at = native.call_target(self._wq_panels_bf16)
         # GGUF layers: int8 activations in blocks of 32 and integer dot products (same argument list, so the same
         # recorded QUANT_GEMM_WQ call replays it)
-        self._pack_act8 = lib.llmctl_pack_wq_act8
-        self._pack_act8.restype = None
-        self._pack_act8.argtypes = self._pack_wq.argtypes
-        self._act8 = lib.llmctl_gemm_wq_act8
-        self._act8.restype = _int
-        self._act8.argtypes = self._wq.argtypes
+        self._pack_act8 = _bind(lib.llmctl_pack_wq_act8, None, self._pack_wq.argtypes)
+        self._act8 = _bind(lib.llmctl_gemm_wq_act8, _int, self._wq.argtypes)
         self._act8_at = native.call_target(self._act8)
-        self._act8_bf16 = lib.llmctl_gemm_wq_act8_bf16
-        self._act8_bf16.restype = _int
-        self._act8_bf16.argtypes = self._wq.argtypes
+        self._act8_bf16 = _bind(lib.llmctl_gemm_wq_act8_bf16, _int, self._wq.argtypes)
         self._act8_bf16_at = native.call_target(self._act8_bf16)
         self.has_f16c = bool(lib.llmctl_quant_has_f16c())
-        self._quant_row = lib.llmctl_quant_row_q8_32
-        self._quant_row.restype = _int
-        self._quant_row.argtypes = [_p, _i64, _i64, _p, _p, _p]
-        self._w4bf16 = lib.llmctl_gemm_w4_bf16
-        self._w4bf16.restype = _int
-        self._w4bf16.argtypes = [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p]
-        self._use_amx = lib.llmctl_quant_use_amx
-        self._use_amx.restype = _int
-        self._use_amx.argtypes = [_int]
+        self._quant_row = _bind(lib.llmctl_quant_row_q8_32, _int, [_p, _i64, _i64, _p, _p, _p])
+        self._w4bf16 = _bind(lib.llmctl_gemm_w4_bf16, _int, [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p])
+        self._use_amx = _bind(lib.llmctl_quant_use_amx, _int, [_int])
         self.amx = False
         self.use_amx(native.env_on(native.AMX_ENV))
 
