@@ -49,9 +49,8 @@ def _kernel():
             w = q.to(tl.float32) * tl.load(s_ptr + rn[None, :] * ssn + g * ssg, mask=wmask, other=0.0)
             if HAS_MINS:
                 w = w + tl.load(m_ptr + rn[None, :] * smn + g * smg, mask=wmask, other=0.0)
-            if FP32:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
-            elif UPCAST:  # the interpreter's bf16 matmul is wrong and its bf16 casts truncate: fp32 weights there
+            # UPCAST: the interpreter's bf16 matmul is wrong and its bf16 casts truncate, so fp32 weights there
+            if FP32 or UPCAST:
                 acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
