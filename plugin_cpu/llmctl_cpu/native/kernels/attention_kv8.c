@@ -320,6 +320,34 @@ static void kv8_tile_dispatch(int fmt, int group, int d, const float *q, int R, 
 }
 #endif
 
+/* kv8_attend's per-row loop, one body for both vector widths: the AVX-512 build's sixteen lanes, the AVX2 build's
+ * eight (the same operations in the same order per lane; KV8_ROW_LANES 0: the generic loop only). */
+#if HAVE_AVX512
+#define KV8_ROW_LANES 16
+typedef __m512 kv8_vec;
+#define KV8_ROW_LOAD kv8_load16
+#define KV8_ROW_FIX kv8_scale_fix
+#define KV8_LOADU _mm512_loadu_ps
+#define KV8_STOREU _mm512_storeu_ps
+#define KV8_MUL _mm512_mul_ps
+#define KV8_FMADD _mm512_fmadd_ps
+#define KV8_SET1 _mm512_set1_ps
+#define KV8_HSUM _mm512_reduce_add_ps
+#elif HAVE_AVX2_FMA
+#define KV8_ROW_LANES 8
+typedef __m256 kv8_vec;
+#define KV8_ROW_LOAD kv8_load8
+#define KV8_ROW_FIX kv8_scale_fix8
+#define KV8_LOADU _mm256_loadu_ps
+#define KV8_STOREU _mm256_storeu_ps
+#define KV8_MUL _mm256_mul_ps
+#define KV8_FMADD _mm256_fmadd_ps
+#define KV8_SET1 _mm256_set1_ps
+#define KV8_HSUM kv8_hsum8
+#else
+#define KV8_ROW_LANES 0
+#endif
+
 /* Whether kv8_tile_fixed takes this shape (AVX-512 builds). */
 static inline int kv8_tiled(int group, int d) { return (d == 64 || d == 128) && group <= 8; }
 
@@ -329,23 +357,24 @@ static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t 
                        float *restrict scores, float *restrict acc) {
     const int64_t row_bytes = d + 4, slot_bytes = (int64_t)kv_heads * row_bytes;
     const int n = len - first;
-#if HAVE_AVX512
-    if (d % 16 == 0 && d <= 256) {
-        const float fix = kv8_scale_fix(fmt);
-        const int nv = d / 16;
+#if KV8_ROW_LANES
+    /* Codes widened in registers, one key's scale per score and one value's per weight. */
+    if (d % KV8_ROW_LANES == 0 && d <= 256) {
+        const float fix = KV8_ROW_FIX(fmt);
+        const int nv = d / KV8_ROW_LANES;
         for (int t = first; t < len; t++) {
             const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
                                 + kh * row_bytes;
             float ks;
             memcpy(&ks, kr + d, sizeof ks);
             ks *= fix;
-            __m512 kv[16];
-            for (int v = 0; v < nv; v++) kv[v] = kv8_load16(kr + 16 * v, fmt);
+            kv8_vec kv[256 / KV8_ROW_LANES];
+            for (int v = 0; v < nv; v++) kv[v] = KV8_ROW_LOAD(kr + KV8_ROW_LANES * v, fmt);
             for (int g = 0; g < group; g++) {
                 const float *qg = q + (size_t)g * d;
-                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
-                for (int v = 1; v < nv; v++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), kv[v], a);
-                scores[(size_t)g * n + (t - first)] = _mm512_reduce_add_ps(a) * ks;
+                kv8_vec a = KV8_MUL(KV8_LOADU(qg), kv[0]);
+                for (int v = 1; v < nv; v++) a = KV8_FMADD(KV8_LOADU(qg + KV8_ROW_LANES * v), kv[v], a);
+                scores[(size_t)g * n + (t - first)] = KV8_HSUM(a) * ks;
             }
         }
         softmax_numerators(scores, group, n);
@@ -356,53 +385,13 @@ static void kv8_attend(int fmt, const float *q, int group, int d, const uint8_t 
             float vs;
             memcpy(&vs, vr + d, sizeof vs);
             vs *= fix;
-            __m512 vv[16];
-            for (int v = 0; v < nv; v++) vv[v] = kv8_load16(vr + 16 * v, fmt);
+            kv8_vec vv[256 / KV8_ROW_LANES];
+            for (int v = 0; v < nv; v++) vv[v] = KV8_ROW_LOAD(vr + KV8_ROW_LANES * v, fmt);
             for (int g = 0; g < group; g++) {
-                const __m512 w = _mm512_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
+                const kv8_vec w = KV8_SET1(scores[(size_t)g * n + (t - first)] * vs);
                 float *ag = acc + (size_t)g * d;
                 for (int v = 0; v < nv; v++)
-                    _mm512_storeu_ps(ag + 16 * v, _mm512_fmadd_ps(w, vv[v], _mm512_loadu_ps(ag + 16 * v)));
-            }
-        }
-        return;
-    }
-#elif HAVE_AVX2_FMA
-    /* The AVX-512 loop above on eight lanes: codes widened in registers instead of the generic path's table
-     * lookups, one key's scale per score and one value's per weight. */
-    if (d % 8 == 0 && d <= 256) {
-        const float fix = kv8_scale_fix8(fmt);
-        const int nv = d / 8;
-        for (int t = first; t < len; t++) {
-            const uint8_t *kr = k_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
-                                + kh * row_bytes;
-            float ks;
-            memcpy(&ks, kr + d, sizeof ks);
-            ks *= fix;
-            __m256 kv[32];
-            for (int v = 0; v < nv; v++) kv[v] = kv8_load8(kr + 8 * v, fmt);
-            for (int g = 0; g < group; g++) {
-                const float *qg = q + (size_t)g * d;
-                __m256 a = _mm256_mul_ps(_mm256_loadu_ps(qg), kv[0]);
-                for (int v = 1; v < nv; v++) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * v), kv[v], a);
-                scores[(size_t)g * n + (t - first)] = kv8_hsum8(a) * ks;
-            }
-        }
-        softmax_numerators(scores, group, n);
-        memset(acc, 0, sizeof(float) * (size_t)group * d);
-        for (int t = first; t < len; t++) {
-            const uint8_t *vr = v_cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * slot_bytes
-                                + kh * row_bytes;
-            float vs;
-            memcpy(&vs, vr + d, sizeof vs);
-            vs *= fix;
-            __m256 vv[32];
-            for (int v = 0; v < nv; v++) vv[v] = kv8_load8(vr + 8 * v, fmt);
-            for (int g = 0; g < group; g++) {
-                const __m256 w = _mm256_set1_ps(scores[(size_t)g * n + (t - first)] * vs);
-                float *ag = acc + (size_t)g * d;
-                for (int v = 0; v < nv; v++)
-                    _mm256_storeu_ps(ag + 8 * v, _mm256_fmadd_ps(w, vv[v], _mm256_loadu_ps(ag + 8 * v)));
+                    KV8_STOREU(ag + KV8_ROW_LANES * v, KV8_FMADD(w, vv[v], KV8_LOADU(ag + KV8_ROW_LANES * v)));
             }
         }
         return;
