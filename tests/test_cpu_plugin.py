@@ -127,8 +127,13 @@ def test_probe_reports_real_hardware(manager):
     assert 0 < free <= total <= os.sysconf("SC_PHYS_PAGES") * page * 1.01
     dtypes = plat.supported_dtypes()
     assert dtypes[-1] == torch.float32
-    assert (torch.bfloat16 in dtypes) == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"])
-    # without native bf16 the CPU still runs bfloat16 when a user names it (emulated), never for dtype=auto
+    from llmctl_cpu.platform import c_bf16_kernels
+
+    native_bf16 = ("avx512_bf16" in flags or "amx_bf16" in flags) and caps["mkldnn_bf16"]
+    assert (torch.bfloat16 in dtypes) == (native_bf16 or c_bf16_kernels())
+    assert dtypes[0] == (torch.bfloat16 if torch.bfloat16 in dtypes else torch.float32)  # auto's pick for a GGUF
+    # without native bf16 or the C kernels the CPU still runs bfloat16 when a user names it (emulated), never for
+    # dtype=auto
     assert plat.emulated_dtypes() == ([] if torch.bfloat16 in dtypes else [torch.bfloat16])
 
 

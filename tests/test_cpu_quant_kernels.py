@@ -311,10 +311,13 @@ _FP16_SCALES = ("Q4_1", "Q8_0")  # scales (and mins) fp16 in the file: packed as
 
 
 @pytest.mark.parametrize(("bits", "group", "asym", "type_name"), _ACT8_CASES)
-def test_gguf_layers_on_int8_activations_equal_their_arithmetic(bits, group, asym, type_name):
+def test_gguf_layers_on_int8_activations_equal_their_arithmetic(bits, group, asym, type_name, monkeypatch):
     """GGUF layers (AVX2 builds) run on int8 activations in blocks of 32, as llama.cpp: equal to that arithmetic in
     float64 at 1, 7, 64 and 300 rows (odd n), each row equal to itself alone (batch-invariant), bf16 rows equal to the
     float32 call rounded; and within int8 rounding of the float-activation reference."""
+    from llmctl_cpu.quant import INT8_ACT_ENV
+
+    monkeypatch.setenv(INT8_ACT_ENV, "1")
     lib = quant_kernels()
     if not lib.has_avx2:
         pytest.skip("the int8-activation GEMM is the AVX2 build's")
@@ -349,8 +352,8 @@ def test_gguf_layers_on_int8_activations_equal_their_arithmetic(bits, group, asy
 
 
 def test_int8_activations_are_a_per_layer_choice(monkeypatch):
-    """Layers without a GGUF block type keep float activations, and LLMCTL_CPU_GGUF_INT8_ACT=0 turns the int8 path
-    off for GGUF layers too; the quantizer is correct on extreme blocks (+-127 reached, no overflow of the int16 pair
+    """GGUF layers keep float activations unless LLMCTL_CPU_GGUF_INT8_ACT=1, and layers without a GGUF block type
+    keep them even then; the quantizer is correct on extreme blocks (+-127 reached, no overflow of the int16 pair
     sums with 15 x 127 everywhere)."""
     from llmctl_cpu.quant import INT8_ACT_ENV
 
@@ -362,8 +365,12 @@ def test_int8_activations_are_a_per_layer_choice(monkeypatch):
                "mins": torch.zeros(n, 2)}
     gguf = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=32, ggml_type="Q4_0")
     plain = QuantLinearSpec(format="int4", in_features=k, out_features=n, bits=4, group_size=32)
+    monkeypatch.delenv(INT8_ACT_ENV, raising=False)
+    assert "qpanels" in CpuInt4Kernel().process_weights(dict(weights), gguf)  # off by default
+    monkeypatch.setenv(INT8_ACT_ENV, "1")
     assert "qpanels" in CpuInt4Kernel().process_weights(dict(weights), plain)
     processed = CpuInt4Kernel().process_weights(dict(weights), gguf)
+    assert "a8panels" in processed
     x = torch.where(torch.rand(3, k) < 0.5, -1.0, 1.0)  # every element quantizes to +-127
     x[1] = 1.0
     got = CpuInt4Kernel().apply(x, processed, None, gguf)

@@ -134,16 +134,17 @@ GGUF_TYPES = {
 
 def test_gguf_kept_quantized(tmp_path, test_tokenizer, monkeypatch):
     """Every block type, mixed inside a merged q/k/v, and the tied output projection in its Q8_0 blocks, against
-    transformers loading the same file dequantized: with float activations (LLMCTL_CPU_GGUF_INT8_ACT=0), since the
-    oracle's activations are float; the CPU default's int8 activations (llama.cpp's arithmetic) are checked against
-    their own arithmetic in tests/test_cpu_quant_kernels.py and on SmolLM2 in tests/test_quantization_smollm2.py."""
+    transformers loading the same file dequantized: with float activations (the CPU default, pinned here), since the
+    oracle's activations are float; the opt-in int8 activations (llama.cpp's arithmetic) are checked against their
+    own arithmetic in tests/test_cpu_quant_kernels.py and on SmolLM2 in tests/test_quantization_smollm2.py. Kept
+    quantized is the default; quantization="none" dequantizes at load."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("LLMCTL_CPU_GGUF_INT8_ACT", "0")
 
     path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, GGUF_TYPES, embed_type="Q8_0")
-    assert getattr(LLM(str(path), **ENGINE).llm_engine.core.model, "quant_summary", None) is None  # default: bf16
-    llm = LLM(str(path), quantization="gguf", **ENGINE)
+    assert getattr(LLM(str(path), quantization="none", **ENGINE).llm_engine.core.model, "quant_summary", None) is None
+    llm = LLM(str(path), **ENGINE)
     summary = kernels_of(llm)
     for t in ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "lm_head Q8_0 g32"):
         assert t in summary, summary
@@ -168,6 +169,9 @@ def test_method_must_match_the_checkpoint(base_dir, tmp_path):
     path, _ = write_awq(base_dir, tmp_path / "awq", 64)
     with pytest.raises(ValueError, match="already quantized with awq"):
         LLM(str(path), quantization="int8", **ENGINE)
+    with pytest.raises(ValueError, match="quantization: none dequantizes GGUF files at load; this checkpoint is "
+                                         "stored as awq"):
+        LLM(str(path), quantization="none", **ENGINE)
 
 
 def _edit_config(path, **changes):

@@ -214,8 +214,8 @@ def test_gguf_block_that_a_split_would_cut_is_refused(tmp_path, test_tokenizer):
     types = {**GGUF_TP_TYPES, "1.ffn_down": "Q6_K"}  # 256-value super-blocks, 128 input columns per rank
     path = write_gguf(tmp_path / "tiny.gguf", test_tokenizer, types, hidden=256, ffn=256)
     with pytest.raises(ValueError, match=r"layer model\.layers\.1\.mlp\.down_proj by its 256 input columns, 128 per "
-                                         r"rank, which is not a multiple of the gguf Q6_K block=256 .* or leave "
-                                         r"quantization unset"):
+                                         r"rank, which is not a multiple of the gguf Q6_K block=256 .* or set "
+                                         r"quantization to none"):
         LLM(str(path), quantization="gguf", tensor_parallel_size=2, distributed_executor_backend="external_launcher",
             num_threads=1)
 

@@ -142,8 +142,8 @@ def serve(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16 (the activation dtype)."),
     quantization: str | None = typer.Option(
         None, "--quantization", "-q",
-        help="Weight quantization: default the checkpoint's own (gguf, compressed-tensors, gptq, awq); int8 or "
-             "fp8 quantize an unquantized checkpoint at load."),
+        help="Weight quantization: default the checkpoint's own (gguf, compressed-tensors, gptq, awq; a GGUF stays "
+             "quantized); int8 or fp8 quantize an unquantized checkpoint at load; none dequantizes a GGUF at load."),
     max_model_len: int | None = typer.Option(None, help="Context length (default: the model's)."),
     device: str | None = typer.Option(None, help="Platform name or torch device type (also LLMCTL_DEVICE)."),
     kv_cache_memory: str | None = typer.Option(None, help="KV cache size: fraction of free memory or e.g. 4GiB."),

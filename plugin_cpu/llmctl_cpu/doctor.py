@@ -7,7 +7,7 @@ import os
 import torch
 from llmctl.plugins.types import DoctorCheck, DoctorResult
 
-from llmctl_cpu.platform import THREADS_ENV, c_bf16_gemm, cpu_info, default_num_threads, mkldnn_bf16_usable
+from llmctl_cpu.platform import THREADS_ENV, c_bf16_kernels, cpu_info, default_num_threads, mkldnn_bf16_usable
 
 
 def check_threads() -> DoctorResult:
@@ -33,9 +33,9 @@ def check_bf16() -> DoctorResult:
         if isa and onednn:
             return DoctorResult(True, f"bf16 is fast here ({', '.join(isa)}, oneDNN bf16 usable); dtype=auto uses it")
         why = "no avx512_bf16/amx_bf16 in the CPU flags" if not isa else "torch's oneDNN reports no bf16 support"
-        if c_bf16_gemm():
-            return DoctorResult(True, f"bf16 runs on the C kernels' AVX2 + FMA GEMM ({why}: bf16 converted to "
-                                "float32 in registers) when named; dtype=auto uses float32")
+        if c_bf16_kernels():
+            return DoctorResult(True, f"bf16 runs on the C kernels' AVX2 + FMA GEMM and RMSNorm ({why}: bf16 "
+                                "converted to float32 in registers); dtype=auto uses it for bf16 and GGUF checkpoints")
         return DoctorResult(True, f"bf16 would be emulated ({why}); dtype=auto uses float32",
                             "a CPU with AVX512-BF16 or AMX (Sapphire Rapids, Zen 4+) runs bf16 about 2x faster")
     except Exception as exc:

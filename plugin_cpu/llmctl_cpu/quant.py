@@ -30,7 +30,13 @@ logger = logging.getLogger(__name__)
 
 QUANT_SOURCE = Path(native.__file__).with_name("quant.c")
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-INT8_ACT_ENV = "LLMCTL_CPU_GGUF_INT8_ACT"  # 0: GGUF layers keep float32 activations (the float panels)
+# 1: GGUF layers run on int8 activations as llama.cpp does (faster, and off by default: on the default model's
+# near-tied first tokens it flips answers that float activations and the dequantized weights agree on).
+INT8_ACT_ENV = "LLMCTL_CPU_GGUF_INT8_ACT"
+
+
+def int8_act_enabled() -> bool:
+    return os.environ.get(INT8_ACT_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
 ACT8_HALF_SCALES = 256  # quant.c: the int8-activation GEMM's bits flag for fp16 scales and mins
 
 
@@ -273,7 +279,7 @@ def _build_words(lib: QuantKernels | None) -> str:
 
 def _act8_words() -> str:
     lib = quant_kernels()
-    if lib is None or not lib.has_avx2 or not native.env_on(INT8_ACT_ENV):
+    if lib is None or not lib.has_avx2 or not int8_act_enabled():
         return ""
     return "; GGUF layers: int8 activations in blocks of 32, integer dot products"
 
@@ -283,13 +289,13 @@ def _as_f32_2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def int8_activations(spec: QuantLinearSpec) -> bool:
-    """Whether a weight-only layer runs on int8 activations (``llmctl_gemm_wq_act8``): the layers of GGUF files
-    (llama.cpp computes them this way too) in AVX2 builds, groups and k multiples of 32, unless
-    ``LLMCTL_CPU_GGUF_INT8_ACT=0``. Decided per layer at load, never by the batch, so rows stay batch-invariant."""
+    """Whether a weight-only layer runs on int8 activations (``llmctl_gemm_wq_act8``): with
+    ``LLMCTL_CPU_GGUF_INT8_ACT=1``, the layers of GGUF files (llama.cpp computes them this way too) in AVX2 builds,
+    groups and k multiples of 32. Decided per layer at load, never by the batch, so rows stay batch-invariant."""
     lib = quant_kernels()
     return (lib is not None and lib.has_avx2 and spec.ggml_type is not None and spec.act is None
             and spec.group_size % 32 == 0 and spec.in_features % spec.group_size == 0
-            and native.env_on(INT8_ACT_ENV))
+            and int8_act_enabled())
 
 
 def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bits: int,

@@ -92,7 +92,7 @@ def throughput(
     quantization: str | None = typer.Option(
         None, "--quantization", "-q",
         help="Weight quantization, as `llmctl serve`: default the checkpoint's own; int8 or fp8 quantize an "
-             "unquantized checkpoint at load."),
+             "unquantized checkpoint at load; none dequantizes a GGUF at load."),
     speculative_config: str | None = typer.Option(
         None, help='Speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'.'),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -170,7 +170,7 @@ def latency(
     quantization: str | None = typer.Option(
         None, "--quantization", "-q",
         help="Weight quantization, as `llmctl serve`: default the checkpoint's own; int8 or fp8 quantize an "
-             "unquantized checkpoint at load."),
+             "unquantized checkpoint at load; none dequantizes a GGUF at load."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """TTFT, TPOT and decode-step time at a fixed batch size (p50/p90/p99 over all iterations)."""

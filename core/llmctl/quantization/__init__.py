@@ -6,6 +6,7 @@ is built; ``attach_quantization`` / ``finish_quantization`` (``layers``) wire it
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from llmctl.quantization.base import LinearQuantizer, QuantConfig
@@ -13,8 +14,12 @@ from llmctl.quantization.base import LinearQuantizer, QuantConfig
 if TYPE_CHECKING:
     from llmctl.loader.source import ModelSource
 
+logger = logging.getLogger("llmctl.quantization")
+
 # vLLM's names. gguf, compressed-tensors, gptq and awq describe a checkpoint; int8 and fp8 quantize at load.
-QUANTIZATION_METHODS: tuple[str, ...] = ("gguf", "compressed-tensors", "gptq", "awq", "int8", "fp8")
+# "none" (llmctl's own) loads a GGUF's weights as plain tensors in the model dtype, as transformers does.
+QUANTIZATION_METHODS: tuple[str, ...] = ("gguf", "compressed-tensors", "gptq", "awq", "int8", "fp8", "none")
+DEQUANTIZE = "none"
 CHECKPOINT_METHODS = frozenset({"gguf", "compressed-tensors", "gptq", "awq"})
 _ALIASES = {"compressed_tensors": "compressed-tensors"}
 
@@ -52,6 +57,11 @@ def resolve_quant_config(requested: str | None, source: ModelSource) -> QuantCon
     """The method to run with: the checkpoint's own, or ``requested`` on an unquantized checkpoint."""
     requested = normalize_method(requested)
     stored, qc = checkpoint_quantization(source)
+    if requested == DEQUANTIZE:
+        if stored not in (None, "gguf"):
+            raise ValueError(f"quantization: none dequantizes GGUF files at load; this checkpoint is stored as "
+                             f"{stored}, which is run as it is (leave quantization unset)")
+        return None
     if stored is not None and requested not in (None, stored):
         raise ValueError(f"quantization: the checkpoint is already quantized with {stored}; it cannot be run as "
                          f"{requested} (leave quantization unset, or set it to {stored})")
@@ -80,23 +90,27 @@ def resolve_quant_config(requested: str | None, source: ModelSource) -> QuantCon
 
 
 def _gguf_config(source: ModelSource, explicit: bool) -> QuantConfig | None:
-    """GGUF weights stay quantized only with ``quantization="gguf"``; unset, they are dequantized at load into
-    ``--dtype``. Why opt-in: on the CPU plugin the kept-quantized kernels were still slower end to end than the
-    dequantized bf16 path with its decode replay (docs/performance.md), and the default model must not regress."""
-    if not explicit:
-        return None
+    """GGUF weights stay quantized, as vLLM and llama.cpp run them: a quarter to a half of the bytes per decode step,
+    and on the CPU plugin's kernels a faster step than the same weights dequantized (docs/performance.md).
+    ``quantization="none"`` dequantizes at load instead (the caller handles it). Architectures whose tensor names
+    llmctl does not map itself load through transformers, dequantized: refused when gguf was asked for by name,
+    dequantized with a log line when it was not."""
     from llmctl.loader.gguf_file import open_gguf
     from llmctl.loader.gguf_hf import FAST_ARCHS
     from llmctl.quantization.gguf import GGUFConfig
 
     g = open_gguf(source.local_dir / str(source.gguf_file))
     if g.architecture not in FAST_ARCHS:
-        raise ValueError(f"quantization: gguf weights are kept quantized for architectures "
-                         f"{', '.join(sorted(FAST_ARCHS))}; this file is {g.architecture!r} (leave "
-                         f"quantization unset to load it dequantized)")
+        if explicit:
+            raise ValueError(f"quantization: gguf weights are kept quantized for architectures "
+                             f"{', '.join(sorted(FAST_ARCHS))}; this file is {g.architecture!r} (leave "
+                             f"quantization unset, or set it to none, to load it dequantized)")
+        logger.info("quantization: %s GGUF files are dequantized at load (kept quantized: %s)", g.architecture,
+                    ", ".join(sorted(FAST_ARCHS)))
+        return None
     config = GGUFConfig.from_file(g)
     return config if config.quantized_types() else None
 
 
-__all__ = ["CHECKPOINT_METHODS", "LinearQuantizer", "QUANTIZATION_METHODS", "QuantConfig", "checkpoint_quantization",
-           "normalize_method", "resolve_quant_config"]
+__all__ = ["CHECKPOINT_METHODS", "DEQUANTIZE", "LinearQuantizer", "QUANTIZATION_METHODS", "QuantConfig",
+           "checkpoint_quantization", "normalize_method", "resolve_quant_config"]

@@ -42,7 +42,7 @@ def input_unit_refusal(method: str, prefix: str, layer: Linear, unit: int, what:
 
 
 def row_split_refusal(method: str, prefix: str, in_features: int, size: int, unit: int, what: str) -> str:
-    hint = " or leave quantization unset to load the file dequantized" if method == "gguf" else ""
+    hint = " or set quantization to none to load the file dequantized" if method == "gguf" else ""
     return (f"tensor_parallel_size: {size} splits layer {prefix} by its {in_features} input columns, "
             f"{in_features // size} per rank, which is not a multiple of the {method} {what}={unit} (a rank must "
             f"hold whole ones); use a tensor_parallel_size that keeps them whole{hint}")
