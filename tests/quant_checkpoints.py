@@ -5,6 +5,7 @@ stands for, so a test can run transformers on exactly those weights."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -299,4 +300,57 @@ stores the token embedding (tied to the output, as SmolLM2's file does) in Q8_0 
     w.write_tensors_to_file()
     w.close()
     tok.save_pretrained(path.parent)
+    return path
+
+
+def write_family_gguf(family_dir: Path, out: Path, arch: str, types: dict[str, str]) -> Path:
+    """A GGUF of another architecture (``arch``, llama.cpp's name) from a tiny Hugging Face checkpoint, written the
+    way llama.cpp's converter names things: tensor names from gguf's own name table for ``arch``, metadata keys
+    from transformers' GGUF config table read backwards, Gemma's norms stored with their +1 (transformers takes it
+    off again). ``types``: llama.cpp projection name (``attn_q``, ``ffn_down``, ...) -> block type, quantized by
+    gguf's quantizer; everything else float32. Transformers reading the file back is the oracle."""
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    cfg = AutoConfig.from_pretrained(family_dir)
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    for key, attr in GGUF_CONFIG_MAPPING[arch].items():
+        value = getattr(cfg, attr, None) if isinstance(attr, str) else None
+        if isinstance(value, bool):
+            w.add_bool(f"{arch}.{key}", value)
+        elif isinstance(value, int):
+            w.add_uint32(f"{arch}.{key}", value)
+        elif isinstance(value, float):
+            w.add_float32(f"{arch}.{key}", value)
+    if f"{arch}.vocab_size" not in w.kv_data[0]:
+        w.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
+    # no token list: the tokenizer lies beside the file, and parsing 49k tokens costs transformers seconds a read
+    for hf_name, tensor in load_file(str(family_dir / "model.safetensors")).items():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is None:
+            raise ValueError(f"{arch}: no llama.cpp name for {hf_name}")
+        a = tensor.float().numpy()
+        if arch.startswith("gemma") and "norm" in base:
+            a = a + 1.0
+        qtype = types.get(gguf_name.rsplit(".", 1)[-1]) if a.ndim == 2 and suffix == "weight" else None
+        if qtype is not None:
+            q = gguf.GGMLQuantizationType[qtype]
+            w.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(a, q), raw_dtype=q)
+        else:
+            w.add_tensor(f"{gguf_name}.{suffix}", a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for f in family_dir.iterdir():  # the tokenizer beside the file (tokenizer_config.json: loaders take it there)
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, out / f.name)
     return path

@@ -11,12 +11,14 @@ import torch
 from llmctl import LLM, SamplingParams
 
 from tests._engine_util import _single_thread  # noqa: F401  (module-wide one-thread fixture)
+from tests.family_factory import make_family_model
 from tests.model_factory import gguf_parsed_once, make_tiny_model
 from tests.quant_checkpoints import (
     activation_args,
     hf_model_with,
     write_awq,
     write_compressed_tensors,
+    write_family_gguf,
     write_gguf,
     write_gptq,
 )
@@ -151,6 +153,31 @@ def test_gguf_kept_quantized(tmp_path, test_tokenizer, monkeypatch):
     with gguf_parsed_once():
         hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     agreement, worst = compare(llm, hf, "gguf kept quantized (all block types)")
+    assert agreement == 1.0 and worst < 1e-3
+
+
+# Other architectures' files, named as llama.cpp's converter names them: Gemma 2 and 3 (norms stored +1, soft-caps,
+# sliding windows) and StableLM (LayerNorm, partial rotary), with projections of several block types.
+FAMILY_GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q5_1", "attn_output": "Q4_1", "ffn_gate": "Q8_0",
+                     "ffn_up": "Q4_0", "ffn_down": "Q5_0"}
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "stablelm"])
+def test_gguf_of_other_architectures_kept_quantized(kind, model_cache_dir, test_tokenizer, tmp_path):
+    """Kept quantized by default, against transformers reading the same file (dequantized)."""
+    from transformers import AutoModelForCausalLM
+
+    family = model_cache_dir / f"family-{kind}"
+    if not (family / "model.safetensors").exists():
+        make_family_model(kind, family, test_tokenizer)
+    path = write_family_gguf(family, tmp_path / kind, kind, FAMILY_GGUF_TYPES)
+    llm = LLM(str(path), **ENGINE)
+    summary = kernels_of(llm)
+    for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+        assert t in summary, summary
+    with gguf_parsed_once():
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    agreement, worst = compare(llm, hf, f"{kind} GGUF kept quantized")
     assert agreement == 1.0 and worst < 1e-3
 
 

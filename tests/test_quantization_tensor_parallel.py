@@ -20,7 +20,8 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
 from tests.model_factory import make_tiny_model
-from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_gguf, write_gptq
+from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_family_gguf, write_gguf, write_gptq
+from tests.test_quantization_e2e import FAMILY_GGUF_TYPES
 from tests.test_server_support import free_ports
 from tests.tp_quant_rank import generate
 
@@ -55,7 +56,8 @@ CASES = {
 # GPTQ tensor's outputs run (columns, packed words of qzeros); GPT-NeoX's per-head q/k/v de-interleaved along a
 # compressed-tensors tensor's outputs (rows, packed zero points, weight_shape per part); BLOOM's with act-order
 # GPTQ (g_idx shared by q/k/v); Gemma 2 with AWQ; GPT-2's Conv1D quantized at load; Qwen2-MoE quantized at load
-# with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split.
+# with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split; a
+# Gemma 2 GGUF kept quantized (blocks of 32: a rank reads its rows, or its whole blocks of each row).
 # id -> (family, writer -> (checkpoint, dense weights by checkpoint prefix or None), quantization, case extras)
 FAMILY_CASES = {
     "phi3-gptq-4bit-g32": ("phi3", lambda b, o: write_gptq(b, o, 4, 32, False), None, {}),
@@ -65,6 +67,7 @@ FAMILY_CASES = {
     "gemma2-awq-g32": ("gemma2", lambda b, o: write_awq(b, o, 32), None, {}),
     "gpt2-int8-at-load": ("gpt2", lambda b, o: (b, None), "int8", {}),
     "qwen2_moe-int8-at-load-ep": ("qwen2_moe", lambda b, o: (b, None), "int8", {"ep": True}),
+    "gemma2-gguf": ("gemma2", lambda b, o: (write_family_gguf(b, o, "gemma2", FAMILY_GGUF_TYPES), None), None, {}),
 }
 
 # Pipeline stages of the same checkpoints (one layer each): a stage quantizes its own layers and leaves the other's

@@ -20,6 +20,12 @@ from llmctl.loader.gguf_file import GGUFFile
 
 # GGUF ``general.architecture`` values whose config, tensor names and tokenizer are handled here.
 FAST_ARCHS = frozenset({"llama", "qwen2", "qwen3"})
+# Architectures whose config and tokenizer come from transformers' GGUF reader, and whose tensors are named as
+# transformers names them, but whose projections may stay in their blocks: transformers' tensor processor for
+# them changes no projection (none at all, or a norm's offset), unlike Bloom's q/k/v reshuffle, GPT-2's
+# transposes or the MoE files' expert stacks, which stay dequantized at load.
+MAPPED_ARCHS = frozenset({"gemma2", "gemma3", "starcoder2", "stablelm", "phi3"})
+KEPT_QUANTIZED_ARCHS = FAST_ARCHS | MAPPED_ARCHS
 
 # Per-block llama.cpp tensor names -> the HF module path inside ``model.layers.N``.
 _BLOCK_NAMES = {
@@ -170,6 +176,47 @@ def iter_hf_tensors(g: GGUFFile, keep_quantized: Callable[[str], bool] | None = 
             elif ".attn_k." in gguf_name:
                 w = _unpermute_rows(w, n_kv)
         if not w.flags.writeable:  # a view of the read-only map (F32 data): torch needs its own memory
+            w = w.copy()
+        yield name, torch.from_numpy(w)
+
+
+def _processor(g: GGUFFile, hf_config: Any) -> Any:
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    return TENSOR_PROCESSORS.get(g.architecture, TensorProcessor)(config=hf_config.to_dict())
+
+
+def mapped_tensor_names(g: GGUFFile, hf_config: Any) -> dict[str, str]:
+    """llama.cpp tensor name -> Hugging Face parameter name, for every tensor the model has: this module's table
+    for ``FAST_ARCHS``, transformers' map (gguf's name table over a skeleton of the model, on the meta device)
+    for the others."""
+    if g.architecture in FAST_ARCHS:
+        return {n: hf for n in g.tensors if (hf := hf_tensor_name(n)) is not None}
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    return {n: hf for n, hf in get_gguf_hf_weights_map(skeleton, _processor(g, hf_config)).items()
+            if n in g.tensors}
+
+
+def iter_mapped_tensors(g: GGUFFile, hf_config: Any, keep_quantized: Callable[[str], bool], lazy: bool = False
+                        ) -> Iterator[tuple[str, torch.Tensor | LazyBlocks]]:
+    """As :func:`iter_hf_tensors` for ``MAPPED_ARCHS``: names and dequantized values as transformers' GGUF reader
+    gives them (its tensor processor applied), the projections ``keep_quantized`` names as raw blocks."""
+    names = mapped_tensor_names(g, hf_config)
+    processor = _processor(g, hf_config)
+    for gguf_name, name in names.items():
+        if keep_quantized(name):
+            w = g.raw(gguf_name)
+            if lazy:
+                yield name, LazyBlocks(w, None)
+                continue
+        else:
+            w = processor.process(weights=g.dequantize(gguf_name), name=gguf_name, tensor_key_mapping=names,
+                                  parsed_parameters={"config": hf_config.to_dict()}).weights
+        if not w.flags.writeable:
             w = w.copy()
         yield name, torch.from_numpy(w)
 

@@ -71,12 +71,15 @@ def _iter_gguf(source: ModelSource, keep_quantized: Callable[[str], bool] | None
     llama.cpp's q/k row permutation undone, so the result equals what transformers' ``from_pretrained`` loads.
     Architectures llmctl does not map itself go through transformers' loader."""
     from llmctl.loader.gguf_file import open_gguf
-    from llmctl.loader.gguf_hf import FAST_ARCHS, iter_hf_tensors
+    from llmctl.loader.gguf_hf import FAST_ARCHS, MAPPED_ARCHS, iter_hf_tensors, iter_mapped_tensors
 
     path = source.local_dir / str(source.gguf_file)
     g = open_gguf(path)
     if g.architecture in FAST_ARCHS:
         yield from iter_hf_tensors(g, keep_quantized, lazy)  # lazy: raw blocks read by the rank's rows
+        return
+    if g.architecture in MAPPED_ARCHS and keep_quantized is not None:
+        yield from iter_mapped_tensors(g, source.hf_config, keep_quantized, lazy)
         return
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

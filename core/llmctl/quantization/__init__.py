@@ -96,19 +96,19 @@ def _gguf_config(source: ModelSource, explicit: bool) -> QuantConfig | None:
     llmctl does not map itself load through transformers, dequantized: refused when gguf was asked for by name,
     dequantized with a log line when it was not."""
     from llmctl.loader.gguf_file import open_gguf
-    from llmctl.loader.gguf_hf import FAST_ARCHS
+    from llmctl.loader.gguf_hf import KEPT_QUANTIZED_ARCHS, mapped_tensor_names
     from llmctl.quantization.gguf import GGUFConfig
 
     g = open_gguf(source.local_dir / str(source.gguf_file))
-    if g.architecture not in FAST_ARCHS:
+    if g.architecture not in KEPT_QUANTIZED_ARCHS:
         if explicit:
             raise ValueError(f"quantization: gguf weights are kept quantized for architectures "
-                             f"{', '.join(sorted(FAST_ARCHS))}; this file is {g.architecture!r} (leave "
+                             f"{', '.join(sorted(KEPT_QUANTIZED_ARCHS))}; this file is {g.architecture!r} (leave "
                              f"quantization unset, or set it to none, to load it dequantized)")
         logger.info("quantization: %s GGUF files are dequantized at load (kept quantized: %s)", g.architecture,
-                    ", ".join(sorted(FAST_ARCHS)))
+                    ", ".join(sorted(KEPT_QUANTIZED_ARCHS)))
         return None
-    config = GGUFConfig.from_file(g)
+    config = GGUFConfig.from_file(g, mapped_tensor_names(g, source.hf_config))
     return config if config.quantized_types() else None
 
 

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 # Plain (not block-quantized) ggml types: such tensors are dequantized at load like before.
 PLAIN_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
 # llama.cpp block projections whose weights stay quantized.
-LINEAR_BLOCK_TENSORS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+# llama.cpp's projection tensors (``attn_qkv``: Phi-3's fused q/k/v; ``ffn_up`` holds Phi-3's fused gate/up).
+LINEAR_BLOCK_TENSORS = frozenset({"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up",
+                                  "ffn_down"})
 _BLOCK = 32
 
 
@@ -220,15 +222,14 @@ class GGUFConfig(QuantConfig):
         self.head = head  # (file, tensor name, block type) of the output projection, where it is block-quantized
 
     @classmethod
-    def from_file(cls, g: GGUFFile) -> GGUFConfig:
+    def from_file(cls, g: GGUFFile, names: dict[str, str]) -> GGUFConfig:
+        """``names``: llama.cpp tensor name -> Hugging Face name (``gguf_hf.mapped_tensor_names``)."""
         from gguf import GGMLQuantizationType
-
-        from llmctl.loader.gguf_hf import hf_tensor_name
 
         types = {}
         for name, info in g.tensors.items():
             if name.startswith("blk.") and name.split(".")[2] in LINEAR_BLOCK_TENSORS:
-                hf = hf_tensor_name(name)
+                hf = names.get(name)
                 if hf is not None:
                     types[hf] = GGMLQuantizationType(info.ggml_type).name
         head = None
