@@ -308,3 +308,23 @@ def test_act_order_rank_regroups_its_columns(bits, wrapped_zero):
     bound = float(x.abs().sum(-1).max() * dense.abs().max())  # float32 rounding of sums this large
     torch.testing.assert_close(reference_linear(x, part.weights, None, part.spec), x @ dense[:, k0:].t(),
                                atol=1e-6 * bound, rtol=1e-5)
+
+
+def test_expert_group_that_a_split_would_cut_is_refused_unless_experts_stay_whole():
+    """Routed experts split by their intermediate columns: a GPTQ group wider than a rank's columns of the down
+    projection is refused before any rank starts, naming the expert; expert parallelism holds experts whole."""
+    from llmctl.models.decoder import DecoderForCausalLM
+    from llmctl.quantization.gptq_awq import GPTQConfig
+    from transformers import MixtralConfig
+
+    class Mixtral(DecoderForCausalLM):
+        family = "mixtral"
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    gptq = GPTQConfig(4, 128, False, 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 splits layer model\.layers\.0\.mlp\.experts\.0\."
+                                         r"down_proj by its 128 input columns, 64 per rank, which is not a multiple "
+                                         r"of the gptq group_size=128"):
+        Mixtral.check_tensor_parallel(cfg, 2, gptq)
+    Mixtral.check_tensor_parallel(cfg, 2, gptq, expert_parallel=True)

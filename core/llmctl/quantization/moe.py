@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 # A bound projection: (kernel, its processed weights, QuantLinearSpec, output rows) per part, as Linear keeps them.
 BoundParts = list[tuple[Any, dict[str, torch.Tensor], QuantLinearSpec, slice | None]]
 
+# The methods whose routed experts stay quantized, and how they run (what ``llmctl doctor`` says); GGUF MoE files
+# load their experts dequantized.
+MOE_METHODS = ("compressed-tensors", "gptq", "awq", "int8", "fp8")
+MOE_KERNEL = "a per-expert loop over each weight format's linear kernel, in fused_moe's summation order"
+
 _QEXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 
 
@@ -248,4 +253,5 @@ def bind_experts(method: MoEQuantMethod, parts: list[ExpertPart],
     method.experts = [(bind(p.gate_up), bind(p.down)) for p in parts]
 
 
-__all__ = ["CheckpointExperts", "ExpertPart", "LoadTimeExperts", "MoEQuantMethod", "bind_experts", "run_parts"]
+__all__ = ["MOE_KERNEL", "MOE_METHODS", "CheckpointExperts", "ExpertPart", "LoadTimeExperts", "MoEQuantMethod",
+           "bind_experts", "run_parts"]
