@@ -146,3 +146,49 @@ def test_quantized_experts_match_transformers(family_dirs, tmp_path, case):
         assert agreement == 1.0 and worst < 1e-3
     else:  # a value on a rounding boundary of the activations' quantization may land on the other side
         assert agreement >= 0.95 and worst < ACT_QUANT_TOLERANCE
+
+
+@pytest.mark.parametrize("rank", [None, 1], ids=["one-rank", "tp2-rank1"])
+def test_packed_experts_unpack_to_exactly_the_quantized_values(rank):
+    """GPTQ-packed experts (original format: stored zero = zero - 1) read through the MoE layer's loader come out as
+    exactly the checkpoint's integers, scales and zeros in core's int4 layout; a tensor-parallel rank holds its
+    intermediate columns of each expert: its rows of gate/up, its input columns (whole groups) of down."""
+    from llmctl.models.base import ModelContext
+    from llmctl.models.decoder import MoESpec
+    from llmctl.models.moe import SparseMoE
+    from llmctl.ops import Ops
+    from llmctl.plugins.reference_attention import TorchReferenceAttention
+    from llmctl.quantization.gptq_awq import GPTQConfig
+    from llmctl.quantization.packing import pack_int32, unpack_nibbles
+    from llmctl.tensor_parallel import TensorParallelGroup
+
+    h, inter, experts, group = 64, 64, 2, 32
+    tp = TensorParallelGroup() if rank is None else TensorParallelGroup(rank=rank, size=2)
+    ctx = ModelContext(ops=Ops.reference(), attention=TorchReferenceAttention(), dtype=torch.float32,
+                       device=torch.device("cpu"), tp=tp)
+    moe = SparseMoE(h, MoESpec(experts, 2, inter), "silu", ctx)
+    moe.quantize_experts(GPTQConfig(4, group, False, 1), "m")
+    gen = torch.Generator().manual_seed(7)
+    want = {}
+    for e in range(experts):
+        for proj, (n, k) in (("gate_proj", (inter, h)), ("up_proj", (inter, h)), ("down_proj", (h, inter))):
+            q = torch.randint(0, 16, (n, k), generator=gen)
+            stored = torch.randint(0, 15, (k // group, n), generator=gen)
+            scales = (torch.rand(k // group, n, generator=gen) + 0.5).half().float()
+            want[e, proj] = (q, stored + 1, scales)
+            for leaf, t in (("qweight", pack_int32(q.t(), 4, dim=0)), ("qzeros", pack_int32(stored, 4, dim=1)),
+                            ("scales", scales), ("g_idx", (torch.arange(k) // group).to(torch.int32))):
+                moe.load_expert_tensor(f"{e}.{proj}.{leaf}", t, f"m.experts.{e}.{proj}.{leaf}")
+    assert moe.missing_expert_tensors("m.w13") == moe.missing_expert_tensors("m.w2") == []
+    half = slice(None) if rank is None else slice(rank * inter // 2, (rank + 1) * inter // 2)
+    for e, part in enumerate(moe.quant_method.finish(moe)):
+        [gate_up], [down] = part.gate_up, part.down
+        q, z, s = (torch.cat(t) for t in zip(*[(want[e, p][0][half], want[e, p][1].t()[half], want[e, p][2].t()[half])
+                                               for p in ("gate_proj", "up_proj")], strict=True))
+        assert torch.equal(unpack_nibbles(gate_up.weights["qweight"]).long(), q)
+        assert torch.equal(gate_up.weights["scales"], s) and torch.equal(gate_up.weights["mins"], -s * z)
+        q, z, s = want[e, "down_proj"]
+        groups = slice(None) if rank is None else slice(rank * inter // 2 // group, (rank + 1) * inter // 2 // group)
+        assert torch.equal(unpack_nibbles(down.weights["qweight"]).long(), q[:, half])
+        assert torch.equal(down.weights["scales"], s.t()[:, groups])
+        assert torch.equal(down.weights["mins"], -s.t()[:, groups] * z.t()[:, groups].float())
