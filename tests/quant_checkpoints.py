@@ -18,7 +18,10 @@ LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 def _linear_names(state: dict[str, torch.Tensor]) -> list[str]:
-    return [k[: -len(".weight")] for k in state if k.endswith(".weight") and k.split(".")[-2] in LINEAR_SUFFIXES]
+    """The projections quantization tools cover: Llama-style ones and Mixtral's experts (``experts.{e}.w1``); a
+    MoE router (``mlp.gate``, ``block_sparse_moe.gate``) and Qwen2-MoE's ``shared_expert_gate`` stay dense."""
+    return [k[: -len(".weight")] for k in state if k.endswith(".weight") and (
+        k.split(".")[-2] in LINEAR_SUFFIXES or (".experts." in k and k.split(".")[-2] in ("w1", "w2", "w3")))]
 
 
 def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -110,6 +113,91 @@ def write_compressed_tensors(base: Path, out: Path, preset: str, **weight_args) 
         if "input_scale" in local:
             input_scales[prefix] = local["input_scale"]
     return out, dense, scheme.input_activations, input_scales
+
+
+def write_compressed_tensors_state(base: Path, out: Path, preset: str, **weight_args) -> tuple[Any, ...]:
+    """As :func:`write_compressed_tensors`, for checkpoints whose experts transformers holds as 3D tensors (so
+    ``apply_quantization_config`` never sees them): every projection of the saved state (routed experts
+    included, routers not) quantized with min/max scales and compressed by the library's own compressor, with
+    the ignore list llm-compressor's MoE recipes use. Returns the directory, the dense weights the library's
+    decompressor gives back, and the scheme's activation args (dynamic schemes only)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    state = _load_state(base)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    for key, value in weight_args.items():
+        setattr(scheme.weights, key, value)
+    args = scheme.weights
+    fmt = "pack-quantized" if args.type == "int" and scheme.input_activations is None else \
+        "int-quantized" if args.type == "int" else "float-quantized"
+    compressor = BaseCompressor.load_from_registry(fmt)
+    dense = {}
+    for prefix in _linear_names(state):
+        w = state.pop(prefix + ".weight").float()
+        if args.strategy == "group":
+            wg = w.view(w.shape[0], -1, args.group_size)
+            lo, hi = wg.amin(-1), wg.amax(-1)
+        elif args.strategy == "channel":
+            lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        else:
+            lo, hi = w.min().reshape(1), w.max().reshape(1)
+        scale, zp = calculate_qparams(lo, hi, args)
+        local = {"weight": w, "weight_scale": scale.float(), "weight_zero_point": zp}
+        packed = compressor.compress(local, scheme)
+        dense[prefix] = compressor.decompress(dict(packed), scheme)["weight"].float()
+        state.update({f"{prefix}.{k}": v for k, v in packed.items()})
+    config = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt,
+                                quantization_status=QuantizationStatus.COMPRESSED,
+                                ignore=["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$",
+                                        "re:.*shared_expert_gate$"])
+    qc = config.model_dump(mode="json")
+    qc["quant_method"] = "compressed-tensors"
+    return _save(out, base, state, qc), dense, scheme.input_activations
+
+
+def dense_checkpoint(base: Path, out: Path, dense: dict[str, torch.Tensor]) -> Path:
+    """``base`` with the given projections' weights (checkpoint prefixes): what transformers loads as the oracle of
+    a checkpoint whose experts it holds as 3D tensors."""
+    state = _load_state(base)
+    for prefix, w in dense.items():
+        state[prefix + ".weight"] = w.to(state[prefix + ".weight"].dtype)
+    return _save(out, base, state, None)
+
+
+def fake_quantize_experts(model, act_args) -> None:
+    """Each routed expert's inputs fake-quantized per token, as a W8A8 kernel quantizes them (transformers'
+    fused-experts loop, with the quantization before each of the two matmuls)."""
+    import torch.nn.functional as F
+
+    for module in model.modules():
+        if not isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+            continue
+
+        def forward(hidden, top_k_index, top_k_weights, m=module):
+            out = torch.zeros_like(hidden)
+            for e in torch.unique(top_k_index).tolist():
+                token, pos = torch.where(top_k_index == e)
+                gate, up = F.linear(_fake_quant(hidden[token], act_args), m.gate_up_proj[e]).chunk(2, dim=-1)
+                h = F.linear(_fake_quant(m.act_fn(gate) * up, act_args), m.down_proj[e])
+                out.index_add_(0, token, (h * top_k_weights[token, pos, None]).to(out.dtype))
+            return out
+
+        module.forward = forward
+
+
+def _fake_quant(x, args):
+    """Dynamic per-token fake quantization by compressed-tensors (scale amax / 127 for int8: vLLM's rule)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
+    x3 = x.reshape(1, -1, x.shape[-1])  # [1, tokens, width]: the token strategy keeps dims 0 and 1 (a 2D input
+    # would be quantized per element)
+    scale, zp = compute_dynamic_scales_and_zp(x3, args, None)
+    if args.type == "int":
+        scale = x3.abs().amax(-1, keepdim=True) / 127.0
+    return fake_quantize(x3, scale, zp, args).reshape(x.shape)
 
 
 # -- GPTQ / AWQ, packed here after the published layouts -----------------------------------------------------------

@@ -20,7 +20,14 @@ import torch
 from tests._engine_util import one_torch_thread
 from tests.family_factory import make_family_model
 from tests.model_factory import make_tiny_model
-from tests.quant_checkpoints import write_awq, write_compressed_tensors, write_family_gguf, write_gguf, write_gptq
+from tests.quant_checkpoints import (
+    write_awq,
+    write_compressed_tensors,
+    write_compressed_tensors_state,
+    write_family_gguf,
+    write_gguf,
+    write_gptq,
+)
 from tests.test_quantization_e2e import FAMILY_GGUF_TYPES
 from tests.test_server_support import free_ports
 from tests.tp_quant_rank import generate
@@ -56,8 +63,11 @@ CASES = {
 # GPTQ tensor's outputs run (columns, packed words of qzeros); GPT-NeoX's per-head q/k/v de-interleaved along a
 # compressed-tensors tensor's outputs (rows, packed zero points, weight_shape per part); BLOOM's with act-order
 # GPTQ (g_idx shared by q/k/v); Gemma 2 with AWQ; GPT-2's Conv1D quantized at load; Qwen2-MoE quantized at load
-# with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split; a
-# Gemma 2 GGUF kept quantized (blocks of 32: a rank reads its rows, or its whole blocks of each row).
+# with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split. Mixtral's
+# routed experts stay quantized: split by their intermediate columns (compressed-tensors groups, GPTQ act-order down
+# projections regrouped per rank, fp8 scales over the whole down row) or placed whole per rank (AWQ, and Qwen2-MoE's
+# int8 W8A8 experts next to its split shared expert). A Gemma 2 GGUF kept quantized (blocks of 32: a rank reads its
+# rows, or its whole blocks of each row).
 # id -> (family, writer -> (checkpoint, dense weights by checkpoint prefix or None), quantization, case extras)
 FAMILY_CASES = {
     "phi3-gptq-4bit-g32": ("phi3", lambda b, o: write_gptq(b, o, 4, 32, False), None, {}),
@@ -68,6 +78,13 @@ FAMILY_CASES = {
     "gpt2-int8-at-load": ("gpt2", lambda b, o: (b, None), "int8", {}),
     "qwen2_moe-int8-at-load-ep": ("qwen2_moe", lambda b, o: (b, None), "int8", {"ep": True}),
     "gemma2-gguf": ("gemma2", lambda b, o: (write_family_gguf(b, o, "gemma2", FAMILY_GGUF_TYPES), None), None, {}),
+    "mixtral-ct-w4a16-g32": ("mixtral", lambda b, o: write_compressed_tensors_state(b, o, "W4A16",
+                                                                                   group_size=32)[:2], None, {}),
+    "mixtral-gptq-4bit-g32-act-order": ("mixtral", lambda b, o: write_gptq(b, o, 4, 32, True), None, {}),
+    "mixtral-fp8-at-load": ("mixtral", lambda b, o: (b, None), "fp8", {}),
+    "mixtral-awq-g32-ep": ("mixtral", lambda b, o: write_awq(b, o, 32), None, {"ep": True}),
+    "qwen2_moe-ct-w8a8-int8-ep": ("qwen2_moe", lambda b, o: write_compressed_tensors_state(b, o, "W8A8")[:2], None,
+                                  {"ep": True}),
 }
 
 # Pipeline stages of the same checkpoints (one layer each): a stage quantizes its own layers and leaves the other's
@@ -77,13 +94,14 @@ PP_CASES = {"gguf-pp2": "gguf", "ct-w4a16-g32-pp2": "ct-w4a16-g32"}
 # Methods that quantize activations per token. A row-parallel rank quantizes its slice of the layer's input (as
 # vLLM does), a finer rounding than one rank's over the whole row, which moves these tiny random models' logprobs by
 # tenths: their single-rank reference quantizes o_proj's and down_proj's inputs per half row the same way.
-ACTIVATION_QUANT = {"ct-w8a8-int8", "fp8-at-load"}
+ACTIVATION_QUANT = {"ct-w8a8-int8", "fp8-at-load", "mixtral-fp8-at-load", "qwen2_moe-ct-w8a8-int8-ep"}
 
 
 @contextmanager
-def activations_quantized_per_rank_slice(ranks: int = 2):
+def activations_quantized_per_rank_slice(ranks: int = 2, whole_experts: bool = False):
     """Every quantized layer on core's reference kernel, whose row-parallel layers (o_proj, down_proj) compute
-    their matmul as ``ranks`` partial sums over slices of the input, each quantized by itself."""
+    their matmul as ``ranks`` partial sums over slices of the input, each quantized by itself; routed experts'
+    down projections too, unless expert parallelism holds them whole (``whole_experts``)."""
     import dataclasses
 
     import llmctl.quantization.layers as qlayers
@@ -92,7 +110,8 @@ def activations_quantized_per_rank_slice(ranks: int = 2):
     plain = qref.reference_linear
 
     def per_slice(x, weights, bias, spec):
-        if not spec.layer.endswith(("o_proj", "down_proj")) or spec.act is None:
+        if not spec.layer.endswith(("o_proj", "down_proj")) or spec.act is None or (
+                whole_experts and ".experts." in spec.layer):
             return plain(x, weights, bias, spec)
         k = spec.in_features // ranks
         part = dataclasses.replace(spec, in_features=k)
@@ -170,7 +189,8 @@ def runs(tmp_path_factory, model_cache_dir, test_tokenizer):
         refs, mismatches = {}, {}
         with one_torch_thread():  # while the ranks run
             for cid, (model, quant) in models.items():
-                with activations_quantized_per_rank_slice() if cid in ACTIVATION_QUANT else nullcontext():
+                with activations_quantized_per_rank_slice(whole_experts=extras.get(cid, {}).get("ep", False)) \
+                        if cid in ACTIVATION_QUANT else nullcontext():
                     llm = LLM(model, quantization=quant, dtype="float32", num_threads=1, seed=0,
                               max_model_len=128, kv_cache_memory=8 << 20)
                     refs[cid] = generate(llm)
@@ -292,3 +312,23 @@ def test_act_order_rank_regroups_its_columns(bits, wrapped_zero):
     bound = float(x.abs().sum(-1).max() * dense.abs().max())  # float32 rounding of sums this large
     torch.testing.assert_close(reference_linear(x, part.weights, None, part.spec), x @ dense[:, k0:].t(),
                                atol=1e-6 * bound, rtol=1e-5)
+
+
+def test_expert_group_that_a_split_would_cut_is_refused_unless_experts_stay_whole():
+    """Routed experts split by their intermediate columns: a GPTQ group wider than a rank's columns of the down
+    projection is refused before any rank starts, naming the expert; expert parallelism holds experts whole."""
+    from llmctl.models.decoder import DecoderForCausalLM
+    from llmctl.quantization.gptq_awq import GPTQConfig
+    from transformers import MixtralConfig
+
+    class Mixtral(DecoderForCausalLM):
+        family = "mixtral"
+
+    cfg = MixtralConfig(vocab_size=64, hidden_size=256, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    gptq = GPTQConfig(4, 128, False, 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size: 2 splits layer model\.layers\.0\.mlp\.experts\.0\."
+                                         r"down_proj by its 128 input columns, 64 per rank, which is not a multiple "
+                                         r"of the gptq group_size=128"):
+        Mixtral.check_tensor_parallel(cfg, 2, gptq)
+    Mixtral.check_tensor_parallel(cfg, 2, gptq, expert_parallel=True)

@@ -62,6 +62,8 @@ def collect() -> dict[str, Any]:
             "attention_backends": [b.name for b in pm.registry.backends_for(plat.name)],
             # weight format -> the platform's own kernel; formats not listed run on core's torch reference
             "quantization_kernels": pm.registry.quant_formats_for(plat.name),
+            # routed experts of these methods stay quantized, run through the kernels above
+            "quantized_moe": _quantized_moe(),
             # what tensor parallelism's all-reduce and all-gather run on there (None: tensor_parallel_size 1 only)
             "communicator": _communicator(pm.registry, plat.name),
             "kv_cache_dtypes": _kv_cache_dtypes(pm, plat),
@@ -101,6 +103,14 @@ def collect() -> dict[str, Any]:
         report["hints"].append(f"`llmctl serve` without a model needs the default model: {INSTALL_HINT}")
     report["ok"] = report["selected"]["platform"] is not None
     return report
+
+
+def _quantized_moe() -> str:
+    """The methods whose routed experts load quantized, and the MoE method that runs them (core's, per platform
+    through its linear kernels)."""
+    from llmctl.quantization.moe import MOE_KERNEL, MOE_METHODS
+
+    return f"{', '.join(MOE_METHODS)} ({MOE_KERNEL})"
 
 
 def _communicator(registry: Any, platform: str) -> dict[str, Any] | None:
@@ -174,6 +184,8 @@ def render(report: dict[str, Any], console: Any) -> None:
         lines.append("attention: " + (", ".join(pf["attention_backends"]) or "-"))
         quant = ", ".join(f"{fmt}: {kernel}" for fmt, kernel in sorted(pf.get("quantization_kernels", {}).items()))
         lines.append("quantization: " + (quant or "torch reference"))
+        if pf.get("quantized_moe"):
+            lines.append("quantized MoE experts: " + pf["quantized_moe"])
         comm = pf.get("communicator")
         lines.append("tensor parallel: " + (
             f"communicator {comm['name']}" + (f" (torch.distributed {comm['backend']})"

@@ -70,9 +70,10 @@ def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: A
     """At start-up, before any peer is waited for: whether the model's MoE layers place their experts per rank.
     A model without experts ignores the setting (as vLLM does), with a log line; an expert count the ranks do not
     divide is refused, naming ``enable_expert_parallel``. A quantized model places its experts like any other:
-    the quantization covers the linear layers (attention, shared experts, dense MLPs, which split as under
-    tensor parallelism), while the routed experts stay in the model dtype (``SparseMoE`` loads them from plain
-    weights only, one rank or many), so a rank's whole experts are cut from the checkpoint as before."""
+    the routed experts stay quantized (``llmctl.quantization.moe``), each rank creating, reading and unpacking
+    only its own experts' packed weights, scales, zeros and ``g_idx``, whole (no group is cut, so no group size
+    constrains the placement), while the linear layers (attention, shared experts, dense MLPs) split as under
+    tensor parallelism and are checked there."""
     num_experts_of = getattr(model_cls, "expert_parallel_num_experts", None)
     num_experts = num_experts_of(hf_config) if callable(num_experts_of) else None
     if not num_experts:

@@ -77,3 +77,49 @@ def test_unsupported_quirk_is_refused_natively_and_falls_back(tmp_path, test_tok
     assert llm.llm_engine.core.model_impl == "transformers"
     with pytest.raises(ValueError, match="StableLmForCausalLM cannot run through the transformers fallback"):
         LLM(str(tmp_path / "stablelm"), dtype="float32", num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def gptq_mixtral(model_cache_dir, test_tokenizer, tmp_path_factory):
+    """A tiny Mixtral whose routed experts are GPTQ 4-bit, and its tensors (to damage one at a time)."""
+    from safetensors.torch import load_file
+
+    from tests.family_factory import make_family_model
+    from tests.quant_checkpoints import write_gptq
+
+    family = model_cache_dir / "family-mixtral"
+    if not (family / "model.safetensors").exists():
+        make_family_model("mixtral", family, test_tokenizer)
+    path, _ = write_gptq(family, tmp_path_factory.mktemp("gptq_mixtral") / "ok", 4, 32, False)
+    return path, load_file(str(path / "model.safetensors"))
+
+
+EXPERT = "model.layers.1.block_sparse_moe.experts.2"
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda s: s.__setitem__(f"{EXPERT}.w2.qweight", s[f"{EXPERT}.w2.qweight"][:8]),
+     r"quantization gptq: tensor model\.layers\.1\.mlp\.experts\.2\.down_proj\.qweight has shape \(8, 64\), "
+     r"expected \(16, 64\)"),
+    (lambda s: s.pop(f"{EXPERT}.w3.scales"),
+     r"checkpoint is missing 1 tensor\(s\), e\.g\. model\.layers\.1\.mlp\.experts\.2\.up_proj\.scales"),
+    (lambda s: s.__setitem__(f"{EXPERT}.w1.weight", s[f"{EXPERT}.w1.scales"].clone()),
+     r"quantization gptq: checkpoint tensor model\.layers\.1\.mlp\.experts\.2\.gate_proj\.weight is not part "
+     r"of the layout of expert model\.layers\.1\.mlp\.experts\.2\.gate_proj \(expected qweight, qzeros, scales, "
+     r"g_idx\)"),
+], ids=["wrong-shape", "missing-scale", "dense-tensor"])
+def test_damaged_quantized_expert_fails_naming_the_tensor(gptq_mixtral, tmp_path, damage, message):
+    """A quantized expert's tensor with a wrong shape, missing, or of another layout fails at load, naming it (by
+    the model's name for it: Mixtral's ``block_sparse_moe.experts.{e}.w2`` is ``mlp.experts.{e}.down_proj``)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, state = gptq_mixtral
+    out = tmp_path / "damaged"
+    shutil.copytree(src, out)
+    state = dict(state)
+    damage(state)
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(out), dtype="float32", num_threads=1, max_model_len=64)

@@ -51,6 +51,7 @@ class Linear(EngineModule):
     format whose matmul a platform kernel runs (``llmctl.quantization``): the models never see the difference."""
 
     quantizer: LinearQuantizer | None = None
+    quantizable = True  # False: kept in the model dtype whatever the quantization covers (a MoE router)
     lora: LoRALinearSlots | None = None  # set by llmctl.lora before loading when LoRA is enabled
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,

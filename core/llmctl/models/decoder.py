@@ -428,14 +428,18 @@ def replace_norm(spec: DecoderSpec, norm: str) -> DecoderSpec:
     return replace(spec, norm=norm, norm_bias=True)
 
 
-def row_parallel_layers(spec: DecoderSpec) -> list[tuple[str, int]]:
+def row_parallel_layers(spec: DecoderSpec, expert_parallel: bool = False) -> list[tuple[str, int]]:
     """(module prefix, in_features) of every row-parallel projection: each layer's o_proj and its MLP's down
-    projection (a MoE layer's shared expert's; its routed experts are not quantized)."""
+    projection (a MoE layer's shared expert's, and its routed experts' unless expert parallelism holds them
+    whole)."""
     out = []
     for i in range(spec.num_layers):
         out.append((f"model.layers.{i}.self_attn.o_proj", spec.num_heads * spec.head_dim))
         moe = spec.moe
         if moe is not None and i not in moe.dense_layers:
+            if not expert_parallel:
+                out += [(f"model.layers.{i}.mlp.experts.{e}.down_proj", moe.intermediate_size)
+                        for e in range(moe.num_experts)]
             if moe.shared_intermediate_size:
                 out.append((f"model.layers.{i}.mlp.shared_expert.down_proj", moe.shared_intermediate_size))
             continue
@@ -489,7 +493,7 @@ class DecoderForCausalLM(EngineModule):
         if quant is not None:
             from llmctl.quantization.sharding import check_row_splits
 
-            check_row_splits(quant, hf_config, size, row_parallel_layers(spec))
+            check_row_splits(quant, hf_config, size, row_parallel_layers(spec, expert_parallel))
 
     @classmethod
     def expert_parallel_num_experts(cls, hf_config: Any) -> int:

@@ -16,6 +16,7 @@ through it, so placing it on one rank would make that rank do every token's work
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,10 +28,12 @@ from llmctl.layers.linear import Linear
 from llmctl.layers.mlp import GatedMLP
 from llmctl.models.base import ModelContext
 from llmctl.ops import Ops
+from llmctl.quantization.moe import BoundParts, MoEQuantMethod, bind_experts
 from llmctl.tensor_parallel import split_evenly
 
 if TYPE_CHECKING:
     from llmctl.models.decoder import MoESpec
+    from llmctl.quantization.base import QuantConfig, QuantizedPart
 
 _EXPERT = re.compile(r"^(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -53,20 +56,53 @@ class SparseMoE(EngineModule):
             local, i = spec.num_experts, split_evenly(spec.intermediate_size, ctx.tp.size, "moe_intermediate_size")
         e = spec.num_experts
         self.local_intermediate = i
+        self.hidden_size, self.dtype, self.device = hidden_size, ctx.dtype, ctx.device
         self.gate = Linear(hidden_size, e, bias=False, **kw)
+        self.gate.quantizable = False  # the router stays in the model dtype under any quantization, as in vLLM
         self.w13 = empty_param(local, 2 * i, hidden_size, **kw)
         self.w2 = empty_param(local, hidden_size, i, **kw)
         self.shared_expert = (GatedMLP(hidden_size, spec.shared_intermediate_size, act, ctx.ops, tp=ctx.tp, **kw)
                               if spec.shared_intermediate_size else None)
         self.shared_expert_gate = Linear(hidden_size, 1, bias=False, **kw) if spec.shared_expert_gate else None
+        if self.shared_expert_gate is not None:
+            self.shared_expert_gate.quantizable = False
         self.e_score_correction_bias = (empty_param(e, dtype=torch.float32, device=ctx.device)
                                         if spec.topk_method == "noaux_tc" else None)
         self._loaded: set[str] = set()
         self._packed: tuple[Any, Any] | None = None
+        self.quant_method: MoEQuantMethod | None = None
+
+    def local_experts(self) -> range:
+        """The experts this rank holds (whole or its columns of each)."""
+        if self.placement is None:
+            return range(self.spec.num_experts)
+        return range(self.placement.first, self.placement.first + self.placement.count)
+
+    def quantize_experts(self, config: QuantConfig, prefix: str) -> None:
+        """Before loading: the config's MoE method takes the routed experts (none: they stay dense). A method
+        that reads the checkpoint's quantized tensors replaces the dense stacks, which are then never filled."""
+        method = config.moe_method(prefix, self)
+        if method is None:
+            return
+        method.create_weights(self)
+        self.quant_method = method
+        if method.reads_checkpoint:
+            self.w13.data = self.w13.data.new_empty(0)
+            self.w2.data = self.w2.data.new_empty(0)
+
+    def finish_expert_quantization(self, bind: Callable[[list[QuantizedPart]], BoundParts]) -> None:
+        """After loading: the method's per-expert parts, each bound to its kernel by ``bind``; dense stacks
+        that were quantized from are released."""
+        assert self.quant_method is not None
+        bind_experts(self.quant_method, self.quant_method.finish(self), bind)
+        self.w13.data = self.w13.data.new_empty(0)
+        self.w2.data = self.w2.data.new_empty(0)
 
     def bind_ops(self, ops: Ops) -> None:
         """After loading: where the platform repacks the experts for its ``fused_moe`` (once), the layer runs on
         its copy and releases the plain stacks so the experts are not held twice."""
+        if self.quant_method is not None:
+            return
         packed = ops.pack_fused_moe_weights(self.w13.detach(), self.w2.detach(), self.act)
         if packed is None:
             return
@@ -111,21 +147,24 @@ class SparseMoE(EngineModule):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(hidden)
-        w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
         if self.placement is None:
-            out = self.tp.all_reduce(self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act))
+            out = self.tp.all_reduce(self.run_experts(hidden, weights, ids))
         else:
-            def run(rows: torch.Tensor, w: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-                return self.ops.fused_moe(rows, w13, w2, w, local_ids, self.act)
-
             out = (dispatch_combine if self._dispatch else local_all_reduce)(
-                hidden, weights, ids, self.placement, self.tp, run)
+                hidden, weights, ids, self.placement, self.tp, self.run_experts)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(hidden)) * shared
             out = out + shared
         return out
+
+    def run_experts(self, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on ``hidden`` (``ids`` local): the quantized method's, or ``fused_moe``."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(hidden, weights, ids)
+        w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
+        return self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act)
 
     # -- loading: per-expert checkpoint tensors into the stacked parameters ------------------------------------
     @torch.no_grad()
@@ -134,7 +173,10 @@ class SparseMoE(EngineModule):
         ``stacked_w13.weight`` / ``stacked_w2.weight`` for checkpoints that already stack them (Granite-MoE).
         Under tensor parallelism only this rank's intermediate columns are read (DBRX's are read whole first);
         under expert parallelism only this rank's experts, whole (another rank's per-expert tensors are skipped
-        unread)."""
+        unread). Experts kept quantized from the checkpoint go to the quantization's MoE method instead."""
+        if self.quant_method is not None and self.quant_method.reads_checkpoint:
+            self.quant_method.load(self, rest, tensor, name)
+            return
         if self.placement is not None:
             self._load_own_experts(rest, tensor, name)
             return
@@ -208,6 +250,8 @@ class SparseMoE(EngineModule):
     def missing_expert_tensors(self, param_name: str) -> list[str]:
         if param_name.endswith(".gate.weight") or ".shared_expert" in param_name:
             return []
+        if self.quant_method is not None and self.quant_method.reads_checkpoint:
+            return self.quant_method.missing(self, down=param_name.endswith(".w2"))
         parts = ("down",) if param_name.endswith(".w2") else ("gate", "up")
         prefix = param_name.rsplit(".", 1)[0]
         experts = range(self.spec.num_experts) if self.placement is None else \

@@ -17,6 +17,8 @@ from llmctl.plugins.types import QuantLinearSpec
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
+    from llmctl.models.moe import SparseMoE
+    from llmctl.quantization.moe import MoEQuantMethod
 
 # Fused projection -> the checkpoint projections it stacks, for models that do not say (vLLM's
 # ``packed_modules_mapping``; a model class may define its own attribute of that name).
@@ -160,6 +162,15 @@ class QuantConfig(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def moe_method(self, prefix: str, moe: SparseMoE) -> MoEQuantMethod | None:
+        """The routed experts' method (vLLM's ``get_quant_method`` for a ``FusedMoE``), or None to leave them in
+        the model dtype. By default each expert is held as this config's linear layers are, where the config
+        covers the experts' projections (an ``ignore``/``modules_to_not_convert`` entry leaves them dense)."""
+        from llmctl.quantization.moe import CheckpointExperts
+
+        method = CheckpointExperts(prefix, self)
+        return method if method.expert_layers(moe, moe.local_experts()[0]) is not None else None
 
     def input_unit(self, prefix: str, in_features: int) -> tuple[int, str] | None:
         """The input columns of layer ``prefix`` that must stay together on one rank when a row-parallel split

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 from llmctl.layers.linear import Linear
 from llmctl.plugins.registry import Registry
 from llmctl.plugins.types import QuantLinearSpec, QuantMethod
-from llmctl.quantization.base import DEFAULT_PACKED_MODULES, QuantConfig
+from llmctl.quantization.base import DEFAULT_PACKED_MODULES, QuantConfig, QuantizedPart
 
 logger = logging.getLogger("llmctl.quantization")
 
@@ -28,10 +28,18 @@ class QuantSummary:
     kernels: Counter[str] = field(default_factory=Counter)  # "format (detail) -> kernel" -> layers
     fallbacks: Counter[str] = field(default_factory=Counter)  # reason -> layers
     weight_bytes: int = 0
+    moe_layers: int = 0  # MoE layers whose routed experts are kept quantized
+    moe_methods: Counter[str] = field(default_factory=Counter)  # "MoE method (quantization)" -> MoE layers
+    moe_kernels: Counter[str] = field(default_factory=Counter)  # "format (detail) -> kernel" -> expert projections
 
     def describe(self) -> str:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items()))
-        return f"{self.method}: {self.layers} layers, {kernels}"
+        text = f"{self.method}: {self.layers} layers, {kernels}"
+        if self.moe_layers:
+            methods = ", ".join(sorted(self.moe_methods))
+            experts = ", ".join(f"{k} x{n}" for k, n in sorted(self.moe_kernels.items()))
+            text += f"; routed experts of {self.moe_layers} MoE layers by {methods}: {experts}"
+        return text
 
 
 def shard_names(model: nn.Module, prefix: str, layer: Linear) -> list[str]:
@@ -52,7 +60,10 @@ def attach_quantization(model: nn.Module, config: QuantConfig) -> dict[str, tupl
     or None for an unmerged layer) for the layers it covers."""
     covered: dict[str, tuple[Linear, int | None]] = {}
     for prefix, module in list(model.named_modules()):
-        if isinstance(module, Linear):
+        quantize_experts = getattr(module, "quantize_experts", None)  # a MoE layer's routed experts
+        if quantize_experts is not None:
+            quantize_experts(config, prefix)
+        if isinstance(module, Linear) and module.quantizable:
             names = shard_names(model, prefix, module)
             quantizer = config.linear_quantizer(prefix, module, names)
             if quantizer is not None:
@@ -98,22 +109,41 @@ def select_kernel(registry: Registry, platform: str, spec: QuantLinearSpec, dtyp
                      f"({spec.describe()}); " + ("; ".join(declined) or "none registered for this format"))
 
 
-def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registry, platform: str,
-                        dtype: torch.dtype) -> QuantSummary:
-    summary = QuantSummary(method=config.describe())
-    for _, module in model.named_modules():
-        if not isinstance(module, Linear) or module.quantizer is None:
-            continue
+def _binder(registry: Registry, platform: str, dtype: torch.dtype, summary: QuantSummary, counts: Counter[str]
+            ) -> Callable[[list[QuantizedPart]], list[tuple[QuantMethod, dict[str, torch.Tensor], QuantLinearSpec,
+                                                               slice | None]]]:
+    """Binds a layer's (or an expert projection's) parts to the best kernel for each, counting them in ``counts``."""
+    def bind(layer_parts: list[QuantizedPart]) -> list[tuple[QuantMethod, dict[str, torch.Tensor], QuantLinearSpec,
+                                                             slice | None]]:
         parts = []
-        for part in module.quantizer.finish(module):
+        for part in layer_parts:
             kernel, declined = select_kernel(registry, platform, part.spec, dtype)
             weights = kernel.process_weights(part.weights, part.spec)
             parts.append((kernel, weights, part.spec, part.out_slice))
-            summary.kernels[f"{part.spec.describe()} -> {kernel.kernel or kernel.name}"] += 1
+            counts[f"{part.spec.describe()} -> {kernel.kernel or kernel.name}"] += 1
             summary.weight_bytes += sum(t.numel() * t.element_size() for t in weights.values())
             for reason in declined:
                 summary.fallbacks[reason] += 1
-        module.bind_quantized(parts)
+        return parts
+
+    return bind
+
+
+def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registry, platform: str,
+                        dtype: torch.dtype) -> QuantSummary:
+    summary = QuantSummary(method=config.describe())
+    bind_linear = _binder(registry, platform, dtype, summary, summary.kernels)
+    bind_expert = _binder(registry, platform, dtype, summary, summary.moe_kernels)
+    for _, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(module, "finish_expert_quantization"):
+            module.finish_expert_quantization(bind_expert)
+            summary.moe_layers += 1
+            summary.moe_methods[f"{type(method).__name__} ({method.method})"] += 1
+            continue
+        if not isinstance(module, Linear) or module.quantizer is None:
+            continue
+        module.bind_quantized(bind_linear(module.quantizer.finish(module)))
         summary.layers += 1
     _quantize_lm_head(model, config, registry, platform, dtype, summary)
     for reason, n in summary.fallbacks.items():

@@ -1,5 +1,6 @@
 """``--quantization int8`` and ``--quantization fp8``: an unquantized checkpoint is loaded as usual and each
-linear layer's weight is quantized per output channel when loading ends (vLLM's dynamic fp8 does the same).
+linear layer's weight is quantized per output channel when loading ends (vLLM's dynamic fp8 does the same), and so
+is each routed expert's (``llmctl.quantization.moe``).
 
 int8 is W8A16: the activations stay in ``--dtype``. Quantizing them per token as well (W8A8, which the int8
 format and the CPU's VNNI kernel run for compressed-tensors W8A8 checkpoints) needs a calibrated checkpoint:
@@ -19,6 +20,8 @@ from llmctl.quantization.sharding import rank_split
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
+    from llmctl.models.moe import SparseMoE
+    from llmctl.quantization.moe import MoEQuantMethod
 
 
 def quantize_int8_per_channel(w: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,3 +78,8 @@ class LoadTimeConfig(QuantConfig):
 
     def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
         return LoadTimeLinear(prefix, self.name)
+
+    def moe_method(self, prefix: str, moe: SparseMoE) -> MoEQuantMethod | None:
+        from llmctl.quantization.moe import LoadTimeExperts
+
+        return LoadTimeExperts(prefix, self.name)
