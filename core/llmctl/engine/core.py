@@ -110,6 +110,8 @@ class EngineCore:
             **(self.speculator.stats.as_dict() if self.speculator else {}),
             **self._encoder_cache_stats(),
             **({"pipeline_max_in_flight": self.batch_queue.max_in_flight} if self.batch_queue is not None else {}),
+            **({"expert_parallel_rank": self.ep.rank, "expert_parallel_size": self.ep.size}
+               if self.ep is not None else {}),
         }
 
     def _encoder_cache_stats(self) -> dict[str, int]:
