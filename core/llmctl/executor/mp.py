@@ -204,6 +204,7 @@ class MultiprocCore(RemoteCore):
         for obj in ready:
             if obj in peers:
                 name, proc = peers[obj]
+                proc.join(1.0)  # its sentinel fires a moment before its exit code is known
                 raise RuntimeError(f"{name} (pid {proc.pid}) exited with code {proc.exitcode} during {what}")
         return self._next_message(ranks, timeout, what)
 
