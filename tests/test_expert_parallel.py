@@ -128,18 +128,23 @@ def test_placement_is_contiguous_and_refuses_an_uneven_split():
         expert_placement(6, 4, 0)
 
 
-@pytest.mark.parametrize("dp,tp,tokens", [(2, 1, (5, 0)), (2, 1, (1, 6)), (2, 2, (7, 2)), (4, 1, (3, 0, 9, 1))])
-def test_across_replicas_each_replica_gets_its_tokens_experts_output(dp, tp, tokens):
+@pytest.mark.parametrize("dp,tp,tokens,dtype", [(2, 1, (5, 0), torch.float32), (2, 1, (1, 6), torch.float32),
+                                                (2, 2, (7, 2), torch.float32), (4, 1, (3, 0, 9, 1), torch.float32),
+                                                (2, 2, (3, 5), torch.bfloat16)])
+def test_across_replicas_each_replica_gets_its_tokens_experts_output(dp, tp, tokens, dtype):
     """Data-parallel replicas (``tokens[d]`` tokens on replica ``d``, none on an idle one) sharing experts over
     all dp x tp ranks: after the count all_gather and the two variable-size all_to_alls each rank holds its own
-    replica's single-rank fused_moe output, though no rank's send and receive counts match its peers'."""
+    replica's single-rank fused_moe output, though no rank's send and receive counts match its peers'. In bf16 the
+    rows, weights and expert ids travel as bytes and come back whole."""
     e, k, h, inter = 8, 2, 6, 4
     gen = torch.Generator().manual_seed(dp * 100 + tp * 10 + sum(tokens))
-    w13, w2 = torch.randn(e, 2 * inter, h, generator=gen), torch.randn(e, h, inter, generator=gen)
+    w13 = torch.randn(e, 2 * inter, h, generator=gen).to(dtype)
+    w2 = torch.randn(e, h, inter, generator=gen).to(dtype)
     batches = []
     for t in tokens:
-        hidden = torch.randn(t, h, generator=gen)
+        hidden = torch.randn(t, h, generator=gen).to(dtype)
         weights, ids = torch.topk(torch.randn(t, e, generator=gen).softmax(-1), k, dim=-1)
+        weights = weights.to(dtype)
         batches.append((hidden, weights, ids, reference.fused_moe(hidden, w13, w2, weights, ids)))
     size = dp * tp
     ep_x, tp_x = _Exchange(size), [_Exchange(tp) for _ in range(dp)]
@@ -169,7 +174,7 @@ def test_across_replicas_each_replica_gets_its_tokens_experts_output(dp, tp, tok
     if errors:
         raise errors[0]
     for rank, got in enumerate(results):
-        torch.testing.assert_close(got, batches[rank // tp][3], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, batches[rank // tp][3], atol=1e-5, rtol=1e-5)  # bf16: the same bits
 
 
 def test_placement_across_replicas_names_both_sizes():

@@ -198,7 +198,7 @@ def init_expert_world(address: RankAddress, communicator: Communicator | None,
     assert dp is not None
     if not has_all_to_all(communicator):
         raise ValueError(f"enable_expert_parallel: across data_parallel_size={dp.size} replicas tokens travel by "
-                         f"all_to_all, which platform {platform}'s communicator does not have; leave "
+                         f"all_to_all, which platform {platform} has no communicator for; leave "
                          f"enable_expert_parallel off there")
     world = address.world_size
     ep = init_group(RankAddress(dp.rank * world + address.rank, dp.size * world, dp.init_method,
@@ -224,9 +224,15 @@ def _pack(rows: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch
 
 def _unpack(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     width = hidden * dtype.itemsize
-    rows = packed[:, :width].contiguous().view(dtype)
-    weights = packed[:, width:width + dtype.itemsize].contiguous().view(dtype).squeeze(1)
-    ids = packed[:, width + dtype.itemsize:].contiguous().view(torch.int32).squeeze(1).long()
+
+    def part(start: int, end: int, as_dtype: torch.dtype) -> torch.Tensor:
+        # a fresh packed copy: a one-row slice counts as contiguous, but its offset and row stride are the packed
+        # row's, which a wider dtype may not view
+        return packed[:, start:end].clone(memory_format=torch.contiguous_format).view(as_dtype)
+
+    rows = part(0, width, dtype)
+    weights = part(width, width + dtype.itemsize, dtype).squeeze(1)
+    ids = part(width + dtype.itemsize, packed.shape[1], torch.int32).squeeze(1).long()
     return rows, weights, ids
 
 
