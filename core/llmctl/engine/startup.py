@@ -318,7 +318,7 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     if args.pipeline_parallel_size > 1:
         _check_pipeline_parallel(args, hf_config, model_cls, quant)
     if args.enable_expert_parallel:  # its own refusals first, naming enable_expert_parallel
-        check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant)
+        check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant, args.data_parallel_size)
     size = args.tensor_parallel_size
     if size == 1:
         return

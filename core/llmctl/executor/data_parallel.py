@@ -84,9 +84,10 @@ class DataParallelCore:
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        replica_args = dataclasses.replace(args, data_parallel_size=1)
         self.replicas: list[MultiprocCore] = []
         self.lockstep = _share_experts(args)
+        # a replica is an engine of its own; one sharing experts keeps the count, which places them over all ranks
+        replica_args = args if self.lockstep else dataclasses.replace(args, data_parallel_size=1)
         dp = args.data_parallel_size
         init_method = f"tcp://127.0.0.1:{_free_port()}" if self.lockstep else ""
         try:  # every replica's workers load at the same time
