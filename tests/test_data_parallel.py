@@ -139,7 +139,7 @@ def test_dp2_expert_parallel_gives_one_engines_tokens_and_dies_cleanly(moe_model
     _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGKILL))
 
 
-def test_dp_expert_parallel_refusals(moe_model, tiny_llama_dir, caplog):
+def test_dp_expert_parallel_refusals(moe_model, tiny_llama_dir, caplog, monkeypatch):
     """Experts the replicas' ranks do not divide, and what would break the lockstep, are refused before any
     replica starts, naming the setting; a dense model runs plain replicas and says so."""
     import logging
@@ -155,6 +155,10 @@ def test_dp_expert_parallel_refusals(moe_model, tiny_llama_dir, caplog):
                                          r"across data_parallel_size=2"):
         _share_experts(EngineArgs(model=str(moe_model), data_parallel_size=2, pipeline_parallel_size=2,
                                   enable_expert_parallel=True))
+    monkeypatch.setenv("LLMCTL_EP_ALL2ALL", "0")
+    with pytest.raises(ValueError, match=r"LLMCTL_EP_ALL2ALL: not supported with enable_expert_parallel across "
+                                         r"data_parallel_size=2 replicas \(replicas have different tokens"):
+        _share_experts(EngineArgs(model=str(moe_model), data_parallel_size=2, enable_expert_parallel=True))
     with caplog.at_level(logging.INFO, logger="llmctl.expert_parallel"):
         assert not _share_experts(EngineArgs(model=str(tiny_llama_dir), data_parallel_size=2,
                                              enable_expert_parallel=True))
