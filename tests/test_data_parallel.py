@@ -1,5 +1,6 @@
 """Data parallelism: two replicas behind one engine frontend give one engine's greedy tokens, both work on a
-concurrent batch, a repeated prompt goes back to the replica that cached it, and the stats add up."""
+concurrent batch, a repeated prompt goes back to the replica that cached it, and the stats add up. With
+``enable_expert_parallel`` on a mixture-of-experts model the replicas share their experts and step in lockstep."""
 
 from __future__ import annotations
 
@@ -101,14 +102,64 @@ def test_serve_dp2_answers_concurrent_requests_from_both_replicas(model):
             proc.wait(30)
 
 
-def test_dp_replica_death_ends_the_engine_and_stops_every_worker(model):
+@pytest.fixture(scope="module")
+def moe_model(model_cache_dir, test_tokenizer):
+    from tests.test_tensor_parallel_families import _family_checkpoint
+
+    return _family_checkpoint("qwen2_moe", model_cache_dir, test_tokenizer)
+
+
+def test_dp2_expert_parallel_gives_one_engines_tokens_and_dies_cleanly(moe_model):
+    """DP=2 with expert parallelism on Qwen2-MoE (4 experts, 2 per replica; a dense layer and a shared expert
+    among them): prompts of different lengths on both replicas, one replica idle (running its MoE layers on no
+    tokens) while the other finishes its longer request, give the greedy tokens of one engine without expert
+    parallelism in fp32. Then a killed rank of one replica ends the whole engine (the data-parallel death test:
+    every replica's workers stop), the other replica's ranks included, rather than leaving them inside a
+    collective."""
     import os
     import signal
 
-    from llmctl import LLM
+    from llmctl import LLM, SamplingParams
 
     from tests.test_tensor_parallel_mp import _assert_dies_cleanly
 
-    llm = LLM(str(model), dtype="float32", data_parallel_size=2, num_threads=1)
-    assert len(llm.llm_engine.core.worker_pids) == 2
+    prompts = ["Short one.", "A much longer prompt that goes on for a good while before it stops", "Mid length"]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (2, 12, 5)]
+    with one_torch_thread():
+        want = [o.outputs[0].token_ids for o in LLM(str(moe_model), dtype="float32", num_threads=1)
+                .generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(moe_model), dtype="float32", data_parallel_size=2, enable_expert_parallel=True, num_threads=1)
+    assert llm.llm_engine.core.lockstep and len(llm.llm_engine.core.worker_pids) == 2
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    replicas = llm.get_stats()["replicas"]
+    assert [(r["expert_parallel_rank"], r["expert_parallel_size"]) for r in replicas] == [(0, 2), (1, 2)]
+    steps = [r["num_steps"] for r in replicas]
+    assert min(steps) > 0 and steps[0] != steps[1], steps  # both worked, one of them also idled
     _assert_dies_cleanly(llm, lambda pids: os.kill(pids[1], signal.SIGKILL))
+
+
+def test_dp_expert_parallel_refusals(moe_model, tiny_llama_dir, caplog, monkeypatch):
+    """Experts the replicas' ranks do not divide, and what would break the lockstep, are refused before any
+    replica starts, naming the setting; a dense model runs plain replicas and says so."""
+    import logging
+
+    from llmctl.config import EngineArgs
+    from llmctl.executor.data_parallel import _share_experts
+
+    with pytest.raises(ValueError, match=r"num_experts=4 does not split over the 8 ranks of data_parallel_size=4 "
+                                         r"x tensor_parallel_size=2"):
+        _share_experts(EngineArgs(model=str(moe_model), data_parallel_size=4, tensor_parallel_size=2,
+                                  enable_expert_parallel=True))
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size: not supported with enable_expert_parallel "
+                                         r"across data_parallel_size=2"):
+        _share_experts(EngineArgs(model=str(moe_model), data_parallel_size=2, pipeline_parallel_size=2,
+                                  enable_expert_parallel=True))
+    monkeypatch.setenv("LLMCTL_EP_ALL2ALL", "0")
+    with pytest.raises(ValueError, match=r"LLMCTL_EP_ALL2ALL: not supported with enable_expert_parallel across "
+                                         r"data_parallel_size=2 replicas \(replicas have different tokens"):
+        _share_experts(EngineArgs(model=str(moe_model), data_parallel_size=2, enable_expert_parallel=True))
+    with caplog.at_level(logging.INFO, logger="llmctl.expert_parallel"):
+        assert not _share_experts(EngineArgs(model=str(tiny_llama_dir), data_parallel_size=2,
+                                             enable_expert_parallel=True))
+    assert "has no mixture-of-experts layers; the setting is ignored" in caplog.text

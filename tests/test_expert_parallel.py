@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from llmctl.expert_parallel import dispatch_combine, expert_placement, local_all_reduce
+from llmctl.expert_parallel import dispatch_combine, dispatch_combine_across, expert_placement, local_all_reduce
 from llmctl.ops import reference
 from llmctl.plugins.types import Communicator
 from llmctl.tensor_parallel import TensorParallelGroup
@@ -126,3 +126,60 @@ def test_placement_is_contiguous_and_refuses_an_uneven_split():
     with pytest.raises(ValueError, match=r"enable_expert_parallel: num_experts=6 does not split over the 4 ranks "
                                          r"of tensor_parallel_size=4"):
         expert_placement(6, 4, 0)
+
+
+@pytest.mark.parametrize("dp,tp,tokens,dtype", [(2, 1, (5, 0), torch.float32), (2, 1, (1, 6), torch.float32),
+                                                (2, 2, (7, 2), torch.float32), (4, 1, (3, 0, 9, 1), torch.float32),
+                                                (2, 2, (3, 5), torch.bfloat16)])
+def test_across_replicas_each_replica_gets_its_tokens_experts_output(dp, tp, tokens, dtype):
+    """Data-parallel replicas (``tokens[d]`` tokens on replica ``d``, none on an idle one) sharing experts over
+    all dp x tp ranks: after the count all_gather and the two variable-size all_to_alls each rank holds its own
+    replica's single-rank fused_moe output, though no rank's send and receive counts match its peers'. In bf16 the
+    rows, weights and expert ids travel as bytes and come back whole."""
+    e, k, h, inter = 8, 2, 6, 4
+    gen = torch.Generator().manual_seed(dp * 100 + tp * 10 + sum(tokens))
+    w13 = torch.randn(e, 2 * inter, h, generator=gen).to(dtype)
+    w2 = torch.randn(e, h, inter, generator=gen).to(dtype)
+    batches = []
+    for t in tokens:
+        hidden = torch.randn(t, h, generator=gen).to(dtype)
+        weights, ids = torch.topk(torch.randn(t, e, generator=gen).softmax(-1), k, dim=-1)
+        weights = weights.to(dtype)
+        batches.append((hidden, weights, ids, reference.fused_moe(hidden, w13, w2, weights, ids)))
+    size = dp * tp
+    ep_x, tp_x = _Exchange(size), [_Exchange(tp) for _ in range(dp)]
+    results, errors = [None] * size, []
+
+    def one(rank: int) -> None:
+        try:
+            d, r = divmod(rank, tp)
+            ep = TensorParallelGroup(rank, size, _ThreadCommunicator(ep_x, rank, size))
+            group = TensorParallelGroup(r, tp, _ThreadCommunicator(tp_x[d], r, tp))
+            place = expert_placement(e, size, rank, dp)
+            own = slice(place.first, place.first + place.count)
+            hidden, weights, ids, _ = batches[d]
+            results[rank] = dispatch_combine_across(
+                hidden, weights, ids, place, ep, group,
+                lambda rows, w, local: reference.fused_moe(rows, w13[own], w2[own], w, local))
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the barriers broken for the others
+            errors.append(exc)
+            for x in (ep_x, *tp_x):
+                x.barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    for rank, got in enumerate(results):
+        torch.testing.assert_close(got, batches[rank // tp][3], atol=1e-5, rtol=1e-5)  # bf16: the same bits
+
+
+def test_placement_across_replicas_names_both_sizes():
+    assert [(p.first, p.count) for p in (expert_placement(8, 4, r, 2) for r in range(4))] == \
+        [(0, 2), (2, 2), (4, 2), (6, 2)]
+    with pytest.raises(ValueError, match=r"enable_expert_parallel: num_experts=6 does not split over the 4 ranks "
+                                         r"of data_parallel_size=2 x tensor_parallel_size=2"):
+        expert_placement(6, 4, 0, 2)

@@ -181,7 +181,8 @@ def serve(
     enable_expert_parallel: bool = typer.Option(
         False, "--enable-expert-parallel", "-ep",
         help="Mixture-of-experts layers place whole experts on the tensor-parallel ranks (num_experts / tp each) "
-             "instead of splitting every expert; ignored for models without experts."),
+             "instead of splitting every expert; with --data-parallel-size, over every replica's ranks "
+             "(num_experts / (dp * tp) each); ignored for models without experts."),
     data_parallel_size: int = typer.Option(
         1, "--data-parallel-size", "-dp", help="Replicas of the whole model behind this server, each in its own "
                                               "worker processes; requests go to one by load and prefix affinity."),

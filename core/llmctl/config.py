@@ -118,7 +118,8 @@ class EngineArgs:
     # ranks when both are set: tensor_parallel.RankLayout)
     pipeline_parallel_size: int = 1
     # Mixture-of-experts layers place whole experts on the tensor-parallel ranks (num_experts / tp each) instead of
-    # splitting every expert by its columns (llmctl.expert_parallel); ignored, with a log line, without experts
+    # splitting every expert by its columns (llmctl.expert_parallel), over every replica's ranks with
+    # data_parallel_size > 1 (num_experts / (dp * tp) each); ignored, with a log line, without experts
     enable_expert_parallel: bool = False
     # data_parallel_size replicas of the whole model, each its own engine core and worker processes, behind one
     # frontend that routes each request to one of them (llmctl.executor.data_parallel)

@@ -19,9 +19,20 @@ Two ways to bring each token to its experts and back, both exact (fp32 gives the
   own experts on every token routed to them and one ``all_reduce`` sums the partial outputs, which is what vLLM
   does with expert parallelism inside one tensor-parallel group.
 
-The send and receive counts are computed, not exchanged: the router is replicated, so every rank derives the same
-``n x n`` table of pairs from chunk ``s`` to owner ``d``. With data parallelism (different tokens per rank) the
-counts would have to travel first; that is not wired up.
+Inside one replica the send and receive counts are computed, not exchanged: the router is replicated, so every
+rank derives the same ``n x n`` table of pairs from chunk ``s`` to owner ``d``.
+
+Across data-parallel replicas (``data_parallel_size > 1`` with ``enable_expert_parallel``, as vLLM runs DeepSeek
+and Qwen-MoE) the expert-parallel group is every rank of every replica (EP size = DP x TP, EP rank
+``dp_rank * TP + tp_rank``): one process group over all of them, made through the platform's communicator, with
+each replica's tensor-parallel group a sub-group of it (:func:`init_expert_world`). Attention stays data
+parallel: each replica computes its own requests, so the ranks of different replicas enter a MoE layer with
+different tokens, and :func:`dispatch_combine_across` exchanges the counts first (one ``all_gather`` of each
+rank's per-owner counts) before the variable-size rows, which carry their routing weight and expert id with
+them since the owner never saw the router's choice. Every EP rank must enter every MoE layer, so a replica with
+no work in a step still runs its MoE layers on no tokens (:func:`idle_moe_step`), serving the other replicas'
+tokens on its experts; the data-parallel driver steps every replica whenever any has work, and none when none
+has.
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ from typing import Any
 import torch
 
 from llmctl.plugins.types import Communicator
-from llmctl.tensor_parallel import TensorParallelGroup
+from llmctl.tensor_parallel import RankAddress, TensorParallelGroup, init_group
 
 logger = logging.getLogger(__name__)
+
+ALL2ALL_ENV = "LLMCTL_EP_ALL2ALL"
 
 # (rows [N, H], weights [N, 1], local expert ids [N, 1]) -> the rows' weighted expert outputs [N, H]
 RunExperts = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -57,16 +70,20 @@ class ExpertPlacement:
         return self.first <= expert < self.first + self.count
 
 
-def expert_placement(num_experts: int, size: int, rank: int) -> ExpertPlacement:
+def expert_placement(num_experts: int, size: int, rank: int, dp_size: int = 1) -> ExpertPlacement:
+    """``size`` ranks in all: ``tensor_parallel_size``, times ``dp_size`` across data-parallel replicas."""
     if num_experts % size:
+        tp = size // dp_size
+        where = f"tensor_parallel_size={tp}" if dp_size == 1 else \
+            f"data_parallel_size={dp_size} x tensor_parallel_size={tp}"
         raise ValueError(f"enable_expert_parallel: num_experts={num_experts} does not split over the "
-                         f"{size} ranks of tensor_parallel_size={size}; choose a tensor_parallel_size that divides "
-                         f"it, or leave enable_expert_parallel off (every expert split by its columns)")
+                         f"{size} ranks of {where}; choose sizes whose product divides it, or leave "
+                         f"enable_expert_parallel off (every expert split by its columns)")
     per = num_experts // size
     return ExpertPlacement(rank, size, num_experts, rank * per, per)
 
 
-def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: Any) -> bool:
+def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: Any, dp_size: int = 1) -> bool:
     """At start-up, before any peer is waited for: whether the model's MoE layers place their experts per rank.
     A model without experts ignores the setting (as vLLM does), with a log line; an expert count the ranks do not
     divide is refused, naming ``enable_expert_parallel``. A quantized model places its experts like any other:
@@ -80,10 +97,30 @@ def check_expert_parallel(hf_config: Any, model_cls: Any, tp_size: int, quant: A
         logger.info("enable_expert_parallel: %s has no mixture-of-experts layers; the setting is ignored",
                     getattr(model_cls, "__name__", model_cls))
         return False
-    if tp_size == 1:
+    if tp_size * dp_size == 1:
         logger.info("enable_expert_parallel: one rank holds all %d experts (tensor_parallel_size=1)", num_experts)
         return True
-    expert_placement(num_experts, tp_size, 0)
+    expert_placement(num_experts, tp_size * dp_size, 0, dp_size)
+    return True
+
+
+def check_across_replicas(args: Any, hf_config: Any, model_cls: Any, quant: Any) -> bool:
+    """In the data-parallel driver, before any replica starts: whether the replicas share their experts
+    (``data_parallel_size > 1``, ``enable_expert_parallel`` and a model with experts). What would break the
+    lockstep every MoE layer needs (one forward per step on every replica) is refused, naming the setting."""
+    dp = args.data_parallel_size
+    if dp == 1 or not args.enable_expert_parallel:
+        return False
+    if not check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant, dp):
+        return False  # no experts: plain replicas, as logged
+    refused = (("pipeline_parallel_size", args.pipeline_parallel_size > 1, "stages hold different layers"),
+               ("speculative_config", args.speculative_config is not None, "a draft model steps more forwards"),
+               (ALL2ALL_ENV, expert_parallel_mode() != "all_to_all",
+                "replicas have different tokens, so no all-reduce can combine them"))
+    for name, used, why in refused:
+        if used:
+            raise ValueError(f"{name}: not supported with enable_expert_parallel across data_parallel_size={dp} "
+                             f"replicas ({why})")
     return True
 
 
@@ -94,7 +131,7 @@ def has_all_to_all(communicator: Communicator | None) -> bool:
 def expert_parallel_mode() -> str:
     """"all_to_all" unless ``LLMCTL_EP_ALL2ALL=0`` asks for the all-reduce (to compare the two); part of what the
     ranks compare at start-up, since ranks that combine differently would wait on different collectives."""
-    return "all_reduce" if os.environ.get("LLMCTL_EP_ALL2ALL", "1") == "0" else "all_to_all"
+    return "all_reduce" if os.environ.get(ALL2ALL_ENV, "1") == "0" else "all_to_all"
 
 
 def use_dispatch(group: TensorParallelGroup) -> bool:
@@ -148,3 +185,95 @@ def dispatch_combine(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
     mine = hidden.new_zeros((chunk, hidden.shape[-1]))
     mine.index_add_(0, sent // k - r * chunk, back)
     return group.all_gather(mine, dim=0)[:t]
+
+
+# -- across data-parallel replicas ------------------------------------------------------------------------------
+
+
+def init_expert_world(address: RankAddress, communicator: Communicator | None,
+                      platform: str) -> tuple[TensorParallelGroup, TensorParallelGroup]:
+    """(the expert-parallel group over every rank of every replica, this replica's own group). The first is one
+    process group through the platform's communicator; every replica's group is made from it by every rank, in
+    replica order (torch.distributed's rule), and released with it."""
+    dp = address.data_parallel
+    assert dp is not None
+    if not has_all_to_all(communicator):
+        raise ValueError(f"enable_expert_parallel: across data_parallel_size={dp.size} replicas tokens travel by "
+                         f"all_to_all, which platform {platform} has no communicator for; leave "
+                         f"enable_expert_parallel off there")
+    world = address.world_size
+    ep = init_group(RankAddress(dp.rank * world + address.rank, dp.size * world, dp.init_method,
+                                address.local_rank), communicator, platform)
+    if world == 1:
+        return ep, TensorParallelGroup()
+    assert ep.communicator is not None
+    mine: Communicator | None = None
+    for d in range(dp.size):
+        sub = ep.communicator.new_group(list(range(d * world, (d + 1) * world)))
+        ep.children.append(sub)
+        mine = sub if d == dp.rank else mine
+    return ep, TensorParallelGroup(address.rank, world, mine)
+
+
+def _pack(rows: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each dispatched row with its routing weight and expert id as bytes, so one all_to_all carries all three
+    exactly (an id in a bf16 column would not survive past 256 experts)."""
+    return torch.cat([rows.contiguous().view(torch.uint8),
+                      weights.to(rows.dtype).reshape(-1, 1).contiguous().view(torch.uint8),
+                      ids.to(torch.int32).reshape(-1, 1).view(torch.uint8)], dim=1)
+
+
+def _unpack(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    width = hidden * dtype.itemsize
+
+    def part(start: int, end: int, as_dtype: torch.dtype) -> torch.Tensor:
+        # a fresh packed copy: a one-row slice counts as contiguous, but its offset and row stride are the packed
+        # row's, which a wider dtype may not view
+        return packed[:, start:end].clone(memory_format=torch.contiguous_format).view(as_dtype)
+
+    rows = part(0, width, dtype)
+    weights = part(width, width + dtype.itemsize, dtype).squeeze(1)
+    ids = part(width + dtype.itemsize, packed.shape[1], torch.int32).squeeze(1).long()
+    return rows, weights, ids
+
+
+def dispatch_combine_across(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                            place: ExpertPlacement, ep: TensorParallelGroup, tp: TensorParallelGroup,
+                            run_experts: RunExperts) -> torch.Tensor:
+    """The all-to-all path when ranks hold different tokens (module docstring). This replica's tokens are
+    shared out over its tensor-parallel ranks as in :func:`dispatch_combine`; each rank's pairs, sorted by expert
+    (so grouped by owner in rank order, and each token's results added in ascending expert order as one rank
+    does), go to their owners after every rank's per-owner counts are gathered. ``hidden`` may have no rows (an
+    idle replica): the rank still takes part, and its experts serve the others."""
+    assert ep.communicator is not None
+    n, t, k = place.size, ids.shape[0], ids.shape[1]
+    chunk = -(-t // tp.size)
+    lo = min(tp.rank * chunk, t)
+    hi = min(lo + chunk, t)
+    flat_ids, flat_w = ids[lo:hi].reshape(-1), weights[lo:hi].reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    sorted_ids = flat_ids[order]
+    counts = torch.bincount(sorted_ids // place.count, minlength=n)
+    table = ep.all_gather(counts.view(1, n), dim=0)  # [n, n]: pairs from rank s to owner d
+    send_counts, recv_counts = counts.tolist(), table[:, place.rank].tolist()
+    local = order // k  # each sent pair's token, within this rank's chunk
+    packed = ep.communicator.all_to_all(_pack(hidden[lo + local], flat_w[order], sorted_ids),
+                                        send_counts, recv_counts)  # dispatch
+    rows, row_weights, row_ids = _unpack(packed, hidden.shape[-1], hidden.dtype)
+    done = _run(run_experts, rows, row_weights, row_ids - place.first)
+    back = ep.communicator.all_to_all(done, recv_counts, send_counts)  # combine
+    mine = hidden.new_zeros((chunk, hidden.shape[-1]))
+    mine.index_add_(0, local, back)
+    if tp.size == 1 or t == 0:  # a replica's ranks agree on t: none of them gathers an empty batch
+        return mine[:t]
+    return tp.all_gather(mine, dim=0)[:t]
+
+
+def idle_moe_step(model: torch.nn.Module) -> int:
+    """A replica with no work this step: every MoE layer, in the model's order, takes part in its exchange with
+    no tokens of its own (vLLM runs a dummy batch for the same reason). Returns how many layers did."""
+    layers = [m for m in model.modules() if callable(getattr(m, "forward_idle", None))]
+    with torch.inference_mode():
+        for layer in layers:
+            layer.forward_idle()
+    return len(layers)

@@ -82,6 +82,16 @@ class RankLayout:
 
 
 @dataclass(frozen=True)
+class DataParallelAddress:
+    """A replica's place among ``data_parallel_size`` replicas whose ranks form one expert-parallel group (found
+    through ``init_method``); only set when the replicas share their experts (``llmctl.expert_parallel``)."""
+
+    rank: int
+    size: int
+    init_method: str
+
+
+@dataclass(frozen=True)
 class RankAddress:
     """Where this process sits in the group and how its ranks find each other (a torch.distributed init method)."""
 
@@ -89,6 +99,7 @@ class RankAddress:
     world_size: int
     init_method: str
     local_rank: int = 0
+    data_parallel: DataParallelAddress | None = None
 
 
 def launcher_address(world_size: int) -> RankAddress:

@@ -27,6 +27,7 @@ from llmctl.engine.scheduler import SchedulerOutput
 from llmctl.engine.startup import _kv_geometry, build_engine, check_tensor_parallel  # noqa: F401  (re-exported)
 from llmctl.engine.step_output import CoreOutput, ModelStepOutput
 from llmctl.engine.step_stats import IterationTokenStats
+from llmctl.expert_parallel import idle_moe_step
 from llmctl.structured_output.request_grammar import apply_token_bitmask, fill_draft_bitmask, fill_grammar_bitmask
 from llmctl.tensor_parallel import RankAddress
 
@@ -45,6 +46,7 @@ class EngineCore:
         self.runner_plan = parts.runner_plan
         self.runner_type = parts.runner_plan.runner
         self.world, self.tp, self.pp = parts.world, parts.tp, parts.pp
+        self.ep = parts.ep
         self.device = parts.device
         self.model_config = parts.model_config
         self.scheduler_config = parts.scheduler_config
@@ -76,6 +78,8 @@ class EngineCore:
     def shutdown(self) -> None:
         """Release the parallel group (the process group's sockets); the engine cannot step afterwards."""
         self.world.destroy()
+        if self.ep is not None:
+            self.ep.destroy()
 
     # -- requests --------------------------------------------------------------------------------------------
     def max_blocks_for(self, num_tokens: int) -> int:
@@ -106,6 +110,8 @@ class EngineCore:
             **(self.speculator.stats.as_dict() if self.speculator else {}),
             **self._encoder_cache_stats(),
             **({"pipeline_max_in_flight": self.batch_queue.max_in_flight} if self.batch_queue is not None else {}),
+            **({"expert_parallel_rank": self.ep.rank, "expert_parallel_size": self.ep.size}
+               if self.ep is not None else {}),
         }
 
     def _encoder_cache_stats(self) -> dict[str, int]:
@@ -121,6 +127,8 @@ class EngineCore:
             return self.batch_queue.step()
         sched = self.scheduler.schedule()
         if not sched:
+            if self.ep is not None:  # the other replicas' MoE layers wait for this one's (expert_parallel)
+                idle_moe_step(self.model)
             return []
         self.num_steps += 1
         self.iteration_tokens.observe(sched.num_tokens)
@@ -133,6 +141,8 @@ class EngineCore:
         try:
             return self._run(sched)
         except Exception as exc:
+            if self.ep is not None:  # the replicas' MoE collectives are out of step now: only ending them is safe
+                raise
             if len(sched.scheduled) == 1:
                 return self._fail(sched.scheduled[0].request, exc)
             logger.warning("batched step failed (%s); retrying its %d requests one at a time",

@@ -23,7 +23,7 @@ from llmctl.engine.malloc_tuning import keep_heap_headroom
 from llmctl.engine.model_runner import ModelRunner
 from llmctl.engine.sampler import Sampler
 from llmctl.engine.scheduler import Scheduler
-from llmctl.expert_parallel import check_expert_parallel, expert_parallel_mode
+from llmctl.expert_parallel import check_expert_parallel, expert_parallel_mode, init_expert_world
 from llmctl.kv.cache_dtype import kv_dtype_name, kv_feature, kv_row_width, kv_storage_dtype
 from llmctl.kv.manager import KVCacheManager
 from llmctl.models.base import ModelContext
@@ -60,6 +60,7 @@ class EngineParts:
     source: Any  # the resolved checkpoint (llmctl.loader.source.ModelSource)
     runner_plan: Any  # llmctl.pooling.setup's plan: generate or pooling, the model class, the pooler
     world: TensorParallelGroup
+    ep: TensorParallelGroup | None  # expert parallelism across data-parallel replicas: every replica's ranks
     tp: TensorParallelGroup
     pp: PipelineStage
     device: torch.device
@@ -85,7 +86,7 @@ def build_engine(args: EngineArgs, rank: RankAddress | None = None) -> EnginePar
     ``external_launcher`` it comes from the launcher's environment, and without parallelism it is rank 0 of 1."""
     s = EngineStartup(args, rank)
     return EngineParts(
-        args=s.args, platform=s.platform, source=s.source, runner_plan=s.runner_plan, world=s.world, tp=s.tp,
+        args=s.args, platform=s.platform, source=s.source, runner_plan=s.runner_plan, world=s.world, ep=s.ep, tp=s.tp,
         pp=s.pp, device=s.device, model_config=s.model_config, scheduler_config=s.scheduler_config,
         cache_config=s.cache_config, kv_cache_dtype=s.kv_cache_dtype, attention=s.attention, ops=s.ops,
         model=s.model, model_impl=s.model_impl, lora=s.lora, kv=s.kv, scheduler=s.scheduler, runner=s.runner,
@@ -130,8 +131,12 @@ class EngineStartup:
                              f"{address.rank} of {address.world_size}")
         # Every rank of the replica in one group; with both kinds of parallelism, each stage's tensor-parallel
         # group and each pipeline are sub-groups of it (tensor_parallel.RankLayout).
-        self.world: TensorParallelGroup = init_group(
-            address, plugins.registry.communicator_for(self.platform.name), self.platform.name)
+        communicator = plugins.registry.communicator_for(self.platform.name)
+        self.ep: TensorParallelGroup | None = None
+        if address.data_parallel is not None:  # the replicas share their experts: one group over all their ranks
+            self.ep, self.world = init_expert_world(address, communicator, self.platform.name)
+        else:
+            self.world = init_group(address, communicator, self.platform.name)
         self.tp, self.pp = split_world(self.world, args.tensor_parallel_size, args.pipeline_parallel_size)
         self.device = self.platform.torch_device(address.local_rank) if self.world.size > 1 else \
             self.platform.torch_device()
@@ -139,6 +144,8 @@ class EngineStartup:
                               quantized_checkpoint=self.source.gguf_file is not None,
                               emulated_dtypes=self.platform.emulated_dtypes())
         check_same_model(self.world, _rank_fingerprint(args, hf_config, dtype))
+        if self.ep is not None:
+            check_same_model(self.ep, _rank_fingerprint(args, hf_config, dtype))
         self.model_config = self._model_config(hf_config, dtype)
         if getattr(self.runner_plan.model_cls, "supports_multimodal", False) and spec_config is not None \
                 and spec_config.method != "ngram":
@@ -168,7 +175,7 @@ class EngineStartup:
         ctx = ModelContext(ops=self.ops, attention=self.attention, dtype=dtype, device=self.device, quant=quant,
                            extra={"trust_remote_code": args.trust_remote_code,
                                   "pooler_config": self.runner_plan.pooler_config}, tp=self.tp, pp=self.pp,
-                           expert_parallel=args.enable_expert_parallel)
+                           expert_parallel=args.enable_expert_parallel, ep=self.ep)
         self.lora = None
         lora_config = args.lora_config()
         if lora_config is not None and self.runner_plan.pooling:
@@ -292,6 +299,8 @@ class EngineStartup:
             return "off (pooling runner: prefill only)"
         if getattr(self.model, "is_encoder_decoder", False):
             return "off (encoder-decoder: cross-attention lengths vary per step)"
+        if self.ep is not None:
+            return "off (expert parallelism across replicas: the step's all-to-alls vary in size)"
         if self.world.size > 1:
             return "off (tensor/pipeline parallel: the step's collectives run eagerly)"
         if self.lora is not None:
@@ -309,7 +318,7 @@ def check_tensor_parallel(args: EngineArgs, hf_config: Any, model_cls: Any, quan
     if args.pipeline_parallel_size > 1:
         _check_pipeline_parallel(args, hf_config, model_cls, quant)
     if args.enable_expert_parallel:  # its own refusals first, naming enable_expert_parallel
-        check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant)
+        check_expert_parallel(hf_config, model_cls, args.tensor_parallel_size, quant, args.data_parallel_size)
     size = args.tensor_parallel_size
     if size == 1:
         return

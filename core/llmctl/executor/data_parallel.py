@@ -7,6 +7,12 @@ affinity: a prompt whose first block was seen before goes back to the replica th
 likely holds it, unless that replica is busier than the least loaded one by more than ``AFFINITY_SLACK``
 requests. The siblings of an ``n > 1`` request follow their leader. A step sends work to every replica that has
 some before waiting for any, so replicas compute at the same time.
+
+With ``enable_expert_parallel`` on a mixture-of-experts model the replicas share their experts
+(``llmctl.expert_parallel``): their ranks form one expert-parallel group, every MoE layer exchanges tokens between
+replicas, so the replicas step in lockstep: whenever any replica has work every replica steps (an idle one runs
+its MoE layers on no tokens), and none steps when none has. Each replica's waits also watch the other replicas'
+ranks, since a rank that dies leaves the others' collectives waiting for it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from llmctl.config import EngineArgs
 from llmctl.engine.errors import EngineDeadError
 from llmctl.engine.request import Request, RequestStatus
 from llmctl.executor import messages as msg
-from llmctl.executor.mp import MultiprocCore, split_cpus
+from llmctl.executor.mp import MultiprocCore, _free_port, split_cpus
+from llmctl.tensor_parallel import DataParallelAddress
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +47,60 @@ def _replica_cpus(replicas: int) -> list[list[int] | None]:
     return split_cpus(sorted(os.sched_getaffinity(0)), replicas)
 
 
+def _share_experts(args: EngineArgs) -> bool:
+    """Whether the replicas share their experts; its refusals (naming the setting) come before any replica
+    starts."""
+    if not args.enable_expert_parallel:
+        return False
+    from llmctl.expert_parallel import check_across_replicas
+    from llmctl.loader.model_loader import get_model_class
+    from llmctl.loader.source import resolve_model
+    from llmctl.plugins import get_plugin_manager
+    from llmctl.quantization import resolve_quant_config
+
+    source = resolve_model(args.model, args.revision, args.trust_remote_code, args.download_dir, args.hf_overrides)
+    model_cls = get_model_class(source.hf_config, get_plugin_manager().registry, args.model_impl)
+    return check_across_replicas(args, source.hf_config, model_cls, resolve_quant_config(args.quantization, source))
+
+
+def _wait_all_ready(replicas: list[MultiprocCore], lockstep: bool) -> None:
+    """Every replica's start-up. Replicas that share their experts stop waiting for each other when one's rank
+    exits, so all of them fail together: each is waited for, and a configuration error (``ValueError``) is the
+    one raised, since it says what to fix."""
+    errors: list[BaseException] = []
+    for replica in replicas:
+        try:
+            replica.wait_ready()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once every replica was waited for
+            errors.append(exc)
+            if not lockstep or not isinstance(exc, Exception):
+                break
+    if errors:
+        raise next((e for e in errors if isinstance(e, ValueError)), errors[0])
+
+
 class DataParallelCore:
     lora = None  # refused with data_parallel_size > 1 (EngineArgs)
 
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        replica_args = dataclasses.replace(args, data_parallel_size=1)
         self.replicas: list[MultiprocCore] = []
+        self.lockstep = _share_experts(args)
+        # a replica is an engine of its own; one sharing experts keeps the count, which places them over all ranks
+        replica_args = args if self.lockstep else dataclasses.replace(args, data_parallel_size=1)
+        dp = args.data_parallel_size
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if self.lockstep else ""
         try:  # every replica's workers load at the same time
-            for cpus in _replica_cpus(args.data_parallel_size):
-                self.replicas.append(MultiprocCore(dataclasses.replace(replica_args), cpus=cpus, wait=False))
-            for replica in self.replicas:
-                replica.wait_ready()
+            for index, cpus in enumerate(_replica_cpus(dp)):
+                address = DataParallelAddress(index, dp, init_method) if self.lockstep else None
+                self.replicas.append(MultiprocCore(dataclasses.replace(replica_args), cpus=cpus, wait=False,
+                                                   data_parallel=address))
+            if self.lockstep:
+                for index, replica in enumerate(self.replicas):
+                    replica.watch({f"data-parallel replica {j} rank {k}": proc
+                                   for j, other in enumerate(self.replicas) if j != index
+                                   for k, proc in enumerate(other._procs)})
+            _wait_all_ready(self.replicas, self.lockstep)
         except BaseException:
             self.shutdown()
             raise
@@ -62,7 +111,8 @@ class DataParallelCore:
         self._owner: dict[str, int] = {}
         self._affinity: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self._dead: str | None = None
-        logger.info("llmctl data parallel: %d replicas", len(self.replicas))
+        logger.info("llmctl data parallel: %d replicas%s", len(self.replicas),
+                    " sharing their experts (expert parallelism, lockstep steps)" if self.lockstep else "")
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _route(self, request: Request) -> int:
@@ -110,6 +160,8 @@ class DataParallelCore:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         active = [r for r in self.replicas if r.num_unfinished]
+        if self.lockstep and active:  # every replica's MoE layers exchange tokens: all step, or none
+            active = self.replicas
         try:
             for r in active:
                 r.begin(msg.STEP)

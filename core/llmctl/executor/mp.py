@@ -27,6 +27,7 @@ from llmctl.executor import messages as msg
 from llmctl.executor import step_codec
 from llmctl.executor.remote import RemoteCore
 from llmctl.executor.shm_ring import RingClosed, ShmRingWriter, ring_doorbell
+from llmctl.tensor_parallel import DataParallelAddress
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +113,11 @@ class MultiprocCore(RemoteCore):
     """The ranks as spawned worker processes of this one: step messages through one shared-memory ring, answers
     over each rank's own pipe."""
 
-    def __init__(self, args: EngineArgs, cpus: list[int] | None = None, wait: bool = True) -> None:
+    def __init__(self, args: EngineArgs, cpus: list[int] | None = None, wait: bool = True,
+                 data_parallel: DataParallelAddress | None = None) -> None:
         """``cpus``: the CPUs this engine's ranks share (a data-parallel replica's part); default: all of ours.
-        ``wait=False``: return once the workers are started; call :meth:`wait_ready` before using the engine."""
+        ``wait=False``: return once the workers are started; call :meth:`wait_ready` before using the engine.
+        ``data_parallel``: this replica's place among replicas that share their experts."""
         super().__init__(args)
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -123,6 +126,7 @@ class MultiprocCore(RemoteCore):
         self._ring = _make_ring(self.world_size)
         ring_name = None if self._ring is None else self._ring.name
         self._doorbells: list[Connection] = []  # the write ends; each rank sleeps on its read end
+        self._peers: dict[str, Any] = {}  # other engines' ranks this one's waits also watch (watch)
         from llmctl.executor.worker import run_worker
 
         for rank, rank_cpus in enumerate(cpu_groups(self.world_size, cpus)):
@@ -130,7 +134,7 @@ class MultiprocCore(RemoteCore):
             bell_theirs, bell_ours = ctx.Pipe(duplex=False) if self._ring is not None else (None, None)
             proc = ctx.Process(target=run_worker, name=f"llmctl-tp-rank{rank}", daemon=True,
                                args=(rank, self.world_size, init_method, args, theirs, os.getpid(), rank_cpus,
-                                     ring_name, bell_theirs))
+                                     ring_name, bell_theirs, data_parallel))
             proc.start()
             theirs.close()
             if bell_ours is not None:
@@ -176,7 +180,8 @@ class MultiprocCore(RemoteCore):
         reported as such rather than waited for."""
         conn_rank = {id(self._conns[r]): r for r in range(self.world_size)}
         sentinels = {p.sentinel: r for r, p in enumerate(self._procs)}
-        ready = wait([*self._conns, *sentinels], timeout)
+        peers = {p.sentinel: (name, p) for name, p in self._peers.items()}
+        ready = wait([*self._conns, *sentinels, *peers], timeout)
         if not ready:
             raise TimeoutError(f"no answer from the tensor-parallel ranks within {timeout:g} s ({what}); a rank "
                                f"hangs (raise {msg.STEP_TIMEOUT_ENV} if steps are legitimately this slow)")
@@ -196,6 +201,11 @@ class MultiprocCore(RemoteCore):
                 code = self._procs[rank].exitcode
                 raise RuntimeError(f"tensor-parallel rank {rank} (pid {self._procs[rank].pid}) exited with code "
                                    f"{code} during {what}")
+        for obj in ready:
+            if obj in peers:
+                name, proc = peers[obj]
+                proc.join(1.0)  # its sentinel fires a moment before its exit code is known
+                raise RuntimeError(f"{name} (pid {proc.pid}) exited with code {proc.exitcode} during {what}")
         return self._next_message(ranks, timeout, what)
 
     def _send(self, payload: bytes) -> None:
@@ -263,6 +273,12 @@ class MultiprocCore(RemoteCore):
     @property
     def worker_pids(self) -> list[int | None]:
         return [p.pid for p in self._procs]
+
+    def watch(self, peers: dict[str, Any]) -> None:
+        """Also end this engine's waits when one of ``peers`` (name -> process) exits: data-parallel replicas
+        that share their experts wait inside collectives for each other's ranks, so another replica's dead
+        rank means this one's will never answer."""
+        self._peers = dict(peers)
 
     def _stop(self) -> None:
         if self._dead is None:

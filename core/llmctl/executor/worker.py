@@ -95,12 +95,15 @@ class RankEngine:
     """One rank's engine and the handling of the driver's messages, whichever transport carries them (a pipe
     under ``mp``, actor calls under Ray)."""
 
-    def __init__(self, rank: int, world_size: int, init_method: str, args: Any) -> None:
+    def __init__(self, rank: int, world_size: int, init_method: str, args: Any,
+                 data_parallel: Any = None) -> None:
+        """``data_parallel``: a ``DataParallelAddress`` when the replicas share their experts."""
         from llmctl.engine.core import EngineCore
         from llmctl.tensor_parallel import RankAddress
 
         self.rank = rank
-        self.core = EngineCore(args, RankAddress(rank, world_size, init_method, local_rank=rank))
+        self.core = EngineCore(args, RankAddress(rank, world_size, init_method, local_rank=rank,
+                                                 data_parallel=data_parallel))
         self._grammars = _Grammars(self.core)
 
     def info(self) -> dict[str, Any] | None:
@@ -166,7 +169,8 @@ def _pipe_reader(conn: Connection) -> Any:
 
 
 def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Connection, parent_pid: int,
-               cpus: list[int] | None, ring_name: str | None = None, doorbell: Connection | None = None) -> None:
+               cpus: list[int] | None, ring_name: str | None = None, doorbell: Connection | None = None,
+               data_parallel: Any = None) -> None:
     """The ``mp`` worker process's entry point (spawned, so it imports nothing of the driver's state)."""
     _exit_with_parent(parent_pid)
     _bind_cpus(cpus)
@@ -178,7 +182,7 @@ def run_worker(rank: int, world_size: int, init_method: str, args: Any, conn: Co
             from llmctl.executor.shm_ring import ShmRingReader
 
             ring = ShmRingReader(ring_name, rank)
-        engine = RankEngine(rank, world_size, init_method, args)
+        engine = RankEngine(rank, world_size, init_method, args, data_parallel)
     except BaseException as exc:
         conn.send(msg.error_message(exc))
         raise SystemExit(1) from None

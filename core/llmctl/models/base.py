@@ -32,6 +32,9 @@ class ModelContext:
     pp: PipelineStage = field(default_factory=PipelineStage)  # this rank's pipeline stage; all layers at size 1
     # enable_expert_parallel: MoE layers place whole experts on the ranks of ``tp`` (llmctl.expert_parallel)
     expert_parallel: bool = False
+    # with expert_parallel across data-parallel replicas: the group of every replica's ranks, whose MoE layers
+    # place their experts over all of it (llmctl.expert_parallel); None otherwise
+    ep: TensorParallelGroup | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ per family (softmax then top-k, renormalised or not).
 Under tensor parallelism every expert is split like a dense MLP: each rank holds its slice of every expert's
 intermediate columns (``moe_intermediate_size / tp``), routes every token itself (the router is replicated), and
 the ranks' partial outputs are summed by one all-reduce. With ``enable_expert_parallel`` a rank holds whole
-experts instead, ``num_experts / tp`` of them (``llmctl.expert_parallel``: placement, dispatch and combine). A
+experts instead, ``num_experts / tp`` of them, or ``num_experts / (dp * tp)`` when the data-parallel replicas
+share their experts (``llmctl.expert_parallel``: placement, dispatch and combine). A
 shared expert (Qwen2-MoE, DeepSeek) is split by its columns either way, like a dense MLP: every token goes
 through it, so placing it on one rank would make that rank do every token's work.
 """
@@ -21,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from llmctl.expert_parallel import dispatch_combine, expert_placement, local_all_reduce, use_dispatch
+from llmctl.expert_parallel import (
+    ExpertPlacement,
+    dispatch_combine,
+    dispatch_combine_across,
+    expert_placement,
+    local_all_reduce,
+    use_dispatch,
+)
 from llmctl.layers._module import EngineModule
 from llmctl.layers._params import copy_checked, empty_param, materialize, read_slice
 from llmctl.layers.linear import Linear
@@ -46,9 +54,15 @@ class SparseMoE(EngineModule):
         self.spec = spec
         self.act = act
         self.tp = ctx.tp
-        # experts placed whole per rank (expert parallelism), or every expert split by its columns
-        self.placement = expert_placement(spec.num_experts, ctx.tp.size, ctx.tp.rank) \
-            if ctx.expert_parallel and ctx.tp.size > 1 else None
+        # experts placed whole per rank (expert parallelism, over every replica's ranks when the data-parallel
+        # replicas share them), or every expert split by its columns
+        self.ep = ctx.ep if ctx.expert_parallel and ctx.ep is not None and ctx.ep.size > 1 else None
+        if self.ep is not None:
+            self.placement: ExpertPlacement | None = expert_placement(
+                spec.num_experts, self.ep.size, self.ep.rank, self.ep.size // ctx.tp.size)
+        else:
+            self.placement = expert_placement(spec.num_experts, ctx.tp.size, ctx.tp.rank) \
+                if ctx.expert_parallel and ctx.tp.size > 1 else None
         self._dispatch = self.placement is not None and use_dispatch(ctx.tp)
         if self.placement is not None:
             local, i = self.placement.count, spec.intermediate_size
@@ -149,6 +163,8 @@ class SparseMoE(EngineModule):
         weights, ids = self.route(hidden)
         if self.placement is None:
             out = self.tp.all_reduce(self.run_experts(hidden, weights, ids))
+        elif self.ep is not None:
+            out = dispatch_combine_across(hidden, weights, ids, self.placement, self.ep, self.tp, self.run_experts)
         else:
             out = (dispatch_combine if self._dispatch else local_all_reduce)(
                 hidden, weights, ids, self.placement, self.tp, self.run_experts)
@@ -165,6 +181,17 @@ class SparseMoE(EngineModule):
             return self.quant_method.apply(hidden, weights, ids)
         w13, w2 = (self.w13, self.w2) if self._packed is None else self._packed
         return self.ops.fused_moe(hidden, w13, w2, weights, ids, self.act)
+
+    def forward_idle(self) -> None:
+        """This replica has no tokens this step: take part in the exchange across replicas with none, running
+        this rank's experts on what the other replicas send (``llmctl.expert_parallel.idle_moe_step``)."""
+        if self.ep is None or self.placement is None:
+            return
+        hidden, dtype, device, k = self.hidden_size, self.dtype, self.device, self.spec.top_k
+        dispatch_combine_across(torch.zeros(0, hidden, dtype=dtype, device=device),
+                                torch.zeros(0, k, dtype=dtype, device=device),
+                                torch.zeros(0, k, dtype=torch.long, device=device), self.placement, self.ep, self.tp,
+                                self.run_experts)
 
     # -- loading: per-expert checkpoint tensors into the stacked parameters ------------------------------------
     @torch.no_grad()
