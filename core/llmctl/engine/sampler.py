@@ -166,31 +166,26 @@ class Sampler:
             sampled = torch.where(g, logits.argmax(dim=-1), sampled)
         return sampled
 
-    @staticmethod
-    def _logprobs(raw: torch.Tensor, params: list, next_ids: torch.Tensor) -> list[RowLogprobs | None]:
-        want = [p.logprobs for p in params]
-        if all(w is None for w in want):
-            return [None] * len(params)
-        rows = [i for i, w in enumerate(want) if w is not None]
-        idx = torch.tensor(rows, device=raw.device)
-        # Only a few values per row are wanted: shift those by the row's log-normaliser instead of writing the
-        # whole log_softmax (rows x vocabulary) and reading it three more times. Ranks compare the raw logits,
-        # which order the tokens exactly as their log-probabilities do.
-        x = raw[idx].float() if len(rows) < raw.shape[0] else raw.float()
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        chosen = next_ids[idx]
-        sampled_raw = x.gather(1, chosen.unsqueeze(1))
-        sampled_lp = (sampled_raw - lse).squeeze(1)
-        ranks = (x > sampled_raw).sum(dim=1) + 1
-        k = max(want[i] for i in rows)
-        top_vals, top_ids = x.topk(k, dim=-1) if k > 0 else (x[:, :0], x[:, :0].long())
-        top_vals = top_vals - lse
-        out: list[RowLogprobs | None] = [None] * len(params)
-        sampled_l, ranks_l, vals_l, ids_l = sampled_lp.tolist(), ranks.tolist(), top_vals.tolist(), top_ids.tolist()
-        for j, i in enumerate(rows):
-            n = want[i]
-            out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
-        return out
+    def _logprobs(self, raw: torch.Tensor, params: list, next_ids: torch.Tensor) -> list[RowLogprobs | None]:
+        return row_logprobs(self.ops, raw, params, next_ids)
+
+
+def row_logprobs(ops: Ops, raw: torch.Tensor, params: list, next_ids: torch.Tensor) -> list[RowLogprobs | None]:
+    """The logprobs each row's request asks for (``ops.sampled_logprobs``), None for the others."""
+    want = [p.logprobs for p in params]
+    if all(w is None for w in want):
+        return [None] * len(params)
+    rows = [i for i, w in enumerate(want) if w is not None]
+    idx = torch.tensor(rows, device=raw.device)
+    x = raw[idx].float() if len(rows) < raw.shape[0] else raw.float()
+    k = max(want[i] for i in rows)
+    sampled_lp, ranks, top_vals, top_ids = ops.sampled_logprobs(x, next_ids[idx], k)
+    out: list[RowLogprobs | None] = [None] * len(params)
+    sampled_l, ranks_l, vals_l, ids_l = sampled_lp.tolist(), ranks.tolist(), top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(rows):
+        n = want[i]
+        out[i] = RowLogprobs(sampled_l[j], ranks_l[j], ids_l[j][:n], vals_l[j][:n])
+    return out
 
 
 # Prompt positions whose logits exist at once: 256 x a 49k vocabulary x float32 (plus the log-softmax copy) is

@@ -102,6 +102,20 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(dim=-1)
 
 
+def sampled_logprobs(x: torch.Tensor, chosen: torch.Tensor, k: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For float32 logits ``x`` [rows, vocab] and the sampled ids ``chosen`` [rows]: (the sampled tokens'
+    log-probabilities [rows], their ranks [rows] (1 + the count of larger logits), the top ``k`` log-probabilities
+    [rows, k] descending and their ids [rows, k]). Only a few values per row are wanted: those are shifted by the
+    row's log-normaliser instead of writing the whole log_softmax; ranks compare the raw logits, which order the
+    tokens exactly as their log-probabilities do."""
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    sampled_raw = x.gather(1, chosen.unsqueeze(1))
+    ranks = (x > sampled_raw).sum(dim=1) + 1
+    top_vals, top_ids = x.topk(k, dim=-1) if k > 0 else (x[:, :0], x[:, :0].long())
+    return (sampled_raw - lse).squeeze(1), ranks, top_vals - lse, top_ids
+
+
 # What a platform's ``pack_linear_weight`` / ``pack_gated_linear_weight`` returns: a tensor or the platform's own
 # typed wrapper (format and logical shape beside a padded buffer). Opaque to core, which only hands it back.
 PackedLinearWeight = Any
@@ -190,6 +204,7 @@ OP_NAMES: tuple[str, ...] = (
     "apply_top_k_top_p",
     "apply_min_p",
     "greedy_sample",
+    "sampled_logprobs",
     "pack_linear_weight",
     "linear",
     "pack_gated_linear_weight",

@@ -21,7 +21,7 @@ import torch
 
 from llmctl.engine.logits_controls import rows_with_controls
 from llmctl.engine.request import Request
-from llmctl.engine.sampler import RowLogprobs, Sampler
+from llmctl.engine.sampler import RowLogprobs, Sampler, row_logprobs
 
 
 @dataclass
@@ -137,7 +137,7 @@ class RejectionSampler:
         idx = torch.tensor(emitted_rows, device=raw.device)
         flat_ids = torch.tensor([t for toks in out_ids for t in toks], device=raw.device)
         params = [rows[i].sampling_params for i in emitted_rows]
-        flat = Sampler._logprobs(raw[idx], params, flat_ids)
+        flat = row_logprobs(self.sampler.ops, raw[idx], params, flat_ids)
         out: list[list[RowLogprobs] | None] = []
         k = 0
         for toks in out_ids:

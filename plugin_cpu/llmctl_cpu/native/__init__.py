@@ -122,6 +122,10 @@ class NativeKernels:
         self._argmax = lib.llmctl_argmax_rows
         self._argmax.restype = None
         self._argmax.argtypes = [_c_int, _c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int]
+        self._logprobs = lib.llmctl_sampled_logprobs
+        self._logprobs.restype = None
+        self._logprobs.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
+                                   _c_ptr, _c_int]
         self._gemm_silu = lib.llmctl_gemm_bf16_silu
         self._gemm_silu.restype = _c_int
         self._gemm_silu.argtypes = self._gemm.argtypes
@@ -303,6 +307,21 @@ class NativeKernels:
         out = torch.empty(rows, dtype=torch.int64)
         self._argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), rows, n, out.data_ptr(), torch.get_num_threads())
         return out
+
+    def sampled_logprobs(self, x: torch.Tensor, chosen: torch.Tensor, k: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x`` float32 [rows, n] with unit stride along n, ``chosen`` int64 [rows] contiguous, 0 <= k <= n ->
+        (log-normaliser [rows], rank [rows], top values [rows, k] (raw logits), top ids [rows, k], bad rows
+        [rows] bool: a NaN or +inf, for the caller's reference)."""
+        rows, n = x.shape
+        lse = torch.empty(rows, dtype=torch.float32)
+        rank = torch.empty(rows, dtype=torch.int64)
+        vals = torch.empty(rows, k, dtype=torch.float32)
+        ids = torch.empty(rows, k, dtype=torch.int64)
+        bad = torch.empty(rows, dtype=torch.int8)
+        self._logprobs(x.data_ptr(), x.stride(0), rows, n, chosen.data_ptr(), k, lse.data_ptr(), rank.data_ptr(),
+                       vals.data_ptr(), ids.data_ptr(), bad.data_ptr(), torch.get_num_threads())
+        return lse, rank, vals, ids, bad.bool()
 
     def prefill_attention_bf16(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                                block_tables: torch.Tensor, chunks: torch.Tensor, scale: float) -> bool:

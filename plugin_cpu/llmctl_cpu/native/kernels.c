@@ -24,6 +24,7 @@
 #include "kernels/gemm_f32.c"
 #include "kernels/moe.c"
 #include "kernels/argmax.c"
+#include "kernels/logprobs.c"
 #include "kernels/attention_prefill.c"
 #include "kernels/attention_kv8.c"
 #include "kernels/program.c"
