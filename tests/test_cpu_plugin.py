@@ -78,7 +78,7 @@ def test_entry_point_is_the_only_registration(manager):
     assert eps["cpu"].value == "llmctl_cpu"
     info = manager.plugins["cpu"]
     assert not info.broken, info.error
-    assert info.distribution == "llmctl-cpu" and info.api_version == "2.4"
+    assert info.distribution == "llmctl-cpu" and info.api_version == "2.5"
     assert manager.registry.platforms["cpu"].plugin == "cpu"
     assert manager.registry.attention_backends["cpu-sdpa"].plugin == "cpu"
     assert manager.registry.communicators["gloo"].plugin == "cpu"
@@ -663,7 +663,8 @@ def test_op_overrides_match_reference(manager, rng, dtype):
     assert set(mine) == {"rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding",
                          "pack_linear_weight", "linear", "pack_gated_linear_weight", "gated_linear",
                          "greedy_sample", "lora_shrink_expand",  # the LoRA kernel: tests/test_lora_kernels.py
-                         "pack_fused_moe_weights", "fused_moe"}  # the MoE kernel: tests/test_cpu_moe.py
+                         "pack_fused_moe_weights", "fused_moe",  # the MoE kernel: tests/test_cpu_moe.py
+                         "sampled_logprobs"}  # tests/test_sampled_logprobs.py
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])

@@ -45,7 +45,7 @@ def test_plugins_load_through_entry_points(manager):
     for name, dist in (("cuda", "llmctl-cuda"), ("rocm", "llmctl-rocm")):
         info = manager.plugins[name]
         assert not info.broken, info.error
-        assert info.api_version == "2.4" and info.distribution == dist
+        assert info.api_version == "2.5" and info.distribution == dist
         assert manager.registry.platforms[name].plugin == name
 
 

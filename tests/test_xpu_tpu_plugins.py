@@ -24,7 +24,7 @@ def test_plugins_load_through_entry_points(manager, ep_name: str, module: str) -
     assert eps[ep_name].value == module
     info = manager.plugins[ep_name]
     assert not info.broken and not info.disabled, info.error
-    assert info.api_version == "2.4"
+    assert info.api_version == "2.5"
     assert info.distribution == f"llmctl-{ep_name}"
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from llmctl.plugins import hookimpl
 
-LLMCTL_API_VERSION = "2.4"
+LLMCTL_API_VERSION = "2.5"
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from typing import Any
 from llmctl.plugins.types import AttentionBackend, DoctorCheck, Platform
 from llmctl_gpu.hooks import GpuPluginHooks
 
-LLMCTL_API_VERSION = "2.4"
+LLMCTL_API_VERSION = "2.5"
 PLATFORM = "cuda"
 
 

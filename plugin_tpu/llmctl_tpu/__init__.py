@@ -13,7 +13,7 @@ from collections.abc import Callable
 from llmctl.plugins import hookimpl
 from llmctl.plugins.types import AttentionBackend, Communicator, DoctorCheck, Platform
 
-LLMCTL_API_VERSION = "2.4"
+LLMCTL_API_VERSION = "2.5"
 
 
 @hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from llmctl.plugins.hookspecs import hookimpl
 
-LLMCTL_API_VERSION = "2.4"
+LLMCTL_API_VERSION = "2.5"
 
 
 @hookimpl

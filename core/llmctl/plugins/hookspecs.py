@@ -5,7 +5,7 @@ A backend is a Python package with an entry point in the group ``llmctl.plugins`
     [project.entry-points."llmctl.plugins"]
     mybackend = "mybackend_llmctl"
 
-The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "2.4"`` (the contract version
+The module (or object) the entry point names must define ``LLMCTL_API_VERSION = "2.5"`` (the contract version
 it was written against; core refuses a different major version) and implement any of the hooks below with
 ``@llmctl.plugins.hookimpl``. Every hook receives a ``register`` callback and returns nothing: registering is
 the only thing a plugin does, so core stays in charge of scheduling, KV blocks, the model runner and sampling.
@@ -35,7 +35,7 @@ PROJECT_NAME = "llmctl"
 # 2.0: AttentionBackend.forward takes keyword-only ``key``/``value`` (always passed; accepts_new_kv is gone);
 # Platform.options (settings of one platform, applied in configure); Platform.synchronize and
 # Platform.dist_backend are gone (core never called them). 1.x plugins are refused.
-API_VERSION = "2.4"
+API_VERSION = "2.5"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)

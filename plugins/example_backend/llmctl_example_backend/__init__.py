@@ -13,7 +13,7 @@ from llmctl.plugins import hookimpl
 from llmctl.plugins.types import AttentionBackend, Communicator, DoctorCheck, OpOverride, Platform
 
 # The plugin contract this package was written against; core refuses a different major version.
-LLMCTL_API_VERSION = "2.4"
+LLMCTL_API_VERSION = "2.5"
 
 PLATFORM_NAME = "example-cpu"  # VENDOR: your platform name, as users pass it to device=...
 

@@ -449,6 +449,11 @@ def _op_inputs(name: str, dtype: torch.dtype, gen: torch.Generator) -> list[tupl
         nan = r(3, 1000)
         nan[1, 400] = nan[1, 900] = float("nan")  # a NaN wins, its first index
         return [((r(5, 1000),), {}), ((ties,), {}), ((nan,), {}), ((r(1, 7),), {})]
+    if name == "sampled_logprobs":  # float32 logits whatever the model dtype (the sampler's copy); no ties
+        x = torch.randn(6, 1000, generator=gen) * 3
+        chosen = torch.randint(0, 1000, (6,), generator=gen)
+        wide = torch.randn(3, 4099, generator=gen)
+        return [((x, chosen, 5), {}), ((x[:1], chosen[:1], 0), {}), ((wide, torch.tensor([0, 4098, 7]), 20), {})]
     raise KeyError(name)
 
 
@@ -637,7 +642,11 @@ def check_op(name: str, fn, device: torch.device, dtype: torch.dtype) -> None:
                 f"returned {len(got_list)} tensors, the reference returns {len(exp_list)} (argument set {i})")
         for k, (g, e) in enumerate(zip(got_list, exp_list, strict=True)):
             require(g.dtype == e.dtype, clause, f"output {k} dtype {g.dtype} != reference {e.dtype} (set {i})")
-            if name == "greedy_sample":
+            if name == "sampled_logprobs":
+                (require(torch.equal(g.cpu(), e), clause, f"output {k}: {g.cpu().tolist()}, the reference "
+                         f"{e.tolist()} (argument set {i})") if not e.is_floating_point() else
+                 assert_close(clause, g, e, torch.float32, f"output {k} (argument set {i})"))
+            elif name == "greedy_sample":
                 require(torch.equal(g.cpu(), e), clause,
                         f"picked {g.cpu().tolist()}, the reference {e.tolist()} (argument set {i})")
             elif sampling:
