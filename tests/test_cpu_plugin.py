@@ -664,7 +664,7 @@ def test_op_overrides_match_reference(manager, rng, dtype):
                          "pack_linear_weight", "linear", "pack_gated_linear_weight", "gated_linear",
                          "greedy_sample", "lora_shrink_expand",  # the LoRA kernel: tests/test_lora_kernels.py
                          "pack_fused_moe_weights", "fused_moe",  # the MoE kernel: tests/test_cpu_moe.py
-                         "sampled_logprobs"}  # tests/test_sampled_logprobs.py
+                         "sampled_logprobs", "sample_softmax"}  # tests/test_sampled_logprobs.py
     assert all(op.platform == "cpu" for op in mine.values())
     ops = {name: op.fn for name, op in mine.items()}
     rows, width = rng.randint(1, 300), rng.choice([64, 576, 1000])

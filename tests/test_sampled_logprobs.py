@@ -1,4 +1,5 @@
-"""The sampled-logprobs op: the CPU plugin's two-pass C kernel against core's torch reference (the oracle)."""
+"""The sampler's ops in C (the logprobs of sampled tokens, the draw of a temperature-only batch) against core's
+torch references (the oracles)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from llmctl.ops import reference
 from llmctl_cpu import native
-from llmctl_cpu.ops import sampled_logprobs
+from llmctl_cpu.ops import sample_softmax, sampled_logprobs
 
 needs_native = pytest.mark.skipif(native.kernels() is None or not native.kernels().has_argmax,
                                   reason="the C kernels with the row-wise paths are not built here")
@@ -60,3 +61,35 @@ def test_ties_keep_the_smaller_index_first():
     got = sampled_logprobs(x, torch.tensor([40, 0]), 4)
     assert got[3].tolist() == [[10, 40, 70, 0], [10, 40, 70, 0]]
     assert got[1].tolist() == [1, 4]
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_draw_equals_reference(rows):
+    """Uniforms away from the ends: the same tokens as the reference (the weights differ only by rounding), over
+    temperatures from near-greedy to flat, with masked logits."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 4099, generator=g) * 3
+    x[:, ::7] = float("-inf")
+    temps = torch.rand(rows, generator=g) * 1.9 + 0.1
+    u = torch.rand(rows, generator=g) * 0.98 + 0.01
+    got = sample_softmax(x, temps, u)
+    want = reference.sample_softmax(x, temps, u)
+    assert torch.equal(got, want)
+    assert bool((x.gather(1, got.unsqueeze(1)) > float("-inf")).all())  # never a masked token
+
+
+@needs_native
+def test_draw_ends_and_bad_rows():
+    """u = 0 draws the first token with weight, u just under 1 the last one; a NaN row, an all -inf row and a zero
+    temperature go to the reference."""
+    x = torch.randn(5, 300)
+    x[:, :3] = float("-inf")
+    x[2, 10] = float("nan")
+    x[3] = float("-inf")
+    temps = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0])
+    u = torch.tensor([0.0, 1.0 - 2**-24, 0.5, 0.5, 0.5])
+    got = sample_softmax(x, temps, u)
+    want = reference.sample_softmax(x, temps, u)
+    assert got[0] == 3 and got[1] == 299
+    assert torch.equal(got[2:], want[2:])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llmctl.engine.logits_controls import SampleRow, apply_logits_controls, rows_with_controls
-from llmctl.ops import Ops
+from llmctl.ops import Ops, reference
 from llmctl.structured_output.request_grammar import GrammarBitmask, apply_token_bitmask
 
 
@@ -137,30 +137,24 @@ class Sampler:
         return u.to(device)
 
     def draw(self, weights: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-        """One token per row, drawn with probability proportional to ``weights`` (non-negative, need not sum to
-        1): the first index whose running sum exceeds u times the row's total.
+        """One token per row, drawn with probability proportional to ``weights`` (``reference.inverse_cdf``).
 
         Why inverse CDF and not an exponential race (argmax of p / E, E ~ Exp(1)): the race needs a random number
         per vocabulary entry, and torch draws those on one thread with a log each, which made the noise the
         largest item of a sampled decode step on the CPU (rows x vocabulary draws; docs/performance.md). This
-        takes one draw per row and one running sum. A token of weight 0 is never chosen: its running sum equals
-        its predecessor's. A row whose weights are all 0 gets the last index (callers replace it)."""
-        cdf = weights.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        target = self.uniforms(rows, weights.device).unsqueeze(1) * total
-        idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
-        # u * total can round up to the total itself; then searchsorted runs off the end: take the last token
-        # with weight instead.
-        off_end = (weights.gather(1, idx.unsqueeze(1)).squeeze(1) == 0) & (total.squeeze(1) > 0)
-        for r in off_end.nonzero().flatten().tolist():
-            idx[r] = int(weights[r].nonzero().max())
-        return idx
+        takes one draw per row and one running sum."""
+        return reference.inverse_cdf(weights, self.uniforms(rows, weights.device))
 
     def _sample_random(self, logits: torch.Tensor, requests: Sequence[SampleRow], greedy: list[bool]
                        ) -> torch.Tensor:
         device = logits.device
-        probs = self.warp(logits, requests, greedy).softmax(dim=-1, dtype=torch.float32)
-        sampled = self.draw(probs, requests)
+        params = [r.sampling_params for r in requests]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
+            probs = self.warp(logits, requests, greedy).softmax(dim=-1, dtype=torch.float32)
+            sampled = self.draw(probs, requests)
+        else:  # temperature alone: the platform's draw (the same distribution, no tensor per step)
+            temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+            sampled = self.ops.sample_softmax(logits, temps, self.uniforms(requests, device))
         if any(greedy):
             g = torch.tensor(greedy, device=device)
             sampled = torch.where(g, logits.argmax(dim=-1), sampled)

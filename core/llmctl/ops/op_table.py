@@ -26,6 +26,7 @@ class Ops:
     apply_min_p: Callable[..., torch.Tensor]
     greedy_sample: Callable[..., torch.Tensor]
     sampled_logprobs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    sample_softmax: Callable[..., torch.Tensor]
     pack_linear_weight: Callable[..., reference.PackedLinearWeight]
     linear: Callable[..., torch.Tensor]
     pack_gated_linear_weight: Callable[..., tuple[reference.PackedLinearWeight, torch.Tensor | None] | None]

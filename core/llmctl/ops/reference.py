@@ -102,6 +102,30 @@ def greedy_sample(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().argmax(dim=-1)
 
 
+def inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row, drawn with probability proportional to ``weights`` [rows, n] (non-negative, need not sum
+    to 1) by ``uniforms`` [rows] in [0, 1): the first index whose running sum exceeds u times the row's total. A
+    token of weight 0 is never chosen: its running sum equals its predecessor's. A row whose weights are all 0
+    gets the last index (callers replace it)."""
+    cdf = weights.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = uniforms.to(weights.device).unsqueeze(1) * total
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=weights.shape[1] - 1)
+    # u * total can round up to the total itself; then searchsorted runs off the end: take the last token with
+    # weight instead.
+    off_end = (weights.gather(1, idx.unsqueeze(1)).squeeze(1) == 0) & (total.squeeze(1) > 0)
+    for r in off_end.nonzero().flatten().tolist():
+        idx[r] = int(weights[r].nonzero().max())
+    return idx
+
+
+def sample_softmax(logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Each row's token drawn from softmax(logits / temperature) [rows, vocab] (float32) by ``inverse_cdf`` with
+    its uniform: the sampler's draw for rows without top-k, top-p or min-p."""
+    probs = (logits / temperatures.to(logits.device).unsqueeze(1)).softmax(dim=-1, dtype=torch.float32)
+    return inverse_cdf(probs, uniforms)
+
+
 def sampled_logprobs(x: torch.Tensor, chosen: torch.Tensor, k: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For float32 logits ``x`` [rows, vocab] and the sampled ids ``chosen`` [rows]: (the sampled tokens'
@@ -205,6 +229,7 @@ OP_NAMES: tuple[str, ...] = (
     "apply_min_p",
     "greedy_sample",
     "sampled_logprobs",
+    "sample_softmax",
     "pack_linear_weight",
     "linear",
     "pack_gated_linear_weight",

@@ -122,6 +122,9 @@ class NativeKernels:
         self._argmax = lib.llmctl_argmax_rows
         self._argmax.restype = None
         self._argmax.argtypes = [_c_int, _c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int]
+        self._sample = lib.llmctl_sample_softmax
+        self._sample.restype = None
+        self._sample.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_ptr, _c_ptr, _c_ptr, _c_int]
         self._logprobs = lib.llmctl_sampled_logprobs
         self._logprobs.restype = None
         self._logprobs.argtypes = [_c_ptr, _c_i64, _c_int, _c_int, _c_ptr, _c_int, _c_ptr, _c_ptr, _c_ptr, _c_ptr,
@@ -322,6 +325,18 @@ class NativeKernels:
         self._logprobs(x.data_ptr(), x.stride(0), rows, n, chosen.data_ptr(), k, lse.data_ptr(), rank.data_ptr(),
                        vals.data_ptr(), ids.data_ptr(), bad.data_ptr(), torch.get_num_threads())
         return lse, rank, vals, ids, bad.bool()
+
+    def sample_softmax(self, x: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` float32 [rows, n] with unit stride along n, ``temperatures`` and ``uniforms`` float32 [rows]
+        contiguous -> (token ids [rows], bad rows [rows] bool: a NaN, +inf, every logit -inf or a temperature that
+        is not a positive finite number, for the caller's reference)."""
+        rows, n = x.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        bad = torch.empty(rows, dtype=torch.int8)
+        self._sample(x.data_ptr(), x.stride(0), rows, n, temperatures.data_ptr(), uniforms.data_ptr(), out.data_ptr(),
+                     bad.data_ptr(), torch.get_num_threads())
+        return out, bad.bool()
 
     def prefill_attention_bf16(self, query: torch.Tensor, out: torch.Tensor, kv_cache: torch.Tensor,
                                block_tables: torch.Tensor, chunks: torch.Tensor, scale: float) -> bool:

@@ -25,6 +25,7 @@
 #include "kernels/moe.c"
 #include "kernels/argmax.c"
 #include "kernels/logprobs.c"
+#include "kernels/sample.c"
 #include "kernels/attention_prefill.c"
 #include "kernels/attention_kv8.c"
 #include "kernels/program.c"

@@ -454,6 +454,14 @@ def _op_inputs(name: str, dtype: torch.dtype, gen: torch.Generator) -> list[tupl
         chosen = torch.randint(0, 1000, (6,), generator=gen)
         wide = torch.randn(3, 4099, generator=gen)
         return [((x, chosen, 5), {}), ((x[:1], chosen[:1], 0), {}), ((wide, torch.tensor([0, 4098, 7]), 20), {})]
+    if name == "sample_softmax":  # float32 logits; uniforms away from 0 and 1, a masked column, one row greedy-hot
+        x = torch.randn(8, 1000, generator=gen) * 2
+        x[:, 5] = float("-inf")
+        x[3, 7] = 30.0
+        temps = torch.tensor([1.0, 0.5, 2.0, 0.7, 1.0, 1.3, 0.1, 1.0])
+        u = torch.rand(8, generator=gen) * 0.98 + 0.01
+        return [((x, temps, u), {}), ((torch.randn(1, 4099, generator=gen), torch.tensor([0.8]), torch.tensor([0.5])),
+                                      {})]
     raise KeyError(name)
 
 
@@ -646,7 +654,7 @@ def check_op(name: str, fn, device: torch.device, dtype: torch.dtype) -> None:
                 (require(torch.equal(g.cpu(), e), clause, f"output {k}: {g.cpu().tolist()}, the reference "
                          f"{e.tolist()} (argument set {i})") if not e.is_floating_point() else
                  assert_close(clause, g, e, torch.float32, f"output {k} (argument set {i})"))
-            elif name == "greedy_sample":
+            elif name in ("greedy_sample", "sample_softmax"):
                 require(torch.equal(g.cpu(), e), clause,
                         f"picked {g.cpu().tolist()}, the reference {e.tolist()} (argument set {i})")
             elif sampling:
