@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-# Llama's projections, Phi-3's fused ones and BLOOM's (quantized as one layer each, as GPTQ and AWQ tools do)
+# Llama's projections, Phi-3's fused ones and BLOOM's (quantized as one layer each, as GPTQ and AWQ tools do), and
+# DeepSeek's latent-attention ones
 LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
-                   "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+                   "gate_up_proj", "query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h", "q_a_proj",
+                   "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def _linear_names(state: dict[str, torch.Tensor]) -> list[str]:

@@ -30,7 +30,8 @@ from tests.test_quantization_e2e import ACT_QUANT_TOLERANCE, ENGINE, compare
 
 
 def at_load(method: str):
-    """``--quantization int8|fp8`` on the plain checkpoint: the dense weights are llmctl's own per-channel rule."""
+    """``--quantization int8|fp8`` on the plain checkpoint: the dense weights are llmctl's own per-channel rule
+    (MLA's kv_b_proj, read as a plain weight, stays as it is)."""
     from llmctl.quantization.load_time import quantize_fp8_per_channel, quantize_int8_per_channel
 
     quantize = quantize_int8_per_channel if method == "int8" else quantize_fp8_per_channel
@@ -39,6 +40,8 @@ def at_load(method: str):
         state = _load_state(base)
         dense = {}
         for prefix in _linear_names(state):
+            if prefix.endswith(".kv_b_proj"):
+                continue
             q, s = quantize(state[prefix + ".weight"].float())
             dense[prefix] = q.float() * s
         return base, dense, activation_args("fp8") if method == "fp8" else None
@@ -76,8 +79,13 @@ CASES = {
     "qwen2_moe-gptq-4bit-g16-act-order": ("qwen2_moe", gptq(4, 16, True), None),
     "qwen2_moe-awq-g16": ("qwen2_moe", awq(16), None),
     "qwen2_moe-fp8-at-load": ("qwen2_moe", at_load("fp8"), "fp8"),
+    # DeepSeek-V2's MLA reads kv_b_proj's weight to absorb it: dequantized once at load, the other MLA projections
+    # quantized (q_b_proj is 24 wide: per channel)
+    "deepseek_v2-ct-w4a16-channel": ("deepseek_v2", ct("W4A16", strategy="channel", group_size=None), None),
+    "deepseek_v2-int8-at-load": ("deepseek_v2", at_load("int8"), "int8"),
 }
-MOE_LAYERS = {"mixtral": 2, "qwen2_moe": 1}  # Qwen2-MoE's layer 1 is a dense MLP (mlp_only_layers)
+# Qwen2-MoE's layer 1 is a dense MLP (mlp_only_layers), DeepSeek-V2's layer 0 (first_k_dense_replace)
+MOE_LAYERS = {"mixtral": 2, "qwen2_moe": 1, "deepseek_v2": 1}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +149,9 @@ def test_quantized_experts_match_transformers(family_dirs, tmp_path, case):
     summary = model.quant_summary.describe()
     assert f"routed experts of {MOE_LAYERS[kind]} MoE layers" in summary, summary
     assert expert_mismatches(model, dense) == []
+    if kind == "deepseek_v2":  # every MLA projection but kv_b_proj runs quantized
+        assert summary.startswith(f"{model.quant_summary.method}: 12 layers"), summary
+        assert ("dequantized at load" in summary) == (quant is None), summary
     agreement, worst = compare(llm, oracle(family_dirs[kind], dense, act_args, tmp_path / "dense"), case)
     if act_args is None:  # the same weights, both in float32: only summation order differs
         assert agreement == 1.0 and worst < 1e-3
@@ -192,3 +203,30 @@ def test_packed_experts_unpack_to_exactly_the_quantized_values(rank):
         assert torch.equal(unpack_nibbles(down.weights["qweight"]).long(), q[:, half])
         assert torch.equal(down.weights["scales"], s.t()[:, groups])
         assert torch.equal(down.weights["mins"], -s.t()[:, groups] * z.t()[:, groups].float())
+
+
+def test_dequantized_weight_matches_the_kernels_product():
+    """A layer read as a plain weight after loading (MLA's kv_b_proj) gets what its quantized parts compute: a
+    merged layer's parts stacked, an act-order part's input permutation undone."""
+    from llmctl.layers.linear import Linear
+    from llmctl.plugins.types import QuantLinearSpec
+    from llmctl.quantization.base import QuantizedPart
+    from llmctl.quantization.layers import dequantized_weight
+    from llmctl.quantization.packing import groups_to_int4
+    from llmctl.quantization.reference import reference_linear
+
+    gen = torch.Generator().manual_seed(3)
+    k, n4, n8, group = 32, 8, 6, 16
+    int4 = groups_to_int4(torch.randint(0, 16, (n4, k), generator=gen), torch.rand(n4, k // group, generator=gen),
+                          torch.randint(0, 16, (n4, k // group), generator=gen))
+    int4["perm"] = torch.randperm(k, generator=gen)
+    int8 = {"qweight": torch.randint(-127, 128, (n8, k), generator=gen, dtype=torch.int8),
+            "scales": torch.rand(n8, 1, generator=gen)}
+    parts = [QuantizedPart(QuantLinearSpec("int4", k, n4, 4, group, layer="m.kv_b_proj"), int4),
+             QuantizedPart(QuantLinearSpec("int8", k, n8, 8, k, layer="m.kv_b_proj"), int8)]
+    layer = Linear(k, n4 + n8, bias=False, dtype=torch.float32, device=torch.device("cpu"))
+    x = torch.randn(5, k, generator=gen)
+    want = torch.cat([reference_linear(x, p.weights, None, p.spec) for p in parts], dim=-1)
+    torch.testing.assert_close(x @ dequantized_weight(parts, layer).t(), want, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="m.kv_b_proj dequantizes to shape"):
+        dequantized_weight(parts[:1], layer)

@@ -53,6 +53,10 @@ class Linear(EngineModule):
     quantizer: LinearQuantizer | None = None
     quantizable = True  # False: kept in the model dtype whatever the quantization covers (a MoE router)
     lora: LoRALinearSlots | None = None  # set by llmctl.lora before loading when LoRA is enabled
+    # True: a parent reads this layer's plain weight after loading (MLA splits kv_b_proj into its absorbed halves),
+    # so a checkpoint that stores it quantized is loaded as such and dequantized once when loading ends, as vLLM
+    # does; quantizing at load (int8, fp8) leaves it in the model dtype, since rounding it would only add error.
+    dequantize_after_load = False
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -74,6 +78,11 @@ class Linear(EngineModule):
         del self.weight
         self.quantizer = quantizer
         quantizer.create_weights(self, dtype, device)
+
+    def set_dequantized(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        """After loading a ``dequantize_after_load`` layer: its quantized tensors give way to the plain weight."""
+        self.quantizer = None
+        self.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
 
     def bind_quantized(self, parts: list[tuple[Any, dict[str, torch.Tensor], Any, slice | None]]) -> None:
         """After loading: (kernel, its processed weights, QuantLinearSpec, bias rows) per part."""

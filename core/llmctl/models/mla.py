@@ -54,6 +54,7 @@ class MLAAttention(EngineModule):
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6, ctx.ops, **kw)
         self.kv_b_proj = Linear(mla.kv_lora_rank, num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False,
                                 **kw)
+        self.kv_b_proj.dequantize_after_load = True  # split into w_uk / w_uv below, never run as a layer
         self.o_proj = Linear(num_heads * mla.v_head_dim, hidden_size, bias=bias, **kw)
         self.rotary = rotary
         self.attn = Attention(num_heads, 1, mla.cache_head_size, scale, ctx.attention)

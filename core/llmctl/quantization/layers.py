@@ -31,10 +31,14 @@ class QuantSummary:
     moe_layers: int = 0  # MoE layers whose routed experts are kept quantized
     moe_methods: Counter[str] = field(default_factory=Counter)  # "MoE method (quantization)" -> MoE layers
     moe_kernels: Counter[str] = field(default_factory=Counter)  # "format (detail) -> kernel" -> expert projections
+    dequantized: Counter[str] = field(default_factory=Counter)  # "format (detail)" -> layers dequantized at load
 
     def describe(self) -> str:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items()))
         text = f"{self.method}: {self.layers} layers, {kernels}"
+        if self.dequantized:
+            formats = ", ".join(f"{k} x{n}" for k, n in sorted(self.dequantized.items()))
+            text += f"; dequantized at load (read as plain weights): {formats}"
         if self.moe_layers:
             methods = ", ".join(sorted(self.moe_methods))
             experts = ", ".join(f"{k} x{n}" for k, n in sorted(self.moe_kernels.items()))
@@ -129,6 +133,25 @@ def _binder(registry: Registry, platform: str, dtype: torch.dtype, summary: Quan
     return bind
 
 
+def dequantized_weight(parts: list[QuantizedPart], layer: Linear) -> torch.Tensor:
+    """A finished layer's weight ``[N, K]`` in float32, in the input order of the layer's callers (a part's
+    ``perm``, GPTQ's act order, undone; a column it repeats holds zero weights past the first)."""
+    from llmctl.quantization.reference import dequantize_weight
+
+    rows = []
+    for part in parts:
+        w = dequantize_weight(part.weights, part.spec)
+        perm = part.weights.get("perm")
+        if perm is not None:  # the kernel reads input perm[j] into column j
+            w = w.new_zeros(w.shape[0], layer.in_features).index_add_(1, perm.long(), w)
+        rows.append(w)
+    weight = torch.cat(rows) if len(rows) > 1 else rows[0]
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(f"quantization: layer {parts[0].spec.layer} dequantizes to shape {tuple(weight.shape)}, "
+                         f"expected {(layer.out_features, layer.in_features)}")
+    return weight
+
+
 def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registry, platform: str,
                         dtype: torch.dtype) -> QuantSummary:
     summary = QuantSummary(method=config.describe())
@@ -142,6 +165,11 @@ def finish_quantization(model: nn.Module, config: QuantConfig, registry: Registr
             summary.moe_methods[f"{type(method).__name__} ({method.method})"] += 1
             continue
         if not isinstance(module, Linear) or module.quantizer is None:
+            continue
+        if module.dequantize_after_load:
+            parts = module.quantizer.finish(module)
+            module.set_dequantized(dequantized_weight(parts, module), dtype)
+            summary.dequantized[", ".join(sorted({p.spec.describe() for p in parts}))] += 1
             continue
         module.bind_quantized(bind_linear(module.quantizer.finish(module)))
         summary.layers += 1

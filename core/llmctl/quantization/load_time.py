@@ -77,6 +77,8 @@ class LoadTimeConfig(QuantConfig):
         return f"{self.name} (quantized at load, per channel, {acts})"
 
     def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
+        if layer.dequantize_after_load:  # read as a plain weight after loading: rounding it would only add error
+            return None
         return LoadTimeLinear(prefix, self.name)
 
     def moe_method(self, prefix: str, moe: SparseMoE) -> MoEQuantMethod | None:
