@@ -157,14 +157,18 @@ def test_gguf_kept_quantized(tmp_path, test_tokenizer, monkeypatch):
 
 
 # Other architectures' files, named as llama.cpp's converter names them: Gemma 2 and 3 (norms stored +1, soft-caps,
-# sliding windows) and StableLM (LayerNorm, partial rotary), with projections of several block types.
-FAMILY_GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q5_1", "attn_output": "Q4_1", "ffn_gate": "Q8_0",
-                     "ffn_up": "Q4_0", "ffn_down": "Q5_0"}
+# sliding windows), StableLM (LayerNorm, partial rotary), Starcoder2 (biases, a plain MLP whose c_fc/c_proj the
+# model calls fc1/fc2) and Phi-3 (fused attn_qkv, and ffn_up holding gate and up), with projections of several
+# block types.
+FAMILY_GGUF_TYPES = {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q5_1", "attn_qkv": "Q5_1", "attn_output": "Q4_1",
+                     "ffn_gate": "Q8_0", "ffn_up": "Q4_0", "ffn_down": "Q5_0"}
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "stablelm"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "stablelm", "starcoder2", "phi3"])
 def test_gguf_of_other_architectures_kept_quantized(kind, model_cache_dir, test_tokenizer, tmp_path):
-    """Kept quantized by default, against transformers reading the same file (dequantized)."""
+    """Kept quantized by default (every projection: 7 tensors a layer, Phi-3's fused ones 4), against transformers
+    reading the same file (dequantized)."""
+    from llmctl.loader.gguf_file import open_gguf
     from transformers import AutoModelForCausalLM
 
     family = model_cache_dir / f"family-{kind}"
@@ -173,8 +177,13 @@ def test_gguf_of_other_architectures_kept_quantized(kind, model_cache_dir, test_
     path = write_family_gguf(family, tmp_path / kind, kind, FAMILY_GGUF_TYPES)
     llm = LLM(str(path), **ENGINE)
     summary = kernels_of(llm)
-    for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"):
+    written = {n.split(".")[2]: FAMILY_GGUF_TYPES[n.split(".")[2]] for n in open_gguf(path).tensors
+               if n.startswith("blk.0.") and n.endswith(".weight") and n.split(".")[2] in FAMILY_GGUF_TYPES}
+    assert len(written) == (4 if kind == "phi3" else 6 if kind == "starcoder2" else 7), written
+    for t in set(written.values()):
         assert t in summary, summary
+    # q/k/v, o, gate/up (or fc1), down (or fc2) in each of the two layers
+    assert summary.startswith(f"gguf ({', '.join(sorted(set(written.values())))}): 8 layers"), summary
     with gguf_parsed_once():
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     agreement, worst = compare(llm, hf, f"{kind} GGUF kept quantized")

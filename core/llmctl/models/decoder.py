@@ -556,9 +556,20 @@ class DecoderForCausalLM(EngineModule):
                            head_size=self.spec.head_dim, sliding_window=uniform)
 
     # -- loading ---------------------------------------------------------------------------------------------
+    def module_name(self, checkpoint_name: str) -> str:
+        """A checkpoint tensor's name under this module (the family's renames; fused tensors keep their name, the
+        merged layer that owns them splits them): a quantization config keyed by checkpoint names (GGUF's tensor
+        types) finds the layers by it."""
+        for pattern, repl in self._renames():
+            checkpoint_name = pattern.sub(repl, checkpoint_name)
+        return checkpoint_name
+
+    def _renames(self) -> list[tuple[re.Pattern[str], str]]:
+        return [(re.compile(p), r) for p, r in self.spec.renames]
+
     def canonical_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
         spec = self.spec
-        renames = [(re.compile(p), r) for p, r in spec.renames]
+        renames = self._renames()
         for name, tensor in weights:
             if any(s in name for s in _ALWAYS_SKIPPED) or any(re.search(s, name) for s in spec.skipped):
                 continue

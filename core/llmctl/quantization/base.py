@@ -6,7 +6,7 @@ core's weight formats (``QuantLinearSpec``), whose matmul a platform kernel runs
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +162,10 @@ class QuantConfig(abc.ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def use_module_names(self, module_name: Callable[[str], str]) -> None:
+        """Before the model's layers ask for their quantizers: ``module_name`` maps a checkpoint tensor name to the
+        model's name for it (the family's renames), for a config that keys layers by checkpoint tensor names."""
 
     def moe_method(self, prefix: str, moe: SparseMoE) -> MoEQuantMethod | None:
         """The routed experts' method (vLLM's ``get_quant_method`` for a ``FusedMoE``), or None to leave them in

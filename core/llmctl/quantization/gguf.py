@@ -11,7 +11,7 @@ is the low nibble of ``qs[j]`` and weight ``j + 16`` its high nibble; bit ``j`` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -218,7 +218,8 @@ class GGUFConfig(QuantConfig):
     name = "gguf"
 
     def __init__(self, types: dict[str, str], head: tuple[GGUFFile, str, str] | None = None) -> None:
-        self.types = types
+        self.types = types  # by checkpoint name: what the loader hands over as raw blocks
+        self.layer_types = types  # by the model's name for each (``use_module_names``): what layers look up
         self.head = head  # (file, tensor name, block type) of the output projection, where it is block-quantized
 
     @classmethod
@@ -266,8 +267,17 @@ class GGUFConfig(QuantConfig):
     def describe(self) -> str:
         return f"gguf ({', '.join(self.quantized_types()) or 'no quantized linear tensors'})"
 
+    def use_module_names(self, module_name: Callable[[str], str]) -> None:
+        """Layers look their tensors up by the model's names (Starcoder2's ``mlp.c_fc`` is the model's ``mlp.fc1``)."""
+        self.layer_types = {module_name(name): t for name, t in self.types.items()}
+
     def linear_quantizer(self, prefix: str, layer: Linear, shard_names: Sequence[str]) -> LinearQuantizer | None:
-        types = [self.types.get(f"{n}.weight") for n in shard_names]
+        types = [self.layer_types.get(f"{n}.weight") for n in shard_names]
+        fused = self.layer_types.get(f"{prefix}.weight") if len(shard_names) > 1 else None
+        if fused is not None and all(t is None for t in types):
+            # One tensor already stacks the merged layer's parts (Phi-3's attn_qkv, and its ffn_up holding gate and
+            # up): the loader cuts it by rows, and a row of raw blocks is whole blocks, so each part is the same type.
+            types = [fused] * len(shard_names)
         if any(t is None for t in types):
             return None  # not a projection the file stores per block (e.g. a model-specific layer)
         plain = [t in PLAIN_TYPES for t in types]

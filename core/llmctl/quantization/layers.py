@@ -63,6 +63,9 @@ def attach_quantization(model: nn.Module, config: QuantConfig) -> dict[str, tupl
     """Give each linear layer the config covers its quantizer; returns checkpoint prefix -> (layer, shard index
     or None for an unmerged layer) for the layers it covers."""
     covered: dict[str, tuple[Linear, int | None]] = {}
+    module_name = getattr(model, "module_name", None)
+    if module_name is not None:
+        config.use_module_names(module_name)
     for prefix, module in list(model.named_modules()):
         quantize_experts = getattr(module, "quantize_experts", None)  # a MoE layer's routed experts
         if quantize_experts is not None:
