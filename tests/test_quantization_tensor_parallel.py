@@ -66,8 +66,8 @@ CASES = {
 # with its experts placed whole per rank (expert parallelism) while its shared expert and dense layer split. Mixtral's
 # routed experts stay quantized: split by their intermediate columns (compressed-tensors groups, GPTQ act-order down
 # projections regrouped per rank, fp8 scales over the whole down row) or placed whole per rank (AWQ, and Qwen2-MoE's
-# int8 W8A8 experts next to its split shared expert). A Gemma 2 GGUF kept quantized (blocks of 32: a rank reads its
-# rows, or its whole blocks of each row).
+# int8 W8A8 experts next to its split shared expert). Gemma 2 and Phi-3 GGUFs kept quantized (blocks of 32: a rank
+# reads its rows, or its whole blocks of each row; Phi-3's fused attn_qkv and gate/up ffn_up its rows of each part).
 # id -> (family, writer -> (checkpoint, dense weights by checkpoint prefix or None), quantization, case extras)
 FAMILY_CASES = {
     "phi3-gptq-4bit-g32": ("phi3", lambda b, o: write_gptq(b, o, 4, 32, False), None, {}),
@@ -78,6 +78,7 @@ FAMILY_CASES = {
     "gpt2-int8-at-load": ("gpt2", lambda b, o: (b, None), "int8", {}),
     "qwen2_moe-int8-at-load-ep": ("qwen2_moe", lambda b, o: (b, None), "int8", {"ep": True}),
     "gemma2-gguf": ("gemma2", lambda b, o: (write_family_gguf(b, o, "gemma2", FAMILY_GGUF_TYPES), None), None, {}),
+    "phi3-gguf": ("phi3", lambda b, o: (write_family_gguf(b, o, "phi3", FAMILY_GGUF_TYPES), None), None, {}),
     "mixtral-ct-w4a16-g32": ("mixtral", lambda b, o: write_compressed_tensors_state(b, o, "W4A16",
                                                                                    group_size=32)[:2], None, {}),
     "mixtral-gptq-4bit-g32-act-order": ("mixtral", lambda b, o: write_gptq(b, o, 4, 32, True), None, {}),
