@@ -172,6 +172,7 @@ def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1
     stream, the server exits non-zero and leaves no worker behind."""
     import subprocess
     import sys
+    import tempfile
     import threading
     from pathlib import Path
 
@@ -183,9 +184,12 @@ def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1
 
     llmctl = str(Path(sys.executable).parent / "llmctl")
     port = free_port()
+    # The server's output goes to a file, not a pipe nobody reads: a dying rank's tracebacks can fill a pipe's
+    # buffer, and a server blocked writing its log never exits.
+    log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([llmctl, "serve", str(gqa_model), "-tp", "2", "--dtype", "float32", "--port", str(port),
                              "--kv-cache-memory", "16MiB", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "LLMCTL_CPU_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     workers: list[int] = []
@@ -220,11 +224,17 @@ def test_serve_tp2_matches_tp1_and_exits_nonzero_when_a_rank_dies(gqa_model, tp1
         t.join(60)
         assert not t.is_alive()
         assert any("error" in e for e in events), events[-3:]
-        assert proc.wait(60) != 0
+        try:
+            assert proc.wait(60) != 0
+        except subprocess.TimeoutExpired:
+            log.seek(0)
+            raise AssertionError(f"the server did not exit 60 s after a rank died; its log ends:\n"
+                                 f"{log.read()[-4000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+        log.close()
     deadline = time.monotonic() + 15
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
