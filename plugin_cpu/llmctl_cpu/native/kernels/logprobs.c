@@ -10,9 +10,9 @@
  * ties to the smaller index, as a stable sort) and most elements are rejected by one comparison with its
  * smallest value. */
 
-/* Insert (v, j) into the k best so far (vals descending), when it beats the last. */
-static inline void topk_insert(float *vals, int64_t *ids, int k, float v, int64_t j) {
-    int p = k - 1;
+/* Insert (v, j) into the sorted best so far (vals descending), at slot p or above it: p is the first free slot
+ * while fewer than k are held, else the last (whose entry v beats). Ties keep the earlier index first. */
+static inline void topk_insert(float *vals, int64_t *ids, int p, float v, int64_t j) {
     while (p > 0 && v > vals[p - 1]) {
         vals[p] = vals[p - 1];
         ids[p] = ids[p - 1];
@@ -20,6 +20,19 @@ static inline void topk_insert(float *vals, int64_t *ids, int k, float v, int64_
     }
     vals[p] = v;
     ids[p] = j;
+}
+
+/* The row's largest logit into *m; whether it holds a NaN or +inf (rows the callers leave to the reference). */
+static inline int row_max_nonfinite(const float *row, int n, float *m) {
+    float best = -INFINITY;
+    int bad = 0;
+#pragma omp simd reduction(max : best) reduction(| : bad)
+    for (int j = 0; j < n; j++) {
+        best = row[j] > best ? row[j] : best;
+        bad |= (row[j] != row[j]) | (row[j] == INFINITY);
+    }
+    *m = best;
+    return bad;
 }
 
 /* x float32 [rows, n] (row stride xs), chosen int64 [rows]; out: lse float32 [rows], rank int64 [rows] (1 + the
@@ -32,15 +45,9 @@ void llmctl_sampled_logprobs(const float *x, int64_t xs, int rows, int n, const 
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < rows; r++) {
         const float *row = x + r * xs;
-        float m = -INFINITY;
-        int nan = 0;
-#pragma omp simd reduction(max : m) reduction(| : nan)
-        for (int j = 0; j < n; j++) {
-            m = row[j] > m ? row[j] : m;
-            nan |= (row[j] != row[j]) | (row[j] == INFINITY);
-        }
-        bad[r] = (int8_t)nan;
-        if (nan) continue;
+        float m;
+        bad[r] = (int8_t)row_max_nonfinite(row, n, &m);
+        if (bad[r]) continue;
         const float c = row[chosen[r]];
         float sum = 0.0f;
         int64_t above = 0;
@@ -56,26 +63,12 @@ void llmctl_sampled_logprobs(const float *x, int64_t xs, int rows, int n, const 
         float *tv = top_vals + (int64_t)r * k;
         int64_t *ti = top_ids + (int64_t)r * k;
         if (k <= 0) continue;
-        for (int j = 0; j < k; j++) {  /* the first k, sorted */
-            tv[j] = -INFINITY;
-            ti[j] = -1;
-        }
         int filled = 0;
         for (int j = 0; j < n; j++) {
-            const float v = row[j];
-            if (filled < k) {
-                /* not yet k: insert in order among those present (ties keep the earlier index first) */
-                int p = filled++;
-                while (p > 0 && v > tv[p - 1]) {
-                    tv[p] = tv[p - 1];
-                    ti[p] = ti[p - 1];
-                    p--;
-                }
-                tv[p] = v;
-                ti[p] = j;
-            } else if (v > tv[k - 1]) {
-                topk_insert(tv, ti, k, v, j);
-            }
+            if (filled < k)
+                topk_insert(tv, ti, filled++, row[j], j);
+            else if (row[j] > tv[k - 1])
+                topk_insert(tv, ti, k - 1, row[j], j);
         }
     }
 }

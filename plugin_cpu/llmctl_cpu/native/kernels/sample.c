@@ -18,13 +18,8 @@ void llmctl_sample_softmax(const float *x, int64_t xs, int rows, int n, const fl
     for (int r = 0; r < rows; r++) {
         const float *row = x + r * xs;
         const float inv = 1.0f / temps[r];
-        float m = -INFINITY;
-        int nonfinite = 0;
-#pragma omp simd reduction(max : m) reduction(| : nonfinite)
-        for (int j = 0; j < n; j++) {
-            m = row[j] > m ? row[j] : m;
-            nonfinite |= (row[j] != row[j]) | (row[j] == INFINITY);
-        }
+        float m;
+        const int nonfinite = row_max_nonfinite(row, n, &m);
         bad[r] = (int8_t)(nonfinite || m == -INFINITY || !(inv > 0.0f) || inv == INFINITY);
         if (bad[r]) continue;
         float total = 0.0f;
