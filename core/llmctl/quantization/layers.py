@@ -92,15 +92,24 @@ def checked_tensors(weights: Iterable[tuple[str, torch.Tensor]], covered: dict[s
             layer, shard = hit
             quantizer = layer.quantizer
             assert quantizer is not None
-            expected = quantizer.expected_shape(layer, leaf, shard)
-            if expected is None:
-                raise ValueError(f"quantization {quantizer.method}: checkpoint tensor {name} is not part of the "
-                                 f"layout of layer {quantizer.prefix} (expected "
-                                 f"{', '.join(f'{prefix}.{p}' for p in quantizer.param_names())})")
-            if expected != () and tuple(tensor.shape) != expected:
-                raise ValueError(f"quantization {quantizer.method}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {expected} for this layer and quantization config")
+            check_tensor(quantizer.method, layer, leaf, shard, tensor, name, f"layer {quantizer.prefix}",
+                         [f"{prefix}.{p}" for p in quantizer.param_names()])
         yield name, tensor
+
+
+def check_tensor(method: str, layer: Linear, leaf: str, shard: int | None, tensor: torch.Tensor, name: str,
+                 where: str, expected_names: list[str]) -> None:
+    """A checkpoint tensor against its quantized layer's layout (``where``: "layer P" or "expert P"), failing
+    with a message naming the tensor, the method and what was expected."""
+    quantizer = layer.quantizer
+    assert quantizer is not None
+    expected = quantizer.expected_shape(layer, leaf, shard)
+    if expected is None:
+        raise ValueError(f"quantization {method}: checkpoint tensor {name} is not part of the layout of {where} "
+                         f"(expected {', '.join(expected_names)})")
+    if expected != () and tuple(tensor.shape) != expected:
+        raise ValueError(f"quantization {method}: tensor {name} has shape {tuple(tensor.shape)}, expected "
+                         f"{expected} for this {where.split()[0]} and quantization config")
 
 
 def select_kernel(registry: Registry, platform: str, spec: QuantLinearSpec, dtype: torch.dtype

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from llmctl.plugins.types import QuantLinearSpec
 from llmctl.quantization.base import QuantizedPart
+from llmctl.quantization.layers import check_tensor
 
 if TYPE_CHECKING:
     from llmctl.layers.linear import Linear
@@ -181,14 +182,8 @@ class CheckpointExperts(MoEQuantMethod):
         layer, shard = (down, None) if proj == "down_proj" else (gate_up, 0 if proj == "gate_proj" else 1)
         quantizer = layer.quantizer
         assert quantizer is not None
-        expected = quantizer.expected_shape(layer, leaf, shard)
-        if expected is None:
-            raise ValueError(f"quantization {self.method}: checkpoint tensor {name} is not part of the layout of "
-                             f"expert {self.prefix}.experts.{e}.{proj} (expected "
-                             f"{', '.join(quantizer.param_names())})")
-        if expected != () and tuple(tensor.shape) != expected:
-            raise ValueError(f"quantization {self.method}: tensor {name} has shape {tuple(tensor.shape)}, expected "
-                             f"{expected} for this expert and quantization config")
+        check_tensor(self.method, layer, leaf, shard, tensor, name, f"expert {self.prefix}.experts.{e}.{proj}",
+                     list(quantizer.param_names()))
         param = getattr(layer, leaf)
         if shard is None:
             layer.load_param(param, tensor, name)  # type: ignore[attr-defined]
