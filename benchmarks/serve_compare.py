@@ -128,6 +128,8 @@ def main() -> int:
     ap.add_argument("--warmup-prompts", type=int, default=16,
                     help="requests sent to each server before the measured runs (0: none)")
     ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048,
+                    help="both servers' context limit (vLLM's would otherwise size for the model's full context)")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--log-dir", default=tempfile.gettempdir(),
@@ -143,16 +145,18 @@ def main() -> int:
     name = Path(a.model).name
     results = {}
     if not a.skip_llmctl:
-        cmd = llmctl_command(a.model, a.dtype, a.llmctl_port, name, a.llmctl_args.split())
+        cmd = llmctl_command(a.model, a.dtype, a.llmctl_port, name,
+                             ["--max-model-len", str(a.max_model_len), *a.llmctl_args.split()])
         results["llmctl"] = bench_server("llmctl", cmd, {},
                                          f"http://127.0.0.1:{a.llmctl_port}", name, prompts_for, a)
     if a.vllm_venv:
         ncpu = os.cpu_count() or 1
         env = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{ncpu - 1}"),
                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
+        # what serve_vllm_cpu.sh runs, plus the served name and the context limit
         cmd = [str(Path(a.vllm_venv) / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
                a.model, "--served-model-name", name, "--dtype", a.dtype, "--host", "127.0.0.1", "--port",
-               str(a.vllm_port), "--max-model-len", "2048"]  # what serve_vllm_cpu.sh runs, plus the served name
+               str(a.vllm_port), "--max-model-len", str(a.max_model_len)]
         results["vllm"] = bench_server("vllm", cmd, env, f"http://127.0.0.1:{a.vllm_port}", name, prompts_for, a)
 
     print(f"\nserving, {a.model} ({a.dtype}), {a.input_len} in / {a.output_len} out, greedy, ignore_eos")

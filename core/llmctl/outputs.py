@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 
-@dataclass
-class Logprob:
+
+class Logprob(msgspec.Struct, gc=False):
+    """vLLM's fields and attribute names, as a struct the cyclic collector never tracks (it holds a float, an int
+    and a string, so it can be in no cycle): a request with ``n=16`` and ``logprobs=20`` holds tens of thousands of
+    them while it runs, and as dataclasses they made up most of what a full collection during serving walked,
+    with the engine thread and the event loop stopped. (A NamedTuple would not do: only exact tuples are ever
+    untracked.)"""
+
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None

@@ -85,3 +85,21 @@ def test_served_requests_leave_no_reference_cycles(tiny_llama_dir):
         srv.stop()
         engine.shutdown()
     assert not leftovers, f"finished requests left reference cycles of {sorted(leftovers)}"
+
+
+def test_a_running_requests_logprobs_are_not_walked_by_full_collections(tiny_llama_dir):
+    """A request with n=16 and logprobs=20 holds 21 logprobs per position per sequence while it runs: were they
+    tracked, every full collection during serving would walk all of them (the soak's gen-2 pauses), with the
+    engine thread and the event loop stopped."""
+    from llmctl import LLM, SamplingParams
+
+    llm = LLM(model=str(tiny_llama_dir), kv_cache_memory=16 << 20, num_threads=1, seed=0)
+    out = llm.generate(["hello there"], SamplingParams(n=4, logprobs=5, max_tokens=8, temperature=1.0,
+                                                       ignore_eos=True), use_tqdm=False)[0]
+    positions = [pos for c in out.outputs for pos in c.logprobs]
+    entries = [lp for pos in positions for lp in pos.values()]
+    assert len(positions) == 4 * 8 and len(entries) >= 4 * 8 * 5
+    gc.collect()
+    assert not any(gc.is_tracked(lp) for lp in entries), "Logprob entries are walked by every collection"
+    assert not any(gc.is_tracked(pos) for pos in positions), "a position's dict of logprobs stays tracked"
+    assert entries[0].logprob <= 0 and isinstance(entries[0].decoded_token, str)

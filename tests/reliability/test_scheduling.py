@@ -50,9 +50,16 @@ def test_preemption_completes_all_and_matches_one_at_a_time(live_factory, tiny_l
     assert stats["kv_blocks_total"] == blocks
     bodies = [{"model": "tiny", "prompt": _prompt(i), "max_tokens": max_tokens, "temperature": 0,
                "ignore_eos": True} for i in range(n)]
-    together = asyncio.run(_post_all(srv.url, bodies))
-    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
-    preemptions = srv.engine.get_stats()["num_preemptions"]
+    # The requests must be in the engine together to exhaust it. On a loaded host the client can send them far
+    # enough apart that the first n=16 request ends before the next arrives; the mix is then sent again (the
+    # check below needs one round that preempted, and compares that round's answers).
+    for _ in range(3):
+        before = srv.engine.get_stats()["num_preemptions"]
+        together = asyncio.run(_post_all(srv.url, bodies))
+        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
+        preemptions = srv.engine.get_stats()["num_preemptions"] - before
+        if preemptions:
+            break
     wait_kv_free(srv.engine)
     alone = []
     with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -127,9 +134,16 @@ def test_kv_exhaustion_hostile_mix_stays_correct(live_factory, tiny_llama_dir):
                "ignore_eos": True} for i in range(scaled(3, 12))]
     bodies += [{"model": "tiny", "prompt": _prompt(i), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
                for i in range(scaled(8, 32))]
-    together = asyncio.run(_post_all(srv.url, bodies))
-    assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
-    preemptions = srv.engine.get_stats()["num_preemptions"]
+    # The requests must be in the engine together to exhaust it. On a loaded host the client can send them far
+    # enough apart that the first n=16 request ends before the next arrives; the mix is then sent again (the
+    # check below needs one round that preempted, and compares that round's answers).
+    for _ in range(3):
+        before = srv.engine.get_stats()["num_preemptions"]
+        together = asyncio.run(_post_all(srv.url, bodies))
+        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
+        preemptions = srv.engine.get_stats()["num_preemptions"] - before
+        if preemptions:
+            break
     wait_kv_free(srv.engine)
     mismatches = 0
     with httpx.Client(base_url=srv.url, timeout=120) as c:
