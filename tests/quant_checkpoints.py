@@ -204,13 +204,9 @@ def _fake_quant(x, args):
 
 # -- GPTQ / AWQ, packed here after the published layouts -----------------------------------------------------------
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """AutoGPTQ's qweight packing: ``32 // bits`` consecutive rows into one int32 row, row i at bits ``bits*i``."""
-    per = 32 // bits
-    v = values.to(torch.int64)
-    out = torch.zeros(v.shape[0] // per, v.shape[1], dtype=torch.int64)
-    for i in range(per):
-        out |= v[i::per] << (bits * i)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    """AutoGPTQ's qweight packing: ``32 // bits`` consecutive rows into one int32 row, row i at bits ``bits*i``
+    (the column packing of the transpose)."""
+    return _pack_cols(values.t(), bits).t().contiguous()
 
 
 def _pack_cols(values: torch.Tensor, bits: int, order: list[int] | None = None) -> torch.Tensor:

@@ -94,6 +94,23 @@ static inline void transpose16_epi32(__m512i r[16]) {
     }
 }
 
+/* e^x for x <= 0 to a few parts in a million, which is enough for a value rounded to bf16 next (P, whose rounding
+ * step is 2^-9): e^x = 2^n 2^f with n = round(x log2 e) and f = x log2 e - n in [-1/2, 1/2], 2^f by a degree-4
+ * polynomial (relative error under 3e-6, fitted for this range), 2^n applied by scalef. About half the
+ * instructions of exp_nonpositive16_fma, whose full float32 accuracy the softmax throws away; at 8192 keys the
+ * exponentials are most of this kernel's time. Below -87 (and NaN) the result is 0. */
+static inline __m512 exp_nonpositive16_for_bf16(__m512 x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009570068679749966f), f, _mm512_set1_ps(0.055917806923389435f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443318367f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931218504905701f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
+    return _mm512_maskz_scalef_ps(keep, p, n);
+}
+
 /* The keys of (chunk, KV head) [0, n_keys) as B tiles for S = Q.K^T: kt[t / 16][j][pair][key] (int32 bf16 pairs,
  * dims 32j..), and its values as B tiles for P.V: vp[key pair][d / 16][16] (keys 2tp, 2tp + 1 interleaved); both
  * zero past the last key, n_keys rounded up to 32. */
@@ -160,25 +177,27 @@ static void amx_prefill_rows(const bf16_t *query, int64_t q_row_stride, bf16_t *
             _tile_stored(0, scores + t0, (int64_t)kp * 4);
             if (two) _tile_stored(1, scores + t0 + 16, (int64_t)kp * 4);
         }
-        /* softmax numerators over each row's own keys, rounded to bf16 in place (as the AVX-512 tile) */
+        /* softmax numerators over each row's own keys, rounded to bf16 in place. The maximum is taken over the raw
+         * scores and scaled once (rounding is monotonic, so it equals the maximum of the scaled scores), and each
+         * score is scaled where its exponential is taken: one pass fewer of stores over the row. */
         float sums[16];
+        const __m512 scale16 = _mm512_set1_ps(scale);
         for (int r = 0; r < nr; r++) {
             const int n_r = first_row_keys + r;
             float *sv = scores + (size_t)r * kp;
             __m512 mv = _mm512_set1_ps(-INFINITY);
             for (int t = 0; t < n_r; t += 16) {
                 const __mmask16 k = n_r - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n_r - t)) - 1);
-                const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sv + t), _mm512_set1_ps(scale));
-                _mm512_mask_storeu_ps(sv + t, k, v);
-                mv = _mm512_mask_max_ps(mv, k, mv, v);
+                mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, sv + t));
             }
-            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            const __m512 m = _mm512_mul_ps(_mm512_set1_ps(_mm512_reduce_max_ps(mv)), scale16);
             __m512 sum = _mm512_setzero_ps();
             bf16_t *pb = (bf16_t *)sv;
             int t = 0;
             for (; t < n_r; t += 16) {
                 const __mmask16 k = n_r - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n_r - t)) - 1);
-                const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive16_fma(_mm512_sub_ps(_mm512_loadu_ps(sv + t), m)));
+                const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sv + t), scale16);
+                const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive16_for_bf16(_mm512_sub_ps(v, m)));
                 const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
                 sum = _mm512_add_ps(sum, from_bf16_16(h));
                 _mm256_storeu_si256((__m256i *)(pb + t), h);
