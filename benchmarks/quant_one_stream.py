@@ -55,7 +55,8 @@ def llmctl_one_stream(gguf: str, quantization: str | None, iterations: int, dtyp
             del os.environ[INT8_ACT_ENV]
         elif float_act:
             os.environ[INT8_ACT_ENV] = saved
-    engine = (f"llmctl ({quantization or 'dequantized at load'}{', eager' if eager else ''}"
+    label = "dequantized at load" if quantization in (None, "none") else quantization
+    engine = (f"llmctl ({label}{', eager' if eager else ''}"
               f"{', float activations' if float_act else ''})")
     return {"engine": engine, "dtype": r.dtype,
             "tpot_ms_p50": round(r.tpot_ms["p50"], 2), "ttft_ms_p50": round(r.ttft_ms["p50"], 1),
@@ -92,7 +93,8 @@ def main() -> None:
     legs = [("gguf", d, eager, False) for d in a.dtype or ["auto"]
             for eager in ((False, True) if a.eager_leg else (False,))]
     legs += [("gguf", d, False, True) for d in a.dtype or ["auto"]] if a.float_act_leg else []
-    legs += [] if a.skip_dequantized else [(None, "auto", False, False)]
+    # "none": dequantized at load (a GGUF file stays quantized when no method is given)
+    legs += [] if a.skip_dequantized else [("none", "auto", False, False)]
     for quantization, dtype, eager, float_act in legs:
         results["runs"].append(llmctl_one_stream(gguf, quantization, a.iterations, dtype, eager, float_act))
         print(json.dumps(results["runs"][-1]), flush=True)

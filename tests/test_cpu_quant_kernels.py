@@ -432,10 +432,10 @@ def test_quant_kernels_compile_for_avx512_bf16_and_amx_hosts(tmp_path, target):
 
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "skylake-avx512", "cascadelake"])
 def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
-    """The scalar, AVX2 and AVX-512 (with and without VNNI) builds, each run where this CPU can: an AVX-512 host
-    checks the AVX2 panels too, and an AVX2 host the portable loops."""
+    """The scalar, AVX2 and AVX-512 (with and without VNNI) builds, each run where this CPU can: the panels of every
+    build with AVX2 (AVX-512 ones included: their GGUF layers run there), the streamed layout of every build."""
     lib = _quant_build(target, tmp_path, run=True)
-    assert lib.has_avx2 == (target == "x86-64-v3")
+    assert lib.has_avx2 == (target != "x86-64")
     assert lib.has_avx512 == (target in ("skylake-avx512", "cascadelake"))
     n, k = 37, 256
     for bits, group, asym in ((4, 32, True), (8, 16, True), (8, 256, False)):
@@ -444,13 +444,14 @@ def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
         bias = torch.randn(n)
         for m in (1, 7, 64):
             x = torch.randn(m, k)
+            expect = reference_linear(x, weights, bias, spec)
             if lib.has_avx2:
                 panels = lib.pack_wq_panels(weights["qweight"], bits, weights["scales"], weights.get("mins"), group)
                 got = lib.gemm_wq_panels(x, panels, bits, group, bias, n)
-            else:
-                got = lib.gemm_wq(x, weights["qweight"], bits, weights["scales"].float().contiguous(),
-                                  weights.get("mins"), group, bias, n)
-            torch.testing.assert_close(got, reference_linear(x, weights, bias, spec), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+            got = lib.gemm_wq(x, weights["qweight"], bits, weights["scales"].float().contiguous(),
+                              weights.get("mins"), group, bias, n)
+            torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
             if group % 32 == 0:  # the int8-activation GEMM (AVX2 builds) and its quantizer (every build)
                 want, xq, d = _act8_emulated(x, weights, bits, group, bias)
                 got_q, got_d, _ = lib.quantize_rows_q8_32(x)
@@ -466,3 +467,20 @@ def test_quant_kernels_of_other_builds_equal_reference(tmp_path, target):
     want = reference_linear(x, {"qweight": q, "scales": scales.reshape(n, 1)}, None, spec)
     panels, colsum = lib.pack_int8(q)
     torch.testing.assert_close(lib.gemm_w8a8(x, panels, colsum, scales, None, n), want, rtol=0, atol=0)
+
+
+def test_avx512_panels_give_the_avx2_panels_bits(tmp_path):
+    """Decode-sized calls (up to 4 rows) take one 16-lane vector per panel on AVX-512 builds, where AVX2 builds
+    take two 8-lane halves: each lane's operations are the same, in the same order, so the results are equal."""
+    avx2 = _quant_build("x86-64-v3", tmp_path, run=True)
+    avx512 = _quant_build("skylake-avx512", tmp_path, run=True)
+    n, k = 37, 256
+    for bits, group, asym in ((4, 32, True), (4, 64, False), (8, 32, True)):
+        weights = _groupwise(n, k, group, bits, asym, seed=3 * bits + group)
+        bias = torch.randn(n)
+        for m in (1, 2, 3, 4):
+            x = torch.randn(m, k)
+            got = [lib.gemm_wq_panels(x, lib.pack_wq_panels(weights["qweight"], bits, weights["scales"],
+                                                            weights.get("mins"), group), bits, group, b, n)
+                   for lib in (avx2, avx512) for b in (bias, None)]
+            assert torch.equal(got[0], got[2]) and torch.equal(got[1], got[3]), (bits, group, m)

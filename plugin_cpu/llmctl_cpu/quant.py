@@ -270,10 +270,10 @@ def _build_words(lib: QuantKernels | None) -> str:
     """The vector path the quantized GEMMs were built with, for doctor and the start-up summary."""
     if lib is None:
         return f"unavailable: {_load()[1]}"
-    if lib.has_avx512:
-        return "avx-512"
     if lib.has_avx2:
         return "avx2+fma, 16-column panels"
+    if lib.has_avx512:
+        return "avx-512"
     return "portable C loops, no AVX2 or AVX-512"
 
 
@@ -300,8 +300,8 @@ def int8_activations(spec: QuantLinearSpec) -> bool:
 
 def _weight_only_process(lib: QuantKernels, weights: dict[str, torch.Tensor], bits: int,
                          group: int, spec: QuantLinearSpec | None = None) -> dict[str, torch.Tensor]:
-    """AVX2 builds repack into 16-column panels (for integer dot products on int8 activations where
-    ``int8_activations`` says so); AVX-512 builds stream core's layout as it is."""
+    """Builds with AVX2 + FMA (AVX-512 hosts included) repack into 16-column panels (for integer dot products on int8
+    activations where ``int8_activations`` says so); others stream core's layout as it is."""
     out = {k: v for k, v in weights.items() if k == "perm"}
     if spec is not None and int8_activations(spec):
         out.update(lib.pack_wq_act8(weights["qweight"], bits, weights["scales"], weights.get("mins"), group))
@@ -453,7 +453,7 @@ class CpuInt4Kernel(_SiluAndMulInKernels, QuantMethod):
         shape = x.shape
         b = None if bias is None else bias.to(torch.float32).contiguous()
         perm = weights.get("perm")
-        if x.dtype == torch.bfloat16 and lib.has_bf16 and spec.in_features % 64 == 0:
+        if not _has_panels(weights) and x.dtype == torch.bfloat16 and lib.has_bf16 and spec.in_features % 64 == 0:
             # bf16 activations: bf16 dot products on the nibbles (half the instructions of the float32 path)
             xb = x.reshape(-1, shape[-1])
             xb = (xb if perm is None else xb.index_select(1, perm)).contiguous()

@@ -27,9 +27,11 @@
 #if defined(QK_AVX512) && defined(__AVX512VNNI__)
 #define QK_VNNI 1
 #endif
-/* AVX2 + FMA hosts without AVX-512 (Zen 1-3, Haswell to Comet Lake): the weight-only GEMMs run on 16-column panels
- * (below), and W8A8 sums u8 x s8 pairs with vpmaddubsw; the AVX-512 paths are unchanged. */
-#if !defined(QK_AVX512) && defined(__AVX2__) && defined(__FMA__)
+/* AVX2 + FMA, which every AVX-512 host has too: the weight-only GEMMs run on 16-column panels (below), bf16 in and
+ * out and called through the kernels library, so a decode step with them can be recorded and replayed; without
+ * VNNI, W8A8 sums u8 x s8 pairs with vpmaddubsw. AVX-512 hosts once streamed core's layout with a float32 result
+ * and a torch conversion after it, which kept every GGUF model's decode steps out of the replay there. */
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QK_AVX2 1
 #endif
@@ -576,6 +578,58 @@ static inline __attribute__((always_inline)) void panel_buffered(const int R, co
 }
 #undef PANEL_FMA
 #undef GROUP_END
+
+#ifdef QK_AVX512
+/* panel_direct on AVX-512: a panel's 16 columns in one vector, so one conversion and one FMA per weight and row
+ * where the 8-lane version takes two. Every lane does what its 8-lane counterpart does, in the same order (the
+ * same group sums, scales and mins), so the results are the same bits, half the instructions: a one-stream decode
+ * step of a GGUF model is mostly this loop. */
+static inline __attribute__((always_inline)) void panel_direct16(const int R, const float *x, int64_t k,
+                                                                 const void *qpp, int bits, const float *spp,
+                                                                 const float *mpp, const float *xsum, int64_t group,
+                                                                 int64_t r0, int64_t p, const float *bias, int64_t n,
+                                                                 float *y) {
+    const int64_t ng = k / group;
+    const __m512i low4 = _mm512_set1_epi32(15);
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    const float *xr = x + r0 * k;
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 part[4];
+        for (int r = 0; r < 4; r++) part[r] = _mm512_setzero_ps();
+        if (bits == 4) {
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk += 2) { /* byte c: column c, k even low, odd high */
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)qpp + kk / 2 * 16)));
+                const __m512 we = _mm512_cvtepi32_ps(_mm512_and_si512(b, low4));
+                const __m512 wo = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                for (int r = 0; r < R; r++) part[r] = _mm512_fmadd_ps(we, _mm512_set1_ps(xr[r * k + kk]), part[r]);
+                for (int r = 0; r < R; r++) part[r] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xr[r * k + kk + 1]), part[r]);
+            }
+        } else {
+            for (int64_t kk = g * group; kk < (g + 1) * group; kk++) {
+                const __m512 w = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)qpp + kk * 16))));
+                for (int r = 0; r < R; r++) part[r] = _mm512_fmadd_ps(w, _mm512_set1_ps(xr[r * k + kk]), part[r]);
+            }
+        }
+        const __m512 sg = _mm512_loadu_ps(spp + g * 16), mg = _mm512_loadu_ps(mpp + g * 16);
+        for (int r = 0; r < R; r++) {
+            const __m512 xs = _mm512_set1_ps(xsum[(r0 + r) * ng + g]);
+            acc[r] = _mm512_fmadd_ps(mg, xs, _mm512_fmadd_ps(part[r], sg, acc[r]));
+        }
+    }
+    const int64_t cols = n - p * 16 < 16 ? n - p * 16 : 16;
+    const __mmask16 keep = (__mmask16)((1u << cols) - 1);
+    for (int r = 0; r < R; r++) {
+        __m512 out = acc[r];
+        if (bias) out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(keep, bias + p * 16));
+        _mm512_mask_storeu_ps(y + (r0 + r) * n + p * 16, keep, out);
+    }
+}
+#define PANEL_DIRECT panel_direct16
+#else
+#define PANEL_DIRECT panel_direct
+#endif
 #endif
 
 /* y[m, n] = x @ dequant(panels).T + bias, as llmctl_gemm_wq. group even (int4) and k % group == 0. Returns -3 where
@@ -612,10 +666,10 @@ int llmctl_gemm_wq_panels(const float *x, int64_t m, int64_t k, const void *qp, 
             const float *spp = sp + p * ng * 16, *mpp = mp + p * ng * 16;
             if (!buffered) {
                 switch (m) {
-                    case 1: panel_direct(1, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
-                    case 2: panel_direct(2, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
-                    case 3: panel_direct(3, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
-                    default: panel_direct(4, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    case 1: PANEL_DIRECT(1, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    case 2: PANEL_DIRECT(2, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    case 3: PANEL_DIRECT(3, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
+                    default: PANEL_DIRECT(4, x, k, qpp, bits, spp, mpp, xsum, group, 0, p, bias, n, y); break;
                 }
                 continue;
             }
