@@ -74,14 +74,16 @@ def test_serve_dp2_answers_concurrent_requests_from_both_replicas(model):
     from tests.test_server_support import free_port
 
     port = free_port()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "llmctl"), "serve", str(model), "-dp", "2",
-                             "--port", str(port), "--kv-cache-memory", "16MiB", "--log-level", "warning",
-                             "--served-model-name", "tiny", "--metrics-prefix", "vllm"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "LLMCTL_CPU_THREADS": "1"})
+    log = model.parent / f"dp-server-{port}.log"  # a file: a pipe nobody reads can fill and block the server
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "llmctl"), "serve", str(model), "-dp", "2",
+                                 "--port", str(port), "--kv-cache-memory", "16MiB", "--log-level", "warning",
+                                 "--served-model-name", "tiny", "--metrics-prefix", "vllm"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "LLMCTL_CPU_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(url, proc, timeout=180)
+        _wait_health(url, proc, timeout=180, log=log)
 
         def complete(i: int) -> int:
             body = {"model": "tiny", "prompt": f"Request number {i} asks", "max_tokens": 16, "ignore_eos": True}

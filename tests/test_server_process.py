@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LLMCTL = str(Path(sys.executable).parent / "llmctl")
 
 
-def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120, log: Path | None = None) -> None:
+    """``log``: where the server's output goes (a file: a pipe nobody reads can fill and block the server)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+            text = log.read_text()[-4000:] if log is not None else (proc.stderr.read() if proc.stderr else "")
+            raise AssertionError(f"server exited early: {text}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return
@@ -40,14 +42,16 @@ def _wait_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
 
 
 @pytest.fixture()
-def served(tiny_llama_dir):
+def served(tiny_llama_dir, tmp_path):
     port = free_port()
-    proc = subprocess.Popen([LLMCTL, "serve", str(tiny_llama_dir), "--port", str(port), "--kv-cache-memory",
-                             "32MiB", "--served-model-name", "tiny", "--shutdown-timeout", "30",
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([LLMCTL, "serve", str(tiny_llama_dir), "--port", str(port), "--kv-cache-memory",
+                                 "32MiB", "--served-model-name", "tiny", "--shutdown-timeout", "30",
+                                 "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(url, proc)
+        _wait_health(url, proc, log=log)
         yield url, port, proc
     finally:
         if proc.poll() is None:
