@@ -55,7 +55,7 @@ def llmctl_one_stream(gguf: str, quantization: str | None, iterations: int, dtyp
             del os.environ[INT8_ACT_ENV]
         elif float_act:
             os.environ[INT8_ACT_ENV] = saved
-    label = "dequantized at load" if quantization in (None, "none") else quantization
+    label = "dequantized at load" if quantization == "none" else quantization
     engine = (f"llmctl ({label}{', eager' if eager else ''}"
               f"{', float activations' if float_act else ''})")
     return {"engine": engine, "dtype": r.dtype,

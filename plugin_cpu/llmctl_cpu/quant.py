@@ -66,8 +66,7 @@ class QuantKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.has_vnni = bool(lib.llmctl_quant_has_vnni())
         self.has_avx512 = bool(lib.llmctl_quant_has_avx512())
-        self.has_bf16 = bool(lib.llmctl_quant_has_bf16())
-        # AVX2 + FMA without AVX-512: weight-only GEMMs on 16-column panels, W8A8 on vpmaddubsw
+        # AVX2 + FMA (AVX-512 hosts too): weight-only GEMMs on 16-column panels; without VNNI, W8A8 on vpmaddubsw
         self.has_avx2 = bool(lib.llmctl_quant_has_avx2())
         self._pack = _bind(lib.llmctl_pack_int8_panels, None, [_p, _i64, _i64, _p, _p])
         self._w8a8 = _bind(lib.llmctl_gemm_w8a8, _int, [_p, _i64, _i64, _p, _p, _p, _p, _i64, _p])
@@ -86,7 +85,6 @@ class QuantKernels:
         self._act8_bf16_at = native.call_target(self._act8_bf16)
         self.has_f16c = bool(lib.llmctl_quant_has_f16c())
         self._quant_row = _bind(lib.llmctl_quant_row_q8_32, _int, [_p, _i64, _i64, _p, _p, _p])
-        self._w4bf16 = _bind(lib.llmctl_gemm_w4_bf16, _int, [_p, _i64, _i64, _p, _p, _p, _i64, _p, _i64, _p])
         self._use_amx = _bind(lib.llmctl_quant_use_amx, _int, [_int])
         self.amx = False
         self.use_amx(native.env_on(native.AMX_ENV))
@@ -204,17 +202,6 @@ class QuantKernels:
                       panels["spanels"].data_ptr(), _ptr(mp), group, _ptr(bias), n, y.data_ptr())
             if rc:
                 raise RuntimeError(f"llmctl_gemm_wq_{'act8' if act8 else 'panels'} failed ({rc})")
-        return y
-
-    def gemm_w4_bf16(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-                     group: int, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-        m, k = x.shape
-        y = torch.empty(m, n, dtype=torch.float32)
-        if m:
-            rc = self._w4bf16(x.data_ptr(), m, k, qweight.data_ptr(), scales.data_ptr(), mins.data_ptr(), group,
-                              _ptr(bias), n, y.data_ptr())
-            if rc:
-                raise RuntimeError(f"llmctl_gemm_w4_bf16 failed ({rc})")
         return y
 
 
@@ -453,13 +440,6 @@ class CpuInt4Kernel(_SiluAndMulInKernels, QuantMethod):
         shape = x.shape
         b = None if bias is None else bias.to(torch.float32).contiguous()
         perm = weights.get("perm")
-        if not _has_panels(weights) and x.dtype == torch.bfloat16 and lib.has_bf16 and spec.in_features % 64 == 0:
-            # bf16 activations: bf16 dot products on the nibbles (half the instructions of the float32 path)
-            xb = x.reshape(-1, shape[-1])
-            xb = (xb if perm is None else xb.index_select(1, perm)).contiguous()
-            y = lib.gemm_w4_bf16(xb, weights["qweight"], weights["scales"], weights["mins"], spec.group_size, b,
-                                 spec.out_features)
-            return y.to(x.dtype).reshape(*shape[:-1], spec.out_features)
         if _panels_bf16(x, weights):
             y = lib.gemm_wq_panels(x.reshape(-1, shape[-1]).contiguous(), weights, 4, spec.group_size, b,
                                    spec.out_features)

@@ -39,6 +39,20 @@ async def _post_all(url: str, bodies: list[dict], timeout: float = 240) -> list[
         return await asyncio.wait_for(asyncio.gather(*[c.post("/v1/completions", json=b) for b in bodies]), timeout)
 
 
+def _post_until_preempted(srv, bodies: list[dict], rounds: int = 3) -> tuple[list[httpx.Response], int]:
+    """Sends ``bodies`` at once, again (up to ``rounds`` times) while none was preempted: the requests must be in
+    the engine together to exhaust its KV cache, and on a loaded host the client can send them so far apart that
+    the first ones end before the last arrive. Returns the last round's answers (all 200) and its preemptions."""
+    for _ in range(rounds):
+        before = srv.engine.get_stats()["num_preemptions"]
+        together = asyncio.run(_post_all(srv.url, bodies))
+        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
+        preemptions = srv.engine.get_stats()["num_preemptions"] - before
+        if preemptions:
+            break
+    return together, preemptions
+
+
 def test_preemption_completes_all_and_matches_one_at_a_time(live_factory, tiny_llama_dir):
     n, max_tokens = scaled(64, 256), 40
     probe = build_engine(tiny_llama_dir)
@@ -50,16 +64,7 @@ def test_preemption_completes_all_and_matches_one_at_a_time(live_factory, tiny_l
     assert stats["kv_blocks_total"] == blocks
     bodies = [{"model": "tiny", "prompt": _prompt(i), "max_tokens": max_tokens, "temperature": 0,
                "ignore_eos": True} for i in range(n)]
-    # The requests must be in the engine together to exhaust it. On a loaded host the client can send them far
-    # enough apart that the first n=16 request ends before the next arrives; the mix is then sent again (the
-    # check below needs one round that preempted, and compares that round's answers).
-    for _ in range(3):
-        before = srv.engine.get_stats()["num_preemptions"]
-        together = asyncio.run(_post_all(srv.url, bodies))
-        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
-        preemptions = srv.engine.get_stats()["num_preemptions"] - before
-        if preemptions:
-            break
+    together, preemptions = _post_until_preempted(srv, bodies)
     wait_kv_free(srv.engine)
     alone = []
     with httpx.Client(base_url=srv.url, timeout=60) as c:
@@ -134,16 +139,7 @@ def test_kv_exhaustion_hostile_mix_stays_correct(live_factory, tiny_llama_dir):
                "ignore_eos": True} for i in range(scaled(3, 12))]
     bodies += [{"model": "tiny", "prompt": _prompt(i), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
                for i in range(scaled(8, 32))]
-    # The requests must be in the engine together to exhaust it. On a loaded host the client can send them far
-    # enough apart that the first n=16 request ends before the next arrives; the mix is then sent again (the
-    # check below needs one round that preempted, and compares that round's answers).
-    for _ in range(3):
-        before = srv.engine.get_stats()["num_preemptions"]
-        together = asyncio.run(_post_all(srv.url, bodies))
-        assert all(r.status_code == 200 for r in together), [r.text for r in together if r.status_code != 200][:2]
-        preemptions = srv.engine.get_stats()["num_preemptions"] - before
-        if preemptions:
-            break
+    together, preemptions = _post_until_preempted(srv, bodies)
     wait_kv_free(srv.engine)
     mismatches = 0
     with httpx.Client(base_url=srv.url, timeout=120) as c:
